@@ -1,0 +1,15 @@
+"""fastrnn: CPU recurrent networks (RNN, LSTM, GRU) with Cython/OpenMP kernels.
+
+Shape letters used everywhere: T steps, B batch, I input size, H hidden size,
+G gates (RNN 1, GRU 3, LSTM 4). Gate orders follow torch.nn: LSTM i, f, g, o;
+GRU r, z, n. See docs/DESIGN.md.
+"""
+
+__version__ = "0.1.0"
+
+from fastrnn._config import config, get_num_threads, set_num_threads, show_config
+from fastrnn import functional, reference
+from fastrnn.modules.module import Module, Parameter
+
+# -- layers (RNN/LSTM/GRU modules and cells, persistence) -- owned by the layers work
+# -- training blocks (nn, optim, data, lm) -- owned by the training work

@@ -1,0 +1,153 @@
+"""Parameter and Module: the small object model every layer is built on.
+
+A `Parameter` is a pair of NumPy arrays, `data` and `grad` (same shape and
+dtype). A `Module` finds its parameters and sub-modules from its attributes, in
+the order they were assigned, and names them the way torch.nn does
+(`lstm.weight_ih_l0`, `decoder.weight`), so that state dicts interchange.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = ["Parameter", "Module"]
+
+
+class Parameter:
+    """A trainable array and the gradient that `backward` accumulates into it."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: parameter discovery, train/eval mode, state dicts."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise AttributeError(
+                f"{type(self).__name__}.__init__ must call Module.__init__() "
+                f"before assigning {name!r}")
+        params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    # -- traversal ---------------------------------------------------------
+    def named_children(self):
+        return iter(self._modules.items())
+
+    def children(self):
+        return iter(self._modules.values())
+
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix=""):
+        for name, p in self._parameters.items():
+            yield (f"{prefix}.{name}" if prefix else name), p
+        for name, child in self._modules.items():
+            yield from child.named_parameters(f"{prefix}.{name}" if prefix else name)
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    # -- modes and gradients -----------------------------------------------
+    def train(self, mode=True):
+        for _, m in self.named_modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    # -- state dicts ---------------------------------------------------------
+    def state_dict(self):
+        """Name -> copy of each parameter's data, in registration order."""
+        return OrderedDict((n, p.data.copy()) for n, p in self.named_parameters())
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy arrays into the parameters, checking every name and shape.
+
+        Values may be anything `np.asarray` reads (a CPU torch tensor does).
+        Values are cast to each parameter's dtype. With `strict`, missing or
+        unexpected keys are an error; mis-shaped values always are. Returns
+        `(missing, unexpected)` key lists.
+        """
+        own = OrderedDict(self.named_parameters())
+        given = OrderedDict()
+        for key, value in state_dict.items():
+            if hasattr(value, "detach"):  # a torch tensor: leave autograd first
+                value = value.detach().cpu().numpy()
+            given[key] = np.asarray(value)
+        missing = [k for k in own if k not in given]
+        unexpected = [k for k in given if k not in own]
+        misshaped = [f"{k}: expected shape {own[k].shape}, got {given[k].shape}"
+                     for k in own if k in given and given[k].shape != own[k].shape]
+        problems = []
+        if misshaped:
+            problems.append("mis-shaped keys: " + "; ".join(misshaped))
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if problems:
+            raise ValueError(f"load_state_dict into {type(self).__name__} failed: "
+                             + " | ".join(problems))
+        for key, p in own.items():
+            if key in given:
+                p.data[...] = given[key].astype(p.data.dtype, copy=False)
+        return missing, unexpected
+
+    # -- calling -------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            child_repr = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child_repr}")
+        if len(lines) == 1:
+            return lines[0] + ")"
+        return "\n".join(lines) + "\n)"
