@@ -1,0 +1,424 @@
+"""Plain NumPy reference implementation of the RNN, LSTM and GRU cells.
+
+Written for clarity, not speed: one Python loop over time steps, one line per
+equation. The compiled kernels in :mod:`fastrnn.functional` are tested against
+these functions, and these functions are tested against finite differences and
+against ``torch.nn`` (see ``tests/test_reference.py``).
+
+Shape letters (docs/DESIGN.md)
+------------------------------
+T time steps, B batch, I input features, H hidden units,
+G gates per cell (RNN 1, GRU 3, LSTM 4).
+
+All arrays are time-major: ``x`` is (T, B, I) and ``y`` is (T, B, H).
+Weights use torch.nn's layout, so they interchange with it unchanged:
+``w_ih`` (G*H, I), ``w_hh`` (G*H, H), ``b_ih`` and ``b_hh`` (G*H,) or both None.
+
+Equations (``@`` is a matrix product, ``*`` elementwise, ``σ`` the logistic)
+---------------------------------------------------------------------------
+RNN (G = 1), act in {tanh, relu, identity}::
+
+    h' = act(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+
+LSTM (G = 4), gate rows of the weights in the order i, f, g, o::
+
+    [a_i, a_f, a_g, a_o] = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+    i = σ(a_i)   f = σ(a_f)   g = tanh(a_g)   o = σ(a_o)
+    c' = f * c + i * g
+    h' = o * tanh(c')
+
+GRU (G = 3), gate rows in the order r, z, n, torch's "linear before reset"::
+
+    [xr, xz, xn] = x @ w_ih.T + b_ih
+    [hr, hz, hn] = h @ w_hh.T + b_hh
+    r = σ(xr + hr)   z = σ(xz + hz)
+    n = tanh(xn + r * hn)
+    h' = (1 - z) * n + z * h
+
+Sequences, lengths and direction
+--------------------------------
+``lengths`` (B,) says sequence b is valid for ``t < lengths[b]``
+(1 <= lengths[b] <= T, any order; None means all T). At "step" s = 0..T-1 the
+sequences with ``s < lengths[b]`` advance; the others are finished and keep
+their state. Forward direction: step s consumes ``x[s]``. ``reverse=True``:
+step s consumes ``x[lengths[b] - 1 - s]``, so each sequence runs from its own
+last valid step down to 0. In both cases ``y[t]`` is the state right after
+consuming ``x[t]``; padded outputs are 0 and ``h_n``/``c_n`` is the state
+after each sequence's final step. This matches torch's packed sequences, and
+``reverse=True`` matches the reverse half of a bidirectional torch layer.
+
+Backward functions take the gradient of a scalar loss with respect to ``y``
+(``dy``, padded entries ignored) and to the final state(s) (None means zero),
+and return fresh arrays. All arithmetic is done in the dtype of the inputs
+(float32 or float64); every array of one call must share that dtype.
+
+Cache
+-----
+``*_forward(..., training=True)`` returns a ``cache`` dict that the matching
+backward consumes; ``training=False`` returns ``cache = None``. The cache holds
+*references* to ``x`` and the weights (do not modify them in between) plus
+per-step intermediates laid out like ``y``, indexed by time t, zero at padded
+steps. Keys common to all cells:
+
+    "x"        (T, B, I)   the input
+    "w_ih"     (G*H, I)    input weights
+    "w_hh"     (G*H, H)    recurrent weights
+    "b_ih"     (G*H,) or None
+    "b_hh"     (G*H,) or None
+    "lengths"  (B,) int64  valid lengths (all T when None was given)
+    "reverse"  bool        direction
+    "h_prev"   (T, B, H)   hidden state entering the step that consumed x[t]
+
+Extra keys per cell:
+
+    RNN   "nonlinearity" str         'tanh', 'relu' or 'identity'
+          "h"          (T, B, H)     hidden state after x[t] (equals y)
+    LSTM  "c_prev"     (T, B, H)     cell state entering the step
+          "gates"      (T, B, 4*H)   activated gates i, f, g, o
+          "c"          (T, B, H)     cell state after x[t]
+    GRU   "gates"      (T, B, 3*H)   activated gates r, z, n
+          "hn"         (T, B, H)     h_prev @ W_hn.T + b_hn (the part r scales)
+"""
+
+import numpy as np
+
+__all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
+           "gru_forward", "gru_backward"]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def _check_dtypes(*arrays):
+    """Assert all non-None arrays share one float dtype (float32 or float64)."""
+    present = [a for a in arrays if a is not None]
+    dtype = present[0].dtype
+    assert dtype in (np.float32, np.float64), "dtype must be float32 or float64, got %s" % dtype
+    for a in present:
+        assert a.dtype == dtype, "dtype mismatch: %s vs %s" % (a.dtype, dtype)
+    return dtype
+
+
+def _as_lengths(lengths, T, B):
+    """(B,) int64 array of valid lengths; None means every sequence has T steps."""
+    if lengths is None:
+        return np.full(B, T, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(B)
+    assert np.all((lengths >= 1) & (lengths <= T)), "lengths must lie in [1, T]"
+    return lengths
+
+
+def _schedule(s, lengths, reverse):
+    """Which sequences advance at step s, and which time index each consumes.
+
+    Returns (rows, times), two int arrays of equal length: sequence rows[k]
+    consumes x[times[k], rows[k]] at step s.
+    """
+    rows = np.flatnonzero(s < lengths)
+    if reverse:
+        times = lengths[rows] - 1 - s
+    else:
+        times = np.full(rows.shape, s, dtype=np.int64)
+    return rows, times
+
+
+def _sigmoid(a):
+    # σ(a) = (1 + tanh(a/2)) / 2: exact, and never overflows.
+    return 0.5 * (np.tanh(0.5 * a) + 1.0)
+
+
+def _zeros_or_copy(state, shape, dtype):
+    return np.zeros(shape, dtype=dtype) if state is None else np.array(state, dtype=dtype, copy=True)
+
+
+# nonlinearity -> (activation, derivative expressed through the activation's output)
+_RNN_ACTIVATIONS = {
+    "tanh": (np.tanh, lambda h: 1.0 - h * h),
+    "relu": (lambda a: np.maximum(a, 0), lambda h: (h > 0).astype(h.dtype)),
+    "identity": (lambda a: a, lambda h: np.ones_like(h)),
+}
+
+
+# --------------------------------------------------------------------------
+# Elman RNN
+# --------------------------------------------------------------------------
+
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
+                reverse=False, training=True):
+    """Single-layer, single-direction Elman RNN.
+
+    x (T, B, I); h0 (B, H) or None; w_ih (H, I); w_hh (H, H);
+    b_ih, b_hh (H,) or both None; lengths (B,) ints or None.
+    Returns y (T, B, H), h_n (B, H), cache (dict, or None if not training).
+    """
+    activation, _ = _RNN_ACTIVATIONS[nonlinearity]
+    dtype = _check_dtypes(x, h0, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    lengths = _as_lengths(lengths, T, B)
+
+    h = _zeros_or_copy(h0, (B, H), dtype)
+    y = np.zeros((T, B, H), dtype=dtype)
+    h_prev = np.zeros((T, B, H), dtype=dtype)
+
+    for s in range(T):
+        rows, times = _schedule(s, lengths, reverse)
+        hp = h[rows]
+        a = x[times, rows] @ w_ih.T + hp @ w_hh.T
+        if b_ih is not None:
+            a = a + b_ih + b_hh
+        h_new = activation(a)
+        h_prev[times, rows] = hp
+        y[times, rows] = h_new
+        h[rows] = h_new
+
+    cache = None
+    if training:
+        cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                 "lengths": lengths, "reverse": reverse, "nonlinearity": nonlinearity,
+                 "h_prev": h_prev, "h": y.copy()}
+    return y, h, cache
+
+
+def rnn_backward(dy, dh_n, cache):
+    """Gradients of the Elman RNN.
+
+    dy (T, B, H) gradient w.r.t. y (padded steps ignored); dh_n (B, H) or None.
+    Returns dx (T, B, I), dh0 (B, H), dw_ih (H, I), dw_hh (H, H),
+    db_ih (H,), db_hh (H,) -- the last two None when there is no bias.
+    """
+    x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
+    has_bias = cache["b_ih"] is not None
+    lengths, reverse = cache["lengths"], cache["reverse"]
+    h_prev, h_out = cache["h_prev"], cache["h"]
+    _, dactivation = _RNN_ACTIVATIONS[cache["nonlinearity"]]
+    dtype = _check_dtypes(x, dy, dh_n)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+
+    dx = np.zeros_like(x)
+    dw_ih = np.zeros_like(w_ih)
+    dw_hh = np.zeros_like(w_hh)
+    db = np.zeros(H, dtype=dtype)
+    dh = _zeros_or_copy(dh_n, (B, H), dtype)    # gradient w.r.t. the running state
+
+    for s in reversed(range(T)):
+        rows, times = _schedule(s, lengths, reverse)
+        g = dh[rows] + dy[times, rows]           # d loss / d h_new
+        da = g * dactivation(h_out[times, rows])  # d loss / d pre-activation
+        dx[times, rows] = da @ w_ih
+        dw_ih += da.T @ x[times, rows]
+        dw_hh += da.T @ h_prev[times, rows]
+        db += da.sum(axis=0)
+        dh[rows] = da @ w_hh
+
+    db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
+    return dx, dh, dw_ih, dw_hh, db_ih, db_hh
+
+
+# --------------------------------------------------------------------------
+# LSTM
+# --------------------------------------------------------------------------
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                 training=True):
+    """Single-layer, single-direction LSTM (gates i, f, g, o).
+
+    x (T, B, I); h0, c0 (B, H) or None; w_ih (4H, I); w_hh (4H, H);
+    b_ih, b_hh (4H,) or both None; lengths (B,) ints or None.
+    Returns y (T, B, H), h_n (B, H), c_n (B, H), cache (dict or None).
+    """
+    dtype = _check_dtypes(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    lengths = _as_lengths(lengths, T, B)
+
+    h = _zeros_or_copy(h0, (B, H), dtype)
+    c = _zeros_or_copy(c0, (B, H), dtype)
+    y = np.zeros((T, B, H), dtype=dtype)
+    h_prev = np.zeros((T, B, H), dtype=dtype)
+    c_prev = np.zeros((T, B, H), dtype=dtype)
+    c_out = np.zeros((T, B, H), dtype=dtype)
+    gates = np.zeros((T, B, 4 * H), dtype=dtype)
+
+    for s in range(T):
+        rows, times = _schedule(s, lengths, reverse)
+        hp, cp = h[rows], c[rows]
+        a = x[times, rows] @ w_ih.T + hp @ w_hh.T
+        if b_ih is not None:
+            a = a + b_ih + b_hh
+        i = _sigmoid(a[:, 0 * H:1 * H])
+        f = _sigmoid(a[:, 1 * H:2 * H])
+        g = np.tanh(a[:, 2 * H:3 * H])
+        o = _sigmoid(a[:, 3 * H:4 * H])
+        c_new = f * cp + i * g
+        h_new = o * np.tanh(c_new)
+
+        h_prev[times, rows] = hp
+        c_prev[times, rows] = cp
+        gates[times, rows] = np.concatenate([i, f, g, o], axis=1)
+        c_out[times, rows] = c_new
+        y[times, rows] = h_new
+        h[rows] = h_new
+        c[rows] = c_new
+
+    cache = None
+    if training:
+        cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                 "lengths": lengths, "reverse": reverse,
+                 "h_prev": h_prev, "c_prev": c_prev, "gates": gates, "c": c_out}
+    return y, h, c, cache
+
+
+def lstm_backward(dy, dh_n, dc_n, cache):
+    """Gradients of the LSTM.
+
+    dy (T, B, H) (padded steps ignored); dh_n, dc_n (B, H) or None.
+    Returns dx (T, B, I), dh0 (B, H), dc0 (B, H), dw_ih (4H, I), dw_hh (4H, H),
+    db_ih (4H,), db_hh (4H,) -- the last two None when there is no bias.
+    """
+    x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
+    has_bias = cache["b_ih"] is not None
+    lengths, reverse = cache["lengths"], cache["reverse"]
+    dtype = _check_dtypes(x, dy, dh_n, dc_n)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+
+    dx = np.zeros_like(x)
+    dw_ih = np.zeros_like(w_ih)
+    dw_hh = np.zeros_like(w_hh)
+    db = np.zeros(4 * H, dtype=dtype)
+    dh = _zeros_or_copy(dh_n, (B, H), dtype)
+    dc = _zeros_or_copy(dc_n, (B, H), dtype)
+
+    for s in reversed(range(T)):
+        rows, times = _schedule(s, lengths, reverse)
+        gts = cache["gates"][times, rows]
+        i, f = gts[:, 0 * H:1 * H], gts[:, 1 * H:2 * H]
+        g, o = gts[:, 2 * H:3 * H], gts[:, 3 * H:4 * H]
+        cp = cache["c_prev"][times, rows]
+        hp = cache["h_prev"][times, rows]
+        tanh_c = np.tanh(cache["c"][times, rows])
+
+        dh_new = dh[rows] + dy[times, rows]                    # d loss / d h'
+        dc_new = dc[rows] + dh_new * o * (1.0 - tanh_c * tanh_c)  # d loss / d c'
+        do = dh_new * tanh_c
+        di = dc_new * g
+        df = dc_new * cp
+        dg = dc_new * i
+        # back through the activations to the pre-activations a_i, a_f, a_g, a_o
+        da = np.concatenate([di * i * (1.0 - i),
+                             df * f * (1.0 - f),
+                             dg * (1.0 - g * g),
+                             do * o * (1.0 - o)], axis=1)
+
+        dx[times, rows] = da @ w_ih
+        dw_ih += da.T @ x[times, rows]
+        dw_hh += da.T @ hp
+        db += da.sum(axis=0)
+        dh[rows] = da @ w_hh
+        dc[rows] = dc_new * f
+
+    db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
+    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+
+
+# --------------------------------------------------------------------------
+# GRU
+# --------------------------------------------------------------------------
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+    """Single-layer, single-direction GRU (gates r, z, n; linear before reset).
+
+    x (T, B, I); h0 (B, H) or None; w_ih (3H, I); w_hh (3H, H);
+    b_ih, b_hh (3H,) or both None; lengths (B,) ints or None.
+    Returns y (T, B, H), h_n (B, H), cache (dict or None).
+    """
+    dtype = _check_dtypes(x, h0, w_ih, w_hh, b_ih, b_hh)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    lengths = _as_lengths(lengths, T, B)
+
+    h = _zeros_or_copy(h0, (B, H), dtype)
+    y = np.zeros((T, B, H), dtype=dtype)
+    h_prev = np.zeros((T, B, H), dtype=dtype)
+    gates = np.zeros((T, B, 3 * H), dtype=dtype)
+    hn_all = np.zeros((T, B, H), dtype=dtype)
+
+    for s in range(T):
+        rows, times = _schedule(s, lengths, reverse)
+        hp = h[rows]
+        gi = x[times, rows] @ w_ih.T         # (nb, 3H) input side
+        gh = hp @ w_hh.T                     # (nb, 3H) hidden side
+        if b_ih is not None:
+            gi = gi + b_ih
+            gh = gh + b_hh
+        r = _sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
+        z = _sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
+        hn = gh[:, 2 * H:3 * H]
+        n = np.tanh(gi[:, 2 * H:3 * H] + r * hn)
+        h_new = (1.0 - z) * n + z * hp
+
+        h_prev[times, rows] = hp
+        gates[times, rows] = np.concatenate([r, z, n], axis=1)
+        hn_all[times, rows] = hn
+        y[times, rows] = h_new
+        h[rows] = h_new
+
+    cache = None
+    if training:
+        cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
+                 "lengths": lengths, "reverse": reverse,
+                 "h_prev": h_prev, "gates": gates, "hn": hn_all}
+    return y, h, cache
+
+
+def gru_backward(dy, dh_n, cache):
+    """Gradients of the GRU.
+
+    dy (T, B, H) (padded steps ignored); dh_n (B, H) or None.
+    Returns dx (T, B, I), dh0 (B, H), dw_ih (3H, I), dw_hh (3H, H),
+    db_ih (3H,), db_hh (3H,) -- the last two None when there is no bias.
+    """
+    x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
+    has_bias = cache["b_ih"] is not None
+    lengths, reverse = cache["lengths"], cache["reverse"]
+    dtype = _check_dtypes(x, dy, dh_n)
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+
+    dx = np.zeros_like(x)
+    dw_ih = np.zeros_like(w_ih)
+    dw_hh = np.zeros_like(w_hh)
+    db_ih = np.zeros(3 * H, dtype=dtype)
+    db_hh = np.zeros(3 * H, dtype=dtype)
+    dh = _zeros_or_copy(dh_n, (B, H), dtype)
+
+    for s in reversed(range(T)):
+        rows, times = _schedule(s, lengths, reverse)
+        gts = cache["gates"][times, rows]
+        r, z, n = gts[:, 0 * H:1 * H], gts[:, 1 * H:2 * H], gts[:, 2 * H:3 * H]
+        hn = cache["hn"][times, rows]
+        hp = cache["h_prev"][times, rows]
+
+        dh_new = dh[rows] + dy[times, rows]       # d loss / d h'
+        dn = dh_new * (1.0 - z)
+        dz = dh_new * (hp - n)
+        da_n = dn * (1.0 - n * n)                 # d loss / d (xn + r*hn)
+        dr = da_n * hn
+        da_r = dr * r * (1.0 - r)
+        da_z = dz * z * (1.0 - z)
+        dgi = np.concatenate([da_r, da_z, da_n], axis=1)       # d loss / d gi
+        dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)   # d loss / d gh
+
+        dx[times, rows] = dgi @ w_ih
+        dw_ih += dgi.T @ x[times, rows]
+        dw_hh += dgh.T @ hp
+        db_ih += dgi.sum(axis=0)
+        db_hh += dgh.sum(axis=0)
+        dh[rows] = dgh @ w_hh + dh_new * z
+
+    if not has_bias:
+        db_ih = db_hh = None
+    return dx, dh, dw_ih, dw_hh, db_ih, db_hh
