@@ -12,4 +12,5 @@ from fastrnn import functional, reference
 from fastrnn.modules.module import Module, Parameter
 
 # -- layers (RNN/LSTM/GRU modules and cells, persistence) -- owned by the layers work
+from fastrnn.modules.rnn import RNN, LSTM, GRU
 # -- training blocks (nn, optim, data, lm) -- owned by the training work

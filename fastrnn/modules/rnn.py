@@ -1,0 +1,557 @@
+"""Multi-layer, optionally bidirectional RNN / LSTM / GRU layers (torch.nn-compatible).
+
+Every layer is a stack of single-layer, single-direction runs of the functional
+kernels (`fastrnn.functional`, see docs/DESIGN.md). This file only wires them up:
+input checks, the batch_first transpose, stacking, bidirectional merging, dropout
+between layers, and accumulating the kernels' gradients into `Parameter.grad`.
+The one exception is the LSTM with `proj_size > 0`, which the kernels do not
+know: it runs a per-step NumPy loop here (the slow path, see `_lstmp_forward`).
+
+Shape letters: T steps, B batch, I input size, H hidden size, P projection size,
+O = P if projected else H (the size of h), L layers, D directions (1 or 2).
+"""
+
+import math
+
+import numpy as np
+
+from fastrnn import functional as F  # the module, looked up at call time
+from fastrnn.modules.module import Module, Parameter
+
+__all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
+
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_NONLINEARITIES = ("tanh", "relu", "identity")
+_MERGE_MODES = ("concat", "sum")
+
+
+def _check_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+    return dt
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_lengths(lengths, T, B):
+    """Validate per-sequence lengths -> int64 array (B,). Shared with the cells' docs/tests."""
+    arr = np.asarray(lengths)
+    if arr.dtype.kind not in "iu":  # bools and floats are mistakes, not lengths
+        raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},) (one length per sequence), "
+                         f"got {arr.shape}")
+    if B and (arr.min() < 1 or arr.max() > T):
+        raise ValueError(f"lengths: every length must be in [1, {T}] (T = number of steps), "
+                         f"got min {arr.min()} and max {arr.max()}")
+    return np.ascontiguousarray(arr, dtype=np.int64)  # (B,)
+
+
+class RNNBase(Module):
+    """Shared machinery of RNN, LSTM and GRU. Use those classes.
+
+    Parameters follow torch.nn exactly (names, shapes, gate order, registration
+    order, U(-1/sqrt(H), 1/sqrt(H)) init), so `state_dict`s interchange.
+
+    Gradients: `forward` in training mode keeps a cache; `backward` consumes it
+    (once, like torch frees its graph) and *adds* into each `Parameter.grad`.
+    In eval mode no cache is kept (cheaper inference) and `backward` raises.
+    """
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+                 dtype=np.float32, seed=None, merge_mode="concat", nonlinearity="tanh"):
+        super().__init__()
+        self.mode = mode
+        self.input_size = _check_positive_int("input_size", input_size)
+        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
+        self.num_layers = _check_positive_int("num_layers", num_layers)
+        self.proj_size = _check_positive_int("proj_size", proj_size, minimum=0)
+        if self.proj_size and mode != "LSTM":
+            raise ValueError("proj_size: only LSTM supports a projection")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size: must be smaller than hidden_size "
+                             f"({self.hidden_size}), got {self.proj_size}")
+        dropout = float(dropout)
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout}")
+        if merge_mode not in _MERGE_MODES:
+            raise ValueError(f"merge_mode: expected one of {_MERGE_MODES}, got {merge_mode!r}")
+        if nonlinearity not in _NONLINEARITIES:
+            raise ValueError(f"nonlinearity: expected one of {_NONLINEARITIES}, "
+                             f"got {nonlinearity!r}")
+        if seed is not None:
+            seed = _check_positive_int("seed", seed, minimum=0)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = dropout
+        self.bidirectional = bool(bidirectional)
+        self.dtype = _check_dtype(dtype)
+        self.seed = seed
+        self.merge_mode = merge_mode
+        self.nonlinearity = nonlinearity
+        self._cache = None  # set by a training-mode forward, consumed by backward
+
+        # Two independent streams from one seed: weights, then dropout masks.
+        init_seq, drop_seq = np.random.SeedSequence(seed).spawn(2)
+        self._dropout_rng = np.random.default_rng(drop_seq)
+
+        G, H, O = _GATES[mode], self.hidden_size, self.out_hidden_size
+        layer_out = O * self.num_directions if merge_mode == "concat" else O
+        self._param_names = []  # [layer*D + direction] -> names, in kernel argument order
+        for k in range(self.num_layers):
+            in_size = self.input_size if k == 0 else layer_out
+            for d in range(self.num_directions):
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                shapes = [(f"weight_ih{sfx}", (G * H, in_size)),   # (G·H, I)
+                          (f"weight_hh{sfx}", (G * H, O))]          # (G·H, O)
+                if self.bias:
+                    shapes += [(f"bias_ih{sfx}", (G * H,)),          # (G·H,)
+                               (f"bias_hh{sfx}", (G * H,))]          # (G·H,)
+                if self.proj_size:
+                    shapes += [(f"weight_hr{sfx}", (self.proj_size, H))]  # (P, H)
+                for name, shape in shapes:
+                    setattr(self, name, Parameter(np.zeros(shape, self.dtype)))
+                self._param_names.append([name for name, _ in shapes])
+        self.reset_parameters(np.random.default_rng(init_seq))
+
+    # -- configuration ------------------------------------------------------
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def out_hidden_size(self):
+        """Size of h (and of each direction's output): proj_size if set, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def output_size(self):
+        """Last dimension of the output `out`."""
+        D = self.num_directions if self.merge_mode == "concat" else 1
+        return D * self.out_hidden_size
+
+    def reset_parameters(self, rng=None):
+        """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""
+        rng = np.random.default_rng() if rng is None else rng
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for _, p in self.named_parameters():
+            p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+
+    def config(self):
+        """Constructor arguments as a JSON-friendly dict (used by fastrnn.save/load)."""
+        cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                   num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                   dropout=self.dropout, bidirectional=self.bidirectional,
+                   dtype=self.dtype.name, seed=self.seed, merge_mode=self.merge_mode)
+        cfg.update(self._extra_config())
+        return cfg
+
+    def _extra_config(self):
+        return {}
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.mode == "RNN" and self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+            if self.merge_mode != "concat":
+                s += f", merge_mode={self.merge_mode!r}"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def _weights(self, idx):
+        """Kernel arguments (w_ih, w_hh, b_ih, b_hh[, w_hr]) of run idx = layer*D + direction."""
+        names = self._param_names[idx]
+        arrays = [getattr(self, n).data for n in names]
+        if not self.bias:  # kernels take explicit None biases
+            arrays[2:2] = [None, None]
+        return arrays
+
+    # -- input checks (messages name the argument and expected/actual) -----
+    def _check_array(self, name, a, shape):
+        if not isinstance(a, np.ndarray):
+            a = np.asarray(a)
+        if a.dtype != self.dtype:  # never a silent cast
+            raise TypeError(f"{name}: expected dtype {self.dtype} (the module's dtype), got "
+                            f"{a.dtype}; convert with .astype(np.{self.dtype}) or build "
+                            f"the module with dtype=np.{a.dtype}")
+        if a.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+        return np.ascontiguousarray(a)
+
+    def _check_input(self, x):
+        """x (T,B,I) or (B,T,I) if batch_first -> contiguous time-major (T,B,I)."""
+        if not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+        if x.ndim != 3:
+            raise ValueError(f"x: expected a 3-D array {layout}, got shape {x.shape}")
+        if x.shape[2] != self.input_size:
+            raise ValueError(f"x: expected last dimension I = input_size = {self.input_size}, "
+                             f"got shape {x.shape} {layout}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x: expected at least one step and one sequence, "
+                             f"got shape {x.shape} {layout}")
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)  # (T, B, I)
+        return self._check_array("x", x, x.shape)
+
+    def _state_shape(self, B, cell=False):
+        size = self.hidden_size if cell else self.out_hidden_size
+        return (self.num_layers * self.num_directions, B, size)
+
+    def _split_state(self, name, hx):
+        """RNN/GRU take one array; LSTM a pair. -> (h, c) with c None for RNN/GRU."""
+        if self.mode != "LSTM":
+            return hx, None
+        if hx is None:
+            return None, None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{name}: expected a tuple (h, c) for LSTM, got {type(hx).__name__}")
+        return hx[0], hx[1]
+
+    def _check_state(self, name, hx, B):
+        """-> (h (L·D,B,O) or None, c (L·D,B,H) or None)."""
+        h, c = self._split_state(name, hx)
+        hname, cname = (f"{name}[0]", f"{name}[1]") if self.mode == "LSTM" else (name, None)
+        if h is not None:
+            h = self._check_array(hname, h, self._state_shape(B))
+        if c is not None:
+            c = self._check_array(cname, c, self._state_shape(B, cell=True))
+        return h, c
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, x, hx=None, lengths=None):
+        """Run the stack. Returns `out, h_n` (RNN/GRU) or `out, (h_n, c_n)` (LSTM).
+
+        x: (T,B,I), or (B,T,I) with batch_first. hx: initial state(s) or None
+        for zeros, h0 (L·D,B,O) and for LSTM c0 (L·D,B,H), never batch_first.
+        lengths: optional (B,) ints in [1, T]; padded outputs are 0 and h_n/c_n
+        are taken at each sequence's last valid step (torch's packed-sequence
+        result, padded with `pad_packed_sequence(..., total_length=T)`).
+        out: (T,B,D·O) for merge_mode 'concat' ([forward | reverse]), (T,B,O)
+        for 'sum'; h_n (L·D,B,O) and c_n (L·D,B,H) indexed layer*D + direction.
+        """
+        x = self._check_input(x)                             # (T, B, I)
+        T, B, _ = x.shape
+        h0, c0 = self._check_state("hx", hx, B)
+        if lengths is not None:
+            lengths = check_lengths(lengths, T, B)           # (B,)
+        keep = self.training  # only a training forward can be differentiated
+        self._cache = None    # a stale cache must never meet new gradients
+
+        D, O = self.num_directions, self.out_hidden_size
+        h_n = np.empty(self._state_shape(B), self.dtype)               # (L·D, B, O)
+        c_n = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
+        caches, masks = [], []
+        layer_in = x                                                    # (T, B, I or D·O)
+        for k in range(self.num_layers):
+            ys = []
+            for d in range(D):
+                idx = k * D + d
+                y, hn, cn, cache = self._forward_direction(
+                    layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
+                    self._weights(idx), lengths, bool(d), keep)          # y (T, B, O)
+                ys.append(y)
+                h_n[idx] = hn
+                if c_n is not None:
+                    c_n[idx] = cn
+                caches.append(cache)
+            if D == 1:
+                layer_out = ys[0]                                       # (T, B, O)
+            elif self.merge_mode == "concat":
+                layer_out = np.concatenate(ys, axis=2)                  # (T, B, 2·O)
+            else:
+                layer_out = ys[0] + ys[1]                               # (T, B, O)
+            if k < self.num_layers - 1 and self.training and self.dropout > 0:
+                mask = self._dropout_mask(layer_out.shape)              # (T, B, D·O or O)
+                layer_out = layer_out * mask
+                masks.append(mask)
+            else:
+                masks.append(None)
+            layer_in = layer_out
+        out = layer_in.transpose(1, 0, 2) if self.batch_first else layer_in
+        out = np.ascontiguousarray(out)                                 # (T,B,·) or (B,T,·)
+        if keep:
+            self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B)
+        return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
+
+    def _dropout_mask(self, shape):
+        """Inverted dropout: keep with prob 1-p and scale by 1/(1-p) (p=1 drops all)."""
+        p = self.dropout
+        if p >= 1.0:
+            return np.zeros(shape, self.dtype)
+        keep = self._dropout_rng.random(shape, dtype=self.dtype) >= p
+        return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
+
+    # -- backward -----------------------------------------------------------
+    def backward(self, dout=None, dstate=None):
+        """Gradients of the last training-mode forward; adds into each Parameter.grad.
+
+        dout: gradient of `out` (same shape and layout), None for zeros.
+        dstate: gradient of the final state, None for zeros: dh_n (RNN/GRU) or
+        (dh_n, dc_n) (LSTM; either may be None).
+        Returns `dx, dh0` (RNN/GRU) or `dx, (dh0, dc0)` (LSTM); dx has x's layout.
+        Consumes the cache: run forward again before another backward.
+        """
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(
+                "backward: no forward cache. Run forward in training mode (module.train()) "
+                "right before backward; each forward supports one backward.")
+        B = cache["B"]
+        if dout is None:
+            dout = np.zeros(cache["out_shape"], self.dtype)
+        dout = self._check_array("dout", dout, cache["out_shape"])
+        if self.batch_first:
+            dout = dout.transpose(1, 0, 2)                      # (T, B, ·)
+        dh_n, dc_n = self._check_state("dstate", dstate, B)
+        self._cache = None
+
+        D, O = self.num_directions, self.out_hidden_size
+        dh0 = np.empty(self._state_shape(B), self.dtype)                # (L·D, B, O)
+        dc0 = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
+        dlayer = dout                                                   # d(layer output)
+        for k in reversed(range(self.num_layers)):
+            mask = cache["masks"][k]
+            if mask is not None:
+                dlayer = dlayer * mask
+            dx_layer = None
+            for d in range(D):
+                idx = k * D + d
+                dy = dlayer[:, :, d * O:(d + 1) * O] if self.merge_mode == "concat" else dlayer
+                dx, dh, dc, grads = self._backward_direction(
+                    np.ascontiguousarray(dy),                           # (T, B, O)
+                    None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
+                    cache["caches"][idx])
+                dh0[idx] = dh
+                if dc0 is not None:
+                    dc0[idx] = dc
+                for name, g in zip(self._param_names[idx], (g for g in grads if g is not None)):
+                    getattr(self, name).grad += g
+                # both directions read the same input, so their input gradients add
+                dx_layer = dx if dx_layer is None else dx_layer + dx
+            dlayer = dx_layer                                           # (T, B, I or D·O)
+        dx = dlayer.transpose(1, 0, 2) if self.batch_first else dlayer
+        dx = np.ascontiguousarray(dx)
+        return (dx, (dh0, dc0)) if self.mode == "LSTM" else (dx, dh0)
+
+    # -- one layer, one direction (overridden per cell type) -----------------
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+        """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache."""
+        raise NotImplementedError
+
+    def _backward_direction(self, dy, dh_n, dc_n, cache):
+        """-> dx (T,B,·), dh0 (B,O), dc0 (B,H) or None, grads in _param_names order
+        (bias grads None when bias=False)."""
+        raise NotImplementedError
+
+
+class RNN(RNNBase):
+    """Elman RNN, h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh | relu | identity.
+
+    Same positional order as torch.nn.RNN. `out, h_n = rnn(x, h0=None, lengths=None)`,
+    `dx, dh0 = rnn.backward(dout, dh_n=None)`.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 seed=None, merge_mode="concat"):
+        super().__init__("RNN", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, dtype, seed, merge_mode, nonlinearity)
+
+    def _extra_config(self):
+        return {"nonlinearity": self.nonlinearity}
+
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+        y, h_n, cache = F.rnn_forward(x, h0, *w, nonlinearity=self.nonlinearity,
+                                      lengths=lengths, reverse=reverse, training=keep)
+        return y, h_n, None, cache
+
+    def _backward_direction(self, dy, dh_n, dc_n, cache):
+        dx, dh0, *grads = F.rnn_backward(dy, dh_n, cache)
+        return dx, dh0, None, grads
+
+
+class GRU(RNNBase):
+    """GRU with torch's gate order (r, z, n) and "linear before reset" form.
+
+    Same positional order as torch.nn.GRU. `out, h_n = gru(x, h0=None, lengths=None)`,
+    `dx, dh0 = gru.backward(dout, dh_n=None)`.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None,
+                 merge_mode="concat"):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, dtype, seed, merge_mode)
+
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+        y, h_n, cache = F.gru_forward(x, h0, *w, lengths=lengths, reverse=reverse,
+                                      training=keep)
+        return y, h_n, None, cache
+
+    def _backward_direction(self, dy, dh_n, dc_n, cache):
+        dx, dh0, *grads = F.gru_backward(dy, dh_n, cache)
+        return dx, dh0, None, grads
+
+
+class LSTM(RNNBase):
+    """LSTM with torch's gate order (i, f, g, o), optional projection (proj_size).
+
+    Same positional order as torch.nn.LSTM.
+    `out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)`,
+    `dx, (dh0, dc0) = lstm.backward(dout, (dh_n, dc_n)=None)`.
+
+    With proj_size > 0 (h = (o*tanh(c)) @ weight_hr.T, c keeps hidden_size) the
+    compiled kernels are not used: a per-step NumPy loop runs instead. That is
+    the SLOW PATH, written for correctness (torch-equivalent), not speed.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
+                 merge_mode="concat"):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, dtype, seed, merge_mode)
+
+    def _extra_config(self):
+        return {"proj_size": self.proj_size}
+
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+        if self.proj_size:
+            return _lstmp_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, keep=keep)
+        return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep)
+
+    def _backward_direction(self, dy, dh_n, dc_n, cache):
+        if self.proj_size:
+            dx, dh0, dc0, *grads = _lstmp_backward(dy, dh_n, dc_n, cache)
+        else:
+            dx, dh0, dc0, *grads = F.lstm_backward(dy, dh_n, dc_n, cache)
+        return dx, dh0, dc0, grads
+
+
+# -- projected LSTM: plain NumPy, one step at a time (slow path) -------------
+def _sigmoid(a):
+    return 0.5 + 0.5 * np.tanh(0.5 * a)  # same value as 1/(1+e^-a), never overflows
+
+
+def _lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
+                   keep=True):
+    """One direction of an LSTM with projection, same contract as F.lstm_forward.
+
+    x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
+    b_ih/b_hh (4H,) or None, w_hr (P,H).  -> y (T,B,P), h_n (B,P), c_n (B,H), cache.
+    Padded steps (t >= lengths[b]) leave the state untouched and output 0, so
+    the forward direction ends at each sequence's last valid step and the
+    reverse direction starts there.
+    """
+    T, B, I = x.shape
+    H, P = w_hr.shape[1], w_hr.shape[0]
+    dt = x.dtype
+    # input contribution of every step in one GEMM; biases folded in
+    xw = (x.reshape(T * B, I) @ w_ih.T).reshape(T, B, 4 * H)          # (T, B, 4H)
+    if b_ih is not None:
+        xw += b_ih + b_hh
+    r = np.zeros((B, P), dt) if h0 is None else np.array(h0, dt)       # (B, P) projected h
+    c = np.zeros((B, H), dt) if c0 is None else np.array(c0, dt)       # (B, H)
+    y = np.zeros((T, B, P), dt)                                        # (T, B, P)
+    valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]  # (T, B)
+    if keep:
+        gates = np.empty((T, B, 4 * H), dt)  # activated i, f, g, o   (T, B, 4H)
+        c_prev = np.empty((T, B, H), dt)     # c entering step t     (T, B, H)
+        r_prev = np.empty((T, B, P), dt)     # r entering step t     (T, B, P)
+        tanh_c = np.empty((T, B, H), dt)     # tanh(c) after step t  (T, B, H)
+    for t in (reversed(range(T)) if reverse else range(T)):
+        a = xw[t] + r @ w_hh.T                                         # (B, 4H)
+        i, f = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H])             # (B, H) each
+        g, o = np.tanh(a[:, 2 * H:3 * H]), _sigmoid(a[:, 3 * H:])      # (B, H) each
+        c_new = f * c + i * g                                          # (B, H)
+        tc = np.tanh(c_new)                                            # (B, H)
+        r_new = (o * tc) @ w_hr.T                                      # (B, P)
+        if keep:
+            gates[t] = np.concatenate([i, f, g, o], axis=1)
+            c_prev[t], r_prev[t], tanh_c[t] = c, r, tc
+        if valid is not None:  # finished / not yet started sequences keep their state
+            v = valid[t][:, None]                                      # (B, 1)
+            c_new = np.where(v, c_new, c)
+            r_new = np.where(v, r_new, r)
+            y[t] = np.where(v, r_new, 0)
+        else:
+            y[t] = r_new
+        c, r = c_new, r_new
+    cache = None
+    if keep:
+        cache = dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=b_ih is not None,
+                     reverse=reverse, valid=valid, gates=gates, c_prev=c_prev,
+                     r_prev=r_prev, tanh_c=tanh_c)
+    return y, r, c, cache
+
+
+def _lstmp_backward(dy, dh_n, dc_n, cache):
+    """Backward of `_lstmp_forward`.
+
+    dy (T,B,P), dh_n (B,P) or None, dc_n (B,H) or None.
+    -> dx (T,B,I), dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr.
+    """
+    if cache is None:
+        raise RuntimeError("backward: forward ran with training=False, nothing was cached")
+    x, w_ih, w_hh, w_hr = cache["x"], cache["w_ih"], cache["w_hh"], cache["w_hr"]
+    gates, valid = cache["gates"], cache["valid"]
+    T, B, I = x.shape
+    H, P = w_hr.shape[1], w_hr.shape[0]
+    dt = x.dtype
+    dr = np.zeros((B, P), dt) if dh_n is None else np.array(dh_n, dt)  # dL/d r after step
+    dc = np.zeros((B, H), dt) if dc_n is None else np.array(dc_n, dt)  # dL/d c after step
+    da_all = np.empty((T, B, 4 * H), dt)        # gate pre-activation grads   (T, B, 4H)
+    dw_hh = np.zeros_like(w_hh)                 # (4H, P)
+    dw_hr = np.zeros_like(w_hr)                 # (P, H)
+    # walk the steps in the opposite order of the forward pass
+    for t in (range(T) if cache["reverse"] else reversed(range(T))):
+        i, f = gates[t, :, :H], gates[t, :, H:2 * H]                    # (B, H) each
+        g, o = gates[t, :, 2 * H:3 * H], gates[t, :, 3 * H:]
+        tc = cache["tanh_c"][t]                                         # (B, H)
+        dr_t = dr + dy[t]                                               # (B, P)
+        dc_t = dc                                                       # (B, H)
+        if valid is not None:  # padded steps pass gradients through untouched
+            v = valid[t][:, None]                                       # (B, 1)
+            dr_t = np.where(v, dr_t, 0)
+            dc_t = np.where(v, dc_t, 0)
+        h = o * tc                                                      # (B, H)
+        dw_hr += dr_t.T @ h
+        dh = dr_t @ w_hr                                                # (B, H)
+        dc_t = dc_t + dh * o * (1 - tc * tc)                            # (B, H)
+        da = np.concatenate([dc_t * g * i * (1 - i),                    # d a_i
+                             dc_t * cache["c_prev"][t] * f * (1 - f),   # d a_f
+                             dc_t * i * (1 - g * g),                    # d a_g
+                             dh * tc * o * (1 - o)], axis=1)            # d a_o  (B, 4H)
+        da_all[t] = da
+        dw_hh += da.T @ cache["r_prev"][t]
+        dr_prev = da @ w_hh                                             # (B, P)
+        dc_prev = dc_t * f                                              # (B, H)
+        if valid is not None:
+            dr_prev = np.where(v, dr_prev, dr)
+            dc_prev = np.where(v, dc_prev, dc)
+        dr, dc = dr_prev, dc_prev
+    da2 = da_all.reshape(T * B, 4 * H)                                  # (T·B, 4H)
+    dx = (da2 @ w_ih).reshape(T, B, I)                                  # (T, B, I)
+    dw_ih = da2.T @ x.reshape(T * B, I)                                 # (4H, I)
+    db = da2.sum(axis=0) if cache["bias"] else None                     # (4H,)
+    return dx, dr, dc, dw_ih, dw_hh, db, None if db is None else db.copy(), dw_hr
