@@ -1,0 +1,81 @@
+"""Embedding: integer ids -> rows of a (num_embeddings, embedding_dim) table."""
+
+import numpy as np
+
+from fastrnn.modules.module import Module, Parameter
+from fastrnn.nn.init import as_generator, normal_
+
+__all__ = ["Embedding"]
+
+
+class Embedding(Module):
+    """Lookup table. ``forward(ids)`` maps an integer array of any shape S to
+    an array of shape S + (embedding_dim,).
+
+    ``backward(dout)`` accumulates into ``weight.grad`` (rows of repeated ids
+    add up) and returns ``None``: ids have no gradient.
+
+    Initialisation is N(0, 1), as torch.nn.Embedding. ``padding_idx`` (if
+    given) is a row that starts at zero and never receives gradient.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError("num_embeddings and embedding_dim must be positive")
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        if padding_idx is not None:
+            padding_idx = int(padding_idx)
+            if padding_idx < 0:
+                padding_idx += self.num_embeddings
+            if not 0 <= padding_idx < self.num_embeddings:
+                raise ValueError(f"padding_idx {padding_idx} outside [0, {num_embeddings})")
+        self.padding_idx = padding_idx
+        w = normal_((self.num_embeddings, self.embedding_dim), 1.0, as_generator(rng), dtype)
+        if padding_idx is not None:
+            w[padding_idx] = 0
+        self.weight = Parameter(w)
+        self._ids = None
+
+    def _check(self, ids):
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iub":
+            if ids.size == 0:
+                ids = ids.astype(np.int64)
+            else:
+                raise TypeError(f"Embedding expects integer ids, got dtype {ids.dtype}")
+        if ids.size:
+            bad = (ids < 0) | (ids >= self.num_embeddings)
+            if bad.any():
+                bad_id = ids[bad].flat[0]
+                where = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise IndexError(
+                    f"Embedding: id {int(bad_id)} at index {where} is out of range "
+                    f"[0, {self.num_embeddings})")
+        return ids
+
+    def forward(self, ids):
+        ids = self._check(ids)
+        self._ids = ids
+        return self.weight.data[ids]
+
+    def backward(self, dout):
+        if self._ids is None:
+            raise RuntimeError("Embedding.backward called before forward")
+        ids = self._ids.reshape(-1)
+        dout = np.asarray(dout, dtype=self.weight.data.dtype).reshape(-1, self.embedding_dim)
+        if dout.shape[0] != ids.shape[0]:
+            raise ValueError(f"Embedding.backward: dout has {dout.shape[0]} rows, "
+                             f"forward saw {ids.shape[0]} ids")
+        np.add.at(self.weight.grad, ids, dout)
+        if self.padding_idx is not None:
+            self.weight.grad[self.padding_idx] = 0
+        return None
+
+    def extra_repr(self):
+        s = f"{self.num_embeddings}, {self.embedding_dim}"
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
+        return s
