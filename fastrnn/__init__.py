@@ -13,4 +13,6 @@ from fastrnn.modules.module import Module, Parameter
 
 # -- layers (RNN/LSTM/GRU modules and cells, persistence) -- owned by the layers work
 from fastrnn.modules.rnn import RNN, LSTM, GRU
+from fastrnn.modules.cells import RNNCell, LSTMCell, GRUCell
+from fastrnn.io import save, load, from_torch, to_torch
 # -- training blocks (nn, optim, data, lm) -- owned by the training work

@@ -1,0 +1,255 @@
+"""Single-step cells RNNCell, LSTMCell, GRUCell (torch.nn names, layout and init).
+
+Each call runs the functional kernel on one time step (x[None], T = 1). For
+backpropagation through time (BPTT) the cell keeps a *stack* of per-step
+caches: every training-mode call pushes one, every `backward` pops the most
+recent one. So run the steps forward, then call `backward` once per step in
+reverse order, feeding each step the gradient of its output plus the state
+gradient returned by the step after it:
+
+    h = None
+    hs = []
+    for t in range(T):                      # forward: pushes T caches
+        h = cell(x[t], h)
+        hs.append(h)
+    dh = np.zeros_like(h)
+    for t in reversed(range(T)):            # backward: pops them, last step first
+        dx_t, dh = cell.backward(dh + dloss_dh[t])
+
+`LSTMCell.backward(dh, dc)` returns `dx, (dh_prev, dc_prev)`. Parameter
+gradients add into `.grad`. `clear_cache()` drops unused caches (for example
+after truncating BPTT); eval mode pushes nothing. Per-call checks are
+deliberately shallow (rank, size, dtype) to keep the Python overhead per step
+small.
+
+Shape letters: B batch, I input size, H hidden size, G gates (1, 3, 4).
+"""
+
+import math
+
+import numpy as np
+
+from fastrnn import functional as F  # the module, looked up at call time
+from fastrnn.modules.module import Module, Parameter
+
+__all__ = ["RNNCell", "LSTMCell", "GRUCell"]
+
+_NONLINEARITIES = ("tanh", "relu", "identity")
+
+
+class _CellBase(Module):
+    """Parameters, init, input checks and the cache stack shared by the three cells."""
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or seed < 0):
+            raise ValueError(f"seed: expected None or an integer >= 0, got {seed!r}")
+        dt = np.dtype(dtype)
+        if dt not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.bias, self.dtype, self.seed = bool(bias), dt, seed
+        GH = self._gates * self.hidden_size
+        self.weight_ih = Parameter(np.zeros((GH, self.input_size), dt))    # (G·H, I)
+        self.weight_hh = Parameter(np.zeros((GH, self.hidden_size), dt))   # (G·H, H)
+        if self.bias:
+            self.bias_ih = Parameter(np.zeros(GH, dt))                     # (G·H,)
+            self.bias_hh = Parameter(np.zeros(GH, dt))                     # (G·H,)
+        else:
+            self.bias_ih = self.bias_hh = None  # what the kernels take for "no bias"
+        self._stack = []  # per-step (cache, batched, B), most recent last
+        self.reset_parameters(np.random.default_rng(seed))
+
+    def reset_parameters(self, rng=None):
+        """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""
+        rng = np.random.default_rng() if rng is None else rng
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for _, p in self.named_parameters():
+            p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+
+    def config(self):
+        """Constructor arguments as a JSON-friendly dict (used by fastrnn.save/load)."""
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias,
+                    dtype=self.dtype.name, seed=self.seed)
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype.name}"
+        return s
+
+    def clear_cache(self):
+        """Forget all pushed steps (e.g. when truncating BPTT)."""
+        self._stack.clear()
+
+    @property
+    def num_cached_steps(self):
+        return len(self._stack)
+
+    def _biases(self):
+        return (None, None) if self.bias_ih is None else (self.bias_ih.data, self.bias_hh.data)
+
+    # -- cheap per-step checks (rank, size, dtype); messages name the argument --
+    def _check_x(self, x):
+        """x (B,I) or unbatched (I,) -> (x3 (1,B,I), batched)."""
+        if type(x) is not np.ndarray or x.dtype != self.dtype:
+            self._dtype_error("input", x)
+        if x.ndim == 2 and x.shape[1] == self.input_size:
+            return x[None], True
+        if x.ndim == 1 and x.shape[0] == self.input_size:
+            return x[None, None], False
+        raise ValueError(f"input: expected shape (B, {self.input_size}) or "
+                         f"({self.input_size},), got {getattr(x, 'shape', None)}")
+
+    def _check_state(self, name, h, B, batched):
+        """h (B,H) or unbatched (H,) or None -> (B,H) or None."""
+        if h is None:
+            return None
+        if type(h) is not np.ndarray or h.dtype != self.dtype:
+            self._dtype_error(name, h)
+        shape = (B, self.hidden_size) if batched else (self.hidden_size,)
+        if h.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {h.shape}")
+        return h if batched else h[None]
+
+    def _dtype_error(self, name, a):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: expected a numpy array of dtype {self.dtype}, "
+                            f"got {type(a).__name__}")
+        raise TypeError(f"{name}: expected dtype {self.dtype} (the cell's dtype), got "
+                        f"{a.dtype}; convert with .astype(np.{self.dtype}) or build the cell "
+                        f"with dtype=np.{a.dtype}")
+
+    def _push(self, cache, batched, B):
+        if self.training:
+            self._stack.append((cache, batched, B))
+
+    def _top(self):
+        """The most recent step; backward pops it only after its checks pass."""
+        if not self._stack:
+            raise RuntimeError("backward: no cached step left. Each training-mode forward "
+                               "call supports one backward call (last step first).")
+        return self._stack[-1]
+
+    def _accumulate(self, dw_ih, dw_hh, db_ih, db_hh):
+        self.weight_ih.grad += dw_ih
+        self.weight_hh.grad += dw_hh
+        if db_ih is not None:
+            self.bias_ih.grad += db_ih
+            self.bias_hh.grad += db_hh
+
+
+class RNNCell(_CellBase):
+    """h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh | relu | identity.
+
+    `h1 = cell(x, h=None)` with x (B,I) or (I,); `dx, dh = cell.backward(dh1)`.
+    """
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
+                 dtype=np.float32, seed=None):
+        if nonlinearity not in _NONLINEARITIES:
+            raise ValueError(f"nonlinearity: expected one of {_NONLINEARITIES}, "
+                             f"got {nonlinearity!r}")
+        super().__init__(input_size, hidden_size, bias, dtype, seed)
+        self.nonlinearity = nonlinearity
+
+    def config(self):
+        return dict(super().config(), nonlinearity=self.nonlinearity)
+
+    def forward(self, input, hx=None):
+        x3, batched = self._check_x(input)                                 # (1, B, I)
+        B = x3.shape[1]
+        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
+        _, h1, cache = F.rnn_forward(x3, h, self.weight_ih.data, self.weight_hh.data,
+                                     *self._biases(), nonlinearity=self.nonlinearity,
+                                     training=self.training)              # h1 (B, H)
+        self._push(cache, batched, B)
+        return h1 if batched else h1[0]
+
+    def backward(self, dh):
+        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
+        cache, batched, B = self._top()
+        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
+        self._stack.pop()
+        dx, dh0, *grads = F.rnn_backward(dh[None], None, cache)          # dx (1, B, I)
+        self._accumulate(*grads)
+        return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
+
+
+class GRUCell(_CellBase):
+    """GRU step with torch's gate order (r, z, n), "linear before reset".
+
+    `h1 = cell(x, h=None)` with x (B,I) or (I,); `dx, dh = cell.backward(dh1)`.
+    """
+
+    _gates = 3
+
+    def forward(self, input, hx=None):
+        x3, batched = self._check_x(input)                                 # (1, B, I)
+        B = x3.shape[1]
+        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
+        _, h1, cache = F.gru_forward(x3, h, self.weight_ih.data, self.weight_hh.data,
+                                     *self._biases(), training=self.training)  # (B, H)
+        self._push(cache, batched, B)
+        return h1 if batched else h1[0]
+
+    def backward(self, dh):
+        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
+        cache, batched, B = self._top()
+        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
+        self._stack.pop()
+        dx, dh0, *grads = F.gru_backward(dh[None], None, cache)          # dx (1, B, I)
+        self._accumulate(*grads)
+        return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
+
+
+class LSTMCell(_CellBase):
+    """LSTM step with torch's gate order (i, f, g, o).
+
+    `h1, c1 = cell(x, (h, c)=None)` with x (B,I) or (I,);
+    `dx, (dh, dc) = cell.backward(dh1, dc1=None)` (or `cell.backward((dh1, dc1))`).
+    """
+
+    _gates = 4
+
+    def forward(self, input, hx=None):
+        x3, batched = self._check_x(input)                                 # (1, B, I)
+        B = x3.shape[1]
+        h = c = None
+        if hx is not None:
+            if type(hx) is not tuple and type(hx) is not list or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
+            h = self._check_state("hx[0]", hx[0], B, batched)             # (B, H)
+            c = self._check_state("hx[1]", hx[1], B, batched)             # (B, H)
+        _, h1, c1, cache = F.lstm_forward(x3, h, c, self.weight_ih.data, self.weight_hh.data,
+                                          *self._biases(), training=self.training)
+        self._push(cache, batched, B)
+        return (h1, c1) if batched else (h1[0], c1[0])
+
+    def backward(self, dh, dc=None):
+        """Gradients of this step's (h', c') -> (dx, (dh_prev, dc_prev)); pops one step.
+
+        dh may be None (zero); dc None means zero. A tuple (dh, dc) as the
+        single argument also works, mirroring the forward's state tuple.
+        """
+        if type(dh) is tuple and dc is None:
+            dh, dc = dh
+        cache, batched, B = self._top()
+        if dh is None:
+            dh = np.zeros((B, self.hidden_size) if batched else self.hidden_size, self.dtype)
+        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
+        dc = self._check_state("dc", dc, B, batched)                      # (B, H) or None
+        self._stack.pop()
+        dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache)  # dx (1, B, I)
+        self._accumulate(*grads)
+        return (dx[0], (dh0, dc0)) if batched else (dx[0, 0], (dh0[0], dc0[0]))
