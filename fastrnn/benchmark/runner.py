@@ -1,0 +1,537 @@
+"""Side-by-side benchmark: fastrnn against PyTorch CPU and ONNX Runtime.
+
+Run it as ``fastrnn bench``, ``python -m bench`` (from a checkout) or
+``python -m fastrnn.benchmark.runner``; ``--help`` lists the options and
+docs/benchmarks.md explains the method. In short:
+
+* Every engine gets the same weights and input; each peer's result is checked
+  against fastrnn's once before anything is timed (a mismatch is reported and
+  makes the exit status 1).
+* Engines are timed in one process, interleaved: each repetition runs every
+  engine once, in a rotating order, so that a noisy neighbour or a change of
+  clock speed hits all of them alike. The reported time is the median over the
+  repetitions, after a warm-up call. Fast calls are repeated inside one sample
+  so that each sample lasts at least a few milliseconds.
+* All engines use the same number of threads (``fastrnn.set_num_threads``,
+  ``torch.set_num_threads``, ORT's ``intra_op_num_threads`` and, for NumPy's
+  BLAS, threadpoolctl).
+* Repetitions are budgeted by time (``--budget``): each case gets a share of the
+  remaining budget in proportion to its FLOP count.
+* GFLOP/s counts 2*T*B*G*H*(I+H) per layer and direction for a forward pass and
+  three times that for forward+backward; "% peak" relates it to the machine's
+  sgemm peak, measured as a float32 2048x2048 NumPy matmul with the same threads.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+
+from fastrnn.benchmark import common
+from fastrnn.benchmark.engines import ENGINES, Case, EngineUnavailable, available_peers
+
+__all__ = ["main", "build_parser", "measure_sgemm_peak", "run_cases", "format_table"]
+
+PEERS = ("torch", "onnxruntime")
+DEFAULT_BUDGET = 420.0      # seconds of timing for the default run (< 10 min in all)
+MIN_SAMPLE = {"step": 0.05}  # seconds one sample should last, by mode
+MIN_SAMPLE_DEFAULT = 0.02
+MIN_ROUNDS, MAX_ROUNDS = 3, 15
+CELL_ALIASES = {"rnn": "rnn_tanh", "tanh": "rnn_tanh", "relu": "rnn_relu"}
+
+
+def _log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def _csv(choices, aliases=None, allow_all=True):
+    def parse(text):
+        items = []
+        for item in text.replace(" ", "").split(","):
+            if not item:
+                continue
+            item = (aliases or {}).get(item, item)
+            if allow_all and item == "all":
+                items.extend(c for c in choices if c not in items)
+                continue
+            if item not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice {item!r} (choose from {', '.join(choices)})")
+            if item not in items:
+                items.append(item)
+        return items
+    return parse
+
+
+def _peers_arg(text):
+    if text.strip().lower() in ("", "none"):
+        return []
+    return _csv(PEERS)(text)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="fastrnn bench",
+        description="Time fastrnn against PyTorch CPU and ONNX Runtime, side by side "
+                    "(same weights, same threads, interleaved repetitions).",
+        epilog="Without any of -I/-H/-T/-B the whole config grid runs: "
+               + "  ".join("(%d,%d,%d,%d)" % c for c in common.GRID)
+               + " as (I,H,T,B). Giving some of them runs one config, the rest taken "
+               "from (256,256,100,64). --memory and --lengths alone (no --mode) run "
+               "only those reports.")
+    p.add_argument("--cell", type=_csv(common.CELLS + ("rnn_relu",), CELL_ALIASES),
+                   default=list(common.CELLS),
+                   help="comma-separated cells: rnn_tanh (alias rnn), lstm, gru, rnn_relu, "
+                        "or all (default: rnn_tanh,lstm,gru)")
+    p.add_argument("-I", "--input-size", type=int, help="input features I")
+    p.add_argument("-H", "--hidden-size", type=int, help="hidden units H")
+    p.add_argument("-T", "--seq-len", type=int, help="time steps T")
+    p.add_argument("-B", "--batch", type=int, help="batch size B")
+    p.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
+    p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
+    p.add_argument("--mode", type=_csv(("forward", "train", "step")), default=None,
+                   help="comma-separated: forward (inference), train (forward+backward), "
+                        "step (batch-1 single-step latency of the cells) "
+                        "(default: forward,train)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads for every engine (default 2)")
+    p.add_argument("--peers", type=_peers_arg, default=None,
+                   help="comma-separated peers among torch,onnxruntime, or none "
+                        "(default: those installed)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repetitions per case (default: as many as the time "
+                        f"budget allows, {MIN_ROUNDS} to {MAX_ROUNDS})")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed warm-up calls per engine after the check call (default 1)")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds to spend timing when --repeats is not given "
+                        f"(default {DEFAULT_BUDGET:.0f})")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip checking the peers' results against fastrnn's")
+    p.add_argument("--memory", action="store_true",
+                   help="report peak memory of one call on the largest config")
+    p.add_argument("--lengths", action="store_true",
+                   help="mixed-lengths report: time with lengths uniform in [1, T] "
+                        "against all lengths T")
+    p.add_argument("--json", action="store_true",
+                   help="print every result as one JSON object on the last line")
+    p.add_argument("--plot", metavar="OUT.png", help="draw GFLOP/s per case (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
+    return p
+
+
+def _configs(args):
+    given = (args.input_size, args.hidden_size, args.seq_len, args.batch)
+    if all(v is None for v in given):
+        return list(common.GRID), False
+    return [tuple(d if v is None else v for v, d in zip(given, common.DEFAULT_CONFIG))], True
+
+
+# ---------------------------------------------------------------------------
+# threads and the sgemm peak
+# ---------------------------------------------------------------------------
+
+def set_threads(n, peers):
+    """Give every engine ``n`` threads; returns a context manager limiting
+    NumPy's BLAS (threadpoolctl) that the caller keeps open while timing."""
+    import fastrnn
+    setter = getattr(fastrnn, "set_num_threads", None)
+    if setter is not None:
+        setter(n)
+    if "torch" in peers:
+        import torch
+        torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def measure_sgemm_peak(n=2048, repeats=5):
+    """GFLOP/s of a float32 n x n NumPy matmul (median of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    seconds = common.median_time(lambda: np.matmul(a, b, out=out), repeats=repeats, warmup=1)
+    return 2.0 * n ** 3 / seconds / 1e9
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+def _sample(engine, number):
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            engine.run()
+        return (time.perf_counter() - t0) / number
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAMPLE_DEFAULT):
+    """Median seconds per call of each engine, timed round-robin.
+
+    ``engines`` have each been called once already (the check). Returns
+    ``{name: (median_seconds, rounds, number)}``.
+    """
+    first = {}
+    for e in engines:
+        t = None
+        for _ in range(max(1, warmup)):
+            t = _sample(e, 1)
+        first[e.name] = t
+    number = {name: max(1, min(10000, math.ceil(min_sample / max(t, 1e-7))))
+              for name, t in first.items()}
+    per_round = sum(number[n] * first[n] for n in first)
+    if repeats is not None:
+        rounds = max(1, repeats)
+    else:
+        rounds = int(budget / per_round) if per_round > 0 else MAX_ROUNDS
+        rounds = min(MAX_ROUNDS, rounds)
+        if rounds < MIN_ROUNDS:
+            rounds = max(1, rounds if per_round * MIN_ROUNDS > budget else MIN_ROUNDS)
+    times = {e.name: [] for e in engines}
+    for r in range(rounds):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        for e in order:
+            times[e.name].append(_sample(e, number[e.name]))
+    return {name: (float(np.median(ts)), rounds, number[name]) for name, ts in times.items()}
+
+
+def _cases(args, configs):
+    cases = []
+    for mode in args.mode:
+        if mode == "step":
+            seen = []
+            for (I, H, _T, _B) in configs:
+                if (I, H) not in seen:
+                    seen.append((I, H))
+            for cell in args.cell:
+                for I, H in seen:
+                    cases.append(Case(cell, "step", I, H, 1, 1, 1, False, args.dtype, args.seed))
+            continue
+        for cell in args.cell:
+            for (I, H, T, B) in configs:
+                cases.append(Case(cell, mode, I, H, T, B, args.layers, args.bidirectional,
+                                  args.dtype, args.seed))
+    return cases
+
+
+def _record(engine, case, seconds, rounds, number, sgemm, threads):
+    gflops = case.flops / seconds / 1e9
+    return {"engine": engine, "cell": case.cell, "mode": case.mode,
+            "I": case.I, "H": case.H, "T": case.T, "B": case.B,
+            "layers": case.layers, "bidirectional": case.bidirectional, "dtype": case.dtype,
+            "threads": threads, "ms": seconds * 1e3, "gflops": gflops,
+            "pct_peak": 100.0 * gflops / sgemm if sgemm else None,
+            "repeats": rounds, "calls_per_sample": number}
+
+
+def run_cases(cases, peers, threads, sgemm, budget, repeats=None, warmup=1, check=True,
+              progress=_log):
+    """Check and time every case. Returns (results, errors, checks)."""
+    results, errors, checks = [], [], []
+    # each case's share of the time budget: its FLOPs (at least those of ~1 ms)
+    # times the number of engines that can run it
+    weights_of = [max(c.flops, 5e6) * (1 + sum(1 for p in peers if not (
+        p == "onnxruntime" and (c.mode == "train" or c.dtype != "float32")))) for c in cases]
+    start = time.perf_counter()
+    for index, case in enumerate(cases):
+        tag = f"[{index + 1}/{len(cases)}] {case.label()}"
+        weights, x, dy, h0, c0 = case.make_data()
+        engines = []
+        for name in ["fastrnn"] + list(peers):
+            cls = ENGINES[name]
+            kwargs = {"threads": threads} if name == "onnxruntime" else {}
+            try:
+                engine = cls(case, weights, x, dy, h0, c0, **kwargs)
+                engine.run()  # the check call, also the first warm-up
+            except EngineUnavailable as exc:
+                if name == "fastrnn":
+                    errors.append({"engine": name, "case": case.label(), "error": str(exc)})
+                    progress(f"{tag}: fastrnn unavailable: {exc}")
+                continue
+            except Exception as exc:  # an engine failing must not stop the others
+                errors.append({"engine": name, "case": case.label(),
+                               "error": f"{type(exc).__name__}: {exc}"})
+                progress(f"{tag}: {name} failed: {type(exc).__name__}: {exc}")
+                continue
+            engines.append(engine)
+        ours = next((e for e in engines if e.name == "fastrnn"), None)
+        status = {}
+        if check and ours is not None:
+            want = ours.results()
+            tol = common.TOLERANCE[case.np_dtype]
+            for e in engines:
+                if e is ours:
+                    continue
+                ok, key, err, n = common.compare(e.results(), want, tol)
+                status[e.name] = ("ok" if ok else "mismatch", key, err)
+                checks.append({"engine": e.name, "case": case.label(), "cell": case.cell,
+                               "mode": case.mode, "ok": ok, "worst_key": key,
+                               "max_rel_err": err, "keys_compared": n, "tolerance": tol})
+                if not ok:
+                    progress(f"{tag}: MISMATCH {e.name} vs fastrnn: max rel err {err:.3g} "
+                             f"in {key!r} (tolerance {tol:g}, {n} arrays compared)")
+        if not engines:
+            continue
+        remaining = sum(weights_of[k] for k in range(index, len(cases)))
+        left = max(0.0, budget - (time.perf_counter() - start))
+        case_budget = left * weights_of[index] / remaining
+        timed = time_interleaved(engines, case_budget, repeats, warmup,
+                                 MIN_SAMPLE.get(case.mode, MIN_SAMPLE_DEFAULT))
+        line = []
+        for e in engines:
+            seconds, rounds, number = timed[e.name]
+            rec = _record(e.name, case, seconds, rounds, number, sgemm, threads)
+            if e.name == "fastrnn":
+                rec["impl"] = e.impl
+            elif e.name in status:
+                rec["check"], rec["check_key"], rec["max_rel_err"] = status[e.name]
+            results.append(rec)
+            line.append(f"{e.name} {rec['ms']:.3f} ms")
+        progress(f"{tag}: " + ", ".join(line))
+        del engines
+    return results, errors, checks
+
+
+# ---------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------
+
+def _fmt_ms(ms):
+    return f"{ms:.4f}" if ms < 1 else f"{ms:.2f}" if ms < 1000 else f"{ms:.0f}"
+
+
+def format_table(results, peers, sgemm):
+    """One row per case: fastrnn's ms, GFLOP/s and % of sgemm peak, then each
+    peer's ms, GFLOP/s and ratio (peer ms / fastrnn ms; above 1 fastrnn is faster)."""
+    keys, by_case = [], {}
+    for r in results:
+        key = (r["cell"], r["mode"], r["I"], r["H"], r["T"], r["B"])
+        if key not in by_case:
+            keys.append(key)
+            by_case[key] = {}
+        by_case[key][r["engine"]] = r
+    header = ["cell", "mode", "I", "H", "T", "B", "fastrnn ms", "GFLOP/s", "% peak"]
+    for peer in peers:
+        header += [f"{peer} ms", "GFLOP/s", "ratio"]
+    rows = []
+    for key in keys:
+        row = [key[0], key[1]] + [str(v) for v in key[2:]]
+        ours = by_case[key].get("fastrnn")
+        if ours:
+            row += [_fmt_ms(ours["ms"]), f"{ours['gflops']:.1f}",
+                    f"{ours['pct_peak']:.1f}" if ours.get("pct_peak") is not None else "-"]
+        else:
+            row += ["-", "-", "-"]
+        for peer in peers:
+            r = by_case[key].get(peer)
+            if r is None:
+                row += ["-", "-", "-"]
+                continue
+            ratio = f"{r['ms'] / ours['ms']:.2f}" if ours else "-"
+            if r.get("check") == "mismatch":
+                ratio += "!"
+            row += [_fmt_ms(r["ms"]), f"{r['gflops']:.1f}", ratio]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) if i >= 2 else h.ljust(w)
+                       for i, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))))
+    notes = [f"sgemm peak {sgemm:.1f} GFLOP/s (float32 2048x2048 matmul); "
+             "ratio = peer ms / fastrnn ms (above 1: fastrnn is faster); "
+             "! = peer result differs from fastrnn's"]
+    return "\n".join(lines + notes)
+
+
+def plot_results(results, sgemm, path, peers):
+    """Bar chart of GFLOP/s per case and engine, one panel per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("forward", "train", "step") if any(r["mode"] == m for r in results)]
+    engines = ["fastrnn"] + [p for p in peers if any(r["engine"] == p for r in results)]
+    ncases = max(len({(r["cell"], r["I"], r["H"], r["T"], r["B"])
+                      for r in results if r["mode"] == m}) for m in modes)
+    fig, axes = plt.subplots(len(modes), 1, squeeze=False,
+                             figsize=(max(8.0, 0.55 * ncases * len(engines) + 2), 3.6 * len(modes)))
+    width = 0.8 / len(engines)
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = [r for r in results if r["mode"] == mode]
+        cases = []
+        for r in rows:
+            key = (r["cell"], r["I"], r["H"], r["T"], r["B"])
+            if key not in cases:
+                cases.append(key)
+        for k, eng in enumerate(engines):
+            vals = {(r["cell"], r["I"], r["H"], r["T"], r["B"]): r["gflops"]
+                    for r in rows if r["engine"] == eng}
+            xs = [i + (k - (len(engines) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [vals.get(c, 0.0) for c in cases], width, label=eng)
+        if sgemm:
+            ax.axhline(sgemm, color="k", linestyle="--", linewidth=1,
+                       label=f"sgemm peak {sgemm:.0f}")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{c[0]}\n{c[1]}/{c[2]}/{c[3]}/{c[4]}" for c in cases], fontsize=7)
+        ax.set_ylabel("GFLOP/s")
+        ax.set_title(f"{mode}  (labels: cell, I/H/T/B)")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _versions(peers):
+    import fastrnn
+    out = {"python": platform.python_version(), "numpy": np.__version__,
+           "fastrnn": getattr(fastrnn, "__version__", "?"), "machine": platform.machine(),
+           "cpu_count": os.cpu_count()}
+    try:
+        out["fastrnn_config"] = fastrnn.config()
+    except Exception:
+        pass
+    for peer in peers:
+        try:
+            out[peer] = __import__(peer).__version__
+        except Exception:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    """Command-line entry point (``fastrnn bench`` forwards its arguments here)."""
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        build_parser().error("--threads must be at least 1")
+    configs, explicit = _configs(args)
+    run_main = args.mode is not None or not (args.memory or args.lengths)
+    if args.mode is None:
+        args.mode = ["forward", "train"]
+    installed = available_peers()
+    if args.peers is None:
+        peers = installed
+    else:
+        peers = [p for p in args.peers if p in installed]
+        for p in args.peers:
+            if p not in installed:
+                _log(f"peer {p} is not installed: skipped")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+            plot_ok = True
+        except ImportError:
+            plot_ok = False
+            _log("--plot needs matplotlib, which is not installed "
+                 "(pip install matplotlib); the plot will be skipped")
+    budget = args.budget if args.budget is not None else DEFAULT_BUDGET
+    status = 0
+    summary = {"sgemm_gflops": None, "threads": args.threads, "dtype": args.dtype,
+               "layers": args.layers, "bidirectional": args.bidirectional,
+               "peers": peers, "results": []}
+    with set_threads(args.threads, peers):
+        sgemm = measure_sgemm_peak()
+        summary["sgemm_gflops"] = sgemm
+        _log(f"sgemm peak: {sgemm:.1f} GFLOP/s with {args.threads} thread(s); peers: "
+             f"{', '.join(peers) or 'none'}")
+        if run_main:
+            cases = _cases(args, configs)
+            results, errors, checks = run_cases(cases, peers, args.threads, sgemm, budget,
+                                                args.repeats, args.warmup, args.check)
+            summary.update(results=results, errors=errors, checks=checks)
+            print(format_table(results, peers, sgemm))
+            if any(not c["ok"] for c in checks):
+                status = 1
+                print("MISMATCHES:")
+                for c in checks:
+                    if not c["ok"]:
+                        print(f"  {c['engine']} vs fastrnn, {c['case']}: max rel err "
+                              f"{c['max_rel_err']:.3g} in {c['worst_key']!r} "
+                              f"(tolerance {c['tolerance']:g})")
+            fastrnn_errors = [e for e in errors if e["engine"] == "fastrnn"]
+            if fastrnn_errors:
+                status = 1
+            if errors:
+                print("ERRORS:")
+                for e in errors:
+                    print(f"  {e['engine']}, {e['case']}: {e['error']}")
+        if args.memory:
+            from fastrnn.benchmark.memory import memory_report, format_memory
+            mem_modes = [m for m in args.mode if m != "step"] or ["forward", "train"]
+            memory = memory_report(args.cell, configs, mem_modes, peers, args.threads,
+                                   args.dtype, args.layers, args.bidirectional, args.seed)
+            summary["memory"] = memory
+            print(format_memory(memory))
+        if args.lengths:
+            from fastrnn.benchmark.lengths import lengths_report, format_lengths
+            len_modes = [m for m in args.mode if m != "step"] or ["forward", "train"]
+            len_configs = configs if explicit else [common.DEFAULT_CONFIG]
+            lengths = lengths_report(args.cell, len_configs, len_modes, peers, args.dtype,
+                                     args.repeats, args.seed)
+            summary["lengths"] = lengths
+            print(format_lengths(lengths))
+            if any(not r.get("check_ok", True) for r in lengths):
+                status = 1
+    if args.plot and run_main:
+        if plot_ok and summary["results"]:
+            plot_results(summary["results"], summary["sgemm_gflops"], args.plot, peers)
+            _log(f"plot written to {args.plot}")
+        elif plot_ok:
+            _log("nothing to plot")
+        else:
+            _log("--plot: matplotlib is not installed (pip install matplotlib); no plot written")
+            status = status or 2
+    summary["versions"] = _versions(peers)
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(_clean(summary), allow_nan=False))
+    return status
+
+
+def _clean(obj):
+    """JSON-safe copy: NumPy scalars to Python, inf/nan to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
