@@ -84,6 +84,7 @@ class TBPTTLoader:
         self.mode = mode
         self.seed = int(seed)
         self.random_offset = bool(random_offset)
+        self._layout_cache = (None, None)
         need = self.batch_size * (self.seq_len + 1) if mode == "random" else self.batch_size * 2
         if len(ids) < need:
             raise ValueError(f"{len(ids)} tokens are too few for batch size {batch_size} and "
@@ -97,6 +98,12 @@ class TBPTTLoader:
         limit = min(self.seq_len, len(self.ids) - self.batch_size * (
             self.seq_len + 1 if self.mode == "random" else 2) + 1)
         return int(rng.integers(0, max(limit, 1)))
+
+    def _layout(self, epoch):
+        if self._layout_cache[0] != epoch:
+            make = self._sequential_layout if self.mode == "sequential" else self._random_layout
+            self._layout_cache = (epoch, make(epoch))
+        return self._layout_cache[1]
 
     def _sequential_layout(self, epoch):
         data = batchify(self.ids[self._offset(epoch):], self.batch_size)
@@ -113,8 +120,8 @@ class TBPTTLoader:
 
     def chunks_per_epoch(self, epoch=0):
         if self.mode == "sequential":
-            return len(self._sequential_layout(epoch)[1])
-        return len(self._random_layout(epoch))
+            return len(self._layout(epoch)[1])
+        return len(self._layout(epoch))
 
     def __len__(self):
         return self.chunks_per_epoch(0)
@@ -125,13 +132,13 @@ class TBPTTLoader:
     def epoch(self, epoch, start=0):
         """Yield the chunks of ``epoch`` from chunk index ``start`` on."""
         if self.mode == "sequential":
-            data, starts = self._sequential_layout(epoch)
+            data, starts = self._layout(epoch)
             for k in range(start, len(starts)):
                 i = starts[k]
                 T = min(self.seq_len, data.shape[0] - 1 - i)
                 yield Chunk(data[i:i + T], data[i + 1:i + 1 + T], k == 0, epoch, k)
         else:
-            batches = self._random_layout(epoch)
+            batches = self._layout(epoch)
             T = self.seq_len
             steps = np.arange(T + 1)
             for k in range(start, len(batches)):

@@ -136,9 +136,15 @@ class WordTokenizer(Tokenizer):
             out.append(EOS)
         return out
 
-    def encode(self, text):
+    def encode(self, text, final_eos=True):
+        """Ids of the words of ``text``, ``<eos>`` after every line. With
+        ``final_eos=False`` a last line without a newline gets no ``<eos>``
+        (useful for priming generation mid-sentence)."""
         stoi, unk = self.stoi, self.stoi[UNK]
-        return np.array([stoi.get(w, unk) for w in self.tokenize(text)], dtype=np.int64)
+        words = self.tokenize(text)
+        if not final_eos and words and not text.endswith("\n"):
+            words.pop()
+        return np.array([stoi.get(w, unk) for w in words], dtype=np.int64)
 
     def decode(self, ids):
         parts = []
@@ -194,10 +200,12 @@ class BPETokenizer(Tokenizer):
         self._cache = {}
 
     @classmethod
-    def fit(cls, text, num_merges=256):
+    def fit(cls, text, num_merges=256, alphabet=""):
+        """Learn up to ``num_merges`` merges from ``text``; the base alphabet is
+        the characters of ``text`` plus those of ``alphabet``."""
         if not text:
             raise ValueError("cannot train BPE on empty text")
-        chars = sorted(set(text))
+        chars = sorted(set(text) | set(alphabet))
         word_freq = collections.Counter(_pretokenize(text))
         words = [list(w) for w in word_freq]
         freqs = [word_freq[w] for w in word_freq]

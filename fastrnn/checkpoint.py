@@ -1,0 +1,177 @@
+"""Checkpoints: model + optimiser + vocabulary + config in one ``.npz`` file.
+
+Layout (all plain arrays; the file loads with ``np.load(allow_pickle=False)``):
+
+* ``meta``          - a JSON string: format tag and version, the model's
+  constructor config, the tokenizer's vocabulary, the training config and
+  the training state (position in the data, RNG states, counters), and a
+  SHA-256 digest of every array below;
+* ``model/<name>``  - each parameter, named as in ``model.state_dict()``;
+* ``optim/<key>``   - the optimiser's flat ``state_dict()``;
+* ``extra/<name>``  - other arrays (e.g. the carried recurrent state).
+
+The file is written to a temporary name and renamed, so an interrupted save
+never leaves a half-written checkpoint under the final name. Anything wrong
+with a file (not a zip, truncated, bit rot, missing entries, mis-shaped
+arrays, a digest mismatch) raises :class:`CheckpointError` naming the file
+and the problem.
+"""
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+import zlib
+
+import numpy as np
+
+__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
+           "FORMAT", "VERSION"]
+
+FORMAT = "fastrnn-lm-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or not a fastrnn checkpoint."""
+
+
+def _digest(arr):
+    h = hashlib.sha256()
+    h.update(str(arr.dtype).encode())
+    h.update(str(arr.shape).encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """What :func:`load_checkpoint` returns.
+
+    Attributes: ``model_config``, ``model_state`` (name -> array),
+    ``optim_state`` (key -> array, empty if none was saved), ``tokenizer``
+    (vocabulary dict or None), ``config`` (training config dict), ``train_state``
+    (dict), ``extra`` (name -> array), ``path``.
+    """
+
+    def __init__(self, path, meta, model_state, optim_state, extra):
+        self.path = path
+        self.meta = meta
+        self.model_config = meta.get("model_config")
+        self.tokenizer_dict = meta.get("tokenizer")
+        self.config = meta.get("config") or {}
+        self.train_state = meta.get("train_state") or {}
+        self.model_state = model_state
+        self.optim_state = optim_state
+        self.extra = extra
+
+    def build_model(self):
+        """A fresh RNNLanguageModel with the saved weights."""
+        from fastrnn.lm import RNNLanguageModel
+        try:
+            model = RNNLanguageModel.from_config(self.model_config)
+            model.load_state_dict(self.model_state)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: model does not match its config: {e}") from None
+        return model
+
+    def build_tokenizer(self):
+        from fastrnn.data.tokenizers import tokenizer_from_dict
+        if self.tokenizer_dict is None:
+            return None
+        try:
+            return tokenizer_from_dict(self.tokenizer_dict)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: bad vocabulary: {e}") from None
+
+    def load_optimizer(self, optimizer):
+        if not self.optim_state:
+            raise CheckpointError(f"{self.path}: checkpoint holds no optimiser state")
+        try:
+            optimizer.load_state_dict(self.optim_state)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: optimiser state does not fit: {e}") from None
+
+
+def save_checkpoint(path, model, optimizer=None, tokenizer=None, config=None,
+                    train_state=None, extra=None):
+    """Write a checkpoint (see the module docstring). ``config`` and
+    ``train_state`` must be JSON-serialisable; ``extra`` maps names to arrays."""
+    arrays = {}
+    for name, value in model.state_dict().items():
+        arrays[f"model/{name}"] = np.asarray(value)
+    if optimizer is not None:
+        for key, value in optimizer.state_dict().items():
+            arrays[f"optim/{key}"] = np.asarray(value)
+    for key, value in (extra or {}).items():
+        arrays[f"extra/{key}"] = np.asarray(value)
+    for key, arr in arrays.items():
+        if arr.dtype == object:
+            raise TypeError(f"checkpoint entry {key!r} is an object array (would need pickle)")
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model.config() if hasattr(model, "config") else None,
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "config": config or {},
+        "train_state": train_state or {},
+        "digests": {k: _digest(v) for k, v in arrays.items()},
+    }
+    arrays["meta"] = np.array(json.dumps(meta, ensure_ascii=False))
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path):
+    """Read and verify a checkpoint; returns a :class:`Checkpoint`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError,
+            zlib.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable fastrnn checkpoint "
+                              f"(corrupt or truncated file?): {type(e).__name__}: {e}") from None
+    if "meta" not in arrays:
+        raise CheckpointError(f"{path}: not a fastrnn checkpoint (no 'meta' entry)")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fastrnn checkpoint (format tag "
+                              f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not "
+                              f"supported (this fastrnn reads version {VERSION})")
+    digests = meta.get("digests", {})
+    missing = sorted(set(digests) - set(arrays))
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing entries: {', '.join(missing)}")
+    for key, arr in arrays.items():
+        if key not in digests:
+            raise CheckpointError(f"{path}: unexpected entry {key!r}")
+        if _digest(arr) != digests[key]:
+            raise CheckpointError(f"{path}: entry {key!r} is corrupt (checksum mismatch)")
+    split = {"model": {}, "optim": {}, "extra": {}}
+    for key, arr in arrays.items():
+        group, _, name = key.partition("/")
+        if group not in split or not name:
+            raise CheckpointError(f"{path}: unexpected entry {key!r}")
+        split[group][name] = arr
+    return Checkpoint(path, meta, split["model"], split["optim"], split["extra"])

@@ -1,0 +1,259 @@
+"""Command line: ``fastrnn train``, ``fastrnn generate``, ``fastrnn bench``.
+
+    fastrnn train [TEXTFILE] [options]    train a language model (default text:
+                                          the bundled tinyshakespeare.txt)
+    fastrnn generate CHECKPOINT [options] sample text from a trained model
+    fastrnn bench [...]                   speed benchmarks (fastrnn.benchmark.runner)
+
+Run ``fastrnn train --help`` for every option. ``--json`` makes the last line
+of output a JSON object with the results.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+__all__ = ["main", "build_parser", "DEFAULT_TEXT"]
+
+DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                            "tinyshakespeare.txt")
+
+
+class CLIError(Exception):
+    pass
+
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
+def _nonneg_float(s):
+    v = float(s)
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
+    return v
+
+
+def _fraction(s):
+    v = float(s)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s}")
+    return v
+
+
+def build_parser():
+    from fastrnn.train import TrainConfig
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="fastrnn", description="fastrnn: CPU recurrent networks.")
+    sub = p.add_subparsers(dest="command", metavar="{train,generate,bench}")
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a language model on a text file",
+                       description="Train a recurrent language model on a text file with "
+                                   "truncated BPTT, then report validation loss and print a "
+                                   "sample. Without TEXTFILE the bundled tinyshakespeare.txt "
+                                   "is used.")
+    t.add_argument("textfile", nargs="?", default=None,
+                   help="UTF-8 text to train on (default: bundled tinyshakespeare)")
+    g = t.add_argument_group("model")
+    g.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"], default=d.cell)
+    g.add_argument("--layers", type=_positive_int, default=d.layers)
+    g.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units per layer")
+    g.add_argument("--embed", type=_positive_int, default=d.embed, help="embedding size")
+    g.add_argument("--dropout", type=_fraction, default=d.dropout)
+    g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    g = t.add_argument_group("data")
+    g.add_argument("--tokenizer", choices=["char", "word", "bpe"], default=d.tokenizer)
+    g.add_argument("--bpe-merges", type=_positive_int, default=d.bpe_merges)
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="parallel streams (B)")
+    g.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
+                   help="truncated-BPTT chunk length (T)")
+    g.add_argument("--batching", choices=["sequential", "random"], default=d.batching,
+                   help="sequential: state carried across chunks; random: random chunks, "
+                        "state reset")
+    g.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
+                   help="hold out this last fraction of the text for validation")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay)
+    g.add_argument("--clip", type=_nonneg_float, default=d.clip,
+                   help="clip the gradient norm to this (0: no clipping)")
+    g = t.add_argument_group("run")
+    g.add_argument("--epochs", type=_nonneg_float, default=None,
+                   help="passes over the training text (may be fractional; default 1 "
+                        "unless --time-budget or --max-steps is given)")
+    g.add_argument("--time-budget", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help="stop training after this many seconds")
+    g.add_argument("--max-steps", type=_positive_int, default=None)
+    g.add_argument("--eval-every", type=_nonneg_float, default=d.eval_every, metavar="SECONDS",
+                   help="validate every this many seconds of training (0: only at the end)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--threads", type=_positive_int, default=None)
+    g.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint (.npz)")
+    g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS")
+    g.add_argument("--resume", metavar="CHECKPOINT", default=None,
+                   help="continue a run saved with --save (same text; model, optimiser and "
+                        "data settings come from the checkpoint)")
+    g.add_argument("--sample-length", type=int, default=300,
+                   help="characters/tokens to generate after training (0: none)")
+    g.add_argument("--temperature", type=_nonneg_float, default=0.8)
+    g.add_argument("--json", action="store_true",
+                   help="print a JSON summary as the last line of output")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gen = sub.add_parser("generate", help="sample text from a checkpoint",
+                         description="Generate text from a model saved with "
+                                     "`fastrnn train --save`.")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prime", default="", help="text to start from")
+    gen.add_argument("--length", type=int, default=500, help="tokens to generate")
+    gen.add_argument("--temperature", type=_nonneg_float, default=0.8,
+                     help="sampling temperature (0: greedy)")
+    gen.add_argument("--top-k", type=_positive_int, default=None)
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--threads", type=_positive_int, default=None)
+    gen.add_argument("--json", action="store_true")
+
+    sub.add_parser("bench", help="speed benchmarks (see `fastrnn bench --help`)",
+                   add_help=False)
+    return p
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CLIError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise CLIError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def cmd_train(args, out):
+    from fastrnn.generate import generate
+    from fastrnn.train import TrainConfig, Trainer
+
+    path = args.textfile or DEFAULT_TEXT
+    text = _read_text(path)
+    name = os.path.basename(path)
+    if args.resume:
+        overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
+                         max_steps=args.max_steps, eval_every=args.eval_every,
+                         threads=args.threads)
+        trainer = Trainer.resume(args.resume, text, text_name=name, **overrides)
+    else:
+        cfg = TrainConfig(
+            cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
+            dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
+            batching=args.batching, optimizer=args.optimizer, lr=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, clip=args.clip,
+            epochs=args.epochs, time_budget=args.time_budget, max_steps=args.max_steps,
+            val_fraction=args.val_fraction, eval_every=args.eval_every,
+            tokenizer=args.tokenizer, bpe_merges=args.bpe_merges, seed=args.seed,
+            threads=args.threads, dtype=args.dtype)
+        trainer = Trainer(cfg, text, text_name=name)
+    cfg = trainer.cfg
+    nparams = sum(p.data.size for p in trainer.model.parameters())
+    print(f"{name}: {len(trainer.train_ids):,} training and {len(trainer.val_ids):,} "
+          f"validation tokens ({cfg.tokenizer}, vocabulary {trainer.tokenizer.vocab_size:,}); "
+          f"{cfg.cell} {cfg.layers}x{cfg.hidden}, embed {cfg.embed}, "
+          f"{nparams:,} parameters", file=out, flush=True)
+    res = trainer.run(progress=not args.no_progress, save_path=args.save,
+                      save_every=args.save_every,
+                      log=lambda m: print(m, file=out, flush=True))
+    print(f"trained {res['steps']} steps, {res['train_tokens']:,} tokens in "
+          f"{res['seconds']:.1f} s ({res['tokens_per_s']:,.0f} tokens/s); "
+          f"train loss {_fmt(res['train_loss'])}", file=out)
+    if res["val_loss"] is not None:
+        print(f"validation loss {res['val_loss']:.4f} nats/token, perplexity "
+              f"{res['val_ppl']:.2f} ({res['val_tokens']:,} tokens)", file=out)
+    if args.save:
+        print(f"checkpoint saved to {args.save}", file=out)
+        res["checkpoint"] = args.save
+    sample = None
+    if args.sample_length > 0:
+        sample = generate(trainer.model, trainer.tokenizer, length=args.sample_length,
+                          temperature=args.temperature, seed=cfg.seed)
+        print("--- sample ---", file=out)
+        print(sample, file=out)
+        print("--------------", file=out)
+        res["sample"] = sample
+    if args.json:
+        print(json.dumps(_jsonable(res)), file=out)
+    return 0
+
+
+def _jsonable(d):
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in d.items()}
+
+
+def cmd_generate(args, out):
+    from fastrnn.checkpoint import load_checkpoint
+    from fastrnn.generate import generate
+    from fastrnn.train import thread_limits
+
+    ckpt = load_checkpoint(args.checkpoint)
+    tok = ckpt.build_tokenizer()
+    if tok is None:
+        raise CLIError(f"{args.checkpoint}: checkpoint has no vocabulary; cannot generate text")
+    model = ckpt.build_model()
+    try:
+        with thread_limits(args.threads):
+            text = generate(model, tok, prime=args.prime, length=args.length,
+                            temperature=args.temperature, top_k=args.top_k,
+                            greedy=args.greedy, seed=args.seed)
+    except KeyError as e:
+        raise CLIError(f"--prime: {e.args[0]}") from None
+    print(args.prime + text, file=out)
+    if args.json:
+        print(json.dumps({"prime": args.prime, "text": text, "length": args.length}), file=out)
+    return 0
+
+
+def cmd_bench(argv):
+    from fastrnn.benchmark import runner  # imported lazily: optional, heavier
+    rc = runner.main(argv)
+    return 0 if rc is None else rc
+
+
+def main(argv=None):
+    """Entry point of the ``fastrnn`` console script. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from fastrnn.checkpoint import CheckpointError
+    out = sys.stdout
+    try:
+        if args.command == "train":
+            return cmd_train(args, out)
+        if args.command == "generate":
+            return cmd_generate(args, out)
+    except (CLIError, CheckpointError, ValueError, FloatingPointError) as e:
+        print(f"fastrnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastrnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

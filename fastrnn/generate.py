@@ -1,0 +1,92 @@
+"""Text generation from a language model: temperature, top-k or greedy
+sampling, optional priming text, seeded for reproducibility."""
+
+import numpy as np
+
+from fastrnn.nn.init import as_generator
+from fastrnn.nn.loss import softmax
+
+__all__ = ["sample_logits", "generate_ids", "generate", "start_ids"]
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, greedy=False, rng=None):
+    """Pick one id per row of ``logits`` (..., V) -> int64 array (...).
+
+    ``greedy`` (or ``temperature == 0``) takes the arg-max. Otherwise the
+    logits are divided by ``temperature``, restricted to the ``top_k`` largest
+    (if given) and sampled from the softmax with ``rng``.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature < 0:
+        raise ValueError("temperature must be >= 0")
+    if greedy or temperature == 0:
+        return logits.argmax(axis=-1)
+    rng = as_generator(rng)
+    z = logits / temperature
+    V = z.shape[-1]
+    if top_k is not None:
+        k = int(top_k)
+        if k < 1:
+            raise ValueError("top_k must be >= 1")
+        if k < V:
+            kth = np.partition(z, V - k, axis=-1)[..., V - k:V - k + 1]
+            z = np.where(z >= kth, z, -np.inf)
+    p = softmax(z, axis=-1).reshape(-1, V)
+    u = rng.random(p.shape[0])
+    c = np.cumsum(p, axis=1)
+    c[:, -1] = 1.0                      # guard against rounding below u
+    idx = (c < u[:, None]).sum(axis=1)
+    return idx.reshape(logits.shape[:-1]).astype(np.int64)
+
+
+def start_ids(tokenizer):
+    """Ids to condition on when no priming text is given: a line break
+    (``<eos>`` for word vocabularies) if the vocabulary has one, else id 0."""
+    for tok in ("\n", "<eos>"):
+        if tok in tokenizer.stoi:
+            return np.array([tokenizer.stoi[tok]], dtype=np.int64)
+    return np.array([0], dtype=np.int64)
+
+
+def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=False,
+                 seed=None, state=None):
+    """Feed ``prime_ids`` (1-D, non-empty) then sample ``length`` new ids.
+
+    Runs with batch 1 in eval mode (restored afterwards). Returns the new ids.
+    """
+    prime_ids = np.asarray(prime_ids, dtype=np.int64).reshape(-1)
+    if prime_ids.size == 0:
+        raise ValueError("generation needs at least one priming id")
+    rng = as_generator(seed)
+    was_training = model.training
+    model.eval()
+    out = np.empty(int(length), dtype=np.int64)
+    try:
+        logits, state = model(prime_ids[:, None], state)          # (T, 1, V)
+        last = logits[-1, 0]
+        for t in range(int(length)):
+            nxt = int(sample_logits(last, temperature, top_k, greedy, rng))
+            out[t] = nxt
+            if t + 1 < length:
+                logits, state = model(np.array([[nxt]], dtype=np.int64), state)
+                last = logits[0, 0]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate(model, tokenizer, prime="", length=200, temperature=1.0, top_k=None,
+             greedy=False, seed=None):
+    """Generate ``length`` tokens of text after ``prime`` and return them
+    (without the prime). Characters in ``prime`` that the vocabulary lacks
+    raise ``KeyError``."""
+    if not prime:
+        ids = start_ids(tokenizer)
+    elif getattr(tokenizer, "kind", None) == "word":
+        ids = tokenizer.encode(prime, final_eos=False)
+    else:
+        ids = tokenizer.encode(prime)
+    if len(ids) == 0:
+        ids = start_ids(tokenizer)
+    new = generate_ids(model, ids, length, temperature, top_k, greedy, seed)
+    return tokenizer.decode(new)

@@ -1,0 +1,419 @@
+"""Training loop for recurrent language models (used by ``fastrnn train``,
+``bench/quality.py`` and the word-LM example).
+
+:class:`TrainConfig` holds every setting; :class:`Trainer` owns the data,
+tokenizer, model, optimiser and position in the data, and can save and resume
+a checkpoint such that the resumed run is bit-for-bit the uninterrupted one.
+
+Data: the text is split by characters; the last ``val_fraction`` is held out
+for validation. The vocabulary is built from the training part (the character
+alphabet, also for BPE, is taken from the whole text so validation never
+meets an unknown character; the word vocabulary maps unseen words to
+``<unk>``). Training walks the training ids with truncated BPTT
+(:class:`fastrnn.data.batching.TBPTTLoader`); validation covers every token of
+the held-out part (:func:`fastrnn.metrics.evaluate_lm`).
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastrnn.data.batching import TBPTTLoader
+from fastrnn.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
+from fastrnn.lm import CELLS, RNNLanguageModel
+from fastrnn.metrics import evaluate_lm, perplexity
+from fastrnn.nn.loss import softmax_cross_entropy
+from fastrnn.optim import SGD, Adam, clip_grad_norm
+
+__all__ = ["TrainConfig", "Trainer", "split_text", "build_tokenizer", "thread_limits"]
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. ``None`` for ``epochs``/``time_budget``/
+    ``max_steps`` means "no limit"; with none of the three set, one epoch."""
+    cell: str = "lstm"
+    layers: int = 1
+    hidden: int = 256
+    embed: int = 64
+    dropout: float = 0.0
+    batch_size: int = 32
+    seq_len: int = 64
+    batching: str = "sequential"       # or "random"
+    optimizer: str = "adam"            # or "sgd"
+    lr: float = 2e-3
+    momentum: float = 0.0              # SGD only
+    weight_decay: float = 0.0
+    clip: float = 5.0                  # max gradient norm; 0 disables clipping
+    epochs: Optional[float] = None
+    time_budget: Optional[float] = None
+    max_steps: Optional[int] = None
+    val_fraction: float = 0.1
+    eval_every: Optional[float] = 30.0  # seconds of training between validations; 0/None: end only
+    eval_seq_len: int = 256
+    tokenizer: str = "char"            # "char", "word" or "bpe"
+    bpe_merges: int = 256
+    word_min_freq: int = 1
+    seed: int = 0
+    threads: Optional[int] = None
+    dtype: str = "float32"
+
+    def validate(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.tokenizer not in ("char", "word", "bpe"):
+            raise ValueError(f"tokenizer must be char, word or bpe, got {self.tokenizer!r}")
+        if self.batching not in ("sequential", "random"):
+            raise ValueError(f"batching must be sequential or random, got {self.batching!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("layers", "hidden", "embed", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def split_text(text, val_fraction):
+    """-> (train_text, val_text): the last ``val_fraction`` of the characters."""
+    n_val = int(len(text) * val_fraction)
+    if val_fraction > 0 and n_val < 2:
+        n_val = 2 if len(text) > 4 else 0
+    cut = len(text) - n_val
+    return text[:cut], text[cut:]
+
+
+def build_tokenizer(cfg, train_text, full_text):
+    if cfg.tokenizer == "char":
+        return CharTokenizer.fit(full_text)
+    if cfg.tokenizer == "word":
+        return WordTokenizer.fit(train_text, min_freq=cfg.word_min_freq)
+    return BPETokenizer.fit(train_text, num_merges=cfg.bpe_merges, alphabet=full_text)
+
+
+@contextlib.contextmanager
+def thread_limits(threads):
+    """Limit fastrnn's kernels and NumPy's BLAS to ``threads`` (None: leave as is)."""
+    if not threads:
+        yield
+        return
+    import fastrnn
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(int(threads))
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl is a dependency
+            yield
+        else:
+            with threadpool_limits(limits=int(threads)):
+                yield
+    finally:
+        fastrnn.set_num_threads(old)
+
+
+def _text_digest(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Trainer:
+    """Train a :class:`fastrnn.lm.RNNLanguageModel` on a text.
+
+    ``Trainer(cfg, text)`` builds everything; ``run()`` trains until a limit
+    (epochs, time budget, max steps) is reached and returns a result dict;
+    ``save(path)`` / ``Trainer.resume(path, text)`` checkpoint and continue.
+    ``losses`` is the list of training losses, one per step (since this
+    object was created).
+    """
+
+    def __init__(self, cfg, text, tokenizer=None, text_name=None, _model=None):
+        self.cfg = cfg = cfg.validate()
+        if not isinstance(text, str):
+            raise TypeError("text must be a str")
+        where = f" ({text_name})" if text_name else ""
+        if not text.strip():
+            raise ValueError(f"the training text{where} is empty")
+        self.text_name = text_name
+        self.text_digest = _text_digest(text)
+        train_text, val_text = split_text(text, cfg.val_fraction)
+        self.tokenizer = tokenizer or build_tokenizer(cfg, train_text, text)
+        self.train_ids = self.tokenizer.encode(train_text)
+        self.val_ids = self.tokenizer.encode(val_text) if val_text else np.zeros(0, np.int64)
+        try:
+            self.loader = TBPTTLoader(self.train_ids, cfg.batch_size, cfg.seq_len,
+                                      mode=cfg.batching, seed=cfg.seed)
+        except ValueError as e:
+            raise ValueError(f"the training text{where} is too short: {e}; use a longer text "
+                             f"or a smaller --batch-size/--seq-len") from None
+        if cfg.val_fraction > 0 and len(self.val_ids) < 2:
+            raise ValueError(f"the training text{where} is too short to hold out "
+                             f"{cfg.val_fraction:.0%} for validation")
+        self.model = _model or RNNLanguageModel(
+            self.tokenizer.vocab_size, cfg.embed, cfg.hidden, cfg.layers, cfg.cell,
+            cfg.dropout, np.dtype(cfg.dtype), cfg.seed)
+        if cfg.optimizer == "adam":
+            self.optimizer = Adam(self.model.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay)
+        # position in the data and counters (all saved in checkpoints)
+        self.epoch = 0
+        self.index = 0             # next chunk within the epoch
+        self.step = 0
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+        self.state = None          # recurrent state carried between sequential chunks
+        self.losses = []
+        self.last_val = None
+        self.val_history = []      # (step, val_loss)
+
+    # -- one step ---------------------------------------------------------------
+    def train_step(self, chunk):
+        model, cfg = self.model, self.cfg
+        model.train()
+        model.zero_grad()
+        state = None if chunk.reset else self.state
+        logits, state = model(chunk.x, state)
+        loss, dlogits = softmax_cross_entropy(logits, chunk.y)
+        model.backward(dlogits)                 # dstate=None: gradient cut at the chunk border
+        if cfg.clip and cfg.clip > 0:
+            clip_grad_norm(self.optimizer.params, cfg.clip)
+        self.optimizer.step()
+        self.state = state if cfg.batching == "sequential" else None
+        self.step += 1
+        self.train_tokens += chunk.num_tokens
+        self.losses.append(loss)
+        return loss
+
+    def evaluate(self, ids=None):
+        ids = self.val_ids if ids is None else ids
+        if len(ids) < 2:
+            return None
+        return evaluate_lm(self.model, ids, num_streams=self.cfg.batch_size,
+                           seq_len=self.cfg.eval_seq_len)
+
+    # -- the loop ------------------------------------------------------------------
+    @property
+    def _epoch_limit(self):
+        cfg = self.cfg
+        if cfg.epochs is not None:
+            return float(cfg.epochs)
+        if cfg.time_budget is None and cfg.max_steps is None:
+            return 1.0
+        return None
+
+    def _epoch_progress(self):
+        n = self.loader.chunks_per_epoch(self.epoch)
+        return self.epoch + min(self.index, n) / max(n, 1)
+
+    def _limits_reached(self, run_seconds):
+        cfg = self.cfg
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            return True
+        if cfg.time_budget is not None and run_seconds >= cfg.time_budget:
+            return True
+        limit = self._epoch_limit
+        return limit is not None and self._epoch_progress() >= limit - 1e-12
+
+    def run(self, progress=True, save_path=None, save_every=None, log=None):
+        """Train until a limit is reached; validate periodically and at the end.
+
+        ``progress``: show a tqdm bar on stderr. ``save_path``: write a
+        checkpoint there at the end (and every ``save_every`` steps).
+        ``log``: a function taking a message string (e.g. ``print``), used for
+        periodic validation messages when there is no progress bar.
+        Returns a result dict (see :meth:`result`).
+        """
+        cfg = self.cfg
+        bar = self._make_bar(progress)
+        run_seconds = 0.0
+        run_steps = 0
+        run_tokens = 0
+        next_eval = cfg.eval_every if cfg.eval_every else None
+        wall0 = time.perf_counter()
+        recent = []
+        try:
+            with thread_limits(cfg.threads):
+                done = self._limits_reached(run_seconds)
+                while not done:
+                    if self.index >= self.loader.chunks_per_epoch(self.epoch):
+                        self.epoch += 1
+                        self.index = 0
+                        done = self._limits_reached(run_seconds)
+                        continue
+                    for chunk in self.loader.epoch(self.epoch, start=self.index):
+                        t0 = time.perf_counter()
+                        loss = self.train_step(chunk)
+                        dt = time.perf_counter() - t0
+                        self.index += 1
+                        run_seconds += dt
+                        run_steps += 1
+                        run_tokens += chunk.num_tokens
+                        self.train_seconds += dt
+                        if not math.isfinite(loss):
+                            raise FloatingPointError(
+                                f"training diverged at step {self.step} (loss {loss}); "
+                                f"try a smaller --lr or --clip")
+                        recent.append(loss)
+                        if len(recent) > 50:
+                            recent.pop(0)
+                        if bar is not None:
+                            self._update_bar(bar, dt, np.mean(recent), run_tokens / run_seconds)
+                        if save_path and save_every and self.step % save_every == 0:
+                            self.save(save_path)
+                        if (next_eval is not None and run_seconds >= next_eval
+                                and len(self.val_ids) > 1):
+                            next_eval = run_seconds + cfg.eval_every
+                            ev = self.evaluate()
+                            self.last_val = ev
+                            self.val_history.append((self.step, ev["loss"]))
+                            msg = (f"step {self.step}: val loss {ev['loss']:.4f} "
+                                   f"(ppl {ev['ppl']:.2f})")
+                            if bar is not None:
+                                bar.write(msg, file=sys.stderr)
+                            elif log:
+                                log(msg)
+                        done = self._limits_reached(run_seconds)
+                        if done:
+                            break
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                ev = self.evaluate() if len(self.val_ids) > 1 else None
+                if ev is not None:
+                    self.last_val = ev
+                    self.val_history.append((self.step, ev["loss"]))
+        finally:
+            if bar is not None:
+                bar.close()
+        if save_path:
+            self.save(save_path)
+        return self.result(run_steps=run_steps, run_tokens=run_tokens, run_seconds=run_seconds,
+                           wall_seconds=time.perf_counter() - wall0, recent=recent)
+
+    def result(self, run_steps=0, run_tokens=0, run_seconds=0.0, wall_seconds=0.0, recent=()):
+        ev = self.last_val or {}
+        return {
+            "val_loss": ev.get("loss"),
+            "val_ppl": ev.get("ppl"),
+            "val_tokens": ev.get("tokens", 0),
+            "train_loss": float(np.mean(recent)) if len(recent) else None,
+            "train_ppl": perplexity(float(np.mean(recent))) if len(recent) else None,
+            "train_tokens": int(run_tokens),
+            "tokens_per_s": run_tokens / run_seconds if run_seconds > 0 else 0.0,
+            "steps": int(run_steps),
+            "seconds": run_seconds,
+            "wall_seconds": wall_seconds,
+            "total_steps": self.step,
+            "total_train_tokens": self.train_tokens,
+            "epochs": round(self._epoch_progress(), 4),
+            "vocab_size": self.tokenizer.vocab_size,
+            "parameters": int(sum(p.data.size for p in self.model.parameters())),
+            "cell": self.cfg.cell,
+            "tokenizer": self.cfg.tokenizer,
+        }
+
+    # -- progress bar -----------------------------------------------------------------
+    def _make_bar(self, progress):
+        if not progress:
+            return None
+        from tqdm import tqdm
+        cfg = self.cfg
+        if cfg.time_budget is not None and cfg.max_steps is None and cfg.epochs is None:
+            self._bar_mode = "time"
+            return tqdm(total=float(cfg.time_budget), unit="s", file=sys.stderr,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [ETA {remaining}{postfix}]",
+                        desc="train", dynamic_ncols=True, leave=False)
+        self._bar_mode = "steps"
+        if cfg.max_steps is not None:
+            total = max(cfg.max_steps - self.step, 0)
+        else:
+            lim = self._epoch_limit
+            total = int(round((lim - self._epoch_progress()) * len(self.loader)))
+        return tqdm(total=total, unit="step", file=sys.stderr, desc="train",
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [ETA {remaining}{postfix}]",
+                    dynamic_ncols=True, leave=False)
+
+    def _update_bar(self, bar, dt, loss, tok_s):
+        if self._bar_mode == "time":
+            bar.update(min(dt, max(bar.total - bar.n, 0)))
+        else:
+            bar.update(1)
+        bar.set_postfix_str(f"loss={loss:.3f}, {tok_s:,.0f} tok/s", refresh=False)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def train_state(self):
+        return {
+            "epoch": self.epoch, "index": self.index, "step": self.step,
+            "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
+            "rng": self.model.rng_states(),
+            "text_digest": self.text_digest, "text_name": self.text_name,
+            "val_history": self.val_history,
+        }
+
+    def save(self, path):
+        extra = {f"state{i}": a for i, a in enumerate(self.model.state_arrays(self.state))}
+        return save_checkpoint(path, self.model, self.optimizer, self.tokenizer,
+                               config=self.cfg.to_dict(), train_state=self.train_state(),
+                               extra=extra)
+
+    @classmethod
+    def resume(cls, path, text, text_name=None, **overrides):
+        """Continue from a checkpoint written by :meth:`save`, on the same text.
+
+        ``overrides`` change limits only (``epochs``, ``time_budget``,
+        ``max_steps``, ``eval_every``, ``threads``): anything that would change
+        the computation is taken from the checkpoint.
+        """
+        ckpt = load_checkpoint(path)
+        allowed = {"epochs", "time_budget", "max_steps", "eval_every", "threads"}
+        bad = set(overrides) - allowed
+        if bad:
+            raise ValueError(f"cannot override {sorted(bad)} when resuming")
+        try:
+            cfg = TrainConfig.from_dict(ckpt.config)
+        except TypeError as e:
+            raise CheckpointError(f"{path}: bad training config: {e}") from None
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        ts = ckpt.train_state
+        if ts.get("text_digest") and ts["text_digest"] != _text_digest(text):
+            raise ValueError(f"{path} was trained on a different text "
+                             f"({ts.get('text_name') or 'unknown'}); resume needs the same text")
+        model = ckpt.build_model()
+        self = cls(cfg, text, tokenizer=ckpt.build_tokenizer(), text_name=text_name,
+                   _model=model)
+        ckpt.load_optimizer(self.optimizer)
+        try:
+            self.epoch, self.index, self.step = int(ts["epoch"]), int(ts["index"]), int(ts["step"])
+            self.train_tokens = int(ts["train_tokens"])
+            self.train_seconds = float(ts["train_seconds"])
+            self.val_history = [tuple(v) for v in ts.get("val_history", [])]
+            model.set_rng_states(ts["rng"])
+            arrays = [ckpt.extra[f"state{i}"] for i in range(len(ckpt.extra))]
+            self.state = model.state_from_arrays(arrays)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: bad training state: {e}") from None
+        return self
