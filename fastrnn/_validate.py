@@ -1,0 +1,92 @@
+"""Argument checks run before any kernel: every bad input becomes a Python exception.
+
+Each message names the argument and gives the expected and the actual value,
+because the kernels behind these checks trust their arguments and run without
+the GIL: nothing unchecked may reach them.
+"""
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(name, value, ndim, dtype=None):
+    """`value` as a C-contiguous float32/float64 array of rank `ndim`.
+
+    With `dtype` given, the array must already have it: mixing float32 and
+    float64 is an error, never a silent cast. Non-contiguous input is copied.
+    """
+    if value is None:
+        raise TypeError(f"{name} must be an array, got None")
+    arr = np.asarray(value)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype}")
+    if dtype is not None and arr.dtype != dtype:
+        raise TypeError(f"{name} has dtype {arr.dtype} but the other arrays are {np.dtype(dtype)};"
+                        f" convert it explicitly (e.g. {name}.astype(np.{np.dtype(dtype)}))")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def check_shape(name, arr, expected):
+    """Raise ValueError unless arr.shape == expected."""
+    if arr.shape != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {arr.shape}")
+
+
+def optional_state(name, value, shape, dtype):
+    """A (B, H) state array or None (zeros)."""
+    if value is None:
+        return None
+    arr = as_float_array(name, value, len(shape), dtype)
+    check_shape(name, arr, shape)
+    return arr
+
+
+def as_lengths(lengths, B, T):
+    """Validated (B,) intp lengths in [1, T], or None when absent."""
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.intp)
+        else:
+            raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},) (one per batch row), got {arr.shape}")
+    if B and (arr.min() < 1 or arr.max() > T):
+        bad = int(arr.min()) if arr.min() < 1 else int(arr.max())
+        raise ValueError(f"lengths must lie in [1, T={T}], got {bad}")
+    return np.ascontiguousarray(arr, dtype=np.intp)
+
+
+def check_weights(w_ih, w_hh, b_ih, b_hh, gates, dtype):
+    """Validate (G*H, I), (G*H, H) weights and the optional biases; returns arrays and H."""
+    w_ih = as_float_array("w_ih", w_ih, 2, dtype)
+    w_hh = as_float_array("w_hh", w_hh, 2, dtype)
+    gh = w_hh.shape[0]
+    if gh % gates or gh == 0:
+        raise ValueError(f"w_hh must have shape ({gates}*H, H), got {w_hh.shape}")
+    H = gh // gates
+    check_shape("w_hh", w_hh, (gates * H, H))
+    if w_ih.shape[0] != gates * H:
+        raise ValueError(f"w_ih must have shape ({gates * H}, I) for H={H}, got {w_ih.shape}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be arrays or both be None")
+    if b_ih is not None:
+        b_ih = as_float_array("b_ih", b_ih, 1, dtype)
+        b_hh = as_float_array("b_hh", b_hh, 1, dtype)
+        check_shape("b_ih", b_ih, (gates * H,))
+        check_shape("b_hh", b_hh, (gates * H,))
+    return w_ih, w_hh, b_ih, b_hh, H
+
+
+def check_input(x, w_ih):
+    """x must be (T, B, I) with I = w_ih.shape[1], T >= 1, B >= 1."""
+    T, B, I = x.shape
+    if T < 1 or B < 1:
+        raise ValueError(f"x must have T >= 1 steps and B >= 1 rows, got shape {x.shape}")
+    if I != w_ih.shape[1]:
+        raise ValueError(f"x must have shape (T, B, {w_ih.shape[1]}) to match w_ih, got {x.shape}")

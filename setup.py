@@ -1,0 +1,78 @@
+"""Build fastrnn's Cython kernels.
+
+OpenMP is optional: when the compiler cannot build an OpenMP program the
+kernels are built single-threaded with a warning, unless FASTRNN_REQUIRE_OPENMP=1,
+which turns that into an error. No -march flags: the micro-kernels dispatch at
+run time between an AVX2+FMA and a baseline x86-64 build (target_clones in
+src/recurrent_gemm.h), so a wheel built here runs on any x86-64 machine.
+FASTRNN_DEBUG=1 builds with bounds checks and without optimisation.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+KERNELS = ["_lstm", "_openmp"]
+OPENMP_TEST = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+
+
+def compiler_supports_openmp(compiler):
+    """Try to compile and link a tiny OpenMP program with the build's compiler."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp_test.c")
+        with open(src, "w") as f:
+            f.write(OPENMP_TEST)
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
+            compiler.link_executable(objs, os.path.join(tmp, "omp_test"),
+                                     extra_postargs=["-fopenmp"])
+        except Exception:  # any compiler or linker failure means "no OpenMP"
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        debug = os.environ.get("FASTRNN_DEBUG") == "1"
+        has_omp = compiler_supports_openmp(self.compiler)
+        if not has_omp:
+            if os.environ.get("FASTRNN_REQUIRE_OPENMP") == "1":
+                sys.exit("fastrnn: FASTRNN_REQUIRE_OPENMP=1 but the compiler cannot build OpenMP code")
+            warnings.warn("fastrnn: OpenMP not available; building single-threaded kernels")
+        for ext in self.extensions:
+            args = ["-O0", "-g"] if debug else ["-O3"]
+            # trapping-math/errno off lets the gate loops vectorise (NaN still propagates)
+            args += ["-fno-trapping-math", "-fno-math-errno", "-Wno-unused-function"]
+            link = []
+            if has_omp:
+                args.append("-fopenmp")
+                link.append("-fopenmp")
+            else:
+                args.append("-fopenmp-simd")
+            ext.extra_compile_args = args
+            ext.extra_link_args = link
+        super().build_extensions()
+
+
+debug = os.environ.get("FASTRNN_DEBUG") == "1"
+extensions = [
+    Extension(f"fastrnn.{name}", [f"src/{name}.pyx"], include_dirs=["src", np.get_include()],
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+    for name in KERNELS
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": 3, "boundscheck": debug, "wraparound": False,
+                             "cdivision": True, "initializedcheck": debug},
+        include_path=["src"],
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

@@ -1,0 +1,26 @@
+# cython: language_level=3
+"""What the kernels were built with: OpenMP or not, and OpenMP's view of threads."""
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fastrnn_openmp_enabled(void) { return 1; }
+    static int fastrnn_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int fastrnn_openmp_enabled(void) { return 0; }
+    static int fastrnn_omp_max_threads(void) { return 1; }
+    #endif
+    """
+    int fastrnn_openmp_enabled()
+    int fastrnn_omp_max_threads()
+
+
+def openmp_enabled():
+    """True when the kernels were compiled with OpenMP."""
+    return bool(fastrnn_openmp_enabled())
+
+
+def omp_max_threads():
+    """omp_get_max_threads() (honours OMP_NUM_THREADS), or 1 without OpenMP."""
+    return fastrnn_omp_max_threads()

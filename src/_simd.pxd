@@ -1,0 +1,103 @@
+# Fused-type front end to the C micro-kernels (recurrent_gemm.h) and the
+# vectorised activations (activations.h). Every function here is nogil and
+# single-threaded: callers run it on their own rows inside an OpenMP region.
+from _blas cimport floating
+
+cdef extern from "recurrent_gemm.h" nogil:
+    size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
+    size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)
+    void fastrnn_pack_s(float *packed, const float *W, Py_ssize_t N, Py_ssize_t K,
+                        Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_pack_d(double *packed, const double *W, Py_ssize_t N, Py_ssize_t K,
+                        Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_gemm_packed_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                               const float *const *A, const float *packed,
+                               float *const *C, float beta)
+    void fastrnn_gemm_packed_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                               const double *const *A, const double *packed,
+                               double *const *C, double beta)
+    void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                            const float *const *A, const float *W, Py_ssize_t ldw,
+                            float *const *C, float beta)
+    void fastrnn_gemm_dot_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                            const double *const *A, const double *W, Py_ssize_t ldw,
+                            double *const *C, double beta)
+
+cdef extern from "activations.h" nogil:
+    void fastrnn_sigmoid_s(float *x, Py_ssize_t n)
+    void fastrnn_sigmoid_d(double *x, Py_ssize_t n)
+    void fastrnn_tanh_s(float *x, Py_ssize_t n)
+    void fastrnn_tanh_d(double *x, Py_ssize_t n)
+    void fastrnn_tanh_to_s(float *y, const float *x, Py_ssize_t n)
+    void fastrnn_tanh_to_d(double *y, const double *x, Py_ssize_t n)
+
+
+cdef inline size_t packed_size(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) noexcept nogil:
+    """Elements in the packed copy of an N x K matrix (dtype_tag only picks the type)."""
+    if floating is float:
+        return fastrnn_packed_size_s(N, K)
+    else:
+        return fastrnn_packed_size_d(N, K)
+
+
+cdef inline void pack(floating *packed, const floating *W, Py_ssize_t N, Py_ssize_t K,
+                      Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """packed := panels [p0, p1) of W (N x K, W[n][k] at W + n*rs + k*cs)."""
+    if floating is float:
+        fastrnn_pack_s(packed, W, N, K, rs, cs, p0, p1)
+    else:
+        fastrnn_pack_d(packed, W, N, K, rs, cs, p0, p1)
+
+
+cdef inline Py_ssize_t n_panels(floating *dtype_tag, Py_ssize_t N) noexcept nogil:
+    """Panels of output columns in a packed matrix with N rows (16 floats, 8 doubles)."""
+    if floating is float:
+        return (N + 15) // 16
+    else:
+        return (N + 7) // 8
+
+
+cdef inline void gemm_rows(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                           const floating **A, const floating *packed,
+                           const floating *W, Py_ssize_t ldw,
+                           floating **C, floating beta) noexcept nogil:
+    """C[i] := beta*C[i] + A[i] . W^T for i < M (row pointers); W (N x K).
+
+    Uses the packed copy when given, else the unpacked dot-product kernel.
+    """
+    if M <= 0:
+        return
+    if floating is float:
+        if packed != NULL:
+            fastrnn_gemm_packed_s(M, N, K, A, packed, C, beta)
+        else:
+            fastrnn_gemm_dot_s(M, N, K, A, W, ldw, C, beta)
+    else:
+        if packed != NULL:
+            fastrnn_gemm_packed_d(M, N, K, A, packed, C, beta)
+        else:
+            fastrnn_gemm_dot_d(M, N, K, A, W, ldw, C, beta)
+
+
+cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:
+    """x := 1 / (1 + exp(-x))"""
+    if floating is float:
+        fastrnn_sigmoid_s(x, n)
+    else:
+        fastrnn_sigmoid_d(x, n)
+
+
+cdef inline void tanh_(floating *x, Py_ssize_t n) noexcept nogil:
+    """x := tanh(x)"""
+    if floating is float:
+        fastrnn_tanh_s(x, n)
+    else:
+        fastrnn_tanh_d(x, n)
+
+
+cdef inline void tanh_to(floating *y, const floating *x, Py_ssize_t n) noexcept nogil:
+    """y := tanh(x)"""
+    if floating is float:
+        fastrnn_tanh_to_s(y, x, n)
+    else:
+        fastrnn_tanh_to_d(y, x, n)

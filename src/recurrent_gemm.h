@@ -1,0 +1,184 @@
+/* recurrent_gemm.h: the GEMM inside the time loop, C := A . W^T with W packed once.
+ *
+ * Why not BLAS: OpenBLAS re-packs its B operand on every call, and inside the
+ * time loop that operand (W_hh) never changes. Packing it once per sequence
+ * and running a register-blocked micro-kernel over the packed layout is what
+ * makes the per-step product fast. Each thread calls this on its own batch
+ * rows, single-threaded, inside the caller's OpenMP region.
+ *
+ * Packed layout of W (N x K, any strides): panels of NR output columns,
+ *   packed[p][k][j] = W[p*NR + j][k]   (zero for p*NR + j >= N)
+ * so a panel is K contiguous rows of NR values, read once per row tile.
+ *
+ * Every element of C is sum_k A[i][k] * W[j][k] accumulated from zero in the
+ * order k = 0..K-1 by the same instruction sequence whatever tile or row
+ * count computed it, so results do not depend on how rows are split across
+ * threads (bitwise identical for 1 and N threads).
+ *
+ * Run-time dispatch: target_clones builds an x86-64-v3 (AVX2+FMA) and a
+ * baseline version of every kernel; the loader picks one per machine, so a
+ * wheel built here runs anywhere. Vectors are 32 bytes (8 floats, 4 doubles).
+ */
+#ifndef FASTRNN_RECURRENT_GEMM_H
+#define FASTRNN_RECURRENT_GEMM_H
+
+#include <stddef.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(FASTRNN_NO_DISPATCH)
+#define FASTRNN_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTRNN_CLONES
+#endif
+
+#define FASTRNN_MR 6  /* rows of C per micro-tile */
+
+typedef float fr_f8 __attribute__((vector_size(32)));
+typedef double fr_d4 __attribute__((vector_size(32)));
+
+/* ---- one template, instantiated for float (NR=16) and double (NR=8) ---- */
+#define FASTRNN_DEFINE_GEMM(REAL, VEC, LANES, SUFFIX)                              \
+                                                                                   \
+/* Number of REAL values the packed copy of an N x K matrix needs. */             \
+static inline size_t fastrnn_packed_size_##SUFFIX(ptrdiff_t N, ptrdiff_t K)        \
+{                                                                                  \
+    const ptrdiff_t NR = 2 * LANES;                                                \
+    return (size_t)((N + NR - 1) / NR) * (size_t)NR * (size_t)K;                   \
+}                                                                                  \
+                                                                                   \
+/* packed := panels of W, W[n][k] at W + n*rs + k*cs (rs, cs in elements).       \
+ * Packs panels [p0, p1) only, so threads can share the work. */                  \
+static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *W, ptrdiff_t N,        \
+                                  ptrdiff_t K, ptrdiff_t rs, ptrdiff_t cs,         \
+                                  ptrdiff_t p0, ptrdiff_t p1)                      \
+{                                                                                  \
+    const ptrdiff_t NR = 2 * LANES;                                                \
+    for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
+        REAL *dst = packed + p * NR * K;                                           \
+        for (ptrdiff_t k = 0; k < K; ++k) {                                        \
+            for (ptrdiff_t j = 0; j < NR; ++j) {                                   \
+                ptrdiff_t n = p * NR + j;                                          \
+                dst[k * NR + j] = n < N ? W[n * rs + k * cs] : (REAL)0;            \
+            }                                                                      \
+        }                                                                          \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* One m x NR tile (m <= MR): acc := A[0:m] . panel, then C := beta*C + acc      \
+ * on the m x n corner that exists. Always inlined with a constant m, so the     \
+ * row loops unroll and the accumulators live in registers. */                    \
+static inline __attribute__((always_inline)) void                                  \
+fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, const REAL *panel,       \
+                      REAL *const *C, ptrdiff_t j0, int m, int n, REAL beta)       \
+{                                                                                  \
+    const REAL *a[FASTRNN_MR];                                                     \
+    VEC acc0[FASTRNN_MR], acc1[FASTRNN_MR];                                        \
+    for (int i = 0; i < FASTRNN_MR; ++i) {                                         \
+        a[i] = A[i < m ? i : 0];                                                   \
+        acc0[i] = (VEC){0};                                                        \
+        acc1[i] = (VEC){0};                                                        \
+    }                                                                              \
+    for (ptrdiff_t k = 0; k < K; ++k) {                                            \
+        VEC b0, b1;                                                                \
+        memcpy(&b0, panel + k * 2 * LANES, sizeof(VEC));                          \
+        memcpy(&b1, panel + k * 2 * LANES + LANES, sizeof(VEC));                   \
+        for (int i = 0; i < m; ++i) {                                              \
+            REAL ai = a[i][k];  /* scalar op vector broadcasts from memory */      \
+            acc0[i] += ai * b0;                                                    \
+            acc1[i] += ai * b1;                                                    \
+        }                                                                          \
+    }                                                                              \
+    for (int i = 0; i < m; ++i) {                                                  \
+        REAL out[2 * LANES];                                                       \
+        memcpy(out, &acc0[i], sizeof(VEC));                                        \
+        memcpy(out + LANES, &acc1[i], sizeof(VEC));                                \
+        REAL *c = C[i] + j0;                                                       \
+        if (beta == (REAL)0) {                                                     \
+            for (int j = 0; j < n; ++j) c[j] = out[j];                             \
+        } else {                                                                   \
+            for (int j = 0; j < n; ++j) c[j] = beta * c[j] + out[j];               \
+        }                                                                          \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* C[M x N] := beta*C + A[M x K] . W^T, W given packed (see top of file).          \
+ * A and C are given as row pointers (A[i] -> K values, C[i] -> N values), so    \
+ * rows gathered from anywhere (other time steps, other batch rows) cost no copy.\
+ */                                                                                \
+FASTRNN_CLONES static void                                                         \
+fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,                \
+                             const REAL *const *A, const REAL *packed,             \
+                             REAL *const *C, REAL beta)                            \
+{                                                                                  \
+    const ptrdiff_t NR = 2 * LANES;                                                \
+    for (ptrdiff_t j0 = 0; j0 < N; j0 += NR) {                                     \
+        const REAL *panel = packed + (j0 / NR) * NR * K;                           \
+        int n = (int)(N - j0 < NR ? N - j0 : NR);                                  \
+        ptrdiff_t i0 = 0;                                                          \
+        for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR)                             \
+            fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, FASTRNN_MR, n, beta); \
+        switch ((int)(M - i0)) {  /* constant m lets the compiler drop dead rows */\
+        case 5: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 5, n, beta); break; \
+        case 4: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 4, n, beta); break; \
+        case 3: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 3, n, beta); break; \
+        case 2: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 2, n, beta); break; \
+        case 1: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 1, n, beta); break; \
+        default: break;                                                            \
+        }                                                                          \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* C[i][j] := beta*C[i][j] + sum_k A[i][k] * W[j][k] with W row-major (N x K,    \
+ * row stride ldw), unpacked: the dot-product form used for batches too small    \
+ * to repay packing (batch-1 streaming). Each element is LANES partial sums      \
+ * over k = l, l+LANES, ... reduced in a fixed order, then the scalar tail. */    \
+FASTRNN_CLONES static void                                                         \
+fastrnn_gemm_dot_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,                   \
+                          const REAL *const *A, const REAL *W, ptrdiff_t ldw,      \
+                          REAL *const *C, REAL beta)                               \
+{                                                                                  \
+    const ptrdiff_t Kv = K - K % LANES;                                            \
+    for (ptrdiff_t i = 0; i < M; ++i) {                                            \
+        const REAL *a = A[i];                                                      \
+        REAL *c = C[i];                                                            \
+        ptrdiff_t j = 0;                                                           \
+        for (; j + 4 <= N; j += 4) {                                               \
+            const REAL *w0 = W + j * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw; \
+            VEC s0 = (VEC){0}, s1 = (VEC){0}, s2 = (VEC){0}, s3 = (VEC){0}, av, wv; \
+            for (ptrdiff_t k = 0; k < Kv; k += LANES) {                            \
+                memcpy(&av, a + k, sizeof av);                                     \
+                memcpy(&wv, w0 + k, sizeof wv); s0 += av * wv;                     \
+                memcpy(&wv, w1 + k, sizeof wv); s1 += av * wv;                     \
+                memcpy(&wv, w2 + k, sizeof wv); s2 += av * wv;                     \
+                memcpy(&wv, w3 + k, sizeof wv); s3 += av * wv;                     \
+            }                                                                      \
+            REAL r[4] = {0, 0, 0, 0};                                              \
+            for (int l = 0; l < LANES; ++l) {                                      \
+                r[0] += s0[l]; r[1] += s1[l]; r[2] += s2[l]; r[3] += s3[l];        \
+            }                                                                      \
+            for (ptrdiff_t k = Kv; k < K; ++k) {                                   \
+                r[0] += a[k] * w0[k]; r[1] += a[k] * w1[k];                        \
+                r[2] += a[k] * w2[k]; r[3] += a[k] * w3[k];                        \
+            }                                                                      \
+            for (int q = 0; q < 4; ++q)                                            \
+                c[j + q] = beta == (REAL)0 ? r[q] : beta * c[j + q] + r[q];        \
+        }                                                                          \
+        for (; j < N; ++j) {                                                       \
+            const REAL *w0 = W + j * ldw;                                          \
+            VEC s0 = (VEC){0}, av, wv;                                             \
+            for (ptrdiff_t k = 0; k < Kv; k += LANES) {                            \
+                memcpy(&av, a + k, sizeof av);                                     \
+                memcpy(&wv, w0 + k, sizeof wv); s0 += av * wv;                     \
+            }                                                                      \
+            REAL r0 = 0;                                                           \
+            for (int l = 0; l < LANES; ++l) r0 += s0[l];                           \
+            for (ptrdiff_t k = Kv; k < K; ++k) r0 += a[k] * w0[k];                 \
+            c[j] = beta == (REAL)0 ? r0 : beta * c[j] + r0;                        \
+        }                                                                          \
+    }                                                                              \
+}
+
+FASTRNN_DEFINE_GEMM(float, fr_f8, 8, s)
+FASTRNN_DEFINE_GEMM(double, fr_d4, 4, d)
+
+#endif
