@@ -9,8 +9,9 @@ File layout (`fastrnn.save`): an uncompressed NumPy `.npz` archive with
                     (e.g. "weight_ih_l0", "bias_hh_l1_reverse"), in the
                     module's dtype
 
-`fastrnn.load` reads it with `np.load(allow_pickle=False)`, so a file can never
-run code; it rebuilds the module from the class name (looked up in a fixed
+`fastrnn.load` first checks the zip structure and every member's CRC-32 (so
+flipped bits in the weights are caught too), then reads it with
+`np.load(allow_pickle=False)`, so a file can never run code; it rebuilds the module from the class name (looked up in a fixed
 registry, never imported by name) and its config, then loads the arrays with
 name, shape and dtype checks. Anything wrong (not an archive, no header, bad
 JSON, unknown class, bad config, missing/unexpected/mis-shaped/mis-typed
@@ -22,7 +23,6 @@ arrays) raises ValueError saying what.
 import json
 import os
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -80,22 +80,33 @@ def load(path):
     """Rebuild the module saved at `path` by `save`. Raises ValueError for
     anything that is not a valid fastrnn file; FileNotFoundError if missing."""
     path = os.fspath(path)
+    _check_zip(path)
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise _fail(path, f"not a NumPy .npz archive ({e})") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise _fail(path, "a single .npy array, not a fastrnn .npz archive")
-    with archive:
-        try:
+        with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise _fail(path, f"corrupted archive ({e})") from e
+    except Exception as e:  # any failure to parse the file means a corrupted file
+        raise _fail(path, f"corrupted archive ({type(e).__name__}: {e})") from e
     module = _build(path, arrays.pop(HEADER_KEY, None), arrays)
     _load_arrays(path, module, arrays)
     return module
+
+
+def _check_zip(path):
+    """Is `path` a readable zip whose members all pass their CRC-32 check?"""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()  # reads every member: catches flipped bits in the data too
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except zipfile.BadZipFile as e:
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise _fail(path, "a single .npy array, not a fastrnn .npz archive") from e
+        raise _fail(path, f"not a NumPy .npz archive ({e})") from e
+    except Exception as e:  # unsupported/encrypted/garbled zip structures
+        raise _fail(path, f"corrupted archive ({type(e).__name__}: {e})") from e
+    if bad is not None:
+        raise _fail(path, f"corrupted archive: member {bad!r} fails its CRC-32 check")
 
 
 def _build(path, header, arrays):

@@ -105,7 +105,7 @@ class Module:
 
         Values may be anything `np.asarray` reads (a CPU torch tensor does).
         Values are cast to each parameter's dtype. With `strict`, missing or
-        unexpected keys are an error; mis-shaped values always are. Returns
+        unexpected keys are an error; mis-shaped or non-numeric values always are. Returns
         `(missing, unexpected)` key lists.
         """
         own = OrderedDict(self.named_parameters())
@@ -118,9 +118,14 @@ class Module:
         unexpected = [k for k in given if k not in own]
         misshaped = [f"{k}: expected shape {own[k].shape}, got {given[k].shape}"
                      for k in own if k in given and given[k].shape != own[k].shape]
+        # strings, objects or complex numbers would cast badly or lose information
+        badtype = [f"{k}: expected a real numeric array, got dtype {given[k].dtype}"
+                   for k in own if k in given and given[k].dtype.kind not in "biuf"]
         problems = []
         if misshaped:
             problems.append("mis-shaped keys: " + "; ".join(misshaped))
+        if badtype:
+            problems.append("non-numeric keys: " + "; ".join(badtype))
         if strict and missing:
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:

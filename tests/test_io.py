@@ -1,0 +1,240 @@
+"""fastrnn.save / fastrnn.load round trips, corrupted and foreign files, torch conversion."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.io import HEADER_KEY
+
+MODULES = {
+    "rnn": lambda: fastrnn.RNN(3, 5, 2, nonlinearity="relu", bidirectional=True, seed=1),
+    "lstm": lambda: fastrnn.LSTM(3, 5, 2, batch_first=True, proj_size=2, dtype=np.float64,
+                                 seed=1),
+    "gru_sum": lambda: fastrnn.GRU(3, 5, 2, bias=False, bidirectional=True, merge_mode="sum",
+                                   dropout=0.25, seed=1),
+    "rnncell": lambda: fastrnn.RNNCell(3, 5, nonlinearity="identity", seed=1),
+    "lstmcell": lambda: fastrnn.LSTMCell(3, 5, dtype=np.float64, seed=1),
+    "grucell": lambda: fastrnn.GRUCell(3, 5, bias=False, seed=1),
+}
+
+
+def run(m, x):
+    out = m(x)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def flat(outs):
+    for o in outs:
+        if isinstance(o, tuple):
+            yield from flat(o)
+        else:
+            yield o
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_round_trip(tmp_path, name):
+    m = MODULES[name]().eval()
+    path = tmp_path / "model.npz"
+    fastrnn.save(path, m)
+    m2 = fastrnn.load(path).eval()
+    assert type(m2) is type(m)
+    assert m2.config() == m.config()
+    for (n, p), (n2, p2) in zip(m.named_parameters(), m2.named_parameters()):
+        assert n == n2 and p2.dtype == p.dtype
+        np.testing.assert_array_equal(p.data, p2.data)
+    is_cell = name.endswith("cell")
+    shape = (4, 3) if is_cell else (2, 4, 3)
+    x = np.random.default_rng(0).standard_normal(shape).astype(m.dtype)
+    for a, b in zip(flat(run(m, x)), flat(run(m2, x))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_file_layout_is_documented_npz(tmp_path):
+    """Plain npz: a JSON header string array plus one array per parameter."""
+    m = fastrnn.LSTM(3, 4, seed=0)
+    path = tmp_path / "m.npz"
+    fastrnn.save(str(path), m)
+    assert path.exists() and not (tmp_path / "m.npz.tmp").exists()
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) == {HEADER_KEY, *m.state_dict()}
+        header = json.loads(str(z[HEADER_KEY][0]))
+    assert header == {"format": "fastrnn", "version": 1, "class": "LSTM",
+                      "config": m.config()}
+
+
+def write_npz(path, **arrays):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def good_arrays():
+    m = fastrnn.GRU(2, 3, seed=0)
+    header = dict(format="fastrnn", version=1, config=m.config(), **{"class": "GRU"})
+    return header, m.state_dict()
+
+
+def header_array(header):
+    return np.array([json.dumps(header)])
+
+
+def corrupt_cases(tmp_path):
+    """(description, path, expected message fragment) for many kinds of bad file."""
+    header, params = good_arrays()
+    cases = []
+
+    def add(desc, match, write):
+        p = tmp_path / (desc.replace(" ", "_") + ".npz")
+        write(p)
+        cases.append((desc, p, match))
+
+    add("text file", "not a NumPy .npz archive", lambda p: p.write_text("hello, world\n"))
+    add("empty file", "not a NumPy .npz archive", lambda p: p.write_bytes(b""))
+    add("random bytes", "not a NumPy .npz archive",
+        lambda p: p.write_bytes(np.random.default_rng(0).bytes(300)))
+    add("pickle file", "not a NumPy .npz archive",
+        lambda p: p.write_bytes(b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00K\x01."))
+    add("single npy", "single .npy array", lambda p: np.save(open(p, "wb"), np.zeros(3)))
+    add("no header", "no '__fastrnn__' header", lambda p: write_npz(p, **params))
+    add("header not string", "header must be one unicode string",
+        lambda p: write_npz(p, **{HEADER_KEY: np.zeros(2)}, **params))
+    add("bad json", "not valid JSON",
+        lambda p: write_npz(p, **{HEADER_KEY: np.array(["{not json"])}, **params))
+    add("foreign format", "not a fastrnn header",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(dict(header, format="x"))}))
+    add("future version", "unsupported format version",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(dict(header, version=99))}))
+    add("unknown class", "unknown class 'os.system'",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(dict(header, **{"class": "os.system"}))},
+                            **params))
+    add("bad config key", "invalid GRU config",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], evil=1)))}, **params))
+    add("bad config value", "invalid GRU config",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], merge_mode="max")))}, **params))
+    add("huge size", "inconsistent with the",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], hidden_size=10**9)))}, **params))
+    add("missing param", "missing keys: bias_hh_l0",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(header)},
+                            **{k: v for k, v in params.items() if k != "bias_hh_l0"}))
+    add("unexpected param", "unexpected keys: extra",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(header)}, **params,
+                            extra=np.zeros(1)))
+    add("misshaped param", r"weight_hh_l0: expected shape \(9, 3\), got \(3, 9\)",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(header)},
+                            **dict(params, weight_hh_l0=params["weight_hh_l0"].T.copy())))
+    add("wrong dtype", "wrong dtypes: weight_ih_l0: expected float32, got float64",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(header)},
+                            **dict(params, weight_ih_l0=params["weight_ih_l0"].astype(np.float64))))
+    add("object array", "corrupted archive",
+        lambda p: np.savez(open(p, "wb"), **{HEADER_KEY: np.array([{"a": 1}], dtype=object)}))
+    return cases
+
+
+def test_corrupted_and_foreign_files_raise_value_error(tmp_path):
+    for desc, path, match in corrupt_cases(tmp_path):
+        with pytest.raises(ValueError, match=match):
+            fastrnn.load(path)
+
+
+def test_truncated_archive(tmp_path):
+    path = tmp_path / "m.npz"
+    fastrnn.save(path, fastrnn.LSTM(3, 4))
+    data = path.read_bytes()
+    for cut in (len(data) // 3, len(data) - 30):
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError):
+            fastrnn.load(path)
+
+
+def test_flipped_bytes_never_crash(tmp_path):
+    """Single corrupted bytes give ValueError (or, if harmless, a valid module)."""
+    path = tmp_path / "m.npz"
+    fastrnn.save(path, fastrnn.GRU(2, 3, seed=0))
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for pos in rng.choice(len(data), 60, replace=False):
+        bad = bytearray(data)
+        bad[pos] ^= 0xFF
+        path.write_bytes(bytes(bad))
+        try:
+            m = fastrnn.load(path)
+        except ValueError:
+            continue
+        assert isinstance(m, fastrnn.GRU)
+
+
+def test_missing_file_and_unsaveable_module(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fastrnn.load(tmp_path / "nope.npz")
+    with pytest.raises(ValueError, match="not a saveable class"):
+        fastrnn.save(tmp_path / "x.npz", fastrnn.Module())
+    assert not zipfile.is_zipfile(tmp_path / "x.npz") if (tmp_path / "x.npz").exists() else True
+
+
+# -- torch conversion ----------------------------------------------------------
+TORCH_CASES = ["rnn", "lstm", "gru", "rnncell", "lstmcell", "grucell"]
+
+
+def torch_module(torch, name):
+    nn = torch.nn
+    return {"rnn": lambda: nn.RNN(3, 5, 2, nonlinearity="relu", bidirectional=True),
+            "lstm": lambda: nn.LSTM(3, 5, 2, batch_first=True, proj_size=2, dtype=torch.float64),
+            "gru": lambda: nn.GRU(3, 5, 3, bias=False, dropout=0.5),
+            "rnncell": lambda: nn.RNNCell(3, 5, nonlinearity="relu"),
+            "lstmcell": lambda: nn.LSTMCell(3, 5, dtype=torch.float64),
+            "grucell": lambda: nn.GRUCell(3, 5, bias=False)}[name]()
+
+
+@pytest.mark.parametrize("name", TORCH_CASES)
+def test_from_torch_and_back(name):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    theirs = torch_module(torch, name).eval()
+    ours = fastrnn.from_torch(theirs)
+    assert not ours.training
+    dtype = np.float64 if name.startswith("lstm") else np.float32
+    assert ours.dtype == dtype
+    x = np.random.default_rng(0).standard_normal((4, 3) if name.endswith("cell")
+                                                 else (2, 4, 3)).astype(dtype)
+    with torch.no_grad():
+        t_out = theirs(torch.from_numpy(x))
+    for a, b in zip(flat(run(ours, x)), flat(t_out if isinstance(t_out, tuple) else (t_out,))):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+    back = fastrnn.to_torch(ours)
+    assert type(back) is type(theirs) and not back.training
+    for (n, p), (n2, p2) in zip(theirs.named_parameters(), back.named_parameters()):
+        assert n == n2 and p.dtype == p2.dtype
+        assert torch.equal(p, p2)
+    for attr in ("batch_first", "bidirectional", "dropout", "num_layers", "proj_size", "bias"):
+        assert getattr(back, attr, None) == getattr(theirs, attr, None)
+
+
+def test_to_torch_rejects_what_torch_lacks():
+    pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="merge_mode"):
+        fastrnn.to_torch(fastrnn.GRU(2, 3, bidirectional=True, merge_mode="sum"))
+    with pytest.raises(ValueError, match="identity"):
+        fastrnn.to_torch(fastrnn.RNN(2, 3, nonlinearity="identity"))
+    with pytest.raises(TypeError, match="expected a torch.nn"):
+        fastrnn.from_torch(object())
+
+
+def test_torch_missing_gives_clear_import_error(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(ImportError, match="need PyTorch"):
+        fastrnn.to_torch(fastrnn.GRU(2, 3))
+    with pytest.raises(ImportError, match="need PyTorch"):
+        fastrnn.from_torch(None)
