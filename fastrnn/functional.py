@@ -1,3 +1,303 @@
-"""TEMPORARY: re-exports the NumPy reference until the compiled kernels land."""
-from fastrnn.reference import (rnn_forward, rnn_backward, lstm_forward, lstm_backward,  # noqa
-                               gru_forward, gru_backward)
+"""Single-layer, single-direction RNN / LSTM / GRU on the compiled kernels.
+
+Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
+
+    rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse, training)
+        -> y, h_n, cache
+    lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
+        -> y, h_n, c_n, cache
+    gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
+        -> y, h_n, cache
+    *_backward(dy, dh_n[, dc_n], cache) -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh
+
+This module checks every argument, allocates outputs and decides the schedule
+(rows sorted by length, one chunk of rows per thread); the kernels in
+`fastrnn._rnn`, `fastrnn._lstm`, `fastrnn._gru` then run without the GIL.
+
+A cache holds references to x and the weights, not copies, and `y` is a view
+of the saved states: do not modify them in place between forward and backward.
+Backward consumes its cache (it reuses the saved gates as gradient storage);
+a second backward on the same cache raises RuntimeError.
+"""
+
+import numpy as np
+
+from fastrnn import _gru, _lstm, _rnn
+from fastrnn._config import get_num_threads
+from fastrnn._validate import (as_float_array, as_lengths, check_input, check_shape,
+                               check_weights, optional_state)
+
+__all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
+           "gru_forward", "gru_backward"]
+
+PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
+PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
+NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
+
+
+class Schedule:
+    """Row order and per-thread chunks for one call.
+
+    lengths (B,) intp; order (B,) rows by decreasing length (stable);
+    bounds (chunks+1,) chunk k is order[bounds[k]:bounds[k+1]], balanced by
+    total length. padded: some sequence is shorter than T.
+    """
+
+    __slots__ = ("lengths", "order", "bounds", "padded")
+
+    def __init__(self, lengths, B, T, n_threads):
+        if lengths is None:
+            self.lengths = np.full(B, T, dtype=np.intp)
+            self.order = np.arange(B, dtype=np.intp)
+            self.padded = False
+        else:
+            self.lengths = lengths
+            self.order = np.argsort(-lengths, kind="stable").astype(np.intp)
+            self.padded = bool(lengths.min() < T)
+        chunks = max(1, min(n_threads, B))
+        work = np.cumsum(self.lengths[self.order])
+        cuts = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks, side="left") + 1
+        self.bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, B), [B]))).astype(np.intp)
+
+
+class Cache:
+    """What backward needs from forward; single use. Fields are documented per cell."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+        self.used = False
+
+    def take(self):
+        if self.used:
+            raise RuntimeError("this cache was already used by a backward call; run forward "
+                               "again (backward reuses the saved gates as gradient storage)")
+        self.used = True
+        return self
+
+
+def _states(name, value, shape, dtype):
+    return optional_state(name, value, shape, dtype)
+
+
+def _hidden_buffer(x, H, h0, sched, reverse):
+    """hs (T+1, B, H): h0 in slot 0 (slot T if reverse); y is the other T slots."""
+    T, B, _ = x.shape
+    hs = (np.zeros if sched.padded else np.empty)((T + 1, B, H), dtype=x.dtype)
+    slot = T if reverse else 0
+    if h0 is None:
+        hs[slot] = 0
+    else:
+        hs[slot] = h0
+    y = hs[:T] if reverse else hs[1:]
+    return hs, y
+
+
+def _h_prev(cache):
+    """(T, B, H) view of the state each step read (forward: hs[:T], reverse: hs[1:])."""
+    T = cache.x.shape[0]
+    return cache.hs[1:] if cache.reverse else cache.hs[:T]
+
+
+def _fix_reverse_first_step(dw_hh, dgates_h, cache):
+    """Reverse + padding: a short sequence's first step read h0, not hs[len] (zero padding).
+
+    dw_hh += da[len_b - 1, b]^T h0[b] for every row b shorter than T.
+    """
+    if not (cache.reverse and cache.sched.padded and cache.h0 is not None):
+        return
+    lens = cache.sched.lengths
+    rows = np.nonzero(lens < cache.x.shape[0])[0]
+    dw_hh += dgates_h[lens[rows] - 1, rows].T @ cache.h0[rows]
+
+
+def _check_grad_out(name, value, shape, dtype):
+    if value is None:
+        return None
+    arr = as_float_array(name, value, len(shape), dtype)
+    check_shape(name, arr, shape)
+    return arr
+
+
+def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
+    x = as_float_array("x", x, 3)
+    w_ih, w_hh, b_ih, b_hh, H = check_weights(w_ih, w_hh, b_ih, b_hh, gates, x.dtype)
+    check_input(x, w_ih)
+    T, B, _ = x.shape
+    h0 = _states("h0", h0, (B, H), x.dtype)
+    lens = as_lengths(lengths, B, T)
+    sched = Schedule(lens, B, T, get_num_threads())
+    pack_ih = T * B >= PACK_MIN_ROWS
+    pack_hh = B >= PACK_MIN_BATCH
+    return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
+
+
+# ---------------------------------------------------------------------------- LSTM
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
+                 training=True):
+    """LSTM layer forward. x (T,B,I), h0/c0 (B,H) or None, w_ih (4H,I), w_hh (4H,H).
+
+    Returns y (T,B,H), h_n (B,H), c_n (B,H), cache (None unless training).
+    Cache: gates (T,B,4H) activated i,f,g,o; cs (T,B,H) c_t; hs (T+1,B,H).
+    """
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths)
+    T, B, _ = x.shape
+    c0 = _states("c0", c0, (B, H), x.dtype)
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    h_n = np.empty((B, H), x.dtype)
+    c_n = np.empty((B, H), x.dtype)
+    gates = np.empty((T, B, 4 * H), x.dtype) if training else None
+    cs = np.empty((T, B, H), x.dtype) if training else None
+    bias = b_ih + b_hh if b_ih is not None else None
+    _lstm.forward(y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, sched.lengths,
+                  sched.order, sched.bounds, bool(reverse), pack_ih, pack_hh,
+                  get_num_threads())
+    cache = None
+    if training:
+        cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+                      sched=sched, reverse=bool(reverse), hs=hs, gates=gates, cs=cs)
+    return y, h_n, c_n, cache
+
+
+def lstm_backward(dy, dh_n, dc_n, cache):
+    """LSTM layer backward -> dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+    if cache is None:
+        raise ValueError("cache is None: run forward with training=True before backward")
+    T, B, I = cache.x.shape
+    H = cache.w_hh.shape[1]
+    dtype = cache.x.dtype
+    dy = as_float_array("dy", dy, 3, dtype)
+    check_shape("dy", dy, (T, B, H))
+    dh_n = _check_grad_out("dh_n", dh_n, (B, H), dtype)
+    dc_n = _check_grad_out("dc_n", dc_n, (B, H), dtype)
+    cache = cache.take()
+    dx = np.empty((T, B, I), dtype)
+    dh0 = np.empty((B, H), dtype)
+    dc0 = np.empty((B, H), dtype)
+    dw_ih = np.empty_like(cache.w_ih)
+    dw_hh = np.empty_like(cache.w_hh)
+    sched = cache.sched
+    _lstm.backward(dx, dh0, dc0, dw_ih, dw_hh, cache.gates, dy, dh_n, dc_n, cache.cs,
+                   cache.c0, cache.x, _h_prev(cache), cache.w_ih, cache.w_hh,
+                   sched.lengths, sched.order, sched.bounds, cache.reverse,
+                   get_num_threads())
+    da = cache.gates   # (T, B, 4H) now dL/da
+    _fix_reverse_first_step(dw_hh, da, cache)
+    db_ih = db_hh = None
+    if cache.has_bias:
+        db_ih = da.reshape(T * B, 4 * H).sum(axis=0)
+        db_hh = db_ih.copy()
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
+
+
+def _backward_setup(dy, dh_n, cache):
+    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
+    if cache is None:
+        raise ValueError("cache is None: run forward with training=True before backward")
+    T, B, I = cache.x.shape
+    H = cache.w_hh.shape[1]
+    dtype = cache.x.dtype
+    dy = as_float_array("dy", dy, 3, dtype)
+    check_shape("dy", dy, (T, B, H))
+    dh_n = _check_grad_out("dh_n", dh_n, (B, H), dtype)
+    return dy, dh_n, T, B, I, H, dtype
+
+
+# ---------------------------------------------------------------------------- RNN
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
+                reverse=False, training=True):
+    """Elman RNN layer forward. x (T,B,I), h0 (B,H) or None, w_ih (H,I), w_hh (H,H).
+
+    Returns y (T,B,H), h_n (B,H), cache (None unless training).
+    Cache: pre (T,B,H) scratch for dL/da; hs (T+1,B,H).
+    """
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, "
+                         f"got {nonlinearity!r}")
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths)
+    T, B, _ = x.shape
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    h_n = np.empty((B, H), x.dtype)
+    pre = np.empty((T, B, H), x.dtype) if training else None
+    bias = b_ih + b_hh if b_ih is not None else None
+    act = NONLINEARITIES[nonlinearity]
+    _rnn.forward(y, h_n, pre, x, h0, w_ih, w_hh, bias, act, sched.lengths, sched.order,
+                 sched.bounds, bool(reverse), pack_ih, pack_hh, get_num_threads())
+    cache = None
+    if training:
+        cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, pre=pre, act=act)
+    return y, h_n, cache
+
+
+def rnn_backward(dy, dh_n, cache):
+    """RNN layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    cache = cache.take()
+    dx = np.empty((T, B, I), dtype)
+    dh0 = np.empty((B, H), dtype)
+    dw_ih = np.empty_like(cache.w_ih)
+    dw_hh = np.empty_like(cache.w_hh)
+    da = cache.pre   # (T, B, H) receives dL/da
+    sched = cache.sched
+    _rnn.backward(dx, dh0, dw_ih, dw_hh, da, dy, dh_n, cache.y, cache.act, cache.x,
+                  _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
+                  sched.bounds, cache.reverse, get_num_threads())
+    _fix_reverse_first_step(dw_hh, da, cache)
+    db_ih = db_hh = None
+    if cache.has_bias:
+        db_ih = da.reshape(T * B, H).sum(axis=0)
+        db_hh = db_ih.copy()
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ---------------------------------------------------------------------------- GRU
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+    """GRU layer forward. x (T,B,I), h0 (B,H) or None, w_ih (3H,I), w_hh (3H,H).
+
+    Returns y (T,B,H), h_n (B,H), cache (None unless training).
+    Cache: gates (T,B,3H) r,z,n; hns (T,B,H) W_hn h + b_hn; hs (T+1,B,H).
+    """
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
+    T, B, _ = x.shape
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    h_n = np.empty((B, H), x.dtype)
+    gates = np.empty((T, B, 3 * H), x.dtype) if training else None
+    hns = np.empty((T, B, H), x.dtype) if training else None
+    bias_x = bias_hn = None
+    if b_ih is not None:
+        # r and z see b_ih + b_hh; n sees b_in outside and b_hn inside the reset product
+        bias_x = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
+        bias_hn = np.ascontiguousarray(b_hh[2 * H:])
+    _gru.forward(y, h_n, gates, hns, x, h0, w_ih, w_hh, bias_x, bias_hn, sched.lengths,
+                 sched.order, sched.bounds, bool(reverse), pack_ih, pack_hh,
+                 get_num_threads())
+    cache = None
+    if training:
+        cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns)
+    return y, h_n, cache
+
+
+def gru_backward(dy, dh_n, cache):
+    """GRU layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    cache = cache.take()
+    dx = np.empty((T, B, I), dtype)
+    dh0 = np.empty((B, H), dtype)
+    dw_ih = np.empty_like(cache.w_ih)
+    dw_hh = np.empty_like(cache.w_hh)
+    dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
+    dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
+    sched = cache.sched
+    _gru.backward(dx, dh0, dw_ih, dw_hh, dgx, dgh, dy, dh_n, cache.hns, cache.y, cache.h0,
+                  cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths,
+                  sched.order, sched.bounds, cache.reverse, get_num_threads())
+    _fix_reverse_first_step(dw_hh, dgh, cache)
+    db_ih = db_hh = None
+    if cache.has_bias:
+        db_ih = dgx.reshape(T * B, 3 * H).sum(axis=0)
+        db_hh = dgh.reshape(T * B, 3 * H).sum(axis=0)
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
