@@ -61,6 +61,8 @@ class RNNBase(Module):
     Gradients: `forward` in training mode keeps a cache; `backward` consumes it
     (once, like torch frees its graph) and *adds* into each `Parameter.grad`.
     In eval mode no cache is kept (cheaper inference) and `backward` raises.
+    The cache references `x`, `hx` and the weights: do not modify them in
+    place between forward and backward.
     """
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
@@ -290,6 +292,9 @@ class RNNBase(Module):
             layer_in = layer_out
         out = layer_in.transpose(1, 0, 2) if self.batch_first else layer_in
         out = np.ascontiguousarray(out)                                 # (T,B,·) or (B,T,·)
+        if keep and out.base is not None:
+            # a view of the kernel's saved states: the caller may edit `out` in place
+            out = out.copy()
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B)
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
