@@ -1,0 +1,185 @@
+"""Compiled kernels (fastrnn.functional) against the NumPy reference (fastrnn.reference).
+
+Outputs, final states and every gradient, for every cell x dtype x shape x
+bias x lengths x direction. Tolerances: float64 rel. 1e-9, float32 rel. 1e-4,
+relative to the largest magnitude of the reference value.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import functional as F
+from fastrnn import reference as R
+
+CELLS = {"rnn_tanh": 1, "rnn_relu": 1, "rnn_identity": 1, "gru": 3, "lstm": 4}
+# (T, B, I, H): batch 1, T=1, odd sizes, I != H, sizes not multiples of 8,
+# batches large enough for the packed micro-kernel and several row tiles.
+SHAPES = [(1, 1, 3, 5), (4, 1, 6, 3), (5, 3, 4, 7), (3, 7, 9, 17), (6, 13, 10, 33), (2, 20, 17, 24)]
+TOL = {np.float64: 1e-9, np.float32: 1e-4}
+
+
+def rel_err(actual, expected):
+    scale = max(np.abs(expected).max(), 1e-30)
+    return np.abs(actual - expected).max() / scale
+
+
+def make_case(cell, dtype, shape, bias, with_lengths, with_state, seed):
+    rng = np.random.default_rng(seed)
+    T, B, I, H = shape
+    G = CELLS[cell]
+    w = lambda *s: (rng.standard_normal(s) * 0.4).astype(dtype)  # noqa: E731
+    case = {
+        "x": w(T, B, I) * 2.5,
+        "h0": w(B, H) * 2.5 if with_state else None,
+        "c0": w(B, H) * 2.5 if with_state else None,
+        "w_ih": w(G * H, I), "w_hh": w(G * H, H),
+        "b_ih": w(G * H) if bias else None, "b_hh": w(G * H) if bias else None,
+        "lengths": rng.integers(1, T + 1, B) if with_lengths else None,
+    }
+    return case
+
+
+def run(module, cell, case, reverse, dy_seed):
+    """Forward then backward with random output gradients; returns all arrays."""
+    rng = np.random.default_rng(dy_seed)
+    c = case
+    kw = dict(lengths=c["lengths"], reverse=reverse)
+    if cell == "lstm":
+        y, h_n, c_n, cache = module.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"],
+                                                 c["b_ih"], c["b_hh"], **kw)
+        outs = [y, h_n, c_n]
+    elif cell == "gru":
+        y, h_n, cache = module.gru_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"],
+                                           c["b_hh"], **kw)
+        outs = [y, h_n]
+    else:
+        y, h_n, cache = module.rnn_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"],
+                                           c["b_hh"], cell[4:], **kw)
+        outs = [y, h_n]
+    dy = rng.standard_normal(y.shape).astype(y.dtype)
+    dh_n = rng.standard_normal(h_n.shape).astype(y.dtype)
+    if cell == "lstm":
+        dc_n = rng.standard_normal(h_n.shape).astype(y.dtype)
+        grads = module.lstm_backward(dy, dh_n, dc_n, cache)
+    elif cell == "gru":
+        grads = module.gru_backward(dy, dh_n, cache)
+    else:
+        grads = module.rnn_backward(dy, dh_n, cache)
+    return outs, list(grads)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "no_bias_no_state", "lengths", "lengths_reverse",
+                                     "reverse"])
+def test_kernel_matches_reference(cell, dtype, shape, variant):
+    bias = variant != "no_bias_no_state"
+    with_state = variant != "no_bias_no_state"
+    with_lengths = variant.startswith("lengths")
+    reverse = variant.endswith("reverse")
+    seed = zlib.crc32(repr((cell, shape, variant)).encode())
+    case = make_case(cell, dtype, shape, bias, with_lengths, with_state, seed)
+    outs, grads = run(F, cell, case, reverse, seed + 1)
+    ref_outs, ref_grads = run(R, cell, case, reverse, seed + 1)
+    for got, want in zip(outs, ref_outs):
+        assert got.dtype == dtype
+        assert rel_err(got, want) <= TOL[dtype]
+    assert len(grads) == len(ref_grads)
+    for i, (got, want) in enumerate(zip(grads, ref_grads)):
+        if want is None:
+            assert got is None, f"gradient {i} should be None without bias"
+            continue
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) <= TOL[dtype], f"gradient {i}"
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_padded_steps_are_zero_and_ignored(cell):
+    case = make_case(cell, np.float64, (6, 5, 3, 4), True, False, True, 3)
+    case["lengths"] = np.array([6, 2, 4, 1, 3])
+    outs, grads = run(F, cell, case, False, 4)
+    y, dx = outs[0], grads[0]
+    for b, n in enumerate(case["lengths"]):
+        assert np.all(y[n:, b] == 0)
+        assert np.all(dx[n:, b] == 0)
+        if cell != "rnn_relu":  # relu outputs are legitimately 0
+            assert np.all(y[:n, b] != 0)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_and_two_threads_bitwise_identical(cell, dtype):
+    case = make_case(cell, dtype, (7, 11, 13, 19), True, True, True, 5)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one = run(F, cell, case, True, 6)
+        fastrnn.set_num_threads(2)
+        two = run(F, cell, case, True, 6)
+        fastrnn.set_num_threads(3)
+        three = run(F, cell, case, True, 6)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b, c in zip(one[0] + one[1], two[0] + two[1], three[0] + three[1]):
+        if a is None:
+            continue
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_inference_equals_training_forward():
+    case = make_case("lstm", np.float32, (9, 6, 5, 12), True, True, True, 7)
+    args = (case["x"], case["h0"], case["c0"], case["w_ih"], case["w_hh"], case["b_ih"],
+            case["b_hh"])
+    y1, h1, c1, cache = F.lstm_forward(*args, training=True)
+    y2, h2, c2, none = F.lstm_forward(*args, training=False)
+    assert none is None and cache is not None
+    assert np.array_equal(y1, y2) and np.array_equal(h1, h2) and np.array_equal(c1, c2)
+
+
+def test_float32_activations_close_to_float64():
+    """Float32 gate activations stay within 1e-5 absolute of float64 on O(1) values."""
+    case64 = make_case("lstm", np.float64, (20, 8, 16, 64), True, True, False, 8)
+    case32 = {k: (v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == np.float64
+                  else v) for k, v in case64.items()}
+    y64 = F.lstm_forward(case64["x"][:1], case64["h0"], case64["c0"], case64["w_ih"],
+                         case64["w_hh"], case64["b_ih"], case64["b_hh"], training=False)[0]
+    y32 = F.lstm_forward(case32["x"][:1], case32["h0"], case32["c0"], case32["w_ih"],
+                         case32["w_hh"], case32["b_ih"], case32["b_hh"], training=False)[0]
+    assert np.abs(y32 - y64).max() < 1e-5
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+def test_nan_and_inf_propagate_without_crashing(cell):
+    case = make_case(cell, np.float32, (4, 6, 5, 9), True, False, True, 9)
+    case["x"][1, 2, 0] = np.nan
+    case["x"][2, 4, 1] = np.inf
+    outs, grads = run(F, cell, case, False, 10)
+    y = outs[0]
+    assert np.isnan(y[1:, 2]).any()
+    assert np.isfinite(y[:, 0]).all()
+    assert np.isnan(grads[0]).any()
+
+
+def test_backward_twice_on_one_cache_raises():
+    case = make_case("gru", np.float64, (3, 2, 4, 5), True, True, False, 11)
+    y, h_n, cache = F.gru_forward(case["x"], case["h0"], case["w_ih"], case["w_hh"],
+                                  case["b_ih"], case["b_hh"])
+    F.gru_backward(np.ones_like(y), None, cache)
+    with pytest.raises(RuntimeError, match="already used"):
+        F.gru_backward(np.ones_like(y), None, cache)
+
+
+def test_non_contiguous_input_is_copied_not_misread():
+    case = make_case("lstm", np.float64, (5, 4, 6, 7), True, True, False, 12)
+    x_wide = np.zeros((5, 4, 12))
+    x_wide[:, :, ::2] = case["x"]
+    strided = x_wide[:, :, ::2]
+    assert not strided.flags.c_contiguous
+    args = (case["h0"], case["c0"], case["w_ih"], case["w_hh"], case["b_ih"], case["b_hh"])
+    y1 = F.lstm_forward(strided, *args, training=False)[0]
+    y2 = F.lstm_forward(case["x"], *args, training=False)[0]
+    assert np.array_equal(y1, y2)
