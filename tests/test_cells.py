@@ -213,6 +213,8 @@ def test_bad_inputs(kind):
         cell(np.zeros((B, I + 1), np.float32))
     with pytest.raises(ValueError, match=r"input: expected shape"):
         cell(np.zeros((1, B, I), np.float32))
+    with pytest.raises(ValueError, match=r"input: expected shape"):
+        cell(np.zeros((0, I), np.float32))
     bad_h = np.zeros((B + 1, H), np.float32)
     if kind == "lstm":
         with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(3, 6\)"):

@@ -102,12 +102,12 @@ class _CellBase(Module):
         """x (B,I) or unbatched (I,) -> (x3 (1,B,I), batched)."""
         if type(x) is not np.ndarray or x.dtype != self.dtype:
             self._dtype_error("input", x)
-        if x.ndim == 2 and x.shape[1] == self.input_size:
+        if x.ndim == 2 and x.shape[1] == self.input_size and x.shape[0]:
             return x[None], True
         if x.ndim == 1 and x.shape[0] == self.input_size:
             return x[None, None], False
-        raise ValueError(f"input: expected shape (B, {self.input_size}) or "
-                         f"({self.input_size},), got {getattr(x, 'shape', None)}")
+        raise ValueError(f"input: expected shape (B, {self.input_size}) with B >= 1 or "
+                         f"({self.input_size},), got {x.shape}")
 
     def _check_state(self, name, h, B, batched):
         """h (B,H) or unbatched (H,) or None -> (B,H) or None."""
