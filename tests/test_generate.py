@@ -1,0 +1,117 @@
+"""Sampling (temperature, top-k, greedy, seeds) and text generation with priming."""
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.data.tokenizers import CharTokenizer, WordTokenizer
+from fastrnn.generate import generate, generate_ids, sample_logits, start_ids
+from fastrnn.lm import RNNLanguageModel
+from fastrnn.nn import softmax
+from fastrnn.train import TrainConfig, Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_kernel_thread():
+    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(1)
+    yield
+    fastrnn.set_num_threads(old)
+
+
+LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+
+
+def freqs(n=20000, **kw):
+    rng = np.random.default_rng(0)
+    draws = sample_logits(np.tile(LOGITS, (n, 1)), rng=rng, **kw)
+    assert draws.shape == (n,)
+    return np.bincount(draws, minlength=len(LOGITS)) / n
+
+
+def test_greedy_and_zero_temperature_take_argmax():
+    assert sample_logits(LOGITS, greedy=True) == 5
+    assert sample_logits(LOGITS, temperature=0) == 5
+    assert sample_logits(LOGITS, top_k=1, rng=3) == 5
+    batch = np.array([[0.0, 1.0], [5.0, -5.0]])
+    np.testing.assert_array_equal(sample_logits(batch, greedy=True), [1, 0])
+
+
+def test_sampling_follows_softmax_with_temperature():
+    np.testing.assert_allclose(freqs(), softmax(LOGITS), atol=0.01)
+    np.testing.assert_allclose(freqs(temperature=2.0), softmax(LOGITS / 2), atol=0.01)
+    cold = freqs(temperature=0.25)
+    assert cold[5] > 0.95
+
+
+def test_top_k_restricts_and_renormalises():
+    f = freqs(top_k=2)
+    assert set(np.nonzero(f)[0]) == {0, 5}
+    p = softmax(np.array([2.0, 3.0]))
+    np.testing.assert_allclose([f[0], f[5]], p, atol=0.01)
+    with pytest.raises(ValueError):
+        sample_logits(LOGITS, top_k=0, rng=0)
+    with pytest.raises(ValueError):
+        sample_logits(LOGITS, temperature=-1)
+
+
+def test_sampling_is_seeded():
+    a = sample_logits(np.tile(LOGITS, (50, 1)), rng=42)
+    b = sample_logits(np.tile(LOGITS, (50, 1)), rng=42)
+    c = sample_logits(np.tile(LOGITS, (50, 1)), rng=43)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def cyclic_model():
+    """A small char LSTM trained on a periodic text until it predicts it."""
+    text = "abcdefgh" * 400
+    cfg = TrainConfig(hidden=32, embed=8, batch_size=8, seq_len=16, lr=0.02, max_steps=80,
+                      val_fraction=0.1, eval_every=None, seed=0)
+    trainer = Trainer(cfg, text)
+    res = trainer.run(progress=False)
+    return trainer, res
+
+
+def test_generation_continues_the_priming_text(cyclic_model):
+    trainer, res = cyclic_model
+    assert res["val_loss"] < 0.1                                 # it has learned the cycle
+    out = generate(trainer.model, trainer.tokenizer, prime="cde", length=12, greedy=True)
+    assert out == "fghabcdefgha"
+    out = generate(trainer.model, trainer.tokenizer, prime="h", length=4, temperature=0.5,
+                   seed=1)
+    assert out == "abcd"
+    assert trainer.model.training                                # mode restored
+
+
+def test_generation_is_seeded_and_unknown_prime_is_an_error(cyclic_model):
+    trainer, _ = cyclic_model
+    m, tok = trainer.model, trainer.tokenizer
+    a = generate(m, tok, prime="a", length=40, temperature=5.0, seed=7)
+    b = generate(m, tok, prime="a", length=40, temperature=5.0, seed=7)
+    c = generate(m, tok, prime="a", length=40, temperature=5.0, seed=8)
+    assert a == b and a != c and len(a) == 40
+    with pytest.raises(KeyError, match="'x'"):
+        generate(m, tok, prime="xyz", length=3)
+
+
+def test_generate_ids_and_start_ids():
+    model = RNNLanguageModel(7, 4, 8, cell="rnn_tanh", seed=0)
+    ids = generate_ids(model, [1, 2, 3], 10, seed=0)
+    assert ids.shape == (10,) and ids.min() >= 0 and ids.max() < 7
+    with pytest.raises(ValueError):
+        generate_ids(model, [], 3)
+    char = CharTokenizer.fit("ab\ncd")
+    assert char.itos[start_ids(char)[0]] == "\n"
+    word = WordTokenizer.fit("x y\n")
+    assert word.itos[start_ids(word)[0]] == "<eos>"
+    assert start_ids(CharTokenizer.fit("ab"))[0] == 0
+
+
+def test_word_generation_primes_mid_sentence():
+    word = WordTokenizer.fit("the cat sat on the mat\n" * 20)
+    model = RNNLanguageModel(word.vocab_size, 4, 8, cell="gru", seed=0)
+    text = generate(model, word, prime="the cat", length=6, seed=0)
+    assert isinstance(text, str) and len(text.split()) <= 6
