@@ -1,0 +1,172 @@
+"""Checkpoints: one .npz (no pickle) with model, optimiser, vocabulary and config;
+exact resume; clear errors for corrupt files."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fastrnn.cli import DEFAULT_TEXT
+from fastrnn.data.tokenizers import CharTokenizer
+from fastrnn.lm import RNNLanguageModel
+from fastrnn.optim import Adam
+from fastrnn.train import TrainConfig, Trainer
+
+with open(DEFAULT_TEXT, encoding="utf-8") as _f:
+    TEXT = _f.read()[:2000]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_kernel_thread():
+    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(1)
+    yield
+    fastrnn.set_num_threads(old)
+
+
+def small_cfg(**kw):
+    base = dict(hidden=24, embed=8, batch_size=8, seq_len=12, lr=3e-3, eval_every=None,
+                val_fraction=0.1, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_roundtrip_and_no_pickle(tmp_path):
+    tok = CharTokenizer.fit("hello world\n")
+    model = RNNLanguageModel(tok.vocab_size, 6, 10, num_layers=2, cell="gru", seed=3)
+    opt = Adam(model.parameters(), lr=1e-2)
+    for p in model.parameters():
+        p.grad[...] = 0.1
+    opt.step()
+    path = tmp_path / "ck.npz"
+    save_checkpoint(path, model, opt, tok, config={"note": "x"}, train_state={"step": 1},
+                    extra={"state0": np.ones((2, 3, 10), np.float32)})
+    with np.load(path, allow_pickle=False) as z:                    # plain arrays only
+        names = set(z.files)
+        meta = json.loads(str(z["meta"]))
+    assert "model/rnn.weight_hh_l1" in names and "optim/state.0.exp_avg" in names
+    assert meta["format"] == "fastrnn-lm-checkpoint" and meta["tokenizer"]["type"] == "char"
+
+    ck = load_checkpoint(path)
+    m2 = ck.build_model()
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), m2.named_parameters()):
+        assert n1 == n2
+        np.testing.assert_array_equal(p1.data, p2.data)
+    assert m2.config() == model.config()
+    assert ck.build_tokenizer().itos == tok.itos
+    assert ck.config == {"note": "x"} and ck.train_state == {"step": 1}
+    np.testing.assert_array_equal(ck.extra["state0"], 1)
+    opt2 = Adam(m2.parameters())
+    ck.load_optimizer(opt2)
+    assert opt2.step_count == 1 and opt2.lr == 1e-2
+    np.testing.assert_array_equal(opt2.state[0]["exp_avg"], opt.state[0]["exp_avg"])
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kw", [
+    dict(cell="lstm", layers=2, dropout=0.2),                      # all RNG streams in use
+    dict(cell="gru", batching="random"),
+    dict(cell="rnn_tanh", optimizer="sgd", lr=0.5, momentum=0.9, clip=1.0),
+])
+def test_resume_is_bitwise_identical(tmp_path, kw):
+    total, first = 30, 11
+    full = Trainer(small_cfg(max_steps=total, **kw), TEXT)
+    n_epoch = len(full.loader)
+    assert n_epoch < total                                          # crosses an epoch border
+    full.run(progress=False)
+
+    part = Trainer(small_cfg(max_steps=first, **kw), TEXT)
+    part.run(progress=False, save_path=tmp_path / "ck.npz")
+    resumed = Trainer.resume(tmp_path / "ck.npz", TEXT, max_steps=total)
+    resumed.run(progress=False)
+
+    assert part.losses + resumed.losses == full.losses              # exact, not approximate
+    for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=n)
+    assert resumed.step == total
+    assert resumed.last_val["loss"] == full.last_val["loss"]
+
+
+def test_save_between_any_two_steps_resumes_exactly(tmp_path):
+    """Saving by hand between two train steps (what save_every does) resumes exactly."""
+    full = Trainer(small_cfg(max_steps=12), TEXT)
+    full.run(progress=False, save_path=tmp_path / "a.npz", save_every=5)
+    assert load_checkpoint(tmp_path / "a.npz").train_state["step"] == 12
+    part = Trainer(small_cfg(max_steps=12), TEXT)
+    for _ in range(5):
+        part.train_step(next(part.loader.epoch(part.epoch, start=part.index)))
+        part.index += 1
+    part.save(tmp_path / "b.npz")
+    rest = Trainer.resume(tmp_path / "b.npz", TEXT)
+    rest.run(progress=False)
+    assert full.losses[5:] == rest.losses
+
+
+def test_resume_refuses_other_text_and_settings(tmp_path):
+    t = Trainer(small_cfg(max_steps=2), TEXT)
+    t.run(progress=False, save_path=tmp_path / "ck.npz")
+    with pytest.raises(ValueError, match="different text"):
+        Trainer.resume(tmp_path / "ck.npz", TEXT[:-100])
+    with pytest.raises(ValueError, match="override"):
+        Trainer.resume(tmp_path / "ck.npz", TEXT, hidden=64)
+
+
+@pytest.fixture
+def good_checkpoint(tmp_path):
+    t = Trainer(small_cfg(max_steps=1), TEXT)
+    t.run(progress=False)
+    return t.save(tmp_path / "good.npz")
+
+
+def corrupt(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "flip":
+        # flip bytes inside the stored model weights (not the zip directory)
+        i = data.find(b"model/encoder.weight.npy")
+        for k in range(i + 200, i + 260):
+            data[k] ^= 0xFF
+    elif how == "garbage":
+        data = bytearray(b"this is not a checkpoint" * 10)
+    elif how == "empty":
+        data = bytearray()
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_error(good_checkpoint, how):
+    corrupt(good_checkpoint, how)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(good_checkpoint)
+    assert "good.npz" in str(e.value)
+    assert any(w in str(e.value) for w in ("corrupt", "not a", "truncated"))
+
+
+def test_wrong_kind_of_npz_and_missing_file(tmp_path):
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="no 'meta'"):
+        load_checkpoint(tmp_path / "plain.npz")
+    np.savez(tmp_path / "other.npz", meta=np.array(json.dumps({"format": "something"})))
+    with pytest.raises(CheckpointError, match="not a fastrnn checkpoint"):
+        load_checkpoint(tmp_path / "other.npz")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_tampered_entry_and_missing_entry(good_checkpoint, tmp_path):
+    with np.load(good_checkpoint, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["model/decoder.bias"] = arrays["model/decoder.bias"] + 1        # valid zip, wrong data
+    np.savez(tmp_path / "t.npz", **arrays)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path / "t.npz")
+    del arrays["model/decoder.bias"]
+    np.savez(tmp_path / "m.npz", **arrays)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "m.npz")
+    assert zipfile.is_zipfile(good_checkpoint)
