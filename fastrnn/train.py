@@ -160,6 +160,13 @@ class Trainer:
         self.tokenizer = tokenizer or build_tokenizer(cfg, train_text, text)
         self.train_ids = self.tokenizer.encode(train_text)
         self.val_ids = self.tokenizer.encode(val_text) if val_text else np.zeros(0, np.int64)
+        need = cfg.batch_size * (cfg.seq_len + 1)
+        if len(self.train_ids) < need:
+            raise ValueError(
+                f"the training text{where} is too short: {len(self.train_ids):,} training tokens "
+                f"cannot fill one chunk of {cfg.batch_size} streams x {cfg.seq_len + 1} tokens "
+                f"(batch size x (seq len + 1) = {need:,}); use a longer text or a smaller "
+                f"--batch-size/--seq-len")
         try:
             self.loader = TBPTTLoader(self.train_ids, cfg.batch_size, cfg.seq_len,
                                       mode=cfg.batching, seed=cfg.seed)

@@ -1,0 +1,182 @@
+"""The `fastrnn` command line: train (options, --json, validation split, time budget,
+errors, save/resume), generate, bench forwarding."""
+
+import json
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn.cli import DEFAULT_TEXT, main
+
+SMALL = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--seq-len", "16",
+         "--threads", "1", "--no-progress", "--sample-length", "20"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_kernel_thread():
+    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(1)
+    yield
+    fastrnn.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def textfile(tmp_path_factory):
+    with open(DEFAULT_TEXT, encoding="utf-8") as f:
+        text = f.read()[:6000]
+    path = tmp_path_factory.mktemp("cli") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def last_json(out):
+    lines = [l for l in out.strip().splitlines() if l.strip()]
+    return json.loads(lines[-1])
+
+
+def test_train_json_summary(textfile, capsys):
+    rc = main(["train", str(textfile), *SMALL, "--max-steps", "8", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = last_json(out)
+    for key in ("val_loss", "val_ppl", "train_tokens", "tokens_per_s", "steps", "seconds"):
+        assert key in res
+    assert res["steps"] == 8 and res["train_tokens"] == 8 * 4 * 16
+    assert res["val_ppl"] == pytest.approx(np.exp(res["val_loss"]))
+    assert res["tokens_per_s"] > 0 and res["seconds"] > 0
+    # --val-fraction 0.1 (default): the last 600 characters, every one but the first predicted
+    assert res["val_tokens"] == 599
+    assert "--- sample ---" in out and len(res["sample"]) == 20
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "gru"])
+def test_train_cells_and_options(textfile, capsys, cell):
+    rc = main(["train", str(textfile), *SMALL, "--cell", cell, "--layers", "2",
+               "--dropout", "0.1", "--optimizer", "sgd", "--lr", "0.5", "--clip", "1",
+               "--max-steps", "3", "--val-fraction", "0.2", "--json"])
+    assert rc == 0
+    res = last_json(capsys.readouterr().out)
+    assert res["cell"] == cell and res["val_tokens"] == 1199
+
+
+@pytest.mark.parametrize("tok", ["word", "bpe"])
+def test_train_other_tokenizers(textfile, capsys, tok):
+    rc = main(["train", str(textfile), *SMALL, "--tokenizer", tok, "--bpe-merges", "50",
+               "--max-steps", "3", "--json"])
+    assert rc == 0
+    res = last_json(capsys.readouterr().out)
+    assert res["tokenizer"] == tok
+    assert res["vocab_size"] > (100 if tok == "word" else 60)
+
+
+def test_time_budget_stops_training(textfile, capsys):
+    t0 = time.perf_counter()
+    rc = main(["train", str(textfile), *SMALL, "--time-budget", "1.0", "--json",
+               "--sample-length", "0"])
+    wall = time.perf_counter() - t0
+    res = last_json(capsys.readouterr().out)
+    assert rc == 0
+    assert 1.0 <= res["seconds"] < 1.5
+    assert res["steps"] > 1
+    assert wall < 20
+
+
+def test_epochs_limit(textfile, capsys):
+    rc = main(["train", str(textfile), *SMALL, "--epochs", "1", "--json", "--sample-length", "0"])
+    res = last_json(capsys.readouterr().out)
+    assert rc == 0 and res["epochs"] == 1.0
+    # 5400 training characters in 4 streams of 1350: ceil(1349 / 16) chunks
+    assert res["steps"] == 85
+
+
+def test_learning_on_the_bundled_corpus(capsys):
+    """No TEXTFILE: the bundled tinyshakespeare; a few hundred steps beat the unigram model."""
+    rc = main(["train", "--hidden", "64", "--embed", "16", "--batch-size", "16",
+               "--seq-len", "32", "--lr", "0.01", "--max-steps", "150", "--val-fraction", "0.02",
+               "--threads", "1", "--no-progress", "--json", "--sample-length", "50"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tinyshakespeare.txt" in out
+    res = last_json(out)
+    assert res["vocab_size"] == 65
+    # uniform is ln 65 = 4.17 nats, character unigram about 3.3; this gets well below
+    assert res["val_loss"] < 2.9, res
+
+
+def test_empty_and_short_text_are_clear_errors(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    assert main(["train", str(empty), *SMALL]) == 2
+    assert "empty" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be", encoding="utf-8")
+    assert main(["train", str(short), *SMALL]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nope.txt"), *SMALL]) == 2
+    assert "no such file" in capsys.readouterr().err
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 100)
+    assert main(["train", str(binary), *SMALL]) == 2
+    assert "UTF-8" in capsys.readouterr().err
+
+
+def test_bad_option_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--cell", "transformer"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--val-fraction", "1.5"])
+
+
+def test_save_generate_and_resume(textfile, tmp_path, capsys):
+    ck = tmp_path / "model.npz"
+    assert main(["train", str(textfile), *SMALL, "--max-steps", "4", "--save", str(ck)]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(ck), "--prime", "ROMEO:", "--length", "30", "--seed", "3",
+                 "--json"]) == 0
+    out = capsys.readouterr().out
+    res = last_json(out)
+    assert out.startswith("ROMEO:") and len(res["text"]) == 30
+    assert main(["generate", str(ck), "--prime", "ROMEO:", "--length", "30", "--seed", "3",
+                 "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["text"] == res["text"]            # seeded
+    assert main(["generate", str(ck), "--greedy", "--length", "10", "--top-k", "3"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(ck), "--prime", "\u263a", "--length", "5"]) == 2
+    assert "not in the vocabulary" in capsys.readouterr().err
+
+    # resume continues exactly where the first run stopped
+    assert main(["train", str(textfile), "--resume", str(ck), "--max-steps", "7", "--threads",
+                 "1", "--no-progress", "--json", "--sample-length", "0",
+                 "--save", str(ck)]) == 0
+    res = last_json(capsys.readouterr().out)
+    assert res["steps"] == 3 and res["total_steps"] == 7
+
+
+def test_corrupt_checkpoint_cli_error(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 definitely not a zip")
+    assert main(["generate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.npz" in err and "checkpoint" in err
+
+
+def test_bench_is_forwarded_lazily(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("fastrnn.benchmark.runner")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "fastrnn.benchmark.runner", fake)
+    import fastrnn.benchmark
+    monkeypatch.setattr(fastrnn.benchmark, "runner", fake, raising=False)
+    assert main(["bench", "--quick", "--cell", "lstm"]) == 0
+    assert seen["argv"] == ["--quick", "--cell", "lstm"]
+
+
+def test_console_script_is_declared():
+    import pathlib
+    pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    assert 'fastrnn = "fastrnn.cli:main"' in pyproject.read_text()
