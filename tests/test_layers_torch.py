@@ -24,6 +24,16 @@ TORCH_DTYPE = {np.float32: torch.float32, np.float64: torch.float64}
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm_proj", "gru"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny problems: torch's OpenMP pool only competes with fastrnn's for the cores
+    (idle spinning threads of two runtimes made this file ~3x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_pair(cell, num_layers, bidirectional, batch_first, bias, dtype, merge_mode="concat"):
     """A fastrnn module and a torch module holding the same weights."""
     common = dict(num_layers=num_layers, bias=bias, batch_first=batch_first,
