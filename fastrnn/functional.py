@@ -32,6 +32,7 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
+UNITS_MAX_BATCH = 0  # batches up to this split hidden units, not rows, across threads
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
 
 
@@ -73,6 +74,14 @@ class Cache:
                                "again (backward reuses the saved gates as gradient storage)")
         self.used = True
         return self
+
+
+def _by_units(B):
+    """Split hidden units across threads (one barrier per step) instead of batch rows?
+
+    Either split gives bitwise the same numbers; this only picks the faster one.
+    """
+    return get_num_threads() > 1 and B <= UNITS_MAX_BATCH
 
 
 def _states(name, value, shape, dtype):
@@ -151,7 +160,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     bias = b_ih + b_hh if b_ih is not None else None
     _lstm.forward(y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, sched.lengths,
                   sched.order, sched.bounds, bool(reverse), pack_ih, pack_hh,
-                  get_num_threads())
+                  get_num_threads(), _by_units(B))
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,

@@ -20,8 +20,10 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange
 
 from _blas cimport floating, gemm
-from _simd cimport gemm_rows, packed_size, sigmoid_, tanh_, tanh_to
-from _schedule cimport time_index, n_active, pack_parallel
+from _simd cimport gemm_rows, packed_size, pack, n_panels, sigmoid_, tanh_, tanh_to
+from _schedule cimport (time_index, n_active, pack_parallel, unit_range, fastrnn_barrier,
+                       fastrnn_team_size)
+from cython.parallel cimport parallel, threadid
 
 DEF BLOCK_ROWS = 64  # rows per input-projection GEMM (time steps x chunk rows)
 
@@ -146,6 +148,146 @@ cdef int forward_chunk(
     return status
 
 
+cdef void forward_units(
+        floating *y,                # OUT (T, B, H) h_t at valid steps
+        floating *h_n,              # OUT (B, H)
+        floating *c_n,              # OUT (B, H)
+        floating *gates,            # OUT (T, B, 4H) activated gates, or NULL (inference)
+        floating *cs,               # OUT (T, B, H) c_t, or NULL (inference)
+        floating *hbuf,             # SHARED (2, B, H) h_{t-1} and h_t, rows in `order`
+        int *fail,                  # SHARED (nthr,) per-thread allocation failure flags
+        const floating *x,          # IN  (T, B, I)
+        const floating *h0,         # IN  (B, H) or NULL
+        const floating *c0,         # IN  (B, H) or NULL
+        const floating *w_ih,       # IN  (4H, I)
+        const floating *w_hh,       # IN  (4H, H)
+        const floating *bias,       # IN  (4H,) or NULL
+        const Py_ssize_t *order,    # IN  (B,) rows by decreasing length
+        const Py_ssize_t *lengths,  # IN  (B,)
+        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
+        bint reverse, bint pack_ih, bint pack_hh, int tid, int nthr) noexcept nogil:
+    """Small-batch schedule, run by every thread of a parallel region.
+
+    Thread tid owns hidden units [j0, j1) of every row and all four gates, so
+    its slices of W_ih and W_hh stay in its own cache across steps. h_t is
+    shared: one barrier per step, with h double-buffered so that writing h_t
+    never races with another thread still reading h_{t-1}.
+    """
+    cdef Py_ssize_t j0, j1, hk, GK, maxlen = lengths[order[0]]
+    unit_range(H, tid, nthr, &j0, &j1)
+    hk = j1 - j0
+    GK = 4 * hk
+    cdef Py_ssize_t tb = (BLOCK_ROWS + B - 1) // B
+    if tb > maxlen:
+        tb = maxlen
+    cdef Py_ssize_t gk = GK if GK > 0 else 1
+    cdef floating *wl_ih = <floating *> malloc(gk * I * sizeof(floating))   # (4hk, I) own rows
+    cdef floating *wl_hh = <floating *> malloc(gk * H * sizeof(floating))   # (4hk, H) own rows
+    cdef floating *bl = <floating *> calloc(gk, sizeof(floating))           # (4hk,)
+    cdef floating *pk_ih = NULL
+    cdef floating *pk_hh = NULL
+    cdef floating *c = <floating *> calloc(B * (hk + 1), sizeof(floating))  # (B, hk)
+    cdef floating *a = <floating *> malloc(B * gk * sizeof(floating))       # (B, 4hk)
+    cdef floating *tc = <floating *> malloc((hk + 1) * sizeof(floating))
+    cdef floating *gxb = <floating *> malloc(tb * B * gk * sizeof(floating))  # (tb, B, 4hk)
+    cdef const floating **src = <const floating **> malloc(tb * B * sizeof(void *))
+    cdef floating **dst = <floating **> malloc(tb * B * sizeof(void *))
+    cdef const floating **h_rows = <const floating **> malloc(2 * B * sizeof(void *))
+    cdef floating **a_rows = <floating **> malloc(B * sizeof(void *))
+    cdef Py_ssize_t r, b, s, s0, s1, t, j, g, m, nact
+    cdef int cur = 0, k, failed = 0
+    cdef floating *ar
+    cdef floating *gx
+    cdef floating *cr
+    cdef floating *hr
+    if pack_ih:
+        pk_ih = <floating *> malloc(packed_size(pk_ih, gk, I) * sizeof(floating))
+    if pack_hh:
+        pk_hh = <floating *> malloc(packed_size(pk_hh, gk, H) * sizeof(floating))
+    fail[tid] = (wl_ih == NULL or wl_hh == NULL or bl == NULL or c == NULL or a == NULL
+                 or tc == NULL or gxb == NULL or src == NULL or dst == NULL or h_rows == NULL
+                 or a_rows == NULL or (pack_ih and pk_ih == NULL) or (pack_hh and pk_hh == NULL))
+    if not fail[tid]:
+        for g in range(4):   # gather this thread's rows of every gate
+            memcpy(wl_ih + g * hk * I, w_ih + (g * H + j0) * I, hk * I * sizeof(floating))
+            memcpy(wl_hh + g * hk * H, w_hh + (g * H + j0) * H, hk * H * sizeof(floating))
+            if bias != NULL:
+                memcpy(bl + g * hk, bias + g * H + j0, hk * sizeof(floating))
+        if pack_ih and GK > 0:
+            pack(pk_ih, wl_ih, GK, I, I, 1, 0, n_panels(pk_ih, GK))
+        if pack_hh and GK > 0:
+            pack(pk_hh, wl_hh, GK, H, H, 1, 0, n_panels(pk_hh, GK))
+        for r in range(B):
+            b = order[r]
+            h_rows[r] = hbuf + r * H
+            h_rows[B + r] = hbuf + (B + r) * H
+            a_rows[r] = a + r * GK
+            for j in range(hk):
+                hbuf[r * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
+                c[r * hk + j] = c0[b * H + j0 + j] if c0 != NULL else 0
+    fastrnn_barrier()
+    for k in range(nthr):
+        failed = failed + fail[k]
+    if failed:
+        maxlen = 0   # every thread skips the loop together: no barrier is left waiting
+    s0 = 0
+    while s0 < maxlen:
+        s1 = min(s0 + tb, maxlen)
+        m = 0
+        for s in range(s0, s1):
+            nact = n_active(order, B, lengths, s)
+            for r in range(nact):
+                b = order[r]
+                t = time_index(s, lengths[b], reverse)
+                src[m] = x + (t * B + b) * I
+                dst[m] = gxb + ((s - s0) * B + r) * GK
+                m = m + 1
+        if GK > 0:
+            gemm_rows(m, GK, I, src, pk_ih, wl_ih, I, dst, 0)
+        for s in range(s0, s1):
+            nact = n_active(order, B, lengths, s)
+            if GK > 0:
+                gemm_rows(nact, GK, H, &h_rows[cur * B], pk_hh, wl_hh, H, a_rows, 0)
+            for r in range(nact):
+                if GK == 0:
+                    break
+                b = order[r]
+                t = time_index(s, lengths[b], reverse)
+                ar = a + r * GK
+                gx = gxb + ((s - s0) * B + r) * GK
+                for j in range(GK):
+                    ar[j] = ar[j] + gx[j] + bl[j]
+                sigmoid_(ar, 2 * hk)          # i, f
+                tanh_(ar + 2 * hk, hk)        # g
+                sigmoid_(ar + 3 * hk, hk)     # o
+                cr = c + r * hk
+                for j in range(hk):
+                    cr[j] = ar[hk + j] * cr[j] + ar[j] * ar[2 * hk + j]
+                tanh_to(tc, cr, hk)
+                hr = hbuf + ((1 - cur) * B + r) * H + j0
+                for j in range(hk):
+                    hr[j] = ar[3 * hk + j] * tc[j]
+                memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
+                if gates != NULL:
+                    for g in range(4):
+                        memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
+                               hk * sizeof(floating))
+                    memcpy(cs + (t * B + b) * H + j0, cr, hk * sizeof(floating))
+            fastrnn_barrier()   # h_t complete before anyone reads it
+            cur = 1 - cur
+        s0 = s1
+    if not failed:
+        for r in range(B):
+            b = order[r]
+            # step s wrote buffer (s + 1) % 2; a row's last step is lengths[b] - 1
+            memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r) * H + j0,
+                   hk * sizeof(floating))
+            memcpy(c_n + b * H + j0, c + r * hk, hk * sizeof(floating))
+    free(wl_ih); free(wl_hh); free(bl); free(pk_ih); free(pk_hh); free(c); free(a); free(tc)
+    free(gxb); free(src); free(dst); free(h_rows); free(a_rows)
+
+
+
 cdef int backward_chunk(
         floating *dgates,           # IN/OUT (T, B, 4H): activated gates in, dL/da out (0 at padded steps)
         floating *dh0,              # OUT (B, H)
@@ -238,17 +380,41 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh, const floating[::1] bias,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads):
+            int n_threads, bint by_units=False):
     """LSTM forward over all steps. Arrays as in forward_chunk; gates/cs None for inference.
 
     order (B,) sorts rows by decreasing length; chunk k is order[bounds[k]:bounds[k+1]].
     pack_ih / pack_hh choose the packed micro-kernel for the input / recurrent GEMM
     (decided by the caller from T and B, never from the thread count).
+    by_units: split hidden units, not rows, across threads (forward_units; for
+    small batches); both splits give bitwise identical results.
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = h_n.shape[1]
     cdef Py_ssize_t nchunks = bounds.shape[0] - 1, k
     cdef floating *p_gates = ptr3(gates)
     cdef floating *p_cs = ptr3(cs)
+    cdef floating *hbuf
+    cdef int *fail
+    cdef int tid
+    if by_units:
+        hbuf = <floating *> malloc(2 * B * H * sizeof(floating))
+        fail = <int *> calloc(max(n_threads, 1), sizeof(int))
+        if hbuf == NULL or fail == NULL:
+            free(hbuf); free(fail)
+            raise MemoryError("fastrnn LSTM forward: out of memory")
+        with nogil, parallel(num_threads=n_threads):
+            tid = threadid()
+            forward_units(&y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], ptr3(gates), ptr3(cs), hbuf, fail,
+                          &x[0, 0, 0], cptr2(h0), cptr2(c0), &w_ih[0, 0], &w_hh[0, 0],
+                          &bias[0] if bias is not None else NULL, &order[0], &lengths[0],
+                          T, B, I, H, reverse, pack_ih, pack_hh, tid, fastrnn_team_size())
+        k = 0
+        for nchunks in range(n_threads):
+            k += fail[nchunks]
+        free(hbuf); free(fail)
+        if k:
+            raise MemoryError("fastrnn LSTM forward: out of memory")
+        return
     cdef const floating *p_h0 = cptr2(h0)
     cdef const floating *p_c0 = cptr2(c0)
     cdef const floating *p_bias = &bias[0] if bias is not None else NULL

@@ -34,3 +34,17 @@ cdef inline void pack_parallel(floating *packed, const floating *W, Py_ssize_t N
     cdef Py_ssize_t p, npan = n_panels(packed, N)
     for p in prange(npan, schedule='static', num_threads=n_threads):
         pack(packed, W, N, K, rs, cs, p, p + 1)
+
+
+cdef extern from "omp_helpers.h" nogil:
+    int fastrnn_thread_num()
+    int fastrnn_team_size()
+    void fastrnn_barrier()
+
+
+cdef inline void unit_range(Py_ssize_t H, int tid, int nthr, Py_ssize_t *j0, Py_ssize_t *j1) noexcept nogil:
+    """Hidden units [j0, j1) owned by thread tid of nthr (contiguous, multiples of 8 where possible)."""
+    cdef Py_ssize_t per = (H + nthr - 1) // nthr
+    per = ((per + 7) // 8) * 8
+    j0[0] = min(H, tid * per)
+    j1[0] = min(H, j0[0] + per)
