@@ -11,11 +11,12 @@ File layout (`fastrnn.save`): an uncompressed NumPy `.npz` archive with
 
 `fastrnn.load` first checks the zip structure and every member's CRC-32 (so
 flipped bits in the weights are caught too), then reads it with
-`np.load(allow_pickle=False)`, so a file can never run code; it rebuilds the module from the class name (looked up in a fixed
-registry, never imported by name) and its config, then loads the arrays with
-name, shape and dtype checks. Anything wrong (not an archive, no header, bad
-JSON, unknown class, bad config, missing/unexpected/mis-shaped/mis-typed
-arrays) raises ValueError saying what.
+`np.load(allow_pickle=False)`, so a file can never run code. It rebuilds the
+module from the class name (looked up in a fixed registry, never imported by
+name) and its config, then loads the arrays with name, shape and dtype checks.
+Anything wrong (not an archive, bad CRC, no header, bad JSON, unknown class,
+bad config, missing/unexpected/mis-shaped/mis-typed arrays) raises ValueError
+saying what.
 
 `from_torch` / `to_torch` import torch only when called.
 """

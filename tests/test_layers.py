@@ -257,7 +257,8 @@ def test_bad_x():
         m(ok.astype(np.float64))
     with pytest.raises(TypeError, match=r"x: expected dtype float32 .*got int64"):
         m(np.zeros((T, B, I), np.int64))
-    with pytest.raises(ValueError, match=r"x: expected a 3-D array \(T, B, I\), got shape \(5, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"x: expected a 3-D array \(T, B, I\), got shape \(5, 4\)"):
         m(ok[:, 0])
     with pytest.raises(ValueError, match="x: expected a 3-D array"):
         m(ok[None])

@@ -66,8 +66,9 @@ def run_torch(theirs, x, hx, lengths, dout, dstate):
             xt, torch.tensor(lengths), batch_first=theirs.batch_first, enforce_sorted=False)
     out, state = theirs(inp, hxt if len(hxt) == 2 else hxt[0])
     if lengths is not None:
+        T_steps = x.shape[1 if theirs.batch_first else 0]
         out, _ = torch.nn.utils.rnn.pad_packed_sequence(
-            out, batch_first=theirs.batch_first, total_length=x.shape[1 if theirs.batch_first else 0])
+            out, batch_first=theirs.batch_first, total_length=T_steps)
     state = state if isinstance(state, tuple) else (state,)
     loss = (out * torch.from_numpy(dout)).sum()
     for s, ds in zip(state, dstate):

@@ -39,7 +39,7 @@ def _check_positive_int(name, value, minimum=1):
 
 
 def check_lengths(lengths, T, B):
-    """Validate per-sequence lengths -> int64 array (B,). Shared with the cells' docs/tests."""
+    """Validate per-sequence lengths (size B, integers, each in [1, T]) -> int64 array (B,)."""
     arr = np.asarray(lengths)
     if arr.dtype.kind not in "iu":  # bools and floats are mistakes, not lengths
         raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
