@@ -81,3 +81,29 @@ def test_word_lm_example_at_tiny_size(tmp_path):
     assert res["initial_val_loss"] > math.log(V) - 0.5               # starts near uniform
     assert res["val_loss"] < res["initial_val_loss"] - 1.5           # and learns
     assert (tmp_path / "w.npz").exists()
+
+
+def test_bench_quality_smoke(tmp_path, capsys):
+    """bench/quality.py at a few steps: fastrnn and torch (same weights, data and
+    settings) reach the same losses."""
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "fastrnn_bench_quality", EXAMPLES.parent / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    with open(DEFAULT_TEXT, encoding="utf-8") as f:
+        text = f.read()[:30000]
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    rc = quality.main(["--text", str(path), "--budget", "30", "--max-steps", "6", "--hidden", "24",
+                       "--embed", "8", "--batch-size", "8", "--seq-len", "16", "--threads", "1",
+                       "--cells", "lstm,gru", "--quiet", "--json"])
+    assert rc == 0
+    import json
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    by = {(r["cell"], r["engine"]): r for r in rows}
+    for cell in ("lstm", "gru"):
+        a, b = by[cell, "fastrnn"], by[cell, "torch"]
+        assert a["steps"] == b["steps"] == 6
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
