@@ -16,3 +16,5 @@ from fastrnn.modules.rnn import RNN, LSTM, GRU
 from fastrnn.modules.cells import RNNCell, LSTMCell, GRUCell
 from fastrnn.io import save, load, from_torch, to_torch
 # -- training blocks (nn, optim, data, lm) -- owned by the training work
+from fastrnn import nn, optim, data
+from fastrnn.lm import RNNLanguageModel
