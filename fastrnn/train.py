@@ -57,7 +57,7 @@ class TrainConfig:
     time_budget: Optional[float] = None
     max_steps: Optional[int] = None
     val_fraction: float = 0.1
-    eval_every: Optional[float] = 30.0  # seconds of training between validations; 0/None: end only
+    eval_every: Optional[float] = 60.0  # seconds of training between validations; 0/None: end only
     eval_seq_len: int = 256
     tokenizer: str = "char"            # "char", "word" or "bpe"
     bpe_merges: int = 256
@@ -308,7 +308,9 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                     bar = None
-                ev = self.evaluate() if len(self.val_ids) > 1 else None
+                fresh = (self.last_val is not None and self.val_history
+                         and self.val_history[-1][0] == self.step)
+                ev = self.evaluate() if len(self.val_ids) > 1 and not fresh else None
                 if ev is not None:
                     self.last_val = ev
                     self.val_history.append((self.step, ev["loss"]))

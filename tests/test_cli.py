@@ -86,6 +86,16 @@ def test_time_budget_stops_training(textfile, capsys):
     assert wall < 20
 
 
+def test_periodic_validation(textfile, capsys):
+    rc = main(["train", str(textfile), *SMALL, "--max-steps", "400", "--eval-every", "0.2",
+               "--json", "--sample-length", "0"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    periodic = [l for l in out.splitlines() if l.startswith("step ") and "val loss" in l]
+    assert len(periodic) >= 2
+    assert last_json(out)["val_loss"] is not None
+
+
 def test_epochs_limit(textfile, capsys):
     rc = main(["train", str(textfile), *SMALL, "--epochs", "1", "--json", "--sample-length", "0"])
     res = last_json(capsys.readouterr().out)
