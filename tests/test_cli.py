@@ -87,7 +87,7 @@ def test_time_budget_stops_training(textfile, capsys):
 
 
 def test_periodic_validation(textfile, capsys):
-    rc = main(["train", str(textfile), *SMALL, "--max-steps", "400", "--eval-every", "0.2",
+    rc = main(["train", str(textfile), *SMALL, "--time-budget", "1.0", "--eval-every", "0.2",
                "--json", "--sample-length", "0"])
     out = capsys.readouterr().out
     assert rc == 0
