@@ -33,6 +33,7 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 0  # batches up to this split hidden units, not rows, across threads
+SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a team costs more)
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
 
 
@@ -44,9 +45,10 @@ class Schedule:
     total length. padded: some sequence is shorter than T.
     """
 
-    __slots__ = ("lengths", "order", "bounds", "padded")
+    __slots__ = ("lengths", "order", "bounds", "padded", "n_threads")
 
     def __init__(self, lengths, B, T, n_threads):
+        self.n_threads = n_threads
         if lengths is None:
             self.lengths = np.full(B, T, dtype=np.intp)
             self.order = np.arange(B, dtype=np.intp)
@@ -59,6 +61,14 @@ class Schedule:
         work = np.cumsum(self.lengths[self.order])
         cuts = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks, side="left") + 1
         self.bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, B), [B]))).astype(np.intp)
+
+    def single_thread(self):
+        """The same rows in one chunk."""
+        one = Schedule.__new__(Schedule)
+        one.lengths, one.order, one.padded, one.n_threads = (self.lengths, self.order,
+                                                              self.padded, 1)
+        one.bounds = np.array([0, len(self.order)], dtype=np.intp)
+        return one
 
 
 class Cache:
@@ -76,12 +86,19 @@ class Cache:
         return self
 
 
-def _by_units(B):
-    """Split hidden units across threads (one barrier per step) instead of batch rows?
+def _run_forward(kernel, args, sched, reverse, pack_ih, pack_hh):
+    """Call a forward kernel with the row split or, for small batches, the hidden-unit split.
 
-    Either split gives bitwise the same numbers; this only picks the faster one.
+    Both splits give bitwise the same numbers; this only picks the faster one.
+    If OpenMP grants fewer threads than asked, run again on one thread.
     """
-    return get_num_threads() > 1 and B <= UNITS_MAX_BATCH
+    n = sched.n_threads
+    by_units = n > 1 and len(sched.order) <= UNITS_MAX_BATCH
+    if not kernel(*args, sched.lengths, sched.order, sched.bounds, bool(reverse), pack_ih,
+                  pack_hh, n, by_units):
+        one = sched.single_thread()
+        kernel(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih, pack_hh, 1,
+               False)
 
 
 def _states(name, value, shape, dtype):
@@ -134,7 +151,9 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     T, B, _ = x.shape
     h0 = _states("h0", h0, (B, H), x.dtype)
     lens = as_lengths(lengths, B, T)
-    sched = Schedule(lens, B, T, get_num_threads())
+    flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
+    # tiny calls run on one thread: waking a team costs more than the work
+    sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else get_num_threads())
     pack_ih = T * B >= PACK_MIN_ROWS
     pack_hh = B >= PACK_MIN_BATCH
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
@@ -158,9 +177,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     gates = np.empty((T, B, 4 * H), x.dtype) if training else None
     cs = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
-    _lstm.forward(y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, sched.lengths,
-                  sched.order, sched.bounds, bool(reverse), pack_ih, pack_hh,
-                  get_num_threads(), _by_units(B))
+    _run_forward(_lstm.forward, (y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias), sched,
+                 reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -189,7 +207,7 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     _lstm.backward(dx, dh0, dc0, dw_ih, dw_hh, cache.gates, dy, dh_n, dc_n, cache.cs,
                    cache.c0, cache.x, _h_prev(cache), cache.w_ih, cache.w_hh,
                    sched.lengths, sched.order, sched.bounds, cache.reverse,
-                   get_num_threads())
+                   sched.n_threads)
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
@@ -218,7 +236,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     """Elman RNN layer forward. x (T,B,I), h0 (B,H) or None, w_ih (H,I), w_hh (H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
-    Cache: pre (T,B,H) scratch for dL/da; hs (T+1,B,H).
+    Cache: hs (T+1,B,H) (y is its view; act' is computed from y).
     """
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, "
@@ -228,15 +246,14 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     T, B, _ = x.shape
     hs, y = _hidden_buffer(x, H, h0, sched, reverse)
     h_n = np.empty((B, H), x.dtype)
-    pre = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
-    _rnn.forward(y, h_n, pre, x, h0, w_ih, w_hh, bias, act, sched.lengths, sched.order,
-                 sched.bounds, bool(reverse), pack_ih, pack_hh, get_num_threads())
+    _run_forward(_rnn.forward, (y, h_n, x, h0, w_ih, w_hh, bias, act), sched, reverse,
+                 pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, y=y, pre=pre, act=act)
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act)
     return y, h_n, cache
 
 
@@ -248,11 +265,11 @@ def rnn_backward(dy, dh_n, cache):
     dh0 = np.empty((B, H), dtype)
     dw_ih = np.empty_like(cache.w_ih)
     dw_hh = np.empty_like(cache.w_hh)
-    da = cache.pre   # (T, B, H) receives dL/da
+    da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
     _rnn.backward(dx, dh0, dw_ih, dw_hh, da, dy, dh_n, cache.y, cache.act, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
-                  sched.bounds, cache.reverse, get_num_threads())
+                  sched.bounds, cache.reverse, sched.n_threads)
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
     if cache.has_bias:
@@ -280,9 +297,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         # r and z see b_ih + b_hh; n sees b_in outside and b_hn inside the reset product
         bias_x = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
-    _gru.forward(y, h_n, gates, hns, x, h0, w_ih, w_hh, bias_x, bias_hn, sched.lengths,
-                 sched.order, sched.bounds, bool(reverse), pack_ih, pack_hh,
-                 get_num_threads())
+    _run_forward(_gru.forward, (y, h_n, gates, hns, x, h0, w_ih, w_hh, bias_x, bias_hn), sched,
+                 reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -303,7 +319,7 @@ def gru_backward(dy, dh_n, cache):
     sched = cache.sched
     _gru.backward(dx, dh0, dw_ih, dw_hh, dgx, dgh, dy, dh_n, cache.hns, cache.y, cache.h0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths,
-                  sched.order, sched.bounds, cache.reverse, get_num_threads())
+                  sched.order, sched.bounds, cache.reverse, sched.n_threads)
     _fix_reverse_first_step(dw_hh, dgh, cache)
     db_ih = db_hh = None
     if cache.has_bias:

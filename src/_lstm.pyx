@@ -17,13 +17,12 @@ functions trust their arguments and run without the GIL.
 """
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel, threadid
 
 from _blas cimport floating, gemm
-from _simd cimport gemm_rows, packed_size, pack, n_panels, sigmoid_, tanh_, tanh_to
-from _schedule cimport (time_index, n_active, pack_parallel, unit_range, fastrnn_barrier,
-                       fastrnn_team_size)
-from cython.parallel cimport parallel, threadid
+from _simd cimport gemm_rows, sigmoid_, tanh_, tanh_to
+from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
+                       slice_offset, fastrnn_barrier, fastrnn_team_size)
 
 DEF BLOCK_ROWS = 64  # rows per input-projection GEMM (time steps x chunk rows)
 
@@ -36,225 +35,106 @@ cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
     return &a[0, 0] if a is not None else NULL
 
 
-cdef int forward_chunk(
+cdef void forward_thread(
         floating *y,                # OUT (T, B, H) h_t at valid steps
         floating *h_n,              # OUT (B, H) state after each row's last step
         floating *c_n,              # OUT (B, H)
-        floating *gates,            # OUT (T, B, 4H) activated gates, or NULL (inference)
+        floating *gates,            # OUT (T, B, 4H) activated i, f, g, o, or NULL (inference)
         floating *cs,               # OUT (T, B, H) c_t, or NULL (inference)
+        floating *hbuf,             # SHARED (2, B, H) h_{t-1} / h_t; row r is batch row order[r]
+        int *fail,                  # SHARED (nthr,) allocation failure per thread
         const floating *x,          # IN  (T, B, I)
         const floating *h0,         # IN  (B, H) or NULL for zeros
         const floating *c0,         # IN  (B, H) or NULL for zeros
-        const floating *w_ih,       # IN  (4H, I)
-        const floating *packed_ih,  # IN  packed w_ih, or NULL to use w_ih unpacked
-        const floating *w_hh,       # IN  (4H, H)
-        const floating *packed_hh,  # IN  packed w_hh, or NULL
+        const floating *w_ih_s,     # IN  this thread's 4*hk rows of w_ih (gate_slices), or w_ih
+        const floating *w_hh_s,     # IN  this thread's 4*hk rows of w_hh, likewise
+        bint pack_ih, bint pack_hh, # are w_ih_s / w_hh_s packed panels (else row-major)
         const floating *bias,       # IN  (4H,) b_ih + b_hh, or NULL
-        const Py_ssize_t *rows,     # IN  (nrows,) batch rows of this chunk, by decreasing length
-        Py_ssize_t nrows,
+        const Py_ssize_t *order,    # IN  (B,) batch rows by decreasing length
+        Py_ssize_t r0, Py_ssize_t r1,  # this thread's rows: order[r0:r1]
+        Py_ssize_t j0, Py_ssize_t j1,  # this thread's hidden units [j0, j1)
         const Py_ssize_t *lengths,  # IN  (B,)
-        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-        bint reverse) noexcept nogil:
-    """Run rows `rows` through the whole sequence. Returns 0, or -1 if out of memory."""
-    cdef Py_ssize_t G = 4 * H
-    cdef Py_ssize_t maxlen = lengths[rows[0]]
-    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows   # steps per input-projection block
-    if tb > maxlen:
-        tb = maxlen
-    cdef floating *h = <floating *> calloc(nrows * H, sizeof(floating))       # (nrows, H)
-    cdef floating *c = <floating *> calloc(nrows * H, sizeof(floating))       # (nrows, H)
-    cdef floating *a = <floating *> malloc(nrows * G * sizeof(floating))      # (nrows, 4H)
-    cdef floating *tc = <floating *> malloc(H * sizeof(floating))             # (H,) tanh(c_t)
-    cdef floating *gx_block = NULL   # (tb, nrows, 4H) x W_ih^T when not saving gates
-    cdef const floating **src = <const floating **> malloc(tb * nrows * sizeof(void *))
-    cdef floating **dst = <floating **> malloc(tb * nrows * sizeof(void *))
-    cdef floating **a_rows = <floating **> malloc(nrows * sizeof(void *))
-    cdef const floating **h_rows = <const floating **> malloc(nrows * sizeof(void *))
-    cdef floating **gx_rows = <floating **> malloc(tb * nrows * sizeof(void *))
-    if gates == NULL:
-        gx_block = <floating *> malloc(tb * nrows * G * sizeof(floating))
-    cdef int status = 0
-    cdef Py_ssize_t r, b, s, s0, s1, t, j, m, nact
-    cdef floating *gx
-    cdef floating *ar
-    cdef floating *hr
-    cdef floating *cr
-    if (h == NULL or c == NULL or a == NULL or tc == NULL or src == NULL or dst == NULL
-            or a_rows == NULL or h_rows == NULL or gx_rows == NULL or (gates == NULL and gx_block == NULL)):
-        status = -1
-    else:
-        for r in range(nrows):
-            b = rows[r]
-            a_rows[r] = a + r * G
-            h_rows[r] = h + r * H
-            if h0 != NULL:
-                memcpy(h + r * H, h0 + b * H, H * sizeof(floating))
-            if c0 != NULL:
-                memcpy(c + r * H, c0 + b * H, H * sizeof(floating))
-        s0 = 0
-        while s0 < maxlen:
-            s1 = min(s0 + tb, maxlen)
-            # Input projection for steps [s0, s1): one GEMM over all running rows.
-            m = 0
-            for s in range(s0, s1):
-                nact = n_active(rows, nrows, lengths, s)
-                for r in range(nact):
-                    b = rows[r]
-                    t = time_index(s, lengths[b], reverse)
-                    src[m] = x + (t * B + b) * I
-                    if gates != NULL:
-                        dst[m] = gates + (t * B + b) * G
-                    else:
-                        dst[m] = gx_block + ((s - s0) * nrows + r) * G
-                    gx_rows[(s - s0) * nrows + r] = dst[m]
-                    m = m + 1
-            gemm_rows(m, G, I, src, packed_ih, w_ih, I, dst, 0)
-            # Recurrence: only h_{t-1} W_hh^T and the fused gate pass per step.
-            for s in range(s0, s1):
-                nact = n_active(rows, nrows, lengths, s)
-                gemm_rows(nact, G, H, h_rows, packed_hh, w_hh, H, a_rows, 0)
-                for r in range(nact):
-                    b = rows[r]
-                    t = time_index(s, lengths[b], reverse)
-                    gx = gx_rows[(s - s0) * nrows + r]
-                    ar = a + r * G
-                    hr = h + r * H
-                    cr = c + r * H
-                    if bias != NULL:
-                        for j in range(G):
-                            ar[j] = ar[j] + gx[j] + bias[j]
-                    else:
-                        for j in range(G):
-                            ar[j] = ar[j] + gx[j]
-                    sigmoid_(ar, 2 * H)          # i, f
-                    tanh_(ar + 2 * H, H)         # g
-                    sigmoid_(ar + 3 * H, H)      # o
-                    for j in range(H):
-                        cr[j] = ar[H + j] * cr[j] + ar[j] * ar[2 * H + j]
-                    tanh_to(tc, cr, H)
-                    for j in range(H):
-                        hr[j] = ar[3 * H + j] * tc[j]
-                    memcpy(y + (t * B + b) * H, hr, H * sizeof(floating))
-                    if gates != NULL:
-                        memcpy(gx, ar, G * sizeof(floating))
-                        memcpy(cs + (t * B + b) * H, cr, H * sizeof(floating))
-            s0 = s1
-        for r in range(nrows):
-            b = rows[r]
-            memcpy(h_n + b * H, h + r * H, H * sizeof(floating))
-            memcpy(c_n + b * H, c + r * H, H * sizeof(floating))
-    free(h); free(c); free(a); free(tc); free(gx_block)
-    free(src); free(dst); free(a_rows); free(h_rows); free(gx_rows)
-    return status
+        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, bint reverse,
+        bint sync,                  # threads share rows: barrier after every step
+        int tid, int nthr) noexcept nogil:
+    """One thread's share of the forward pass: rows order[r0:r1], hidden units [j0, j1).
 
-
-cdef void forward_units(
-        floating *y,                # OUT (T, B, H) h_t at valid steps
-        floating *h_n,              # OUT (B, H)
-        floating *c_n,              # OUT (B, H)
-        floating *gates,            # OUT (T, B, 4H) activated gates, or NULL (inference)
-        floating *cs,               # OUT (T, B, H) c_t, or NULL (inference)
-        floating *hbuf,             # SHARED (2, B, H) h_{t-1} and h_t, rows in `order`
-        int *fail,                  # SHARED (nthr,) per-thread allocation failure flags
-        const floating *x,          # IN  (T, B, I)
-        const floating *h0,         # IN  (B, H) or NULL
-        const floating *c0,         # IN  (B, H) or NULL
-        const floating *w_ih,       # IN  (4H, I)
-        const floating *w_hh,       # IN  (4H, H)
-        const floating *bias,       # IN  (4H,) or NULL
-        const Py_ssize_t *order,    # IN  (B,) rows by decreasing length
-        const Py_ssize_t *lengths,  # IN  (B,)
-        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-        bint reverse, bint pack_ih, bint pack_hh, int tid, int nthr) noexcept nogil:
-    """Small-batch schedule, run by every thread of a parallel region.
-
-    Thread tid owns hidden units [j0, j1) of every row and all four gates, so
-    its slices of W_ih and W_hh stay in its own cache across steps. h_t is
-    shared: one barrier per step, with h double-buffered so that writing h_t
-    never races with another thread still reading h_{t-1}.
+    Large batches split rows (each thread all units, no barrier); small batches
+    split units (each thread all rows and its own slice of every gate, so its
+    weights stay in its cache; one barrier per step). The numbers are the same
+    bit for bit either way: each output element is computed by the same code.
     """
-    cdef Py_ssize_t j0, j1, hk, GK, maxlen = lengths[order[0]]
-    unit_range(H, tid, nthr, &j0, &j1)
-    hk = j1 - j0
-    GK = 4 * hk
-    cdef Py_ssize_t tb = (BLOCK_ROWS + B - 1) // B
+    cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = 4 * (j1 - j0)
+    cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
+    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows if nrows > 0 else 1
     if tb > maxlen:
         tb = maxlen
+    if tb < 1:
+        tb = 1
     cdef Py_ssize_t gk = GK if GK > 0 else 1
-    cdef floating *wl_ih = <floating *> malloc(gk * I * sizeof(floating))   # (4hk, I) own rows
-    cdef floating *wl_hh = <floating *> malloc(gk * H * sizeof(floating))   # (4hk, H) own rows
-    cdef floating *bl = <floating *> calloc(gk, sizeof(floating))           # (4hk,)
-    cdef floating *pk_ih = NULL
-    cdef floating *pk_hh = NULL
-    cdef floating *c = <floating *> calloc(B * (hk + 1), sizeof(floating))  # (B, hk)
-    cdef floating *a = <floating *> malloc(B * gk * sizeof(floating))       # (B, 4hk)
-    cdef floating *tc = <floating *> malloc((hk + 1) * sizeof(floating))
-    cdef floating *gxb = <floating *> malloc(tb * B * gk * sizeof(floating))  # (tb, B, 4hk)
-    cdef const floating **src = <const floating **> malloc(tb * B * sizeof(void *))
-    cdef floating **dst = <floating **> malloc(tb * B * sizeof(void *))
-    cdef const floating **h_rows = <const floating **> malloc(2 * B * sizeof(void *))
-    cdef floating **a_rows = <floating **> malloc(B * sizeof(void *))
+    cdef Py_ssize_t nr = nrows if nrows > 0 else 1
+    cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (4hk,) bias slice
+    cdef floating *c = <floating *> calloc(nr * gk, sizeof(floating))          # (nrows, hk)
+    cdef floating *a = <floating *> malloc(nr * gk * sizeof(floating))         # (nrows, 4hk)
+    cdef floating *tc = <floating *> malloc(gk * sizeof(floating))             # (hk,) tanh(c_t)
+    cdef floating *gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))  # (tb, nrows, 4hk)
+    cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
+    cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
+    cdef const floating **h_rows = <const floating **> malloc(2 * nr * sizeof(void *))
+    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))
     cdef Py_ssize_t r, b, s, s0, s1, t, j, g, m, nact
-    cdef int cur = 0, k, failed = 0
+    cdef int cur = 0, q, failed = 0
     cdef floating *ar
     cdef floating *gx
     cdef floating *cr
     cdef floating *hr
-    if pack_ih:
-        pk_ih = <floating *> malloc(packed_size(pk_ih, gk, I) * sizeof(floating))
-    if pack_hh:
-        pk_hh = <floating *> malloc(packed_size(pk_hh, gk, H) * sizeof(floating))
-    fail[tid] = (wl_ih == NULL or wl_hh == NULL or bl == NULL or c == NULL or a == NULL
-                 or tc == NULL or gxb == NULL or src == NULL or dst == NULL or h_rows == NULL
-                 or a_rows == NULL or (pack_ih and pk_ih == NULL) or (pack_hh and pk_hh == NULL))
+    fail[tid] = (bl == NULL or c == NULL or a == NULL or tc == NULL or gxb == NULL
+                 or src == NULL or dst == NULL or h_rows == NULL or a_rows == NULL)
     if not fail[tid]:
-        for g in range(4):   # gather this thread's rows of every gate
-            memcpy(wl_ih + g * hk * I, w_ih + (g * H + j0) * I, hk * I * sizeof(floating))
-            memcpy(wl_hh + g * hk * H, w_hh + (g * H + j0) * H, hk * H * sizeof(floating))
+        for g in range(4):
             if bias != NULL:
                 memcpy(bl + g * hk, bias + g * H + j0, hk * sizeof(floating))
-        if pack_ih and GK > 0:
-            pack(pk_ih, wl_ih, GK, I, I, 1, 0, n_panels(pk_ih, GK))
-        if pack_hh and GK > 0:
-            pack(pk_hh, wl_hh, GK, H, H, 1, 0, n_panels(pk_hh, GK))
-        for r in range(B):
-            b = order[r]
-            h_rows[r] = hbuf + r * H
-            h_rows[B + r] = hbuf + (B + r) * H
+        for r in range(nrows):
+            b = order[r0 + r]
+            h_rows[r] = hbuf + (r0 + r) * H
+            h_rows[nrows + r] = hbuf + (B + r0 + r) * H
             a_rows[r] = a + r * GK
             for j in range(hk):
-                hbuf[r * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
+                hbuf[(r0 + r) * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
                 c[r * hk + j] = c0[b * H + j0 + j] if c0 != NULL else 0
-    fastrnn_barrier()
-    for k in range(nthr):
-        failed = failed + fail[k]
-    if failed:
-        maxlen = 0   # every thread skips the loop together: no barrier is left waiting
+    if sync:
+        fastrnn_barrier()
+        for q in range(nthr):
+            failed = failed + fail[q]
+    else:
+        failed = fail[tid]
+    if failed or GK == 0 and not sync:
+        maxlen = 0   # all threads skip the loop together: no barrier is left waiting
     s0 = 0
     while s0 < maxlen:
         s1 = min(s0 + tb, maxlen)
+        # Input projection for steps [s0, s1): one GEMM over all running rows.
         m = 0
         for s in range(s0, s1):
-            nact = n_active(order, B, lengths, s)
+            nact = n_active(order + r0, nrows, lengths, s)
             for r in range(nact):
-                b = order[r]
-                t = time_index(s, lengths[b], reverse)
-                src[m] = x + (t * B + b) * I
-                dst[m] = gxb + ((s - s0) * B + r) * GK
+                b = order[r0 + r]
+                src[m] = x + (time_index(s, lengths[b], reverse) * B + b) * I
+                dst[m] = gxb + ((s - s0) * nrows + r) * GK
                 m = m + 1
         if GK > 0:
-            gemm_rows(m, GK, I, src, pk_ih, wl_ih, I, dst, 0)
+            gemm_rows(m, GK, I, src, w_ih_s if pack_ih else NULL, w_ih_s, I, dst, 0)
+        # Recurrence: only h_{t-1} W_hh^T and the fused gate pass per step.
         for s in range(s0, s1):
-            nact = n_active(order, B, lengths, s)
+            nact = n_active(order + r0, nrows, lengths, s)
             if GK > 0:
-                gemm_rows(nact, GK, H, &h_rows[cur * B], pk_hh, wl_hh, H, a_rows, 0)
-            for r in range(nact):
-                if GK == 0:
-                    break
-                b = order[r]
+                gemm_rows(nact, GK, H, &h_rows[cur * nrows], w_hh_s if pack_hh else NULL,
+                          w_hh_s, H, a_rows, 0)
+            for r in range(nact if GK > 0 else 0):
+                b = order[r0 + r]
                 t = time_index(s, lengths[b], reverse)
                 ar = a + r * GK
-                gx = gxb + ((s - s0) * B + r) * GK
+                gx = gxb + ((s - s0) * nrows + r) * GK
                 for j in range(GK):
                     ar[j] = ar[j] + gx[j] + bl[j]
                 sigmoid_(ar, 2 * hk)          # i, f
@@ -264,7 +144,7 @@ cdef void forward_units(
                 for j in range(hk):
                     cr[j] = ar[hk + j] * cr[j] + ar[j] * ar[2 * hk + j]
                 tanh_to(tc, cr, hk)
-                hr = hbuf + ((1 - cur) * B + r) * H + j0
+                hr = hbuf + ((1 - cur) * B + r0 + r) * H + j0
                 for j in range(hk):
                     hr[j] = ar[3 * hk + j] * tc[j]
                 memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
@@ -273,19 +153,19 @@ cdef void forward_units(
                         memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
                                hk * sizeof(floating))
                     memcpy(cs + (t * B + b) * H + j0, cr, hk * sizeof(floating))
-            fastrnn_barrier()   # h_t complete before anyone reads it
+            if sync:
+                fastrnn_barrier()   # h_t complete before anyone reads it
             cur = 1 - cur
         s0 = s1
     if not failed:
-        for r in range(B):
-            b = order[r]
-            # step s wrote buffer (s + 1) % 2; a row's last step is lengths[b] - 1
-            memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r) * H + j0,
+        for r in range(nrows):
+            b = order[r0 + r]
+            # step s wrote buffer (s + 1) % 2 and a row's last step is lengths[b] - 1
+            memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r0 + r) * H + j0,
                    hk * sizeof(floating))
             memcpy(c_n + b * H + j0, c + r * hk, hk * sizeof(floating))
-    free(wl_ih); free(wl_hh); free(bl); free(pk_ih); free(pk_hh); free(c); free(a); free(tc)
-    free(gxb); free(src); free(dst); free(h_rows); free(a_rows)
-
+    free(bl); free(c); free(a); free(tc); free(gxb)
+    free(src); free(dst); free(h_rows); free(a_rows)
 
 
 cdef int backward_chunk(
@@ -380,69 +260,69 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh, const floating[::1] bias,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads, bint by_units=False):
-    """LSTM forward over all steps. Arrays as in forward_chunk; gates/cs None for inference.
+            int n_threads, bint by_units):
+    """LSTM forward over all steps; arrays as in forward_thread, gates/cs None for inference.
 
-    order (B,) sorts rows by decreasing length; chunk k is order[bounds[k]:bounds[k+1]].
-    pack_ih / pack_hh choose the packed micro-kernel for the input / recurrent GEMM
-    (decided by the caller from T and B, never from the thread count).
-    by_units: split hidden units, not rows, across threads (forward_units; for
-    small batches); both splits give bitwise identical results.
+    order (B,) sorts rows by decreasing length. by_units=False: thread k takes rows
+    order[bounds[k]:bounds[k+1]] and all hidden units; by_units=True: every thread
+    takes all rows and its own hidden units. pack_ih / pack_hh choose the packed
+    micro-kernel (decided by the caller from T and B, never from the thread count).
+    Returns False if OpenMP gave fewer threads than asked (the caller then retries
+    with one thread).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = h_n.shape[1]
-    cdef Py_ssize_t nchunks = bounds.shape[0] - 1, k
+    cdef int nslices = n_threads if by_units else 1
+    cdef int nchunks = 1 if by_units else <int> (bounds.shape[0] - 1)
+    cdef int team = nslices * nchunks
     cdef floating *p_gates = ptr3(gates)
     cdef floating *p_cs = ptr3(cs)
-    cdef floating *hbuf
-    cdef int *fail
-    cdef int tid
-    if by_units:
-        hbuf = <floating *> malloc(2 * B * H * sizeof(floating))
-        fail = <int *> calloc(max(n_threads, 1), sizeof(int))
-        if hbuf == NULL or fail == NULL:
-            free(hbuf); free(fail)
-            raise MemoryError("fastrnn LSTM forward: out of memory")
-        with nogil, parallel(num_threads=n_threads):
-            tid = threadid()
-            forward_units(&y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], ptr3(gates), ptr3(cs), hbuf, fail,
-                          &x[0, 0, 0], cptr2(h0), cptr2(c0), &w_ih[0, 0], &w_hh[0, 0],
-                          &bias[0] if bias is not None else NULL, &order[0], &lengths[0],
-                          T, B, I, H, reverse, pack_ih, pack_hh, tid, fastrnn_team_size())
-        k = 0
-        for nchunks in range(n_threads):
-            k += fail[nchunks]
-        free(hbuf); free(fail)
-        if k:
-            raise MemoryError("fastrnn LSTM forward: out of memory")
-        return
     cdef const floating *p_h0 = cptr2(h0)
     cdef const floating *p_c0 = cptr2(c0)
     cdef const floating *p_bias = &bias[0] if bias is not None else NULL
-    cdef floating *packed_ih = NULL
-    cdef floating *packed_hh = NULL
-    cdef int failed = 0
+    cdef const floating *p_ih = &w_ih[0, 0]
+    cdef const floating *p_hh = &w_hh[0, 0]
+    cdef floating *s_ih = NULL
+    cdef floating *s_hh = NULL
+    cdef floating *hbuf = <floating *> malloc(2 * B * H * sizeof(floating))
+    cdef int *fail = <int *> calloc(team, sizeof(int))
+    cdef int tid, nthr, k, failed = 0
+    cdef Py_ssize_t j0, j1
+    cdef bint short_team = False
     with nogil:
-        if pack_ih:
-            packed_ih = <floating *> malloc(packed_size(packed_ih, 4 * H, I) * sizeof(floating))
-            if packed_ih != NULL:
-                pack_parallel(packed_ih, &w_ih[0, 0], 4 * H, I, I, 1, n_threads)
-        if pack_hh:
-            packed_hh = <floating *> malloc(packed_size(packed_hh, 4 * H, H) * sizeof(floating))
-            if packed_hh != NULL:
-                pack_parallel(packed_hh, &w_hh[0, 0], 4 * H, H, H, 1, n_threads)
-        if (pack_ih and packed_ih == NULL) or (pack_hh and packed_hh == NULL):
+        if pack_ih or nslices > 1:
+            s_ih = gate_slices(p_ih, 4, H, I, nslices, pack_ih, n_threads)
+        if pack_hh or nslices > 1:
+            s_hh = gate_slices(p_hh, 4, H, H, nslices, pack_hh, n_threads)
+        if (hbuf == NULL or fail == NULL or ((pack_ih or nslices > 1) and s_ih == NULL)
+                or ((pack_hh or nslices > 1) and s_hh == NULL)):
             failed = 1
         else:
-            for k in prange(nchunks, schedule='static', num_threads=n_threads):
-                failed += forward_chunk(
-                    &y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], p_gates, p_cs,
-                    &x[0, 0, 0], p_h0, p_c0, &w_ih[0, 0], packed_ih, &w_hh[0, 0], packed_hh,
-                    p_bias, &order[bounds[k]], bounds[k + 1] - bounds[k], &lengths[0],
-                    T, B, I, H, reverse) != 0
-        free(packed_ih)
-        free(packed_hh)
+            with parallel(num_threads=team):
+                tid = threadid()
+                nthr = fastrnn_team_size()
+                if nthr != team:
+                    fail[tid] = 2    # fewer threads than slices/chunks: caller retries with one
+                else:
+                    k = tid if by_units else 0          # slice
+                    j0 = unit_start(H, k, nslices)
+                    j1 = unit_start(H, k + 1, nslices)
+                    forward_thread(
+                        &y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], p_gates, p_cs, hbuf, fail,
+                        &x[0, 0, 0], p_h0, p_c0,
+                        s_ih + slice_offset(p_ih, 4, H, I, nslices, k, pack_ih) if s_ih != NULL else p_ih,
+                        s_hh + slice_offset(p_hh, 4, H, H, nslices, k, pack_hh) if s_hh != NULL else p_hh,
+                        pack_ih, pack_hh, p_bias, &order[0],
+                        0 if by_units else bounds[tid], B if by_units else bounds[tid + 1],
+                        j0, j1, &lengths[0], T, B, I, H, reverse, by_units, tid, nthr)
+            for k in range(team):
+                if fail[k] == 1:
+                    failed = 1
+                elif fail[k] == 2:
+                    short_team = True
+    free(s_ih); free(s_hh); free(hbuf); free(fail)
     if failed:
         raise MemoryError("fastrnn LSTM forward: out of memory")
+    return not short_team
 
 
 def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
@@ -469,11 +349,10 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
     with nogil:
-        packed_hhT = <floating *> malloc(packed_size(packed_hhT, H, G) * sizeof(floating))
+        packed_hhT = pack_transpose(&w_hh[0, 0], G, H, n_threads)   # w_hh^T: (H x 4H)
         if packed_hhT == NULL:
             failed = 1
         else:
-            pack_parallel(packed_hhT, &w_hh[0, 0], H, G, 1, H, n_threads)   # w_hh^T: (H x 4H)
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(
                     &dgates[0, 0, 0], &dh0[0, 0], &dc0[0, 0], &dy[0, 0, 0], p_dh_n, p_dc_n,

@@ -5,8 +5,7 @@ Shapes: T steps, B batch, I input, H hidden (one gate: G = 1).
 
     h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),  act = tanh | relu | identity
 
-Saved for backward (training only):
-    pre  (T, B, H)    scratch for x W_ih^T; backward overwrites it with dL/da
+Saved for backward: nothing beyond the outputs,
     hs   (T+1, B, H)  h_t, with h0 in the extra slot (slot 0 forward, slot T reverse);
                       act'(a) is computed from h_t: 1 - h^2, [h > 0], 1
 
@@ -15,11 +14,12 @@ functions trust their arguments and run without the GIL.
 """
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel, threadid
 
 from _blas cimport floating, gemm
-from _simd cimport gemm_rows, packed_size, tanh_
-from _schedule cimport time_index, n_active, pack_parallel
+from _simd cimport gemm_rows, tanh_
+from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
+                       slice_offset, fastrnn_barrier, fastrnn_team_size)
 
 DEF BLOCK_ROWS = 64  # rows per input-projection GEMM (time steps x chunk rows)
 DEF ACT_TANH = 0
@@ -27,107 +27,120 @@ DEF ACT_RELU = 1
 DEF ACT_IDENTITY = 2
 
 
-cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
-    return &a[0, 0, 0] if a is not None else NULL
-
-
 cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
     return &a[0, 0] if a is not None else NULL
 
 
-cdef int forward_chunk(
+cdef void forward_thread(
         floating *y,                # OUT (T, B, H) h_t at valid steps
         floating *h_n,              # OUT (B, H) state after each row's last step
-        floating *pre,              # OUT (T, B, H) x W_ih^T scratch, or NULL (inference)
+        floating *hbuf,             # SHARED (2, B, H) h_{t-1} / h_t; row r is batch row order[r]
+        int *fail,                  # SHARED (nthr,) allocation failure per thread
         const floating *x,          # IN  (T, B, I)
         const floating *h0,         # IN  (B, H) or NULL for zeros
-        const floating *w_ih,       # IN  (H, I)
-        const floating *packed_ih,  # IN  packed w_ih, or NULL to use w_ih unpacked
-        const floating *w_hh,       # IN  (H, H)
-        const floating *packed_hh,  # IN  packed w_hh, or NULL
+        const floating *w_ih_s,     # IN  this thread's hk rows of w_ih (gate_slices), or w_ih
+        const floating *w_hh_s,     # IN  this thread's hk rows of w_hh, likewise
+        bint pack_ih, bint pack_hh, # are w_ih_s / w_hh_s packed panels (else row-major)
         const floating *bias,       # IN  (H,) b_ih + b_hh, or NULL
         int act,                    # ACT_TANH, ACT_RELU or ACT_IDENTITY
-        const Py_ssize_t *rows,     # IN  (nrows,) batch rows of this chunk, by decreasing length
-        Py_ssize_t nrows,
+        const Py_ssize_t *order,    # IN  (B,) batch rows by decreasing length
+        Py_ssize_t r0, Py_ssize_t r1,  # this thread's rows: order[r0:r1]
+        Py_ssize_t j0, Py_ssize_t j1,  # this thread's hidden units [j0, j1)
         const Py_ssize_t *lengths,  # IN  (B,)
-        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H,
-        bint reverse) noexcept nogil:
-    """Run rows `rows` through the whole sequence. Returns 0, or -1 if out of memory."""
-    cdef Py_ssize_t maxlen = lengths[rows[0]]
-    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows   # steps per input-projection block
+        Py_ssize_t T, Py_ssize_t B, Py_ssize_t I, Py_ssize_t H, bint reverse,
+        bint sync,                  # threads share rows: barrier after every step
+        int tid, int nthr) noexcept nogil:
+    """One thread's share of the forward pass: rows order[r0:r1], hidden units [j0, j1).
+
+    Large batches split rows (no barrier); small batches split hidden units (one
+    barrier per step); the numbers are bitwise the same either way.
+    """
+    cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0
+    cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
+    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows if nrows > 0 else 1
     if tb > maxlen:
         tb = maxlen
-    cdef floating *h = <floating *> calloc(nrows * H, sizeof(floating))       # (nrows, H)
-    cdef floating *a = <floating *> malloc(nrows * H * sizeof(floating))      # (nrows, H) h W_hh^T
-    cdef floating *gx_block = NULL   # (tb, nrows, H) x W_ih^T when not saving
-    cdef const floating **src = <const floating **> malloc(tb * nrows * sizeof(void *))
-    cdef floating **dst = <floating **> malloc(tb * nrows * sizeof(void *))
-    cdef floating **a_rows = <floating **> malloc(nrows * sizeof(void *))
-    cdef const floating **h_rows = <const floating **> malloc(nrows * sizeof(void *))
-    cdef floating **gx_rows = <floating **> malloc(tb * nrows * sizeof(void *))
-    if pre == NULL:
-        gx_block = <floating *> malloc(tb * nrows * H * sizeof(floating))
-    cdef int status = 0
+    if tb < 1:
+        tb = 1
+    cdef Py_ssize_t gk = hk if hk > 0 else 1
+    cdef Py_ssize_t nr = nrows if nrows > 0 else 1
+    cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (hk,) bias slice
+    cdef floating *a = <floating *> malloc(nr * gk * sizeof(floating))         # (nrows, hk)
+    cdef floating *gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))  # (tb, nrows, hk)
+    cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
+    cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
+    cdef const floating **h_rows = <const floating **> malloc(2 * nr * sizeof(void *))
+    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))
     cdef Py_ssize_t r, b, s, s0, s1, t, j, m, nact
-    cdef floating *gx
+    cdef int cur = 0, q, failed = 0
     cdef floating *ar
+    cdef floating *gx
     cdef floating *hr
-    if (h == NULL or a == NULL or src == NULL or dst == NULL or a_rows == NULL
-            or h_rows == NULL or gx_rows == NULL or (pre == NULL and gx_block == NULL)):
-        status = -1
+    fail[tid] = (bl == NULL or a == NULL or gxb == NULL or src == NULL or dst == NULL
+                 or h_rows == NULL or a_rows == NULL)
+    if not fail[tid]:
+        if bias != NULL:
+            memcpy(bl, bias + j0, hk * sizeof(floating))
+        for r in range(nrows):
+            b = order[r0 + r]
+            h_rows[r] = hbuf + (r0 + r) * H
+            h_rows[nrows + r] = hbuf + (B + r0 + r) * H
+            a_rows[r] = a + r * hk
+            for j in range(hk):
+                hbuf[(r0 + r) * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
+    if sync:
+        fastrnn_barrier()
+        for q in range(nthr):
+            failed = failed + fail[q]
     else:
+        failed = fail[tid]
+    if failed:
+        maxlen = 0   # all threads skip the loop together: no barrier is left waiting
+    s0 = 0
+    while s0 < maxlen:
+        s1 = min(s0 + tb, maxlen)
+        # Input projection for steps [s0, s1): one GEMM over all running rows.
+        m = 0
+        for s in range(s0, s1):
+            nact = n_active(order + r0, nrows, lengths, s)
+            for r in range(nact):
+                b = order[r0 + r]
+                src[m] = x + (time_index(s, lengths[b], reverse) * B + b) * I
+                dst[m] = gxb + ((s - s0) * nrows + r) * hk
+                m = m + 1
+        if hk > 0:
+            gemm_rows(m, hk, I, src, w_ih_s if pack_ih else NULL, w_ih_s, I, dst, 0)
+        # Recurrence: h_t = act(gx + h_{t-1} W_hh^T + b).
+        for s in range(s0, s1):
+            nact = n_active(order + r0, nrows, lengths, s)
+            if hk > 0:
+                gemm_rows(nact, hk, H, &h_rows[cur * nrows], w_hh_s if pack_hh else NULL,
+                          w_hh_s, H, a_rows, 0)
+            for r in range(nact if hk > 0 else 0):
+                b = order[r0 + r]
+                t = time_index(s, lengths[b], reverse)
+                ar = a + r * hk
+                gx = gxb + ((s - s0) * nrows + r) * hk
+                hr = hbuf + ((1 - cur) * B + r0 + r) * H + j0
+                for j in range(hk):
+                    hr[j] = ar[j] + gx[j] + bl[j]
+                if act == ACT_TANH:
+                    tanh_(hr, hk)
+                elif act == ACT_RELU:
+                    for j in range(hk):
+                        hr[j] = 0 if hr[j] < 0 else hr[j]   # NaN < 0 is false: NaN stays
+                memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
+            if sync:
+                fastrnn_barrier()   # h_t complete before anyone reads it
+            cur = 1 - cur
+        s0 = s1
+    if not failed:
         for r in range(nrows):
-            b = rows[r]
-            a_rows[r] = a + r * H
-            h_rows[r] = h + r * H
-            if h0 != NULL:
-                memcpy(h + r * H, h0 + b * H, H * sizeof(floating))
-        s0 = 0
-        while s0 < maxlen:
-            s1 = min(s0 + tb, maxlen)
-            # Input projection for steps [s0, s1): one GEMM over all running rows.
-            m = 0
-            for s in range(s0, s1):
-                nact = n_active(rows, nrows, lengths, s)
-                for r in range(nact):
-                    b = rows[r]
-                    t = time_index(s, lengths[b], reverse)
-                    src[m] = x + (t * B + b) * I
-                    if pre != NULL:
-                        dst[m] = pre + (t * B + b) * H
-                    else:
-                        dst[m] = gx_block + ((s - s0) * nrows + r) * H
-                    gx_rows[(s - s0) * nrows + r] = dst[m]
-                    m = m + 1
-            gemm_rows(m, H, I, src, packed_ih, w_ih, I, dst, 0)
-            # Recurrence: h_t = act(gx + h_{t-1} W_hh^T + b).
-            for s in range(s0, s1):
-                nact = n_active(rows, nrows, lengths, s)
-                gemm_rows(nact, H, H, h_rows, packed_hh, w_hh, H, a_rows, 0)
-                for r in range(nact):
-                    b = rows[r]
-                    t = time_index(s, lengths[b], reverse)
-                    gx = gx_rows[(s - s0) * nrows + r]
-                    ar = a + r * H
-                    hr = h + r * H
-                    if bias != NULL:
-                        for j in range(H):
-                            hr[j] = ar[j] + gx[j] + bias[j]
-                    else:
-                        for j in range(H):
-                            hr[j] = ar[j] + gx[j]
-                    if act == ACT_TANH:
-                        tanh_(hr, H)
-                    elif act == ACT_RELU:
-                        for j in range(H):
-                            hr[j] = 0 if hr[j] < 0 else hr[j]   # NaN < 0 is false: NaN stays
-                    memcpy(y + (t * B + b) * H, hr, H * sizeof(floating))
-            s0 = s1
-        for r in range(nrows):
-            b = rows[r]
-            memcpy(h_n + b * H, h + r * H, H * sizeof(floating))
-    free(h); free(a); free(gx_block); free(src); free(dst); free(a_rows); free(h_rows); free(gx_rows)
-    return status
+            b = order[r0 + r]
+            # step s wrote buffer (s + 1) % 2 and a row's last step is lengths[b] - 1
+            memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r0 + r) * H + j0,
+                   hk * sizeof(floating))
+    free(bl); free(a); free(gxb); free(src); free(dst); free(h_rows); free(a_rows)
 
 
 cdef int backward_chunk(
@@ -193,50 +206,73 @@ cdef int backward_chunk(
     return status
 
 
-def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :, ::1] pre,
+def forward(floating[:, :, ::1] y, floating[:, ::1] h_n,
             const floating[:, :, ::1] x, const floating[:, ::1] h0,
             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh, const floating[::1] bias,
-            int act, const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
+            int act,
+            const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads):
-    """RNN forward over all steps. Arrays as in forward_chunk; pre None for inference.
+            int n_threads, bint by_units):
+    """RNN forward over all steps; arrays as in forward_thread.
 
-    order (B,) sorts rows by decreasing length; chunk k is order[bounds[k]:bounds[k+1]].
-    pack_ih / pack_hh choose the packed micro-kernel for the input / recurrent GEMM
-    (decided by the caller from T and B, never from the thread count).
+    order (B,) sorts rows by decreasing length. by_units=False: thread k takes rows
+    order[bounds[k]:bounds[k+1]] and all hidden units; by_units=True: every thread
+    takes all rows and its own hidden units. pack_ih / pack_hh choose the packed
+    micro-kernel (decided by the caller from T and B, never from the thread count).
+    Returns False if OpenMP gave fewer threads than asked (the caller then retries
+    with one thread).
     """
     cdef Py_ssize_t T = x.shape[0], B = x.shape[1], I = x.shape[2], H = h_n.shape[1]
-    cdef Py_ssize_t nchunks = bounds.shape[0] - 1, k
-    cdef floating *p_pre = ptr3(pre)
+    cdef int nslices = n_threads if by_units else 1
+    cdef int nchunks = 1 if by_units else <int> (bounds.shape[0] - 1)
+    cdef int team = nslices * nchunks
     cdef const floating *p_h0 = cptr2(h0)
     cdef const floating *p_bias = &bias[0] if bias is not None else NULL
-    cdef floating *packed_ih = NULL
-    cdef floating *packed_hh = NULL
-    cdef int failed = 0
+    cdef const floating *p_ih = &w_ih[0, 0]
+    cdef const floating *p_hh = &w_hh[0, 0]
+    cdef floating *s_ih = NULL
+    cdef floating *s_hh = NULL
+    cdef floating *hbuf = <floating *> malloc(2 * B * H * sizeof(floating))
+    cdef int *fail = <int *> calloc(team, sizeof(int))
+    cdef int tid, nthr, k, failed = 0
+    cdef Py_ssize_t j0, j1
+    cdef bint short_team = False
     if act not in (ACT_TANH, ACT_RELU, ACT_IDENTITY):
         raise ValueError(f"act must be 0 (tanh), 1 (relu) or 2 (identity), got {act}")
     with nogil:
-        if pack_ih:
-            packed_ih = <floating *> malloc(packed_size(packed_ih, H, I) * sizeof(floating))
-            if packed_ih != NULL:
-                pack_parallel(packed_ih, &w_ih[0, 0], H, I, I, 1, n_threads)
-        if pack_hh:
-            packed_hh = <floating *> malloc(packed_size(packed_hh, H, H) * sizeof(floating))
-            if packed_hh != NULL:
-                pack_parallel(packed_hh, &w_hh[0, 0], H, H, H, 1, n_threads)
-        if (pack_ih and packed_ih == NULL) or (pack_hh and packed_hh == NULL):
+        if pack_ih or nslices > 1:
+            s_ih = gate_slices(p_ih, 1, H, I, nslices, pack_ih, n_threads)
+        if pack_hh or nslices > 1:
+            s_hh = gate_slices(p_hh, 1, H, H, nslices, pack_hh, n_threads)
+        if (hbuf == NULL or fail == NULL or ((pack_ih or nslices > 1) and s_ih == NULL)
+                or ((pack_hh or nslices > 1) and s_hh == NULL)):
             failed = 1
         else:
-            for k in prange(nchunks, schedule='static', num_threads=n_threads):
-                failed += forward_chunk(
-                    &y[0, 0, 0], &h_n[0, 0], p_pre, &x[0, 0, 0], p_h0,
-                    &w_ih[0, 0], packed_ih, &w_hh[0, 0], packed_hh, p_bias, act,
-                    &order[bounds[k]], bounds[k + 1] - bounds[k], &lengths[0],
-                    T, B, I, H, reverse) != 0
-        free(packed_ih)
-        free(packed_hh)
+            with parallel(num_threads=team):
+                tid = threadid()
+                nthr = fastrnn_team_size()
+                if nthr != team:
+                    fail[tid] = 2    # fewer threads than slices/chunks: caller retries with one
+                else:
+                    k = tid if by_units else 0          # slice
+                    j0 = unit_start(H, k, nslices)
+                    j1 = unit_start(H, k + 1, nslices)
+                    forward_thread(
+                        &y[0, 0, 0], &h_n[0, 0], hbuf, fail, &x[0, 0, 0], p_h0,
+                        s_ih + slice_offset(p_ih, 1, H, I, nslices, k, pack_ih) if s_ih != NULL else p_ih,
+                        s_hh + slice_offset(p_hh, 1, H, H, nslices, k, pack_hh) if s_hh != NULL else p_hh,
+                        pack_ih, pack_hh, p_bias, act, &order[0],
+                        0 if by_units else bounds[tid], B if by_units else bounds[tid + 1],
+                        j0, j1, &lengths[0], T, B, I, H, reverse, by_units, tid, nthr)
+            for k in range(team):
+                if fail[k] == 1:
+                    failed = 1
+                elif fail[k] == 2:
+                    short_team = True
+    free(s_ih); free(s_hh); free(hbuf); free(fail)
     if failed:
         raise MemoryError("fastrnn RNN forward: out of memory")
+    return not short_team
 
 
 def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
@@ -259,11 +295,10 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
     with nogil:
-        packed_hhT = <floating *> malloc(packed_size(packed_hhT, H, H) * sizeof(floating))
+        packed_hhT = pack_transpose(&w_hh[0, 0], H, H, n_threads)   # w_hh^T
         if packed_hhT == NULL:
             failed = 1
         else:
-            pack_parallel(packed_hhT, &w_hh[0, 0], H, H, 1, H, n_threads)   # w_hh^T
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(
                     &da[0, 0, 0], &dh0[0, 0], &dy[0, 0, 0], p_dh_n, &y[0, 0, 0], act,

@@ -6,7 +6,9 @@
 # s the rows still running are a prefix of the chunk: finished sequences drop
 # out of the GEMM and cost nothing.
 from cython.parallel cimport prange
-from _simd cimport floating, pack, n_panels
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from _simd cimport floating, pack, n_panels, panel_width
 
 
 cdef inline Py_ssize_t time_index(Py_ssize_t s, Py_ssize_t length, bint reverse) noexcept nogil:
@@ -27,13 +29,30 @@ cdef inline Py_ssize_t n_active(const Py_ssize_t *rows, Py_ssize_t nrows,
     return n
 
 
-cdef inline void pack_parallel(floating *packed, const floating *W, Py_ssize_t N,
-                               Py_ssize_t K, Py_ssize_t rs, Py_ssize_t cs,
-                               int n_threads) noexcept nogil:
-    """packed := panel layout of W (N x K, W[n][k] at W + n*rs + k*cs), panels split over threads."""
+cdef inline void pack_parallel(floating *packed, const floating **rows, Py_ssize_t N,
+                               Py_ssize_t K, Py_ssize_t cs, int n_threads) noexcept nogil:
+    """packed := panel layout of the N x K matrix with rows `rows`, panels split over threads."""
     cdef Py_ssize_t p, npan = n_panels(packed, N)
     for p in prange(npan, schedule='static', num_threads=n_threads):
-        pack(packed, W, N, K, rs, cs, p, p + 1)
+        pack(packed, rows, N, K, cs, p, p + 1)
+
+
+cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t K,
+                                     int n_threads) noexcept nogil:
+    """Packed copy of W^T for W (N x K) row-major (backward's dh = da W). NULL if out of memory."""
+    cdef floating *packed = <floating *> malloc(n_panels(<floating *> W, K) * panel_width(<floating *> W)
+                                                * N * sizeof(floating))
+    cdef const floating **rows = <const floating **> malloc(K * sizeof(void *))
+    cdef Py_ssize_t k
+    if packed != NULL and rows != NULL:
+        for k in range(K):
+            rows[k] = W + k   # row k of W^T is column k of W
+        pack_parallel(packed, rows, K, N, K, n_threads)
+    else:
+        free(packed)
+        packed = NULL
+    free(rows)
+    return packed
 
 
 cdef extern from "omp_helpers.h" nogil:
@@ -42,9 +61,63 @@ cdef extern from "omp_helpers.h" nogil:
     void fastrnn_barrier()
 
 
-cdef inline void unit_range(Py_ssize_t H, int tid, int nthr, Py_ssize_t *j0, Py_ssize_t *j1) noexcept nogil:
-    """Hidden units [j0, j1) owned by thread tid of nthr (contiguous, multiples of 8 where possible)."""
-    cdef Py_ssize_t per = (H + nthr - 1) // nthr
+cdef inline Py_ssize_t unit_start(Py_ssize_t H, int k, int nslices) noexcept nogil:
+    """First hidden unit of slice k of nslices; slice k is [unit_start(k), unit_start(k + 1)).
+
+    Slices are contiguous and multiples of 8 units where possible. (A function
+    returning a value, not writing through pointers: Cython makes variables
+    assigned inside a parallel block private, but not ones passed by address.)
+    """
+    cdef Py_ssize_t per = (H + nslices - 1) // nslices
     per = ((per + 7) // 8) * 8
-    j0[0] = min(H, tid * per)
-    j1[0] = min(H, j0[0] + per)
+    return min(H, k * per)
+
+
+
+cdef inline Py_ssize_t slice_offset(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
+                                    int nslices, int k, bint packed) noexcept nogil:
+    """Where slice k starts in the buffer made by gate_slices (in elements)."""
+    cdef Py_ssize_t off = 0, hk
+    cdef int q
+    for q in range(k):
+        hk = unit_start(H, q + 1, nslices) - unit_start(H, q, nslices)
+        if packed:
+            off += n_panels(<floating *> W, G * hk) * panel_width(<floating *> W) * K
+        else:
+            off += G * hk * K
+    return off
+
+
+cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
+                                  int nslices, bint packed, int n_threads) noexcept nogil:
+    """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
+    g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
+    when `packed`, else row-major. Thread k then reads one contiguous block and
+    its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
+    NULL if out of memory.
+    """
+    cdef floating *buf = <floating *> malloc(
+        (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating))
+    cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
+    cdef Py_ssize_t j0, j1, g, j, n, off
+    cdef int k
+    if buf == NULL or rows == NULL:
+        free(buf)
+        free(rows)
+        return NULL
+    for k in range(nslices):
+        j0 = unit_start(H, k, nslices)
+        j1 = unit_start(H, k + 1, nslices)
+        off = slice_offset(W, G, H, K, nslices, k, packed)
+        n = 0
+        for g in range(G):
+            for j in range(j0, j1):
+                rows[n] = W + (g * H + j) * K
+                n = n + 1
+        if packed:
+            pack_parallel(buf + off, rows, n, K, 1, n_threads)
+        else:
+            for j in range(n):
+                memcpy(buf + off + j * K, rows[j], K * sizeof(floating))
+    free(rows)
+    return buf

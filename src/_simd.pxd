@@ -6,10 +6,10 @@ from _blas cimport floating
 cdef extern from "recurrent_gemm.h" nogil:
     size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
     size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)
-    void fastrnn_pack_s(float *packed, const float *W, Py_ssize_t N, Py_ssize_t K,
-                        Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
-    void fastrnn_pack_d(double *packed, const double *W, Py_ssize_t N, Py_ssize_t K,
-                        Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_pack_s(float *packed, const float *const *rows, Py_ssize_t N, Py_ssize_t K,
+                        Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_pack_d(double *packed, const double *const *rows, Py_ssize_t N, Py_ssize_t K,
+                        Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
     void fastrnn_gemm_packed_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const float *const *A, const float *packed,
                                float *const *C, float beta)
@@ -40,13 +40,21 @@ cdef inline size_t packed_size(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) 
         return fastrnn_packed_size_d(N, K)
 
 
-cdef inline void pack(floating *packed, const floating *W, Py_ssize_t N, Py_ssize_t K,
-                      Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
-    """packed := panels [p0, p1) of W (N x K, W[n][k] at W + n*rs + k*cs)."""
+cdef inline void pack(floating *packed, const floating **rows, Py_ssize_t N, Py_ssize_t K,
+                      Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """packed := panels [p0, p1) of the N x K matrix with row n at rows[n], columns cs apart."""
     if floating is float:
-        fastrnn_pack_s(packed, W, N, K, rs, cs, p0, p1)
+        fastrnn_pack_s(packed, rows, N, K, cs, p0, p1)
     else:
-        fastrnn_pack_d(packed, W, N, K, rs, cs, p0, p1)
+        fastrnn_pack_d(packed, rows, N, K, cs, p0, p1)
+
+
+cdef inline Py_ssize_t panel_width(floating *dtype_tag) noexcept nogil:
+    """Output columns per packed panel: 16 floats or 8 doubles (two 32-byte vectors)."""
+    if floating is float:
+        return 16
+    else:
+        return 8
 
 
 cdef inline Py_ssize_t n_panels(floating *dtype_tag, Py_ssize_t N) noexcept nogil:

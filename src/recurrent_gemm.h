@@ -6,7 +6,7 @@
  * makes the per-step product fast. Each thread calls this on its own batch
  * rows, single-threaded, inside the caller's OpenMP region.
  *
- * Packed layout of W (N x K, any strides): panels of NR output columns,
+ * Packed layout of W (N x K, given as row pointers): panels of NR output columns,
  *   packed[p][k][j] = W[p*NR + j][k]   (zero for p*NR + j >= N)
  * so a panel is K contiguous rows of NR values, read once per row tile.
  *
@@ -46,19 +46,23 @@ static inline size_t fastrnn_packed_size_##SUFFIX(ptrdiff_t N, ptrdiff_t K)     
     return (size_t)((N + NR - 1) / NR) * (size_t)NR * (size_t)K;                   \
 }                                                                                  \
                                                                                    \
-/* packed := panels of W, W[n][k] at W + n*rs + k*cs (rs, cs in elements).       \
- * Packs panels [p0, p1) only, so threads can share the work. */                  \
-static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *W, ptrdiff_t N,        \
-                                  ptrdiff_t K, ptrdiff_t rs, ptrdiff_t cs,         \
+/* packed := panels [p0, p1) of the N x K matrix whose row n is rows[n]        \
+ * (K values, stride cs apart). Row pointers let callers pack a transpose       \
+ * (cs = row length) or a permutation of rows (one thread's gate slices). */    \
+static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *const *rows,           \
+                                  ptrdiff_t N, ptrdiff_t K, ptrdiff_t cs,          \
                                   ptrdiff_t p0, ptrdiff_t p1)                      \
 {                                                                                  \
     const ptrdiff_t NR = 2 * LANES;                                                \
     for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
         REAL *dst = packed + p * NR * K;                                           \
-        for (ptrdiff_t k = 0; k < K; ++k) {                                        \
-            for (ptrdiff_t j = 0; j < NR; ++j) {                                   \
-                ptrdiff_t n = p * NR + j;                                          \
-                dst[k * NR + j] = n < N ? W[n * rs + k * cs] : (REAL)0;            \
+        for (ptrdiff_t j = 0; j < NR; ++j) {                                       \
+            ptrdiff_t n = p * NR + j;                                              \
+            if (n < N) {                                                           \
+                const REAL *src = rows[n];                                         \
+                for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = src[k * cs];   \
+            } else {                                                               \
+                for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = (REAL)0;       \
             }                                                                      \
         }                                                                          \
     }                                                                              \

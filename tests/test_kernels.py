@@ -112,8 +112,13 @@ def test_padded_steps_are_zero_and_ignored(cell):
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_one_and_two_threads_bitwise_identical(cell, dtype):
-    case = make_case(cell, dtype, (7, 11, 13, 19), True, True, True, 5)
+@pytest.mark.parametrize("split", ["rows", "units"])
+@pytest.mark.parametrize("batch", [2, 11])
+def test_one_and_two_threads_bitwise_identical(cell, dtype, split, batch, monkeypatch):
+    """Results do not depend on the thread count, nor on splitting rows or hidden units."""
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # use every thread even for a small case
+    monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    case = make_case(cell, dtype, (7, batch, 13, 19), True, True, True, 5)
     before = fastrnn.get_num_threads()
     try:
         fastrnn.set_num_threads(1)
