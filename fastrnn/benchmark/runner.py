@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -145,21 +145,35 @@ def _configs(args):
 # threads and the sgemm peak
 # ---------------------------------------------------------------------------
 
+@contextmanager
 def set_threads(n, peers):
-    """Give every engine ``n`` threads; returns a context manager limiting
-    NumPy's BLAS (threadpoolctl) that the caller keeps open while timing."""
+    """Within the block, every engine uses ``n`` threads: fastrnn
+    (``set_num_threads``), torch (when a peer) and NumPy's BLAS (threadpoolctl).
+    The previous settings come back afterwards. ONNX Runtime takes its thread
+    count per session (:class:`~fastrnn.benchmark.engines.OnnxEngine`)."""
     import fastrnn
+    restore = []
     setter = getattr(fastrnn, "set_num_threads", None)
     if setter is not None:
+        getter = getattr(fastrnn, "get_num_threads", None)
+        if getter is not None:
+            restore.append((setter, getter()))
         setter(n)
     if "torch" in peers:
         import torch
+        restore.append((torch.set_num_threads, torch.get_num_threads()))
         torch.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=n, user_api="blas")
     except ImportError:
-        return nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
+        limits = nullcontext()
+    try:
+        with limits:
+            yield n
+    finally:
+        for set_, old in reversed(restore):
+            set_(old)
 
 
 def measure_sgemm_peak(n=2048, repeats=5):
@@ -535,6 +549,8 @@ def main(argv=None):
             print(format_lengths(lengths))
             if any(not r.get("check_ok", True) for r in lengths):
                 status = 1
+    if args.plot and not run_main:
+        _log("--plot draws the main table, which --memory/--lengths alone do not run")
     if args.plot and run_main:
         if plot_ok and summary["results"]:
             plot_results(summary["results"], summary["sgemm_gflops"], args.plot, peers)
