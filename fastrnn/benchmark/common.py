@@ -12,13 +12,11 @@ FLOP count (multiply-adds count 2, element-wise work is ignored)::
 A deeper layer's input size is H times the number of directions.
 """
 
-import time
-
 import numpy as np
 
 __all__ = ["CELLS", "GATES", "GRID", "DEFAULT_CONFIG", "TOLERANCE", "flop_count",
            "weight_names", "make_weights", "make_inputs", "max_rel_err", "compare",
-           "kernel_forward", "kernel_backward", "kernel_run", "median_time"]
+           "kernel_forward", "kernel_backward", "kernel_run"]
 
 #: Cells benchmarked, by their names in the runner's ``--cell`` option.
 CELLS = ("rnn_tanh", "lstm", "gru")
@@ -191,14 +189,3 @@ def kernel_run(F, cell, mode, x, w, dy=None, h0=None, c0=None, lengths=None):
         out.update(kernel_backward(F, cell, dy, cache))
     return out
 
-
-def median_time(fn, repeats=5, warmup=1):
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))

@@ -58,7 +58,8 @@ class Case:
                                  self.layers, self.bidirectional)
 
     def label(self):
-        extra = (f" L{self.layers}" if self.layers > 1 else "") + (" bi" if self.bidirectional else "")
+        extra = f" L{self.layers}" if self.layers > 1 else ""
+        extra += " bi" if self.bidirectional else ""
         return f"{self.cell} {self.mode} I={self.I} H={self.H} T={self.T} B={self.B}{extra}"
 
     def make_data(self):

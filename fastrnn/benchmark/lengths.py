@@ -102,9 +102,9 @@ def lengths_report(cells, configs, modes, peers=(), dtype="float32", repeats=Non
                              f"max rel err {err:.3g} in {key!r}")
                 engines = [_Timed("full", call(full)), _Timed("mixed", call(lengths))]
                 if "torch" in peers:
-                    engines += [_Timed("torch_full", _torch_packed(cell, weights, x, dy, full, mode)),
-                                _Timed("torch_mixed",
-                                       _torch_packed(cell, weights, x, dy, lengths, mode))]
+                    engines += [_Timed(f"torch_{kind}",
+                                       _torch_packed(cell, weights, x, dy, lens, mode))
+                                for kind, lens in (("full", full), ("mixed", lengths))]
                 for e in engines:
                     e.run()
                 budget = 6.0 * (1 + ("torch" in peers))
