@@ -32,6 +32,9 @@
 #endif
 
 #define FASTRNN_MR 6  /* rows of C per micro-tile */
+#ifndef FASTRNN_PREFETCH
+#define FASTRNN_PREFETCH 64  /* panel rows (k steps) to prefetch ahead: helps when W_hh streams from L3 */
+#endif
 
 typedef float fr_f8 __attribute__((vector_size(32)));
 typedef double fr_d4 __attribute__((vector_size(32)));
@@ -84,6 +87,8 @@ fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, const REAL *panel,     
     }                                                                              \
     for (ptrdiff_t k = 0; k < K; ++k) {                                            \
         VEC b0, b1;                                                                \
+        /* the panel streams from L2/L3 when W_hh is large: fetch ahead */         \
+        __builtin_prefetch(panel + (k + FASTRNN_PREFETCH) * 2 * LANES);            \
         memcpy(&b0, panel + k * 2 * LANES, sizeof(VEC));                          \
         memcpy(&b1, panel + k * 2 * LANES + LANES, sizeof(VEC));                   \
         for (int i = 0; i < m; ++i) {                                              \
