@@ -416,7 +416,6 @@ def plot_results(results, sgemm, path, peers):
                       for r in results if r["mode"] == m}) for m in modes)
     fig, axes = plt.subplots(len(modes), 1, squeeze=False,
                              figsize=(max(8.0, 0.3 * ncases * len(engines) + 2), 3.6 * len(modes)))
-    width = 0.8 / len(engines)
     for ax, mode in zip(axes[:, 0], modes):
         rows = [r for r in results if r["mode"] == mode]
         cases = []
@@ -424,11 +423,14 @@ def plot_results(results, sgemm, path, peers):
             key = (r["cell"], r["I"], r["H"], r["T"], r["B"])
             if key not in cases:
                 cases.append(key)
-        for k, eng in enumerate(engines):
+        present = [e for e in engines if any(r["engine"] == e for r in rows)]
+        width = 0.8 / len(present)
+        for k, eng in enumerate(present):
             vals = {(r["cell"], r["I"], r["H"], r["T"], r["B"]): r["gflops"]
                     for r in rows if r["engine"] == eng}
-            xs = [i + (k - (len(engines) - 1) / 2) * width for i in range(len(cases))]
-            ax.bar(xs, [vals.get(c, 0.0) for c in cases], width, label=eng)
+            xs = [i + (k - (len(present) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [vals.get(c, 0.0) for c in cases], width, label=eng,
+                   color=f"C{engines.index(eng)}")
         if sgemm:
             ax.axhline(sgemm, color="k", linestyle="--", linewidth=1,
                        label=f"sgemm peak {sgemm:.0f}")
