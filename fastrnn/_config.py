@@ -1,16 +1,13 @@
-"""Thread control: one number for the OpenMP kernels and the BLAS they call.
+"""Thread control for the kernels.
 
-The time loop runs in OpenMP threads, each owning batch rows for the whole
-sequence; the one-off GEMMs of backward run in scipy's BLAS. Both use
-`get_num_threads()` threads. The BLAS limit is set here once, when the number
-changes, because entering threadpoolctl costs about 0.6 ms: never on a hot path.
-Only scipy's BLAS is limited (the kernels link it); NumPy's is left alone.
+Every kernel runs in one OpenMP team of `get_num_threads()` threads: the time
+loop, the packing and the GEMMs of backward alike. The kernels call no BLAS,
+so there is no second thread pool to spin while the first works. NumPy's own
+BLAS (used by `fastrnn.nn.Linear` and other NumPy code) is left alone; it is
+reported by `config()` for information.
 """
 
 import os
-
-import scipy
-import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS the kernels call)
 
 from fastrnn import _openmp
 
@@ -35,28 +32,15 @@ def _default_threads():
 _num_threads = 1
 
 
-def _scipy_blas(controller):
-    """threadpoolctl entries for the BLAS shipped with scipy (the one the kernels call)."""
-    scipy_dir = os.path.dirname(os.path.dirname(scipy.__file__))
-    return [lib for lib in controller.lib_controllers
-            if lib.user_api == "blas" and "scipy" in os.path.relpath(lib.filepath, scipy_dir)]
-
-
 def set_num_threads(n):
-    """Use n threads in the kernels (OpenMP) and in scipy's BLAS. Without OpenMP, 1."""
+    """Use n threads in the kernels (OpenMP). Without OpenMP compiled in, always 1."""
     global _num_threads
-    if isinstance(n, bool) or not isinstance(n, (int,)) and not hasattr(n, "__index__"):
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"n must be an integer, got {type(n).__name__}")
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     _num_threads = n if _openmp.openmp_enabled() else 1
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # optional at run time: BLAS then keeps its own setting
-        return
-    for lib in _scipy_blas(ThreadpoolController()):
-        lib.set_num_threads(_num_threads)
 
 
 def get_num_threads():
@@ -66,12 +50,13 @@ def get_num_threads():
 
 def config():
     """Build and run-time configuration as a dict."""
-    blas = []
+    numpy_blas = []
     try:
         from threadpoolctl import ThreadpoolController
-        blas = [{"internal_api": lib.internal_api, "version": lib.version,
-                 "num_threads": lib.num_threads, "filepath": lib.filepath}
-                for lib in _scipy_blas(ThreadpoolController())]
+        numpy_blas = [{"internal_api": lib.internal_api, "version": lib.version,
+                       "num_threads": lib.num_threads, "filepath": lib.filepath}
+                      for lib in ThreadpoolController().lib_controllers
+                      if lib.user_api == "blas"]
     except ImportError:
         pass
     import numpy
@@ -79,11 +64,11 @@ def config():
     return {
         "fastrnn": __version__,
         "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
         "openmp": _openmp.openmp_enabled(),
         "num_threads": _num_threads,
         "omp_max_threads": _openmp.omp_max_threads(),
-        "blas": blas,
+        "kernel_blas": "none: packed micro-kernels (src/recurrent_gemm.h) for every GEMM",
+        "numpy_blas": numpy_blas,
         "simd_dispatch": "x86-64-v3 (AVX2+FMA) or baseline, chosen at load time",
     }
 
@@ -91,14 +76,14 @@ def config():
 def show_config():
     """Print `config()` in a readable form."""
     cfg = config()
-    print(f"fastrnn {cfg['fastrnn']} (numpy {cfg['numpy']}, scipy {cfg['scipy']})")
+    print(f"fastrnn {cfg['fastrnn']} (numpy {cfg['numpy']})")
     print(f"  OpenMP compiled in: {'yes' if cfg['openmp'] else 'no (single thread)'}")
     print(f"  threads:            {cfg['num_threads']}")
-    for lib in cfg["blas"] or [{"internal_api": "unknown", "version": "", "num_threads": "?",
-                                "filepath": ""}]:
-        print(f"  BLAS:               {lib['internal_api']} {lib['version'] or ''} "
-              f"({lib['num_threads']} threads) {lib['filepath']}")
+    print(f"  BLAS in kernels:    {cfg['kernel_blas']}")
     print(f"  micro-kernels:      {cfg['simd_dispatch']}")
+    for lib in cfg["numpy_blas"]:
+        print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
+              f"({lib['num_threads']} threads)")
 
 
 set_num_threads(_default_threads())

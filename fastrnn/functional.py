@@ -32,7 +32,7 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
-UNITS_MAX_BATCH = 0  # batches up to this split hidden units, not rows, across threads
+UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
 SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a team costs more)
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
 

@@ -20,12 +20,12 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
-from _blas cimport floating, gemm
-from _simd cimport gemm_rows, sigmoid_, tanh_
+from _gradients cimport input_and_weight_gradients
+from _simd cimport floating, gemm_rows, sigmoid_, tanh_
 from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
                        slice_offset, fastrnn_barrier, fastrnn_team_size)
 
-DEF BLOCK_ROWS = 64  # rows per input-projection GEMM (time steps x chunk rows)
+DEF BLOCK_ROWS = 256  # rows per input-projection GEMM (time steps x chunk rows)
 
 
 cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
@@ -341,13 +341,12 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
              const Py_ssize_t[::1] bounds, bint reverse, int n_threads):
     """GRU backward through time. dgx holds forward's gates and is overwritten with dL/dgx.
 
-    After the reverse loop, three GEMMs over all T*B rows (BLAS):
+    After the reverse loop, three GEMMs over all T*B rows (_gradients.pxd):
         dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev
     h_prev (T, B, H) is the state each step read (a view of forward's hs).
     """
     cdef Py_ssize_t T = dy.shape[0], B = dy.shape[1], H = dy.shape[2], I = x.shape[2]
     cdef Py_ssize_t G = 3 * H, nchunks = bounds.shape[0] - 1, k
-    cdef int TB = <int> (T * B)
     cdef const floating *p_dh_n = cptr2(dh_n)
     cdef const floating *p_h0 = cptr2(h0)
     cdef floating *packed_hhT = NULL
@@ -364,11 +363,9 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
                     bounds[k + 1] - bounds[k], &lengths[0], T, B, H, reverse) != 0
             free(packed_hhT)
             if not failed:
-                gemm(False, False, TB, <int> I, <int> G, 1, &dgx[0, 0, 0], <int> G,
-                     &w_ih[0, 0], <int> I, 0, &dx[0, 0, 0], <int> I)
-                gemm(True, False, <int> G, <int> I, TB, 1, &dgx[0, 0, 0], <int> G,
-                     &x[0, 0, 0], <int> I, 0, &dw_ih[0, 0], <int> I)
-                gemm(True, False, <int> G, <int> H, TB, 1, &dgh[0, 0, 0], <int> G,
-                     &h_prev[0, 0, 0], <int> H, 0, &dw_hh[0, 0], <int> H)
+                failed = input_and_weight_gradients(
+                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], &dgx[0, 0, 0], &dgh[0, 0, 0],
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], T * B, G, I, H,
+                    n_threads) != 0
     if failed:
         raise MemoryError("fastrnn GRU backward: out of memory")

@@ -16,12 +16,12 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
-from _blas cimport floating, gemm
-from _simd cimport gemm_rows, tanh_
+from _gradients cimport input_and_weight_gradients
+from _simd cimport floating, gemm_rows, tanh_
 from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
                        slice_offset, fastrnn_barrier, fastrnn_team_size)
 
-DEF BLOCK_ROWS = 64  # rows per input-projection GEMM (time steps x chunk rows)
+DEF BLOCK_ROWS = 256  # rows per input-projection GEMM (time steps x chunk rows)
 DEF ACT_TANH = 0
 DEF ACT_RELU = 1
 DEF ACT_IDENTITY = 2
@@ -285,12 +285,11 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
              const Py_ssize_t[::1] bounds, bint reverse, int n_threads):
     """RNN backward through time; da (T, B, H) receives dL/da.
 
-    After the reverse loop, three GEMMs over all T*B rows (BLAS):
+    After the reverse loop, three GEMMs over all T*B rows (_gradients.pxd):
         dx = da W_ih,   dw_ih = da^T x,   dw_hh = da^T h_prev
     """
     cdef Py_ssize_t T = dy.shape[0], B = dy.shape[1], H = dy.shape[2], I = x.shape[2]
     cdef Py_ssize_t nchunks = bounds.shape[0] - 1, k
-    cdef int TB = <int> (T * B)
     cdef const floating *p_dh_n = cptr2(dh_n)
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
@@ -306,11 +305,9 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
                     T, B, H, reverse) != 0
             free(packed_hhT)
             if not failed:
-                gemm(False, False, TB, <int> I, <int> H, 1, &da[0, 0, 0], <int> H,
-                     &w_ih[0, 0], <int> I, 0, &dx[0, 0, 0], <int> I)
-                gemm(True, False, <int> H, <int> I, TB, 1, &da[0, 0, 0], <int> H,
-                     &x[0, 0, 0], <int> I, 0, &dw_ih[0, 0], <int> I)
-                gemm(True, False, <int> H, <int> H, TB, 1, &da[0, 0, 0], <int> H,
-                     &h_prev[0, 0, 0], <int> H, 0, &dw_hh[0, 0], <int> H)
+                failed = input_and_weight_gradients(
+                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], &da[0, 0, 0], &da[0, 0, 0],
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], T * B, H, I, H,
+                    n_threads) != 0
     if failed:
         raise MemoryError("fastrnn RNN backward: out of memory")

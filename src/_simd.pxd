@@ -1,7 +1,10 @@
 # Fused-type front end to the C micro-kernels (recurrent_gemm.h) and the
 # vectorised activations (activations.h). Every function here is nogil and
 # single-threaded: callers run it on their own rows inside an OpenMP region.
-from _blas cimport floating
+ctypedef fused floating:
+    float
+    double
+
 
 cdef extern from "recurrent_gemm.h" nogil:
     size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)

@@ -10,10 +10,11 @@
  *   packed[p][k][j] = W[p*NR + j][k]   (zero for p*NR + j >= N)
  * so a panel is K contiguous rows of NR values, read once per row tile.
  *
- * Every element of C is sum_k A[i][k] * W[j][k] accumulated from zero in the
- * order k = 0..K-1 by the same instruction sequence whatever tile or row
- * count computed it, so results do not depend on how rows are split across
- * threads (bitwise identical for 1 and N threads).
+ * Every element of C is sum_k A[i][k] * W[j][k], accumulated in blocks of KC
+ * values of k (each from zero, in order, then added to C) by the same
+ * instruction sequence whatever tile or row count computed it, so results do
+ * not depend on how rows are split across threads (bitwise identical for 1
+ * and N threads).
  *
  * Run-time dispatch: target_clones builds an x86-64-v3 (AVX2+FMA) and a
  * baseline version of every kernel; the loader picks one per machine, so a
@@ -32,6 +33,9 @@
 #endif
 
 #define FASTRNN_MR 6  /* rows of C per micro-tile */
+#ifndef FASTRNN_KC
+#define FASTRNN_KC 512  /* K block: a 512 x 16 float panel block is 32 KB, one L1 */
+#endif
 #ifndef FASTRNN_PREFETCH
 #define FASTRNN_PREFETCH 64  /* panel rows (k steps) to prefetch ahead: helps when W_hh streams from L3 */
 #endif
@@ -75,13 +79,14 @@ static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *const *rows,        
  * on the m x n corner that exists. Always inlined with a constant m, so the     \
  * row loops unroll and the accumulators live in registers. */                    \
 static inline __attribute__((always_inline)) void                                  \
-fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, const REAL *panel,       \
-                      REAL *const *C, ptrdiff_t j0, int m, int n, REAL beta)       \
+fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,            \
+                      const REAL *panel, REAL *const *C, ptrdiff_t j0, int m,      \
+                      int n, REAL beta)                                            \
 {                                                                                  \
     const REAL *a[FASTRNN_MR];                                                     \
     VEC acc0[FASTRNN_MR], acc1[FASTRNN_MR];                                        \
     for (int i = 0; i < FASTRNN_MR; ++i) {                                         \
-        a[i] = A[i < m ? i : 0];                                                   \
+        a[i] = A[i < m ? i : 0] + k0;                                              \
         acc0[i] = (VEC){0};                                                        \
         acc1[i] = (VEC){0};                                                        \
     }                                                                              \
@@ -120,19 +125,25 @@ fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,             
                              REAL *const *C, REAL beta)                            \
 {                                                                                  \
     const ptrdiff_t NR = 2 * LANES;                                                \
-    for (ptrdiff_t j0 = 0; j0 < N; j0 += NR) {                                     \
-        const REAL *panel = packed + (j0 / NR) * NR * K;                           \
-        int n = (int)(N - j0 < NR ? N - j0 : NR);                                  \
-        ptrdiff_t i0 = 0;                                                          \
-        for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR)                             \
-            fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, FASTRNN_MR, n, beta); \
-        switch ((int)(M - i0)) {  /* constant m lets the compiler drop dead rows */\
-        case 5: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 5, n, beta); break; \
-        case 4: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 4, n, beta); break; \
-        case 3: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 3, n, beta); break; \
-        case 2: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 2, n, beta); break; \
-        case 1: fastrnn_tile_##SUFFIX(K, A + i0, panel, C + i0, j0, 1, n, beta); break; \
-        default: break;                                                            \
+    /* K in blocks of KC: a block of a panel (KC x NR) stays in L1 while every    \
+     * row tile uses it; blocks after the first accumulate into C. */             \
+    for (ptrdiff_t k0 = 0; k0 < K; k0 += FASTRNN_KC) {                             \
+        ptrdiff_t kc = K - k0 < FASTRNN_KC ? K - k0 : FASTRNN_KC;                  \
+        REAL b = k0 == 0 ? beta : (REAL)1;                                         \
+        for (ptrdiff_t j0 = 0; j0 < N; j0 += NR) {                                 \
+            const REAL *panel = packed + (j0 / NR) * NR * K + k0 * NR;             \
+            int n = (int)(N - j0 < NR ? N - j0 : NR);                              \
+            ptrdiff_t i0 = 0;                                                      \
+            for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR)                         \
+                fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, FASTRNN_MR, n, b); \
+            switch ((int)(M - i0)) {  /* constant m: the compiler drops dead rows */\
+            case 5: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 5, n, b); break; \
+            case 4: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 4, n, b); break; \
+            case 3: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 3, n, b); break; \
+            case 2: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 2, n, b); break; \
+            case 1: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 1, n, b); break; \
+            default: break;                                                        \
+            }                                                                      \
         }                                                                          \
     }                                                                              \
 }                                                                                  \
