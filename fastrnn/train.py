@@ -114,20 +114,23 @@ def build_tokenizer(cfg, train_text, full_text):
 
 @contextlib.contextmanager
 def thread_limits(threads):
-    """Limit fastrnn's kernels and NumPy's BLAS to ``threads`` (None: leave as is)."""
-    if not threads:
-        yield
-        return
+    """Run fastrnn's kernels on ``threads`` (None: leave as is) and NumPy's BLAS on one.
+
+    NumPy's BLAS (the dense layers: a few per cent of the work) keeps one
+    thread: a second thread pool would spin after each call and take cores
+    from the kernels' OpenMP team (measured: backward 145 ms against 91 ms).
+    """
     import fastrnn
     old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(int(threads))
+    if threads:
+        fastrnn.set_num_threads(int(threads))
     try:
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:  # pragma: no cover - threadpoolctl is a dependency
             yield
         else:
-            with threadpool_limits(limits=int(threads)):
+            with threadpool_limits(limits=1, user_api="blas"):
                 yield
     finally:
         fastrnn.set_num_threads(old)
