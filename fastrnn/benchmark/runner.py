@@ -40,9 +40,10 @@ from fastrnn.benchmark.engines import ENGINES, Case, EngineUnavailable, availabl
 __all__ = ["main", "build_parser", "measure_sgemm_peak", "run_cases", "format_table"]
 
 PEERS = ("torch", "onnxruntime")
-DEFAULT_BUDGET = 420.0      # seconds of timing for the default run (< 10 min in all)
+DEFAULT_BUDGET = 330.0      # seconds of timing for the default run (< 10 min in all, quiet gaps included)
 MIN_SAMPLE = {"step": 0.05}  # seconds one sample should last, by mode
 MIN_SAMPLE_DEFAULT = 0.02
+QUIET_GAP_DEFAULT = 0.15  # seconds of sleep before each sample (see time_interleaved)
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 CELL_ALIASES = {"rnn": "rnn_tanh", "tanh": "rnn_tanh", "relu": "rnn_relu"}
 
@@ -218,13 +219,17 @@ def _sample(engine, number):
 
 
 def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAMPLE_DEFAULT,
-                     first=None):
+                     first=None, quiet_gap=QUIET_GAP_DEFAULT):
     """Median seconds per call of each engine, timed round-robin.
 
     ``engines`` have each been called once already (the check call, whose
     durations ``first`` may give). ``warmup`` more untimed calls follow; with
-    ``warmup=0`` the check calls' durations set the calls per sample. Returns
-    ``{name: (median_seconds, rounds, number)}``.
+    ``warmup=0`` the check calls' durations set the calls per sample. Before
+    each sample the process sleeps ``quiet_gap`` seconds: every engine leaves
+    worker threads that busy-wait for a while after a call (torch's OpenMP,
+    ONNX Runtime's pool, OpenBLAS for up to ~0.1 s), and on a 2-core machine
+    they would otherwise take cores from whichever engine is timed next.
+    Returns ``{name: (median_seconds, rounds, number)}``.
     """
     first = dict(first or {})
     for e in engines:
@@ -245,6 +250,8 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
     for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for e in order:
+            if quiet_gap > 0:
+                time.sleep(quiet_gap)
             times[e.name].append(_sample(e, number[e.name]))
     return {name: (float(np.median(ts)), rounds, number[name]) for name, ts in times.items()}
 
