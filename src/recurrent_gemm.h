@@ -162,26 +162,25 @@ fastrnn_gemm_dot_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,                
         const REAL *a = A[i];                                                      \
         REAL *c = C[i];                                                            \
         ptrdiff_t j = 0;                                                           \
-        for (; j + 4 <= N; j += 4) {                                               \
-            const REAL *w0 = W + j * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw; \
-            VEC s0 = (VEC){0}, s1 = (VEC){0}, s2 = (VEC){0}, s3 = (VEC){0}, av, wv; \
+        /* 8 output columns at a time: 8 independent FMA chains keep both FMA \
+         * pipes busy (4 chains left half of them idle at batch 1). */        \
+        for (; j + 8 <= N; j += 8) {                                               \
+            const REAL *w = W + j * ldw;                                           \
+            VEC s[8], av, wv;                                                      \
+            for (int q = 0; q < 8; ++q) s[q] = (VEC){0};                           \
             for (ptrdiff_t k = 0; k < Kv; k += LANES) {                            \
                 memcpy(&av, a + k, sizeof av);                                     \
-                memcpy(&wv, w0 + k, sizeof wv); s0 += av * wv;                     \
-                memcpy(&wv, w1 + k, sizeof wv); s1 += av * wv;                     \
-                memcpy(&wv, w2 + k, sizeof wv); s2 += av * wv;                     \
-                memcpy(&wv, w3 + k, sizeof wv); s3 += av * wv;                     \
+                for (int q = 0; q < 8; ++q) {                                      \
+                    memcpy(&wv, w + q * ldw + k, sizeof wv);                       \
+                    s[q] += av * wv;                                               \
+                }                                                                  \
             }                                                                      \
-            REAL r[4] = {0, 0, 0, 0};                                              \
-            for (int l = 0; l < LANES; ++l) {                                      \
-                r[0] += s0[l]; r[1] += s1[l]; r[2] += s2[l]; r[3] += s3[l];        \
+            for (int q = 0; q < 8; ++q) {                                          \
+                REAL r = 0;                                                        \
+                for (int l = 0; l < LANES; ++l) r += s[q][l];                      \
+                for (ptrdiff_t k = Kv; k < K; ++k) r += a[k] * w[q * ldw + k];     \
+                c[j + q] = beta == (REAL)0 ? r : beta * c[j + q] + r;              \
             }                                                                      \
-            for (ptrdiff_t k = Kv; k < K; ++k) {                                   \
-                r[0] += a[k] * w0[k]; r[1] += a[k] * w1[k];                        \
-                r[2] += a[k] * w2[k]; r[3] += a[k] * w3[k];                        \
-            }                                                                      \
-            for (int q = 0; q < 4; ++q)                                            \
-                c[j + q] = beta == (REAL)0 ? r[q] : beta * c[j + q] + r[q];        \
         }                                                                          \
         for (; j < N; ++j) {                                                       \
             const REAL *w0 = W + j * ldw;                                          \
