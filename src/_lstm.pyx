@@ -21,19 +21,9 @@ from cython.parallel cimport prange, parallel, threadid
 
 from _gradients cimport input_and_weight_gradients
 from _simd cimport floating, gemm_rows, sigmoid_, tanh_, tanh_to
-from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
-                       slice_offset, fastrnn_barrier, fastrnn_team_size)
-
-DEF BLOCK_ROWS = 256  # rows per input-projection GEMM (time steps x chunk rows)
-
-
-cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
-    return &a[0, 0, 0] if a is not None else NULL
-
-
-cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
-    return &a[0, 0] if a is not None else NULL
-
+from _schedule cimport (BLOCK_ROWS, ptr3, cptr2, time_index, n_active,
+                       pack_transpose, unit_start, gate_slices, slice_offset,
+                       fastrnn_barrier, fastrnn_team_size)
 
 cdef void forward_thread(
         floating *y,                # OUT (T, B, H) h_t at valid steps

@@ -18,17 +18,14 @@ from cython.parallel cimport prange, parallel, threadid
 
 from _gradients cimport input_and_weight_gradients
 from _simd cimport floating, gemm_rows, tanh_
-from _schedule cimport (time_index, n_active, pack_transpose, unit_start, gate_slices,
-                       slice_offset, fastrnn_barrier, fastrnn_team_size)
+from _schedule cimport (BLOCK_ROWS, cptr2, time_index, n_active,
+                       pack_transpose, unit_start, gate_slices, slice_offset,
+                       fastrnn_barrier, fastrnn_team_size)
 
-DEF BLOCK_ROWS = 256  # rows per input-projection GEMM (time steps x chunk rows)
-DEF ACT_TANH = 0
-DEF ACT_RELU = 1
-DEF ACT_IDENTITY = 2
-
-
-cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
-    return &a[0, 0] if a is not None else NULL
+cdef enum:
+    ACT_TANH = 0
+    ACT_RELU = 1
+    ACT_IDENTITY = 2
 
 
 cdef void forward_thread(

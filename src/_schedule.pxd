@@ -11,6 +11,25 @@ from libc.string cimport memcpy
 from _simd cimport floating, pack, n_panels, panel_width
 
 
+cdef enum:
+    BLOCK_ROWS = 256   # rows per input-projection GEMM (time steps x a thread's rows)
+
+
+cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
+    """Data pointer of an optional (may be None) 3-D array, or NULL."""
+    return &a[0, 0, 0] if a is not None else NULL
+
+
+cdef inline const floating *cptr1(const floating[::1] a) noexcept nogil:
+    """Data pointer of an optional 1-D array, or NULL."""
+    return &a[0] if a is not None else NULL
+
+
+cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
+    """Data pointer of an optional 2-D array, or NULL."""
+    return &a[0, 0] if a is not None else NULL
+
+
 cdef inline Py_ssize_t time_index(Py_ssize_t s, Py_ssize_t length, bint reverse) noexcept nogil:
     """Time index read at step s by a sequence of this length.
 
