@@ -14,6 +14,8 @@ import math
 import numpy as np
 
 from fastrnn.modules.module import Module, Parameter
+from fastrnn import _adam
+from fastrnn._config import get_num_threads
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "clip_grad_value",
            "grad_norm"]
@@ -178,22 +180,12 @@ class Adam(Optimizer):
                 m = st["exp_avg"] = np.zeros_like(p.data)
                 st["exp_avg_sq"] = np.zeros_like(p.data)
             v = st["exp_avg_sq"]
-            # m <- m + (1-b1)(g - m)   (torch's lerp)
-            tmp = np.subtract(g, m)
-            tmp *= 1 - b1
-            m += tmp
-            # v <- b2 v + (1-b2) g^2
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1 - b2
-            v += tmp
+            # one fused pass (src/_adam.pyx), bitwise the NumPy arithmetic:
+            # m <- m + (1-b1)(g - m); v <- b2 v + (1-b2) g^2;
             # p <- p - step_size * m / (sqrt(v)/sqrt(bc2) + eps)
-            np.sqrt(v, out=tmp)
-            tmp /= bc2_sqrt
-            tmp += eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p.data -= tmp
+            _adam.step(p.data.reshape(-1), np.ascontiguousarray(g, dtype=p.data.dtype).reshape(-1),
+                       m.reshape(-1), v.reshape(-1), b1, b2, step_size, bc2_sqrt, eps,
+                       get_num_threads())
 
 
 class AdamW(Adam):

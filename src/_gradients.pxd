@@ -10,16 +10,20 @@
 # into fixed blocks, so results do not depend on the thread count.
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
-from _simd cimport floating, gemm_rows
+from _simd cimport floating, gemm_rows_strided
 from _schedule cimport pack_transpose
 
 DEF ROW_BLOCK = 48   # output rows per task: a multiple of the 6-row micro-tile
 
 
 cdef inline int gemm_parallel(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating *A,
-                              const floating *packed, floating *C,
-                              int n_threads) noexcept nogil:
-    """C (M x N) := A (M x K, row-major) . W^T, W (N x K) given packed. 0, or -1 if out of memory."""
+                              Py_ssize_t row_step, Py_ssize_t k_step, const floating *packed,
+                              floating *C, int n_threads) noexcept nogil:
+    """C (M x N) := A . W^T, A[i][k] at A + i*row_step + k*k_step, W (N x K) given packed.
+
+    0, or -1 if out of memory. (row_step, k_step) = (K, 1) reads A as stored,
+    (1, lda) reads it transposed without a copy.
+    """
     cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r, r0, r1
     cdef const floating **a_rows
     cdef floating **c_rows
@@ -33,27 +37,12 @@ cdef inline int gemm_parallel(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const fl
             failed += 1
         else:
             for r in range(r0, r1):
-                a_rows[r - r0] = A + r * K
+                a_rows[r - r0] = A + r * row_step
                 c_rows[r - r0] = C + r * N
-            gemm_rows(r1 - r0, N, K, a_rows, packed, NULL, 0, c_rows, 0)
+            gemm_rows_strided(r1 - r0, N, K, a_rows, k_step, packed, c_rows, 0)
         free(a_rows)
         free(c_rows)
     return -1 if failed else 0
-
-
-cdef inline floating *transpose(const floating *A, Py_ssize_t R, Py_ssize_t C,
-                                int n_threads) noexcept nogil:
-    """A^T (C x R) of A (R x C), in 32-column strips split over threads. NULL if out of memory."""
-    cdef floating *out = <floating *> malloc((R * C + 1) * sizeof(floating))
-    cdef Py_ssize_t strip, j, j1, i, nstrip = (C + 31) // 32
-    if out == NULL:
-        return NULL
-    for strip in prange(nstrip, schedule='static', num_threads=n_threads):
-        j1 = min(C, strip * 32 + 32)
-        for i in range(R):
-            for j in range(strip * 32, j1):
-                out[j * R + i] = A[i * C + j]
-    return out
 
 
 cdef inline int input_and_weight_gradients(
@@ -71,15 +60,12 @@ cdef inline int input_and_weight_gradients(
     cdef floating *w_ih_t = pack_transpose(w_ih, GH, I, n_threads)   # W_ih^T (I x GH) packed
     cdef floating *x_t = pack_transpose(x, TB, I, n_threads)         # x^T (I x TB) packed
     cdef floating *h_t = pack_transpose(h_prev, TB, H, n_threads)    # h_prev^T (H x TB) packed
-    cdef floating *dgx_t = transpose(dgx, TB, GH, n_threads)         # (GH, TB)
-    cdef floating *dgh_t = dgx_t if dgh == dgx else transpose(dgh, TB, GH, n_threads)
     cdef int status = -1
-    if (w_ih_t != NULL and x_t != NULL and h_t != NULL and dgx_t != NULL and dgh_t != NULL):
-        status = (gemm_parallel(TB, I, GH, dgx, w_ih_t, dx, n_threads)
-                  + gemm_parallel(GH, I, TB, dgx_t, x_t, dw_ih, n_threads)
-                  + gemm_parallel(GH, H, TB, dgh_t, h_t, dw_hh, n_threads))
+    if w_ih_t != NULL and x_t != NULL and h_t != NULL:
+        # dgx^T and dgh^T are read in place: row i is column i, TB values GH apart
+        status = (gemm_parallel(TB, I, GH, dgx, GH, 1, w_ih_t, dx, n_threads)
+                  + gemm_parallel(GH, I, TB, dgx, 1, GH, x_t, dw_ih, n_threads)
+                  + gemm_parallel(GH, H, TB, dgh, 1, GH, h_t, dw_hh, n_threads))
         status = -1 if status != 0 else 0
-    if dgh_t != dgx_t:
-        free(dgh_t)
-    free(w_ih_t); free(x_t); free(h_t); free(dgx_t)
+    free(w_ih_t); free(x_t); free(h_t)
     return status

@@ -19,6 +19,12 @@ cdef extern from "recurrent_gemm.h" nogil:
     void fastrnn_gemm_packed_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const double *const *A, const double *packed,
                                double *const *C, double beta)
+    void fastrnn_gemm_packed_strided_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                       const float *const *A, Py_ssize_t sa,
+                                       const float *packed, float *const *C, float beta)
+    void fastrnn_gemm_packed_strided_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                       const double *const *A, Py_ssize_t sa,
+                                       const double *packed, double *const *C, double beta)
     void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const float *const *A, const float *W, Py_ssize_t ldw,
                             float *const *C, float beta)
@@ -88,6 +94,18 @@ cdef inline void gemm_rows(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             fastrnn_gemm_packed_d(M, N, K, A, packed, C, beta)
         else:
             fastrnn_gemm_dot_d(M, N, K, A, W, ldw, C, beta)
+
+
+cdef inline void gemm_rows_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                   const floating **A, Py_ssize_t sa, const floating *packed,
+                                   floating **C, floating beta) noexcept nogil:
+    """C[i] := beta*C[i] + A[i] . W^T for i < M, with A[i][k] at A[i] + k*sa; W packed."""
+    if M <= 0:
+        return
+    if floating is float:
+        fastrnn_gemm_packed_strided_s(M, N, K, A, sa, packed, C, beta)
+    else:
+        fastrnn_gemm_packed_strided_d(M, N, K, A, sa, packed, C, beta)
 
 
 cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:

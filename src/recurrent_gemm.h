@@ -79,14 +79,14 @@ static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *const *rows,        
  * on the m x n corner that exists. Always inlined with a constant m, so the     \
  * row loops unroll and the accumulators live in registers. */                    \
 static inline __attribute__((always_inline)) void                                  \
-fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,            \
-                      const REAL *panel, REAL *const *C, ptrdiff_t j0, int m,      \
-                      int n, REAL beta)                                            \
+fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t sa,           \
+                      ptrdiff_t k0, const REAL *panel, REAL *const *C,             \
+                      ptrdiff_t j0, int m, int n, REAL beta)                       \
 {                                                                                  \
     const REAL *a[FASTRNN_MR];                                                     \
     VEC acc0[FASTRNN_MR], acc1[FASTRNN_MR];                                        \
     for (int i = 0; i < FASTRNN_MR; ++i) {                                         \
-        a[i] = A[i < m ? i : 0] + k0;                                              \
+        a[i] = A[i < m ? i : 0] + k0 * sa;                                         \
         acc0[i] = (VEC){0};                                                        \
         acc1[i] = (VEC){0};                                                        \
     }                                                                              \
@@ -97,7 +97,7 @@ fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,          
         memcpy(&b0, panel + k * 2 * LANES, sizeof(VEC));                          \
         memcpy(&b1, panel + k * 2 * LANES + LANES, sizeof(VEC));                   \
         for (int i = 0; i < m; ++i) {                                              \
-            REAL ai = a[i][k];  /* scalar op vector broadcasts from memory */      \
+            REAL ai = a[i][k * sa];  /* scalar op vector: broadcast from memory */ \
             acc0[i] += ai * b0;                                                    \
             acc1[i] += ai * b1;                                                    \
         }                                                                          \
@@ -119,10 +119,10 @@ fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,          
  * A and C are given as row pointers (A[i] -> K values, C[i] -> N values), so    \
  * rows gathered from anywhere (other time steps, other batch rows) cost no copy.\
  */                                                                                \
-FASTRNN_CLONES static void                                                         \
-fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,                \
-                             const REAL *const *A, const REAL *packed,             \
-                             REAL *const *C, REAL beta)                            \
+static inline __attribute__((always_inline)) void                                  \
+fastrnn_gemm_packed_impl_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,           \
+                                  const REAL *const *A, ptrdiff_t sa,              \
+                                  const REAL *packed, REAL *const *C, REAL beta)   \
 {                                                                                  \
     const ptrdiff_t NR = 2 * LANES;                                                \
     /* K in blocks of KC: a block of a panel (KC x NR) stays in L1 while every    \
@@ -135,17 +135,36 @@ fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,             
             int n = (int)(N - j0 < NR ? N - j0 : NR);                              \
             ptrdiff_t i0 = 0;                                                      \
             for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR)                         \
-                fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, FASTRNN_MR, n, b); \
+                fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, FASTRNN_MR, n, b); \
             switch ((int)(M - i0)) {  /* constant m: the compiler drops dead rows */\
-            case 5: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 5, n, b); break; \
-            case 4: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 4, n, b); break; \
-            case 3: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 3, n, b); break; \
-            case 2: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 2, n, b); break; \
-            case 1: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 1, n, b); break; \
+            case 5: fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, 5, n, b); break; \
+            case 4: fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, 4, n, b); break; \
+            case 3: fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, 3, n, b); break; \
+            case 2: fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, 2, n, b); break; \
+            case 1: fastrnn_tile_##SUFFIX(kc, A + i0, sa, k0, panel, C + i0, j0, 1, n, b); break; \
             default: break;                                                        \
             }                                                                      \
         }                                                                          \
     }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* C := beta*C + A . W^T with A's rows contiguous (A[i][k] at A[i] + k). */        \
+FASTRNN_CLONES static void                                                         \
+fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,                \
+                             const REAL *const *A, const REAL *packed,             \
+                             REAL *const *C, REAL beta)                            \
+{                                                                                  \
+    fastrnn_gemm_packed_impl_##SUFFIX(M, N, K, A, 1, packed, C, beta);             \
+}                                                                                  \
+                                                                                   \
+/* The same with A[i][k] at A[i] + k*sa: a transposed operand read in place      \
+ * (backward's dW = da^T x reads columns of da without transposing it). */       \
+FASTRNN_CLONES static void                                                         \
+fastrnn_gemm_packed_strided_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,        \
+                                     const REAL *const *A, ptrdiff_t sa,           \
+                                     const REAL *packed, REAL *const *C, REAL beta)\
+{                                                                                  \
+    fastrnn_gemm_packed_impl_##SUFFIX(M, N, K, A, sa, packed, C, beta);            \
 }                                                                                  \
                                                                                    \
 /* C[i][j] := beta*C[i][j] + sum_k A[i][k] * W[j][k] with W row-major (N x K,    \

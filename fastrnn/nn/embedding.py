@@ -69,7 +69,14 @@ class Embedding(Module):
         if dout.shape[0] != ids.shape[0]:
             raise ValueError(f"Embedding.backward: dout has {dout.shape[0]} rows, "
                              f"forward saw {ids.shape[0]} ids")
-        np.add.at(self.weight.grad, ids, dout)
+        # Sum the rows of each id (np.add.at is ~10x slower): a stable sort keeps
+        # each id's rows in their original order, so the sums are deterministic.
+        if ids.size == 0:
+            return None
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        self.weight.grad[sorted_ids[starts]] += np.add.reduceat(dout[order], starts, axis=0)
         if self.padding_idx is not None:
             self.weight.grad[self.padding_idx] = 0
         return None
