@@ -33,6 +33,7 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
+UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
 SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a team costs more)
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
 
@@ -58,9 +59,16 @@ class Schedule:
             self.order = np.argsort(-lengths, kind="stable").astype(np.intp)
             self.padded = bool(lengths.min() < T)
         chunks = max(1, min(n_threads, B))
-        work = np.cumsum(self.lengths[self.order])
-        cuts = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks, side="left") + 1
-        self.bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, B), [B]))).astype(np.intp)
+        if chunks == 1:
+            self.bounds = np.array([0, B], dtype=np.intp)
+        elif lengths is None:   # equal lengths: equal row counts
+            self.bounds = np.array([k * B // chunks for k in range(chunks + 1)], dtype=np.intp)
+        else:                   # balance total length per chunk
+            work = np.cumsum(self.lengths[self.order])
+            cuts = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks,
+                                   side="left") + 1
+            self.bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, B), [B]))
+                                    ).astype(np.intp)
 
     def single_thread(self):
         """The same rows in one chunk."""
@@ -93,7 +101,8 @@ def _run_forward(kernel, args, sched, reverse, pack_ih, pack_hh):
     If OpenMP grants fewer threads than asked, run again on one thread.
     """
     n = sched.n_threads
-    by_units = n > 1 and len(sched.order) <= UNITS_MAX_BATCH
+    T = args[0].shape[0]   # y (T, B, H) comes first
+    by_units = n > 1 and len(sched.order) <= UNITS_MAX_BATCH and T >= UNITS_MIN_STEPS
     if not kernel(*args, sched.lengths, sched.order, sched.bounds, bool(reverse), pack_ih,
                   pack_hh, n, by_units):
         one = sched.single_thread()
