@@ -5,7 +5,8 @@ kernels are built single-threaded with a warning, unless FASTRNN_REQUIRE_OPENMP=
 which turns that into an error. No -march flags: the micro-kernels dispatch at
 run time between an AVX2+FMA and a baseline x86-64 build (target_clones in
 src/recurrent_gemm.h), so a wheel built here runs on any x86-64 machine.
-FASTRNN_DEBUG=1 builds with bounds checks and without optimisation.
+FASTRNN_DEBUG=1 builds with bounds checks and without optimisation;
+FASTRNN_DISABLE_OPENMP=1 builds as if OpenMP were missing.
 """
 import os
 import subprocess
@@ -40,7 +41,9 @@ def compiler_supports_openmp(compiler):
 class BuildExt(build_ext):
     def build_extensions(self):
         debug = os.environ.get("FASTRNN_DEBUG") == "1"
-        has_omp = compiler_supports_openmp(self.compiler)
+        # FASTRNN_DISABLE_OPENMP=1 builds as if the compiler had no OpenMP (to test that path)
+        has_omp = (os.environ.get("FASTRNN_DISABLE_OPENMP") != "1"
+                   and compiler_supports_openmp(self.compiler))
         if not has_omp:
             if os.environ.get("FASTRNN_REQUIRE_OPENMP") == "1":
                 sys.exit("fastrnn: FASTRNN_REQUIRE_OPENMP=1 but the compiler cannot build OpenMP code")
