@@ -110,10 +110,6 @@ def _run_forward(kernel, args, sched, reverse, pack_ih, pack_hh):
                False)
 
 
-def _states(name, value, shape, dtype):
-    return optional_state(name, value, shape, dtype)
-
-
 def _hidden_buffer(x, H, h0, sched, reverse):
     """hs (T+1, B, H): h0 in slot 0 (slot T if reverse); y is the other T slots."""
     T, B, _ = x.shape
@@ -145,20 +141,12 @@ def _fix_reverse_first_step(dw_hh, dgates_h, cache):
     dw_hh += dgates_h[lens[rows] - 1, rows].T @ cache.h0[rows]
 
 
-def _check_grad_out(name, value, shape, dtype):
-    if value is None:
-        return None
-    arr = as_float_array(name, value, len(shape), dtype)
-    check_shape(name, arr, shape)
-    return arr
-
-
 def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     x = as_float_array("x", x, 3)
     w_ih, w_hh, b_ih, b_hh, H = check_weights(w_ih, w_hh, b_ih, b_hh, gates, x.dtype)
     check_input(x, w_ih)
     T, B, _ = x.shape
-    h0 = _states("h0", h0, (B, H), x.dtype)
+    h0 = optional_state("h0", h0, (B, H), x.dtype)
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
     # tiny calls run on one thread: waking a team costs more than the work
@@ -166,6 +154,29 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     pack_ih = T * B >= PACK_MIN_ROWS
     pack_hh = B >= PACK_MIN_BATCH
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
+
+
+def _backward_setup(dy, dh_n, cache):
+    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
+    if cache is None:
+        raise ValueError("cache is None: run forward with training=True before backward")
+    T, B, I = cache.x.shape
+    H = cache.w_hh.shape[1]
+    dtype = cache.x.dtype
+    dy = as_float_array("dy", dy, 3, dtype)
+    check_shape("dy", dy, (T, B, H))
+    dh_n = optional_state("dh_n", dh_n, (B, H), dtype)
+    return dy, dh_n, T, B, I, H, dtype
+
+
+def _gradient_buffers(cache):
+    """Consume the cache; fresh dx (T,B,I), dh0 (B,H), dw_ih, dw_hh for its shapes."""
+    cache = cache.take()
+    T, B, I = cache.x.shape
+    H = cache.w_hh.shape[1]
+    dtype = cache.x.dtype
+    return (cache, np.empty((T, B, I), dtype), np.empty((B, H), dtype),
+            np.empty_like(cache.w_ih), np.empty_like(cache.w_hh))
 
 
 # ---------------------------------------------------------------------------- LSTM
@@ -179,7 +190,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths)
     T, B, _ = x.shape
-    c0 = _states("c0", c0, (B, H), x.dtype)
+    c0 = optional_state("c0", c0, (B, H), x.dtype)
     hs, y = _hidden_buffer(x, H, h0, sched, reverse)
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
@@ -197,21 +208,10 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
 
 def lstm_backward(dy, dh_n, dc_n, cache):
     """LSTM layer backward -> dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
-    if cache is None:
-        raise ValueError("cache is None: run forward with training=True before backward")
-    T, B, I = cache.x.shape
-    H = cache.w_hh.shape[1]
-    dtype = cache.x.dtype
-    dy = as_float_array("dy", dy, 3, dtype)
-    check_shape("dy", dy, (T, B, H))
-    dh_n = _check_grad_out("dh_n", dh_n, (B, H), dtype)
-    dc_n = _check_grad_out("dc_n", dc_n, (B, H), dtype)
-    cache = cache.take()
-    dx = np.empty((T, B, I), dtype)
-    dh0 = np.empty((B, H), dtype)
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     dc0 = np.empty((B, H), dtype)
-    dw_ih = np.empty_like(cache.w_ih)
-    dw_hh = np.empty_like(cache.w_hh)
     sched = cache.sched
     _lstm.backward(dx, dh0, dc0, dw_ih, dw_hh, cache.gates, dy, dh_n, dc_n, cache.cs,
                    cache.c0, cache.x, _h_prev(cache), cache.w_ih, cache.w_hh,
@@ -224,19 +224,6 @@ def lstm_backward(dy, dh_n, dc_n, cache):
         db_ih = da.reshape(T * B, 4 * H).sum(axis=0)
         db_hh = db_ih.copy()
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
-
-
-def _backward_setup(dy, dh_n, cache):
-    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
-    if cache is None:
-        raise ValueError("cache is None: run forward with training=True before backward")
-    T, B, I = cache.x.shape
-    H = cache.w_hh.shape[1]
-    dtype = cache.x.dtype
-    dy = as_float_array("dy", dy, 3, dtype)
-    check_shape("dy", dy, (T, B, H))
-    dh_n = _check_grad_out("dh_n", dh_n, (B, H), dtype)
-    return dy, dh_n, T, B, I, H, dtype
 
 
 # ---------------------------------------------------------------------------- RNN
@@ -269,11 +256,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
 def rnn_backward(dy, dh_n, cache):
     """RNN layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
-    cache = cache.take()
-    dx = np.empty((T, B, I), dtype)
-    dh0 = np.empty((B, H), dtype)
-    dw_ih = np.empty_like(cache.w_ih)
-    dw_hh = np.empty_like(cache.w_hh)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
     _rnn.backward(dx, dh0, dw_ih, dw_hh, da, dy, dh_n, cache.y, cache.act, cache.x,
@@ -318,11 +301,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
 def gru_backward(dy, dh_n, cache):
     """GRU layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
-    cache = cache.take()
-    dx = np.empty((T, B, I), dtype)
-    dh0 = np.empty((B, H), dtype)
-    dw_ih = np.empty_like(cache.w_ih)
-    dw_hh = np.empty_like(cache.w_hh)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
