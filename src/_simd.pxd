@@ -19,12 +19,14 @@ cdef extern from "recurrent_gemm.h" nogil:
     void fastrnn_gemm_packed_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const double *const *A, const double *packed,
                                double *const *C, double beta)
-    void fastrnn_gemm_packed_strided_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                                       const float *const *A, Py_ssize_t sa,
-                                       const float *packed, float *const *C, float beta)
-    void fastrnn_gemm_packed_strided_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                                       const double *const *A, Py_ssize_t sa,
-                                       const double *packed, double *const *C, double beta)
+    size_t fastrnn_tn_work_size_s(Py_ssize_t M)
+    size_t fastrnn_tn_work_size_d(Py_ssize_t M)
+    void fastrnn_gemm_packed_tn_s(Py_ssize_t M, Py_ssize_t K, const float *A, Py_ssize_t lda,
+                                  int nout, const Py_ssize_t *Ns, const float *const *packs,
+                                  float *const *const *Cs, float beta, float *work)
+    void fastrnn_gemm_packed_tn_d(Py_ssize_t M, Py_ssize_t K, const double *A, Py_ssize_t lda,
+                                  int nout, const Py_ssize_t *Ns, const double *const *packs,
+                                  double *const *const *Cs, double beta, double *work)
     void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const float *const *A, const float *W, Py_ssize_t ldw,
                             float *const *C, float beta)
@@ -96,16 +98,25 @@ cdef inline void gemm_rows(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             fastrnn_gemm_dot_d(M, N, K, A, W, ldw, C, beta)
 
 
-cdef inline void gemm_rows_strided(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                                   const floating **A, Py_ssize_t sa, const floating *packed,
-                                   floating **C, floating beta) noexcept nogil:
-    """C[i] := beta*C[i] + A[i] . W^T for i < M, with A[i][k] at A[i] + k*sa; W packed."""
+cdef inline size_t tn_work_size(floating *dtype_tag, Py_ssize_t M) noexcept nogil:
+    """Workspace values gemm_columns needs for M output rows."""
+    if floating is float:
+        return fastrnn_tn_work_size_s(M)
+    else:
+        return fastrnn_tn_work_size_d(M)
+
+
+cdef inline void gemm_columns(Py_ssize_t M, Py_ssize_t K, const floating *A, Py_ssize_t lda,
+                              int nout, const Py_ssize_t *Ns, const floating **packs,
+                              floating ***Cs, floating beta, floating *work) noexcept nogil:
+    """Cs[q][i] := beta*Cs[q][i] + A[:, i] . W_q^T for i < M, q < nout: A (K x lda)
+    read by columns, once for all outputs; W_q (Ns[q] x K) packed."""
     if M <= 0:
         return
     if floating is float:
-        fastrnn_gemm_packed_strided_s(M, N, K, A, sa, packed, C, beta)
+        fastrnn_gemm_packed_tn_s(M, K, A, lda, nout, Ns, packs, Cs, beta, work)
     else:
-        fastrnn_gemm_packed_strided_d(M, N, K, A, sa, packed, C, beta)
+        fastrnn_gemm_packed_tn_d(M, K, A, lda, nout, Ns, packs, Cs, beta, work)
 
 
 cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:
