@@ -61,24 +61,27 @@ cdef void forward_thread(
         tb = maxlen
     if tb < 1:
         tb = 1
+    # Training with all units on this thread: pre-activations are built in the
+    # gates cache itself (no copy out); otherwise in a block buffer.
+    cdef bint in_cache = gates != NULL and hk == H
     cdef Py_ssize_t gk = GK if GK > 0 else 1
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
     cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (4hk,) bias slice
     cdef floating *c = <floating *> calloc(nr * gk, sizeof(floating))          # (nrows, hk)
-    cdef floating *a = <floating *> malloc(nr * gk * sizeof(floating))         # (nrows, 4hk)
     cdef floating *tc = <floating *> malloc(gk * sizeof(floating))             # (hk,) tanh(c_t)
-    cdef floating *gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))  # (tb, nrows, 4hk)
+    cdef floating *gxb = NULL                                                  # (tb, nrows, 4hk)
     cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
     cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
     cdef const floating **h_rows = <const floating **> malloc(2 * nr * sizeof(void *))
-    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))
+    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))        # this step's a_t rows
     cdef Py_ssize_t r, b, s, s0, s1, t, j, g, m, nact
     cdef int cur = 0, q, failed = 0
     cdef floating *ar
-    cdef floating *gx
     cdef floating *cr
     cdef floating *hr
-    fail[tid] = (bl == NULL or c == NULL or a == NULL or tc == NULL or gxb == NULL
+    if not in_cache:
+        gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))
+    fail[tid] = (bl == NULL or c == NULL or tc == NULL or (gxb == NULL and not in_cache)
                  or src == NULL or dst == NULL or h_rows == NULL or a_rows == NULL)
     if not fail[tid]:
         for g in range(4):
@@ -88,7 +91,6 @@ cdef void forward_thread(
             b = order[r0 + r]
             h_rows[r] = hbuf + (r0 + r) * H
             h_rows[nrows + r] = hbuf + (B + r0 + r) * H
-            a_rows[r] = a + r * GK
             for j in range(hk):
                 hbuf[(r0 + r) * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
                 c[r * hk + j] = c0[b * H + j0 + j] if c0 != NULL else 0
@@ -103,30 +105,37 @@ cdef void forward_thread(
     s0 = 0
     while s0 < maxlen:
         s1 = min(s0 + tb, maxlen)
-        # Input projection for steps [s0, s1): one GEMM over all running rows.
+        # Input projection for steps [s0, s1): one GEMM over all running rows,
+        # into the rows where each step's pre-activation a_t is then built.
         m = 0
         for s in range(s0, s1):
             nact = n_active(order + r0, nrows, lengths, s)
             for r in range(nact):
                 b = order[r0 + r]
-                src[m] = x + (time_index(s, lengths[b], reverse) * B + b) * I
-                dst[m] = gxb + ((s - s0) * nrows + r) * GK
+                t = time_index(s, lengths[b], reverse)
+                src[m] = x + (t * B + b) * I
+                dst[m] = (gates + (t * B + b) * 4 * H if in_cache
+                          else gxb + ((s - s0) * nrows + r) * GK)
                 m = m + 1
         if GK > 0:
             gemm_rows(m, GK, I, src, w_ih_s if pack_ih else NULL, w_ih_s, I, dst, 0)
-        # Recurrence: only h_{t-1} W_hh^T and the fused gate pass per step.
+        # Recurrence: a_t += h_{t-1} W_hh^T in place, then one fused gate pass.
         for s in range(s0, s1):
             nact = n_active(order + r0, nrows, lengths, s)
+            for r in range(nact):
+                b = order[r0 + r]
+                t = time_index(s, lengths[b], reverse)
+                a_rows[r] = (gates + (t * B + b) * 4 * H if in_cache
+                             else gxb + ((s - s0) * nrows + r) * GK)
             if GK > 0:
                 gemm_rows(nact, GK, H, &h_rows[cur * nrows], w_hh_s if pack_hh else NULL,
-                          w_hh_s, H, a_rows, 0)
+                          w_hh_s, H, a_rows, 1)
             for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
                 t = time_index(s, lengths[b], reverse)
-                ar = a + r * GK
-                gx = gxb + ((s - s0) * nrows + r) * GK
+                ar = a_rows[r]
                 for j in range(GK):
-                    ar[j] = ar[j] + gx[j] + bl[j]
+                    ar[j] = ar[j] + bl[j]
                 sigmoid_(ar, 2 * hk)          # i, f
                 tanh_(ar + 2 * hk, hk)        # g
                 sigmoid_(ar + 3 * hk, hk)     # o
@@ -139,9 +148,10 @@ cdef void forward_thread(
                     hr[j] = ar[3 * hk + j] * tc[j]
                 memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
                 if gates != NULL:
-                    for g in range(4):
-                        memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
-                               hk * sizeof(floating))
+                    if not in_cache:
+                        for g in range(4):
+                            memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
+                                   hk * sizeof(floating))
                     memcpy(cs + (t * B + b) * H + j0, cr, hk * sizeof(floating))
             if sync:
                 fastrnn_barrier()   # h_t complete before anyone reads it
@@ -154,7 +164,7 @@ cdef void forward_thread(
             memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r0 + r) * H + j0,
                    hk * sizeof(floating))
             memcpy(c_n + b * H + j0, c + r * hk, hk * sizeof(floating))
-    free(bl); free(c); free(a); free(tc); free(gxb)
+    free(bl); free(c); free(tc); free(gxb)
     free(src); free(dst); free(h_rows); free(a_rows)
 
 
