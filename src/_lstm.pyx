@@ -26,12 +26,11 @@ from _schedule cimport (BLOCK_ROWS, ptr3, cptr2, time_index, n_active,
                        fastrnn_barrier, fastrnn_team_size)
 
 cdef void forward_thread(
-        floating *y,                # OUT (T, B, H) h_t at valid steps
+        floating *y,                # OUT (T, B, H) h_t at valid steps; also read back as h_{t-1}
         floating *h_n,              # OUT (B, H) state after each row's last step
         floating *c_n,              # OUT (B, H)
         floating *gates,            # OUT (T, B, 4H) activated i, f, g, o, or NULL (inference)
         floating *cs,               # OUT (T, B, H) c_t, or NULL (inference)
-        floating *hbuf,             # SHARED (2, B, H) h_{t-1} / h_t; row r is batch row order[r]
         int *fail,                  # SHARED (nthr,) allocation failure per thread
         const floating *x,          # IN  (T, B, I)
         const floating *h0,         # IN  (B, H) or NULL for zeros
@@ -53,6 +52,10 @@ cdef void forward_thread(
     split units (each thread all rows and its own slice of every gate, so its
     weights stay in its cache; one barrier per step). The numbers are the same
     bit for bit either way: each output element is computed by the same code.
+
+    Nothing is copied per step: a_t is built where the gates cache keeps it
+    (when this thread owns all units), h_t is written straight into y and read
+    back from there as the next step's GEMM input, c_t straight into cs.
     """
     cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = 4 * (j1 - j0)
     cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
@@ -61,39 +64,40 @@ cdef void forward_thread(
         tb = maxlen
     if tb < 1:
         tb = 1
-    # Training with all units on this thread: pre-activations are built in the
-    # gates cache itself (no copy out); otherwise in a block buffer.
     cdef bint in_cache = gates != NULL and hk == H
     cdef Py_ssize_t gk = GK if GK > 0 else 1
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
     cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (4hk,) bias slice
-    cdef floating *c = <floating *> calloc(nr * gk, sizeof(floating))          # (nrows, hk)
+    cdef floating *c = <floating *> calloc(nr * gk, sizeof(floating))          # (nrows, hk) c0, then c_t at inference
     cdef floating *tc = <floating *> malloc(gk * sizeof(floating))             # (hk,) tanh(c_t)
-    cdef floating *gxb = NULL                                                  # (tb, nrows, 4hk)
+    cdef floating *zeros = <floating *> calloc(H + 1, sizeof(floating))        # (H,) h0 when None
+    cdef floating *gxb = NULL                                                  # (tb, nrows, 4hk) unless in_cache
     cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
     cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
-    cdef const floating **h_rows = <const floating **> malloc(2 * nr * sizeof(void *))
-    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))        # this step's a_t rows
+    cdef const floating **h_rows = <const floating **> malloc(nr * sizeof(void *))  # h_{t-1}, full rows
+    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))        # a_t rows (4hk)
+    cdef floating **c_rows = <floating **> malloc(nr * sizeof(void *))        # c_{t-1} rows (hk)
     cdef Py_ssize_t r, b, s, s0, s1, t, j, g, m, nact
-    cdef int cur = 0, q, failed = 0
+    cdef int q, failed = 0
     cdef floating *ar
     cdef floating *cr
+    cdef floating *cnew
     cdef floating *hr
     if not in_cache:
         gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))
-    fail[tid] = (bl == NULL or c == NULL or tc == NULL or (gxb == NULL and not in_cache)
-                 or src == NULL or dst == NULL or h_rows == NULL or a_rows == NULL)
+    fail[tid] = (bl == NULL or c == NULL or tc == NULL or zeros == NULL
+                 or (gxb == NULL and not in_cache) or src == NULL or dst == NULL
+                 or h_rows == NULL or a_rows == NULL or c_rows == NULL)
     if not fail[tid]:
         for g in range(4):
             if bias != NULL:
                 memcpy(bl + g * hk, bias + g * H + j0, hk * sizeof(floating))
         for r in range(nrows):
             b = order[r0 + r]
-            h_rows[r] = hbuf + (r0 + r) * H
-            h_rows[nrows + r] = hbuf + (B + r0 + r) * H
-            for j in range(hk):
-                hbuf[(r0 + r) * H + j0 + j] = h0[b * H + j0 + j] if h0 != NULL else 0
-                c[r * hk + j] = c0[b * H + j0 + j] if c0 != NULL else 0
+            h_rows[r] = h0 + b * H if h0 != NULL else zeros
+            c_rows[r] = c + r * hk
+            if c0 != NULL:
+                memcpy(c + r * hk, c0 + b * H + j0, hk * sizeof(floating))
     if sync:
         fastrnn_barrier()
         for q in range(nthr):
@@ -128,8 +132,8 @@ cdef void forward_thread(
                 a_rows[r] = (gates + (t * B + b) * 4 * H if in_cache
                              else gxb + ((s - s0) * nrows + r) * GK)
             if GK > 0:
-                gemm_rows(nact, GK, H, &h_rows[cur * nrows], w_hh_s if pack_hh else NULL,
-                          w_hh_s, H, a_rows, 1)
+                gemm_rows(nact, GK, H, h_rows, w_hh_s if pack_hh else NULL, w_hh_s, H,
+                          a_rows, 1)
             for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
                 t = time_index(s, lengths[b], reverse)
@@ -139,33 +143,32 @@ cdef void forward_thread(
                 sigmoid_(ar, 2 * hk)          # i, f
                 tanh_(ar + 2 * hk, hk)        # g
                 sigmoid_(ar + 3 * hk, hk)     # o
-                cr = c + r * hk
+                cr = c_rows[r]
+                cnew = cs + (t * B + b) * H + j0 if cs != NULL else cr   # inference: in place
                 for j in range(hk):
-                    cr[j] = ar[hk + j] * cr[j] + ar[j] * ar[2 * hk + j]
-                tanh_to(tc, cr, hk)
-                hr = hbuf + ((1 - cur) * B + r0 + r) * H + j0
+                    cnew[j] = ar[hk + j] * cr[j] + ar[j] * ar[2 * hk + j]
+                c_rows[r] = cnew
+                tanh_to(tc, cnew, hk)
+                hr = y + (t * B + b) * H
                 for j in range(hk):
-                    hr[j] = ar[3 * hk + j] * tc[j]
-                memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
-                if gates != NULL:
-                    if not in_cache:
-                        for g in range(4):
-                            memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
-                                   hk * sizeof(floating))
-                    memcpy(cs + (t * B + b) * H + j0, cr, hk * sizeof(floating))
+                    hr[j0 + j] = ar[3 * hk + j] * tc[j]
+                if gates != NULL and not in_cache:
+                    for g in range(4):
+                        memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
+                               hk * sizeof(floating))
             if sync:
-                fastrnn_barrier()   # h_t complete before anyone reads it
-            cur = 1 - cur
+                fastrnn_barrier()   # h_t complete (every thread's units) before anyone reads it
+            for r in range(nact):   # h_t is next step's h_{t-1}
+                b = order[r0 + r]
+                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * H
         s0 = s1
     if not failed:
         for r in range(nrows):
             b = order[r0 + r]
-            # step s wrote buffer (s + 1) % 2 and a row's last step is lengths[b] - 1
-            memcpy(h_n + b * H + j0, hbuf + ((lengths[b] % 2) * B + r0 + r) * H + j0,
-                   hk * sizeof(floating))
-            memcpy(c_n + b * H + j0, c + r * hk, hk * sizeof(floating))
-    free(bl); free(c); free(tc); free(gxb)
-    free(src); free(dst); free(h_rows); free(a_rows)
+            memcpy(h_n + b * H + j0, h_rows[r] + j0, hk * sizeof(floating))
+            memcpy(c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
+    free(bl); free(c); free(tc); free(zeros); free(gxb)
+    free(src); free(dst); free(h_rows); free(a_rows); free(c_rows)
 
 
 cdef int backward_chunk(
@@ -283,7 +286,6 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
     cdef const floating *p_hh = &w_hh[0, 0]
     cdef floating *s_ih = NULL
     cdef floating *s_hh = NULL
-    cdef floating *hbuf = <floating *> malloc(2 * B * H * sizeof(floating))
     cdef int *fail = <int *> calloc(team, sizeof(int))
     cdef int tid, nthr, k, failed = 0
     cdef Py_ssize_t j0, j1
@@ -293,7 +295,7 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             s_ih = gate_slices(p_ih, 4, H, I, nslices, pack_ih, n_threads)
         if pack_hh or nslices > 1:
             s_hh = gate_slices(p_hh, 4, H, H, nslices, pack_hh, n_threads)
-        if (hbuf == NULL or fail == NULL or ((pack_ih or nslices > 1) and s_ih == NULL)
+        if (fail == NULL or ((pack_ih or nslices > 1) and s_ih == NULL)
                 or ((pack_hh or nslices > 1) and s_hh == NULL)):
             failed = 1
         else:
@@ -307,7 +309,7 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
                     j0 = unit_start(H, k, nslices)
                     j1 = unit_start(H, k + 1, nslices)
                     forward_thread(
-                        &y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], p_gates, p_cs, hbuf, fail,
+                        &y[0, 0, 0], &h_n[0, 0], &c_n[0, 0], p_gates, p_cs, fail,
                         &x[0, 0, 0], p_h0, p_c0,
                         s_ih + slice_offset(p_ih, 4, H, I, nslices, k, pack_ih) if s_ih != NULL else p_ih,
                         s_hh + slice_offset(p_hh, 4, H, H, nslices, k, pack_hh) if s_hh != NULL else p_hh,
@@ -319,7 +321,7 @@ def forward(floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
                     failed = 1
                 elif fail[k] == 2:
                     short_team = True
-    free(s_ih); free(s_hh); free(hbuf); free(fail)
+    free(s_ih); free(s_hh); free(fail)
     if failed:
         raise MemoryError("fastrnn LSTM forward: out of memory")
     return not short_team
