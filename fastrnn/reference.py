@@ -83,7 +83,7 @@ Extra keys per cell:
 import numpy as np
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
-           "gru_forward", "gru_backward"]
+           "gru_forward", "gru_backward", "dense_forward", "dense_backward"]
 
 
 # --------------------------------------------------------------------------
@@ -422,3 +422,18 @@ def gru_backward(dy, dh_n, cache):
     if not has_bias:
         db_ih = db_hh = None
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
+
+
+# --------------------------------------------------------------------------
+# dense layer (fastrnn.nn.Linear; kernel src/_dense.pyx)
+# --------------------------------------------------------------------------
+
+def dense_forward(x, w, b):
+    """y = x @ w.T + b for x (M, K), w (N, K), b (N,) or None."""
+    y = x @ w.T
+    return y if b is None else y + b
+
+
+def dense_backward(dy, x, w):
+    """dx = dy @ w, dw = dy.T @ x, db = dy summed over rows, for dy (M, N)."""
+    return dy @ w, dy.T @ x, dy.sum(axis=0)

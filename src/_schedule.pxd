@@ -74,6 +74,24 @@ cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t
     return packed
 
 
+cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K,
+                                  int n_threads) noexcept nogil:
+    """Packed copy of W (N x K) row-major (a dense layer's y = x W^T). NULL if out of memory."""
+    cdef floating *packed = <floating *> malloc(n_panels(<floating *> W, N) * panel_width(<floating *> W)
+                                                * K * sizeof(floating))
+    cdef const floating **rows = <const floating **> malloc(N * sizeof(void *))
+    cdef Py_ssize_t n
+    if packed != NULL and rows != NULL:
+        for n in range(N):
+            rows[n] = W + n * K
+        pack_parallel(packed, rows, N, K, 1, n_threads)
+    else:
+        free(packed)
+        packed = NULL
+    free(rows)
+    return packed
+
+
 cdef extern from "omp_helpers.h" nogil:
     int fastrnn_thread_num()
     int fastrnn_team_size()

@@ -4,6 +4,9 @@ import math
 
 import numpy as np
 
+from fastrnn import _dense
+from fastrnn._config import get_num_threads
+from fastrnn.functional import SMALL_WORK_FLOP
 from fastrnn.modules.module import Module, Parameter
 from fastrnn.nn.init import as_generator, uniform_
 
@@ -36,26 +39,45 @@ class Linear(Module):
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
         w = self.weight.data
-        if x.dtype != w.dtype:
-            x = x.astype(w.dtype)
+        x = np.ascontiguousarray(x, dtype=w.dtype)
         self._x = x
-        y = np.matmul(x, w.T)
-        if self.bias is not None:
-            y += self.bias.data
-        return y
+        x2 = x.reshape(-1, self.in_features)
+        if x2.size == 0 or w.size == 0:   # nothing for the kernel to do
+            y = np.matmul(x, w.T)
+            if self.bias is not None:
+                y += self.bias.data
+            return y
+        y = np.empty((x2.shape[0], self.out_features), w.dtype)
+        _dense.forward(y, x2, w, None if self.bias is None else self.bias.data,
+                       self._threads(x2.shape[0]))
+        return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, dout):
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         x = self._x
         w = self.weight.data
-        dout = np.asarray(dout, dtype=w.dtype)
-        d2 = dout.reshape(-1, self.out_features)
+        dout = np.asarray(dout)
+        if dout.shape != x.shape[:-1] + (self.out_features,):
+            raise ValueError(f"dout: expected shape {x.shape[:-1] + (self.out_features,)}, "
+                             f"got {dout.shape}")
+        d2 = np.ascontiguousarray(dout, dtype=w.dtype).reshape(-1, self.out_features)
         x2 = x.reshape(-1, self.in_features)
-        self.weight.grad += d2.T @ x2
         if self.bias is not None:
             self.bias.grad += d2.sum(axis=0)
-        return np.matmul(dout, w)
+        if x2.size == 0 or w.size == 0:
+            self.weight.grad += d2.T @ x2
+            return np.matmul(dout.astype(w.dtype, copy=False), w)
+        dx = np.empty_like(x2)
+        dw_t = np.empty((self.in_features, self.out_features), w.dtype)
+        _dense.backward(dx, dw_t, d2, x2, w, self._threads(x2.shape[0]))
+        self.weight.grad += dw_t.T
+        return dx.reshape(x.shape)
+
+    def _threads(self, rows):
+        """The kernels' thread count, or one for calls too small to repay a team."""
+        flop = 2 * rows * self.in_features * self.out_features
+        return 1 if flop < SMALL_WORK_FLOP else get_num_threads()
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,72 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Dense layer kernels (fastrnn.nn.Linear): `forward` and `backward`.
+
+Shapes: M rows (all leading axes flattened), K in features, N out features.
+
+    y = x W^T + b                                   (M, N)
+    dx = dy W,   dW^T = x^T dy                      (M, K), (K, N)
+
+Why not NumPy: a language model's decoder runs between the recurrent kernels
+every step. On NumPy's BLAS it either gets one core (its thread pool would
+otherwise spin and take cores from the kernels' OpenMP team) or costs that
+spinning; here it runs on the same packed micro-kernel and the same OpenMP
+threads, and the result does not depend on the thread count.
+
+Callers (fastrnn.nn.Linear) pass C-contiguous arrays of one dtype with
+M, K, N >= 1; these functions trust their arguments and run without the GIL.
+"""
+from libc.stdlib cimport free
+
+from _simd cimport floating
+from _schedule cimport pack_matrix, pack_transpose
+from _gradients cimport rows_times_packed, columns_times_packed
+
+
+def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1] w,
+            const floating[::1] bias, int n_threads):
+    """y (M, N) := x (M, K) W^T + bias; w (N, K), bias (N,) or None."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = w.shape[0], i, j
+    cdef const floating *p_bias = &bias[0] if bias is not None else NULL
+    cdef floating *packed_w = NULL
+    cdef int failed = 0
+    with nogil:
+        packed_w = pack_matrix(&w[0, 0], N, K, n_threads)      # W (N x K) packed
+        if packed_w == NULL:
+            failed = 1
+        else:
+            failed = rows_times_packed(M, N, K, &x[0, 0], packed_w, &y[0, 0], n_threads) != 0
+            if not failed and p_bias != NULL:
+                for i in range(M):
+                    for j in range(N):
+                        y[i, j] = y[i, j] + p_bias[j]
+        free(packed_w)
+    if failed:
+        raise MemoryError("fastrnn dense forward: out of memory")
+
+
+def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] dy,
+             const floating[:, ::1] x, const floating[:, ::1] w, int n_threads):
+    """dx (M, K) := dy W;  dw_t (K, N) := x^T dy  (the transpose of dW, so that
+    the K rows, usually many more than N, are what the threads share)."""
+    cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = w.shape[0]
+    cdef floating *packed_wt = NULL
+    cdef floating *packed_dyt = NULL
+    cdef const floating *packs[1]
+    cdef floating *outs[1]
+    cdef Py_ssize_t Ns[1]
+    cdef int failed = 0
+    with nogil:
+        packed_wt = pack_transpose(&w[0, 0], N, K, n_threads)     # W^T (K x N) packed
+        packed_dyt = pack_transpose(&dy[0, 0], M, N, n_threads)   # dy^T (N x M) packed
+        if packed_wt == NULL or packed_dyt == NULL:
+            failed = 1
+        else:
+            Ns[0] = N
+            packs[0] = packed_dyt
+            outs[0] = &dw_t[0, 0]
+            failed = (rows_times_packed(M, K, N, &dy[0, 0], packed_wt, &dx[0, 0], n_threads)
+                      + columns_times_packed(K, M, &x[0, 0], 1, Ns, packs, outs, n_threads)) != 0
+        free(packed_wt)
+        free(packed_dyt)
+    if failed:
+        raise MemoryError("fastrnn dense backward: out of memory")
