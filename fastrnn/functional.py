@@ -70,6 +70,15 @@ class Schedule:
             self.bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, B), [B]))
                                     ).astype(np.intp)
 
+    def valid_rows(self, T):
+        """(V,) intp flat indices t*B + b of the steps that exist (t < lengths[b]),
+        ascending, or None when nothing is padded. Backward's dX and dW GEMMs
+        run over these rows only."""
+        if not self.padded:
+            return None
+        steps = np.arange(T, dtype=np.intp)[:, None] < self.lengths[None, :]   # (T, B)
+        return np.flatnonzero(steps).astype(np.intp)
+
     def single_thread(self):
         """The same rows in one chunk."""
         one = Schedule.__new__(Schedule)
@@ -170,12 +179,17 @@ def _backward_setup(dy, dh_n, cache):
 
 
 def _gradient_buffers(cache):
-    """Consume the cache; fresh dx (T,B,I), dh0 (B,H), dw_ih, dw_hh for its shapes."""
+    """Consume the cache; fresh dx (T,B,I), dh0 (B,H), dw_ih, dw_hh for its shapes.
+
+    dx starts at zero when sequences are padded: the kernels write only the
+    rows of steps that exist.
+    """
     cache = cache.take()
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
-    return (cache, np.empty((T, B, I), dtype), np.empty((B, H), dtype),
+    dx = (np.zeros if cache.sched.padded else np.empty)((T, B, I), dtype)
+    return (cache, dx, np.empty((B, H), dtype),
             np.empty_like(cache.w_ih), np.empty_like(cache.w_hh))
 
 
@@ -215,8 +229,8 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     sched = cache.sched
     _lstm.backward(dx, dh0, dc0, dw_ih, dw_hh, cache.gates, dy, dh_n, dc_n, cache.cs,
                    cache.c0, cache.x, _h_prev(cache), cache.w_ih, cache.w_hh,
-                   sched.lengths, sched.order, sched.bounds, cache.reverse,
-                   sched.n_threads)
+                   sched.lengths, sched.order, sched.bounds, sched.valid_rows(T),
+                   cache.reverse, sched.n_threads)
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
@@ -261,7 +275,7 @@ def rnn_backward(dy, dh_n, cache):
     sched = cache.sched
     _rnn.backward(dx, dh0, dw_ih, dw_hh, da, dy, dh_n, cache.y, cache.act, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
-                  sched.bounds, cache.reverse, sched.n_threads)
+                  sched.bounds, sched.valid_rows(T), cache.reverse, sched.n_threads)
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
     if cache.has_bias:
@@ -307,7 +321,8 @@ def gru_backward(dy, dh_n, cache):
     sched = cache.sched
     _gru.backward(dx, dh0, dw_ih, dw_hh, dgx, dgh, dy, dh_n, cache.hns, cache.y, cache.h0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths,
-                  sched.order, sched.bounds, cache.reverse, sched.n_threads)
+                  sched.order, sched.bounds, sched.valid_rows(T), cache.reverse,
+                  sched.n_threads)
     _fix_reverse_first_step(dw_hh, dgh, cache)
     db_ih = db_hh = None
     if cache.has_bias:

@@ -18,7 +18,7 @@ M, K, N >= 1; these functions trust their arguments and run without the GIL.
 from libc.stdlib cimport free
 
 from _simd cimport floating
-from _schedule cimport pack_matrix, pack_transpose
+from _schedule cimport pack_matrix, pack_transpose, row_pointers
 from _gradients cimport rows_times_packed, columns_times_packed
 
 
@@ -28,18 +28,22 @@ def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1]
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = w.shape[0], i, j
     cdef const floating *p_bias = &bias[0] if bias is not None else NULL
     cdef floating *packed_w = NULL
+    cdef const floating **x_rows = NULL
+    cdef floating **y_rows = NULL
     cdef int failed = 0
     with nogil:
         packed_w = pack_matrix(&w[0, 0], N, K, n_threads)      # W (N x K) packed
-        if packed_w == NULL:
+        x_rows = row_pointers(&x[0, 0], NULL, M, K)
+        y_rows = <floating **> row_pointers(&y[0, 0], NULL, M, N)
+        if packed_w == NULL or x_rows == NULL or y_rows == NULL:
             failed = 1
         else:
-            failed = rows_times_packed(M, N, K, &x[0, 0], packed_w, &y[0, 0], n_threads) != 0
-            if not failed and p_bias != NULL:
+            rows_times_packed(M, N, K, x_rows, packed_w, y_rows, n_threads)
+            if p_bias != NULL:
                 for i in range(M):
                     for j in range(N):
                         y[i, j] = y[i, j] + p_bias[j]
-        free(packed_w)
+        free(packed_w); free(x_rows); free(y_rows)
     if failed:
         raise MemoryError("fastrnn dense forward: out of memory")
 
@@ -51,6 +55,9 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = w.shape[0]
     cdef floating *packed_wt = NULL
     cdef floating *packed_dyt = NULL
+    cdef const floating **dy_rows = NULL
+    cdef const floating **x_rows = NULL
+    cdef floating **dx_rows = NULL
     cdef const floating *packs[1]
     cdef floating *outs[1]
     cdef Py_ssize_t Ns[1]
@@ -58,15 +65,18 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
     with nogil:
         packed_wt = pack_transpose(&w[0, 0], N, K, n_threads)     # W^T (K x N) packed
         packed_dyt = pack_transpose(&dy[0, 0], M, N, n_threads)   # dy^T (N x M) packed
-        if packed_wt == NULL or packed_dyt == NULL:
+        dy_rows = row_pointers(&dy[0, 0], NULL, M, N)
+        x_rows = row_pointers(&x[0, 0], NULL, M, K)
+        dx_rows = <floating **> row_pointers(&dx[0, 0], NULL, M, K)
+        if (packed_wt == NULL or packed_dyt == NULL or dy_rows == NULL or x_rows == NULL
+                or dx_rows == NULL):
             failed = 1
         else:
             Ns[0] = N
             packs[0] = packed_dyt
             outs[0] = &dw_t[0, 0]
-            failed = (rows_times_packed(M, K, N, &dy[0, 0], packed_wt, &dx[0, 0], n_threads)
-                      + columns_times_packed(K, M, &x[0, 0], 1, Ns, packs, outs, n_threads)) != 0
-        free(packed_wt)
-        free(packed_dyt)
+            failed = (rows_times_packed(M, K, N, dy_rows, packed_wt, dx_rows, n_threads)
+                      + columns_times_packed(K, M, x_rows, 1, Ns, packs, outs, n_threads)) != 0
+        free(packed_wt); free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
     if failed:
         raise MemoryError("fastrnn dense backward: out of memory")

@@ -324,16 +324,20 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
              const floating[:, :, ::1] h_prev,
              const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
-             const Py_ssize_t[::1] bounds, bint reverse, int n_threads):
+             const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
+             int n_threads):
     """GRU backward through time. dgx holds forward's gates and is overwritten with dL/dgx.
 
-    After the reverse loop, three GEMMs over all T*B rows (_gradients.pxd):
+    After the reverse loop, three GEMMs over the rows t*B + b that exist,
+    `valid` (ascending; None: all T*B) (_gradients.pxd):
         dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev
     h_prev (T, B, H) is the state each step read (a view of forward's hs).
     """
     cdef Py_ssize_t T = dy.shape[0], B = dy.shape[1], H = dy.shape[2], I = x.shape[2]
     cdef Py_ssize_t G = 3 * H, nchunks = bounds.shape[0] - 1, k
     cdef const floating *p_dh_n = cptr2(dh_n)
+    cdef const Py_ssize_t *p_valid = &valid[0] if valid is not None else NULL
+    cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
     cdef const floating *p_h0 = cptr2(h0)
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
@@ -351,7 +355,7 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
             if not failed:
                 failed = input_and_weight_gradients(
                     &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], &dgx[0, 0, 0], &dgh[0, 0, 0],
-                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], T * B, G, I, H,
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G, I, H,
                     n_threads) != 0
     if failed:
         raise MemoryError("fastrnn GRU backward: out of memory")

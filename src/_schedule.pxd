@@ -8,7 +8,7 @@
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from _simd cimport floating, pack, n_panels, panel_width
+from _simd cimport floating, pack, pack_t, n_panels, panel_width
 
 
 cdef enum:
@@ -49,27 +49,53 @@ cdef inline Py_ssize_t n_active(const Py_ssize_t *rows, Py_ssize_t nrows,
 
 
 cdef inline void pack_parallel(floating *packed, const floating **rows, Py_ssize_t N,
-                               Py_ssize_t K, Py_ssize_t cs, int n_threads) noexcept nogil:
-    """packed := panel layout of the N x K matrix with rows `rows`, panels split over threads."""
+                               Py_ssize_t K, bint transposed, int n_threads) noexcept nogil:
+    """packed := panel layout of the N x K matrix with row n at rows[n] or, when
+    `transposed`, with element (n, k) at rows[k][n]; panels split over threads."""
     cdef Py_ssize_t p, npan = n_panels(packed, N)
     for p in prange(npan, schedule='static', num_threads=n_threads):
-        pack(packed, rows, N, K, cs, p, p + 1)
+        if transposed:
+            pack_t(packed, rows, N, K, p, p + 1)
+        else:
+            pack(packed, rows, N, K, p, p + 1)
+
+
+cdef inline floating *packed_buffer(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) noexcept nogil:
+    """Uninitialised storage for the packed copy of an N x K matrix (NULL if out of memory)."""
+    return <floating *> malloc(n_panels(dtype_tag, N) * panel_width(dtype_tag) * K
+                               * sizeof(floating) + 1)
+
+
+cdef inline const floating **row_pointers(const floating *base, const Py_ssize_t *index,
+                                          Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """n pointers base + index[i]*stride (index NULL: i*stride). Free with free(); NULL if out of memory."""
+    cdef const floating **rows = <const floating **> malloc(n * sizeof(void *) + 1)
+    cdef Py_ssize_t i
+    if rows != NULL:
+        for i in range(n):
+            rows[i] = base + (index[i] if index != NULL else i) * stride
+    return rows
+
+
+cdef inline floating *pack_rows_transposed(const floating **rows, Py_ssize_t nrows,
+                                           Py_ssize_t ncols, int n_threads) noexcept nogil:
+    """Packed copy of X^T (ncols x nrows) for X given by its rows (ncols values each).
+    NULL if out of memory."""
+    cdef floating *packed = packed_buffer(<floating *> NULL, ncols, nrows)
+    if packed != NULL:
+        pack_parallel(packed, rows, ncols, nrows, True, n_threads)
+    return packed
 
 
 cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t K,
                                      int n_threads) noexcept nogil:
     """Packed copy of W^T for W (N x K) row-major (backward's dh = da W). NULL if out of memory."""
-    cdef floating *packed = <floating *> malloc(n_panels(<floating *> W, K) * panel_width(<floating *> W)
-                                                * N * sizeof(floating))
-    cdef const floating **rows = <const floating **> malloc(K * sizeof(void *))
-    cdef Py_ssize_t k
-    if packed != NULL and rows != NULL:
-        for k in range(K):
-            rows[k] = W + k   # row k of W^T is column k of W
-        pack_parallel(packed, rows, K, N, K, n_threads)
-    else:
-        free(packed)
-        packed = NULL
+    cdef const floating **rows = row_pointers(W, NULL, N, K)
+    cdef floating *packed = NULL
+    if rows != NULL:
+        packed = packed_buffer(<floating *> W, K, N)
+        if packed != NULL:
+            pack_parallel(packed, rows, K, N, True, n_threads)
     free(rows)
     return packed
 
@@ -77,17 +103,12 @@ cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t
 cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K,
                                   int n_threads) noexcept nogil:
     """Packed copy of W (N x K) row-major (a dense layer's y = x W^T). NULL if out of memory."""
-    cdef floating *packed = <floating *> malloc(n_panels(<floating *> W, N) * panel_width(<floating *> W)
-                                                * K * sizeof(floating))
-    cdef const floating **rows = <const floating **> malloc(N * sizeof(void *))
-    cdef Py_ssize_t n
-    if packed != NULL and rows != NULL:
-        for n in range(N):
-            rows[n] = W + n * K
-        pack_parallel(packed, rows, N, K, 1, n_threads)
-    else:
-        free(packed)
-        packed = NULL
+    cdef const floating **rows = row_pointers(W, NULL, N, K)
+    cdef floating *packed = NULL
+    if rows != NULL:
+        packed = packed_buffer(<floating *> W, N, K)
+        if packed != NULL:
+            pack_parallel(packed, rows, N, K, False, n_threads)
     free(rows)
     return packed
 
@@ -152,7 +173,7 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
                 rows[n] = W + (g * H + j) * K
                 n = n + 1
         if packed:
-            pack_parallel(buf + off, rows, n, K, 1, n_threads)
+            pack_parallel(buf + off, rows, n, K, False, n_threads)
         else:
             for j in range(n):
                 memcpy(buf + off + j * K, rows[j], K * sizeof(floating))

@@ -10,9 +10,13 @@ cdef extern from "recurrent_gemm.h" nogil:
     size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
     size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)
     void fastrnn_pack_s(float *packed, const float *const *rows, Py_ssize_t N, Py_ssize_t K,
-                        Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+                        Py_ssize_t p0, Py_ssize_t p1)
     void fastrnn_pack_d(double *packed, const double *const *rows, Py_ssize_t N, Py_ssize_t K,
-                        Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1)
+                        Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_pack_t_s(float *packed, const float *const *cols, Py_ssize_t N, Py_ssize_t K,
+                          Py_ssize_t p0, Py_ssize_t p1)
+    void fastrnn_pack_t_d(double *packed, const double *const *cols, Py_ssize_t N, Py_ssize_t K,
+                          Py_ssize_t p0, Py_ssize_t p1)
     void fastrnn_gemm_packed_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const float *const *A, const float *packed,
                                float *const *C, float beta)
@@ -21,12 +25,14 @@ cdef extern from "recurrent_gemm.h" nogil:
                                double *const *C, double beta)
     size_t fastrnn_tn_work_size_s(Py_ssize_t M)
     size_t fastrnn_tn_work_size_d(Py_ssize_t M)
-    void fastrnn_gemm_packed_tn_s(Py_ssize_t M, Py_ssize_t K, const float *A, Py_ssize_t lda,
-                                  int nout, const Py_ssize_t *Ns, const float *const *packs,
-                                  float *const *const *Cs, float beta, float *work)
-    void fastrnn_gemm_packed_tn_d(Py_ssize_t M, Py_ssize_t K, const double *A, Py_ssize_t lda,
-                                  int nout, const Py_ssize_t *Ns, const double *const *packs,
-                                  double *const *const *Cs, double beta, double *work)
+    void fastrnn_gemm_packed_tn_s(Py_ssize_t M, Py_ssize_t K, const float *const *A,
+                                  Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
+                                  const float *const *packs, float *const *const *Cs,
+                                  float beta, float *work)
+    void fastrnn_gemm_packed_tn_d(Py_ssize_t M, Py_ssize_t K, const double *const *A,
+                                  Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
+                                  const double *const *packs, double *const *const *Cs,
+                                  double beta, double *work)
     void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const float *const *A, const float *W, Py_ssize_t ldw,
                             float *const *C, float beta)
@@ -52,12 +58,21 @@ cdef inline size_t packed_size(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) 
 
 
 cdef inline void pack(floating *packed, const floating **rows, Py_ssize_t N, Py_ssize_t K,
-                      Py_ssize_t cs, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
-    """packed := panels [p0, p1) of the N x K matrix with row n at rows[n], columns cs apart."""
+                      Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """packed := panels [p0, p1) of the N x K matrix with row n at rows[n]."""
     if floating is float:
-        fastrnn_pack_s(packed, rows, N, K, cs, p0, p1)
+        fastrnn_pack_s(packed, rows, N, K, p0, p1)
     else:
-        fastrnn_pack_d(packed, rows, N, K, cs, p0, p1)
+        fastrnn_pack_d(packed, rows, N, K, p0, p1)
+
+
+cdef inline void pack_t(floating *packed, const floating **cols, Py_ssize_t N, Py_ssize_t K,
+                        Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """packed := panels [p0, p1) of the N x K matrix with element (n, k) at cols[k][n]."""
+    if floating is float:
+        fastrnn_pack_t_s(packed, cols, N, K, p0, p1)
+    else:
+        fastrnn_pack_t_d(packed, cols, N, K, p0, p1)
 
 
 cdef inline Py_ssize_t panel_width(floating *dtype_tag) noexcept nogil:
@@ -106,17 +121,18 @@ cdef inline size_t tn_work_size(floating *dtype_tag, Py_ssize_t M) noexcept nogi
         return fastrnn_tn_work_size_d(M)
 
 
-cdef inline void gemm_columns(Py_ssize_t M, Py_ssize_t K, const floating *A, Py_ssize_t lda,
+cdef inline void gemm_columns(Py_ssize_t M, Py_ssize_t K, const floating **A, Py_ssize_t col0,
                               int nout, const Py_ssize_t *Ns, const floating **packs,
                               floating ***Cs, floating beta, floating *work) noexcept nogil:
-    """Cs[q][i] := beta*Cs[q][i] + A[:, i] . W_q^T for i < M, q < nout: A (K x lda)
-    read by columns, once for all outputs; W_q (Ns[q] x K) packed."""
+    """Cs[q][i] := beta*Cs[q][i] + sum_k A[k][col0 + i] W_q[:, k] for i < M, q < nout:
+    columns of the K x (col0 + M) matrix with rows A[k], read once for all
+    outputs; W_q (Ns[q] x K) packed."""
     if M <= 0:
         return
     if floating is float:
-        fastrnn_gemm_packed_tn_s(M, K, A, lda, nout, Ns, packs, Cs, beta, work)
+        fastrnn_gemm_packed_tn_s(M, K, A, col0, nout, Ns, packs, Cs, beta, work)
     else:
-        fastrnn_gemm_packed_tn_d(M, K, A, lda, nout, Ns, packs, Cs, beta, work)
+        fastrnn_gemm_packed_tn_d(M, K, A, col0, nout, Ns, packs, Cs, beta, work)
 
 
 cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:

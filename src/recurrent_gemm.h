@@ -54,29 +54,42 @@ static inline size_t fastrnn_packed_size_##SUFFIX(ptrdiff_t N, ptrdiff_t K)     
 }                                                                                  \
                                                                                    \
 /* packed := panels [p0, p1) of the N x K matrix whose row n is rows[n]        \
- * (K values, stride cs apart). Row pointers let callers pack a transpose       \
- * (cs = row length) or a permutation of rows (one thread's gate slices). */    \
+ * (K contiguous values). Row pointers let callers pack any selection or      \
+ * permutation of rows (one thread's gate slices) without a copy. */           \
 static void fastrnn_pack_##SUFFIX(REAL *packed, const REAL *const *rows,           \
-                                  ptrdiff_t N, ptrdiff_t K, ptrdiff_t cs,          \
+                                  ptrdiff_t N, ptrdiff_t K,                        \
                                   ptrdiff_t p0, ptrdiff_t p1)                      \
 {                                                                                  \
     const ptrdiff_t NR = 2 * LANES;                                                \
     for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
         REAL *dst = packed + p * NR * K;                                           \
         ptrdiff_t nj = N - p * NR < NR ? N - p * NR : NR;                          \
-        if (cs == 1) {  /* rows of W: read each row once, contiguously */          \
-            for (ptrdiff_t j = 0; j < nj; ++j) {                                   \
-                const REAL *src = rows[p * NR + j];                                \
-                for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = src[k];        \
-            }                                                                      \
-        } else {        /* columns (a transpose): the NR values of one k are       \
-                         * usually adjacent in memory, so walk k outermost */      \
-            for (ptrdiff_t k = 0; k < K; ++k)                                      \
-                for (ptrdiff_t j = 0; j < nj; ++j)                                 \
-                    dst[k * NR + j] = rows[p * NR + j][k * cs];                    \
+        for (ptrdiff_t j = 0; j < nj; ++j) {                                       \
+            const REAL *src = rows[p * NR + j];                                    \
+            for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = src[k];            \
         }                                                                          \
         for (ptrdiff_t j = nj; j < NR; ++j)                                        \
             for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = (REAL)0;           \
+    }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* packed := panels [p0, p1) of the N x K matrix whose element (n, k) is        \
+ * cols[k][n]: the transpose of a K x N matrix given by its rows (W^T for      \
+ * backward's dh = da W, or x^T over any subset of time steps for dW). The     \
+ * NR values of one k are adjacent in memory, so k is walked outermost. */      \
+static void fastrnn_pack_t_##SUFFIX(REAL *packed, const REAL *const *cols,         \
+                                    ptrdiff_t N, ptrdiff_t K,                      \
+                                    ptrdiff_t p0, ptrdiff_t p1)                    \
+{                                                                                  \
+    const ptrdiff_t NR = 2 * LANES;                                                \
+    for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
+        REAL *dst = packed + p * NR * K;                                           \
+        ptrdiff_t nj = N - p * NR < NR ? N - p * NR : NR;                          \
+        for (ptrdiff_t k = 0; k < K; ++k) {                                        \
+            const REAL *src = cols[k] + p * NR;                                    \
+            for (ptrdiff_t j = 0; j < nj; ++j) dst[k * NR + j] = src[j];           \
+            for (ptrdiff_t j = nj; j < NR; ++j) dst[k * NR + j] = (REAL)0;         \
+        }                                                                          \
     }                                                                              \
 }                                                                                  \
                                                                                    \
@@ -194,16 +207,18 @@ fastrnn_tile_pa_##SUFFIX(ptrdiff_t K, const REAL *pa, const REAL *panel,        
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* For q < nout: C_q[M x N_q] := beta*C_q + A^T . W_q^T, where A is K x lda     \
- * row-major and row i of every C_q is column i of A (backward's dW = da^T x and \
- * da^T h: the columns of da, read in place, once for all outputs).              \
+/* For q < nout: C_q[M x N_q] := beta*C_q + A^T . W_q^T, where A is the K x M   \
+ * matrix whose row k is A[k] + col0 and row i of every C_q is column i of A    \
+ * (backward's dW = da^T x and da^T h: columns of da, read in place, once for    \
+ * all outputs; the row pointers select the time steps that exist).             \
  * Each KC block of those columns is first copied into MR-row micro-panels in    \
  * `work` (fastrnn_tn_work_size values): read straight from A, every k would     \
- * touch a new cache line lda apart, and with lda a multiple of 1024 bytes all   \
- * of them fall in the same L1 sets (measured 49 against 85-90 GFLOP/s). */      \
+ * touch a new cache line a row apart, and with rows a multiple of 1024 bytes    \
+ * apart all of them fall in the same L1 sets (measured 49 against 85-90         \
+ * GFLOP/s). */                                                                  \
 FASTRNN_CLONES static void                                                         \
-fastrnn_gemm_packed_tn_##SUFFIX(ptrdiff_t M, ptrdiff_t K, const REAL *A,           \
-                                ptrdiff_t lda, int nout, const ptrdiff_t *Ns,      \
+fastrnn_gemm_packed_tn_##SUFFIX(ptrdiff_t M, ptrdiff_t K, const REAL *const *A,    \
+                                ptrdiff_t col0, int nout, const ptrdiff_t *Ns,     \
                                 const REAL *const *packs, REAL *const *const *Cs,  \
                                 REAL beta, REAL *work)                             \
 {                                                                                  \
@@ -215,7 +230,7 @@ fastrnn_gemm_packed_tn_##SUFFIX(ptrdiff_t M, ptrdiff_t K, const REAL *A,        
             REAL *pa = work + i0 * kc;                                             \
             ptrdiff_t m = M - i0 < FASTRNN_MR ? M - i0 : FASTRNN_MR;               \
             for (ptrdiff_t k = 0; k < kc; ++k) {                                   \
-                const REAL *src = A + (k0 + k) * lda + i0;                         \
+                const REAL *src = A[k0 + k] + col0 + i0;                           \
                 for (ptrdiff_t i = 0; i < m; ++i) pa[k * FASTRNN_MR + i] = src[i]; \
                 for (ptrdiff_t i = m; i < FASTRNN_MR; ++i) pa[k * FASTRNN_MR + i] = 0; \
             }                                                                      \
