@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 from Cython.Build import cythonize
@@ -64,9 +65,12 @@ class BuildExt(build_ext):
 
 
 debug = os.environ.get("FASTRNN_DEBUG") == "1"
+HEADERS = sorted(str(p) for p in Path("src").glob("*.h")) + sorted(
+    str(p) for p in Path("src").glob("*.pxd"))   # a change to any of these rebuilds the kernels
 extensions = [
     Extension(f"fastrnn.{name}", [f"src/{name}.pyx"], include_dirs=["src", np.get_include()],
-              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+              depends=HEADERS)
     for name in KERNELS
 ]
 

@@ -77,6 +77,7 @@ cdef void forward_thread(
     cdef floating *hr
     cdef const floating *hp
     cdef floating z
+    cdef floating one = 1   # a typed 1: Cython writes a bare 1 as the double 1.0
     fail[tid] = (blx == NULL or blhn == NULL or a == NULL or nb == NULL or gxb == NULL
                  or src == NULL or dst == NULL or h_rows == NULL or a_rows == NULL)
     if not fail[tid]:
@@ -136,7 +137,7 @@ cdef void forward_thread(
                 hr = hbuf + ((1 - cur) * B + r0 + r) * H + j0
                 for j in range(hk):
                     z = ar[hk + j]
-                    hr[j] = (1 - z) * nb[j] + z * hp[j]
+                    hr[j] = (one - z) * nb[j] + z * hp[j]
                 memcpy(y + (t * B + b) * H + j0, hr, hk * sizeof(floating))
                 if gates != NULL:
                     memcpy(gates + (t * B + b) * 3 * H + j0, ar, hk * sizeof(floating))
@@ -191,6 +192,7 @@ cdef int backward_chunk(
     cdef const floating *hprev
     cdef floating *dhr
     cdef floating gr, gz, gn, dht, dn, dz, dan
+    cdef floating one = 1   # a typed 1: Cython writes a bare 1 as the double 1.0
     if dh == NULL or zeros == NULL or dgh_rows == NULL or dh_rows == NULL:
         status = -1
     else:
@@ -223,11 +225,11 @@ cdef int backward_chunk(
                     gz = g[H + j]
                     gn = g[2 * H + j]
                     dht = dhr[j] + dyr[j]
-                    dn = dht * (1 - gz)
+                    dn = dht * (one - gz)
                     dz = dht * (hprev[j] - gn)
-                    dan = dn * (1 - gn * gn)
-                    g[j] = dan * hnr[j] * gr * (1 - gr)
-                    g[H + j] = dz * gz * (1 - gz)
+                    dan = dn * (one - gn * gn)
+                    g[j] = dan * hnr[j] * gr * (one - gr)
+                    g[H + j] = dz * gz * (one - gz)
                     g[2 * H + j] = dan
                     gh[j] = g[j]
                     gh[H + j] = g[H + j]

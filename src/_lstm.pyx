@@ -25,6 +25,28 @@ from _schedule cimport (BLOCK_ROWS, ptr3, cptr2, time_index, n_active,
                        pack_transpose, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
 
+cdef extern from "lstm_pointwise.h" nogil:
+    void fastrnn_lstm_backward_pointwise_s(float *gi, float *gf, float *gg, float *go,
+                                           float *dc_carry, const float *dh_carry,
+                                           const float *dy, const float *c_prev,
+                                           const float *tanh_c, Py_ssize_t H)
+    void fastrnn_lstm_backward_pointwise_d(double *gi, double *gf, double *gg, double *go,
+                                           double *dc_carry, const double *dh_carry,
+                                           const double *dy, const double *c_prev,
+                                           const double *tanh_c, Py_ssize_t H)
+
+
+cdef inline void backward_pointwise(floating *gi, floating *gf, floating *gg, floating *go,
+                                    floating *dc_carry, const floating *dh_carry,
+                                    const floating *dy, const floating *c_prev,
+                                    const floating *tanh_c, Py_ssize_t H) noexcept nogil:
+    """One row of backward's elementwise pass (lstm_pointwise.h): gates -> dL/da in place."""
+    if floating is float:
+        fastrnn_lstm_backward_pointwise_s(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, tanh_c, H)
+    else:
+        fastrnn_lstm_backward_pointwise_d(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, tanh_c, H)
+
+
 cdef void forward_thread(
         floating *y,                # OUT (T, B, H) h_t at valid steps; also read back as h_{t-1}
         floating *h_n,              # OUT (B, H) state after each row's last step
@@ -205,7 +227,6 @@ cdef int backward_chunk(
     cdef const floating *cprev
     cdef floating *dhr
     cdef floating *dcr
-    cdef floating gi, gf, gg, go, dht, dct
     if dh == NULL or dc == NULL or tc == NULL or zeros == NULL or da_rows == NULL or dh_rows == NULL:
         status = -1
     else:
@@ -234,18 +255,7 @@ cdef int backward_chunk(
                 dhr = dh + r * H
                 dcr = dc + r * H
                 tanh_to(tc, cs + (t * B + b) * H, H)
-                for j in range(H):
-                    gi = g[j]
-                    gf = g[H + j]
-                    gg = g[2 * H + j]
-                    go = g[3 * H + j]
-                    dht = dhr[j] + dyr[j]
-                    dct = dcr[j] + dht * go * (1 - tc[j] * tc[j])
-                    g[j] = dct * gg * gi * (1 - gi)
-                    g[H + j] = dct * cprev[j] * gf * (1 - gf)
-                    g[2 * H + j] = dct * gi * (1 - gg * gg)
-                    g[3 * H + j] = dht * tc[j] * go * (1 - go)
-                    dcr[j] = dct * gf
+                backward_pointwise(g, g + H, g + 2 * H, g + 3 * H, dcr, dhr, dyr, cprev, tc, H)
                 da_rows[r] = g
             # dh_{t-1} = da_t W_hh  (rows past nact keep the dh_n they started with)
             gemm_rows(nact, H, G, da_rows, packed_hhT, NULL, 0, dh_rows, 0)

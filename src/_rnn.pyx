@@ -165,6 +165,7 @@ cdef int backward_chunk(
     cdef const floating *dyr
     cdef const floating *hr
     cdef floating *dhr
+    cdef floating one = 1   # a typed 1: Cython writes a bare 1 as the double 1.0
     if dh == NULL or da_rows == NULL or dh_rows == NULL:
         status = -1
     else:
@@ -186,7 +187,7 @@ cdef int backward_chunk(
                 dhr = dh + r * H
                 if act == ACT_TANH:
                     for j in range(H):
-                        g[j] = (dhr[j] + dyr[j]) * (1 - hr[j] * hr[j])
+                        g[j] = (dhr[j] + dyr[j]) * (one - hr[j] * hr[j])
                 elif act == ACT_RELU:
                     for j in range(H):
                         g[j] = (dhr[j] + dyr[j]) if hr[j] > 0 else 0

@@ -93,9 +93,7 @@ cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t
     cdef const floating **rows = row_pointers(W, NULL, N, K)
     cdef floating *packed = NULL
     if rows != NULL:
-        packed = packed_buffer(<floating *> W, K, N)
-        if packed != NULL:
-            pack_parallel(packed, rows, K, N, True, n_threads)
+        packed = pack_rows_transposed(rows, N, K, n_threads)
     free(rows)
     return packed
 
