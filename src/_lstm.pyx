@@ -20,12 +20,18 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _gradients cimport input_and_weight_gradients
-from _simd cimport floating, gemm_rows, sigmoid_, tanh_, tanh_to
+from _simd cimport floating, gemm_rows, tanh_to
 from _schedule cimport (BLOCK_ROWS, ptr3, cptr2, time_index, n_active,
                        pack_transpose, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
 
 cdef extern from "lstm_pointwise.h" nogil:
+    void fastrnn_lstm_forward_pointwise_s(float *ai, float *af, float *ag, float *ao,
+                                          const float *bias, const float *c_prev,
+                                          float *c_new, float *h, Py_ssize_t n)
+    void fastrnn_lstm_forward_pointwise_d(double *ai, double *af, double *ag, double *ao,
+                                          const double *bias, const double *c_prev,
+                                          double *c_new, double *h, Py_ssize_t n)
     void fastrnn_lstm_backward_pointwise_s(float *gi, float *gf, float *gg, float *go,
                                            float *dc_carry, const float *dh_carry,
                                            const float *dy, const float *c_prev,
@@ -34,6 +40,17 @@ cdef extern from "lstm_pointwise.h" nogil:
                                            double *dc_carry, const double *dh_carry,
                                            const double *dy, const double *c_prev,
                                            const double *tanh_c, Py_ssize_t H)
+
+
+cdef inline void forward_pointwise(floating *ai, floating *af, floating *ag, floating *ao,
+                                   const floating *bias, const floating *c_prev,
+                                   floating *c_new, floating *h, Py_ssize_t n) noexcept nogil:
+    """One row's gate pass for n units (lstm_pointwise.h): a + bias -> activated gates in
+    place, c_new = f c_prev + i g, h = o tanh(c_new). bias holds 4n values, gate by gate."""
+    if floating is float:
+        fastrnn_lstm_forward_pointwise_s(ai, af, ag, ao, bias, c_prev, c_new, h, n)
+    else:
+        fastrnn_lstm_forward_pointwise_d(ai, af, ag, ao, bias, c_prev, c_new, h, n)
 
 
 cdef inline void backward_pointwise(floating *gi, floating *gf, floating *gg, floating *go,
@@ -91,7 +108,6 @@ cdef void forward_thread(
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
     cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (4hk,) bias slice
     cdef floating *c = <floating *> calloc(nr * gk, sizeof(floating))          # (nrows, hk) c0, then c_t at inference
-    cdef floating *tc = <floating *> malloc(gk * sizeof(floating))             # (hk,) tanh(c_t)
     cdef floating *zeros = <floating *> calloc(H + 1, sizeof(floating))        # (H,) h0 when None
     cdef floating *gxb = NULL                                                  # (tb, nrows, 4hk) unless in_cache
     cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
@@ -104,10 +120,9 @@ cdef void forward_thread(
     cdef floating *ar
     cdef floating *cr
     cdef floating *cnew
-    cdef floating *hr
     if not in_cache:
         gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))
-    fail[tid] = (bl == NULL or c == NULL or tc == NULL or zeros == NULL
+    fail[tid] = (bl == NULL or c == NULL or zeros == NULL
                  or (gxb == NULL and not in_cache) or src == NULL or dst == NULL
                  or h_rows == NULL or a_rows == NULL or c_rows == NULL)
     if not fail[tid]:
@@ -160,20 +175,11 @@ cdef void forward_thread(
                 b = order[r0 + r]
                 t = time_index(s, lengths[b], reverse)
                 ar = a_rows[r]
-                for j in range(GK):
-                    ar[j] = ar[j] + bl[j]
-                sigmoid_(ar, 2 * hk)          # i, f
-                tanh_(ar + 2 * hk, hk)        # g
-                sigmoid_(ar + 3 * hk, hk)     # o
                 cr = c_rows[r]
                 cnew = cs + (t * B + b) * H + j0 if cs != NULL else cr   # inference: in place
-                for j in range(hk):
-                    cnew[j] = ar[hk + j] * cr[j] + ar[j] * ar[2 * hk + j]
+                forward_pointwise(ar, ar + hk, ar + 2 * hk, ar + 3 * hk, bl, cr, cnew,
+                                  y + (t * B + b) * H + j0, hk)
                 c_rows[r] = cnew
-                tanh_to(tc, cnew, hk)
-                hr = y + (t * B + b) * H
-                for j in range(hk):
-                    hr[j0 + j] = ar[3 * hk + j] * tc[j]
                 if gates != NULL and not in_cache:
                     for g in range(4):
                         memcpy(gates + (t * B + b) * 4 * H + g * H + j0, ar + g * hk,
@@ -189,7 +195,7 @@ cdef void forward_thread(
             b = order[r0 + r]
             memcpy(h_n + b * H + j0, h_rows[r] + j0, hk * sizeof(floating))
             memcpy(c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
-    free(bl); free(c); free(tc); free(zeros); free(gxb)
+    free(bl); free(c); free(zeros); free(gxb)
     free(src); free(dst); free(h_rows); free(a_rows); free(c_rows)
 
 

@@ -1,10 +1,16 @@
-/* lstm_pointwise.h: the elementwise part of one LSTM backward step, for one row.
+/* lstm_pointwise.h: the elementwise parts of one LSTM step, for one row.
  *
- * Why in C: the same loop written in Cython ran scalar (no restrict, so no
+ * Why in C: the same loops written in Cython ran scalar (no restrict, so no
  * vectorisation, and Cython compiles outside the AVX2 clones). Here the gate
- * segments are separate restrict pointers and the loop is an `omp simd` loop
- * in an x86-64-v3 clone. Gate order i, f, g, o (torch.nn).
+ * segments are separate restrict pointers and each loop is one `omp simd`
+ * pass in an x86-64-v3 clone. Gate order i, f, g, o (torch.nn).
  *
+ * Forward (pre-activations a in, activated gates out, in place):
+ *   i, f, o = sigmoid(a + b);  g = tanh(a + b)
+ *   c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t)
+ * (c_new may be c_prev itself: inference updates c in place.)
+ *
+ * Backward:
  *   dh  = dh_carry + dy                       (dL/dh_t)
  *   dc  = dc_carry + dh * o * (1 - tanh(c_t)^2)
  *   da_i = dc * g * i (1 - i)      da_f = dc * c_{t-1} * f (1 - f)
@@ -17,7 +23,30 @@
 #define FASTRNN_LSTM_POINTWISE_H
 
 #include <stddef.h>
-#include "recurrent_gemm.h"  /* FASTRNN_CLONES */
+#include "activations.h"  /* fastrnn_sigmoidf, fastrnn_tanhf, FASTRNN_CLONES */
+
+#define FASTRNN_DEFINE_LSTM_FORWARD(REAL, SUFFIX, SIGMOID, TANH)                   \
+FASTRNN_CLONES static void                                                         \
+fastrnn_lstm_forward_pointwise_##SUFFIX(                                           \
+    REAL *restrict ai, REAL *restrict af, REAL *restrict ag, REAL *restrict ao,    \
+    const REAL *restrict bias, const REAL *c_prev, REAL *c_new,                    \
+    REAL *restrict h, ptrdiff_t n)                                                 \
+{                                                                                  \
+    const REAL *restrict bi = bias, *restrict bf = bias + n;                       \
+    const REAL *restrict bg = bias + 2 * n, *restrict bo = bias + 3 * n;           \
+    _Pragma("omp simd")                                                            \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                            \
+        REAL i = SIGMOID(ai[j] + bi[j]), f = SIGMOID(af[j] + bf[j]);               \
+        REAL g = TANH(ag[j] + bg[j]), o = SIGMOID(ao[j] + bo[j]);                  \
+        REAL c = f * c_prev[j] + i * g;                                            \
+        ai[j] = i; af[j] = f; ag[j] = g; ao[j] = o;                                \
+        c_new[j] = c;                                                              \
+        h[j] = o * TANH(c);                                                        \
+    }                                                                              \
+}
+
+FASTRNN_DEFINE_LSTM_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, tanh)
 
 #define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX)                                \
 FASTRNN_CLONES static void                                                         \
