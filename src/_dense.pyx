@@ -18,7 +18,7 @@ M, K, N >= 1; these functions trust their arguments and run without the GIL.
 from libc.stdlib cimport free
 
 from _simd cimport floating
-from _schedule cimport pack_matrix, pack_transpose, row_pointers
+from _schedule cimport pack_matrix, row_pointers
 from _gradients cimport rows_times_packed, columns_times_packed
 
 
@@ -32,7 +32,7 @@ def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1]
     cdef floating **y_rows = NULL
     cdef int failed = 0
     with nogil:
-        packed_w = pack_matrix(&w[0, 0], N, K, n_threads)      # W (N x K) packed
+        packed_w = pack_matrix(&w[0, 0], N, K, False, n_threads)      # W (N x K) packed
         x_rows = row_pointers(&x[0, 0], NULL, M, K)
         y_rows = <floating **> row_pointers(&y[0, 0], NULL, M, N)
         if packed_w == NULL or x_rows == NULL or y_rows == NULL:
@@ -63,8 +63,8 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
     cdef Py_ssize_t Ns[1]
     cdef int failed = 0
     with nogil:
-        packed_wt = pack_transpose(&w[0, 0], N, K, n_threads)     # W^T (K x N) packed
-        packed_dyt = pack_transpose(&dy[0, 0], M, N, n_threads)   # dy^T (N x M) packed
+        packed_wt = pack_matrix(&w[0, 0], N, K, True, n_threads)     # W^T (K x N) packed
+        packed_dyt = pack_matrix(&dy[0, 0], M, N, True, n_threads)   # dy^T (N x M) packed
         dy_rows = row_pointers(&dy[0, 0], NULL, M, N)
         x_rows = row_pointers(&x[0, 0], NULL, M, K)
         dx_rows = <floating **> row_pointers(&dx[0, 0], NULL, M, K)
@@ -75,8 +75,8 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
             Ns[0] = N
             packs[0] = packed_dyt
             outs[0] = &dw_t[0, 0]
-            failed = (rows_times_packed(M, K, N, dy_rows, packed_wt, dx_rows, n_threads)
-                      + columns_times_packed(K, M, x_rows, 1, Ns, packs, outs, n_threads)) != 0
+            rows_times_packed(M, K, N, dy_rows, packed_wt, dx_rows, n_threads)
+            failed = columns_times_packed(K, M, x_rows, 1, Ns, packs, outs, n_threads) != 0
         free(packed_wt); free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
     if failed:
         raise MemoryError("fastrnn dense backward: out of memory")

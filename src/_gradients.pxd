@@ -15,24 +15,20 @@
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
-from _schedule cimport pack_transpose, pack_rows_transposed, row_pointers
+from _schedule cimport pack_matrix, packed_copy, row_pointers
 
 DEF ROW_BLOCK = 48   # output rows per task: a multiple of the 6-row micro-tile
 
 
-cdef inline int rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
-                                  const floating *packed, floating **C,
-                                  int n_threads) noexcept nogil:
-    """C[i] (N values) := A[i] (K values) . W^T for i < M, W (N x K) given packed.
-
-    Rows are given by pointers. 0 (this cannot fail; an int for symmetry).
-    """
+cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
+                                   const floating *packed, floating **C,
+                                   int n_threads) noexcept nogil:
+    """C[i] (N values) := A[i] (K values) . W^T for i < M (row pointers), W (N x K) packed."""
     cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r0, r1
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
         r0 = blk * ROW_BLOCK
         r1 = min(M, r0 + ROW_BLOCK)
         gemm_rows(r1 - r0, N, K, A + r0, packed, NULL, 0, C + r0, 0)
-    return 0
 
 
 cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating **A,
@@ -89,7 +85,7 @@ cdef inline int input_and_weight_gradients(
     cdef const floating **x_rows = row_pointers(x, valid, V, I)
     cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
     cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
-    cdef floating *w_ih_t = pack_transpose(w_ih, GH, I, n_threads)         # W_ih^T (I x GH)
+    cdef floating *w_ih_t = pack_matrix(w_ih, GH, I, True, n_threads)         # W_ih^T (I x GH)
     cdef floating *x_t = NULL
     cdef floating *h_t = NULL
     cdef Py_ssize_t Ns[2]
@@ -98,8 +94,8 @@ cdef inline int input_and_weight_gradients(
     cdef int status = -1
     if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
             and dx_rows != NULL and w_ih_t != NULL):
-        x_t = pack_rows_transposed(x_rows, V, I, n_threads)                 # x^T (I x V)
-        h_t = pack_rows_transposed(h_rows, V, H, n_threads)                 # h_prev^T (H x V)
+        x_t = packed_copy(x_rows, I, V, True, n_threads)                 # x^T (I x V)
+        h_t = packed_copy(h_rows, H, V, True, n_threads)                 # h_prev^T (H x V)
     if x_t != NULL and h_t != NULL:
         Ns[0] = I
         Ns[1] = H
@@ -107,11 +103,11 @@ cdef inline int input_and_weight_gradients(
         packs[1] = h_t
         Cs[0] = dw_ih
         Cs[1] = dw_hh
-        status = rows_times_packed(V, I, GH, gx_rows, w_ih_t, dx_rows, n_threads)
+        rows_times_packed(V, I, GH, gx_rows, w_ih_t, dx_rows, n_threads)
         if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status += columns_times_packed(GH, V, gx_rows, 2, Ns, packs, Cs, n_threads)
+            status = columns_times_packed(GH, V, gx_rows, 2, Ns, packs, Cs, n_threads)
         else:
-            status += columns_times_packed(GH, V, gx_rows, 1, Ns, packs, Cs, n_threads)
+            status = columns_times_packed(GH, V, gx_rows, 1, Ns, packs, Cs, n_threads)
             status += columns_times_packed(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1,
                                            n_threads)
         status = -1 if status != 0 else 0

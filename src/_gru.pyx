@@ -23,7 +23,7 @@ from cython.parallel cimport prange, parallel, threadid
 from _gradients cimport input_and_weight_gradients
 from _simd cimport floating, gemm_rows, sigmoid_, tanh_
 from _schedule cimport (BLOCK_ROWS, ptr3, cptr1, cptr2, time_index, n_active,
-                       pack_transpose, unit_start, gate_slices, slice_offset,
+                       pack_matrix, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
 
 cdef void forward_thread(
@@ -344,7 +344,7 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
     with nogil:
-        packed_hhT = pack_transpose(&w_hh[0, 0], G, H, n_threads)   # w_hh^T: (H x 3H)
+        packed_hhT = pack_matrix(&w_hh[0, 0], G, H, True, n_threads)   # w_hh^T: (H x 3H)
         if packed_hhT == NULL:
             failed = 1
         else:

@@ -20,9 +20,9 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _gradients cimport input_and_weight_gradients
-from _simd cimport floating, gemm_rows, tanh_to
+from _simd cimport floating, gemm_rows
 from _schedule cimport (BLOCK_ROWS, ptr3, cptr2, time_index, n_active,
-                       pack_transpose, unit_start, gate_slices, slice_offset,
+                       pack_matrix, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
 
 cdef extern from "lstm_pointwise.h" nogil:
@@ -35,11 +35,11 @@ cdef extern from "lstm_pointwise.h" nogil:
     void fastrnn_lstm_backward_pointwise_s(float *gi, float *gf, float *gg, float *go,
                                            float *dc_carry, const float *dh_carry,
                                            const float *dy, const float *c_prev,
-                                           const float *tanh_c, Py_ssize_t H)
+                                           const float *c, Py_ssize_t H)
     void fastrnn_lstm_backward_pointwise_d(double *gi, double *gf, double *gg, double *go,
                                            double *dc_carry, const double *dh_carry,
                                            const double *dy, const double *c_prev,
-                                           const double *tanh_c, Py_ssize_t H)
+                                           const double *c, Py_ssize_t H)
 
 
 cdef inline void forward_pointwise(floating *ai, floating *af, floating *ag, floating *ao,
@@ -56,12 +56,13 @@ cdef inline void forward_pointwise(floating *ai, floating *af, floating *ag, flo
 cdef inline void backward_pointwise(floating *gi, floating *gf, floating *gg, floating *go,
                                     floating *dc_carry, const floating *dh_carry,
                                     const floating *dy, const floating *c_prev,
-                                    const floating *tanh_c, Py_ssize_t H) noexcept nogil:
-    """One row of backward's elementwise pass (lstm_pointwise.h): gates -> dL/da in place."""
+                                    const floating *c, Py_ssize_t H) noexcept nogil:
+    """One row of backward's elementwise pass (lstm_pointwise.h): gates -> dL/da in place;
+    c is c_t (its tanh is recomputed), c_prev c_{t-1}."""
     if floating is float:
-        fastrnn_lstm_backward_pointwise_s(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, tanh_c, H)
+        fastrnn_lstm_backward_pointwise_s(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, c, H)
     else:
-        fastrnn_lstm_backward_pointwise_d(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, tanh_c, H)
+        fastrnn_lstm_backward_pointwise_d(gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, c, H)
 
 
 cdef void forward_thread(
@@ -222,7 +223,6 @@ cdef int backward_chunk(
     cdef Py_ssize_t maxlen = lengths[rows[0]]
     cdef floating *dh = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dh
     cdef floating *dc = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dc
-    cdef floating *tc = <floating *> malloc(H * sizeof(floating))          # (H,) tanh(c_t)
     cdef floating *zeros = <floating *> calloc(H, sizeof(floating))
     cdef const floating **da_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
@@ -233,7 +233,7 @@ cdef int backward_chunk(
     cdef const floating *cprev
     cdef floating *dhr
     cdef floating *dcr
-    if dh == NULL or dc == NULL or tc == NULL or zeros == NULL or da_rows == NULL or dh_rows == NULL:
+    if dh == NULL or dc == NULL or zeros == NULL or da_rows == NULL or dh_rows == NULL:
         status = -1
     else:
         for r in range(nrows):
@@ -260,8 +260,8 @@ cdef int backward_chunk(
                     cprev = zeros
                 dhr = dh + r * H
                 dcr = dc + r * H
-                tanh_to(tc, cs + (t * B + b) * H, H)
-                backward_pointwise(g, g + H, g + 2 * H, g + 3 * H, dcr, dhr, dyr, cprev, tc, H)
+                backward_pointwise(g, g + H, g + 2 * H, g + 3 * H, dcr, dhr, dyr, cprev,
+                                   cs + (t * B + b) * H, H)
                 da_rows[r] = g
             # dh_{t-1} = da_t W_hh  (rows past nact keep the dh_n they started with)
             gemm_rows(nact, H, G, da_rows, packed_hhT, NULL, 0, dh_rows, 0)
@@ -269,7 +269,7 @@ cdef int backward_chunk(
             b = rows[r]
             memcpy(dh0 + b * H, dh + r * H, H * sizeof(floating))
             memcpy(dc0 + b * H, dc + r * H, H * sizeof(floating))
-    free(dh); free(dc); free(tc); free(zeros); free(da_rows); free(dh_rows)
+    free(dh); free(dc); free(zeros); free(da_rows); free(dh_rows)
     return status
 
 
@@ -370,7 +370,7 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
     with nogil:
-        packed_hhT = pack_transpose(&w_hh[0, 0], G, H, n_threads)   # w_hh^T: (H x 4H)
+        packed_hhT = pack_matrix(&w_hh[0, 0], G, H, True, n_threads)   # w_hh^T: (H x 4H)
         if packed_hhT == NULL:
             failed = 1
         else:

@@ -19,7 +19,7 @@ from cython.parallel cimport prange, parallel, threadid
 from _gradients cimport input_and_weight_gradients
 from _simd cimport floating, gemm_rows, tanh_
 from _schedule cimport (BLOCK_ROWS, cptr2, time_index, n_active,
-                       pack_transpose, unit_start, gate_slices, slice_offset,
+                       pack_matrix, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
 
 cdef enum:
@@ -296,7 +296,7 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
     cdef floating *packed_hhT = NULL
     cdef int failed = 0
     with nogil:
-        packed_hhT = pack_transpose(&w_hh[0, 0], H, H, n_threads)   # w_hh^T
+        packed_hhT = pack_matrix(&w_hh[0, 0], H, H, True, n_threads)   # w_hh^T
         if packed_hhT == NULL:
             failed = 1
         else:

@@ -60,12 +60,6 @@ cdef inline void pack_parallel(floating *packed, const floating **rows, Py_ssize
             pack(packed, rows, N, K, p, p + 1)
 
 
-cdef inline floating *packed_buffer(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) noexcept nogil:
-    """Uninitialised storage for the packed copy of an N x K matrix (NULL if out of memory)."""
-    return <floating *> malloc(n_panels(dtype_tag, N) * panel_width(dtype_tag) * K
-                               * sizeof(floating) + 1)
-
-
 cdef inline const floating **row_pointers(const floating *base, const Py_ssize_t *index,
                                           Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
     """n pointers base + index[i]*stride (index NULL: i*stride). Free with free(); NULL if out of memory."""
@@ -77,36 +71,29 @@ cdef inline const floating **row_pointers(const floating *base, const Py_ssize_t
     return rows
 
 
-cdef inline floating *pack_rows_transposed(const floating **rows, Py_ssize_t nrows,
-                                           Py_ssize_t ncols, int n_threads) noexcept nogil:
-    """Packed copy of X^T (ncols x nrows) for X given by its rows (ncols values each).
+cdef inline floating *packed_copy(const floating **rows, Py_ssize_t N, Py_ssize_t K,
+                                  bint transposed, int n_threads) noexcept nogil:
+    """Packed copy of the N x K matrix with row n at rows[n] or, when `transposed`,
+    with element (n, k) at rows[k][n] (the transpose of a matrix given by its rows).
     NULL if out of memory."""
-    cdef floating *packed = packed_buffer(<floating *> NULL, ncols, nrows)
+    cdef floating *packed = <floating *> malloc(
+        n_panels(<floating *> NULL, N) * panel_width(<floating *> NULL) * K * sizeof(floating) + 1)
     if packed != NULL:
-        pack_parallel(packed, rows, ncols, nrows, True, n_threads)
+        pack_parallel(packed, rows, N, K, transposed, n_threads)
     return packed
 
 
-cdef inline floating *pack_transpose(const floating *W, Py_ssize_t N, Py_ssize_t K,
-                                     int n_threads) noexcept nogil:
-    """Packed copy of W^T for W (N x K) row-major (backward's dh = da W). NULL if out of memory."""
-    cdef const floating **rows = row_pointers(W, NULL, N, K)
-    cdef floating *packed = NULL
-    if rows != NULL:
-        packed = pack_rows_transposed(rows, N, K, n_threads)
-    free(rows)
-    return packed
-
-
-cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K,
+cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K, bint transposed,
                                   int n_threads) noexcept nogil:
-    """Packed copy of W (N x K) row-major (a dense layer's y = x W^T). NULL if out of memory."""
+    """Packed copy of W (N x K, row-major) or, when `transposed`, of W^T (K x N):
+    a dense layer's y = x W^T, backward's dh = da W. NULL if out of memory."""
     cdef const floating **rows = row_pointers(W, NULL, N, K)
     cdef floating *packed = NULL
     if rows != NULL:
-        packed = packed_buffer(<floating *> W, N, K)
-        if packed != NULL:
-            pack_parallel(packed, rows, N, K, False, n_threads)
+        if transposed:
+            packed = packed_copy(rows, K, N, True, n_threads)
+        else:
+            packed = packed_copy(rows, N, K, False, n_threads)
     free(rows)
     return packed
 

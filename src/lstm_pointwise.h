@@ -12,7 +12,7 @@
  *
  * Backward:
  *   dh  = dh_carry + dy                       (dL/dh_t)
- *   dc  = dc_carry + dh * o * (1 - tanh(c_t)^2)
+ *   dc  = dc_carry + dh * o * (1 - tanh(c_t)^2)      (tanh(c_t) recomputed from c_t)
  *   da_i = dc * g * i (1 - i)      da_f = dc * c_{t-1} * f (1 - f)
  *   da_g = dc * i * (1 - g^2)      da_o = dh * tanh(c_t) * o (1 - o)
  *   dc_carry := dc * f                        (to step t-1)
@@ -48,18 +48,18 @@ fastrnn_lstm_forward_pointwise_##SUFFIX(                                        
 FASTRNN_DEFINE_LSTM_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
 FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, tanh)
 
-#define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX)                                \
+#define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
 FASTRNN_CLONES static void                                                         \
 fastrnn_lstm_backward_pointwise_##SUFFIX(                                          \
     REAL *restrict gi, REAL *restrict gf, REAL *restrict gg, REAL *restrict go,    \
     REAL *restrict dc_carry, const REAL *restrict dh_carry,                        \
     const REAL *restrict dy, const REAL *restrict c_prev,                          \
-    const REAL *restrict tanh_c, ptrdiff_t H)                                      \
+    const REAL *restrict c, ptrdiff_t H)                                           \
 {                                                                                  \
     const REAL one = 1;                                                            \
     _Pragma("omp simd")                                                            \
     for (ptrdiff_t j = 0; j < H; ++j) {                                            \
-        REAL i = gi[j], f = gf[j], g = gg[j], o = go[j], tc = tanh_c[j];           \
+        REAL i = gi[j], f = gf[j], g = gg[j], o = go[j], tc = TANH(c[j]);          \
         REAL dh = dh_carry[j] + dy[j];                                             \
         REAL dc = dc_carry[j] + dh * o * (one - tc * tc);                          \
         gi[j] = dc * g * i * (one - i);                                            \
@@ -70,7 +70,7 @@ fastrnn_lstm_backward_pointwise_##SUFFIX(                                       
     }                                                                              \
 }
 
-FASTRNN_DEFINE_LSTM_POINTWISE(float, s)
-FASTRNN_DEFINE_LSTM_POINTWISE(double, d)
+FASTRNN_DEFINE_LSTM_POINTWISE(float, s, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_POINTWISE(double, d, tanh)
 
 #endif

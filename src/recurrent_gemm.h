@@ -43,6 +43,23 @@
 typedef float fr_f8 __attribute__((vector_size(32)));
 typedef double fr_d4 __attribute__((vector_size(32)));
 
+/* TILE(i0, m, ...) for every MR-row tile of M rows, with m a constant in each
+ * call, so the always-inlined tile unrolls its row loops and drops dead rows. */
+#define FASTRNN_ROW_TILES(M, TILE, ...)                                            \
+    do {                                                                           \
+        ptrdiff_t i0_ = 0;                                                         \
+        for (; i0_ + FASTRNN_MR <= (M); i0_ += FASTRNN_MR)                         \
+            TILE(i0_, FASTRNN_MR, __VA_ARGS__);                                    \
+        switch ((int)((M) - i0_)) {                                                \
+        case 5: TILE(i0_, 5, __VA_ARGS__); break;                                  \
+        case 4: TILE(i0_, 4, __VA_ARGS__); break;                                  \
+        case 3: TILE(i0_, 3, __VA_ARGS__); break;                                  \
+        case 2: TILE(i0_, 2, __VA_ARGS__); break;                                  \
+        case 1: TILE(i0_, 1, __VA_ARGS__); break;                                  \
+        default: break;                                                            \
+        }                                                                          \
+    } while (0)
+
 /* ---- one template, instantiated for float (NR=16) and double (NR=8) ---- */
 #define FASTRNN_DEFINE_GEMM(REAL, VEC, LANES, SUFFIX)                              \
                                                                                    \
@@ -93,18 +110,17 @@ static void fastrnn_pack_t_##SUFFIX(REAL *packed, const REAL *const *cols,      
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* One m x NR tile (m <= MR): acc := A[0:m] . panel, then C := beta*C + acc      \
- * on the m x n corner that exists. Always inlined with a constant m, so the     \
- * row loops unroll and the accumulators live in registers. */                    \
+/* One m x NR tile (m <= MR): acc := A[0:m] . panel, with A's element (i, k) at \
+ * a[i][k * ks], then C := beta*C + acc on the m x n corner that exists. Always \
+ * inlined with constant m and ks, so the row loops unroll and the             \
+ * accumulators live in registers. */                                           \
 static inline __attribute__((always_inline)) void                                  \
-fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,             \
+fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *a, ptrdiff_t ks,            \
                       const REAL *panel, REAL *const *C,                           \
                       ptrdiff_t j0, int m, int n, REAL beta)                       \
 {                                                                                  \
-    const REAL *a[FASTRNN_MR];                                                     \
     VEC acc0[FASTRNN_MR], acc1[FASTRNN_MR];                                        \
     for (int i = 0; i < FASTRNN_MR; ++i) {                                         \
-        a[i] = A[i < m ? i : 0] + k0;                                              \
         acc0[i] = (VEC){0};                                                        \
         acc1[i] = (VEC){0};                                                        \
     }                                                                              \
@@ -115,7 +131,7 @@ fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,          
         memcpy(&b0, panel + k * 2 * LANES, sizeof(VEC));                          \
         memcpy(&b1, panel + k * 2 * LANES + LANES, sizeof(VEC));                   \
         for (int i = 0; i < m; ++i) {                                              \
-            REAL ai = a[i][k];  /* scalar op vector: broadcast from memory */      \
+            REAL ai = a[i][k * ks];  /* scalar op vector: broadcast from memory */ \
             acc0[i] += ai * b0;                                                    \
             acc1[i] += ai * b1;                                                    \
         }                                                                          \
@@ -131,6 +147,28 @@ fastrnn_tile_##SUFFIX(ptrdiff_t K, const REAL *const *A, ptrdiff_t k0,          
             for (int j = 0; j < n; ++j) c[j] = beta * c[j] + out[j];               \
         }                                                                          \
     }                                                                              \
+}                                                                                  \
+                                                                                   \
+/* Tile of rows i0.. of A given by row pointers, K block from k0. */              \
+static inline __attribute__((always_inline)) void                                  \
+fastrnn_rows_tile_##SUFFIX(ptrdiff_t i0, int m, ptrdiff_t kc,                      \
+                           const REAL *const *A, ptrdiff_t k0, const REAL *panel,  \
+                           REAL *const *C, ptrdiff_t j0, int n, REAL beta)         \
+{                                                                                  \
+    const REAL *a[FASTRNN_MR];                                                     \
+    for (int i = 0; i < FASTRNN_MR; ++i) a[i] = A[i0 + (i < m ? i : 0)] + k0;      \
+    fastrnn_tile_##SUFFIX(kc, a, 1, panel, C + i0, j0, m, n, beta);                \
+}                                                                                  \
+                                                                                   \
+/* Tile of rows i0.. of A copied into micro-panels (pa[i0*kc + k*MR + i]). */     \
+static inline __attribute__((always_inline)) void                                  \
+fastrnn_panel_tile_##SUFFIX(ptrdiff_t i0, int m, ptrdiff_t kc, const REAL *pa,     \
+                            const REAL *panel, REAL *const *C, ptrdiff_t j0,       \
+                            int n, REAL beta)                                      \
+{                                                                                  \
+    const REAL *a[FASTRNN_MR];                                                     \
+    for (int i = 0; i < FASTRNN_MR; ++i) a[i] = pa + i0 * kc + i;                  \
+    fastrnn_tile_##SUFFIX(kc, a, FASTRNN_MR, panel, C + i0, j0, m, n, beta);       \
 }                                                                                  \
                                                                                    \
 /* C[M x N] := beta*C + A[M x K] . W^T, W given packed (see top of file).          \
@@ -151,17 +189,7 @@ fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,             
         for (ptrdiff_t j0 = 0; j0 < N; j0 += NR) {                                 \
             const REAL *panel = packed + (j0 / NR) * NR * K + k0 * NR;             \
             int n = (int)(N - j0 < NR ? N - j0 : NR);                              \
-            ptrdiff_t i0 = 0;                                                      \
-            for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR)                         \
-                fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, FASTRNN_MR, n, b); \
-            switch ((int)(M - i0)) {  /* constant m: the compiler drops dead rows */\
-            case 5: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 5, n, b); break; \
-            case 4: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 4, n, b); break; \
-            case 3: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 3, n, b); break; \
-            case 2: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 2, n, b); break; \
-            case 1: fastrnn_tile_##SUFFIX(kc, A + i0, k0, panel, C + i0, j0, 1, n, b); break; \
-            default: break;                                                        \
-            }                                                                      \
+            FASTRNN_ROW_TILES(M, fastrnn_rows_tile_##SUFFIX, kc, A, k0, panel, C, j0, n, b); \
         }                                                                          \
     }                                                                              \
 }                                                                                  \
@@ -170,41 +198,6 @@ fastrnn_gemm_packed_##SUFFIX(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,             
 static inline size_t fastrnn_tn_work_size_##SUFFIX(ptrdiff_t M)                    \
 {                                                                                  \
     return (size_t)((M + FASTRNN_MR - 1) / FASTRNN_MR) * FASTRNN_MR * FASTRNN_KC;  \
-}                                                                                  \
-                                                                                   \
-/* One m x NR tile with A packed as an MR-row micro-panel (pa[k*MR + i]):        \
- * the same arithmetic as fastrnn_tile, with A read contiguously. */              \
-static inline __attribute__((always_inline)) void                                  \
-fastrnn_tile_pa_##SUFFIX(ptrdiff_t K, const REAL *pa, const REAL *panel,           \
-                         REAL *const *C, ptrdiff_t j0, int m, int n, REAL beta)    \
-{                                                                                  \
-    VEC acc0[FASTRNN_MR], acc1[FASTRNN_MR];                                        \
-    for (int i = 0; i < FASTRNN_MR; ++i) {                                         \
-        acc0[i] = (VEC){0};                                                        \
-        acc1[i] = (VEC){0};                                                        \
-    }                                                                              \
-    for (ptrdiff_t k = 0; k < K; ++k) {                                            \
-        VEC b0, b1;                                                                \
-        __builtin_prefetch(panel + (k + FASTRNN_PREFETCH) * 2 * LANES);            \
-        memcpy(&b0, panel + k * 2 * LANES, sizeof(VEC));                          \
-        memcpy(&b1, panel + k * 2 * LANES + LANES, sizeof(VEC));                   \
-        for (int i = 0; i < m; ++i) {                                              \
-            REAL ai = pa[k * FASTRNN_MR + i];                                      \
-            acc0[i] += ai * b0;                                                    \
-            acc1[i] += ai * b1;                                                    \
-        }                                                                          \
-    }                                                                              \
-    for (int i = 0; i < m; ++i) {                                                  \
-        REAL out[2 * LANES];                                                       \
-        memcpy(out, &acc0[i], sizeof(VEC));                                        \
-        memcpy(out + LANES, &acc1[i], sizeof(VEC));                                \
-        REAL *c = C[i] + j0;                                                       \
-        if (beta == (REAL)0) {                                                     \
-            for (int j = 0; j < n; ++j) c[j] = out[j];                             \
-        } else {                                                                   \
-            for (int j = 0; j < n; ++j) c[j] = beta * c[j] + out[j];               \
-        }                                                                          \
-    }                                                                              \
 }                                                                                  \
                                                                                    \
 /* For q < nout: C_q[M x N_q] := beta*C_q + A^T . W_q^T, where A is the K x M   \
@@ -241,18 +234,7 @@ fastrnn_gemm_packed_tn_##SUFFIX(ptrdiff_t M, ptrdiff_t K, const REAL *const *A, 
             for (ptrdiff_t j0 = 0; j0 < N; j0 += NR) {                             \
                 const REAL *panel = packs[q] + (j0 / NR) * NR * K + k0 * NR;       \
                 int n = (int)(N - j0 < NR ? N - j0 : NR);                          \
-                const REAL *pa = work;                                             \
-                ptrdiff_t i0 = 0;                                                  \
-                for (; i0 + FASTRNN_MR <= M; i0 += FASTRNN_MR, pa += FASTRNN_MR * kc) \
-                    fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, FASTRNN_MR, n, b); \
-                switch ((int)(M - i0)) {                                           \
-                case 5: fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, 5, n, b); break; \
-                case 4: fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, 4, n, b); break; \
-                case 3: fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, 3, n, b); break; \
-                case 2: fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, 2, n, b); break; \
-                case 1: fastrnn_tile_pa_##SUFFIX(kc, pa, panel, C + i0, j0, 1, n, b); break; \
-                default: break;                                                    \
-                }                                                                  \
+                FASTRNN_ROW_TILES(M, fastrnn_panel_tile_##SUFFIX, kc, work, panel, C, j0, n, b); \
             }                                                                      \
         }                                                                          \
     }                                                                              \
