@@ -17,7 +17,7 @@ M, K, N >= 1; these functions trust their arguments and run without the GIL.
 """
 from libc.stdlib cimport free
 
-from _simd cimport floating
+from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating
 from _schedule cimport pack_matrix, row_pointers
 from _gradients cimport rows_times_packed, columns_times_packed
 
@@ -80,3 +80,14 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
         free(packed_wt); free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
     if failed:
         raise MemoryError("fastrnn dense backward: out of memory")
+
+
+def _set_isa(int level):
+    """Run this module's kernels at ISA `level` (src/isa.h); False if the CPU lacks it.
+    Called by fastrnn._isa for every kernel module at once."""
+    return fastrnn_isa_set(level) == 0
+
+
+def _isa_level():
+    """The ISA level this module's kernels run at."""
+    return fastrnn_isa_level()

@@ -24,3 +24,18 @@ def openmp_enabled():
 def omp_max_threads():
     """omp_get_max_threads() (honours OMP_NUM_THREADS), or 1 without OpenMP."""
     return fastrnn_omp_max_threads()
+
+
+cdef extern from "isa.h":
+    int fastrnn_isa_supported(int level)
+    int fastrnn_isa_best()
+
+
+def isa_supported(int level):
+    """Does this CPU support ISA `level` (0 baseline, 1 AVX2+FMA, 2 AVX-512; src/isa.h)?"""
+    return bool(fastrnn_isa_supported(level))
+
+
+def isa_best():
+    """The best ISA level this CPU supports."""
+    return fastrnn_isa_best()

@@ -17,7 +17,7 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _gradients cimport input_and_weight_gradients
-from _simd cimport floating, gemm_rows, tanh_
+from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, tanh_
 from _schedule cimport (BLOCK_ROWS, cptr2, time_index, n_active,
                        pack_matrix, unit_start, gate_slices, slice_offset,
                        fastrnn_barrier, fastrnn_team_size)
@@ -313,3 +313,14 @@ def backward(floating[:, :, ::1] dx, floating[:, ::1] dh0,
                     n_threads) != 0
     if failed:
         raise MemoryError("fastrnn RNN backward: out of memory")
+
+
+def _set_isa(int level):
+    """Run this module's kernels at ISA `level` (src/isa.h); False if the CPU lacks it.
+    Called by fastrnn._isa for every kernel module at once."""
+    return fastrnn_isa_set(level) == 0
+
+
+def _isa_level():
+    """The ISA level this module's kernels run at."""
+    return fastrnn_isa_level()

@@ -6,6 +6,12 @@ ctypedef fused floating:
     double
 
 
+cdef extern from "isa.h" nogil:
+    int fastrnn_isa_supported(int level)   # 0 baseline, 1 AVX2+FMA, 2 AVX-512 (F/BW/DQ/VL)
+    int fastrnn_isa_level()                # the level this module's kernels run at
+    int fastrnn_isa_set(int level)         # 0, or -1 if the CPU lacks it
+
+
 cdef extern from "recurrent_gemm.h" nogil:
     size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
     size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)

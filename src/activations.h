@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <stddef.h>
-#include "recurrent_gemm.h"  /* FASTRNN_CLONES */
+#include "isa.h"  /* FASTRNN_MULTIVERSION */
 
 /* exp(x) for float, vectorisable; x clamped to [-87.3, 88.0] (overflow-free). */
 static inline float fastrnn_expf(float x)
@@ -67,25 +67,22 @@ static inline double fastrnn_sigmoidd(double x)
 }
 
 /* x[i] := sigmoid(x[i]) for i < n */
-FASTRNN_CLONES static void fastrnn_sigmoid_s(float *x, ptrdiff_t n)
-{
-#pragma omp simd
+FASTRNN_MULTIVERSION(fastrnn_sigmoid_s, (float *x, ptrdiff_t n), (x, n), {
+    _Pragma("omp simd")
     for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_sigmoidf(x[i]);
-}
+})
 
 /* x[i] := tanh(x[i]) for i < n */
-FASTRNN_CLONES static void fastrnn_tanh_s(float *x, ptrdiff_t n)
-{
-#pragma omp simd
+FASTRNN_MULTIVERSION(fastrnn_tanh_s, (float *x, ptrdiff_t n), (x, n), {
+    _Pragma("omp simd")
     for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_tanhf(x[i]);
-}
+})
 
 /* y[i] := tanh(x[i]) for i < n */
-FASTRNN_CLONES static void fastrnn_tanh_to_s(float *y, const float *x, ptrdiff_t n)
-{
-#pragma omp simd
+FASTRNN_MULTIVERSION(fastrnn_tanh_to_s, (float *y, const float *x, ptrdiff_t n), (y, x, n), {
+    _Pragma("omp simd")
     for (ptrdiff_t i = 0; i < n; ++i) y[i] = fastrnn_tanhf(x[i]);
-}
+})
 
 static void fastrnn_sigmoid_d(double *x, ptrdiff_t n)
 {

@@ -3,7 +3,7 @@
  * Why in C: the same loops written in Cython ran scalar (no restrict, so no
  * vectorisation, and Cython compiles outside the AVX2 clones). Here the gate
  * segments are separate restrict pointers and each loop is one `omp simd`
- * pass in an x86-64-v3 clone. Gate order i, f, g, o (torch.nn).
+ * pass, built for AVX-512, AVX2 and baseline (isa.h). Gate order i, f, g, o (torch.nn).
  *
  * Forward (pre-activations a in, activated gates out, in place):
  *   i, f, o = sigmoid(a + b);  g = tanh(a + b)
@@ -23,14 +23,15 @@
 #define FASTRNN_LSTM_POINTWISE_H
 
 #include <stddef.h>
-#include "activations.h"  /* fastrnn_sigmoidf, fastrnn_tanhf, FASTRNN_CLONES */
+#include "activations.h"  /* fastrnn_sigmoidf, fastrnn_tanhf */
+#include "isa.h"          /* FASTRNN_MULTIVERSION: one body, an AVX-512, AVX2 and baseline build */
 
 #define FASTRNN_DEFINE_LSTM_FORWARD(REAL, SUFFIX, SIGMOID, TANH)                   \
-FASTRNN_CLONES static void                                                         \
-fastrnn_lstm_forward_pointwise_##SUFFIX(                                           \
-    REAL *restrict ai, REAL *restrict af, REAL *restrict ag, REAL *restrict ao,    \
-    const REAL *restrict bias, const REAL *c_prev, REAL *c_new,                    \
-    REAL *restrict h, ptrdiff_t n)                                                 \
+FASTRNN_MULTIVERSION(fastrnn_lstm_forward_pointwise_##SUFFIX,                      \
+    (REAL *restrict ai, REAL *restrict af, REAL *restrict ag, REAL *restrict ao,   \
+     const REAL *restrict bias, const REAL *c_prev, REAL *c_new,                   \
+     REAL *restrict h, ptrdiff_t n),                                               \
+    (ai, af, ag, ao, bias, c_prev, c_new, h, n),                                   \
 {                                                                                  \
     const REAL *restrict bi = bias, *restrict bf = bias + n;                       \
     const REAL *restrict bg = bias + 2 * n, *restrict bo = bias + 3 * n;           \
@@ -43,18 +44,18 @@ fastrnn_lstm_forward_pointwise_##SUFFIX(                                        
         c_new[j] = c;                                                              \
         h[j] = o * TANH(c);                                                        \
     }                                                                              \
-}
+})
 
 FASTRNN_DEFINE_LSTM_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
 FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, tanh)
 
 #define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
-FASTRNN_CLONES static void                                                         \
-fastrnn_lstm_backward_pointwise_##SUFFIX(                                          \
-    REAL *restrict gi, REAL *restrict gf, REAL *restrict gg, REAL *restrict go,    \
-    REAL *restrict dc_carry, const REAL *restrict dh_carry,                        \
-    const REAL *restrict dy, const REAL *restrict c_prev,                          \
-    const REAL *restrict c, ptrdiff_t H)                                           \
+FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                     \
+    (REAL *restrict gi, REAL *restrict gf, REAL *restrict gg, REAL *restrict go,   \
+     REAL *restrict dc_carry, const REAL *restrict dh_carry,                       \
+     const REAL *restrict dy, const REAL *restrict c_prev,                         \
+     const REAL *restrict c, ptrdiff_t H),                                         \
+    (gi, gf, gg, go, dc_carry, dh_carry, dy, c_prev, c, H),                        \
 {                                                                                  \
     const REAL one = 1;                                                            \
     _Pragma("omp simd")                                                            \
@@ -68,7 +69,7 @@ fastrnn_lstm_backward_pointwise_##SUFFIX(                                       
         go[j] = dh * tc * o * (one - o);                                           \
         dc_carry[j] = dc * f;                                                      \
     }                                                                              \
-}
+})
 
 FASTRNN_DEFINE_LSTM_POINTWISE(float, s, fastrnn_tanhf)
 FASTRNN_DEFINE_LSTM_POINTWISE(double, d, tanh)
