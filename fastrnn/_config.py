@@ -9,7 +9,7 @@ reported by `config()` for information.
 
 import os
 
-from fastrnn import _openmp
+from fastrnn import _isa, _openmp
 
 __all__ = ["set_num_threads", "get_num_threads", "config", "show_config"]
 
@@ -69,7 +69,11 @@ def config():
         "omp_max_threads": _openmp.omp_max_threads(),
         "kernel_blas": "none: packed micro-kernels (src/recurrent_gemm.h) for every GEMM",
         "numpy_blas": numpy_blas,
-        "simd_dispatch": "x86-64-v3 (AVX2+FMA) or baseline, chosen at load time",
+        "cpu": _isa.cpu_model(),
+        "cpu_vector_flags": _isa.cpu_vector_flags(),
+        "isa": _isa.get_isa(),
+        "isas_available": _isa.available_isas(),
+        "isa_forced": os.environ.get("FASTRNN_ISA") or None,
     }
 
 
@@ -80,7 +84,10 @@ def show_config():
     print(f"  OpenMP compiled in: {'yes' if cfg['openmp'] else 'no (single thread)'}")
     print(f"  threads:            {cfg['num_threads']}")
     print(f"  BLAS in kernels:    {cfg['kernel_blas']}")
-    print(f"  micro-kernels:      {cfg['simd_dispatch']}")
+    print(f"  CPU:                {cfg['cpu']}")
+    print(f"  CPU vector ISAs:    {' '.join(cfg['cpu_vector_flags']) or 'unknown'}")
+    forced = f" (FASTRNN_ISA={cfg['isa_forced']})" if cfg["isa_forced"] else ""
+    print(f"  kernel ISA:         {cfg['isa']}{forced}; available: {', '.join(cfg['isas_available'])}")
     for lib in cfg["numpy_blas"]:
         print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
               f"({lib['num_threads']} threads)")

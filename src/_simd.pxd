@@ -13,6 +13,8 @@ cdef extern from "isa.h" nogil:
 
 
 cdef extern from "recurrent_gemm.h" nogil:
+    Py_ssize_t fastrnn_panel_width_s()
+    Py_ssize_t fastrnn_panel_width_d()
     size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
     size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)
     void fastrnn_pack_s(float *packed, const float *const *rows, Py_ssize_t N, Py_ssize_t K,
@@ -82,19 +84,18 @@ cdef inline void pack_t(floating *packed, const floating **cols, Py_ssize_t N, P
 
 
 cdef inline Py_ssize_t panel_width(floating *dtype_tag) noexcept nogil:
-    """Output columns per packed panel: 16 floats or 8 doubles (two 32-byte vectors)."""
+    """Output columns per packed panel: two vector registers of the current ISA
+    (32 floats / 16 doubles on AVX-512, 16 / 8 on AVX2 and baseline)."""
     if floating is float:
-        return 16
+        return fastrnn_panel_width_s()
     else:
-        return 8
+        return fastrnn_panel_width_d()
 
 
 cdef inline Py_ssize_t n_panels(floating *dtype_tag, Py_ssize_t N) noexcept nogil:
-    """Panels of output columns in a packed matrix with N rows (16 floats, 8 doubles)."""
-    if floating is float:
-        return (N + 15) // 16
-    else:
-        return (N + 7) // 8
+    """Panels of output columns in a packed matrix with N rows."""
+    cdef Py_ssize_t nr = panel_width(dtype_tag)
+    return (N + nr - 1) // nr
 
 
 cdef inline void gemm_rows(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
