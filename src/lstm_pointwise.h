@@ -47,7 +47,7 @@ FASTRNN_MULTIVERSION(fastrnn_lstm_forward_pointwise_##SUFFIX,                   
 })
 
 FASTRNN_DEFINE_LSTM_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
-FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, tanh)
+FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, fastrnn_tanhd)
 
 #define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
 FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                     \
@@ -72,6 +72,6 @@ FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                  
 })
 
 FASTRNN_DEFINE_LSTM_POINTWISE(float, s, fastrnn_tanhf)
-FASTRNN_DEFINE_LSTM_POINTWISE(double, d, tanh)
+FASTRNN_DEFINE_LSTM_POINTWISE(double, d, fastrnn_tanhd)
 
 #endif

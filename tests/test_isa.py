@@ -1,0 +1,137 @@
+"""Every kernel under every ISA this CPU has, against the NumPy reference.
+
+The micro-kernels and elementwise passes are built for AVX-512, AVX2+FMA and
+baseline x86-64 from one source (src/isa.h, src/gemm_kernels.inc); here each
+variant the machine can run is selected in-process (fastrnn.set_isa) and
+checked: outputs and every gradient against fastrnn.reference, 1 vs 2 threads
+bitwise within the ISA, and agreement across ISAs to float tolerance. ISAs the
+CPU lacks are skipped with the reason.
+"""
+
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import functional as F
+from fastrnn import reference as R
+from test_kernels import TOL, make_case, rel_err, run
+
+ISAS = ["baseline", "avx2", "avx512"]
+# Shapes chosen for the register tiles: batch 1-3 (dot-product kernel), 13 and
+# 30 rows (a full 12-row AVX-512 tile plus a ragged one), H giving ragged
+# 16- and 32-column panels, I > the 512 K block.
+SHAPES = [(1, 1, 3, 5), (3, 2, 9, 17), (4, 13, 21, 41), (2, 30, 37, 33), (2, 14, 520, 12)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    name = request.param
+    if name not in fastrnn.available_isas():
+        pytest.skip(f"this CPU ({fastrnn._isa.cpu_model()}) lacks {name}; "
+                    f"it has {', '.join(fastrnn.available_isas())}")
+    before = fastrnn.get_isa()
+    fastrnn.set_isa(name)
+    yield name
+    fastrnn.set_isa(before)
+
+
+def _check(cell, dtype, shape, variant, isa):
+    seed = zlib.crc32(repr((cell, shape, variant)).encode())
+    case = make_case(cell, dtype, shape, variant != "no_bias", variant == "lengths", True, seed)
+    reverse = variant == "reverse"
+    outs, grads = run(F, cell, case, reverse, seed + 1)
+    ref_outs, ref_grads = run(R, cell, case, reverse, seed + 1)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == dtype
+        assert rel_err(got, want) <= TOL[dtype], f"{isa}"
+    return outs, grads
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "no_bias", "lengths", "reverse"])
+def test_kernels_match_reference_under_each_isa(isa, cell, dtype, shape, variant):
+    _check(cell, dtype, shape, variant, isa)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("split", ["rows", "units"])
+def test_one_and_two_threads_bitwise_under_each_isa(isa, cell, split, monkeypatch):
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
+    case = make_case(cell, np.float32, (5, 26, 19, 45), True, True, True, 21)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one = run(F, cell, case, False, 22)
+        fastrnn.set_num_threads(2)
+        two = run(F, cell, case, False, 22)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
+        assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_isas_agree_to_float_tolerance():
+    """Different vector widths round differently; float32 results agree to 1e-5."""
+    have = fastrnn.available_isas()
+    if len(have) < 2:
+        pytest.skip(f"only {have} on this CPU")
+    case = make_case("lstm", np.float32, (6, 20, 33, 70), True, True, True, 23)
+    before = fastrnn.get_isa()
+    results = {}
+    try:
+        for name in have:
+            fastrnn.set_isa(name)
+            results[name] = run(F, "lstm", case, False, 24)
+    finally:
+        fastrnn.set_isa(before)
+    base = results[have[0]]
+    for name in have[1:]:
+        for a, b in zip(base[0] + base[1], results[name][0] + results[name][1]):
+            assert rel_err(b, a) < 1e-5, name
+
+
+def test_float64_activations_accurate():
+    """The vectorised float64 exp/tanh (src/activations.h) stay within 1e-12 of NumPy's."""
+    rng = np.random.default_rng(0)
+    case = make_case("lstm", np.float64, (3, 9, 11, 37), True, True, False, 25)
+    case["x"] = case["x"] * rng.uniform(0.01, 20, case["x"].shape)   # tiny to saturating
+    args = (case["x"], case["h0"], case["c0"], case["w_ih"], case["w_hh"], case["b_ih"],
+            case["b_hh"])
+    y = F.lstm_forward(*args, training=False)[0]
+    y_ref = R.lstm_forward(*args, training=False)[0]
+    assert np.abs(y - y_ref).max() < 1e-12
+
+
+def test_set_isa_rejects_unknown_and_missing():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        fastrnn.set_isa("sse9")
+    missing = [name for name in ISAS if name not in fastrnn.available_isas()]
+    if missing:
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            fastrnn.set_isa(missing[0])
+    cfg = fastrnn.config()
+    assert cfg["isa"] == fastrnn.get_isa() and cfg["isa"] in cfg["isas_available"]
+    assert cfg["cpu"]
+
+
+def test_fastrnn_isa_environment_variable():
+    env = dict(os.environ, FASTRNN_ISA="baseline")
+    out = subprocess.run([sys.executable, "-c", "import fastrnn; print(fastrnn.get_isa())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "baseline"
+    env["FASTRNN_ISA"] = "bogus"
+    bad = subprocess.run([sys.executable, "-c", "import fastrnn"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "FASTRNN_ISA='bogus'" in bad.stderr
