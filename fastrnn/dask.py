@@ -126,7 +126,8 @@ def _predict_array(plan, blob, x, output, batch_size, threads, batch_first, leng
             raise TypeError(f"fastrnn.dask.predict: dtype {x.dtype} does not match the "
                             f"model's dtype {plan.dtype} (x.astype(np.{plan.dtype}))")
     # one chunk along every axis but N
-    x = x.rechunk({a: (-1 if a != naxis else x.chunks[naxis]) for a in range(x.ndim)})
+    if any(len(c) > 1 for a, c in enumerate(x.chunks) if a != naxis):
+        x = x.rechunk({a: (-1 if a != naxis else x.chunks[naxis]) for a in range(x.ndim)})
     nchunks = x.chunks[naxis]
     N, T = x.shape[naxis], x.shape[1 - naxis]
     if lengths is not None:
