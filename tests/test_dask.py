@@ -215,9 +215,10 @@ def test_bad_partition_names_partition_and_problem(client):
     out = fd.predict(m, db.from_sequence(nan, npartitions=4)).compute()
     assert np.isnan(out[7]).all() and np.isfinite(out[8]).all()
     # a dense array whose blocks lie about their dtype (metadata float32, data float64)
-    x = da.from_array(_x(16), chunks=8).map_blocks(lambda b: b.astype(np.float64),
-                                                   dtype=np.float32)
-    with pytest.raises(TypeError, match=r"partition 0: dtype float64"):
+    liar = da.from_array(_x(8), chunks=8).map_blocks(lambda b: b.astype(np.float64),
+                                                     dtype=np.float32)
+    x = da.concatenate([da.from_array(_x(16), chunks=8), liar])
+    with pytest.raises(TypeError, match=r"partition 2: dtype float64"):
         fd.predict(m, x).compute()
     with pytest.raises(ValueError, match="feature size 5"):
         fd.predict(m, da.zeros((10, 4, 5), chunks=5, dtype=np.float32))
