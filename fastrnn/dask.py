@@ -192,7 +192,9 @@ def _predict_series(plan, blob, data, output, batch_size, threads, name):
                 dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{data._name}-{i}")
             for i, p in enumerate(parts)]
     meta = pd.Series([], dtype=object, name=name, index=data._meta.index)
-    return dd.from_delayed(outs, meta=meta, divisions=data.divisions, verify_meta=False)
+    # outputs are arrays in an object column: never let dask turn them into strings
+    with dask.config.set({"dataframe.convert-string": False}):
+        return dd.from_delayed(outs, meta=meta, divisions=data.divisions, verify_meta=False)
 
 
 def predict_local(model, data, output="sequence", batch_size=256, batch_first=None,

@@ -246,3 +246,57 @@ def test_worker_killed_mid_computation(client):
     want = np.concatenate([m(x[a:a + 20])[0] for a in range(0, len(x), 20)])
     assert np.array_equal(got, want)
     client.wait_for_workers(2, timeout=60)
+
+
+# -- the command line -------------------------------------------------------------------
+def test_cli_npy_local_and_on_cluster(client, tmp_path, capsys):
+    from fastrnn.cli import main
+    m, x = _lstm(), _x(50)
+    fastrnn.save(tmp_path / "m.npz", m)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "x.npy"), "-o",
+                 str(tmp_path / "y.npy"), "--partition-size", "20", "--no-progress"]) == 0
+    want = np.concatenate([m(x[a:a + 20])[0][:, -1] for a in range(0, 50, 20)])
+    assert np.array_equal(np.load(tmp_path / "y.npy"), want)
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "x.npy"), "-o",
+                 str(tmp_path / "s.npz"), "--kind", "state", "--partition-size", "20",
+                 "--scheduler", client.scheduler.address]) == 0
+    z = np.load(tmp_path / "s.npz")
+    assert z["h"].shape == (50, 2, 12) and z["c"].shape == (50, 2, 12)
+    assert np.array_equal(z["h"][:, -1], want)
+    assert "50 sequences" in capsys.readouterr().out
+
+
+def test_cli_ragged_npz_and_parquet(client, tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from fastrnn.cli import main
+    m, seqs = _lstm(), _ragged(30)
+    fastrnn.save(tmp_path / "m.npz", m)
+    lengths = np.array([len(s) for s in seqs])
+    np.savez(tmp_path / "r.npz", data=np.concatenate(seqs), lengths=lengths)
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "r.npz"), "-o",
+                 str(tmp_path / "o.npz"), "--kind", "sequence", "--partition-size", "10",
+                 "--no-progress", "--scheduler", client.scheduler.address]) == 0
+    z = np.load(tmp_path / "o.npz")
+    want = [o for a in range(0, 30, 10)
+            for o in fd.predict_local(m, seqs[a:a + 10], output="sequence")]
+    assert np.array_equal(z["lengths"], lengths)
+    assert np.array_equal(z["output"], np.concatenate(want))
+
+    lm = fastrnn.RNNLanguageModel(15, 8, 10, cell="gru", seed=2).eval()
+    fd.save_model(tmp_path / "lm.npz", lm)
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, 15, int(t)).tolist() for t in rng.integers(1, 9, 40)]
+    pd.DataFrame({"ids": ids}).to_parquet(tmp_path / "ids.parquet", row_group_size=16)
+    assert main(["predict", str(tmp_path / "lm.npz"), str(tmp_path / "ids.parquet"), "-o",
+                 str(tmp_path / "out.parquet"), "--no-progress"]) == 0
+    out = pd.read_parquet(tmp_path / "out.parquet").sort_index()
+    want = [o for a in range(0, 40, 16) for o in fd.predict_local(lm, ids[a:a + 16],
+                                                                  output="last")]
+    assert list(out.index) == list(range(40))
+    assert all(np.array_equal(np.asarray(g, np.float32), w)
+               for g, w in zip(out["output"], want))
+    # an error is reported, with the partition, and a non-zero exit code
+    assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "ids.parquet"), "-o",
+                 str(tmp_path / "bad.npz"), "--no-progress"]) == 2
