@@ -16,6 +16,7 @@ import inspect
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -351,8 +352,52 @@ def score_block(plan, x, lengths=None, output="sequence", batch_size=256, batch_
     return res
 
 
+class SequenceOutputs(Sequence):
+    """Per-sequence outputs of one partition, stored as a few contiguous arrays.
+
+    Behaves as a read-only list: ``out[j]`` is sequence j's output, a view
+    ((T_j, F) for 'sequence', (F,) for 'last', (L*D, H) or an LSTM (h, c)
+    pair for 'state'). Shipping it between processes costs a few arrays,
+    not one serialised object per sequence.
+    """
+
+    __slots__ = ("arrays", "offsets")
+
+    def __init__(self, arrays, offsets=None):
+        self.arrays = tuple(arrays)       # one array, or (h, c)
+        self.offsets = offsets            # (n+1,) for 'sequence', else None
+
+    def __len__(self):
+        n = self.arrays[0].shape[0]
+        return n if self.offsets is None else len(self.offsets) - 1
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        n = len(self)
+        if j < 0:
+            j += n
+        if not 0 <= j < n:
+            raise IndexError(f"index {j} out of range for {n} outputs")
+        if self.offsets is not None:
+            return self.arrays[0][self.offsets[j]:self.offsets[j + 1]]
+        if len(self.arrays) > 1:
+            return tuple(a[j] for a in self.arrays)
+        return self.arrays[0][j]
+
+    def __getstate__(self):
+        return (self.arrays, self.offsets)
+
+    def __setstate__(self, state):
+        self.arrays, self.offsets = state
+
+    def __repr__(self):
+        shapes = ", ".join(str(a.shape) for a in self.arrays)
+        return f"SequenceOutputs({len(self)} outputs in {shapes})"
+
+
 def score_sequences(plan, seqs, output="sequence", batch_size=256, index=None):
-    """Variable-length sequences -> a list of per-sequence outputs, in input order.
+    """Variable-length sequences -> their outputs in input order (`SequenceOutputs`).
 
     Sequences are sorted by length (longest first, stable) and run in padded
     batches of batch_size with `lengths`, so padding costs next to nothing.
@@ -360,10 +405,13 @@ def score_sequences(plan, seqs, output="sequence", batch_size=256, index=None):
     """
     arrays = [_check_sequence(plan, s, index, j) for j, s in enumerate(seqs)]
     n = len(arrays)
-    results = [None] * n
-    if n == 0:
-        return results
     lengths = np.array([a.shape[0] for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]) if output == "sequence" else None
+    store = None
+    if n == 0:
+        spec, dtype = plan.output_spec(output)
+        specs = spec if isinstance(spec[0], tuple) else (spec,)
+        return SequenceOutputs([np.empty((0,) + tuple(s), dtype) for s in specs], offsets)
     order = np.argsort(-lengths, kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
@@ -375,14 +423,18 @@ def score_sequences(plan, seqs, output="sequence", batch_size=256, index=None):
             batch[r, :L[r]] = arrays[j]
         out, state = _run_guarded(plan, batch, L, index)
         sel = _select(output, out, state, L)
-        for r, j in enumerate(idx):
-            if output == "sequence":
-                results[j] = sel[r, :L[r]].copy()
-            elif isinstance(sel, tuple):
-                results[j] = tuple(s[r].copy() for s in sel)
-            else:
-                results[j] = sel[r].copy()
-    return results
+        sel = sel if isinstance(sel, tuple) else (sel,)
+        if store is None:
+            rows = int(offsets[-1]) if output == "sequence" else n
+            store = [np.empty((rows,) + a.shape[2 if output == "sequence" else 1:], a.dtype)
+                     for a in sel]
+        if output == "sequence":
+            for r, j in enumerate(idx):
+                store[0][offsets[j]:offsets[j + 1]] = sel[0][r, :L[r]]
+        else:
+            for k, a in enumerate(sel):
+                store[k][idx] = a
+    return SequenceOutputs(store, offsets)
 
 
 # -- task bodies (what the dask graph calls) ------------------------------------------
@@ -401,7 +453,7 @@ def sequences_task(blob, seqs, index, output, batch_size, threads, partitions):
 def series_task(blob, series, index, output, batch_size, threads, partitions, name):
     import pandas as pd
     res = sequences_task(blob, series.tolist(), index, output, batch_size, threads, partitions)
-    out = pd.Series([None] * len(res), index=series.index, name=name, dtype=object)
-    for k, r in enumerate(res):
-        out.iat[k] = r
-    return out
+    values = np.empty(len(res), dtype=object)
+    for k in range(len(res)):
+        values[k] = res[k]
+    return pd.Series(values, index=series.index, name=name)
