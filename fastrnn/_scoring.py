@@ -273,6 +273,9 @@ def check_array_block(plan, x, index, batch_first=True):
 
 def _check_sequence(plan, s, index, j):
     """One variable-length sequence -> an array (T_j, I) or ids (T_j,)."""
+    if type(s) is np.ndarray and not plan.token_ids and s.dtype == plan.dtype and \
+            s.ndim == 2 and s.shape[1] == plan.input_size and s.shape[0] > 0:
+        return s                                   # the common case, checked cheaply
     if isinstance(s, (str, bytes)):
         raise _fail(index, f"sequence {j}: a string ({s[:40]!r}), not a sequence; a dask "
                            f"DataFrame made from lists converts them to strings unless "
@@ -384,6 +387,14 @@ class SequenceOutputs(Sequence):
         if len(self.arrays) > 1:
             return tuple(a[j] for a in self.arrays)
         return self.arrays[0][j]
+
+    def __array__(self, dtype=None, copy=None):
+        """'last' or a GRU/RNN 'state': the (n, ...) array; ragged or paired outputs raise."""
+        if self.offsets is not None or len(self.arrays) != 1:
+            raise TypeError("variable-length or (h, c) outputs are not one array; use "
+                            ".arrays (and .offsets)")
+        a = self.arrays[0]
+        return a if dtype is None else a.astype(dtype, copy=False)
 
     def __getstate__(self):
         return (self.arrays, self.offsets)

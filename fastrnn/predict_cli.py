@@ -223,16 +223,16 @@ def _run(args, out):
                 np.savez(args.output, **{k: np.concatenate(c) for k, c in zip(keys, chunks)})
             n_seq = arrays[0].shape[0]
         else:                                            # a bag of variable-length outputs
-            results = [r for part in _progress_compute(res.to_delayed(), client, progress)
-                       for r in part]
-            n_seq = len(results)
-            if results and isinstance(results[0], tuple):       # an LSTM's (h, c)
-                arrays = {"h": np.stack([r[0] for r in results]),
-                          "c": np.stack([r[1] for r in results])}
+            parts = _progress_compute(res.to_delayed(), client, progress)  # SequenceOutputs
+            n_seq = sum(len(p) for p in parts)
+            cat = [np.concatenate([p.arrays[k] for p in parts])
+                   for k in range(len(parts[0].arrays))]
+            if len(cat) == 2:                                   # an LSTM's (h, c)
+                arrays = {"h": cat[0], "c": cat[1]}
             elif args.kind == "sequence":
-                arrays = {"output": np.concatenate(results), "lengths": lengths}
+                arrays = {"output": cat[0], "lengths": lengths}
             else:
-                arrays = {"output": np.stack(results)}
+                arrays = {"output": cat[0]}
             if okind == ".npy":
                 if len(arrays) != 1:
                     raise PredictError(f"{args.kind} outputs of variable-length input are "
