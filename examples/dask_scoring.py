@@ -94,8 +94,9 @@ def main(n=200_000, partition_size=5000, steps=200, scheduler=None, out="scores.
     import fastrnn.dask as fd
 
     model = train(steps=steps, verbose=verbose)
-    fd.save_model("classifier.npz", model)         # what `fastrnn predict` would read too
-    model = fd.load_model("classifier.npz")
+    model_path = os.path.join(os.path.dirname(os.path.abspath(out)), "classifier.npz")
+    fd.save_model(model_path, model)               # what `fastrnn predict` reads too
+    model = fd.load_model(model_path)
 
     if scheduler:
         client = Client(scheduler)

@@ -300,3 +300,17 @@ def test_cli_ragged_npz_and_parquet(client, tmp_path):
     # an error is reported, with the partition, and a non-zero exit code
     assert main(["predict", str(tmp_path / "m.npz"), str(tmp_path / "ids.parquet"), "-o",
                  str(tmp_path / "bad.npz"), "--no-progress"]) == 2
+
+
+def test_example_dask_scoring(client, tmp_path):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dask_scoring.py"
+    spec = importlib.util.spec_from_file_location("fastrnn_example_dask_scoring", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(n=3000, partition_size=700, steps=150, scheduler=client.scheduler.address,
+                   out=str(tmp_path / "scores.npy"), verbose=False)
+    scores = np.load(tmp_path / "scores.npy")
+    assert scores.shape == (3000,) and ((scores >= 0) & (scores <= 1)).all()
+    assert res["accuracy"] > 0.8, res
