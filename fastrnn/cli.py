@@ -4,6 +4,7 @@
                                           the bundled tinyshakespeare.txt)
     fastrnn generate CHECKPOINT [options] sample text from a trained model
     fastrnn bench [...]                   speed benchmarks (fastrnn.benchmark.runner)
+    fastrnn predict MODEL INPUT -o OUT    batch inference on Dask (fastrnn.predict_cli)
 
 Run ``fastrnn train --help`` for every option. ``--json`` makes the last line
 of output a JSON object with the results.
@@ -50,7 +51,7 @@ def build_parser():
     from fastrnn.train import TrainConfig
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="fastrnn", description="fastrnn: CPU recurrent networks.")
-    sub = p.add_subparsers(dest="command", metavar="{train,generate,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{train,generate,bench,predict}")
     sub.required = True
 
     t = sub.add_parser("train", help="train a language model on a text file",
@@ -124,6 +125,8 @@ def build_parser():
     gen.add_argument("--json", action="store_true")
 
     sub.add_parser("bench", help="speed benchmarks (see `fastrnn bench --help`)",
+                   add_help=False)
+    sub.add_parser("predict", help="batch inference on Dask (see `fastrnn predict --help`)",
                    add_help=False)
     return p
 
@@ -237,6 +240,9 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return cmd_bench(argv[1:])
+    if argv and argv[0] == "predict":
+        from fastrnn import predict_cli  # imported lazily: needs the optional Dask extra
+        return predict_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from fastrnn.checkpoint import CheckpointError
