@@ -270,6 +270,10 @@ def export(model, path, opset=DEFAULT_OPSET, *, initial_state=False, lengths=Fal
             x = b.add_input("input", elem, _seq_dims(first.rnn.batch_first,
                                                      [first.rnn.input_size]))
             rank = 3
+        elif isinstance(first, RNNBase):
+            raise TypeError(f"export: Sequential step 0: a bare {type(first).__name__} returns "
+                            f"(out, state) and cannot run inside a Sequential; wrap it as "
+                            f"fastrnn.wrappers.Recurrent(layer)")
         else:
             raise TypeError(f"export: cannot export {type(first).__name__}; expected "
                             f"RNN/LSTM/GRU, Linear, Embedding, Sequential or RNNLanguageModel")
@@ -1044,7 +1048,8 @@ class _Loader:
             else:
                 groups.append((st["kind"], st))
         mods, sig = [], dict(x=next(n for n, r in self.input_roles.items() if r == "x"),
-                             lengths=None, h0=None, c0=None, outputs={})
+                             lengths=None, h0=None, c0=None, outputs={},
+                             batch_first=self.batch_first)
         rnn_groups = [grp for kind, grp in groups if kind == "rnn"]
         for kind, grp in groups:
             if kind == "embedding":
