@@ -19,3 +19,8 @@ from fastrnn.io import save, load, from_torch, to_torch
 # -- training blocks (nn, optim, data, lm) -- owned by the training work
 from fastrnn import nn, optim, data
 from fastrnn.lm import RNNLanguageModel
+# -- interchange (ONNX, Keras, safetensors); onnx/keras are imported only when used
+from fastrnn import onnx
+from fastrnn.io import load_weights
+from fastrnn.keras import from_keras
+from fastrnn.wrappers import Recurrent

@@ -5,6 +5,7 @@
     fastrnn generate CHECKPOINT [options] sample text from a trained model
     fastrnn bench [...]                   speed benchmarks (fastrnn.benchmark.runner)
     fastrnn predict MODEL INPUT -o OUT    batch inference on Dask (fastrnn.predict_cli)
+    fastrnn bench --onnx FILE [...]       an ONNX file imported into fastrnn vs ONNX Runtime
 
 Run ``fastrnn train --help`` for every option. ``--json`` makes the last line
 of output a JSON object with the results.
@@ -230,6 +231,9 @@ def cmd_generate(args, out):
 
 
 def cmd_bench(argv):
+    if any(a == "--onnx" or a.startswith("--onnx=") for a in argv):
+        from fastrnn.benchmark import onnx_file  # time an ONNX file: fastrnn vs ONNX Runtime
+        return onnx_file.main(argv)
     from fastrnn.benchmark import runner  # imported lazily: optional, heavier
     rc = runner.main(argv)
     return 0 if rc is None else rc

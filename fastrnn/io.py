@@ -31,7 +31,7 @@ from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.modules.module import Module
 from fastrnn.modules.rnn import GRU, LSTM, RNN
 
-__all__ = ["save", "load", "register", "from_torch", "to_torch"]
+__all__ = ["save", "load", "load_weights", "register", "from_torch", "to_torch"]
 
 FORMAT, VERSION = "fastrnn", 1
 HEADER_KEY = "__fastrnn__"
@@ -52,7 +52,11 @@ def register(cls):
 
 
 def save(path, module):
-    """Write `module` (class, config and parameters) to `path` (exactly that name)."""
+    """Write `module` (class, config and parameters) to `path` (exactly that name).
+    A path ending in .safetensors writes a safetensors file (fastrnn.safetensors_io)."""
+    if os.fspath(path).endswith(".safetensors"):
+        from fastrnn import safetensors_io
+        return safetensors_io.save(path, module)
     name = type(module).__name__
     if _REGISTRY.get(name) is not type(module):
         raise ValueError(f"save: {name} is not a saveable class; known: "
@@ -81,6 +85,9 @@ def load(path):
     """Rebuild the module saved at `path` by `save`. Raises ValueError for
     anything that is not a valid fastrnn file; FileNotFoundError if missing."""
     path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from fastrnn import safetensors_io
+        return safetensors_io.load(path)
     _check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -90,6 +97,18 @@ def load(path):
     module = _build(path, arrays.pop(HEADER_KEY, None), arrays)
     _load_arrays(path, module, arrays)
     return module
+
+
+def load_weights(path):
+    """Name -> array of every tensor in `path` (safetensors, or a fastrnn .npz), for
+    `module.load_state_dict(...)`; reads torch's `safetensors.torch.save_file` files."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from fastrnn import safetensors_io
+        return safetensors_io.load_weights(path)
+    _check_zip(path)
+    with np.load(path, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files if k != HEADER_KEY}
 
 
 def _check_zip(path):

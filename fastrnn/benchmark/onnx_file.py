@@ -1,0 +1,95 @@
+"""`fastrnn bench --onnx FILE`: one ONNX file, run by ONNX Runtime and imported into fastrnn.
+
+The file is imported with `fastrnn.onnx.load` (a fastrnn module: fastrnn's
+kernels run it), both engines get the same random feeds, outputs are checked
+against each other, and the median wall time of each is printed (interleaved
+repeats, fastrnn and ONNX Runtime each on --threads threads).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+__all__ = ["main", "make_feeds"]
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="fastrnn bench --onnx",
+                                description="Time an ONNX file in fastrnn and ONNX Runtime.")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx model")
+    p.add_argument("-T", "--steps", type=int, default=100, help="sequence length (default 100)")
+    p.add_argument("-B", "--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--lengths", action="store_true",
+                   help="random per-sequence lengths (if the model takes them)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="last line: a JSON object")
+    return p
+
+
+def make_feeds(sess, model, T, B, rng, lengths=False):
+    """Random inputs for every graph input, sized T x B (as ONNX Runtime wants them)."""
+    sig = model.onnx_signature
+    emb = next((m for _, m in model.named_modules() if type(m).__name__ == "Embedding"), None)
+    feeds = {}
+    for i in sess.get_inputs():
+        dims = list(i.shape)
+        if i.name == sig["x"]:
+            tb = [B, T] if sig["batch_first"] else [T, B]
+            shape = tb + [d for d in dims[2:]]
+            if "int" in i.type:
+                feeds[i.name] = rng.integers(0, emb.num_embeddings, tb).astype(np.int64)
+                continue
+        elif i.name == sig["lengths"]:
+            lens = rng.integers(1, T + 1, B) if lengths else np.full(B, T)
+            lens[0] = T
+            feeds[i.name] = lens.astype(np.int32)
+            continue
+        else:                                        # initial state (L·D, B, H)
+            shape = [dims[0], B, dims[2]]
+        dt = np.float64 if "double" in i.type else np.float32
+        feeds[i.name] = rng.standard_normal(shape).astype(dt)
+    return feeds
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    import onnxruntime as ort
+
+    import fastrnn
+    fastrnn.set_num_threads(args.threads)
+    model = fastrnn.onnx.load(args.onnx)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(args.onnx, so, providers=["CPUExecutionProvider"])
+    feeds = make_feeds(sess, model, args.steps, args.batch, np.random.default_rng(args.seed),
+                       args.lengths)
+    names = [o.name for o in sess.get_outputs()]
+    ref = dict(zip(names, sess.run(None, feeds)))
+    ours = fastrnn.onnx.run(model, feeds)
+    err = max(float(np.max(np.abs(ours[n] - ref[n])) / (np.max(np.abs(ref[n])) or 1.0))
+              for n in names)
+    t_f, t_o = [], []
+    for _ in range(args.repeats + 1):                # first round is warm-up
+        t0 = time.perf_counter()
+        fastrnn.onnx.run(model, feeds)
+        t1 = time.perf_counter()
+        sess.run(None, feeds)
+        t2 = time.perf_counter()
+        t_f.append(t1 - t0)
+        t_o.append(t2 - t1)
+    f_ms, o_ms = statistics.median(t_f[1:]) * 1e3, statistics.median(t_o[1:]) * 1e3
+    print(f"model: {model!r}".replace("\n", " "))
+    print(f"inputs: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in feeds.items()))
+    print(f"fastrnn      {f_ms:10.3f} ms")
+    print(f"onnxruntime  {o_ms:10.3f} ms   ratio (onnxruntime / fastrnn) {o_ms / f_ms:.2f}")
+    print(f"max relative difference of the outputs: {err:.2e}")
+    if args.json:
+        print(json.dumps(dict(file=args.onnx, T=args.steps, B=args.batch, threads=args.threads,
+                              fastrnn_ms=f_ms, onnxruntime_ms=o_ms, max_rel_diff=err)))
+    return 0

@@ -1,0 +1,183 @@
+"""safetensors files: read and written by fastrnn itself (NumPy only, no pickle).
+
+The format: 8 bytes little-endian header length N, N bytes of JSON header
+``{"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+"__metadata__": {str: str}}``, then the raw little-endian tensor bytes.
+Offsets are relative to the end of the header.
+
+`fastrnn.save("m.safetensors", module)` writes the parameters (named as in
+`state_dict()`) and, in the metadata, ``format="fastrnn"``, ``version``,
+``class`` and ``config`` (JSON), so `fastrnn.load` rebuilds the module.
+`load_weights(path)` reads any safetensors file -- e.g. one written by
+``safetensors.torch.save_file(torch_model.state_dict(), path)`` -- into a dict
+of NumPy arrays for `load_state_dict`. BF16 tensors are widened to float32
+(exactly). Every file is checked before anything is read: header length and
+JSON, known dtypes, shapes matching byte counts, offsets in bounds, contiguous
+and non-overlapping, covering the data exactly. Problems raise ValueError
+naming the file and the tensor.
+
+The `safetensors` package is not needed; the tests check compatibility with it.
+"""
+
+import json
+import os
+
+import numpy as np
+
+__all__ = ["save", "load", "load_weights", "read", "MAX_HEADER"]
+
+MAX_HEADER = 100 * 1024 * 1024     # the reference implementation's limit
+
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+           "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
+           "BOOL": "?", "BF16": "<u2"}
+_CODES = {np.dtype(v): k for k, v in _DTYPES.items() if k != "BF16"}   # numpy dtype -> code
+
+
+def _fail(path, why):
+    return ValueError(f"fastrnn: {path!r} is not a valid safetensors file: {why}")
+
+
+def write(path, tensors, metadata=None):
+    """Write a dict name -> array (and str -> str metadata) as a safetensors file."""
+    header, chunks, offset = {}, [], 0
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        code = _CODES.get(a.dtype.newbyteorder("<"))
+        if code is None:
+            raise TypeError(f"save: tensor {name!r} has dtype {a.dtype}, which safetensors "
+                            f"cannot store")
+        data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+        header[name] = dict(dtype=code, shape=list(a.shape),
+                            data_offsets=[offset, offset + len(data)])
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise TypeError(f"save: safetensors metadata must map str to str; bad keys {bad}")
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)             # align the data to 8 bytes
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for c in chunks:
+            f.write(c)
+    os.replace(tmp, path)
+
+
+def read(path):
+    """-> (dict name -> array, metadata dict). Validates the whole file first."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _fail(path, f"only {len(head)} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER or n > size - 8:
+            raise _fail(path, f"header length {n} exceeds the file ({size} bytes) or the "
+                              f"{MAX_HEADER}-byte limit")
+        raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _fail(path, f"header is not valid JSON ({e})") from e
+        if not isinstance(header, dict):
+            raise _fail(path, "header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise _fail(path, "__metadata__ must map strings to strings")
+        data_len = size - 8 - n
+        spans = []
+        for name, info in header.items():
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise _fail(path, f"tensor {name!r}: entry must have dtype, shape and "
+                                  f"data_offsets, got {info!r}")
+            dt = info["dtype"]
+            if dt not in _DTYPES:
+                raise _fail(path, f"tensor {name!r}: unsupported dtype {dt!r}")
+            shape, offs = info["shape"], info["data_offsets"]
+            if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0
+                                                       for s in shape)):
+                raise _fail(path, f"tensor {name!r}: bad shape {shape!r}")
+            if (not isinstance(offs, list) or len(offs) != 2
+                    or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
+                raise _fail(path, f"tensor {name!r}: bad data_offsets {offs!r}")
+            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize
+            if offs[1] - offs[0] != want:
+                raise _fail(path, f"tensor {name!r}: shape {shape} {dt} needs {want} bytes, "
+                                  f"data_offsets give {offs[1] - offs[0]}")
+            if offs[1] > data_len:
+                raise _fail(path, f"tensor {name!r}: data_offsets {offs} run past the end of "
+                                  f"the data ({data_len} bytes; truncated file?)")
+            spans.append((offs[0], offs[1], name))
+        spans.sort()
+        pos = 0
+        for b, e, name in spans:
+            if b != pos:
+                raise _fail(path, f"tensor {name!r}: data starts at {b}, expected {pos} "
+                                  f"(gap or overlap)")
+            pos = e
+        if pos != data_len:
+            raise _fail(path, f"{data_len - pos} bytes of data after the last tensor")
+        data = f.read(data_len)
+    out = {}
+    for name, info in header.items():
+        b, e = info["data_offsets"]
+        a = np.frombuffer(data, _DTYPES[info["dtype"]], count=(e - b) //
+                          np.dtype(_DTYPES[info["dtype"]]).itemsize, offset=b)
+        if info["dtype"] == "BF16":                    # top half of a float32: exact
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        out[name] = a.reshape(info["shape"]).astype(a.dtype.newbyteorder("="), copy=True)
+    return out, meta
+
+
+def load_weights(path):
+    """Every tensor of a safetensors file as a dict of NumPy arrays (for load_state_dict)."""
+    return read(path)[0]
+
+
+def save(path, module):
+    """`fastrnn.save` for a path ending in .safetensors."""
+    from fastrnn import io
+    name = type(module).__name__
+    if io._REGISTRY.get(name) is not type(module):
+        raise ValueError(f"save: {name} is not a saveable class; known: "
+                         f"{', '.join(sorted(io._REGISTRY))} (see fastrnn.io.register)")
+    try:
+        config = json.dumps(module.config())
+    except TypeError as e:
+        raise ValueError(f"save: {name}.config() is not JSON-serialisable: {e}") from e
+    meta = {"format": io.FORMAT, "version": str(io.VERSION), "class": name, "config": config}
+    write(path, module.state_dict(), meta)
+
+
+def load(path):
+    """`fastrnn.load` for a safetensors file written by `fastrnn.save`."""
+    from fastrnn import io
+    path = os.fspath(path)
+    arrays, meta = read(path)
+    if meta.get("format") != io.FORMAT:
+        raise io._fail(path, "safetensors file without fastrnn metadata (format, class, config): "
+                             "not written by fastrnn.save. For weights only, use "
+                             "module.load_state_dict(fastrnn.load_weights(path))")
+    if meta.get("version") != str(io.VERSION):
+        raise io._fail(path, f"unsupported format version {meta.get('version')!r} "
+                             f"(this fastrnn reads {io.VERSION})")
+    header = json.dumps({"format": io.FORMAT, "version": io.VERSION,
+                         "class": meta.get("class"), "config": _config(path, meta)})
+    module = io._build(path, np.array([header]), arrays)
+    io._load_arrays(path, module, arrays)
+    return module
+
+
+def _config(path, meta):
+    from fastrnn import io
+    try:
+        return json.loads(meta.get("config", ""))
+    except ValueError as e:
+        raise io._fail(path, f"metadata 'config' is not valid JSON ({e})") from e

@@ -1,0 +1,88 @@
+"""safetensors: fastrnn.save/load round trip, torch's files, corrupt and foreign files."""
+
+import json
+
+import numpy as np
+import pytest
+
+import fastrnn
+
+
+def test_round_trip_and_metadata(tmp_path):
+    m = fastrnn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True,
+                    dtype=np.float64, seed=0)
+    p = tmp_path / "g.safetensors"
+    fastrnn.save(p, m)
+    back = fastrnn.load(p)
+    assert type(back) is fastrnn.GRU and back.config() == m.config()
+    for k, v in m.state_dict().items():
+        assert np.array_equal(back.state_dict()[k], v) and back.state_dict()[k].dtype == v.dtype
+    n = int.from_bytes(p.read_bytes()[:8], "little")
+    meta = json.loads(p.read_bytes()[8:8 + n])["__metadata__"]
+    assert meta["class"] == "GRU" and json.loads(meta["config"])["num_layers"] == 2
+
+
+def test_safetensors_package_reads_ours_and_we_read_torchs(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    m = fastrnn.LSTM(3, 5, seed=1)
+    fastrnn.save(tmp_path / "l.safetensors", m)
+    theirs = st.load_file(str(tmp_path / "l.safetensors"))
+    assert all(np.array_equal(theirs[k], v) for k, v in m.state_dict().items())
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    t = torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True)
+    save_file(t.state_dict(), str(tmp_path / "t.safetensors"))
+    ours = fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True)
+    ours.load_state_dict(fastrnn.load_weights(tmp_path / "t.safetensors"))
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = t(torch.from_numpy(x))[0].numpy()
+    assert np.abs(ours.eval()(x)[0] - want).max() < 1e-5
+    save_file({k: v.to(torch.bfloat16) for k, v in t.state_dict().items()},
+              str(tmp_path / "b.safetensors"))
+    w = fastrnn.load_weights(tmp_path / "b.safetensors")["weight_ih_l0"]
+    assert w.dtype == np.float32
+    assert np.array_equal(w, t.weight_ih_l0.detach().to(torch.bfloat16).float().numpy())
+    with pytest.raises(ValueError, match="without fastrnn metadata.*load_weights"):
+        fastrnn.load(tmp_path / "t.safetensors")
+
+
+def _corrupt(tmp_path, fn):
+    p = tmp_path / "m.safetensors"
+    fastrnn.save(p, fastrnn.RNN(2, 3, seed=0))
+    data = bytearray(p.read_bytes())
+    p.write_bytes(bytes(fn(data)))
+    return p
+
+
+def _edit_header(data, edit):
+    n = int.from_bytes(data[:8], "little")
+    h = json.loads(data[8:8 + n])
+    edit(h)
+    text = json.dumps(h).encode()
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+
+
+@pytest.mark.parametrize("fn,msg", [
+    (lambda d: d[:5], "shorter than"),
+    (lambda d: d[:-4], "past the end|after the last"),
+    (lambda d: (10**12).to_bytes(8, "little") + d[8:], "header length"),
+    (lambda d: d[:8] + b"{" * (int.from_bytes(d[:8], "little")) + d[8 + int.from_bytes(
+        d[:8], "little"):], "not valid JSON"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(dtype="X9")), "dtype"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[9, 9])), "needs"),
+    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(config="{")), "config"),
+    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(**{"class": "Evil"})),
+     "unknown class"),
+    (lambda d: _edit_header(d, lambda h: h.pop("bias_hh_l0")), "data starts|after the last"),
+])
+def test_corrupt_files_rejected(tmp_path, fn, msg):
+    with pytest.raises(ValueError, match=msg):
+        fastrnn.load(_corrupt(tmp_path, fn))
+
+
+def test_npz_still_works_and_load_weights_reads_it(tmp_path):
+    m = fastrnn.LSTM(2, 3, seed=0)
+    fastrnn.save(tmp_path / "m.npz", m)
+    assert set(fastrnn.load_weights(tmp_path / "m.npz")) == set(m.state_dict())
+    assert type(fastrnn.load(tmp_path / "m.npz")) is fastrnn.LSTM
