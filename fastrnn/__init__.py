@@ -18,3 +18,5 @@ from fastrnn.io import save, load, from_torch, to_torch
 # -- training blocks (nn, optim, data, lm) -- owned by the training work
 from fastrnn import nn, optim, data
 from fastrnn.lm import RNNLanguageModel
+# -- inference (quantised copies, stream pools) -- owned by the inference work
+from fastrnn.quantization import quantize
