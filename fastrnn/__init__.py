@@ -20,3 +20,4 @@ from fastrnn import nn, optim, data
 from fastrnn.lm import RNNLanguageModel
 # -- inference (quantised copies, stream pools) -- owned by the inference work
 from fastrnn.quantization import quantize
+from fastrnn.streams import StreamPool
