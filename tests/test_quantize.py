@@ -207,3 +207,15 @@ def test_isa_override_errors():
             Q.set_isa("avx512")
     Q.set_isa(None)
     assert Q.isa() in Q.available_isas()
+
+
+def test_generate_num_samples():
+    from fastrnn.generate import generate_ids
+    lm = fastrnn.RNNLanguageModel(20, 8, 16, seed=0)
+    q = fastrnn.quantize(lm, "int8")
+    ids = generate_ids(q, [1, 2], 6, seed=0, num_samples=4)
+    assert ids.shape == (4, 6) and ids.min() >= 0 and ids.max() < 20
+    greedy = generate_ids(lm, [3], 5, greedy=True, num_samples=3)
+    assert (greedy == greedy[0]).all()
+    assert np.array_equal(greedy[0], generate_ids(lm, [3], 5, greedy=True))
+    assert lm.training    # mode restored
