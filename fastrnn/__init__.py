@@ -24,3 +24,6 @@ from fastrnn import onnx
 from fastrnn.io import load_weights
 from fastrnn.keras import from_keras
 from fastrnn.wrappers import Recurrent
+# -- inference (quantised copies, stream pools) -- owned by the inference work
+from fastrnn.quantization import quantize
+from fastrnn.streams import StreamPool

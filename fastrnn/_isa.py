@@ -11,6 +11,7 @@ tolerance (different vector widths and FMA contraction round differently).
 
 import importlib
 import os
+import sys
 
 from fastrnn import _openmp
 
@@ -59,6 +60,9 @@ def set_isa(isa):
         if not module._set_isa(level):   # cannot happen after the check above
             raise RuntimeError(f"fastrnn.{name} refused ISA {isa!r}")
     _current = isa
+    quantized = sys.modules.get("fastrnn.quantization")   # follows on import otherwise
+    if quantized is not None:
+        quantized._follow(level)
 
 
 def cpu_model():

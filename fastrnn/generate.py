@@ -49,14 +49,19 @@ def start_ids(tokenizer):
 
 
 def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=False,
-                 seed=None, state=None):
+                 seed=None, state=None, num_samples=None):
     """Feed ``prime_ids`` (1-D, non-empty) then sample ``length`` new ids.
 
     Runs with batch 1 in eval mode (restored afterwards). Returns the new ids.
+    With ``num_samples=n`` it samples n sequences at once (batch n, one kernel
+    call per step for all of them) and returns an (n, length) array.
     """
     prime_ids = np.asarray(prime_ids, dtype=np.int64).reshape(-1)
     if prime_ids.size == 0:
         raise ValueError("generation needs at least one priming id")
+    if num_samples is not None:
+        return _generate_batch(model, prime_ids, int(length), temperature, top_k, greedy,
+                               as_generator(seed), int(num_samples))
     rng = as_generator(seed)
     was_training = model.training
     model.eval()
@@ -70,6 +75,27 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
             if t + 1 < length:
                 logits, state = model(np.array([[nxt]], dtype=np.int64), state)
                 last = logits[0, 0]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rng, n):
+    """num_samples=n: n independent samples after the same prime -> (n, length) ids."""
+    if n < 1:
+        raise ValueError(f"num_samples: expected an integer >= 1, got {n}")
+    was_training = model.training
+    model.eval()
+    out = np.empty((n, length), dtype=np.int64)
+    try:
+        logits, state = model(np.repeat(prime_ids[:, None], n, axis=1), None)   # (T, n, V)
+        last = logits[-1]
+        for t in range(length):
+            nxt = sample_logits(last, temperature, top_k, greedy, rng)          # (n,)
+            out[:, t] = nxt
+            if t + 1 < length:
+                logits, state = model(nxt[None, :], state)
+                last = logits[0]
     finally:
         model.train(was_training)
     return out

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter
+from fastrnn.modules.module import Module, Parameter, training_call
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -89,6 +89,7 @@ class _CellBase(Module):
     def clear_cache(self):
         """Forget all pushed steps (e.g. when truncating BPTT)."""
         self._stack.clear()
+        self._set_train_owner(False)
 
     @property
     def num_cached_steps(self):
@@ -131,6 +132,7 @@ class _CellBase(Module):
     def _push(self, cache, batched, B):
         if self.training:
             self._stack.append((cache, batched, B))
+            self._set_train_owner(True)
 
     def _top(self):
         """The most recent step; backward pops it only after its checks pass."""
@@ -176,11 +178,14 @@ class RNNCell(_CellBase):
         self._push(cache, batched, B)
         return h1 if batched else h1[0]
 
+    @training_call
     def backward(self, dh):
         """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
         cache, batched, B = self._top()
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         self._stack.pop()
+        if not self._stack:
+            self._set_train_owner(False)
         dx, dh0, *grads = F.rnn_backward(dh[None], None, cache)          # dx (1, B, I)
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
@@ -203,11 +208,14 @@ class GRUCell(_CellBase):
         self._push(cache, batched, B)
         return h1 if batched else h1[0]
 
+    @training_call
     def backward(self, dh):
         """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
         cache, batched, B = self._top()
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         self._stack.pop()
+        if not self._stack:
+            self._set_train_owner(False)
         dx, dh0, *grads = F.gru_backward(dh[None], None, cache)          # dx (1, B, I)
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
@@ -236,6 +244,7 @@ class LSTMCell(_CellBase):
         self._push(cache, batched, B)
         return (h1, c1) if batched else (h1[0], c1[0])
 
+    @training_call
     def backward(self, dh, dc=None):
         """Gradients of this step's (h', c') -> (dx, (dh_prev, dc_prev)); pops one step.
 
@@ -250,6 +259,8 @@ class LSTMCell(_CellBase):
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         dc = self._check_state("dc", dc, B, batched)                      # (B, H) or None
         self._stack.pop()
+        if not self._stack:
+            self._set_train_owner(False)
         dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache)  # dx (1, B, I)
         self._accumulate(*grads)
         return (dx[0], (dh0, dc0)) if batched else (dx[0, 0], (dh0[0], dc0[0]))

@@ -6,11 +6,29 @@ the order they were assigned, and names them the way torch.nn does
 (`lstm.weight_ih_l0`, `decoder.weight`), so that state dicts interchange.
 """
 
+import functools
+import threading
 from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["Parameter", "Module"]
+__all__ = ["Parameter", "Module", "training_call"]
+
+# Guards the per-module bookkeeping of which threads are inside a call (held for
+# a few dictionary operations only, never while a kernel runs).
+_USE_LOCK = threading.Lock()
+
+
+def training_call(method):
+    """Decorator for a module's backward: a training call, exclusive to one thread."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        tid = self._begin_call(True)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._end_call(tid)
+    return wrapper
 
 
 class Parameter:
@@ -140,7 +158,53 @@ class Module:
 
     # -- calling -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        tid = self._begin_call(self.training)
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            self._end_call(tid)
+
+    # -- threads ---------------------------------------------------------------
+    # Eval-mode calls may run on one module from any number of threads at once.
+    # A training call (training-mode forward, backward) caches per-call state in
+    # the module, so it must not overlap another thread's call, and no other
+    # thread may start one while this thread's forward cache awaits its backward
+    # (`_train_owner`). Breaking either rule raises RuntimeError.
+    def _begin_call(self, training):
+        tid = threading.get_ident()
+        d = self.__dict__
+        with _USE_LOCK:
+            users = d.get("_users")
+            if users is None:
+                users = {}
+                object.__setattr__(self, "_users", users)
+            if training:
+                owner = d.get("_train_owner")
+                if owner is not None and owner != tid:
+                    raise RuntimeError(
+                        f"{type(self).__name__}: another thread ran a training-mode forward on "
+                        f"this module and has not run its backward yet; train a module from "
+                        f"one thread at a time (or give each thread its own copy)")
+                if any(t != tid for t in users):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: a training-mode call while another thread is "
+                        f"running this module; training caches state in the module, so it "
+                        f"must not overlap other calls (use eval() for concurrent inference)")
+            users[tid] = users.get(tid, 0) + 1
+        return tid
+
+    def _end_call(self, tid):
+        with _USE_LOCK:
+            users = self.__dict__["_users"]
+            n = users[tid] - 1
+            if n:
+                users[tid] = n
+            else:
+                del users[tid]
+
+    def _set_train_owner(self, pending):
+        """Mark (pending=True) or clear this thread's unconsumed training cache."""
+        object.__setattr__(self, "_train_owner", threading.get_ident() if pending else None)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")

@@ -12,11 +12,12 @@ O = P if projected else H (the size of h), L layers, D directions (1 or 2).
 """
 
 import math
+import threading
 
 import numpy as np
 
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter
+from fastrnn.modules.module import Module, Parameter, training_call
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -258,7 +259,9 @@ class RNNBase(Module):
         if lengths is not None:
             lengths = check_lengths(lengths, T, B)           # (B,)
         keep = self.training  # only a training forward can be differentiated
-        self._cache = None    # a stale cache must never meet new gradients
+        if keep or self.__dict__.get("_train_owner") in (None, threading.get_ident()):
+            self._cache = None    # a stale cache must never meet new gradients
+            self._set_train_owner(False)  # (another thread's pending cache is left alone)
 
         D, O = self.num_directions, self.out_hidden_size
         h_n = np.empty(self._state_shape(B), self.dtype)               # (L·D, B, O)
@@ -297,6 +300,7 @@ class RNNBase(Module):
             out = out.copy()
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B)
+            self._set_train_owner(True)
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
 
     def _dropout_mask(self, shape):
@@ -308,6 +312,7 @@ class RNNBase(Module):
         return keep.astype(self.dtype) * self.dtype.type(1.0 / (1.0 - p))
 
     # -- backward -----------------------------------------------------------
+    @training_call
     def backward(self, dout=None, dstate=None):
         """Gradients of the last training-mode forward; adds into each Parameter.grad.
 
@@ -330,6 +335,7 @@ class RNNBase(Module):
             dout = dout.transpose(1, 0, 2)                      # (T, B, ·)
         dh_n, dc_n = self._check_state("dstate", dstate, B)
         self._cache = None
+        self._set_train_owner(False)
 
         D, O = self.num_directions, self.out_hidden_size
         dh0 = np.empty(self._state_shape(B), self.dtype)                # (L·D, B, O)

@@ -1,0 +1,762 @@
+"""Inference copies of modules with int8, bfloat16 (or packed float32) weights.
+
+    q = fastrnn.quantize(lstm, dtype="int8")        # or "bfloat16", "float32"
+    out, (h_n, c_n) = q(x)                          # same call signature as lstm
+    fastrnn.save("lstm-int8.npz", q)                # stays int8 (about 1/4 of the bytes)
+
+What is quantised (see docs/inference.md):
+
+- int8: W_ih, W_hh (and a Linear's weight) as int8 with one symmetric scale per
+  output row, s = max|w_row| / 127, q = rint(w / s) in [-127, 127]. The GEMM
+  inputs are either kept float32 and multiplied by the weights widened in
+  registers (``mode="weight_only"``), or quantised per call and row to int8
+  the same way (``mode="dynamic"``, integer dot products, exact int32 sums);
+  ``mode="auto"`` picks per GEMM by the number of rows (see AUTO_* below).
+- bfloat16: weights rounded to the nearest bf16 (ties to even), float32 sums.
+- float32: the weights packed for the same kernels (what `StreamPool` runs
+  for a float model).
+
+Biases, the cell state and the gate passes stay float32. The copies are
+inference only: `backward` raises. Their packed weights are built once, on
+first use, under a lock (so any number of threads may call a module at once),
+and rebuilt after `load_state_dict`.
+
+ISA: the kernels (src/quant_gemm.h) exist as plain C, AVX2+FMA and AVX-512
+(F/BW/VL/BF16/VNNI). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
+`set_isa` here overrides it for the quantised kernels alone.
+"""
+
+import os
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from fastrnn import _isa as _kernel_isa
+from fastrnn import _quantized
+from fastrnn._config import get_num_threads
+from fastrnn.modules.module import Module
+
+__all__ = ["quantize", "QUANT_DTYPES", "MODES", "isa", "available_isas", "set_isa",
+           "QuantizedRNN", "QuantizedLSTM", "QuantizedGRU", "QuantizedRNNCell",
+           "QuantizedLSTMCell", "QuantizedGRUCell", "QuantizedLinear",
+           "QuantizedLanguageModel"]
+
+QUANT_DTYPES = ("int8", "bfloat16", "float32")
+MODES = ("auto", "dynamic", "weight_only")
+ISAS = {"baseline": 0, "avx2": 1, "avx512": 2}
+ISA_NAMES = {v: k for k, v in ISAS.items()}
+ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, BF16 and VNNI"}
+
+# mode="auto" (int8): integer dot products when a GEMM has at least this many rows
+# (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
+AUTO_DYNAMIC_MIN_ROWS = 1
+SMALL_WORK_FLOP = 2e6   # calls below this run on one thread (waking a team costs more)
+
+_CPU_LEVEL = _quantized.cpu_level()
+_isa_level = None       # chosen on first use (FASTRNN_ISA or the best available)
+_isa_lock = threading.Lock()
+
+
+def available_isas():
+    """ISA levels this CPU runs, lowest first (e.g. ['baseline', 'avx2', 'avx512'])."""
+    return [ISA_NAMES[k] for k in range(_CPU_LEVEL + 1)]
+
+
+def set_isa(name=None):
+    """Force an ISA level ('baseline', 'avx2', 'avx512'), or None for FASTRNN_ISA / the best.
+
+    Asking for a level the CPU lacks raises RuntimeError naming what is missing.
+    """
+    global _isa_level
+    if name is None:
+        name = os.environ.get("FASTRNN_ISA", "").strip().lower() or ISA_NAMES[_CPU_LEVEL]
+        source = "FASTRNN_ISA" if os.environ.get("FASTRNN_ISA", "").strip() else "default"
+    else:
+        source = "isa"
+    if name not in ISAS:
+        raise ValueError(f"{source}: expected one of {sorted(ISAS)}, got {name!r}")
+    level = ISAS[name]
+    if level > _CPU_LEVEL:
+        raise RuntimeError(f"{source}: {name!r} needs {ISA_NEEDS[name]}, which this CPU lacks "
+                           f"(it runs {', '.join(available_isas())})")
+    with _isa_lock:
+        _isa_level = level
+    return name
+
+
+def isa():
+    """The ISA level the quantised kernels use now (a name)."""
+    return ISA_NAMES[_level()]
+
+
+def _level():
+    lv = _isa_level
+    if lv is None:
+        _follow(ISAS[_kernel_isa.get_isa()])
+        lv = _isa_level
+    return lv
+
+
+def _follow(level):
+    """Run at the float kernels' ISA level (fastrnn.set_isa / FASTRNN_ISA), or the
+    highest below it this CPU has for the quantised kernels (their AVX-512 path
+    also needs BF16 and VNNI)."""
+    global _isa_level
+    with _isa_lock:
+        _isa_level = min(level, _CPU_LEVEL)
+
+
+# ---------------------------------------------------------------------------- weights
+def quantize_int8(w):
+    """w (N, K) -> q int8 (N, K), scale float32 (N,): q = rint(w / s), s = max|row| / 127."""
+    w = np.asarray(w, dtype=np.float64)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("quantize: weights must be finite to quantise, got NaN or inf")
+    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    scale = (amax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1).astype(np.float64)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_bf16(w):
+    """w -> uint16 bit patterns of bf16, round to nearest, ties to even."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("quantize: weights must be finite to quantise, got NaN or inf")
+    bits = w.view(np.uint32).astype(np.uint64)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).astype(np.uint16)
+
+
+def bf16_to_float(b):
+    return (np.asarray(b, dtype=np.uint32) << 16).view(np.float32)
+
+
+def dequantize(stored, scale, qdtype):
+    """The float32 weights the kernels multiply by."""
+    if qdtype == "int8":
+        return stored.astype(np.float32) * scale[:, None]
+    if qdtype == "bfloat16":
+        return bf16_to_float(stored)
+    return stored.astype(np.float32)
+
+
+def block_order(G, H):
+    """Row permutation of the kernels' blocked gate order: blocks of 16 units, each
+    with its G gate panels; -1 marks padding rows (units >= H)."""
+    nblk = (H + 15) // 16
+    u = np.arange(nblk)[:, None, None] * 16 + np.arange(16)[None, None, :]   # (nblk, 1, 16)
+    g = np.arange(G)[None, :, None]
+    rows = g * H + u                                                         # (nblk, G, 16)
+    return np.where(u < H, rows, -1).reshape(-1)
+
+
+def _pack(stored, qdtype, perm):
+    """Stored weights (N, K) -> packed panels (uint8), rows in order `perm` (-1: zero)."""
+    N, K = stored.shape
+    Kp = (K + 3) // 4 * 4
+    rows = np.zeros((len(perm), Kp), stored.dtype)
+    ok = perm >= 0
+    rows[ok, :K] = stored[perm[ok]]
+    P = len(perm) // 16
+    if qdtype == "float32":
+        packed = rows.reshape(P, 16, Kp).transpose(0, 2, 1)
+    elif qdtype == "bfloat16":
+        packed = rows.reshape(P, 16, Kp // 2, 2).transpose(0, 2, 1, 3)
+    else:
+        packed = rows.reshape(P, 16, Kp // 4, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(packed).view(np.uint8).reshape(-1)
+
+
+def _permute(vec, perm, fill=0):
+    out = np.full(len(perm), fill, dtype=vec.dtype)
+    ok = perm >= 0
+    out[ok] = vec[perm[ok]]
+    return out
+
+
+def _pack_matrix(stored, scale, qdtype, perm):
+    """(packed, scales, zero-point sums) for the kernels."""
+    packed = _pack(stored, qdtype, perm)
+    if qdtype != "int8":
+        return packed, None, None
+    s = _permute(scale.astype(np.float32), perm).astype(np.float32)
+    z = _permute(128 * stored.astype(np.int32).sum(axis=1).astype(np.int32), perm)
+    return packed, s, z.astype(np.int32)
+
+
+class _Buffer:
+    """A stored array of a quantised module (quantised weights, scales, biases).
+
+    Lives where a Parameter would, so state_dict / load_state_dict / fastrnn.save
+    see it, but has no gradient: quantised modules are inference only."""
+
+    __slots__ = ("data",)
+    grad = None
+
+    def __init__(self, data):
+        self.data = np.ascontiguousarray(data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self):
+        return f"Buffer(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+def _storage_dtype(qdtype):
+    return {"int8": np.int8, "bfloat16": np.uint16, "float32": np.float32}[qdtype]
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+    return value
+
+
+class _QuantizedBase(Module):
+    """Buffers, the packed-weight cache (built once under a lock) and inference-only rules."""
+
+    def __init__(self, qdtype, mode):
+        super().__init__()
+        self.qdtype = _check_choice("dtype", qdtype, QUANT_DTYPES)
+        self.qmode = _check_choice("mode", mode, MODES)
+        object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_packed", None)
+        self.training = False
+
+    def _add_weight(self, name, shape):
+        self._parameters[name] = _Buffer(np.zeros(shape, _storage_dtype(self.qdtype)))
+        if self.qdtype == "int8":
+            self._parameters[name + "_scale"] = _Buffer(np.zeros(shape[0], np.float32))
+
+    def _add_float(self, name, shape):
+        self._parameters[name] = _Buffer(np.zeros(shape, np.float32))
+
+    def _set_weight(self, name, w):
+        w = np.asarray(w)
+        if self.qdtype == "int8":
+            q, s = quantize_int8(w)
+            self._parameters[name].data[...] = q
+            self._parameters[name + "_scale"].data[...] = s
+        elif self.qdtype == "bfloat16":
+            self._parameters[name].data[...] = quantize_bf16(w)
+        else:
+            self._parameters[name].data[...] = w.astype(np.float32)
+
+    def _stored(self, name):
+        s = self._parameters.get(name + "_scale")
+        return self._parameters[name].data, (None if s is None else s.data)
+
+    def dequantized(self, name):
+        """The float32 weights `name` as the kernels see them."""
+        stored, scale = self._stored(name)
+        return dequantize(stored, scale, self.qdtype)
+
+    def load_state_dict(self, state_dict, strict=True):
+        result = super().load_state_dict(state_dict, strict)
+        with self._lock:
+            for _, m in self.named_modules():
+                if isinstance(m, _QuantizedBase):
+                    object.__setattr__(m, "_packed", None)
+        return result
+
+    def _kernels(self):
+        """The packed weights, built on first use (once, under the lock)."""
+        p = self._packed
+        if p is None:
+            with self._lock:
+                p = self._packed
+                if p is None:
+                    p = self._build()
+                    object.__setattr__(self, "_packed", p)
+        return p
+
+    def _dyn(self, rows):
+        if self.qdtype != "int8" or self.qmode == "weight_only":
+            return 0
+        return 1 if self.qmode == "dynamic" or rows >= AUTO_DYNAMIC_MIN_ROWS else 0
+
+    def train(self, mode=True):
+        # switching a quantised copy to training mode changes nothing it computes
+        return super().train(mode)
+
+    def backward(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} is an inference-only quantised copy; "
+                           f"train the float module and quantise it again")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self):
+        raise RuntimeError(f"{type(self).__name__} has no gradients (inference only)")
+
+
+# ---------------------------------------------------------------------------- recurrent
+_GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
+
+
+class _QuantizedRecurrent(_QuantizedBase):
+    """Shared by the quantised stacks and cells: buffers per run and the stack kernel."""
+
+    mode_name = "LSTM"
+    is_cell = False
+
+    def _init_runs(self, input_size, hidden_size, num_layers, bidirectional, bias):
+        G, H = _GATES[self.mode_name], hidden_size
+        D = 2 if bidirectional else 1
+        self._runs = []
+        for k in range(num_layers):
+            in_size = input_size if k == 0 else D * H
+            for d in range(D):
+                sfx = "" if self.is_cell else f"_l{k}" + ("_reverse" if d else "")
+                self._add_weight(f"weight_ih{sfx}", (G * H, in_size))
+                self._add_weight(f"weight_hh{sfx}", (G * H, H))
+                if bias:
+                    self._add_float(f"bias_ih{sfx}", (G * H,))
+                    self._add_float(f"bias_hh{sfx}", (G * H,))
+                self._runs.append(sfx)
+
+    def _cell_name(self):
+        if self.mode_name == "RNN":
+            return "rnn_" + self.nonlinearity
+        return self.mode_name.lower()
+
+    def _build(self):
+        G, H = _GATES[self.mode_name], self.hidden_size
+        perm = block_order(G, H)
+        nblk = (H + 15) // 16
+        packs = []
+        for sfx in self._runs:
+            w_ih, s_ih, z_ih = _pack_matrix(*self._stored(f"weight_ih{sfx}"), self.qdtype, perm)
+            w_hh, s_hh, z_hh = _pack_matrix(*self._stored(f"weight_hh{sfx}"), self.qdtype, perm)
+            b_x = b_hn = None
+            if self.bias:
+                b_ih = self._parameters[f"bias_ih{sfx}"].data
+                b_hh = self._parameters[f"bias_hh{sfx}"].data
+                if self.mode_name == "GRU":
+                    bx = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
+                    b_hn = np.zeros(nblk * 16, np.float32)
+                    b_hn[:H] = b_hh[2 * H:]
+                else:
+                    bx = b_ih + b_hh
+                b_x = _permute(bx.astype(np.float32), perm).astype(np.float32)
+            packs.append((w_ih, w_hh, s_ih, s_hh, z_ih, z_hh, b_x, b_hn))
+        D = 2 if getattr(self, "bidirectional", False) else 1
+        return _quantized.Stack(self.qdtype, self._cell_name(), self.input_size, H,
+                                getattr(self, "num_layers", 1), D, packs)
+
+    def _threads(self, T, B):
+        G, H = _GATES[self.mode_name], self.hidden_size
+        runs = len(self._runs)
+        flop = 2.0 * T * B * G * H * (self.input_size + H) * runs
+        return 1 if flop < SMALL_WORK_FLOP else get_num_threads()
+
+    def _run(self, x, h0, c0, hn, cn, rows_in=None, rows_out=None, n_rows=0):
+        """x (T, B, I) float32 contiguous -> y (T, B, D*H); states as in Stack.forward."""
+        T, B = x.shape[0], x.shape[1]
+        stack = self._kernels()
+        return stack.forward(_level(), self._dyn(T * B), self._dyn(B), x, h0, c0, hn, cn,
+                             rows_in, rows_out, n_rows, self._threads(T, B))
+
+
+def _float32_input(name, x):
+    if type(x) is not np.ndarray:
+        raise TypeError(f"{name}: expected a numpy array of dtype float32, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name}: expected dtype float32 (quantised modules compute in float32), "
+                        f"got {x.dtype}; convert with .astype(np.float32)")
+    return x
+
+
+class _QuantizedStack(_QuantizedRecurrent):
+    """A quantised RNN/LSTM/GRU stack: the float module's call signature (no `lengths`)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 bidirectional=False, nonlinearity="tanh", dtype="int8", mode="auto"):
+        super().__init__(dtype, mode)
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.num_layers = int(num_layers)
+        self.bias, self.batch_first = bool(bias), bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.nonlinearity = _check_choice("nonlinearity", nonlinearity,
+                                          ("tanh", "relu", "identity"))
+        self._init_runs(self.input_size, self.hidden_size, self.num_layers, self.bidirectional,
+                        self.bias)
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def out_hidden_size(self):
+        return self.hidden_size
+
+    @property
+    def output_size(self):
+        return self.num_directions * self.hidden_size
+
+    def config(self):
+        cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                   num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                   bidirectional=self.bidirectional, dtype=self.qdtype, mode=self.qmode)
+        if self.mode_name == "RNN":
+            cfg["nonlinearity"] = self.nonlinearity
+        return cfg
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}, dtype={self.qdtype!r}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
+
+    def _state(self, name, h, B):
+        if h is None:
+            return None
+        h = _float32_input(name, h)
+        shape = (self.num_layers * self.num_directions, B, self.hidden_size)
+        if h.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {h.shape}")
+        return np.ascontiguousarray(h)
+
+    def forward(self, x, hx=None, lengths=None):
+        """out, h_n (RNN/GRU) or out, (h_n, c_n) (LSTM); x (T,B,I) or (B,T,I) if batch_first."""
+        if lengths is not None:
+            raise ValueError("lengths: quantised modules run full-length sequences only; got "
+                             "lengths (split the batch by length or use the float module)")
+        x = _float32_input("x", x)
+        if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ValueError(f"x: expected a non-empty 3-D array {layout} with I = "
+                             f"{self.input_size}, got shape {x.shape}")
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        B = x.shape[1]
+        R = self.num_layers * self.num_directions
+        lstm = self.mode_name == "LSTM"
+        if lstm:
+            if hx is None:
+                h0 = c0 = None
+            elif type(hx) not in (tuple, list) or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {type(hx).__name__}")
+            else:
+                h0, c0 = self._state("hx[0]", hx[0], B), self._state("hx[1]", hx[1], B)
+        else:
+            h0, c0 = self._state("hx", hx, B), None
+        hn = np.empty((R, B, self.hidden_size), np.float32)
+        cn = np.empty((R, B, self.hidden_size), np.float32) if lstm else None
+        y = self._run(x, h0, c0, hn, cn)
+        if self.batch_first:
+            y = np.ascontiguousarray(y.transpose(1, 0, 2))
+        return (y, (hn, cn)) if lstm else (y, hn)
+
+
+class QuantizedRNN(_QuantizedStack):
+    mode_name = "RNN"
+
+
+class QuantizedLSTM(_QuantizedStack):
+    mode_name = "LSTM"
+
+
+class QuantizedGRU(_QuantizedStack):
+    mode_name = "GRU"
+
+
+class _QuantizedCell(_QuantizedRecurrent):
+    is_cell = True
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", dtype="int8",
+                 mode="auto"):
+        super().__init__(dtype, mode)
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.bias = bool(bias)
+        self.nonlinearity = _check_choice("nonlinearity", nonlinearity,
+                                          ("tanh", "relu", "identity"))
+        self._init_runs(self.input_size, self.hidden_size, 1, False, self.bias)
+
+    def config(self):
+        cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size, bias=self.bias,
+                   dtype=self.qdtype, mode=self.qmode)
+        if self.mode_name == "RNN":
+            cfg["nonlinearity"] = self.nonlinearity
+        return cfg
+
+    def extra_repr(self):
+        return f"{self.input_size}, {self.hidden_size}, dtype={self.qdtype!r}"
+
+    def _cell_state(self, name, h, B, batched):
+        if h is None:
+            return None
+        h = _float32_input(name, h)
+        shape = (B, self.hidden_size) if batched else (self.hidden_size,)
+        if h.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {h.shape}")
+        return np.ascontiguousarray(h).reshape(1, B, self.hidden_size)
+
+    def forward(self, input, hx=None):
+        x = _float32_input("input", input)
+        if x.ndim == 2 and x.shape[1] == self.input_size and x.shape[0]:
+            batched, B = True, x.shape[0]
+        elif x.ndim == 1 and x.shape[0] == self.input_size:
+            batched, B = False, 1
+        else:
+            raise ValueError(f"input: expected shape (B, {self.input_size}) with B >= 1 or "
+                             f"({self.input_size},), got {x.shape}")
+        x3 = np.ascontiguousarray(x).reshape(1, B, self.input_size)
+        lstm = self.mode_name == "LSTM"
+        if lstm and hx is not None:
+            if type(hx) not in (tuple, list) or len(hx) != 2:
+                raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
+            h0 = self._cell_state("hx[0]", hx[0], B, batched)
+            c0 = self._cell_state("hx[1]", hx[1], B, batched)
+        else:
+            h0, c0 = self._cell_state("hx", hx, B, batched), None
+        hn = np.empty((1, B, self.hidden_size), np.float32)
+        cn = np.empty((1, B, self.hidden_size), np.float32) if lstm else None
+        self._run(x3, h0, c0, hn, cn)
+        h1 = hn[0] if batched else hn[0, 0]
+        if lstm:
+            return h1, (cn[0] if batched else cn[0, 0])
+        return h1
+
+
+class QuantizedRNNCell(_QuantizedCell):
+    mode_name = "RNN"
+
+
+class QuantizedLSTMCell(_QuantizedCell):
+    mode_name = "LSTM"
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="int8", mode="auto"):
+        super().__init__(input_size, hidden_size, bias, "tanh", dtype, mode)
+
+    def config(self):
+        return {k: v for k, v in super().config().items() if k != "nonlinearity"}
+
+
+class QuantizedGRUCell(_QuantizedCell):
+    mode_name = "GRU"
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="int8", mode="auto"):
+        super().__init__(input_size, hidden_size, bias, "tanh", dtype, mode)
+
+    def config(self):
+        return {k: v for k, v in super().config().items() if k != "nonlinearity"}
+
+
+# ---------------------------------------------------------------------------- dense
+class QuantizedLinear(_QuantizedBase):
+    """y = x W^T + b with quantised W; x (..., in_features) float32."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype="int8", mode="auto"):
+        super().__init__(dtype, mode)
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._add_weight("weight", (self.out_features, self.in_features))
+        if bias:
+            self._add_float("bias", (self.out_features,))
+
+    @property
+    def has_bias(self):
+        return "bias" in self._parameters
+
+    def config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.has_bias, dtype=self.qdtype, mode=self.qmode)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"dtype={self.qdtype!r}")
+
+    def _build(self):
+        N = self.out_features
+        perm = np.arange((N + 15) // 16 * 16)
+        perm[perm >= N] = -1
+        w, s, z = _pack_matrix(*self._stored("weight"), self.qdtype, perm)
+        b = self._parameters["bias"].data if self.has_bias else None
+        return _quantized.Linear(self.qdtype, self.in_features, N, w, s, z, b)
+
+    def forward(self, x):
+        x = _float32_input("x", x)
+        if x.shape[-1:] != (self.in_features,) or x.size == 0:
+            raise ValueError(f"x: expected shape (..., {self.in_features}) and at least one "
+                             f"row, got {x.shape}")
+        x2 = np.ascontiguousarray(x).reshape(-1, self.in_features)
+        M = x2.shape[0]
+        flop = 2.0 * M * self.in_features * self.out_features
+        y = self._kernels().forward(_level(), self._dyn(M), x2,
+                                    1 if flop < SMALL_WORK_FLOP else get_num_threads())
+        return y.reshape(x.shape[:-1] + (self.out_features,))
+
+
+# ---------------------------------------------------------------------------- language model
+class QuantizedLanguageModel(Module):
+    """Embedding (float32) -> quantised stack -> quantised decoder; ids (T, B) -> logits."""
+
+    def __init__(self, vocab_size, embed_size=64, hidden_size=256, num_layers=1, cell="lstm",
+                 dtype="int8", mode="auto"):
+        super().__init__()
+        from fastrnn.nn import Embedding
+        self.vocab_size, self.embed_size = int(vocab_size), int(embed_size)
+        self.hidden_size, self.num_layers = int(hidden_size), int(num_layers)
+        self.cell = _check_choice("cell", cell, ("lstm", "gru", "rnn_tanh", "rnn_relu"))
+        self.qdtype = _check_choice("dtype", dtype, QUANT_DTYPES)
+        self.qmode = _check_choice("mode", mode, MODES)
+        self.dtype = np.dtype(np.float32)
+        self.encoder = Embedding(self.vocab_size, self.embed_size, dtype=np.float32)
+        kw = dict(num_layers=self.num_layers, dtype=dtype, mode=mode)
+        if cell == "lstm":
+            self.rnn = QuantizedLSTM(self.embed_size, self.hidden_size, **kw)
+        elif cell == "gru":
+            self.rnn = QuantizedGRU(self.embed_size, self.hidden_size, **kw)
+        else:
+            self.rnn = QuantizedRNN(self.embed_size, self.hidden_size, nonlinearity=cell[4:], **kw)
+        self.decoder = QuantizedLinear(self.hidden_size, self.vocab_size, dtype=dtype, mode=mode)
+        self.training = False
+
+    @property
+    def is_lstm(self):
+        return self.cell == "lstm"
+
+    def config(self):
+        return dict(vocab_size=self.vocab_size, embed_size=self.embed_size,
+                    hidden_size=self.hidden_size, num_layers=self.num_layers, cell=self.cell,
+                    dtype=self.qdtype, mode=self.qmode)
+
+    def init_state(self, batch_size):
+        shape = (self.num_layers, batch_size, self.hidden_size)
+        h = np.zeros(shape, np.float32)
+        return (h, np.zeros(shape, np.float32)) if self.is_lstm else h
+
+    def forward(self, x, state=None):
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x: expected (T, B) token ids, got shape {x.shape}")
+        out, state = self.rnn(self.encoder(x), state)
+        return self.decoder(out), state
+
+    def backward(self, *args, **kwargs):
+        raise RuntimeError("QuantizedLanguageModel is inference only")
+
+    def load_state_dict(self, state_dict, strict=True):
+        result = super().load_state_dict(state_dict, strict)
+        for m in (self.rnn, self.decoder):
+            object.__setattr__(m, "_packed", None)
+        return result
+
+
+# ---------------------------------------------------------------------------- quantize()
+def _copy_state(dst, src_module, names):
+    """Quantise the float parameters `names` (src name -> dst name) into dst."""
+    for src_name, dst_name in names:
+        arr = getattr(src_module, src_name).data
+        if dst_name.startswith("weight"):
+            dst._set_weight(dst_name, arr)
+        else:
+            dst._parameters[dst_name].data[...] = arr.astype(np.float32)
+
+
+def quantize(module, dtype="int8", mode="auto"):
+    """An inference-only copy of `module` with `dtype` weights ("int8", "bfloat16", "float32").
+
+    module: an RNN/LSTM/GRU stack (no proj_size; merge_mode 'concat'), a cell, a
+    Linear, a Sequential of these (other children are copied) or an
+    RNNLanguageModel. mode ("auto", "dynamic", "weight_only") chooses how int8
+    GEMMs treat their float inputs (see the module docstring). The copy is in
+    eval mode, computes in float32, and takes float32 inputs.
+    """
+    import copy
+
+    from fastrnn.lm import RNNLanguageModel
+    from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell
+    from fastrnn.modules.rnn import GRU, LSTM, RNN
+    from fastrnn.nn import Linear, Sequential
+
+    _check_choice("dtype", dtype, QUANT_DTYPES)
+    _check_choice("mode", mode, MODES)
+    if isinstance(module, (_QuantizedBase, QuantizedLanguageModel)):
+        raise TypeError(f"quantize: {type(module).__name__} is already quantised")
+    if isinstance(module, (RNN, LSTM, GRU)):
+        if module.proj_size:
+            raise ValueError("quantize: LSTM proj_size > 0 is not supported, got "
+                             f"proj_size={module.proj_size}")
+        if module.bidirectional and module.merge_mode != "concat":
+            raise ValueError(f"quantize: merge_mode must be 'concat', got {module.merge_mode!r}")
+        cls = {"RNN": QuantizedRNN, "LSTM": QuantizedLSTM, "GRU": QuantizedGRU}[module.mode]
+        q = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                module.batch_first, module.bidirectional, module.nonlinearity, dtype, mode)
+        for name, p in module.named_parameters():
+            if name.startswith("weight"):
+                q._set_weight(name, p.data)
+            else:
+                q._parameters[name].data[...] = p.data.astype(np.float32)
+        return q
+    if isinstance(module, (RNNCell, LSTMCell, GRUCell)):
+        if isinstance(module, RNNCell):
+            q = QuantizedRNNCell(module.input_size, module.hidden_size, module.bias,
+                                 module.nonlinearity, dtype, mode)
+        else:
+            cls = QuantizedLSTMCell if isinstance(module, LSTMCell) else QuantizedGRUCell
+            q = cls(module.input_size, module.hidden_size, module.bias, dtype, mode)
+        for name, p in module.named_parameters():
+            if name.startswith("weight"):
+                q._set_weight(name, p.data)
+            else:
+                q._parameters[name].data[...] = p.data.astype(np.float32)
+        return q
+    if isinstance(module, Linear):
+        q = QuantizedLinear(module.in_features, module.out_features, module.bias is not None,
+                            dtype, mode)
+        q._set_weight("weight", module.weight.data)
+        if module.bias is not None:
+            q._parameters["bias"].data[...] = module.bias.data.astype(np.float32)
+        return q
+    if isinstance(module, Sequential):
+        from collections import OrderedDict as OD
+        children = OD()
+        for name, child in module.named_children():
+            try:
+                children[name] = quantize(child, dtype, mode)
+            except TypeError:
+                children[name] = copy.deepcopy(child).eval()
+        return Sequential(children).eval()
+    if isinstance(module, RNNLanguageModel):
+        q = QuantizedLanguageModel(module.vocab_size, module.embed_size, module.hidden_size,
+                                   module.num_layers, module.cell, dtype, mode)
+        q.encoder.weight.data[...] = module.encoder.weight.data.astype(np.float32)
+        q.rnn = quantize(module.rnn, dtype, mode)
+        q.decoder = quantize(module.decoder, dtype, mode)
+        return q
+    raise TypeError(f"quantize: expected an RNN/LSTM/GRU, a cell, Linear, Sequential or "
+                    f"RNNLanguageModel, got {type(module).__name__}")
+
+
+def _register():
+    from fastrnn.io import register
+    for cls in (QuantizedRNN, QuantizedLSTM, QuantizedGRU, QuantizedRNNCell, QuantizedLSTMCell,
+                QuantizedGRUCell, QuantizedLinear, QuantizedLanguageModel):
+        register(cls)
+
+
+_register()

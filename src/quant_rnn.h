@@ -1,0 +1,349 @@
+/* quant_rnn.h: inference forward of a whole RNN/LSTM/GRU stack (and a Linear)
+ * on packed float32 / bfloat16 / int8 weights (quant_gemm.h), in one call.
+ *
+ * Layout ("blocked gate order"): hidden units are cut into blocks of 16; block u
+ * owns panels u*G + g (g = gate, torch order), i.e. the 16 rows g*H + 16u + j of
+ * W_ih and W_hh. Biases are stored in the same order. A thread owns a range of
+ * blocks for a whole run (layer, direction):
+ *
+ *   1. the rows of the run's input are prepared (split by rows), barrier;
+ *   2. input projection xproj[t, b, blocks] = x W_ih^T + b for its own blocks
+ *      (no barrier: the thread later reads only its own columns);
+ *   3. for each step: prepare h_{t-1} (every thread, redundantly: B*H values),
+ *      h_{t-1} W_hh^T for its blocks into a small local buffer, then the gate
+ *      pass for its 16-unit blocks straight away, writing h_t into y; barrier.
+ *
+ * So each thread streams only its own slice of W_hh (all gates of its units),
+ * with one barrier per step. The result of every element is computed by the
+ * same code whatever the thread count (bitwise the same for any team size).
+ *
+ * States: h0/c0 are read from tables through row indices (rows_in[b]) and
+ * h_n/c_n written through rows_out[b]: a stream pool passes its state tables
+ * and the stream ids here, and no state is copied in Python.
+ */
+#ifndef FASTRNN_QUANT_RNN_H
+#define FASTRNN_QUANT_RNN_H
+
+#include <stdlib.h>
+#include "quant_gemm.h"
+#include "activations.h"
+#include "omp_helpers.h"
+
+enum { QG_RNN_TANH = 0, QG_RNN_RELU = 1, QG_RNN_IDENTITY = 2, QG_LSTM = 3, QG_GRU = 4 };
+
+typedef struct {
+    int cell, G;
+    ptrdiff_t Kin, H;  /* input size (Kin: 'I' is complex.h's macro) and hidden size */
+    const void *w_ih, *w_hh;      /* packed panels, block order */
+    const float *s_ih, *s_hh;     /* int8 row scales (block order) or NULL */
+    const int32_t *z_ih, *z_hh;   /* int8: 128 * row sums (block order) or NULL */
+    const float *b_x;             /* (nblk*G*16) bias of the projection or NULL */
+    const float *b_hn;            /* GRU (nblk*16) b_hn or NULL */
+    int reverse;
+    int in_layer;                 /* layer whose y is the input; -1: the stack's x */
+    int layer;                    /* layer whose y this run writes */
+    ptrdiff_t out_col, out_stride;/* columns [out_col, out_col + H) of rows of out_stride */
+    const float *h0, *c0;         /* state tables (rows via rows_in) or NULL (zeros) */
+    float *hn, *cn;               /* state tables (rows via rows_out) or NULL */
+} qg_run;
+
+typedef struct {
+    int isa, fmt, dyn_ih, dyn_hh, n_runs, n_threads;
+    ptrdiff_t T, B;
+    const qg_run *runs;
+    const float *x;               /* (T, B, I of run 0) */
+    float *const *ys;             /* per layer: (T, B, out_stride) */
+    const ptrdiff_t *rows_in, *rows_out;
+} qg_stack;
+
+/* ---- gate passes (16-unit blocks), one copy per ISA level ---- */
+#define QG_POINTWISE(SFX, ATTR)                                                          \
+ATTR static void qg_lstm_point_##SFX(const float *xp, const float *rc, float *c,         \
+                                     float *h, int nj)                                   \
+{                                                                                        \
+    float a[4][QG_NR];                                                                   \
+    for (int g = 0; g < 4; ++g)                                                          \
+        for (int j = 0; j < QG_NR; ++j) a[g][j] = xp[g * QG_NR + j] + rc[g * QG_NR + j];  \
+    _Pragma("omp simd")                                                                  \
+    for (int j = 0; j < QG_NR; ++j) {                                                    \
+        a[0][j] = fastrnn_sigmoidf(a[0][j]);                                             \
+        a[1][j] = fastrnn_sigmoidf(a[1][j]);                                             \
+        a[2][j] = fastrnn_tanhf(a[2][j]);                                                \
+        a[3][j] = fastrnn_sigmoidf(a[3][j]);                                             \
+    }                                                                                    \
+    for (int j = 0; j < nj; ++j) {                                                       \
+        float cn = a[1][j] * c[j] + a[0][j] * a[2][j];                                   \
+        c[j] = cn;                                                                       \
+        a[0][j] = cn;                                                                    \
+    }                                                                                    \
+    _Pragma("omp simd")                                                                  \
+    for (int j = 0; j < QG_NR; ++j) a[0][j] = fastrnn_tanhf(a[0][j]);                    \
+    for (int j = 0; j < nj; ++j) h[j] = a[3][j] * a[0][j];                               \
+}                                                                                        \
+ATTR static void qg_gru_point_##SFX(const float *xp, const float *rc, const float *bhn,  \
+                                    const float *hp, float *h, int nj)                   \
+{                                                                                        \
+    float r[QG_NR], z[QG_NR], n[QG_NR];                                                  \
+    _Pragma("omp simd")                                                                  \
+    for (int j = 0; j < QG_NR; ++j) {                                                    \
+        r[j] = fastrnn_sigmoidf(xp[j] + rc[j]);                                          \
+        z[j] = fastrnn_sigmoidf(xp[QG_NR + j] + rc[QG_NR + j]);                          \
+        float hn = rc[2 * QG_NR + j] + (bhn ? bhn[j] : 0.0f);                            \
+        n[j] = fastrnn_tanhf(xp[2 * QG_NR + j] + r[j] * hn);                             \
+    }                                                                                    \
+    for (int j = 0; j < nj; ++j) {                                                       \
+        float prev = hp ? hp[j] : 0.0f;                                                  \
+        h[j] = (1.0f - z[j]) * n[j] + z[j] * prev;                                       \
+    }                                                                                    \
+}                                                                                        \
+ATTR static void qg_rnn_point_##SFX(const float *xp, const float *rc, int act, float *h, \
+                                    int nj)                                              \
+{                                                                                        \
+    float a[QG_NR];                                                                      \
+    for (int j = 0; j < QG_NR; ++j) a[j] = xp[j] + rc[j];                                \
+    if (act == QG_RNN_TANH) {                                                            \
+        _Pragma("omp simd")                                                              \
+        for (int j = 0; j < QG_NR; ++j) a[j] = fastrnn_tanhf(a[j]);                      \
+    } else if (act == QG_RNN_RELU) {                                                     \
+        for (int j = 0; j < QG_NR; ++j) a[j] = a[j] > 0.0f ? a[j] : (a[j] == a[j] ? 0.0f : a[j]); \
+    }                                                                                    \
+    for (int j = 0; j < nj; ++j) h[j] = a[j];                                            \
+}
+
+QG_POINTWISE(base, )
+#if QG_X86
+QG_POINTWISE(avx2, __attribute__((target("avx2,fma"))))
+QG_POINTWISE(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))))
+#endif
+
+static void qg_point(int isa, int cell, const float *xp, const float *rc, float *c,
+                     const float *bhn, const float *hp, float *h, int nj)
+{
+#if QG_X86
+    if (isa == QG_AVX512) {
+        if (cell == QG_LSTM) qg_lstm_point_avx512(xp, rc, c, h, nj);
+        else if (cell == QG_GRU) qg_gru_point_avx512(xp, rc, bhn, hp, h, nj);
+        else qg_rnn_point_avx512(xp, rc, cell, h, nj);
+        return;
+    }
+    if (isa == QG_AVX2) {
+        if (cell == QG_LSTM) qg_lstm_point_avx2(xp, rc, c, h, nj);
+        else if (cell == QG_GRU) qg_gru_point_avx2(xp, rc, bhn, hp, h, nj);
+        else qg_rnn_point_avx2(xp, rc, cell, h, nj);
+        return;
+    }
+#endif
+    if (cell == QG_LSTM) qg_lstm_point_base(xp, rc, c, h, nj);
+    else if (cell == QG_GRU) qg_gru_point_base(xp, rc, bhn, hp, h, nj);
+    else qg_rnn_point_base(xp, rc, cell, h, nj);
+}
+
+/* Shared and per-thread workspace of one stack call. */
+typedef struct {
+    unsigned char *xprep;   /* (T*B) prepared input rows */
+    float *ascx;            /* (T*B) */
+    float *xproj;           /* (T*B, GHp) */
+    float *cwork;           /* (B, H) */
+    unsigned char *thread;  /* n_threads * per_thread */
+    size_t per_thread, rbx_max, rbh_max;
+    ptrdiff_t ghp_max;
+} qg_work;
+
+static size_t qg_align(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
+{
+    const ptrdiff_t T = S->T, B = S->B, TB = T * B;
+    unsigned char *mine = W->thread + (size_t)tid * W->per_thread;
+    unsigned char *hprep = mine;
+    float *asch = (float *)(mine + qg_align((size_t)B * W->rbh_max));
+    float *rec = asch + qg_align((size_t)B * 4) / 4;
+    const float **hprev = (const float **)(rec + (size_t)B * 4 * QG_NR);
+    const void *Ap[QG_MR];
+    float *Cp[QG_MR];
+    for (int r = 0; r < S->n_runs; ++r) {
+        const qg_run *R = &S->runs[r];
+        const int G = R->G;
+        const ptrdiff_t KI = R->Kin, H = R->H, nblk = (H + QG_NR - 1) / QG_NR;
+        const ptrdiff_t GHp = nblk * G * QG_NR, Kpi = qg_round4(KI), Kph = qg_round4(H);
+        const size_t rbx = qg_row_bytes(Kpi), rbh = qg_row_bytes(Kph);
+        const size_t pbx = qg_panel_bytes(S->fmt, Kpi), pbh = qg_panel_bytes(S->fmt, Kph);
+        const int kind_x = qg_a_kind(S->fmt, S->isa, S->dyn_ih);
+        const int kind_h = qg_a_kind(S->fmt, S->isa, S->dyn_hh);
+        const qg_kernel kx = qg_pick(S->isa, S->fmt, S->dyn_ih);
+        const qg_kernel kh = qg_pick(S->isa, S->fmt, S->dyn_hh);
+        const float *X = R->in_layer < 0 ? S->x : S->ys[R->in_layer];
+        float *Y = S->ys[R->layer];
+        const ptrdiff_t os = R->out_stride, oc = R->out_col;
+        const ptrdiff_t u0 = tid * nblk / nt, u1 = (tid + 1) * nblk / nt;
+        const ptrdiff_t unit0 = u0 * QG_NR, unit1 = u1 * QG_NR < H ? u1 * QG_NR : H;
+
+        /* 1. prepare the input rows (shared, split by rows) */
+        for (ptrdiff_t row = tid * TB / nt; row < (tid + 1) * TB / nt; ++row)
+            qg_prepare(kind_x, X + row * KI, KI, Kpi, W->xprep + row * rbx, &W->ascx[row]);
+        fastrnn_barrier();
+        if (R->cell == QG_LSTM)   /* my units of c from c0 (after the barrier: cwork is free) */
+            for (ptrdiff_t b = 0; b < B; ++b)
+                for (ptrdiff_t k = unit0; k < unit1; ++k)
+                    W->cwork[b * H + k] = R->c0 ? R->c0[S->rows_in[b] * H + k] : 0.0f;
+
+        /* 2. input projection for my blocks */
+        for (ptrdiff_t u = u0; u < u1; ++u)
+            for (int g = 0; g < G; ++g) {
+                const ptrdiff_t p = u * G + g;
+                const unsigned char *panel = (const unsigned char *)R->w_ih + p * pbx;
+                for (ptrdiff_t row0 = 0; row0 < TB; row0 += QG_MR) {
+                    int m = TB - row0 < QG_MR ? (int)(TB - row0) : QG_MR;
+                    for (int i = 0; i < m; ++i) {
+                        Ap[i] = W->xprep + (row0 + i) * rbx;
+                        Cp[i] = W->xproj + (row0 + i) * GHp + p * QG_NR;
+                    }
+                    kx(m, Kpi, Ap, panel, Cp, R->s_ih ? R->s_ih + p * QG_NR : NULL,
+                       R->z_ih ? R->z_ih + p * QG_NR : NULL, W->ascx + row0);
+                    if (R->b_x)
+                        for (int i = 0; i < m; ++i)
+                            for (int j = 0; j < QG_NR; ++j) Cp[i][j] += R->b_x[p * QG_NR + j];
+                }
+            }
+
+        /* 3. the recurrence */
+        for (ptrdiff_t s = 0; s < T; ++s) {
+            const ptrdiff_t t = R->reverse ? T - 1 - s : s;
+            const ptrdiff_t tp = R->reverse ? t + 1 : t - 1;
+            for (ptrdiff_t b = 0; b < B; ++b) {
+                hprev[b] = s == 0 ? (R->h0 ? R->h0 + S->rows_in[b] * H : NULL)
+                                  : Y + (tp * B + b) * os + oc;
+                if (u0 < u1)
+                    qg_prepare(kind_h, hprev[b], H, Kph, hprep + b * rbh, &asch[b]);
+            }
+            for (ptrdiff_t u = u0; u < u1; ++u) {
+                for (int g = 0; g < G; ++g) {
+                    const ptrdiff_t p = u * G + g;
+                    const unsigned char *panel = (const unsigned char *)R->w_hh + p * pbh;
+                    for (ptrdiff_t b0 = 0; b0 < B; b0 += QG_MR) {
+                        int m = B - b0 < QG_MR ? (int)(B - b0) : QG_MR;
+                        for (int i = 0; i < m; ++i) {
+                            Ap[i] = hprep + (b0 + i) * rbh;
+                            Cp[i] = rec + (b0 + i) * 4 * QG_NR + g * QG_NR;
+                        }
+                        kh(m, Kph, Ap, panel, Cp, R->s_hh ? R->s_hh + p * QG_NR : NULL,
+                           R->z_hh ? R->z_hh + p * QG_NR : NULL, asch + b0);
+                    }
+                }
+                const ptrdiff_t ucol = u * QG_NR;
+                const int nj = H - ucol < QG_NR ? (int)(H - ucol) : QG_NR;
+                for (ptrdiff_t b = 0; b < B; ++b) {
+                    const float *xp = W->xproj + (t * B + b) * GHp + u * G * QG_NR;
+                    qg_point(S->isa, R->cell, xp, rec + b * 4 * QG_NR,
+                             R->cell == QG_LSTM ? W->cwork + b * H + ucol : NULL,
+                             R->b_hn ? R->b_hn + ucol : NULL,
+                             hprev[b] ? hprev[b] + ucol : NULL,
+                             Y + (t * B + b) * os + oc + ucol, nj);
+                }
+            }
+            fastrnn_barrier();
+        }
+        /* final states of my units */
+        const ptrdiff_t tl = R->reverse ? 0 : T - 1;
+        for (ptrdiff_t b = 0; b < B && unit1 > unit0; ++b) {
+            if (R->hn)
+                memcpy(R->hn + S->rows_out[b] * H + unit0, Y + (tl * B + b) * os + oc + unit0,
+                       (size_t)(unit1 - unit0) * sizeof(float));
+            if (R->cn)
+                memcpy(R->cn + S->rows_out[b] * H + unit0, W->cwork + b * H + unit0,
+                       (size_t)(unit1 - unit0) * sizeof(float));
+        }
+    }
+}
+
+/* Run the stack. Returns 0, or -1 when out of memory. */
+static int qg_stack_forward(const qg_stack *S)
+{
+    const ptrdiff_t TB = S->T * S->B;
+    qg_work W;
+    ptrdiff_t hmax = 1;
+    W.rbx_max = W.rbh_max = 64;
+    W.ghp_max = 16;
+    for (int r = 0; r < S->n_runs; ++r) {
+        const qg_run *R = &S->runs[r];
+        ptrdiff_t nblk = (R->H + QG_NR - 1) / QG_NR;
+        size_t rx = qg_row_bytes(qg_round4(R->Kin)), rh = qg_row_bytes(qg_round4(R->H));
+        if (rx > W.rbx_max) W.rbx_max = rx;
+        if (rh > W.rbh_max) W.rbh_max = rh;
+        if (nblk * R->G * QG_NR > W.ghp_max) W.ghp_max = nblk * R->G * QG_NR;
+        if (R->H > hmax) hmax = R->H;
+    }
+    int nt = S->n_threads < 1 ? 1 : S->n_threads;
+    W.per_thread = qg_align((size_t)S->B * W.rbh_max) + qg_align((size_t)S->B * 4)
+                   + qg_align((size_t)S->B * 4 * QG_NR * sizeof(float))
+                   + qg_align((size_t)S->B * sizeof(void *));
+    size_t sx = qg_align((size_t)TB * W.rbx_max), sa = qg_align((size_t)TB * 4);
+    size_t sp = qg_align((size_t)TB * W.ghp_max * 4), sc = qg_align((size_t)S->B * hmax * 4);
+    unsigned char *mem = (unsigned char *)aligned_alloc(64, sx + sa + sp + sc + nt * W.per_thread);
+    if (!mem) return -1;
+    W.xprep = mem;
+    W.ascx = (float *)(mem + sx);
+    W.xproj = (float *)(mem + sx + sa);
+    W.cwork = (float *)(mem + sx + sa + sp);
+    W.thread = mem + sx + sa + sp + sc;
+    if (nt == 1) {
+        qg_stack_body(S, &W, 0, 1);
+    } else {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+        qg_stack_body(S, &W, omp_get_thread_num(), omp_get_num_threads());
+#else
+        qg_stack_body(S, &W, 0, 1);
+#endif
+    }
+    free(mem);
+    return 0;
+}
+
+/* y (M, N) = x (M, K) W^T + bias, W packed in natural row order (panel p: rows 16p..). */
+static int qg_linear_forward(int isa, int fmt, int dyn, ptrdiff_t M, ptrdiff_t K, ptrdiff_t N,
+                             const float *x, float *y, const void *w, const float *ws,
+                             const int32_t *wz, const float *bias, int n_threads)
+{
+    const ptrdiff_t Kp = qg_round4(K), np_ = (N + QG_NR - 1) / QG_NR;
+    const size_t rb = qg_row_bytes(Kp), pb = qg_panel_bytes(fmt, Kp);
+    const int kind = qg_a_kind(fmt, isa, dyn);
+    const qg_kernel kern = qg_pick(isa, fmt, dyn);
+    size_t sx = qg_align((size_t)M * rb);
+    unsigned char *mem = (unsigned char *)aligned_alloc(64, sx + qg_align((size_t)M * 4));
+    if (!mem) return -1;
+    float *asc = (float *)(mem + sx);
+    int nt = n_threads < 1 ? 1 : n_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        int tid = fastrnn_thread_num(), team = fastrnn_team_size();
+        float tmp[QG_MR][QG_NR];
+        const void *Ap[QG_MR];
+        float *Cp[QG_MR] = {tmp[0], tmp[1], tmp[2], tmp[3]};
+        for (ptrdiff_t r = tid * M / team; r < (tid + 1) * M / team; ++r)
+            qg_prepare(kind, x + r * K, K, Kp, mem + r * rb, &asc[r]);
+        fastrnn_barrier();
+        /* split panels when there are enough, else rows */
+        int by_panels = np_ >= team;
+        ptrdiff_t p0 = by_panels ? tid * np_ / team : 0, p1 = by_panels ? (tid + 1) * np_ / team : np_;
+        ptrdiff_t r0 = by_panels ? 0 : tid * M / team, r1 = by_panels ? M : (tid + 1) * M / team;
+        for (ptrdiff_t p = p0; p < p1; ++p) {
+            const int nj = N - p * QG_NR < QG_NR ? (int)(N - p * QG_NR) : QG_NR;
+            for (ptrdiff_t i0 = r0; i0 < r1; i0 += QG_MR) {
+                int m = r1 - i0 < QG_MR ? (int)(r1 - i0) : QG_MR;
+                for (int i = 0; i < m; ++i) Ap[i] = mem + (i0 + i) * rb;
+                kern(m, Kp, Ap, (const unsigned char *)w + p * pb, Cp,
+                     ws ? ws + p * QG_NR : NULL, wz ? wz + p * QG_NR : NULL, asc + i0);
+                for (int i = 0; i < m; ++i)
+                    for (int j = 0; j < nj; ++j)
+                        y[(i0 + i) * N + p * QG_NR + j] = tmp[i][j] + (bias ? bias[p * QG_NR + j] : 0.0f);
+            }
+        }
+    }
+    free(mem);
+    return 0;
+}
+
+#endif

@@ -1,0 +1,221 @@
+"""fastrnn.quantize: kernels against their NumPy twin on every ISA this CPU has,
+accuracy against float32 and torch, save/load, bad input."""
+
+import os
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import quant_reference as R
+from fastrnn import quantization as Q
+
+ISAS = ["baseline", "avx2", "avx512"]
+CELLS = ["LSTM", "GRU", "RNN"]
+
+
+def isa_param(name):
+    if name not in Q.available_isas():
+        return pytest.param(name, marks=pytest.mark.skip(
+            reason=f"this CPU lacks {Q.ISA_NEEDS[name]} (ISA path {name!r})"))
+    return name
+
+
+@pytest.fixture(params=[isa_param(n) for n in ISAS])
+def isa(request):
+    Q.set_isa(request.param)
+    yield request.param
+    Q.set_isa(None)
+
+
+def _tol(qdtype, isa):
+    # the AVX-512 bf16 kernel keeps ~16 bits of the activations (hi + lo bf16 split)
+    return 2e-5 if (qdtype == "bfloat16" and isa == "avx512") else 2e-6
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("qdtype,mode", [("float32", "auto"), ("bfloat16", "auto"),
+                                         ("int8", "weight_only"), ("int8", "dynamic")])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (6, 3, 13, 37), (3, 5, 16, 33)])
+def test_stack_matches_twin(isa, cell, qdtype, mode, shape):
+    T, B, I, H = shape
+    rng = np.random.default_rng(T * 100 + H)
+    m = getattr(fastrnn, cell)(I, H, num_layers=2, bidirectional=(H == 37), seed=3).eval()
+    q = fastrnn.quantize(m, qdtype, mode)
+    D = 2 if m.bidirectional else 1
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
+    c0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
+    out, st = q(x, (h0, c0) if cell == "LSTM" else h0)
+    dyn = mode == "dynamic"
+    y, hr, cr = R.stack_forward(q, x, h0, c0 if cell == "LSTM" else None, dyn, dyn)
+    tol = _tol(qdtype, isa)
+    np.testing.assert_allclose(out, y, atol=tol, rtol=0)
+    np.testing.assert_allclose(st[0] if cell == "LSTM" else st, hr, atol=tol, rtol=0)
+    if cell == "LSTM":
+        np.testing.assert_allclose(st[1], cr, atol=2 * tol, rtol=0)
+
+
+def test_dynamic_int8_is_bitwise_across_isas():
+    """Exact integer sums: every ISA gives bitwise the same int8-dynamic GEMM (the
+    recurrent layers' gate passes may differ in the last bit: FMA contraction)."""
+    q = fastrnn.quantize(fastrnn.nn.Linear(37, 50, rng=1), "int8", "dynamic")
+    x = np.random.default_rng(0).standard_normal((9, 37)).astype(np.float32)
+    outs = []
+    for name in Q.available_isas():
+        Q.set_isa(name)
+        outs.append(q(x))
+    Q.set_isa(None)
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
+def test_cells_match_twin(isa, cls, qdtype):
+    rng = np.random.default_rng(1)
+    cell = getattr(fastrnn, cls)(9, 21, seed=2).eval()
+    q = fastrnn.quantize(cell, qdtype)
+    x = rng.standard_normal((2, 9)).astype(np.float32)
+    h = (0.3 * rng.standard_normal((2, 21))).astype(np.float32)
+    lstm = cls == "LSTMCell"
+    res = q(x, (h, h) if lstm else h)
+    h1r, c1r = R.cell_forward(q, x, h, h if lstm else None, qdtype == "int8", qdtype == "int8")
+    tol = _tol(qdtype, isa)
+    np.testing.assert_allclose(res[0] if lstm else res, h1r, atol=tol, rtol=0)
+    one = q(x[0], (h[0], h[0]) if lstm else h[0])          # unbatched
+    np.testing.assert_allclose(one[0] if lstm else one, h1r[0], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("qdtype,mode", [("int8", "dynamic"), ("int8", "weight_only"),
+                                         ("bfloat16", "auto"), ("float32", "auto")])
+@pytest.mark.parametrize("M,K,N", [(1, 5, 3), (7, 33, 70), (40, 64, 16)])
+def test_linear_matches_twin(isa, qdtype, mode, M, K, N):
+    rng = np.random.default_rng(M + K + N)
+    lin = fastrnn.nn.Linear(K, N, rng=0)
+    q = fastrnn.quantize(lin, qdtype, mode)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    y = q(x)
+    np.testing.assert_allclose(y, R.linear_forward(q, x, mode == "dynamic"),
+                               atol=_tol(qdtype, isa) * 10, rtol=0)
+    assert q(x.reshape(1, M, K)).shape == (1, M, N)
+
+
+def test_accuracy_against_float_and_torch():
+    """Max abs output error below torch's quantize_dynamic on the same weights."""
+    torch = pytest.importorskip("torch")
+    H, T, B = 128, 20, 2
+    m = fastrnn.LSTM(H, H, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float32)
+    ref, _ = m(x)
+    errs = {d: np.abs(fastrnn.quantize(m, d)(x)[0] - ref).max() for d in ("int8", "bfloat16")}
+    tm = torch.nn.Sequential(fastrnn.to_torch(m))
+    tq = torch.ao.quantization.quantize_dynamic(tm, {torch.nn.LSTM}, dtype=torch.qint8)
+    with torch.no_grad():
+        terr = np.abs(tq(torch.from_numpy(x))[0].numpy() - ref).max()
+    assert errs["int8"] < terr
+    assert errs["bfloat16"] < errs["int8"]
+    assert errs["bfloat16"] < 5e-3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastrnn.LSTM(6, 40, num_layers=2, batch_first=True, seed=0),
+    lambda: fastrnn.GRU(6, 40, bidirectional=True, seed=0),
+    lambda: fastrnn.RNN(6, 40, nonlinearity="relu", bias=False, seed=0),
+    lambda: fastrnn.LSTMCell(6, 40, seed=0),
+    lambda: fastrnn.nn.Linear(6, 40, rng=0),
+])
+@pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
+def test_save_load_stays_quantised(tmp_path, make, qdtype):
+    m = make().eval()
+    q = fastrnn.quantize(m, qdtype)
+    fastrnn.save(tmp_path / "q.npz", q)
+    back = fastrnn.load(tmp_path / "q.npz")
+    assert type(back) is type(q) and back.qdtype == qdtype
+    x = np.random.default_rng(0).standard_normal(
+        (3, 6) if "Cell" in type(m).__name__ or "Linear" in type(m).__name__ else (2, 3, 6)
+    ).astype(np.float32)
+    a, b = q(x), back(x)
+    for u, v in zip(np.atleast_1d(a[0] if isinstance(a, tuple) else a),
+                    np.atleast_1d(b[0] if isinstance(b, tuple) else b)):
+        assert np.array_equal(u, v)
+    wbytes = sum(p.data.nbytes for n, p in q.named_parameters() if n.startswith("weight")
+                 and not n.endswith("_scale"))
+    fbytes = sum(p.data.nbytes for n, p in m.named_parameters() if n.startswith("weight"))
+    assert wbytes == fbytes // (4 if qdtype == "int8" else 2)
+
+
+@pytest.mark.parametrize("qdtype,ratio", [("int8", 0.27), ("bfloat16", 0.51)])
+def test_file_size(tmp_path, qdtype, ratio):
+    m = fastrnn.LSTM(64, 256, num_layers=2, seed=0).eval()
+    fastrnn.save(tmp_path / "f.npz", m)
+    fastrnn.save(tmp_path / "q.npz", fastrnn.quantize(m, qdtype))
+    size_q, size_f = os.path.getsize(tmp_path / "q.npz"), os.path.getsize(tmp_path / "f.npz")
+    assert size_q < size_f * ratio
+
+
+def test_language_model_quantised_and_saved(tmp_path):
+    lm = fastrnn.RNNLanguageModel(30, 16, 48, num_layers=2, seed=0).eval()
+    q = fastrnn.quantize(lm, "int8")
+    ids = np.random.default_rng(0).integers(0, 30, (7, 3))
+    lf, _ = lm(ids)
+    lq, (h, c) = q(ids)
+    assert lq.shape == (7, 3, 30) and np.abs(lq - lf).max() < 0.05
+    fastrnn.save(tmp_path / "lm.npz", q)
+    back = fastrnn.load(tmp_path / "lm.npz")
+    assert np.array_equal(back(ids)[0], lq)
+    from fastrnn.generate import generate_ids
+    assert generate_ids(q, [1, 2], 5, seed=0).shape == (5,)
+
+
+def test_sequential_quantises_children():
+    seq = fastrnn.nn.Sequential(fastrnn.nn.Linear(4, 8, rng=0), fastrnn.nn.Linear(8, 2, rng=1))
+    q = fastrnn.quantize(seq, "bfloat16")
+    x = np.ones((3, 4), np.float32)
+    assert np.abs(q(x) - seq(x)).max() < 1e-2
+
+
+def test_bad_input_raises_clearly():
+    q = fastrnn.quantize(fastrnn.LSTM(4, 8, seed=0).eval(), "int8")
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        q(np.zeros((2, 1, 4)))
+    with pytest.raises(ValueError, match=r"x: expected .* I = 4"):
+        q(np.zeros((2, 1, 5), np.float32))
+    with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(1, 1, 8\)"):
+        q(np.zeros((2, 1, 4), np.float32), (np.zeros((1, 2, 8), np.float32),) * 2)
+    with pytest.raises(ValueError, match="lengths"):
+        q(np.zeros((2, 1, 4), np.float32), lengths=[1])
+    with pytest.raises(RuntimeError, match="inference-only"):
+        q.backward(np.zeros((2, 1, 8), np.float32))
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        fastrnn.quantize(fastrnn.LSTM(4, 8), "int4")
+    with pytest.raises(ValueError, match="proj_size"):
+        fastrnn.quantize(fastrnn.LSTM(4, 8, proj_size=2), "int8")
+    with pytest.raises(TypeError, match="already quantised"):
+        fastrnn.quantize(q)
+    with pytest.raises(ValueError, match="finite"):
+        lin = fastrnn.nn.Linear(2, 2)
+        lin.weight.data[0, 0] = np.nan
+        fastrnn.quantize(lin)
+
+
+def test_isa_override_errors():
+    with pytest.raises(ValueError, match="expected one of"):
+        Q.set_isa("sse9")
+    if "avx512" not in Q.available_isas():
+        with pytest.raises(RuntimeError, match="lacks"):
+            Q.set_isa("avx512")
+    Q.set_isa(None)
+    assert Q.isa() in Q.available_isas()
+
+
+def test_generate_num_samples():
+    from fastrnn.generate import generate_ids
+    lm = fastrnn.RNNLanguageModel(20, 8, 16, seed=0)
+    q = fastrnn.quantize(lm, "int8")
+    ids = generate_ids(q, [1, 2], 6, seed=0, num_samples=4)
+    assert ids.shape == (4, 6) and ids.min() >= 0 and ids.max() < 20
+    greedy = generate_ids(lm, [3], 5, greedy=True, num_samples=3)
+    assert (greedy == greedy[0]).all()
+    assert np.array_equal(greedy[0], generate_ids(lm, [3], 5, greedy=True))
+    assert lm.training    # mode restored
