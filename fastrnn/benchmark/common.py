@@ -14,7 +14,7 @@ A deeper layer's input size is H times the number of directions.
 
 import numpy as np
 
-__all__ = ["CELLS", "GATES", "GRID", "DEFAULT_CONFIG", "TOLERANCE", "flop_count",
+__all__ = ["CELLS", "GATES", "GRID", "STEP_SIZES", "DEFAULT_CONFIG", "TOLERANCE", "flop_count",
            "weight_names", "make_weights", "make_inputs", "max_rel_err", "compare",
            "kernel_forward", "kernel_backward", "kernel_run"]
 
@@ -24,7 +24,8 @@ CELLS = ("rnn_tanh", "lstm", "gru")
 #: Gates per cell (G).
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 
-#: The config grid, as (I, H, T, B) tuples.
+#: The config grid, as (I, H, T, B) tuples, or (I, H, T, B, layers, bidirectional)
+#: for the stacked and bidirectional rows.
 GRID = (
     (128, 1024, 30, 20),
     (256, 256, 100, 64),
@@ -32,7 +33,15 @@ GRID = (
     (64, 128, 200, 32),
     (256, 256, 100, 1),
     (1024, 1024, 25, 16),
+    (512, 512, 50, 2),       # small batches: bound by streaming the weights
+    (512, 512, 50, 4),
+    (512, 512, 50, 8),
+    (256, 256, 100, 32, 1, True),    # bidirectional
+    (256, 256, 100, 32, 2, False),   # two layers
 )
+
+#: (I, H) pairs of ``--mode step`` (batch-1 single steps through the cells).
+STEP_SIZES = ((64, 64), (128, 128), (256, 256), (512, 512), (1024, 1024))
 
 #: The config used when only some of I, H, T, B are given on the command line.
 DEFAULT_CONFIG = (256, 256, 100, 64)

@@ -87,7 +87,8 @@ def build_parser():
         description="Time fastrnn against PyTorch CPU and ONNX Runtime, side by side "
                     "(same weights, same threads, interleaved repetitions).",
         epilog="Without any of -I/-H/-T/-B the whole config grid runs: "
-               + "  ".join("(%d,%d,%d,%d)" % c for c in common.GRID)
+               + "  ".join("(%d,%d,%d,%d)" % c[:4] + ("" if len(c) == 4 else
+                    " bidirectional" if c[5] else f" {c[4]} layers") for c in common.GRID)
                + " as (I,H,T,B). Giving some of them runs one config, the rest taken "
                "from (256,256,100,64). --memory and --lengths alone (no --mode) run "
                "only those reports.")
@@ -256,12 +257,12 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
     return {name: (float(np.median(ts)), rounds, number[name]) for name, ts in times.items()}
 
 
-def _cases(args, configs):
+def _cases(args, configs, explicit=True):
     cases = []
     for mode in args.mode:
         if mode == "step":
-            seen = []
-            for (I, H, _T, _B) in configs:
+            seen = list(common.STEP_SIZES) if not explicit else []
+            for (I, H, *_rest) in configs if explicit else ():
                 if (I, H) not in seen:
                     seen.append((I, H))
             for cell in args.cell:
@@ -269,9 +270,11 @@ def _cases(args, configs):
                     cases.append(Case(cell, "step", I, H, 1, 1, 1, False, args.dtype, args.seed))
             continue
         for cell in args.cell:
-            for (I, H, T, B) in configs:
-                cases.append(Case(cell, mode, I, H, T, B, args.layers, args.bidirectional,
-                                  args.dtype, args.seed))
+            for config in configs:
+                I, H, T, B = config[:4]
+                layers, bidir = config[4:] if len(config) > 4 else (args.layers,
+                                                                     args.bidirectional)
+                cases.append(Case(cell, mode, I, H, T, B, layers, bidir, args.dtype, args.seed))
     return cases
 
 
@@ -370,12 +373,13 @@ def format_table(results, peers, sgemm):
     peer's ms, GFLOP/s and ratio (peer ms / fastrnn ms; above 1 fastrnn is faster)."""
     keys, by_case = [], {}
     for r in results:
-        key = (r["cell"], r["mode"], r["I"], r["H"], r["T"], r["B"])
+        key = (r["cell"], r["mode"], r["I"], r["H"], r["T"], r["B"], r.get("layers", 1),
+               "2" if r.get("bidirectional") else "1")
         if key not in by_case:
             keys.append(key)
             by_case[key] = {}
         by_case[key][r["engine"]] = r
-    header = ["cell", "mode", "I", "H", "T", "B", "fastrnn ms", "GFLOP/s", "% peak"]
+    header = ["cell", "mode", "I", "H", "T", "B", "L", "D", "fastrnn ms", "GFLOP/s", "% peak"]
     for peer in peers:
         header += [f"{peer} ms", "GFLOP/s", "ratio"]
     rows = []
@@ -407,7 +411,7 @@ def format_table(results, peers, sgemm):
                                for i, (c, w) in enumerate(zip(row, widths))))
     notes = [f"sgemm peak {sgemm:.1f} GFLOP/s (float32 NumPy matmul); "
              "ratio = peer ms / fastrnn ms (above 1: fastrnn is faster); "
-             "! = peer result differs from fastrnn's"]
+             "! = peer result differs from fastrnn's; L layers, D directions"]
     return "\n".join(lines + notes)
 
 
@@ -451,11 +455,25 @@ def plot_results(results, sgemm, path, peers):
     plt.close(fig)
 
 
+def machine_header(peers, threads):
+    """One line naming what ran: CPU, its vector ISAs, the ISA fastrnn used, versions."""
+    import fastrnn
+    v = _versions(peers)
+    peer_text = ", ".join(f"{p} {v.get(p, '?')}" for p in peers) or "no peers"
+    return (f"CPU: {v['cpu']} ({v['cpu_count']} CPUs; vector ISAs: "
+            f"{' '.join(v['cpu_vector_flags']) or 'unknown'}); fastrnn ISA: {v['fastrnn_isa']}"
+            f"{' (FASTRNN_ISA)' if os.environ.get('FASTRNN_ISA') else ''}; {threads} thread(s); "
+            f"python {v['python']}, numpy {v['numpy']}, {peer_text}")
+
+
 def _versions(peers):
     import fastrnn
+    from fastrnn import _isa
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "fastrnn": getattr(fastrnn, "__version__", "?"), "machine": platform.machine(),
-           "cpu_count": os.cpu_count()}
+           "cpu_count": os.cpu_count(), "cpu": _isa.cpu_model(),
+           "cpu_vector_flags": _isa.cpu_vector_flags(), "fastrnn_isa": _isa.get_isa(),
+           "fastrnn_isas_available": _isa.available_isas()}
     try:
         out["fastrnn_config"] = fastrnn.config()
     except Exception:
@@ -511,10 +529,13 @@ def main(argv=None):
     with set_threads(args.threads, peers):
         sgemm = measure_sgemm_peak(args.sgemm_size)
         summary["sgemm_gflops"] = sgemm
+        header = machine_header(peers, args.threads)
+        summary["machine"] = header
+        print(header)
         _log(f"sgemm peak: {sgemm:.1f} GFLOP/s with {args.threads} thread(s); peers: "
              f"{', '.join(peers) or 'none'}")
         if run_main:
-            cases = _cases(args, configs)
+            cases = _cases(args, configs, explicit)
             results, errors, checks = run_cases(cases, peers, args.threads, sgemm, budget,
                                                 args.repeats, args.warmup, args.check)
             # the peak is a best case: measure again after the run, keep the higher
