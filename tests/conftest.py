@@ -21,7 +21,7 @@ _common = dict(deadline=None, print_blob=True,
                                       HealthCheck.filter_too_much])
 settings.register_profile("ci", derandomize=True, max_examples=60, **_common)
 settings.register_profile("sanitize", derandomize=True, max_examples=25, **_common)
-settings.register_profile("long", max_examples=12_000, **_common)
+settings.register_profile("long", max_examples=6_000, **_common)
 settings.register_profile("dev", max_examples=500, **_common)   # a quick random run
 settings.load_profile("ci")
 
