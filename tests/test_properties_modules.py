@@ -417,3 +417,28 @@ def test_checkpoint_corruption_raises_checkpoint_error(data):
         model = ck.build_model()
         for (n, p), (_, q) in zip(lm.named_parameters(), model.named_parameters()):
             assert np.array_equal(p.data, q.data), f"{n} silently changed"
+
+
+def test_checkpoint_every_header_bit_flip_raises_checkpoint_error(tmp_path):
+    """Regression for what the long fuzz run found: one flipped bit in a zip header
+    (compression method, flags, version) or an .npy header escaped load_checkpoint as
+    NotImplementedError, RuntimeError, SyntaxError or tokenize.TokenError. Every bit
+    of the first local header and of the central directory, deterministically."""
+    from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    lm = fastrnn.RNNLanguageModel(7, 3, 4, 1, "gru", 0.0, np.float32, 0)
+    path = str(tmp_path / "c.npz")
+    save_checkpoint(path, lm, fastrnn.optim.Adam(lm.parameters()))
+    raw = open(path, "rb").read()
+    positions = list(range(0, 160)) + list(range(len(raw) - 400, len(raw)))
+    for pos in positions:
+        for bit in range(8):
+            bad = bytearray(raw)
+            bad[pos] ^= 1 << bit
+            with open(path, "wb") as f:
+                f.write(bad)
+            try:
+                ck = load_checkpoint(path)
+            except CheckpointError:
+                continue
+            for (n, p), (_, q) in zip(lm.named_parameters(), ck.build_model().named_parameters()):
+                assert np.array_equal(p.data, q.data), f"byte {pos} bit {bit}: {n} changed"
