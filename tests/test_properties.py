@@ -247,7 +247,7 @@ def test_nonfinite_rows_stay_in_their_rows(case):
     cell, dtype, a, g, layouts, axes, threads, bad_rows = case
     tol = TOL[dtype]
     ka, kg = laid_out(a, layouts, axes), laid_out(g, layouts, axes)
-    with num_threads(threads):
+    with num_threads(threads), np.errstate(all="ignore"):   # NaN in NumPy's parts too
         outs, cache = forward(F, cell, ka)
         grads = backward(F, cell, kg, cache)
     B = a["x"].shape[1]
