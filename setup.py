@@ -7,6 +7,9 @@ run time between an AVX2+FMA and a baseline x86-64 build (target_clones in
 src/recurrent_gemm.h), so a wheel built here runs on any x86-64 machine.
 FASTRNN_DEBUG=1 builds with bounds checks and without optimisation;
 FASTRNN_DISABLE_OPENMP=1 builds as if OpenMP were missing.
+FASTRNN_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
+(-O1, frame pointers kept, UB reports fatal); run such a build with libasan
+preloaded, see .ci/sanitize.
 """
 import os
 import subprocess
@@ -43,6 +46,7 @@ def compiler_supports_openmp(compiler):
 class BuildExt(build_ext):
     def build_extensions(self):
         debug = os.environ.get("FASTRNN_DEBUG") == "1"
+        sanitize = os.environ.get("FASTRNN_SANITIZE") == "1"
         # FASTRNN_DISABLE_OPENMP=1 builds as if the compiler had no OpenMP (to test that path)
         has_omp = (os.environ.get("FASTRNN_DISABLE_OPENMP") != "1"
                    and compiler_supports_openmp(self.compiler))
@@ -60,6 +64,11 @@ class BuildExt(build_ext):
                 link.append("-fopenmp")
             else:
                 args.append("-fopenmp-simd")
+            if sanitize:  # replaces the optimisation level chosen above
+                san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+                args = [a for a in args if not a.startswith("-O")]
+                args += ["-O1", "-g", "-fno-omit-frame-pointer"] + san
+                link += san
             ext.extra_compile_args = args
             ext.extra_link_args = link
         super().build_extensions()

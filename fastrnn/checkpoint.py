@@ -10,8 +10,14 @@ Layout (all plain arrays; the file loads with ``np.load(allow_pickle=False)``):
 * ``optim/<key>``   - the optimiser's flat ``state_dict()``;
 * ``extra/<name>``  - other arrays (e.g. the carried recurrent state).
 
-The file is written to a temporary name and renamed, so an interrupted save
-never leaves a half-written checkpoint under the final name. Anything wrong
+Saving is atomic and durable: the file is written to a temporary name in the
+same directory, flushed and fsynced, renamed over the final name, and the
+directory is fsynced, so a crash or power cut at any moment leaves either the
+previous checkpoint or the new one under the final name, never a mixture. A
+failed write (disk full, file size limit, permissions) raises
+:class:`CheckpointWriteError` and removes the temporary file; temporary files
+left by a process that was killed during a save are removed by the next
+successful save to the same path. Anything wrong
 with a file (not a zip, truncated, bit rot, missing entries, mis-shaped
 arrays, a digest mismatch) raises :class:`CheckpointError` naming the file
 and the problem.
@@ -21,13 +27,11 @@ import hashlib
 import io
 import json
 import os
-import zipfile
-import zlib
 
 import numpy as np
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
-           "FORMAT", "VERSION"]
+__all__ = ["CheckpointError", "CheckpointWriteError", "Checkpoint", "save_checkpoint",
+           "load_checkpoint", "FORMAT", "VERSION"]
 
 FORMAT = "fastrnn-lm-checkpoint"
 VERSION = 1
@@ -35,6 +39,59 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt or not a fastrnn checkpoint."""
+
+
+class CheckpointWriteError(OSError, CheckpointError):
+    """A checkpoint could not be written (disk full, file too large, no permission,
+    non-finite weights). The previous file under that name is unchanged and no
+    temporary file is left behind. Both an OSError and a CheckpointError."""
+
+    def __str__(self):
+        return self.strerror if self.strerror else super().__str__()
+
+
+def _tmp_prefix(path):
+    return f"{os.path.basename(path)}.tmp"
+
+
+def _remove_stale_tmp(path):
+    """Remove temporary files of saves to `path` whose process no longer runs."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = _tmp_prefix(path)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if not (name.startswith(prefix) and pid.isdigit()):
+            continue
+        pid = int(pid)
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue            # that process is alive: maybe saving right now
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:   # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:   # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
 
 
 def _digest(arr):
@@ -94,9 +151,14 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model, optimizer=None, tokenizer=None, config=None,
-                    train_state=None, extra=None):
+                    train_state=None, extra=None, allow_nonfinite=False):
     """Write a checkpoint (see the module docstring). ``config`` and
-    ``train_state`` must be JSON-serialisable; ``extra`` maps names to arrays."""
+    ``train_state`` must be JSON-serialisable; ``extra`` maps names to arrays.
+
+    Refuses (CheckpointWriteError) to write model parameters that are not all
+    finite unless ``allow_nonfinite``: a diverged model must never replace a
+    good checkpoint.
+    """
     arrays = {}
     for name, value in model.state_dict().items():
         arrays[f"model/{name}"] = np.asarray(value)
@@ -108,6 +170,11 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, config=None,
     for key, arr in arrays.items():
         if arr.dtype == object:
             raise TypeError(f"checkpoint entry {key!r} is an object array (would need pickle)")
+        if (not allow_nonfinite and key.startswith("model/") and arr.dtype.kind == "f"
+                and not np.isfinite(arr).all()):
+            raise CheckpointWriteError(
+                f"{os.fspath(path)}: not saved: model parameter {key[6:]!r} has non-finite "
+                f"values (the previous checkpoint, if any, is unchanged)")
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -121,15 +188,28 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, config=None,
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = os.path.join(directory, f"{_tmp_prefix(path)}{os.getpid()}")
     try:
+        os.makedirs(directory, exist_ok=True)
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())     # the data is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync_directory(directory)  # ... and the rename itself is on disk
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise CheckpointWriteError(
+            e.errno, f"{path}: could not write the checkpoint: {why} (errno {e.errno}); the "
+                     f"previous checkpoint, if any, is unchanged and no partial file was left"
+        ) from None
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:   # pragma: no cover - nothing more can be done
+                pass
+    _remove_stale_tmp(path)
     return path
 
 
@@ -143,8 +223,12 @@ def load_checkpoint(path):
             raw = f.read()
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError,
-            zlib.error, UnicodeDecodeError) as e:
+    except Exception as e:   # noqa: BLE001 - see below
+        # allow_pickle=False: reading runs no code, so whatever goes wrong while parsing
+        # means a damaged file. A flipped bit in a zip or .npy header surfaces as zipfile's
+        # NotImplementedError/RuntimeError (compression method, encryption flag), as
+        # SyntaxError/tokenize.TokenError from the .npy header parser, or as MemoryError
+        # from a corrupted shape, besides the usual BadZipFile/ValueError/zlib.error.
         raise CheckpointError(f"{path}: not a readable fastrnn checkpoint "
                               f"(corrupt or truncated file?): {type(e).__name__}: {e}") from None
     if "meta" not in arrays:

@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 
 __all__ = ["main", "build_parser", "DEFAULT_TEXT"]
@@ -101,6 +103,9 @@ def build_parser():
     g.add_argument("--threads", type=_positive_int, default=None)
     g.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint (.npz)")
     g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient norm is NaN/inf (counted as "
+                        "skipped_steps) instead of stopping")
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue a run saved with --save (same text; model, optimiser and "
                         "data settings come from the checkpoint)")
@@ -159,6 +164,8 @@ def cmd_train(args, out):
         overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
                          max_steps=args.max_steps, eval_every=args.eval_every,
                          threads=args.threads)
+        if args.skip_nonfinite:
+            overrides["skip_nonfinite"] = True
         trainer = Trainer.resume(args.resume, text, text_name=name, **overrides)
     else:
         cfg = TrainConfig(
@@ -169,7 +176,7 @@ def cmd_train(args, out):
             epochs=args.epochs, time_budget=args.time_budget, max_steps=args.max_steps,
             val_fraction=args.val_fraction, eval_every=args.eval_every,
             tokenizer=args.tokenizer, bpe_merges=args.bpe_merges, seed=args.seed,
-            threads=args.threads, dtype=args.dtype)
+            threads=args.threads, dtype=args.dtype, skip_nonfinite=args.skip_nonfinite)
         trainer = Trainer(cfg, text, text_name=name)
     cfg = trainer.cfg
     nparams = sum(p.data.size for p in trainer.model.parameters())
@@ -186,9 +193,19 @@ def cmd_train(args, out):
     if res["val_loss"] is not None:
         print(f"validation loss {res['val_loss']:.4f} nats/token, perplexity "
               f"{res['val_ppl']:.2f} ({res['val_tokens']:,} tokens)", file=out)
+    if res.get("skipped_steps"):
+        print(f"skipped {res['skipped_steps']} step(s) with a non-finite loss or gradient",
+              file=out)
     if args.save:
         print(f"checkpoint saved to {args.save}", file=out)
         res["checkpoint"] = args.save
+    if res.get("interrupted"):
+        if args.json:
+            print(json.dumps(_jsonable(res)), file=out)
+        out.flush()
+        print(f"fastrnn train: interrupted by {res['interrupted']} after step "
+              f"{res['total_steps']}; {_resume_hint(args)}", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, res["interrupted"]))
     sample = None
     if args.sample_length > 0:
         sample = generate(trainer.model, trainer.tokenizer, length=args.sample_length,
@@ -200,6 +217,18 @@ def cmd_train(args, out):
     if args.json:
         print(json.dumps(_jsonable(res)), file=out)
     return 0
+
+
+def _resume_hint(args):
+    if not args.save:
+        return "no checkpoint was written (run with --save PATH to be able to resume)"
+    cmd = ["fastrnn", "train"] + ([args.textfile] if args.textfile else [])
+    cmd += ["--resume", args.save, "--save", args.save]
+    for opt in ("max_steps", "epochs", "save_every"):
+        if getattr(args, opt) is not None:
+            cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    return (f"checkpoint saved to {args.save}; resume with:\n  "
+            + " ".join(shlex.quote(c) for c in cmd))
 
 
 def _jsonable(d):

@@ -18,7 +18,10 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -31,9 +34,21 @@ from fastrnn.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 from fastrnn.lm import CELLS, RNNLanguageModel
 from fastrnn.metrics import evaluate_lm, perplexity
 from fastrnn.nn.loss import softmax_cross_entropy
-from fastrnn.optim import SGD, Adam, clip_grad_norm
+from fastrnn.optim import SGD, Adam, clip_grad_norm, grad_norm
 
-__all__ = ["TrainConfig", "Trainer", "split_text", "build_tokenizer", "thread_limits"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteError", "split_text", "build_tokenizer",
+           "thread_limits"]
+
+PROGRESS_SECONDS = 5.0   # seconds between progress lines when stderr is not a terminal
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient norm of a step was NaN or infinite (training stopped
+    before the step changed the model). ``step`` is the number of that step."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -65,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     dtype: str = "float32"
+    skip_nonfinite: bool = False       # skip steps with a NaN/inf loss or gradient norm
 
     def validate(self):
         if self.cell not in CELLS:
@@ -198,19 +214,49 @@ class Trainer:
         self.losses = []
         self.last_val = None
         self.val_history = []      # (step, val_loss)
+        self.skipped_steps = 0     # steps skipped for a non-finite loss/gradient (saved too)
 
     # -- one step ---------------------------------------------------------------
     def train_step(self, chunk):
+        """One step on `chunk`; returns its loss.
+
+        A non-finite loss or gradient norm never reaches the optimiser: the
+        step raises :class:`NonFiniteError` (the trainer stays at the previous
+        step), or with ``cfg.skip_nonfinite`` is skipped (counted in
+        ``skipped_steps``; the carried recurrent state is reset) and returns
+        the non-finite loss.
+        """
         model, cfg = self.model, self.cfg
         model.train()
         model.zero_grad()
         state = None if chunk.reset else self.state
         logits, state = model(chunk.x, state)
-        loss, dlogits = softmax_cross_entropy(logits, chunk.y)
-        model.backward(dlogits)                 # dstate=None: gradient cut at the chunk border
-        if cfg.clip and cfg.clip > 0:
-            clip_grad_norm(self.optimizer.params, cfg.clip)
-        self.optimizer.step()
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, dlogits = softmax_cross_entropy(logits, chunk.y)
+        bad = None
+        if not math.isfinite(loss):
+            bad = ("loss", loss)
+        else:
+            model.backward(dlogits)             # dstate=None: gradient cut at the chunk border
+            with np.errstate(over="ignore", invalid="ignore"):
+                if cfg.clip and cfg.clip > 0:
+                    norm = clip_grad_norm(self.optimizer.params, cfg.clip)
+                else:
+                    norm = grad_norm(self.optimizer.params)
+            if not math.isfinite(norm):
+                bad = ("gradient norm", norm)
+        if bad is not None:
+            if not cfg.skip_nonfinite:
+                raise NonFiniteError(
+                    f"training stopped at step {self.step + 1}: the {bad[0]} is {bad[1]}; "
+                    f"the model was not updated with it (it is as after step {self.step}). "
+                    f"Try a smaller --lr or --clip, or --skip-nonfinite to skip such steps",
+                    self.step + 1)
+            model.zero_grad()
+            self.skipped_steps += 1
+            state = None                        # a non-finite state must not be carried on
+        else:
+            self.optimizer.step()
         self.state = state if cfg.batching == "sequential" else None
         self.step += 1
         self.train_tokens += chunk.num_tokens
@@ -247,16 +293,23 @@ class Trainer:
         limit = self._epoch_limit
         return limit is not None and self._epoch_progress() >= limit - 1e-12
 
-    def run(self, progress=True, save_path=None, save_every=None, log=None):
+    def run(self, progress=True, save_path=None, save_every=None, log=None,
+            handle_signals=True):
         """Train until a limit is reached; validate periodically and at the end.
 
-        ``progress``: show a tqdm bar on stderr. ``save_path``: write a
-        checkpoint there at the end (and every ``save_every`` steps).
-        ``log``: a function taking a message string (e.g. ``print``), used for
-        periodic validation messages when there is no progress bar.
+        ``progress``: show progress on stderr (a tqdm bar on a terminal, else a
+        plain line every ``PROGRESS_SECONDS``, env ``FASTRNN_PROGRESS_SECONDS``).
+        ``save_path``: write a checkpoint there at the end (and every
+        ``save_every`` steps). ``log``: a function taking a message string
+        (e.g. ``print``), used for periodic validation messages when there is
+        no progress bar. ``handle_signals`` (main thread only): SIGINT and
+        SIGTERM stop training at the end of the current step, the final
+        checkpoint is written as usual, and the result's ``interrupted`` names
+        the signal (a second signal raises KeyboardInterrupt at once).
         Returns a result dict (see :meth:`result`).
         """
         cfg = self.cfg
+        stop = []   # the signal that asked to stop, once one did
         bar = self._make_bar(progress)
         run_seconds = 0.0
         run_steps = 0
@@ -265,8 +318,8 @@ class Trainer:
         wall0 = time.perf_counter()
         recent = []
         try:
-            with thread_limits(cfg.threads):
-                done = self._limits_reached(run_seconds)
+            with thread_limits(cfg.threads), _stop_on_signals(stop, handle_signals):
+                done = self._limits_reached(run_seconds) or bool(stop)
                 while not done:
                     if self.index >= self.loader.chunks_per_epoch(self.epoch):
                         self.epoch += 1
@@ -282,15 +335,13 @@ class Trainer:
                         run_steps += 1
                         run_tokens += chunk.num_tokens
                         self.train_seconds += dt
-                        if not math.isfinite(loss):
-                            raise FloatingPointError(
-                                f"training diverged at step {self.step} (loss {loss}); "
-                                f"try a smaller --lr or --clip")
-                        recent.append(loss)
+                        if math.isfinite(loss):      # (a skipped step's loss is not)
+                            recent.append(loss)
                         if len(recent) > 50:
                             recent.pop(0)
                         if bar is not None:
-                            self._update_bar(bar, dt, np.mean(recent), run_tokens / run_seconds)
+                            self._update_bar(bar, dt, np.mean(recent) if recent else math.nan,
+                                             run_tokens / run_seconds)
                         if save_path and save_every and self.step % save_every == 0:
                             self.save(save_path)
                         if (next_eval is not None and run_seconds >= next_eval
@@ -305,7 +356,7 @@ class Trainer:
                                 bar.write(msg, file=sys.stderr)
                             elif log:
                                 log(msg)
-                        done = self._limits_reached(run_seconds)
+                        done = self._limits_reached(run_seconds) or bool(stop)
                         if done:
                             break
                 if bar is not None:
@@ -313,7 +364,8 @@ class Trainer:
                     bar = None
                 fresh = (self.last_val is not None and self.val_history
                          and self.val_history[-1][0] == self.step)
-                ev = self.evaluate() if len(self.val_ids) > 1 and not fresh else None
+                ev = (self.evaluate() if len(self.val_ids) > 1 and not fresh and not stop
+                      else None)
                 if ev is not None:
                     self.last_val = ev
                     self.val_history.append((self.step, ev["loss"]))
@@ -322,8 +374,10 @@ class Trainer:
                 bar.close()
         if save_path:
             self.save(save_path)
-        return self.result(run_steps=run_steps, run_tokens=run_tokens, run_seconds=run_seconds,
-                           wall_seconds=time.perf_counter() - wall0, recent=recent)
+        res = self.result(run_steps=run_steps, run_tokens=run_tokens, run_seconds=run_seconds,
+                          wall_seconds=time.perf_counter() - wall0, recent=recent)
+        res["interrupted"] = signal.Signals(stop[0]).name if stop else None
+        return res
 
     def result(self, run_steps=0, run_tokens=0, run_seconds=0.0, wall_seconds=0.0, recent=()):
         ev = self.last_val or {}
@@ -345,6 +399,7 @@ class Trainer:
             "parameters": int(sum(p.data.size for p in self.model.parameters())),
             "cell": self.cfg.cell,
             "tokenizer": self.cfg.tokenizer,
+            "skipped_steps": self.skipped_steps,
         }
 
     # -- progress bar -----------------------------------------------------------------
@@ -353,6 +408,10 @@ class Trainer:
             return None
         from tqdm import tqdm
         cfg = self.cfg
+        isatty = getattr(sys.stderr, "isatty", None)
+        if not (isatty and isatty()):
+            # a log file or a pipe: plain lines, no carriage-return redraws
+            tqdm = _LineProgress   # noqa: N806 - same interface, same arguments
         if cfg.time_budget is not None and cfg.max_steps is None and cfg.epochs is None:
             self._bar_mode = "time"
             return tqdm(total=float(cfg.time_budget), unit="s", file=sys.stderr,
@@ -382,7 +441,7 @@ class Trainer:
             "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
             "rng": self.model.rng_states(),
             "text_digest": self.text_digest, "text_name": self.text_name,
-            "val_history": self.val_history,
+            "val_history": self.val_history, "skipped_steps": self.skipped_steps,
         }
 
     def save(self, path):
@@ -396,11 +455,12 @@ class Trainer:
         """Continue from a checkpoint written by :meth:`save`, on the same text.
 
         ``overrides`` change limits only (``epochs``, ``time_budget``,
-        ``max_steps``, ``eval_every``, ``threads``): anything that would change
+        ``max_steps``, ``eval_every``, ``threads``, ``skip_nonfinite``): anything that would change
         the computation is taken from the checkpoint.
         """
         ckpt = load_checkpoint(path)
-        allowed = {"epochs", "time_budget", "max_steps", "eval_every", "threads"}
+        allowed = {"epochs", "time_budget", "max_steps", "eval_every", "threads",
+                   "skip_nonfinite"}
         bad = set(overrides) - allowed
         if bad:
             raise ValueError(f"cannot override {sorted(bad)} when resuming")
@@ -423,9 +483,93 @@ class Trainer:
             self.train_tokens = int(ts["train_tokens"])
             self.train_seconds = float(ts["train_seconds"])
             self.val_history = [tuple(v) for v in ts.get("val_history", [])]
+            self.skipped_steps = int(ts.get("skipped_steps", 0))
             model.set_rng_states(ts["rng"])
             arrays = [ckpt.extra[f"state{i}"] for i in range(len(ckpt.extra))]
             self.state = model.state_from_arrays(arrays)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad training state: {e}") from None
         return self
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop, enabled=True):
+    """While active, SIGINT/SIGTERM append their number to `stop` instead of killing
+    the process; a second one raises KeyboardInterrupt. Only in the main thread
+    (signal handlers cannot be installed elsewhere)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {}
+
+    def handler(signum, frame):
+        if stop:
+            for s, h in saved.items():
+                signal.signal(s, h)
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        stop.append(signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        saved[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _fmt_seconds(s):
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class _LineProgress:
+    """The part of tqdm's interface the trainer uses, printing a plain line every
+    few seconds (for logs and pipes: no carriage returns, nothing redrawn)."""
+
+    def __init__(self, total=None, unit="step", file=None, desc="train", **_):
+        self.total, self.unit, self.desc = total, unit, desc
+        self.file = file or sys.stderr
+        self.n = 0
+        self.postfix = ""
+        self.interval = float(os.environ.get("FASTRNN_PROGRESS_SECONDS", PROGRESS_SECONDS))
+        self.t0 = self.last = time.monotonic()
+        self.printed_n = 0
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._line(now)
+
+    def set_postfix_str(self, s, refresh=False):
+        self.postfix = s
+
+    def _line(self, now):
+        elapsed = now - self.t0
+        if self.unit == "s":
+            done = f"{self.n:.0f}/{self.total:.0f} s of training"
+        else:
+            done = f"step {self.n:,}/{self.total:,}"
+        frac = self.n / self.total if self.total else None
+        eta = elapsed * (1 - frac) / frac if frac else None
+        pct = f" ({100 * frac:.0f} %)" if frac is not None else ""
+        post = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {done}{pct}{post}, elapsed {_fmt_seconds(elapsed)}, "
+              f"ETA {_fmt_seconds(eta)}", file=self.file, flush=True)
+        self.printed_n = self.n
+
+    def write(self, msg, file=None):
+        print(msg, file=file or self.file, flush=True)
+
+    def close(self):
+        if self.n != self.printed_n:
+            self._line(time.monotonic())
+            self.printed_n = self.n
