@@ -8,7 +8,9 @@
     fastrnn bench --onnx FILE [...]       an ONNX file imported into fastrnn vs ONNX Runtime
 
 Run ``fastrnn train --help`` for every option. ``--json`` makes the last line
-of output a JSON object with the results.
+of output a JSON object with the results. ``fastrnn train --config FILE.toml``
+reads options from a TOML file (keys are the option names; flags given on the
+command line override the file), see :mod:`fastrnn._configfile`.
 """
 
 import argparse
@@ -36,6 +38,13 @@ def _positive_int(s):
     return v
 
 
+def _positive_float(s):
+    v = float(s)
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
+    return v
+
+
 def _nonneg_float(s):
     v = float(s)
     if not v >= 0 or math.isinf(v):
@@ -48,6 +57,17 @@ def _fraction(s):
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s}")
     return v
+
+
+def _nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
+    return v
+
+
+def _weight_fraction(s):
+    return _fraction(s)
 
 
 def build_parser():
@@ -64,16 +84,32 @@ def build_parser():
                                    "is used.")
     t.add_argument("textfile", nargs="?", default=None,
                    help="UTF-8 text to train on (default: bundled tinyshakespeare)")
+    t.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="read options from a TOML file (keys: these option names, e.g. "
+                        "hidden = 512, time-budget = 900); options given on the command "
+                        "line override it")
+    t.add_argument("--print-config", action="store_true",
+                   help="print the effective options as a TOML config file and exit")
     g = t.add_argument_group("model")
     g.add_argument("--cell", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"], default=d.cell)
     g.add_argument("--layers", type=_positive_int, default=d.layers)
     g.add_argument("--hidden", type=_positive_int, default=d.hidden, help="hidden units per layer")
     g.add_argument("--embed", type=_positive_int, default=d.embed, help="embedding size")
-    g.add_argument("--dropout", type=_fraction, default=d.dropout)
     g.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    g = t.add_argument_group("regularisation")
+    g.add_argument("--dropout", type=_fraction, default=d.dropout,
+                   help="dropout on the embeddings, between layers and before the decoder")
+    g.add_argument("--locked-dropout", action="store_true",
+                   help="draw those dropout masks once per sequence, shared by all time "
+                        "steps of a chunk (variational dropout)")
+    g.add_argument("--weight-drop", type=_weight_fraction, default=d.weight_drop,
+                   metavar="P", help="DropConnect on the recurrent weights W_hh: one mask "
+                                     "per batch (AWD-LSTM's weight drop)")
     g = t.add_argument_group("data")
     g.add_argument("--tokenizer", choices=["char", "word", "bpe"], default=d.tokenizer)
     g.add_argument("--bpe-merges", type=_positive_int, default=d.bpe_merges)
+    g.add_argument("--word-min-freq", type=_positive_int, default=d.word_min_freq,
+                   help="word tokenizer: words seen fewer times are <unk>")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="parallel streams (B)")
     g.add_argument("--seq-len", type=_positive_int, default=d.seq_len,
@@ -85,11 +121,21 @@ def build_parser():
                    help="hold out this last fraction of the text for validation")
     g = t.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help="learning rate (the peak, with a schedule)")
     g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay)
     g.add_argument("--clip", type=_nonneg_float, default=d.clip,
                    help="clip the gradient norm to this (0: no clipping)")
+    g = t.add_argument_group("schedule")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"],
+                   default=d.lr_schedule,
+                   help="learning-rate schedule from --lr to --min-lr; driven by training "
+                        "time under --time-budget, else by steps (--max-steps/--epochs)")
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=d.warmup_steps, metavar="N",
+                   help="ramp the learning rate up linearly over the first N steps")
+    g.add_argument("--min-lr", type=_nonneg_float, default=d.min_lr,
+                   help="learning rate at the end of a cosine/linear schedule")
     g = t.add_argument_group("run")
     g.add_argument("--epochs", type=_nonneg_float, default=None,
                    help="passes over the training text (may be fractional; default 1 "
@@ -99,10 +145,16 @@ def build_parser():
     g.add_argument("--max-steps", type=_positive_int, default=None)
     g.add_argument("--eval-every", type=_nonneg_float, default=d.eval_every, metavar="SECONDS",
                    help="validate every this many seconds of training (0: only at the end)")
+    g.add_argument("--eval-seq-len", type=_positive_int, default=d.eval_seq_len, metavar="T",
+                   help="chunk length of validation (the state is carried; no effect on "
+                        "the loss beyond float rounding)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--threads", type=_positive_int, default=None)
     g.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint (.npz)")
     g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS")
+    g.add_argument("--save-best", metavar="PATH", default=None,
+                   help="keep a checkpoint of the model with the best validation loss seen "
+                        "(at --eval-every and at the end) in PATH")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradient norm is NaN/inf (counted as "
                         "skipped_steps) instead of stopping")
@@ -134,6 +186,7 @@ def build_parser():
                    add_help=False)
     sub.add_parser("predict", help="batch inference on Dask (see `fastrnn predict --help`)",
                    add_help=False)
+    p._train_parser = t
     return p
 
 
@@ -168,24 +221,17 @@ def cmd_train(args, out):
             overrides["skip_nonfinite"] = True
         trainer = Trainer.resume(args.resume, text, text_name=name, **overrides)
     else:
-        cfg = TrainConfig(
-            cell=args.cell, layers=args.layers, hidden=args.hidden, embed=args.embed,
-            dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
-            batching=args.batching, optimizer=args.optimizer, lr=args.lr,
-            momentum=args.momentum, weight_decay=args.weight_decay, clip=args.clip,
-            epochs=args.epochs, time_budget=args.time_budget, max_steps=args.max_steps,
-            val_fraction=args.val_fraction, eval_every=args.eval_every,
-            tokenizer=args.tokenizer, bpe_merges=args.bpe_merges, seed=args.seed,
-            threads=args.threads, dtype=args.dtype, skip_nonfinite=args.skip_nonfinite)
-        trainer = Trainer(cfg, text, text_name=name)
+        trainer = Trainer(config_from_args(args), text, text_name=name)
     cfg = trainer.cfg
+    print(f"config{' (' + args.config + ' + command line)' if args.config else ''}: "
+          + effective_config_line(cfg), file=out, flush=True)
     nparams = sum(p.data.size for p in trainer.model.parameters())
     print(f"{name}: {len(trainer.train_ids):,} training and {len(trainer.val_ids):,} "
           f"validation tokens ({cfg.tokenizer}, vocabulary {trainer.tokenizer.vocab_size:,}); "
           f"{cfg.cell} {cfg.layers}x{cfg.hidden}, embed {cfg.embed}, "
           f"{nparams:,} parameters", file=out, flush=True)
     res = trainer.run(progress=not args.no_progress, save_path=args.save,
-                      save_every=args.save_every,
+                      save_every=args.save_every, save_best=args.save_best,
                       log=lambda m: print(m, file=out, flush=True))
     print(f"trained {res['steps']} steps, {res['train_tokens']:,} tokens in "
           f"{res['seconds']:.1f} s ({res['tokens_per_s']:,.0f} tokens/s); "
@@ -199,7 +245,16 @@ def cmd_train(args, out):
     if args.save:
         print(f"checkpoint saved to {args.save}", file=out)
         res["checkpoint"] = args.save
+    if args.save_best and res.get("best_val_loss") is not None:
+        print(f"best validation loss {res['best_val_loss']:.4f} at step {res['best_step']}: "
+              f"checkpoint in {args.save_best}", file=out)
+        res["best_checkpoint"] = args.save_best
+    res["config"] = cfg.to_dict()
+    if args.config:
+        res["config_file"] = args.config
     if res.get("interrupted"):
+        if args.time_budget is not None:
+            args._time_left = max(args.time_budget - res["seconds"], 0.0)
         if args.json:
             print(json.dumps(_jsonable(res)), file=out)
         out.flush()
@@ -224,11 +279,29 @@ def _resume_hint(args):
         return "no checkpoint was written (run with --save PATH to be able to resume)"
     cmd = ["fastrnn", "train"] + ([args.textfile] if args.textfile else [])
     cmd += ["--resume", args.save, "--save", args.save]
-    for opt in ("max_steps", "epochs", "save_every"):
+    for opt in ("max_steps", "epochs", "save_every", "save_best"):
         if getattr(args, opt) is not None:
             cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
+    left = getattr(args, "_time_left", None)
+    if left is not None:
+        cmd += ["--time-budget", f"{left:.1f}"]
     return (f"checkpoint saved to {args.save}; resume with:\n  "
             + " ".join(shlex.quote(c) for c in cmd))
+
+
+def config_from_args(args):
+    """The TrainConfig that parsed ``fastrnn train`` arguments describe."""
+    import dataclasses
+
+    from fastrnn.train import TrainConfig
+    return TrainConfig(**{f.name: getattr(args, f.name)
+                          for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+
+
+def effective_config_line(cfg):
+    """``key=value`` for every training setting, on one line (printed before training)."""
+    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                    for k, v in cfg.to_dict().items())
 
 
 def _jsonable(d):
@@ -278,8 +351,18 @@ def main(argv=None):
         return predict_cli.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fastrnn._configfile import ConfigFileError, apply_config_file, config_to_toml
     from fastrnn.checkpoint import CheckpointError
     out = sys.stdout
+    if args.command == "train" and args.config:
+        try:
+            args = apply_config_file(parser._train_parser, args.config, argv[1:])
+        except ConfigFileError as e:
+            print(f"fastrnn train: error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "train" and args.print_config:
+        print(config_to_toml(parser._train_parser, args), file=out, end="")
+        return 0
     try:
         if args.command == "train":
             return cmd_train(args, out)

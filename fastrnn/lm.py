@@ -13,7 +13,7 @@ import numpy as np
 
 from fastrnn.modules.module import Module
 from fastrnn.modules.rnn import GRU, LSTM, RNN
-from fastrnn.nn import Dropout, Embedding, Linear
+from fastrnn.nn import Dropout, Embedding, Linear, LockedDropout, WeightDrop
 
 __all__ = ["CELLS", "RNNLanguageModel"]
 
@@ -25,17 +25,34 @@ def _child_seeds(seed, n):
     return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
 
 
+def _lock_inter_layer_dropout(rnn):
+    """Make the stack's dropout between layers locked: its masks are drawn as
+    (1, B, F), one per sequence, and broadcast over the T steps (the stack
+    multiplies its layer output and, in backward, its gradient by the mask)."""
+    per_element = rnn._dropout_mask
+
+    def per_sequence(shape):                      # shape (T, B, F) -> mask (1, B, F)
+        return per_element((1,) + tuple(shape[1:]))
+
+    object.__setattr__(rnn, "_dropout_mask", per_sequence)
+
+
 class RNNLanguageModel(Module):
     """``logits, state = lm(x, state)``; ``lm.backward(dlogits)``.
 
     cell: "lstm", "gru", "rnn_tanh" or "rnn_relu". ``dropout`` is applied to
     the embeddings, between recurrent layers and before the decoder (training
-    mode only). Everything random (weights, dropout masks) derives from
-    ``seed``, so two models built with the same arguments are identical.
+    mode only); with ``locked_dropout`` each of those masks is drawn once per
+    sequence, shape (1, B, F), and shared by every time step of the chunk
+    (variational dropout) instead of once per element. ``weight_drop`` is
+    DropConnect on every layer's recurrent weights W_hh (one mask per forward
+    call, as in AWD-LSTM; :class:`fastrnn.nn.WeightDrop`). Everything random
+    (weights, dropout masks) derives from ``seed``, so two models built with
+    the same arguments are identical.
     """
 
     def __init__(self, vocab_size, embed_size=64, hidden_size=256, num_layers=1, cell="lstm",
-                 dropout=0.0, dtype=np.float32, seed=0):
+                 dropout=0.0, dtype=np.float32, seed=0, weight_drop=0.0, locked_dropout=False):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
@@ -49,10 +66,16 @@ class RNNLanguageModel(Module):
         self.dropout = float(dropout)
         self.dtype = np.dtype(dtype)
         self.seed = int(seed)
-        s_emb, s_rnn, s_dec, s_d1, s_d2 = _child_seeds(self.seed, 5)
+        self.weight_drop = float(weight_drop)
+        if not 0.0 <= self.weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop}")
+        self.locked_dropout = bool(locked_dropout)
+        # (children 0-4 are those of models built before weight drop existed: same weights)
+        s_emb, s_rnn, s_dec, s_d1, s_d2, s_wd = _child_seeds(self.seed, 6)
+        drop = LockedDropout if self.locked_dropout else Dropout
 
         self.encoder = Embedding(self.vocab_size, self.embed_size, dtype=self.dtype, rng=s_emb)
-        self.drop_in = Dropout(self.dropout, rng=s_d1)
+        self.drop_in = drop(self.dropout, rng=s_d1)
         rnn_dropout = self.dropout if self.num_layers > 1 else 0.0
         common = dict(num_layers=self.num_layers, dropout=rnn_dropout, dtype=self.dtype,
                       seed=s_rnn)
@@ -62,7 +85,14 @@ class RNNLanguageModel(Module):
             self.rnn = GRU(self.embed_size, self.hidden_size, **common)
         else:
             self.rnn = RNN(self.embed_size, self.hidden_size, nonlinearity=cell[4:], **common)
-        self.drop_out = Dropout(self.dropout, rng=s_d2)
+        if self.locked_dropout:
+            _lock_inter_layer_dropout(self.rnn)
+        # not a Module: the parameter names (rnn.weight_hh_l0, ...) stay torch's
+        self._weight_drop = None
+        if self.weight_drop > 0:
+            names = [f"weight_hh_l{k}" for k in range(self.num_layers)]
+            self._weight_drop = WeightDrop(self.rnn, names, self.weight_drop, rng=s_wd)
+        self.drop_out = drop(self.dropout, rng=s_d2)
         self.decoder = Linear(self.hidden_size, self.vocab_size, dtype=self.dtype, rng=s_dec)
 
     # -- configuration ----------------------------------------------------------
@@ -70,7 +100,8 @@ class RNNLanguageModel(Module):
         """Constructor arguments (JSON-friendly); ``from_config`` rebuilds the model."""
         return dict(vocab_size=self.vocab_size, embed_size=self.embed_size,
                     hidden_size=self.hidden_size, num_layers=self.num_layers, cell=self.cell,
-                    dropout=self.dropout, dtype=self.dtype.name, seed=self.seed)
+                    dropout=self.dropout, dtype=self.dtype.name, seed=self.seed,
+                    weight_drop=self.weight_drop, locked_dropout=self.locked_dropout)
 
     @classmethod
     def from_config(cls, cfg):
@@ -81,7 +112,12 @@ class RNNLanguageModel(Module):
         return self.cell == "lstm"
 
     def extra_repr(self):
-        return f"cell={self.cell!r}, vocab_size={self.vocab_size}"
+        s = f"cell={self.cell!r}, vocab_size={self.vocab_size}"
+        if self.weight_drop:
+            s += f", weight_drop={self.weight_drop}"
+        if self.locked_dropout:
+            s += ", locked_dropout=True"
+        return s
 
     # -- state helpers ------------------------------------------------------------
     def init_state(self, batch_size):
@@ -113,6 +149,8 @@ class RNNLanguageModel(Module):
         rnn_rng = getattr(self.rnn, "_dropout_rng", None)
         if isinstance(rnn_rng, np.random.Generator):
             states["rnn"] = rnn_rng.bit_generator.state
+        if self._weight_drop is not None:
+            states["weight_drop"] = self._weight_drop.get_rng_state()
         return states
 
     def set_rng_states(self, states):
@@ -121,6 +159,8 @@ class RNNLanguageModel(Module):
         rnn_rng = getattr(self.rnn, "_dropout_rng", None)
         if "rnn" in states and isinstance(rnn_rng, np.random.Generator):
             rnn_rng.bit_generator.state = states["rnn"]
+        if self._weight_drop is not None and "weight_drop" in states:
+            self._weight_drop.set_rng_state(states["weight_drop"])
 
     # -- compute ---------------------------------------------------------------------
     def forward(self, x, state=None):
@@ -129,7 +169,8 @@ class RNNLanguageModel(Module):
         if x.ndim != 2:
             raise ValueError(f"x: expected (T, B) token ids, got shape {x.shape}")
         emb = self.drop_in(self.encoder(x))                     # (T, B, E)
-        out, state = self.rnn(emb, state)                       # (T, B, H)
+        rnn = self.rnn if self._weight_drop is None else self._weight_drop
+        out, state = rnn(emb, state)                            # (T, B, H)
         logits = self.decoder(self.drop_out(out))               # (T, B, V)
         return logits, state
 
@@ -138,6 +179,7 @@ class RNNLanguageModel(Module):
         ``.grad``. ``dstate=None`` cuts the gradient at the chunk's final state
         (truncated BPTT). Returns the gradient of the initial state."""
         dout = self.drop_out.backward(self.decoder.backward(dlogits))
-        demb, dstate0 = self.rnn.backward(dout, dstate)
+        rnn = self.rnn if self._weight_drop is None else self._weight_drop
+        demb, dstate0 = rnn.backward(dout, dstate)
         self.encoder.backward(self.drop_in.backward(demb))
         return dstate0

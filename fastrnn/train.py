@@ -12,6 +12,12 @@ meets an unknown character; the word vocabulary maps unseen words to
 ``<unk>``). Training walks the training ids with truncated BPTT
 (:class:`fastrnn.data.batching.TBPTTLoader`); validation covers every token of
 the held-out part (:func:`fastrnn.metrics.evaluate_lm`).
+
+The learning rate follows ``lr_schedule`` (:mod:`fastrnn.schedule`), driven by
+elapsed training time under ``time_budget`` and by steps (or epochs)
+otherwise; see :meth:`Trainer.progress`. Regularisation: ``dropout`` (with
+``locked_dropout``, one mask per sequence) and ``weight_drop`` (DropConnect on
+W_hh), see :class:`fastrnn.lm.RNNLanguageModel`.
 """
 
 import contextlib
@@ -35,6 +41,7 @@ from fastrnn.lm import CELLS, RNNLanguageModel
 from fastrnn.metrics import evaluate_lm, perplexity
 from fastrnn.nn.loss import softmax_cross_entropy
 from fastrnn.optim import SGD, Adam, clip_grad_norm, grad_norm
+from fastrnn.schedule import SCHEDULES, LRSchedule
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteError", "split_text", "build_tokenizer",
            "thread_limits"]
@@ -60,11 +67,16 @@ class TrainConfig:
     hidden: int = 256
     embed: int = 64
     dropout: float = 0.0
+    locked_dropout: bool = False       # dropout masks (1, B, F): one per sequence, all steps
+    weight_drop: float = 0.0           # DropConnect on W_hh, one mask per batch
     batch_size: int = 32
     seq_len: int = 64
     batching: str = "sequential"       # or "random"
     optimizer: str = "adam"            # or "sgd"
     lr: float = 2e-3
+    lr_schedule: str = "constant"      # "constant", "cosine" or "linear"
+    warmup_steps: int = 0              # linear warm-up over this many steps
+    min_lr: float = 0.0                # where "cosine"/"linear" end
     momentum: float = 0.0              # SGD only
     weight_decay: float = 0.0
     clip: float = 5.0                  # max gradient norm; 0 disables clipping
@@ -98,9 +110,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.weight_drop < 1.0:
+            raise ValueError(f"weight_drop must be in [0, 1), got {self.weight_drop}")
+        if not isinstance(self.locked_dropout, bool):
+            raise ValueError(f"locked_dropout must be true or false, got {self.locked_dropout!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
+        self.schedule()        # checks min_lr and warmup_steps
         return self
+
+    def schedule(self):
+        """The :class:`fastrnn.schedule.LRSchedule` these settings describe."""
+        return LRSchedule(self.lr_schedule, self.lr, self.min_lr, self.warmup_steps)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -197,7 +221,8 @@ class Trainer:
                              f"{cfg.val_fraction:.0%} for validation")
         self.model = _model or RNNLanguageModel(
             self.tokenizer.vocab_size, cfg.embed, cfg.hidden, cfg.layers, cfg.cell,
-            cfg.dropout, np.dtype(cfg.dtype), cfg.seed)
+            cfg.dropout, np.dtype(cfg.dtype), cfg.seed, weight_drop=cfg.weight_drop,
+            locked_dropout=cfg.locked_dropout)
         if cfg.optimizer == "adam":
             self.optimizer = Adam(self.model.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -215,6 +240,44 @@ class Trainer:
         self.last_val = None
         self.val_history = []      # (step, val_loss)
         self.skipped_steps = 0     # steps skipped for a non-finite loss/gradient (saved too)
+        self.val_curve = []        # {"seconds", "step", "val_loss"}: training seconds so far
+        self.best_val_loss = None  # best validation loss seen (what --save-best keeps)
+        self.best_step = None
+        self.schedule = cfg.schedule()
+        self.lr = self.optimizer.lr
+        self._set_horizon()
+
+    # -- learning-rate schedule -------------------------------------------------
+    def _set_horizon(self):
+        """Where the schedule ends in training seconds: this run's time budget on
+        top of the seconds already trained (so a resumed run continues the curve)."""
+        tb = self.cfg.time_budget
+        self._time_horizon = None if tb is None else self.train_seconds + float(tb)
+
+    def progress(self):
+        """Fraction of the run done, in [0, 1]: the largest of elapsed training
+        seconds / time horizon (under a time budget), steps / ``max_steps`` and
+        epochs / the epoch limit, for those limits that are set. Without a time
+        budget it depends on the position only, so a resumed run's learning
+        rates are exactly those of the uninterrupted run."""
+        cfg = self.cfg
+        fracs = [0.0]
+        if self._time_horizon:
+            fracs.append(self.train_seconds / self._time_horizon)
+        if cfg.max_steps:
+            fracs.append(self.step / cfg.max_steps)
+        lim = self._epoch_limit
+        if lim:
+            fracs.append(self._epoch_progress() / lim)
+        return min(max(fracs), 1.0)
+
+    def schedule_driver(self):
+        """What drives the schedule: "time", "steps", "epochs" (or "constant")."""
+        if self.cfg.lr_schedule == "constant":
+            return "constant"
+        if self.cfg.time_budget is not None:
+            return "time"
+        return "steps" if self.cfg.max_steps is not None else "epochs"
 
     # -- one step ---------------------------------------------------------------
     def train_step(self, chunk):
@@ -227,6 +290,8 @@ class Trainer:
         the non-finite loss.
         """
         model, cfg = self.model, self.cfg
+        self.lr = self.schedule(self.step, self.progress())
+        self.optimizer.lr = self.lr
         model.train()
         model.zero_grad()
         state = None if chunk.reset else self.state
@@ -294,7 +359,7 @@ class Trainer:
         return limit is not None and self._epoch_progress() >= limit - 1e-12
 
     def run(self, progress=True, save_path=None, save_every=None, log=None,
-            handle_signals=True):
+            handle_signals=True, save_best=None):
         """Train until a limit is reached; validate periodically and at the end.
 
         ``progress``: show progress on stderr (a tqdm bar on a terminal, else a
@@ -306,9 +371,12 @@ class Trainer:
         SIGTERM stop training at the end of the current step, the final
         checkpoint is written as usual, and the result's ``interrupted`` names
         the signal (a second signal raises KeyboardInterrupt at once).
+        ``save_best``: after each validation (periodic and final) that is the
+        best so far, write a checkpoint there (a full, resumable one).
         Returns a result dict (see :meth:`result`).
         """
         cfg = self.cfg
+        self._set_horizon()
         stop = []   # the signal that asked to stop, once one did
         bar = self._make_bar(progress)
         run_seconds = 0.0
@@ -348,10 +416,11 @@ class Trainer:
                                 and len(self.val_ids) > 1):
                             next_eval = run_seconds + cfg.eval_every
                             ev = self.evaluate()
-                            self.last_val = ev
-                            self.val_history.append((self.step, ev["loss"]))
+                            best = self._record_validation(ev, save_best)
                             msg = (f"step {self.step}: val loss {ev['loss']:.4f} "
-                                   f"(ppl {ev['ppl']:.2f})")
+                                   f"(ppl {ev['ppl']:.2f}), lr {self.lr:.3g}, "
+                                   f"{self.train_seconds:.0f} s"
+                                   + (" (best)" if best and save_best else ""))
                             if bar is not None:
                                 bar.write(msg, file=sys.stderr)
                             elif log:
@@ -367,8 +436,7 @@ class Trainer:
                 ev = (self.evaluate() if len(self.val_ids) > 1 and not fresh and not stop
                       else None)
                 if ev is not None:
-                    self.last_val = ev
-                    self.val_history.append((self.step, ev["loss"]))
+                    self._record_validation(ev, save_best)
         finally:
             if bar is not None:
                 bar.close()
@@ -378,6 +446,20 @@ class Trainer:
                           wall_seconds=time.perf_counter() - wall0, recent=recent)
         res["interrupted"] = signal.Signals(stop[0]).name if stop else None
         return res
+
+    def _record_validation(self, ev, save_best=None):
+        """Note a validation result; returns True (and writes ``save_best``) when
+        it is the best so far."""
+        self.last_val = ev
+        self.val_history.append((self.step, ev["loss"]))
+        self.val_curve.append({"seconds": round(self.train_seconds, 3), "step": self.step,
+                               "val_loss": ev["loss"]})
+        if self.best_val_loss is not None and not ev["loss"] < self.best_val_loss:
+            return False
+        self.best_val_loss, self.best_step = ev["loss"], self.step
+        if save_best:
+            self.save(save_best)
+        return True
 
     def result(self, run_steps=0, run_tokens=0, run_seconds=0.0, wall_seconds=0.0, recent=()):
         ev = self.last_val or {}
@@ -400,6 +482,14 @@ class Trainer:
             "cell": self.cfg.cell,
             "tokenizer": self.cfg.tokenizer,
             "skipped_steps": self.skipped_steps,
+            "schedule": dict(self.schedule.to_dict(), driven_by=self.schedule_driver(),
+                             final_lr=self.lr),
+            "regularisation": {"dropout": self.cfg.dropout,
+                               "locked_dropout": self.cfg.locked_dropout,
+                               "weight_drop": self.cfg.weight_drop},
+            "val_curve": [dict(v) for v in self.val_curve],
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
         }
 
     # -- progress bar -----------------------------------------------------------------
@@ -442,6 +532,8 @@ class Trainer:
             "rng": self.model.rng_states(),
             "text_digest": self.text_digest, "text_name": self.text_name,
             "val_history": self.val_history, "skipped_steps": self.skipped_steps,
+            "val_curve": self.val_curve, "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step, "lr": self.lr,
         }
 
     def save(self, path):
@@ -484,11 +576,16 @@ class Trainer:
             self.train_seconds = float(ts["train_seconds"])
             self.val_history = [tuple(v) for v in ts.get("val_history", [])]
             self.skipped_steps = int(ts.get("skipped_steps", 0))
+            self.val_curve = [dict(v) for v in ts.get("val_curve", [])]
+            self.best_val_loss = ts.get("best_val_loss")
+            self.best_step = ts.get("best_step")
+            self.lr = float(ts.get("lr", self.optimizer.lr))
             model.set_rng_states(ts["rng"])
             arrays = [ckpt.extra[f"state{i}"] for i in range(len(ckpt.extra))]
             self.state = model.state_from_arrays(arrays)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad training state: {e}") from None
+        self._set_horizon()
         return self
 
 

@@ -1,0 +1,115 @@
+"""Weight drop (DropConnect on weights, as AWD-LSTM applies it to W_hh).
+
+    W' = W * M,   M[i, j] = 0 with probability p, else 1/(1-p)
+
+One mask per weight per forward call (per batch of sequences): the same W'
+serves every time step and every sequence of that call. The wrapped module
+runs on W' (its parameter's ``data`` is W' during the forward call, so the
+kernels, which take whatever weight array they are given, see W'), and
+``backward`` routes the gradient back through the mask to the raw weight:
+
+    dL/dW = M * dL/dW'
+
+In eval mode (or p == 0) the module runs on the raw weights.
+"""
+
+import numpy as np
+
+from fastrnn.nn.init import as_generator, generator_state, set_generator_state
+
+__all__ = ["WeightDrop"]
+
+
+class WeightDrop:
+    """DropConnect on the parameters ``names`` of ``module``.
+
+    ``wd = WeightDrop(lstm, ["weight_hh_l0"], p=0.3, rng=0)``, then
+    ``out, state = wd(x, state)`` (same arguments as ``lstm(...)``) and
+    ``dx, dstate = wd.backward(dout, dstate)`` (same as ``lstm.backward``).
+
+    Not a Module: it holds no parameters of its own and registers nothing, so
+    the wrapped module's parameter names (and a model's ``state_dict``) are
+    unchanged. The masks come from its own Generator (``rng``: None, int seed
+    or Generator); ``get_rng_state``/``set_rng_state`` save and restore it.
+    """
+
+    def __init__(self, module, names, p=0.5, rng=None):
+        p = float(p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"weight drop probability must be in [0, 1), got {p}")
+        names = list(names)
+        if not names:
+            raise ValueError("WeightDrop: names must list at least one parameter")
+        own = dict(module.named_parameters())
+        for n in names:
+            if n not in own:
+                raise ValueError(f"WeightDrop: {type(module).__name__} has no parameter {n!r} "
+                                 f"(it has {', '.join(own)})")
+        self.module = module
+        self.names = names
+        self.p = p
+        self.rng = as_generator(rng)
+        self._masks = None     # name -> mask of the last training-mode forward
+
+    @property
+    def training(self):
+        return self.module.training
+
+    def draw_masks(self):
+        """The next masks from this object's stream, one per name (in ``names``
+        order), each shaped and typed like its weight."""
+        masks = {}
+        scale = 1.0 / (1.0 - self.p)
+        for n in self.names:
+            w = getattr(self.module, n).data
+            keep = self.rng.random(w.shape) >= self.p
+            masks[n] = keep.astype(w.dtype) * w.dtype.type(scale)
+        return masks
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        self._masks = None
+        if not self.module.training or self.p == 0.0:
+            return self.module(*args, **kwargs)
+        masks = self.draw_masks()
+        params = {n: getattr(self.module, n) for n in self.names}
+        raw = {n: p.data for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.data = raw[n] * masks[n]            # W' = W * M, a fresh array
+            out = self.module(*args, **kwargs)        # the forward cache keeps W'
+        finally:
+            for n, p in params.items():
+                p.data = raw[n]                       # the raw weight is untouched
+        self._masks = masks
+        return out
+
+    def backward(self, *args, **kwargs):
+        """The module's backward; the gradients of the masked weights are
+        multiplied by their masks and added into the raw weights' ``grad``."""
+        masks, self._masks = self._masks, None
+        if masks is None:
+            return self.module.backward(*args, **kwargs)
+        params = {n: getattr(self.module, n) for n in self.names}
+        saved = {n: p.grad for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.grad = np.zeros_like(saved[n])      # collects dL/dW' alone
+            result = self.module.backward(*args, **kwargs)
+            for n, p in params.items():
+                saved[n] += masks[n] * p.grad         # dL/dW = M * dL/dW'
+        finally:
+            for n, p in params.items():
+                p.grad = saved[n]
+        return result
+
+    def get_rng_state(self):
+        return generator_state(self.rng)
+
+    def set_rng_state(self, state):
+        set_generator_state(self.rng, state)
+
+    def __repr__(self):
+        return f"WeightDrop(p={self.p}, names={self.names})"
