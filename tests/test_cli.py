@@ -54,6 +54,38 @@ def test_train_json_summary(textfile, capsys):
     assert "--- sample ---" in out and len(res["sample"]) == 20
 
 
+def test_train_json_reports_schedule_regularisation_and_curve(textfile, tmp_path, capsys):
+    best = tmp_path / "best.npz"
+    rc = main(["train", str(textfile), *SMALL, "--max-steps", "12", "--json", "--layers", "2",
+               "--dropout", "0.1", "--locked-dropout", "--weight-drop", "0.2",
+               "--lr-schedule", "cosine", "--warmup-steps", "2", "--min-lr", "1e-4",
+               "--eval-every", "1e-9", "--save-best", str(best)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    res = last_json(out)
+    assert res["schedule"] == {"lr_schedule": "cosine", "lr": 2e-3, "min_lr": 1e-4,
+                               "warmup_steps": 2, "driven_by": "steps",
+                               "final_lr": res["schedule"]["final_lr"]}
+    assert 1e-4 < res["schedule"]["final_lr"] < 2e-4
+    assert res["regularisation"] == {"dropout": 0.1, "locked_dropout": True,
+                                     "weight_drop": 0.2}
+    curve = res["val_curve"]
+    assert [c["step"] for c in curve] == list(range(1, 13))
+    assert curve[-1]["val_loss"] == res["val_loss"]
+    assert res["best_val_loss"] == min(c["val_loss"] for c in curve)
+    assert res["best_checkpoint"] == str(best) and best.exists()
+    assert "best validation loss" in out
+
+
+def test_new_options_reject_bad_values(capsys):
+    for argv in (["--weight-drop", "1"], ["--min-lr", "-1"], ["--warmup-steps", "-2"],
+                 ["--lr-schedule", "step"], ["--lr", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *argv])
+        assert e.value.code == 2
+        assert argv[0] in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "gru"])
 def test_train_cells_and_options(textfile, capsys, cell):
     rc = main(["train", str(textfile), *SMALL, "--cell", cell, "--layers", "2",
