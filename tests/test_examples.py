@@ -107,3 +107,61 @@ def test_bench_quality_smoke(tmp_path, capsys):
         assert a["steps"] == b["steps"] == 6
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+def test_bench_quality_recipe_replays_masks_and_schedule(tmp_path, capsys):
+    """bench/quality.py --config: a recipe with dropout, locked dropout, weight drop and a
+    cosine schedule; torch replays fastrnn's masks and learning rates, so at equal steps the
+    losses agree to float rounding; --plot writes the curve."""
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location(
+        "fastrnn_bench_quality", EXAMPLES.parent / "bench" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    with open(DEFAULT_TEXT, encoding="utf-8") as f:
+        text = f.read()[:30000]
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("""
+[model]
+layers = 2
+hidden = 24
+embed = 8
+[regularisation]
+dropout = 0.3
+locked-dropout = true
+weight-drop = 0.3
+[data]
+batch-size = 8
+seq-len = 16
+[schedule]
+lr-schedule = "cosine"
+warmup-steps = 2
+min-lr = 1e-4
+[run]
+time-budget = 30
+eval-every = 1e-9
+""", encoding="utf-8")
+    argv = ["--text", str(path), "--config", str(recipe), "--max-steps", "8", "--threads", "1",
+            "--quiet", "--json"]
+    try:
+        import matplotlib  # noqa: F401
+        argv += ["--plot", str(tmp_path / "q.png")]
+    except ImportError:
+        pass
+    assert quality.main(argv) == 0
+    import json
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["train_config"]["weight_drop"] == 0.3 and out["train_config"]["max_steps"] == 8
+    a, b = out["results"]
+    assert (a["engine"], b["engine"]) == ("fastrnn", "torch") and a["steps"] == b["steps"] == 8
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    assert a["final_lr"] == pytest.approx(b["final_lr"], rel=1e-12)
+    assert len(a["val_curve"]) == len(b["val_curve"]) == 8
+    for ca, cb in zip(a["val_curve"], b["val_curve"]):
+        assert ca["step"] == cb["step"] and ca["val_loss"] == pytest.approx(cb["val_loss"],
+                                                                            abs=1e-5)
+    if "--plot" in argv:
+        assert (tmp_path / "q.png").stat().st_size > 1000
