@@ -119,15 +119,15 @@ def test_bench_quality_recipe_replays_masks_and_schedule(tmp_path, capsys):
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
-        text = f.read()[:30000]
+        text = f.read()[:12000]
     path = tmp_path / "t.txt"
     path.write_text(text, encoding="utf-8")
     recipe = tmp_path / "r.toml"
     recipe.write_text("""
 [model]
 layers = 2
-hidden = 24
-embed = 8
+hidden = 12
+embed = 6
 [regularisation]
 dropout = 0.3
 locked-dropout = true
@@ -143,7 +143,7 @@ min-lr = 1e-4
 time-budget = 30
 eval-every = 1e-9
 """, encoding="utf-8")
-    argv = ["--text", str(path), "--config", str(recipe), "--max-steps", "8", "--threads", "1",
+    argv = ["--text", str(path), "--config", str(recipe), "--max-steps", "5", "--threads", "1",
             "--quiet", "--json"]
     try:
         import matplotlib  # noqa: F401
@@ -153,13 +153,13 @@ eval-every = 1e-9
     assert quality.main(argv) == 0
     import json
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["train_config"]["weight_drop"] == 0.3 and out["train_config"]["max_steps"] == 8
+    assert out["train_config"]["weight_drop"] == 0.3 and out["train_config"]["max_steps"] == 5
     a, b = out["results"]
-    assert (a["engine"], b["engine"]) == ("fastrnn", "torch") and a["steps"] == b["steps"] == 8
+    assert (a["engine"], b["engine"]) == ("fastrnn", "torch") and a["steps"] == b["steps"] == 5
     assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
     assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
     assert a["final_lr"] == pytest.approx(b["final_lr"], rel=1e-12)
-    assert len(a["val_curve"]) == len(b["val_curve"]) == 8
+    assert len(a["val_curve"]) == len(b["val_curve"]) == 5
     for ca, cb in zip(a["val_curve"], b["val_curve"]):
         assert ca["step"] == cb["step"] and ca["val_loss"] == pytest.approx(cb["val_loss"],
                                                                             abs=1e-5)
