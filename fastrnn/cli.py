@@ -208,7 +208,7 @@ def _fmt(x, spec=".4f"):
 
 def cmd_train(args, out):
     from fastrnn.generate import generate
-    from fastrnn.train import TrainConfig, Trainer
+    from fastrnn.train import Trainer
 
     path = args.textfile or DEFAULT_TEXT
     text = _read_text(path)

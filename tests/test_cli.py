@@ -215,3 +215,13 @@ def test_console_script_is_declared():
     import pathlib
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
     assert 'fastrnn = "fastrnn.cli:main"' in pyproject.read_text()
+
+
+def test_resume_hint_passes_the_remaining_time_budget():
+    from fastrnn.cli import _resume_hint, build_parser
+    args = build_parser().parse_args(["train", "--save", "ck.npz", "--time-budget", "900",
+                                      "--save-best", "best.npz"])
+    args._time_left = 612.34
+    hint = _resume_hint(args)
+    assert "--resume ck.npz --save ck.npz" in hint
+    assert "--time-budget 612.3" in hint and "--save-best best.npz" in hint

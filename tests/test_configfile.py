@@ -7,7 +7,6 @@ import pathlib
 
 import pytest
 
-import fastrnn
 from fastrnn._configfile import ConfigFileError, read_config
 from fastrnn.checkpoint import load_checkpoint
 from fastrnn.cli import DEFAULT_TEXT, build_parser, main
@@ -16,12 +15,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs"
 TINY = ["--threads", "1", "--no-progress", "--sample-length", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

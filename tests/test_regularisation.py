@@ -11,12 +11,7 @@ from fastrnn.nn import LockedDropout, WeightDrop
 from fastrnn.nn.loss import softmax_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 V, T, B = 7, 5, 3
