@@ -421,7 +421,9 @@ def main(argv=None):
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
     cfg0 = make_config(args, cells[0], seeds[0])
-    cpu = fastrnn.config().get("cpu") or platform.processor() or "unknown CPU"
+    fc = fastrnn.config()
+    cpu = (f"{fc.get('cpu') or platform.processor() or 'unknown CPU'}, "
+           f"{os.cpu_count()} CPUs, ISA {fc.get('isa')}")
     recipe = f"recipe {args.config}: " if args.config else ""
     print(f"quality target: {args.text}, {recipe}char tokens, {cfg0.layers} layer(s) x "
           f"{cfg0.hidden}, embed {cfg0.embed}, batch {cfg0.batch_size}, seq-len "
