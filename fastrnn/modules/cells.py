@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, training_call
 
@@ -169,6 +170,10 @@ class RNNCell(_CellBase):
         return dict(super().config(), nonlinearity=self.nonlinearity)
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
@@ -200,6 +205,10 @@ class GRUCell(_CellBase):
     _gates = 3
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
@@ -231,6 +240,10 @@ class LSTMCell(_CellBase):
     _gates = 4
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = c = None

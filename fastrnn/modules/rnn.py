@@ -16,6 +16,7 @@ import threading
 
 import numpy as np
 
+from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, training_call
 
@@ -253,6 +254,10 @@ class RNNBase(Module):
         out: (T,B,D·O) for merge_mode 'concat' ([forward | reverse]), (T,B,O)
         for 'sum'; h_n (L·D,B,O) and c_n (L·D,B,H) indexed layer*D + direction.
         """
+        if not self.training and lengths is None:
+            fast = _fastpath.layer_forward(self, x, hx)     # None: the call does not qualify
+            if fast is not None:
+                return fast
         x = self._check_input(x)                             # (T, B, I)
         T, B, _ = x.shape
         h0, c0 = self._check_state("hx", hx, B)
