@@ -197,11 +197,6 @@ def _args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
                    B >= plan.pack_batch, 1, False)
 
 
-def _run(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
-    """One layer through the kernel (a one-thread call always gets its team)."""
-    plan.kernel(*_args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched))
-
-
 def layer_forward(module, x, hx):
     """The eval-mode result of `module(x, hx)` for a qualifying call, else None."""
     plan = module.__dict__.get("_fp_plan")
@@ -231,14 +226,18 @@ def layer_forward(module, x, hx):
             h0 = hx
         if h0 is not None and not _ok_array(h0, dt, shape):
             return None
-    h_n = np.empty((L, B, H), dt)
-    c_n = np.empty((L, B, H), dt) if lstm else None
+    if lstm:
+        states = np.empty((2, L, B, H), dt)      # h_n and c_n in one allocation
+        h_n, c_n = states
+    else:
+        h_n, c_n = np.empty((L, B, H), dt), None
     sched = plan.schedule(T, B)
+    kernel = plan.kernel
     layer_in = x
     for k in range(L):
         y = np.empty((T, B, H), dt)
-        _run(plan, k, layer_in, y, h_n[k], c_n[k] if lstm else None,
-             None if h0 is None else h0[k], None if c0 is None else c0[k], T, B, sched)
+        kernel(*_args(plan, k, layer_in, y, h_n[k], c_n[k] if lstm else None,
+                      None if h0 is None else h0[k], None if c0 is None else c0[k], T, B, sched))
         layer_in = y
     return (layer_in, (h_n, c_n)) if lstm else (layer_in, h_n)
 
@@ -281,9 +280,12 @@ def cell_forward(cell, x, hx):
             h0 = h0.reshape(1, H)
             c0 = None if c0 is None else c0.reshape(1, H)
     y = np.empty((1, B, H), dt)
-    h_n = np.empty((B, H), dt)
-    c_n = np.empty((B, H), dt) if lstm else None
-    _run(plan, 0, x.reshape(1, B, plan.I), y, h_n, c_n, h0, c0, 1, B, plan.schedule(1, B))
+    if lstm:
+        h_n, c_n = np.empty((2, B, H), dt)       # one allocation for both
+    else:
+        h_n, c_n = np.empty((B, H), dt), None
+    plan.kernel(*_args(plan, 0, x.reshape(1, B, plan.I), y, h_n, c_n, h0, c0, 1, B,
+                       plan.schedule(1, B)))
     if not batched:
         return (h_n[0], c_n[0]) if lstm else h_n[0]
     return (h_n, c_n) if lstm else h_n
