@@ -23,7 +23,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNELS = ["_rnn", "_lstm", "_gru", "_dense", "_adam", "_openmp",
+KERNELS = ["_recurrent", "_dense", "_adam", "_openmp",
            "_quantized"]  # _quantized: int8/bf16/packed inference (src/quant_*.h)
 OPENMP_TEST = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 

@@ -12,18 +12,18 @@ from fastrnn._isa import available_isas, get_isa, set_isa
 from fastrnn import functional, reference
 from fastrnn.modules.module import Module, Parameter
 
-# -- layers (RNN/LSTM/GRU modules and cells, persistence) -- owned by the layers work
+# -- layers: RNN/LSTM/GRU modules and cells, persistence
 from fastrnn.modules.rnn import RNN, LSTM, GRU
 from fastrnn.modules.cells import RNNCell, LSTMCell, GRUCell
 from fastrnn.io import save, load, from_torch, to_torch
-# -- training blocks (nn, optim, data, lm) -- owned by the training work
+# -- training blocks: nn, optim, data, the language model
 from fastrnn import nn, optim, data
 from fastrnn.lm import RNNLanguageModel
-# -- interchange (ONNX, Keras, safetensors); onnx/keras are imported only when used
+# -- interchange: ONNX, Keras, safetensors (onnx/keras are imported only when used)
 from fastrnn import onnx
 from fastrnn.io import load_weights
 from fastrnn.keras import from_keras
 from fastrnn.wrappers import Recurrent
-# -- inference (quantised copies, stream pools) -- owned by the inference work
+# -- inference: quantised copies, stream pools
 from fastrnn.quantization import quantize
 from fastrnn.streams import StreamPool

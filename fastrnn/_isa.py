@@ -19,7 +19,7 @@ __all__ = ["ISAS", "available_isas", "get_isa", "set_isa", "cpu_model", "cpu_vec
 
 ISAS = ("baseline", "avx2", "avx512")    # index = the level src/isa.h uses
 # Every extension module that includes src/isa.h has its own copy of the level.
-KERNEL_MODULES = ("_rnn", "_lstm", "_gru", "_dense")
+KERNEL_MODULES = ("_recurrent", "_dense")
 
 _VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq",
                  "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512_fp16",

@@ -11,8 +11,8 @@ Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
     *_backward(dy, dh_n[, dc_n], cache) -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh
 
 This module checks every argument, allocates outputs and decides the schedule
-(rows sorted by length, one chunk of rows per thread); the kernels in
-`fastrnn._rnn`, `fastrnn._lstm`, `fastrnn._gru` then run without the GIL.
+(rows sorted by length, one chunk of rows per thread); the recurrence
+driver `fastrnn._recurrent` (src/_recurrent.pyx) then runs without the GIL.
 
 A cache holds references to x and the weights, not copies, and `y` is a view
 of the saved states: do not modify them in place between forward and backward.
@@ -22,7 +22,7 @@ a second backward on the same cache raises RuntimeError.
 
 import numpy as np
 
-from fastrnn import _gru, _lstm, _rnn
+from fastrnn import _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_shape,
                                check_weights, optional_state)
@@ -35,7 +35,9 @@ PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
 UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
 SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a team costs more)
-NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}
+NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
+CELL_LSTM = 3
+CELL_GRU = 4
 
 
 class Schedule:
@@ -103,20 +105,25 @@ class Cache:
         return self
 
 
-def _run_forward(kernel, args, sched, reverse, pack_ih, pack_hh):
-    """Call a forward kernel with the row split or, for small batches, the hidden-unit split.
+def _run_forward(args, sched, reverse, pack_ih, pack_hh):
+    """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
+    args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h).
     Both splits give bitwise the same numbers; this only picks the faster one.
     If OpenMP grants fewer threads than asked, run again on one thread.
     """
     n = sched.n_threads
-    T = args[0].shape[0]   # y (T, B, H) comes first
-    by_units = n > 1 and len(sched.order) <= UNITS_MAX_BATCH and T >= UNITS_MIN_STEPS
-    if not kernel(*args, sched.lengths, sched.order, sched.bounds, bool(reverse), pack_ih,
-                  pack_hh, n, by_units):
+    T = args[1].shape[0]   # y (T, B, H)
+    B = len(sched.order)
+    # Unpacked weights are read in place by each thread's gate blocks (no copy),
+    # so batches below PACK_MIN_BATCH split units at any T; packed slices are
+    # built per call and need UNITS_MIN_STEPS steps to repay the copy.
+    by_units = n > 1 and B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+    if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
+                              pack_ih, pack_hh, n, by_units):
         one = sched.single_thread()
-        kernel(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih, pack_hh, 1,
-               False)
+        _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
+                           pack_hh, 1, False)
 
 
 def _hidden_buffer(x, H, h0, sched, reverse):
@@ -160,8 +167,10 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
     # tiny calls run on one thread: waking a team costs more than the work
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else get_num_threads())
-    pack_ih = T * B >= PACK_MIN_ROWS
     pack_hh = B >= PACK_MIN_BATCH
+    # short small-batch calls read W_ih in place too: packing it would cost more than
+    # the few rows it serves (decided from T and B only: never from the thread count)
+    pack_ih = T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS)
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
 
 
@@ -211,12 +220,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     gates = np.empty((T, B, 4 * H), x.dtype) if training else None
     cs = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
-    _run_forward(_lstm.forward, (y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias), sched,
-                 reverse, pack_ih, pack_hh)
+    _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None),
+                 sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, gates=gates, cs=cs)
+                      sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs)
     return y, h_n, c_n, cache
 
 
@@ -227,10 +236,10 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     dc0 = np.empty((B, H), dtype)
     sched = cache.sched
-    _lstm.backward(dx, dh0, dc0, dw_ih, dw_hh, cache.gates, dy, dh_n, dc_n, cache.cs,
-                   cache.c0, cache.x, _h_prev(cache), cache.w_ih, cache.w_hh,
-                   sched.lengths, sched.order, sched.bounds, sched.valid_rows(T),
-                   cache.reverse, sched.n_threads)
+    _recurrent.backward(CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, cache.gates, None, dy, dh_n,
+                        dc_n, cache.cs, cache.hs_y, cache.h0, cache.c0, cache.x,
+                        _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
+                        sched.bounds, sched.valid_rows(T), cache.reverse, sched.n_threads)
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
@@ -258,8 +267,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
-    _run_forward(_rnn.forward, (y, h_n, x, h0, w_ih, w_hh, bias, act), sched, reverse,
-                 pack_ih, pack_hh)
+    _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None),
+                 sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -273,9 +282,10 @@ def rnn_backward(dy, dh_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
-    _rnn.backward(dx, dh0, dw_ih, dw_hh, da, dy, dh_n, cache.y, cache.act, cache.x,
-                  _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
-                  sched.bounds, sched.valid_rows(T), cache.reverse, sched.n_threads)
+    _recurrent.backward(cache.act, dx, dh0, None, dw_ih, dw_hh, da, None, dy, dh_n, None,
+                        None, cache.y, cache.h0, None, cache.x, _h_prev(cache), cache.w_ih,
+                        cache.w_hh, sched.lengths, sched.order, sched.bounds,
+                        sched.valid_rows(T), cache.reverse, sched.n_threads)
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
     if cache.has_bias:
@@ -303,8 +313,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         # r and z see b_ih + b_hh; n sees b_in outside and b_hn inside the reset product
         bias_x = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
-    _run_forward(_gru.forward, (y, h_n, gates, hns, x, h0, w_ih, w_hh, bias_x, bias_hn), sched,
-                 reverse, pack_ih, pack_hh)
+    _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
+                  bias_hn), sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -319,10 +329,10 @@ def gru_backward(dy, dh_n, cache):
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
-    _gru.backward(dx, dh0, dw_ih, dw_hh, dgx, dgh, dy, dh_n, cache.hns, cache.y, cache.h0,
-                  cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths,
-                  sched.order, sched.bounds, sched.valid_rows(T), cache.reverse,
-                  sched.n_threads)
+    _recurrent.backward(CELL_GRU, dx, dh0, None, dw_ih, dw_hh, dgx, dgh, dy, dh_n, None,
+                        cache.hns, cache.y, cache.h0, None, cache.x, _h_prev(cache),
+                        cache.w_ih, cache.w_hh, sched.lengths, sched.order, sched.bounds,
+                        sched.valid_rows(T), cache.reverse, sched.n_threads)
     _fix_reverse_first_step(dw_hh, dgh, cache)
     db_ih = db_hh = None
     if cache.has_bias:

@@ -12,9 +12,15 @@ Profiles (``pytest --hypothesis-profile=NAME``):
   several times slower; used by .ci/sanitize).
 
 The markers ``fuzz`` and ``slow`` are registered in pyproject.toml.
+
+Fixture ``one_kernel_thread``: test files of small problems take it with
+``pytestmark = pytest.mark.usefixtures("one_kernel_thread")``.
 """
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+import fastrnn
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -25,3 +31,12 @@ settings.register_profile("long", max_examples=6_000, **_common)
 settings.register_profile("dev", max_examples=500, **_common)   # a quick random run
 settings.load_profile("ci")
 
+
+
+@pytest.fixture(scope="module")
+def one_kernel_thread():
+    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(1)
+    yield
+    fastrnn.set_num_threads(old)

@@ -7,7 +7,6 @@ import zipfile
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastrnn.cli import DEFAULT_TEXT
 from fastrnn.data.tokenizers import CharTokenizer
@@ -19,13 +18,7 @@ with open(DEFAULT_TEXT, encoding="utf-8") as _f:
     TEXT = _f.read()[:2000]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 def small_cfg(**kw):

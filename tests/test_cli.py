@@ -9,20 +9,13 @@ import types
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn.cli import DEFAULT_TEXT, main
 
 SMALL = ["--hidden", "16", "--embed", "8", "--batch-size", "4", "--seq-len", "16",
          "--threads", "1", "--no-progress", "--sample-length", "20"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

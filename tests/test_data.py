@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn.data.batching import TBPTTLoader, batchify, eval_streams
 from fastrnn.data.tokenizers import (BPETokenizer, CharTokenizer, WordTokenizer,
                                      load_tokenizer, tokenizer_from_dict)
@@ -15,13 +14,7 @@ from fastrnn.metrics import NLLMeter, evaluate_lm, perplexity
 from fastrnn.nn import softmax_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\n"

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn.data.tokenizers import CharTokenizer, WordTokenizer
 from fastrnn.generate import generate, generate_ids, sample_logits, start_ids
 from fastrnn.lm import RNNLanguageModel
@@ -11,13 +10,7 @@ from fastrnn.nn import softmax
 from fastrnn.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 LOGITS = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])

@@ -4,7 +4,6 @@ error messages, seeded dropout, containers."""
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn import nn
 from fastrnn.modules.module import Module
 
@@ -16,13 +15,7 @@ except ImportError:  # pragma: no cover
 needs_torch = pytest.mark.skipif(torch is None, reason="torch not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 def numeric_grad(f, x, eps=1e-6):

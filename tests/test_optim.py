@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-import fastrnn
 from fastrnn import optim
 from fastrnn.modules.module import Parameter
 from fastrnn.nn import Linear
@@ -19,13 +18,7 @@ except ImportError:  # pragma: no cover
 needs_torch = pytest.mark.skipif(torch is None, reason="torch not installed")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_kernel_thread():
-    """Small problems run fastest (and most predictably on a shared machine) on one thread."""
-    old = fastrnn.get_num_threads()
-    fastrnn.set_num_threads(1)
-    yield
-    fastrnn.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 SHAPES = [(5, 3), (4,), (2, 2, 2)]

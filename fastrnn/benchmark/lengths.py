@@ -70,7 +70,7 @@ def lengths_report(cells, configs, modes, peers=(), dtype="float32", repeats=Non
                    progress=None):
     """Full against mixed lengths for each cell, mode and config (B > 1 only)."""
     import fastrnn
-    from fastrnn.benchmark.runner import time_interleaved
+    from fastrnn.benchmark.timing import time_interleaved
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     rows = []
     for (I, H, T, B) in configs:

@@ -68,7 +68,7 @@ def _maxrss_bytes():
 def measure_in_child(spec):
     """Runs inside the subprocess: build the engine of ``spec`` and measure one call."""
     from fastrnn.benchmark.engines import ENGINES, Case
-    from fastrnn.benchmark.runner import set_threads
+    from fastrnn.benchmark.timing import set_threads
     case = Case(**spec["case"])
     engine_name = spec["engine"]
     kwargs = {"threads": spec["threads"]} if engine_name == "onnxruntime" else {}

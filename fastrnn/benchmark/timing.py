@@ -1,0 +1,129 @@
+"""Timing for the benchmarks: the same threads for every engine, the sgemm peak,
+and interleaved medians (docs/benchmarks.md). Used by the runner and by its
+--lengths and --memory reports, which import it rather than the runner."""
+
+import gc
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+
+MIN_SAMPLE_DEFAULT = 0.02  # seconds one sample should last at least
+QUIET_GAP_DEFAULT = 0.15   # seconds of sleep before each sample (see time_interleaved)
+MIN_ROUNDS, MAX_ROUNDS = 3, 15
+
+
+# ---------------------------------------------------------------------------
+# threads and the sgemm peak
+# ---------------------------------------------------------------------------
+
+@contextmanager
+def set_threads(n, peers):
+    """Within the block, every engine uses ``n`` threads: fastrnn
+    (``set_num_threads``), torch (when a peer) and NumPy's BLAS (threadpoolctl).
+    The previous settings come back afterwards. ONNX Runtime takes its thread
+    count per session (:class:`~fastrnn.benchmark.engines.OnnxEngine`)."""
+    import fastrnn
+    restore = []
+    setter = getattr(fastrnn, "set_num_threads", None)
+    if setter is not None:
+        getter = getattr(fastrnn, "get_num_threads", None)
+        if getter is not None:
+            restore.append((setter, getter()))
+        setter(n)
+    if "torch" in peers:
+        import torch
+        restore.append((torch.set_num_threads, torch.get_num_threads()))
+        torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+        limits = threadpool_limits(limits=n, user_api="blas")
+    except ImportError:
+        limits = nullcontext()
+    try:
+        with limits:
+            yield n
+    finally:
+        for set_, old in reversed(restore):
+            set_(old)
+
+
+def measure_sgemm_peak(n=2048, repeats=5):
+    """GFLOP/s of a float32 n x n NumPy matmul: the best of ``repeats`` after a
+    warm-up (a peak, so the fastest call, not the median)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), dtype=np.float32)
+    np.matmul(a, b, out=out)
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def machine_load():
+    """(1-minute load average, CPU count), or (None, CPU count) where unknown."""
+    try:
+        return os.getloadavg()[0], os.cpu_count()
+    except (AttributeError, OSError):
+        return None, os.cpu_count()
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+
+def _sample(engine, number):
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            engine.run()
+        return (time.perf_counter() - t0) / number
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAMPLE_DEFAULT,
+                     first=None, quiet_gap=QUIET_GAP_DEFAULT):
+    """Median seconds per call of each engine, timed round-robin.
+
+    ``engines`` have each been called once already (the check call, whose
+    durations ``first`` may give). ``warmup`` more untimed calls follow; with
+    ``warmup=0`` the check calls' durations set the calls per sample. Before
+    each sample the process sleeps ``quiet_gap`` seconds: every engine leaves
+    worker threads that busy-wait for a while after a call (torch's OpenMP,
+    ONNX Runtime's pool, OpenBLAS for up to ~0.1 s), and on a 2-core machine
+    they would otherwise take cores from whichever engine is timed next.
+    Returns ``{name: (median_seconds, rounds, number)}``.
+    """
+    first = dict(first or {})
+    for e in engines:
+        if warmup > 0 or e.name not in first:
+            for _ in range(max(1, warmup)):
+                first[e.name] = _sample(e, 1)
+    number = {name: max(1, min(10000, math.ceil(min_sample / max(t, 1e-7))))
+              for name, t in first.items()}
+    per_round = sum(number[n] * first[n] for n in first)
+    if repeats is not None:
+        rounds = max(1, repeats)
+    else:
+        rounds = int(budget / per_round) if per_round > 0 else MAX_ROUNDS
+        rounds = min(MAX_ROUNDS, rounds)
+        if rounds < MIN_ROUNDS:
+            rounds = max(1, rounds if per_round * MIN_ROUNDS > budget else MIN_ROUNDS)
+    times = {e.name: [] for e in engines}
+    for r in range(rounds):
+        order = engines[r % len(engines):] + engines[:r % len(engines)]
+        for e in order:
+            if quiet_gap > 0:
+                time.sleep(quiet_gap)
+            times[e.name].append(_sample(e, number[e.name]))
+    return {name: (float(np.median(ts)), rounds, number[name]) for name, ts in times.items()}

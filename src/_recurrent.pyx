@@ -1,0 +1,445 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The recurrence driver: one layer, one direction, any cell (`forward`, `backward`).
+
+Shapes: T steps, B batch, I input, H hidden, G gates (1 RNN, 4 LSTM, 3 GRU).
+
+The driver owns everything but the cell's arithmetic: the split of the work
+over threads, the blocks of steps whose input projection is one GEMM, the
+time loop with its recurrent GEMM, and backward's reverse loop followed by
+the dX / dW GEMMs. A cell (_cells.pxd) contributes its gate count, its
+pointwise passes (rnn_pointwise.h, lstm_pointwise.h, gru_pointwise.h) and,
+for the GRU, that the recurrent product lands apart from a_t.
+
+    a_t = x_t W_ih^T [+ h_{t-1} W_hh^T]        one GEMM per block of steps, then per step
+    h_t, state_t = cell_pointwise(a_t, ...)    one fused pass per row
+
+Callers (fastrnn.functional) validate every shape and dtype first; these
+functions trust their arguments and run without the GIL.
+"""
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy, memset
+from cython.parallel cimport prange, parallel, threadid
+
+from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
+                     forward_pointwise, backward_pointwise)
+from _gradients cimport input_and_weight_gradients
+from _plan cimport Plan
+from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
+from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
+                        gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size)
+
+
+cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
+                           const floating *w_slice, const floating *w, Py_ssize_t j0,
+                           Py_ssize_t hk, floating **C, floating **Cg,
+                           floating beta) noexcept nogil:
+    """C[i][g*hk + j] := beta*C[i][g*hk + j] + A[i] . W[g*H + j0 + j] for g < G, j < hk, i < M.
+
+    W (G*H x K) is this thread's packed slice when given; else it is read in
+    place, one gate block at a time when the thread owns only some units (no
+    copy: what lets a batch-1 step use every core). Cg: M scratch pointers.
+    """
+    cdef Py_ssize_t g, i, G = p.G
+    if M <= 0 or hk <= 0:
+        return
+    if w_slice != NULL:
+        gemm_rows(M, G * hk, K, A, w_slice, NULL, 0, C, beta)
+    elif hk == p.H:
+        gemm_rows(M, G * hk, K, A, NULL, w, K, C, beta)
+    else:
+        for g in range(G):
+            for i in range(M):
+                Cg[i] = C[i] + g * hk
+            gemm_rows(M, hk, K, A, NULL, w + (g * p.H + j0) * K, K, Cg, beta)
+
+
+cdef void forward_thread(
+        floating *y,                # OUT (T, B, H), = p.y (gives the type)
+        const Plan *p,
+        Py_ssize_t r0, Py_ssize_t r1,  # this thread's rows: order[r0:r1]
+        Py_ssize_t j0, Py_ssize_t j1,  # this thread's hidden units [j0, j1)
+        const floating *w_ih_k,     # this thread's packed slice of w_ih, or NULL (read in place)
+        const floating *w_hh_k,     # likewise for w_hh
+        bint sync,                  # threads share rows: barrier after every step
+        int *fail,                  # SHARED (nthr,) allocation failure per thread
+        int tid, int nthr) noexcept nogil:
+    """One thread's share of the forward pass: rows order[r0:r1], hidden units [j0, j1).
+
+    Large batches split rows (each thread all units, no barrier); small batches
+    split units (each thread all rows and its own slice of every gate, so its
+    weights stay in its cache; one barrier per step). Each output element is
+    computed by the same code either way, so the numbers are bitwise the same.
+
+    Nothing is copied per step: a_t is built where it is kept (the saved gates
+    row when this thread owns all units, y itself for the RNN), h_t is written
+    into y and read back from there as the next step's GEMM input, c_t into aux.
+    """
+    cdef int cell = p.cell
+    cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H
+    cdef const Py_ssize_t *order = p.order
+    cdef const Py_ssize_t *lengths = p.lengths
+    cdef bint reverse = p.reverse
+    cdef floating *gates = <floating *> p.gates           # (T, B, G*H) or NULL
+    cdef floating *aux = <floating *> p.aux               # (T, B, H) or NULL
+    cdef const floating *x = <const floating *> p.x       # (T, B, I)
+    cdef const floating *h0 = <const floating *> p.h0     # (B, H) or NULL
+    cdef const floating *c0 = <const floating *> p.c0     # (B, H) or NULL
+    cdef const floating *bias = <const floating *> p.bias
+    cdef const floating *bias_h = <const floating *> p.bias_h
+    cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = G * (j1 - j0)
+    cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
+    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows if nrows > 0 else 1
+    if tb > maxlen:
+        tb = maxlen
+    if tb < 1:
+        tb = 1
+    cdef bint apart = product_apart(cell)
+    cdef bint has_c = cell == CELL_LSTM
+    cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place
+    cdef bint in_gates = gates != NULL and hk == H and not in_y
+    cdef Py_ssize_t gk = GK if GK > 0 else 1
+    cdef Py_ssize_t nr = nrows if nrows > 0 else 1
+    cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (G*hk,) bias slice
+    cdef floating *blh = <floating *> calloc(gk, sizeof(floating))             # (hk,) GRU b_hn slice
+    cdef floating *zeros = <floating *> calloc(H + 1, sizeof(floating))        # (H,) h0 when None
+    cdef floating *c = NULL      # (nrows, hk) LSTM c0, then c_t in place at inference
+    cdef floating *gxb = NULL    # (tb, nrows, G*hk) a_t unless built in place
+    cdef floating *ghb = NULL    # (nrows, G*hk) GRU h W_hh^T
+    cdef floating *hnb = NULL    # (nrows, hk) GRU gh_n + b_hn at inference
+    cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
+    cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
+    cdef floating **scratch = <floating **> malloc(tb * nr * sizeof(void *))
+    cdef const floating **h_rows = <const floating **> malloc(nr * sizeof(void *))  # h_{t-1}, full rows
+    cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))        # a_t rows (G*hk)
+    cdef floating **gh_rows = <floating **> malloc(nr * sizeof(void *))       # GRU gh rows (G*hk)
+    cdef floating **c_rows = <floating **> malloc(nr * sizeof(void *))        # LSTM c_{t-1} (hk)
+    cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
+    cdef int q, failed = 0
+    cdef floating *ar
+    cdef floating *aux_out
+    if has_c:
+        c = <floating *> calloc(nr * gk, sizeof(floating))
+    if not in_gates and not in_y:
+        gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))
+    if apart:
+        ghb = <floating *> malloc(nr * gk * sizeof(floating))
+        hnb = <floating *> malloc(nr * gk * sizeof(floating))
+    fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
+                 or (gxb == NULL and not in_gates and not in_y)
+                 or (apart and (ghb == NULL or hnb == NULL))
+                 or src == NULL or dst == NULL or scratch == NULL or h_rows == NULL
+                 or a_rows == NULL or gh_rows == NULL or c_rows == NULL)
+    if not fail[tid]:
+        for g in range(G):
+            if bias != NULL:
+                memcpy(bl + g * hk, bias + g * H + j0, hk * sizeof(floating))
+        if bias_h != NULL:
+            memcpy(blh, bias_h + j0, hk * sizeof(floating))
+        for r in range(nrows):
+            b = order[r0 + r]
+            h_rows[r] = h0 + b * H if h0 != NULL else zeros
+            if apart:
+                gh_rows[r] = ghb + r * GK
+            if has_c:
+                c_rows[r] = c + r * hk
+                if c0 != NULL:
+                    memcpy(c + r * hk, c0 + b * H + j0, hk * sizeof(floating))
+    if sync:
+        fastrnn_barrier()
+        for q in range(nthr):
+            failed = failed + fail[q]
+    else:
+        failed = fail[tid]
+    if failed or GK == 0 and not sync:
+        maxlen = 0   # all threads skip the loop together: no barrier is left waiting
+    s0 = 0
+    while s0 < maxlen:
+        s1 = min(s0 + tb, maxlen)
+        # Input projection for steps [s0, s1): one GEMM over all running rows,
+        # into the rows where each step's pre-activation a_t is then built.
+        m = 0
+        for s in range(s0, s1):
+            nact = n_active(order + r0, nrows, lengths, s)
+            for r in range(nact):
+                b = order[r0 + r]
+                row = time_index(s, lengths[b], reverse) * B + b
+                src[m] = x + row * I
+                if in_y:
+                    dst[m] = y + row * H + j0
+                elif in_gates:
+                    dst[m] = gates + row * G * H
+                else:
+                    dst[m] = gxb + ((s - s0) * nrows + r) * GK
+                m = m + 1
+        gate_gemm(p, m, I, src, w_ih_k, <const floating *> p.w_ih, j0, hk, dst, scratch, 0)
+        # Recurrence: h_{t-1} W_hh^T, added into a_t (or apart, GRU), then one fused pass.
+        m = 0   # step s's rows start at dst[m]
+        for s in range(s0, s1):
+            nact = n_active(order + r0, nrows, lengths, s)
+            for r in range(nact):
+                a_rows[r] = dst[m + r]
+            m = m + nact
+            if apart:
+                gate_gemm(p, nact, H, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
+                          gh_rows, scratch, 0)
+            else:
+                gate_gemm(p, nact, H, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
+                          a_rows, scratch, 1)
+            for r in range(nact if GK > 0 else 0):
+                b = order[r0 + r]
+                row = time_index(s, lengths[b], reverse) * B + b
+                ar = a_rows[r]
+                if has_c:
+                    aux_out = aux + row * H + j0 if aux != NULL else c_rows[r]   # inference: in place
+                elif apart:
+                    aux_out = aux + row * H + j0 if aux != NULL else hnb + r * hk
+                else:
+                    aux_out = NULL
+                forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
+                                  h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
+                                  y + row * H + j0, hk)
+                if has_c:
+                    c_rows[r] = aux_out
+                if gates != NULL and not in_gates:
+                    for g in range(G):
+                        memcpy(gates + row * G * H + g * H + j0, ar + g * hk,
+                               hk * sizeof(floating))
+            if sync:
+                fastrnn_barrier()   # h_t complete (every thread's units) before anyone reads it
+            for r in range(nact):   # h_t is next step's h_{t-1}
+                b = order[r0 + r]
+                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * H
+        s0 = s1
+    if not failed:
+        for r in range(nrows):
+            b = order[r0 + r]
+            memcpy(<floating *> p.h_n + b * H + j0, h_rows[r] + j0, hk * sizeof(floating))
+            if has_c:
+                memcpy(<floating *> p.c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
+    free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb)
+    free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
+
+
+cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
+                        Py_ssize_t nrows) noexcept nogil:
+    """Reverse loop for rows[0:nrows]: gate gradients and dh (dc) carried back.
+    0, or -1 if out of memory.
+
+    g_all (T, B, G*H) = p.gates: the saved gates in, dL/d(x W_ih^T) out (0 at
+    padded steps). Per step, after the cell's pass:
+        dh_{t-1} = dL/da_t W_hh             (RNN, LSTM)
+        dh_{t-1} = dh_t z + dL/dgh_t W_hh   (GRU: its pass leaves dh_t z in dh)
+    """
+    cdef int cell = p.cell
+    cdef Py_ssize_t G = p.G, T = p.T, B = p.B, H = p.H, GH = p.G * p.H
+    cdef const Py_ssize_t *lengths = p.lengths
+    cdef bint reverse = p.reverse
+    cdef bint apart = product_apart(cell)
+    cdef bint has_c = cell == CELL_LSTM
+    cdef floating *dgh = <floating *> p.dgh                 # (T, B, G*H) GRU, else NULL
+    cdef const floating *dy = <const floating *> p.dy
+    cdef const floating *y = <const floating *> p.y        # (T, B, H) h_t
+    cdef const floating *aux = <const floating *> p.aux    # (T, B, H) c_t / gh_n + b_hn
+    cdef const floating *h0 = <const floating *> p.h0
+    cdef const floating *c0 = <const floating *> p.c0
+    cdef const floating *dh_n = <const floating *> p.dh_n
+    cdef const floating *dc_n = <const floating *> p.dc_n
+    cdef Py_ssize_t maxlen = lengths[rows[0]]
+    cdef floating *dh = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dh
+    cdef floating *dc = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dc
+    cdef floating *zeros = <floating *> calloc(H, sizeof(floating))
+    cdef const floating **in_rows = <const floating **> malloc(nrows * sizeof(void *))
+    cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
+    cdef int status = 0
+    cdef Py_ssize_t r, b, s, t, row, prev, nact
+    cdef floating *gr
+    cdef floating *ghr
+    if dh == NULL or dc == NULL or zeros == NULL or in_rows == NULL or dh_rows == NULL:
+        status = -1
+    else:
+        for r in range(nrows):
+            b = rows[r]
+            dh_rows[r] = dh + r * H
+            if dh_n != NULL:
+                memcpy(dh + r * H, dh_n + b * H, H * sizeof(floating))
+            if has_c and dc_n != NULL:
+                memcpy(dc + r * H, dc_n + b * H, H * sizeof(floating))
+            for t in range(lengths[b], T):   # padding contributes nothing to dW, dX
+                memset(g_all + (t * B + b) * GH, 0, GH * sizeof(floating))
+                if apart:
+                    memset(dgh + (t * B + b) * GH, 0, GH * sizeof(floating))
+        for s in range(maxlen - 1, -1, -1):
+            nact = n_active(rows, nrows, lengths, s)
+            for r in range(nact):
+                b = rows[r]
+                t = time_index(s, lengths[b], reverse)
+                row = t * B + b
+                prev = ((t + 1 if reverse else t - 1) * B + b) if s > 0 else -1   # step s-1's row
+                gr = g_all + row * GH
+                ghr = dgh + row * GH if apart else NULL
+                backward_pointwise(
+                    cell, gr, ghr, dh + r * H, dc + r * H, dy + row * H, y + row * H,
+                    y + prev * H if prev >= 0 else (h0 + b * H if h0 != NULL else zeros),
+                    aux + row * H if aux != NULL else NULL,
+                    (aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros))
+                    if has_c else NULL,
+                    H)
+                in_rows[r] = ghr if apart else gr
+            # rows past nact keep the dh_n they started with
+            gemm_rows(nact, H, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
+                      dh_rows, 1 if apart else 0)
+        for r in range(nrows):
+            b = rows[r]
+            memcpy(<floating *> p.dh0 + b * H, dh + r * H, H * sizeof(floating))
+            if has_c:
+                memcpy(<floating *> p.dc0 + b * H, dc + r * H, H * sizeof(floating))
+    free(dh); free(dc); free(zeros); free(in_rows); free(dh_rows)
+    return status
+
+
+cdef inline void *vptr1(const floating[::1] a) noexcept nogil:
+    return <void *> &a[0] if a is not None else NULL
+
+
+cdef inline void *vptr2(const floating[:, ::1] a) noexcept nogil:
+    return <void *> &a[0, 0] if a is not None else NULL
+
+
+cdef inline void *vptr3(const floating[:, :, ::1] a) noexcept nogil:
+    return <void *> &a[0, 0, 0] if a is not None else NULL
+
+
+def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
+            floating[:, :, ::1] gates, floating[:, :, ::1] aux,
+            const floating[:, :, ::1] x, const floating[:, ::1] h0, const floating[:, ::1] c0,
+            const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
+            const floating[::1] bias, const floating[::1] bias_h,
+            const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
+            const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
+            int n_threads, bint by_units):
+    """Forward over all steps of one layer and direction; arrays as in _plan.pxd
+    (None where it says NULL; c_n, c0 only for the LSTM, aux None at inference).
+
+    by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
+    hidden units; by_units=True: every thread takes all rows and its own hidden
+    units. pack_ih / pack_hh choose the packed micro-kernel (decided by the
+    caller from T and B, never from the thread count). Returns False if OpenMP
+    gave fewer threads than asked (the caller then retries with one thread).
+    """
+    cdef Plan p
+    cdef Py_ssize_t G = cell_gates(cell), H = h_n.shape[1], I = x.shape[2]
+    cdef int nslices = n_threads if by_units else 1
+    cdef int nchunks = 1 if by_units else <int> (bounds.shape[0] - 1)
+    cdef int team = nslices * nchunks
+    cdef floating *s_ih = NULL
+    cdef floating *s_hh = NULL
+    cdef const floating *p_ih = &w_ih[0, 0]
+    cdef const floating *p_hh = &w_hh[0, 0]
+    cdef int *fail = <int *> calloc(team, sizeof(int))
+    cdef int tid, nthr, k, failed = 0
+    cdef bint short_team = False
+    memset(&p, 0, sizeof(Plan))
+    p.cell, p.G, p.T, p.B, p.I, p.H = cell, G, x.shape[0], x.shape[1], I, H
+    p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
+    p.nslices, p.pack_ih, p.pack_hh = nslices, pack_ih, pack_hh
+    p.w_ih, p.w_hh, p.bias, p.bias_h = p_ih, p_hh, vptr1(bias), vptr1(bias_h)
+    p.x, p.h0, p.c0 = vptr3(x), vptr2(h0), vptr2(c0)
+    p.y, p.h_n, p.c_n, p.gates, p.aux = &y[0, 0, 0], &h_n[0, 0], vptr2(c_n), vptr3(gates), vptr3(aux)
+    with nogil:
+        if pack_ih:
+            s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads)
+        if pack_hh:
+            s_hh = gate_slices(p_hh, G, H, H, nslices, True, n_threads)
+        p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
+        if fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL):
+            failed = 1
+        else:
+            with parallel(num_threads=team):
+                tid = threadid()
+                nthr = fastrnn_team_size()
+                if nthr != team:
+                    fail[tid] = 2    # fewer threads than slices/chunks: caller retries with one
+                else:
+                    k = tid if by_units else 0          # slice
+                    forward_thread(
+                        &y[0, 0, 0], &p,
+                        0 if by_units else bounds[tid], p.B if by_units else bounds[tid + 1],
+                        unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
+                        s_ih + slice_offset(p_ih, G, H, I, nslices, k, True) if s_ih != NULL else NULL,
+                        s_hh + slice_offset(p_hh, G, H, H, nslices, k, True) if s_hh != NULL else NULL,
+                        by_units, fail, tid, nthr)
+            for k in range(team):
+                if fail[k] == 1:
+                    failed = 1
+                elif fail[k] == 2:
+                    short_team = True
+    free(s_ih); free(s_hh); free(fail)
+    if failed:
+        raise MemoryError("fastrnn recurrent forward: out of memory")
+    return not short_team
+
+
+def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
+             floating[:, ::1] dw_ih, floating[:, ::1] dw_hh,
+             floating[:, :, ::1] dgx, floating[:, :, ::1] dgh,
+             const floating[:, :, ::1] dy, const floating[:, ::1] dh_n,
+             const floating[:, ::1] dc_n, const floating[:, :, ::1] aux,
+             const floating[:, :, ::1] y, const floating[:, ::1] h0, const floating[:, ::1] c0,
+             const floating[:, :, ::1] x, const floating[:, :, ::1] h_prev,
+             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
+             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
+             const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
+             int n_threads):
+    """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
+    values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
+    receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN).
+
+    After the reverse loop (row chunks in parallel), three GEMMs over the rows
+    t*B + b that exist, `valid` (ascending; None: all T*B) (_gradients.pxd):
+        dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev
+    h_prev (T, B, H) is the state each step read (a view of forward's hs).
+    """
+    cdef Plan p
+    cdef Py_ssize_t G = cell_gates(cell), T = dy.shape[0], B = dy.shape[1], H = dy.shape[2]
+    cdef Py_ssize_t I = x.shape[2], nchunks = bounds.shape[0] - 1, k
+    cdef const Py_ssize_t *p_valid = &valid[0] if valid is not None else NULL
+    cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
+    cdef floating *packed_hhT = NULL
+    cdef floating *p_dgx = &dgx[0, 0, 0]
+    cdef int failed = 0
+    memset(&p, 0, sizeof(Plan))
+    p.cell, p.G, p.T, p.B, p.I, p.H = cell, G, T, B, I, H
+    p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
+    p.w_ih, p.w_hh = &w_ih[0, 0], &w_hh[0, 0]
+    p.y, p.aux, p.h0, p.c0 = vptr3(y), vptr3(aux), vptr2(h0), vptr2(c0)
+    p.gates, p.dgh, p.dy, p.dh_n, p.dc_n = p_dgx, vptr3(dgh), &dy[0, 0, 0], vptr2(dh_n), vptr2(dc_n)
+    p.dh0, p.dc0 = &dh0[0, 0], vptr2(dc0)
+    with nogil:
+        packed_hhT = pack_matrix(&w_hh[0, 0], G * H, H, True, n_threads)   # w_hh^T: (H x G*H)
+        p.w_hh_slices = packed_hhT
+        if packed_hhT == NULL:
+            failed = 1
+        else:
+            for k in prange(nchunks, schedule='static', num_threads=n_threads):
+                failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
+                                         bounds[k + 1] - bounds[k]) != 0
+            free(packed_hhT)
+            if not failed:
+                failed = input_and_weight_gradients(
+                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
+                    <floating *> p.dgh if p.dgh != NULL else p_dgx,
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, H,
+                    n_threads) != 0
+    if failed:
+        raise MemoryError("fastrnn recurrent backward: out of memory")
+
+
+def _set_isa(int level):
+    """Run this module's kernels at ISA `level` (src/isa.h); False if the CPU lacks it.
+    Called by fastrnn._isa for every kernel module at once."""
+    return fastrnn_isa_set(level) == 0
+
+
+def _isa_level():
+    """The ISA level this module's kernels run at."""
+    return fastrnn_isa_level()

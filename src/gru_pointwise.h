@@ -1,0 +1,75 @@
+/* gru_pointwise.h: the elementwise parts of one GRU step, for one row.
+ *
+ * Gate order r, z, n (torch.nn), "linear before reset": the recurrent product
+ * gh = h_{t-1} W_hh^T lands apart from gx = x_t W_ih^T (the reset gate scales
+ * gh_n, not h_{t-1}), so the driver hands both in.
+ *
+ * Forward (a = gx in, activated gates r, z, n out, in place):
+ *   r = sigmoid(gx_r + gh_r + b_r)      b_r = b_ir + b_hr
+ *   z = sigmoid(gx_z + gh_z + b_z)      b_z = b_iz + b_hz
+ *   hn = gh_n + b_hn                    (saved for backward)
+ *   n = tanh(gx_n + b_in + r * hn)
+ *   h_t = (1 - z) * n + z * h_{t-1}
+ *
+ * Backward (gates in, dL/dgx out in place; dL/dgh out; dh_carry in and out):
+ *   dh = dh_carry + dy                  dn = dh (1 - z) (1 - n^2)
+ *   dgx_r = dn * hn * r (1 - r)         dgx_z = dh (h_{t-1} - n) z (1 - z)
+ *   dgx_n = dn;   dgh = [dgx_r, dgx_z, dn * r]
+ *   dh_carry := dh * z                  (the driver then adds dgh W_hh)
+ */
+#ifndef FASTRNN_GRU_POINTWISE_H
+#define FASTRNN_GRU_POINTWISE_H
+
+#include <stddef.h>
+#include "activations.h"  /* fastrnn_sigmoidf/d, fastrnn_tanhf/d */
+#include "isa.h"          /* FASTRNN_MULTIVERSION */
+
+#define FASTRNN_DEFINE_GRU_FORWARD(REAL, SUFFIX, SIGMOID, TANH)                      \
+FASTRNN_MULTIVERSION(fastrnn_gru_forward_pointwise_##SUFFIX,                         \
+    (REAL *restrict a, const REAL *restrict gh, const REAL *restrict bias,           \
+     const REAL *restrict bias_hn, const REAL *restrict h_prev,                      \
+     REAL *restrict hn_out, REAL *restrict h, ptrdiff_t n),                          \
+    (a, gh, bias, bias_hn, h_prev, hn_out, h, n),                                    \
+{                                                                                    \
+    const REAL one = 1;                                                              \
+    REAL *restrict ar = a, *restrict az = a + n, *restrict an = a + 2 * n;           \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
+        REAL r = SIGMOID(ar[j] + gh[j] + bias[j]);                                   \
+        REAL z = SIGMOID(az[j] + gh[n + j] + bias[n + j]);                           \
+        REAL hn = gh[2 * n + j] + bias_hn[j];                                        \
+        REAL nn = TANH(an[j] + bias[2 * n + j] + r * hn);                            \
+        ar[j] = r; az[j] = z; an[j] = nn;                                            \
+        hn_out[j] = hn;                                                              \
+        h[j] = (one - z) * nn + z * h_prev[j];                                       \
+    }                                                                                \
+})
+
+FASTRNN_DEFINE_GRU_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_GRU_FORWARD(double, d, fastrnn_sigmoidd, fastrnn_tanhd)
+
+#define FASTRNN_DEFINE_GRU_BACKWARD(REAL, SUFFIX)                                    \
+FASTRNN_MULTIVERSION(fastrnn_gru_backward_pointwise_##SUFFIX,                        \
+    (REAL *restrict g, REAL *restrict dgh, REAL *restrict dh_carry,                  \
+     const REAL *restrict dy, const REAL *restrict h_prev,                           \
+     const REAL *restrict hn, ptrdiff_t H),                                          \
+    (g, dgh, dh_carry, dy, h_prev, hn, H),                                           \
+{                                                                                    \
+    const REAL one = 1;                                                              \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < H; ++j) {                                              \
+        REAL r = g[j], z = g[H + j], nn = g[2 * H + j];                              \
+        REAL dh = dh_carry[j] + dy[j];                                               \
+        REAL dn = dh * (one - z) * (one - nn * nn);                                  \
+        REAL dr = dn * hn[j] * r * (one - r);                                        \
+        REAL dz = dh * (h_prev[j] - nn) * z * (one - z);                             \
+        g[j] = dr; g[H + j] = dz; g[2 * H + j] = dn;                                 \
+        dgh[j] = dr; dgh[H + j] = dz; dgh[2 * H + j] = dn * r;                       \
+        dh_carry[j] = dh * z;                                                        \
+    }                                                                                \
+})
+
+FASTRNN_DEFINE_GRU_BACKWARD(float, s)
+FASTRNN_DEFINE_GRU_BACKWARD(double, d)
+
+#endif

@@ -1,0 +1,75 @@
+"""The recurrence driver (src/_recurrent.pyx) under the splits it chooses by itself.
+
+test_kernels.py forces each split on every cell; here the schedule is left to
+fastrnn.functional, as users get it, for the small-batch cases where the
+hidden-unit split now reads the weights in place (batch 1-3, any T, no packed
+copy): a single step and short chunks on two threads must give bitwise the
+one-thread numbers and match the reference, at inference and in training.
+"""
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import functional as F
+from fastrnn import reference as R
+
+from test_kernels import CELLS, TOL, make_case, rel_err, run
+
+
+class SplitSpy:
+    """Stands in for fastrnn._recurrent and records the split of each forward call."""
+
+    def __init__(self, real):
+        self.real = real
+        self.by_units = []
+
+    def forward(self, *args):
+        self.by_units.append(args[-1])
+        return self.real.forward(*args)
+
+    def backward(self, *args):
+        return self.real.backward(*args)
+
+
+def forward_only(cell, case):
+    c = case
+    if cell == "lstm":
+        return F.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"], c["b_ih"],
+                              c["b_hh"], lengths=c["lengths"], training=False)[:3]
+    if cell == "gru":
+        return F.gru_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
+                             lengths=c["lengths"], training=False)[:2]
+    return F.rnn_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
+                         cell[4:], lengths=c["lengths"], training=False)[:2]
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 7, 40), (3, 2, 5, 37), (20, 3, 9, 33)])
+def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # two threads even for these sizes
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    case = make_case(cell, dtype, shape, True, shape[1] > 1, True, 11)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one_inf = forward_only(cell, case)
+        one = run(F, cell, case, False, 3)
+        fastrnn.set_num_threads(2)
+        spy.by_units.clear()
+        two_inf = forward_only(cell, case)
+        two = run(F, cell, case, False, 3)
+        assert spy.by_units == [True, True], "batch <= 3 should split hidden units"
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(list(one_inf) + one[0] + one[1], list(two_inf) + two[0] + two[1]):
+        if a is not None:
+            assert np.array_equal(a, b)
+    ref = run(R, cell, case, False, 3)
+    for got, want in zip(two[0] + two[1], ref[0] + ref[1]):
+        if want is not None:
+            assert rel_err(got, want) <= TOL[dtype]
+    for got, want in zip(two_inf, ref[0]):
+        assert rel_err(got, want) <= TOL[dtype]
