@@ -36,16 +36,18 @@ raises exactly as before) and handles copies, threads and lengths. Both paths
 call the same kernel with the same arguments, so results are bitwise equal
 (tested).
 
-The kernel signatures used here are those of fastrnn._rnn/_lstm/_gru.forward
-(the functions `fastrnn.functional` calls); `kernel_only` exposes the prepared
-kernel call so the benchmark can time the kernel alone.
+The kernel call is the one `fastrnn.functional._run_forward` makes into the
+recurrence driver (`fastrnn._recurrent.forward`, src/_recurrent.pyx), with the
+same pack_ih / pack_hh decisions (`_pack_flags` mirrors `_common_forward`; the
+bitwise tests fail if the two drift apart); `kernel_only` exposes the prepared
+call so the benchmark can time the kernel alone.
 """
 
 import threading
 
 import numpy as np
 
-from fastrnn import _gru, _lstm, _rnn
+from fastrnn import _recurrent
 from fastrnn import functional as F
 
 __all__ = ["layer_forward", "cell_forward", "kernel_only", "clear_plan"]
@@ -68,7 +70,7 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "kernel", "I", "H", "L", "G", "act", "params",
-                 "layers", "max_rows", "scheds", "pack_rows", "pack_batch")
+                 "layers", "max_rows", "scheds", "pack_rows", "pack_batch", "units_steps")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, max_rows):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
@@ -79,6 +81,7 @@ class _Plan:
         self.scheds = {}
         self.pack_rows = F.PACK_MIN_ROWS
         self.pack_batch = F.PACK_MIN_BATCH
+        self.units_steps = F.UNITS_MIN_STEPS
 
     def valid(self):
         for p, arr, shape in self.params:
@@ -141,10 +144,11 @@ def _build(module, cell):
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers
-    kernel = {"rnn": _rnn.forward, "lstm": _lstm.forward, "gru": _gru.forward}[kind]
     G = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
     I, H = module.input_size, module.hidden_size
-    act = F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh"))
+    # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
+    act = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
+           "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
     params, layers, max_rows = [], [], None
     for k in range(L):
         in_size = I if k == 0 else H
@@ -162,7 +166,8 @@ def _build(module, cell):
         per_row = 2.0 * G * H * (in_size + H)
         rows = int(np.ceil(F.SMALL_WORK_FLOP / per_row)) - 1
         max_rows = rows if max_rows is None else min(max_rows, rows)
-    return _Plan(kind, dtype, _specialised(kernel, dtype), I, H, L, G, act, tuple(params),
+    return _Plan(kind, dtype, _specialised(_recurrent.forward, dtype), I, H, L, G, act,
+                 tuple(params),
                  tuple(layers), max_rows)
 
 
@@ -183,18 +188,18 @@ def clear_plan(module):
 
 
 def _args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
-    """The kernel arguments of layer k, exactly as fastrnn.functional passes them on one
-    thread (forward direction, full lengths, one chunk, no training buffers)."""
+    """The driver's arguments for layer k, exactly as fastrnn.functional passes them on
+    one thread (forward direction, full lengths, one chunk, no training buffers):
+    (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, lengths,
+    order, bounds, reverse, pack_ih, pack_hh, n_threads, by_units)."""
     w_ih, w_hh, views = plan.layers[k]
     bias = _combine(plan.kind, views)
-    if plan.kind == "lstm":
-        args = (y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias[0])
-    elif plan.kind == "gru":
-        args = (y, h_n, None, None, x, h0, w_ih, w_hh, bias[0], bias[1])
-    else:
-        args = (y, h_n, x, h0, w_ih, w_hh, bias[0], plan.act)
-    return args + (sched[0], sched[1], sched[2], False, T * B >= plan.pack_rows,
-                   B >= plan.pack_batch, 1, False)
+    # = functional._common_forward's decision, from T and B only
+    pack_hh = B >= plan.pack_batch
+    pack_ih = T * B >= plan.pack_rows and (pack_hh or T >= plan.units_steps)
+    return (plan.act, y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias[0],
+            bias[1] if plan.kind == "gru" else None, sched[0], sched[1], sched[2], False,
+            pack_ih, pack_hh, 1, False)
 
 
 def layer_forward(module, x, hx):

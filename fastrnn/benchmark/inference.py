@@ -60,7 +60,7 @@ class _Engine:
 
 
 def _time(engines, budget, repeats, min_sample):
-    from fastrnn.benchmark.runner import time_interleaved
+    from fastrnn.benchmark.timing import time_interleaved
     first = {}
     for e in engines:
         t0 = time.perf_counter()
