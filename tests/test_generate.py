@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import fastrnn
 from fastrnn.data.tokenizers import CharTokenizer, WordTokenizer
 from fastrnn.generate import generate, generate_ids, sample_logits, start_ids
 from fastrnn.lm import RNNLanguageModel
