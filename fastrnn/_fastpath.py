@@ -91,6 +91,8 @@ class _Plan:
         return True
 
     def schedule(self, T, B):
+        """The driver's trailing arguments for a (T, B) call: (lengths, order, bounds,
+        reverse, pack_ih, pack_hh, n_threads, by_units), built once per (T, B)."""
         s = self.scheds.get((T, B))
         if s is None:
             lengths = np.full(B, T, dtype=np.intp)
@@ -98,7 +100,10 @@ class _Plan:
             bounds = np.array([0, B], dtype=np.intp)
             for a in (lengths, order, bounds):
                 a.flags.writeable = False
-            s = (lengths, order, bounds)
+            # = functional._common_forward's decision, from T and B only
+            pack_hh = B >= self.pack_batch
+            pack_ih = T * B >= self.pack_rows and (pack_hh or T >= self.units_steps)
+            s = (lengths, order, bounds, False, pack_ih, pack_hh, 1, False)
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()
             self.scheds[(T, B)] = s
@@ -193,13 +198,13 @@ def _args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
     (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, lengths,
     order, bounds, reverse, pack_ih, pack_hh, n_threads, by_units)."""
     w_ih, w_hh, views = plan.layers[k]
-    bias = _combine(plan.kind, views)
-    # = functional._common_forward's decision, from T and B only
-    pack_hh = B >= plan.pack_batch
-    pack_ih = T * B >= plan.pack_rows and (pack_hh or T >= plan.units_steps)
-    return (plan.act, y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias[0],
-            bias[1] if plan.kind == "gru" else None, sched[0], sched[1], sched[2], False,
-            pack_ih, pack_hh, 1, False)
+    if views is None:
+        bias = bias_h = None
+    elif plan.kind == "gru":
+        bias, bias_h = _combine("gru", views)
+    else:
+        bias, bias_h = views[0] + views[1], None
+    return (plan.act, y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias, bias_h) + sched
 
 
 def layer_forward(module, x, hx):
@@ -284,11 +289,12 @@ def cell_forward(cell, x, hx):
         if not batched:
             h0 = h0.reshape(1, H)
             c0 = None if c0 is None else c0.reshape(1, H)
-    y = np.empty((1, B, H), dt)
     if lstm:
-        h_n, c_n = np.empty((2, B, H), dt)       # one allocation for both
+        block = np.empty((3, B, H), dt)          # y (the driver's (1, B, H)), h_n, c_n
+        y, h_n, c_n = block[:1], block[1], block[2]
     else:
-        h_n, c_n = np.empty((B, H), dt), None
+        block = np.empty((2, B, H), dt)
+        y, h_n, c_n = block[:1], block[1], None
     plan.kernel(*_args(plan, 0, x.reshape(1, B, plan.I), y, h_n, c_n, h0, c0, 1, B,
                        plan.schedule(1, B)))
     if not batched:
