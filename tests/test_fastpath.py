@@ -203,3 +203,37 @@ def test_kernel_only_runs_the_same_kernel_call():
     with pytest.raises(ValueError, match="does not qualify"):
         _fastpath.kernel_only(fastrnn.LSTM(4, 8, bidirectional=True).eval(),
                               np.ones((3, 1, 4), np.float32))
+
+
+def test_training_call_refused_while_another_thread_is_in_an_eval_call():
+    """Eval calls register in a lock-free list; a training call from another thread sees it."""
+    import threading
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    x = np.ones((3, 2, 4), np.float32)
+
+    def slow_eval():
+        original = _fastpath.layer_forward
+
+        def waiting(module, x_, hx):
+            inside.set()
+            release.wait(5)
+            return original(module, x_, hx)
+        _fastpath.layer_forward = waiting
+        try:
+            seen.append(m(x)[0])
+        finally:
+            _fastpath.layer_forward = original
+    t = threading.Thread(target=slow_eval)
+    t.start()
+    assert inside.wait(5)
+    m.train()
+    try:
+        with pytest.raises(RuntimeError, match="another thread is running this module"):
+            m(x)
+    finally:
+        release.set()
+        t.join()
+    assert len(seen) == 1 and m.__dict__["_eval_users"] == []
