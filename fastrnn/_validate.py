@@ -62,15 +62,26 @@ def as_lengths(lengths, B, T):
     return np.ascontiguousarray(arr, dtype=np.intp)
 
 
-def check_weights(w_ih, w_hh, b_ih, b_hh, gates, dtype):
-    """Validate (G*H, I), (G*H, H) weights and the optional biases; returns arrays and H."""
+def check_weights(w_ih, w_hh, b_ih, b_hh, gates, dtype, proj=None):
+    """Validate (G*H, I), (G*H, H) weights and the optional biases; returns arrays and H.
+
+    With `proj` (an LSTM's w_hr, (P, H), already an array) w_hh is (G*H, P).
+    """
     w_ih = as_float_array("w_ih", w_ih, 2, dtype)
     w_hh = as_float_array("w_hh", w_hh, 2, dtype)
     gh = w_hh.shape[0]
     if gh % gates or gh == 0:
-        raise ValueError(f"w_hh must have shape ({gates}*H, H), got {w_hh.shape}")
+        raise ValueError(f"w_hh must have shape ({gates}*H, {'P' if proj is not None else 'H'}),"
+                         f" got {w_hh.shape}")
     H = gh // gates
-    check_shape("w_hh", w_hh, (gates * H, H))
+    if proj is None:
+        check_shape("w_hh", w_hh, (gates * H, H))
+    else:
+        P = proj.shape[0]
+        if P < 1:
+            raise ValueError(f"w_hr must have shape (P, {H}) with P >= 1, got {proj.shape}")
+        check_shape("w_hr", proj, (P, H))
+        check_shape("w_hh", w_hh, (gates * H, P))
     if w_ih.shape[0] != gates * H:
         raise ValueError(f"w_ih must have shape ({gates * H}, I) for H={H}, got {w_ih.shape}")
     if (b_ih is None) != (b_hh is None):

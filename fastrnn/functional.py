@@ -6,9 +6,12 @@ Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
         -> y, h_n, cache
     lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
         -> y, h_n, c_n, cache
+    lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training)
+        -> y, h_n, c_n, cache              (LSTM with projection, torch's proj_size)
     gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
         -> y, h_n, cache
     *_backward(dy, dh_n[, dc_n], cache) -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh
+                                           [, dw_hr for lstmp_backward]
 
 This module checks every argument, allocates outputs and decides the schedule
 (rows sorted by length, one chunk of rows per thread); the recurrence
@@ -20,6 +23,9 @@ Backward consumes its cache (it reuses the saved gates as gradient storage);
 a second backward on the same cache raises RuntimeError.
 """
 
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 
 from fastrnn import _recurrent
@@ -28,7 +34,7 @@ from fastrnn._validate import (as_float_array, as_lengths, check_input, check_sh
                                check_weights, optional_state)
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
-           "gru_forward", "gru_backward"]
+           "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward"]
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel)
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
@@ -38,6 +44,26 @@ SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a tea
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
 CELL_LSTM = 3
 CELL_GRU = 4
+
+
+_share = threading.local()   # .threads: this Python thread's share of the cores, or unset
+
+
+@contextmanager
+def thread_share(n):
+    """Within the block, kernels called from this Python thread use n threads
+    (bidirectional layers run their two directions at once, each on its share)."""
+    old = getattr(_share, "threads", None)
+    _share.threads = max(1, int(n))
+    try:
+        yield
+    finally:
+        _share.threads = old
+
+
+def call_threads():
+    """Threads a kernel call from this Python thread may use."""
+    return getattr(_share, "threads", None) or get_num_threads()
 
 
 class Schedule:
@@ -108,7 +134,7 @@ class Cache:
 def _run_forward(args, sched, reverse, pack_ih, pack_hh):
     """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
-    args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h).
+    args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr).
     Both splits give bitwise the same numbers; this only picks the faster one.
     If OpenMP grants fewer threads than asked, run again on one thread.
     """
@@ -118,7 +144,8 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh):
     # Unpacked weights are read in place by each thread's gate blocks (no copy),
     # so batches below PACK_MIN_BATCH split units at any T; packed slices are
     # built per call and need UNITS_MIN_STEPS steps to repay the copy.
-    by_units = n > 1 and B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+    by_units = (n > 1 and B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+                and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units):
         one = sched.single_thread()
@@ -166,7 +193,7 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
     # tiny calls run on one thread: waking a team costs more than the work
-    sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else get_num_threads())
+    sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_hh = B >= PACK_MIN_BATCH
     # short small-batch calls read W_ih in place too: packing it would cost more than
     # the few rows it serves (decided from T and B only: never from the thread count)
@@ -220,8 +247,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     gates = np.empty((T, B, 4 * H), x.dtype) if training else None
     cs = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
-    _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None),
-                 sched, reverse, pack_ih, pack_hh)
+    _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
+                  None), sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -236,10 +263,11 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     dc0 = np.empty((B, H), dtype)
     sched = cache.sched
-    _recurrent.backward(CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, cache.gates, None, dy, dh_n,
-                        dc_n, cache.cs, cache.hs_y, cache.h0, cache.c0, cache.x,
-                        _h_prev(cache), cache.w_ih, cache.w_hh, sched.lengths, sched.order,
-                        sched.bounds, sched.valid_rows(T), cache.reverse, sched.n_threads)
+    _recurrent.backward(CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, None, cache.gates, None, None,
+                        dy, dh_n, dc_n, cache.cs, None, cache.hs_y, cache.h0, cache.c0,
+                        cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, None, sched.lengths,
+                        sched.order, sched.bounds, sched.valid_rows(T), cache.reverse,
+                        sched.n_threads)
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
@@ -247,6 +275,78 @@ def lstm_backward(dy, dh_n, dc_n, cache):
         db_ih = da.reshape(T * B, 4 * H).sum(axis=0)
         db_hh = db_ih.copy()
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
+
+
+# ---------------------------------------------------------------------------- LSTM with projection
+def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
+                  training=True):
+    """LSTM with a projection (torch's proj_size P < H): h_t = (o * tanh(c_t)) W_hr^T.
+
+    x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
+    w_hr (P,H). Returns y (T,B,P), h_n (B,P), c_n (B,H), cache (None unless training).
+    Cache: gates (T,B,4H), cs (T,B,H) c_t, hr (T,B,H) o*tanh(c_t), hs (T+1,B,P).
+    """
+    x = as_float_array("x", x, 3)
+    w_hr = as_float_array("w_hr", w_hr, 2, x.dtype)
+    w_ih, w_hh, b_ih, b_hh, H = check_weights(w_ih, w_hh, b_ih, b_hh, 4, x.dtype,
+                                              proj=w_hr)
+    check_input(x, w_ih)
+    T, B, _ = x.shape
+    P = w_hr.shape[0]
+    h0 = optional_state("h0", h0, (B, P), x.dtype)
+    c0 = optional_state("c0", c0, (B, H), x.dtype)
+    lens = as_lengths(lengths, B, T)
+    flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
+    sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
+    pack_hh = B >= PACK_MIN_BATCH
+    pack_ih = T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS)
+    hs, y = _hidden_buffer(x, P, h0, sched, reverse)
+    h_n = np.empty((B, P), x.dtype)
+    c_n = np.empty((B, H), x.dtype)
+    gates = np.empty((T, B, 4 * H), x.dtype) if training else None
+    cs = np.empty((T, B, H), x.dtype) if training else None
+    hr = np.empty((T, B, H), x.dtype) if training else None
+    bias = b_ih + b_hh if b_ih is not None else None
+    _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, w_hr,
+                  hr), sched, reverse, pack_ih, pack_hh)
+    cache = None
+    if training:
+        cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
+                      has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
+                      hs_y=y, gates=gates, cs=cs, hr=hr)
+    return y, h_n, c_n, cache
+
+
+def lstmp_backward(dy, dh_n, dc_n, cache):
+    """Projected LSTM backward -> dx, dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr."""
+    if cache is None:
+        raise ValueError("cache is None: run forward with training=True before backward")
+    if getattr(cache, "w_hr", None) is None:
+        raise ValueError("cache comes from lstm_forward, not lstmp_forward: use lstm_backward")
+    T, B, I = cache.x.shape
+    P, H = cache.w_hr.shape
+    dtype = cache.x.dtype
+    dy = as_float_array("dy", dy, 3, dtype)
+    check_shape("dy", dy, (T, B, P))
+    dh_n = optional_state("dh_n", dh_n, (B, P), dtype)
+    dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
+    dc0 = np.empty((B, H), dtype)
+    dw_hr = np.empty_like(cache.w_hr)
+    dhp = np.empty((T, B, P), dtype)   # (T, B, P) dL/dh_t, for dW_hr
+    sched = cache.sched
+    _recurrent.backward(CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, dw_hr, cache.gates, None, dhp,
+                        dy, dh_n, dc_n, cache.cs, cache.hr, cache.hs_y, cache.h0, cache.c0,
+                        cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, cache.w_hr,
+                        sched.lengths, sched.order, sched.bounds, sched.valid_rows(T),
+                        cache.reverse, sched.n_threads)
+    da = cache.gates   # (T, B, 4H) now dL/da
+    _fix_reverse_first_step(dw_hh, da, cache)
+    db_ih = db_hh = None
+    if cache.has_bias:
+        db_ih = da.reshape(T * B, 4 * H).sum(axis=0)
+        db_hh = db_ih.copy()
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
 
 
 # ---------------------------------------------------------------------------- RNN
@@ -267,8 +367,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
-    _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None),
-                 sched, reverse, pack_ih, pack_hh)
+    _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None, None,
+                  None), sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -282,10 +382,11 @@ def rnn_backward(dy, dh_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
-    _recurrent.backward(cache.act, dx, dh0, None, dw_ih, dw_hh, da, None, dy, dh_n, None,
-                        None, cache.y, cache.h0, None, cache.x, _h_prev(cache), cache.w_ih,
-                        cache.w_hh, sched.lengths, sched.order, sched.bounds,
-                        sched.valid_rows(T), cache.reverse, sched.n_threads)
+    _recurrent.backward(cache.act, dx, dh0, None, dw_ih, dw_hh, None, da, None, None, dy,
+                        dh_n, None, None, None, cache.y, cache.h0, None, cache.x,
+                        _h_prev(cache), cache.w_ih, cache.w_hh, None, sched.lengths,
+                        sched.order, sched.bounds, sched.valid_rows(T), cache.reverse,
+                        sched.n_threads)
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
     if cache.has_bias:
@@ -314,7 +415,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         bias_x = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
     _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
-                  bias_hn), sched, reverse, pack_ih, pack_hh)
+                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -329,10 +430,11 @@ def gru_backward(dy, dh_n, cache):
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
-    _recurrent.backward(CELL_GRU, dx, dh0, None, dw_ih, dw_hh, dgx, dgh, dy, dh_n, None,
-                        cache.hns, cache.y, cache.h0, None, cache.x, _h_prev(cache),
-                        cache.w_ih, cache.w_hh, sched.lengths, sched.order, sched.bounds,
-                        sched.valid_rows(T), cache.reverse, sched.n_threads)
+    _recurrent.backward(CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,
+                        dh_n, None, cache.hns, None, cache.y, cache.h0, None, cache.x,
+                        _h_prev(cache), cache.w_ih, cache.w_hh, None, sched.lengths,
+                        sched.order, sched.bounds, sched.valid_rows(T), cache.reverse,
+                        sched.n_threads)
     _fix_reverse_first_step(dw_hh, dgh, cache)
     db_ih = db_hh = None
     if cache.has_bias:

@@ -83,7 +83,7 @@ Extra keys per cell:
 import numpy as np
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
-           "gru_forward", "gru_backward", "dense_forward", "dense_backward"]
+           "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward", "dense_forward", "dense_backward"]
 
 
 # --------------------------------------------------------------------------
@@ -322,6 +322,116 @@ def lstm_backward(dy, dh_n, dc_n, cache):
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
     return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+
+
+
+# --------------------------------------------------------------------------
+# LSTM with projection (torch's proj_size): h_t = (o * tanh(c_t)) W_hr^T
+# --------------------------------------------------------------------------
+
+def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
+                  training=True):
+    """One direction of an LSTM with projection, same contract as lstm_forward.
+
+    x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
+    b_ih/b_hh (4H,) or None, w_hr (P,H).  -> y (T,B,P), h_n (B,P), c_n (B,H), cache.
+    Padded steps (t >= lengths[b]) leave the state untouched and output 0, so
+    the forward direction ends at each sequence's last valid step and the
+    reverse direction starts there.
+    """
+    T, B, I = x.shape
+    H, P = w_hr.shape[1], w_hr.shape[0]
+    dt = x.dtype
+    lengths = None if lengths is None else _as_lengths(lengths, T, B)
+    # input contribution of every step in one GEMM; biases folded in
+    xw = (x.reshape(T * B, I) @ w_ih.T).reshape(T, B, 4 * H)          # (T, B, 4H)
+    if b_ih is not None:
+        xw += b_ih + b_hh
+    r = np.zeros((B, P), dt) if h0 is None else np.array(h0, dt)       # (B, P) projected h
+    c = np.zeros((B, H), dt) if c0 is None else np.array(c0, dt)       # (B, H)
+    y = np.zeros((T, B, P), dt)                                        # (T, B, P)
+    valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]  # (T, B)
+    if training:
+        gates = np.empty((T, B, 4 * H), dt)  # activated i, f, g, o   (T, B, 4H)
+        c_prev = np.empty((T, B, H), dt)     # c entering step t     (T, B, H)
+        r_prev = np.empty((T, B, P), dt)     # r entering step t     (T, B, P)
+        tanh_c = np.empty((T, B, H), dt)     # tanh(c) after step t  (T, B, H)
+    for t in (reversed(range(T)) if reverse else range(T)):
+        a = xw[t] + r @ w_hh.T                                         # (B, 4H)
+        i, f = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H])             # (B, H) each
+        g, o = np.tanh(a[:, 2 * H:3 * H]), _sigmoid(a[:, 3 * H:])      # (B, H) each
+        c_new = f * c + i * g                                          # (B, H)
+        tc = np.tanh(c_new)                                            # (B, H)
+        r_new = (o * tc) @ w_hr.T                                      # (B, P)
+        if training:
+            gates[t] = np.concatenate([i, f, g, o], axis=1)
+            c_prev[t], r_prev[t], tanh_c[t] = c, r, tc
+        if valid is not None:  # finished / not yet started sequences keep their state
+            v = valid[t][:, None]                                      # (B, 1)
+            c_new = np.where(v, c_new, c)
+            r_new = np.where(v, r_new, r)
+            y[t] = np.where(v, r_new, 0)
+        else:
+            y[t] = r_new
+        c, r = c_new, r_new
+    cache = None
+    if training:
+        cache = dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=b_ih is not None,
+                     reverse=reverse, valid=valid, gates=gates, c_prev=c_prev,
+                     r_prev=r_prev, tanh_c=tanh_c)
+    return y, r, c, cache
+
+
+def lstmp_backward(dy, dh_n, dc_n, cache):
+    """Backward of `lstmp_forward`.
+
+    dy (T,B,P), dh_n (B,P) or None, dc_n (B,H) or None.
+    -> dx (T,B,I), dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr.
+    """
+    if cache is None:
+        raise RuntimeError("backward: forward ran with training=False, nothing was cached")
+    x, w_ih, w_hh, w_hr = cache["x"], cache["w_ih"], cache["w_hh"], cache["w_hr"]
+    gates, valid = cache["gates"], cache["valid"]
+    T, B, I = x.shape
+    H, P = w_hr.shape[1], w_hr.shape[0]
+    dt = x.dtype
+    dr = np.zeros((B, P), dt) if dh_n is None else np.array(dh_n, dt)  # dL/d r after step
+    dc = np.zeros((B, H), dt) if dc_n is None else np.array(dc_n, dt)  # dL/d c after step
+    da_all = np.empty((T, B, 4 * H), dt)        # gate pre-activation grads   (T, B, 4H)
+    dw_hh = np.zeros_like(w_hh)                 # (4H, P)
+    dw_hr = np.zeros_like(w_hr)                 # (P, H)
+    # walk the steps in the opposite order of the forward pass
+    for t in (range(T) if cache["reverse"] else reversed(range(T))):
+        i, f = gates[t, :, :H], gates[t, :, H:2 * H]                    # (B, H) each
+        g, o = gates[t, :, 2 * H:3 * H], gates[t, :, 3 * H:]
+        tc = cache["tanh_c"][t]                                         # (B, H)
+        dr_t = dr + dy[t]                                               # (B, P)
+        dc_t = dc                                                       # (B, H)
+        if valid is not None:  # padded steps pass gradients through untouched
+            v = valid[t][:, None]                                       # (B, 1)
+            dr_t = np.where(v, dr_t, 0)
+            dc_t = np.where(v, dc_t, 0)
+        h = o * tc                                                      # (B, H)
+        dw_hr += dr_t.T @ h
+        dh = dr_t @ w_hr                                                # (B, H)
+        dc_t = dc_t + dh * o * (1 - tc * tc)                            # (B, H)
+        da = np.concatenate([dc_t * g * i * (1 - i),                    # d a_i
+                             dc_t * cache["c_prev"][t] * f * (1 - f),   # d a_f
+                             dc_t * i * (1 - g * g),                    # d a_g
+                             dh * tc * o * (1 - o)], axis=1)            # d a_o  (B, 4H)
+        da_all[t] = da
+        dw_hh += da.T @ cache["r_prev"][t]
+        dr_prev = da @ w_hh                                             # (B, P)
+        dc_prev = dc_t * f                                              # (B, H)
+        if valid is not None:
+            dr_prev = np.where(v, dr_prev, dr)
+            dc_prev = np.where(v, dc_prev, dc)
+        dr, dc = dr_prev, dc_prev
+    da2 = da_all.reshape(T * B, 4 * H)                                  # (T·B, 4H)
+    dx = (da2 @ w_ih).reshape(T, B, I)                                  # (T, B, I)
+    dw_ih = da2.T @ x.reshape(T * B, I)                                 # (4H, I)
+    db = da2.sum(axis=0) if cache["bias"] else None                     # (4H,)
+    return dx, dr, dc, dw_ih, dw_hh, db, None if db is None else db.copy(), dw_hr
 
 
 # --------------------------------------------------------------------------

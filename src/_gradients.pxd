@@ -114,3 +114,29 @@ cdef inline int input_and_weight_gradients(
     free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
     free(w_ih_t); free(x_t); free(h_t)
     return status
+
+
+cdef inline int weight_gradient(
+        floating *dw,               # OUT (N, K)
+        const floating *da,         # IN  (TB, N) dL/d(output) of the product out = in W^T
+        const floating *inp,        # IN  (TB, K) its input
+        const Py_ssize_t *valid,    # IN  (V,) the rows that exist, ascending; NULL: all
+        Py_ssize_t V, Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
+    """dw = da^T inp over the V rows in `valid` (the LSTM projection's dW_hr).
+    0, or -1 if out of memory."""
+    cdef const floating **a_rows = row_pointers(da, valid, V, N)
+    cdef const floating **in_rows = row_pointers(inp, valid, V, K)
+    cdef floating *in_t = NULL
+    cdef Py_ssize_t Ns[1]
+    cdef const floating *packs[1]
+    cdef floating *Cs[1]
+    cdef int status = -1
+    if a_rows != NULL and in_rows != NULL:
+        in_t = packed_copy(in_rows, K, V, True, n_threads)             # inp^T (K x V)
+    if in_t != NULL:
+        Ns[0] = K
+        packs[0] = in_t
+        Cs[0] = dw
+        status = columns_times_packed(N, V, a_rows, 1, Ns, packs, Cs, n_threads)
+    free(a_rows); free(in_rows); free(in_t)
+    return status

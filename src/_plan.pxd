@@ -1,11 +1,13 @@
 # One call of the recurrence driver (_recurrent.pyx), as every thread sees it:
 # the sizes, the split, the weights and the buffers. Arrays are untyped here
 # (a struct cannot hold a fused type); the driver casts them to float or double.
-# Shapes: T steps, B batch, I input, H hidden, G gates (_cells.pxd).
+# Shapes: T steps, B batch, I input, H hidden, G gates (_cells.pxd), O the size
+# of h: H, or P for an LSTM with a projection (h_t = W_hr (o * tanh(c_t))).
 
 cdef struct Plan:
     int cell                    # CELL_* (_cells.pxd)
     Py_ssize_t G, T, B, I, H
+    Py_ssize_t O                # size of h: H, or the LSTM's proj_size P
     bint reverse                # run t = length-1 .. 0, each row from its own end
     const Py_ssize_t *lengths   # (B,) steps per row
     const Py_ssize_t *order     # (B,) rows by decreasing length
@@ -13,24 +15,28 @@ cdef struct Plan:
     bint pack_ih, pack_hh       # packed panels, else the weights are read in place
     # weights
     const void *w_ih            # (G*H, I) row-major
-    const void *w_hh            # (G*H, H) row-major
+    const void *w_hh            # (G*H, O) row-major
     const void *w_ih_slices     # packed per-slice copy of w_ih (gate_slices), or NULL
-    const void *w_hh_slices     # likewise for w_hh; backward: packed w_hh^T (H x G*H)
+    const void *w_hh_slices     # likewise for w_hh; backward: packed w_hh^T (O x G*H)
+    const void *w_hr            # (P, H) LSTM projection, or NULL
+    const void *w_hr_packed     # packed w_hr (forward) / w_hr^T (backward), or NULL (read in place)
     const void *bias            # (G*H,) b_ih + b_hh (GRU: b_in for n), or NULL
     const void *bias_h          # (H,) GRU's b_hn, or NULL
     # forward
     const void *x               # (T, B, I)
-    const void *h0              # (B, H) or NULL for zeros
+    const void *h0              # (B, O) or NULL for zeros
     const void *c0              # (B, H) LSTM, or NULL for zeros
-    void *y                     # (T, B, H) h_t at valid steps (padded steps untouched)
-    void *h_n                   # (B, H) state after each row's last step
+    void *y                     # (T, B, O) h_t at valid steps (padded steps untouched)
+    void *h_n                   # (B, O) state after each row's last step
     void *c_n                   # (B, H) LSTM, else NULL
     void *gates                 # (T, B, G*H) activated gates, or NULL (inference, RNN)
     void *aux                   # (T, B, H) c_t (LSTM) / gh_n + b_hn (GRU), or NULL
+    void *hr                    # (T, B, H) projected LSTM: o * tanh(c_t), or NULL
     # backward (gates then holds the saved gates and receives dL/d(x W_ih^T))
     void *dgh                   # (T, B, G*H) GRU dL/d(h W_hh^T), else NULL
-    const void *dy              # (T, B, H)
-    const void *dh_n            # (B, H) or NULL for zeros
+    void *dhp                   # (T, B, P) projected LSTM: dL/dh_t, for dW_hr; else NULL
+    const void *dy              # (T, B, O)
+    const void *dh_n            # (B, O) or NULL for zeros
     const void *dc_n            # (B, H) LSTM, or NULL for zeros
-    void *dh0                   # (B, H)
+    void *dh0                   # (B, O)
     void *dc0                   # (B, H) LSTM, else NULL

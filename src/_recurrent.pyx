@@ -22,7 +22,7 @@ from cython.parallel cimport prange, parallel, threadid
 
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
-from _gradients cimport input_and_weight_gradients
+from _gradients cimport input_and_weight_gradients, weight_gradient
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
@@ -75,12 +75,14 @@ cdef void forward_thread(
     into y and read back from there as the next step's GEMM input, c_t into aux.
     """
     cdef int cell = p.cell
-    cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H
+    cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H, O = p.O
+    cdef bint proj = p.w_hr != NULL                       # LSTM projection (row split only)
     cdef const Py_ssize_t *order = p.order
     cdef const Py_ssize_t *lengths = p.lengths
     cdef bint reverse = p.reverse
     cdef floating *gates = <floating *> p.gates           # (T, B, G*H) or NULL
     cdef floating *aux = <floating *> p.aux               # (T, B, H) or NULL
+    cdef floating *hr = <floating *> p.hr                 # (T, B, H) or NULL
     cdef const floating *x = <const floating *> p.x       # (T, B, I)
     cdef const floating *h0 = <const floating *> p.h0     # (B, H) or NULL
     cdef const floating *c0 = <const floating *> p.c0     # (B, H) or NULL
@@ -101,11 +103,12 @@ cdef void forward_thread(
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
     cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (G*hk,) bias slice
     cdef floating *blh = <floating *> calloc(gk, sizeof(floating))             # (hk,) GRU b_hn slice
-    cdef floating *zeros = <floating *> calloc(H + 1, sizeof(floating))        # (H,) h0 when None
+    cdef floating *zeros = <floating *> calloc(H + O + 1, sizeof(floating))    # (O,) h0 when None
     cdef floating *c = NULL      # (nrows, hk) LSTM c0, then c_t in place at inference
     cdef floating *gxb = NULL    # (tb, nrows, G*hk) a_t unless built in place
     cdef floating *ghb = NULL    # (nrows, G*hk) GRU h W_hh^T
     cdef floating *hnb = NULL    # (nrows, hk) GRU gh_n + b_hn at inference
+    cdef floating *hrb = NULL    # (nrows, H) projected LSTM o * tanh(c_t) at inference
     cdef const floating **src = <const floating **> malloc(tb * nr * sizeof(void *))
     cdef floating **dst = <floating **> malloc(tb * nr * sizeof(void *))
     cdef floating **scratch = <floating **> malloc(tb * nr * sizeof(void *))
@@ -113,6 +116,8 @@ cdef void forward_thread(
     cdef floating **a_rows = <floating **> malloc(nr * sizeof(void *))        # a_t rows (G*hk)
     cdef floating **gh_rows = <floating **> malloc(nr * sizeof(void *))       # GRU gh rows (G*hk)
     cdef floating **c_rows = <floating **> malloc(nr * sizeof(void *))        # LSTM c_{t-1} (hk)
+    cdef const floating **r_rows = <const floating **> malloc(nr * sizeof(void *))  # o * tanh(c_t) (H)
+    cdef floating **y_rows = <floating **> malloc(nr * sizeof(void *))        # projected h_t (P)
     cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
     cdef int q, failed = 0
     cdef floating *ar
@@ -124,9 +129,12 @@ cdef void forward_thread(
     if apart:
         ghb = <floating *> malloc(nr * gk * sizeof(floating))
         hnb = <floating *> malloc(nr * gk * sizeof(floating))
+    if proj and hr == NULL:
+        hrb = <floating *> malloc(nr * H * sizeof(floating))
     fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
-                 or (apart and (ghb == NULL or hnb == NULL))
+                 or (apart and (ghb == NULL or hnb == NULL)) or (proj and hr == NULL and hrb == NULL)
+                 or r_rows == NULL or y_rows == NULL
                  or src == NULL or dst == NULL or scratch == NULL or h_rows == NULL
                  or a_rows == NULL or gh_rows == NULL or c_rows == NULL)
     if not fail[tid]:
@@ -137,7 +145,7 @@ cdef void forward_thread(
             memcpy(blh, bias_h + j0, hk * sizeof(floating))
         for r in range(nrows):
             b = order[r0 + r]
-            h_rows[r] = h0 + b * H if h0 != NULL else zeros
+            h_rows[r] = h0 + b * O if h0 != NULL else zeros
             if apart:
                 gh_rows[r] = ghb + r * GK
             if has_c:
@@ -165,7 +173,7 @@ cdef void forward_thread(
                 row = time_index(s, lengths[b], reverse) * B + b
                 src[m] = x + row * I
                 if in_y:
-                    dst[m] = y + row * H + j0
+                    dst[m] = y + row * O + j0
                 elif in_gates:
                     dst[m] = gates + row * G * H
                 else:
@@ -180,10 +188,10 @@ cdef void forward_thread(
                 a_rows[r] = dst[m + r]
             m = m + nact
             if apart:
-                gate_gemm(p, nact, H, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
+                gate_gemm(p, nact, O, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
                           gh_rows, scratch, 0)
             else:
-                gate_gemm(p, nact, H, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
+                gate_gemm(p, nact, O, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
                           a_rows, scratch, 1)
             for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
@@ -195,29 +203,37 @@ cdef void forward_thread(
                     aux_out = aux + row * H + j0 if aux != NULL else hnb + r * hk
                 else:
                     aux_out = NULL
+                if proj:   # the cell's h is o * tanh(c_t); the projection follows
+                    y_rows[r] = y + row * O
+                    r_rows[r] = hr + row * H if hr != NULL else hrb + r * H
                 forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
                                   h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
-                                  y + row * H + j0, hk)
+                                  <floating *> r_rows[r] if proj else y + row * O + j0, hk)
                 if has_c:
                     c_rows[r] = aux_out
                 if gates != NULL and not in_gates:
                     for g in range(G):
                         memcpy(gates + row * G * H + g * H + j0, ar + g * hk,
                                hk * sizeof(floating))
+            if proj:       # h_t = (o * tanh(c_t)) W_hr^T
+                gemm_rows(nact, O, H, r_rows, <const floating *> p.w_hr_packed,
+                          <const floating *> p.w_hr, H, y_rows, 0)
             if sync:
                 fastrnn_barrier()   # h_t complete (every thread's units) before anyone reads it
             for r in range(nact):   # h_t is next step's h_{t-1}
                 b = order[r0 + r]
-                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * H
+                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * O
         s0 = s1
     if not failed:
         for r in range(nrows):
             b = order[r0 + r]
-            memcpy(<floating *> p.h_n + b * H + j0, h_rows[r] + j0, hk * sizeof(floating))
+            memcpy(<floating *> p.h_n + b * O + j0, h_rows[r] + j0,
+                   (O if proj else hk) * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
-    free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb)
+    free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb); free(hrb)
     free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
+    free(r_rows); free(y_rows)
 
 
 cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
@@ -229,9 +245,13 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     padded steps). Per step, after the cell's pass:
         dh_{t-1} = dL/da_t W_hh             (RNN, LSTM)
         dh_{t-1} = dh_t z + dL/dgh_t W_hh   (GRU: its pass leaves dh_t z in dh)
+    A projected LSTM first turns dL/dh_t (P) into dL/d(o * tanh(c_t)) = dL/dh_t W_hr
+    (H) and keeps dL/dh_t in p.dhp for dW_hr.
     """
     cdef int cell = p.cell
-    cdef Py_ssize_t G = p.G, T = p.T, B = p.B, H = p.H, GH = p.G * p.H
+    cdef Py_ssize_t G = p.G, T = p.T, B = p.B, H = p.H, O = p.O, GH = p.G * p.H
+    cdef bint proj = p.w_hr != NULL
+    cdef floating *dhp = <floating *> p.dhp                 # (T, B, P) projected LSTM
     cdef const Py_ssize_t *lengths = p.lengths
     cdef bint reverse = p.reverse
     cdef bint apart = product_apart(cell)
@@ -245,23 +265,29 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef const floating *dh_n = <const floating *> p.dh_n
     cdef const floating *dc_n = <const floating *> p.dc_n
     cdef Py_ssize_t maxlen = lengths[rows[0]]
-    cdef floating *dh = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dh
+    cdef floating *dh = <floating *> calloc(nrows * O, sizeof(floating))   # (nrows, O) carried dL/dh
     cdef floating *dc = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dc
-    cdef floating *zeros = <floating *> calloc(H, sizeof(floating))
+    cdef floating *dr = <floating *> calloc(nrows * H + 1, sizeof(floating))  # (nrows, H) proj: dL/d(o tanh c)
+    cdef floating *zeros = <floating *> calloc(H + O, sizeof(floating))
     cdef const floating **in_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
+    cdef const floating **dhp_rows = <const floating **> malloc(nrows * sizeof(void *))
+    cdef floating **dr_rows = <floating **> malloc(nrows * sizeof(void *))
     cdef int status = 0
-    cdef Py_ssize_t r, b, s, t, row, prev, nact
+    cdef Py_ssize_t r, b, s, t, row, prev, nact, j
     cdef floating *gr
+    cdef floating *dhpr
     cdef floating *ghr
-    if dh == NULL or dc == NULL or zeros == NULL or in_rows == NULL or dh_rows == NULL:
+    if (dh == NULL or dc == NULL or dr == NULL or zeros == NULL or in_rows == NULL
+            or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL):
         status = -1
     else:
         for r in range(nrows):
             b = rows[r]
-            dh_rows[r] = dh + r * H
+            dh_rows[r] = dh + r * O
+            dr_rows[r] = dr + r * H
             if dh_n != NULL:
-                memcpy(dh + r * H, dh_n + b * H, H * sizeof(floating))
+                memcpy(dh + r * O, dh_n + b * O, O * sizeof(floating))
             if has_c and dc_n != NULL:
                 memcpy(dc + r * H, dc_n + b * H, H * sizeof(floating))
             for t in range(lengths[b], T):   # padding contributes nothing to dW, dX
@@ -270,6 +296,15 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                     memset(dgh + (t * B + b) * GH, 0, GH * sizeof(floating))
         for s in range(maxlen - 1, -1, -1):
             nact = n_active(rows, nrows, lengths, s)
+            if proj:   # dL/d(o tanh c_t) = (dh_carry + dy_t) W_hr, all rows in one GEMM
+                for r in range(nact):
+                    row = time_index(s, lengths[rows[r]], reverse) * B + rows[r]
+                    dhpr = dhp + row * O
+                    for j in range(O):
+                        dhpr[j] = dh[r * O + j] + dy[row * O + j]
+                    dhp_rows[r] = dhpr
+                gemm_rows(nact, H, O, dhp_rows, <const floating *> p.w_hr_packed, NULL, 0,
+                          dr_rows, 0)
             for r in range(nact):
                 b = rows[r]
                 t = time_index(s, lengths[b], reverse)
@@ -278,22 +313,24 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                 gr = g_all + row * GH
                 ghr = dgh + row * GH if apart else NULL
                 backward_pointwise(
-                    cell, gr, ghr, dh + r * H, dc + r * H, dy + row * H, y + row * H,
-                    y + prev * H if prev >= 0 else (h0 + b * H if h0 != NULL else zeros),
+                    cell, gr, ghr, dr + r * H if proj else dh + r * O, dc + r * H,
+                    zeros if proj else dy + row * O, y + row * O,
+                    y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros),
                     aux + row * H if aux != NULL else NULL,
                     (aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros))
                     if has_c else NULL,
                     H)
                 in_rows[r] = ghr if apart else gr
             # rows past nact keep the dh_n they started with
-            gemm_rows(nact, H, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
+            gemm_rows(nact, O, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
                       dh_rows, 1 if apart else 0)
         for r in range(nrows):
             b = rows[r]
-            memcpy(<floating *> p.dh0 + b * H, dh + r * H, H * sizeof(floating))
+            memcpy(<floating *> p.dh0 + b * O, dh + r * O, O * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H, dc + r * H, H * sizeof(floating))
-    free(dh); free(dc); free(zeros); free(in_rows); free(dh_rows)
+    free(dh); free(dc); free(dr); free(zeros); free(in_rows); free(dh_rows); free(dhp_rows)
+    free(dr_rows)
     return status
 
 
@@ -314,11 +351,13 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
             const floating[:, :, ::1] x, const floating[:, ::1] h0, const floating[:, ::1] c0,
             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
             const floating[::1] bias, const floating[::1] bias_h,
+            const floating[:, ::1] w_hr, floating[:, :, ::1] hr,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
             int n_threads, bint by_units):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
-    (None where it says NULL; c_n, c0 only for the LSTM, aux None at inference).
+    (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
+    inference, w_hr only for a projected LSTM, which takes the row split).
 
     by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
     hidden units; by_units=True: every thread takes all rows and its own hidden
@@ -327,7 +366,7 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     gave fewer threads than asked (the caller then retries with one thread).
     """
     cdef Plan p
-    cdef Py_ssize_t G = cell_gates(cell), H = h_n.shape[1], I = x.shape[2]
+    cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]
     cdef int nslices = n_threads if by_units else 1
     cdef int nchunks = 1 if by_units else <int> (bounds.shape[0] - 1)
     cdef int team = nslices * nchunks
@@ -335,11 +374,13 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     cdef floating *s_hh = NULL
     cdef const floating *p_ih = &w_ih[0, 0]
     cdef const floating *p_hh = &w_hh[0, 0]
+    cdef floating *packed_hr = NULL
     cdef int *fail = <int *> calloc(team, sizeof(int))
     cdef int tid, nthr, k, failed = 0
     cdef bint short_team = False
     memset(&p, 0, sizeof(Plan))
-    p.cell, p.G, p.T, p.B, p.I, p.H = cell, G, x.shape[0], x.shape[1], I, H
+    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, x.shape[0], x.shape[1], I, H, h_n.shape[1]
+    p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
     p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
     p.nslices, p.pack_ih, p.pack_hh = nslices, pack_ih, pack_hh
     p.w_ih, p.w_hh, p.bias, p.bias_h = p_ih, p_hh, vptr1(bias), vptr1(bias_h)
@@ -349,9 +390,12 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
         if pack_ih:
             s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads)
         if pack_hh:
-            s_hh = gate_slices(p_hh, G, H, H, nslices, True, n_threads)
-        p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
-        if fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL):
+            s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads)
+            if p.w_hr != NULL:
+                packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, n_threads)
+        p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
+        if (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
+                or (pack_hh and p.w_hr != NULL and packed_hr == NULL)):
             failed = 1
         else:
             with parallel(num_threads=team):
@@ -366,70 +410,84 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
                         0 if by_units else bounds[tid], p.B if by_units else bounds[tid + 1],
                         unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
                         s_ih + slice_offset(p_ih, G, H, I, nslices, k, True) if s_ih != NULL else NULL,
-                        s_hh + slice_offset(p_hh, G, H, H, nslices, k, True) if s_hh != NULL else NULL,
+                        s_hh + slice_offset(p_hh, G, H, p.O, nslices, k, True) if s_hh != NULL else NULL,
                         by_units, fail, tid, nthr)
             for k in range(team):
                 if fail[k] == 1:
                     failed = 1
                 elif fail[k] == 2:
                     short_team = True
-    free(s_ih); free(s_hh); free(fail)
+    free(s_ih); free(s_hh); free(packed_hr); free(fail)
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return not short_team
 
 
 def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
-             floating[:, ::1] dw_ih, floating[:, ::1] dw_hh,
-             floating[:, :, ::1] dgx, floating[:, :, ::1] dgh,
+             floating[:, ::1] dw_ih, floating[:, ::1] dw_hh, floating[:, ::1] dw_hr,
+             floating[:, :, ::1] dgx, floating[:, :, ::1] dgh, floating[:, :, ::1] dhp,
              const floating[:, :, ::1] dy, const floating[:, ::1] dh_n,
              const floating[:, ::1] dc_n, const floating[:, :, ::1] aux,
+             const floating[:, :, ::1] hr,
              const floating[:, :, ::1] y, const floating[:, ::1] h0, const floating[:, ::1] c0,
              const floating[:, :, ::1] x, const floating[:, :, ::1] h_prev,
              const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
+             const floating[:, ::1] w_hr,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
              int n_threads):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
-    receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN).
+    receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
+    LSTM also passes w_hr, forward's hr, dhp (T, B, P) scratch and dw_hr (P, H).
 
     After the reverse loop (row chunks in parallel), three GEMMs over the rows
     t*B + b that exist, `valid` (ascending; None: all T*B) (_gradients.pxd):
-        dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev
-    h_prev (T, B, H) is the state each step read (a view of forward's hs).
+        dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev   (dw_hr = dhp^T hr)
+    h_prev (T, B, O) is the state each step read (a view of forward's hs).
     """
     cdef Plan p
-    cdef Py_ssize_t G = cell_gates(cell), T = dy.shape[0], B = dy.shape[1], H = dy.shape[2]
+    cdef Py_ssize_t G = cell_gates(cell), T = dy.shape[0], B = dy.shape[1], O = dy.shape[2]
+    cdef Py_ssize_t H = w_ih.shape[0] // cell_gates(cell)
     cdef Py_ssize_t I = x.shape[2], nchunks = bounds.shape[0] - 1, k
     cdef const Py_ssize_t *p_valid = &valid[0] if valid is not None else NULL
     cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
     cdef floating *packed_hhT = NULL
+    cdef floating *packed_hrT = NULL
     cdef floating *p_dgx = &dgx[0, 0, 0]
     cdef int failed = 0
     memset(&p, 0, sizeof(Plan))
-    p.cell, p.G, p.T, p.B, p.I, p.H = cell, G, T, B, I, H
+    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
+    p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
     p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
     p.w_ih, p.w_hh = &w_ih[0, 0], &w_hh[0, 0]
     p.y, p.aux, p.h0, p.c0 = vptr3(y), vptr3(aux), vptr2(h0), vptr2(c0)
     p.gates, p.dgh, p.dy, p.dh_n, p.dc_n = p_dgx, vptr3(dgh), &dy[0, 0, 0], vptr2(dh_n), vptr2(dc_n)
     p.dh0, p.dc0 = &dh0[0, 0], vptr2(dc0)
     with nogil:
-        packed_hhT = pack_matrix(&w_hh[0, 0], G * H, H, True, n_threads)   # w_hh^T: (H x G*H)
+        packed_hhT = pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)   # w_hh^T: (O x G*H)
         p.w_hh_slices = packed_hhT
-        if packed_hhT == NULL:
+        if p.w_hr != NULL:
+            packed_hrT = pack_matrix(<const floating *> p.w_hr, O, H, True, n_threads)  # (H x P)
+            p.w_hr_packed = packed_hrT
+        if packed_hhT == NULL or (p.w_hr != NULL and packed_hrT == NULL):
             failed = 1
         else:
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
-            free(packed_hhT)
             if not failed:
                 failed = input_and_weight_gradients(
                     &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                     <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, H,
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
                     n_threads) != 0
+            if not failed and p.w_hr != NULL:
+                failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
+                                         <const floating *> p.hr, p_valid, V, O, H,
+                                         n_threads) != 0
+        free(packed_hhT)
+        free(packed_hrT)
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
 

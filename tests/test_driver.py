@@ -73,3 +73,52 @@ def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
             assert rel_err(got, want) <= TOL[dtype]
     for got, want in zip(two_inf, ref[0]):
         assert rel_err(got, want) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_bidirectional_directions_at_once_equal_one_after_the_other(mode, batch, monkeypatch):
+    """The two directions of a layer, run at once on a share of the threads each,
+    give bitwise the numbers of running them in turn: outputs, states, dx, every grad."""
+    import fastrnn.modules.rnn as rnn_module
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((12, batch, 10)).astype(np.float32)
+    dy = rng.standard_normal((12, batch, 2 * 16)).astype(np.float32)
+    results = []
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        for at_once in (False, True):
+            monkeypatch.setattr(rnn_module, "CONCURRENT_MIN_FLOP", 0 if at_once else 1e30)
+            m = getattr(fastrnn, mode)(10, 16, num_layers=2, bidirectional=True, seed=1)
+            out, state = m(x)
+            dx, dstate = m.backward(dy)
+            grads = [p.grad.copy() for p in m.parameters()]
+            m.eval()
+            out_eval, _ = m(x)
+            results.append([out, dx, out_eval] + grads)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_error_in_the_reverse_direction_reaches_the_caller(monkeypatch):
+    import fastrnn.modules.rnn as rnn_module
+    monkeypatch.setattr(rnn_module, "CONCURRENT_MIN_FLOP", 0)
+    m = fastrnn.GRU(4, 8, bidirectional=True, seed=0)
+    real = m._forward_direction
+
+    def failing(x, h0, c0, w, lengths, reverse, keep):
+        if reverse:
+            raise MemoryError("reverse direction failed")
+        return real(x, h0, c0, w, lengths, reverse, keep)
+
+    monkeypatch.setattr(m, "_forward_direction", failing)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        with pytest.raises(MemoryError, match="reverse direction failed"):
+            m(np.zeros((3, 2, 4), np.float32))
+    finally:
+        fastrnn.set_num_threads(before)

@@ -4,8 +4,7 @@ Every layer is a stack of single-layer, single-direction runs of the functional
 kernels (`fastrnn.functional`, see docs/DESIGN.md). This file only wires them up:
 input checks, the batch_first transpose, stacking, bidirectional merging, dropout
 between layers, and accumulating the kernels' gradients into `Parameter.grad`.
-The one exception is the LSTM with `proj_size > 0`, which the kernels do not
-know: it runs a per-step NumPy loop here (the slow path, see `_lstmp_forward`).
+An LSTM with `proj_size > 0` runs `F.lstmp_forward` / `F.lstmp_backward`.
 
 Shape letters: T steps, B batch, I input size, H hidden size, P projection size,
 O = P if projected else H (the size of h), L layers, D directions (1 or 2).
@@ -26,6 +25,41 @@ __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 _GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _NONLINEARITIES = ("tanh", "relu", "identity")
 _MERGE_MODES = ("concat", "sum")
+
+
+CONCURRENT_MIN_FLOP = 2e7   # per direction: below this a second Python thread costs more
+
+
+def _directions(run, D, flop):
+    """[run(0), ..., run(D-1)]. The two directions of a bidirectional layer are
+    independent: with two or more threads and enough work they run at once, each
+    on its share of the threads (the reverse one in a short-lived Python thread;
+    the kernels release the GIL), so small batches need no per-step barrier
+    between threads. Results are bitwise those of running them one after the other."""
+    call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
+    n = call_threads() if call_threads is not None else 1
+    if D == 1 or n < 2 or flop < CONCURRENT_MIN_FLOP:
+        return [run(d) for d in range(D)]
+    box = {}
+
+    def reverse_direction():
+        try:
+            with F.thread_share(n // 2):
+                box["result"] = run(1)
+        except BaseException as exc:   # re-raised in the caller's thread
+            box["error"] = exc
+
+    helper = threading.Thread(target=reverse_direction, name="fastrnn-reverse-direction",
+                              daemon=True)
+    helper.start()
+    try:
+        with F.thread_share(n - n // 2):
+            first = run(0)
+    finally:
+        helper.join()
+    if "error" in box:
+        raise box["error"]
+    return [first, box["result"]]
 
 
 def _check_dtype(dtype):
@@ -293,12 +327,15 @@ class RNNBase(Module):
         caches, masks = [], []
         layer_in = x                                                    # (T, B, I or D·O)
         for k in range(self.num_layers):
-            ys = []
-            for d in range(D):
+            def direction(d, layer_in=layer_in, k=k):
                 idx = k * D + d
-                y, hn, cn, cache = self._forward_direction(
+                return self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
-                    self._weights(idx), lengths, bool(d), keep)          # y (T, B, O)
+                    self._weights(idx), lengths, bool(d), keep)          # y (T, B, O), ...
+            results = _directions(direction, D, self._direction_flop(layer_in))
+            ys = []
+            for d, (y, hn, cn, cache) in enumerate(results):
+                idx = k * D + d
                 ys.append(y)
                 h_n[idx] = hn
                 if c_n is not None:
@@ -370,13 +407,17 @@ class RNNBase(Module):
             if mask is not None:
                 dlayer = dlayer * mask
             dx_layer = None
-            for d in range(D):
+
+            def direction(d, dlayer=dlayer, k=k):
                 idx = k * D + d
                 dy = dlayer[:, :, d * O:(d + 1) * O] if self.merge_mode == "concat" else dlayer
-                dx, dh, dc, grads = self._backward_direction(
+                return self._backward_direction(
                     np.ascontiguousarray(dy),                           # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
                     cache["caches"][idx])
+            results = _directions(direction, D, 2 * self._direction_flop(dlayer))
+            for d, (dx, dh, dc, grads) in enumerate(results):
+                idx = k * D + d
                 dh0[idx] = dh
                 if dc0 is not None:
                     dc0[idx] = dc
@@ -388,6 +429,13 @@ class RNNBase(Module):
         dx = dlayer.transpose(1, 0, 2) if self.batch_first else dlayer
         dx = np.ascontiguousarray(dx)
         return (dx, (dh0, dc0)) if self.mode == "LSTM" else (dx, dh0)
+
+    def _direction_flop(self, layer_in):
+        """FLOP of one direction's forward over this layer input (T, B, ·)."""
+        T, B, I = layer_in.shape
+        G = {"LSTM": 4, "GRU": 3}.get(self.mode, 1)
+        H, O = self.hidden_size, self.out_hidden_size
+        return 2 * T * B * G * H * (I + O) + 2 * T * B * O * H * (O != H)
 
     # -- one layer, one direction (overridden per cell type) -----------------
     def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
@@ -472,121 +520,13 @@ class LSTM(RNNBase):
 
     def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
         if self.proj_size:
-            return _lstmp_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, keep=keep)
+            return F.lstmp_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse,
+                                   training=keep)
         return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep)
 
     def _backward_direction(self, dy, dh_n, dc_n, cache):
         if self.proj_size:
-            dx, dh0, dc0, *grads = _lstmp_backward(dy, dh_n, dc_n, cache)
+            dx, dh0, dc0, *grads = F.lstmp_backward(dy, dh_n, dc_n, cache)
         else:
             dx, dh0, dc0, *grads = F.lstm_backward(dy, dh_n, dc_n, cache)
         return dx, dh0, dc0, grads
-
-
-# -- projected LSTM: plain NumPy, one step at a time (slow path) -------------
-def _sigmoid(a):
-    return 0.5 + 0.5 * np.tanh(0.5 * a)  # same value as 1/(1+e^-a), never overflows
-
-
-def _lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
-                   keep=True):
-    """One direction of an LSTM with projection, same contract as F.lstm_forward.
-
-    x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
-    b_ih/b_hh (4H,) or None, w_hr (P,H).  -> y (T,B,P), h_n (B,P), c_n (B,H), cache.
-    Padded steps (t >= lengths[b]) leave the state untouched and output 0, so
-    the forward direction ends at each sequence's last valid step and the
-    reverse direction starts there.
-    """
-    T, B, I = x.shape
-    H, P = w_hr.shape[1], w_hr.shape[0]
-    dt = x.dtype
-    # input contribution of every step in one GEMM; biases folded in
-    xw = (x.reshape(T * B, I) @ w_ih.T).reshape(T, B, 4 * H)          # (T, B, 4H)
-    if b_ih is not None:
-        xw += b_ih + b_hh
-    r = np.zeros((B, P), dt) if h0 is None else np.array(h0, dt)       # (B, P) projected h
-    c = np.zeros((B, H), dt) if c0 is None else np.array(c0, dt)       # (B, H)
-    y = np.zeros((T, B, P), dt)                                        # (T, B, P)
-    valid = None if lengths is None else np.arange(T)[:, None] < lengths[None, :]  # (T, B)
-    if keep:
-        gates = np.empty((T, B, 4 * H), dt)  # activated i, f, g, o   (T, B, 4H)
-        c_prev = np.empty((T, B, H), dt)     # c entering step t     (T, B, H)
-        r_prev = np.empty((T, B, P), dt)     # r entering step t     (T, B, P)
-        tanh_c = np.empty((T, B, H), dt)     # tanh(c) after step t  (T, B, H)
-    for t in (reversed(range(T)) if reverse else range(T)):
-        a = xw[t] + r @ w_hh.T                                         # (B, 4H)
-        i, f = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H])             # (B, H) each
-        g, o = np.tanh(a[:, 2 * H:3 * H]), _sigmoid(a[:, 3 * H:])      # (B, H) each
-        c_new = f * c + i * g                                          # (B, H)
-        tc = np.tanh(c_new)                                            # (B, H)
-        r_new = (o * tc) @ w_hr.T                                      # (B, P)
-        if keep:
-            gates[t] = np.concatenate([i, f, g, o], axis=1)
-            c_prev[t], r_prev[t], tanh_c[t] = c, r, tc
-        if valid is not None:  # finished / not yet started sequences keep their state
-            v = valid[t][:, None]                                      # (B, 1)
-            c_new = np.where(v, c_new, c)
-            r_new = np.where(v, r_new, r)
-            y[t] = np.where(v, r_new, 0)
-        else:
-            y[t] = r_new
-        c, r = c_new, r_new
-    cache = None
-    if keep:
-        cache = dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=b_ih is not None,
-                     reverse=reverse, valid=valid, gates=gates, c_prev=c_prev,
-                     r_prev=r_prev, tanh_c=tanh_c)
-    return y, r, c, cache
-
-
-def _lstmp_backward(dy, dh_n, dc_n, cache):
-    """Backward of `_lstmp_forward`.
-
-    dy (T,B,P), dh_n (B,P) or None, dc_n (B,H) or None.
-    -> dx (T,B,I), dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr.
-    """
-    if cache is None:
-        raise RuntimeError("backward: forward ran with training=False, nothing was cached")
-    x, w_ih, w_hh, w_hr = cache["x"], cache["w_ih"], cache["w_hh"], cache["w_hr"]
-    gates, valid = cache["gates"], cache["valid"]
-    T, B, I = x.shape
-    H, P = w_hr.shape[1], w_hr.shape[0]
-    dt = x.dtype
-    dr = np.zeros((B, P), dt) if dh_n is None else np.array(dh_n, dt)  # dL/d r after step
-    dc = np.zeros((B, H), dt) if dc_n is None else np.array(dc_n, dt)  # dL/d c after step
-    da_all = np.empty((T, B, 4 * H), dt)        # gate pre-activation grads   (T, B, 4H)
-    dw_hh = np.zeros_like(w_hh)                 # (4H, P)
-    dw_hr = np.zeros_like(w_hr)                 # (P, H)
-    # walk the steps in the opposite order of the forward pass
-    for t in (range(T) if cache["reverse"] else reversed(range(T))):
-        i, f = gates[t, :, :H], gates[t, :, H:2 * H]                    # (B, H) each
-        g, o = gates[t, :, 2 * H:3 * H], gates[t, :, 3 * H:]
-        tc = cache["tanh_c"][t]                                         # (B, H)
-        dr_t = dr + dy[t]                                               # (B, P)
-        dc_t = dc                                                       # (B, H)
-        if valid is not None:  # padded steps pass gradients through untouched
-            v = valid[t][:, None]                                       # (B, 1)
-            dr_t = np.where(v, dr_t, 0)
-            dc_t = np.where(v, dc_t, 0)
-        h = o * tc                                                      # (B, H)
-        dw_hr += dr_t.T @ h
-        dh = dr_t @ w_hr                                                # (B, H)
-        dc_t = dc_t + dh * o * (1 - tc * tc)                            # (B, H)
-        da = np.concatenate([dc_t * g * i * (1 - i),                    # d a_i
-                             dc_t * cache["c_prev"][t] * f * (1 - f),   # d a_f
-                             dc_t * i * (1 - g * g),                    # d a_g
-                             dh * tc * o * (1 - o)], axis=1)            # d a_o  (B, 4H)
-        da_all[t] = da
-        dw_hh += da.T @ cache["r_prev"][t]
-        dr_prev = da @ w_hh                                             # (B, P)
-        dc_prev = dc_t * f                                              # (B, H)
-        if valid is not None:
-            dr_prev = np.where(v, dr_prev, dr)
-            dc_prev = np.where(v, dc_prev, dc)
-        dr, dc = dr_prev, dc_prev
-    da2 = da_all.reshape(T * B, 4 * H)                                  # (T·B, 4H)
-    dx = (da2 @ w_ih).reshape(T, B, I)                                  # (T, B, I)
-    dw_ih = da2.T @ x.reshape(T * B, I)                                 # (4H, I)
-    db = da2.sum(axis=0) if cache["bias"] else None                     # (4H,)
-    return dx, dr, dc, dw_ih, dw_hh, db, None if db is None else db.copy(), dw_hr
