@@ -195,8 +195,9 @@ def clear_plan(module):
 def _args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
     """The driver's arguments for layer k, exactly as fastrnn.functional passes them on
     one thread (forward direction, full lengths, one chunk, no training buffers):
-    (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, lengths,
-    order, bounds, reverse, pack_ih, pack_hh, n_threads, by_units)."""
+    (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr,
+    lengths, order, bounds, reverse, pack_ih, pack_hh, n_threads, by_units); no
+    projection (w_hr, hr None: proj_size modules take the general path)."""
     w_ih, w_hh, views = plan.layers[k]
     if views is None:
         bias = bias_h = None
@@ -204,7 +205,8 @@ def _args(plan, k, x, y, h_n, c_n, h0, c0, T, B, sched):
         bias, bias_h = _combine("gru", views)
     else:
         bias, bias_h = views[0] + views[1], None
-    return (plan.act, y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias, bias_h) + sched
+    return (plan.act, y, h_n, c_n, None, None, x, h0, c0, w_ih, w_hh, bias, bias_h,
+            None, None) + sched
 
 
 def layer_forward(module, x, hx):
