@@ -237,3 +237,19 @@ def test_training_call_refused_while_another_thread_is_in_an_eval_call():
         release.set()
         t.join()
     assert len(seen) == 1 and m.__dict__["_eval_users"] == []
+
+
+def test_deepcopy_drops_call_bookkeeping_and_plan():
+    import copy
+    m = fastrnn.GRU(4, 8, num_layers=2, seed=0).eval()
+    x = np.ones((3, 2, 4), np.float32)
+    want = m(x)
+    m.__dict__["_eval_users"].append(-1)              # as if a call were in flight
+    c = copy.deepcopy(m)
+    m.__dict__["_eval_users"].remove(-1)
+    assert "_fp_plan" not in c.__dict__ and "_eval_users" not in c.__dict__
+    assert_bitwise(c(x), want)
+    assert took_fast_path(c) and c._fp_plan.params[0][0] is c.weight_ih_l0
+    c.train()
+    y, _ = c(x)                                         # no phantom thread inside the copy
+    c.backward(np.ones_like(y))

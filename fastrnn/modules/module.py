@@ -222,6 +222,13 @@ class Module:
         """Mark (pending=True) or clear this thread's unconsumed training cache."""
         object.__setattr__(self, "_train_owner", threading.get_ident() if pending else None)
 
+    def __getstate__(self):
+        # copies (copy.deepcopy) start with no threads inside a call and no fast-path plan
+        state = self.__dict__.copy()
+        for key in ("_eval_users", "_users", "_fp_plan"):
+            state.pop(key, None)
+        return state
+
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")
 
