@@ -135,7 +135,9 @@ def _combine(kind, views):
 
 
 def _build(module, cell):
-    """A plan for `module`, or _NOT_ELIGIBLE."""
+    """A plan for `module`; _NOT_ELIGIBLE for a module the fast path never serves; None
+    while a parameter array is unfit (wrong dtype, shape or layout: checked again on the
+    next call, so fixing the parameter brings the fast path back)."""
     dtype = module.dtype
     if cell:
         kind = {"RNNCell": "rnn", "LSTMCell": "lstm", "GRUCell": "gru"}.get(type(module).__name__)
@@ -162,7 +164,7 @@ def _build(module, cell):
         for name, shape in zip(names[k], shapes):
             p = getattr(module, name)
             if not _ok_array(p.data, dtype, shape):
-                return _NOT_ELIGIBLE      # the general path reports what is wrong
+                return None               # not now: the general path reports what is wrong
             params.append((p, p.data, shape))
             arrays.append(p.data)
         b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
@@ -183,6 +185,9 @@ def _plan(module, cell):
             plan = module.__dict__.get("_fp_plan")
             if plan is None or (plan is not _NOT_ELIGIBLE and not plan.valid()):
                 plan = _build(module, cell)
+                if plan is None:
+                    module.__dict__.pop("_fp_plan", None)
+                    return _NOT_ELIGIBLE
                 object.__setattr__(module, "_fp_plan", plan)
     return plan
 

@@ -149,6 +149,7 @@ def test_bad_parameters_and_inputs_raise_as_before():
         m(x)
     m.weight_hh_l0.data = good
     m(x)
+    assert took_fast_path(m)                            # fixed: the fast path is back
     good.shape = (8, 32)                                # the same array reshaped in place
     with pytest.raises(ValueError, match="w_hh"):
         m(x)
