@@ -2,6 +2,15 @@
 and ONNX Runtime float32, LSTM I = H, medians of interleaved repeats.
 
     python bench/inference.py [--threads 2] [--repeats 7]
+    python bench/inference.py --accuracy [--budget 180]   # only the char-LM accuracy
+
+--accuracy trains the quality benchmark's char-LSTM (bench/quality.py's settings:
+tinyshakespeare, 1 x 512, embedding 64, batch 32, 64-step chunks, Adam 2e-3, clip
+5, the last 10 % held out) in float32 for --budget seconds, then reports the
+validation loss of the float32 model and of its int8 and bfloat16 copies against
+the targets (+0.5 % and +0.1 %) and the max abs logit error on a validation chunk.
+The speed figures of issue 10 are in `fastrnn bench --quantize int8,bfloat16` and
+`fastrnn bench --mode stream`.
 """
 import argparse
 import time
@@ -28,11 +37,51 @@ def median_ms(fns, repeats):
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
+def accuracy(budget, threads, seed=0):
+    """Validation loss of the quality benchmark's char-LSTM: float32, int8, bfloat16."""
+    from fastrnn.cli import DEFAULT_TEXT
+    from fastrnn.metrics import evaluate_lm
+    from fastrnn.train import TrainConfig, Trainer
+    with open(DEFAULT_TEXT, encoding="utf-8") as f:
+        text = f.read()
+    cfg = TrainConfig(cell="lstm", layers=1, hidden=512, embed=64, batch_size=32, seq_len=64,
+                      batching="sequential", optimizer="adam", lr=2e-3, clip=5.0,
+                      time_budget=budget, val_fraction=0.1, eval_every=None, tokenizer="char",
+                      seed=seed, threads=threads)
+    trainer = Trainer(cfg, text)
+    res = trainer.run(progress=False)
+    ids = trainer.val_ids
+    base = evaluate_lm(trainer.model, ids, num_streams=cfg.batch_size)["loss"]
+    print(f"char-LSTM 1x512 trained {res['steps']} steps ({budget:g} s) in float32: "
+          f"validation loss {base:.5f} ({len(ids):,} tokens)")
+    x = ids[:64 * 32].reshape(32, 64).T.copy()
+    ref = trainer.model.eval()(x)[0]
+    out = {"float32": base}
+    for qdtype, limit in (("int8", 0.5), ("bfloat16", 0.1)):
+        q = fastrnn.quantize(trainer.model, qdtype)
+        loss = evaluate_lm(q, ids, num_streams=cfg.batch_size)["loss"]
+        excess = 100.0 * (loss - base) / base
+        err = float(np.abs(q(x)[0] - ref).max())
+        out[qdtype] = loss
+        print(f"  {qdtype:<9} validation loss {loss:.5f} ({excess:+.3f} %, target <= "
+              f"+{limit} %: {'met' if excess <= limit else 'MISSED'}); max abs logit error "
+              f"{err:.2e} on a 64 x 32 validation chunk", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--accuracy", action="store_true",
+                    help="only the char-LM accuracy of the quantised copies")
+    ap.add_argument("--budget", type=float, default=180.0,
+                    help="--accuracy: float32 training seconds (default 180, as bench/quality.py)")
     args = ap.parse_args()
+    if args.accuracy:
+        fastrnn.set_num_threads(args.threads)
+        accuracy(args.budget, args.threads)
+        return
     import torch
     torch.set_num_threads(args.threads)
     fastrnn.set_num_threads(args.threads)

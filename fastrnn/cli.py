@@ -20,6 +20,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 
 __all__ = ["main", "build_parser", "DEFAULT_TEXT"]
 
@@ -180,6 +181,11 @@ def build_parser():
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--threads", type=_positive_int, default=None)
+    gen.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
+                     help="sample N texts at once (one batch; sample i has its own random "
+                          "stream from --seed)")
+    gen.add_argument("--quantize", choices=["int8", "bfloat16"], default=None,
+                     help="generate from an int8 / bfloat16 copy of the model")
     gen.add_argument("--json", action="store_true")
 
     sub.add_parser("bench", help="speed benchmarks (see `fastrnn bench --help`)",
@@ -319,16 +325,36 @@ def cmd_generate(args, out):
     if tok is None:
         raise CLIError(f"{args.checkpoint}: checkpoint has no vocabulary; cannot generate text")
     model = ckpt.build_model()
+    if args.quantize:
+        import fastrnn
+        model = fastrnn.quantize(model, args.quantize)
     try:
         with thread_limits(args.threads):
+            t0 = time.perf_counter()
             text = generate(model, tok, prime=args.prime, length=args.length,
                             temperature=args.temperature, top_k=args.top_k,
-                            greedy=args.greedy, seed=args.seed)
+                            greedy=args.greedy, seed=args.seed, num_samples=args.num_samples)
+            seconds = time.perf_counter() - t0
     except KeyError as e:
         raise CLIError(f"--prime: {e.args[0]}") from None
-    print(args.prime + text, file=out)
+    texts = [text] if args.num_samples is None else text
+    for k, t in enumerate(texts):
+        if args.num_samples is not None:
+            print(f"--- sample {k + 1} of {len(texts)} ---", file=out)
+        print(args.prime + t, file=out)
+    tokens = args.length * len(texts)
+    tps = tokens / seconds if seconds > 0 else None
+    print(f"generated {len(texts)} x {args.length} tokens in {seconds:.3f} s "
+          f"({tps:,.0f} tokens/s, priming included)" if tps else
+          f"generated {len(texts)} x {args.length} tokens", file=sys.stderr)
     if args.json:
-        print(json.dumps({"prime": args.prime, "text": text, "length": args.length}), file=out)
+        res = {"prime": args.prime, "length": args.length, "seconds": seconds,
+               "tokens_per_s": tps}
+        if args.num_samples is None:
+            res["text"] = text
+        else:
+            res["texts"] = texts
+        print(json.dumps(res), file=out)
     return 0
 
 

@@ -14,14 +14,22 @@ def sample_logits(logits, temperature=1.0, top_k=None, greedy=False, rng=None):
 
     ``greedy`` (or ``temperature == 0``) takes the arg-max. Otherwise the
     logits are divided by ``temperature``, restricted to the ``top_k`` largest
-    (if given) and sampled from the softmax with ``rng``.
+    (if given) and sampled from the softmax with ``rng``: one generator for
+    every row, or a sequence of generators, one per row of a 2-D ``logits``
+    (row i then draws from ``rng[i]`` only).
     """
     logits = np.asarray(logits, dtype=np.float64)
     if temperature < 0:
         raise ValueError("temperature must be >= 0")
     if greedy or temperature == 0:
         return logits.argmax(axis=-1)
-    rng = as_generator(rng)
+    per_row = isinstance(rng, (list, tuple))
+    if per_row:
+        if logits.ndim != 2 or len(rng) != logits.shape[0]:
+            raise ValueError(f"rng: one generator per row of 2-D logits expected, got "
+                             f"{len(rng)} for logits of shape {logits.shape}")
+    else:
+        rng = as_generator(rng)
     z = logits / temperature
     V = z.shape[-1]
     if top_k is not None:
@@ -32,7 +40,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, greedy=False, rng=None):
             kth = np.partition(z, V - k, axis=-1)[..., V - k:V - k + 1]
             z = np.where(z >= kth, z, -np.inf)
     p = softmax(z, axis=-1).reshape(-1, V)
-    u = rng.random(p.shape[0])
+    u = np.array([g.random() for g in rng]) if per_row else rng.random(p.shape[0])
     c = np.cumsum(p, axis=1)
     c[:, -1] = 1.0                      # guard against rounding below u
     idx = (c < u[:, None]).sum(axis=1)
@@ -54,14 +62,24 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
 
     Runs with batch 1 in eval mode (restored afterwards). Returns the new ids.
     With ``num_samples=n`` it samples n sequences at once (batch n, one kernel
-    call per step for all of them) and returns an (n, length) array.
+    call per step for all of them) and returns an (n, length) array; sample i
+    draws from its own random stream, child i of ``np.random.SeedSequence(seed)``
+    (so a seed reproduces all n samples, and the samples do not share draws).
     """
     prime_ids = np.asarray(prime_ids, dtype=np.int64).reshape(-1)
     if prime_ids.size == 0:
         raise ValueError("generation needs at least one priming id")
     if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
+                or num_samples < 1:
+            raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
+        if isinstance(seed, np.random.Generator):
+            raise TypeError("seed: num_samples needs an integer seed or None (each sample "
+                            "gets its own stream spawned from it), got a Generator")
+        children = np.random.SeedSequence(seed).spawn(int(num_samples))
+        rngs = [np.random.default_rng(c) for c in children]
         return _generate_batch(model, prime_ids, int(length), temperature, top_k, greedy,
-                               as_generator(seed), int(num_samples))
+                               rngs, int(num_samples))
     rng = as_generator(seed)
     was_training = model.training
     model.eval()
@@ -80,10 +98,9 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
     return out
 
 
-def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rng, n):
-    """num_samples=n: n independent samples after the same prime -> (n, length) ids."""
-    if n < 1:
-        raise ValueError(f"num_samples: expected an integer >= 1, got {n}")
+def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rngs, n):
+    """num_samples=n: n independent samples after the same prime -> (n, length) ids;
+    row i samples with rngs[i]."""
     was_training = model.training
     model.eval()
     out = np.empty((n, length), dtype=np.int64)
@@ -91,7 +108,7 @@ def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rng, n
         logits, state = model(np.repeat(prime_ids[:, None], n, axis=1), None)   # (T, n, V)
         last = logits[-1]
         for t in range(length):
-            nxt = sample_logits(last, temperature, top_k, greedy, rng)          # (n,)
+            nxt = sample_logits(last, temperature, top_k, greedy, rngs)         # (n,)
             out[:, t] = nxt
             if t + 1 < length:
                 logits, state = model(nxt[None, :], state)
@@ -102,10 +119,11 @@ def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rng, n
 
 
 def generate(model, tokenizer, prime="", length=200, temperature=1.0, top_k=None,
-             greedy=False, seed=None):
+             greedy=False, seed=None, num_samples=None):
     """Generate ``length`` tokens of text after ``prime`` and return them
-    (without the prime). Characters in ``prime`` that the vocabulary lacks
-    raise ``KeyError``."""
+    (without the prime); with ``num_samples=n`` a list of n texts sampled at
+    once (see :func:`generate_ids`). Characters in ``prime`` that the
+    vocabulary lacks raise ``KeyError``."""
     if not prime:
         ids = start_ids(tokenizer)
     elif getattr(tokenizer, "kind", None) == "word":
@@ -114,5 +132,8 @@ def generate(model, tokenizer, prime="", length=200, temperature=1.0, top_k=None
         ids = tokenizer.encode(prime)
     if len(ids) == 0:
         ids = start_ids(tokenizer)
-    new = generate_ids(model, ids, length, temperature, top_k, greedy, seed)
+    new = generate_ids(model, ids, length, temperature, top_k, greedy, seed,
+                       num_samples=num_samples)
+    if num_samples is not None:
+        return [tokenizer.decode(row) for row in new]
     return tokenizer.decode(new)

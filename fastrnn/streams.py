@@ -163,6 +163,7 @@ class StreamPool:
 
     # -- stepping -----------------------------------------------------------------
     def _ids(self, ids):
+        """-> (rows (n,) intp array for the kernel, the same ids as a list of ints)."""
         arr = np.asarray(ids)
         if arr.ndim == 0:
             arr = arr[None]
@@ -170,10 +171,11 @@ class StreamPool:
             raise TypeError(f"ids: expected a non-empty list of int stream ids, got "
                             f"{arr.dtype} array of shape {arr.shape}")
         rows = arr.astype(np.intp)
-        if len(np.unique(rows)) != len(rows):
+        listed = rows.tolist()
+        if len(set(listed)) != len(listed):
             raise ValueError(f"ids: each stream may appear once per step, got repeats in "
-                             f"{rows.tolist()}")
-        return rows
+                             f"{listed}")
+        return rows, listed
 
     def _inputs(self, x, n):
         """-> (x3 (T, n, I) float32 or ids (T, n), single frame?)."""
@@ -200,27 +202,29 @@ class StreamPool:
     def step(self, ids, x):
         """Advance the streams `ids` by x; returns their outputs in the order given:
         (n, H) for x (n, I), (T, n, H) for x (T, n, I); logits for a language model."""
-        rows = self._ids(ids)
+        rows, listed = self._ids(ids)
         n = len(rows)
         x3, single = self._inputs(x, n)
         if self.encoder is not None:
             x3 = self.encoder(x3)          # checks the id range; (T, n, E) float32
         with self._cond:
-            for sid in rows:
-                if int(sid) not in self._open:
-                    raise KeyError(f"ids: stream {int(sid)} is not open (unknown or closed)")
-            while self._busy.intersection(rows.tolist()):
+            if not self._open.issuperset(listed):
+                sid = next(s for s in listed if s not in self._open)
+                raise KeyError(f"ids: stream {sid} is not open (unknown or closed)")
+            waited = False
+            while not self._busy.isdisjoint(listed):
                 self._cond.wait()
-            for sid in rows:          # re-check: a waiting period may have closed one
-                if int(sid) not in self._open:
-                    raise KeyError(f"ids: stream {int(sid)} was closed")
-            self._busy.update(rows.tolist())
+                waited = True
+            if waited and not self._open.issuperset(listed):   # closed while we waited
+                sid = next(s for s in listed if s not in self._open)
+                raise KeyError(f"ids: stream {sid} was closed")
+            self._busy.update(listed)
         try:
             y = self.stack._run(x3, self._h, self._c, self._h, self._c, rows, rows,
                                 self.capacity)
         finally:
             with self._cond:
-                self._busy.difference_update(rows.tolist())
+                self._busy.difference_update(listed)
                 self._cond.notify_all()
         if self.decoder is not None:
             y = self.decoder(y)

@@ -180,7 +180,13 @@ def test_save_generate_and_resume(textfile, tmp_path, capsys):
                  "--json"]) == 0
     assert last_json(capsys.readouterr().out)["text"] == res["text"]            # seeded
     assert main(["generate", str(ck), "--greedy", "--length", "10", "--top-k", "3"]) == 0
-    capsys.readouterr()
+    assert "tokens/s" in capsys.readouterr().err
+    assert main(["generate", str(ck), "--prime", "RO", "--length", "12", "--seed", "4",
+                 "--num-samples", "3", "--quantize", "int8", "--json"]) == 0
+    out = capsys.readouterr().out
+    res = last_json(out)
+    assert len(res["texts"]) == 3 and all(len(t) == 12 for t in res["texts"])
+    assert res["tokens_per_s"] > 0 and out.count("--- sample ") == 3
     assert main(["generate", str(ck), "--prime", "\u263a", "--length", "5"]) == 2
     assert "not in the vocabulary" in capsys.readouterr().err
 

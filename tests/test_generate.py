@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import fastrnn
 from fastrnn.data.tokenizers import CharTokenizer, WordTokenizer
 from fastrnn.generate import generate, generate_ids, sample_logits, start_ids
 from fastrnn.lm import RNNLanguageModel
@@ -108,3 +109,40 @@ def test_word_generation_primes_mid_sentence():
     model = RNNLanguageModel(word.vocab_size, 4, 8, cell="gru", seed=0)
     text = generate(model, word, prime="the cat", length=6, seed=0)
     assert isinstance(text, str) and len(text.split()) <= 6
+
+
+def test_num_samples_each_row_its_own_stream_and_seeded():
+    model = RNNLanguageModel(11, 4, 16, cell="lstm", seed=0)
+    a = generate_ids(model, [1, 2], 25, temperature=3.0, seed=5, num_samples=4)
+    b = generate_ids(model, [1, 2], 25, temperature=3.0, seed=5, num_samples=4)
+    c = generate_ids(model, [1, 2], 25, temperature=3.0, seed=6, num_samples=4)
+    assert a.shape == (4, 25) and a.dtype == np.int64 and a.min() >= 0 and a.max() < 11
+    np.testing.assert_array_equal(a, b)                          # reproducible
+    assert not np.array_equal(a, c)
+    assert len({tuple(r) for r in a}) == 4                       # rows do not share draws
+    greedy = generate_ids(model, [1, 2], 6, greedy=True, num_samples=3)
+    assert (greedy == greedy[0]).all()                           # same prime, same argmax
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="num_samples"):
+            generate_ids(model, [1], 3, num_samples=bad)
+    with pytest.raises(TypeError, match="seed"):
+        generate_ids(model, [1], 3, num_samples=2, seed=np.random.default_rng(0))
+
+
+def test_sample_logits_per_row_generators():
+    logits = np.tile(LOGITS, (3, 1))
+    rngs = [np.random.default_rng(s) for s in (1, 2, 3)]
+    got = sample_logits(logits, rng=rngs)
+    want = [int(sample_logits(LOGITS[None], rng=np.random.default_rng(s))[0]) for s in (1, 2, 3)]
+    assert got.tolist() == want
+    with pytest.raises(ValueError, match="one generator per row"):
+        sample_logits(logits, rng=rngs[:2])
+
+
+def test_generate_texts_from_a_quantised_model():
+    char = CharTokenizer.fit("abcdefgh\n" * 5)
+    model = RNNLanguageModel(char.vocab_size, 4, 16, cell="gru", seed=0)
+    q = fastrnn.quantize(model, "int8")
+    texts = generate(q, char, prime="ab", length=7, seed=1, num_samples=3)
+    assert len(texts) == 3 and all(len(t) == 7 for t in texts)
+    assert texts == generate(q, char, prime="ab", length=7, seed=1, num_samples=3)

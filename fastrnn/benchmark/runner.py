@@ -88,22 +88,30 @@ def build_parser():
                + "  ".join("(%d,%d,%d,%d)" % c[:4] + ("" if len(c) == 4 else
                     " bidirectional" if c[5] else f" {c[4]} layers") for c in common.GRID)
                + " as (I,H,T,B). Giving some of them runs one config, the rest taken "
-               "from (256,256,100,64). --memory and --lengths alone (no --mode) run "
-               "only those reports.")
+               "from (256,256,100,64). --memory, --lengths and --quantize alone (no "
+               "--mode) run only those reports.")
     p.add_argument("--cell", type=_csv(common.CELLS + ("rnn_relu",), CELL_ALIASES),
-                   default=list(common.CELLS),
+                   default=None,
                    help="comma-separated cells: rnn_tanh (alias rnn), lstm, gru, rnn_relu, "
-                        "or all (default: rnn_tanh,lstm,gru)")
+                        "or all (default: rnn_tanh,lstm,gru; lstm,gru for --quantize)")
     p.add_argument("-I", "--input-size", type=int, help="input features I")
     p.add_argument("-H", "--hidden-size", type=int, help="hidden units H")
     p.add_argument("-T", "--seq-len", type=int, help="time steps T")
     p.add_argument("-B", "--batch", type=int, help="batch size B")
     p.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
-    p.add_argument("--mode", type=_csv(("forward", "train", "step")), default=None,
+    p.add_argument("--mode", type=_csv(("forward", "train", "step", "stream")), default=None,
                    help="comma-separated: forward (inference), train (forward+backward), "
-                        "step (batch-1 single-step latency of the cells) "
-                        "(default: forward,train)")
+                        "step (batch-1 single-step latency of the cells), stream (StreamPool "
+                        "vs a plain batch-64 call, streaming audio vs ONNX Runtime, per-call "
+                        "Python overhead, generation vs torch) (default: forward,train)")
+    p.add_argument("--quantize", type=_csv(("int8", "bfloat16"), {"bf16": "bfloat16"}),
+                   default=None, metavar="DTYPES",
+                   help="quantised inference report: fastrnn float32 and DTYPES (int8, "
+                        "bfloat16) against torch's quantize_dynamic int8 and ONNX Runtime "
+                        "float32, batch 1-64 at I=H=512 T=50 and H=1024 T=25 B=1 (or the "
+                        "config given by -I/-H/-T/-B), with the issue-10 targets and max abs "
+                        "output errors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--threads", type=int, default=2,
                    help="threads for every engine (default 2)")
@@ -125,6 +133,13 @@ def build_parser():
     p.add_argument("--lengths", action="store_true",
                    help="mixed-lengths report: time with lengths uniform in [1, T] "
                         "against all lengths T")
+    p.add_argument("--stream-chunks", type=int, default=40, metavar="N",
+                   help="--mode stream: chunks of 64 samples per timed audio run (default 40)")
+    p.add_argument("--gen-hidden", type=int, default=512, metavar="H",
+                   help="--mode stream: hidden size of the generation LSTM (default 512, "
+                        "the quality benchmark's)")
+    p.add_argument("--gen-length", type=int, default=200, metavar="N",
+                   help="--mode stream: tokens generated per timed run (default 200)")
     p.add_argument("--json", action="store_true",
                    help="print every result as one JSON object on the last line")
     p.add_argument("--plot", metavar="OUT.png", help="draw GFLOP/s per case (needs matplotlib)")
@@ -380,9 +395,15 @@ def main(argv=None):
     if args.threads < 1:
         build_parser().error("--threads must be at least 1")
     configs, explicit = _configs(args)
-    run_main = args.mode is not None or not (args.memory or args.lengths)
+    run_main = args.mode is not None or not (args.memory or args.lengths or args.quantize)
     if args.mode is None:
-        args.mode = ["forward", "train"]
+        args.mode = ["forward", "train"] if run_main else []
+    run_stream = "stream" in args.mode
+    args.mode = [m for m in args.mode if m != "stream"]
+    run_main = run_main and bool(args.mode)
+    cells_given = args.cell is not None
+    if args.cell is None:
+        args.cell = list(common.CELLS)
     installed = available_peers()
     if args.peers is None:
         peers = installed
@@ -446,6 +467,28 @@ def main(argv=None):
                 print("ERRORS:")
                 for e in errors:
                     print(f"  {e['engine']}, {e['case']}: {e['error']}")
+        if args.quantize:
+            from fastrnn.benchmark import inference
+            qcells = args.cell if cells_given else ["lstm", "gru"]
+            qconfigs = [c[:4] for c in configs] if explicit else list(inference.QUANT_GRID)
+            quant = inference.quantize_report(qcells, qconfigs, args.quantize, peers,
+                                              args.threads, budget, args.repeats, args.seed,
+                                              progress=_log)
+            summary["quantize"] = quant
+            print(inference.format_quantize(quant))
+        if run_stream:
+            from fastrnn.benchmark import inference
+            scells = args.cell if cells_given else ["rnn_tanh", "lstm", "gru"]
+            pool_size = (args.input_size or 256, args.hidden_size or 256)
+            stream = inference.stream_report(scells, peers, args.threads, budget, args.repeats,
+                                             args.seed, pool_size=pool_size,
+                                             audio_chunks=args.stream_chunks,
+                                             gen_hidden=args.gen_hidden,
+                                             gen_length=args.gen_length, progress=_log)
+            summary["stream"] = stream
+            print(inference.format_stream(stream))
+            if any("error" in r for r in stream):
+                status = 1
         if args.memory:
             from fastrnn.benchmark.memory import memory_report, format_memory
             mem_modes = [m for m in args.mode if m != "step"] or ["forward", "train"]

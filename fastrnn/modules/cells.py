@@ -26,9 +26,11 @@ Shape letters: B batch, I input size, H hidden size, G gates (1, 3, 4).
 """
 
 import math
+from threading import get_ident as _get_ident
 
 import numpy as np
 
+from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, training_call
 
@@ -94,6 +96,23 @@ class _CellBase(Module):
     @property
     def num_cached_steps(self):
         return len(self._stack)
+
+    def __call__(self, input, hx=None):
+        # eval calls try the fast path first, registered like Module.__call__ does
+        if not self.training:
+            d = self.__dict__
+            users = d.get("_eval_users")
+            if users is None:
+                users = d.setdefault("_eval_users", [])
+            tid = _get_ident()
+            users.append(tid)
+            try:
+                fast = _fastpath.cell_forward(self, input, hx)
+            finally:
+                users.remove(tid)
+            if fast is not None:
+                return fast
+        return Module.__call__(self, input, hx)
 
     def _biases(self):
         return (None, None) if self.bias_ih is None else (self.bias_ih.data, self.bias_hh.data)
@@ -169,6 +188,10 @@ class RNNCell(_CellBase):
         return dict(super().config(), nonlinearity=self.nonlinearity)
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
@@ -200,6 +223,10 @@ class GRUCell(_CellBase):
     _gates = 3
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
@@ -231,6 +258,10 @@ class LSTMCell(_CellBase):
     _gates = 4
 
     def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         h = c = None

@@ -17,6 +17,7 @@ __all__ = ["Parameter", "Module", "training_call"]
 # Guards the per-module bookkeeping of which threads are inside a call (held for
 # a few dictionary operations only, never while a kernel runs).
 _USE_LOCK = threading.Lock()
+_get_ident = threading.get_ident
 
 
 def training_call(method):
@@ -70,6 +71,7 @@ class Module:
         self._modules.pop(name, None)
         if isinstance(value, Parameter):
             params[name] = value
+            self.__dict__.pop("_fp_plan", None)  # the eval fast path validates it again
         elif isinstance(value, Module):
             self._modules[name] = value
         object.__setattr__(self, name, value)
@@ -158,7 +160,20 @@ class Module:
 
     # -- calling -------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        tid = self._begin_call(self.training)
+        if not self.training:
+            # eval calls register in a plain list: append and remove are atomic under
+            # the GIL, so no lock is taken (a training call checks this list too)
+            d = self.__dict__
+            users = d.get("_eval_users")
+            if users is None:
+                users = d.setdefault("_eval_users", [])
+            tid = _get_ident()
+            users.append(tid)
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                users.remove(tid)
+        tid = self._begin_call(True)
         try:
             return self.forward(*args, **kwargs)
         finally:
@@ -185,7 +200,8 @@ class Module:
                         f"{type(self).__name__}: another thread ran a training-mode forward on "
                         f"this module and has not run its backward yet; train a module from "
                         f"one thread at a time (or give each thread its own copy)")
-                if any(t != tid for t in users):
+                if any(t != tid for t in users) or any(
+                        t != tid for t in d.get("_eval_users", ())):
                     raise RuntimeError(
                         f"{type(self).__name__}: a training-mode call while another thread is "
                         f"running this module; training caches state in the module, so it "
@@ -205,6 +221,13 @@ class Module:
     def _set_train_owner(self, pending):
         """Mark (pending=True) or clear this thread's unconsumed training cache."""
         object.__setattr__(self, "_train_owner", threading.get_ident() if pending else None)
+
+    def __getstate__(self):
+        # copies (copy.deepcopy) start with no threads inside a call and no fast-path plan
+        state = self.__dict__.copy()
+        for key in ("_eval_users", "_users", "_fp_plan"):
+            state.pop(key, None)
+        return state
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} does not define forward")

@@ -12,9 +12,11 @@ O = P if projected else H (the size of h), L layers, D directions (1 or 2).
 
 import math
 import threading
+from threading import get_ident as _get_ident
 
 import numpy as np
 
+from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, training_call
 
@@ -276,6 +278,24 @@ class RNNBase(Module):
         return h, c
 
     # -- forward ------------------------------------------------------------
+    def __call__(self, x, hx=None, lengths=None):
+        # eval calls try the fast path first, registered like Module.__call__ does
+        # (one frame less than going through it; see fastrnn/_fastpath.py)
+        if not self.training and lengths is None:
+            d = self.__dict__
+            users = d.get("_eval_users")
+            if users is None:
+                users = d.setdefault("_eval_users", [])
+            tid = _get_ident()
+            users.append(tid)
+            try:
+                fast = _fastpath.layer_forward(self, x, hx)
+            finally:
+                users.remove(tid)
+            if fast is not None:
+                return fast
+        return Module.__call__(self, x, hx, lengths)
+
     def forward(self, x, hx=None, lengths=None):
         """Run the stack. Returns `out, h_n` (RNN/GRU) or `out, (h_n, c_n)` (LSTM).
 
@@ -287,6 +307,10 @@ class RNNBase(Module):
         out: (T,B,D·O) for merge_mode 'concat' ([forward | reverse]), (T,B,O)
         for 'sum'; h_n (L·D,B,O) and c_n (L·D,B,H) indexed layer*D + direction.
         """
+        if not self.training and lengths is None:
+            fast = _fastpath.layer_forward(self, x, hx)     # None: the call does not qualify
+            if fast is not None:                            # (a direct .forward() call)
+                return fast
         x = self._check_input(x)                             # (T, B, I)
         T, B, _ = x.shape
         h0, c0 = self._check_state("hx", hx, B)

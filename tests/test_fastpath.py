@@ -1,0 +1,256 @@
+"""The eval-mode fast path (fastrnn/_fastpath.py): bitwise the general path's results,
+taken when it should be, every parameter change seen, bad input still raising."""
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _fastpath
+from fastrnn.modules.module import Parameter
+
+LAYERS = ["RNN", "LSTM", "GRU"]
+
+
+def general(module, *args):
+    """The module's result with the fast path switched off."""
+    saved_l, saved_c = _fastpath.layer_forward, _fastpath.cell_forward
+    _fastpath.layer_forward = _fastpath.cell_forward = lambda *a: None
+    try:
+        return module(*args)
+    finally:
+        _fastpath.layer_forward, _fastpath.cell_forward = saved_l, saved_c
+
+
+def flat(out):
+    if isinstance(out, tuple):
+        return [a for o in out for a in flat(o)]
+    return [out]
+
+
+def assert_bitwise(a, b):
+    fa, fb = flat(a), flat(b)
+    assert len(fa) == len(fb)
+    for x, y in zip(fa, fb):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert np.array_equal(x, y), np.abs(x - y).max()
+
+
+def took_fast_path(module):
+    return isinstance(module.__dict__.get("_fp_plan"), _fastpath._Plan)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layers,bias", [(1, True), (2, True), (1, False)])
+def test_layer_bitwise_general_path(cls, dtype, layers, bias):
+    m = getattr(fastrnn, cls)(5, 12, num_layers=layers, bias=bias, dtype=dtype, seed=1).eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 5)).astype(dtype)
+    h = rng.standard_normal((layers, 3, 12)).astype(dtype)
+    hx = (h, 0.5 * h) if cls == "LSTM" else h
+    for args in ((x,), (x, hx)):
+        fast = m(*args)
+        assert took_fast_path(m)
+        assert_bitwise(fast, general(m, *args))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_cell_bitwise_general_path_batched_and_unbatched(cls):
+    c = getattr(fastrnn, cls + "Cell")(5, 12, seed=2).eval()
+    rng = np.random.default_rng(0)
+    for B in (None, 1, 3):
+        shape = (5,) if B is None else (B, 5)
+        hshape = (12,) if B is None else (B, 12)
+        x = rng.standard_normal(shape).astype(np.float32)
+        h = rng.standard_normal(hshape).astype(np.float32)
+        hx = (h, 0.5 * h) if cls == "LSTM" else h
+        for args in ((x,), (x, hx)):
+            fast = c(*args)
+            assert took_fast_path(c)
+            assert_bitwise(fast, general(c, *args))
+
+
+def test_calls_outside_the_fast_path_give_the_same_results():
+    m = fastrnn.LSTM(5, 12, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((6, 4, 5)).astype(np.float32)
+    want = general(m, x)
+    x_f = np.asfortranarray(x)                          # not C-contiguous: general path copies
+    assert_bitwise(m(x_f), want)
+    assert_bitwise(m(x, [np.zeros((1, 4, 12), np.float32)] * 2), general(m, x))   # list state
+    y, _ = m(x, lengths=[6, 6, 6, 6])                   # lengths: general path
+    np.testing.assert_array_equal(y, want[0])
+    bi = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()
+    bi(x)
+    assert bi.__dict__.get("_fp_plan") is False         # never eligible
+
+
+def test_large_calls_use_the_general_path_and_threads():
+    m = fastrnn.LSTM(64, 128, seed=0).eval()
+    x = np.ones((50, 16, 64), np.float32)               # above functional.SMALL_WORK_FLOP
+    plan = _fastpath._plan(m, False)
+    assert 50 * 16 > plan.max_rows
+    assert_bitwise(m(x), general(m, x))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_every_parameter_change_is_seen(cls):
+    m = getattr(fastrnn, cls)(4, 8, seed=0).eval()
+    x = np.random.default_rng(1).standard_normal((3, 2, 4)).astype(np.float32)
+    before = m(x)[0]
+
+    def check():
+        got = m(x)[0]
+        assert_bitwise(got, general(m, x)[0])
+        return got
+    # in-place write to a weight and to a bias
+    m.weight_hh_l0.data[0, 0] += 0.5
+    assert not np.array_equal(check(), before)
+    m.bias_hh_l0.data[:] += 0.25
+    after_bias = check()
+    # a new array assigned to p.data
+    m.weight_ih_l0.data = m.weight_ih_l0.data * 0.5
+    after_new = check()
+    assert not np.array_equal(after_new, after_bias)
+    # a new Parameter object
+    m.weight_ih_l0 = Parameter(np.zeros_like(m.weight_ih_l0.data))
+    after_param = check()
+    assert not np.array_equal(after_param, after_new)
+    # load_state_dict and an optimiser step
+    m.load_state_dict(getattr(fastrnn, cls)(4, 8, seed=5).state_dict())
+    loaded = check()
+    m.train()
+    y, _ = m(x)
+    m.backward(np.ones_like(y))
+    fastrnn.optim.SGD(m.parameters(), lr=0.1).step()
+    m.eval()
+    assert not np.array_equal(check(), loaded)
+
+
+def test_cell_parameter_changes_are_seen():
+    c = fastrnn.GRUCell(4, 8, seed=0).eval()
+    x = np.ones((2, 4), np.float32)
+    a = c(x)
+    c.bias_ih.data[17] = 3.0                            # the n gate's input bias
+    b = c(x)
+    assert not np.array_equal(a, b)
+    assert_bitwise(b, general(c, x))
+
+
+def test_bad_parameters_and_inputs_raise_as_before():
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    x = np.ones((3, 2, 4), np.float32)
+    m(x)
+    good = m.weight_hh_l0.data
+    m.weight_hh_l0.data = good.astype(np.float64)       # wrong dtype assigned
+    with pytest.raises(TypeError, match="w_hh"):
+        m(x)
+    m.weight_hh_l0.data = good[:, :4].copy()            # wrong shape assigned
+    with pytest.raises(ValueError, match="w_hh"):
+        m(x)
+    m.weight_hh_l0.data = good
+    m(x)
+    assert took_fast_path(m)                            # fixed: the fast path is back
+    good.shape = (8, 32)                                # the same array reshaped in place
+    with pytest.raises(ValueError, match="w_hh"):
+        m(x)
+    good.shape = (32, 8)
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        m(x.astype(np.float64))
+    with pytest.raises(ValueError, match="x: expected last dimension"):
+        m(np.ones((3, 2, 5), np.float32))
+    with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(1, 2, 8\)"):
+        m(x, (np.zeros((1, 3, 8), np.float32), np.zeros((1, 2, 8), np.float32)))
+    with pytest.raises(TypeError, match=r"hx\[1\]: expected dtype"):
+        m(x, (np.zeros((1, 2, 8), np.float32), np.zeros((1, 2, 8), np.float64)))
+    c = fastrnn.RNNCell(4, 8, seed=0).eval()
+    with pytest.raises(ValueError, match="input: expected shape"):
+        c(np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="hx: expected shape"):
+        c(np.ones((2, 4), np.float32), np.ones((3, 8), np.float32))
+    with pytest.raises(TypeError, match="input: expected a numpy array"):
+        c([1.0, 2.0, 3.0, 4.0])
+
+
+def test_eval_after_training_forward_still_drops_the_stale_cache():
+    m = fastrnn.GRU(4, 8, seed=0)
+    x = np.ones((3, 2, 4), np.float32)
+    m(x)                                                # training forward: cache pending
+    m.eval()
+    m(x)                                                # general path clears it
+    assert m._cache is None
+    with pytest.raises(RuntimeError, match="no forward cache"):
+        m.backward(np.ones((3, 2, 8), np.float32))
+    m(x)
+    assert took_fast_path(m)
+
+
+def test_eval_registration_is_released_after_errors():
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    with pytest.raises(ValueError):
+        m(np.ones((3, 2, 5), np.float32))
+    m(np.ones((3, 2, 4), np.float32))
+    assert m.__dict__["_eval_users"] == []
+    m.train()
+    y, _ = m(np.ones((3, 2, 4), np.float32))           # a training call is allowed again
+    m.backward(np.ones_like(y))
+
+
+def test_kernel_only_runs_the_same_kernel_call():
+    for cls in ("LSTM", "GRUCell"):
+        m = getattr(fastrnn, cls)(4, 8, seed=0).eval()
+        x = np.ones((3, 1, 4) if cls == "LSTM" else (1, 4), np.float32)
+        run = _fastpath.kernel_only(m, x)
+        assert run() in (True, None)                    # a kernel's return value
+    with pytest.raises(ValueError, match="does not qualify"):
+        _fastpath.kernel_only(fastrnn.LSTM(4, 8, bidirectional=True).eval(),
+                              np.ones((3, 1, 4), np.float32))
+
+
+def test_training_call_refused_while_another_thread_is_in_an_eval_call():
+    """Eval calls register in a lock-free list; a training call from another thread sees it."""
+    import threading
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    x = np.ones((3, 2, 4), np.float32)
+
+    def slow_eval():
+        original = _fastpath.layer_forward
+
+        def waiting(module, x_, hx):
+            inside.set()
+            release.wait(5)
+            return original(module, x_, hx)
+        _fastpath.layer_forward = waiting
+        try:
+            seen.append(m(x)[0])
+        finally:
+            _fastpath.layer_forward = original
+    t = threading.Thread(target=slow_eval)
+    t.start()
+    assert inside.wait(5)
+    m.train()
+    try:
+        with pytest.raises(RuntimeError, match="another thread is running this module"):
+            m(x)
+    finally:
+        release.set()
+        t.join()
+    assert len(seen) == 1 and m.__dict__["_eval_users"] == []
+
+
+def test_deepcopy_drops_call_bookkeeping_and_plan():
+    import copy
+    m = fastrnn.GRU(4, 8, num_layers=2, seed=0).eval()
+    x = np.ones((3, 2, 4), np.float32)
+    want = m(x)
+    m.__dict__["_eval_users"].append(-1)              # as if a call were in flight
+    c = copy.deepcopy(m)
+    m.__dict__["_eval_users"].remove(-1)
+    assert "_fp_plan" not in c.__dict__ and "_eval_users" not in c.__dict__
+    assert_bitwise(c(x), want)
+    assert took_fast_path(c) and c._fp_plan.params[0][0] is c.weight_ih_l0
+    c.train()
+    y, _ = c(x)                                         # no phantom thread inside the copy
+    c.backward(np.ones_like(y))
