@@ -38,8 +38,7 @@ call the same kernel with the same arguments, so results are bitwise equal
 
 The kernel call is the one `fastrnn.functional._run_forward` makes into the
 recurrence driver (`fastrnn._recurrent.forward`, src/_recurrent.pyx), with the
-same pack_ih / pack_hh decisions (`_pack_flags` mirrors `_common_forward`; the
-bitwise tests fail if the two drift apart); `kernel_only` exposes the prepared
+same pack_ih / pack_hh decisions (`functional.pack_flags`); `kernel_only` exposes the prepared
 call so the benchmark can time the kernel alone.
 """
 
@@ -79,9 +78,6 @@ class _Plan:
         self.layers = layers        # per layer: (w_ih, w_hh, bias views or None)
         self.max_rows = max_rows    # largest T*B that runs on one thread
         self.scheds = {}
-        self.pack_rows = F.PACK_MIN_ROWS
-        self.pack_batch = F.PACK_MIN_BATCH
-        self.units_steps = F.UNITS_MIN_STEPS
 
     def valid(self):
         for p, arr, shape in self.params:
@@ -100,9 +96,7 @@ class _Plan:
             bounds = np.array([0, B], dtype=np.intp)
             for a in (lengths, order, bounds):
                 a.flags.writeable = False
-            # = functional._common_forward's decision, from T and B only
-            pack_hh = B >= self.pack_batch
-            pack_ih = T * B >= self.pack_rows and (pack_hh or T >= self.units_steps)
+            pack_ih, pack_hh = F.pack_flags(T, B)   # the general path's decision
             s = (lengths, order, bounds, False, pack_ih, pack_hh, 1, False)
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()

@@ -194,11 +194,19 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
     # tiny calls run on one thread: waking a team costs more than the work
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
-    pack_hh = B >= PACK_MIN_BATCH
-    # short small-batch calls read W_ih in place too: packing it would cost more than
-    # the few rows it serves (decided from T and B only: never from the thread count)
-    pack_ih = T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS)
+    pack_ih, pack_hh = pack_flags(T, B)
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
+
+
+def pack_flags(T, B):
+    """(pack_ih, pack_hh): read W_ih / W_hh as packed panels (else in place).
+
+    Decided from T and B only, never from the thread count (the packed and the
+    dot-product kernels round differently). Short small-batch calls read W_ih in
+    place too: packing it would cost more than the few rows it serves.
+    """
+    pack_hh = B >= PACK_MIN_BATCH
+    return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh
 
 
 def _backward_setup(dy, dh_n, cache):
@@ -298,8 +306,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
-    pack_hh = B >= PACK_MIN_BATCH
-    pack_ih = T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS)
+    pack_ih, pack_hh = pack_flags(T, B)
     hs, y = _hidden_buffer(x, P, h0, sched, reverse)
     h_n = np.empty((B, P), x.dtype)
     c_n = np.empty((B, H), x.dtype)

@@ -26,7 +26,6 @@ Shape letters: B batch, I input size, H hidden size, G gates (1, 3, 4).
 """
 
 import math
-from threading import get_ident as _get_ident
 
 import numpy as np
 
@@ -100,16 +99,7 @@ class _CellBase(Module):
     def __call__(self, input, hx=None):
         # eval calls try the fast path first, registered like Module.__call__ does
         if not self.training:
-            d = self.__dict__
-            users = d.get("_eval_users")
-            if users is None:
-                users = d.setdefault("_eval_users", [])
-            tid = _get_ident()
-            users.append(tid)
-            try:
-                fast = _fastpath.cell_forward(self, input, hx)
-            finally:
-                users.remove(tid)
+            fast = self._eval_call(_fastpath.cell_forward, self, input, hx)
             if fast is not None:
                 return fast
         return Module.__call__(self, input, hx)

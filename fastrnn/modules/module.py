@@ -159,20 +159,24 @@ class Module:
         return missing, unexpected
 
     # -- calling -------------------------------------------------------------
+    def _eval_call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) with this thread registered as an eval user. Eval calls
+        register in a plain list: append and remove are atomic under the GIL, so no
+        lock is taken (a training call checks this list)."""
+        d = self.__dict__
+        users = d.get("_eval_users")
+        if users is None:
+            users = d.setdefault("_eval_users", [])
+        tid = _get_ident()
+        users.append(tid)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            users.remove(tid)
+
     def __call__(self, *args, **kwargs):
         if not self.training:
-            # eval calls register in a plain list: append and remove are atomic under
-            # the GIL, so no lock is taken (a training call checks this list too)
-            d = self.__dict__
-            users = d.get("_eval_users")
-            if users is None:
-                users = d.setdefault("_eval_users", [])
-            tid = _get_ident()
-            users.append(tid)
-            try:
-                return self.forward(*args, **kwargs)
-            finally:
-                users.remove(tid)
+            return self._eval_call(self.forward, *args, **kwargs)
         tid = self._begin_call(True)
         try:
             return self.forward(*args, **kwargs)

@@ -12,7 +12,6 @@ O = P if projected else H (the size of h), L layers, D directions (1 or 2).
 
 import math
 import threading
-from threading import get_ident as _get_ident
 
 import numpy as np
 
@@ -285,18 +284,8 @@ class RNNBase(Module):
     # -- forward ------------------------------------------------------------
     def __call__(self, x, hx=None, lengths=None):
         # eval calls try the fast path first, registered like Module.__call__ does
-        # (one frame less than going through it; see fastrnn/_fastpath.py)
         if not self.training and lengths is None:
-            d = self.__dict__
-            users = d.get("_eval_users")
-            if users is None:
-                users = d.setdefault("_eval_users", [])
-            tid = _get_ident()
-            users.append(tid)
-            try:
-                fast = _fastpath.layer_forward(self, x, hx)
-            finally:
-                users.remove(tid)
+            fast = self._eval_call(_fastpath.layer_forward, self, x, hx)
             if fast is not None:
                 return fast
         return Module.__call__(self, x, hx, lengths)
