@@ -62,6 +62,7 @@
 
 #define FR_REAL float
 #define FR_T s
+#define FR_DOUBLE 0
 #if FASTRNN_HAVE_DISPATCH
 #define FR_ISA avx512
 #define FR_TARGET FASTRNN_TARGET_AVX512
@@ -95,9 +96,11 @@
 #undef FR_MR
 #undef FR_REAL
 #undef FR_T
+#undef FR_DOUBLE
 
 #define FR_REAL double
 #define FR_T d
+#define FR_DOUBLE 1
 #if FASTRNN_HAVE_DISPATCH
 #define FR_ISA avx512
 #define FR_TARGET FASTRNN_TARGET_AVX512
@@ -129,6 +132,7 @@
 #undef FR_MR
 #undef FR_REAL
 #undef FR_T
+#undef FR_DOUBLE
 #undef FR_NAME
 
 /* ---- what the kernels call: sizes of the current ISA, and dispatch ---- */
@@ -145,25 +149,6 @@ static inline size_t fastrnn_packed_size_##T(ptrdiff_t N, ptrdiff_t K)          
 {                                                                                  \
     const ptrdiff_t NR = fastrnn_panel_width_##T();                                \
     return (size_t)((N + NR - 1) / NR) * (size_t)NR * (size_t)K;                   \
-}                                                                                  \
-                                                                                   \
-/* packed := panels [p0, p1) of the N x K matrix whose row n is rows[n]        \
- * (K contiguous values). Row pointers let callers pack any selection or      \
- * permutation of rows (one thread's gate slices) without a copy. */           \
-static void fastrnn_pack_##T(REAL *packed, const REAL *const *rows, ptrdiff_t N,   \
-                             ptrdiff_t K, ptrdiff_t p0, ptrdiff_t p1)              \
-{                                                                                  \
-    const ptrdiff_t NR = fastrnn_panel_width_##T();                                \
-    for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
-        REAL *dst = packed + p * NR * K;                                           \
-        ptrdiff_t nj = N - p * NR < NR ? N - p * NR : NR;                          \
-        for (ptrdiff_t j = 0; j < nj; ++j) {                                       \
-            const REAL *src = rows[p * NR + j];                                    \
-            for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = src[k];            \
-        }                                                                          \
-        for (ptrdiff_t j = nj; j < NR; ++j)                                        \
-            for (ptrdiff_t k = 0; k < K; ++k) dst[k * NR + j] = (REAL)0;           \
-    }                                                                              \
 }                                                                                  \
                                                                                    \
 /* packed := panels [p0, p1) of the N x K matrix whose element (n, k) is        \
@@ -208,6 +193,13 @@ FASTRNN_DEFINE_FRONT(double, d)
 #endif
 
 #define FASTRNN_DEFINE_DISPATCH(REAL, T)                                           \
+/* packed := panels [p0, p1) of the N x K matrix whose row n is rows[n]        \
+ * (K contiguous values). Row pointers let callers pack any selection or      \
+ * permutation of rows (one thread's gate slices) without a copy. */           \
+static inline void fastrnn_pack_##T(REAL *packed, const REAL *const *rows,         \
+        ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, ptrdiff_t p1)                      \
+{ FASTRNN_DISPATCH(pack, T, (packed, rows, N, K, p0, p1)) }                        \
+                                                                                   \
 /* C[M x N] := beta*C + A[M x K] . W^T, W packed (see top of file); A and C     \
  * by row pointers. */                                                           \
 static inline void fastrnn_gemm_packed_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,  \
