@@ -7,7 +7,8 @@ GRU r, z, n. See docs/DESIGN.md.
 
 __version__ = "0.1.0"
 
-from fastrnn._config import config, get_num_threads, set_num_threads, show_config
+from fastrnn._config import (config, get_num_threads, release_memory, set_num_threads,
+                             show_config)
 from fastrnn._isa import available_isas, get_isa, set_isa
 from fastrnn import functional, reference
 from fastrnn.modules.module import Module, Parameter

@@ -48,6 +48,19 @@ def get_num_threads():
     return _num_threads
 
 
+def release_memory():
+    """Free the buffers the kernels keep between calls for packed weights.
+
+    Each call packs its weights into a buffer that is then kept (up to 256 MB
+    idle in all per kernel module), so the next call does not pay for fresh
+    pages; this gives them back to the system. Safe at any time: buffers in
+    use by a running call are left alone.
+    """
+    import importlib
+    for name in _isa.KERNEL_MODULES:
+        importlib.import_module(f"fastrnn.{name}")._release_scratch()
+
+
 def config():
     """Build and run-time configuration as a dict."""
     numpy_blas = []

@@ -96,7 +96,7 @@ class _Plan:
             bounds = np.array([0, B], dtype=np.intp)
             for a in (lengths, order, bounds):
                 a.flags.writeable = False
-            pack_ih, pack_hh = F.pack_flags(T, B)   # the general path's decision
+            pack_ih, pack_hh = F.pack_flags(T, B, self.G * self.H * self.H)   # the general path's decision
             s = (lengths, order, bounds, False, pack_ih, pack_hh, 1, False)
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()

@@ -18,7 +18,7 @@ M, K, N >= 1; these functions trust their arguments and run without the GIL.
 from libc.stdlib cimport free
 
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating
-from _schedule cimport pack_matrix, row_pointers
+from _schedule cimport pack_matrix, row_pointers, scratch_free, scratch_release
 from _gradients cimport rows_times_packed, columns_times_packed
 
 
@@ -43,7 +43,7 @@ def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1]
                 for i in range(M):
                     for j in range(N):
                         y[i, j] = y[i, j] + p_bias[j]
-        free(packed_w); free(x_rows); free(y_rows)
+        scratch_free(packed_w); free(x_rows); free(y_rows)
     if failed:
         raise MemoryError("fastrnn dense forward: out of memory")
 
@@ -77,7 +77,7 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
             outs[0] = &dw_t[0, 0]
             rows_times_packed(M, K, N, dy_rows, packed_wt, dx_rows, n_threads)
             failed = columns_times_packed(K, M, x_rows, 1, Ns, packs, outs, n_threads) != 0
-        free(packed_wt); free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
+        scratch_free(packed_wt); scratch_free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
     if failed:
         raise MemoryError("fastrnn dense backward: out of memory")
 
@@ -86,6 +86,11 @@ def _set_isa(int level):
     """Run this module's kernels at ISA `level` (src/isa.h); False if the CPU lacks it.
     Called by fastrnn._isa for every kernel module at once."""
     return fastrnn_isa_set(level) == 0
+
+
+def _release_scratch():
+    """Free the packed-weight buffers this module keeps between calls (src/scratch.h)."""
+    scratch_release()
 
 
 def _isa_level():

@@ -15,7 +15,7 @@
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
-from _schedule cimport pack_matrix, packed_copy, row_pointers
+from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free
 
 DEF ROW_BLOCK = 48   # output rows per task: a multiple of the 6-row micro-tile
 
@@ -112,7 +112,7 @@ cdef inline int input_and_weight_gradients(
                                            n_threads)
         status = -1 if status != 0 else 0
     free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
-    free(w_ih_t); free(x_t); free(h_t)
+    scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
     return status
 
 
@@ -138,5 +138,5 @@ cdef inline int weight_gradient(
         packs[0] = in_t
         Cs[0] = dw
         status = columns_times_packed(N, V, a_rows, 1, Ns, packs, Cs, n_threads)
-    free(a_rows); free(in_rows); free(in_t)
+    free(a_rows); free(in_rows); scratch_free(in_t)
     return status

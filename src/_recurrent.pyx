@@ -26,7 +26,8 @@ from _gradients cimport input_and_weight_gradients, weight_gradient
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
-                        gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size)
+                        gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
+                        scratch_free, scratch_release)
 
 
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
@@ -417,7 +418,7 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
                     failed = 1
                 elif fail[k] == 2:
                     short_team = True
-    free(s_ih); free(s_hh); free(packed_hr); free(fail)
+    scratch_free(s_ih); scratch_free(s_hh); scratch_free(packed_hr); free(fail)
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return not short_team
@@ -486,8 +487,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, V, O, H,
                                          n_threads) != 0
-        free(packed_hhT)
-        free(packed_hrT)
+        scratch_free(packed_hhT)
+        scratch_free(packed_hrT)
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
 
@@ -496,6 +497,11 @@ def _set_isa(int level):
     """Run this module's kernels at ISA `level` (src/isa.h); False if the CPU lacks it.
     Called by fastrnn._isa for every kernel module at once."""
     return fastrnn_isa_set(level) == 0
+
+
+def _release_scratch():
+    """Free the packed-weight buffers this module keeps between calls (src/scratch.h)."""
+    scratch_release()
 
 
 def _isa_level():

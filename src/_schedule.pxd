@@ -11,6 +11,14 @@ from libc.string cimport memcpy
 from _simd cimport floating, pack, pack_t, n_panels, panel_width
 
 
+cdef extern from "scratch.h" nogil:
+    # Packed copies live in buffers kept between calls (no page faults per call):
+    # allocate with scratch_alloc, give back with scratch_free.
+    void *scratch_alloc "fastrnn_scratch_alloc"(size_t nbytes)
+    void scratch_free "fastrnn_scratch_free"(void *ptr)
+    void scratch_release "fastrnn_scratch_release"()
+
+
 cdef enum:
     BLOCK_ROWS = 256   # rows per input-projection GEMM (time steps x a thread's rows)
 
@@ -75,8 +83,8 @@ cdef inline floating *packed_copy(const floating **rows, Py_ssize_t N, Py_ssize_
                                   bint transposed, int n_threads) noexcept nogil:
     """Packed copy of the N x K matrix with row n at rows[n] or, when `transposed`,
     with element (n, k) at rows[k][n] (the transpose of a matrix given by its rows).
-    NULL if out of memory."""
-    cdef floating *packed = <floating *> malloc(
+    NULL if out of memory; give it back with scratch_free."""
+    cdef floating *packed = <floating *> scratch_alloc(
         n_panels(<floating *> NULL, N) * panel_width(<floating *> NULL) * K * sizeof(floating) + 1)
     if packed != NULL:
         pack_parallel(packed, rows, N, K, transposed, n_threads)
@@ -86,7 +94,8 @@ cdef inline floating *packed_copy(const floating **rows, Py_ssize_t N, Py_ssize_
 cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K, bint transposed,
                                   int n_threads) noexcept nogil:
     """Packed copy of W (N x K, row-major) or, when `transposed`, of W^T (K x N):
-    a dense layer's y = x W^T, backward's dh = da W. NULL if out of memory."""
+    a dense layer's y = x W^T, backward's dh = da W. NULL if out of memory;
+    give it back with scratch_free."""
     cdef const floating **rows = row_pointers(W, NULL, N, K)
     cdef floating *packed = NULL
     if rows != NULL:
@@ -137,15 +146,15 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
     when `packed`, else row-major. Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
-    NULL if out of memory.
+    NULL if out of memory; give it back with scratch_free.
     """
-    cdef floating *buf = <floating *> malloc(
+    cdef floating *buf = <floating *> scratch_alloc(
         (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating))
     cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t j0, j1, g, j, n, off
     cdef int k
     if buf == NULL or rows == NULL:
-        free(buf)
+        scratch_free(buf)
         free(rows)
         return NULL
     for k in range(nslices):

@@ -122,3 +122,32 @@ def test_error_in_the_reverse_direction_reaches_the_caller(monkeypatch):
             m(np.zeros((3, 2, 4), np.float32))
     finally:
         fastrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_packed_buffers_reused_between_calls_give_the_same_numbers(cell):
+    """Packed weights live in buffers kept between calls (src/scratch.h): a call
+    that gets a buffer a larger call left behind, stale values and all, and a
+    call after release_memory() give bitwise the numbers of the first call."""
+    big = make_case(cell, np.float32, (9, 6, 21, 40), True, False, True, 5)
+    small = make_case(cell, np.float32, (7, 5, 3, 11), True, False, True, 6)
+    first_small = run(F, cell, small, False, 3)
+    first_big = run(F, cell, big, False, 3)
+    again_small = run(F, cell, small, False, 3)     # reuses big's (larger) buffers
+    fastrnn.release_memory()
+    again_big = run(F, cell, big, False, 3)         # fresh buffers
+    for first, again in ((first_small, again_small), (first_big, again_big)):
+        for a, b in zip(first[0] + first[1], again[0] + again[1]):
+            if a is not None:
+                assert np.array_equal(a, b)
+    ref = run(R, cell, small, False, 3)
+    for got, want in zip(again_small[0] + again_small[1], ref[0] + ref[1]):
+        if want is not None:
+            assert rel_err(got, want) <= TOL[np.float32]
+
+
+def test_small_batch_packs_w_hh_only_when_it_pays():
+    assert F.pack_flags(50, 1, 4 * 512 * 512) == (True, True)       # long, weights small enough
+    assert F.pack_flags(10, 1, 4 * 512 * 512) == (False, False)     # too short: read in place
+    assert F.pack_flags(100, 1, 4 * 1024 * 1024) == (True, False)   # weights stream from L3
+    assert F.pack_flags(1, 4, 4 * 1024 * 1024) == (False, True)     # batch >= 4 always packs

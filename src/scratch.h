@@ -1,0 +1,140 @@
+/* scratch.h: large per-call buffers (packed weights) kept between calls.
+ *
+ * Why: a packed copy of W_ih or W_hh is megabytes, and a fresh malloc of that
+ * size is a fresh mmap: the kernel faults in and zeroes every page on first
+ * touch. Measured on a 2-core Xeon (AVX-512), LSTM H=1024, batch 1: page
+ * clearing and faults took 18 % of a 25-step forward. Buffers released here
+ * stay mapped and are handed to the next call that fits.
+ *
+ * A few slots per extension module (the header is included by each), guarded
+ * by a spin lock (held for a handful of instructions, never during a kernel),
+ * so calls from several Python threads each get their own buffer. At most
+ * FASTRNN_SCRATCH_KEEP bytes are kept idle; a buffer beyond that, or one that
+ * finds every slot busy, is an ordinary malloc/free. Contents are not
+ * preserved: every user overwrites what it reads.
+ */
+#ifndef FASTRNN_SCRATCH_H
+#define FASTRNN_SCRATCH_H
+
+#include <stdlib.h>
+#include <stddef.h>
+
+#ifndef FASTRNN_SCRATCH_SLOTS
+#define FASTRNN_SCRATCH_SLOTS 8
+#endif
+#ifndef FASTRNN_SCRATCH_KEEP
+#define FASTRNN_SCRATCH_KEEP ((size_t)256 << 20)   /* bytes kept idle, all slots together */
+#endif
+
+static struct {
+    void *ptr;
+    size_t size;
+    int busy;
+} fastrnn_scratch_slot[FASTRNN_SCRATCH_SLOTS];
+static int fastrnn_scratch_lock_word;
+
+static inline void fastrnn_scratch_lock(void)
+{
+    while (__atomic_exchange_n(&fastrnn_scratch_lock_word, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&fastrnn_scratch_lock_word, __ATOMIC_RELAXED)) {}
+}
+
+static inline void fastrnn_scratch_unlock(void)
+{
+    __atomic_store_n(&fastrnn_scratch_lock_word, 0, __ATOMIC_RELEASE);
+}
+
+/* Idle bytes held by the slots (call with the lock held). */
+static inline size_t fastrnn_scratch_idle_locked(void)
+{
+    size_t idle = 0;
+    for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i)
+        if (!fastrnn_scratch_slot[i].busy) idle += fastrnn_scratch_slot[i].size;
+    return idle;
+}
+
+/* A buffer of at least `bytes` (NULL if out of memory); give it back with
+ * fastrnn_scratch_free. */
+static void *fastrnn_scratch_alloc(size_t bytes)
+{
+    int best = -1, spare = -1;
+    void *old = NULL, *ptr;
+    if (bytes == 0) bytes = 1;
+    fastrnn_scratch_lock();
+    for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i) {
+        if (fastrnn_scratch_slot[i].busy) continue;
+        if (fastrnn_scratch_slot[i].size >= bytes) {
+            if (best < 0 || fastrnn_scratch_slot[i].size < fastrnn_scratch_slot[best].size) best = i;
+        } else if (spare < 0 || fastrnn_scratch_slot[i].size < fastrnn_scratch_slot[spare].size) {
+            spare = i;   /* the smallest idle slot, replaced if none fits */
+        }
+    }
+    if (best >= 0) {
+        fastrnn_scratch_slot[best].busy = 1;
+        ptr = fastrnn_scratch_slot[best].ptr;
+        fastrnn_scratch_unlock();
+        return ptr;
+    }
+    if (spare >= 0) {   /* reserve the slot; its old buffer is freed outside the lock */
+        old = fastrnn_scratch_slot[spare].ptr;
+        fastrnn_scratch_slot[spare].ptr = NULL;
+        fastrnn_scratch_slot[spare].size = 0;
+        fastrnn_scratch_slot[spare].busy = 1;
+    }
+    fastrnn_scratch_unlock();
+    free(old);
+    ptr = malloc(bytes);
+    if (spare >= 0) {
+        fastrnn_scratch_lock();
+        if (ptr != NULL) {
+            fastrnn_scratch_slot[spare].ptr = ptr;
+            fastrnn_scratch_slot[spare].size = bytes;
+        } else {
+            fastrnn_scratch_slot[spare].busy = 0;
+        }
+        fastrnn_scratch_unlock();
+    }
+    return ptr;
+}
+
+/* Give back a buffer from fastrnn_scratch_alloc (NULL is ignored). */
+static void fastrnn_scratch_free(void *ptr)
+{
+    int drop = 0;
+    if (ptr == NULL) return;
+    fastrnn_scratch_lock();
+    for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i) {
+        if (fastrnn_scratch_slot[i].ptr == ptr && fastrnn_scratch_slot[i].busy) {
+            fastrnn_scratch_slot[i].busy = 0;
+            if (fastrnn_scratch_idle_locked() > FASTRNN_SCRATCH_KEEP) {   /* over the cap: let it go */
+                fastrnn_scratch_slot[i].ptr = NULL;
+                fastrnn_scratch_slot[i].size = 0;
+                drop = 1;
+            }
+            fastrnn_scratch_unlock();
+            if (drop) free(ptr);
+            return;
+        }
+    }
+    fastrnn_scratch_unlock();
+    free(ptr);   /* not pooled: every slot was busy when it was made */
+}
+
+/* Free every idle buffer (fastrnn.release_memory()). */
+static void fastrnn_scratch_release(void)
+{
+    void *idle[FASTRNN_SCRATCH_SLOTS];
+    int n = 0;
+    fastrnn_scratch_lock();
+    for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i) {
+        if (!fastrnn_scratch_slot[i].busy && fastrnn_scratch_slot[i].ptr != NULL) {
+            idle[n++] = fastrnn_scratch_slot[i].ptr;
+            fastrnn_scratch_slot[i].ptr = NULL;
+            fastrnn_scratch_slot[i].size = 0;
+        }
+    }
+    fastrnn_scratch_unlock();
+    for (int i = 0; i < n; ++i) free(idle[i]);
+}
+
+#endif
