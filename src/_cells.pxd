@@ -49,10 +49,10 @@ cdef extern from "gru_pointwise.h" nogil:
                                          double *hn_out, double *h, Py_ssize_t n)
     void fastrnn_gru_backward_pointwise_s(float *g, float *dgh, float *dh_carry,
                                           const float *dy, const float *h_prev,
-                                          const float *hn, Py_ssize_t H)
+                                          const float *hn, Py_ssize_t n, Py_ssize_t stride)
     void fastrnn_gru_backward_pointwise_d(double *g, double *dgh, double *dh_carry,
                                           const double *dy, const double *h_prev,
-                                          const double *hn, Py_ssize_t H)
+                                          const double *hn, Py_ssize_t n, Py_ssize_t stride)
 
 
 cdef inline Py_ssize_t cell_gates(int cell) noexcept nogil:
@@ -98,32 +98,34 @@ cdef inline void forward_pointwise(
 
 cdef inline void backward_pointwise(
         int cell,
-        floating *g,                # IN/OUT (G*H) saved gates in (RNN: unused in); dL/d(x W_ih^T) out
-        floating *dgh,              # OUT (G*H) dL/d(h W_hh^T) (GRU only)
-        floating *dh,               # IN/OUT (H) dL/dh_t from step t+1; GRU: out dh * z
-        floating *dc,               # IN/OUT (H) LSTM dL/dc carried
-        const floating *dy,         # IN  (H) dL/dy_t
-        const floating *h,          # IN  (H) h_t (RNN)
-        const floating *h_prev,     # IN  (H) h_{t-1} (GRU)
-        const floating *aux,        # IN  (H) aux_t: c_t (LSTM), gh_n + b_hn (GRU)
-        const floating *aux_prev,   # IN  (H) c_{t-1} (LSTM)
-        Py_ssize_t H) noexcept nogil:
-    """One row's backward pass; afterwards the driver adds (dgh or g) W_hh into dh
-    (GRU) or overwrites dh with it (RNN, LSTM)."""
+        floating *g,                # IN/OUT (G blocks of n, stride apart) saved gates in
+                                    #   (RNN: unused in); dL/d(x W_ih^T) out
+        floating *dgh,              # OUT (likewise) dL/d(h W_hh^T) (GRU only)
+        floating *dh,               # IN/OUT (n) dL/dh_t from step t+1; GRU: out dh * z
+        floating *dc,               # IN/OUT (n) LSTM dL/dc carried
+        const floating *dy,         # IN  (n) dL/dy_t
+        const floating *h,          # IN  (n) h_t (RNN)
+        const floating *h_prev,     # IN  (n) h_{t-1} (GRU)
+        const floating *aux,        # IN  (n) aux_t: c_t (LSTM), gh_n + b_hn (GRU)
+        const floating *aux_prev,   # IN  (n) c_{t-1} (LSTM)
+        Py_ssize_t n,               # hidden units: H, or one thread's slice
+        Py_ssize_t stride) noexcept nogil:   # distance between gate blocks: H
+    """One row's backward pass over n hidden units; afterwards the driver adds
+    (dgh or g) W_hh into dh (GRU) or overwrites dh with it (RNN, LSTM)."""
     if cell == CELL_LSTM:
         if floating is float:
-            fastrnn_lstm_backward_pointwise_s(g, g + H, g + 2 * H, g + 3 * H, dc, dh, dy,
-                                              aux_prev, aux, H)
+            fastrnn_lstm_backward_pointwise_s(g, g + stride, g + 2 * stride, g + 3 * stride,
+                                              dc, dh, dy, aux_prev, aux, n)
         else:
-            fastrnn_lstm_backward_pointwise_d(g, g + H, g + 2 * H, g + 3 * H, dc, dh, dy,
-                                              aux_prev, aux, H)
+            fastrnn_lstm_backward_pointwise_d(g, g + stride, g + 2 * stride, g + 3 * stride,
+                                              dc, dh, dy, aux_prev, aux, n)
     elif cell == CELL_GRU:
         if floating is float:
-            fastrnn_gru_backward_pointwise_s(g, dgh, dh, dy, h_prev, aux, H)
+            fastrnn_gru_backward_pointwise_s(g, dgh, dh, dy, h_prev, aux, n, stride)
         else:
-            fastrnn_gru_backward_pointwise_d(g, dgh, dh, dy, h_prev, aux, H)
+            fastrnn_gru_backward_pointwise_d(g, dgh, dh, dy, h_prev, aux, n, stride)
     else:
         if floating is float:
-            fastrnn_rnn_backward_pointwise_s(g, dh, dy, h, cell, H)
+            fastrnn_rnn_backward_pointwise_s(g, dh, dy, h, cell, n)
         else:
-            fastrnn_rnn_backward_pointwise_d(g, dh, dy, h, cell, H)
+            fastrnn_rnn_backward_pointwise_d(g, dh, dy, h, cell, n)

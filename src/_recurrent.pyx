@@ -24,7 +24,7 @@ from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
 from _plan cimport Plan
-from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
+from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
                         gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
                         scratch_free, scratch_release)
@@ -320,7 +320,7 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                     aux + row * H if aux != NULL else NULL,
                     (aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros))
                     if has_c else NULL,
-                    H)
+                    H, H)
                 in_rows[r] = ghr if apart else gr
             # rows past nact keep the dh_n they started with
             gemm_rows(nact, O, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
@@ -333,6 +333,98 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     free(dh); free(dc); free(dr); free(zeros); free(in_rows); free(dh_rows); free(dhp_rows)
     free(dr_rows)
     return status
+
+
+cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating *dc,
+                         int *fail, int tid, int nthr) noexcept nogil:
+    """Reverse loop for every row, this thread's hidden units (small batches).
+
+    The row split leaves a batch of 1 on one thread and has every thread read
+    all of W_hh^T per step; here thread k owns units [j0, j1), a run of whole
+    panels of the packed W_hh^T (p.w_hh_slices, O x G*H), so it reads only its
+    panels. Per step: the cell's pass on its units of every row, a barrier
+    (the product needs every unit's gate gradients), then its columns of
+    dh_{t-1} = dL/da_t W_hh. Everything a thread reads without a barrier it
+    wrote itself, so one barrier per step suffices; each element is computed
+    by the same operations as in backward_chunk (bitwise the same numbers).
+    dh (B, O), dc (B, H): shared, zeroed by the caller. No projection (O = H).
+    """
+    cdef int cell = p.cell
+    cdef Py_ssize_t T = p.T, B = p.B, H = p.H, O = p.O, GH = p.G * p.H
+    cdef const Py_ssize_t *rows = p.order
+    cdef const Py_ssize_t *lengths = p.lengths
+    cdef bint reverse = p.reverse
+    cdef bint apart = product_apart(cell)
+    cdef bint has_c = cell == CELL_LSTM
+    cdef floating *dgh = <floating *> p.dgh                 # (T, B, G*H) GRU, else NULL
+    cdef const floating *dy = <const floating *> p.dy
+    cdef const floating *y = <const floating *> p.y
+    cdef const floating *aux = <const floating *> p.aux
+    cdef const floating *h0 = <const floating *> p.h0
+    cdef const floating *c0 = <const floating *> p.c0
+    cdef const floating *dh_n = <const floating *> p.dh_n
+    cdef const floating *dc_n = <const floating *> p.dc_n
+    cdef Py_ssize_t nr = panel_width(g_all)
+    cdef Py_ssize_t per = ((O + nr - 1) // nr + nthr - 1) // nthr   # panels per thread
+    cdef Py_ssize_t j0 = min(O, tid * per * nr), j1 = min(O, (tid + 1) * per * nr)
+    cdef Py_ssize_t hk = j1 - j0
+    cdef const floating *w_k = <const floating *> p.w_hh_slices + j0 * GH   # this thread's panels
+    cdef Py_ssize_t maxlen = lengths[rows[0]]
+    cdef floating *zeros = <floating *> calloc(H + O + 1, sizeof(floating))
+    cdef const floating **in_rows = <const floating **> malloc(B * sizeof(void *) + 1)
+    cdef floating **dh_rows = <floating **> malloc(B * sizeof(void *) + 1)
+    cdef Py_ssize_t r, b, s, t, row, prev, nact, g
+    cdef int q, failed = 0
+    cdef floating *gr
+    cdef floating *ghr
+    fail[tid] = zeros == NULL or in_rows == NULL or dh_rows == NULL
+    if not fail[tid]:
+        for r in range(B):
+            b = rows[r]
+            dh_rows[r] = dh + r * O + j0
+            if dh_n != NULL:
+                memcpy(dh + r * O + j0, dh_n + b * O + j0, hk * sizeof(floating))
+            if has_c and dc_n != NULL:
+                memcpy(dc + r * H + j0, dc_n + b * H + j0, hk * sizeof(floating))
+            for t in range(lengths[b], T):   # padding contributes nothing to dW, dX
+                for g in range(p.G):
+                    memset(g_all + (t * B + b) * GH + g * H + j0, 0, hk * sizeof(floating))
+                    if apart:
+                        memset(dgh + (t * B + b) * GH + g * H + j0, 0, hk * sizeof(floating))
+    fastrnn_barrier()
+    for q in range(nthr):
+        failed = failed + fail[q]
+    if failed:
+        maxlen = 0   # every thread skips the loop: no barrier is left waiting
+    for s in range(maxlen - 1, -1, -1):
+        nact = n_active(rows, B, lengths, s)
+        for r in range(nact):
+            b = rows[r]
+            t = time_index(s, lengths[b], reverse)
+            row = t * B + b
+            prev = ((t + 1 if reverse else t - 1) * B + b) if s > 0 else -1   # step s-1's row
+            gr = g_all + row * GH
+            ghr = dgh + row * GH if apart else NULL
+            if hk > 0:
+                backward_pointwise(
+                    cell, gr + j0, ghr + j0 if apart else NULL, dh + r * O + j0, dc + r * H + j0,
+                    dy + row * O + j0, y + row * O + j0,
+                    (y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)) + j0,
+                    aux + row * H + j0 if aux != NULL else NULL,
+                    ((aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros)) + j0)
+                    if has_c else NULL,
+                    hk, H)
+            in_rows[r] = ghr if apart else gr
+        fastrnn_barrier()   # every unit's gate gradients of this step are in place
+        if hk > 0:
+            gemm_rows(nact, hk, GH, in_rows, w_k, NULL, 0, dh_rows, 1 if apart else 0)
+    if not failed:
+        for r in range(B):
+            b = rows[r]
+            memcpy(<floating *> p.dh0 + b * O + j0, dh + r * O + j0, hk * sizeof(floating))
+            if has_c:
+                memcpy(<floating *> p.dc0 + b * H + j0, dc + r * H + j0, hk * sizeof(floating))
+    free(zeros); free(in_rows); free(dh_rows)
 
 
 cdef inline void *vptr1(const floating[::1] a) noexcept nogil:
@@ -436,7 +528,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const floating[:, ::1] w_hr,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
-             int n_threads):
+             int n_threads, bint by_units):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -446,6 +538,10 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     t*B + b that exist, `valid` (ascending; None: all T*B) (_gradients.pxd):
         dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev   (dw_hr = dhp^T hr)
     h_prev (T, B, O) is the state each step read (a view of forward's hs).
+    by_units: the reverse loop splits hidden units over n_threads threads
+    (backward_units; small batches, no projection) instead of row chunks.
+    Returns False if OpenMP gave fewer threads than asked for the unit split
+    (nothing is written; the caller retries with by_units=False).
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), T = dy.shape[0], B = dy.shape[1], O = dy.shape[2]
@@ -456,7 +552,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef floating *packed_hhT = NULL
     cdef floating *packed_hrT = NULL
     cdef floating *p_dgx = &dgx[0, 0, 0]
-    cdef int failed = 0
+    cdef int failed = 0, tid, nthr, q
+    cdef bint short_team = False
+    cdef floating *dh = NULL
+    cdef floating *dc = NULL
+    cdef int *fail = NULL
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
@@ -473,24 +573,45 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             p.w_hr_packed = packed_hrT
         if packed_hhT == NULL or (p.w_hr != NULL and packed_hrT == NULL):
             failed = 1
+        elif by_units and p.w_hr == NULL and n_threads > 1:
+            dh = <floating *> calloc(B * O + 1, sizeof(floating))
+            dc = <floating *> calloc(B * H + 1, sizeof(floating))
+            fail = <int *> calloc(n_threads, sizeof(int))
+            if dh == NULL or dc == NULL or fail == NULL:
+                failed = 1
+            else:
+                with parallel(num_threads=n_threads):
+                    tid = threadid()
+                    nthr = fastrnn_team_size()
+                    if nthr != n_threads:
+                        fail[tid] = 2    # a short team: the caller retries with the row split
+                    else:
+                        backward_units(p_dgx, &p, dh, dc, fail, tid, nthr)
+                for q in range(n_threads):
+                    if fail[q] == 1:
+                        failed = 1
+                    elif fail[q] == 2:
+                        short_team = True
         else:
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
-            if not failed:
-                failed = input_and_weight_gradients(
-                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
-                    <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
-                    n_threads) != 0
+        if not failed and not short_team:
+            failed = input_and_weight_gradients(
+                &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
+                <floating *> p.dgh if p.dgh != NULL else p_dgx,
+                &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
+                n_threads) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, V, O, H,
                                          n_threads) != 0
         scratch_free(packed_hhT)
         scratch_free(packed_hrT)
+        free(dh); free(dc); free(fail)
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
+    return not short_team
 
 
 def _set_isa(int level):

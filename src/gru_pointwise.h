@@ -49,15 +49,17 @@ FASTRNN_DEFINE_GRU_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
 FASTRNN_DEFINE_GRU_FORWARD(double, d, fastrnn_sigmoidd, fastrnn_tanhd)
 
 #define FASTRNN_DEFINE_GRU_BACKWARD(REAL, SUFFIX)                                    \
+/* n hidden units of one row, gate blocks `stride` apart (H, or a thread's slice). */ \
 FASTRNN_MULTIVERSION(fastrnn_gru_backward_pointwise_##SUFFIX,                        \
     (REAL *restrict g, REAL *restrict dgh, REAL *restrict dh_carry,                  \
      const REAL *restrict dy, const REAL *restrict h_prev,                           \
-     const REAL *restrict hn, ptrdiff_t H),                                          \
-    (g, dgh, dh_carry, dy, h_prev, hn, H),                                           \
+     const REAL *restrict hn, ptrdiff_t n, ptrdiff_t stride),                        \
+    (g, dgh, dh_carry, dy, h_prev, hn, n, stride),                                   \
 {                                                                                    \
     const REAL one = 1;                                                              \
+    const ptrdiff_t H = stride;                                                      \
     _Pragma("omp simd")                                                              \
-    for (ptrdiff_t j = 0; j < H; ++j) {                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
         REAL r = g[j], z = g[H + j], nn = g[2 * H + j];                              \
         REAL dh = dh_carry[j] + dy[j];                                               \
         REAL dn = dh * (one - z) * (one - nn * nn);                                  \

@@ -3,8 +3,9 @@
 test_kernels.py forces each split on every cell; here the schedule is left to
 fastrnn.functional, as users get it, for the small-batch cases where the
 hidden-unit split now reads the weights in place (batch 1-3, any T, no packed
-copy): a single step and short chunks on two threads must give bitwise the
-one-thread numbers and match the reference, at inference and in training.
+copy) and backward's reverse loop splits units too: a single step and short
+chunks on two threads must give bitwise the one-thread numbers and match the
+reference, at inference and in training.
 """
 
 import numpy as np
@@ -23,12 +24,14 @@ class SplitSpy:
     def __init__(self, real):
         self.real = real
         self.by_units = []
+        self.backward_by_units = []
 
     def forward(self, *args):
         self.by_units.append(args[-1])
         return self.real.forward(*args)
 
     def backward(self, *args):
+        self.backward_by_units.append(args[-1])
         return self.real.backward(*args)
 
 
@@ -59,9 +62,11 @@ def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
         one = run(F, cell, case, False, 3)
         fastrnn.set_num_threads(2)
         spy.by_units.clear()
+        spy.backward_by_units.clear()
         two_inf = forward_only(cell, case)
         two = run(F, cell, case, False, 3)
         assert spy.by_units == [True, True], "batch <= 3 should split hidden units"
+        assert spy.backward_by_units == [True], "so should backward's reverse loop"
     finally:
         fastrnn.set_num_threads(before)
     for a, b in zip(list(one_inf) + one[0] + one[1], list(two_inf) + two[0] + two[1]):
