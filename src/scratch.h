@@ -20,7 +20,11 @@
 #include <stddef.h>
 
 #ifndef FASTRNN_SCRATCH_SLOTS
+#if defined(__SANITIZE_ADDRESS__)
+#define FASTRNN_SCRATCH_SLOTS 0   /* under ASan every buffer is a fresh malloc, so overreads show */
+#else
 #define FASTRNN_SCRATCH_SLOTS 8
+#endif
 #endif
 #ifndef FASTRNN_SCRATCH_KEEP
 #define FASTRNN_SCRATCH_KEEP ((size_t)256 << 20)   /* bytes kept idle, all slots together */
@@ -30,7 +34,7 @@ static struct {
     void *ptr;
     size_t size;
     int busy;
-} fastrnn_scratch_slot[FASTRNN_SCRATCH_SLOTS];
+} fastrnn_scratch_slot[FASTRNN_SCRATCH_SLOTS + 1];   /* + 1: never an empty array */
 static int fastrnn_scratch_lock_word;
 
 static inline void fastrnn_scratch_lock(void)
@@ -123,7 +127,7 @@ static void fastrnn_scratch_free(void *ptr)
 /* Free every idle buffer (fastrnn.release_memory()). */
 static void fastrnn_scratch_release(void)
 {
-    void *idle[FASTRNN_SCRATCH_SLOTS];
+    void *idle[FASTRNN_SCRATCH_SLOTS + 1];
     int n = 0;
     fastrnn_scratch_lock();
     for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i) {
