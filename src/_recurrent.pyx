@@ -237,6 +237,37 @@ cdef void forward_thread(
     free(r_rows); free(y_rows)
 
 
+cdef inline floating *row_backward(const Plan *p, floating *g_all, const floating *zeros,
+                                   Py_ssize_t b, Py_ssize_t s, Py_ssize_t j0, Py_ssize_t n,
+                                   floating *dh, floating *dc, const floating *dy) noexcept nogil:
+    """The cell's backward pass on units [j0, j0 + n) of batch row b at step s.
+
+    dh, dc: this row's carried gradients at unit j0; dy: dL/dy_t at unit j0, or
+    NULL for forward's dy. Returns the row the recurrent product then reads:
+    dL/d(h W_hh^T) for the GRU, else the gate gradients (all G*H units).
+    """
+    cdef Py_ssize_t B = p.B, H = p.H, O = p.O, GH = p.G * p.H
+    cdef Py_ssize_t t = time_index(s, p.lengths[b], p.reverse)
+    cdef Py_ssize_t row = t * B + b
+    cdef Py_ssize_t prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1  # step s-1's row
+    cdef const floating *y = <const floating *> p.y
+    cdef const floating *aux = <const floating *> p.aux
+    cdef const floating *h0 = <const floating *> p.h0
+    cdef const floating *c0 = <const floating *> p.c0
+    cdef floating *gr = g_all + row * GH
+    cdef floating *ghr = <floating *> p.dgh + row * GH if product_apart(p.cell) else NULL
+    if n > 0:
+        backward_pointwise(
+            p.cell, gr + j0, ghr + j0 if ghr != NULL else NULL, dh, dc,
+            dy if dy != NULL else <const floating *> p.dy + row * O + j0, y + row * O + j0,
+            (y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)) + j0,
+            aux + row * H + j0 if aux != NULL else NULL,
+            ((aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros)) + j0)
+            if p.cell == CELL_LSTM else NULL,
+            n, H)
+    return ghr if ghr != NULL else gr
+
+
 cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                         Py_ssize_t nrows) noexcept nogil:
     """Reverse loop for rows[0:nrows]: gate gradients and dh (dc) carried back.
@@ -259,10 +290,6 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef bint has_c = cell == CELL_LSTM
     cdef floating *dgh = <floating *> p.dgh                 # (T, B, G*H) GRU, else NULL
     cdef const floating *dy = <const floating *> p.dy
-    cdef const floating *y = <const floating *> p.y        # (T, B, H) h_t
-    cdef const floating *aux = <const floating *> p.aux    # (T, B, H) c_t / gh_n + b_hn
-    cdef const floating *h0 = <const floating *> p.h0
-    cdef const floating *c0 = <const floating *> p.c0
     cdef const floating *dh_n = <const floating *> p.dh_n
     cdef const floating *dc_n = <const floating *> p.dc_n
     cdef Py_ssize_t maxlen = lengths[rows[0]]
@@ -275,10 +302,8 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef const floating **dhp_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dr_rows = <floating **> malloc(nrows * sizeof(void *))
     cdef int status = 0
-    cdef Py_ssize_t r, b, s, t, row, prev, nact, j
-    cdef floating *gr
+    cdef Py_ssize_t r, b, s, t, row, nact, j
     cdef floating *dhpr
-    cdef floating *ghr
     if (dh == NULL or dc == NULL or dr == NULL or zeros == NULL or in_rows == NULL
             or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL):
         status = -1
@@ -307,21 +332,9 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                 gemm_rows(nact, H, O, dhp_rows, <const floating *> p.w_hr_packed, NULL, 0,
                           dr_rows, 0)
             for r in range(nact):
-                b = rows[r]
-                t = time_index(s, lengths[b], reverse)
-                row = t * B + b
-                prev = ((t + 1 if reverse else t - 1) * B + b) if s > 0 else -1   # step s-1's row
-                gr = g_all + row * GH
-                ghr = dgh + row * GH if apart else NULL
-                backward_pointwise(
-                    cell, gr, ghr, dr + r * H if proj else dh + r * O, dc + r * H,
-                    zeros if proj else dy + row * O, y + row * O,
-                    y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros),
-                    aux + row * H if aux != NULL else NULL,
-                    (aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros))
-                    if has_c else NULL,
-                    H, H)
-                in_rows[r] = ghr if apart else gr
+                in_rows[r] = row_backward(p, g_all, zeros, rows[r], s, 0, H,
+                                          dr + r * H if proj else dh + r * O, dc + r * H,
+                                          zeros if proj else NULL)
             # rows past nact keep the dh_n they started with
             gemm_rows(nact, O, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
                       dh_rows, 1 if apart else 0)
@@ -353,15 +366,9 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef Py_ssize_t T = p.T, B = p.B, H = p.H, O = p.O, GH = p.G * p.H
     cdef const Py_ssize_t *rows = p.order
     cdef const Py_ssize_t *lengths = p.lengths
-    cdef bint reverse = p.reverse
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
     cdef floating *dgh = <floating *> p.dgh                 # (T, B, G*H) GRU, else NULL
-    cdef const floating *dy = <const floating *> p.dy
-    cdef const floating *y = <const floating *> p.y
-    cdef const floating *aux = <const floating *> p.aux
-    cdef const floating *h0 = <const floating *> p.h0
-    cdef const floating *c0 = <const floating *> p.c0
     cdef const floating *dh_n = <const floating *> p.dh_n
     cdef const floating *dc_n = <const floating *> p.dc_n
     cdef Py_ssize_t nr = panel_width(g_all)
@@ -373,10 +380,8 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef floating *zeros = <floating *> calloc(H + O + 1, sizeof(floating))
     cdef const floating **in_rows = <const floating **> malloc(B * sizeof(void *) + 1)
     cdef floating **dh_rows = <floating **> malloc(B * sizeof(void *) + 1)
-    cdef Py_ssize_t r, b, s, t, row, prev, nact, g
+    cdef Py_ssize_t r, b, s, t, nact, g
     cdef int q, failed = 0
-    cdef floating *gr
-    cdef floating *ghr
     fail[tid] = zeros == NULL or in_rows == NULL or dh_rows == NULL
     if not fail[tid]:
         for r in range(B):
@@ -399,22 +404,8 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     for s in range(maxlen - 1, -1, -1):
         nact = n_active(rows, B, lengths, s)
         for r in range(nact):
-            b = rows[r]
-            t = time_index(s, lengths[b], reverse)
-            row = t * B + b
-            prev = ((t + 1 if reverse else t - 1) * B + b) if s > 0 else -1   # step s-1's row
-            gr = g_all + row * GH
-            ghr = dgh + row * GH if apart else NULL
-            if hk > 0:
-                backward_pointwise(
-                    cell, gr + j0, ghr + j0 if apart else NULL, dh + r * O + j0, dc + r * H + j0,
-                    dy + row * O + j0, y + row * O + j0,
-                    (y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)) + j0,
-                    aux + row * H + j0 if aux != NULL else NULL,
-                    ((aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros)) + j0)
-                    if has_c else NULL,
-                    hk, H)
-            in_rows[r] = ghr if apart else gr
+            in_rows[r] = row_backward(p, g_all, zeros, rows[r], s, j0, hk,
+                                      dh + r * O + j0, dc + r * H + j0, NULL)
         fastrnn_barrier()   # every unit's gate gradients of this step are in place
         if hk > 0:
             gemm_rows(nact, hk, GH, in_rows, w_k, NULL, 0, dh_rows, 1 if apart else 0)
