@@ -8,10 +8,6 @@ rint, exact integer sums), so the kernels can be compared element by element:
     int8 dynamic:      y = float32(q_a . q_w) * (s_w * s_a)    q_a = rint(a * 127/max|a|)
     bfloat16:          y = a . bf16(w)                         (float32 a)
     float32:           y = a . w
-
-The AVX-512 bfloat16 kernel splits a into two bf16 terms (hi + lo), which keeps
-about 16 bits of a: within float32 rounding noise of this twin at the tolerances
-the tests use.
 """
 
 import numpy as np

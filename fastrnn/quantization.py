@@ -22,7 +22,7 @@ first use, under a lock (so any number of threads may call a module at once),
 and rebuilt after `load_state_dict`.
 
 ISA: the kernels (src/quant_gemm.h) exist as plain C, AVX2+FMA and AVX-512
-(F/BW/VL/BF16/VNNI). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
+(F/BW/VL/DQ/VNNI). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
 `set_isa` here overrides it for the quantised kernels alone.
 """
 
@@ -46,7 +46,7 @@ QUANT_DTYPES = ("int8", "bfloat16", "float32")
 MODES = ("auto", "dynamic", "weight_only")
 ISAS = {"baseline": 0, "avx2": 1, "avx512": 2}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
-ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, BF16 and VNNI"}
+ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI"}
 
 # mode="auto" (int8): integer dot products when a GEMM has at least this many rows
 # (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
@@ -101,7 +101,7 @@ def _level():
 def _follow(level):
     """Run at the float kernels' ISA level (fastrnn.set_isa / FASTRNN_ISA), or the
     highest below it this CPU has for the quantised kernels (their AVX-512 path
-    also needs BF16 and VNNI)."""
+    also needs VNNI)."""
     global _isa_level
     with _isa_lock:
         _isa_level = min(level, _CPU_LEVEL)

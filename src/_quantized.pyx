@@ -55,7 +55,7 @@ GATES = {0: 1, 1: 1, 2: 1, 3: 4, 4: 3}
 
 
 def cpu_level():
-    """2: AVX-512 F/BW/VL/BF16/VNNI, 1: AVX2+FMA, 0: baseline (what this CPU runs)."""
+    """2: AVX-512 F/BW/VL/DQ/VNNI, 1: AVX2+FMA, 0: baseline (what this CPU runs)."""
     return qg_cpu_level()
 
 

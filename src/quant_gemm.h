@@ -10,16 +10,13 @@
  *   int8      P[k/4][j][k%4]     (int8)              64 bytes per quad of k
  *
  * so one 64-byte line holds a k-slice of all 16 rows, and the AVX-512 paths
- * read it as one register (vdpbf16ps takes pairs, vpdpbusd quads in a lane).
+ * read it as one register (bf16 pairs widened in a lane, vpdpbusd quads in a lane).
  *
  * A rows are *prepared* first (qg_prepare, once per row and call) into what
  * the kernel reads, zero-padded to Kp:
  *
- *   QG_A_FLOAT  float[Kp]                       float32 weights; bf16 weights on
- *                                               AVX2/baseline; int8 weight-only
- *   QG_A_BF16X2 uint32[Kp/2] hi, then uint32[Kp/2] lo: a = hi + lo, both bf16
- *               pairs (k even in the low half)   bf16 weights on AVX-512 (vdpbf16ps
- *                                               on hi and on lo: ~16 bits of a)
+ *   QG_A_FLOAT  float[Kp]                       float32 and bf16 weights; int8
+ *                                               weight-only
  *   QG_A_Q8S    int8[Kp] q = rint(a * 127/max|a|), as = max|a|/127
  *                                               int8 dynamic on AVX2/baseline
  *   QG_A_Q8U    uint8[Kp] q + 128                int8 dynamic with VNNI
@@ -31,8 +28,14 @@
  *                       sum is exact, so every ISA gives bitwise the same numbers.
  *                       VNNI computes sum (q+128) w and subtracts wz[j] = 128 sum w.
  *
+ * bf16 weights are widened to float32 in registers on every ISA. vdpbf16ps was
+ * tried and lost: it takes its activations in bf16 too, so keeping ~16 bits of
+ * them needs a hi + lo split and two vdpbf16ps per pair of k, at half the FMA
+ * rate on the AVX-512 Xeon measured (LSTM H=512 T=50: B=1 2.3-2.5 ms against
+ * 1.4-2.1 widened, B=2 3.7-5.5 against 2.3-3.1; B=64 0.50x float32 against 0.86x).
+ *
  * ISA: no -march flags. Each kernel exists as plain C (baseline), AVX2+FMA and
- * AVX-512 (F, BW, VL, BF16, VNNI) functions with GCC target attributes; the
+ * AVX-512 (F, BW, VL, DQ, VNNI) functions with GCC target attributes; the
  * caller picks a level (qg_cpu_level() is the best this CPU has).
  */
 #ifndef FASTRNN_QUANT_GEMM_H
@@ -52,10 +55,11 @@
 
 enum { QG_F32 = 0, QG_BF16 = 1, QG_I8 = 2 };
 enum { QG_BASELINE = 0, QG_AVX2 = 1, QG_AVX512 = 2 };
-enum { QG_A_FLOAT = 0, QG_A_BF16X2 = 1, QG_A_Q8S = 2, QG_A_Q8U = 3 };
+enum { QG_A_FLOAT = 0, QG_A_Q8S = 2, QG_A_Q8U = 3 };
 
 #define QG_NR 16
-#define QG_MR 4
+#define QG_MR 8     /* rows of A per kernel call */
+#define QG_NP 4     /* consecutive panels per kernel call */
 #define QG_INLINE static inline __attribute__((always_inline))
 
 static inline ptrdiff_t qg_round4(ptrdiff_t k) { return (k + 3) & ~(ptrdiff_t)3; }
@@ -69,20 +73,20 @@ static inline size_t qg_panel_bytes(int fmt, ptrdiff_t Kp)
 /* Bytes of one prepared A row (the largest kind). */
 static inline size_t qg_row_bytes(ptrdiff_t Kp) { return (size_t)Kp * 4; }
 
+/* What A rows are prepared into for the kernels of (fmt, isa, dynamic int8). */
 static inline int qg_a_kind(int fmt, int isa, int dyn)
 {
-    if (fmt == QG_BF16 && isa == QG_AVX512) return QG_A_BF16X2;
     if (fmt == QG_I8 && dyn) return isa == QG_AVX512 ? QG_A_Q8U : QG_A_Q8S;
     return QG_A_FLOAT;
 }
 
-/* Best level this CPU runs: 2 needs AVX-512 F/BW/VL/BF16/VNNI, 1 AVX2+FMA. */
+/* Best level this CPU runs: 2 needs AVX-512 F/BW/VL/DQ/VNNI, 1 AVX2+FMA. */
 static int qg_cpu_level(void)
 {
 #if QG_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
         && __builtin_cpu_supports("avx512vnni"))
         return QG_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
@@ -108,8 +112,9 @@ static inline float qg_bf16_float(uint32_t b)
     return f;
 }
 
-/* Prepare one A row of K values into `out` (kind above), padded to Kp. */
-static void qg_prepare(int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp, void *out,
+/* Prepare one A row of K values into `out` (kind above), padded to Kp: plain C
+ * (qg_prepare below picks the vectorised twin where there is one). */
+static void qg_prepare_scalar(int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp, void *out,
                        float *ascale)
 {
     ptrdiff_t k;
@@ -117,16 +122,6 @@ static void qg_prepare(int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp, void
         float *o = (float *)out;
         if (a) memcpy(o, a, (size_t)K * sizeof(float)); else memset(o, 0, (size_t)K * 4);
         for (k = K; k < Kp; ++k) o[k] = 0.0f;
-    } else if (kind == QG_A_BF16X2) {
-        uint32_t *hi = (uint32_t *)out, *lo = hi + Kp / 2;
-        for (k = 0; k < Kp; k += 2) {
-            float a0 = (a && k < K) ? a[k] : 0.0f, a1 = (a && k + 1 < K) ? a[k + 1] : 0.0f;
-            uint32_t h0 = qg_bf16_bits(a0), h1 = qg_bf16_bits(a1);
-            uint32_t l0 = qg_bf16_bits(a0 - qg_bf16_float(h0));
-            uint32_t l1 = qg_bf16_bits(a1 - qg_bf16_float(h1));
-            hi[k / 2] = h0 | (h1 << 16);
-            lo[k / 2] = l0 | (l1 << 16);
-        }
     } else {
         float amax = 0.0f;
         for (k = 0; a && k < K; ++k) {
@@ -145,338 +140,527 @@ static void qg_prepare(int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp, void
     }
 }
 
-/* Kernel signature shared by every (format, ISA) pair. */
-typedef void (*qg_kernel)(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                          float *const *C, const float *ws, const int32_t *wz,
-                          const float *as);
+/* Kernel signature shared by every (format, ISA) pair: C[i][16q + j] for i < m rows
+ * of A and the np (<= QG_NP) consecutive panels q (panel q at panel + q * pstride bytes;
+ * ws, wz of panel q at ws + 16q, wz + 16q). Each output is one accumulator summed
+ * with k in order, so the tile a kernel chooses never changes a result. */
+typedef void (*qg_kernel)(int m, int np, ptrdiff_t Kp, const void *const *A,
+                          const void *panel, size_t pstride, float *const *C,
+                          const float *ws, const int32_t *wz, const float *as);
 
 /* ------------------------------------------------------------ baseline (plain C) */
-static void qg_f32_base(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                        float *const *C, const float *ws, const int32_t *wz, const float *as)
+static void qg_f32_base(int m, int np, ptrdiff_t Kp, const void *const *A, const void *panel,
+                        size_t pstride, float *const *C, const float *ws, const int32_t *wz,
+                        const float *as)
 {
-    const float *P = (const float *)panel;
     (void)ws; (void)wz; (void)as;
-    for (int i = 0; i < m; ++i) {
-        const float *a = (const float *)A[i];
-        float acc[QG_NR] = {0};
-        for (ptrdiff_t k = 0; k < Kp; ++k)
-            for (int j = 0; j < QG_NR; ++j) acc[j] += a[k] * P[k * QG_NR + j];
-        memcpy(C[i], acc, sizeof acc);
+    for (int q = 0; q < np; ++q) {
+        const float *P = (const float *)((const unsigned char *)panel + q * pstride);
+        for (int i = 0; i < m; ++i) {
+            const float *a = (const float *)A[i];
+            float acc[QG_NR] = {0};
+            for (ptrdiff_t k = 0; k < Kp; ++k)
+                for (int j = 0; j < QG_NR; ++j) acc[j] += a[k] * P[k * QG_NR + j];
+            memcpy(C[i] + q * QG_NR, acc, sizeof acc);
+        }
     }
 }
 
-static void qg_bf16_base(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                         float *const *C, const float *ws, const int32_t *wz, const float *as)
+static void qg_bf16_base(int m, int np, ptrdiff_t Kp, const void *const *A, const void *panel,
+                         size_t pstride, float *const *C, const float *ws, const int32_t *wz,
+                         const float *as)
 {
-    const uint16_t *P = (const uint16_t *)panel;
     (void)ws; (void)wz; (void)as;
-    for (int i = 0; i < m; ++i) {
-        const float *a = (const float *)A[i];
-        float acc[QG_NR] = {0};
-        for (ptrdiff_t k = 0; k < Kp; k += 2)
-            for (int j = 0; j < QG_NR; ++j) {
-                acc[j] += a[k] * qg_bf16_float(P[(k / 2) * 32 + 2 * j]);
-                acc[j] += a[k + 1] * qg_bf16_float(P[(k / 2) * 32 + 2 * j + 1]);
-            }
-        memcpy(C[i], acc, sizeof acc);
+    for (int q = 0; q < np; ++q) {
+        const uint16_t *P = (const uint16_t *)((const unsigned char *)panel + q * pstride);
+        for (int i = 0; i < m; ++i) {
+            const float *a = (const float *)A[i];
+            float acc[QG_NR] = {0};
+            for (ptrdiff_t k = 0; k < Kp; k += 2)
+                for (int j = 0; j < QG_NR; ++j) {
+                    acc[j] += a[k] * qg_bf16_float(P[(k / 2) * 32 + 2 * j]);
+                    acc[j] += a[k + 1] * qg_bf16_float(P[(k / 2) * 32 + 2 * j + 1]);
+                }
+            memcpy(C[i] + q * QG_NR, acc, sizeof acc);
+        }
     }
 }
 
-static void qg_i8w_base(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                        float *const *C, const float *ws, const int32_t *wz, const float *as)
+static void qg_i8w_base(int m, int np, ptrdiff_t Kp, const void *const *A, const void *panel,
+                        size_t pstride, float *const *C, const float *ws, const int32_t *wz,
+                        const float *as)
 {
-    const int8_t *P = (const int8_t *)panel;
     (void)wz; (void)as;
-    for (int i = 0; i < m; ++i) {
-        const float *a = (const float *)A[i];
-        float acc[QG_NR] = {0};
-        for (ptrdiff_t k = 0; k < Kp; k += 4)
-            for (int q = 0; q < 4; ++q)
-                for (int j = 0; j < QG_NR; ++j)
-                    acc[j] += a[k + q] * (float)P[(k / 4) * 64 + 4 * j + q];
-        for (int j = 0; j < QG_NR; ++j) C[i][j] = acc[j] * ws[j];
+    for (int q = 0; q < np; ++q) {
+        const int8_t *P = (const int8_t *)((const unsigned char *)panel + q * pstride);
+        for (int i = 0; i < m; ++i) {
+            const float *a = (const float *)A[i];
+            float acc[QG_NR] = {0};
+            for (ptrdiff_t k = 0; k < Kp; k += 4)
+                for (int r = 0; r < 4; ++r)
+                    for (int j = 0; j < QG_NR; ++j)
+                        acc[j] += a[k + r] * (float)P[(k / 4) * 64 + 4 * j + r];
+            for (int j = 0; j < QG_NR; ++j) C[i][q * QG_NR + j] = acc[j] * ws[q * QG_NR + j];
+        }
     }
 }
 
-static void qg_i8d_base(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                        float *const *C, const float *ws, const int32_t *wz, const float *as)
+static void qg_i8d_base(int m, int np, ptrdiff_t Kp, const void *const *A, const void *panel,
+                        size_t pstride, float *const *C, const float *ws, const int32_t *wz,
+                        const float *as)
 {
-    const int8_t *P = (const int8_t *)panel;
     (void)wz;
-    for (int i = 0; i < m; ++i) {
-        const int8_t *a = (const int8_t *)A[i];
-        int32_t acc[QG_NR] = {0};
-        for (ptrdiff_t k = 0; k < Kp; k += 4)
+    for (int q = 0; q < np; ++q) {
+        const int8_t *P = (const int8_t *)((const unsigned char *)panel + q * pstride);
+        for (int i = 0; i < m; ++i) {
+            const int8_t *a = (const int8_t *)A[i];
+            int32_t acc[QG_NR] = {0};
+            for (ptrdiff_t k = 0; k < Kp; k += 4)
+                for (int j = 0; j < QG_NR; ++j)
+                    for (int r = 0; r < 4; ++r)
+                        acc[j] += (int32_t)a[k + r] * (int32_t)P[(k / 4) * 64 + 4 * j + r];
             for (int j = 0; j < QG_NR; ++j)
-                for (int q = 0; q < 4; ++q)
-                    acc[j] += (int32_t)a[k + q] * (int32_t)P[(k / 4) * 64 + 4 * j + q];
-        for (int j = 0; j < QG_NR; ++j) C[i][j] = (float)acc[j] * (ws[j] * as[i]);
+                C[i][q * QG_NR + j] = (float)acc[j] * (ws[q * QG_NR + j] * as[i]);
+        }
     }
 }
 
 #if QG_X86
+/* Register tiles: a tile function is written once for compile-time (M, NP) and
+ * instantiated for every M <= QG_MR, NP <= QG_NP by QG_TILE_SWITCH; the entry
+ * point cuts (m, np) into tiles that fit the ISA's registers (qg_tiles). */
+#define QG_TILE_CASE(MM, NN, FN, ...) case (MM) * 8 + (NN): FN(MM, NN, __VA_ARGS__); break;
+#define QG_TILE_ROW(MM, FN, ...) QG_TILE_CASE(MM, 1, FN, __VA_ARGS__) QG_TILE_CASE(MM, 2, FN, __VA_ARGS__) \
+                                 QG_TILE_CASE(MM, 3, FN, __VA_ARGS__) QG_TILE_CASE(MM, 4, FN, __VA_ARGS__)
+#define QG_TILE_SWITCH(mm, nn, FN, ...)                                                   \
+    switch ((mm) * 8 + (nn)) {                                                            \
+    QG_TILE_ROW(1, FN, __VA_ARGS__) QG_TILE_ROW(2, FN, __VA_ARGS__)                        \
+    QG_TILE_ROW(3, FN, __VA_ARGS__) QG_TILE_ROW(4, FN, __VA_ARGS__)                        \
+    QG_TILE_ROW(5, FN, __VA_ARGS__) QG_TILE_ROW(6, FN, __VA_ARGS__)                        \
+    QG_TILE_ROW(7, FN, __VA_ARGS__) QG_TILE_ROW(8, FN, __VA_ARGS__)                        \
+    default: break;                                                                       \
+    }
+
+/* Walk (m rows, np panels) in tiles of at most `cap` panel-rows (accumulator
+ * groups), at most QG_MR rows: panels first (more independent chains at small m). */
+#define QG_TILES(cap, m, np, FN, A, panel, pstride, C, ws, wz, as, ...)                   \
+    do {                                                                                  \
+        const int mr_ = (m) < QG_MR ? (m) : QG_MR;                                       \
+        const int nc_ = (np) < (cap) / mr_ ? (np) : ((cap) / mr_ > 0 ? (cap) / mr_ : 1);  \
+        const int rc_ = (m) < (cap) / nc_ ? (m) : ((cap) / nc_ < QG_MR ? (cap) / nc_ : QG_MR); \
+        for (int q0_ = 0; q0_ < (np); q0_ += nc_) {                                      \
+            const int nn_ = (np) - q0_ < nc_ ? (np) - q0_ : nc_;                          \
+            const unsigned char *P_ = (const unsigned char *)(panel) + q0_ * (pstride);   \
+            for (int i0_ = 0; i0_ < (m); i0_ += rc_) {                                   \
+                const int mm_ = (m) - i0_ < rc_ ? (m) - i0_ : rc_;                        \
+                QG_TILE_SWITCH(mm_, nn_, FN, (A) + i0_, P_, pstride, (C) + i0_, q0_ * QG_NR, \
+                               (ws) ? (ws) + q0_ * QG_NR : NULL,                           \
+                               (wz) ? (wz) + q0_ * QG_NR : NULL, (as) ? (as) + i0_ : NULL, \
+                               __VA_ARGS__)                                                \
+            }                                                                             \
+        }                                                                                 \
+    } while (0)
+
 /* ------------------------------------------------------------ AVX2 + FMA */
 #define QG_AVX2_T __attribute__((target("avx2,fma")))
-#define QG_M_SWITCH(BODY, ...)                                                   \
-    switch (m) {                                                                 \
-    case 1: BODY(1, __VA_ARGS__); break;                                         \
-    case 2: BODY(2, __VA_ARGS__); break;                                         \
-    case 3: BODY(3, __VA_ARGS__); break;                                         \
-    default: BODY(4, __VA_ARGS__); break;                                        \
-    }
+#define QG_AVX2_CAP 6     /* panel-rows per tile: 12 ymm accumulators of 16 */
 
-QG_INLINE QG_AVX2_T void qg_f32_avx2_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                       const float *P, float *const *C)
+QG_INLINE QG_AVX2_T void qg_f32_avx2_t(const int M, const int NP, const void *const *A,
+                                       const unsigned char *P, size_t ps, float *const *C,
+                                       int c0, const float *ws, const int32_t *wz,
+                                       const float *as, ptrdiff_t Kp)
 {
-    __m256 acc[QG_MR][2];
-    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    __m256 acc[QG_MR][QG_NP][2];
+    (void)ws; (void)wz; (void)as;
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q][0] = acc[i][q][1] = _mm256_setzero_ps();
     for (ptrdiff_t k = 0; k < Kp; ++k) {
-        __m256 w0 = _mm256_loadu_ps(P + k * 16), w1 = _mm256_loadu_ps(P + k * 16 + 8);
+        __m256 w[QG_NP][2];
+        for (int q = 0; q < NP; ++q) {
+            const float *Pq = (const float *)(P + q * ps) + k * 16;
+            w[q][0] = _mm256_loadu_ps(Pq);
+            w[q][1] = _mm256_loadu_ps(Pq + 8);
+        }
         for (int i = 0; i < M; ++i) {
             __m256 a = _mm256_broadcast_ss((const float *)A[i] + k);
-            acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);
+            for (int q = 0; q < NP; ++q) {
+                acc[i][q][0] = _mm256_fmadd_ps(a, w[q][0], acc[i][q][0]);
+                acc[i][q][1] = _mm256_fmadd_ps(a, w[q][1], acc[i][q][1]);
+            }
         }
     }
-    for (int i = 0; i < M; ++i) {
-        _mm256_storeu_ps(C[i], acc[i][0]);
-        _mm256_storeu_ps(C[i] + 8, acc[i][1]);
-    }
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) {
+            _mm256_storeu_ps(C[i] + c0 + q * 16, acc[i][q][0]);
+            _mm256_storeu_ps(C[i] + c0 + q * 16 + 8, acc[i][q][1]);
+        }
 }
-#define QG_F32_AVX2(MM, ...) qg_f32_avx2_m(MM, __VA_ARGS__)
-static QG_AVX2_T void qg_f32_avx2(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                  float *const *C, const float *ws, const int32_t *wz,
-                                  const float *as)
+#define QG_F32_AVX2(MM, NN, ...) qg_f32_avx2_t(MM, NN, __VA_ARGS__)
+static QG_AVX2_T void qg_f32_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                  const void *panel, size_t pstride, float *const *C,
+                                  const float *ws, const int32_t *wz, const float *as)
 {
-    (void)ws; (void)wz; (void)as;
-    QG_M_SWITCH(QG_F32_AVX2, Kp, A, (const float *)panel, C)
+    QG_TILES(QG_AVX2_CAP, m, np, QG_F32_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
-QG_INLINE QG_AVX2_T void qg_bf16_avx2_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                        const uint32_t *P, float *const *C)
+QG_INLINE QG_AVX2_T void qg_bf16_avx2_t(const int M, const int NP, const void *const *A,
+                                        const unsigned char *P, size_t ps, float *const *C,
+                                        int c0, const float *ws, const int32_t *wz,
+                                        const float *as, ptrdiff_t Kp)
 {
     const __m256i himask = _mm256_set1_epi32((int)0xFFFF0000u);
-    __m256 acc[QG_MR][2];
-    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    __m256 acc[QG_MR][QG_NP][2];
+    (void)ws; (void)wz; (void)as;
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q][0] = acc[i][q][1] = _mm256_setzero_ps();
     for (ptrdiff_t k = 0; k < Kp; k += 2) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(P + k * 8));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(P + k * 8 + 8));
-        __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
-        __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(v0, himask));
-        __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
-        __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(v1, himask));
+        __m256 e[QG_NP][2], o[QG_NP][2];
+        for (int q = 0; q < NP; ++q)
+            for (int h = 0; h < 2; ++h) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)((const uint32_t *)(P + q * ps) + k * 8 + 8 * h));
+                e[q][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                o[q][h] = _mm256_castsi256_ps(_mm256_and_si256(v, himask));
+            }
         for (int i = 0; i < M; ++i) {
             __m256 ae = _mm256_broadcast_ss((const float *)A[i] + k);
             __m256 ao = _mm256_broadcast_ss((const float *)A[i] + k + 1);
-            acc[i][0] = _mm256_fmadd_ps(ae, e0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(ae, e1, acc[i][1]);
-            acc[i][0] = _mm256_fmadd_ps(ao, o0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(ao, o1, acc[i][1]);
+            for (int q = 0; q < NP; ++q)
+                for (int h = 0; h < 2; ++h) {
+                    acc[i][q][h] = _mm256_fmadd_ps(ae, e[q][h], acc[i][q][h]);
+                    acc[i][q][h] = _mm256_fmadd_ps(ao, o[q][h], acc[i][q][h]);
+                }
         }
     }
-    for (int i = 0; i < M; ++i) {
-        _mm256_storeu_ps(C[i], acc[i][0]);
-        _mm256_storeu_ps(C[i] + 8, acc[i][1]);
-    }
-}
-#define QG_BF16_AVX2(MM, ...) qg_bf16_avx2_m(MM, __VA_ARGS__)
-static QG_AVX2_T void qg_bf16_avx2(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                   float *const *C, const float *ws, const int32_t *wz,
-                                   const float *as)
-{
-    (void)ws; (void)wz; (void)as;
-    QG_M_SWITCH(QG_BF16_AVX2, Kp, A, (const uint32_t *)panel, C)
-}
-
-/* byte q of every 32-bit lane, sign-extended, as float */
-#define QG_AVX2_BYTE(v, q) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (q)), 24))
-
-QG_INLINE QG_AVX2_T void qg_i8w_avx2_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                       const int8_t *P, float *const *C, const float *ws)
-{
-    __m256 acc[QG_MR][2];
-    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    for (ptrdiff_t k = 0; k < Kp; k += 4) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(P + k * 16));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(P + k * 16 + 32));
-#define QG_I8W_Q(q)                                                                  \
-        {                                                                            \
-            __m256 w0 = QG_AVX2_BYTE(v0, q), w1 = QG_AVX2_BYTE(v1, q);               \
-            for (int i = 0; i < M; ++i) {                                            \
-                __m256 a = _mm256_broadcast_ss((const float *)A[i] + k + (q));       \
-                acc[i][0] = _mm256_fmadd_ps(a, w0, acc[i][0]);                       \
-                acc[i][1] = _mm256_fmadd_ps(a, w1, acc[i][1]);                       \
-            }                                                                        \
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) {
+            _mm256_storeu_ps(C[i] + c0 + q * 16, acc[i][q][0]);
+            _mm256_storeu_ps(C[i] + c0 + q * 16 + 8, acc[i][q][1]);
         }
-        QG_I8W_Q(0) QG_I8W_Q(1) QG_I8W_Q(2) QG_I8W_Q(3)
-#undef QG_I8W_Q
-    }
-    __m256 s0 = _mm256_loadu_ps(ws), s1 = _mm256_loadu_ps(ws + 8);
-    for (int i = 0; i < M; ++i) {
-        _mm256_storeu_ps(C[i], _mm256_mul_ps(acc[i][0], s0));
-        _mm256_storeu_ps(C[i] + 8, _mm256_mul_ps(acc[i][1], s1));
-    }
 }
-#define QG_I8W_AVX2(MM, ...) qg_i8w_avx2_m(MM, __VA_ARGS__)
-static QG_AVX2_T void qg_i8w_avx2(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                  float *const *C, const float *ws, const int32_t *wz,
-                                  const float *as)
+#define QG_BF16_AVX2(MM, NN, ...) qg_bf16_avx2_t(MM, NN, __VA_ARGS__)
+static QG_AVX2_T void qg_bf16_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                   const void *panel, size_t pstride, float *const *C,
+                                   const float *ws, const int32_t *wz, const float *as)
 {
+    QG_TILES(QG_AVX2_CAP, m, np, QG_BF16_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
+}
+
+/* byte r of every 32-bit lane, sign-extended, as float */
+#define QG_AVX2_BYTE(v, r) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (r)), 24))
+
+QG_INLINE QG_AVX2_T void qg_i8w_avx2_t(const int M, const int NP, const void *const *A,
+                                       const unsigned char *P, size_t ps, float *const *C,
+                                       int c0, const float *ws, const int32_t *wz,
+                                       const float *as, ptrdiff_t Kp)
+{
+    __m256 acc[QG_MR][QG_NP][2];
     (void)wz; (void)as;
-    QG_M_SWITCH(QG_I8W_AVX2, Kp, A, (const int8_t *)panel, C, ws)
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q][0] = acc[i][q][1] = _mm256_setzero_ps();
+    for (ptrdiff_t k = 0; k < Kp; k += 4)
+        for (int q = 0; q < NP; ++q) {
+            const int8_t *Pq = (const int8_t *)(P + q * ps) + k * 16;
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)Pq);
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(Pq + 32));
+            for (int r = 0; r < 4; ++r) {
+                __m256 w0 = QG_AVX2_BYTE(v0, r), w1 = QG_AVX2_BYTE(v1, r);
+                for (int i = 0; i < M; ++i) {
+                    __m256 a = _mm256_broadcast_ss((const float *)A[i] + k + r);
+                    acc[i][q][0] = _mm256_fmadd_ps(a, w0, acc[i][q][0]);
+                    acc[i][q][1] = _mm256_fmadd_ps(a, w1, acc[i][q][1]);
+                }
+            }
+        }
+    for (int q = 0; q < NP; ++q) {
+        __m256 s0 = _mm256_loadu_ps(ws + q * 16), s1 = _mm256_loadu_ps(ws + q * 16 + 8);
+        for (int i = 0; i < M; ++i) {
+            _mm256_storeu_ps(C[i] + c0 + q * 16, _mm256_mul_ps(acc[i][q][0], s0));
+            _mm256_storeu_ps(C[i] + c0 + q * 16 + 8, _mm256_mul_ps(acc[i][q][1], s1));
+        }
+    }
+}
+#define QG_I8W_AVX2(MM, NN, ...) qg_i8w_avx2_t(MM, NN, __VA_ARGS__)
+static QG_AVX2_T void qg_i8w_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                  const void *panel, size_t pstride, float *const *C,
+                                  const float *ws, const int32_t *wz, const float *as)
+{
+    QG_TILES(QG_AVX2_CAP, m, np, QG_I8W_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* int8 x int8 quads on AVX2: even and odd bytes as int16, two vpmaddwd. */
-QG_INLINE QG_AVX2_T void qg_i8d_avx2_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                       const int8_t *P, float *const *C, const float *ws,
-                                       const float *as)
+QG_INLINE QG_AVX2_T void qg_i8d_avx2_t(const int M, const int NP, const void *const *A,
+                                       const unsigned char *P, size_t ps, float *const *C,
+                                       int c0, const float *ws, const int32_t *wz,
+                                       const float *as, ptrdiff_t Kp)
 {
-    __m256i acc[QG_MR][2];
-    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    __m256i acc[QG_MR][QG_NP][2];
+    (void)wz;
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q][0] = acc[i][q][1] = _mm256_setzero_si256();
     for (ptrdiff_t k = 0; k < Kp; k += 4) {
-        __m256i v0 = _mm256_loadu_si256((const __m256i *)(P + k * 16));
-        __m256i v1 = _mm256_loadu_si256((const __m256i *)(P + k * 16 + 32));
-        __m256i e0 = _mm256_srai_epi16(_mm256_slli_epi16(v0, 8), 8), o0 = _mm256_srai_epi16(v0, 8);
-        __m256i e1 = _mm256_srai_epi16(_mm256_slli_epi16(v1, 8), 8), o1 = _mm256_srai_epi16(v1, 8);
+        __m256i ae[QG_MR], ao[QG_MR];
         for (int i = 0; i < M; ++i) {
             int32_t quad;
             memcpy(&quad, (const int8_t *)A[i] + k, 4);
             __m256i a = _mm256_set1_epi32(quad);
-            __m256i ae = _mm256_srai_epi16(_mm256_slli_epi16(a, 8), 8);
-            __m256i ao = _mm256_srai_epi16(a, 8);
-            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_add_epi32(
-                _mm256_madd_epi16(ae, e0), _mm256_madd_epi16(ao, o0)));
-            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_add_epi32(
-                _mm256_madd_epi16(ae, e1), _mm256_madd_epi16(ao, o1)));
+            ae[i] = _mm256_srai_epi16(_mm256_slli_epi16(a, 8), 8);
+            ao[i] = _mm256_srai_epi16(a, 8);
+        }
+        for (int q = 0; q < NP; ++q) {
+            const int8_t *Pq = (const int8_t *)(P + q * ps) + k * 16;
+            for (int h = 0; h < 2; ++h) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(Pq + 32 * h));
+                __m256i e = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), o = _mm256_srai_epi16(v, 8);
+                for (int i = 0; i < M; ++i)
+                    acc[i][q][h] = _mm256_add_epi32(acc[i][q][h], _mm256_add_epi32(
+                        _mm256_madd_epi16(ae[i], e), _mm256_madd_epi16(ao[i], o)));
+            }
         }
     }
-    __m256 s0 = _mm256_loadu_ps(ws), s1 = _mm256_loadu_ps(ws + 8);
-    for (int i = 0; i < M; ++i) {
-        __m256 sa = _mm256_set1_ps(as[i]);
-        _mm256_storeu_ps(C[i], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), _mm256_mul_ps(s0, sa)));
-        _mm256_storeu_ps(C[i] + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), _mm256_mul_ps(s1, sa)));
+    for (int q = 0; q < NP; ++q) {
+        __m256 s0 = _mm256_loadu_ps(ws + q * 16), s1 = _mm256_loadu_ps(ws + q * 16 + 8);
+        for (int i = 0; i < M; ++i) {
+            __m256 sa = _mm256_set1_ps(as[i]);
+            _mm256_storeu_ps(C[i] + c0 + q * 16,
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][q][0]), _mm256_mul_ps(s0, sa)));
+            _mm256_storeu_ps(C[i] + c0 + q * 16 + 8,
+                             _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][q][1]), _mm256_mul_ps(s1, sa)));
+        }
     }
 }
-#define QG_I8D_AVX2(MM, ...) qg_i8d_avx2_m(MM, __VA_ARGS__)
-static QG_AVX2_T void qg_i8d_avx2(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                  float *const *C, const float *ws, const int32_t *wz,
-                                  const float *as)
+#define QG_I8D_AVX2(MM, NN, ...) qg_i8d_avx2_t(MM, NN, __VA_ARGS__)
+static QG_AVX2_T void qg_i8d_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                  const void *panel, size_t pstride, float *const *C,
+                                  const float *ws, const int32_t *wz, const float *as)
 {
-    (void)wz;
-    QG_M_SWITCH(QG_I8D_AVX2, Kp, A, (const int8_t *)panel, C, ws, as)
+    QG_TILES(QG_AVX2_CAP, m, np, QG_I8D_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* ------------------------------------------------------------ AVX-512 (F BW VL BF16 VNNI) */
-#define QG_512_T __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx2,fma")))
+#define QG_512_T __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
+#define QG_512_CAP 24     /* panel-rows per tile: 24 of the 32 zmm hold accumulators */
 
-QG_INLINE QG_512_T void qg_f32_512_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                     const float *P, float *const *C)
+QG_INLINE QG_512_T void qg_f32_512_t(const int M, const int NP, const void *const *A,
+                                     const unsigned char *P, size_t ps, float *const *C,
+                                     int c0, const float *ws, const int32_t *wz,
+                                     const float *as, ptrdiff_t Kp)
 {
-    __m512 acc[QG_MR];
-    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    for (ptrdiff_t k = 0; k < Kp; ++k) {
-        __m512 w = _mm512_loadu_ps(P + k * 16);
-        for (int i = 0; i < M; ++i)
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(((const float *)A[i])[k]), w, acc[i]);
-    }
-    for (int i = 0; i < M; ++i) _mm512_storeu_ps(C[i], acc[i]);
-}
-#define QG_F32_512(MM, ...) qg_f32_512_m(MM, __VA_ARGS__)
-static QG_512_T void qg_f32_512(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                float *const *C, const float *ws, const int32_t *wz,
-                                const float *as)
-{
+    __m512 acc[QG_MR][QG_NP];
     (void)ws; (void)wz; (void)as;
-    QG_M_SWITCH(QG_F32_512, Kp, A, (const float *)panel, C)
-}
-
-/* a = hi + lo (both bf16): two vdpbf16ps per pair of k keep ~16 bits of a. */
-QG_INLINE QG_512_T void qg_bf16_512_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                      const uint32_t *P, float *const *C)
-{
-    __m512 acc[QG_MR];
-    const ptrdiff_t K2 = Kp / 2;
-    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    for (ptrdiff_t k2 = 0; k2 < K2; ++k2) {
-        __m512i w = _mm512_loadu_si512((const void *)(P + k2 * 16));
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < Kp; ++k) {
+        __m512 w[QG_NP];
+        for (int q = 0; q < NP; ++q) w[q] = _mm512_loadu_ps((const float *)(P + q * ps) + k * 16);
         for (int i = 0; i < M; ++i) {
-            const uint32_t *a = (const uint32_t *)A[i];
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)a[k2]), (__m512bh)w);
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)a[K2 + k2]), (__m512bh)w);
+            __m512 a = _mm512_set1_ps(((const float *)A[i])[k]);
+            for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_fmadd_ps(a, w[q], acc[i][q]);
         }
     }
-    for (int i = 0; i < M; ++i) _mm512_storeu_ps(C[i], acc[i]);
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
 }
-#define QG_BF16_512(MM, ...) qg_bf16_512_m(MM, __VA_ARGS__)
-static QG_512_T void qg_bf16_512(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                 float *const *C, const float *ws, const int32_t *wz,
-                                 const float *as)
+#define QG_F32_512(MM, NN, ...) qg_f32_512_t(MM, NN, __VA_ARGS__)
+static QG_512_T void qg_f32_512(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                const void *panel, size_t pstride, float *const *C,
+                                const float *ws, const int32_t *wz, const float *as)
 {
+    QG_TILES(QG_512_CAP, m, np, QG_F32_512, A, panel, pstride, C, ws, wz, as, Kp);
+}
+
+/* bf16 weights widened to float32 in registers (the low half of a pair is k even). */
+#define QG_BF16_512_CAP 20   /* 8 zmm hold the widened weights of 4 panels */
+QG_INLINE QG_512_T void qg_bf16_512_t(const int M, const int NP, const void *const *A,
+                                       const unsigned char *P, size_t ps, float *const *C,
+                                       int c0, const float *ws, const int32_t *wz,
+                                       const float *as, ptrdiff_t Kp)
+{
+    const __m512i himask = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 acc[QG_MR][QG_NP];
     (void)ws; (void)wz; (void)as;
-    QG_M_SWITCH(QG_BF16_512, Kp, A, (const uint32_t *)panel, C)
-}
-
-#define QG_512_BYTE(v, q) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * (q)), 24))
-
-QG_INLINE QG_512_T void qg_i8w_512_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                     const int8_t *P, float *const *C, const float *ws)
-{
-    __m512 acc[QG_MR];
-    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
-    for (ptrdiff_t k = 0; k < Kp; k += 4) {
-        __m512i v = _mm512_loadu_si512((const void *)(P + k * 16));
-        __m512 w0 = QG_512_BYTE(v, 0), w1 = QG_512_BYTE(v, 1);
-        __m512 w2 = QG_512_BYTE(v, 2), w3 = QG_512_BYTE(v, 3);
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < Kp; k += 2) {
+        __m512 e[QG_NP], o[QG_NP];
+        for (int q = 0; q < NP; ++q) {
+            __m512i v = _mm512_loadu_si512((const void *)((const uint32_t *)(P + q * ps) + k * 8));
+            e[q] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+            o[q] = _mm512_castsi512_ps(_mm512_and_si512(v, himask));
+        }
         for (int i = 0; i < M; ++i) {
             const float *a = (const float *)A[i] + k;
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc[i]);
+            __m512 ae = _mm512_set1_ps(a[0]), ao = _mm512_set1_ps(a[1]);
+            for (int q = 0; q < NP; ++q) {
+                acc[i][q] = _mm512_fmadd_ps(ae, e[q], acc[i][q]);
+                acc[i][q] = _mm512_fmadd_ps(ao, o[q], acc[i][q]);
+            }
         }
     }
-    __m512 s = _mm512_loadu_ps(ws);
-    for (int i = 0; i < M; ++i) _mm512_storeu_ps(C[i], _mm512_mul_ps(acc[i], s));
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
 }
-#define QG_I8W_512(MM, ...) qg_i8w_512_m(MM, __VA_ARGS__)
-static QG_512_T void qg_i8w_512(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                float *const *C, const float *ws, const int32_t *wz,
-                                const float *as)
+#define QG_BF16_512(MM, NN, ...) qg_bf16_512_t(MM, NN, __VA_ARGS__)
+static QG_512_T void qg_bf16_512(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                  const void *panel, size_t pstride, float *const *C,
+                                  const float *ws, const int32_t *wz, const float *as)
 {
+    QG_TILES(QG_BF16_512_CAP, m, np, QG_BF16_512, A, panel, pstride, C, ws, wz, as, Kp);
+}
+
+#define QG_512_BYTE(v, r) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * (r)), 24))
+
+QG_INLINE QG_512_T void qg_i8w_512_t(const int M, const int NP, const void *const *A,
+                                     const unsigned char *P, size_t ps, float *const *C,
+                                     int c0, const float *ws, const int32_t *wz,
+                                     const float *as, ptrdiff_t Kp)
+{
+    __m512 acc[QG_MR][QG_NP];
     (void)wz; (void)as;
-    QG_M_SWITCH(QG_I8W_512, Kp, A, (const int8_t *)panel, C, ws)
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < Kp; k += 4)
+        for (int q = 0; q < NP; ++q) {
+            __m512i v = _mm512_loadu_si512((const void *)((const int8_t *)(P + q * ps) + k * 16));
+            __m512 w0 = QG_512_BYTE(v, 0), w1 = QG_512_BYTE(v, 1);
+            __m512 w2 = QG_512_BYTE(v, 2), w3 = QG_512_BYTE(v, 3);
+            for (int i = 0; i < M; ++i) {
+                const float *a = (const float *)A[i] + k;
+                acc[i][q] = _mm512_fmadd_ps(_mm512_set1_ps(a[0]), w0, acc[i][q]);
+                acc[i][q] = _mm512_fmadd_ps(_mm512_set1_ps(a[1]), w1, acc[i][q]);
+                acc[i][q] = _mm512_fmadd_ps(_mm512_set1_ps(a[2]), w2, acc[i][q]);
+                acc[i][q] = _mm512_fmadd_ps(_mm512_set1_ps(a[3]), w3, acc[i][q]);
+            }
+        }
+    for (int q = 0; q < NP; ++q) {
+        __m512 s = _mm512_loadu_ps(ws + q * 16);
+        for (int i = 0; i < M; ++i) _mm512_storeu_ps(C[i] + c0 + q * 16, _mm512_mul_ps(acc[i][q], s));
+    }
+}
+#define QG_I8W_512(MM, NN, ...) qg_i8w_512_t(MM, NN, __VA_ARGS__)
+static QG_512_T void qg_i8w_512(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                const void *panel, size_t pstride, float *const *C,
+                                const float *ws, const int32_t *wz, const float *as)
+{
+    QG_TILES(QG_512_CAP, m, np, QG_I8W_512, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* vpdpbusd: u8 (q + 128) x s8 quads; wz[j] = 128 sum_k w[j][k] removes the offset. */
-QG_INLINE QG_512_T void qg_i8d_512_m(const int M, ptrdiff_t Kp, const void *const *A,
-                                     const int8_t *P, float *const *C, const float *ws,
-                                     const int32_t *wz, const float *as)
+QG_INLINE QG_512_T void qg_i8d_512_t(const int M, const int NP, const void *const *A,
+                                     const unsigned char *P, size_t ps, float *const *C,
+                                     int c0, const float *ws, const int32_t *wz,
+                                     const float *as, ptrdiff_t Kp)
 {
-    __m512i acc[QG_MR];
-    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_si512();
+    __m512i acc[QG_MR][QG_NP];
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_si512();
     for (ptrdiff_t k = 0; k < Kp; k += 4) {
-        __m512i v = _mm512_loadu_si512((const void *)(P + k * 16));
+        __m512i w[QG_NP];
+        for (int q = 0; q < NP; ++q)
+            w[q] = _mm512_loadu_si512((const void *)((const int8_t *)(P + q * ps) + k * 16));
         for (int i = 0; i < M; ++i) {
             int32_t quad;
             memcpy(&quad, (const uint8_t *)A[i] + k, 4);
-            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(quad), v);
+            __m512i a = _mm512_set1_epi32(quad);
+            for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_dpbusd_epi32(acc[i][q], a, w[q]);
         }
     }
-    __m512 s = _mm512_loadu_ps(ws);
-    __m512i z = _mm512_loadu_si512((const void *)wz);
-    for (int i = 0; i < M; ++i) {
-        __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i], z));
-        _mm512_storeu_ps(C[i], _mm512_mul_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(as[i]))));
+    for (int q = 0; q < NP; ++q) {
+        __m512 s = _mm512_loadu_ps(ws + q * 16);
+        __m512i z = _mm512_loadu_si512((const void *)(wz + q * 16));
+        for (int i = 0; i < M; ++i) {
+            __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][q], z));
+            _mm512_storeu_ps(C[i] + c0 + q * 16, _mm512_mul_ps(f, _mm512_mul_ps(s, _mm512_set1_ps(as[i]))));
+        }
     }
 }
-#define QG_I8D_512(MM, ...) qg_i8d_512_m(MM, __VA_ARGS__)
-static QG_512_T void qg_i8d_512(int m, ptrdiff_t Kp, const void *const *A, const void *panel,
-                                float *const *C, const float *ws, const int32_t *wz,
-                                const float *as)
+#define QG_I8D_512(MM, NN, ...) qg_i8d_512_t(MM, NN, __VA_ARGS__)
+static QG_512_T void qg_i8d_512(int m, int np, ptrdiff_t Kp, const void *const *A,
+                                const void *panel, size_t pstride, float *const *C,
+                                const float *ws, const int32_t *wz, const float *as)
 {
-    QG_M_SWITCH(QG_I8D_512, Kp, A, (const int8_t *)panel, C, ws, wz, as)
+    QG_TILES(QG_512_CAP, m, np, QG_I8D_512, A, panel, pstride, C, ws, wz, as, Kp);
+}
+/* ------------------------------------------------------------ vectorised row preparation
+ * Same numbers as qg_prepare_scalar: max is exact, the product and the round to
+ * nearest even are the same operations, NaN ordered as there (tested bitwise). */
+static QG_512_T void qg_quant_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp,
+                                      unsigned char *o, float *ascale, int off)
+{
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 vmax = _mm512_setzero_ps();
+    ptrdiff_t k;
+    for (k = 0; a && k < K; k += 16) {
+        __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        __m512 v = _mm512_and_ps(_mm512_maskz_loadu_ps(mk, a + k), absmask);
+        vmax = _mm512_max_ps(v, vmax);            /* NaN lanes keep vmax */
+    }
+    float amax = _mm512_reduce_max_ps(vmax);
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *ascale = amax > 0.0f ? amax / 127.0f : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    const __m512i voff = _mm512_set1_epi32(off);
+    for (k = 0; k < Kp; k += 16) {
+        ptrdiff_t nk = K - k, np = Kp - k;
+        __mmask16 mk = !a || nk <= 0 ? 0 : nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
+        __mmask16 ms = np >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << np) - 1);
+        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, a ? a + k : NULL), vinv);
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));   /* NaN passes, as in C */
+        _mm512_mask_cvtepi32_storeu_epi8(o + k, ms, _mm512_add_epi32(_mm512_cvttps_epi32(v), voff));
+    }
+}
+
+static QG_AVX2_T void qg_quant_row_avx2(const float *a, ptrdiff_t K, ptrdiff_t Kp,
+                                        unsigned char *o, float *ascale, int off)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    ptrdiff_t k = 0, K8 = a ? K & ~(ptrdiff_t)7 : 0;
+    for (; k < K8; k += 8)
+        vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(a + k), absmask), vmax);
+    float m8[8], amax = 0.0f;
+    _mm256_storeu_ps(m8, vmax);
+    for (int j = 0; j < 8; ++j) amax = m8[j] > amax ? m8[j] : amax;
+    for (; a && k < K; ++k) {
+        float v = fabsf(a[k]);
+        amax = v > amax ? v : amax;
+    }
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    *ascale = amax > 0.0f ? amax / 127.0f : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    for (k = 0; k < K8; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(a + k), vinv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+        int32_t q[8];
+        _mm256_storeu_si256((__m256i *)q, _mm256_cvttps_epi32(v));
+        for (int j = 0; j < 8; ++j) o[k + j] = (unsigned char)(q[j] + off);
+    }
+    for (; k < Kp; ++k) {
+        float q = (a && k < K) ? rintf(a[k] * inv) : 0.0f;
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        o[k] = (unsigned char)(int)((int)q + off);
+    }
 }
 #endif /* QG_X86 */
+
+/* Prepare one A row for the kernels of level `isa` (vectorised where it pays). */
+static void qg_prepare(int isa, int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp,
+                       void *out, float *ascale)
+{
+#if QG_X86
+    if (isa == QG_AVX512 && (kind == QG_A_Q8U || kind == QG_A_Q8S)) {
+        qg_quant_row_512(a, K, Kp, (unsigned char *)out, ascale, kind == QG_A_Q8U ? 128 : 0);
+        return;
+    }
+    if (isa == QG_AVX2 && (kind == QG_A_Q8U || kind == QG_A_Q8S)) {
+        qg_quant_row_avx2(a, K, Kp, (unsigned char *)out, ascale, kind == QG_A_Q8U ? 128 : 0);
+        return;
+    }
+#endif
+    (void)isa;
+    qg_prepare_scalar(kind, a, K, Kp, out, ascale);
+}
 
 /* The kernel for (isa, fmt, dynamic int8). */
 static qg_kernel qg_pick(int isa, int fmt, int dyn)

@@ -158,7 +158,7 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
     unsigned char *hprep = mine;
     float *asch = (float *)(mine + qg_align((size_t)B * W->rbh_max));
     float *rec = asch + qg_align((size_t)B * 4) / 4;
-    const float **hprev = (const float **)(rec + (size_t)B * 4 * QG_NR);
+    const float **hprev = (const float **)(rec + (size_t)B * QG_NP * QG_NR);
     const void *Ap[QG_MR];
     float *Cp[QG_MR];
     for (int r = 0; r < S->n_runs; ++r) {
@@ -177,34 +177,34 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
         const ptrdiff_t os = R->out_stride, oc = R->out_col;
         const ptrdiff_t u0 = tid * nblk / nt, u1 = (tid + 1) * nblk / nt;
         const ptrdiff_t unit0 = u0 * QG_NR, unit1 = u1 * QG_NR < H ? u1 * QG_NR : H;
+        const ptrdiff_t ug = G >= QG_NP ? 1 : QG_NP / G;   /* unit blocks per kernel call */
 
         /* 1. prepare the input rows (shared, split by rows) */
         for (ptrdiff_t row = tid * TB / nt; row < (tid + 1) * TB / nt; ++row)
-            qg_prepare(kind_x, X + row * KI, KI, Kpi, W->xprep + row * rbx, &W->ascx[row]);
+            qg_prepare(S->isa, kind_x, X + row * KI, KI, Kpi, W->xprep + row * rbx, &W->ascx[row]);
         fastrnn_barrier();
         if (R->cell == QG_LSTM)   /* my units of c from c0 (after the barrier: cwork is free) */
             for (ptrdiff_t b = 0; b < B; ++b)
                 for (ptrdiff_t k = unit0; k < unit1; ++k)
                     W->cwork[b * H + k] = R->c0 ? R->c0[S->rows_in[b] * H + k] : 0.0f;
 
-        /* 2. input projection for my blocks */
-        for (ptrdiff_t u = u0; u < u1; ++u)
-            for (int g = 0; g < G; ++g) {
-                const ptrdiff_t p = u * G + g;
-                const unsigned char *panel = (const unsigned char *)R->w_ih + p * pbx;
-                for (ptrdiff_t row0 = 0; row0 < TB; row0 += QG_MR) {
-                    int m = TB - row0 < QG_MR ? (int)(TB - row0) : QG_MR;
-                    for (int i = 0; i < m; ++i) {
-                        Ap[i] = W->xprep + (row0 + i) * rbx;
-                        Cp[i] = W->xproj + (row0 + i) * GHp + p * QG_NR;
-                    }
-                    kx(m, Kpi, Ap, panel, Cp, R->s_ih ? R->s_ih + p * QG_NR : NULL,
-                       R->z_ih ? R->z_ih + p * QG_NR : NULL, W->ascx + row0);
-                    if (R->b_x)
-                        for (int i = 0; i < m; ++i)
-                            for (int j = 0; j < QG_NR; ++j) Cp[i][j] += R->b_x[p * QG_NR + j];
+        /* 2. input projection for my blocks: runs of up to QG_NP consecutive panels */
+        for (ptrdiff_t p = u0 * G; p < u1 * G; p += QG_NP) {
+            const int np = u1 * G - p < QG_NP ? (int)(u1 * G - p) : QG_NP;
+            const unsigned char *panel = (const unsigned char *)R->w_ih + p * pbx;
+            for (ptrdiff_t row0 = 0; row0 < TB; row0 += QG_MR) {
+                int m = TB - row0 < QG_MR ? (int)(TB - row0) : QG_MR;
+                for (int i = 0; i < m; ++i) {
+                    Ap[i] = W->xprep + (row0 + i) * rbx;
+                    Cp[i] = W->xproj + (row0 + i) * GHp + p * QG_NR;
                 }
+                kx(m, np, Kpi, Ap, panel, pbx, Cp, R->s_ih ? R->s_ih + p * QG_NR : NULL,
+                   R->z_ih ? R->z_ih + p * QG_NR : NULL, W->ascx + row0);
+                if (R->b_x)
+                    for (int i = 0; i < m; ++i)
+                        for (int j = 0; j < np * QG_NR; ++j) Cp[i][j] += R->b_x[p * QG_NR + j];
             }
+        }
 
         /* 3. the recurrence */
         for (ptrdiff_t s = 0; s < T; ++s) {
@@ -214,31 +214,34 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
                 hprev[b] = s == 0 ? (R->h0 ? R->h0 + S->rows_in[b] * H : NULL)
                                   : Y + (tp * B + b) * os + oc;
                 if (u0 < u1)
-                    qg_prepare(kind_h, hprev[b], H, Kph, hprep + b * rbh, &asch[b]);
+                    qg_prepare(S->isa, kind_h, hprev[b], H, Kph, hprep + b * rbh, &asch[b]);
             }
-            for (ptrdiff_t u = u0; u < u1; ++u) {
-                for (int g = 0; g < G; ++g) {
-                    const ptrdiff_t p = u * G + g;
-                    const unsigned char *panel = (const unsigned char *)R->w_hh + p * pbh;
-                    for (ptrdiff_t b0 = 0; b0 < B; b0 += QG_MR) {
-                        int m = B - b0 < QG_MR ? (int)(B - b0) : QG_MR;
-                        for (int i = 0; i < m; ++i) {
-                            Ap[i] = hprep + (b0 + i) * rbh;
-                            Cp[i] = rec + (b0 + i) * 4 * QG_NR + g * QG_NR;
-                        }
-                        kh(m, Kph, Ap, panel, Cp, R->s_hh ? R->s_hh + p * QG_NR : NULL,
-                           R->z_hh ? R->z_hh + p * QG_NR : NULL, asch + b0);
+            /* unit blocks in groups whose panels (u*G + g, consecutive) fill QG_NP:
+             * one kernel call per group and batch tile, then each block's gate pass */
+            for (ptrdiff_t u = u0; u < u1; u += ug) {
+                const ptrdiff_t nu = u1 - u < ug ? u1 - u : ug;
+                const unsigned char *panel = (const unsigned char *)R->w_hh + u * G * pbh;
+                for (ptrdiff_t b0 = 0; b0 < B; b0 += QG_MR) {
+                    int m = B - b0 < QG_MR ? (int)(B - b0) : QG_MR;
+                    for (int i = 0; i < m; ++i) {
+                        Ap[i] = hprep + (b0 + i) * rbh;
+                        Cp[i] = rec + (b0 + i) * QG_NP * QG_NR;
                     }
+                    kh(m, (int)(nu * G), Kph, Ap, panel, pbh, Cp,
+                       R->s_hh ? R->s_hh + u * G * QG_NR : NULL,
+                       R->z_hh ? R->z_hh + u * G * QG_NR : NULL, asch + b0);
                 }
-                const ptrdiff_t ucol = u * QG_NR;
-                const int nj = H - ucol < QG_NR ? (int)(H - ucol) : QG_NR;
-                for (ptrdiff_t b = 0; b < B; ++b) {
-                    const float *xp = W->xproj + (t * B + b) * GHp + u * G * QG_NR;
-                    qg_point(S->isa, R->cell, xp, rec + b * 4 * QG_NR,
-                             R->cell == QG_LSTM ? W->cwork + b * H + ucol : NULL,
-                             R->b_hn ? R->b_hn + ucol : NULL,
-                             hprev[b] ? hprev[b] + ucol : NULL,
-                             Y + (t * B + b) * os + oc + ucol, nj);
+                for (ptrdiff_t v = u; v < u + nu; ++v) {
+                    const ptrdiff_t ucol = v * QG_NR;
+                    const int nj = H - ucol < QG_NR ? (int)(H - ucol) : QG_NR;
+                    for (ptrdiff_t b = 0; b < B; ++b) {
+                        const float *xp = W->xproj + (t * B + b) * GHp + v * G * QG_NR;
+                        qg_point(S->isa, R->cell, xp, rec + b * QG_NP * QG_NR + (v - u) * G * QG_NR,
+                                 R->cell == QG_LSTM ? W->cwork + b * H + ucol : NULL,
+                                 R->b_hn ? R->b_hn + ucol : NULL,
+                                 hprev[b] ? hprev[b] + ucol : NULL,
+                                 Y + (t * B + b) * os + oc + ucol, nj);
+                    }
                 }
             }
             fastrnn_barrier();
@@ -275,7 +278,7 @@ static int qg_stack_forward(const qg_stack *S)
     }
     int nt = S->n_threads < 1 ? 1 : S->n_threads;
     W.per_thread = qg_align((size_t)S->B * W.rbh_max) + qg_align((size_t)S->B * 4)
-                   + qg_align((size_t)S->B * 4 * QG_NR * sizeof(float))
+                   + qg_align((size_t)S->B * QG_NP * QG_NR * sizeof(float))
                    + qg_align((size_t)S->B * sizeof(void *));
     size_t sx = qg_align((size_t)TB * W.rbx_max), sa = qg_align((size_t)TB * 4);
     size_t sp = qg_align((size_t)TB * W.ghp_max * 4), sc = qg_align((size_t)S->B * hmax * 4);
@@ -319,26 +322,29 @@ static int qg_linear_forward(int isa, int fmt, int dyn, ptrdiff_t M, ptrdiff_t K
 #endif
     {
         int tid = fastrnn_thread_num(), team = fastrnn_team_size();
-        float tmp[QG_MR][QG_NR];
+        float tmp[QG_MR][QG_NP * QG_NR];
         const void *Ap[QG_MR];
-        float *Cp[QG_MR] = {tmp[0], tmp[1], tmp[2], tmp[3]};
+        float *Cp[QG_MR];
+        for (int i = 0; i < QG_MR; ++i) Cp[i] = tmp[i];
         for (ptrdiff_t r = tid * M / team; r < (tid + 1) * M / team; ++r)
-            qg_prepare(kind, x + r * K, K, Kp, mem + r * rb, &asc[r]);
+            qg_prepare(isa, kind, x + r * K, K, Kp, mem + r * rb, &asc[r]);
         fastrnn_barrier();
         /* split panels when there are enough, else rows */
         int by_panels = np_ >= team;
         ptrdiff_t p0 = by_panels ? tid * np_ / team : 0, p1 = by_panels ? (tid + 1) * np_ / team : np_;
         ptrdiff_t r0 = by_panels ? 0 : tid * M / team, r1 = by_panels ? M : (tid + 1) * M / team;
-        for (ptrdiff_t p = p0; p < p1; ++p) {
-            const int nj = N - p * QG_NR < QG_NR ? (int)(N - p * QG_NR) : QG_NR;
+        for (ptrdiff_t p = p0; p < p1; p += QG_NP) {
+            const int npg = p1 - p < QG_NP ? (int)(p1 - p) : QG_NP;
+            const ptrdiff_t c0 = p * QG_NR;
+            const int nc = N - c0 < npg * QG_NR ? (int)(N - c0) : npg * QG_NR;
             for (ptrdiff_t i0 = r0; i0 < r1; i0 += QG_MR) {
                 int m = r1 - i0 < QG_MR ? (int)(r1 - i0) : QG_MR;
                 for (int i = 0; i < m; ++i) Ap[i] = mem + (i0 + i) * rb;
-                kern(m, Kp, Ap, (const unsigned char *)w + p * pb, Cp,
-                     ws ? ws + p * QG_NR : NULL, wz ? wz + p * QG_NR : NULL, asc + i0);
+                kern(m, npg, Kp, Ap, (const unsigned char *)w + p * pb, pb, Cp,
+                     ws ? ws + c0 : NULL, wz ? wz + c0 : NULL, asc + i0);
                 for (int i = 0; i < m; ++i)
-                    for (int j = 0; j < nj; ++j)
-                        y[(i0 + i) * N + p * QG_NR + j] = tmp[i][j] + (bias ? bias[p * QG_NR + j] : 0.0f);
+                    for (int j = 0; j < nc; ++j)
+                        y[(i0 + i) * N + c0 + j] = tmp[i][j] + (bias ? bias[c0 + j] : 0.0f);
             }
         }
     }

@@ -29,14 +29,13 @@ def isa(request):
 
 
 def _tol(qdtype, isa):
-    # the AVX-512 bf16 kernel keeps ~16 bits of the activations (hi + lo bf16 split)
-    return 2e-5 if (qdtype == "bfloat16" and isa == "avx512") else 2e-6
+    return 2e-6      # float32 sums in another order than the twin's (every kernel, every ISA)
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("qdtype,mode", [("float32", "auto"), ("bfloat16", "auto"),
                                          ("int8", "weight_only"), ("int8", "dynamic")])
-@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (6, 3, 13, 37), (3, 5, 16, 33)])
+@pytest.mark.parametrize("shape", [(1, 1, 5, 7), (6, 3, 13, 37), (3, 5, 16, 33), (2, 11, 20, 70)])
 def test_stack_matches_twin(isa, cell, qdtype, mode, shape):
     T, B, I, H = shape
     rng = np.random.default_rng(T * 100 + H)
@@ -61,6 +60,8 @@ def test_dynamic_int8_is_bitwise_across_isas():
     recurrent layers' gate passes may differ in the last bit: FMA contraction)."""
     q = fastrnn.quantize(fastrnn.nn.Linear(37, 50, rng=1), "int8", "dynamic")
     x = np.random.default_rng(0).standard_normal((9, 37)).astype(np.float32)
+    x[0] = 0.0                                    # zero row: scale 0
+    x[1, :6] = [127.0, 2.5, 3.5, -2.5, -3.5, 0.5]  # ties of the activation rounding (to even)
     outs = []
     for name in Q.available_isas():
         Q.set_isa(name)
