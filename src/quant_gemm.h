@@ -263,7 +263,8 @@ static void qg_i8d_base(int m, int np, ptrdiff_t Kp, const void *const *A, const
 
 /* ------------------------------------------------------------ AVX2 + FMA */
 #define QG_AVX2_T __attribute__((target("avx2,fma")))
-#define QG_AVX2_CAP 6     /* panel-rows per tile: 12 ymm accumulators of 16 */
+#define QG_AVX2_CAP 6     /* panel-rows per tile: 12 of the 16 ymm accumulate */
+#define QG_AVX2_CAP_WIDE 4 /* kernels that widen weights need 4 more ymm per panel */
 
 QG_INLINE QG_AVX2_T void qg_f32_avx2_t(const int M, const int NP, const void *const *A,
                                        const unsigned char *P, size_t ps, float *const *C,
@@ -342,7 +343,7 @@ static QG_AVX2_T void qg_bf16_avx2(int m, int np, ptrdiff_t Kp, const void *cons
                                    const void *panel, size_t pstride, float *const *C,
                                    const float *ws, const int32_t *wz, const float *as)
 {
-    QG_TILES(QG_AVX2_CAP, m, np, QG_BF16_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
+    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_BF16_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* byte r of every 32-bit lane, sign-extended, as float */
@@ -384,7 +385,7 @@ static QG_AVX2_T void qg_i8w_avx2(int m, int np, ptrdiff_t Kp, const void *const
                                   const void *panel, size_t pstride, float *const *C,
                                   const float *ws, const int32_t *wz, const float *as)
 {
-    QG_TILES(QG_AVX2_CAP, m, np, QG_I8W_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
+    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_I8W_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* int8 x int8 quads on AVX2: even and odd bytes as int16, two vpmaddwd. */
@@ -397,26 +398,26 @@ QG_INLINE QG_AVX2_T void qg_i8d_avx2_t(const int M, const int NP, const void *co
     (void)wz;
     for (int i = 0; i < M; ++i)
         for (int q = 0; q < NP; ++q) acc[i][q][0] = acc[i][q][1] = _mm256_setzero_si256();
-    for (ptrdiff_t k = 0; k < Kp; k += 4) {
-        __m256i ae[QG_MR], ao[QG_MR];
-        for (int i = 0; i < M; ++i) {
-            int32_t quad;
-            memcpy(&quad, (const int8_t *)A[i] + k, 4);
-            __m256i a = _mm256_set1_epi32(quad);
-            ae[i] = _mm256_srai_epi16(_mm256_slli_epi16(a, 8), 8);
-            ao[i] = _mm256_srai_epi16(a, 8);
-        }
+    for (ptrdiff_t k = 0; k < Kp; k += 4)
         for (int q = 0; q < NP; ++q) {
             const int8_t *Pq = (const int8_t *)(P + q * ps) + k * 16;
-            for (int h = 0; h < 2; ++h) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(Pq + 32 * h));
-                __m256i e = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), o = _mm256_srai_epi16(v, 8);
-                for (int i = 0; i < M; ++i)
-                    acc[i][q][h] = _mm256_add_epi32(acc[i][q][h], _mm256_add_epi32(
-                        _mm256_madd_epi16(ae[i], e), _mm256_madd_epi16(ao[i], o)));
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)Pq);
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(Pq + 32));
+            __m256i e0 = _mm256_srai_epi16(_mm256_slli_epi16(v0, 8), 8), o0 = _mm256_srai_epi16(v0, 8);
+            __m256i e1 = _mm256_srai_epi16(_mm256_slli_epi16(v1, 8), 8), o1 = _mm256_srai_epi16(v1, 8);
+            for (int i = 0; i < M; ++i) {   /* the activation quad split again per panel:
+                                               cheaper than 2 ymm per row held across panels */
+                int32_t quad;
+                memcpy(&quad, (const int8_t *)A[i] + k, 4);
+                __m256i a = _mm256_set1_epi32(quad);
+                __m256i ae = _mm256_srai_epi16(_mm256_slli_epi16(a, 8), 8);
+                __m256i ao = _mm256_srai_epi16(a, 8);
+                acc[i][q][0] = _mm256_add_epi32(acc[i][q][0], _mm256_add_epi32(
+                    _mm256_madd_epi16(ae, e0), _mm256_madd_epi16(ao, o0)));
+                acc[i][q][1] = _mm256_add_epi32(acc[i][q][1], _mm256_add_epi32(
+                    _mm256_madd_epi16(ae, e1), _mm256_madd_epi16(ao, o1)));
             }
         }
-    }
     for (int q = 0; q < NP; ++q) {
         __m256 s0 = _mm256_loadu_ps(ws + q * 16), s1 = _mm256_loadu_ps(ws + q * 16 + 8);
         for (int i = 0; i < M; ++i) {
@@ -433,7 +434,7 @@ static QG_AVX2_T void qg_i8d_avx2(int m, int np, ptrdiff_t Kp, const void *const
                                   const void *panel, size_t pstride, float *const *C,
                                   const float *ws, const int32_t *wz, const float *as)
 {
-    QG_TILES(QG_AVX2_CAP, m, np, QG_I8D_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
+    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_I8D_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
 }
 
 /* ------------------------------------------------------------ AVX-512 (F BW VL BF16 VNNI) */
