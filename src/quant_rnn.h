@@ -60,25 +60,23 @@ typedef struct {
 #define QG_POINTWISE(SFX, ATTR)                                                          \
 ATTR static void qg_lstm_point_##SFX(const float *xp, const float *rc, float *c,         \
                                      float *h, int nj)                                   \
-{                                                                                        \
-    float a[4][QG_NR];                                                                   \
-    for (int g = 0; g < 4; ++g)                                                          \
-        for (int j = 0; j < QG_NR; ++j) a[g][j] = xp[g * QG_NR + j] + rc[g * QG_NR + j];  \
+{   /* all 16 lanes in one vector pass; a ragged last block goes through copies */       \
+    float cl[QG_NR], hl[QG_NR];                                                          \
+    for (int j = 0; j < QG_NR; ++j) cl[j] = j < nj ? c[j] : 0.0f;                        \
     _Pragma("omp simd")                                                                  \
     for (int j = 0; j < QG_NR; ++j) {                                                    \
-        a[0][j] = fastrnn_sigmoidf(a[0][j]);                                             \
-        a[1][j] = fastrnn_sigmoidf(a[1][j]);                                             \
-        a[2][j] = fastrnn_tanhf(a[2][j]);                                                \
-        a[3][j] = fastrnn_sigmoidf(a[3][j]);                                             \
+        float ig = fastrnn_sigmoidf(xp[j] + rc[j]);                                      \
+        float fg = fastrnn_sigmoidf(xp[QG_NR + j] + rc[QG_NR + j]);                      \
+        float gg = fastrnn_tanhf(xp[2 * QG_NR + j] + rc[2 * QG_NR + j]);                 \
+        float og = fastrnn_sigmoidf(xp[3 * QG_NR + j] + rc[3 * QG_NR + j]);              \
+        float cn = fg * cl[j] + ig * gg;                                                 \
+        cl[j] = cn;                                                                      \
+        hl[j] = og * fastrnn_tanhf(cn);                                                  \
     }                                                                                    \
     for (int j = 0; j < nj; ++j) {                                                       \
-        float cn = a[1][j] * c[j] + a[0][j] * a[2][j];                                   \
-        c[j] = cn;                                                                       \
-        a[0][j] = cn;                                                                    \
+        c[j] = cl[j];                                                                    \
+        h[j] = hl[j];                                                                    \
     }                                                                                    \
-    _Pragma("omp simd")                                                                  \
-    for (int j = 0; j < QG_NR; ++j) a[0][j] = fastrnn_tanhf(a[0][j]);                    \
-    for (int j = 0; j < nj; ++j) h[j] = a[3][j] * a[0][j];                               \
 }                                                                                        \
 ATTR static void qg_gru_point_##SFX(const float *xp, const float *rc, const float *bhn,  \
                                     const float *hp, float *h, int nj)                   \
