@@ -261,6 +261,16 @@ static void qg_i8d_base(int m, int np, ptrdiff_t Kp, const void *const *A, const
         }                                                                                 \
     } while (0)
 
+/* A kernel's entry point `name` (qg_kernel signature): (m, np) cut into tiles of
+ * the tile function `tile`, at most `cap` panel-rows each. */
+#define QG_ENTRY(name, ATTR, cap, tile)                                                   \
+    static ATTR void name(int m, int np, ptrdiff_t Kp, const void *const *A,              \
+                          const void *panel, size_t pstride, float *const *C,             \
+                          const float *ws, const int32_t *wz, const float *as)            \
+    {                                                                                     \
+        QG_TILES(cap, m, np, tile, A, panel, pstride, C, ws, wz, as, Kp);                 \
+    }
+
 /* ------------------------------------------------------------ AVX2 + FMA */
 #define QG_AVX2_T __attribute__((target("avx2,fma")))
 #define QG_AVX2_CAP 6     /* panel-rows per tile: 12 of the 16 ymm accumulate */
@@ -296,13 +306,7 @@ QG_INLINE QG_AVX2_T void qg_f32_avx2_t(const int M, const int NP, const void *co
             _mm256_storeu_ps(C[i] + c0 + q * 16 + 8, acc[i][q][1]);
         }
 }
-#define QG_F32_AVX2(MM, NN, ...) qg_f32_avx2_t(MM, NN, __VA_ARGS__)
-static QG_AVX2_T void qg_f32_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                  const void *panel, size_t pstride, float *const *C,
-                                  const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_AVX2_CAP, m, np, QG_F32_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_f32_avx2, QG_AVX2_T, QG_AVX2_CAP, qg_f32_avx2_t)
 
 QG_INLINE QG_AVX2_T void qg_bf16_avx2_t(const int M, const int NP, const void *const *A,
                                         const unsigned char *P, size_t ps, float *const *C,
@@ -338,13 +342,7 @@ QG_INLINE QG_AVX2_T void qg_bf16_avx2_t(const int M, const int NP, const void *c
             _mm256_storeu_ps(C[i] + c0 + q * 16 + 8, acc[i][q][1]);
         }
 }
-#define QG_BF16_AVX2(MM, NN, ...) qg_bf16_avx2_t(MM, NN, __VA_ARGS__)
-static QG_AVX2_T void qg_bf16_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                   const void *panel, size_t pstride, float *const *C,
-                                   const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_BF16_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_bf16_avx2, QG_AVX2_T, QG_AVX2_CAP_WIDE, qg_bf16_avx2_t)
 
 /* byte r of every 32-bit lane, sign-extended, as float */
 #define QG_AVX2_BYTE(v, r) _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * (r)), 24))
@@ -380,13 +378,7 @@ QG_INLINE QG_AVX2_T void qg_i8w_avx2_t(const int M, const int NP, const void *co
         }
     }
 }
-#define QG_I8W_AVX2(MM, NN, ...) qg_i8w_avx2_t(MM, NN, __VA_ARGS__)
-static QG_AVX2_T void qg_i8w_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                  const void *panel, size_t pstride, float *const *C,
-                                  const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_I8W_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_i8w_avx2, QG_AVX2_T, QG_AVX2_CAP_WIDE, qg_i8w_avx2_t)
 
 /* int8 x int8 quads on AVX2: even and odd bytes as int16, two vpmaddwd. */
 QG_INLINE QG_AVX2_T void qg_i8d_avx2_t(const int M, const int NP, const void *const *A,
@@ -429,13 +421,7 @@ QG_INLINE QG_AVX2_T void qg_i8d_avx2_t(const int M, const int NP, const void *co
         }
     }
 }
-#define QG_I8D_AVX2(MM, NN, ...) qg_i8d_avx2_t(MM, NN, __VA_ARGS__)
-static QG_AVX2_T void qg_i8d_avx2(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                  const void *panel, size_t pstride, float *const *C,
-                                  const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_AVX2_CAP_WIDE, m, np, QG_I8D_AVX2, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_i8d_avx2, QG_AVX2_T, QG_AVX2_CAP_WIDE, qg_i8d_avx2_t)
 
 /* ------------------------------------------------------------ AVX-512 (F BW VL BF16 VNNI) */
 #define QG_512_T __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")))
@@ -461,13 +447,7 @@ QG_INLINE QG_512_T void qg_f32_512_t(const int M, const int NP, const void *cons
     for (int i = 0; i < M; ++i)
         for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
 }
-#define QG_F32_512(MM, NN, ...) qg_f32_512_t(MM, NN, __VA_ARGS__)
-static QG_512_T void qg_f32_512(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                const void *panel, size_t pstride, float *const *C,
-                                const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_512_CAP, m, np, QG_F32_512, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_f32_512, QG_512_T, QG_512_CAP, qg_f32_512_t)
 
 /* bf16 weights widened to float32 in registers (the low half of a pair is k even). */
 #define QG_BF16_512_CAP 20   /* 8 zmm hold the widened weights of 4 panels */
@@ -500,13 +480,7 @@ QG_INLINE QG_512_T void qg_bf16_512_t(const int M, const int NP, const void *con
     for (int i = 0; i < M; ++i)
         for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
 }
-#define QG_BF16_512(MM, NN, ...) qg_bf16_512_t(MM, NN, __VA_ARGS__)
-static QG_512_T void qg_bf16_512(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                  const void *panel, size_t pstride, float *const *C,
-                                  const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_BF16_512_CAP, m, np, QG_BF16_512, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_bf16_512, QG_512_T, QG_BF16_512_CAP, qg_bf16_512_t)
 
 #define QG_512_BYTE(v, r) _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * (r)), 24))
 
@@ -537,13 +511,7 @@ QG_INLINE QG_512_T void qg_i8w_512_t(const int M, const int NP, const void *cons
         for (int i = 0; i < M; ++i) _mm512_storeu_ps(C[i] + c0 + q * 16, _mm512_mul_ps(acc[i][q], s));
     }
 }
-#define QG_I8W_512(MM, NN, ...) qg_i8w_512_t(MM, NN, __VA_ARGS__)
-static QG_512_T void qg_i8w_512(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                const void *panel, size_t pstride, float *const *C,
-                                const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_512_CAP, m, np, QG_I8W_512, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_i8w_512, QG_512_T, QG_512_CAP, qg_i8w_512_t)
 
 /* vpdpbusd: u8 (q + 128) x s8 quads; wz[j] = 128 sum_k w[j][k] removes the offset. */
 QG_INLINE QG_512_T void qg_i8d_512_t(const int M, const int NP, const void *const *A,
@@ -574,13 +542,7 @@ QG_INLINE QG_512_T void qg_i8d_512_t(const int M, const int NP, const void *cons
         }
     }
 }
-#define QG_I8D_512(MM, NN, ...) qg_i8d_512_t(MM, NN, __VA_ARGS__)
-static QG_512_T void qg_i8d_512(int m, int np, ptrdiff_t Kp, const void *const *A,
-                                const void *panel, size_t pstride, float *const *C,
-                                const float *ws, const int32_t *wz, const float *as)
-{
-    QG_TILES(QG_512_CAP, m, np, QG_I8D_512, A, panel, pstride, C, ws, wz, as, Kp);
-}
+QG_ENTRY(qg_i8d_512, QG_512_T, QG_512_CAP, qg_i8d_512_t)
 /* ------------------------------------------------------------ vectorised row preparation
  * Same numbers as qg_prepare_scalar: max is exact, the product and the round to
  * nearest even are the same operations, NaN ordered as there (tested bitwise). */
