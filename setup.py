@@ -77,7 +77,8 @@ class BuildExt(build_ext):
 debug = os.environ.get("FASTRNN_DEBUG") == "1"
 HEADERS = sorted(str(p) for p in Path("src").glob("*.h")) + sorted(
     str(p) for p in Path("src").glob("*.inc")) + sorted(
-    str(p) for p in Path("src").glob("*.pxd"))   # a change to any of these rebuilds the kernels
+    str(p) for p in Path("src").glob("*.pxd")) + sorted(
+    str(p) for p in Path("src").glob("*.pxi"))   # a change to any of these rebuilds the kernels
 extensions = [
     Extension(f"fastrnn.{name}", [f"src/{name}.pyx"], include_dirs=["src", np.get_include()],
               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

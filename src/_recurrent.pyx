@@ -16,6 +16,11 @@ for the GRU, that the recurrent product lands apart from a_t.
 Callers (fastrnn.functional) validate every shape and dtype first; these
 functions trust their arguments and run without the GIL.
 """
+cimport numpy as cnp
+cdef extern from *:
+    """
+    #undef I  /* <complex.h>, through NumPy's headers; Plan has a field I */
+    """
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
@@ -28,6 +33,8 @@ from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, pane
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
                         gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
                         scratch_free, scratch_release)
+
+cnp.import_array()
 
 
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
@@ -505,6 +512,9 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return not short_team
+
+
+include "forward_small.pxi"
 
 
 def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,

@@ -200,10 +200,63 @@ def test_kernel_only_runs_the_same_kernel_call():
         m = getattr(fastrnn, cls)(4, 8, seed=0).eval()
         x = np.ones((3, 1, 4) if cls == "LSTM" else (1, 4), np.float32)
         run = _fastpath.kernel_only(m, x)
-        assert run() in (True, None)                    # a kernel's return value
+        assert run() is None
     with pytest.raises(ValueError, match="does not qualify"):
         _fastpath.kernel_only(fastrnn.LSTM(4, 8, bidirectional=True).eval(),
                               np.ones((3, 1, 4), np.float32))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_forward_small_is_bitwise_the_module_call(cls, dtype):
+    """The one-thread driver entry (src/forward_small.pxi), called as kernel_only calls it."""
+    m = getattr(fastrnn, cls)(5, 7, dtype=dtype, seed=3).eval()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 2, 5)).astype(dtype)
+    h0 = rng.standard_normal((2, 7)).astype(dtype)
+    plan = _fastpath._plan(m, False)
+    y, h_n, c_n = np.empty((3, 2, 7), dtype), np.empty((2, 7), dtype), np.empty((2, 7), dtype)
+    _recurrent_small(plan, y, h_n, c_n, x, h0, 0.5 * h0)
+    out = general(m, x, ((h0[None], 0.5 * h0[None]) if cls == "LSTM" else h0[None]))
+    assert_bitwise(y, out[0])
+    assert_bitwise(h_n, (out[1][0] if cls == "LSTM" else out[1])[0])
+
+
+def _recurrent_small(plan, y, h_n, c_n, x, h0, c0):
+    from fastrnn import _recurrent
+    lstm = plan.kind == "lstm"
+    _recurrent.forward_small(plan.act, y, h_n, c_n if lstm else None, x, h0,
+                             c0 if lstm else None, *plan.layers[0],
+                             *plan.schedule(x.shape[0], x.shape[1]))
+
+
+def test_forward_small_rejects_bad_arrays_with_the_argument_named():
+    from fastrnn import _recurrent
+    m = fastrnn.LSTM(5, 7, seed=0).eval()
+    plan = _fastpath._plan(m, False)
+    w = plan.layers[0]
+    x = np.ones((3, 2, 5), np.float32)
+    ok = dict(y=np.empty((3, 2, 7), np.float32), h_n=np.empty((2, 7), np.float32),
+              c_n=np.empty((2, 7), np.float32), x=x, h0=None, c0=None)
+
+    def call(**kw):
+        a = {**ok, **kw}
+        _recurrent.forward_small(plan.act, a["y"], a["h_n"], a["c_n"], a["x"], a["h0"],
+                                 a["c0"], *w, False, False)
+    call()
+    for name, bad in [("y", np.empty((3, 2, 6), np.float32)),
+                      ("h_n", np.empty((2, 7), np.float64)),
+                      ("c_n", np.empty((7, 2), np.float32).T),       # not C-contiguous
+                      ("h0", np.empty((3, 7), np.float32)),
+                      ("w_ih", np.ones((3, 2, 4), np.float32))]:   # x of another I
+        with pytest.raises(ValueError, match=name):
+            call(**{("x" if name == "w_ih" else name): bad})
+    with pytest.raises(ValueError, match="required"):
+        call(c_n=None)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        call(x=np.ones((3, 2, 5), np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        call(x=np.ones((0, 2, 5), np.float32), y=np.empty((0, 2, 7), np.float32))
 
 
 def test_training_call_refused_while_another_thread_is_in_an_eval_call():

@@ -1,0 +1,288 @@
+# forward_small.pxi: the recurrence driver's entry for small eval calls (included by
+# _recurrent.pyx). The general `forward` takes two dozen typed memoryviews and opens an
+# OpenMP region; acquiring those views alone costs ~3 us, more than a batch-1 step at
+# H = 32 computes. Here the arrays are checked and read through NumPy's C API, the
+# work runs as one forward_thread on the calling thread, and eval_layer / eval_cell
+# do a module call's whole checking and allocation in C (fastrnn._fastpath calls them).
+#
+# Rows are full length and in order, the direction forward, no training buffers, no
+# projection; results are bitwise those of `forward` with one thread (the same thread
+# body with the same arguments), since bias = b_ih + b_hh is the same float sum.
+
+cdef inline void *data_or_null(object a, int typenum, const char *name, int ndim,
+                               Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2) except? NULL:
+    """The data of a C-contiguous ndarray of type typenum and shape (d0, d1, d2)[:ndim]
+    (NULL for None); TypeError / ValueError otherwise. A few integer compares: cheap."""
+    if a is None:
+        return NULL
+    if not fits(a, typenum, ndim, d0, d1, d2):
+        raise ValueError(f"forward_small: {name.decode()} must be a C-contiguous ndarray of "
+                         f"the input's dtype and shape {(d0, d1, d2)[:ndim]}, got "
+                         f"{type(a).__name__} {getattr(a, 'shape', None)}")
+    return cnp.PyArray_DATA(<cnp.ndarray> a)
+
+
+cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t d1,
+                      Py_ssize_t d2):
+    """a is a C-contiguous ndarray of type typenum and shape (d0, d1, d2)[:ndim]."""
+    cdef cnp.npy_intp *dims
+    if type(a) is not cnp.ndarray or cnp.PyArray_TYPE(<cnp.ndarray> a) != typenum \
+            or cnp.PyArray_NDIM(<cnp.ndarray> a) != ndim \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray> a):
+        return False
+    dims = cnp.PyArray_DIMS(<cnp.ndarray> a)
+    return dims[0] == d0 and (ndim < 2 or dims[1] == d1) and (ndim < 3 or dims[2] == d2)
+
+
+cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
+                          floating *bias, int *fail) noexcept nogil:
+    """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
+    as fastrnn.functional combines them), the packing asked for, then one
+    forward_thread over every row and unit."""
+    cdef Py_ssize_t j, G = p.G, H = p.H, n_sum = 2 * H if p.cell == CELL_GRU else G * H
+    cdef floating *s_ih = NULL
+    cdef floating *s_hh = NULL
+    if b_ih != NULL:
+        for j in range(n_sum):
+            bias[j] = b_ih[j] + b_hh[j]
+        for j in range(n_sum, G * H):
+            bias[j] = b_ih[j]
+        p.bias = bias
+        p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
+    if p.pack_ih:
+        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, 1, True, 1)
+    if p.pack_hh:
+        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, 1, True, 1)
+    p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
+    if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
+        fail[0] = 1
+    else:
+        forward_thread(y, p, 0, p.B, 0, H, s_ih, s_hh, False, fail, 0, 1)
+    scratch_free(s_ih); scratch_free(s_hh)
+
+
+cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
+                   Py_ssize_t H, const void *x, void *y, void *h_n, void *c_n,
+                   const void *h0, const void *c0, const void *w_ih, const void *w_hh,
+                   const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh) noexcept nogil:
+    """One layer over T steps of B full-length rows on this thread (float32 when
+    `single`, else float64). Arrays as in _plan.pxd; h0, c0, b_ih/b_hh NULL for none.
+    Returns 0, or 1 when out of memory."""
+    cdef Plan p
+    cdef int fail = 0
+    cdef Py_ssize_t k, G = cell_gates(cell)
+    cdef size_t esize = sizeof(float) if single else sizeof(double)
+    # lengths and order (B each), then the combined bias (G*H), in one allocation
+    cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(2 * B * sizeof(Py_ssize_t) + G * H * esize + 8)
+    if rows == NULL:
+        return 1
+    for k in range(B):
+        rows[k] = T
+        rows[B + k] = k
+    memset(&p, 0, sizeof(Plan))
+    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, H
+    p.lengths, p.order = rows, rows + B
+    p.nslices, p.pack_ih, p.pack_hh = 1, pack_ih, pack_hh
+    p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
+    p.y, p.h_n, p.c_n = y, h_n, c_n
+    if single:
+        run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
+                        <float *> (rows + 2 * B), &fail)
+    else:
+        run_small_typed(<double *> y, &p, <const double *> b_ih, <const double *> b_hh,
+                        <double *> (rows + 2 * B), &fail)
+    free(rows)
+    return fail
+
+
+def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                  bint pack_ih, bint pack_hh):
+    """One layer on the calling thread, every array checked (ValueError naming it):
+    x (T, B, I) float32 or float64, y (T, B, H), h_n, c_n, h0, c0 (B, H) (c_n, c0 for
+    the LSTM only; h0, c0 None for zeros), w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh
+    (G*H,) or both None, all C-contiguous of x's dtype. What fastrnn._fastpath's
+    `kernel_only` times; eval_layer / eval_cell run the same `run_small`."""
+    cdef int typenum
+    cdef Py_ssize_t T, B, I, G = cell_gates(cell), H
+    cdef const void *b1
+    cdef const void *b2
+    cdef void *py
+    cdef void *phn
+    cdef void *pcn
+    cdef const void *px
+    cdef const void *ph0
+    cdef const void *pc0
+    cdef const void *pih
+    cdef const void *phh
+    cdef bint lstm = cell == CELL_LSTM
+    cdef int fail
+    if (type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3
+            or type(w_ih) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> w_ih) != 2):
+        raise ValueError("forward_small: x must be a (T, B, I) and w_ih a (G*H, I) ndarray")
+    typenum = cnp.PyArray_TYPE(<cnp.ndarray> x)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise ValueError(f"forward_small: x must be float32 or float64, got {x.dtype}")
+    T, B, I = x.shape
+    H = w_ih.shape[0] // G
+    px = data_or_null(x, typenum, b"x", 3, T, B, I)
+    pih = data_or_null(w_ih, typenum, b"w_ih", 2, G * H, I, 0)
+    phh = data_or_null(w_hh, typenum, b"w_hh", 2, G * H, H, 0)
+    py = data_or_null(y, typenum, b"y", 3, T, B, H)
+    phn = data_or_null(h_n, typenum, b"h_n", 2, B, H, 0)
+    pcn = data_or_null(c_n, typenum, b"c_n", 2, B, H, 0) if lstm else NULL
+    ph0 = data_or_null(h0, typenum, b"h0", 2, B, H, 0)
+    pc0 = data_or_null(c0, typenum, b"c0", 2, B, H, 0) if lstm else NULL
+    b1 = data_or_null(b_ih, typenum, b"b_ih", 1, G * H, 0, 0)
+    b2 = data_or_null(b_hh, typenum, b"b_hh", 1, G * H, 0, 0)
+    if phh == NULL or py == NULL or phn == NULL or (lstm and pcn == NULL) or (b1 == NULL) != (b2 == NULL):
+        raise ValueError("forward_small: w_hh, y, h_n (and c_n for the LSTM) are required, "
+                         "and b_ih and b_hh go together")
+    if T < 1 or B < 1:
+        raise ValueError(f"forward_small: empty input {(T, B, I)}")
+    with nogil:
+        fail = run_small(cell, typenum == cnp.NPY_FLOAT32, T, B, I, H, px, py, phn, pcn,
+                         ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh)
+    if fail:
+        raise MemoryError("fastrnn recurrent forward: out of memory")
+
+
+cdef inline bint plan_stale(tuple params):
+    """A parameter of the plan got a new array, or its array a new shape, since the
+    plan was built (params: ((Parameter, array, shape), ...), fastrnn._fastpath)."""
+    cdef tuple entry
+    for entry in params:
+        arr = entry[1]
+        if entry[0].data is not arr or arr.shape != entry[2]:
+            return True
+    return False
+
+
+cdef inline char *offset(object a, Py_ssize_t k, Py_ssize_t nbytes):
+    """Address of block k of nbytes bytes in ndarray a, or NULL for None."""
+    return NULL if a is None else <char *> cnp.PyArray_DATA(<cnp.ndarray> a) + k * nbytes
+
+
+def eval_layer(plan, x, hx):
+    """An eval call `module(x, hx)` of a uni-directional stack, time-major, no lengths:
+    (y, h_n) or (y, (h_n, c_n)); None when the call does not qualify (the caller then
+    takes the general path, which reports bad input); False when the plan is stale.
+    plan: a fastrnn._fastpath._Plan, whose parameters were validated when it was built."""
+    cdef int typenum = plan.typenum, cell = plan.act, fail = 0
+    cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
+    cdef Py_ssize_t L = plan.L, H = plan.H, I = plan.I, T, B, k, j, esize
+    cdef cnp.npy_intp dims[3]
+    cdef tuple weights
+    if type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3:
+        return None
+    T, B = cnp.PyArray_DIMS(<cnp.ndarray> x)[0], cnp.PyArray_DIMS(<cnp.ndarray> x)[1]
+    if not fits(x, typenum, 3, T, B, I) or T == 0 or B == 0 or T * B > <Py_ssize_t> plan.max_rows:
+        return None
+    h0 = c0 = None
+    if hx is not None:
+        if lstm:
+            if type(hx) is not tuple or len(<tuple> hx) != 2:
+                return None
+            h0, c0 = hx
+            if c0 is not None and not fits(c0, typenum, 3, L, B, H):
+                return None
+        else:
+            h0 = hx
+        if h0 is not None and not fits(h0, typenum, 3, L, B, H):
+            return None
+    if plan_stale(plan.params):
+        return False
+    pack_ih, pack_hh = plan.schedule(T, B)
+    esize = sizeof(float) if single else sizeof(double)
+    dims[0], dims[1], dims[2] = L, B, H
+    h_n = cnp.PyArray_EMPTY(3, dims, typenum, 0)
+    c_n = cnp.PyArray_EMPTY(3, dims, typenum, 0) if lstm else None
+    dims[0] = T
+    layers = plan.layers
+    cdef char *ph_n = offset(h_n, 0, 0)
+    cdef char *pc_n = offset(c_n, 0, 0)
+    cdef char *ph0 = offset(h0, 0, 0)
+    cdef char *pc0 = offset(c0, 0, 0)
+    cdef Py_ssize_t step = B * H * esize        # one layer's block of h_n, c_n, h0, c0
+    cdef bint pih = pack_ih, phh = pack_hh
+    cdef const void *w[4]
+    y = x
+    for k in range(L):
+        weights = layers[k]
+        for j in range(4):
+            w[j] = offset(weights[j], 0, 0)
+        layer_in = y
+        y = cnp.PyArray_EMPTY(3, dims, typenum, 0)
+        with nogil:
+            fail = run_small(cell, single, T, B, I if k == 0 else H, H,
+                             cnp.PyArray_DATA(<cnp.ndarray> layer_in), cnp.PyArray_DATA(<cnp.ndarray> y),
+                             ph_n + k * step, pc_n + k * step if lstm else NULL,
+                             ph0 + k * step if ph0 != NULL else NULL,
+                             pc0 + k * step if pc0 != NULL else NULL,
+                             w[0], w[1], w[2], w[3], pih, phh)
+        if fail:
+            raise MemoryError("fastrnn recurrent forward: out of memory")
+    return (y, (h_n, c_n)) if lstm else (y, h_n)
+
+
+def eval_cell(plan, x, hx):
+    """An eval call `cell(x, hx)`: h' or (h', c'), batched (x (B, I)) or not (x (I,));
+    None when the call does not qualify, False when the plan is stale (as eval_layer)."""
+    cdef int typenum = plan.typenum, cell = plan.act, fail = 0, ndim
+    cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
+    cdef Py_ssize_t H = plan.H, I = plan.I, B, j
+    cdef cnp.npy_intp dims[2]
+    cdef void *y
+    cdef tuple weights
+    if type(x) is not cnp.ndarray:
+        return None
+    ndim = cnp.PyArray_NDIM(<cnp.ndarray> x)
+    if ndim == 2:
+        B = cnp.PyArray_DIMS(<cnp.ndarray> x)[0]
+        dims[0], dims[1] = B, H
+    elif ndim == 1:
+        B = 1
+        dims[0] = H
+    else:
+        return None
+    if not fits(x, typenum, ndim, B if ndim == 2 else I, I, 0) or B == 0 \
+            or B > <Py_ssize_t> plan.max_rows:
+        return None
+    h0 = c0 = None
+    if hx is not None:
+        if lstm:
+            if (type(hx) is not tuple and type(hx) is not list) or len(hx) != 2:
+                return None
+            h0, c0 = hx
+            if not fits(h0, typenum, ndim, dims[0], dims[1], 0) \
+                    or not fits(c0, typenum, ndim, dims[0], dims[1], 0):
+                return None
+        elif not fits(hx, typenum, ndim, dims[0], dims[1], 0):
+            return None
+        else:
+            h0 = hx
+    if plan_stale(plan.params):
+        return False
+    pack_ih, pack_hh = plan.schedule(1, B)
+    h_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
+    c_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0) if lstm else None
+    weights = plan.layers[0]
+    cdef const void *w[4]
+    for j in range(4):
+        w[j] = offset(weights[j], 0, 0)
+    cdef const void *px = cnp.PyArray_DATA(<cnp.ndarray> x)
+    cdef void *ph_n = offset(h_n, 0, 0)
+    cdef void *pc_n = offset(c_n, 0, 0)
+    cdef const void *ph0 = offset(h0, 0, 0)
+    cdef const void *pc0 = offset(c0, 0, 0)
+    cdef bint pih = pack_ih, phh = pack_hh
+    with nogil:
+        y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
+        if y == NULL:
+            fail = 1
+        else:
+            fail = run_small(cell, single, 1, B, I, H, px, y, ph_n, pc_n, ph0, pc0,
+                             w[0], w[1], w[2], w[3], pih, phh)
+        free(y)
+    if fail:
+        raise MemoryError("fastrnn recurrent forward: out of memory")
+    return (h_n, c_n) if lstm else h_n
