@@ -1,43 +1,41 @@
-"""Eval-mode fast path of the float layers and cells: small calls, little Python.
+"""Eval-mode fast path of the float layers and cells: little Python per call.
 
 A small inference call (batch 1, a few steps, H = 32) costs a few microseconds
-in the kernel, so every microsecond of Python around it counts. The general
-path (`RNNBase.forward` -> `fastrnn.functional.*_forward`) validates every
-argument with messages, builds a schedule and allocates its buffers on every
-call. For the calls that qualify, this module does the same work with what a
-module can keep between calls:
+in the kernel, and a generation step at H = 512 is called once per token, so
+every microsecond around the kernel counts. The general path
+(`RNNBase.forward` -> `fastrnn.functional.*_forward`) validates every argument
+with messages, builds a schedule and allocates its buffers on every call, then
+hands the driver two dozen typed memoryviews (acquiring those alone cost ~3 us).
+For the calls that qualify, this module keeps what a module can keep between
+calls, and `_recurrent.eval_layer` / `eval_cell` (src/forward_small.pxi) do the
+per-call checks, allocations and kernel calls in C:
 
 * a *plan* per module, built once (under a lock) on the first eval call: the
   parameter arrays it validated (dtype, C-contiguity, shape);
-* per (T, B) the packing decision.
+* per (T, B) the general path's decisions: packing (`functional.pack_flags`),
+  which layers are big enough for a thread team (`functional.SMALL_WORK_FLOP`)
+  and whether a team splits hidden units or rows.
 
 What is NOT cached is anything computed from the weights' *values*: the kernel
 sums the biases on every call (O(G*H)), and the weights are passed by
-reference. So the rule for users is simply: any change
-to the parameters is seen by the next call — an optimiser step, a
-`load_state_dict`, an in-place write to `p.data`, or assigning a new array to
-`p.data` or a new Parameter to the module. Reassignments are caught per call
-by an identity and shape check of each parameter array (a different object
-means the plan is rebuilt, and validated again); a new Parameter object
-clears the plan in `Module.__setattr__`.
+reference. So the rule for users is simply: any change to the parameters is
+seen by the next call — an optimiser step, a `load_state_dict`, an in-place
+write to `p.data`, or assigning a new array to `p.data` or a new Parameter to
+the module. Reassignments are caught per call by an identity and shape check of
+each parameter array (a different object means the plan is rebuilt, and
+validated again); a new Parameter object clears the plan in
+`Module.__setattr__`.
 
 A call qualifies when: eval mode, no `lengths`, uni-directional, no
 `proj_size`, time-major (not batch_first), x a C-contiguous ndarray of the
 module's dtype with the right shape, states None or C-contiguous arrays of the
-right shape and dtype, no pending training cache, and the call small enough
-that the general path would run it on one thread (below
-`functional.SMALL_WORK_FLOP` per layer). Anything else returns None and the
-general path runs, which validates with its full messages (so every bad input
-raises exactly as before) and handles copies, threads and lengths. Both paths
-call the same kernel with the same arguments, so results are bitwise equal
-(tested).
-
-The kernel is the recurrence driver's one-thread entry
-(`fastrnn._recurrent.forward_small`, src/_recurrent.pyx): the same thread body
-as the general path's `forward`, with the same pack_ih / pack_hh decisions
-(`functional.pack_flags`), but taking plain arrays instead of typed
-memoryviews (acquiring a dozen of those cost ~3 us a call). `kernel_only`
-exposes the prepared call so the benchmark can time the kernel alone.
+right shape and dtype, and no pending training cache. Anything else returns
+None and the general path runs, which validates with its full messages (so
+every bad input raises exactly as before) and handles copies, lengths and the
+other layouts. Both paths run the same thread body (`forward_thread`) with the
+same packing, and every thread split gives the same numbers, so results are
+bitwise equal (tested). `kernel_only` exposes the prepared one-thread kernel
+call (`_recurrent.forward_small`) so the benchmark can time the kernel alone.
 """
 
 import threading
@@ -58,15 +56,18 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "G", "act",
-                 "params", "layers", "max_rows", "scheds")
+                 "params", "layers", "row_flop", "max_rows", "threads", "scheds")
 
-    def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, max_rows):
+    def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.G, self.act = I, H, L, G, act
         self.params = params        # ((Parameter, data array, shape), ...)
         self.layers = layers        # per layer: (w_ih, w_hh, b_ih, b_hh), biases None without
-        self.max_rows = max_rows    # largest T*B that runs on one thread
+        self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
+        # largest T*B that every layer runs on one thread (kernel_only's limit)
+        self.max_rows = min(int(np.ceil(F.SMALL_WORK_FLOP / f)) - 1 for f in row_flop)
+        self.threads = F.call_threads   # the threads a kernel call may use (thread_share)
         self.scheds = {}
 
     def valid(self):
@@ -77,11 +78,15 @@ class _Plan:
         return True
 
     def schedule(self, T, B):
-        """forward_small's trailing arguments for a (T, B) call: (pack_ih, pack_hh), the
-        general path's packing decision, kept per (T, B)."""
+        """The general path's decisions for a (T, B) call, kept per (T, B): (pack_ih,
+        pack_hh, threaded, units_ok); threaded: per layer, whether it is big enough for
+        a team; units_ok: a team may split hidden units rather than rows."""
         s = self.scheds.get((T, B))
         if s is None:
-            s = F.pack_flags(T, B, self.G * self.H * self.H)
+            pack_ih, pack_hh = F.pack_flags(T, B, self.G * self.H * self.H)
+            threaded = tuple(T * B * f >= F.SMALL_WORK_FLOP for f in self.row_flop)
+            units_ok = B <= F.UNITS_MAX_BATCH and (T >= F.UNITS_MIN_STEPS or not pack_hh)
+            s = (pack_ih, pack_hh, threaded, units_ok)
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()
             self.scheds[(T, B)] = s
@@ -115,7 +120,7 @@ def _build(module, cell):
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
     act = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
            "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
-    params, layers, max_rows = [], [], None
+    params, layers, row_flop = [], [], []
     for k in range(L):
         in_size = I if k == 0 else H
         shapes = [(G * H, in_size), (G * H, H), (G * H,), (G * H,)]
@@ -129,12 +134,9 @@ def _build(module, cell):
         b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
         layers.append((arrays[0], arrays[1], b_ih, b_hh))
         # functional runs a layer on one thread when 2*T*B*G*H*(in+H) < SMALL_WORK_FLOP
-        per_row = 2.0 * G * H * (in_size + H)
-        rows = int(np.ceil(F.SMALL_WORK_FLOP / per_row)) - 1
-        max_rows = rows if max_rows is None else min(max_rows, rows)
+        row_flop.append(2.0 * G * H * (in_size + H))
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
-                 tuple(params),
-                 tuple(layers), max_rows)
+                 tuple(params), tuple(layers), tuple(row_flop))
 
 
 def _plan(module, cell):
@@ -159,7 +161,7 @@ def clear_plan(module):
 def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
     """forward_small's arguments for layer k: (cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh,
     b_ih, b_hh, pack_ih, pack_hh)."""
-    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched
+    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
 
 
 def _fast_call(module, cell, x, hx):

@@ -1,13 +1,15 @@
-# forward_small.pxi: the recurrence driver's entry for small eval calls (included by
-# _recurrent.pyx). The general `forward` takes two dozen typed memoryviews and opens an
-# OpenMP region; acquiring those views alone costs ~3 us, more than a batch-1 step at
-# H = 32 computes. Here the arrays are checked and read through NumPy's C API, the
-# work runs as one forward_thread on the calling thread, and eval_layer / eval_cell
-# do a module call's whole checking and allocation in C (fastrnn._fastpath calls them).
+# forward_small.pxi: the recurrence driver's entry for eval calls from
+# fastrnn._fastpath (included by _recurrent.pyx). The general `forward` takes two
+# dozen typed memoryviews; acquiring those alone costs ~3 us, more than a batch-1
+# step at H = 32 computes. Here the arrays are checked and read through NumPy's C
+# API, and eval_layer / eval_cell do a module call's whole checking and allocation
+# in C, then run forward_thread on this thread or on a team (hidden units or rows
+# split, as `forward` does).
 #
 # Rows are full length and in order, the direction forward, no training buffers, no
-# projection; results are bitwise those of `forward` with one thread (the same thread
-# body with the same arguments), since bias = b_ih + b_hh is the same float sum.
+# projection; results are bitwise those of `forward` (the same thread body with the
+# same packing, and every split computes each element the same way), since
+# bias = b_ih + b_hh is the same float sum.
 
 cdef inline void *data_or_null(object a, int typenum, const char *name, int ndim,
                                Py_ssize_t d0, Py_ssize_t d1, Py_ssize_t d2) except? NULL:
@@ -35,13 +37,20 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 
 
 cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
-                          floating *bias, int *fail) noexcept nogil:
+                          floating *bias, int n, bint by_units, int *fail) noexcept nogil:
     """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
-    as fastrnn.functional combines them), the packing asked for, then one
-    forward_thread over every row and unit."""
-    cdef Py_ssize_t j, G = p.G, H = p.H, n_sum = 2 * H if p.cell == CELL_GRU else G * H
+    as fastrnn.functional combines them), the packing asked for, then forward_thread:
+    on this thread (n = 1), or on n threads splitting hidden units (by_units: every
+    thread all rows, one barrier per step) or rows, as `forward` does. Every split gives
+    bitwise the same numbers. fail[0]: 1 out of memory."""
+    cdef Py_ssize_t j, G = p.G, H = p.H, B = p.B, n_sum = 2 * H if p.cell == CELL_GRU else G * H
+    cdef int nslices = n if by_units else 1
+    cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
+    cdef int tid, nthr, k, q
+    cdef bint short_team = False
     cdef floating *s_ih = NULL
     cdef floating *s_hh = NULL
+    cdef int *fails = fail
     if b_ih != NULL:
         for j in range(n_sum):
             bias[j] = b_ih[j] + b_hh[j]
@@ -49,25 +58,55 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             bias[j] = b_ih[j]
         p.bias = bias
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
+    p.nslices = nslices
     if p.pack_ih:
-        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, 1, True, 1)
+        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, nslices, True, n)
     if p.pack_hh:
-        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, 1, True, 1)
+        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, nslices, True, n)
     p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
-    if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
+    if team > 1:
+        fails = <int *> calloc(team, sizeof(int))
+    if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL) or fails == NULL:
         fail[0] = 1
+    elif team == 1:
+        forward_thread(y, p, 0, B, 0, H, s_ih, s_hh, False, fail, 0, 1)
     else:
-        forward_thread(y, p, 0, p.B, 0, H, s_ih, s_hh, False, fail, 0, 1)
+        with parallel(num_threads=team):
+            tid = threadid()
+            nthr = fastrnn_team_size()
+            if nthr != team:
+                fails[tid] = 2       # fewer threads than asked: run again on one
+            else:
+                k = tid if by_units else 0
+                forward_thread(
+                    y, p,
+                    0 if by_units else tid * B // team, B if by_units else (tid + 1) * B // team,
+                    unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
+                    s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, nslices, k, True)
+                    if s_ih != NULL else NULL,
+                    s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, nslices, k, True)
+                    if s_hh != NULL else NULL,
+                    by_units, fails, tid, nthr)
+        for q in range(team):
+            if fails[q] == 1:
+                fail[0] = 1
+            elif fails[q] == 2:
+                short_team = True
+    if fails != fail:
+        free(fails)
     scratch_free(s_ih); scratch_free(s_hh)
+    if short_team and not fail[0]:
+        run_small_typed(y, p, b_ih, b_hh, bias, 1, False, fail)
 
 
 cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
                    Py_ssize_t H, const void *x, void *y, void *h_n, void *c_n,
                    const void *h0, const void *c0, const void *w_ih, const void *w_hh,
-                   const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh) noexcept nogil:
-    """One layer over T steps of B full-length rows on this thread (float32 when
-    `single`, else float64). Arrays as in _plan.pxd; h0, c0, b_ih/b_hh NULL for none.
-    Returns 0, or 1 when out of memory."""
+                   const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh,
+                   int n_threads, bint by_units) noexcept nogil:
+    """One layer over T steps of B full-length rows (float32 when `single`, else
+    float64), on n_threads (see run_small_typed). Arrays as in _plan.pxd; h0, c0,
+    b_ih/b_hh NULL for none. Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
     cdef Py_ssize_t k, G = cell_gates(cell)
@@ -82,15 +121,17 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, H
     p.lengths, p.order = rows, rows + B
-    p.nslices, p.pack_ih, p.pack_hh = 1, pack_ih, pack_hh
+    p.pack_ih, p.pack_hh = pack_ih, pack_hh
     p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
     p.y, p.h_n, p.c_n = y, h_n, c_n
+    if n_threads < 1:
+        n_threads = 1
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
-                        <float *> (rows + 2 * B), &fail)
+                        <float *> (rows + 2 * B), n_threads, by_units, &fail)
     else:
         run_small_typed(<double *> y, &p, <const double *> b_ih, <const double *> b_hh,
-                        <double *> (rows + 2 * B), &fail)
+                        <double *> (rows + 2 * B), n_threads, by_units, &fail)
     free(rows)
     return fail
 
@@ -141,7 +182,7 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
         raise ValueError(f"forward_small: empty input {(T, B, I)}")
     with nogil:
         fail = run_small(cell, typenum == cnp.NPY_FLOAT32, T, B, I, H, px, py, phn, pcn,
-                         ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh)
+                         ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh, 1, False)
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")
 
@@ -175,7 +216,7 @@ def eval_layer(plan, x, hx):
     if type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3:
         return None
     T, B = cnp.PyArray_DIMS(<cnp.ndarray> x)[0], cnp.PyArray_DIMS(<cnp.ndarray> x)[1]
-    if not fits(x, typenum, 3, T, B, I) or T == 0 or B == 0 or T * B > <Py_ssize_t> plan.max_rows:
+    if not fits(x, typenum, 3, T, B, I) or T == 0 or B == 0:
         return None
     h0 = c0 = None
     if hx is not None:
@@ -191,7 +232,9 @@ def eval_layer(plan, x, hx):
             return None
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh = plan.schedule(T, B)
+    pack_ih, pack_hh, threaded, units_ok = plan.schedule(T, B)
+    cdef int n_team = plan.threads() if any(threaded) else 1
+    cdef bint by_units = units_ok and n_team > 1, team_units
     esize = sizeof(float) if single else sizeof(double)
     dims[0], dims[1], dims[2] = L, B, H
     h_n = cnp.PyArray_EMPTY(3, dims, typenum, 0)
@@ -205,8 +248,11 @@ def eval_layer(plan, x, hx):
     cdef Py_ssize_t step = B * H * esize        # one layer's block of h_n, c_n, h0, c0
     cdef bint pih = pack_ih, phh = pack_hh
     cdef const void *w[4]
+    cdef int n
     y = x
     for k in range(L):
+        n = n_team if threaded[k] else 1
+        team_units = by_units and n > 1
         weights = layers[k]
         for j in range(4):
             w[j] = offset(weights[j], 0, 0)
@@ -218,7 +264,7 @@ def eval_layer(plan, x, hx):
                              ph_n + k * step, pc_n + k * step if lstm else NULL,
                              ph0 + k * step if ph0 != NULL else NULL,
                              pc0 + k * step if pc0 != NULL else NULL,
-                             w[0], w[1], w[2], w[3], pih, phh)
+                             w[0], w[1], w[2], w[3], pih, phh, n, team_units)
         if fail:
             raise MemoryError("fastrnn recurrent forward: out of memory")
     return (y, (h_n, c_n)) if lstm else (y, h_n)
@@ -244,8 +290,7 @@ def eval_cell(plan, x, hx):
         dims[0] = H
     else:
         return None
-    if not fits(x, typenum, ndim, B if ndim == 2 else I, I, 0) or B == 0 \
-            or B > <Py_ssize_t> plan.max_rows:
+    if not fits(x, typenum, ndim, B if ndim == 2 else I, I, 0) or B == 0:
         return None
     h0 = c0 = None
     if hx is not None:
@@ -262,7 +307,8 @@ def eval_cell(plan, x, hx):
             h0 = hx
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh = plan.schedule(1, B)
+    pack_ih, pack_hh, threaded, units_ok = plan.schedule(1, B)
+    cdef int n = plan.threads() if threaded[0] else 1
     h_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     c_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0) if lstm else None
     weights = plan.layers[0]
@@ -274,14 +320,14 @@ def eval_cell(plan, x, hx):
     cdef void *pc_n = offset(c_n, 0, 0)
     cdef const void *ph0 = offset(h0, 0, 0)
     cdef const void *pc0 = offset(c0, 0, 0)
-    cdef bint pih = pack_ih, phh = pack_hh
+    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok
     with nogil:
         y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
         if y == NULL:
             fail = 1
         else:
             fail = run_small(cell, single, 1, B, I, H, px, y, ph_n, pc_n, ph0, pc0,
-                             w[0], w[1], w[2], w[3], pih, phh)
+                             w[0], w[1], w[2], w[3], pih, phh, n, units and n > 1)
         free(y)
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")

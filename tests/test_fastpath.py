@@ -84,12 +84,20 @@ def test_calls_outside_the_fast_path_give_the_same_results():
     assert bi.__dict__.get("_fp_plan") is False         # never eligible
 
 
-def test_large_calls_use_the_general_path_and_threads():
-    m = fastrnn.LSTM(64, 128, seed=0).eval()
-    x = np.ones((50, 16, 64), np.float32)               # above functional.SMALL_WORK_FLOP
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("T,B", [(1, 24), (40, 1), (50, 16), (6, 40)])
+def test_large_calls_run_on_a_team_bitwise_the_general_path(cls, T, B):
+    """Above functional.SMALL_WORK_FLOP the fast path runs a thread team (hidden units
+    split at small batch, rows at large), packed or not as the general path decides."""
+    m = getattr(fastrnn, cls)(64, 200, num_layers=2, seed=0).eval()
+    x = np.random.default_rng(T + B).standard_normal((T, B, 64)).astype(np.float32)
     plan = _fastpath._plan(m, False)
-    assert 50 * 16 > plan.max_rows
-    assert_bitwise(m(x), general(m, x))
+    assert any(plan.schedule(T, B)[2])                  # some layer runs on a team
+    want = general(m, x)
+    for threads in (1, 2, 3):
+        with fastrnn.functional.thread_share(threads):
+            assert_bitwise(m(x), want)
+        assert took_fast_path(m)
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -227,7 +235,7 @@ def _recurrent_small(plan, y, h_n, c_n, x, h0, c0):
     lstm = plan.kind == "lstm"
     _recurrent.forward_small(plan.act, y, h_n, c_n if lstm else None, x, h0,
                              c0 if lstm else None, *plan.layers[0],
-                             *plan.schedule(x.shape[0], x.shape[1]))
+                             *plan.schedule(x.shape[0], x.shape[1])[:2])
 
 
 def test_forward_small_rejects_bad_arrays_with_the_argument_named():
