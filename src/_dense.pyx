@@ -17,14 +17,17 @@ M, K, N >= 1; these functions trust their arguments and run without the GIL.
 """
 from libc.stdlib cimport free
 
-from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating
+from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
 from _schedule cimport pack_matrix, row_pointers, scratch_free, scratch_release
 from _gradients cimport rows_times_packed, columns_times_packed
 
 
 def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1] w,
-            const floating[::1] bias, int n_threads):
-    """y (M, N) := x (M, K) W^T + bias; w (N, K), bias (N,) or None."""
+            const floating[::1] bias, int n_threads, bint pack=True):
+    """y (M, N) := x (M, K) W^T + bias; w (N, K), bias (N,) or None.
+
+    pack=False reads W in place with the dot-product kernel on this thread: for a few
+    rows (a decoder step in generation) packing W costs more than the product."""
     cdef Py_ssize_t M = x.shape[0], K = x.shape[1], N = w.shape[0], i, j
     cdef const floating *p_bias = &bias[0] if bias is not None else NULL
     cdef floating *packed_w = NULL
@@ -32,13 +35,17 @@ def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1]
     cdef floating **y_rows = NULL
     cdef int failed = 0
     with nogil:
-        packed_w = pack_matrix(&w[0, 0], N, K, False, n_threads)      # W (N x K) packed
+        if pack:
+            packed_w = pack_matrix(&w[0, 0], N, K, False, n_threads)      # W (N x K) packed
         x_rows = row_pointers(&x[0, 0], NULL, M, K)
         y_rows = <floating **> row_pointers(&y[0, 0], NULL, M, N)
-        if packed_w == NULL or x_rows == NULL or y_rows == NULL:
+        if (pack and packed_w == NULL) or x_rows == NULL or y_rows == NULL:
             failed = 1
         else:
-            rows_times_packed(M, N, K, x_rows, packed_w, y_rows, n_threads)
+            if pack:
+                rows_times_packed(M, N, K, x_rows, packed_w, y_rows, n_threads)
+            else:
+                gemm_rows(M, N, K, x_rows, NULL, &w[0, 0], K, y_rows, 0)
             if p_bias != NULL:
                 for i in range(M):
                     for j in range(N):

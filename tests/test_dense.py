@@ -28,11 +28,12 @@ def _data(M, K, N, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
-def test_kernel_matches_reference(M, K, N, dtype, bias):
+@pytest.mark.parametrize("pack", [True, False])     # packed W, or read in place (few rows)
+def test_kernel_matches_reference(M, K, N, dtype, bias, pack):
     x, w, b, dy = _data(M, K, N, dtype)
     b = b if bias else None
     y = np.empty((M, N), dtype)
-    _dense.forward(y, x, w, b, 2)
+    _dense.forward(y, x, w, b, 2 if pack else 1, pack)
     # float32 sums run over K values in a different order than NumPy's: scale the
     # tolerance by the size of the terms
     scale = np.sqrt(K)

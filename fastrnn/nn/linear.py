@@ -6,7 +6,7 @@ import numpy as np
 
 from fastrnn import _dense
 from fastrnn._config import get_num_threads
-from fastrnn.functional import SMALL_WORK_FLOP
+from fastrnn.functional import PACK_MIN_ROWS, SMALL_WORK_FLOP
 from fastrnn.modules.module import Module, Parameter
 from fastrnn.nn.init import as_generator, uniform_
 
@@ -48,8 +48,10 @@ class Linear(Module):
                 y += self.bias.data
             return y
         y = np.empty((x2.shape[0], self.out_features), w.dtype)
-        _dense.forward(y, x2, w, None if self.bias is None else self.bias.data,
-                       self._threads(x2.shape[0]))
+        threads = self._threads(x2.shape[0])
+        # a few rows on one thread: W read in place (packing it would cost more)
+        pack = threads > 1 or x2.shape[0] >= PACK_MIN_ROWS
+        _dense.forward(y, x2, w, None if self.bias is None else self.bias.data, threads, pack)
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, dout):
