@@ -146,7 +146,7 @@ def run_fastrnn(trainer, args):
             "seconds": res["seconds"], "tokens_per_s": res["tokens_per_s"],
             "train_loss": res["train_loss"], "val_loss": res["val_loss"],
             "val_ppl": res["val_ppl"], "val_curve": res["val_curve"],
-            "final_lr": res["schedule"]["final_lr"]}
+            "final_lr": res["schedule"]["final_lr"], "interrupted": res.get("interrupted")}
 
 
 class MaskReplay:
@@ -433,14 +433,24 @@ def main(argv=None):
           f"{cfg0.weight_drop}, budget {cfg0.time_budget:g} s per run, val-fraction "
           f"{cfg0.val_fraction}, {args.threads} threads, seeds {seeds}, {cpu}", flush=True)
     rows = []
+    stopped = False
     for seed in seeds:
+        if stopped:
+            break
         for cell in cells:
+            if stopped:
+                break
             trainer = make_trainer(args, cell, text, seed)
             init_state = trainer.model.state_dict()   # the torch run starts from these weights
             model_config = trainer.model.config()     # (mask streams before any are used)
             for engine in engines:
                 if engine == "fastrnn":
                     row = run_fastrnn(trainer, args)
+                    if row.pop("interrupted", None):       # SIGINT/SIGTERM: report what finished
+                        print(f"{cell} fastrnn seed {seed}: interrupted, no validation; "
+                              f"stopping", flush=True)
+                        stopped = True
+                        break
                 else:
                     try:
                         import torch  # noqa: F401
