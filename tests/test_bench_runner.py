@@ -144,3 +144,47 @@ def test_onnx_model_matches_torch_gate_order():
         got = sess.run(None, {"X": x})
         np.testing.assert_allclose(got[0], y.numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got[1], h_n.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _CountingEngine:
+    """An engine whose first call after each sleep is slow, like a woken team."""
+    def __init__(self, name):
+        self.name, self.calls, self.cold = name, 0, True
+
+    def run(self):
+        import time
+        self.calls += 1
+        if self.cold:    # busy-wait: time.sleep is the patched quiet gap
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.01:
+                pass
+            self.cold = False
+
+
+def test_time_interleaved_times_the_cold_call_apart(monkeypatch):
+    from fastrnn.benchmark import timing
+    engines = [_CountingEngine("a"), _CountingEngine("b")]
+    real_sleep = timing.time.sleep
+
+    def sleep(s):   # the quiet gap: each engine's next call is cold again
+        for e in engines:
+            e.cold = True
+        real_sleep(0)
+    monkeypatch.setattr(timing.time, "sleep", sleep)
+    out = timing.time_interleaved(engines, budget=None, repeats=3, warmup=0,
+                                  min_sample=0.0, first={"a": 1e-3, "b": 1e-3})
+    for e in engines:
+        warm, rounds, number, cold = out[e.name]
+        assert rounds == 3 and number == 1
+        assert cold >= 0.009        # the slow first call is reported as cold ...
+        assert warm < 0.005         # ... and kept out of the warm median
+        assert e.calls == 6         # one cold and one warm call per round
+    no_gap = timing.time_interleaved(engines, budget=None, repeats=1, warmup=0,
+                                     first={"a": 1e-3, "b": 1e-3}, quiet_gap=0)
+    assert no_gap["a"][3] is None
+
+
+def test_runner_json_records_cold_ms(capsys):
+    status, summary, _ = run_json(capsys, TINY + ["--peers", "none", "--cell", "rnn"])
+    assert status == 0
+    assert all(r["cold_ms"] > 0 for r in summary["results"])

@@ -246,8 +246,9 @@ def run_cases(cases, peers, threads, sgemm, budget, repeats=None, warmup=1, chec
                                  MIN_SAMPLE.get(case.mode, MIN_SAMPLE_DEFAULT), check_time)
         line = []
         for e in engines:
-            seconds, rounds, number = timed[e.name]
+            seconds, rounds, number, cold = timed[e.name]
             rec = _record(e.name, case, seconds, rounds, number, sgemm, threads)
+            rec["cold_ms"] = cold * 1e3 if cold is not None else None
             if e.name == "fastrnn":
                 rec["impl"] = e.impl
             elif e.name in status:

@@ -102,7 +102,17 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
     worker threads that busy-wait for a while after a call (torch's OpenMP,
     ONNX Runtime's pool, OpenBLAS for up to ~0.1 s), and on a 2-core machine
     they would otherwise take cores from whichever engine is timed next.
-    Returns ``{name: (median_seconds, rounds, number)}``.
+
+    After that sleep the engine's worker threads are asleep, and on a virtual
+    machine their idle vCPU must first be scheduled again by the host: the
+    first call after idle paid 1-15 ms more than the next ones on the 2-core
+    KVM guests measured (docs/benchmarks.md). Counted into the sample, that one
+    call weighed by how many calls the sample has, i.e. by the call's length.
+    So the first call after the gap is timed on its own (the *cold* call) and
+    the sample is the warm calls after it.
+
+    Returns ``{name: (median_seconds, rounds, number, cold_median_seconds)}``;
+    ``cold_median_seconds`` is None without a quiet gap.
     """
     first = dict(first or {})
     for e in engines:
@@ -111,7 +121,8 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
                 first[e.name] = _sample(e, 1)
     number = {name: max(1, min(10000, math.ceil(min_sample / max(t, 1e-7))))
               for name, t in first.items()}
-    per_round = sum(number[n] * first[n] for n in first)
+    cold_calls = 1 if quiet_gap > 0 else 0
+    per_round = sum((number[n] + cold_calls) * first[n] for n in first)
     if repeats is not None:
         rounds = max(1, repeats)
     else:
@@ -120,10 +131,14 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
         if rounds < MIN_ROUNDS:
             rounds = max(1, rounds if per_round * MIN_ROUNDS > budget else MIN_ROUNDS)
     times = {e.name: [] for e in engines}
+    cold = {e.name: [] for e in engines}
     for r in range(rounds):
         order = engines[r % len(engines):] + engines[:r % len(engines)]
         for e in order:
             if quiet_gap > 0:
                 time.sleep(quiet_gap)
+                cold[e.name].append(_sample(e, 1))
             times[e.name].append(_sample(e, number[e.name]))
-    return {name: (float(np.median(ts)), rounds, number[name]) for name, ts in times.items()}
+    return {name: (float(np.median(ts)), rounds, number[name],
+                   float(np.median(cold[name])) if cold[name] else None)
+            for name, ts in times.items()}
