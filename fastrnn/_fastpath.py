@@ -45,9 +45,10 @@ import numpy as np
 from fastrnn import _recurrent
 from fastrnn import functional as F
 
-__all__ = ["layer_forward", "cell_forward", "kernel_only", "clear_plan"]
+__all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
 _BUILD_LOCK = threading.Lock()
+_get_ident = threading.get_ident
 _MAX_SCHEDULES = 64          # (T, B) schedules kept per plan
 _NOT_ELIGIBLE = False        # plan value of a module the fast path never serves
 
@@ -165,17 +166,46 @@ def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
 
 
 def _fast_call(module, cell, x, hx):
-    eval_call = _recurrent.eval_cell if cell else _recurrent.eval_layer
+    kernel = _recurrent.eval_cell if cell else _recurrent.eval_layer
     plan = module.__dict__.get("_fp_plan")
     if plan is not None and plan is not _NOT_ELIGIBLE and module.__dict__.get("_cache") is None:
-        out = eval_call(plan, x, hx)
+        out = kernel(plan, x, hx)
         if out is not False:          # a result, or None: the call does not qualify
             return out
-    plan = _plan(module, cell)        # first call, or a parameter array was replaced
+    return _replan_call(module, cell, x, hx)
+
+
+def _replan_call(module, cell, x, hx):
+    """The call after (re)building the plan: a first call, or a parameter array was
+    replaced since the plan was built."""
+    plan = _plan(module, cell)
     if plan is _NOT_ELIGIBLE or module.__dict__.get("_cache") is not None:
         return None
-    out = eval_call(plan, x, hx)
+    out = (_recurrent.eval_cell if cell else _recurrent.eval_layer)(plan, x, hx)
     return None if out is False else out
+
+
+def eval_call(module, cell, x, hx):
+    """`module(x, hx)` of an eval-mode layer (cell False) or cell (cell True) on the
+    fast path, else None. The calling thread is registered as an eval user for the
+    call, in the list `Module._eval_call` keeps (a training call checks it). This is
+    `Module._eval_call(layer_forward, ...)` folded into one Python frame: the
+    microseconds around a small call are counted (issue 10, at most 3 us)."""
+    d = module.__dict__
+    users = d.get("_eval_users")
+    if users is None:
+        users = d.setdefault("_eval_users", [])
+    tid = _get_ident()
+    users.append(tid)
+    try:
+        plan = d.get("_fp_plan")
+        if plan is not None and plan is not _NOT_ELIGIBLE and d.get("_cache") is None:
+            out = (_recurrent.eval_cell if cell else _recurrent.eval_layer)(plan, x, hx)
+            if out is not False:      # a result, or None: the call does not qualify
+                return out
+        return _replan_call(module, cell, x, hx)   # first call, or a stale plan
+    finally:
+        users.remove(tid)
 
 
 def layer_forward(module, x, hx):

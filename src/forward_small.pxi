@@ -190,12 +190,26 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
 cdef inline bint plan_stale(tuple params):
     """A parameter of the plan got a new array, or its array a new shape, since the
     plan was built (params: ((Parameter, array, shape), ...), fastrnn._fastpath)."""
-    cdef tuple entry
+    cdef tuple entry, shape
+    cdef int k, ndim
     for entry in params:
         arr = entry[1]
-        if entry[0].data is not arr or arr.shape != entry[2]:
+        if entry[0].data is not arr:
             return True
+        shape = <tuple> entry[2]
+        ndim = cnp.PyArray_NDIM(<cnp.ndarray> arr)
+        if ndim != len(shape):
+            return True
+        for k in range(ndim):   # in C: arr.shape would build a tuple per parameter
+            if cnp.PyArray_DIMS(<cnp.ndarray> arr)[k] != <Py_ssize_t> shape[k]:
+                return True
     return False
+
+
+cdef inline tuple schedule_of(plan, Py_ssize_t T, Py_ssize_t B):
+    """plan.schedule(T, B), read from the plan's cache without a Python call when there."""
+    s = (<dict> plan.scheds).get((T, B))
+    return <tuple> (s if s is not None else plan.schedule(T, B))
 
 
 cdef inline char *offset(object a, Py_ssize_t k, Py_ssize_t nbytes):
@@ -232,7 +246,7 @@ def eval_layer(plan, x, hx):
             return None
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh, threaded, units_ok = plan.schedule(T, B)
+    pack_ih, pack_hh, threaded, units_ok = schedule_of(plan, T, B)
     cdef int n_team = plan.threads() if any(threaded) else 1
     cdef bint by_units = units_ok and n_team > 1, team_units
     esize = sizeof(float) if single else sizeof(double)
@@ -307,7 +321,7 @@ def eval_cell(plan, x, hx):
             h0 = hx
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh, threaded, units_ok = plan.schedule(1, B)
+    pack_ih, pack_hh, threaded, units_ok = schedule_of(plan, 1, B)
     cdef int n = plan.threads() if threaded[0] else 1
     h_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     c_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0) if lstm else None

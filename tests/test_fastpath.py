@@ -276,18 +276,23 @@ def test_training_call_refused_while_another_thread_is_in_an_eval_call():
 
     x = np.ones((3, 2, 4), np.float32)
 
-    def slow_eval():
-        original = _fastpath.layer_forward
+    real = _fastpath._recurrent
 
-        def waiting(module, x_, hx):
+    class Waiting:      # the kernel module, with an eval call that waits inside
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def eval_layer(self, plan, x_, hx):
             inside.set()
             release.wait(5)
-            return original(module, x_, hx)
-        _fastpath.layer_forward = waiting
+            return real.eval_layer(plan, x_, hx)
+
+    def slow_eval():
+        _fastpath._recurrent = Waiting()
         try:
             seen.append(m(x)[0])
         finally:
-            _fastpath.layer_forward = original
+            _fastpath._recurrent = real
     t = threading.Thread(target=slow_eval)
     t.start()
     assert inside.wait(5)

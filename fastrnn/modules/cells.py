@@ -99,7 +99,7 @@ class _CellBase(Module):
     def __call__(self, input, hx=None):
         # eval calls try the fast path first, registered like Module.__call__ does
         if not self.training:
-            fast = self._eval_call(_fastpath.cell_forward, self, input, hx)
+            fast = _fastpath.eval_call(self, True, input, hx)
             if fast is not None:
                 return fast
         return Module.__call__(self, input, hx)

@@ -285,7 +285,7 @@ class RNNBase(Module):
     def __call__(self, x, hx=None, lengths=None):
         # eval calls try the fast path first, registered like Module.__call__ does
         if not self.training and lengths is None:
-            fast = self._eval_call(_fastpath.layer_forward, self, x, hx)
+            fast = _fastpath.eval_call(self, False, x, hx)
             if fast is not None:
                 return fast
         return Module.__call__(self, x, hx, lengths)
