@@ -44,7 +44,12 @@ UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across 
 UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
 BACKWARD_UNITS_MAX_BATCH = 8   # backward's reverse loop splits hidden units up to this batch (measured:
                                # LSTM H=512 T=50 B=1 21.5 -> 15.7 ms, B=4 27.3 -> 23.0, neutral at 16-24)
-SMALL_WORK_FLOP = 2e6  # calls smaller than this run on one thread (waking a team costs more)
+# Calls smaller than this run on one thread: waking a team costs ~3 us (Xeon KVM guest),
+# more than it saves below this. Measured there (cell step, B=1, I=H, 1 thread -> team):
+# RNN H=64 (16k FLOP) 2.4 -> 5.9 us, LSTM H=128 (262k) 12.5 -> 11.0, LSTM H=256 (1M)
+# 68.9 -> 26.5, RNN H=512 (1M) 50.0 -> 23.3. (It was 2e6, set on Zen 3: batch-1 steps of
+# 1-4 MB of weights then streamed from L3 on one core.)
+SMALL_WORK_FLOP = 2.5e5
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
 CELL_LSTM = 3
 CELL_GRU = 4

@@ -52,6 +52,13 @@ ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI"}
 # (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
 AUTO_DYNAMIC_MIN_ROWS = 1
 SMALL_WORK_FLOP = 2e6   # calls below this run on one thread (waking a team costs more)
+# bf16 stacks and cells: batches of at least this many rows run the float32 driver on
+# the bf16 weights widened to float32 (the same numbers up to rounding order): once a
+# step is compute-bound, widening in every tile costs more than the bytes it saves.
+# Measured on the AVX-512 Xeon (LSTM / GRU I=H=512 T=50, ms, bf16 kernel against
+# float32): B=8 10.5 / 8.2 against 11.0 / 7.7, B=16 21.5 / 16.6 against 20.4 / 14.5,
+# B=64 85.5 / 68.5 against 74.1 / 53.3.
+BF16_FLOAT_MIN_BATCH = 16
 
 _CPU_LEVEL = _quantized.cpu_level()
 _isa_level = None       # chosen on first use (FASTRNN_ISA or the best available)
@@ -230,6 +237,7 @@ class _QuantizedBase(Module):
         self.qmode = _check_choice("mode", mode, MODES)
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_packed", None)
+        object.__setattr__(self, "_twin", None)     # bf16: the float32 module for large batches
         self.training = False
 
     def _add_weight(self, name, shape):
@@ -266,6 +274,7 @@ class _QuantizedBase(Module):
             for _, m in self.named_modules():
                 if isinstance(m, _QuantizedBase):
                     object.__setattr__(m, "_packed", None)
+                    object.__setattr__(m, "_twin", None)
         return result
 
     def _kernels(self):
@@ -359,9 +368,46 @@ class _QuantizedRecurrent(_QuantizedBase):
         flop = 2.0 * T * B * G * H * (self.input_size + H) * runs
         return 1 if flop < SMALL_WORK_FLOP else get_num_threads()
 
+    def _float_twin(self):
+        """The float32 stack (a cell: one layer) holding the bf16 weights widened, built
+        on first use under the lock; what bf16 calls of BF16_FLOAT_MIN_BATCH rows run."""
+        twin = self._twin
+        if twin is None:
+            with self._lock:
+                twin = self._twin
+                if twin is None:
+                    from fastrnn.modules.rnn import GRU, LSTM, RNN
+                    cls = {"RNN": RNN, "LSTM": LSTM, "GRU": GRU}[self.mode_name]
+                    kw = {"nonlinearity": self.nonlinearity} if self.mode_name == "RNN" else {}
+                    twin = cls(self.input_size, self.hidden_size, getattr(self, "num_layers", 1),
+                               bias=self.bias, bidirectional=getattr(self, "bidirectional", False),
+                               **kw).eval()
+                    for sfx in self._runs:
+                        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                            if name.startswith("bias") and not self.bias:
+                                continue
+                            src = (self.dequantized(name + sfx) if name.startswith("weight")
+                                   else self._parameters[name + sfx].data)
+                            getattr(twin, name + (sfx or "_l0")).data[...] = src
+                    object.__setattr__(self, "_twin", twin)
+        return twin
+
+    def _run_float(self, x, h0, c0, hn, cn):
+        """_run on the float32 twin (bf16 weights widened): same arguments and outputs."""
+        twin = self._float_twin()
+        if self.mode_name == "LSTM":
+            y, (h, c) = twin(x, None if h0 is None else (h0, c0))
+            cn[...] = c
+        else:
+            y, h = twin(x, h0)
+        hn[...] = h
+        return y
+
     def _run(self, x, h0, c0, hn, cn, rows_in=None, rows_out=None, n_rows=0):
         """x (T, B, I) float32 contiguous -> y (T, B, D*H); states as in Stack.forward."""
         T, B = x.shape[0], x.shape[1]
+        if self.qdtype == "bfloat16" and B >= BF16_FLOAT_MIN_BATCH and rows_in is None:
+            return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
         return stack.forward(_level(), self._dyn(T * B), self._dyn(B), x, h0, c0, hn, cn,
                              rows_in, rows_out, n_rows, self._threads(T, B))
@@ -663,6 +709,7 @@ class QuantizedLanguageModel(Module):
         result = super().load_state_dict(state_dict, strict)
         for m in (self.rnn, self.decoder):
             object.__setattr__(m, "_packed", None)
+            object.__setattr__(m, "_twin", None)
         return result
 
 

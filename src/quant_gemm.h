@@ -33,6 +33,10 @@
  * them needs a hi + lo split and two vdpbf16ps per pair of k, at half the FMA
  * rate on the AVX-512 Xeon measured (LSTM H=512 T=50: B=1 2.3-2.5 ms against
  * 1.4-2.1 widened, B=2 3.7-5.5 against 2.3-3.1; B=64 0.50x float32 against 0.86x).
+ * One vdpbf16ps per pair with the activations rounded to bf16 (session 10, Xeon
+ * with AVX512-BF16, same layer) lost too, from B=2 on: B=8 13.2 ms against 10.5
+ * widened, B=64 106 against 86 (B=1 2.4 against 3.0); vdpbf16ps issues at half
+ * the FMA rate there, so it does no more multiply-adds per cycle than widening.
  *
  * ISA: no -march flags. Each kernel exists as plain C (baseline), AVX2+FMA and
  * AVX-512 (F, BW, VL, DQ, VNNI) functions with GCC target attributes; the

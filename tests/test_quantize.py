@@ -55,6 +55,43 @@ def test_stack_matches_twin(isa, cell, qdtype, mode, shape):
         np.testing.assert_allclose(st[1], cr, atol=2 * tol, rtol=0)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_large_batch_runs_the_float_driver_on_the_same_weights(cell):
+    """From BF16_FLOAT_MIN_BATCH rows a bf16 call runs the float32 driver on the bf16
+    weights widened: the twin's numbers on both sides of the switch, and a weight change
+    through load_state_dict reaches the float copy too."""
+    m = getattr(fastrnn, cell)(13, 37, num_layers=2, bidirectional=True, seed=5).eval()
+    q = fastrnn.quantize(m, "bfloat16")
+    rng = np.random.default_rng(4)
+    for B in (Q.BF16_FLOAT_MIN_BATCH - 1, Q.BF16_FLOAT_MIN_BATCH, 2 * Q.BF16_FLOAT_MIN_BATCH + 3):
+        x = rng.standard_normal((4, B, 13)).astype(np.float32)
+        h0 = (0.5 * rng.standard_normal((4, B, 37))).astype(np.float32)
+        c0 = (0.5 * rng.standard_normal((4, B, 37))).astype(np.float32)
+        out, st = q(x, (h0, c0) if cell == "LSTM" else h0)
+        y, hr, cr = R.stack_forward(q, x, h0, c0 if cell == "LSTM" else None)
+        np.testing.assert_allclose(out, y, atol=2e-6, rtol=0)
+        np.testing.assert_allclose(st[0] if cell == "LSTM" else st, hr, atol=2e-6, rtol=0)
+        if cell == "LSTM":
+            np.testing.assert_allclose(st[1], cr, atol=4e-6, rtol=0)
+    assert q._twin is not None                    # the large batches took the float route
+    state = q.state_dict()
+    state["weight_hh_l1_reverse"] = np.zeros_like(state["weight_hh_l1_reverse"])
+    q.load_state_dict(state)
+    x = rng.standard_normal((4, Q.BF16_FLOAT_MIN_BATCH, 13)).astype(np.float32)
+    np.testing.assert_allclose(q(x)[0], R.stack_forward(q, x)[0], atol=2e-6, rtol=0)
+
+
+def test_bf16_cell_large_batch_matches_twin():
+    c = fastrnn.LSTMCell(9, 21, seed=2).eval()
+    q = fastrnn.quantize(c, "bfloat16")
+    x = np.random.default_rng(1).standard_normal((Q.BF16_FLOAT_MIN_BATCH + 2, 9)).astype(np.float32)
+    h, cc = q(x)
+    rh, rc = R.cell_forward(q, x)
+    np.testing.assert_allclose(h, rh, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(cc, rc, atol=4e-6, rtol=0)
+    assert q._twin is not None
+
+
 def test_dynamic_int8_is_bitwise_across_isas():
     """Exact integer sums: every ISA gives bitwise the same int8-dynamic GEMM (the
     recurrent layers' gate passes may differ in the last bit: FMA contraction)."""
