@@ -13,7 +13,7 @@ per-call checks, allocations and kernel calls in C:
 * a *plan* per module, built once (under a lock) on the first eval call: the
   parameter arrays it validated (dtype, C-contiguity, shape);
 * per (T, B) the general path's decisions: packing (`functional.pack_flags`),
-  which layers are big enough for a thread team (`functional.SMALL_WORK_FLOP`)
+  which layers are big enough for a thread team (`functional.use_team`)
   and whether a team splits hidden units or rows.
 
 What is NOT cached is anything computed from the weights' *values*: the kernel
@@ -85,8 +85,8 @@ class _Plan:
         s = self.scheds.get((T, B))
         if s is None:
             pack_ih, pack_hh = F.pack_flags(T, B, self.G * self.H * self.H)
-            threaded = tuple(T * B * f >= F.SMALL_WORK_FLOP for f in self.row_flop)
-            units_ok = B <= F.UNITS_MAX_BATCH and (T >= F.UNITS_MIN_STEPS or not pack_hh)
+            threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
+            units_ok = F.splits_units(T, B, pack_hh)
             s = (pack_ih, pack_hh, threaded, units_ok)
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()

@@ -50,6 +50,12 @@ BACKWARD_UNITS_MAX_BATCH = 8   # backward's reverse loop splits hidden units up 
 # 68.9 -> 26.5, RNN H=512 (1M) 50.0 -> 23.3. (It was 2e6, set on Zen 3: batch-1 steps of
 # 1-4 MB of weights then streamed from L3 on one core.)
 SMALL_WORK_FLOP = 2.5e5
+# A call that splits hidden units waits at a barrier after every step, so what a team
+# must repay is per step: below this many FLOP per step it runs on one thread. Measured
+# on the 2-core Ice Lake Xeon KVM guest (layer call, B=1, I=1, T=64, 1 thread -> team):
+# GRU H=32 (6k FLOP a step) 21.2 -> 50.1 us, LSTM H=32 (8k) 33.2 -> 52.4, RNN H=64 (8k)
+# 19.5 -> 48.9; GRU H=64 (25k) 71.6 -> 63.9, LSTM H=64 (33k) 89.6 -> 76.0.
+UNITS_STEP_MIN_FLOP = 2e4
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
 CELL_LSTM = 3
 CELL_GRU = 4
@@ -153,7 +159,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh):
     # Unpacked weights are read in place by each thread's gate blocks (no copy),
     # so batches below PACK_MIN_BATCH split units at any T; packed slices are
     # built per call and need UNITS_MIN_STEPS steps to repay the copy.
-    by_units = (n > 1 and B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+    by_units = (n > 1 and splits_units(T, B, pack_hh)
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units):
@@ -215,10 +221,26 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     h0 = optional_state("h0", h0, (B, H), x.dtype)
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
-    # tiny calls run on one thread: waking a team costs more than the work
-    sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
+    sched = Schedule(lens, B, T, call_threads() if use_team(flop, T, B, pack_hh) else 1)
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
+
+
+def splits_units(T, B, pack_hh):
+    """Would a team split hidden units (one barrier per step) rather than rows?
+    Small batches do, when the sequence is long enough to repay regrouping packed
+    weights (unpacked weights are read in place, at any T)."""
+    return B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+
+
+def use_team(flop, T, B, pack_hh):
+    """Is a layer call of `flop` FLOP over T steps of B rows worth a thread team?
+    Not below SMALL_WORK_FLOP (waking the team costs more than the work), nor when it
+    would split hidden units with under UNITS_STEP_MIN_FLOP per step (the barrier after
+    every step costs more than the step's share of the work)."""
+    if flop < SMALL_WORK_FLOP:
+        return False
+    return not (splits_units(T, B, pack_hh) and flop < UNITS_STEP_MIN_FLOP * T)
 
 
 def pack_flags(T, B, hh_size):

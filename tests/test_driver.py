@@ -24,10 +24,12 @@ class SplitSpy:
     def __init__(self, real):
         self.real = real
         self.by_units = []
+        self.threads = []
         self.backward_by_units = []
 
     def forward(self, *args):
         self.by_units.append(args[-1])
+        self.threads.append(args[-2])
         return self.real.forward(*args)
 
     def backward(self, *args):
@@ -52,6 +54,7 @@ def forward_only(cell, case):
 @pytest.mark.parametrize("shape", [(1, 1, 7, 40), (3, 2, 5, 37), (20, 3, 9, 33)])
 def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # two threads even for these sizes
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     spy = SplitSpy(F._recurrent)
     monkeypatch.setattr(F, "_recurrent", spy)
     case = make_case(cell, dtype, shape, True, shape[1] > 1, True, 11)
@@ -156,3 +159,43 @@ def test_small_batch_packs_w_hh_only_when_it_pays():
     assert F.pack_flags(10, 1, 4 * 512 * 512) == (False, False)     # too short: read in place
     assert F.pack_flags(100, 1, 4 * 1024 * 1024) == (True, False)   # weights stream from L3
     assert F.pack_flags(1, 4, 4 * 1024 * 1024) == (False, True)     # batch >= 4 always packs
+
+
+def test_team_only_where_each_step_repays_its_barrier():
+    """A hidden-unit split waits at a barrier after every step: below
+    UNITS_STEP_MIN_FLOP per step one thread is faster, whatever the call's total."""
+    lstm_step = lambda I, H, B: 2 * B * 4 * H * (I + H)      # FLOP of one LSTM step
+    # streaming audio: LSTM I=1 H=32, 64-sample chunks, batch 1 (8.4k FLOP a step)
+    assert lstm_step(1, 32, 1) < F.UNITS_STEP_MIN_FLOP
+    assert not F.use_team(64 * lstm_step(1, 32, 1), 64, 1, False)
+    assert F.use_team(64 * lstm_step(1, 64, 1), 64, 1, False)          # 33k a step
+    # the same small steps over a large batch split rows: no barrier per step
+    assert not F.splits_units(64, 64, True)
+    assert F.use_team(64 * lstm_step(1, 32, 64), 64, 64, True)
+    # single steps: the call's total decides
+    assert F.use_team(lstm_step(128, 128, 1), 1, 1, False)                # 262k
+    assert not F.use_team(lstm_step(64, 64, 1), 1, 1, False)              # 66k
+
+
+@pytest.mark.parametrize("H,team", [(32, False), (64, True)])
+def test_small_steps_run_on_one_thread(H, team, monkeypatch):
+    """The rule above reaches the kernel, in training and through the eval fast path."""
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        m = fastrnn.LSTM(1, H, seed=0)
+        x = np.random.default_rng(0).standard_normal((64, 1, 1)).astype(np.float32)
+        y, _ = m(x)                                     # training mode: general path
+        assert spy.threads == [2 if team else 1]
+        m.backward(np.ones_like(y))
+        m.eval()
+        plan = fastrnn._fastpath._plan(m, False)
+        assert plan.schedule(64, 1)[2] == (team,)      # the fast path decides alike
+        got = m(x)[0]
+    finally:
+        fastrnn.set_num_threads(before)
+    want = R.lstm_forward(x, None, None, m.weight_ih_l0.data, m.weight_hh_l0.data,
+                          m.bias_ih_l0.data, m.bias_hh_l0.data)[0]
+    assert rel_err(got, want) <= TOL[np.float32]

@@ -67,6 +67,7 @@ def test_kernels_match_reference_under_each_isa(isa, cell, dtype, shape, variant
 @pytest.mark.parametrize("split", ["rows", "units"])
 def test_one_and_two_threads_bitwise_under_each_isa(isa, cell, split, monkeypatch):
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, np.float32, (5, 26, 19, 45), True, True, True, 21)

@@ -117,6 +117,7 @@ def test_padded_steps_are_zero_and_ignored(cell):
 def test_one_and_two_threads_bitwise_identical(cell, dtype, split, batch, monkeypatch):
     """Results do not depend on the thread count, nor on splitting rows or hidden units."""
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # use every thread even for a small case
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, dtype, (7, batch, 13, 19), True, True, True, 5)
