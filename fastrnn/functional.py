@@ -156,9 +156,6 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh):
     n = sched.n_threads
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
-    # Unpacked weights are read in place by each thread's gate blocks (no copy),
-    # so batches below PACK_MIN_BATCH split units at any T; packed slices are
-    # built per call and need UNITS_MIN_STEPS steps to repay the copy.
     by_units = (n > 1 and splits_units(T, B, pack_hh)
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
@@ -228,8 +225,9 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
 
 def splits_units(T, B, pack_hh):
     """Would a team split hidden units (one barrier per step) rather than rows?
-    Small batches do, when the sequence is long enough to repay regrouping packed
-    weights (unpacked weights are read in place, at any T)."""
+    Small batches do. Unpacked weights are read in place by each thread's gate
+    blocks (no copy), so that split runs at any T; packed slices are built per
+    call and need UNITS_MIN_STEPS steps to repay the copy."""
     return B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
 
 

@@ -61,7 +61,6 @@ def test_kernel_matches_reference(dtype, shape, variant):
 @pytest.mark.parametrize("batch", [1, 2, 11])
 def test_thread_counts_bitwise_identical(batch, monkeypatch):
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
-    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     c = make_case(np.float32, (7, batch, 13, 19, 6), True, True, True, 5)
     before = fastrnn.get_num_threads()
     try:
