@@ -57,7 +57,7 @@ def release_memory():
     use by a running call are left alone.
     """
     import importlib
-    for name in _isa.KERNEL_MODULES:
+    for name in _isa.KERNEL_MODULES + ("_quantized",):   # _quantized: its work buffers
         importlib.import_module(f"fastrnn.{name}")._release_scratch()
 
 

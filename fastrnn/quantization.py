@@ -32,6 +32,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fastrnn import _hugepages
 from fastrnn import _isa as _kernel_isa
 from fastrnn import _quantized
 from fastrnn._config import get_num_threads
@@ -174,7 +175,7 @@ def _pack(stored, qdtype, perm):
         packed = rows.reshape(P, 16, Kp // 2, 2).transpose(0, 2, 1, 3)
     else:
         packed = rows.reshape(P, 16, Kp // 4, 4).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(packed).view(np.uint8).reshape(-1)
+    return _hugepages.copy(packed).view(np.uint8).reshape(-1)   # read every step: see _hugepages
 
 
 def _permute(vec, perm, fill=0):

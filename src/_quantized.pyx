@@ -54,6 +54,15 @@ CELLS = {"rnn_tanh": 0, "rnn_relu": 1, "rnn_identity": 2, "lstm": 3, "gru": 4}
 GATES = {0: 1, 1: 1, 2: 1, 3: 4, 4: 3}
 
 
+cdef extern from "scratch.h" nogil:
+    void scratch_release "fastrnn_scratch_release"()
+
+
+def _release_scratch():
+    """Free the work buffers this module keeps between calls (src/scratch.h)."""
+    scratch_release()
+
+
 def cpu_level():
     """2: AVX-512 F/BW/VL/DQ/VNNI, 1: AVX2+FMA, 0: baseline (what this CPU runs)."""
     return qg_cpu_level()

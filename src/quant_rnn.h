@@ -28,6 +28,7 @@
 #include "quant_gemm.h"
 #include "activations.h"
 #include "omp_helpers.h"
+#include "scratch.h"   /* work buffers kept between calls: no page faults per call */
 
 enum { QG_RNN_TANH = 0, QG_RNN_RELU = 1, QG_RNN_IDENTITY = 2, QG_LSTM = 3, QG_GRU = 4 };
 
@@ -280,7 +281,7 @@ static int qg_stack_forward(const qg_stack *S)
                    + qg_align((size_t)S->B * sizeof(void *));
     size_t sx = qg_align((size_t)TB * W.rbx_max), sa = qg_align((size_t)TB * 4);
     size_t sp = qg_align((size_t)TB * W.ghp_max * 4), sc = qg_align((size_t)S->B * hmax * 4);
-    unsigned char *mem = (unsigned char *)aligned_alloc(64, sx + sa + sp + sc + nt * W.per_thread);
+    unsigned char *mem = (unsigned char *)fastrnn_scratch_alloc(sx + sa + sp + sc + nt * W.per_thread);
     if (!mem) return -1;
     W.xprep = mem;
     W.ascx = (float *)(mem + sx);
@@ -297,7 +298,7 @@ static int qg_stack_forward(const qg_stack *S)
         qg_stack_body(S, &W, 0, 1);
 #endif
     }
-    free(mem);
+    fastrnn_scratch_free(mem);
     return 0;
 }
 
@@ -311,7 +312,7 @@ static int qg_linear_forward(int isa, int fmt, int dyn, ptrdiff_t M, ptrdiff_t K
     const int kind = qg_a_kind(fmt, isa, dyn);
     const qg_kernel kern = qg_pick(isa, fmt, dyn);
     size_t sx = qg_align((size_t)M * rb);
-    unsigned char *mem = (unsigned char *)aligned_alloc(64, sx + qg_align((size_t)M * 4));
+    unsigned char *mem = (unsigned char *)fastrnn_scratch_alloc(sx + qg_align((size_t)M * 4));
     if (!mem) return -1;
     float *asc = (float *)(mem + sx);
     int nt = n_threads < 1 ? 1 : n_threads;
@@ -346,7 +347,7 @@ static int qg_linear_forward(int isa, int fmt, int dyn, ptrdiff_t M, ptrdiff_t K
             }
         }
     }
-    free(mem);
+    fastrnn_scratch_free(mem);
     return 0;
 }
 

@@ -257,3 +257,34 @@ def test_generate_num_samples():
     assert (greedy == greedy[0]).all()
     assert np.array_equal(greedy[0], generate_ids(lm, [3], 5, greedy=True))
     assert lm.training    # mode restored
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
+def test_work_buffers_reused_between_calls_give_the_same_numbers(qdtype):
+    """The stack's work buffers are kept between calls (src/scratch.h): a call that
+    gets a buffer a larger call left behind, stale values and all, and a call after
+    release_memory() give bitwise the numbers of the first call."""
+    rng = np.random.default_rng(7)
+    q = fastrnn.quantize(fastrnn.LSTM(24, 40, num_layers=2, seed=1).eval(), qdtype)
+    small = rng.standard_normal((5, 3, 24)).astype(np.float32)
+    big = rng.standard_normal((30, 9, 24)).astype(np.float32)
+    first_small, first_big = q(small)[0], q(big)[0]
+    again_small = q(small)[0]            # reuses big's (larger) buffer
+    fastrnn.release_memory()
+    again_big = q(big)[0]                # a fresh buffer
+    assert np.array_equal(first_small, again_small)
+    assert np.array_equal(first_big, again_big)
+
+
+def test_large_packed_weights_sit_on_huge_page_boundaries():
+    """Packed weights of 1 MB or more are copied to 2 MB-aligned memory advised for
+    huge pages (fastrnn._hugepages); smaller ones are plain copies. Same values."""
+    import mmap
+    from fastrnn import _hugepages
+    a = np.random.default_rng(0).standard_normal((600, 700)).astype(np.float32)   # 1.6 MB
+    b = _hugepages.copy(a)
+    assert np.array_equal(a, b) and b.flags.c_contiguous and b.flags.writeable
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert b.ctypes.data % _hugepages.HUGE_PAGE == 0
+    s = np.arange(12.0).reshape(3, 4)
+    assert np.array_equal(_hugepages.copy(s), s) and _hugepages.copy(s) is not s
