@@ -136,3 +136,29 @@ def test_fastrnn_isa_environment_variable():
     bad = subprocess.run([sys.executable, "-c", "import fastrnn"], env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "FASTRNN_ISA='bogus'" in bad.stderr
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("B", [1, 2, 3, 4])
+def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkeypatch):
+    """Batches of 1-3 rows against packed weights run whole panels two at a time
+    (gemm_kernels.inc, tile_pair), then the ragged last panel alone: against the
+    reference, and bitwise across 1 and 2 threads (hidden units split). H = 41
+    gives 2-5 panels with a ragged one for every cell and ISA."""
+    monkeypatch.setattr(F, "pack_flags", lambda T, B, hh_size: (True, True))
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
+    for dtype in (np.float32, np.float64):
+        _check(cell, dtype, (4, B, 23, 41), "plain", isa)
+    case = make_case(cell, np.float32, (4, B, 23, 41), True, False, True, 31)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one = run(F, cell, case, False, 32)
+        fastrnn.set_num_threads(2)
+        two = run(F, cell, case, False, 32)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(one[0] + one[1], two[0] + two[1]):
+        assert (a is None and b is None) or np.array_equal(a, b)
