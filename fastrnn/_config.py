@@ -49,7 +49,8 @@ def get_num_threads():
 
 
 def release_memory():
-    """Free the buffers the kernels keep between calls for packed weights.
+    """Free the buffers the kernels keep between calls for packed weights (and,
+    in the quantised kernels, for their per-call work).
 
     Each call packs its weights into a buffer that is then kept (up to 256 MB
     idle in all per kernel module), so the next call does not pay for fresh

@@ -19,7 +19,7 @@ import pytest
 import fastrnn
 from fastrnn import functional as F
 from fastrnn import reference as R
-from test_kernels import TOL, make_case, rel_err, run
+from test_kernels import TOL, assert_same_bits_for_thread_counts, make_case, rel_err, run
 
 ISAS = ["baseline", "avx2", "avx512"]
 # Shapes chosen for the register tiles: batch 1-3 (dot-product kernel), 13 and
@@ -71,16 +71,7 @@ def test_one_and_two_threads_bitwise_under_each_isa(isa, cell, split, monkeypatc
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, np.float32, (5, 26, 19, 45), True, True, True, 21)
-    before = fastrnn.get_num_threads()
-    try:
-        fastrnn.set_num_threads(1)
-        one = run(F, cell, case, False, 22)
-        fastrnn.set_num_threads(2)
-        two = run(F, cell, case, False, 22)
-    finally:
-        fastrnn.set_num_threads(before)
-    for a, b in zip(one[0] + one[1], two[0] + two[1]):
-        assert (a is None and b is None) or np.array_equal(a, b)
+    assert_same_bits_for_thread_counts(cell, case, False, 22, (1, 2))
 
 
 def test_isas_agree_to_float_tolerance():
@@ -152,13 +143,4 @@ def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkey
     for dtype in (np.float32, np.float64):
         _check(cell, dtype, (4, B, 23, 41), "plain", isa)
     case = make_case(cell, np.float32, (4, B, 23, 41), True, False, True, 31)
-    before = fastrnn.get_num_threads()
-    try:
-        fastrnn.set_num_threads(1)
-        one = run(F, cell, case, False, 32)
-        fastrnn.set_num_threads(2)
-        two = run(F, cell, case, False, 32)
-    finally:
-        fastrnn.set_num_threads(before)
-    for a, b in zip(one[0] + one[1], two[0] + two[1]):
-        assert (a is None and b is None) or np.array_equal(a, b)
+    assert_same_bits_for_thread_counts(cell, case, False, 32, (1, 2))

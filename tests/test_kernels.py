@@ -71,6 +71,23 @@ def run(module, cell, case, reverse, dy_seed):
     return outs, list(grads)
 
 
+def assert_same_bits_for_thread_counts(cell, case, reverse, dy_seed, counts):
+    """run(F, ...) under each thread count in `counts`: every output and gradient
+    bitwise equal to the first count's (None where the first is None)."""
+    before = fastrnn.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            fastrnn.set_num_threads(n)
+            outs, grads = run(F, cell, case, reverse, dy_seed)
+            results.append(outs + grads)
+    finally:
+        fastrnn.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -121,20 +138,7 @@ def test_one_and_two_threads_bitwise_identical(cell, dtype, split, batch, monkey
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, dtype, (7, batch, 13, 19), True, True, True, 5)
-    before = fastrnn.get_num_threads()
-    try:
-        fastrnn.set_num_threads(1)
-        one = run(F, cell, case, True, 6)
-        fastrnn.set_num_threads(2)
-        two = run(F, cell, case, True, 6)
-        fastrnn.set_num_threads(3)
-        three = run(F, cell, case, True, 6)
-    finally:
-        fastrnn.set_num_threads(before)
-    for a, b, c in zip(one[0] + one[1], two[0] + two[1], three[0] + three[1]):
-        if a is None:
-            continue
-        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert_same_bits_for_thread_counts(cell, case, True, 6, (1, 2, 3))
 
 
 def test_inference_equals_training_forward():
