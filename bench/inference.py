@@ -37,34 +37,46 @@ def median_ms(fns, repeats):
     return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 
-def accuracy(budget, threads, seed=0):
-    """Validation loss of the quality benchmark's char-LSTM: float32, int8, bfloat16."""
+def accuracy(budget, threads, seed=0, checkpoint=None):
+    """Validation loss of the quality benchmark's char-LSTM: float32, int8 and bfloat16
+    (both bf16 modes: weight-only and dynamic). Trained here for `budget` seconds, or
+    read from a `fastrnn train --save` checkpoint (its own text split and vocabulary)."""
+    from fastrnn.checkpoint import load_checkpoint
     from fastrnn.cli import DEFAULT_TEXT
     from fastrnn.metrics import evaluate_lm
-    from fastrnn.train import TrainConfig, Trainer
+    from fastrnn.train import TrainConfig, Trainer, split_text
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         text = f.read()
-    cfg = TrainConfig(cell="lstm", layers=1, hidden=512, embed=64, batch_size=32, seq_len=64,
-                      batching="sequential", optimizer="adam", lr=2e-3, clip=5.0,
-                      time_budget=budget, val_fraction=0.1, eval_every=None, tokenizer="char",
-                      seed=seed, threads=threads)
-    trainer = Trainer(cfg, text)
-    res = trainer.run(progress=False)
-    ids = trainer.val_ids
-    base = evaluate_lm(trainer.model, ids, num_streams=cfg.batch_size)["loss"]
-    print(f"char-LSTM 1x512 trained {res['steps']} steps ({budget:g} s) in float32: "
-          f"validation loss {base:.5f} ({len(ids):,} tokens)")
+    if checkpoint:
+        ck = load_checkpoint(checkpoint)
+        model = ck.build_model().eval()
+        ids = ck.build_tokenizer().encode(split_text(text, ck.config.get("val_fraction", 0.1))[1])
+        what = f"{checkpoint} ({ck.train_state.get('step', '?')} steps)"
+        streams = int(ck.config.get("batch_size", 32))
+    else:
+        cfg = TrainConfig(cell="lstm", layers=1, hidden=512, embed=64, batch_size=32, seq_len=64,
+                          batching="sequential", optimizer="adam", lr=2e-3, clip=5.0,
+                          time_budget=budget, val_fraction=0.1, eval_every=None,
+                          tokenizer="char", seed=seed, threads=threads)
+        trainer = Trainer(cfg, text)
+        res = trainer.run(progress=False)
+        model, ids, streams = trainer.model.eval(), trainer.val_ids, cfg.batch_size
+        what = f"char-LSTM 1x512 trained {res['steps']} steps ({budget:g} s)"
+    base = evaluate_lm(model, ids, num_streams=streams)["loss"]
+    print(f"{what} in float32: validation loss {base:.5f} ({len(ids):,} tokens); "
+          f"quantised ISA {Q.isa()}")
     x = ids[:64 * 32].reshape(32, 64).T.copy()
-    ref = trainer.model.eval()(x)[0]
+    ref = model(x)[0]
     out = {"float32": base}
-    for qdtype, limit in (("int8", 0.5), ("bfloat16", 0.1)):
-        q = fastrnn.quantize(trainer.model, qdtype)
-        loss = evaluate_lm(q, ids, num_streams=cfg.batch_size)["loss"]
+    for qdtype, mode, limit in (("int8", "auto", 0.5), ("bfloat16", "weight_only", 0.1),
+                                ("bfloat16", "dynamic", 0.1)):
+        q = fastrnn.quantize(model, qdtype, mode)
+        loss = evaluate_lm(q, ids, num_streams=streams)["loss"]
         excess = 100.0 * (loss - base) / base
         err = float(np.abs(q(x)[0] - ref).max())
-        out[qdtype] = loss
-        print(f"  {qdtype:<9} validation loss {loss:.5f} ({excess:+.3f} %, target <= "
-              f"+{limit} %: {'met' if excess <= limit else 'MISSED'}); max abs logit error "
+        out[f"{qdtype} {mode}"] = loss
+        print(f"  {qdtype:<9} {mode:<12} validation loss {loss:.5f} ({excess:+.3f} %, target "
+              f"<= +{limit} %: {'met' if excess <= limit else 'MISSED'}); max abs logit error "
               f"{err:.2e} on a 64 x 32 validation chunk", flush=True)
     return out
 
@@ -77,10 +89,13 @@ def main():
                     help="only the char-LM accuracy of the quantised copies")
     ap.add_argument("--budget", type=float, default=180.0,
                     help="--accuracy: float32 training seconds (default 180, as bench/quality.py)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--accuracy: evaluate this `fastrnn train --save` checkpoint instead "
+                         "of training one")
     args = ap.parse_args()
     if args.accuracy:
         fastrnn.set_num_threads(args.threads)
-        accuracy(args.budget, args.threads)
+        accuracy(args.budget, args.threads, checkpoint=args.checkpoint)
         return
     import torch
     torch.set_num_threads(args.threads)

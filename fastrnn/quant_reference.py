@@ -6,13 +6,14 @@ rint, exact integer sums), so the kernels can be compared element by element:
 
     int8 weight-only:  y = (a . q_w) * s_w                     (float32 a)
     int8 dynamic:      y = float32(q_a . q_w) * (s_w * s_a)    q_a = rint(a * 127/max|a|)
-    bfloat16:          y = a . bf16(w)                         (float32 a)
+    bfloat16:          y = a . bf16(w)                         (float32 a, weight-only)
+    bfloat16 dynamic:  y = bf16(a) . bf16(w)                   bf16 = nearest, ties to even
     float32:           y = a . w
 """
 
 import numpy as np
 
-__all__ = ["quantize_rows", "gemm", "stack_forward", "cell_forward", "linear_forward"]
+__all__ = ["quantize_rows", "round_bf16", "gemm", "stack_forward", "cell_forward", "linear_forward"]
 
 
 def quantize_rows(a):
@@ -26,6 +27,15 @@ def quantize_rows(a):
     return q, scale
 
 
+def round_bf16(a):
+    """a float32 -> float32 values rounded to bf16 (nearest, ties to even; NaN stays NaN)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = np.where(nan, (u >> 16) | 0x40, r)
+    return (r.astype(np.uint32) << 16).view(np.float32)
+
+
 def gemm(a, stored, scale, qdtype, dynamic):
     """a (M, K) float32 times the stored weights (N, K)^T as the kernels compute it."""
     from fastrnn.quantization import dequantize
@@ -37,6 +47,8 @@ def gemm(a, stored, scale, qdtype, dynamic):
     if qdtype == "int8":
         acc = a.astype(np.float64) @ stored.astype(np.float64).T
         return (acc.astype(np.float32) * scale[None, :]).astype(np.float32)
+    if qdtype == "bfloat16" and dynamic:
+        a = round_bf16(a)
     w = dequantize(stored, scale, qdtype).astype(np.float64)
     return (a.astype(np.float64) @ w.T).astype(np.float32)
 

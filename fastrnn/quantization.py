@@ -13,6 +13,12 @@ What is quantised (see docs/inference.md):
   the same way (``mode="dynamic"``, integer dot products, exact int32 sums);
   ``mode="auto"`` picks per GEMM by the number of rows (see AUTO_* below).
 - bfloat16: weights rounded to the nearest bf16 (ties to even), float32 sums.
+  ``mode="weight_only"`` keeps the GEMM inputs float32 (weights widened in
+  registers); ``mode="dynamic"`` rounds them to bf16 too, so that each pair of
+  products is one ``vdpbf16ps`` on CPUs with AVX512-BF16 (emulated with the same
+  numbers up to summation order elsewhere); ``mode="auto"`` is dynamic where
+  vdpbf16ps runs at the FMA rate (AMD with AVX512-BF16, measured on Zen 4) and
+  weight-only elsewhere (see _quantized.bf16_dot_pays and src/quant_gemm.h).
 - float32: the weights packed for the same kernels (what `StreamPool` runs
   for a float model).
 
@@ -22,7 +28,8 @@ first use, under a lock (so any number of threads may call a module at once),
 and rebuilt after `load_state_dict`.
 
 ISA: the kernels (src/quant_gemm.h) exist as plain C, AVX2+FMA and AVX-512
-(F/BW/VL/DQ/VNNI). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
+(F/BW/VL/DQ/VNNI), plus ``avx512_bf16`` (the same with vdpbf16ps for bf16
+dynamic). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
 `set_isa` here overrides it for the quantised kernels alone.
 """
 
@@ -45,9 +52,10 @@ __all__ = ["quantize", "QUANT_DTYPES", "MODES", "isa", "available_isas", "set_is
 
 QUANT_DTYPES = ("int8", "bfloat16", "float32")
 MODES = ("auto", "dynamic", "weight_only")
-ISAS = {"baseline": 0, "avx2": 1, "avx512": 2}
+ISAS = {"baseline": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
-ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI"}
+ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI",
+             "avx512_bf16": "AVX-512 F, BW, VL, DQ, VNNI and BF16"}
 
 # mode="auto" (int8): integer dot products when a GEMM has at least this many rows
 # (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
@@ -62,6 +70,7 @@ SMALL_WORK_FLOP = 2e6   # calls below this run on one thread (waking a team cost
 BF16_FLOAT_MIN_BATCH = 16
 
 _CPU_LEVEL = _quantized.cpu_level()
+_BF16_DOT_PAYS = _quantized.bf16_dot_pays()
 _isa_level = None       # chosen on first use (FASTRNN_ISA or the best available)
 _isa_lock = threading.Lock()
 
@@ -72,7 +81,8 @@ def available_isas():
 
 
 def set_isa(name=None):
-    """Force an ISA level ('baseline', 'avx2', 'avx512'), or None for FASTRNN_ISA / the best.
+    """Force an ISA level ('baseline', 'avx2', 'avx512', 'avx512_bf16'), or None for
+    FASTRNN_ISA / the best ('avx512' there means the best AVX-512 level).
 
     Asking for a level the CPU lacks raises RuntimeError naming what is missing.
     """
@@ -85,6 +95,8 @@ def set_isa(name=None):
     if name not in ISAS:
         raise ValueError(f"{source}: expected one of {sorted(ISAS)}, got {name!r}")
     level = ISAS[name]
+    if source == "FASTRNN_ISA" and level == ISAS["avx512"]:
+        level = max(level, _CPU_LEVEL)      # the float kernels' name for every AVX-512 level
     if level > _CPU_LEVEL:
         raise RuntimeError(f"{source}: {name!r} needs {ISA_NEEDS[name]}, which this CPU lacks "
                            f"(it runs {', '.join(available_isas())})")
@@ -109,8 +121,10 @@ def _level():
 def _follow(level):
     """Run at the float kernels' ISA level (fastrnn.set_isa / FASTRNN_ISA), or the
     highest below it this CPU has for the quantised kernels (their AVX-512 path
-    also needs VNNI)."""
+    also needs VNNI; float 'avx512' means avx512_bf16 where the CPU has BF16)."""
     global _isa_level
+    if level >= ISAS["avx512"]:
+        level = max(level, _CPU_LEVEL)
     with _isa_lock:
         _isa_level = min(level, _CPU_LEVEL)
 
@@ -290,9 +304,14 @@ class _QuantizedBase(Module):
         return p
 
     def _dyn(self, rows):
-        if self.qdtype != "int8" or self.qmode == "weight_only":
+        """1: the GEMM of `rows` rows quantises its inputs (int8) or rounds them to bf16."""
+        if self.qdtype == "float32" or self.qmode == "weight_only":
             return 0
-        return 1 if self.qmode == "dynamic" or rows >= AUTO_DYNAMIC_MIN_ROWS else 0
+        if self.qmode == "dynamic":
+            return 1
+        if self.qdtype == "int8":
+            return 1 if rows >= AUTO_DYNAMIC_MIN_ROWS else 0
+        return 1 if _level() == ISAS["avx512_bf16"] and _BF16_DOT_PAYS else 0
 
     def train(self, mode=True):
         # switching a quantised copy to training mode changes nothing it computes
@@ -407,7 +426,8 @@ class _QuantizedRecurrent(_QuantizedBase):
     def _run(self, x, h0, c0, hn, cn, rows_in=None, rows_out=None, n_rows=0):
         """x (T, B, I) float32 contiguous -> y (T, B, D*H); states as in Stack.forward."""
         T, B = x.shape[0], x.shape[1]
-        if self.qdtype == "bfloat16" and B >= BF16_FLOAT_MIN_BATCH and rows_in is None:
+        if (self.qdtype == "bfloat16" and B >= BF16_FLOAT_MIN_BATCH and rows_in is None
+                and not self._dyn(B)):
             return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
         return stack.forward(_level(), self._dyn(T * B), self._dyn(B), x, h0, c0, hn, cn,
@@ -731,7 +751,7 @@ def quantize(module, dtype="int8", mode="auto"):
     module: an RNN/LSTM/GRU stack (no proj_size; merge_mode 'concat'), a cell, a
     Linear, a Sequential of these (other children are copied) or an
     RNNLanguageModel. mode ("auto", "dynamic", "weight_only") chooses how int8
-    GEMMs treat their float inputs (see the module docstring). The copy is in
+    and bfloat16 GEMMs treat their float inputs (see the module docstring). The copy is in
     eval mode, computes in float32, and takes float32 inputs.
     """
     import copy

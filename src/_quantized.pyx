@@ -46,6 +46,7 @@ cdef extern from "quant_rnn.h" nogil:
                           const float *x, float *y, const void *w, const float *ws,
                           const int32_t *wz, const float *bias, int n_threads)
     int qg_cpu_level()
+    int qg_bf16_dot_pays()
     Py_ssize_t qg_round4(Py_ssize_t k)
     size_t qg_panel_bytes(int fmt, Py_ssize_t Kp)
 
@@ -64,8 +65,15 @@ def _release_scratch():
 
 
 def cpu_level():
-    """2: AVX-512 F/BW/VL/DQ/VNNI, 1: AVX2+FMA, 0: baseline (what this CPU runs)."""
+    """3: AVX-512 F/BW/VL/DQ/VNNI + BF16, 2: the same without BF16, 1: AVX2+FMA,
+    0: baseline (what this CPU runs)."""
     return qg_cpu_level()
+
+
+def bf16_dot_pays():
+    """True where bf16 mode "auto" rounds activations to bf16 too (vdpbf16ps at the
+    FMA rate: AMD with AVX512-BF16; src/quant_gemm.h)."""
+    return bool(qg_bf16_dot_pays())
 
 
 cdef const void *_data(name, object a, int typenum, Py_ssize_t size) except NULL:
@@ -245,7 +253,7 @@ cdef class Stack:
             runs[r].cn = p_cn + r * n_rows * H if p_cn != NULL else NULL
         cdef qg_stack S
         S.isa, S.fmt = isa, self.fmt
-        S.dyn_ih, S.dyn_hh = dyn_ih != 0 and self.fmt == 2, dyn_hh != 0 and self.fmt == 2
+        S.dyn_ih, S.dyn_hh = dyn_ih != 0 and self.fmt != 0, dyn_hh != 0 and self.fmt != 0
         S.n_runs, S.n_threads, S.T, S.B = R, max(1, n_threads), T, B
         S.runs = runs
         S.x = <const float *> cnp.PyArray_DATA(xa)
@@ -301,7 +309,7 @@ cdef class Linear:
         y = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT32, 0)
         cdef float *py = <float *> cnp.PyArray_DATA(<cnp.ndarray> y)
         cdef int rc
-        cdef int d = dyn != 0 and self.fmt == 2
+        cdef int d = dyn != 0 and self.fmt != 0
         with nogil:
             rc = qg_linear_forward(isa, self.fmt, d, M, self.in_features, self.out_features,
                                    px, py, self.w, self.ws, self.wz, self.bias, max(1, n_threads))

@@ -20,6 +20,8 @@
  *   QG_A_Q8S    int8[Kp] q = rint(a * 127/max|a|), as = max|a|/127
  *                                               int8 dynamic on AVX2/baseline
  *   QG_A_Q8U    uint8[Kp] q + 128                int8 dynamic with VNNI
+ *   QG_A_BF16   uint16[Kp] bf16(a)               bf16 dynamic with AVX512-BF16
+ *   QG_A_BF16F  float[Kp] bf16(a) as float       bf16 dynamic elsewhere
  *
  * Results (written, not accumulated, into C[i][0..15]):
  *   float32 / bfloat16: the float32 sum, k in order (FMA where the ISA has it)
@@ -27,16 +29,23 @@
  *   int8 dynamic:       (float)(sum_k q[k] w8[j][k]) * (ws[j] * as[i]); the integer
  *                       sum is exact, so every ISA gives bitwise the same numbers.
  *                       VNNI computes sum (q+128) w and subtracts wz[j] = 128 sum w.
+ *   bf16 dynamic:       sum_k bf16(a[k]) w[j][k] in float32: the activations are
+ *                       rounded to bf16 too (nearest even), so each pair of k is one
+ *                       vdpbf16ps where the CPU has it (the products are exact in
+ *                       float32; the sums round as FMA does, in another order).
  *
- * bf16 weights are widened to float32 in registers on every ISA. vdpbf16ps was
- * tried and lost: it takes its activations in bf16 too, so keeping ~16 bits of
- * them needs a hi + lo split and two vdpbf16ps per pair of k, at half the FMA
- * rate on the AVX-512 Xeon measured (LSTM H=512 T=50: B=1 2.3-2.5 ms against
- * 1.4-2.1 widened, B=2 3.7-5.5 against 2.3-3.1; B=64 0.50x float32 against 0.86x).
- * One vdpbf16ps per pair with the activations rounded to bf16 (session 10, Xeon
- * with AVX512-BF16, same layer) lost too, from B=2 on: B=8 13.2 ms against 10.5
- * widened, B=64 106 against 86 (B=1 2.4 against 3.0); vdpbf16ps issues at half
- * the FMA rate there, so it does no more multiply-adds per cycle than widening.
+ * bf16 weight-only (mode "weight_only") keeps float32 activations and widens the
+ * weights in registers on every ISA. bf16 dynamic (mode "dynamic") rounds the
+ * activations to bf16 as well and runs one vdpbf16ps per pair of k: 32 multiply-adds
+ * per instruction against an FMA's 16. Whether that pays depends on the CPU:
+ * - Intel Xeon with AVX512-BF16 (session 10): vdpbf16ps issues at half the FMA rate,
+ *   so it did no more multiply-adds per cycle than widening and lost from B=2 on
+ *   (LSTM I=H=512 T=50: B=8 13.2 ms against 10.5 widened, B=64 106 against 86).
+ * - AMD Zen 4: vdpbf16ps issues at the FMA rate (a 12-chain throughput loop on one
+ *   core: the same instructions per second), i.e. twice the multiply-adds.
+ * mode "auto" follows that (qg_bf16_dot_pays). A hi + lo split of the activations
+ * (two vdpbf16ps per pair, ~16 bits kept) was slower than widening everywhere and
+ * is gone.
  *
  * ISA: no -march flags. Each kernel exists as plain C (baseline), AVX2+FMA and
  * AVX-512 (F, BW, VL, DQ, VNNI) functions with GCC target attributes; the
@@ -58,8 +67,9 @@
 #endif
 
 enum { QG_F32 = 0, QG_BF16 = 1, QG_I8 = 2 };
-enum { QG_BASELINE = 0, QG_AVX2 = 1, QG_AVX512 = 2 };
-enum { QG_A_FLOAT = 0, QG_A_Q8S = 2, QG_A_Q8U = 3 };
+/* Levels: QG_AVX512_BF16 is QG_AVX512 plus vdpbf16ps (used by bf16 dynamic alone). */
+enum { QG_BASELINE = 0, QG_AVX2 = 1, QG_AVX512 = 2, QG_AVX512_BF16 = 3 };
+enum { QG_A_FLOAT = 0, QG_A_Q8S = 2, QG_A_Q8U = 3, QG_A_BF16 = 4, QG_A_BF16F = 5 };
 
 #define QG_NR 16
 #define QG_MR 8     /* rows of A per kernel call */
@@ -80,11 +90,13 @@ static inline size_t qg_row_bytes(ptrdiff_t Kp) { return (size_t)Kp * 4; }
 /* What A rows are prepared into for the kernels of (fmt, isa, dynamic int8). */
 static inline int qg_a_kind(int fmt, int isa, int dyn)
 {
-    if (fmt == QG_I8 && dyn) return isa == QG_AVX512 ? QG_A_Q8U : QG_A_Q8S;
+    if (fmt == QG_I8 && dyn) return isa >= QG_AVX512 ? QG_A_Q8U : QG_A_Q8S;
+    if (fmt == QG_BF16 && dyn) return isa == QG_AVX512_BF16 ? QG_A_BF16 : QG_A_BF16F;
     return QG_A_FLOAT;
 }
 
-/* Best level this CPU runs: 2 needs AVX-512 F/BW/VL/DQ/VNNI, 1 AVX2+FMA. */
+/* Best level this CPU runs: 3 needs AVX-512 F/BW/VL/DQ/VNNI and BF16, 2 the same
+ * without BF16, 1 AVX2+FMA. */
 static int qg_cpu_level(void)
 {
 #if QG_X86
@@ -92,18 +104,30 @@ static int qg_cpu_level(void)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
         && __builtin_cpu_supports("avx512vnni"))
-        return QG_AVX512;
+        return __builtin_cpu_supports("avx512bf16") ? QG_AVX512_BF16 : QG_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return QG_AVX2;
 #endif
     return QG_BASELINE;
 }
 
-/* float -> bf16 bits, round to nearest even (finite inputs). */
+/* Does bf16 "auto" run dynamic (vdpbf16ps)? Where it issues at the FMA rate: AMD
+ * (Zen 4 measured, see the top of this file); not Intel's (half rate measured). */
+static int qg_bf16_dot_pays(void)
+{
+#if QG_X86
+    return qg_cpu_level() == QG_AVX512_BF16 && __builtin_cpu_is("amd");
+#else
+    return 0;
+#endif
+}
+
+/* float -> bf16 bits, round to nearest even; a NaN stays a (quiet) NaN. */
 static inline uint32_t qg_bf16_bits(float x)
 {
     uint32_t u;
     memcpy(&u, &x, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (u >> 16) | 0x40u;
     u += 0x7FFFu + ((u >> 16) & 1u);
     return u >> 16;
 }
@@ -126,6 +150,12 @@ static void qg_prepare_scalar(int kind, const float *a, ptrdiff_t K, ptrdiff_t K
         float *o = (float *)out;
         if (a) memcpy(o, a, (size_t)K * sizeof(float)); else memset(o, 0, (size_t)K * 4);
         for (k = K; k < Kp; ++k) o[k] = 0.0f;
+    } else if (kind == QG_A_BF16) {
+        uint16_t *o = (uint16_t *)out;
+        for (k = 0; k < Kp; ++k) o[k] = (uint16_t)(a && k < K ? qg_bf16_bits(a[k]) : 0u);
+    } else if (kind == QG_A_BF16F) {
+        float *o = (float *)out;
+        for (k = 0; k < Kp; ++k) o[k] = a && k < K ? qg_bf16_float(qg_bf16_bits(a[k])) : 0.0f;
     } else {
         float amax = 0.0f;
         for (k = 0; a && k < K; ++k) {
@@ -552,6 +582,36 @@ QG_INLINE QG_512_T void qg_i8d_512_t(const int M, const int NP, const void *cons
     }
 }
 QG_ENTRY(qg_i8d_512, QG_512_T, QG_512_CAP, qg_i8d_512_t)
+
+/* bf16 dynamic: one vdpbf16ps per pair of k, lane j += a[k] w[j][k] + a[k+1] w[j][k+1]
+ * (the panel's 64-byte line of a pair is exactly its operand; the activations come
+ * prepared as bf16 pairs, QG_A_BF16). */
+#define QG_512BF_T __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,avx2,fma")))
+
+QG_INLINE QG_512BF_T void qg_bf16d_512_t(const int M, const int NP, const void *const *A,
+                                         const unsigned char *P, size_t ps, float *const *C,
+                                         int c0, const float *ws, const int32_t *wz,
+                                         const float *as, ptrdiff_t Kp)
+{
+    __m512 acc[QG_MR][QG_NP];
+    (void)ws; (void)wz; (void)as;
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < Kp; k += 2) {
+        __m512bh w[QG_NP];
+        for (int q = 0; q < NP; ++q)
+            w[q] = (__m512bh)_mm512_loadu_si512((const void *)((const uint32_t *)(P + q * ps) + k * 8));
+        for (int i = 0; i < M; ++i) {
+            uint32_t pair;
+            memcpy(&pair, (const uint16_t *)A[i] + k, 4);
+            __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int q = 0; q < NP; ++q) acc[i][q] = _mm512_dpbf16_ps(acc[i][q], a, w[q]);
+        }
+    }
+    for (int i = 0; i < M; ++i)
+        for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
+}
+QG_ENTRY(qg_bf16d_512, QG_512BF_T, QG_512_CAP, qg_bf16d_512_t)
 /* ------------------------------------------------------------ vectorised row preparation
  * Same numbers as qg_prepare_scalar: max is exact, the product and the round to
  * nearest even are the same operations, NaN ordered as there (tested bitwise). */
@@ -579,6 +639,29 @@ static QG_512_T void qg_quant_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp,
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));   /* NaN passes, as in C */
         _mm512_mask_cvtepi32_storeu_epi8(o + k, ms, _mm512_add_epi32(_mm512_cvttps_epi32(v), voff));
+    }
+}
+
+/* A row rounded to bf16 (nearest even, NaN kept: the bits of qg_bf16_bits) as
+ * uint16 (QG_A_BF16) or as float (QG_A_BF16F), zero-padded to Kp. */
+static QG_512_T void qg_bf16_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp, void *out,
+                                     int as_float)
+{
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    for (ptrdiff_t k = 0; k < Kp; k += 16) {
+        ptrdiff_t nk = K - k, np = Kp - k;
+        __mmask16 mk = !a || nk <= 0 ? 0 : nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
+        __mmask16 ms = np >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << np) - 1);
+        __m512i u = _mm512_maskz_loadu_epi32(mk, a ? a + k : NULL);
+        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_srli_epi32(u, 16), quiet);
+        if (as_float)
+            _mm512_mask_storeu_epi32((float *)out + k, ms, _mm512_slli_epi32(r, 16));
+        else
+            _mm512_mask_cvtepi32_storeu_epi16((uint16_t *)out + k, ms, r);
     }
 }
 
@@ -621,7 +704,11 @@ static void qg_prepare(int isa, int kind, const float *a, ptrdiff_t K, ptrdiff_t
                        void *out, float *ascale)
 {
 #if QG_X86
-    if (isa == QG_AVX512 && (kind == QG_A_Q8U || kind == QG_A_Q8S)) {
+    if (isa >= QG_AVX512 && (kind == QG_A_BF16 || kind == QG_A_BF16F)) {
+        qg_bf16_row_512(a, K, Kp, out, kind == QG_A_BF16F);
+        return;
+    }
+    if (isa >= QG_AVX512 && (kind == QG_A_Q8U || kind == QG_A_Q8S)) {
         qg_quant_row_512(a, K, Kp, (unsigned char *)out, ascale, kind == QG_A_Q8U ? 128 : 0);
         return;
     }
@@ -634,14 +721,16 @@ static void qg_prepare(int isa, int kind, const float *a, ptrdiff_t K, ptrdiff_t
     qg_prepare_scalar(kind, a, K, Kp, out, ascale);
 }
 
-/* The kernel for (isa, fmt, dynamic int8). */
+/* The kernel for (isa, fmt, dynamic). bf16 dynamic below QG_AVX512_BF16 runs the
+ * widening kernel on activations prepared as bf16-valued floats (QG_A_BF16F). */
 static qg_kernel qg_pick(int isa, int fmt, int dyn)
 {
     int v = fmt == QG_F32 ? 0 : fmt == QG_BF16 ? 1 : dyn ? 3 : 2;
 #if QG_X86
     static const qg_kernel k512[4] = {qg_f32_512, qg_bf16_512, qg_i8w_512, qg_i8d_512};
     static const qg_kernel k2[4] = {qg_f32_avx2, qg_bf16_avx2, qg_i8w_avx2, qg_i8d_avx2};
-    if (isa == QG_AVX512) return k512[v];
+    if (isa == QG_AVX512_BF16 && fmt == QG_BF16 && dyn) return qg_bf16d_512;
+    if (isa >= QG_AVX512) return k512[v];
     if (isa == QG_AVX2) return k2[v];
 #endif
     static const qg_kernel k0[4] = {qg_f32_base, qg_bf16_base, qg_i8w_base, qg_i8d_base};

@@ -119,7 +119,7 @@ static void qg_point(int isa, int cell, const float *xp, const float *rc, float 
                      const float *bhn, const float *hp, float *h, int nj)
 {
 #if QG_X86
-    if (isa == QG_AVX512) {
+    if (isa >= QG_AVX512) {
         if (cell == QG_LSTM) qg_lstm_point_avx512(xp, rc, c, h, nj);
         else if (cell == QG_GRU) qg_gru_point_avx512(xp, rc, bhn, hp, h, nj);
         else qg_rnn_point_avx512(xp, rc, cell, h, nj);

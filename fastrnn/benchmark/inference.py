@@ -130,8 +130,10 @@ def quantize_report(cells, configs, dtypes, peers, threads, budget, repeats=None
             x, _ = common.make_inputs(I, H, T, B, seed=seed + 1)
             m = _fastrnn_module(cell, I, H, w)
             engines = [_Engine("fastrnn f32", lambda m=m: m(x)[0])]
+            modes = {}
             for dt in dtypes:
                 q = fastrnn.quantize(m, dt)
+                modes[dt] = "dynamic" if q._dyn(B) else "weight_only"   # what "auto" ran
                 engines.append(_Engine(f"fastrnn {dt}", lambda q=q: q(x)[0]))
             notes = []
             if "torch" in peers:
@@ -190,6 +192,7 @@ def quantize_report(cells, configs, dtypes, peers, threads, budget, repeats=None
                     "value": err["fastrnn int8"], "target": err["torch int8"],
                     "met": bool(err["fastrnn int8"] < err["torch int8"])}
             row = {"cell": cell, "I": I, "H": H, "T": T, "B": B, "threads": threads, "ms": ms,
+                   "modes": modes, "quantized_isa": fastrnn.quantization.isa(),
                    "max_abs_err_vs_f32": err, "ratios": ratios,
                    "targets": {k: v for k, v in targets.items() if v is not None},
                    "repeats": {k: v[1] for k, v in timed.items()}, "notes": notes,
@@ -235,6 +238,11 @@ def format_quantize(rows):
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     out += ["  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in lines]
+    modes = sorted({f"{dt} {md}" for r in rows for dt, md in r.get("modes", {}).items()})
+    if modes:
+        out.append(f"mode 'auto' ran: {', '.join(modes)} (quantised ISA "
+                   f"{rows[0].get('quantized_isa')}); bfloat16 dynamic rounds the GEMM inputs "
+                   f"to bf16 too (vdpbf16ps)")
     out.append(f"ratios = other ms / fastrnn ms (above 1: the fastrnn copy is faster); targets: "
                f"int8 >= {TARGETS['int8_vs_torch_int8']}x torch int8 at every batch, int8 >= "
                f"{TARGETS['int8_vs_f32_small_batch']}x and bf16 >= "
