@@ -3,11 +3,14 @@ and ONNX Runtime float32, LSTM I = H, medians of interleaved repeats.
 
     python bench/inference.py [--threads 2] [--repeats 7]
     python bench/inference.py --accuracy [--budget 180]   # only the char-LM accuracy
+    python bench/inference.py --accuracy --checkpoint run.npz   # ... of a `fastrnn train --save` model
+    python bench/inference.py --bf16-modes   # float32 vs bf16 weight-only / dynamic vs int8
 
 --accuracy trains the quality benchmark's char-LSTM (bench/quality.py's settings:
 tinyshakespeare, 1 x 512, embedding 64, batch 32, 64-step chunks, Adam 2e-3, clip
 5, the last 10 % held out) in float32 for --budget seconds, then reports the
-validation loss of the float32 model and of its int8 and bfloat16 copies against
+validation loss of the float32 model and of its int8 and bfloat16 copies (both bf16
+modes) against
 the targets (+0.5 % and +0.1 %) and the max abs logit error on a validation chunk.
 The speed figures of issue 10 are in `fastrnn bench --quantize int8,bfloat16` and
 `fastrnn bench --mode stream`.
@@ -81,6 +84,40 @@ def accuracy(budget, threads, seed=0, checkpoint=None):
     return out
 
 
+def bf16_modes(rounds=5):
+    """float32 module against bf16 weight-only, bf16 dynamic and int8 copies on the same
+    weights (LSTM/GRU I=H=512 T=50 at B 1-64, I=H=1024 T=25 B=1), ms, medians of
+    `rounds` interleaved rounds."""
+    def med(f, n):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+    print(f"quantised ISA {Q.isa()}; ms, medians of {rounds} interleaved rounds")
+    for cell in ("LSTM", "GRU"):
+        for (I, H, T, B) in [(512, 512, 50, b) for b in (1, 2, 4, 8, 16, 64)] + [(1024, 1024, 25, 1)]:
+            m = getattr(fastrnn, cell)(I, H, seed=0).eval()
+            x = np.random.default_rng(0).uniform(-1, 1, (T, B, I)).astype(np.float32)
+            eng = {"f32": m, "bf16 weight-only": fastrnn.quantize(m, "bfloat16", "weight_only"),
+                   "bf16 dynamic": fastrnn.quantize(m, "bfloat16", "dynamic"),
+                   "int8": fastrnn.quantize(m, "int8")}
+            calls = {k: (lambda e=e: e(x)) for k, e in eng.items()}
+            for f in calls.values():
+                f()
+                f()
+            n = max(3, int(0.3 / (med(calls["f32"], 3) + 1e-9)))
+            res = {k: [] for k in calls}
+            for _ in range(rounds):
+                for k, f in calls.items():
+                    res[k].append(med(f, n))
+            r = {k: 1e3 * float(np.median(v)) for k, v in res.items()}
+            print(f"{cell} I={I} H={H} T={T} B={B:3d}: " + "  ".join(f"{k} {v:.3f}" for k, v in r.items())
+                  + f"   f32/weight-only {r['f32'] / r['bf16 weight-only']:.2f}"
+                  + f"  f32/dynamic {r['f32'] / r['bf16 dynamic']:.2f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -92,7 +129,13 @@ def main():
     ap.add_argument("--checkpoint", default=None,
                     help="--accuracy: evaluate this `fastrnn train --save` checkpoint instead "
                          "of training one")
+    ap.add_argument("--bf16-modes", action="store_true",
+                    help="only float32 against bf16 weight-only / dynamic and int8 copies")
     args = ap.parse_args()
+    if args.bf16_modes:
+        fastrnn.set_num_threads(args.threads)
+        bf16_modes()
+        return
     if args.accuracy:
         fastrnn.set_num_threads(args.threads)
         accuracy(args.budget, args.threads, checkpoint=args.checkpoint)

@@ -25,13 +25,15 @@ def trained():
     return trainer
 
 
-@pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
-def test_validation_loss_within_target(trained, qdtype):
+@pytest.mark.parametrize("qdtype,mode", [("int8", "auto"), ("bfloat16", "weight_only"),
+                                         ("bfloat16", "dynamic")])
+def test_validation_loss_within_target(trained, qdtype, mode):
     ids = trained.val_ids
     base = evaluate_lm(trained.model, ids, num_streams=16, seq_len=128)["loss"]
     assert base < 2.6                                   # it has learned something
-    q = fastrnn.quantize(trained.model, qdtype)
+    q = fastrnn.quantize(trained.model, qdtype, mode)
     loss = evaluate_lm(q, ids, num_streams=16, seq_len=128)["loss"]
+    print(f"{qdtype} {mode}: {loss:.5f} vs float32 {base:.5f} ({100.0 * (loss - base) / base:+.4f} %)")
     excess = 100.0 * (loss - base) / base
     assert excess <= LIMITS[qdtype], f"{qdtype}: {loss:.5f} vs float32 {base:.5f} (+{excess:.3f} %)"
     assert loss != base                                 # the copy really is quantised
