@@ -74,7 +74,7 @@ def config():
     except ImportError:
         pass
     import numpy
-    from fastrnn import __version__
+    from fastrnn import __version__, quantization
     return {
         "fastrnn": __version__,
         "numpy": numpy.__version__,
@@ -88,6 +88,8 @@ def config():
         "isa": _isa.get_isa(),
         "isas_available": _isa.available_isas(),
         "isa_forced": os.environ.get("FASTRNN_ISA") or None,
+        "quantized_isa": quantization.isa(),
+        "quantized_bf16_auto": "dynamic" if quantization.bf16_auto_is_dynamic() else "weight_only",
     }
 
 
@@ -102,6 +104,8 @@ def show_config():
     print(f"  CPU vector ISAs:    {' '.join(cfg['cpu_vector_flags']) or 'unknown'}")
     forced = f" (FASTRNN_ISA={cfg['isa_forced']})" if cfg["isa_forced"] else ""
     print(f"  kernel ISA:         {cfg['isa']}{forced}; available: {', '.join(cfg['isas_available'])}")
+    print(f"  quantised ISA:      {cfg['quantized_isa']} (bfloat16 mode 'auto' runs "
+          f"{cfg['quantized_bf16_auto']})")
     for lib in cfg["numpy_blas"]:
         print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
               f"({lib['num_threads']} threads)")

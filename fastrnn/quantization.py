@@ -46,6 +46,7 @@ from fastrnn._config import get_num_threads
 from fastrnn.modules.module import Module
 
 __all__ = ["quantize", "QUANT_DTYPES", "MODES", "isa", "available_isas", "set_isa",
+           "bf16_auto_is_dynamic",
            "QuantizedRNN", "QuantizedLSTM", "QuantizedGRU", "QuantizedRNNCell",
            "QuantizedLSTMCell", "QuantizedGRUCell", "QuantizedLinear",
            "QuantizedLanguageModel"]
@@ -108,6 +109,12 @@ def set_isa(name=None):
 def isa():
     """The ISA level the quantised kernels use now (a name)."""
     return ISA_NAMES[_level()]
+
+
+def bf16_auto_is_dynamic():
+    """Whether bfloat16 mode "auto" rounds GEMM inputs to bf16 (vdpbf16ps) at the
+    current ISA level: at avx512_bf16, on CPUs where vdpbf16ps pays (src/quant_gemm.h)."""
+    return _level() == ISAS["avx512_bf16"] and _BF16_DOT_PAYS
 
 
 def _level():
@@ -311,7 +318,7 @@ class _QuantizedBase(Module):
             return 1
         if self.qdtype == "int8":
             return 1 if rows >= AUTO_DYNAMIC_MIN_ROWS else 0
-        return 1 if _level() == ISAS["avx512_bf16"] and _BF16_DOT_PAYS else 0
+        return 1 if bf16_auto_is_dynamic() else 0
 
     def train(self, mode=True):
         # switching a quantised copy to training mode changes nothing it computes

@@ -162,6 +162,8 @@ def test_bf16_auto_follows_the_cpu():
     for name in Q.available_isas():
         Q.set_isa(name)
         assert q._dyn(5) == int(name == "avx512_bf16" and Q._BF16_DOT_PAYS), name
+        assert Q.bf16_auto_is_dynamic() == bool(q._dyn(5))
+        assert fastrnn.config()["quantized_isa"] == name
     Q.set_isa(None)
     assert fastrnn.quantize(fastrnn.nn.Linear(8, 4, rng=0), "bfloat16", "weight_only")._dyn(5) == 0
 
