@@ -32,7 +32,8 @@
  *   bf16 dynamic:       sum_k bf16(a[k]) w[j][k] in float32: the activations are
  *                       rounded to bf16 too (nearest even), so each pair of k is one
  *                       vdpbf16ps where the CPU has it (the products are exact in
- *                       float32; the sums round as FMA does, in another order).
+ *                       float32; the sums round in float32, pairwise in another
+ *                       order than the emulation's FMAs).
  *
  * bf16 weight-only (mode "weight_only") keeps float32 activations and widens the
  * weights in registers on every ISA. bf16 dynamic (mode "dynamic") rounds the
@@ -64,6 +65,14 @@
 #define QG_X86 1
 #else
 #define QG_X86 0
+#endif
+/* The vdpbf16ps kernel needs a compiler that knows AVX512-BF16 (GCC 10, clang 9);
+ * built with an older one, the avx512_bf16 level is never offered. */
+#if QG_X86 && ((defined(__clang__) && __clang_major__ >= 9) \
+               || (!defined(__clang__) && __GNUC__ >= 10))
+#define QG_HAVE_BF16 1
+#else
+#define QG_HAVE_BF16 0
 #endif
 
 enum { QG_F32 = 0, QG_BF16 = 1, QG_I8 = 2 };
@@ -103,8 +112,12 @@ static int qg_cpu_level(void)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-        && __builtin_cpu_supports("avx512vnni"))
-        return __builtin_cpu_supports("avx512bf16") ? QG_AVX512_BF16 : QG_AVX512;
+        && __builtin_cpu_supports("avx512vnni")) {
+#if QG_HAVE_BF16
+        if (__builtin_cpu_supports("avx512bf16")) return QG_AVX512_BF16;
+#endif
+        return QG_AVX512;
+    }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return QG_AVX2;
 #endif
@@ -583,6 +596,7 @@ QG_INLINE QG_512_T void qg_i8d_512_t(const int M, const int NP, const void *cons
 }
 QG_ENTRY(qg_i8d_512, QG_512_T, QG_512_CAP, qg_i8d_512_t)
 
+#if QG_HAVE_BF16
 /* bf16 dynamic: one vdpbf16ps per pair of k, lane j += a[k] w[j][k] + a[k+1] w[j][k+1]
  * (the panel's 64-byte line of a pair is exactly its operand; the activations come
  * prepared as bf16 pairs, QG_A_BF16). */
@@ -612,6 +626,7 @@ QG_INLINE QG_512BF_T void qg_bf16d_512_t(const int M, const int NP, const void *
         for (int q = 0; q < NP; ++q) _mm512_storeu_ps(C[i] + c0 + q * 16, acc[i][q]);
 }
 QG_ENTRY(qg_bf16d_512, QG_512BF_T, QG_512_CAP, qg_bf16d_512_t)
+#endif /* QG_HAVE_BF16 */
 /* ------------------------------------------------------------ vectorised row preparation
  * Same numbers as qg_prepare_scalar: max is exact, the product and the round to
  * nearest even are the same operations, NaN ordered as there (tested bitwise). */
@@ -729,7 +744,9 @@ static qg_kernel qg_pick(int isa, int fmt, int dyn)
 #if QG_X86
     static const qg_kernel k512[4] = {qg_f32_512, qg_bf16_512, qg_i8w_512, qg_i8d_512};
     static const qg_kernel k2[4] = {qg_f32_avx2, qg_bf16_avx2, qg_i8w_avx2, qg_i8d_avx2};
+#if QG_HAVE_BF16
     if (isa == QG_AVX512_BF16 && fmt == QG_BF16 && dyn) return qg_bf16d_512;
+#endif
     if (isa >= QG_AVX512) return k512[v];
     if (isa == QG_AVX2) return k2[v];
 #endif
