@@ -62,6 +62,9 @@ ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI",
 # (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
 AUTO_DYNAMIC_MIN_ROWS = 1
 SMALL_WORK_FLOP = 2e6   # calls below this run on one thread (waking a team costs more)
+# Stacks: threads split batch rows (no barrier per step; each streams all of W_hh) from
+# this many rows per thread, hidden units below. Measured: see docs/inference.md.
+ROW_SPLIT_MIN_ROWS = 16
 # bf16 stacks and cells: batches of at least this many rows run the float32 driver on
 # the bf16 weights widened to float32 (the same numbers up to rounding order): once a
 # step is compute-bound, widening in every tile costs more than the bytes it saves.
@@ -438,7 +441,7 @@ class _QuantizedRecurrent(_QuantizedBase):
             return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
         return stack.forward(_level(), self._dyn(T * B), self._dyn(B), x, h0, c0, hn, cn,
-                             rows_in, rows_out, n_rows, self._threads(T, B))
+                             rows_in, rows_out, n_rows, self._threads(T, B), ROW_SPLIT_MIN_ROWS)
 
 
 def _float32_input(name, x):

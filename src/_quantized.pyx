@@ -34,7 +34,7 @@ cdef extern from "quant_rnn.h" nogil:
         float *hn
         float *cn
     ctypedef struct qg_stack:
-        int isa, fmt, dyn_ih, dyn_hh, n_runs, n_threads
+        int isa, fmt, dyn_ih, dyn_hh, n_runs, n_threads, row_split_min
         Py_ssize_t T, B
         const qg_run *runs
         const float *x
@@ -42,6 +42,7 @@ cdef extern from "quant_rnn.h" nogil:
         const Py_ssize_t *rows_in
         const Py_ssize_t *rows_out
     int qg_stack_forward(const qg_stack *S)
+    int qg_split_by_rows(Py_ssize_t B, int nt, int row_split_min)
     int qg_linear_forward(int isa, int fmt, int dyn, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N,
                           const float *x, float *y, const void *w, const float *ws,
                           const int32_t *wz, const float *bias, int n_threads)
@@ -68,6 +69,11 @@ def cpu_level():
     """3: AVX-512 F/BW/VL/DQ/VNNI + BF16, 2: the same without BF16, 1: AVX2+FMA,
     0: baseline (what this CPU runs)."""
     return qg_cpu_level()
+
+
+def split_by_rows(Py_ssize_t B, int n_threads, int row_split_min):
+    """Whether Stack.forward's threads split batch rows (True) or hidden units."""
+    return bool(qg_split_by_rows(B, max(1, n_threads), row_split_min))
 
 
 def bf16_dot_pays():
@@ -183,12 +189,14 @@ cdef class Stack:
             R.hn = R.cn = NULL
 
     def forward(self, int isa, int dyn_ih, int dyn_hh, x, h0, c0, hn, cn, rows_in, rows_out,
-                Py_ssize_t n_rows, int n_threads):
+                Py_ssize_t n_rows, int n_threads, int row_split_min=0):
         """y (T, B, D*H) of the last layer for x (T, B, I) float32.
 
         h0/c0: (L*D, n_rows, H) tables read at rows rows_in (B,) intp (None: rows 0..B-1,
         n_rows = B); None states are zeros. hn/cn: tables written at rows_out. c0/cn only
         for LSTM. The same table may be given as h0 and hn (a stream pool).
+        row_split_min: threads split batch rows from this many rows per thread, hidden
+        units below (0: always units).
         """
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x: expected a numpy array, got {type(x).__name__}")
@@ -255,6 +263,7 @@ cdef class Stack:
         S.isa, S.fmt = isa, self.fmt
         S.dyn_ih, S.dyn_hh = dyn_ih != 0 and self.fmt != 0, dyn_hh != 0 and self.fmt != 0
         S.n_runs, S.n_threads, S.T, S.B = R, max(1, n_threads), T, B
+        S.row_split_min = max(0, row_split_min)
         S.runs = runs
         S.x = <const float *> cnp.PyArray_DATA(xa)
         S.ys = yp

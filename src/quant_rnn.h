@@ -3,19 +3,25 @@
  *
  * Layout ("blocked gate order"): hidden units are cut into blocks of 16; block u
  * owns panels u*G + g (g = gate, torch order), i.e. the 16 rows g*H + 16u + j of
- * W_ih and W_hh. Biases are stored in the same order. A thread owns a range of
- * blocks for a whole run (layer, direction):
+ * W_ih and W_hh. Biases are stored in the same order. Threads split the work
+ * one of two ways for a whole call:
  *
+ * By hidden units (small batch): a thread owns a range of blocks, all rows.
  *   1. the rows of the run's input are prepared (split by rows), barrier;
  *   2. input projection xproj[t, b, blocks] = x W_ih^T + b for its own blocks
  *      (no barrier: the thread later reads only its own columns);
  *   3. for each step: prepare h_{t-1} (every thread, redundantly: B*H values),
  *      h_{t-1} W_hh^T for its blocks into a small local buffer, then the gate
  *      pass for its 16-unit blocks straight away, writing h_t into y; barrier.
+ *   Each thread streams only its own slice of W_hh, with one barrier per step.
  *
- * So each thread streams only its own slice of W_hh (all gates of its units),
- * with one barrier per step. The result of every element is computed by the
- * same code whatever the thread count (bitwise the same for any team size).
+ * By batch rows (from row_split_min rows per thread): a thread owns a range of
+ * rows, all blocks, and the same three parts touch only its rows, so no step
+ * (and no layer) waits for another thread; each streams all of W_hh, which pays
+ * once a step has enough rows to reuse every weight it loads.
+ *
+ * Either way the result of every element is computed by the same code whatever
+ * the thread count and split (bitwise the same for any team size).
  *
  * States: h0/c0 are read from tables through row indices (rows_in[b]) and
  * h_n/c_n written through rows_out[b]: a stream pool passes its state tables
@@ -50,6 +56,8 @@ typedef struct {
 
 typedef struct {
     int isa, fmt, dyn_ih, dyn_hh, n_runs, n_threads;
+    int row_split_min;            /* threads split batch rows from this many rows per
+                                     thread (0: always hidden units) */
     ptrdiff_t T, B;
     const qg_run *runs;
     const float *x;               /* (T, B, I of run 0) */
@@ -139,13 +147,14 @@ static void qg_point(int isa, int cell, const float *xp, const float *rc, float 
 
 /* Shared and per-thread workspace of one stack call. */
 typedef struct {
-    unsigned char *xprep;   /* (T*B) prepared input rows */
+    unsigned char *xprep;   /* (T*B) prepared input rows, rbx_max bytes apart */
     float *ascx;            /* (T*B) */
-    float *xproj;           /* (T*B, GHp) */
+    float *xproj;           /* (T*B, ghp_max): row r's projections at r * ghp_max */
     float *cwork;           /* (B, H) */
     unsigned char *thread;  /* n_threads * per_thread */
     size_t per_thread, rbx_max, rbh_max;
     ptrdiff_t ghp_max;
+    int split_rows;         /* threads own batch rows (1) or hidden units (0) */
 } qg_work;
 
 static size_t qg_align(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -153,6 +162,7 @@ static size_t qg_align(size_t n) { return (n + 63) & ~(size_t)63; }
 static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
 {
     const ptrdiff_t T = S->T, B = S->B, TB = T * B;
+    const int by_rows = W->split_rows;
     unsigned char *mine = W->thread + (size_t)tid * W->per_thread;
     unsigned char *hprep = mine;
     float *asch = (float *)(mine + qg_align((size_t)B * W->rbh_max));
@@ -160,12 +170,16 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
     const float **hprev = (const float **)(rec + (size_t)B * QG_NP * QG_NR);
     const void *Ap[QG_MR];
     float *Cp[QG_MR];
+    float asl[QG_MR];
+    /* my batch rows [r0, r1): all of them when splitting hidden units */
+    const ptrdiff_t r0 = by_rows ? tid * B / nt : 0, r1 = by_rows ? (tid + 1) * B / nt : B;
+    const ptrdiff_t nr = r1 - r0;
     for (int r = 0; r < S->n_runs; ++r) {
         const qg_run *R = &S->runs[r];
         const int G = R->G;
         const ptrdiff_t KI = R->Kin, H = R->H, nblk = (H + QG_NR - 1) / QG_NR;
-        const ptrdiff_t GHp = nblk * G * QG_NR, Kpi = qg_round4(KI), Kph = qg_round4(H);
-        const size_t rbx = qg_row_bytes(Kpi), rbh = qg_row_bytes(Kph);
+        const ptrdiff_t Kpi = qg_round4(KI), Kph = qg_round4(H);
+        const size_t rbh = qg_row_bytes(Kph);
         const size_t pbx = qg_panel_bytes(S->fmt, Kpi), pbh = qg_panel_bytes(S->fmt, Kph);
         const int kind_x = qg_a_kind(S->fmt, S->isa, S->dyn_ih);
         const int kind_h = qg_a_kind(S->fmt, S->isa, S->dyn_hh);
@@ -174,42 +188,62 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
         const float *X = R->in_layer < 0 ? S->x : S->ys[R->in_layer];
         float *Y = S->ys[R->layer];
         const ptrdiff_t os = R->out_stride, oc = R->out_col;
-        const ptrdiff_t u0 = tid * nblk / nt, u1 = (tid + 1) * nblk / nt;
+        /* my unit blocks [u0, u1): all of them when splitting batch rows */
+        const ptrdiff_t u0 = by_rows ? 0 : tid * nblk / nt;
+        const ptrdiff_t u1 = by_rows ? nblk : (tid + 1) * nblk / nt;
         const ptrdiff_t unit0 = u0 * QG_NR, unit1 = u1 * QG_NR < H ? u1 * QG_NR : H;
         const ptrdiff_t ug = G >= QG_NP ? 1 : QG_NP / G;   /* unit blocks per kernel call */
+        const ptrdiff_t NQ = T * nr;   /* my projection rows: (t, b) for b in [r0, r1) */
+        /* Row strides of the shared xprep / xproj, the same for every run: split by
+         * rows, a thread may already be in the next layer while another is still in
+         * this one, and each must stay within its own rows. */
+        const size_t xs = W->rbx_max;
+        const ptrdiff_t ps = W->ghp_max;
+#define QG_MY_ROW(q) (((q) / nr) * B + r0 + (q) % nr)
 
-        /* 1. prepare the input rows (shared, split by rows) */
-        for (ptrdiff_t row = tid * TB / nt; row < (tid + 1) * TB / nt; ++row)
-            qg_prepare(S->isa, kind_x, X + row * KI, KI, Kpi, W->xprep + row * rbx, &W->ascx[row]);
-        fastrnn_barrier();
-        if (R->cell == QG_LSTM)   /* my units of c from c0 (after the barrier: cwork is free) */
-            for (ptrdiff_t b = 0; b < B; ++b)
+        /* 1. prepare the input rows: by units, every row, split between the threads
+         * (then a barrier); by rows, my own rows, which only I read */
+        if (by_rows) {
+            for (ptrdiff_t q = 0; q < NQ; ++q) {
+                const ptrdiff_t row = QG_MY_ROW(q);
+                qg_prepare(S->isa, kind_x, X + row * KI, KI, Kpi, W->xprep + row * xs, &W->ascx[row]);
+            }
+        } else {
+            for (ptrdiff_t row = tid * TB / nt; row < (tid + 1) * TB / nt; ++row)
+                qg_prepare(S->isa, kind_x, X + row * KI, KI, Kpi, W->xprep + row * xs, &W->ascx[row]);
+            fastrnn_barrier();
+        }
+        if (R->cell == QG_LSTM)   /* my part of c from c0 (after the barrier: cwork is free) */
+            for (ptrdiff_t b = r0; b < r1; ++b)
                 for (ptrdiff_t k = unit0; k < unit1; ++k)
                     W->cwork[b * H + k] = R->c0 ? R->c0[S->rows_in[b] * H + k] : 0.0f;
 
-        /* 2. input projection for my blocks: runs of up to QG_NP consecutive panels */
+        /* 2. input projection of my rows for my blocks: runs of up to QG_NP consecutive panels */
         for (ptrdiff_t p = u0 * G; p < u1 * G; p += QG_NP) {
             const int np = u1 * G - p < QG_NP ? (int)(u1 * G - p) : QG_NP;
             const unsigned char *panel = (const unsigned char *)R->w_ih + p * pbx;
-            for (ptrdiff_t row0 = 0; row0 < TB; row0 += QG_MR) {
-                int m = TB - row0 < QG_MR ? (int)(TB - row0) : QG_MR;
+            for (ptrdiff_t q0 = 0; q0 < NQ; q0 += QG_MR) {
+                int m = NQ - q0 < QG_MR ? (int)(NQ - q0) : QG_MR;
                 for (int i = 0; i < m; ++i) {
-                    Ap[i] = W->xprep + (row0 + i) * rbx;
-                    Cp[i] = W->xproj + (row0 + i) * GHp + p * QG_NR;
+                    const ptrdiff_t row = QG_MY_ROW(q0 + i);
+                    Ap[i] = W->xprep + row * xs;
+                    Cp[i] = W->xproj + row * ps + p * QG_NR;
+                    asl[i] = W->ascx[row];
                 }
                 kx(m, np, Kpi, Ap, panel, pbx, Cp, R->s_ih ? R->s_ih + p * QG_NR : NULL,
-                   R->z_ih ? R->z_ih + p * QG_NR : NULL, W->ascx + row0);
+                   R->z_ih ? R->z_ih + p * QG_NR : NULL, asl);
                 if (R->b_x)
                     for (int i = 0; i < m; ++i)
                         for (int j = 0; j < np * QG_NR; ++j) Cp[i][j] += R->b_x[p * QG_NR + j];
             }
         }
+#undef QG_MY_ROW
 
         /* 3. the recurrence */
         for (ptrdiff_t s = 0; s < T; ++s) {
             const ptrdiff_t t = R->reverse ? T - 1 - s : s;
             const ptrdiff_t tp = R->reverse ? t + 1 : t - 1;
-            for (ptrdiff_t b = 0; b < B; ++b) {
+            for (ptrdiff_t b = r0; b < r1; ++b) {
                 hprev[b] = s == 0 ? (R->h0 ? R->h0 + S->rows_in[b] * H : NULL)
                                   : Y + (tp * B + b) * os + oc;
                 if (u0 < u1)
@@ -220,8 +254,8 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
             for (ptrdiff_t u = u0; u < u1; u += ug) {
                 const ptrdiff_t nu = u1 - u < ug ? u1 - u : ug;
                 const unsigned char *panel = (const unsigned char *)R->w_hh + u * G * pbh;
-                for (ptrdiff_t b0 = 0; b0 < B; b0 += QG_MR) {
-                    int m = B - b0 < QG_MR ? (int)(B - b0) : QG_MR;
+                for (ptrdiff_t b0 = r0; b0 < r1; b0 += QG_MR) {
+                    int m = r1 - b0 < QG_MR ? (int)(r1 - b0) : QG_MR;
                     for (int i = 0; i < m; ++i) {
                         Ap[i] = hprep + (b0 + i) * rbh;
                         Cp[i] = rec + (b0 + i) * QG_NP * QG_NR;
@@ -233,8 +267,8 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
                 for (ptrdiff_t v = u; v < u + nu; ++v) {
                     const ptrdiff_t ucol = v * QG_NR;
                     const int nj = H - ucol < QG_NR ? (int)(H - ucol) : QG_NR;
-                    for (ptrdiff_t b = 0; b < B; ++b) {
-                        const float *xp = W->xproj + (t * B + b) * GHp + v * G * QG_NR;
+                    for (ptrdiff_t b = r0; b < r1; ++b) {
+                        const float *xp = W->xproj + (t * B + b) * ps + v * G * QG_NR;
                         qg_point(S->isa, R->cell, xp, rec + b * QG_NP * QG_NR + (v - u) * G * QG_NR,
                                  R->cell == QG_LSTM ? W->cwork + b * H + ucol : NULL,
                                  R->b_hn ? R->b_hn + ucol : NULL,
@@ -243,11 +277,12 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
                     }
                 }
             }
-            fastrnn_barrier();
+            if (!by_rows)   /* the next step reads every unit of h_t */
+                fastrnn_barrier();
         }
-        /* final states of my units */
+        /* final states of my rows and units */
         const ptrdiff_t tl = R->reverse ? 0 : T - 1;
-        for (ptrdiff_t b = 0; b < B && unit1 > unit0; ++b) {
+        for (ptrdiff_t b = r0; b < r1 && unit1 > unit0; ++b) {
             if (R->hn)
                 memcpy(R->hn + S->rows_out[b] * H + unit0, Y + (tl * B + b) * os + oc + unit0,
                        (size_t)(unit1 - unit0) * sizeof(float));
@@ -256,6 +291,12 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
                        (size_t)(unit1 - unit0) * sizeof(float));
         }
     }
+}
+
+/* Do nt threads split B batch rows (1) or hidden units (0)? */
+static int qg_split_by_rows(ptrdiff_t B, int nt, int row_split_min)
+{
+    return nt > 1 && row_split_min > 0 && B >= (ptrdiff_t)nt * row_split_min;
 }
 
 /* Run the stack. Returns 0, or -1 when out of memory. */
@@ -276,6 +317,7 @@ static int qg_stack_forward(const qg_stack *S)
         if (R->H > hmax) hmax = R->H;
     }
     int nt = S->n_threads < 1 ? 1 : S->n_threads;
+    W.split_rows = qg_split_by_rows(S->B, nt, S->row_split_min);
     W.per_thread = qg_align((size_t)S->B * W.rbh_max) + qg_align((size_t)S->B * 4)
                    + qg_align((size_t)S->B * QG_NP * QG_NR * sizeof(float))
                    + qg_align((size_t)S->B * sizeof(void *));
