@@ -29,11 +29,8 @@ def quantize_rows(a):
 
 def round_bf16(a):
     """a float32 -> float32 values rounded to bf16 (nearest, ties to even; NaN stays NaN)."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = np.where(nan, (u >> 16) | 0x40, r)
-    return (r.astype(np.uint32) << 16).view(np.float32)
+    from fastrnn.quantization import bf16_bits, bf16_to_float
+    return bf16_to_float(bf16_bits(a))
 
 
 def gemm(a, stored, scale, qdtype, dynamic):

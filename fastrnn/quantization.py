@@ -99,8 +99,8 @@ def set_isa(name=None):
     if name not in ISAS:
         raise ValueError(f"{source}: expected one of {sorted(ISAS)}, got {name!r}")
     level = ISAS[name]
-    if source == "FASTRNN_ISA" and level == ISAS["avx512"]:
-        level = max(level, _CPU_LEVEL)      # the float kernels' name for every AVX-512 level
+    if source == "FASTRNN_ISA":           # the float kernels' names
+        level = _from_float_level(level)
     if level > _CPU_LEVEL:
         raise RuntimeError(f"{source}: {name!r} needs {ISA_NEEDS[name]}, which this CPU lacks "
                            f"(it runs {', '.join(available_isas())})")
@@ -133,10 +133,14 @@ def _follow(level):
     highest below it this CPU has for the quantised kernels (their AVX-512 path
     also needs VNNI; float 'avx512' means avx512_bf16 where the CPU has BF16)."""
     global _isa_level
-    if level >= ISAS["avx512"]:
-        level = max(level, _CPU_LEVEL)
     with _isa_lock:
-        _isa_level = min(level, _CPU_LEVEL)
+        _isa_level = min(_from_float_level(level), _CPU_LEVEL)
+
+
+def _from_float_level(level):
+    """The quantised level a float kernel level names: 'avx512' there is every AVX-512
+    level here (avx512_bf16 where the CPU has it)."""
+    return max(level, _CPU_LEVEL) if level >= ISAS["avx512"] else level
 
 
 # ---------------------------------------------------------------------------- weights
@@ -152,14 +156,21 @@ def quantize_int8(w):
     return q, scale
 
 
+def bf16_bits(a):
+    """a -> uint16 bit patterns of bf16, round to nearest, ties to even; a NaN stays a
+    (quiet) NaN. The kernels' qg_bf16_bits (src/quant_gemm.h), element-wise."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, (u >> 16) | 0x40, r).astype(np.uint16)
+
+
 def quantize_bf16(w):
     """w -> uint16 bit patterns of bf16, round to nearest, ties to even."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if not np.all(np.isfinite(w)):
         raise ValueError("quantize: weights must be finite to quantise, got NaN or inf")
-    bits = w.view(np.uint32).astype(np.uint64)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).astype(np.uint16)
+    return bf16_bits(w)
 
 
 def bf16_to_float(b):

@@ -173,7 +173,12 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
     float asl[QG_MR];
     /* my batch rows [r0, r1): all of them when splitting hidden units */
     const ptrdiff_t r0 = by_rows ? tid * B / nt : 0, r1 = by_rows ? (tid + 1) * B / nt : B;
-    const ptrdiff_t nr = r1 - r0;
+    const ptrdiff_t nr = r1 - r0, NQ = T * nr;   /* my projection rows: (t, b), b in [r0, r1) */
+    /* Row strides of the shared xprep / xproj, the same for every run: split by rows, a
+     * thread may already be in the next layer while another is still in this one, and
+     * each must stay within its own rows. */
+    const size_t xs = W->rbx_max;
+    const ptrdiff_t ps = W->ghp_max;
     for (int r = 0; r < S->n_runs; ++r) {
         const qg_run *R = &S->runs[r];
         const int G = R->G;
@@ -193,12 +198,6 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
         const ptrdiff_t u1 = by_rows ? nblk : (tid + 1) * nblk / nt;
         const ptrdiff_t unit0 = u0 * QG_NR, unit1 = u1 * QG_NR < H ? u1 * QG_NR : H;
         const ptrdiff_t ug = G >= QG_NP ? 1 : QG_NP / G;   /* unit blocks per kernel call */
-        const ptrdiff_t NQ = T * nr;   /* my projection rows: (t, b) for b in [r0, r1) */
-        /* Row strides of the shared xprep / xproj, the same for every run: split by
-         * rows, a thread may already be in the next layer while another is still in
-         * this one, and each must stay within its own rows. */
-        const size_t xs = W->rbx_max;
-        const ptrdiff_t ps = W->ghp_max;
 #define QG_MY_ROW(q) (((q) / nr) * B + r0 + (q) % nr)
 
         /* 1. prepare the input rows: by units, every row, split between the threads
