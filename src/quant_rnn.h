@@ -212,7 +212,8 @@ static void qg_stack_body(const qg_stack *S, const qg_work *W, int tid, int nt)
                 qg_prepare(S->isa, kind_x, X + row * KI, KI, Kpi, W->xprep + row * xs, &W->ascx[row]);
             fastrnn_barrier();
         }
-        if (R->cell == QG_LSTM)   /* my part of c from c0 (after the barrier: cwork is free) */
+        if (R->cell == QG_LSTM)   /* my part of c from c0 (by units after the barrier, by rows
+                                     my own rows: no other thread reads them) */
             for (ptrdiff_t b = r0; b < r1; ++b)
                 for (ptrdiff_t k = unit0; k < unit1; ++k)
                     W->cwork[b * H + k] = R->c0 ? R->c0[S->rows_in[b] * H + k] : 0.0f;
