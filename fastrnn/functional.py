@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _recurrent
+from fastrnn import _precision, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_shape,
                                check_weights, optional_state)
@@ -146,12 +146,13 @@ class Cache:
         return self
 
 
-def _run_forward(args, sched, reverse, pack_ih, pack_hh):
+def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False):
     """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
     args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr).
     Both splits give bitwise the same numbers; this only picks the faster one.
     If OpenMP grants fewer threads than asked, run again on one thread.
+    bf16: the GEMMs on bf16 operands (fastrnn._precision).
     """
     n = sched.n_threads
     T = args[1].shape[0]   # y (T, B, H)
@@ -159,24 +160,24 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh):
     by_units = (n > 1 and splits_units(T, B, pack_hh)
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
-                              pack_ih, pack_hh, n, by_units):
+                              pack_ih, pack_hh, n, by_units, bf16=bf16):
         one = sched.single_thread()
         _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
-                           pack_hh, 1, False)
+                           pack_hh, 1, False, bf16=bf16)
 
 
-def _run_backward(sched, T, reverse, *args):
+def _run_backward(sched, T, reverse, bf16, *args):
     """Run the driver's backward; the reverse loop splits hidden units for small
     batches (every thread reads only its panels of W_hh^T, and a batch of 1
     uses every thread), row chunks otherwise. Both give bitwise the same
-    numbers. args: the driver's arguments up to the schedule's.
+    numbers. args: the driver's arguments up to the schedule's; bf16 as forward ran.
     If OpenMP grants fewer threads than asked, the row split runs instead.
     """
     n = sched.n_threads
     by_units = n > 1 and len(sched.order) <= BACKWARD_UNITS_MAX_BATCH and args[6] is None  # dw_hr
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)
-    if not _recurrent.backward(*args, *tail, by_units):
-        _recurrent.backward(*args, *tail, False)
+    if not _recurrent.backward(*args, *tail, by_units, bf16=bf16):
+        _recurrent.backward(*args, *tail, False, bf16=bf16)
 
 
 def _hidden_buffer(x, H, h0, sched, reverse):
@@ -304,12 +305,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     gates = np.empty((T, B, 4 * H), x.dtype) if training else None
     cs = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
+    bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh)
+                  None), sched, reverse, pack_ih, pack_hh, bf16)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs)
+                      sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs,
+                      bf16=bf16)
     return y, h_n, c_n, cache
 
 
@@ -320,7 +323,7 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     dc0 = np.empty((B, H), dtype)
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse,
+    _run_backward(sched, T, cache.reverse, cache.bf16,
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, None, cache.gates, None, None,
                   dy, dh_n, dc_n, cache.cs, None, cache.hs_y, cache.h0, cache.c0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, None)
@@ -368,7 +371,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
                       has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
-                      hs_y=y, gates=gates, cs=cs, hr=hr)
+                      hs_y=y, gates=gates, cs=cs, hr=hr, bf16=False)
     return y, h_n, c_n, cache
 
 
@@ -390,7 +393,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache):
     dw_hr = np.empty_like(cache.w_hr)
     dhp = np.empty((T, B, P), dtype)   # (T, B, P) dL/dh_t, for dW_hr
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse,
+    _run_backward(sched, T, cache.reverse, cache.bf16,
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, dw_hr, cache.gates, None, dhp,
                   dy, dh_n, dc_n, cache.cs, cache.hr, cache.hs_y, cache.h0, cache.c0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, cache.w_hr)
@@ -421,12 +424,13 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
+    bf16 = _precision.bf16_products(x.dtype)
     _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh)
+                  None), sched, reverse, pack_ih, pack_hh, bf16)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act)
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act, bf16=bf16)
     return y, h_n, cache
 
 
@@ -436,7 +440,7 @@ def rnn_backward(dy, dh_n, cache):
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
     da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse,
+    _run_backward(sched, T, cache.reverse, cache.bf16,
                   cache.act, dx, dh0, None, dw_ih, dw_hh, None, da, None, None, dy,
                   dh_n, None, None, None, cache.y, cache.h0, None, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, None)
@@ -467,12 +471,14 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         # r and z see b_ih + b_hh; n sees b_in outside and b_hn inside the reset product
         bias_x = np.concatenate((b_ih[:2 * H] + b_hh[:2 * H], b_ih[2 * H:]))
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
+    bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
-                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh)
+                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns)
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns,
+                      bf16=bf16)
     return y, h_n, cache
 
 
@@ -483,7 +489,7 @@ def gru_backward(dy, dh_n, cache):
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse,
+    _run_backward(sched, T, cache.reverse, cache.bf16,
                   CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,
                   dh_n, None, cache.hns, None, cache.y, cache.h0, None, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, None)

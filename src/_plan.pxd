@@ -20,6 +20,9 @@ cdef struct Plan:
     const void *w_hh_slices     # likewise for w_hh; backward: packed w_hh^T (O x G*H)
     const void *w_hr            # (P, H) LSTM projection, or NULL
     const void *w_hr_packed     # packed w_hr (forward) / w_hr^T (backward), or NULL (read in place)
+    bint bf16                   # float32 GEMMs on bf16 operands (bf16_gemm.h); no projection
+    const void *w_ih_bf16       # bf16 panels of w_ih's slices (forward), or NULL
+    const void *w_hh_bf16       # likewise for w_hh; backward: bf16 panels of w_hh^T
     const void *bias            # (G*H,) b_ih + b_hh (GRU: b_in for n), or NULL
     const void *bias_h          # (H,) GRU's b_hn, or NULL
     # forward

@@ -21,10 +21,13 @@ cdef extern from *:
     """
     #undef I  /* <complex.h>, through NumPy's headers; Plan has a field I */
     """
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
+from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
+                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
@@ -38,18 +41,23 @@ cnp.import_array()
 
 
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
-                           const floating *w_slice, const floating *w, Py_ssize_t j0,
-                           Py_ssize_t hk, floating **C, floating **Cg,
-                           floating beta) noexcept nogil:
+                           const floating *w_slice, const uint16_t *w_bf16, const floating *w,
+                           Py_ssize_t j0, Py_ssize_t hk, floating **C, floating **Cg,
+                           floating beta, void *work) noexcept nogil:
     """C[i][g*hk + j] := beta*C[i][g*hk + j] + A[i] . W[g*H + j0 + j] for g < G, j < hk, i < M.
 
-    W (G*H x K) is this thread's packed slice when given; else it is read in
-    place, one gate block at a time when the thread owns only some units (no
-    copy: what lets a batch-1 step use every core). Cg: M scratch pointers.
+    W (G*H x K) is this thread's slice in bf16 panels when w_bf16 is given (work:
+    fastrnn_bf16_work_bytes(M, K)), else its packed slice when given; else it is
+    read in place, one gate block at a time when the thread owns only some units
+    (no copy: what lets a batch-1 step use every core). Cg: M scratch pointers.
     """
     cdef Py_ssize_t g, i, G = p.G
     if M <= 0 or hk <= 0:
         return
+    if floating is float:
+        if w_bf16 != NULL:
+            fastrnn_bf16_gemm(M, G * hk, K, A, w_bf16, C, beta, work)
+            return
     if w_slice != NULL:
         gemm_rows(M, G * hk, K, A, w_slice, NULL, 0, C, beta)
     elif hk == p.H:
@@ -68,6 +76,8 @@ cdef void forward_thread(
         Py_ssize_t j0, Py_ssize_t j1,  # this thread's hidden units [j0, j1)
         const floating *w_ih_k,     # this thread's packed slice of w_ih, or NULL (read in place)
         const floating *w_hh_k,     # likewise for w_hh
+        const uint16_t *w_ih_b,     # this thread's slice of w_ih in bf16 panels, or NULL (p.bf16)
+        const uint16_t *w_hh_b,     # likewise for w_hh
         bint sync,                  # threads share rows: barrier after every step
         int *fail,                  # SHARED (nthr,) allocation failure per thread
         int tid, int nthr) noexcept nogil:
@@ -126,6 +136,7 @@ cdef void forward_thread(
     cdef floating **c_rows = <floating **> malloc(nr * sizeof(void *))        # LSTM c_{t-1} (hk)
     cdef const floating **r_rows = <const floating **> malloc(nr * sizeof(void *))  # o * tanh(c_t) (H)
     cdef floating **y_rows = <floating **> malloc(nr * sizeof(void *))        # projected h_t (P)
+    cdef void *bwork = NULL      # bf16 GEMMs: A rows rounded (fastrnn_bf16_work_bytes)
     cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
     cdef int q, failed = 0
     cdef floating *ar
@@ -139,7 +150,9 @@ cdef void forward_thread(
         hnb = <floating *> malloc(nr * gk * sizeof(floating))
     if proj and hr == NULL:
         hrb = <floating *> malloc(nr * H * sizeof(floating))
-    fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
+    if w_hh_b != NULL:
+        bwork = malloc(fastrnn_bf16_work_bytes(tb * nr, I if I > O else O))
+    fail[tid] = ((w_hh_b != NULL and bwork == NULL) or bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
                  or (apart and (ghb == NULL or hnb == NULL)) or (proj and hr == NULL and hrb == NULL)
                  or r_rows == NULL or y_rows == NULL
@@ -187,7 +200,8 @@ cdef void forward_thread(
                 else:
                     dst[m] = gxb + ((s - s0) * nrows + r) * GK
                 m = m + 1
-        gate_gemm(p, m, I, src, w_ih_k, <const floating *> p.w_ih, j0, hk, dst, scratch, 0)
+        gate_gemm(p, m, I, src, w_ih_k, w_ih_b, <const floating *> p.w_ih, j0, hk, dst, scratch,
+                  0, bwork)
         # Recurrence: h_{t-1} W_hh^T, added into a_t (or apart, GRU), then one fused pass.
         m = 0   # step s's rows start at dst[m]
         for s in range(s0, s1):
@@ -196,11 +210,11 @@ cdef void forward_thread(
                 a_rows[r] = dst[m + r]
             m = m + nact
             if apart:
-                gate_gemm(p, nact, O, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
-                          gh_rows, scratch, 0)
+                gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
+                          gh_rows, scratch, 0, bwork)
             else:
-                gate_gemm(p, nact, O, h_rows, w_hh_k, <const floating *> p.w_hh, j0, hk,
-                          a_rows, scratch, 1)
+                gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
+                          a_rows, scratch, 1, bwork)
             for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
                 row = time_index(s, lengths[b], reverse) * B + b
@@ -241,7 +255,7 @@ cdef void forward_thread(
                 memcpy(<floating *> p.c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
     free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb); free(hrb)
     free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
-    free(r_rows); free(y_rows)
+    free(r_rows); free(y_rows); free(bwork)
 
 
 cdef inline floating *row_backward(const Plan *p, floating *g_all, const floating *zeros,
@@ -273,6 +287,19 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
             if p.cell == CELL_LSTM else NULL,
             n, H)
     return ghr if ghr != NULL else gr
+
+
+cdef inline void recurrent_gradient(const Plan *p, Py_ssize_t M, Py_ssize_t N,
+                                    const floating **da, const floating *w_t,
+                                    const uint16_t *w_t_bf16, floating **dh, floating beta,
+                                    void *work) noexcept nogil:
+    """dh[i] := beta*dh[i] + da[i] W_hh (N of its columns) for i < M: W_hh^T's
+    panels in bf16 when p.bf16 (work: fastrnn_bf16_work_bytes(M, G*H)), else float."""
+    if floating is float:
+        if p.bf16:
+            fastrnn_bf16_gemm(M, N, p.G * p.H, da, w_t_bf16, dh, beta, work)
+            return
+    gemm_rows(M, N, p.G * p.H, da, w_t, NULL, 0, dh, beta)
 
 
 cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
@@ -308,11 +335,13 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
     cdef const floating **dhp_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dr_rows = <floating **> malloc(nrows * sizeof(void *))
+    cdef void *bwork = malloc(fastrnn_bf16_work_bytes(nrows, GH)) if p.bf16 else NULL
     cdef int status = 0
     cdef Py_ssize_t r, b, s, t, row, nact, j
     cdef floating *dhpr
     if (dh == NULL or dc == NULL or dr == NULL or zeros == NULL or in_rows == NULL
-            or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL):
+            or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL
+            or (p.bf16 and bwork == NULL)):
         status = -1
     else:
         for r in range(nrows):
@@ -343,15 +372,15 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                                           dr + r * H if proj else dh + r * O, dc + r * H,
                                           zeros if proj else NULL)
             # rows past nact keep the dh_n they started with
-            gemm_rows(nact, O, GH, in_rows, <const floating *> p.w_hh_slices, NULL, 0,
-                      dh_rows, 1 if apart else 0)
+            recurrent_gradient(p, nact, O, in_rows, <const floating *> p.w_hh_slices,
+                               <const uint16_t *> p.w_hh_bf16, dh_rows, 1 if apart else 0, bwork)
         for r in range(nrows):
             b = rows[r]
             memcpy(<floating *> p.dh0 + b * O, dh + r * O, O * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H, dc + r * H, H * sizeof(floating))
     free(dh); free(dc); free(dr); free(zeros); free(in_rows); free(dh_rows); free(dhp_rows)
-    free(dr_rows)
+    free(dr_rows); free(bwork)
     return status
 
 
@@ -383,13 +412,17 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef Py_ssize_t j0 = min(O, tid * per * nr), j1 = min(O, (tid + 1) * per * nr)
     cdef Py_ssize_t hk = j1 - j0
     cdef const floating *w_k = <const floating *> p.w_hh_slices + j0 * GH   # this thread's panels
+    cdef const uint16_t *w_kb = (<const uint16_t *> p.w_hh_bf16
+                                 + (j0 // FASTRNN_BF16_NR) * fastrnn_bf16_panel_values(GH)
+                                 if p.bf16 else NULL)   # j0: a multiple of either panel width
+    cdef void *bwork = malloc(fastrnn_bf16_work_bytes(B, GH)) if p.bf16 else NULL
     cdef Py_ssize_t maxlen = lengths[rows[0]]
     cdef floating *zeros = <floating *> calloc(H + O + 1, sizeof(floating))
     cdef const floating **in_rows = <const floating **> malloc(B * sizeof(void *) + 1)
     cdef floating **dh_rows = <floating **> malloc(B * sizeof(void *) + 1)
     cdef Py_ssize_t r, b, s, t, nact, g
     cdef int q, failed = 0
-    fail[tid] = zeros == NULL or in_rows == NULL or dh_rows == NULL
+    fail[tid] = zeros == NULL or in_rows == NULL or dh_rows == NULL or (p.bf16 and bwork == NULL)
     if not fail[tid]:
         for r in range(B):
             b = rows[r]
@@ -415,14 +448,15 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
                                       dh + r * O + j0, dc + r * H + j0, NULL)
         fastrnn_barrier()   # every unit's gate gradients of this step are in place
         if hk > 0:
-            gemm_rows(nact, hk, GH, in_rows, w_k, NULL, 0, dh_rows, 1 if apart else 0)
+            recurrent_gradient(p, nact, hk, in_rows, w_k, w_kb, dh_rows, 1 if apart else 0,
+                               bwork)
     if not failed:
         for r in range(B):
             b = rows[r]
             memcpy(<floating *> p.dh0 + b * O + j0, dh + r * O + j0, hk * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H + j0, dc + r * H + j0, hk * sizeof(floating))
-    free(zeros); free(in_rows); free(dh_rows)
+    free(zeros); free(in_rows); free(dh_rows); free(bwork)
 
 
 cdef inline void *vptr1(const floating[::1] a) noexcept nogil:
@@ -445,7 +479,7 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
             const floating[:, ::1] w_hr, floating[:, :, ::1] hr,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads, bint by_units):
+            int n_threads, bint by_units, bint bf16=False):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split).
@@ -453,8 +487,10 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
     hidden units; by_units=True: every thread takes all rows and its own hidden
     units. pack_ih / pack_hh choose the packed micro-kernel (decided by the
-    caller from T and B, never from the thread count). Returns False if OpenMP
-    gave fewer threads than asked (the caller then retries with one thread).
+    caller from T and B, never from the thread count). bf16 (float32, no
+    projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
+    Returns False if OpenMP gave fewer threads than asked (the caller then
+    retries with one thread).
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]
@@ -466,6 +502,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     cdef const floating *p_ih = &w_ih[0, 0]
     cdef const floating *p_hh = &w_hh[0, 0]
     cdef floating *packed_hr = NULL
+    cdef uint16_t *b_ih = NULL
+    cdef uint16_t *b_hh = NULL
     cdef int *fail = <int *> calloc(team, sizeof(int))
     cdef int tid, nthr, k, failed = 0
     cdef bint short_team = False
@@ -474,6 +512,11 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
     p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
     p.nslices, p.pack_ih, p.pack_hh = nslices, pack_ih, pack_hh
+    p.bf16 = False
+    if floating is float:
+        p.bf16 = bf16 and w_hr is None
+    if p.bf16:   # the bf16 panels replace both packed and in-place weights
+        pack_ih = pack_hh = p.pack_ih = p.pack_hh = False
     p.w_ih, p.w_hh, p.bias, p.bias_h = p_ih, p_hh, vptr1(bias), vptr1(bias_h)
     p.x, p.h0, p.c0 = vptr3(x), vptr2(h0), vptr2(c0)
     p.y, p.h_n, p.c_n, p.gates, p.aux = &y[0, 0, 0], &h_n[0, 0], vptr2(c_n), vptr3(gates), vptr3(aux)
@@ -484,9 +527,15 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
             s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads)
             if p.w_hr != NULL:
                 packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, n_threads)
+        if floating is float:
+            if p.bf16:
+                b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads)
+                b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
+        p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
         if (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
-                or (pack_hh and p.w_hr != NULL and packed_hr == NULL)):
+                or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
+                or (p.bf16 and (b_ih == NULL or b_hh == NULL))):
             failed = 1
         else:
             with parallel(num_threads=team):
@@ -502,6 +551,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
                         unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
                         s_ih + slice_offset(p_ih, G, H, I, nslices, k, True) if s_ih != NULL else NULL,
                         s_hh + slice_offset(p_hh, G, H, p.O, nslices, k, True) if s_hh != NULL else NULL,
+                        b_ih + bf16_slice_offset(G, H, I, nslices, k) if b_ih != NULL else NULL,
+                        b_hh + bf16_slice_offset(G, H, p.O, nslices, k) if b_hh != NULL else NULL,
                         by_units, fail, tid, nthr)
             for k in range(team):
                 if fail[k] == 1:
@@ -509,6 +560,7 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
                 elif fail[k] == 2:
                     short_team = True
     scratch_free(s_ih); scratch_free(s_hh); scratch_free(packed_hr); free(fail)
+    scratch_free(b_ih); scratch_free(b_hh)
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return not short_team
@@ -529,7 +581,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const floating[:, ::1] w_hr,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
-             int n_threads, bint by_units):
+             int n_threads, bint by_units, bint bf16=False):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -541,6 +593,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     h_prev (T, B, O) is the state each step read (a view of forward's hs).
     by_units: the reverse loop splits hidden units over n_threads threads
     (backward_units; small batches, no projection) instead of row chunks.
+    bf16 (float32, no projection): the reverse loop's dh = da W_hh on bf16
+    operands (bf16_gemm.h), as forward ran with bf16.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -552,6 +606,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
     cdef floating *packed_hhT = NULL
     cdef floating *packed_hrT = NULL
+    cdef uint16_t *bf16_hhT = NULL
     cdef floating *p_dgx = &dgx[0, 0, 0]
     cdef int failed = 0, tid, nthr, q
     cdef bint short_team = False
@@ -566,13 +621,22 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     p.y, p.aux, p.h0, p.c0 = vptr3(y), vptr3(aux), vptr2(h0), vptr2(c0)
     p.gates, p.dgh, p.dy, p.dh_n, p.dc_n = p_dgx, vptr3(dgh), &dy[0, 0, 0], vptr2(dh_n), vptr2(dc_n)
     p.dh0, p.dc0 = &dh0[0, 0], vptr2(dc0)
+    p.bf16 = False
+    if floating is float:
+        p.bf16 = bf16 and w_hr is None
     with nogil:
-        packed_hhT = pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)   # w_hh^T: (O x G*H)
+        if p.bf16:
+            if floating is float:
+                bf16_hhT = bf16_pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)  # (O x G*H)
+                p.w_hh_bf16 = bf16_hhT
+        else:
+            packed_hhT = pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)   # w_hh^T: (O x G*H)
         p.w_hh_slices = packed_hhT
         if p.w_hr != NULL:
             packed_hrT = pack_matrix(<const floating *> p.w_hr, O, H, True, n_threads)  # (H x P)
             p.w_hr_packed = packed_hrT
-        if packed_hhT == NULL or (p.w_hr != NULL and packed_hrT == NULL):
+        if ((bf16_hhT == NULL if p.bf16 else packed_hhT == NULL)
+                or (p.w_hr != NULL and packed_hrT == NULL)):
             failed = 1
         elif by_units and p.w_hr == NULL and n_threads > 1:
             dh = <floating *> calloc(B * O + 1, sizeof(floating))
@@ -609,6 +673,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                                          n_threads) != 0
         scratch_free(packed_hhT)
         scratch_free(packed_hrT)
+        scratch_free(bf16_hhT)
         free(dh); free(dc); free(fail)
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")

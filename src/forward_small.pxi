@@ -69,7 +69,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL) or fails == NULL:
         fail[0] = 1
     elif team == 1:
-        forward_thread(y, p, 0, B, 0, H, s_ih, s_hh, False, fail, 0, 1)
+        forward_thread(y, p, 0, B, 0, H, s_ih, s_hh, NULL, NULL, False, fail, 0, 1)
     else:
         with parallel(num_threads=team):
             tid = threadid()
@@ -86,6 +86,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                     if s_ih != NULL else NULL,
                     s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, nslices, k, True)
                     if s_hh != NULL else NULL,
+                    NULL, NULL,                     # the single-step path runs float32
                     by_units, fails, tid, nthr)
         for q in range(team):
             if fails[q] == 1:

@@ -27,14 +27,14 @@ class SplitSpy:
         self.threads = []
         self.backward_by_units = []
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.by_units.append(args[-1])
         self.threads.append(args[-2])
-        return self.real.forward(*args)
+        return self.real.forward(*args, **kwargs)
 
-    def backward(self, *args):
+    def backward(self, *args, **kwargs):
         self.backward_by_units.append(args[-1])
-        return self.real.backward(*args)
+        return self.real.backward(*args, **kwargs)
 
 
 def forward_only(cell, case):

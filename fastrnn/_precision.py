@@ -1,0 +1,49 @@
+"""float32 matmul precision for the recurrent layers: PyTorch's set_float32_matmul_precision.
+
+    fastrnn.set_float32_matmul_precision("medium")   # bf16 products where they are faster
+
+"highest" (the default) and "high": every product of a float32 layer in float32.
+"medium": the recurrent layers' GEMMs (input projection, recurrent product,
+backward's dh = da W_hh) may round their operands to bf16 and sum in float32
+(src/bf16_gemm.h), as PyTorch allows under "medium". fastrnn does so where the
+CPU runs bf16 dot products faster than float32 FMAs: AVX512-BF16 on AMD (Zen 4:
+twice the rate) with the float kernels at ISA avx512. Elsewhere "medium" runs
+float32, as "highest" does. A projected LSTM (proj_size), the single-step cells,
+float64 and dW (an after-loop GEMM) stay in full precision.
+
+Each product then carries bf16's rounding (8 bits of mantissa: a relative error
+up to 2^-9 per operand); see docs/precision.md for what that does to training.
+"""
+
+import numpy as np
+
+__all__ = ["set_float32_matmul_precision", "get_float32_matmul_precision", "PRECISIONS"]
+
+PRECISIONS = ("highest", "high", "medium")
+
+_precision = "highest"
+_force_bf16 = False   # tests: run the bf16 path at any ISA (widening kernels where no vdpbf16ps)
+
+
+def set_float32_matmul_precision(precision):
+    """Set the internal precision of float32 matrix products: "highest" (default),
+    "high" (the same here) or "medium" (bf16 operands, float32 sums, where faster)."""
+    global _precision
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    _precision = precision
+
+
+def get_float32_matmul_precision():
+    """The current float32 matmul precision ("highest", "high" or "medium")."""
+    return _precision
+
+
+def bf16_products(dtype):
+    """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
+    if _precision != "medium" or np.dtype(dtype) != np.float32:
+        return False
+    if _force_bf16:
+        return True
+    from fastrnn import _isa, _quantized
+    return _isa.get_isa() == "avx512" and _quantized.bf16_dot_pays()
