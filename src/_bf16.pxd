@@ -4,7 +4,9 @@
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
-from _schedule cimport scratch_alloc, scratch_free, unit_start
+from _schedule cimport scratch_alloc, scratch_free, unit_start, row_pointers
+
+DEF ROW_BLOCK = 48   # output rows per task in the after-loop GEMMs (a multiple of QG_MR)
 
 
 cdef extern from "bf16_gemm.h" nogil:
@@ -14,6 +16,14 @@ cdef extern from "bf16_gemm.h" nogil:
     void fastrnn_bf16_pack(uint16_t *packed, const float *const *rows, Py_ssize_t N,
                            Py_ssize_t K, int transposed, Py_ssize_t p0, Py_ssize_t p1)
     size_t fastrnn_bf16_work_bytes(Py_ssize_t M, Py_ssize_t K)
+    const void *const *fastrnn_bf16_prepare_rows(Py_ssize_t M, Py_ssize_t K,
+                                                 const float *const *A, void *work)
+    const void *const *fastrnn_bf16_prepare_cols(Py_ssize_t M, Py_ssize_t K,
+                                                 const float *const *cols, Py_ssize_t col0,
+                                                 void *work)
+    void fastrnn_bf16_gemm_prepared(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                    const void *const *arow, const uint16_t *packed,
+                                    float *const *C, float beta)
     void fastrnn_bf16_gemm(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float *const *A,
                            const uint16_t *packed, float *const *C, float beta, void *work)
     enum: FASTRNN_BF16_NR
@@ -83,3 +93,112 @@ cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t 
                            n_threads)
     free(rows)
     return buf
+
+
+cdef inline int bf16_rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                       const float **A, const uint16_t *packed, float **C,
+                                       int n_threads) noexcept nogil:
+    """C[i] (N values) := bf16(A[i]) . W^T for i < M, W (N x K) in bf16 panels.
+    0, or -1 if out of memory."""
+    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r0, r1
+    cdef void *work
+    cdef int failed = 0
+    for blk in prange(nblk, schedule='static', num_threads=n_threads):
+        r0 = blk * ROW_BLOCK
+        r1 = min(M, r0 + ROW_BLOCK)
+        work = malloc(fastrnn_bf16_work_bytes(ROW_BLOCK, K))   # private to the task
+        if work == NULL:
+            failed += 1
+        else:
+            fastrnn_bf16_gemm(r1 - r0, N, K, A + r0, packed, C + r0, 0, work)
+        free(work)
+    return -1 if failed else 0
+
+
+cdef inline int bf16_columns_times_packed(Py_ssize_t M, Py_ssize_t K, const float **A, int nout,
+                                          const Py_ssize_t *Ns, const uint16_t **packs,
+                                          float **Cs, int n_threads) noexcept nogil:
+    """Cs[q] (M x Ns[q], row-major) := bf16(A)^T . W_q^T for q < nout, W_q in bf16
+    panels, A the K x M matrix with rows A[k]: its columns are rounded once for
+    all outputs. 0, or -1 if out of memory."""
+    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r, r0, r1
+    cdef float **c_rows
+    cdef void *work
+    cdef const void *const *arow
+    cdef int q, failed = 0
+    for blk in prange(nblk, schedule='static', num_threads=n_threads):
+        r0 = blk * ROW_BLOCK
+        r1 = min(M, r0 + ROW_BLOCK)
+        c_rows = <float **> malloc(ROW_BLOCK * sizeof(void *))
+        work = malloc(fastrnn_bf16_work_bytes(ROW_BLOCK, K))
+        if c_rows == NULL or work == NULL:
+            failed += 1
+        else:
+            arow = fastrnn_bf16_prepare_cols(r1 - r0, K, A, r0, work)
+            for q in range(nout):
+                for r in range(r0, r1):
+                    c_rows[r - r0] = Cs[q] + r * Ns[q]
+                fastrnn_bf16_gemm_prepared(r1 - r0, Ns[q], K, arow, packs[q], c_rows, 0)
+        free(c_rows)
+        free(work)
+    return -1 if failed else 0
+
+
+cdef inline uint16_t *bf16_packed_columns(const float **rows, Py_ssize_t N, Py_ssize_t K,
+                                          int n_threads) noexcept nogil:
+    """bf16 panels of the N x K matrix with element (n, k) at rows[k][n] (x^T, h^T
+    over the rows that exist). NULL if out of memory; give it back with scratch_free."""
+    cdef uint16_t *packed = <uint16_t *> scratch_alloc(fastrnn_bf16_packed_bytes(N, K) + 1)
+    if packed != NULL:
+        bf16_pack_parallel(packed, rows, N, K, True, n_threads)
+    return packed
+
+
+cdef inline int input_and_weight_gradients_bf16(
+        float *dx,                  # OUT (TB, I) rows in `valid`; the others are left alone
+        float *dw_ih,               # OUT (GH, I)
+        float *dw_hh,               # OUT (GH, H)
+        const float *dgx,           # IN  (TB, GH) dL/d(x W_ih^T)
+        const float *dgh,           # IN  (TB, GH) dL/d(h W_hh^T); the same array for RNN and LSTM
+        const float *x,             # IN  (TB, I)
+        const float *h_prev,        # IN  (TB, H) the state each step read
+        const float *w_ih,          # IN  (GH, I)
+        const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
+        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
+        int n_threads) noexcept nogil:
+    """input_and_weight_gradients (_gradients.pxd) on bf16 operands:
+    dx = dgx W_ih; dw_ih = dgx^T x; dw_hh = dgh^T h_prev. 0, or -1 if out of memory."""
+    cdef const float **gx_rows = row_pointers(dgx, valid, V, GH)
+    cdef const float **gh_rows = row_pointers(dgh, valid, V, GH)
+    cdef const float **x_rows = row_pointers(x, valid, V, I)
+    cdef const float **h_rows = row_pointers(h_prev, valid, V, H)
+    cdef float **dx_rows = <float **> row_pointers(dx, valid, V, I)
+    cdef uint16_t *w_ih_t = bf16_pack_matrix(w_ih, GH, I, True, n_threads)     # W_ih^T (I x GH)
+    cdef uint16_t *x_t = NULL
+    cdef uint16_t *h_t = NULL
+    cdef Py_ssize_t Ns[2]
+    cdef const uint16_t *packs[2]
+    cdef float *Cs[2]
+    cdef int status = -1
+    if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
+            and dx_rows != NULL and w_ih_t != NULL):
+        x_t = bf16_packed_columns(x_rows, I, V, n_threads)                 # x^T (I x V)
+        h_t = bf16_packed_columns(h_rows, H, V, n_threads)                 # h_prev^T (H x V)
+    if x_t != NULL and h_t != NULL:
+        Ns[0] = I
+        Ns[1] = H
+        packs[0] = x_t
+        packs[1] = h_t
+        Cs[0] = dw_ih
+        Cs[1] = dw_hh
+        status = bf16_rows_times_packed(V, I, GH, gx_rows, w_ih_t, dx_rows, n_threads)
+        if dgx == dgh:   # RNN, LSTM: one rounding of da's columns for both weights
+            status += bf16_columns_times_packed(GH, V, gx_rows, 2, Ns, packs, Cs, n_threads)
+        else:
+            status += bf16_columns_times_packed(GH, V, gx_rows, 1, Ns, packs, Cs, n_threads)
+            status += bf16_columns_times_packed(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1,
+                                                n_threads)
+        status = -1 if status != 0 else 0
+    free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
+    scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
+    return status

@@ -27,7 +27,8 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
-                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR)
+                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR,
+                    input_and_weight_gradients_bf16)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
@@ -593,8 +594,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     h_prev (T, B, O) is the state each step read (a view of forward's hs).
     by_units: the reverse loop splits hidden units over n_threads threads
     (backward_units; small batches, no projection) instead of row chunks.
-    bf16 (float32, no projection): the reverse loop's dh = da W_hh on bf16
-    operands (bf16_gemm.h), as forward ran with bf16.
+    bf16 (float32, no projection): the reverse loop's dh = da W_hh and the
+    three GEMMs after it on bf16 operands (bf16_gemm.h), as forward ran with bf16.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -661,7 +662,14 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
-        if not failed and not short_team:
+        if not failed and not short_team and p.bf16:
+            if floating is float:
+                failed = input_and_weight_gradients_bf16(
+                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
+                    <float *> p.dgh if p.dgh != NULL else p_dgx,
+                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
+                    n_threads) != 0
+        elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,

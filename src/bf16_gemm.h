@@ -114,39 +114,111 @@ FASTRNN_MULTIVERSION(fastrnn_bf16_pack,
     }
 })
 
-/* Bytes of `work` that fastrnn_bf16_gemm needs for M rows of K values. */
+/* Bytes of `work` that the prepare functions need for M rows of K values. */
 static inline size_t fastrnn_bf16_work_bytes(ptrdiff_t M, ptrdiff_t K)
 {
     return (size_t)M * (sizeof(void *) + qg_row_bytes(qg_round4(K))) + 64;
 }
 
-/* C[i] := beta*C[i] + bf16(A[i]) . bf16(W)^T for i < M (row pointers, K and N
+/* Where `work` keeps the M row pointers and the rows they point to. */
+static inline const void **fastrnn_bf16_rows_in(void *work, ptrdiff_t M, ptrdiff_t K,
+                                                 unsigned char **prep, size_t *rb)
+{
+    *rb = qg_row_bytes(qg_round4(K));
+    *prep = (unsigned char *)work + (((size_t)M * sizeof(void *) + 63) & ~(size_t)63);
+    return (const void **)work;
+}
+
+/* A[i] (K values) rounded for the kernels of this level, for i < M: returns the
+ * M prepared rows, kept in `work` (fastrnn_bf16_work_bytes(M, K)). */
+static const void *const *fastrnn_bf16_prepare_rows(ptrdiff_t M, ptrdiff_t K, const float *const *A,
+                                                    void *work)
+{
+    const int level = fastrnn_bf16_level(), kind = qg_a_kind(QG_BF16, level, 1);
+    const ptrdiff_t Kp = qg_round4(K);
+    unsigned char *prep;
+    size_t rb;
+    const void **arow = fastrnn_bf16_rows_in(work, M, K, &prep, &rb);
+    float ascale;
+    for (ptrdiff_t i = 0; i < M; ++i) {
+        qg_prepare(level, kind, A[i], K, Kp, prep + (size_t)i * rb, &ascale);
+        arow[i] = prep + (size_t)i * rb;
+    }
+    return arow;
+}
+
+/* The same for the columns col0 .. col0+M-1 of the K x (col0+M) matrix with rows
+ * cols[k]: row i of A is cols[k][col0 + i] over k (backward's dW = da^T x reads
+ * da by columns). Pairs of k are rounded 16 columns at a time, then scattered. */
+FASTRNN_MULTIVERSION(fastrnn_bf16_cols_pairs,
+    (ptrdiff_t M, ptrdiff_t K, const float *const *cols, ptrdiff_t col0, unsigned char *prep,
+     size_t rb, int as_float),
+    (M, K, cols, col0, prep, rb, as_float),
+{
+    const ptrdiff_t Kp = qg_round4(K);
+    for (ptrdiff_t k = 0; k < Kp; k += 2) {
+        const float *lo = k < K ? cols[k] + col0 : NULL;
+        const float *hi = k + 1 < K ? cols[k + 1] + col0 : NULL;
+        for (ptrdiff_t i0 = 0; i0 < M; i0 += 16) {
+            const ptrdiff_t n = M - i0 < 16 ? M - i0 : 16;
+            uint32_t a[16], b[16];
+            if (lo && hi && n == 16) {
+                _Pragma("omp simd")
+                for (int i = 0; i < 16; ++i) {
+                    a[i] = fastrnn_bf16_bits_of(lo[i0 + i]);
+                    b[i] = fastrnn_bf16_bits_of(hi[i0 + i]);
+                }
+            } else {
+                for (int i = 0; i < 16; ++i) {
+                    a[i] = lo && i < n ? fastrnn_bf16_bits_of(lo[i0 + i]) : 0u;
+                    b[i] = hi && i < n ? fastrnn_bf16_bits_of(hi[i0 + i]) : 0u;
+                }
+            }
+            for (ptrdiff_t i = 0; i < n; ++i) {
+                unsigned char *row = prep + (size_t)(i0 + i) * rb;
+                if (as_float) {
+                    uint32_t w[2] = {a[i] << 16, b[i] << 16};
+                    memcpy(row + (size_t)k * 4, w, 8);
+                } else {
+                    uint32_t w = a[i] | b[i] << 16;
+                    memcpy(row + (size_t)k * 2, &w, 4);
+                }
+            }
+        }
+    }
+})
+
+static const void *const *fastrnn_bf16_prepare_cols(ptrdiff_t M, ptrdiff_t K,
+                                                    const float *const *cols, ptrdiff_t col0,
+                                                    void *work)
+{
+    const int level = fastrnn_bf16_level(), kind = qg_a_kind(QG_BF16, level, 1);
+    unsigned char *prep;
+    size_t rb;
+    const void **arow = fastrnn_bf16_rows_in(work, M, K, &prep, &rb);
+    fastrnn_bf16_cols_pairs(M, K, cols, col0, prep, rb, kind == QG_A_BF16F);
+    for (ptrdiff_t i = 0; i < M; ++i) arow[i] = prep + (size_t)i * rb;
+    return arow;
+}
+
+/* C[i] := beta*C[i] + A[i] . bf16(W)^T for i < M, A's rows prepared above (K
  * values), W (N x K) packed by fastrnn_bf16_pack. Panels outermost, in groups
  * of QG_NP: a group stays in cache while every row tile reads it. The kernel
  * writes a register tile into `tile`; adding it into C here keeps quant_gemm.h's
  * kernels as they are (the copy is ~1/K of the tile's work). Every element is
  * summed by the same instructions whatever M is, so splitting rows over threads
  * does not change a bit. */
-static void fastrnn_bf16_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *const *A,
-                              const uint16_t *packed, float *const *C, float beta, void *work)
+static void fastrnn_bf16_gemm_prepared(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
+                                       const void *const *arow, const uint16_t *packed,
+                                       float *const *C, float beta)
 {
-    const int level = fastrnn_bf16_level();
-    const int kind = qg_a_kind(QG_BF16, level, 1);
-    const qg_kernel kern = qg_pick(level, QG_BF16, 1);
+    const qg_kernel kern = qg_pick(fastrnn_bf16_level(), QG_BF16, 1);
     const ptrdiff_t Kp = qg_round4(K), NR = FASTRNN_BF16_NR;
-    const size_t rb = qg_row_bytes(Kp), pb = qg_panel_bytes(QG_BF16, Kp);
+    const size_t pb = qg_panel_bytes(QG_BF16, Kp);
     const ptrdiff_t npan = (N + NR - 1) / NR;
-    const void **arow = (const void **)work;                          /* (M,) prepared rows */
-    unsigned char *prep = (unsigned char *)work + (((size_t)M * sizeof(void *) + 63) & ~(size_t)63);
     float tile[QG_MR][QG_NP * QG_NR] __attribute__((aligned(64)));
     float *trow[QG_MR];
-    float ascale;
-    if (M <= 0 || N <= 0) return;
     for (int i = 0; i < QG_MR; ++i) trow[i] = tile[i];
-    for (ptrdiff_t i = 0; i < M; ++i) {
-        qg_prepare(level, kind, A[i], K, Kp, prep + (size_t)i * rb, &ascale);
-        arow[i] = prep + (size_t)i * rb;
-    }
     for (ptrdiff_t q0 = 0; q0 < npan; q0 += QG_NP) {
         const int np = (int)(npan - q0 < QG_NP ? npan - q0 : QG_NP);
         const ptrdiff_t j0 = q0 * NR, n = N - j0 < np * NR ? N - j0 : np * NR;
@@ -164,6 +236,15 @@ static void fastrnn_bf16_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float
             }
         }
     }
+}
+
+/* C[i] := beta*C[i] + bf16(A[i]) . bf16(W)^T for i < M (row pointers); `work`:
+ * fastrnn_bf16_work_bytes(M, K). */
+static void fastrnn_bf16_gemm(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, const float *const *A,
+                              const uint16_t *packed, float *const *C, float beta, void *work)
+{
+    if (M <= 0 || N <= 0) return;
+    fastrnn_bf16_gemm_prepared(M, N, K, fastrnn_bf16_prepare_rows(M, K, A, work), packed, C, beta);
 }
 
 #endif
