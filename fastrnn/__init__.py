@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from fastrnn._config import (config, get_num_threads, release_memory, set_num_threads,
                              show_config)
 from fastrnn._isa import available_isas, get_isa, set_isa
+from fastrnn._precision import get_float32_matmul_precision, set_float32_matmul_precision
 from fastrnn import functional, reference
 from fastrnn.modules.module import Module, Parameter
 

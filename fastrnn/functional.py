@@ -208,7 +208,12 @@ def _fix_reverse_first_step(dw_hh, dgates_h, cache):
         return
     lens = cache.sched.lengths
     rows = np.nonzero(lens < cache.x.shape[0])[0]
-    dw_hh += dgates_h[lens[rows] - 1, rows].T @ cache.h0[rows]
+    da, h0 = dgates_h[lens[rows] - 1, rows].T, cache.h0[rows]
+    if cache.bf16:   # as the kernels' other products: bf16 operands
+        from fastrnn.reference import _mm
+        dw_hh += _mm(da, h0, True)
+    else:
+        dw_hh += da @ h0
 
 
 def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):

@@ -123,6 +123,17 @@ def _schedule(s, lengths, reverse):
     return rows, times
 
 
+def _mm(a, b, bf16):
+    """a @ b. With bf16: of a and b rounded to bf16 (nearest even), exact products
+    summed in float64, the result in a's dtype: the products of a float32 layer
+    under set_float32_matmul_precision("medium") (the kernels sum in float32)."""
+    if not bf16:
+        return a @ b
+    from fastrnn.quant_reference import round_bf16
+    wide = round_bf16(a).astype(np.float64) @ round_bf16(b).astype(np.float64)
+    return wide.astype(a.dtype)
+
+
 def _sigmoid(a):
     # σ(a) = (1 + tanh(a/2)) / 2: exact, and never overflows.
     return 0.5 * (np.tanh(0.5 * a) + 1.0)
@@ -145,7 +156,7 @@ _RNN_ACTIVATIONS = {
 # --------------------------------------------------------------------------
 
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
-                reverse=False, training=True):
+                reverse=False, training=True, bf16=False):
     """Single-layer, single-direction Elman RNN.
 
     x (T, B, I); h0 (B, H) or None; w_ih (H, I); w_hh (H, H);
@@ -165,7 +176,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     for s in range(T):
         rows, times = _schedule(s, lengths, reverse)
         hp = h[rows]
-        a = x[times, rows] @ w_ih.T + hp @ w_hh.T
+        a = _mm(x[times, rows], w_ih.T, bf16) + _mm(hp, w_hh.T, bf16)
         if b_ih is not None:
             a = a + b_ih + b_hh
         h_new = activation(a)
@@ -177,6 +188,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "nonlinearity": nonlinearity,
+                 "bf16": bf16,
                  "h_prev": h_prev, "h": y.copy()}
     return y, h, cache
 
@@ -191,6 +203,7 @@ def rnn_backward(dy, dh_n, cache):
     x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
     has_bias = cache["b_ih"] is not None
     lengths, reverse = cache["lengths"], cache["reverse"]
+    bf16 = cache.get("bf16", False)   # products as forward ran them
     h_prev, h_out = cache["h_prev"], cache["h"]
     _, dactivation = _RNN_ACTIVATIONS[cache["nonlinearity"]]
     dtype = _check_dtypes(x, dy, dh_n)
@@ -207,11 +220,11 @@ def rnn_backward(dy, dh_n, cache):
         rows, times = _schedule(s, lengths, reverse)
         g = dh[rows] + dy[times, rows]           # d loss / d h_new
         da = g * dactivation(h_out[times, rows])  # d loss / d pre-activation
-        dx[times, rows] = da @ w_ih
-        dw_ih += da.T @ x[times, rows]
-        dw_hh += da.T @ h_prev[times, rows]
+        dx[times, rows] = _mm(da, w_ih, bf16)
+        dw_ih += _mm(da.T, x[times, rows], bf16)
+        dw_hh += _mm(da.T, h_prev[times, rows], bf16)
         db += da.sum(axis=0)
-        dh[rows] = da @ w_hh
+        dh[rows] = _mm(da, w_hh, bf16)
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
@@ -222,7 +235,7 @@ def rnn_backward(dy, dh_n, cache):
 # --------------------------------------------------------------------------
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                 training=True):
+                 training=True, bf16=False):
     """Single-layer, single-direction LSTM (gates i, f, g, o).
 
     x (T, B, I); h0, c0 (B, H) or None; w_ih (4H, I); w_hh (4H, H);
@@ -245,7 +258,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     for s in range(T):
         rows, times = _schedule(s, lengths, reverse)
         hp, cp = h[rows], c[rows]
-        a = x[times, rows] @ w_ih.T + hp @ w_hh.T
+        a = _mm(x[times, rows], w_ih.T, bf16) + _mm(hp, w_hh.T, bf16)
         if b_ih is not None:
             a = a + b_ih + b_hh
         i = _sigmoid(a[:, 0 * H:1 * H])
@@ -266,7 +279,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     cache = None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                 "lengths": lengths, "reverse": reverse,
+                 "lengths": lengths, "reverse": reverse, "bf16": bf16,
                  "h_prev": h_prev, "c_prev": c_prev, "gates": gates, "c": c_out}
     return y, h, c, cache
 
@@ -281,6 +294,7 @@ def lstm_backward(dy, dh_n, dc_n, cache):
     x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
     has_bias = cache["b_ih"] is not None
     lengths, reverse = cache["lengths"], cache["reverse"]
+    bf16 = cache.get("bf16", False)   # products as forward ran them
     dtype = _check_dtypes(x, dy, dh_n, dc_n)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -313,11 +327,11 @@ def lstm_backward(dy, dh_n, dc_n, cache):
                              dg * (1.0 - g * g),
                              do * o * (1.0 - o)], axis=1)
 
-        dx[times, rows] = da @ w_ih
-        dw_ih += da.T @ x[times, rows]
-        dw_hh += da.T @ hp
+        dx[times, rows] = _mm(da, w_ih, bf16)
+        dw_ih += _mm(da.T, x[times, rows], bf16)
+        dw_hh += _mm(da.T, hp, bf16)
         db += da.sum(axis=0)
-        dh[rows] = da @ w_hh
+        dh[rows] = _mm(da, w_hh, bf16)
         dc[rows] = dc_new * f
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
@@ -438,7 +452,8 @@ def lstmp_backward(dy, dh_n, dc_n, cache):
 # GRU
 # --------------------------------------------------------------------------
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                bf16=False):
     """Single-layer, single-direction GRU (gates r, z, n; linear before reset).
 
     x (T, B, I); h0 (B, H) or None; w_ih (3H, I); w_hh (3H, H);
@@ -459,8 +474,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     for s in range(T):
         rows, times = _schedule(s, lengths, reverse)
         hp = h[rows]
-        gi = x[times, rows] @ w_ih.T         # (nb, 3H) input side
-        gh = hp @ w_hh.T                     # (nb, 3H) hidden side
+        gi = _mm(x[times, rows], w_ih.T, bf16)   # (nb, 3H) input side
+        gh = _mm(hp, w_hh.T, bf16)               # (nb, 3H) hidden side
         if b_ih is not None:
             gi = gi + b_ih
             gh = gh + b_hh
@@ -479,7 +494,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     cache = None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                 "lengths": lengths, "reverse": reverse,
+                 "lengths": lengths, "reverse": reverse, "bf16": bf16,
                  "h_prev": h_prev, "gates": gates, "hn": hn_all}
     return y, h, cache
 
@@ -494,6 +509,7 @@ def gru_backward(dy, dh_n, cache):
     x, w_ih, w_hh = cache["x"], cache["w_ih"], cache["w_hh"]
     has_bias = cache["b_ih"] is not None
     lengths, reverse = cache["lengths"], cache["reverse"]
+    bf16 = cache.get("bf16", False)   # products as forward ran them
     dtype = _check_dtypes(x, dy, dh_n)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -522,12 +538,12 @@ def gru_backward(dy, dh_n, cache):
         dgi = np.concatenate([da_r, da_z, da_n], axis=1)       # d loss / d gi
         dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)   # d loss / d gh
 
-        dx[times, rows] = dgi @ w_ih
-        dw_ih += dgi.T @ x[times, rows]
-        dw_hh += dgh.T @ hp
+        dx[times, rows] = _mm(dgi, w_ih, bf16)
+        dw_ih += _mm(dgi.T, x[times, rows], bf16)
+        dw_hh += _mm(dgh.T, hp, bf16)
         db_ih += dgi.sum(axis=0)
         db_hh += dgh.sum(axis=0)
-        dh[rows] = dgh @ w_hh + dh_new * z
+        dh[rows] = _mm(dgh, w_hh, bf16) + dh_new * z
 
     if not has_bias:
         db_ih = db_hh = None

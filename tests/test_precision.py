@@ -1,0 +1,161 @@
+"""float32 matmul precision "medium": the driver's GEMMs on bf16 operands.
+
+The kernels (src/bf16_gemm.h) against the NumPy twin (fastrnn.reference with
+bf16=True: operands rounded to bf16, exact products, float64 sums), for every
+cell, odd shapes, batch 1, T=1, lengths and reverse, under every ISA the machine
+has (vdpbf16ps at avx512 on a CPU with AVX512-BF16, widening kernels elsewhere).
+The twin differs from the float32 reference by bf16's rounding (~1e-3 relative);
+the kernels differ from the twin by float32 sums and by the rare operand that
+rounds the other way after such a sum, so the kernel tolerance is 20 times
+tighter than the bf16 effect the twin must show. At T=1 (the GEMMs alone) the
+kernels equal the twin to float32 sums (measured below 5e-7 on the Zen 4, 4.6e-5
+where backward's gate gradient, computed from such a sum, rounds the other way); over
+several steps a sum that rounds an operand the other way spreads (up to 3.2e-3,
+and at most 0.25 of the float32 kernels' distance to the twin).
+"""
+
+import types
+import zlib
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _precision
+from fastrnn import functional as F
+from fastrnn import reference as R
+from test_kernels import CELLS, SHAPES, make_case, rel_err, run
+
+ONE_STEP_TOL = 2e-4    # T=1: the GEMMs alone, kernels against the twin (float32 sums)
+STEPS_TOL = 5e-3       # several steps: a float32 sum can round an operand the other way,
+STEPS_SHARE = 0.35     # ... but the kernels stay far closer to the twin than float32 is
+BF16_EFFECT = 2e-3     # the twin against float32: at least this far apart somewhere
+
+
+def bf16_twin():
+    """fastrnn.reference with every forward run with bf16=True (backward follows the cache)."""
+    twin = types.SimpleNamespace(**{k: getattr(R, k) for k in dir(R) if not k.startswith("_")})
+    for name in ("rnn_forward", "lstm_forward", "gru_forward"):
+        fn = getattr(R, name)
+        setattr(twin, name, lambda *a, _fn=fn, **kw: _fn(*a, bf16=True, **kw))
+    return twin
+
+
+@pytest.fixture
+def medium():
+    """Kernels in "medium" precision, on the bf16 path whatever the CPU."""
+    before = fastrnn.get_float32_matmul_precision()
+    fastrnn.set_float32_matmul_precision("medium")
+    _precision._force_bf16 = True
+    yield
+    _precision._force_bf16 = False
+    fastrnn.set_float32_matmul_precision(before)
+
+
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def isa(request):
+    name = request.param
+    if name not in fastrnn.available_isas():
+        pytest.skip(f"this CPU ({fastrnn._isa.cpu_model()}) lacks {name}; "
+                    f"it has {', '.join(fastrnn.available_isas())}")
+    before = fastrnn.get_isa()
+    fastrnn.set_isa(name)
+    yield name
+    fastrnn.set_isa(before)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("shape", SHAPES + [(9, 37, 40, 70), (1, 5, 30, 40)])
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_bf16_kernels_match_the_bf16_twin(medium, isa, cell, shape, variant):
+    seed = zlib.crc32(repr((cell, shape, variant)).encode())
+    reverse = variant.endswith("reverse")
+    case = make_case(cell, np.float32, shape, True, variant.startswith("lengths"), True, seed)
+    outs, grads = run(F, cell, case, reverse, seed + 1)
+    twin = run(bf16_twin(), cell, case, reverse, seed + 1)
+    twin = twin[0] + twin[1]
+    fastrnn.set_float32_matmul_precision("highest")
+    f32 = run(F, cell, case, reverse, seed + 1)
+    f32_distance = max(rel_err(a, b) for a, b in zip(f32[0] + f32[1], twin))
+    errs = [rel_err(got, want) for got, want in zip(outs + grads, twin)]
+    assert all(got.dtype == np.float32 for got in outs + grads)
+    if shape[0] == 1 or f32_distance == 0:
+        assert max(errs) <= ONE_STEP_TOL, f"{isa}: {errs}"
+    else:
+        assert max(errs) <= STEPS_TOL, f"{isa}: {errs}"
+        assert max(errs) <= STEPS_SHARE * f32_distance, f"{isa}: {errs} vs {f32_distance}"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_the_twin_rounds_to_bf16(cell):
+    """The twin is not float32 in disguise: bf16 moves its results measurably, and
+    no further than bf16's precision allows."""
+    case = make_case(cell, np.float32, (6, 5, 24, 33), True, False, True, 2)
+    outs, grads = run(R, cell, case, False, 3)
+    twin_outs, twin_grads = run(bf16_twin(), cell, case, False, 3)
+    errs = [rel_err(a, b) for a, b in zip(twin_outs + twin_grads, outs + grads)]
+    assert max(errs) >= BF16_EFFECT
+    assert max(errs) <= 0.05
+
+
+def test_reference_bf16_rounds_operands_exactly():
+    """_mm with bf16 equals the product of the operands rounded by hand."""
+    a = np.float32([[1 + 2 ** -8, 3.0]])             # 1 + 2^-8 is a tie: rounds to even (1.0)
+    b = np.float32([[1.0], [1 + 3 * 2 ** -9]])      # rounds up to 1 + 2^-7
+    assert R._mm(a, b, True)[0, 0] == np.float32(1.0 + 3.0 * (1 + 2 ** -7))
+    assert R._mm(a, b, False)[0, 0] == np.float32(a[0, 0] + 3.0 * b[1, 0])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("split", ["rows", "units"])
+def test_bf16_one_and_two_threads_bitwise_identical(medium, cell, split, monkeypatch):
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
+    monkeypatch.setattr(F, "BACKWARD_UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    case = make_case(cell, np.float32, (7, 11, 13, 45), True, True, True, 5)
+    before = fastrnn.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            outs, grads = run(F, cell, case, False, 6)
+            results.append(outs + grads)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_precision_setting_is_validated_and_scoped():
+    assert fastrnn.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fastrnn.set_float32_matmul_precision("low")
+    with pytest.raises(ValueError, match="got 3"):
+        fastrnn.set_float32_matmul_precision(3)
+    before = fastrnn.get_float32_matmul_precision()
+    try:
+        fastrnn.set_float32_matmul_precision("medium")
+        assert not _precision.bf16_products(np.float64), "float64 never rounds to bf16"
+        fastrnn.set_float32_matmul_precision("high")
+        assert not _precision.bf16_products(np.float32)
+    finally:
+        fastrnn.set_float32_matmul_precision(before)
+
+
+def test_backward_uses_the_precision_forward_ran_with(medium):
+    """Switching the setting between forward and backward changes nothing: the
+    cache remembers how forward ran."""
+    case = make_case("lstm", np.float32, (5, 4, 6, 9), True, False, True, 8)
+    c = case
+    y, h, cn, cache = F.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"], c["b_ih"],
+                                     c["b_hh"])
+    y2, h2, cn2, cache2 = F.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"],
+                                         c["b_ih"], c["b_hh"])
+    dy = np.ones_like(y)
+    g1 = F.lstm_backward(dy, None, None, cache)
+    fastrnn.set_float32_matmul_precision("highest")
+    g2 = F.lstm_backward(dy, None, None, cache2)
+    for a, b in zip(g1, g2):
+        assert np.array_equal(a, b)
