@@ -33,6 +33,11 @@ draws validation loss against training minutes for every run (matplotlib).
     python bench/quality.py --config examples/configs/shakespeare_char.toml --seeds 0,1,2 \
         --plot docs/quality.png
 
+Precision: a recipe with ``matmul-precision = "medium"`` (fastrnn's GEMMs on bf16
+operands, float32 sums) runs the PyTorch model under ``torch.autocast("cpu",
+dtype=torch.bfloat16)``, PyTorch's own bf16 mixed precision, for training and
+validation alike; "highest" runs both in float32.
+
 Run it on an otherwise idle machine: tokens/s are meaningless when other
 processes compete for the cores.
 """
@@ -52,6 +57,7 @@ if _ROOT not in sys.path:  # measure the checkout, not some installed copy
 import numpy as np  # noqa: E402
 
 import fastrnn  # noqa: E402
+from fastrnn import _precision  # noqa: E402
 from fastrnn.cli import DEFAULT_TEXT  # noqa: E402
 from fastrnn.data.batching import eval_streams  # noqa: E402
 from fastrnn.schedule import LRSchedule  # noqa: E402
@@ -247,6 +253,12 @@ def build_torch_lm(cfg, V):
     return TorchLM()
 
 
+def torch_precision(cfg):
+    """PyTorch's counterpart of the recipe's matmul precision: bf16 autocast for "medium"."""
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.matmul_precision == "medium")
+
+
 def torch_validate(model, trainer, V):
     """Every held-out token once, same layout as fastrnn.metrics.evaluate_lm."""
     import torch
@@ -258,7 +270,9 @@ def torch_validate(model, trainer, V):
     total, count, state = 0.0, 0, None
     with torch.no_grad():
         for i in range(0, xv.shape[0], cfg.eval_seq_len):
-            logits, state = model(torch.from_numpy(xv[i:i + cfg.eval_seq_len]), state)
+            with torch_precision(cfg):
+                logits, state = model(torch.from_numpy(xv[i:i + cfg.eval_seq_len]), state)
+            logits = logits.float()
             tgt = torch.from_numpy(yv[i:i + cfg.eval_seq_len])
             total += nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1),
                                                  ignore_index=-100, reduction="sum").item()
@@ -282,8 +296,10 @@ def run_torch(trainer, init_state, args, model_config=None):
     # one untimed step on a throw-away model: first-call costs stay out of the timing
     scratch = build_torch_lm(cfg, V)
     chunk = next(trainer.loader.epoch(0))
-    logits, _ = scratch(torch.from_numpy(chunk.x))
-    nn.functional.cross_entropy(logits.reshape(-1, V), torch.from_numpy(chunk.y).reshape(-1)).backward()
+    with torch_precision(cfg):
+        logits, _ = scratch(torch.from_numpy(chunk.x))
+    nn.functional.cross_entropy(logits.float().reshape(-1, V),
+                                torch.from_numpy(chunk.y).reshape(-1)).backward()
     del scratch
 
     model = build_torch_lm(cfg, V)
@@ -329,8 +345,9 @@ def run_torch(trainer, init_state, args, model_config=None):
             y = torch.from_numpy(chunk.y)
             state = None if chunk.reset else detach(state)      # gradient cut at the border
             opt.zero_grad(set_to_none=False)
-            logits, state = model(x, state, replay.step(*chunk.x.shape))
-            loss = loss_fn(logits.reshape(-1, V), y.reshape(-1))
+            with torch_precision(cfg):
+                logits, state = model(x, state, replay.step(*chunk.x.shape))
+            loss = loss_fn(logits.float().reshape(-1, V), y.reshape(-1))
             loss.backward()
             if cfg.clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -423,7 +440,10 @@ def main(argv=None):
     cfg0 = make_config(args, cells[0], seeds[0])
     fc = fastrnn.config()
     cpu = (f"{fc.get('cpu') or platform.processor() or 'unknown CPU'}, "
-           f"{os.cpu_count()} CPUs, ISA {fc.get('isa')}")
+           f"{os.cpu_count()} CPUs, ISA {fc.get('isa')}, matmul precision "
+           f"{cfg0.matmul_precision}"
+           + (" (bf16 products)" if cfg0.matmul_precision == "medium"
+              and _precision.bf16_products(np.float32) else ""))
     recipe = f"recipe {args.config}: " if args.config else ""
     print(f"quality target: {args.text}, {recipe}char tokens, {cfg0.layers} layer(s) x "
           f"{cfg0.hidden}, embed {cfg0.embed}, batch {cfg0.batch_size}, seq-len "

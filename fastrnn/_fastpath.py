@@ -26,7 +26,8 @@ each parameter array (a different object means the plan is rebuilt, and
 validated again); a new Parameter object clears the plan in
 `Module.__setattr__`.
 
-A call qualifies when: eval mode, no `lengths`, uni-directional, no
+A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
+precision "medium" where that runs bf16 products; cells always qualify), no `lengths`, uni-directional, no
 `proj_size`, time-major (not batch_first), x a C-contiguous ndarray of the
 module's dtype with the right shape, states None or C-contiguous arrays of the
 right shape and dtype, and no pending training cache. Anything else returns
@@ -42,7 +43,7 @@ import threading
 
 import numpy as np
 
-from fastrnn import _recurrent
+from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
@@ -165,7 +166,16 @@ def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
     return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
 
 
+def _bf16_layer(cell, x):
+    """Does this layer call run its GEMMs on bf16 operands (matmul precision "medium")?
+    Then the general path serves it; the fast path's kernels are float32."""
+    return (not cell and _precision._precision == "medium"
+            and _precision.bf16_products(getattr(x, "dtype", np.float64)))
+
+
 def _fast_call(module, cell, x, hx):
+    if _bf16_layer(cell, x):
+        return None
     kernel = _recurrent.eval_cell if cell else _recurrent.eval_layer
     plan = module.__dict__.get("_fp_plan")
     if plan is not None and plan is not _NOT_ELIGIBLE and module.__dict__.get("_cache") is None:
@@ -191,6 +201,8 @@ def eval_call(module, cell, x, hx):
     call, in the list `Module._eval_call` keeps (a training call checks it). This is
     `Module._eval_call(layer_forward, ...)` folded into one Python frame: the
     microseconds around a small call are counted (issue 10, at most 3 us)."""
+    if _bf16_layer(cell, x):
+        return None
     d = module.__dict__
     users = d.get("_eval_users")
     if users is None:

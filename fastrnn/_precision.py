@@ -15,6 +15,8 @@ Each product then carries bf16's rounding (8 bits of mantissa: a relative error
 up to 2^-9 per operand); see docs/precision.md for what that does to training.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
 
 __all__ = ["set_float32_matmul_precision", "get_float32_matmul_precision", "PRECISIONS"]
@@ -37,6 +39,18 @@ def set_float32_matmul_precision(precision):
 def get_float32_matmul_precision():
     """The current float32 matmul precision ("highest", "high" or "medium")."""
     return _precision
+
+
+@contextmanager
+def scoped(precision):
+    """Run a block at `precision` (None: leave it as it is), then restore the setting."""
+    before = _precision
+    if precision is not None:
+        set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        set_float32_matmul_precision(before)
 
 
 def bf16_products(dtype):

@@ -34,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+from fastrnn import _precision
 from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastrnn.data.batching import TBPTTLoader
 from fastrnn.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
@@ -92,6 +93,7 @@ class TrainConfig:
     seed: int = 0
     threads: Optional[int] = None
     dtype: str = "float32"
+    matmul_precision: str = "highest"  # "medium": float32 GEMMs on bf16 operands where faster
     skip_nonfinite: bool = False       # skip steps with a NaN/inf loss or gradient norm
 
     def validate(self):
@@ -116,6 +118,10 @@ class TrainConfig:
             raise ValueError(f"locked_dropout must be true or false, got {self.locked_dropout!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        from fastrnn._precision import PRECISIONS
+        if self.matmul_precision not in PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {', '.join(PRECISIONS)}, "
+                             f"got {self.matmul_precision!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
@@ -386,7 +392,8 @@ class Trainer:
         wall0 = time.perf_counter()
         recent = []
         try:
-            with thread_limits(cfg.threads), _stop_on_signals(stop, handle_signals):
+            with thread_limits(cfg.threads), _precision.scoped(cfg.matmul_precision), \
+                    _stop_on_signals(stop, handle_signals):
                 done = self._limits_reached(run_seconds) or bool(stop)
                 while not done:
                     if self.index >= self.loader.chunks_per_epoch(self.epoch):

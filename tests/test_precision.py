@@ -159,3 +159,54 @@ def test_backward_uses_the_precision_forward_ran_with(medium):
     g2 = F.lstm_backward(dy, None, None, cache2)
     for a, b in zip(g1, g2):
         assert np.array_equal(a, b)
+
+
+def test_trainer_runs_at_the_configured_precision_and_restores_it(monkeypatch):
+    """TrainConfig.matmul_precision holds for the run (training and validation) alone."""
+    from fastrnn.train import TrainConfig, Trainer
+    seen = []
+    real = _precision.bf16_products
+    monkeypatch.setattr(_precision, "bf16_products",
+                        lambda dtype: seen.append(_precision._precision) or real(dtype))
+    text = "the quick brown fox jumps over the lazy dog\n" * 40
+    cfg = TrainConfig(hidden=24, embed=8, batch_size=4, seq_len=12, eval_every=None,
+                      max_steps=3, seed=1, matmul_precision="medium")
+    res = Trainer(cfg.validate(), text).run(progress=False)
+    assert np.isfinite(res["val_loss"])
+    assert seen and set(seen) == {"medium"}
+    assert fastrnn.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ValueError, match="matmul_precision must be one of"):
+        TrainConfig(matmul_precision="bf16").validate()
+
+
+def test_cli_takes_the_precision_from_flag_and_config_file(tmp_path):
+    from fastrnn.cli import build_parser, config_from_args
+    from fastrnn._configfile import apply_config_file
+    t = build_parser()._train_parser
+    assert config_from_args(t.parse_args([])).matmul_precision == "highest"
+    assert config_from_args(t.parse_args(["--matmul-precision", "medium"])).matmul_precision == "medium"
+    with pytest.raises(SystemExit):
+        t.parse_args(["--matmul-precision", "low"])
+    f = tmp_path / "r.toml"
+    f.write_text('[run]\nmatmul-precision = "medium"\n')
+    assert config_from_args(apply_config_file(t, str(f), [])).matmul_precision == "medium"
+    line = ["--matmul-precision", "high"]               # the command line beats the file
+    ns = apply_config_file(build_parser()._train_parser, str(f), line)
+    assert config_from_args(ns).matmul_precision == "high"
+
+
+@pytest.mark.parametrize("module", ["LSTM", "GRU", "RNN"])
+def test_eval_layers_run_bf16_under_medium(medium, module):
+    """An eval-mode layer call (the fast path otherwise) gives the general path's
+    bf16 result under "medium"; cells keep float32."""
+    layer = getattr(fastrnn, module)(6, 20, seed=3).eval()
+    x = np.random.default_rng(4).standard_normal((5, 3, 6)).astype(np.float32)
+    got, _ = layer(x)
+    w = [p.data for p in layer.parameters()]
+    fn = {"LSTM": F.lstm_forward, "GRU": F.gru_forward, "RNN": F.rnn_forward}[module]
+    want = fn(x, None, None, *w, training=False)[0] if module == "LSTM" else \
+        fn(x, None, *w, training=False)[0]
+    assert np.array_equal(got, want)
+    fastrnn.set_float32_matmul_precision("highest")
+    full, _ = layer(x)
+    assert not np.array_equal(got, full), "medium must round to bf16 here"
