@@ -78,7 +78,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved timed rounds (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=7,
+                   help="interleaved timed rounds (after one warm-up)")
     args = p.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     for c in cells:
@@ -96,7 +97,8 @@ def main(argv=None):
         bf16 = _precision.bf16_products(np.float32)
     fc = fastrnn.config()
     print(f"{fc.get('cpu')}, ISA {fc.get('isa')}, {args.threads} threads, torch {torch_version}; "
-          f"medium runs {'bf16 products (vdpbf16ps)' if bf16 else 'float32 (bf16 would not be faster here)'}")
+          "medium runs " + ("bf16 products (vdpbf16ps)" if bf16
+                            else "float32 (bf16 would not be faster here)"))
     print(f"T={args.steps} B={args.batch} I={args.input} H={args.hidden}, medians of "
           f"{args.rounds} interleaved rounds, ms")
     rng = np.random.default_rng(0)

@@ -27,10 +27,11 @@ validated again); a new Parameter object clears the plan in
 `Module.__setattr__`.
 
 A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
-precision "medium" where that runs bf16 products; cells always qualify), no `lengths`, uni-directional, no
-`proj_size`, time-major (not batch_first), x a C-contiguous ndarray of the
-module's dtype with the right shape, states None or C-contiguous arrays of the
-right shape and dtype, and no pending training cache. Anything else returns
+precision "medium" where that runs bf16 products; cells always qualify), no
+`lengths`, uni-directional, no `proj_size`, time-major (not batch_first), x a
+C-contiguous ndarray of the module's dtype with the right shape, states None
+or C-contiguous arrays of the right shape and dtype, and no pending training
+cache. Anything else returns
 None and the general path runs, which validates with its full messages (so
 every bad input raises exactly as before) and handles copies, lengths and the
 other layouts. Both paths run the same thread body (`forward_thread`) with the

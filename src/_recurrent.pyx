@@ -153,7 +153,8 @@ cdef void forward_thread(
         hrb = <floating *> malloc(nr * H * sizeof(floating))
     if w_hh_b != NULL:
         bwork = malloc(fastrnn_bf16_work_bytes(tb * nr, I if I > O else O))
-    fail[tid] = ((w_hh_b != NULL and bwork == NULL) or bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
+    fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
+                 or (w_hh_b != NULL and bwork == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
                  or (apart and (ghb == NULL or hnb == NULL)) or (proj and hr == NULL and hrb == NULL)
                  or r_rows == NULL or y_rows == NULL

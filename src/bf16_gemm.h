@@ -44,7 +44,8 @@ static inline int fastrnn_bf16_level(void)
 /* Bytes of the packed copy of an N x K matrix. */
 static inline size_t fastrnn_bf16_packed_bytes(ptrdiff_t N, ptrdiff_t K)
 {
-    return (size_t)((N + FASTRNN_BF16_NR - 1) / FASTRNN_BF16_NR) * qg_panel_bytes(QG_BF16, qg_round4(K));
+    const size_t panels = (size_t)((N + FASTRNN_BF16_NR - 1) / FASTRNN_BF16_NR);
+    return panels * qg_panel_bytes(QG_BF16, qg_round4(K));
 }
 
 /* uint16 values from one panel to the next. */

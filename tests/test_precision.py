@@ -186,7 +186,8 @@ def test_cli_takes_the_precision_from_flag_and_config_file(tmp_path):
     from fastrnn._configfile import apply_config_file
     t = build_parser()._train_parser
     assert config_from_args(t.parse_args([])).matmul_precision == "highest"
-    assert config_from_args(t.parse_args(["--matmul-precision", "medium"])).matmul_precision == "medium"
+    flag = t.parse_args(["--matmul-precision", "medium"])
+    assert config_from_args(flag).matmul_precision == "medium"
     with pytest.raises(SystemExit):
         t.parse_args(["--matmul-precision", "low"])
     f = tmp_path / "r.toml"
