@@ -4,7 +4,7 @@
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
-from _schedule cimport scratch_alloc, scratch_free, unit_start, row_pointers
+from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows
 
 DEF ROW_BLOCK = 48   # output rows per task in the after-loop GEMMs (a multiple of QG_MR)
 
@@ -75,20 +75,14 @@ cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t 
     cdef uint16_t *buf = <uint16_t *> scratch_alloc(
         bf16_slice_offset(G, H, K, nslices, nslices) * sizeof(uint16_t) + 1)
     cdef const float **rows = <const float **> malloc(G * H * sizeof(void *) + 1)
-    cdef Py_ssize_t j0, j1, g, j, n
+    cdef Py_ssize_t n
     cdef int k
     if buf == NULL or rows == NULL:
         scratch_free(buf)
         free(rows)
         return NULL
     for k in range(nslices):
-        j0 = unit_start(H, k, nslices)
-        j1 = unit_start(H, k + 1, nslices)
-        n = 0
-        for g in range(G):
-            for j in range(j0, j1):
-                rows[n] = W + (g * H + j) * K
-                n = n + 1
+        n = slice_rows(rows, W, G, H, K, nslices, k)
         bf16_pack_parallel(buf + bf16_slice_offset(G, H, K, nslices, k), rows, n, K, False,
                            n_threads)
     free(rows)
@@ -153,52 +147,3 @@ cdef inline uint16_t *bf16_packed_columns(const float **rows, Py_ssize_t N, Py_s
         bf16_pack_parallel(packed, rows, N, K, True, n_threads)
     return packed
 
-
-cdef inline int input_and_weight_gradients_bf16(
-        float *dx,                  # OUT (TB, I) rows in `valid`; the others are left alone
-        float *dw_ih,               # OUT (GH, I)
-        float *dw_hh,               # OUT (GH, H)
-        const float *dgx,           # IN  (TB, GH) dL/d(x W_ih^T)
-        const float *dgh,           # IN  (TB, GH) dL/d(h W_hh^T); the same array for RNN and LSTM
-        const float *x,             # IN  (TB, I)
-        const float *h_prev,        # IN  (TB, H) the state each step read
-        const float *w_ih,          # IN  (GH, I)
-        const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
-        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
-        int n_threads) noexcept nogil:
-    """input_and_weight_gradients (_gradients.pxd) on bf16 operands:
-    dx = dgx W_ih; dw_ih = dgx^T x; dw_hh = dgh^T h_prev. 0, or -1 if out of memory."""
-    cdef const float **gx_rows = row_pointers(dgx, valid, V, GH)
-    cdef const float **gh_rows = row_pointers(dgh, valid, V, GH)
-    cdef const float **x_rows = row_pointers(x, valid, V, I)
-    cdef const float **h_rows = row_pointers(h_prev, valid, V, H)
-    cdef float **dx_rows = <float **> row_pointers(dx, valid, V, I)
-    cdef uint16_t *w_ih_t = bf16_pack_matrix(w_ih, GH, I, True, n_threads)     # W_ih^T (I x GH)
-    cdef uint16_t *x_t = NULL
-    cdef uint16_t *h_t = NULL
-    cdef Py_ssize_t Ns[2]
-    cdef const uint16_t *packs[2]
-    cdef float *Cs[2]
-    cdef int status = -1
-    if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
-            and dx_rows != NULL and w_ih_t != NULL):
-        x_t = bf16_packed_columns(x_rows, I, V, n_threads)                 # x^T (I x V)
-        h_t = bf16_packed_columns(h_rows, H, V, n_threads)                 # h_prev^T (H x V)
-    if x_t != NULL and h_t != NULL:
-        Ns[0] = I
-        Ns[1] = H
-        packs[0] = x_t
-        packs[1] = h_t
-        Cs[0] = dw_ih
-        Cs[1] = dw_hh
-        status = bf16_rows_times_packed(V, I, GH, gx_rows, w_ih_t, dx_rows, n_threads)
-        if dgx == dgh:   # RNN, LSTM: one rounding of da's columns for both weights
-            status += bf16_columns_times_packed(GH, V, gx_rows, 2, Ns, packs, Cs, n_threads)
-        else:
-            status += bf16_columns_times_packed(GH, V, gx_rows, 1, Ns, packs, Cs, n_threads)
-            status += bf16_columns_times_packed(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1,
-                                                n_threads)
-        status = -1 if status != 0 else 0
-    free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
-    scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
-    return status

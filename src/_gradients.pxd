@@ -12,10 +12,16 @@
 # while the other worked (measured: LSTM backward 145 ms with scipy's
 # OpenBLAS against 91 ms once its spinning was cut short). Output rows are cut
 # into fixed blocks, so results do not depend on the thread count.
+#
+# Under matmul precision "medium" (bf16=True, float32 only) the same three GEMMs
+# run on bf16 operands (_bf16.pxd): only the packing and the GEMM calls differ.
 from cython.parallel cimport prange
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
 from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free
+from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
+                    bf16_columns_times_packed)
 
 DEF ROW_BLOCK = 48   # output rows per task: a multiple of the 6-row micro-tile
 
@@ -64,6 +70,46 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
     return -1 if failed else 0
 
 
+cdef inline void *packed_transpose(const floating *W, Py_ssize_t N, Py_ssize_t K, bint bf16,
+                                   int n_threads) noexcept nogil:
+    """W^T (K x N) of W (N x K, row-major), in bf16 panels when bf16, else float."""
+    if floating is float:
+        if bf16:
+            return bf16_pack_matrix(W, N, K, True, n_threads)
+    return pack_matrix(W, N, K, True, n_threads)
+
+
+cdef inline void *packed_columns(const floating **rows, Py_ssize_t N, Py_ssize_t K, bint bf16,
+                                 int n_threads) noexcept nogil:
+    """The N x K matrix with element (n, k) at rows[k][n], in bf16 panels when bf16."""
+    if floating is float:
+        if bf16:
+            return bf16_packed_columns(rows, N, K, n_threads)
+    return packed_copy(rows, N, K, True, n_threads)
+
+
+cdef inline int rows_times(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
+                           const void *packed, floating **C, bint bf16,
+                           int n_threads) noexcept nogil:
+    """rows_times_packed, or its bf16 twin. 0, or -1 if out of memory."""
+    if floating is float:
+        if bf16:
+            return bf16_rows_times_packed(M, N, K, A, <const uint16_t *> packed, C, n_threads)
+    rows_times_packed(M, N, K, A, <const floating *> packed, C, n_threads)
+    return 0
+
+
+cdef inline int columns_times(Py_ssize_t M, Py_ssize_t K, const floating **A, int nout,
+                              const Py_ssize_t *Ns, const void **packs, floating **Cs,
+                              bint bf16, int n_threads) noexcept nogil:
+    """columns_times_packed, or its bf16 twin. 0, or -1 if out of memory."""
+    if floating is float:
+        if bf16:
+            return bf16_columns_times_packed(M, K, A, nout, Ns, <const uint16_t **> packs, Cs,
+                                             n_threads)
+    return columns_times_packed(M, K, A, nout, Ns, <const floating **> packs, Cs, n_threads)
+
+
 cdef inline int input_and_weight_gradients(
         floating *dx,               # OUT (TB, I) rows in `valid`; the others are left alone
         floating *dw_ih,            # OUT (GH, I)
@@ -75,8 +121,9 @@ cdef inline int input_and_weight_gradients(
         const floating *w_ih,       # IN  (GH, I)
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
-        int n_threads) noexcept nogil:
-    """dx = dgx W_ih; dw_ih = dgx^T x; dw_hh = dgh^T h_prev, over the V rows in `valid`.
+        int n_threads, bint bf16) noexcept nogil:
+    """dx = dgx W_ih; dw_ih = dgx^T x; dw_hh = dgh^T h_prev, over the V rows in `valid`,
+    on bf16 operands when bf16 (float32 only).
 
     0, or -1 if out of memory.
     """
@@ -85,17 +132,17 @@ cdef inline int input_and_weight_gradients(
     cdef const floating **x_rows = row_pointers(x, valid, V, I)
     cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
     cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
-    cdef floating *w_ih_t = pack_matrix(w_ih, GH, I, True, n_threads)         # W_ih^T (I x GH)
-    cdef floating *x_t = NULL
-    cdef floating *h_t = NULL
+    cdef void *w_ih_t = packed_transpose(w_ih, GH, I, bf16, n_threads)       # W_ih^T (I x GH)
+    cdef void *x_t = NULL
+    cdef void *h_t = NULL
     cdef Py_ssize_t Ns[2]
-    cdef const floating *packs[2]
+    cdef const void *packs[2]
     cdef floating *Cs[2]
     cdef int status = -1
     if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
             and dx_rows != NULL and w_ih_t != NULL):
-        x_t = packed_copy(x_rows, I, V, True, n_threads)                 # x^T (I x V)
-        h_t = packed_copy(h_rows, H, V, True, n_threads)                 # h_prev^T (H x V)
+        x_t = packed_columns(x_rows, I, V, bf16, n_threads)               # x^T (I x V)
+        h_t = packed_columns(h_rows, H, V, bf16, n_threads)               # h_prev^T (H x V)
     if x_t != NULL and h_t != NULL:
         Ns[0] = I
         Ns[1] = H
@@ -103,13 +150,13 @@ cdef inline int input_and_weight_gradients(
         packs[1] = h_t
         Cs[0] = dw_ih
         Cs[1] = dw_hh
-        rows_times_packed(V, I, GH, gx_rows, w_ih_t, dx_rows, n_threads)
+        status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
         if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status = columns_times_packed(GH, V, gx_rows, 2, Ns, packs, Cs, n_threads)
+            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads)
         else:
-            status = columns_times_packed(GH, V, gx_rows, 1, Ns, packs, Cs, n_threads)
-            status += columns_times_packed(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1,
-                                           n_threads)
+            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads)
+            status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
+                                    n_threads)
         status = -1 if status != 0 else 0
     free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
     scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)

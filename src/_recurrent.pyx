@@ -27,8 +27,7 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
-                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR,
-                    input_and_weight_gradients_bf16)
+                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
@@ -663,19 +662,12 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
-        if not failed and not short_team and p.bf16:
-            if floating is float:
-                failed = input_and_weight_gradients_bf16(
-                    &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
-                    <float *> p.dgh if p.dgh != NULL else p_dgx,
-                    &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
-                    n_threads) != 0
-        elif not failed and not short_team:
+        if not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,
                 &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
-                n_threads) != 0
+                n_threads, p.bf16) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, V, O, H,

@@ -140,6 +140,19 @@ cdef inline Py_ssize_t slice_offset(const floating *W, Py_ssize_t G, Py_ssize_t 
     return off
 
 
+cdef inline Py_ssize_t slice_rows(const floating **rows, const floating *W, Py_ssize_t G,
+                                  Py_ssize_t H, Py_ssize_t K, int nslices, int k) noexcept nogil:
+    """rows := pointers to the rows of slice k of W (G*H x K): g*H + j for g < G and
+    j in [unit_start(k), unit_start(k + 1)), gate by gate. Returns their number."""
+    cdef Py_ssize_t j0 = unit_start(H, k, nslices), j1 = unit_start(H, k + 1, nslices), g, j
+    cdef Py_ssize_t n = 0
+    for g in range(G):
+        for j in range(j0, j1):
+            rows[n] = W + (g * H + j) * K
+            n = n + 1
+    return n
+
+
 cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                   int nslices, bint packed, int n_threads) noexcept nogil:
     """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
@@ -151,21 +164,15 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     cdef floating *buf = <floating *> scratch_alloc(
         (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating))
     cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
-    cdef Py_ssize_t j0, j1, g, j, n, off
+    cdef Py_ssize_t j, n, off
     cdef int k
     if buf == NULL or rows == NULL:
         scratch_free(buf)
         free(rows)
         return NULL
     for k in range(nslices):
-        j0 = unit_start(H, k, nslices)
-        j1 = unit_start(H, k + 1, nslices)
         off = slice_offset(W, G, H, K, nslices, k, packed)
-        n = 0
-        for g in range(G):
-            for j in range(j0, j1):
-                rows[n] = W + (g * H + j) * K
-                n = n + 1
+        n = slice_rows(rows, W, G, H, K, nslices, k)
         if packed:
             pack_parallel(buf + off, rows, n, K, False, n_threads)
         else:

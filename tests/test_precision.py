@@ -26,6 +26,7 @@ import fastrnn
 from fastrnn import _precision
 from fastrnn import functional as F
 from fastrnn import reference as R
+from test_isa import isa  # noqa: F401  (the fixture: every ISA this CPU has)
 from test_kernels import CELLS, SHAPES, make_case, rel_err, run
 
 ONE_STEP_TOL = 2e-4    # T=1: the GEMMs alone, kernels against the twin (float32 sums)
@@ -52,18 +53,6 @@ def medium():
     yield
     _precision._force_bf16 = False
     fastrnn.set_float32_matmul_precision(before)
-
-
-@pytest.fixture(params=["avx512", "avx2", "baseline"])
-def isa(request):
-    name = request.param
-    if name not in fastrnn.available_isas():
-        pytest.skip(f"this CPU ({fastrnn._isa.cpu_model()}) lacks {name}; "
-                    f"it has {', '.join(fastrnn.available_isas())}")
-    before = fastrnn.get_isa()
-    fastrnn.set_isa(name)
-    yield name
-    fastrnn.set_isa(before)
 
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
