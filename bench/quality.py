@@ -44,6 +44,7 @@ processes compete for the cores.
 
 import argparse
 import json
+import textwrap
 import math
 import os
 import platform
@@ -399,7 +400,7 @@ def plot_curves(rows, path, title):
                 alpha=0.9 if r["seed"] == rows[0]["seed"] else 0.6)
     ax.set_xlabel("training minutes")
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)   # the machine line is long
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -439,11 +440,12 @@ def main(argv=None):
         text = f.read()
     cfg0 = make_config(args, cells[0], seeds[0])
     fc = fastrnn.config()
+    with _precision.scoped(cfg0.matmul_precision):   # what the runs will do
+        bf16_products = _precision.bf16_products(np.float32)
     cpu = (f"{fc.get('cpu') or platform.processor() or 'unknown CPU'}, "
            f"{os.cpu_count()} CPUs, ISA {fc.get('isa')}, matmul precision "
            f"{cfg0.matmul_precision}"
-           + (" (bf16 products)" if cfg0.matmul_precision == "medium"
-              and _precision.bf16_products(np.float32) else ""))
+           + (" (bf16 products)" if bf16_products else ""))
     recipe = f"recipe {args.config}: " if args.config else ""
     print(f"quality target: {args.text}, {recipe}char tokens, {cfg0.layers} layer(s) x "
           f"{cfg0.hidden}, embed {cfg0.embed}, batch {cfg0.batch_size}, seq-len "
