@@ -27,7 +27,8 @@ from fastrnn import _precision
 from fastrnn import functional as F
 from fastrnn import reference as R
 from test_isa import isa  # noqa: F401  (the fixture: every ISA this CPU has)
-from test_kernels import CELLS, SHAPES, make_case, rel_err, run
+from test_kernels import (CELLS, SHAPES, assert_same_bits_for_thread_counts, make_case, rel_err,
+                          run)
 
 ONE_STEP_TOL = 2e-4    # T=1: the GEMMs alone, kernels against the twin (float32 sums)
 STEPS_TOL = 5e-3       # several steps: a float32 sum can round an operand the other way,
@@ -106,17 +107,7 @@ def test_bf16_one_and_two_threads_bitwise_identical(medium, cell, split, monkeyp
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     monkeypatch.setattr(F, "BACKWARD_UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     case = make_case(cell, np.float32, (7, 11, 13, 45), True, True, True, 5)
-    before = fastrnn.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            fastrnn.set_num_threads(n)
-            outs, grads = run(F, cell, case, False, 6)
-            results.append(outs + grads)
-    finally:
-        fastrnn.set_num_threads(before)
-    for a, b in zip(*results):
-        assert np.array_equal(a, b)
+    assert_same_bits_for_thread_counts(cell, case, False, 6, (1, 2))
 
 
 def test_precision_setting_is_validated_and_scoped():
