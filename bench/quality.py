@@ -31,7 +31,7 @@ rounding. ``--seeds 0,1,2`` repeats everything per seed; ``--plot FILE.png``
 draws validation loss against training minutes for every run (matplotlib).
 
     python bench/quality.py --config examples/configs/shakespeare_char.toml --seeds 0,1,2 \
-        --plot docs/quality.png
+        --plot docs/quality_bf16.png
 
 Precision: a recipe with ``matmul-precision = "medium"`` (fastrnn's GEMMs on bf16
 operands, float32 sums) runs the PyTorch model under ``torch.autocast("cpu",

@@ -9,7 +9,7 @@ reported by `config()` for information.
 
 import os
 
-from fastrnn import _isa, _openmp
+from fastrnn import _isa, _openmp, _precision
 
 __all__ = ["set_num_threads", "get_num_threads", "config", "show_config"]
 
@@ -90,6 +90,8 @@ def config():
         "isa_forced": os.environ.get("FASTRNN_ISA") or None,
         "quantized_isa": quantization.isa(),
         "quantized_bf16_auto": "dynamic" if quantization.bf16_auto_is_dynamic() else "weight_only",
+        "matmul_precision": _precision.get_float32_matmul_precision(),
+        "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
     }
 
 
@@ -106,6 +108,8 @@ def show_config():
     print(f"  kernel ISA:         {cfg['isa']}{forced}; available: {', '.join(cfg['isas_available'])}")
     print(f"  quantised ISA:      {cfg['quantized_isa']} (bfloat16 mode 'auto' runs "
           f"{cfg['quantized_bf16_auto']})")
+    print(f"  matmul precision:   {cfg['matmul_precision']} ('medium' runs "
+          f"{cfg['medium_runs']} products here)")
     for lib in cfg["numpy_blas"]:
         print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
               f"({lib['num_threads']} threads)")

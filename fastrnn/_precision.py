@@ -53,11 +53,18 @@ def scoped(precision):
         set_float32_matmul_precision(before)
 
 
-def bf16_products(dtype):
-    """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
-    if _precision != "medium" or np.dtype(dtype) != np.float32:
-        return False
+def medium_runs_bf16():
+    """Does "medium" run bf16 products on this machine (else it runs float32)?
+    True where the float kernels run at ISA avx512 on a CPU whose AVX512-BF16
+    dot product issues at the FMA rate (AMD Zen 4)."""
     if _force_bf16:
         return True
     from fastrnn import _isa, _quantized
     return _isa.get_isa() == "avx512" and _quantized.bf16_dot_pays()
+
+
+def bf16_products(dtype):
+    """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
+    if _precision != "medium" or np.dtype(dtype) != np.float32:
+        return False
+    return medium_runs_bf16()

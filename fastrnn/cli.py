@@ -221,6 +221,7 @@ def _fmt(x, spec=".4f"):
 def cmd_train(args, out):
     from fastrnn.generate import generate
     from fastrnn.train import Trainer
+    from fastrnn import _precision
 
     path = args.textfile or DEFAULT_TEXT
     text = _read_text(path)
@@ -242,6 +243,10 @@ def cmd_train(args, out):
           f"validation tokens ({cfg.tokenizer}, vocabulary {trainer.tokenizer.vocab_size:,}); "
           f"{cfg.cell} {cfg.layers}x{cfg.hidden}, embed {cfg.embed}, "
           f"{nparams:,} parameters", file=out, flush=True)
+    if cfg.matmul_precision == "medium" and not _precision.medium_runs_bf16():
+        print("matmul-precision 'medium': this CPU runs bf16 products no faster than "
+              "float32 (that needs AVX512-BF16 on AMD Zen 4), so they run in float32 "
+              "(docs/precision.md)", file=out, flush=True)
     res = trainer.run(progress=not args.no_progress, save_path=args.save,
                       save_every=args.save_every, save_best=args.save_best,
                       log=lambda m: print(m, file=out, flush=True))

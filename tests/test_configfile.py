@@ -139,7 +139,8 @@ def test_print_config_roundtrips(tmp_path, capsys):
     assert v["locked_dropout"] is True and v["time_budget"] == 30.0
 
 
-@pytest.mark.parametrize("name", ["shakespeare_char.toml", "shakespeare_char_5min.toml"])
+@pytest.mark.parametrize("name", ["shakespeare_char.toml", "shakespeare_char_float32.toml",
+                                  "shakespeare_char_5min.toml"])
 def test_shipped_recipes_parse_and_start(name, capsys):
     v = read_config(train_parser(), CONFIGS / name)
     assert v["lr_schedule"] == "cosine" and v["time_budget"] in (300.0, 900.0)

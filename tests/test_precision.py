@@ -178,6 +178,30 @@ def test_cli_takes_the_precision_from_flag_and_config_file(tmp_path):
     assert config_from_args(ns).matmul_precision == "high"
 
 
+def test_the_cli_says_when_medium_runs_float32(capsys):
+    """config() and `fastrnn train` say what "medium" runs here: float32 below ISA
+    avx512 on any CPU, and (at avx512) bf16 exactly where bf16_dot_pays."""
+    from fastrnn import _quantized
+    from fastrnn.cli import main
+    notice = "so they run in float32"
+    run = ["train", "--hidden", "8", "--embed", "4", "--batch-size", "2", "--seq-len", "4",
+           "--max-steps", "1", "--val-fraction", "0.01", "--no-progress", "--sample-length", "0",
+           "--matmul-precision", "medium"]
+    before = fastrnn.config()["isa"]
+    for name in fastrnn.config()["isas_available"]:
+        fastrnn.set_isa(name)
+        try:
+            expect_bf16 = name == "avx512" and _quantized.bf16_dot_pays()
+            assert fastrnn.config()["medium_runs"] == ("bf16" if expect_bf16 else "float32")
+            assert main(run) == 0
+            out = capsys.readouterr().out
+            assert (notice in out) != expect_bf16, (name, out)
+            assert main(run[:-2]) == 0          # "highest": nothing to say
+            assert notice not in capsys.readouterr().out
+        finally:
+            fastrnn.set_isa(before)
+
+
 @pytest.mark.parametrize("module", ["LSTM", "GRU", "RNN"])
 def test_eval_layers_run_bf16_under_medium(medium, module):
     """An eval-mode layer call (the fast path otherwise) gives the general path's
