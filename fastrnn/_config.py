@@ -54,8 +54,10 @@ def release_memory():
 
     Each call packs its weights into a buffer that is then kept (up to 256 MB
     idle in all per kernel module), so the next call does not pay for fresh
-    pages; this gives them back to the system. Safe at any time: buffers in
-    use by a running call are left alone.
+    pages. Eval (inference) calls also keep the packed weights themselves, found
+    again by a digest of the weights' contents (up to 16 copies and 256 MB per
+    kernel module; src/pack_cache.h). This gives both back to the system. Safe
+    at any time: buffers in use by a running call are left alone.
     """
     import importlib
     for name in _isa.KERNEL_MODULES + ("_quantized",):   # _quantized: its work buffers

@@ -146,13 +146,15 @@ class Cache:
         return self
 
 
-def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False):
+def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=True):
     """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
     args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr).
     Both splits give bitwise the same numbers; this only picks the faster one.
     If OpenMP grants fewer threads than asked, run again on one thread.
     bf16: the GEMMs on bf16 operands (fastrnn._precision).
+    training=False: the packed weights are kept for the next call with the same
+    weights (src/pack_cache.h); a training step changes them, so it does not.
     """
     n = sched.n_threads
     T = args[1].shape[0]   # y (T, B, H)
@@ -160,10 +162,11 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False):
     by_units = (n > 1 and splits_units(T, B, pack_hh)
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
-                              pack_ih, pack_hh, n, by_units, bf16=bf16):
+                              pack_ih, pack_hh, n, by_units, bf16=bf16,
+                              cache_weights=not training):
         one = sched.single_thread()
         _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
-                           pack_hh, 1, False, bf16=bf16)
+                           pack_hh, 1, False, bf16=bf16, cache_weights=not training)
 
 
 def _run_backward(sched, T, reverse, bf16, *args):
@@ -312,7 +315,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     bias = b_ih + b_hh if b_ih is not None else None
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -371,7 +374,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     hr = np.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, w_hr,
-                  hr), sched, reverse, pack_ih, pack_hh)
+                  hr), sched, reverse, pack_ih, pack_hh, False, training)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
@@ -431,7 +434,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     act = NONLINEARITIES[nonlinearity]
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
@@ -478,7 +481,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
-                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16)
+                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16, training)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,

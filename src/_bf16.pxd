@@ -1,10 +1,14 @@
 # The driver's bf16 GEMMs (bf16_gemm.h): float32 layers under
-# set_float32_matmul_precision("medium"). Weights are packed here, once per
-# call, in the same thread slices as the float32 packing (_schedule.pxd).
+# set_float32_matmul_precision("medium"). Weights are packed here, per call
+# (eval calls: kept while they do not change, _pack_cache.pxd), in the same
+# thread slices as the float32 packing (_schedule.pxd).
 from cython.parallel cimport prange
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
 from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows
+from _pack_cache cimport (PackLayout, PACK_BF16_GATE_SLICES, pack_layout, weights_digest,
+                          pack_cache_find, pack_cache_is_off,
+                          keep_packed)
 
 DEF ROW_BLOCK = 48   # output rows per task in the after-loop GEMMs (a multiple of QG_MR)
 
@@ -68,12 +72,22 @@ cdef inline Py_ssize_t bf16_slice_offset(Py_ssize_t G, Py_ssize_t H, Py_ssize_t 
 
 
 cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                       int nslices, int n_threads) noexcept nogil:
+                                       int nslices, int n_threads, bint cache=False) noexcept nogil:
     """gate_slices (_schedule.pxd) in bf16 panels: slice k holds rows g*H + j of
     W (G*H x K) for g < G and j in [unit_start(k), unit_start(k + 1)), gate by
-    gate. NULL if out of memory; give it back with scratch_free."""
-    cdef uint16_t *buf = <uint16_t *> scratch_alloc(
-        bf16_slice_offset(G, H, K, nslices, nslices) * sizeof(uint16_t) + 1)
+    gate. cache: as gate_slices'. NULL if out of memory; give it back with slices_free."""
+    cdef size_t nbytes = bf16_slice_offset(G, H, K, nslices, nslices) * sizeof(uint16_t) + 1
+    cdef PackLayout layout
+    cdef uint64_t digest = 0
+    cdef uint16_t *buf
+    cache = cache and not pack_cache_is_off()
+    if cache:
+        layout = pack_layout(PACK_BF16_GATE_SLICES, sizeof(float), nslices, G, H, K)
+        digest = weights_digest(W, G * H * K * sizeof(float), n_threads)
+        buf = <uint16_t *> pack_cache_find(&layout, digest)
+        if buf != NULL:
+            return buf
+    buf = <uint16_t *> scratch_alloc(nbytes)
     cdef const float **rows = <const float **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t n
     cdef int k
@@ -86,6 +100,8 @@ cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t 
         bf16_pack_parallel(buf + bf16_slice_offset(G, H, K, nslices, k), rows, n, K, False,
                            n_threads)
     free(rows)
+    if cache:
+        keep_packed(buf, nbytes, &layout, digest)
     return buf
 
 

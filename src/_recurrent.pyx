@@ -31,6 +31,8 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
+from _pack_cache cimport (slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_stats,
+                          weights_digest)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
@@ -480,7 +482,7 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
             const floating[:, ::1] w_hr, floating[:, :, ::1] hr,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads, bint by_units, bint bf16=False):
+            int n_threads, bint by_units, bint bf16=False, bint cache_weights=False):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split).
@@ -490,7 +492,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     units. pack_ih / pack_hh choose the packed micro-kernel (decided by the
     caller from T and B, never from the thread count). bf16 (float32, no
     projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
-    Returns False if OpenMP gave fewer threads than asked (the caller then
+    cache_weights (eval calls): keep the packed W_ih / W_hh slices for the next
+    call with the same weights (_pack_cache.pxd). Returns False if OpenMP gave fewer threads than asked (the caller then
     retries with one thread).
     """
     cdef Plan p
@@ -523,15 +526,15 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     p.y, p.h_n, p.c_n, p.gates, p.aux = &y[0, 0, 0], &h_n[0, 0], vptr2(c_n), vptr3(gates), vptr3(aux)
     with nogil:
         if pack_ih:
-            s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads)
+            s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
         if pack_hh:
-            s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads)
+            s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights)
             if p.w_hr != NULL:
                 packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, n_threads)
         if floating is float:
             if p.bf16:
-                b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads)
-                b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads)
+                b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights)
+                b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
         p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
         if (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
@@ -560,8 +563,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
                     failed = 1
                 elif fail[k] == 2:
                     short_team = True
-    scratch_free(s_ih); scratch_free(s_hh); scratch_free(packed_hr); free(fail)
-    scratch_free(b_ih); scratch_free(b_hh)
+    slices_free(s_ih); slices_free(s_hh); scratch_free(packed_hr); free(fail)
+    slices_free(b_ih); slices_free(b_hh)
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return not short_team
@@ -688,8 +691,31 @@ def _set_isa(int level):
 
 
 def _release_scratch():
-    """Free the packed-weight buffers this module keeps between calls (src/scratch.h)."""
+    """Free the packed-weight buffers this module keeps between calls (src/scratch.h)
+    and its idle cached packed weights (src/pack_cache.h)."""
     scratch_release()
+    pack_cache_clear()
+
+
+def _pack_cache_stats():
+    """(entries, bytes) of packed weights this module keeps for eval calls."""
+    cdef size_t entries = 0, nbytes = 0
+    pack_cache_stats(&entries, &nbytes)
+    return int(entries), int(nbytes)
+
+
+def _pack_cache_enable(bint on):
+    """Keep packed weights between eval calls (the default) or not (A/B timing)."""
+    pack_cache_set_off(0 if on else 1)
+
+
+def _digest(const unsigned char[::1] data, int n_threads=1):
+    """The weights digest of pack_cache.h over these bytes (tests)."""
+    cdef size_t n = data.shape[0]
+    cdef unsigned long long h
+    with nogil:
+        h = weights_digest(&data[0] if n > 0 else NULL, n, n_threads)
+    return int(h)
 
 
 def _isa_level():

@@ -8,7 +8,11 @@
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
+from libc.stdint cimport uint64_t
 from _simd cimport floating, pack, pack_t, n_panels, panel_width
+from _pack_cache cimport (PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, pack_layout,
+                          weights_digest, pack_cache_find, pack_cache_is_off,
+                          keep_packed)
 
 
 cdef extern from "scratch.h" nogil:
@@ -154,15 +158,28 @@ cdef inline Py_ssize_t slice_rows(const floating **rows, const floating *W, Py_s
 
 
 cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                  int nslices, bint packed, int n_threads) noexcept nogil:
+                                  int nslices, bint packed, int n_threads,
+                                  bint cache=False) noexcept nogil:
     """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
     g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
     when `packed`, else row-major. Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
-    NULL if out of memory; give it back with scratch_free.
+    cache (eval calls): the copy made earlier for the same contents, if kept
+    (_pack_cache.pxd). NULL if out of memory; give it back with slices_free.
     """
-    cdef floating *buf = <floating *> scratch_alloc(
-        (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating))
+    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating)
+    cdef PackLayout layout
+    cdef uint64_t digest = 0
+    cdef floating *buf
+    cache = cache and not pack_cache_is_off()
+    if cache:
+        layout = pack_layout(PACK_GATE_SLICES if packed else PACK_GATE_ROWS, sizeof(floating),
+                             nslices, G, H, K)
+        digest = weights_digest(W, G * H * K * sizeof(floating), n_threads)
+        buf = <floating *> pack_cache_find(&layout, digest)
+        if buf != NULL:
+            return buf
+    buf = <floating *> scratch_alloc(nbytes)
     cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t j, n, off
     cdef int k
@@ -179,4 +196,6 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
             for j in range(n):
                 memcpy(buf + off + j * K, rows[j], K * sizeof(floating))
     free(rows)
+    if cache:
+        keep_packed(buf, nbytes, &layout, digest)
     return buf

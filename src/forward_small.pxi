@@ -60,9 +60,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
     p.nslices = nslices
     if p.pack_ih:
-        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, nslices, True, n)
-    if p.pack_hh:
-        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, nslices, True, n)
+        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, nslices, True, n, True)
+    if p.pack_hh:     # eval calls: the packed copies are kept while the weights do not change
+        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, nslices, True, n, True)
     p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
     if team > 1:
         fails = <int *> calloc(team, sizeof(int))
@@ -95,7 +95,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 short_team = True
     if fails != fail:
         free(fails)
-    scratch_free(s_ih); scratch_free(s_hh)
+    slices_free(s_ih); slices_free(s_hh)
     if short_team and not fail[0]:
         run_small_typed(y, p, b_ih, b_hh, bias, 1, False, fail)
 

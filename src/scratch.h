@@ -153,6 +153,25 @@ static void fastrnn_scratch_free(void *ptr)
     free(ptr);   /* not pooled: every slot was busy when it was made */
 }
 
+/* Take a buffer from fastrnn_scratch_alloc out of the pool: the caller now owns
+ * it and frees it with free() (pack_cache.h keeps packed weights this way).
+ * Returns its size in bytes (at least what was asked), or 0 if it was not pooled. */
+static size_t fastrnn_scratch_detach(void *ptr)
+{
+    size_t size = 0;
+    fastrnn_scratch_lock();
+    for (int i = 0; i < FASTRNN_SCRATCH_SLOTS; ++i)
+        if (fastrnn_scratch_slot[i].ptr == ptr && fastrnn_scratch_slot[i].busy) {
+            size = fastrnn_scratch_slot[i].size;
+            fastrnn_scratch_slot[i].ptr = NULL;
+            fastrnn_scratch_slot[i].size = 0;
+            fastrnn_scratch_slot[i].busy = 0;
+            break;
+        }
+    fastrnn_scratch_unlock();
+    return size;
+}
+
 /* Free every idle buffer (fastrnn.release_memory()). */
 static void fastrnn_scratch_release(void)
 {

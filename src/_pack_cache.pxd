@@ -1,0 +1,84 @@
+# Packed weights kept between eval calls, keyed by the weights' contents
+# (pack_cache.h says why and how). gate_slices / bf16_gate_slices with cache=True:
+#
+#     key = (packing kind, ISA, type, slices, G, H, K) + digest of W's bytes
+#     hit  -> the copy packed earlier, no packing
+#     miss -> pack into a scratch buffer, then keep it (the cache owns it)
+#
+# Every buffer from them is given back with slices_free, cached or not.
+from cython.parallel cimport prange
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport malloc, free
+from _simd cimport fastrnn_isa_level
+
+
+cdef extern from "scratch.h" nogil:
+    void scratch_free "fastrnn_scratch_free"(void *ptr)
+    size_t scratch_detach "fastrnn_scratch_detach"(void *ptr)
+
+
+cdef extern from "pack_cache.h" nogil:
+    ctypedef struct PackLayout "fastrnn_pack_layout":
+        int kind, isa, elem, nslices
+        Py_ssize_t G, H, K
+    size_t DIGEST_CHUNK "FASTRNN_DIGEST_CHUNK"
+    uint64_t digest_chunk "fastrnn_digest_chunk"(const void *p, size_t n)
+    uint64_t digest_mix "fastrnn_digest_mix"(uint64_t h, uint64_t word)
+    uint64_t digest_combine "fastrnn_digest_combine"(const uint64_t *d, size_t nchunks)
+    uint64_t digest_serial "fastrnn_digest_serial"(const void *p, size_t n)
+    void *pack_cache_find "fastrnn_pack_cache_find"(const PackLayout *layout, uint64_t digest)
+    int pack_cache_keep "fastrnn_pack_cache_keep"(void *ptr, size_t nbytes,
+                                                  const PackLayout *layout, uint64_t digest)
+    int pack_cache_release "fastrnn_pack_cache_release"(void *ptr)
+    void pack_cache_clear "fastrnn_pack_cache_clear"()
+    void pack_cache_set_off "fastrnn_pack_cache_set_off"(int off)
+    int pack_cache_is_off "fastrnn_pack_cache_is_off"()
+    void pack_cache_stats "fastrnn_pack_cache_stats"(size_t *entries, size_t *nbytes)
+
+
+cdef enum:
+    PACK_GATE_SLICES = 1        # gate_slices, panels (_schedule.pxd)
+    PACK_GATE_ROWS = 2          # gate_slices, rows regrouped only
+    PACK_BF16_GATE_SLICES = 3   # bf16_gate_slices (_bf16.pxd)
+
+
+cdef inline uint64_t weights_digest(const void *W, size_t nbytes, int n_threads) noexcept nogil:
+    """Digest of nbytes at W: chunks hashed on n_threads, combined in order, so
+    the value does not depend on n_threads (pack_cache.h)."""
+    cdef size_t nchunks = (nbytes + DIGEST_CHUNK - 1) // DIGEST_CHUNK
+    cdef uint64_t *d = NULL
+    cdef Py_ssize_t c
+    cdef uint64_t h
+    cdef const char *base = <const char *> W
+    if nchunks < 2 or n_threads < 2:
+        return digest_serial(W, nbytes)
+    d = <uint64_t *> malloc(nchunks * sizeof(uint64_t))
+    if d == NULL:
+        return digest_serial(W, nbytes)
+    for c in prange(<Py_ssize_t> nchunks, schedule='static', num_threads=n_threads):
+        d[c] = digest_chunk(base + c * DIGEST_CHUNK, min(DIGEST_CHUNK, nbytes - c * DIGEST_CHUNK))
+    h = digest_combine(d, nchunks)
+    free(d)
+    return h
+
+
+cdef inline PackLayout pack_layout(int kind, int elem, int nslices, Py_ssize_t G, Py_ssize_t H,
+                                   Py_ssize_t K) noexcept nogil:
+    cdef PackLayout layout
+    layout.kind, layout.isa, layout.elem, layout.nslices = kind, fastrnn_isa_level(), elem, nslices
+    layout.G, layout.H, layout.K = G, H, K
+    return layout
+
+
+cdef inline void keep_packed(void *buf, size_t nbytes, const PackLayout *layout,
+                             uint64_t digest) noexcept nogil:
+    """Hand buf (nbytes asked of scratch_alloc, just packed) to the cache. If the
+    cache does not keep it, slices_free still frees it (it left the scratch pool)."""
+    cdef size_t held = scratch_detach(buf)
+    pack_cache_keep(buf, held if held > nbytes else nbytes, layout, digest)
+
+
+cdef inline void slices_free(void *ptr) noexcept nogil:
+    """Give back a buffer from gate_slices / bf16_gate_slices, cached or not."""
+    if not pack_cache_release(ptr):
+        scratch_free(ptr)

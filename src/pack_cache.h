@@ -1,0 +1,346 @@
+/* pack_cache.h: packed weights kept between eval calls, keyed by the weights' contents.
+ *
+ * Why: an eval call packs W_ih and W_hh into per-thread panels before its time
+ * loop. At small batch that copy is a large share of the call (LSTM I=H=512,
+ * batch 2, T=50 on the Zen 4: 12.5 %), and ONNX Runtime packs once per session.
+ * fastrnn cannot see a user's in-place writes to a weight array, so instead of
+ * trusting the caller it reads the weights once per call and hashes them
+ * (fastrnn_digest_chunk: one vector multiply per 32 or 64 bytes, several times
+ * faster than packing, which reads, transposes and writes). Same layout and same digest:
+ * the packed copy made earlier is used as it is.
+ *
+ * The digest: 32 independent 64-bit lanes, each step a bijection of the lane
+ * for a fixed word and of the word for a fixed lane (fastrnn_digest_mix), so a
+ * change to any single word (any one weight) always changes the result; several
+ * changes would have to cancel exactly to go unseen. Weights are
+ * hashed in chunks of FASTRNN_DIGEST_CHUNK bytes (threads take chunks) and the
+ * chunk digests combined in order: the result does not depend on the threads.
+ *
+ * A few entries per extension module (the header is included by each), guarded
+ * by a spin lock held for a few instructions. An entry in use by a call is never
+ * evicted; a call that finds its key busy or the table full packs into an
+ * ordinary scratch buffer. At most FASTRNN_PACK_CACHE_KEEP bytes are kept.
+ */
+#ifndef FASTRNN_PACK_CACHE_H
+#define FASTRNN_PACK_CACHE_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "isa.h"
+
+#ifndef FASTRNN_PACK_CACHE_SLOTS
+#define FASTRNN_PACK_CACHE_SLOTS 16
+#endif
+#ifndef FASTRNN_PACK_CACHE_KEEP
+#define FASTRNN_PACK_CACHE_KEEP ((size_t)256 << 20)   /* bytes of packed copies kept, in all */
+#endif
+#define FASTRNN_DIGEST_CHUNK ((size_t)1 << 18)        /* bytes per independently hashed chunk */
+
+#define FASTRNN_DIGEST_K 0xD6E8FEB8ULL       /* even 32-bit constant: see fastrnn_digest_mix */
+#define FASTRNN_DIGEST_LANE0 0x13198A2E03707344ULL
+
+static inline uint64_t fastrnn_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+/* One step of a lane: y = h ^ word; y += lo32(y) * K; rotate. A bijection of h for
+ * a fixed word and of the word for a fixed h: the low 32 bits of the sum are
+ * lo32(y) * (1 + K), and 1 + K is odd, so lo32(y) and then y come back. One
+ * 32x32->64 multiply: a single vpmuludq per vector in AVX2 and AVX-512 alike. */
+static inline uint64_t fastrnn_digest_mix(uint64_t h, uint64_t word)
+{
+    uint64_t y = h ^ word;
+    y += (uint64_t)(uint32_t)y * FASTRNN_DIGEST_K;
+    return fastrnn_rotl64(y, 29);
+}
+
+/* Lanes, words, tail and the final mix: what every coding shares once the whole
+ * 256-byte blocks are done (lane[32] as they left them, continuing at byte i). */
+static inline uint64_t fastrnn_digest_finish(const unsigned char *b, size_t n, size_t i,
+                                             uint64_t *lane)
+{
+    uint64_t h = 0x243F6A8885A308D3ULL ^ (uint64_t)n;
+    for (int q = 0; i + 64 <= n; i += 64, ++q)   /* whole 64-byte blocks left: q < 4 */
+        for (int l = 0; l < 8; ++l) {
+            uint64_t w;
+            memcpy(&w, b + i + 8 * l, 8);
+            lane[8 * q + l] = fastrnn_digest_mix(lane[8 * q + l], w);
+        }
+    for (int l = 0; i + 8 <= n; i += 8, ++l) {    /* whole words left: one per lane, l < 8 */
+        uint64_t w;
+        memcpy(&w, b + i, 8);
+        lane[l] = fastrnn_digest_mix(lane[l], w);
+    }
+    if (i < n) {                                  /* the last bytes, zero-padded */
+        uint64_t last = 0;
+        memcpy(&last, b + i, n - i);
+        h = fastrnn_digest_mix(h, last);
+    }
+    for (int l = 0; l < 32; ++l) h = fastrnn_digest_mix(h, lane[l]);
+    return h;
+}
+
+/* The digest of bytes [0, n) of p (any alignment): 32 lanes, lane l taking the
+ * word at byte 8l of every 256-byte block, so that many independent chains (one
+ * chain is bound by the multiply's latency). Three codings of the same integer
+ * arithmetic, hence the same value on every ISA (tested): 4 zmm or 8 ymm of
+ * lanes, or scalar. */
+#if FASTRNN_HAVE_DISPATCH
+#include <immintrin.h>
+FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p, size_t n)
+{
+    const unsigned char *b = (const unsigned char *)p;
+    const __m512i k = _mm512_set1_epi64((long long)FASTRNN_DIGEST_K);
+    __m512i acc[4];
+    uint64_t lane[32];
+    size_t i = 0;
+    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    for (int q = 0; q < 4; ++q) acc[q] = _mm512_loadu_si512(lane + 8 * q);
+    for (; i + 256 <= n; i += 256)
+        for (int q = 0; q < 4; ++q) {
+            __m512i y = _mm512_xor_si512(acc[q], _mm512_loadu_si512(b + i + 64 * q));
+            y = _mm512_add_epi64(y, _mm512_mul_epu32(y, k));
+            acc[q] = _mm512_rol_epi64(y, 29);
+        }
+    for (int q = 0; q < 4; ++q) _mm512_storeu_si512(lane + 8 * q, acc[q]);
+    return fastrnn_digest_finish(b, n, i, lane);
+}
+
+FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, size_t n)
+{
+    const unsigned char *b = (const unsigned char *)p;
+    const __m256i k = _mm256_set1_epi64x((long long)FASTRNN_DIGEST_K);
+    __m256i acc[8];
+    uint64_t lane[32];
+    size_t i = 0;
+    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    for (int q = 0; q < 8; ++q) acc[q] = _mm256_loadu_si256((const __m256i *)(lane + 4 * q));
+    for (; i + 256 <= n; i += 256)
+        for (int q = 0; q < 8; ++q) {
+            __m256i y = _mm256_xor_si256(acc[q],
+                                         _mm256_loadu_si256((const __m256i *)(b + i + 32 * q)));
+            y = _mm256_add_epi64(y, _mm256_mul_epu32(y, k));
+            acc[q] = _mm256_or_si256(_mm256_slli_epi64(y, 29), _mm256_srli_epi64(y, 35));
+        }
+    for (int q = 0; q < 8; ++q) _mm256_storeu_si256((__m256i *)(lane + 4 * q), acc[q]);
+    return fastrnn_digest_finish(b, n, i, lane);
+}
+#endif
+
+static uint64_t fastrnn_digest_chunk_scalar(const void *p, size_t n)
+{
+    const unsigned char *b = (const unsigned char *)p;
+    uint64_t lane[32];
+    size_t i = 0;
+    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    for (; i + 256 <= n; i += 256)
+        for (int l = 0; l < 32; ++l) {
+            uint64_t w;
+            memcpy(&w, b + i + 8 * l, 8);
+            lane[l] = fastrnn_digest_mix(lane[l], w);
+        }
+    return fastrnn_digest_finish(b, n, i, lane);
+}
+
+static inline uint64_t fastrnn_digest_chunk(const void *p, size_t n)
+{
+#if FASTRNN_HAVE_DISPATCH
+    if (fastrnn_isa_level() == FASTRNN_ISA_AVX512)
+        return fastrnn_digest_chunk_avx512(p, n);
+    if (fastrnn_isa_level() == FASTRNN_ISA_AVX2)
+        return fastrnn_digest_chunk_avx2(p, n);
+#endif
+    return fastrnn_digest_chunk_scalar(p, n);
+}
+
+/* Combine chunk digests d[0:nchunks] in order (fastrnn_digest_chunk of each
+ * FASTRNN_DIGEST_CHUNK-byte chunk). */
+static inline uint64_t fastrnn_digest_combine(const uint64_t *d, size_t nchunks)
+{
+    uint64_t h = 0x452821E638D01377ULL ^ (uint64_t)nchunks;
+    for (size_t c = 0; c < nchunks; ++c) h = fastrnn_digest_mix(h, d[c]);
+    return fastrnn_digest_mix(h, 0xBE5466CF34E90C6CULL);
+}
+
+/* The same digest of bytes [0, n) of p on one thread, without a chunk array. */
+static uint64_t fastrnn_digest_serial(const void *p, size_t n)
+{
+    size_t nchunks = (n + FASTRNN_DIGEST_CHUNK - 1) / FASTRNN_DIGEST_CHUNK;
+    uint64_t h = 0x452821E638D01377ULL ^ (uint64_t)nchunks;
+    for (size_t c = 0; c < nchunks; ++c) {
+        size_t off = c * FASTRNN_DIGEST_CHUNK;
+        size_t len = n - off < FASTRNN_DIGEST_CHUNK ? n - off : FASTRNN_DIGEST_CHUNK;
+        h = fastrnn_digest_mix(h, fastrnn_digest_chunk((const unsigned char *)p + off, len));
+    }
+    return fastrnn_digest_mix(h, 0xBE5466CF34E90C6CULL);
+}
+
+/* What, besides the weights' bytes, decides a packed copy's contents. */
+typedef struct {
+    int kind;         /* which packing (the caller's constant) */
+    int isa;          /* panel widths depend on the ISA */
+    int elem;         /* sizeof the weight type */
+    int nslices;      /* thread slices */
+    ptrdiff_t G, H, K;
+} fastrnn_pack_layout;
+
+static struct {
+    void *ptr;                  /* NULL: free entry */
+    size_t bytes;
+    fastrnn_pack_layout layout;
+    uint64_t digest;
+    int users;                  /* calls reading it now; evicted only at 0 */
+    unsigned long long used;    /* last use, for LRU eviction */
+} fastrnn_pack_entry[FASTRNN_PACK_CACHE_SLOTS];
+static unsigned long long fastrnn_pack_tick;
+static int fastrnn_pack_cache_off;   /* 1: find nothing, keep nothing (A/B timing) */
+static int fastrnn_pack_lock_word;
+
+static inline void fastrnn_pack_lock(void)
+{
+    while (__atomic_exchange_n(&fastrnn_pack_lock_word, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&fastrnn_pack_lock_word, __ATOMIC_RELAXED)) {}
+}
+
+static inline void fastrnn_pack_unlock(void)
+{
+    __atomic_store_n(&fastrnn_pack_lock_word, 0, __ATOMIC_RELEASE);
+}
+
+static inline int fastrnn_pack_same(const fastrnn_pack_layout *a, const fastrnn_pack_layout *b)
+{
+    return a->kind == b->kind && a->isa == b->isa && a->elem == b->elem
+           && a->nslices == b->nslices && a->G == b->G && a->H == b->H && a->K == b->K;
+}
+
+/* The cached copy for (layout, digest), now in use by the caller (give it back
+ * with fastrnn_pack_cache_release), or NULL. */
+static void *fastrnn_pack_cache_find(const fastrnn_pack_layout *layout, uint64_t digest)
+{
+    void *ptr = NULL;
+    if (__atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED)) return NULL;
+    fastrnn_pack_lock();
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i) {
+        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].digest == digest
+                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout)) {
+            fastrnn_pack_entry[i].users += 1;
+            fastrnn_pack_entry[i].used = ++fastrnn_pack_tick;
+            ptr = fastrnn_pack_entry[i].ptr;
+            break;
+        }
+    }
+    fastrnn_pack_unlock();
+    return ptr;
+}
+
+/* Keep ptr (bytes, just packed for layout and digest, owned by the caller) in the
+ * cache, in use by the caller. Evicts least recently used idle entries to make
+ * room. Returns 1 if kept (the cache owns ptr from now on), 0 if not (no idle
+ * entry, over the cap, or the key is already there): the caller still owns it. */
+static int fastrnn_pack_cache_keep(void *ptr, size_t bytes, const fastrnn_pack_layout *layout,
+                                   uint64_t digest)
+{
+    void *evicted[FASTRNN_PACK_CACHE_SLOTS + 1];
+    int nev = 0, kept = 0;
+    if (bytes > FASTRNN_PACK_CACHE_KEEP || __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED))
+        return 0;
+    fastrnn_pack_lock();
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)   /* another call kept the same already */
+        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].digest == digest
+                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout)) {
+            fastrnn_pack_unlock();
+            return 0;
+        }
+    for (;;) {
+        size_t held = 0;
+        int free_slot = -1, lru = -1;
+        for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i) {
+            if (fastrnn_pack_entry[i].ptr == NULL) {
+                if (free_slot < 0) free_slot = i;
+                continue;
+            }
+            held += fastrnn_pack_entry[i].bytes;
+            if (fastrnn_pack_entry[i].users == 0
+                    && (lru < 0 || fastrnn_pack_entry[i].used < fastrnn_pack_entry[lru].used))
+                lru = i;
+        }
+        if (free_slot >= 0 && held + bytes <= FASTRNN_PACK_CACHE_KEEP) {
+            fastrnn_pack_entry[free_slot].ptr = ptr;
+            fastrnn_pack_entry[free_slot].bytes = bytes;
+            fastrnn_pack_entry[free_slot].layout = *layout;
+            fastrnn_pack_entry[free_slot].digest = digest;
+            fastrnn_pack_entry[free_slot].users = 1;
+            fastrnn_pack_entry[free_slot].used = ++fastrnn_pack_tick;
+            kept = 1;
+            break;
+        }
+        if (lru < 0) break;   /* everything held is in use: do not keep this one */
+        evicted[nev++] = fastrnn_pack_entry[lru].ptr;
+        fastrnn_pack_entry[lru].ptr = NULL;
+        fastrnn_pack_entry[lru].bytes = 0;
+    }
+    fastrnn_pack_unlock();
+    for (int i = 0; i < nev; ++i) free(evicted[i]);
+    return kept;
+}
+
+/* Done reading ptr. Returns 1 if it is a cached copy (now released), 0 if the
+ * cache does not know it (the caller frees it as it was allocated). */
+static int fastrnn_pack_cache_release(void *ptr)
+{
+    int found = 0;
+    if (ptr == NULL) return 1;
+    fastrnn_pack_lock();
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)
+        if (fastrnn_pack_entry[i].ptr == ptr) {
+            fastrnn_pack_entry[i].users -= 1;
+            found = 1;
+            break;
+        }
+    fastrnn_pack_unlock();
+    return found;
+}
+
+/* Free every idle cached copy (fastrnn.release_memory()). */
+static void fastrnn_pack_cache_clear(void)
+{
+    void *idle[FASTRNN_PACK_CACHE_SLOTS + 1];
+    int n = 0;
+    fastrnn_pack_lock();
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)
+        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].users == 0) {
+            idle[n++] = fastrnn_pack_entry[i].ptr;
+            fastrnn_pack_entry[i].ptr = NULL;
+            fastrnn_pack_entry[i].bytes = 0;
+        }
+    fastrnn_pack_unlock();
+    for (int i = 0; i < n; ++i) free(idle[i]);
+}
+
+static inline int fastrnn_pack_cache_is_off(void)
+{
+    return __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED);
+}
+
+/* Turn the cache off (1) or on (0); off also frees what is idle. */
+static void fastrnn_pack_cache_set_off(int off)
+{
+    __atomic_store_n(&fastrnn_pack_cache_off, off, __ATOMIC_RELAXED);
+    if (off) fastrnn_pack_cache_clear();
+}
+
+/* Cached copies and their bytes (for tests and fastrnn.config()). */
+static void fastrnn_pack_cache_stats(size_t *entries, size_t *bytes)
+{
+    *entries = 0;
+    *bytes = 0;
+    fastrnn_pack_lock();
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)
+        if (fastrnn_pack_entry[i].ptr != NULL) {
+            *entries += 1;
+            *bytes += fastrnn_pack_entry[i].bytes;
+        }
+    fastrnn_pack_unlock();
+}
+
+#endif

@@ -1,0 +1,208 @@
+"""Packed weights kept between eval calls (src/pack_cache.h, src/_pack_cache.pxd).
+
+An eval call keeps its packed W_ih / W_hh slices, keyed by a digest of the
+weights' bytes, and the next call with the same weights skips the packing. What
+must hold: a cached call gives bitwise the result of an uncached one; any change
+to the weights (in place, one value, by one ulp) is seen; nothing about the
+packing (ISA, threads, precision) is reused where it differs; training calls
+keep nothing; fastrnn.release_memory() frees what is idle.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _precision, _recurrent
+from fastrnn import functional as F
+
+MODULES = {"LSTM": fastrnn.LSTM, "GRU": fastrnn.GRU, "RNN": fastrnn.RNN}
+
+
+def digest(data, n_threads=1):
+    return _recurrent._digest(np.frombuffer(bytes(data), np.uint8), n_threads)
+
+
+def entries():
+    return _recurrent._pack_cache_stats()[0]
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    fastrnn.release_memory()
+    yield
+    fastrnn.release_memory()
+
+
+def uncached(fn):
+    """fn() with every kept copy dropped first: packed afresh."""
+    fastrnn.release_memory()
+    assert entries() == 0
+    return fn()
+
+
+# ---- the digest -------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 63, 64, 65, 1000, (1 << 18) - 3, (1 << 18) + 9,
+                               3 * (1 << 18) + 100])
+def test_digest_sees_every_single_byte_change_and_ignores_threads(n):
+    rng = np.random.default_rng(n)
+    data = bytearray(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+    base = digest(data)
+    assert digest(data, 2) == base == digest(data, 3)
+    positions = set(rng.integers(0, max(n, 1), 40).tolist()) | {0, n - 1} if n else set()
+    for pos in positions:
+        for bit in (0, 7):
+            data[pos] ^= 1 << bit
+            assert digest(data) != base, (n, pos, bit)
+            assert digest(data, 2) == digest(data)
+            data[pos] ^= 1 << bit
+    assert digest(data) == base
+
+
+def test_digest_tells_lengths_and_swaps_apart():
+    assert digest(b"") != digest(b"\0") != digest(b"\0\0")
+    a = np.arange(64, dtype=np.float32)
+    b = a.copy()
+    b[[3, 40]] = b[[40, 3]]           # the same values, two of them swapped
+    assert digest(a.tobytes()) != digest(b.tobytes())
+
+
+# ---- eval calls ---------------------------------------------------------------
+
+def eval_layer(module, I, H, seed=0, **kw):
+    return MODULES[module](I, H, seed=seed, **kw).eval()
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("B", [2, 5, 40])      # packs W_hh at B >= 2 for T*B >= 32; 40: row split
+def test_eval_calls_reuse_the_packing_and_match_a_fresh_one(module, B):
+    layer = eval_layer(module, 24, 72, bidirectional=True)
+    x = np.random.default_rng(1).standard_normal((30, B, 24)).astype(np.float32)
+    fresh = uncached(lambda: layer(x)[0])
+    assert entries() > 0, "an eval call that packs keeps its packed weights"
+    kept = entries()
+    for _ in range(3):
+        again = layer(x)[0]
+        assert np.array_equal(again, fresh)
+    assert entries() == kept, "the same weights are found, not packed again"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("name", ["weight_hh_l0", "weight_ih_l0", "weight_hh_l0_reverse"])
+def test_an_in_place_change_of_one_weight_by_one_ulp_is_seen(module, name):
+    layer = eval_layer(module, 20, 48, bidirectional=True)
+    x = np.random.default_rng(2).standard_normal((40, 6, 20)).astype(np.float32)
+    before = layer(x)[0]
+    kept = entries()
+    assert kept > 0
+    w = getattr(layer, name).data
+    i = (w.shape[0] // 3, w.shape[1] - 1)
+    w[i] = np.nextafter(w[i], np.float32(np.inf))    # in place: the array is the same object
+    after = layer(x)[0]
+    assert entries() == kept + 1, "the changed weight is packed again (the old copy stays idle)"
+    assert np.array_equal(after, uncached(lambda: layer(x)[0]))
+    w[i] += np.float32(0.25)                          # a change large enough to show
+    changed = layer(x)[0]
+    assert not np.array_equal(changed, before)
+    assert np.array_equal(changed, uncached(lambda: layer(x)[0]))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_functional_eval_calls_are_cached_and_training_calls_are_not(cell):
+    rng = np.random.default_rng(3)
+    T, B, I, H = 25, 8, 16, 40
+    G = {"lstm": 4, "gru": 3, "rnn": 1}[cell]
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    w_ih = rng.standard_normal((G * H, I)).astype(np.float32) * 0.2
+    w_hh = rng.standard_normal((G * H, H)).astype(np.float32) * 0.2
+    fwd = getattr(F, f"{cell}_forward")
+    args = ((x, None, None, w_ih, w_hh, None, None) if cell == "lstm"
+            else (x, None, w_ih, w_hh, None, None))
+    fwd(*args, training=True)
+    assert entries() == 0, "training calls change the weights every step: nothing kept"
+    fresh = fwd(*args, training=False)[0]
+    assert entries() > 0
+    assert np.array_equal(fwd(*args, training=False)[0], fresh)
+    assert np.array_equal(fwd(*args, training=True)[0], fresh)
+    w_hh[0, 0] += 1.0
+    assert np.array_equal(fwd(*args, training=False)[0], uncached(lambda: fwd(*args, training=False)[0]))
+
+
+def test_threads_isa_and_precision_each_get_their_own_packing():
+    layer = eval_layer("LSTM", 32, 96)
+    x = np.random.default_rng(4).standard_normal((40, 3, 32)).astype(np.float32)
+    before_threads, before_isa = fastrnn.get_num_threads(), fastrnn.config()["isa"]
+    try:
+        for isa in fastrnn.config()["isas_available"]:
+            fastrnn.set_isa(isa)
+            for n in (1, 2):
+                fastrnn.set_num_threads(n)
+                for precision in ("highest", "medium"):
+                    with _precision.scoped(precision):
+                        _precision._force_bf16 = precision == "medium"
+                        try:
+                            want = uncached(lambda: layer(x)[0])
+                            layer(x)                       # fill the cache at this setting
+                            got = layer(x)[0]
+                        finally:
+                            _precision._force_bf16 = False
+                    assert np.array_equal(got, want), (isa, n, precision)
+    finally:
+        fastrnn.set_isa(before_isa)
+        fastrnn.set_num_threads(before_threads)
+    # all of those settings at once in the cache, then each again: still each its own
+    for isa in fastrnn.config()["isas_available"]:
+        fastrnn.set_isa(isa)
+        try:
+            layer(x)
+        finally:
+            fastrnn.set_isa(before_isa)
+    assert np.array_equal(layer(x)[0], uncached(lambda: layer(x)[0]))
+
+
+def test_the_cache_stays_within_its_entries_and_release_memory_empties_it():
+    x = np.random.default_rng(5).standard_normal((20, 4, 16)).astype(np.float32)
+    layers = [eval_layer("GRU", 16, 64, seed=s) for s in range(30)]
+    outs = [layer(x)[0] for layer in layers]
+    n, nbytes = _recurrent._pack_cache_stats()
+    assert 0 < n <= 16 and nbytes <= 256 << 20
+    for layer, out in zip(layers, outs):          # evicted or not, the same numbers
+        assert np.array_equal(layer(x)[0], out)
+    fastrnn.release_memory()
+    assert _recurrent._pack_cache_stats() == (0, 0)
+
+
+def test_two_layers_with_equal_weights_share_one_packing():
+    a, b = eval_layer("LSTM", 16, 48, seed=7), eval_layer("LSTM", 16, 48, seed=7)
+    x = np.random.default_rng(6).standard_normal((30, 4, 16)).astype(np.float32)
+    ya = a(x)[0]
+    kept = entries()
+    assert np.array_equal(b(x)[0], ya)
+    assert entries() == kept
+
+
+def test_python_threads_calling_one_layer_at_once_get_right_answers():
+    layer = eval_layer("LSTM", 24, 64)
+    rng = np.random.default_rng(8)
+    xs = [rng.standard_normal((30, 4, 24)).astype(np.float32) for _ in range(6)]
+    want = [uncached(lambda x=x: layer(x)[0]) for x in xs]
+    got = [None] * len(xs)
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(5):
+                got[k] = layer(xs[k])[0]
+        except Exception as e:   # noqa: BLE001 (re-raised below, in the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)
