@@ -84,7 +84,9 @@ static inline uint64_t fastrnn_digest_finish(const unsigned char *b, size_t n, s
  * word at byte 8l of every 256-byte block, so that many independent chains (one
  * chain is bound by the multiply's latency). Three codings of the same integer
  * arithmetic, hence the same value on every ISA (tested): 4 zmm or 8 ymm of
- * lanes, or scalar. */
+ * lanes, or scalar. Intrinsics, not one body on GCC vector types built per ISA
+ * (isa.h): GCC 12 turned that body's (y & 0xFFFFFFFF) * K into vpmuludq for
+ * AVX-512 only, and the AVX2 build ran at 8.8 GB/s against 55 here. */
 #if FASTRNN_HAVE_DISPATCH
 #include <immintrin.h>
 FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p, size_t n)
