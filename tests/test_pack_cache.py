@@ -61,6 +61,22 @@ def test_digest_sees_every_single_byte_change_and_ignores_threads(n):
     assert digest(data) == base
 
 
+def test_digest_is_the_same_under_every_isa():
+    """Three codings (AVX-512, AVX2 intrinsics, scalar) of one digest."""
+    rng = np.random.default_rng(9)
+    before = fastrnn.config()["isa"]
+    try:
+        for n in (0, 3, 64, 255, 256, 257, 1000, (1 << 18) + 300, 3 * (1 << 18) + 77):
+            data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            values = set()
+            for isa in fastrnn.config()["isas_available"]:
+                fastrnn.set_isa(isa)
+                values |= {digest(data), digest(data, 2)}
+            assert len(values) == 1, (n, values)
+    finally:
+        fastrnn.set_isa(before)
+
+
 def test_digest_tells_lengths_and_swaps_apart():
     assert digest(b"") != digest(b"\0") != digest(b"\0\0")
     a = np.arange(64, dtype=np.float32)
