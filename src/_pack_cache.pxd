@@ -23,7 +23,6 @@ cdef extern from "pack_cache.h" nogil:
         Py_ssize_t G, H, K
     size_t DIGEST_CHUNK "FASTRNN_DIGEST_CHUNK"
     uint64_t digest_chunk "fastrnn_digest_chunk"(const void *p, size_t n)
-    uint64_t digest_mix "fastrnn_digest_mix"(uint64_t h, uint64_t word)
     uint64_t digest_combine "fastrnn_digest_combine"(const uint64_t *d, size_t nchunks)
     uint64_t digest_serial "fastrnn_digest_serial"(const void *p, size_t n)
     void *pack_cache_find "fastrnn_pack_cache_find"(const PackLayout *layout, uint64_t digest)
