@@ -9,7 +9,7 @@ reported by `config()` for information.
 
 import os
 
-from fastrnn import _isa, _openmp, _precision
+from fastrnn import _isa, _openmp, _precision, _recurrent
 
 __all__ = ["set_num_threads", "get_num_threads", "config", "show_config"]
 
@@ -94,6 +94,7 @@ def config():
         "quantized_bf16_auto": "dynamic" if quantization.bf16_auto_is_dynamic() else "weight_only",
         "matmul_precision": _precision.get_float32_matmul_precision(),
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
+        "pack_cache": _recurrent._pack_cache_enabled(),
     }
 
 
@@ -112,9 +113,20 @@ def show_config():
           f"{cfg['quantized_bf16_auto']})")
     print(f"  matmul precision:   {cfg['matmul_precision']} ('medium' runs "
           f"{cfg['medium_runs']} products here)")
+    print(f"  packed weights:     {'kept between eval calls' if cfg['pack_cache'] else 'packed per call (FASTRNN_PACK_CACHE=0)'}")
     for lib in cfg["numpy_blas"]:
         print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
               f"({lib['num_threads']} threads)")
 
 
+def _init_pack_cache():
+    """FASTRNN_PACK_CACHE=0: eval calls do not keep their packed weights (for a
+    process that must not hold the extra copies; release_memory())."""
+    env = os.environ.get("FASTRNN_PACK_CACHE", "").strip()
+    if env not in ("", "0", "1"):
+        raise ValueError(f"FASTRNN_PACK_CACHE must be 0 or 1, got {env!r}")
+    _recurrent._pack_cache_enable(env != "0")
+
+
 set_num_threads(_default_threads())
+_init_pack_cache()

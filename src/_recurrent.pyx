@@ -31,8 +31,8 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
-from _pack_cache cimport (slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_stats,
-                          weights_digest)
+from _pack_cache cimport (slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
+                          pack_cache_stats, weights_digest)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
 from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
@@ -705,8 +705,13 @@ def _pack_cache_stats():
 
 
 def _pack_cache_enable(bint on):
-    """Keep packed weights between eval calls (the default) or not (A/B timing)."""
+    """Keep packed weights between eval calls (the default) or not (A/B timing,
+    FASTRNN_PACK_CACHE=0)."""
     pack_cache_set_off(0 if on else 1)
+
+
+def _pack_cache_enabled():
+    return not pack_cache_is_off()
 
 
 def _digest(const unsigned char[::1] data, int n_threads=1):

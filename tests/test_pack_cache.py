@@ -8,6 +8,9 @@ packing (ISA, threads, precision) is reused where it differs; training calls
 keep nothing; fastrnn.release_memory() frees what is idle.
 """
 
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -222,3 +225,22 @@ def test_python_threads_calling_one_layer_at_once_get_right_answers():
     assert not errors
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("env, kept", [("0", False), ("1", True), ("", True)])
+def test_fastrnn_pack_cache_env_turns_it_off(env, kept):
+    code = ("import numpy as np, fastrnn; from fastrnn import _recurrent; "
+            "m = fastrnn.GRU(8, 32, seed=0).eval(); "
+            "m(np.ones((20, 4, 8), np.float32)); "
+            "print(fastrnn.config()['pack_cache'], _recurrent._pack_cache_stats()[0] > 0)")
+    env_vars = {**os.environ, "FASTRNN_PACK_CACHE": env}
+    out = subprocess.run([sys.executable, "-c", code], env=env_vars, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [str(kept), str(kept)]
+
+
+def test_fastrnn_pack_cache_env_rejects_other_values():
+    env_vars = {**os.environ, "FASTRNN_PACK_CACHE": "yes"}
+    res = subprocess.run([sys.executable, "-c", "import fastrnn"], env=env_vars,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "FASTRNN_PACK_CACHE must be 0 or 1, got 'yes'" in res.stderr
