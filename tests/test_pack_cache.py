@@ -244,3 +244,13 @@ def test_fastrnn_pack_cache_env_rejects_other_values():
     res = subprocess.run([sys.executable, "-c", "import fastrnn"], env=env_vars,
                          capture_output=True, text=True)
     assert res.returncode != 0 and "FASTRNN_PACK_CACHE must be 0 or 1, got 'yes'" in res.stderr
+
+
+def test_benchmark_header_says_when_the_cache_is_off():
+    code = ("from fastrnn.benchmark.runner import machine_header; "
+            "print('per call' in machine_header([], 2))")
+    for env, off in (("0", True), ("1", False)):
+        out = subprocess.run([sys.executable, "-c", code],
+                             env={**os.environ, "FASTRNN_PACK_CACHE": env},
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == str(off)

@@ -366,7 +366,9 @@ def machine_header(peers, threads):
     peer_text = ", ".join(f"{p} {v.get(p, '?')}" for p in peers) or "no peers"
     return (f"CPU: {v['cpu']} ({v['cpu_count']} CPUs; vector ISAs: "
             f"{' '.join(v['cpu_vector_flags']) or 'unknown'}); fastrnn ISA: {v['fastrnn_isa']}"
-            f"{' (FASTRNN_ISA)' if os.environ.get('FASTRNN_ISA') else ''}; {threads} thread(s); "
+            f"{' (FASTRNN_ISA)' if os.environ.get('FASTRNN_ISA') else ''}; "
+            f"{'' if v['fastrnn_pack_cache'] else 'weights packed per call (FASTRNN_PACK_CACHE=0); '}"
+            f"{threads} thread(s); "
             f"python {v['python']}, numpy {v['numpy']}, {peer_text}")
 
 
@@ -377,7 +379,8 @@ def _versions(peers):
            "fastrnn": getattr(fastrnn, "__version__", "?"), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "cpu": _isa.cpu_model(),
            "cpu_vector_flags": _isa.cpu_vector_flags(), "fastrnn_isa": _isa.get_isa(),
-           "fastrnn_isas_available": _isa.available_isas()}
+           "fastrnn_isas_available": _isa.available_isas(),
+           "fastrnn_pack_cache": fastrnn.config()["pack_cache"]}
     try:
         out["fastrnn_config"] = fastrnn.config()
     except Exception:
