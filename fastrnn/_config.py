@@ -113,7 +113,9 @@ def show_config():
           f"{cfg['quantized_bf16_auto']})")
     print(f"  matmul precision:   {cfg['matmul_precision']} ('medium' runs "
           f"{cfg['medium_runs']} products here)")
-    print(f"  packed weights:     {'kept between eval calls' if cfg['pack_cache'] else 'packed per call (FASTRNN_PACK_CACHE=0)'}")
+    kept = ("kept between eval calls" if cfg["pack_cache"]
+            else "packed per call (FASTRNN_PACK_CACHE=0)")
+    print(f"  packed weights:     {kept}")
     for lib in cfg["numpy_blas"]:
         print(f"  NumPy's BLAS:       {lib['internal_api']} {lib['version'] or ''} "
               f"({lib['num_threads']} threads)")

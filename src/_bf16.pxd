@@ -6,9 +6,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
 from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows
-from _pack_cache cimport (PackLayout, PACK_BF16_GATE_SLICES, pack_layout, weights_digest,
-                          pack_cache_find, pack_cache_is_off,
-                          keep_packed)
+from _pack_cache cimport PackLayout, PACK_BF16_GATE_SLICES, find_packed, keep_packed
 
 DEF ROW_BLOCK = 48   # output rows per task in the after-loop GEMMs (a multiple of QG_MR)
 
@@ -80,13 +78,10 @@ cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t 
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef uint16_t *buf
-    cache = cache and not pack_cache_is_off()
-    if cache:
-        layout = pack_layout(PACK_BF16_GATE_SLICES, sizeof(float), nslices, G, H, K)
-        digest = weights_digest(W, G * H * K * sizeof(float), n_threads)
-        buf = <uint16_t *> pack_cache_find(&layout, digest)
-        if buf != NULL:
-            return buf
+    buf = <uint16_t *> find_packed(&cache, PACK_BF16_GATE_SLICES, W, sizeof(float), nslices,
+                                   G, H, K, n_threads, &layout, &digest)
+    if buf != NULL:
+        return buf
     buf = <uint16_t *> scratch_alloc(nbytes)
     cdef const float **rows = <const float **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t n

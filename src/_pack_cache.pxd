@@ -69,6 +69,20 @@ cdef inline PackLayout pack_layout(int kind, int elem, int nslices, Py_ssize_t G
     return layout
 
 
+cdef inline void *find_packed(bint *cache, int kind, const void *W, int elem, int nslices,
+                              Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, int n_threads,
+                              PackLayout *layout, uint64_t *digest) noexcept nogil:
+    """A packer's first step when asked to cache (*cache): the copy kept for W
+    (G*H x K values of elem bytes) packed as `kind` in nslices, or NULL, having
+    set *layout and *digest for keep_packed. *cache := False if the cache is off."""
+    cache[0] = cache[0] and not pack_cache_is_off()
+    if not cache[0]:
+        return NULL
+    layout[0] = pack_layout(kind, elem, nslices, G, H, K)
+    digest[0] = weights_digest(W, G * H * K * elem, n_threads)
+    return pack_cache_find(layout, digest[0])
+
+
 cdef inline void keep_packed(void *buf, size_t nbytes, const PackLayout *layout,
                              uint64_t digest) noexcept nogil:
     """Hand buf (nbytes asked of scratch_alloc, just packed) to the cache. If the

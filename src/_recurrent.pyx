@@ -493,8 +493,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     caller from T and B, never from the thread count). bf16 (float32, no
     projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
     cache_weights (eval calls): keep the packed W_ih / W_hh slices for the next
-    call with the same weights (_pack_cache.pxd). Returns False if OpenMP gave fewer threads than asked (the caller then
-    retries with one thread).
+    call with the same weights (_pack_cache.pxd). Returns False if OpenMP gave
+    fewer threads than asked (the caller then retries with one thread).
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]

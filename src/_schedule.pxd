@@ -10,9 +10,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.stdint cimport uint64_t
 from _simd cimport floating, pack, pack_t, n_panels, panel_width
-from _pack_cache cimport (PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, pack_layout,
-                          weights_digest, pack_cache_find, pack_cache_is_off,
-                          keep_packed)
+from _pack_cache cimport PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, find_packed, keep_packed
 
 
 cdef extern from "scratch.h" nogil:
@@ -171,14 +169,10 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef floating *buf
-    cache = cache and not pack_cache_is_off()
-    if cache:
-        layout = pack_layout(PACK_GATE_SLICES if packed else PACK_GATE_ROWS, sizeof(floating),
-                             nslices, G, H, K)
-        digest = weights_digest(W, G * H * K * sizeof(floating), n_threads)
-        buf = <floating *> pack_cache_find(&layout, digest)
-        if buf != NULL:
-            return buf
+    buf = <floating *> find_packed(&cache, PACK_GATE_SLICES if packed else PACK_GATE_ROWS, W,
+                                   sizeof(floating), nslices, G, H, K, n_threads, &layout, &digest)
+    if buf != NULL:
+        return buf
     buf = <floating *> scratch_alloc(nbytes)
     cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t j, n, off

@@ -196,6 +196,11 @@ static struct {
 } fastrnn_pack_entry[FASTRNN_PACK_CACHE_SLOTS];
 static unsigned long long fastrnn_pack_tick;
 static int fastrnn_pack_cache_off;   /* 1: find nothing, keep nothing (A/B timing) */
+
+static inline int fastrnn_pack_cache_is_off(void)
+{
+    return __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED);
+}
 static int fastrnn_pack_lock_word;
 
 static inline void fastrnn_pack_lock(void)
@@ -215,21 +220,29 @@ static inline int fastrnn_pack_same(const fastrnn_pack_layout *a, const fastrnn_
            && a->nslices == b->nslices && a->G == b->G && a->H == b->H && a->K == b->K;
 }
 
+/* The entry holding (layout, digest), or -1 (call with the lock held). */
+static int fastrnn_pack_index_locked(const fastrnn_pack_layout *layout, uint64_t digest)
+{
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)
+        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].digest == digest
+                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout))
+            return i;
+    return -1;
+}
+
 /* The cached copy for (layout, digest), now in use by the caller (give it back
  * with fastrnn_pack_cache_release), or NULL. */
 static void *fastrnn_pack_cache_find(const fastrnn_pack_layout *layout, uint64_t digest)
 {
     void *ptr = NULL;
-    if (__atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED)) return NULL;
+    int i;
+    if (fastrnn_pack_cache_is_off()) return NULL;
     fastrnn_pack_lock();
-    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i) {
-        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].digest == digest
-                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout)) {
-            fastrnn_pack_entry[i].users += 1;
-            fastrnn_pack_entry[i].used = ++fastrnn_pack_tick;
-            ptr = fastrnn_pack_entry[i].ptr;
-            break;
-        }
+    i = fastrnn_pack_index_locked(layout, digest);
+    if (i >= 0) {
+        fastrnn_pack_entry[i].users += 1;
+        fastrnn_pack_entry[i].used = ++fastrnn_pack_tick;
+        ptr = fastrnn_pack_entry[i].ptr;
     }
     fastrnn_pack_unlock();
     return ptr;
@@ -244,15 +257,12 @@ static int fastrnn_pack_cache_keep(void *ptr, size_t bytes, const fastrnn_pack_l
 {
     void *evicted[FASTRNN_PACK_CACHE_SLOTS + 1];
     int nev = 0, kept = 0;
-    if (bytes > FASTRNN_PACK_CACHE_KEEP || __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED))
-        return 0;
+    if (bytes > FASTRNN_PACK_CACHE_KEEP || fastrnn_pack_cache_is_off()) return 0;
     fastrnn_pack_lock();
-    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)   /* another call kept the same already */
-        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].digest == digest
-                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout)) {
-            fastrnn_pack_unlock();
-            return 0;
-        }
+    if (fastrnn_pack_index_locked(layout, digest) >= 0) {   /* another call kept the same */
+        fastrnn_pack_unlock();
+        return 0;
+    }
     for (;;) {
         size_t held = 0;
         int free_slot = -1, lru = -1;
@@ -317,11 +327,6 @@ static void fastrnn_pack_cache_clear(void)
         }
     fastrnn_pack_unlock();
     for (int i = 0; i < n; ++i) free(idle[i]);
-}
-
-static inline int fastrnn_pack_cache_is_off(void)
-{
-    return __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED);
 }
 
 /* Turn the cache off (1) or on (0); off also frees what is idle. */

@@ -367,20 +367,19 @@ def machine_header(peers, threads):
     return (f"CPU: {v['cpu']} ({v['cpu_count']} CPUs; vector ISAs: "
             f"{' '.join(v['cpu_vector_flags']) or 'unknown'}); fastrnn ISA: {v['fastrnn_isa']}"
             f"{' (FASTRNN_ISA)' if os.environ.get('FASTRNN_ISA') else ''}; "
-            f"{'' if v['fastrnn_pack_cache'] else 'weights packed per call (FASTRNN_PACK_CACHE=0); '}"
-            f"{threads} thread(s); "
-            f"python {v['python']}, numpy {v['numpy']}, {peer_text}")
+            + ("" if v["fastrnn_pack_cache"] else "weights packed per call (FASTRNN_PACK_CACHE=0); ")
+            + f"{threads} thread(s); python {v['python']}, numpy {v['numpy']}, {peer_text}")
 
 
 def _versions(peers):
     import fastrnn
-    from fastrnn import _isa
+    from fastrnn import _isa, _recurrent
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "fastrnn": getattr(fastrnn, "__version__", "?"), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "cpu": _isa.cpu_model(),
            "cpu_vector_flags": _isa.cpu_vector_flags(), "fastrnn_isa": _isa.get_isa(),
            "fastrnn_isas_available": _isa.available_isas(),
-           "fastrnn_pack_cache": fastrnn.config()["pack_cache"]}
+           "fastrnn_pack_cache": _recurrent._pack_cache_enabled()}
     try:
         out["fastrnn_config"] = fastrnn.config()
     except Exception:
