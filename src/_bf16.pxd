@@ -5,10 +5,11 @@
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
-from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows
+from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows, task_rows
 from _pack_cache cimport PackLayout, PACK_BF16_GATE_SLICES, find_packed, keep_packed
 
-DEF ROW_BLOCK = 48   # output rows per task in the after-loop GEMMs (a multiple of QG_MR)
+DEF ROW_BLOCK = 48   # most output rows per task in the after-loop GEMMs (task_rows)
+DEF BF16_TILE_ROWS = 8   # QG_MR
 
 
 cdef extern from "bf16_gemm.h" nogil:
@@ -105,12 +106,13 @@ cdef inline int bf16_rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                        int n_threads) noexcept nogil:
     """C[i] (N values) := bf16(A[i]) . W^T for i < M, W (N x K) in bf16 panels.
     0, or -1 if out of memory."""
-    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r0, r1
+    cdef Py_ssize_t rb = task_rows(M, BF16_TILE_ROWS, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r0, r1
     cdef void *work
     cdef int failed = 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
-        r0 = blk * ROW_BLOCK
-        r1 = min(M, r0 + ROW_BLOCK)
+        r0 = blk * rb
+        r1 = min(M, r0 + rb)
         work = malloc(fastrnn_bf16_work_bytes(ROW_BLOCK, K))   # private to the task
         if work == NULL:
             failed += 1
@@ -126,14 +128,15 @@ cdef inline int bf16_columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floa
     """Cs[q] (M x Ns[q], row-major) := bf16(A)^T . W_q^T for q < nout, W_q in bf16
     panels, A the K x M matrix with rows A[k]: its columns are rounded once for
     all outputs. 0, or -1 if out of memory."""
-    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r, r0, r1
+    cdef Py_ssize_t rb = task_rows(M, BF16_TILE_ROWS, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
     cdef float **c_rows
     cdef void *work
     cdef const void *const *arow
     cdef int q, failed = 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
-        r0 = blk * ROW_BLOCK
-        r1 = min(M, r0 + ROW_BLOCK)
+        r0 = blk * rb
+        r1 = min(M, r0 + rb)
         c_rows = <float **> malloc(ROW_BLOCK * sizeof(void *))
         work = malloc(fastrnn_bf16_work_bytes(ROW_BLOCK, K))
         if c_rows == NULL or work == NULL:

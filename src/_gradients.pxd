@@ -19,21 +19,23 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
-from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free
+from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free, task_rows
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
                     bf16_columns_times_packed)
 
-DEF ROW_BLOCK = 48   # output rows per task: a multiple of the 6-row micro-tile
+DEF ROW_BLOCK = 48   # most output rows per task (task_rows picks a multiple of the 12-row tile)
+DEF TILE_ROWS = 12  # AVX-512's float tile; a multiple of AVX2's 6
 
 
 cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
                                    const floating *packed, floating **C,
                                    int n_threads) noexcept nogil:
     """C[i] (N values) := A[i] (K values) . W^T for i < M (row pointers), W (N x K) packed."""
-    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r0, r1
+    cdef Py_ssize_t rb = task_rows(M, TILE_ROWS, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r0, r1
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
-        r0 = blk * ROW_BLOCK
-        r1 = min(M, r0 + ROW_BLOCK)
+        r0 = blk * rb
+        r1 = min(M, r0 + rb)
         gemm_rows(r1 - r0, N, K, A + r0, packed, NULL, 0, C + r0, 0)
 
 
@@ -44,14 +46,15 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
     is the K x M matrix with rows A[k]: its columns are read once for all outputs.
     0, or -1 if out of memory.
     """
-    cdef Py_ssize_t blk, nblk = (M + ROW_BLOCK - 1) // ROW_BLOCK, r, r0, r1
+    cdef Py_ssize_t rb = task_rows(M, TILE_ROWS, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
     cdef floating **c_rows
     cdef floating ***c_sets
     cdef floating *work
     cdef int q, failed = 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
-        r0 = blk * ROW_BLOCK
-        r1 = min(M, r0 + ROW_BLOCK)
+        r0 = blk * rb
+        r1 = min(M, r0 + rb)
         # per-task buffers (assigned inside prange, so private to the thread)
         c_rows = <floating **> malloc(nout * ROW_BLOCK * sizeof(void *))
         c_sets = <floating ***> malloc(nout * sizeof(void *))
