@@ -10,8 +10,12 @@ Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
         -> y, h_n, c_n, cache              (LSTM with projection, torch's proj_size)
     gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
         -> y, h_n, cache
-    *_backward(dy, dh_n[, dc_n], cache) -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh
-                                           [, dw_hr for lstmp_backward]
+    *_backward(dy, dh_n[, dc_n], cache, out=None, accumulate=False)
+        -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh [, dw_hr for lstmp_backward]
+
+A backward's `out` takes arrays for the weight gradients (dw_ih, dw_hh[, dw_hr]):
+the kernel writes them there, or adds into them with accumulate=True (how a
+module fills its parameters' .grad: no temporary, no extra pass over them).
 
 This module checks every argument, allocates outputs and decides the schedule
 (rows sorted by length, one chunk of rows per thread); the recurrence
@@ -169,7 +173,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
                            pack_hh, 1, False, bf16=bf16, cache_weights=not training)
 
 
-def _run_backward(sched, T, reverse, bf16, *args):
+def _run_backward(sched, T, reverse, bf16, accumulate, *args):
     """Run the driver's backward; the reverse loop splits hidden units for small
     batches (every thread reads only its panels of W_hh^T, and a batch of 1
     uses every thread), row chunks otherwise. Both give bitwise the same
@@ -179,8 +183,8 @@ def _run_backward(sched, T, reverse, bf16, *args):
     n = sched.n_threads
     by_units = n > 1 and len(sched.order) <= BACKWARD_UNITS_MAX_BATCH and args[6] is None  # dw_hr
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)
-    if not _recurrent.backward(*args, *tail, by_units, bf16=bf16):
-        _recurrent.backward(*args, *tail, False, bf16=bf16)
+    if not _recurrent.backward(*args, *tail, by_units, bf16=bf16, accumulate=accumulate):
+        _recurrent.backward(*args, *tail, False, bf16=bf16, accumulate=accumulate)
 
 
 def _hidden_buffer(x, H, h0, sched, reverse):
@@ -280,19 +284,50 @@ def _backward_setup(dy, dh_n, cache):
     return dy, dh_n, T, B, I, H, dtype
 
 
-def _gradient_buffers(cache):
-    """Consume the cache; fresh dx (T,B,I), dh0 (B,H), dw_ih, dw_hh for its shapes.
+def _weight_gradient_out(out, cache):
+    """The arrays a backward writes its weight gradients into: `out` checked, or
+    fresh ones. out: None or a tuple of arrays shaped like (w_ih, w_hh[, w_hr])."""
+    weights = [cache.w_ih, cache.w_hh] + ([cache.w_hr] if getattr(cache, "w_hr", None)
+                                           is not None else [])
+    if out is None:
+        return [np.empty_like(w) for w in weights]
+    names = ["dw_ih", "dw_hh", "dw_hr"][:len(weights)]
+    if not isinstance(out, (tuple, list)) or len(out) != len(weights):
+        raise ValueError(f"out: expected a tuple of {len(weights)} arrays ({', '.join(names)}), "
+                         f"got {type(out).__name__}"
+                         + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    inputs = weights + [cache.x]
+    for name, a, w in zip(names, out, weights):
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"out ({name}): expected a NumPy array, got {type(a).__name__}")
+        if a.dtype != w.dtype or a.shape != w.shape:
+            raise ValueError(f"out ({name}): expected a {w.dtype} array of shape {w.shape}, "
+                             f"got {a.dtype} {a.shape}")
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            raise ValueError(f"out ({name}): expected a C-contiguous, writeable array")
+        if any(np.may_share_memory(a, b) for b in inputs):
+            raise ValueError(f"out ({name}): overlaps the weights or the input; the kernel "
+                             "reads those while it writes the gradients")
+    if len({id(a) for a in out}) != len(out) or any(
+            np.may_share_memory(a, b) for i, a in enumerate(out) for b in out[i + 1:]):
+        raise ValueError("out: the weight gradients must be separate arrays")
+    return list(out)
+
+
+def _gradient_buffers(cache, out=None):
+    """Consume the cache; fresh dx (T,B,I), dh0 (B,H), and the weight gradient
+    arrays (_weight_gradient_out: `out`, or fresh dw_ih, dw_hh[, dw_hr]).
 
     dx starts at zero when sequences are padded: the kernels write only the
-    rows of steps that exist.
+    rows of steps that exist. `out` is checked before the cache is consumed.
     """
+    dws = _weight_gradient_out(out, cache)
     cache = cache.take()
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
     dx = (np.zeros if cache.sched.padded else np.empty)((T, B, I), dtype)
-    return (cache, dx, np.empty((B, H), dtype),
-            np.empty_like(cache.w_ih), np.empty_like(cache.w_hh))
+    return (cache, dx, np.empty((B, H), dtype), *dws)
 
 
 # ---------------------------------------------------------------------------- LSTM
@@ -324,14 +359,18 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h_n, c_n, cache
 
 
-def lstm_backward(dy, dh_n, dc_n, cache):
-    """LSTM layer backward -> dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
+    """LSTM layer backward -> dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh (db None without bias).
+
+    out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
+    with accumulate=True); they are the ones returned.
+    """
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
     dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
-    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dc0 = np.empty((B, H), dtype)
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse, cache.bf16,
+    _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, None, cache.gates, None, None,
                   dy, dh_n, dc_n, cache.cs, None, cache.hs_y, cache.h0, cache.c0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, None)
@@ -383,8 +422,12 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     return y, h_n, c_n, cache
 
 
-def lstmp_backward(dy, dh_n, dc_n, cache):
-    """Projected LSTM backward -> dx, dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr."""
+def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
+    """Projected LSTM backward -> dx, dh0 (B,P), dc0 (B,H), dw_ih, dw_hh, db_ih, db_hh, dw_hr.
+
+    out: (dw_ih, dw_hh, dw_hr) arrays to write the weight gradients into (added
+    into with accumulate=True); they are the ones returned.
+    """
     if cache is None:
         raise ValueError("cache is None: run forward with training=True before backward")
     if getattr(cache, "w_hr", None) is None:
@@ -396,12 +439,11 @@ def lstmp_backward(dy, dh_n, dc_n, cache):
     check_shape("dy", dy, (T, B, P))
     dh_n = optional_state("dh_n", dh_n, (B, P), dtype)
     dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
-    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
+    cache, dx, dh0, dw_ih, dw_hh, dw_hr = _gradient_buffers(cache, out)
     dc0 = np.empty((B, H), dtype)
-    dw_hr = np.empty_like(cache.w_hr)
     dhp = np.empty((T, B, P), dtype)   # (T, B, P) dL/dh_t, for dW_hr
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse, cache.bf16,
+    _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, dw_hr, cache.gates, None, dhp,
                   dy, dh_n, dc_n, cache.cs, cache.hr, cache.hs_y, cache.h0, cache.c0,
                   cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, cache.w_hr)
@@ -442,13 +484,17 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     return y, h_n, cache
 
 
-def rnn_backward(dy, dh_n, cache):
-    """RNN layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
+    """RNN layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias).
+
+    out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
+    with accumulate=True); they are the ones returned.
+    """
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
-    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse, cache.bf16,
+    _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   cache.act, dx, dh0, None, dw_ih, dw_hh, None, da, None, None, dy,
                   dh_n, None, None, None, cache.y, cache.h0, None, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, None)
@@ -490,14 +536,18 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     return y, h_n, cache
 
 
-def gru_backward(dy, dh_n, cache):
-    """GRU layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias)."""
+def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
+    """GRU layer backward -> dx, dh0, dw_ih, dw_hh, db_ih, db_hh (db None without bias).
+
+    out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
+    with accumulate=True); they are the ones returned.
+    """
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
-    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache)
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
-    _run_backward(sched, T, cache.reverse, cache.bf16,
+    _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,
                   dh_n, None, cache.hns, None, cache.y, cache.h0, None, cache.x,
                   _h_prev(cache), cache.w_ih, cache.w_hh, None)

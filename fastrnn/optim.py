@@ -54,8 +54,9 @@ class Optimizer:
         self.state = [dict() for _ in self.params]
 
     def zero_grad(self):
+        """Every parameter's gradient to zero (lazily: see fastrnn.Parameter)."""
         for p in self.params:
-            p.grad[...] = 0
+            p.zero_grad()
 
     def step(self):
         raise NotImplementedError

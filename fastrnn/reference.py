@@ -193,7 +193,21 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     return y, h, cache
 
 
-def rnn_backward(dy, dh_n, cache):
+def _weight_grads_into(out, accumulate, *grads):
+    """The backward functions' `out` (as fastrnn.functional's): with out given,
+    each weight gradient is written into its array there (added with
+    accumulate=True) and those arrays are returned."""
+    if out is None:
+        return grads
+    for dst, g in zip(out, grads):
+        if accumulate:
+            dst += g
+        else:
+            dst[...] = g
+    return tuple(out)
+
+
+def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
     """Gradients of the Elman RNN.
 
     dy (T, B, H) gradient w.r.t. y (padded steps ignored); dh_n (B, H) or None.
@@ -227,6 +241,7 @@ def rnn_backward(dy, dh_n, cache):
         dh[rows] = _mm(da, w_hh, bf16)
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
+    dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -284,7 +299,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     return y, h, c, cache
 
 
-def lstm_backward(dy, dh_n, dc_n, cache):
+def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     """Gradients of the LSTM.
 
     dy (T, B, H) (padded steps ignored); dh_n, dc_n (B, H) or None.
@@ -335,6 +350,7 @@ def lstm_backward(dy, dh_n, dc_n, cache):
         dc[rows] = dc_new * f
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
+    dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
     return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -396,7 +412,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     return y, r, c, cache
 
 
-def lstmp_backward(dy, dh_n, dc_n, cache):
+def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     """Backward of `lstmp_forward`.
 
     dy (T,B,P), dh_n (B,P) or None, dc_n (B,H) or None.
@@ -445,6 +461,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache):
     dx = (da2 @ w_ih).reshape(T, B, I)                                  # (T, B, I)
     dw_ih = da2.T @ x.reshape(T * B, I)                                 # (4H, I)
     db = da2.sum(axis=0) if cache["bias"] else None                     # (4H,)
+    dw_ih, dw_hh, dw_hr = _weight_grads_into(out, accumulate, dw_ih, dw_hh, dw_hr)
     return dx, dr, dc, dw_ih, dw_hh, db, None if db is None else db.copy(), dw_hr
 
 
@@ -499,7 +516,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     return y, h, cache
 
 
-def gru_backward(dy, dh_n, cache):
+def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     """Gradients of the GRU.
 
     dy (T, B, H) (padded steps ignored); dh_n (B, H) or None.
@@ -547,6 +564,7 @@ def gru_backward(dy, dh_n, cache):
 
     if not has_bias:
         db_ih = db_hh = None
+    dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
     return dx, dh, dw_ih, dw_hh, db_ih, db_hh
 
 

@@ -124,8 +124,9 @@ cdef inline int bf16_rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
 
 cdef inline int bf16_columns_times_packed(Py_ssize_t M, Py_ssize_t K, const float **A, int nout,
                                           const Py_ssize_t *Ns, const uint16_t **packs,
-                                          float **Cs, int n_threads) noexcept nogil:
-    """Cs[q] (M x Ns[q], row-major) := bf16(A)^T . W_q^T for q < nout, W_q in bf16
+                                          float **Cs, int n_threads,
+                                          float beta=0) noexcept nogil:
+    """Cs[q] (M x Ns[q], row-major) := beta*Cs[q] + bf16(A)^T . W_q^T for q < nout, W_q in bf16
     panels, A the K x M matrix with rows A[k]: its columns are rounded once for
     all outputs. 0, or -1 if out of memory."""
     cdef Py_ssize_t rb = task_rows(M, BF16_TILE_ROWS, ROW_BLOCK, n_threads)
@@ -146,7 +147,7 @@ cdef inline int bf16_columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floa
             for q in range(nout):
                 for r in range(r0, r1):
                     c_rows[r - r0] = Cs[q] + r * Ns[q]
-                fastrnn_bf16_gemm_prepared(r1 - r0, Ns[q], K, arow, packs[q], c_rows, 0)
+                fastrnn_bf16_gemm_prepared(r1 - r0, Ns[q], K, arow, packs[q], c_rows, beta)
         free(c_rows)
         free(work)
     return -1 if failed else 0

@@ -41,10 +41,12 @@ cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, con
 
 cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating **A,
                                      int nout, const Py_ssize_t *Ns, const floating **packs,
-                                     floating **Cs, int n_threads) noexcept nogil:
-    """Cs[q] (M x Ns[q], row-major) := A^T . W_q^T for q < nout, W_q packed, where A
-    is the K x M matrix with rows A[k]: its columns are read once for all outputs.
-    0, or -1 if out of memory.
+                                     floating **Cs, int n_threads,
+                                     floating beta=0) noexcept nogil:
+    """Cs[q] (M x Ns[q], row-major) := beta*Cs[q] + A^T . W_q^T for q < nout, W_q
+    packed, where A is the K x M matrix with rows A[k]: its columns are read once
+    for all outputs. beta 1 adds into Cs (a parameter's .grad). 0, or -1 if out
+    of memory (with beta 1, rows of Cs may then hold the sum already).
     """
     cdef Py_ssize_t rb = task_rows(M, TILE_ROWS, ROW_BLOCK, n_threads)
     cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
@@ -66,7 +68,7 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
                 c_sets[q] = c_rows + q * ROW_BLOCK
                 for r in range(r0, r1):
                     c_rows[q * ROW_BLOCK + r - r0] = Cs[q] + r * Ns[q]
-            gemm_columns(r1 - r0, K, A, r0, nout, Ns, packs, c_sets, 0, work)
+            gemm_columns(r1 - r0, K, A, r0, nout, Ns, packs, c_sets, beta, work)
         free(c_rows)
         free(c_sets)
         free(work)
@@ -104,19 +106,20 @@ cdef inline int rows_times(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float
 
 cdef inline int columns_times(Py_ssize_t M, Py_ssize_t K, const floating **A, int nout,
                               const Py_ssize_t *Ns, const void **packs, floating **Cs,
-                              bint bf16, int n_threads) noexcept nogil:
+                              bint bf16, int n_threads, floating beta) noexcept nogil:
     """columns_times_packed, or its bf16 twin. 0, or -1 if out of memory."""
     if floating is float:
         if bf16:
             return bf16_columns_times_packed(M, K, A, nout, Ns, <const uint16_t **> packs, Cs,
-                                             n_threads)
-    return columns_times_packed(M, K, A, nout, Ns, <const floating **> packs, Cs, n_threads)
+                                             n_threads, beta)
+    return columns_times_packed(M, K, A, nout, Ns, <const floating **> packs, Cs, n_threads,
+                                beta)
 
 
 cdef inline int input_and_weight_gradients(
         floating *dx,               # OUT (TB, I) rows in `valid`; the others are left alone
-        floating *dw_ih,            # OUT (GH, I)
-        floating *dw_hh,            # OUT (GH, H)
+        floating *dw_ih,            # OUT (GH, I), added into when accumulate
+        floating *dw_hh,            # OUT (GH, H), added into when accumulate
         const floating *dgx,        # IN  (TB, GH) dL/d(x W_ih^T)
         const floating *dgh,        # IN  (TB, GH) dL/d(h W_hh^T); the same array for RNN and LSTM
         const floating *x,          # IN  (TB, I)
@@ -124,9 +127,10 @@ cdef inline int input_and_weight_gradients(
         const floating *w_ih,       # IN  (GH, I)
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
-        int n_threads, bint bf16) noexcept nogil:
-    """dx = dgx W_ih; dw_ih = dgx^T x; dw_hh = dgh^T h_prev, over the V rows in `valid`,
-    on bf16 operands when bf16 (float32 only).
+        int n_threads, bint bf16, bint accumulate) noexcept nogil:
+    """dx = dgx W_ih; dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev, over the V rows in
+    `valid`, on bf16 operands when bf16 (float32 only). accumulate: add the weight
+    gradients into dw_ih, dw_hh (a parameter's .grad: no temporary, no extra pass).
 
     0, or -1 if out of memory.
     """
@@ -142,6 +146,7 @@ cdef inline int input_and_weight_gradients(
     cdef const void *packs[2]
     cdef floating *Cs[2]
     cdef int status = -1
+    cdef floating beta = 1 if accumulate else 0
     if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
             and dx_rows != NULL and w_ih_t != NULL):
         x_t = packed_columns(x_rows, I, V, bf16, n_threads)               # x^T (I x V)
@@ -155,11 +160,11 @@ cdef inline int input_and_weight_gradients(
         Cs[1] = dw_hh
         status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
         if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads)
+            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta)
         else:
-            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads)
+            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta)
             status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
-                                    n_threads)
+                                    n_threads, beta)
         status = -1 if status != 0 else 0
     free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
     scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
@@ -167,12 +172,13 @@ cdef inline int input_and_weight_gradients(
 
 
 cdef inline int weight_gradient(
-        floating *dw,               # OUT (N, K)
+        floating *dw,               # OUT (N, K), added into when accumulate
         const floating *da,         # IN  (TB, N) dL/d(output) of the product out = in W^T
         const floating *inp,        # IN  (TB, K) its input
         const Py_ssize_t *valid,    # IN  (V,) the rows that exist, ascending; NULL: all
-        Py_ssize_t V, Py_ssize_t N, Py_ssize_t K, int n_threads) noexcept nogil:
-    """dw = da^T inp over the V rows in `valid` (the LSTM projection's dW_hr).
+        Py_ssize_t V, Py_ssize_t N, Py_ssize_t K, int n_threads,
+        bint accumulate) noexcept nogil:
+    """dw (+)= da^T inp over the V rows in `valid` (the LSTM projection's dW_hr).
     0, or -1 if out of memory."""
     cdef const floating **a_rows = row_pointers(da, valid, V, N)
     cdef const floating **in_rows = row_pointers(inp, valid, V, K)
@@ -187,6 +193,7 @@ cdef inline int weight_gradient(
         Ns[0] = K
         packs[0] = in_t
         Cs[0] = dw
-        status = columns_times_packed(N, V, a_rows, 1, Ns, packs, Cs, n_threads)
+        status = columns_times_packed(N, V, a_rows, 1, Ns, packs, Cs, n_threads,
+                                      1 if accumulate else 0)
     free(a_rows); free(in_rows); scratch_free(in_t)
     return status

@@ -585,7 +585,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const floating[:, ::1] w_hr,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
-             int n_threads, bint by_units, bint bf16=False):
+             int n_threads, bint by_units, bint bf16=False, bint accumulate=False):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -599,6 +599,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     (backward_units; small batches, no projection) instead of row chunks.
     bf16 (float32, no projection): the reverse loop's dh = da W_hh and the
     three GEMMs after it on bf16 operands (bf16_gemm.h), as forward ran with bf16.
+    accumulate: add into dw_ih, dw_hh (and dw_hr) instead of overwriting them,
+    so a module's .grad takes the gradient with no temporary and no extra pass.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -670,11 +672,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,
                 &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
-                n_threads, p.bf16) != 0
+                n_threads, p.bf16, accumulate) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, V, O, H,
-                                         n_threads) != 0
+                                         n_threads, accumulate) != 0
         scratch_free(packed_hhT)
         scratch_free(packed_hrT)
         scratch_free(bf16_hhT)

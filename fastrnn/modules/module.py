@@ -33,13 +33,63 @@ def training_call(method):
 
 
 class Parameter:
-    """A trainable array and the gradient that `backward` accumulates into it."""
+    """A trainable array and the gradient that `backward` accumulates into it.
 
-    __slots__ = ("data", "grad")
+    `zero_grad()` does not write the gradient: it marks it as zero, and the
+    next backward writes its gradient into the array instead of adding to it
+    (for an LSTM layer of 1024 units that spares a 32 MB fill and a 32 MB add
+    per step). Reading `.grad` before then fills it with zeros, so what `.grad`
+    shows is always the sum of the backward calls since the last zero_grad.
+    """
+
+    __slots__ = ("data", "_grad", "_grad_is_zero")
 
     def __init__(self, data):
         self.data = np.ascontiguousarray(data)
-        self.grad = np.zeros_like(self.data)
+        self._grad = np.zeros_like(self.data)
+        self._grad_is_zero = False
+
+    @property
+    def grad(self):
+        if self._grad_is_zero:
+            self._grad[...] = 0
+            self._grad_is_zero = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = value
+        self._grad_is_zero = False
+
+    def zero_grad(self):
+        """Set the gradient to zero (lazily: see the class docstring)."""
+        self._grad_is_zero = True
+
+    def add_grad(self, g):
+        """grad += g (grad := g after zero_grad)."""
+        if self._grad_is_zero:
+            self._grad[...] = g
+            self._grad_is_zero = False
+        else:
+            self._grad += g
+
+    def grad_target(self):
+        """(array, accumulate) for a kernel to write this gradient into in place:
+        accumulate False right after zero_grad (overwrite), else True (add).
+        None when `.grad` was replaced by something the kernels cannot write (not
+        a C-contiguous, writeable array of the parameter's shape and dtype): the
+        caller then adds a fresh gradient with add_grad. After a kernel wrote
+        it, call grad_written()."""
+        g = self._grad
+        if (isinstance(g, np.ndarray) and g.dtype == self.data.dtype
+                and g.shape == self.data.shape and g.flags.c_contiguous
+                and g.flags.writeable):
+            return g, not self._grad_is_zero
+        return None
+
+    def grad_written(self):
+        """A kernel has written the gradient from grad_target()."""
+        self._grad_is_zero = False
 
     @property
     def shape(self):
@@ -112,8 +162,9 @@ class Module:
         return self.train(False)
 
     def zero_grad(self):
+        """Every parameter's gradient to zero (lazily: see Parameter)."""
         for p in self.parameters():
-            p.grad[...] = 0
+            p.zero_grad()
 
     # -- state dicts ---------------------------------------------------------
     def state_dict(self):

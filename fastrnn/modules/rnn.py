@@ -408,21 +408,46 @@ class RNNBase(Module):
                 return self._backward_direction(
                     np.ascontiguousarray(dy),                           # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
-                    cache["caches"][idx])
+                    cache["caches"][idx], *self._weight_grad_targets(idx))
             results = _directions(direction, D, 2 * self._direction_flop(dlayer))
             for d, (dx, dh, dc, grads) in enumerate(results):
                 idx = k * D + d
                 dh0[idx] = dh
                 if dc0 is not None:
                     dc0[idx] = dc
-                for name, g in zip(self._param_names[idx], (g for g in grads if g is not None)):
-                    getattr(self, name).grad += g
+                self._take_grads(idx, grads)
                 # both directions read the same input, so their input gradients add
                 dx_layer = dx if dx_layer is None else dx_layer + dx
             dlayer = dx_layer                                           # (T, B, I or D·O)
         dx = dlayer.transpose(1, 0, 2) if self.batch_first else dlayer
         dx = np.ascontiguousarray(dx)
         return (dx, (dh0, dc0)) if self.mode == "LSTM" else (dx, dh0)
+
+    def _weight_params(self, idx):
+        """The weight matrices of run idx, in the order backward's `out` takes them:
+        weight_ih, weight_hh[, weight_hr]."""
+        return [getattr(self, n) for n in self._param_names[idx] if not n.startswith("bias")]
+
+    def _weight_grad_targets(self, idx):
+        """(out, accumulate) for run idx's backward: the weights' .grad arrays, which
+        the kernel then writes (after zero_grad) or adds into, with no temporary; or
+        (None, False) when some .grad cannot be written in place or the weights
+        disagree on being zeroed (fresh arrays are then added by _take_grads)."""
+        targets = [p.grad_target() for p in self._weight_params(idx)]
+        if any(t is None for t in targets) or len({acc for _, acc in targets}) != 1:
+            return None, False
+        return tuple(g for g, _ in targets), targets[0][1]
+
+    def _take_grads(self, idx, grads):
+        """Put run idx's gradients (in _param_names order, None for no bias) into the
+        parameters: weights the kernel wrote in place are marked written, the rest
+        added."""
+        for name, g in zip(self._param_names[idx], (g for g in grads if g is not None)):
+            p = getattr(self, name)
+            if g is p._grad:
+                p.grad_written()
+            else:
+                p.add_grad(g)
 
     def _direction_flop(self, layer_in):
         """FLOP of one direction's forward over this layer input (T, B, ·)."""
@@ -436,9 +461,10 @@ class RNNBase(Module):
         """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache."""
         raise NotImplementedError
 
-    def _backward_direction(self, dy, dh_n, dc_n, cache):
+    def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
         """-> dx (T,B,·), dh0 (B,O), dc0 (B,H) or None, grads in _param_names order
-        (bias grads None when bias=False)."""
+        (bias grads None when bias=False). out, accumulate: as the functional
+        backward's (the weight gradients written or added in place)."""
         raise NotImplementedError
 
 
@@ -463,8 +489,8 @@ class RNN(RNNBase):
                                       lengths=lengths, reverse=reverse, training=keep)
         return y, h_n, None, cache
 
-    def _backward_direction(self, dy, dh_n, dc_n, cache):
-        dx, dh0, *grads = F.rnn_backward(dy, dh_n, cache)
+    def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
+        dx, dh0, *grads = F.rnn_backward(dy, dh_n, cache, out, accumulate)
         return dx, dh0, None, grads
 
 
@@ -486,8 +512,8 @@ class GRU(RNNBase):
                                       training=keep)
         return y, h_n, None, cache
 
-    def _backward_direction(self, dy, dh_n, dc_n, cache):
-        dx, dh0, *grads = F.gru_backward(dy, dh_n, cache)
+    def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
+        dx, dh0, *grads = F.gru_backward(dy, dh_n, cache, out, accumulate)
         return dx, dh0, None, grads
 
 
@@ -498,9 +524,9 @@ class LSTM(RNNBase):
     `out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)`,
     `dx, (dh0, dc0) = lstm.backward(dout, (dh_n, dc_n)=None)`.
 
-    With proj_size > 0 (h = (o*tanh(c)) @ weight_hr.T, c keeps hidden_size) the
-    compiled kernels are not used: a per-step NumPy loop runs instead. That is
-    the SLOW PATH, written for correctness (torch-equivalent), not speed.
+    With proj_size > 0, h = (o*tanh(c)) @ weight_hr.T and c keeps hidden_size;
+    the projection runs in the same kernels (one more GEMM per step, rows split
+    across threads).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -518,9 +544,9 @@ class LSTM(RNNBase):
                                    training=keep)
         return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep)
 
-    def _backward_direction(self, dy, dh_n, dc_n, cache):
+    def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
         if self.proj_size:
-            dx, dh0, dc0, *grads = F.lstmp_backward(dy, dh_n, dc_n, cache)
+            dx, dh0, dc0, *grads = F.lstmp_backward(dy, dh_n, dc_n, cache, out, accumulate)
         else:
-            dx, dh0, dc0, *grads = F.lstm_backward(dy, dh_n, dc_n, cache)
+            dx, dh0, dc0, *grads = F.lstm_backward(dy, dh_n, dc_n, cache, out, accumulate)
         return dx, dh0, dc0, grads
