@@ -233,7 +233,8 @@ cdef void forward_thread(
                     r_rows[r] = hr + row * H if hr != NULL else hrb + r * H
                 forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
                                   h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
-                                  <floating *> r_rows[r] if proj else y + row * O + j0, hk)
+                                  <floating *> r_rows[r] if proj else y + row * O + j0, hk,
+                                  gates != NULL)
                 if has_c:
                     c_rows[r] = aux_out
                 if gates != NULL and not in_gates:

@@ -5,7 +5,8 @@
  * segments are separate restrict pointers and each loop is one `omp simd`
  * pass, built for AVX-512, AVX2 and baseline (isa.h). Gate order i, f, g, o (torch.nn).
  *
- * Forward (pre-activations a in, activated gates out, in place):
+ * Forward (pre-activations a in, activated gates out, in place; the infer
+ * variant leaves a as it is):
  *   i, f, o = sigmoid(a + b);  g = tanh(a + b)
  *   c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t)
  * (c_new may be c_prev itself: inference updates c in place.)
@@ -26,8 +27,11 @@
 #include "activations.h"  /* fastrnn_sigmoidf, fastrnn_tanhf */
 #include "isa.h"          /* FASTRNN_MULTIVERSION: one body, an AVX-512, AVX2 and baseline build */
 
-#define FASTRNN_DEFINE_LSTM_FORWARD(REAL, SUFFIX, SIGMOID, TANH)                   \
-FASTRNN_MULTIVERSION(fastrnn_lstm_forward_pointwise_##SUFFIX,                      \
+/* NAME keeps the activated gates (training: backward reads them); with
+ * KEEP_GATES 0 it only writes c_t and h_t (inference: 4 stores a unit fewer;
+ * the same operations, so the same bits). */
+#define FASTRNN_DEFINE_LSTM_FORWARD(NAME, KEEP_GATES, REAL, SIGMOID, TANH)          \
+FASTRNN_MULTIVERSION(NAME,                                                         \
     (REAL *restrict ai, REAL *restrict af, REAL *restrict ag, REAL *restrict ao,   \
      const REAL *restrict bias, const REAL *c_prev, REAL *c_new,                   \
      REAL *restrict h, ptrdiff_t n),                                               \
@@ -40,14 +44,18 @@ FASTRNN_MULTIVERSION(fastrnn_lstm_forward_pointwise_##SUFFIX,                   
         REAL i = SIGMOID(ai[j] + bi[j]), f = SIGMOID(af[j] + bf[j]);               \
         REAL g = TANH(ag[j] + bg[j]), o = SIGMOID(ao[j] + bo[j]);                  \
         REAL c = f * c_prev[j] + i * g;                                            \
-        ai[j] = i; af[j] = f; ag[j] = g; ao[j] = o;                                \
+        if (KEEP_GATES) {                                                          \
+            ai[j] = i; af[j] = f; ag[j] = g; ao[j] = o;                            \
+        }                                                                          \
         c_new[j] = c;                                                              \
         h[j] = o * TANH(c);                                                        \
     }                                                                              \
 })
 
-FASTRNN_DEFINE_LSTM_FORWARD(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
-FASTRNN_DEFINE_LSTM_FORWARD(double, d, fastrnn_sigmoidd, fastrnn_tanhd)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_forward_pointwise_s, 1, float, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_forward_pointwise_d, 1, double, fastrnn_sigmoidd, fastrnn_tanhd)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_s, 0, float, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_d, 0, double, fastrnn_sigmoidd, fastrnn_tanhd)
 
 #define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
 FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                     \

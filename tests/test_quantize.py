@@ -35,10 +35,14 @@ def _tol(qdtype, isa):
 # bf16 dynamic rounds each step's h_{t-1} (and each layer's input) to bf16. The kernel's
 # h and the twin's differ in the last float32 bits (gate functions, summation order),
 # and where an element lies within those bits of a bf16 rounding boundary the two round
-# it to neighbouring bf16 values, 2^-8 apart relative. Measured over these cases (every
-# ISA): at most 3e-6, against 9e-5 to 3.5e-3 between dynamic and weight-only numbers.
+# it to neighbouring bf16 values, 2^-8 apart relative. One such flip moves the next
+# step's pre-activation by up to 2^-9 |h| |w| (here |w| <= 1/sqrt(H) <= 0.38): at most
+# ~7e-4, ~2e-4 at H=33. With the tanh of session 16 (through expm1) the RNN case
+# T=3, B=5, H=33 flips one element on every ISA: 1.6e-4; the other bf16 dynamic
+# cases stay at or below 1.2e-7.
+# Which mode ran is asserted on its own (dyn_hh), not told apart by this tolerance.
 # Exact inputs (one step, one layer; a Linear) are held to _tol in the tests below.
-BF16_DYNAMIC_RECURRENT_TOL = 1e-4
+BF16_DYNAMIC_RECURRENT_TOL = 1e-3
 
 
 @pytest.mark.parametrize("cell", CELLS)
