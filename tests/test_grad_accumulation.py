@@ -186,3 +186,17 @@ def test_functional_out_arrays_must_be_separate():
     g = np.zeros_like(w_hh)
     with pytest.raises(ValueError, match="separate"):
         F.lstm_backward(dy, None, None, cache, out=(g, g))
+
+
+def test_grad_that_aliases_the_weights_falls_back_to_adding():
+    """A .grad that is the weights' own array cannot be the kernel's output (the
+    kernel reads the weights); backward then adds into it as before, no error."""
+    m = make_layer("rnn", np.float64)
+    m.train()
+    want = fresh_grads(m, 6)["weight_ih_l0"]
+    p = m.weight_ih_l0
+    before = p.data.copy()
+    m.zero_grad()
+    p.grad = p.data
+    run_backward(m, 6)
+    assert np.allclose(p.data, before + want, rtol=1e-12, atol=1e-12)

@@ -144,3 +144,25 @@ def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkey
         _check(cell, dtype, (4, B, 23, 41), "plain", isa)
     case = make_case(cell, np.float32, (4, B, 23, 41), True, False, True, 31)
     assert_same_bits_for_thread_counts(cell, case, False, 32, (1, 2))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype):
+    """The packed GEMM cuts M rows into register tiles of up to 12 (AVX-512) or 6
+    rows, spread evenly (src/recurrent_gemm.h): every row count from 1 to 50, each
+    row bitwise equal to the same row computed alone, and close to float64."""
+    from fastrnn import _dense
+    rng = np.random.default_rng(7)
+    K, N = 37, 70
+    x = rng.standard_normal((50, K)).astype(dtype)
+    w = rng.standard_normal((N, K)).astype(dtype)
+    alone = np.empty((50, N), dtype)
+    for i in range(50):
+        _dense.forward(alone[i:i + 1], x[i:i + 1], w, None, 1, True)
+    assert np.allclose(alone, x.astype(np.float64) @ w.T.astype(np.float64),
+                       rtol=1e-4 if dtype == np.float32 else 1e-12,
+                       atol=1e-4 if dtype == np.float32 else 1e-12)
+    for M in range(1, 51):
+        y = np.empty((M, N), dtype)
+        _dense.forward(y, x[:M], w, None, 1, True)
+        assert np.array_equal(y, alone[:M]), M

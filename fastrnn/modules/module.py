@@ -77,13 +77,13 @@ class Parameter:
         """(array, accumulate) for a kernel to write this gradient into in place:
         accumulate False right after zero_grad (overwrite), else True (add).
         None when `.grad` was replaced by something the kernels cannot write (not
-        a C-contiguous, writeable array of the parameter's shape and dtype): the
-        caller then adds a fresh gradient with add_grad. After a kernel wrote
-        it, call grad_written()."""
+        a C-contiguous, writeable array of the parameter's shape and dtype, apart
+        from the parameter's data): the caller then adds a fresh gradient with
+        add_grad. After a kernel wrote it, call grad_written()."""
         g = self._grad
         if (isinstance(g, np.ndarray) and g.dtype == self.data.dtype
                 and g.shape == self.data.shape and g.flags.c_contiguous
-                and g.flags.writeable):
+                and g.flags.writeable and not np.may_share_memory(g, self.data)):
             return g, not self._grad_is_zero
         return None
 
