@@ -38,8 +38,9 @@
  * process pairs, ms: LSTM I=128 H=1024 T=30 B=20 (20 rows a thread) 30.1-31.0 ->
  * 28.0-29.6, LSTM I=H=1024 T=25 B=16 36.3-37.0 -> 35.2-35.4, GRU the same
  * 26.7 -> 25.5; 32 and 64 rows unchanged. Spreading every M evenly (32 rows:
- * 11 + 11 + 10), or a switch on the tile size inside the tile loop, cost 2-4 % at
- * 32 and 64 rows (Zen 4, AVX-512). A row's sums do not depend on its tile. */
+ * 11 + 11 + 10), halving the last MR + r rows of any M (32 rows: 12 + 10 + 10),
+ * or a switch on the tile size inside the tile loop, each cost 2-4 % at 32 rows
+ * (Zen 4, AVX-512). A row's sums do not depend on its tile. */
 #define FASTRNN_TILE_CASE(R, MR, TILE, ...) \
     case R: if (R <= MR) TILE(i0_, R, __VA_ARGS__); break;
 #define FASTRNN_ROW_TILES(M, MR, TILE, ...)                                        \
