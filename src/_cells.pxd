@@ -27,16 +27,12 @@ cdef extern from "rnn_pointwise.h" nogil:
 cdef extern from "lstm_pointwise.h" nogil:
     void fastrnn_lstm_forward_pointwise_s(float *ai, float *af, float *ag, float *ao,
                                           const float *bias, const float *c_prev,
-                                          float *c_new, float *h, Py_ssize_t n)
+                                          float *c_new, float *h, Py_ssize_t n,
+                                          int keep_gates)
     void fastrnn_lstm_forward_pointwise_d(double *ai, double *af, double *ag, double *ao,
                                           const double *bias, const double *c_prev,
-                                          double *c_new, double *h, Py_ssize_t n)
-    void fastrnn_lstm_infer_pointwise_s(float *ai, float *af, float *ag, float *ao,
-                                        const float *bias, const float *c_prev,
-                                        float *c_new, float *h, Py_ssize_t n)
-    void fastrnn_lstm_infer_pointwise_d(double *ai, double *af, double *ag, double *ao,
-                                        const double *bias, const double *c_prev,
-                                        double *c_new, double *h, Py_ssize_t n)
+                                          double *c_new, double *h, Py_ssize_t n,
+                                          int keep_gates)
     void fastrnn_lstm_backward_pointwise_s(float *gi, float *gf, float *gg, float *go,
                                            float *dc_carry, const float *dh_carry,
                                            const float *dy, const float *c_prev,
@@ -84,20 +80,13 @@ cdef inline void forward_pointwise(
         Py_ssize_t n,
         bint keep_gates) noexcept nogil:    # training: the LSTM leaves its activated gates in a
     """One row's forward pass for n hidden units, gate segments n apart."""
-    if cell == CELL_LSTM and not keep_gates:
-        if floating is float:
-            fastrnn_lstm_infer_pointwise_s(a, a + n, a + 2 * n, a + 3 * n, bias, c_prev,
-                                           aux, h, n)
-        else:
-            fastrnn_lstm_infer_pointwise_d(a, a + n, a + 2 * n, a + 3 * n, bias, c_prev,
-                                           aux, h, n)
-    elif cell == CELL_LSTM:
+    if cell == CELL_LSTM:
         if floating is float:
             fastrnn_lstm_forward_pointwise_s(a, a + n, a + 2 * n, a + 3 * n, bias, c_prev,
-                                             aux, h, n)
+                                             aux, h, n, keep_gates)
         else:
             fastrnn_lstm_forward_pointwise_d(a, a + n, a + 2 * n, a + 3 * n, bias, c_prev,
-                                             aux, h, n)
+                                             aux, h, n, keep_gates)
     elif cell == CELL_GRU:
         if floating is float:
             fastrnn_gru_forward_pointwise_s(a, gh, bias, bias_h, h_prev, aux, h, n)

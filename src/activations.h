@@ -27,12 +27,14 @@
 #include <stddef.h>
 #include "isa.h"  /* FASTRNN_MULTIVERSION */
 
-/* exp(x) for float, vectorisable; x clamped to [-87.3, 88.0] (overflow-free). */
-static inline float fastrnn_expf(float x)
+/* x clamped to [-87.3, 88.0] (overflow-free: e^88 * 2^0.5 < FLT_MAX), reduced to
+ * x = n*ln2 + r with |r| <= ln2/2; returns expm1(r) = r + r^2 P(r) (P of degree
+ * 5, about 1 ulp) and sets *scale = 2^n. Vectorisable: no libm call. */
+static inline float fastrnn_exp_reduced_f(float x, float *scale)
 {
-    x = x > 88.0f ? 88.0f : x;  /* e^88 * 2^0.5 < FLT_MAX */
+    x = x > 88.0f ? 88.0f : x;
     x = x < -87.3f ? -87.3f : x;
-    /* n = round(x / ln2) by the 1.5*2^23 trick (no libm call, exact for |n| < 2^22) */
+    /* n = round(x / ln2) by the 1.5*2^23 trick (exact for |n| < 2^22) */
     float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f;          /* ln2 split in two so r is exact */
     r = r + n * 2.12194440e-4f;
@@ -42,35 +44,24 @@ static inline float fastrnn_expf(float x)
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
     int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    memcpy(scale, &bits, sizeof *scale);
+    return p * r * r + r;
 }
 
-/* exp(x) - 1 for float, vectorisable: the same reduction and polynomial as
- * fastrnn_expf without its leading 1, so expm1(r) = r + r^2 P(r) keeps full
- * relative accuracy near 0, then expm1(x) = 2^n expm1(r) + (2^n - 1), exact
- * for n = 0. x clamped as in fastrnn_expf (expm1(-87.3) rounds to -1). */
+/* exp(x) for float: 2^n (expm1(r) + 1). */
+static inline float fastrnn_expf(float x)
+{
+    float scale, e = fastrnn_exp_reduced_f(x, &scale);
+    return (e + 1.0f) * scale;
+}
+
+/* exp(x) - 1 for float: 2^n expm1(r) + (2^n - 1), so full relative accuracy
+ * near 0 (exact reduction for n = 0); expm1(-87.3) rounds to -1. */
 static inline float fastrnn_expm1f(float x)
 {
-    x = x > 88.0f ? 88.0f : x;
-    x = x < -87.3f ? -87.3f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r;                        /* expm1(r) */
-    int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return scale * p + (scale - 1.0f);
+    float scale, e = fastrnn_exp_reduced_f(x, &scale);
+    return scale * e + (scale - 1.0f);
 }
 
 static inline float fastrnn_sigmoidf(float x)

@@ -52,10 +52,25 @@ FASTRNN_MULTIVERSION(NAME,                                                      
     }                                                                              \
 })
 
-FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_forward_pointwise_s, 1, float, fastrnn_sigmoidf, fastrnn_tanhf)
-FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_forward_pointwise_d, 1, double, fastrnn_sigmoidd, fastrnn_tanhd)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_train_pointwise_s, 1, float, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_train_pointwise_d, 1, double, fastrnn_sigmoidd, fastrnn_tanhd)
 FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_s, 0, float, fastrnn_sigmoidf, fastrnn_tanhf)
 FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_d, 0, double, fastrnn_sigmoidd, fastrnn_tanhd)
+
+/* The forward pass of one row: keep_gates (training) leaves the activated
+ * gates in ai..ao for backward. */
+#define FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(REAL, SUFFIX)                            \
+static inline void fastrnn_lstm_forward_pointwise_##SUFFIX(                        \
+    REAL *ai, REAL *af, REAL *ag, REAL *ao, const REAL *bias, const REAL *c_prev,  \
+    REAL *c_new, REAL *h, ptrdiff_t n, int keep_gates)                             \
+{                                                                                  \
+    if (keep_gates)                                                                \
+        fastrnn_lstm_train_pointwise_##SUFFIX(ai, af, ag, ao, bias, c_prev, c_new, h, n); \
+    else                                                                           \
+        fastrnn_lstm_infer_pointwise_##SUFFIX(ai, af, ag, ao, bias, c_prev, c_new, h, n); \
+}
+FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(float, s)
+FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(double, d)
 
 #define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
 FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                     \

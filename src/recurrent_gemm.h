@@ -43,42 +43,35 @@
  * (Zen 4, AVX-512). A row's sums do not depend on its tile. */
 #define FASTRNN_TILE_CASE(R, MR, TILE, ...) \
     case R: if (R <= MR) TILE(i0_, R, __VA_ARGS__); break;
+/* TILE(i0_, m, ...) with m (1..MR, at most 12) made a constant. */
+#define FASTRNN_TILE_SWITCH(m, MR, TILE, ...)                                      \
+    switch ((int)(m)) {                                                            \
+    FASTRNN_TILE_CASE(12, MR, TILE, __VA_ARGS__)                                   \
+    FASTRNN_TILE_CASE(11, MR, TILE, __VA_ARGS__)                                   \
+    FASTRNN_TILE_CASE(10, MR, TILE, __VA_ARGS__)                                   \
+    FASTRNN_TILE_CASE(9, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(8, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(7, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(6, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(5, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(4, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(3, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(2, MR, TILE, __VA_ARGS__)                                    \
+    FASTRNN_TILE_CASE(1, MR, TILE, __VA_ARGS__)                                    \
+    default: break;                                                                \
+    }
 #define FASTRNN_ROW_TILES(M, MR, TILE, ...)                                        \
     do {                                                                           \
         ptrdiff_t i0_ = 0;                                                         \
         if ((M) > (MR) && (M) < 2 * (MR)) {   /* two even tiles */                 \
             const int m_ = (int)((M) + 1) / 2;                                     \
-            switch (m_) {                                                          \
-            FASTRNN_TILE_CASE(12, MR, TILE, __VA_ARGS__)                           \
-            FASTRNN_TILE_CASE(11, MR, TILE, __VA_ARGS__)                           \
-            FASTRNN_TILE_CASE(10, MR, TILE, __VA_ARGS__)                           \
-            FASTRNN_TILE_CASE(9, MR, TILE, __VA_ARGS__)                            \
-            FASTRNN_TILE_CASE(8, MR, TILE, __VA_ARGS__)                            \
-            FASTRNN_TILE_CASE(7, MR, TILE, __VA_ARGS__)                            \
-            FASTRNN_TILE_CASE(6, MR, TILE, __VA_ARGS__)                            \
-            FASTRNN_TILE_CASE(5, MR, TILE, __VA_ARGS__)                            \
-            FASTRNN_TILE_CASE(4, MR, TILE, __VA_ARGS__)                            \
-            default: break;                                                        \
-            }                                                                      \
+            FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                         \
             i0_ = m_;                                                              \
         } else {                                                                   \
             for (; i0_ + (MR) <= (M); i0_ += (MR))                                 \
                 TILE(i0_, MR, __VA_ARGS__);                                        \
         }                                                                          \
-        switch ((int)((M) - i0_)) {                                                \
-        FASTRNN_TILE_CASE(11, MR, TILE, __VA_ARGS__)                               \
-        FASTRNN_TILE_CASE(10, MR, TILE, __VA_ARGS__)                               \
-        FASTRNN_TILE_CASE(9, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(8, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(7, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(6, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(5, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(4, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(3, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(2, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(1, MR, TILE, __VA_ARGS__)                                \
-        default: break;                                                            \
-        }                                                                          \
+        FASTRNN_TILE_SWITCH((M) - i0_, MR, TILE, __VA_ARGS__);   /* the rest */       \
     } while (0)
 
 /* TILE(i0, m, ...) for whole MR-row tiles from row 0, then the rest: for
@@ -88,20 +81,7 @@
         ptrdiff_t i0_ = 0;                                                         \
         for (; i0_ + (MR) <= (M); i0_ += (MR))                                     \
             TILE(i0_, MR, __VA_ARGS__);                                            \
-        switch ((int)((M) - i0_)) {                                                \
-        FASTRNN_TILE_CASE(11, MR, TILE, __VA_ARGS__)                               \
-        FASTRNN_TILE_CASE(10, MR, TILE, __VA_ARGS__)                               \
-        FASTRNN_TILE_CASE(9, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(8, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(7, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(6, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(5, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(4, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(3, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(2, MR, TILE, __VA_ARGS__)                                \
-        FASTRNN_TILE_CASE(1, MR, TILE, __VA_ARGS__)                                \
-        default: break;                                                            \
-        }                                                                          \
+        FASTRNN_TILE_SWITCH((M) - i0_, MR, TILE, __VA_ARGS__);   /* the rest */       \
     } while (0)
 
 /* ---- the instantiations: (ISA, type) -> tile size ---- */
