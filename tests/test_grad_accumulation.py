@@ -200,3 +200,26 @@ def test_grad_that_aliases_the_weights_falls_back_to_adding():
     p.grad = p.data
     run_backward(m, 6)
     assert np.allclose(p.data, before + want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_two_backwards_add_under_bf16_products(kind):
+    """Matmul precision "medium" (bf16 GEMM operands where the CPU has AVX512-BF16,
+    float32 elsewhere): the kernel adds the second backward's weight gradients
+    into .grad through the bf16 column GEMM (beta 1) as well."""
+    before = fastrnn.get_float32_matmul_precision()
+    fastrnn.set_float32_matmul_precision("medium")
+    try:
+        m = make_layer(kind, np.float32)
+        m.train()
+        g1 = fresh_grads(m, 1)
+        g2 = fresh_grads(m, 2)
+        m.zero_grad()
+        run_backward(m, 1)
+        run_backward(m, 2)
+        for n, p in m.named_parameters():
+            want = g1[n] + g2[n]
+            err = np.abs(p.grad - want).max() / max(np.abs(want).max(), 1e-30)
+            assert err <= 2e-5, (n, err)
+    finally:
+        fastrnn.set_float32_matmul_precision(before)
