@@ -31,7 +31,7 @@ import numpy as np
 
 from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter, training_call
+from fastrnn.modules.module import Module, Parameter, grad_targets, training_call
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -151,23 +151,14 @@ class _CellBase(Module):
         return self._stack[-1]
 
     def _grad_targets(self):
-        """(out, accumulate) for the functional backward: the weights' .grad arrays,
-        written (after zero_grad) or added into in place; (None, False) when they
-        cannot be (see Parameter.grad_target)."""
-        targets = [self.weight_ih.grad_target(), self.weight_hh.grad_target()]
-        if None in targets or targets[0][1] != targets[1][1]:
-            return None, False
-        return (targets[0][0], targets[1][0]), targets[0][1]
+        """(out, accumulate) for the functional backward (module.grad_targets)."""
+        return grad_targets((self.weight_ih, self.weight_hh))
 
     def _accumulate(self, dw_ih, dw_hh, db_ih, db_hh):
         for p, g in ((self.weight_ih, dw_ih), (self.weight_hh, dw_hh),
                      (self.bias_ih, db_ih), (self.bias_hh, db_hh)):
-            if g is None:
-                continue
-            if g is p._grad:   # written in place by the kernel (_grad_targets)
-                p.grad_written()
-            else:
-                p.add_grad(g)
+            if g is not None:
+                p.take_grad(g)
 
 
 class RNNCell(_CellBase):
@@ -211,7 +202,8 @@ class RNNCell(_CellBase):
         self._stack.pop()
         if not self._stack:
             self._set_train_owner(False)
-        dx, dh0, *grads = F.rnn_backward(dh[None], None, cache, *self._grad_targets())          # dx (1, B, I)
+        dx, dh0, *grads = F.rnn_backward(dh[None], None, cache,          # dx (1, B, I)
+                                         *self._grad_targets())
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
 
@@ -245,7 +237,8 @@ class GRUCell(_CellBase):
         self._stack.pop()
         if not self._stack:
             self._set_train_owner(False)
-        dx, dh0, *grads = F.gru_backward(dh[None], None, cache, *self._grad_targets())          # dx (1, B, I)
+        dx, dh0, *grads = F.gru_backward(dh[None], None, cache,          # dx (1, B, I)
+                                         *self._grad_targets())
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
 
@@ -294,6 +287,7 @@ class LSTMCell(_CellBase):
         self._stack.pop()
         if not self._stack:
             self._set_train_owner(False)
-        dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache, *self._grad_targets())  # dx (1, B, I)
+        dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache,  # dx (1, B, I)
+                                               *self._grad_targets())
         self._accumulate(*grads)
         return (dx[0], (dh0, dc0)) if batched else (dx[0, 0], (dh0[0], dc0[0]))

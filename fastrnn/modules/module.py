@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "training_call"]
+__all__ = ["Parameter", "Module", "training_call", "grad_targets"]
 
 # Guards the per-module bookkeeping of which threads are inside a call (held for
 # a few dictionary operations only, never while a kernel runs).
@@ -79,7 +79,7 @@ class Parameter:
         None when `.grad` was replaced by something the kernels cannot write (not
         a C-contiguous, writeable array of the parameter's shape and dtype, apart
         from the parameter's data): the caller then adds a fresh gradient with
-        add_grad. After a kernel wrote it, call grad_written()."""
+        add_grad. Hand the gradient back to take_grad()."""
         g = self._grad
         if (isinstance(g, np.ndarray) and g.dtype == self.data.dtype
                 and g.shape == self.data.shape and g.flags.c_contiguous
@@ -87,9 +87,13 @@ class Parameter:
             return g, not self._grad_is_zero
         return None
 
-    def grad_written(self):
-        """A kernel has written the gradient from grad_target()."""
-        self._grad_is_zero = False
+    def take_grad(self, g):
+        """Take one backward's gradient g: if g is the array grad_target() gave (a
+        kernel wrote it there in place), mark it written; else add it."""
+        if g is self._grad:
+            self._grad_is_zero = False
+        else:
+            self.add_grad(g)
 
     @property
     def shape(self):
@@ -101,6 +105,18 @@ class Parameter:
 
     def __repr__(self):
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+def grad_targets(params):
+    """(out, accumulate) for a functional backward's weight gradients: the
+    parameters' .grad arrays, which the kernel then writes (right after
+    zero_grad) or adds into; (None, False) when one of them cannot be written in
+    place or they disagree on being zeroed. Hand each gradient the backward
+    returns to its parameter's take_grad()."""
+    targets = [p.grad_target() for p in params]
+    if any(t is None for t in targets) or len({acc for _, acc in targets}) != 1:
+        return None, False
+    return tuple(g for g, _ in targets), targets[0][1]
 
 
 class Module:

@@ -17,7 +17,7 @@ import numpy as np
 
 from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter, training_call
+from fastrnn.modules.module import Module, Parameter, grad_targets, training_call
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -429,25 +429,14 @@ class RNNBase(Module):
         return [getattr(self, n) for n in self._param_names[idx] if not n.startswith("bias")]
 
     def _weight_grad_targets(self, idx):
-        """(out, accumulate) for run idx's backward: the weights' .grad arrays, which
-        the kernel then writes (after zero_grad) or adds into, with no temporary; or
-        (None, False) when some .grad cannot be written in place or the weights
-        disagree on being zeroed (fresh arrays are then added by _take_grads)."""
-        targets = [p.grad_target() for p in self._weight_params(idx)]
-        if any(t is None for t in targets) or len({acc for _, acc in targets}) != 1:
-            return None, False
-        return tuple(g for g, _ in targets), targets[0][1]
+        """(out, accumulate) for run idx's backward (module.grad_targets)."""
+        return grad_targets(self._weight_params(idx))
 
     def _take_grads(self, idx, grads):
-        """Put run idx's gradients (in _param_names order, None for no bias) into the
-        parameters: weights the kernel wrote in place are marked written, the rest
-        added."""
+        """Hand run idx's gradients (in _param_names order, None for no bias) to
+        their parameters (Parameter.take_grad)."""
         for name, g in zip(self._param_names[idx], (g for g in grads if g is not None)):
-            p = getattr(self, name)
-            if g is p._grad:
-                p.grad_written()
-            else:
-                p.add_grad(g)
+            getattr(self, name).take_grad(g)
 
     def _direction_flop(self, layer_in):
         """FLOP of one direction's forward over this layer input (T, B, ·)."""
