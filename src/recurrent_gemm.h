@@ -24,7 +24,15 @@
 #include "isa.h"
 
 #ifndef FASTRNN_KC
-#define FASTRNN_KC 512  /* K block: a 512 x 16 float panel block is 32 KB, one L1 */
+/* K block. A KC x NR panel block is re-read from L2 by every row tile (at NR = 32
+ * floats a 512 block was 64 KB, over the 32 KB L1 already), and each block after
+ * the first reads C back to add to it. 1024 against 512, session 16 (Zen 4,
+ * interleaved process pairs, medians, ms): LSTM eval I=128 H=1024 T=30 B=20
+ * 28.5-28.8 -> 27.6-28.0, I=H=1024 T=25 B=16 35.4-35.6 -> 33.9-34.3; LSTM
+ * training I=H=256 T=100 B=64 110.8-114.2 -> 108.4-109.1 (the dW GEMMs run over
+ * K = T*B); under FASTRNN_ISA=avx2 33.7-33.9 -> 30.8-33.1 and 114.7-115.1 ->
+ * 111.4-112.2. 256 was no better than 512. Not measured on Zen 3 (512 KB L2). */
+#define FASTRNN_KC 1024
 #endif
 #ifndef FASTRNN_PREFETCH
 #define FASTRNN_PREFETCH 64  /* panel rows (k steps) to prefetch ahead: helps when W_hh streams from L3 */

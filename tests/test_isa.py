@@ -24,8 +24,8 @@ from test_kernels import TOL, assert_same_bits_for_thread_counts, make_case, rel
 ISAS = ["baseline", "avx2", "avx512"]
 # Shapes chosen for the register tiles: batch 1-3 (dot-product kernel), 13 and
 # 30 rows (a full 12-row AVX-512 tile plus a ragged one), H giving ragged
-# 16- and 32-column panels, I > the 512 K block.
-SHAPES = [(1, 1, 3, 5), (3, 2, 9, 17), (4, 13, 21, 41), (2, 30, 37, 33), (2, 14, 520, 12)]
+# 16- and 32-column panels, I > the 1024 K block (FASTRNN_KC).
+SHAPES = [(1, 1, 3, 5), (3, 2, 9, 17), (4, 13, 21, 41), (2, 30, 37, 33), (2, 14, 1030, 12)]
 
 
 @pytest.fixture(params=ISAS)
@@ -166,3 +166,12 @@ def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype):
         y = np.empty((M, N), dtype)
         _dense.forward(y, x[:M], w, None, 1, True)
         assert np.array_equal(y, alone[:M]), M
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_weight_gradients_over_more_rows_than_one_k_block(isa, cell):
+    """The dW GEMMs sum over T*B rows in K blocks of FASTRNN_KC (1024): 55 x 20 =
+    1100 rows take two blocks, the second added onto the first; against the
+    reference, under each ISA."""
+    _check(cell, np.float64, (55, 20, 6, 9), "plain", isa)
+    _check(cell, np.float32, (55, 20, 6, 9), "plain", isa)
