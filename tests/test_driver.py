@@ -97,7 +97,7 @@ def test_bidirectional_directions_at_once_equal_one_after_the_other(mode, batch,
     try:
         fastrnn.set_num_threads(2)
         for at_once in (False, True):
-            monkeypatch.setattr(rnn_module, "CONCURRENT_MIN_FLOP", 0 if at_once else 1e30)
+            monkeypatch.setattr(rnn_module, "_at_once", lambda *args, v=at_once: v)
             m = getattr(fastrnn, mode)(10, 16, num_layers=2, bidirectional=True, seed=1)
             out, state = m(x)
             dx, dstate = m.backward(dy)
@@ -113,7 +113,7 @@ def test_bidirectional_directions_at_once_equal_one_after_the_other(mode, batch,
 
 def test_error_in_the_reverse_direction_reaches_the_caller(monkeypatch):
     import fastrnn.modules.rnn as rnn_module
-    monkeypatch.setattr(rnn_module, "CONCURRENT_MIN_FLOP", 0)
+    monkeypatch.setattr(rnn_module, "_at_once", lambda *args: True)
     m = fastrnn.GRU(4, 8, bidirectional=True, seed=0)
     real = m._forward_direction
 
@@ -128,6 +128,51 @@ def test_error_in_the_reverse_direction_reaches_the_caller(monkeypatch):
         fastrnn.set_num_threads(2)
         with pytest.raises(MemoryError, match="reverse direction failed"):
             m(np.zeros((3, 2, 4), np.float32))
+    finally:
+        fastrnn.set_num_threads(before)
+
+
+# (training, T, B, at once?) for an LSTM with H = 128: 131 kFLOP of h W_hh^T per
+# row and step, so B = 8 is 1.05 MFLOP a step and T = 20 steps 21 MFLOP.
+DIRECTION_CASES = [
+    (True, 20, 8, True),      # training, >= 1 MFLOP a step, >= 20 MFLOP in all
+    (True, 20, 4, False),     # 0.5 MFLOP a step
+    (True, 2, 8, False),      # 2 MFLOP in all: a Python thread would cost more
+    (False, 20, 8, False),    # inference: one after the other
+    (False, 20, 32, False),
+]
+
+
+@pytest.mark.parametrize("training, T, B, at_once", DIRECTION_CASES)
+def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, monkeypatch):
+    """The default rule (modules/rnn.py, _at_once): the reverse direction runs in
+    its own Python thread, in forward and in backward, exactly in these cases."""
+    import threading
+    m = fastrnn.LSTM(8, 128, bidirectional=True, seed=0)
+    m.train(training)
+    seen = {"forward": [], "backward": []}
+    real_forward, real_backward = m._forward_direction, m._backward_direction
+
+    def forward_spy(x, h0, c0, w, lengths, reverse, keep):
+        seen["forward"].append((reverse, threading.current_thread().name))
+        return real_forward(x, h0, c0, w, lengths, reverse, keep)
+
+    def backward_spy(dy, dh_n, dc_n, cache, out=None, accumulate=False):
+        seen["backward"].append((cache.reverse, threading.current_thread().name))
+        return real_backward(dy, dh_n, dc_n, cache, out, accumulate)
+
+    monkeypatch.setattr(m, "_forward_direction", forward_spy)
+    monkeypatch.setattr(m, "_backward_direction", backward_spy)
+    main = threading.current_thread().name
+    expected = [(False, main), (True, "fastrnn-reverse-direction" if at_once else main)]
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        m(np.ones((T, B, 8), np.float32))
+        assert sorted(seen["forward"]) == expected
+        if training:
+            m.backward(np.ones((T, B, 256), np.float32))
+            assert sorted(seen["backward"]) == expected
     finally:
         fastrnn.set_num_threads(before)
 

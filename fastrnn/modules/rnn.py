@@ -26,23 +26,42 @@ _NONLINEARITIES = ("tanh", "relu", "identity")
 _MERGE_MODES = ("concat", "sum")
 
 
-# Per direction: run the two directions at once above this much work. Off (inf) by
-# default: measured on the 2-core AMD EPYC Zen 3 (AVX2) machine, 2026-12-02,
-# bidirectional LSTM I=H=256 T=100, at once against one after the other:
-# forward 0.54x (B=1), 0.85x (B=8), 0.99x (B=64); training 0.75x, 0.86x, 0.85x
-# -- each direction on one core loses to both cores on each direction in turn.
-CONCURRENT_MIN_FLOP = float("inf")
+# When a bidirectional layer runs its two directions at once, each on its share
+# of the threads, rather than one after the other on all of them. Measured on the
+# 2-core AMD EPYC Zen 4 (AVX-512), 2026-12-05, I=H=128-512, B=1-64, three runs of
+# `python bench/bidirectional.py` (docs/results-2026-12-05-bidirectional-zen4.txt):
+# - Training, when one direction's recurrent product takes at least
+#   CONCURRENT_TRAIN_MIN_STEP_FLOP a step: at once took 0.61-1.02x the time of one
+#   after the other for the LSTM, 0.65-1.05x for the GRU, 0.86-1.08x for the RNN
+#   (each thread runs its direction with no barrier per step). Below that line
+#   the RNN lost up to 1.50x (H=128, B=1); the LSTM at H=128, B=1-4 would have
+#   gained (0.66-0.81x), left out to keep one rule for every cell.
+# - Inference: one after the other. At once was mostly slower at batch 1-3 (up
+#   to 2.08x), 0.95-1.08x from 32 rows up, and in between the runs disagreed
+#   (RNN H=128, B=8: 0.62x in one run, 1.63x and 1.65x in the others).
+# - Never below CONCURRENT_MIN_FLOP per direction: a Python thread costs ~80 us.
+# On the Zen 3 machine (2026-12-02, an older build) training at once was
+# 0.75-0.86x as fast at LSTM I=H=256 T=100, B=1/8/64; not re-measured there.
+CONCURRENT_MIN_FLOP = 2e7
+CONCURRENT_TRAIN_MIN_STEP_FLOP = 1e6
 
 
-def _directions(run, D, flop):
+def _at_once(D, T, step_flop, training):
+    """Should the D directions (T steps, step_flop FLOP of recurrent product per
+    direction and step) run at once? The rule above."""
+    return (training and D == 2 and step_flop >= CONCURRENT_TRAIN_MIN_STEP_FLOP
+            and T * step_flop >= CONCURRENT_MIN_FLOP)
+
+
+def _directions(run, D, at_once):
     """[run(0), ..., run(D-1)]. The two directions of a bidirectional layer are
-    independent: with two or more threads and enough work they run at once, each
-    on its share of the threads (the reverse one in a short-lived Python thread;
-    the kernels release the GIL), so small batches need no per-step barrier
-    between threads. Results are bitwise those of running them one after the other."""
+    independent: with two or more threads and `at_once` (_at_once) they run at
+    once, each on its share of the threads (the reverse one in a short-lived
+    Python thread; the kernels release the GIL), so no thread waits on another
+    at every step. Results are bitwise those of running them one after the other."""
     call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
     n = call_threads() if call_threads is not None else 1
-    if D == 1 or n < 2 or flop < CONCURRENT_MIN_FLOP:
+    if D == 1 or n < 2 or not at_once:
         return [run(d) for d in range(D)]
     box = {}
 
@@ -326,7 +345,7 @@ class RNNBase(Module):
                 return self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
                     self._weights(idx), lengths, bool(d), keep)          # y (T, B, O), ...
-            results = _directions(direction, D, self._direction_flop(layer_in))
+            results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
                 idx = k * D + d
@@ -388,6 +407,7 @@ class RNNBase(Module):
         dout = self._check_array("dout", dout, cache["out_shape"])
         if self.batch_first:
             dout = dout.transpose(1, 0, 2)                      # (T, B, ·)
+        T = dout.shape[0]
         dh_n, dc_n = self._check_state("dstate", dstate, B)
         self._cache = None
         self._set_train_owner(False)
@@ -409,7 +429,7 @@ class RNNBase(Module):
                     np.ascontiguousarray(dy),                           # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
                     cache["caches"][idx], *self._weight_grad_targets(idx))
-            results = _directions(direction, D, 2 * self._direction_flop(dlayer))
+            results = _directions(direction, D, _at_once(D, T, self._step_flop(B), True))
             for d, (dx, dh, dc, grads) in enumerate(results):
                 idx = k * D + d
                 dh0[idx] = dh
@@ -438,12 +458,12 @@ class RNNBase(Module):
         for name, g in zip(self._param_names[idx], (g for g in grads if g is not None)):
             getattr(self, name).take_grad(g)
 
-    def _direction_flop(self, layer_in):
-        """FLOP of one direction's forward over this layer input (T, B, ·)."""
-        T, B, I = layer_in.shape
+    def _step_flop(self, B):
+        """FLOP of one direction's recurrent product per step, B rows: h W_hh^T
+        (and the LSTM projection's W_hr)."""
         G = {"LSTM": 4, "GRU": 3}.get(self.mode, 1)
         H, O = self.hidden_size, self.out_hidden_size
-        return 2 * T * B * G * H * (I + O) + 2 * T * B * O * H * (O != H)
+        return 2 * B * G * H * O + 2 * B * O * H * (O != H)
 
     # -- one layer, one direction (overridden per cell type) -----------------
     def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
