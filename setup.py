@@ -24,7 +24,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = ["_recurrent", "_dense", "_adam", "_openmp",
-           "_quantized"]  # _quantized: int8/bf16/packed inference (src/quant_*.h)
+           "_quantized",  # _quantized: int8/bf16/packed inference (src/quant_*.h)
+           "_buffers"]    # _buffers: arrays on kept memory for training caches (src/scratch.h)
 OPENMP_TEST = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
 
 

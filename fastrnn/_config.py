@@ -50,17 +50,20 @@ def get_num_threads():
 
 def release_memory():
     """Free the buffers the kernels keep between calls for packed weights (and,
-    in the quantised kernels, for their per-call work).
+    in the quantised kernels, for their per-call work, and for training caches).
 
     Each call packs its weights into a buffer that is then kept (up to 256 MB
     idle in all per kernel module), so the next call does not pay for fresh
     pages. Eval (inference) calls also keep the packed weights themselves, found
     again by a digest of the weights' contents (up to 16 copies and 256 MB per
-    kernel module; src/pack_cache.h). This gives both back to the system. Safe
-    at any time: buffers in use by a running call are left alone.
+    kernel module; src/pack_cache.h). Training caches and backward's work
+    arrays live on memory kept the same way (up to 256 MB idle; src/_buffers.pyx).
+    This gives all of it back to the system. Safe at any time: buffers in use by
+    a running call or an array are left alone.
     """
     import importlib
-    for name in _isa.KERNEL_MODULES + ("_quantized",):   # _quantized: its work buffers
+    # _quantized: its work buffers; _buffers: the memory of training caches
+    for name in _isa.KERNEL_MODULES + ("_quantized", "_buffers"):
         importlib.import_module(f"fastrnn.{name}")._release_scratch()
 
 

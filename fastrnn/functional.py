@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _precision, _recurrent
+from fastrnn import _buffers, _precision, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_shape,
                                check_weights, optional_state)
@@ -187,10 +187,14 @@ def _run_backward(sched, T, reverse, bf16, accumulate, *args):
         _recurrent.backward(*args, *tail, False, bf16=bf16, accumulate=accumulate)
 
 
-def _hidden_buffer(x, H, h0, sched, reverse):
-    """hs (T+1, B, H): h0 in slot 0 (slot T if reverse); y is the other T slots."""
+def _hidden_buffer(x, H, h0, sched, reverse, training):
+    """hs (T+1, B, H): h0 in slot 0 (slot T if reverse); y is the other T slots.
+    On kept memory (_buffers) in training, where it is the cache."""
     T, B, _ = x.shape
-    hs = (np.zeros if sched.padded else np.empty)((T + 1, B, H), dtype=x.dtype)
+    if training:
+        hs = (_buffers.zeros if sched.padded else _buffers.empty)((T + 1, B, H), x.dtype)
+    else:
+        hs = (np.zeros if sched.padded else np.empty)((T + 1, B, H), dtype=x.dtype)
     slot = T if reverse else 0
     if h0 is None:
         hs[slot] = 0
@@ -325,7 +329,7 @@ def _gradient_buffers(cache, out=None):
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
-    dx = (np.zeros if cache.sched.padded else np.empty)((T, B, I), dtype)
+    dx = (_buffers.zeros if cache.sched.padded else _buffers.empty)((T, B, I), dtype)
     return (cache, dx, np.empty((B, H), dtype), *dws)
 
 
@@ -341,11 +345,11 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths)
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
-    gates = np.empty((T, B, 4 * H), x.dtype) if training else None
-    cs = np.empty((T, B, H), x.dtype) if training else None
+    gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
+    cs = _buffers.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
@@ -404,12 +408,12 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
-    hs, y = _hidden_buffer(x, P, h0, sched, reverse)
+    hs, y = _hidden_buffer(x, P, h0, sched, reverse, training)
     h_n = np.empty((B, P), x.dtype)
     c_n = np.empty((B, H), x.dtype)
-    gates = np.empty((T, B, 4 * H), x.dtype) if training else None
-    cs = np.empty((T, B, H), x.dtype) if training else None
-    hr = np.empty((T, B, H), x.dtype) if training else None
+    gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
+    cs = _buffers.empty((T, B, H), x.dtype) if training else None
+    hr = _buffers.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, w_hr,
                   hr), sched, reverse, pack_ih, pack_hh, False, training)
@@ -440,7 +444,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
     cache, dx, dh0, dw_ih, dw_hh, dw_hr = _gradient_buffers(cache, out)
     dc0 = np.empty((B, H), dtype)
-    dhp = np.empty((T, B, P), dtype)   # (T, B, P) dL/dh_t, for dW_hr
+    dhp = _buffers.empty((T, B, P), dtype)   # (T, B, P) dL/dh_t, for dW_hr
     sched = cache.sched
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, dw_hr, cache.gates, None, dhp,
@@ -469,7 +473,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths)
     T, B, _ = x.shape
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
@@ -491,7 +495,7 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
     """
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
-    da = np.empty((T, B, H), dtype)   # (T, B, H) dL/da
+    da = _buffers.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   cache.act, dx, dh0, None, dw_ih, dw_hh, None, da, None, None, dy,
@@ -515,10 +519,10 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
     T, B, _ = x.shape
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse)
+    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
     h_n = np.empty((B, H), x.dtype)
-    gates = np.empty((T, B, 3 * H), x.dtype) if training else None
-    hns = np.empty((T, B, H), x.dtype) if training else None
+    gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
+    hns = _buffers.empty((T, B, H), x.dtype) if training else None
     bias_x = bias_hn = None
     if b_ih is not None:
         # r and z see b_ih + b_hh; n sees b_in outside and b_hn inside the reset product
@@ -544,7 +548,7 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
-    dgh = np.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
+    dgh = _buffers.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
     sched = cache.sched
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,

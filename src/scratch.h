@@ -25,6 +25,8 @@
 #ifndef FASTRNN_SCRATCH_SLOTS
 #if defined(__SANITIZE_ADDRESS__)
 #define FASTRNN_SCRATCH_SLOTS 0   /* under ASan every buffer is a fresh malloc, so overreads show */
+#elif defined(FASTRNN_SCRATCH_ARRAYS)
+#define FASTRNN_SCRATCH_SLOTS 64  /* _buffers.pyx: every live pooled array holds a slot */
 #else
 #define FASTRNN_SCRATCH_SLOTS 8
 #endif

@@ -1,0 +1,112 @@
+"""Arrays on kept memory (src/_buffers.pyx): what they are, that their memory
+is reused only once nothing refers to it, and that training on reused, dirty
+memory gives the numbers it gives on fresh memory."""
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _buffers
+
+BIG = (64, 32, 256)   # 2 MB of float32: pooled
+
+
+def pooled():
+    """Does this build pool (not under AddressSanitizer, where every buffer is a
+    fresh malloc so that overreads show)? A released array's buffer comes back."""
+    a = _buffers.empty(BIG, np.float32)
+    ptr = a.ctypes.data
+    del a
+    b = _buffers.empty(BIG, np.float32)
+    return b.ctypes.data == ptr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_empty_is_an_ordinary_c_array(dtype):
+    a = _buffers.empty(BIG, dtype)
+    assert a.shape == BIG and a.dtype == dtype
+    assert a.flags["C_CONTIGUOUS"] and a.flags["WRITEABLE"] and a.flags["ALIGNED"]
+    assert a.ctypes.data % 64 == 0
+    a[...] = 3
+    assert float(a.sum()) == 3 * a.size
+
+
+def test_small_and_other_dtypes_are_plain_numpy():
+    assert _buffers.empty((3, 4), np.float32).base is None
+    assert _buffers.empty(BIG, np.int64).base is None
+    assert _buffers.empty(BIG, np.dtype(">f4")).base is None
+    assert _buffers.empty(BIG, np.float32).base is not None
+
+
+def test_zeros_are_zero_on_dirty_memory():
+    a = _buffers.empty(BIG, np.float32)
+    a.fill(np.nan)
+    del a
+    z = _buffers.zeros(BIG, np.float32)
+    assert not np.any(z)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="shape"):
+        _buffers.empty((4, -1, 3), np.float32)
+
+
+def test_a_view_keeps_its_buffer():
+    if not pooled():
+        pytest.skip("this build does not pool (AddressSanitizer)")
+    a = _buffers.empty(BIG, np.float32)
+    a[...] = 7
+    view = a[5:]
+    ptr = a.ctypes.data
+    del a
+    b = _buffers.empty(BIG, np.float32)   # must not land on the view's memory
+    assert b.ctypes.data != ptr
+    b.fill(-1)
+    assert np.all(view == 7)
+    del view
+    c = _buffers.empty(BIG, np.float32)   # now it is free again (b holds the other)
+    assert c.ctypes.data == ptr
+
+
+def test_release_memory_frees_idle_buffers_and_keeps_live_ones():
+    live = _buffers.empty(BIG, np.float32)
+    live[...] = 1
+    idle = _buffers.empty((128, 32, 256), np.float32)
+    del idle
+    fastrnn.release_memory()
+    assert np.all(live == 1)
+    again = _buffers.empty((128, 32, 256), np.float32)
+    again[...] = 2
+    assert float(again.sum()) == 2 * again.size
+
+
+def dirty_the_pool():
+    """Fill every idle pooled buffer with NaN (the sizes a training step uses)."""
+    arrays = [_buffers.empty((n,), np.float64) for n in (1 << 17, 1 << 18, 1 << 19, 1 << 20)]
+    arrays += [_buffers.empty((n,), np.float32) for n in (1 << 18, 1 << 19, 1 << 20, 1 << 21)]
+    for a in arrays:
+        a.fill(np.nan)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_on_reused_memory_gives_the_same_numbers(mode, padded):
+    """Two layers, both directions: caches and work arrays large enough to be
+    pooled. A step on memory left dirty by other arrays gives bitwise the outputs,
+    input gradient and parameter gradients of the first step."""
+    T, B, I, H = 40, 24, 64, 128   # LSTM gates (T, B, 4H): 1.9 MB
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    dy = rng.standard_normal((T, B, 2 * H)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, B) if padded else None
+    results = []
+    for _ in range(2):
+        m = getattr(fastrnn, mode)(I, H, num_layers=2, bidirectional=True, seed=3)
+        out, _ = m(x, lengths=lengths)
+        dx, _ = m.backward(dy)
+        results.append([out.copy(), dx.copy()] + [p.grad.copy() for p in m.parameters()])
+        del m, out, dx
+        dirty_the_pool()
+    assert all(np.isfinite(a).all() for a in results[0])
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
