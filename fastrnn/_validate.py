@@ -101,3 +101,30 @@ def check_input(x, w_ih):
         raise ValueError(f"x must have T >= 1 steps and B >= 1 rows, got shape {x.shape}")
     if I != w_ih.shape[1]:
         raise ValueError(f"x must have shape (T, B, {w_ih.shape[1]}) to match w_ih, got {x.shape}")
+
+
+def check_rows_out(name, out, shape, dtype, inputs):
+    """`out` as the array a kernel writes (T, B, H) rows into: an ndarray of
+    `dtype` and `shape`, writeable, each row contiguous and the T*B rows evenly
+    spaced without overlap (a column block of a (T, B, D*H) array qualifies),
+    sharing no memory with the arrays in `inputs` (None entries are skipped)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    check_shape(name, out, shape)
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    T, B, H = shape
+    size = out.itemsize
+    s_t, s_b, s_h = out.strides
+    row = s_b if B > 1 else s_t   # bytes from row t*B + b to the next
+    spaced = T * B <= 1 or ((T == 1 or B == 1 or s_t == B * s_b)
+                            and row >= H * size and row % size == 0)
+    if s_h != size or not spaced:
+        raise ValueError(f"{name}: each (T, B) row must be contiguous and the rows evenly "
+                         f"spaced without overlap (like out[:, :, :H] of a (T, B, 2H) "
+                         f"array), got strides {out.strides} for shape {out.shape}")
+    for arr in inputs:
+        if arr is not None and np.may_share_memory(out, arr):
+            raise ValueError(f"{name} must not share memory with the inputs or weights")

@@ -2,16 +2,21 @@
 
 Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
 
-    rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse, training)
+    rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse, training, out)
         -> y, h_n, cache
-    lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
+    lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, out)
         -> y, h_n, c_n, cache
-    lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training)
+    lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, training, out)
         -> y, h_n, c_n, cache              (LSTM with projection, torch's proj_size)
-    gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training)
+    gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, out)
         -> y, h_n, cache
     *_backward(dy, dh_n[, dc_n], cache, out=None, accumulate=False)
         -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh [, dw_hr for lstmp_backward]
+
+A forward's `out` (inference only) is where y goes: a (T, B, H) array whose
+rows are contiguous and evenly spaced, such as one direction's half
+out2[:, :, :H] of a (T, B, 2H) array (how a bidirectional layer fills its
+output with no copy); y is then `out` itself.
 
 A backward's `out` takes arrays for the weight gradients (dw_ih, dw_hh[, dw_hr]):
 the kernel writes them there, or adds into them with accumulate=True (how a
@@ -34,8 +39,8 @@ import numpy as np
 
 from fastrnn import _buffers, _precision, _recurrent
 from fastrnn._config import get_num_threads
-from fastrnn._validate import (as_float_array, as_lengths, check_input, check_shape,
-                               check_weights, optional_state)
+from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
+                               check_shape, check_weights, optional_state)
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
            "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward"]
@@ -204,6 +209,23 @@ def _hidden_buffer(x, H, h0, sched, reverse, training):
     return hs, y
 
 
+def _output_rows(x, H, h0, sched, reverse, training, out, inputs):
+    """(hs, y): where the kernel writes h_t. Training: hs (T+1, B, H), h0's slot
+    and y, kept in the cache. Inference: hs None and y = `out` when given (checked
+    against `inputs`, the arrays the kernel reads; zeroed first when sequences
+    are padded, whose steps past their ends the kernel leaves alone)."""
+    if out is None:
+        return _hidden_buffer(x, H, h0, sched, reverse, training)
+    if training:
+        raise ValueError("out: only for inference (training=False); a training forward "
+                         "keeps y in its cache")
+    T, B, _ = x.shape
+    check_rows_out("out", out, (T, B, H), x.dtype, inputs)
+    if sched.padded:
+        out[...] = 0
+    return None, out
+
+
 def _h_prev(cache):
     """(T, B, H) view of the state each step read (forward: hs[:T], reverse: hs[1:])."""
     T = cache.x.shape[0]
@@ -335,7 +357,7 @@ def _gradient_buffers(cache, out=None):
 
 # ---------------------------------------------------------------------------- LSTM
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                 training=True):
+                 training=True, out=None):
     """LSTM layer forward. x (T,B,I), h0/c0 (B,H) or None, w_ih (4H,I), w_hh (4H,H).
 
     Returns y (T,B,H), h_n (B,H), c_n (B,H), cache (None unless training).
@@ -345,7 +367,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths)
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
+    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+                         (x, h0, c0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
@@ -388,7 +411,7 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 
 # ---------------------------------------------------------------------------- LSTM with projection
 def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
-                  training=True):
+                  training=True, out=None):
     """LSTM with a projection (torch's proj_size P < H): h_t = (o * tanh(c_t)) W_hr^T.
 
     x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
@@ -408,7 +431,8 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
-    hs, y = _hidden_buffer(x, P, h0, sched, reverse, training)
+    hs, y = _output_rows(x, P, h0, sched, reverse, training, out,
+                         (x, h0, c0, w_ih, w_hh, w_hr))
     h_n = np.empty((B, P), x.dtype)
     c_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
@@ -461,7 +485,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 
 # ---------------------------------------------------------------------------- RNN
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
-                reverse=False, training=True):
+                reverse=False, training=True, out=None):
     """Elman RNN layer forward. x (T,B,I), h0 (B,H) or None, w_ih (H,I), w_hh (H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
@@ -473,7 +497,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths)
     T, B, _ = x.shape
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
+    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+                         (x, h0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
@@ -510,7 +535,8 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 
 
 # ---------------------------------------------------------------------------- GRU
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True):
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
+                out=None):
     """GRU layer forward. x (T,B,I), h0 (B,H) or None, w_ih (3H,I), w_hh (3H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
@@ -519,7 +545,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
     T, B, _ = x.shape
-    hs, y = _hidden_buffer(x, H, h0, sched, reverse, training)
+    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+                         (x, h0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
     hns = _buffers.empty((T, B, H), x.dtype) if training else None

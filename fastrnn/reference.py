@@ -155,8 +155,19 @@ _RNN_ACTIVATIONS = {
 # Elman RNN
 # --------------------------------------------------------------------------
 
+def _into(out, y, training):
+    """y, or `out` holding it: a forward's `out` (inference only), as functional's."""
+    if out is None:
+        return y
+    if training:
+        raise ValueError("out: only for inference (training=False); a training forward "
+                         "keeps y in its cache")
+    out[...] = y
+    return out
+
+
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
-                reverse=False, training=True, bf16=False):
+                reverse=False, training=True, bf16=False, out=None):
     """Single-layer, single-direction Elman RNN.
 
     x (T, B, I); h0 (B, H) or None; w_ih (H, I); w_hh (H, H);
@@ -190,7 +201,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
                  "lengths": lengths, "reverse": reverse, "nonlinearity": nonlinearity,
                  "bf16": bf16,
                  "h_prev": h_prev, "h": y.copy()}
-    return y, h, cache
+    return _into(out, y, training), h, cache
 
 
 def _weight_grads_into(out, accumulate, *grads):
@@ -250,7 +261,7 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                 training=True, bf16=False):
+                 training=True, bf16=False, out=None):
     """Single-layer, single-direction LSTM (gates i, f, g, o).
 
     x (T, B, I); h0, c0 (B, H) or None; w_ih (4H, I); w_hh (4H, H);
@@ -296,7 +307,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "bf16": bf16,
                  "h_prev": h_prev, "c_prev": c_prev, "gates": gates, "c": c_out}
-    return y, h, c, cache
+    return _into(out, y, training), h, c, cache
 
 
 def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -360,7 +371,7 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse=False,
-                  training=True):
+                  training=True, out=None):
     """One direction of an LSTM with projection, same contract as lstm_forward.
 
     x (T,B,I), h0 (B,P) or None, c0 (B,H) or None, w_ih (4H,I), w_hh (4H,P),
@@ -409,7 +420,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
         cache = dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=b_ih is not None,
                      reverse=reverse, valid=valid, gates=gates, c_prev=c_prev,
                      r_prev=r_prev, tanh_c=tanh_c)
-    return y, r, c, cache
+    return _into(out, y, training), r, c, cache
 
 
 def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -470,7 +481,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                bf16=False):
+                bf16=False, out=None):
     """Single-layer, single-direction GRU (gates r, z, n; linear before reset).
 
     x (T, B, I); h0 (B, H) or None; w_ih (3H, I); w_hh (3H, H);
@@ -513,7 +524,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "bf16": bf16,
                  "h_prev": h_prev, "gates": gates, "hn": hn_all}
-    return y, h, cache
+    return _into(out, y, training), h, cache
 
 
 def gru_backward(dy, dh_n, cache, out=None, accumulate=False):

@@ -30,6 +30,8 @@ cdef struct Plan:
     const void *h0              # (B, O) or NULL for zeros
     const void *c0              # (B, H) LSTM, or NULL for zeros
     void *y                     # (T, B, O) h_t at valid steps (padded steps untouched)
+    Py_ssize_t ldy              # y's row stride in values: O, or more when y is a column
+                                # block of a wider array (a bidirectional layer's output)
     void *h_n                   # (B, O) state after each row's last step
     void *c_n                   # (B, H) LSTM, else NULL
     void *gates                 # (T, B, G*H) activated gates, or NULL (inference, RNN)

@@ -95,7 +95,7 @@ cdef void forward_thread(
     into y and read back from there as the next step's GEMM input, c_t into aux.
     """
     cdef int cell = p.cell
-    cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H, O = p.O
+    cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H, O = p.O, ldy = p.ldy
     cdef bint proj = p.w_hr != NULL                       # LSTM projection (row split only)
     cdef const Py_ssize_t *order = p.order
     cdef const Py_ssize_t *lengths = p.lengths
@@ -197,7 +197,7 @@ cdef void forward_thread(
                 row = time_index(s, lengths[b], reverse) * B + b
                 src[m] = x + row * I
                 if in_y:
-                    dst[m] = y + row * O + j0
+                    dst[m] = y + row * ldy + j0
                 elif in_gates:
                     dst[m] = gates + row * G * H
                 else:
@@ -229,11 +229,11 @@ cdef void forward_thread(
                 else:
                     aux_out = NULL
                 if proj:   # the cell's h is o * tanh(c_t); the projection follows
-                    y_rows[r] = y + row * O
+                    y_rows[r] = y + row * ldy
                     r_rows[r] = hr + row * H if hr != NULL else hrb + r * H
                 forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
                                   h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
-                                  <floating *> r_rows[r] if proj else y + row * O + j0, hk,
+                                  <floating *> r_rows[r] if proj else y + row * ldy + j0, hk,
                                   gates != NULL)
                 if has_c:
                     c_rows[r] = aux_out
@@ -248,7 +248,7 @@ cdef void forward_thread(
                 fastrnn_barrier()   # h_t complete (every thread's units) before anyone reads it
             for r in range(nact):   # h_t is next step's h_{t-1}
                 b = order[r0 + r]
-                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * O
+                h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * ldy
         s0 = s1
     if not failed:
         for r in range(nrows):
@@ -475,7 +475,24 @@ cdef inline void *vptr3(const floating[:, :, ::1] a) noexcept nogil:
     return <void *> &a[0, 0, 0] if a is not None else NULL
 
 
-def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
+cdef Py_ssize_t evenly_spaced_rows(Py_ssize_t T, Py_ssize_t B, Py_ssize_t O,
+                                   Py_ssize_t t_bytes, Py_ssize_t b_bytes, size_t itemsize):
+    """The stride in values between consecutive rows t*B + b of a (T, B, O) array
+    with byte strides (t_bytes, b_bytes, itemsize): O when contiguous, more for a
+    column block of a (T, B, D*O) array; -1 if the rows are not evenly spaced or
+    overlap."""
+    cdef Py_ssize_t size = <Py_ssize_t> itemsize
+    cdef Py_ssize_t stride = b_bytes if B > 1 else t_bytes
+    if T * B <= 1:
+        return O   # a single row: no stride is ever used
+    if B > 1 and T > 1 and t_bytes != B * b_bytes:
+        return -1
+    if stride < O * size or stride % size != 0:
+        return -1
+    return stride // size
+
+
+def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             floating[:, :, ::1] gates, floating[:, :, ::1] aux,
             const floating[:, :, ::1] x, const floating[:, ::1] h0, const floating[:, ::1] c0,
             const floating[:, ::1] w_ih, const floating[:, ::1] w_hh,
@@ -486,7 +503,8 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
             int n_threads, bint by_units, bint bf16=False, bint cache_weights=False):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
-    inference, w_hr only for a projected LSTM, which takes the row split).
+    inference, w_hr only for a projected LSTM, which takes the row split). y's
+    rows are contiguous and evenly spaced, not necessarily adjacent (p.ldy).
 
     by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
     hidden units; by_units=True: every thread takes all rows and its own hidden
@@ -525,6 +543,13 @@ def forward(int cell, floating[:, :, ::1] y, floating[:, ::1] h_n, floating[:, :
     p.w_ih, p.w_hh, p.bias, p.bias_h = p_ih, p_hh, vptr1(bias), vptr1(bias_h)
     p.x, p.h0, p.c0 = vptr3(x), vptr2(h0), vptr2(c0)
     p.y, p.h_n, p.c_n, p.gates, p.aux = &y[0, 0, 0], &h_n[0, 0], vptr2(c_n), vptr3(gates), vptr3(aux)
+    p.ldy = evenly_spaced_rows(y.shape[0], y.shape[1], p.O, y.strides[0], y.strides[1],
+                               sizeof(floating))
+    if p.ldy < 0 or y.strides[2] != <Py_ssize_t> sizeof(floating):
+        free(fail)
+        raise ValueError(f"y: its T*B rows of {p.O} values must be evenly spaced and not "
+                         f"overlap, got strides ({y.strides[0]}, {y.strides[1]}, "
+                         f"{y.strides[2]}) for shape ({y.shape[0]}, {y.shape[1]}, {y.shape[2]})")
     with nogil:
         if pack_ih:
             s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
@@ -626,6 +651,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
     p.w_ih, p.w_hh = &w_ih[0, 0], &w_hh[0, 0]
     p.y, p.aux, p.h0, p.c0 = vptr3(y), vptr3(aux), vptr2(h0), vptr2(c0)
+    p.ldy = O
     p.gates, p.dgh, p.dy, p.dh_n, p.dc_n = p_dgx, vptr3(dgh), &dy[0, 0, 0], vptr2(dh_n), vptr2(dc_n)
     p.dh0, p.dc0 = &dh0[0, 0], vptr2(dc0)
     p.bf16 = False

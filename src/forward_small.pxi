@@ -124,7 +124,7 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     p.lengths, p.order = rows, rows + B
     p.pack_ih, p.pack_hh = pack_ih, pack_hh
     p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
-    p.y, p.h_n, p.c_n = y, h_n, c_n
+    p.y, p.ldy, p.h_n, p.c_n = y, H, h_n, c_n
     if n_threads < 1:
         n_threads = 1
     if single:

@@ -117,10 +117,10 @@ def test_error_in_the_reverse_direction_reaches_the_caller(monkeypatch):
     m = fastrnn.GRU(4, 8, bidirectional=True, seed=0)
     real = m._forward_direction
 
-    def failing(x, h0, c0, w, lengths, reverse, keep):
+    def failing(x, h0, c0, w, lengths, reverse, keep, out=None):
         if reverse:
             raise MemoryError("reverse direction failed")
-        return real(x, h0, c0, w, lengths, reverse, keep)
+        return real(x, h0, c0, w, lengths, reverse, keep, out)
 
     monkeypatch.setattr(m, "_forward_direction", failing)
     before = fastrnn.get_num_threads()
@@ -153,9 +153,9 @@ def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, mon
     seen = {"forward": [], "backward": []}
     real_forward, real_backward = m._forward_direction, m._backward_direction
 
-    def forward_spy(x, h0, c0, w, lengths, reverse, keep):
+    def forward_spy(x, h0, c0, w, lengths, reverse, keep, out=None):
         seen["forward"].append((reverse, threading.current_thread().name))
-        return real_forward(x, h0, c0, w, lengths, reverse, keep)
+        return real_forward(x, h0, c0, w, lengths, reverse, keep, out)
 
     def backward_spy(dy, dh_n, dc_n, cache, out=None, accumulate=False):
         seen["backward"].append((cache.reverse, threading.current_thread().name))

@@ -339,12 +339,17 @@ class RNNBase(Module):
         c_n = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
         caches, masks = [], []
         layer_in = x                                                    # (T, B, I or D·O)
+        # inference, both directions concatenated: each writes its half in place
+        halves = D == 2 and not keep and self.merge_mode == "concat"
         for k in range(self.num_layers):
-            def direction(d, layer_in=layer_in, k=k):
+            joined = np.empty((T, B, D * O), self.dtype) if halves else None  # (T, B, 2·O)
+
+            def direction(d, layer_in=layer_in, k=k, joined=joined):
                 idx = k * D + d
                 return self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
-                    self._weights(idx), lengths, bool(d), keep)          # y (T, B, O), ...
+                    self._weights(idx), lengths, bool(d), keep,
+                    None if joined is None else joined[:, :, d * O:(d + 1) * O])  # y (T, B, O), ...
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
@@ -356,6 +361,8 @@ class RNNBase(Module):
                 caches.append(cache)
             if D == 1:
                 layer_out = ys[0]                                       # (T, B, O)
+            elif joined is not None:
+                layer_out = joined                                      # (T, B, 2·O)
             elif self.merge_mode == "concat":
                 layer_out = np.concatenate(ys, axis=2)                  # (T, B, 2·O)
             else:
@@ -466,8 +473,9 @@ class RNNBase(Module):
         return 2 * B * G * H * O + 2 * B * O * H * (O != H)
 
     # -- one layer, one direction (overridden per cell type) -----------------
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
-        """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache."""
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
+        """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache. out: None, or where y
+        goes at inference (the functional forward's `out`)."""
         raise NotImplementedError
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -493,9 +501,9 @@ class RNN(RNNBase):
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
         y, h_n, cache = F.rnn_forward(x, h0, *w, nonlinearity=self.nonlinearity,
-                                      lengths=lengths, reverse=reverse, training=keep)
+                                      lengths=lengths, reverse=reverse, training=keep, out=out)
         return y, h_n, None, cache
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -516,9 +524,9 @@ class GRU(RNNBase):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, dtype, seed, merge_mode)
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
         y, h_n, cache = F.gru_forward(x, h0, *w, lengths=lengths, reverse=reverse,
-                                      training=keep)
+                                      training=keep, out=out)
         return y, h_n, None, cache
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -547,11 +555,12 @@ class LSTM(RNNBase):
     def _extra_config(self):
         return {"proj_size": self.proj_size}
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
         if self.proj_size:
             return F.lstmp_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse,
-                                   training=keep)
-        return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep)
+                                   training=keep, out=out)
+        return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep,
+                              out=out)
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
         if self.proj_size:

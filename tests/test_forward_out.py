@@ -1,0 +1,132 @@
+"""A forward's `out` (inference): y written into given rows, such as one half of
+a bidirectional layer's (T, B, 2H) output, with the same bits as a fresh y."""
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import functional as F
+from fastrnn import reference as R
+
+SHAPES = [(6, 5), (1, 5), (6, 1), (1, 1), (30, 20)]   # (T, B)
+CELLS = ["rnn", "lstm", "lstmp", "gru"]
+GATES = {"rnn": 1, "lstm": 4, "lstmp": 4, "gru": 3}
+
+
+def problem(cell, T, B, dtype, seed=0, I=7, H=9, P=5):
+    """(forward function name, positional arguments, O) for one layer call."""
+    rng = np.random.default_rng(seed)
+    G = GATES[cell]
+    O = P if cell == "lstmp" else H
+
+    def r(*shape):
+        return (rng.standard_normal(shape) * 0.4).astype(dtype)
+    x = r(T, B, I)
+    w_ih, w_hh, b_ih, b_hh = r(G * H, I), r(G * H, O), r(G * H), r(G * H)
+    if cell == "rnn":
+        return "rnn_forward", (x, r(B, H), w_ih, w_hh, b_ih, b_hh), O
+    if cell == "gru":
+        return "gru_forward", (x, r(B, H), w_ih, w_hh, b_ih, b_hh), O
+    if cell == "lstm":
+        return "lstm_forward", (x, r(B, H), r(B, H), w_ih, w_hh, b_ih, b_hh), O
+    return "lstmp_forward", (x, r(B, P), r(B, H), w_ih, w_hh, b_ih, b_hh, r(P, H)), O
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T, B", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_out_half_of_a_wider_array_gets_the_same_bits(cell, T, B, dtype, reverse):
+    name, args, O = problem(cell, T, B, dtype)
+    padded = np.random.default_rng(1).integers(1, T + 1, B) if T > 1 else None
+    for lengths in (None, padded):
+        want = getattr(F, name)(*args, lengths=lengths, reverse=reverse, training=False)
+        for side in (0, 1):
+            joined = np.full((T, B, 2 * O), np.nan, dtype)
+            half = joined[:, :, side * O:(side + 1) * O]
+            got = getattr(F, name)(*args, lengths=lengths, reverse=reverse, training=False,
+                                   out=half)
+            assert got[0] is half
+            assert np.array_equal(half, want[0])
+            assert np.isnan(joined[:, :, (1 - side) * O:(2 - side) * O]).all()
+            for a, b in zip(got[1:-1], want[1:-1]):   # h_n (and c_n)
+                assert np.array_equal(a, b)
+            ref = getattr(R, name)(*args, lengths=lengths, reverse=reverse, training=False)
+            ref_joined = np.full((T, B, 2 * O), np.nan, dtype)
+            ref_got = getattr(R, name)(*args, lengths=lengths, reverse=reverse,
+                                       training=False,
+                                       out=ref_joined[:, :, side * O:(side + 1) * O])
+            assert np.array_equal(ref_got[0], ref[0])
+            tol = 1e-5 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(half, ref[0], rtol=tol, atol=tol)
+
+
+def test_out_gives_the_same_bits_on_one_and_two_threads():
+    name, args, O = problem("lstm", 40, 24, np.float32, I=64, H=96)
+    results = []
+    before = fastrnn.get_num_threads()
+    try:
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            joined = np.zeros((40, 24, 2 * O), np.float32)
+            getattr(F, name)(*args, training=False, out=joined[:, :, O:])
+            results.append(joined)
+    finally:
+        fastrnn.set_num_threads(before)
+    assert np.array_equal(results[0], results[1])
+
+
+def bad_outs(T, B, O, dtype, x):
+    """(out, exception, message fragment) for each way `out` can be wrong."""
+    wide = np.zeros((T, B, 3 * O), dtype)
+    overlap = np.lib.stride_tricks.as_strided(np.zeros(T * B * O, dtype), (T, B, O),
+                                              (B * (O // 2) * np.dtype(dtype).itemsize,
+                                               (O // 2) * np.dtype(dtype).itemsize,
+                                               np.dtype(dtype).itemsize))
+    ro = np.zeros((T, B, O), dtype)
+    ro.flags.writeable = False
+    other = np.float64 if dtype == np.float32 else np.float32
+    return [
+        ([[0.0]], TypeError, "numpy array"),
+        (np.zeros((T, B, O), other), TypeError, "dtype"),
+        (np.zeros((T, B, O + 1), dtype), ValueError, "shape"),
+        (wide[:, :, ::3], ValueError, "contiguous"),
+        (overlap, ValueError, "overlap"),
+        (np.zeros((B, T, O), dtype).transpose(1, 0, 2), ValueError, "evenly spaced"),
+        (ro, ValueError, "writeable"),
+        (x[:, :, :O], ValueError, "share memory"),
+    ]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bad_out_is_rejected_before_the_kernel(cell):
+    T, B = 6, 5
+    name, args, O = problem(cell, T, B, np.float32, I=12)
+    x = args[0]
+    for out, exc, fragment in bad_outs(T, B, O, np.float32, x):
+        with pytest.raises(exc, match=fragment):
+            getattr(F, name)(*args, training=False, out=out)
+    with pytest.raises(ValueError, match="only for inference"):
+        getattr(F, name)(*args, training=True, out=np.zeros((T, B, O), np.float32))
+    with pytest.raises(ValueError, match="only for inference"):
+        getattr(R, name)(*args, training=True, out=np.zeros((T, B, O), np.float32))
+
+
+@pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_bidirectional_inference_equals_the_training_forward(mode, padded):
+    """Inference writes each direction into its half of the output; a training
+    forward concatenates the cached ones. Same bits, two layers, and with lengths."""
+    rng = np.random.default_rng(3)
+    T, B, I, H = 12, 6, 5, 8
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, B) if padded else None
+    kwargs = {"proj_size": 3} if mode == "LSTM" and padded else {}
+    m = getattr(fastrnn, mode)(I, H, num_layers=2, bidirectional=True, seed=2, **kwargs)
+    m.train()
+    want, want_state = m(x, lengths=lengths)
+    m.eval()
+    got, got_state = m(x, lengths=lengths)
+    assert np.array_equal(got, want)
+    flat = (lambda s: s if isinstance(s, np.ndarray) else np.concatenate([a.ravel() for a in s]))
+    assert np.array_equal(flat(got_state), flat(want_state))
