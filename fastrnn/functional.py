@@ -575,7 +575,7 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
-    dgh = _buffers.empty((T, B, 3 * H), dtype)       # (T, B, 3H) dL/dgh
+    dgh = _buffers.empty((T, B, 3 * H), dtype)   # (T, B, 3H) dL/dgh
     sched = cache.sched
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,
