@@ -39,10 +39,13 @@ _MERGE_MODES = ("concat", "sum")
 # - Inference: one after the other. At once was mostly slower at batch 1-3 (up
 #   to 2.08x), 0.95-1.08x from 32 rows up, and in between the runs disagreed
 #   (RNN H=128, B=8: 0.62x in one run, 1.63x and 1.65x in the others).
-# - Never below CONCURRENT_MIN_FLOP per direction: a Python thread costs ~80 us.
+# - Never below CONCURRENT_MIN_FLOP per direction (a Python thread costs ~80 us):
+#   with 21-42 MFLOP at once lost 3-15 % (LSTM H=128 B=8 T=20, GRU H=256 B=4
+#   T=20, RNN H=512 B=4 T=10, LSTM H=512 B=2 T=10), from 52 MFLOP it gained
+#   (0.83-0.95x at T=25-50 of the same rows); interleaved in one process.
 # On the Zen 3 machine (2026-12-02, an older build) training at once was
 # 0.75-0.86x as fast at LSTM I=H=256 T=100, B=1/8/64; not re-measured there.
-CONCURRENT_MIN_FLOP = 2e7
+CONCURRENT_MIN_FLOP = 5e7
 CONCURRENT_TRAIN_MIN_STEP_FLOP = 1e6
 
 
