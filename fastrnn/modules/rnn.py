@@ -41,8 +41,10 @@ _MERGE_MODES = ("concat", "sum")
 #   (RNN H=128, B=8: 0.62x in one run, 1.63x and 1.65x in the others).
 # - Never below CONCURRENT_MIN_FLOP per direction (a Python thread costs ~80 us):
 #   with 21-42 MFLOP at once lost 3-15 % (LSTM H=128 B=8 T=20, GRU H=256 B=4
-#   T=20, RNN H=512 B=4 T=10, LSTM H=512 B=2 T=10), from 52 MFLOP it gained
-#   (0.83-0.95x at T=25-50 of the same rows); interleaved in one process.
+#   T=20, RNN H=512 B=4 T=10, LSTM H=512 B=2 T=10); at T=25-50 of the same rows
+#   (52-105 MFLOP) it took 0.83-0.98x; interleaved in one process, one run each.
+#   (Near the line the host's noise is as large: GRU H=256 B=4 T=100 read 1.07x
+#   in that run and 0.95-0.99x in bench/bidirectional.py's three.)
 # On the Zen 3 machine (2026-12-02, an older build) training at once was
 # 0.75-0.86x as fast at LSTM I=H=256 T=100, B=1/8/64; not re-measured there.
 CONCURRENT_MIN_FLOP = 5e7
