@@ -21,7 +21,8 @@ import numpy as np
 
 cnp.import_array()
 
-POOLED_MIN_BYTES = 1 << 20   # smaller arrays are np.empty's: glibc keeps those in its heap
+DEF POOLED_MIN = 1 << 20   # smaller arrays are np.empty's: glibc keeps those in its heap
+POOLED_MIN_BYTES = POOLED_MIN
 
 
 cdef extern from *:
@@ -47,19 +48,23 @@ def empty(shape, dtype):
     POOLED_MIN_BYTES and up (contents are whatever the last user left: write
     before reading)."""
     cdef cnp.dtype dt = np.dtype(dtype)
-    cdef tuple dims = tuple(int(n) for n in shape)
+    cdef tuple dims = tuple(shape)
     cdef cnp.npy_intp c_dims[32]
+    cdef Py_ssize_t n
     cdef size_t nbytes = dt.itemsize
     cdef int nd = len(dims), i
     if nd > 32:
         raise ValueError(f"shape: at most 32 dimensions, got {nd}")
     for i in range(nd):
-        if dims[i] < 0:
+        n = dims[i]
+        if n < 0:
             raise ValueError(f"shape: dimensions must be >= 0, got {dims}")
-        c_dims[i] = dims[i]
-        nbytes *= <size_t> dims[i]
-    if nbytes < POOLED_MIN_BYTES or not dt.isnative or dt.type_num not in (cnp.NPY_FLOAT,
-                                                                            cnp.NPY_DOUBLE):
+        if n > 0 and nbytes > (<size_t> -1) // <size_t> n:
+            raise MemoryError(f"an array of shape {dims} would not fit in memory")
+        c_dims[i] = n
+        nbytes *= <size_t> n
+    if nbytes < POOLED_MIN or not dt.isnative or dt.type_num not in (cnp.NPY_FLOAT,
+                                                                      cnp.NPY_DOUBLE):
         return np.empty(dims, dt)
     cdef _Buffer owner = _Buffer.__new__(_Buffer)
     owner.ptr = scratch_alloc(nbytes)

@@ -79,6 +79,7 @@ cdef inline void forward_pointwise(
         floating *h,                # OUT (n) h_t (RNN: h is a itself)
         Py_ssize_t n,
         bint keep_gates) noexcept nogil:    # training: the LSTM leaves its activated gates in a
+                                            # for backward (inference: it does not)
     """One row's forward pass for n hidden units, gate segments n apart."""
     if cell == CELL_LSTM:
         if floating is float:

@@ -49,6 +49,8 @@ def test_zeros_are_zero_on_dirty_memory():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="shape"):
         _buffers.empty((4, -1, 3), np.float32)
+    with pytest.raises(MemoryError, match="would not fit"):   # the byte count would wrap
+        _buffers.empty((1 << 40, 1 << 40), np.float32)
 
 
 def test_a_view_keeps_its_buffer():
