@@ -35,7 +35,7 @@ from _pack_cache cimport (slices_free, pack_cache_clear, pack_cache_set_off, pac
                           pack_cache_stats, weights_digest)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
-from _schedule cimport (BLOCK_ROWS, time_index, n_active, pack_matrix, unit_start,
+from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit_start,
                         gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
                         scratch_free, scratch_release)
 
@@ -110,11 +110,7 @@ cdef void forward_thread(
     cdef const floating *bias_h = <const floating *> p.bias_h
     cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = G * (j1 - j0)
     cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
-    cdef Py_ssize_t tb = (BLOCK_ROWS + nrows - 1) // nrows if nrows > 0 else 1
-    if tb > maxlen:
-        tb = maxlen
-    if tb < 1:
-        tb = 1
+    cdef Py_ssize_t tb = steps_per_block(nrows, GK, maxlen)
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place

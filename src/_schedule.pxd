@@ -22,7 +22,27 @@ cdef extern from "scratch.h" nogil:
 
 
 cdef enum:
-    BLOCK_ROWS = 256   # rows per input-projection GEMM (time steps x a thread's rows)
+    BLOCK_ROWS = 256       # rows per input-projection GEMM (time steps x a thread's rows) ...
+    BLOCK_VALUES = 32768   # ... and values of a_t it writes (128 KB float32, 256 KB float64)
+
+
+cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK,
+                                       Py_ssize_t maxlen) noexcept nogil:
+    """Time steps whose input projection one GEMM computes ahead of the recurrence,
+    for a thread with nrows rows and GK gate columns: at most BLOCK_ROWS rows and
+    BLOCK_VALUES values of a_t, at least one step, at most maxlen.
+
+    The recurrence adds h W_hh^T into those a_t rows steps later, so they should
+    still be near in cache then; W_hh streams through L2 in between. 256 rows
+    alone made a 1 MB float32 block at LSTM (256, 256, 100, 64) (2 MB float64),
+    the whole L2 of a Zen 4 core. There (Zen 4, AVX-512, eval, bench/float64.py,
+    two runs against the 256-row rule) float64 took 68.0-67.0 ms instead of
+    70.5-71.6, float32 32.9-33.3 instead of 33.3-33.7; the GRU 49.3-50.3 against
+    51.2-51.8 in float64; the RNN, training and small batches within noise."""
+    cdef Py_ssize_t n = nrows if nrows > 0 else 1
+    cdef Py_ssize_t g = GK if GK > 0 else 1
+    cdef Py_ssize_t tb = min((BLOCK_ROWS + n - 1) // n, BLOCK_VALUES // (n * g))
+    return max(1, min(tb, maxlen))
 
 
 cdef inline Py_ssize_t task_rows(Py_ssize_t M, Py_ssize_t unit, Py_ssize_t most,
