@@ -95,7 +95,7 @@ def main(argv=None):
         for m in modes:
             a, b = np.array(ms[c, m, np.float32]), np.array(ms[c, m, np.float64])
             r = b / a
-            print(f"{c:9s} {m:8s} {np.median(a):11.2f} {np.median(b):11.2f} "
+            print(f"{c:9s} {m:8s} {np.median(a):11.4g} {np.median(b):11.4g} "
                   f"{np.median(b) / np.median(a):6.2f}  {r.min():.2f}-{r.max():.2f}")
 
 
