@@ -106,6 +106,40 @@ def test_float64_activations_accurate():
     assert np.abs(y - y_ref).max() < 1e-12
 
 
+def _float64_points():
+    """(1, B, 1) values from 1e-300 to saturating, both signs, and across the
+    range-reduction boundaries |y| = ln2/2 (tanh: |x| = ln2/4)."""
+    mags = np.concatenate([np.logspace(-300, -3, 200), np.linspace(1e-3, 40, 4001),
+                           np.log(2) / 4 + np.linspace(-1e-6, 1e-6, 101),
+                           np.log(2) / 2 + np.linspace(-1e-6, 1e-6, 101)])
+    x = np.concatenate([mags, -mags])
+    return x.reshape(1, -1, 1)
+
+
+def test_float64_tanh_relative_accuracy(isa):
+    """tanh alone, through an RNN layer whose weights pass x through unchanged
+    (w_ih = 1, w_hh = 0, no bias): within 2e-15 of NumPy's, relative, from 1e-300
+    to saturation (src/activations.h: rational exp, no cancellation near 0)."""
+    x = _float64_points()                                  # (1, B, 1)
+    one, zero = np.ones((1, 1)), np.zeros((1, 1))
+    y = F.rnn_forward(x, None, one, zero, None, None, training=False)[0]
+    want = np.tanh(x)
+    assert (np.abs(y - want) <= 2e-15 * np.abs(want)).all(), np.max(np.abs(y - want) / np.abs(want))
+
+
+def test_float64_sigmoid_relative_accuracy(isa):
+    """sigmoid alone, through an LSTM step: i = g = 1 (bias 800), c_0 = 0, so
+    c = 1 and h = o tanh(1) with o = sigmoid(x) (the o rows of w_ih pass x).
+    Within 3e-15 of NumPy's relative to h (sigmoid, tanh(1), one product)."""
+    x = _float64_points()                                  # (1, B, 1)
+    w_ih = np.array([[0.0], [0.0], [0.0], [1.0]])          # (4H, I): gates i, f, g, o
+    b_ih = np.array([800.0, 0.0, 800.0, 0.0])              # i = sigmoid(800) = 1, g = tanh(800) = 1
+    y = F.lstm_forward(x, None, None, w_ih, np.zeros((4, 1)), b_ih, np.zeros(4),
+                       training=False)[0]
+    want = np.tanh(1.0) / (1.0 + np.exp(-x))
+    assert (np.abs(y - want) <= 3e-15 * np.abs(want)).all(), np.max(np.abs(y - want) / np.abs(want))
+
+
 def test_set_isa_rejects_unknown_and_missing():
     with pytest.raises(ValueError, match="isa must be one of"):
         fastrnn.set_isa("sse9")
