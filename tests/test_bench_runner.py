@@ -188,3 +188,15 @@ def test_runner_json_records_cold_ms(capsys):
     status, summary, _ = run_json(capsys, TINY + ["--peers", "none", "--cell", "rnn"])
     assert status == 0
     assert all(r["cold_ms"] > 0 for r in summary["results"])
+
+
+def test_time_interleaved_sizes_samples_from_warm_calls():
+    """A slow warm-up call (a worker waking) does not shrink the samples to a
+    few calls: they are sized from as many calls as fill min_sample."""
+    from fastrnn.benchmark import timing
+    engine = _CountingEngine("a")            # its first call takes ~10 ms, the rest ~0
+    out = timing.time_interleaved([engine], budget=None, repeats=1, warmup=1,
+                                  min_sample=0.02, quiet_gap=0)
+    warm, rounds, number, cold = out["a"]
+    assert number > 100                      # sized from one call: 2
+    assert warm < 0.001

@@ -91,6 +91,22 @@ def _sample(engine, number):
             gc.enable()
 
 
+def _seconds_per_call(engine, min_sample):
+    """Seconds per call from as many back-to-back calls as fill ``min_sample``
+    (at least one): what sizes the samples. Sized from one call, a call that
+    happened to wait for a waking worker thread (10 ms on the Zen 4 KVM guest,
+    docs/benchmarks.md) made samples of a few calls, all just after the cold
+    call: a 9 us LSTM step then read 38 us."""
+    calls = 0
+    t0 = time.perf_counter()
+    while True:
+        engine.run()
+        calls += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample:
+            return elapsed / calls
+
+
 def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAMPLE_DEFAULT,
                      first=None, quiet_gap=QUIET_GAP_DEFAULT):
     """Median seconds per call of each engine, timed round-robin.
@@ -118,7 +134,7 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
     for e in engines:
         if warmup > 0 or e.name not in first:
             for _ in range(max(1, warmup)):
-                first[e.name] = _sample(e, 1)
+                first[e.name] = _seconds_per_call(e, min_sample)
     number = {name: max(1, min(10000, math.ceil(min_sample / max(t, 1e-7))))
               for name, t in first.items()}
     cold_calls = 1 if quiet_gap > 0 else 0
