@@ -92,19 +92,19 @@ def _sample(engine, number):
 
 
 def _seconds_per_call(engine, min_sample):
-    """Seconds per call from as many back-to-back calls as fill ``min_sample``
-    (at least one): what sizes the samples. Sized from one call, a call that
+    """Median seconds of back-to-back calls filling ``min_sample`` (at least
+    one call): what sizes the samples. Sized from one call, a call that
     happened to wait for a waking worker thread (10 ms on the Zen 4 KVM guest,
     docs/benchmarks.md) made samples of a few calls, all just after the cold
-    call: a 9 us LSTM step then read 38 us."""
-    calls = 0
-    t0 = time.perf_counter()
-    while True:
+    call: a 9 us LSTM step then read 38 us. The median, not the mean: one such
+    call in the window would still count."""
+    times = []
+    start = time.perf_counter()
+    while not times or time.perf_counter() - start < min_sample:
+        t0 = time.perf_counter()
         engine.run()
-        calls += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_sample:
-            return elapsed / calls
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAMPLE_DEFAULT,
