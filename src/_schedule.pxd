@@ -36,7 +36,7 @@ cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK,
     still be near in cache then; W_hh streams through L2 in between. 256 rows
     alone made a 1 MB float32 block at LSTM (256, 256, 100, 64) (2 MB float64),
     the whole L2 of a Zen 4 core. There (Zen 4, AVX-512, eval, bench/float64.py,
-    two runs against the 256-row rule) float64 took 68.0-67.0 ms instead of
+    two runs against the 256-row rule) float64 took 67.0-68.0 ms instead of
     70.5-71.6, float32 32.9-33.3 instead of 33.3-33.7; the GRU 49.3-50.3 against
     51.2-51.8 in float64; the RNN, training and small batches within noise."""
     cdef Py_ssize_t n = nrows if nrows > 0 else 1
