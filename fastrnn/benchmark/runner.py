@@ -123,7 +123,9 @@ def build_parser():
                    help="timed repetitions per case (default: as many as the time "
                         f"budget allows, {MIN_ROUNDS} to {MAX_ROUNDS})")
     p.add_argument("--warmup", type=int, default=1,
-                   help="untimed warm-up calls per engine after the check call (default 1)")
+                   help="untimed warm-ups per engine after the check call, each as many calls "
+                        "as fill a sample's minimum time (at least one); the last sizes "
+                        "the samples (default 1)")
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds to spend timing when --repeats is not given "
                         f"(default {DEFAULT_BUDGET:.0f})")

@@ -112,8 +112,10 @@ def time_interleaved(engines, budget, repeats=None, warmup=1, min_sample=MIN_SAM
     """Median seconds per call of each engine, timed round-robin.
 
     ``engines`` have each been called once already (the check call, whose
-    durations ``first`` may give). ``warmup`` more untimed calls follow; with
-    ``warmup=0`` the check calls' durations set the calls per sample. Before
+    durations ``first`` may give). ``warmup`` untimed warm-ups follow, each as
+    many calls as fill ``min_sample`` (at least one), and the last one's median
+    call sets the calls per sample (_seconds_per_call); with ``warmup=0`` the
+    check calls' durations do. Before
     each sample the process sleeps ``quiet_gap`` seconds: every engine leaves
     worker threads that busy-wait for a while after a call (torch's OpenMP,
     ONNX Runtime's pool, OpenBLAS for up to ~0.1 s), and on a 2-core machine
