@@ -12,6 +12,7 @@ cdef struct Plan:
     const Py_ssize_t *lengths   # (B,) steps per row
     const Py_ssize_t *order     # (B,) rows by decreasing length
     int nslices                 # hidden-unit slices (one per thread), 1 for the row split
+    bint pool_team              # threads are a team of team_pool.h (eval calls), not OpenMP's
     bint pack_ih, pack_hh       # packed panels, else the weights are read in place
     # weights
     const void *w_ih            # (G*H, I) row-major

@@ -39,7 +39,19 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
                         gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
                         scratch_free, scratch_release)
 
+from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
+                         fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
+                         fastrnn_pool_hold, fastrnn_pool_refuse)
+
 cnp.import_array()
+
+
+cdef inline void team_barrier(const Plan *p) noexcept nogil:
+    """Wait for the other threads of this call's team: team_pool.h's or OpenMP's."""
+    if p.pool_team:
+        fastrnn_pool_barrier()
+    else:
+        fastrnn_barrier()
 
 
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
@@ -173,7 +185,7 @@ cdef void forward_thread(
                 if c0 != NULL:
                     memcpy(c + r * hk, c0 + b * H + j0, hk * sizeof(floating))
     if sync:
-        fastrnn_barrier()
+        team_barrier(p)
         for q in range(nthr):
             failed = failed + fail[q]
     else:
@@ -241,7 +253,7 @@ cdef void forward_thread(
                 gemm_rows(nact, O, H, r_rows, <const floating *> p.w_hr_packed,
                           <const floating *> p.w_hr, H, y_rows, 0)
             if sync:
-                fastrnn_barrier()   # h_t complete (every thread's units) before anyone reads it
+                team_barrier(p)     # h_t complete (every thread's units) before anyone reads it
             for r in range(nact):   # h_t is next step's h_{t-1}
                 b = order[r0 + r]
                 h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * ldy

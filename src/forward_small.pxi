@@ -36,21 +36,82 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
     return dims[0] == d0 and (ndim < 2 or dims[1] == d1) and (ndim < 3 or dims[2] == d2)
 
 
+# While the pool's workers are not ready, the caller runs the steps alone in segments
+# of about this much work (0.2-0.4 ms on one Zen 4 core) and asks again between them:
+# a worker that wakes part-way joins well within the time it waits ready (2 ms,
+# FASTRNN_POOL_READY_NS). Tests set it lower (pool_test_knobs).
+cdef double SEGMENT_FLOP = 8e6
+
+
+cdef struct SmallTeam:
+    Plan *p                     # the team's plan (steps [s, T), the team's slices)
+    bint by_units               # split hidden units (else rows)
+    bint single                 # float32 (else float64)
+    int *fails                  # (nthr,) allocation failure per thread
+
+
+cdef void small_share(void *ctx, int tid, int nthr) noexcept nogil:
+    """Thread tid's share of a team run; team_pool.h calls it on every thread."""
+    cdef SmallTeam *t = <SmallTeam *> ctx
+    if t.single:
+        small_share_typed(<float *> t.p.y, t, tid, nthr)
+    else:
+        small_share_typed(<double *> t.p.y, t, tid, nthr)
+
+
+cdef void small_share_typed(floating *y, SmallTeam *t, int tid, int nthr) noexcept nogil:
+    cdef Plan *p = t.p
+    cdef Py_ssize_t G = p.G, H = p.H, B = p.B
+    cdef int ns = p.nslices, k = tid if t.by_units else 0
+    cdef const floating *s_ih = <const floating *> p.w_ih_slices
+    cdef const floating *s_hh = <const floating *> p.w_hh_slices
+    forward_thread(
+        y, p,
+        0 if t.by_units else tid * B // nthr, B if t.by_units else (tid + 1) * B // nthr,
+        unit_start(H, k, ns), unit_start(H, k + 1, ns),
+        s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k, True) if s_ih != NULL else NULL,
+        s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k, True) if s_hh != NULL else NULL,
+        NULL, NULL,                     # the fast path runs float32 / float64 GEMMs
+        t.by_units, t.fails, tid, nthr)
+
+
+cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices) noexcept nogil:
+    """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
+    in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask.
+    Packed on this thread: no OpenMP team is woken. False if out of memory."""
+    q.nslices = nslices
+    q.w_ih_slices = q.w_hh_slices = NULL
+    if q.pack_ih:
+        q.w_ih_slices = gate_slices(w_ih, q.G, q.H, q.I, nslices, True, 1, True)
+        if q.w_ih_slices == NULL:
+            return False
+    if q.pack_hh:
+        q.w_hh_slices = gate_slices(w_hh, q.G, q.H, q.O, nslices, True, 1, True)
+        if q.w_hh_slices == NULL:
+            return False
+    return True
+
+
 cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
                           floating *bias, int n, bint by_units, int *fail) noexcept nogil:
     """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
-    as fastrnn.functional combines them), the packing asked for, then forward_thread:
-    on this thread (n = 1), or on n threads splitting hidden units (by_units: every
-    thread all rows, one barrier per step) or rows, as `forward` does. Every split gives
-    bitwise the same numbers. fail[0]: 1 out of memory."""
-    cdef Py_ssize_t j, G = p.G, H = p.H, B = p.B, n_sum = 2 * H if p.cell == CELL_GRU else G * H
-    cdef int nslices = n if by_units else 1
+    as fastrnn.functional combines them), then the layer's steps: on a team of n
+    threads of team_pool.h (hidden units split when by_units: every thread all rows,
+    one barrier per step; else rows) when the pool's workers are ready; else on this
+    thread, a segment of steps at a time, asking again between segments, so that a
+    worker that was asleep joins part-way and the call never waits for one. Every
+    split and every segmentation gives bitwise the same numbers (a segment starts
+    from the h and c the last one wrote). fail[0]: 1 out of memory."""
+    cdef Py_ssize_t j, k, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
+    cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
+    cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths     # (B,) all rows run every step
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
-    cdef int tid, nthr, k, q
-    cdef bint short_team = False
-    cdef floating *s_ih = NULL
-    cdef floating *s_hh = NULL
-    cdef int *fails = fail
+    cdef bint owns = team > 1 and fastrnn_pool_enter(team)
+    cdef Plan alone, crew
+    cdef bint alone_packed = False, crew_packed = False
+    cdef SmallTeam ctx
+    cdef int *fails = NULL
+    cdef int q
     if b_ih != NULL:
         for j in range(n_sum):
             bias[j] = b_ih[j] + b_hh[j]
@@ -58,46 +119,61 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             bias[j] = b_ih[j]
         p.bias = bias
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
-    p.nslices = nslices
-    if p.pack_ih:
-        s_ih = gate_slices(<const floating *> p.w_ih, G, H, p.I, nslices, True, n, True)
-    if p.pack_hh:     # eval calls: the packed copies are kept while the weights do not change
-        s_hh = gate_slices(<const floating *> p.w_hh, G, H, p.O, nslices, True, n, True)
-    p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
-    if team > 1:
-        fails = <int *> calloc(team, sizeof(int))
-    if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL) or fails == NULL:
-        fail[0] = 1
-    elif team == 1:
-        forward_thread(y, p, 0, B, 0, H, s_ih, s_hh, NULL, NULL, False, fail, 0, 1)
-    else:
-        with parallel(num_threads=team):
-            tid = threadid()
-            nthr = fastrnn_team_size()
-            if nthr != team:
-                fails[tid] = 2       # fewer threads than asked: run again on one
-            else:
-                k = tid if by_units else 0
-                forward_thread(
-                    y, p,
-                    0 if by_units else tid * B // team, B if by_units else (tid + 1) * B // team,
-                    unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
-                    s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, nslices, k, True)
-                    if s_ih != NULL else NULL,
-                    s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, nslices, k, True)
-                    if s_hh != NULL else NULL,
-                    NULL, NULL,                     # the single-step path runs float32
-                    by_units, fails, tid, nthr)
-        for q in range(team):
-            if fails[q] == 1:
+    alone = p[0]
+    crew = p[0]
+    seg = T
+    if owns:
+        seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
+    while s < T and not fail[0]:
+        if owns and fastrnn_pool_ready(team):
+            if not crew_packed:     # once per call, and only when a team can form
+                crew_packed = True
+                fails = <int *> calloc(team, sizeof(int))
+                if fails == NULL or not pack_for(&crew, <const floating *> p.w_ih,
+                                                 <const floating *> p.w_hh,
+                                                 team if by_units else 1):
+                    fail[0] = 1
+                    break
+                crew.pool_team = True
+            segment(&crew, p, y, s, T)
+            ctx.p, ctx.by_units, ctx.single, ctx.fails = &crew, by_units, floating is float, fails
+            if fastrnn_pool_try_run(team, small_share, &ctx):
+                for q in range(team):
+                    fail[0] = fail[0] | fails[q]
+                break
+        e = min(T, s + seg)
+        if not alone_packed:
+            alone_packed = True
+            if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1):
                 fail[0] = 1
-            elif fails[q] == 2:
-                short_team = True
-    if fails != fail:
-        free(fails)
-    slices_free(s_ih); slices_free(s_hh)
-    if short_team and not fail[0]:
-        run_small_typed(y, p, b_ih, b_hh, bias, 1, False, fail)
+                break
+        segment(&alone, p, y, s, e)
+        forward_thread(<floating *> alone.y, &alone, 0, B, 0, H,
+                       <const floating *> alone.w_ih_slices, <const floating *> alone.w_hh_slices,
+                       NULL, NULL, False, fail, 0, 1)
+        s = e
+    if owns:
+        fastrnn_pool_leave()
+    free(fails)
+    if alone_packed:
+        slices_free(<void *> alone.w_ih_slices); slices_free(<void *> alone.w_hh_slices)
+    if crew_packed:
+        slices_free(<void *> crew.w_ih_slices); slices_free(<void *> crew.w_hh_slices)
+
+
+cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
+    """Point q at steps [s, e) of p's layer: x and y from step s, every row e - s steps
+    long, starting from p's h0 and c0 (s = 0) or from the state step s - 1 left (h in
+    y, c in c_n)."""
+    cdef Py_ssize_t k, B = p.B
+    cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths
+    for k in range(B):
+        lengths[k] = e - s
+    q.T = e - s
+    q.x = <const floating *> p.x + s * B * p.I
+    q.y = y + s * B * p.ldy
+    q.h0 = p.h0 if s == 0 else <const void *> (y + (s - 1) * B * p.ldy)
+    q.c0 = p.c0 if s == 0 else <const void *> p.c_n
 
 
 cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t I,
@@ -347,3 +423,33 @@ def eval_cell(plan, x, hx):
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return (h_n, c_n) if lstm else h_n
+
+
+def pool_stats():
+    """The eval calls' worker pool (team_pool.h), for tests and docs: teams run, tries
+    refused because a worker was not ready, shares run by workers, workers made."""
+    cdef long out[4]
+    fastrnn_pool_stats(out)
+    return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3]}
+
+
+def pool_test_knobs(int refuse=0, double segment_flop=8e6):
+    """Test hook: the next `refuse` tries to form a team are refused as if the workers
+    were not awake yet (so a call runs that many segments alone, then joins), and the
+    alone segments are `segment_flop` of work. pool_test_knobs() restores the defaults."""
+    global SEGMENT_FLOP
+    if refuse < 0 or segment_flop <= 0:
+        raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
+                         f"got {refuse} and {segment_flop}")
+    SEGMENT_FLOP = segment_flop
+    fastrnn_pool_refuse(refuse)
+
+
+def pool_hold(bint hold):
+    """Test hook: hold=True puts the pool's workers to sleep and keeps them asleep (a
+    call's wake-up is ignored), as after a long idle; hold=False lets them wake again.
+    Returns False if the workers did not all fall asleep within a second."""
+    cdef int ok
+    with nogil:
+        ok = fastrnn_pool_hold(hold)
+    return bool(ok)

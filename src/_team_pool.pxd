@@ -1,0 +1,12 @@
+# The eval calls' own worker threads (team_pool.h): a call never waits for a worker
+# that has not started.
+cdef extern from "team_pool.h" nogil:
+    ctypedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr) noexcept nogil
+    int fastrnn_pool_enter(int n)
+    void fastrnn_pool_leave()
+    int fastrnn_pool_ready(int n)
+    int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
+    void fastrnn_pool_barrier()
+    void fastrnn_pool_stats(long *out)
+    int fastrnn_pool_hold(int hold)
+    void fastrnn_pool_refuse(int k)

@@ -1,0 +1,300 @@
+/* team_pool.h: fastrnn's own worker threads for eval calls, whose calling thread
+ * never waits for a worker that has not started.
+ *
+ * Why not OpenMP here: an OpenMP team meets at the start and at the end of every
+ * parallel region, so a call made after the process has been idle waits until the
+ * sleeping worker is woken. On a virtual machine the idle vCPU must first be
+ * scheduled again by the host: on the 2-core Zen 4 KVM guest an LSTMCell H=256 call
+ * after 0.15 s idle took 9.6 ms with 2 threads against 0.35 ms on the calling thread
+ * alone (docs/inference.md).
+ *
+ * Here a call wakes the workers without waiting for them, and a team is formed only
+ * from workers that are awake and waiting ("ready"): if they are not, the caller
+ * runs the work alone (fastrnn_pool_try_run returns 0 and runs nothing), and asks
+ * again later (the recurrence driver asks between segments of steps, so a late
+ * worker joins a long call part-way). A worker that wakes to find nothing to do
+ * waits, ready, while a call is under way and FASTRNN_POOL_READY_NS after, then
+ * sleeps again.
+ *
+ * Worker w's state (state[w]); only the worker leaves READY for IDLE and only the
+ * caller moves READY -> CLAIMED -> RUN (or back to READY), so a claim is race-free:
+ *     IDLE (asleep) --wake--> READY --caller claims--> CLAIMED --caller: all claimed--> RUN
+ *     RUN --share done--> READY;   READY --timeout--> IDLE;   CLAIMED --not all--> READY
+ * Within a team, threads meet at fastrnn_pool_barrier (spinning: the team's threads
+ * are all running). One caller at a time owns the pool (fastrnn_pool_enter); a second
+ * concurrent caller is refused and runs alone. After fork() the child starts with no
+ * workers and makes its own.
+ */
+#ifndef FASTRNN_TEAM_POOL_H
+#define FASTRNN_TEAM_POOL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FASTRNN_SPIN_PAUSE() _mm_pause()
+#else
+#define FASTRNN_SPIN_PAUSE() ((void)0)
+#endif
+
+#define FASTRNN_POOL_MAX 64                    /* workers; teams are at most 65 threads */
+#define FASTRNN_POOL_READY_NS 2000000LL        /* a woken worker waits 2 ms for a team */
+
+enum { FASTRNN_W_IDLE = 0, FASTRNN_W_READY = 1, FASTRNN_W_CLAIMED = 2, FASTRNN_W_RUN = 3 };
+
+typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
+
+/* One cache line per worker's state: the caller writes them all, each worker spins on its own. */
+typedef struct { _Atomic int v; char pad[60]; } fastrnn_pool_slot;
+
+typedef struct {
+    fastrnn_pool_slot state[FASTRNN_POOL_MAX];
+    _Atomic unsigned wake_seq;        /* bumped by every fastrnn_pool_enter */
+    _Atomic int sleepers;             /* workers blocked on cv */
+    _Atomic int owner;                /* 1 while a caller owns the pool */
+    _Atomic int finished;             /* workers done with the current team's shares */
+    int nworkers;                     /* created so far (changed only by the owner) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* the team being run (written by the owner before RUN is published) */
+    fastrnn_share_fn fn;
+    void *ctx;
+    int nthr;
+    /* the team's barrier */
+    char pad1[64];
+    _Atomic int bar_count;
+    char pad2[60];
+    _Atomic unsigned bar_gen;
+    /* counters, for tests and docs: teams run, refused tries, shares run by workers */
+    _Atomic long n_teams, n_refused, n_worker_shares;
+    int hold;                         /* test hook: workers ignore wakes while set */
+    _Atomic int refuse;               /* test hook: refuse this many more tries */
+} fastrnn_pool_t;
+
+static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
+                                       .cv = PTHREAD_COND_INITIALIZER };
+static pthread_once_t fastrnn_pool_once = PTHREAD_ONCE_INIT;
+
+static long long fastrnn_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Sleep until wake_seq differs from *seen (unless held); then *seen := wake_seq. */
+static void fastrnn_pool_sleep(unsigned *seen)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    pthread_mutex_lock(&P->mu);
+    atomic_fetch_add(&P->sleepers, 1);
+    while (atomic_load(&P->wake_seq) == *seen || P->hold)
+        pthread_cond_wait(&P->cv, &P->mu);
+    atomic_fetch_sub(&P->sleepers, 1);
+    *seen = atomic_load(&P->wake_seq);
+    pthread_mutex_unlock(&P->mu);
+}
+
+static void *fastrnn_pool_worker(void *arg)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    int w = (int)(long)arg;
+    _Atomic int *st = &P->state[w].v;
+    unsigned seen = atomic_load(&P->wake_seq);
+    for (;;) {
+        fastrnn_pool_sleep(&seen);
+        atomic_store(st, FASTRNN_W_READY);
+        long long deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
+        for (unsigned spin = 1;; ++spin) {
+            int s = atomic_load_explicit(st, memory_order_acquire);
+            if (s == FASTRNN_W_RUN) {                   /* the caller published the team */
+                P->fn(P->ctx, w + 1, P->nthr);
+                atomic_store(st, FASTRNN_W_READY);      /* before `finished`: see pool_leave */
+                atomic_fetch_add(&P->n_worker_shares, 1);
+                atomic_fetch_add(&P->finished, 1);
+                deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
+                continue;
+            }
+            if (s == FASTRNN_W_CLAIMED) {               /* RUN or READY follows at once */
+                FASTRNN_SPIN_PAUSE();
+                continue;
+            }
+            if (atomic_load_explicit(&P->wake_seq, memory_order_relaxed) != seen) {
+                seen = atomic_load(&P->wake_seq);       /* a new call: wait for it afresh */
+                deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
+            }
+            FASTRNN_SPIN_PAUSE();
+            if ((spin & 255) == 0 && atomic_load_explicit(&P->owner, memory_order_relaxed))
+                deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;   /* a call may want us */
+            else if ((spin & 255) == 0 && fastrnn_now_ns() > deadline) {
+                int ready = FASTRNN_W_READY;
+                if (atomic_compare_exchange_strong(st, &ready, FASTRNN_W_IDLE))
+                    break;                              /* nobody claimed us: sleep */
+            }
+        }
+    }
+    return NULL;
+}
+
+static void fastrnn_pool_after_fork_child(void)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    pthread_mutex_init(&P->mu, NULL);
+    pthread_cond_init(&P->cv, NULL);
+    for (int w = 0; w < FASTRNN_POOL_MAX; ++w)
+        atomic_store(&P->state[w].v, FASTRNN_W_IDLE);
+    atomic_store(&P->sleepers, 0);
+    atomic_store(&P->owner, 0);
+    atomic_store(&P->finished, 0);
+    P->nworkers = 0;                                    /* the parent's threads are not here */
+}
+
+static void fastrnn_pool_init_once(void)
+{
+    pthread_atfork(NULL, NULL, fastrnn_pool_after_fork_child);
+}
+
+/* Own the pool for one call that may use up to n threads, make sure n - 1 workers
+ * exist and wake them (without waiting). Returns 0 when another call owns the pool
+ * (this one then runs alone and must not call fastrnn_pool_leave). */
+static int fastrnn_pool_enter(int n)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    int free_ = 0;
+    pthread_once(&fastrnn_pool_once, fastrnn_pool_init_once);
+    if (!atomic_compare_exchange_strong(&P->owner, &free_, 1))
+        return 0;
+    if (n - 1 > FASTRNN_POOL_MAX)
+        n = FASTRNN_POOL_MAX + 1;
+    while (P->nworkers < n - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&th, &attr, fastrnn_pool_worker, (void *)(long)P->nworkers);
+        pthread_attr_destroy(&attr);
+        if (err != 0)
+            break;                                      /* fewer workers: teams stay smaller */
+        P->nworkers++;
+    }
+    atomic_fetch_add(&P->wake_seq, 1);
+    if (atomic_load(&P->sleepers) > 0) {                /* seq_cst with the sleeper's count */
+        pthread_mutex_lock(&P->mu);
+        pthread_cond_broadcast(&P->cv);
+        pthread_mutex_unlock(&P->mu);
+    }
+    return 1;
+}
+
+static void fastrnn_pool_leave(void)
+{
+    atomic_store(&fastrnn_pool.owner, 0);
+}
+
+/* Are n - 1 workers ready now? (A hint: one may still time out before a claim.) */
+static int fastrnn_pool_ready(int n)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    if (n < 2 || n - 1 > P->nworkers)
+        return 0;
+    if (atomic_load(&P->refuse) > 0)
+        return 1;                                       /* try_run refuses (and counts) */
+    for (int w = 0; w < n - 1; ++w)
+        if (atomic_load_explicit(&P->state[w].v, memory_order_relaxed) != FASTRNN_W_READY)
+            return 0;
+    return 1;
+}
+
+/* Run fn(ctx, tid, n) on n threads, the caller as tid 0, if n - 1 workers are ready;
+ * return 1 when it ran (every share finished), 0 when it did not run at all.
+ * The caller must own the pool (fastrnn_pool_enter). */
+static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    int w, claimed = 0;
+    if (n < 2 || n - 1 > P->nworkers)
+        return 0;
+    if (atomic_load(&P->refuse) > 0) {                  /* test hook: as if not awake */
+        atomic_fetch_sub(&P->refuse, 1);
+        atomic_fetch_add(&P->n_refused, 1);
+        return 0;
+    }
+    for (w = 0; w < n - 1; ++w) {
+        int ready = FASTRNN_W_READY;
+        if (!atomic_compare_exchange_strong(&P->state[w].v, &ready, FASTRNN_W_CLAIMED))
+            break;
+        ++claimed;
+    }
+    if (claimed < n - 1) {                              /* not all awake: give them back */
+        for (w = 0; w < claimed; ++w)
+            atomic_store(&P->state[w].v, FASTRNN_W_READY);
+        atomic_fetch_add(&P->n_refused, 1);
+        return 0;
+    }
+    P->fn = fn;
+    P->ctx = ctx;
+    P->nthr = n;
+    atomic_store(&P->bar_count, 0);
+    atomic_store(&P->finished, 0);
+    for (w = 0; w < n - 1; ++w)                         /* release: the fields above first */
+        atomic_store_explicit(&P->state[w].v, FASTRNN_W_RUN, memory_order_release);
+    fn(ctx, 0, n);
+    while (atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1)
+        FASTRNN_SPIN_PAUSE();
+    atomic_fetch_add(&P->n_teams, 1);
+    return 1;
+}
+
+/* Every thread of the running team calls this the same number of times. */
+static void fastrnn_pool_barrier(void)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    unsigned gen = atomic_load_explicit(&P->bar_gen, memory_order_acquire);
+    if (atomic_fetch_add(&P->bar_count, 1) == P->nthr - 1) {
+        atomic_store_explicit(&P->bar_count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&P->bar_gen, 1, memory_order_release);
+    } else {
+        while (atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen)
+            FASTRNN_SPIN_PAUSE();
+    }
+}
+
+/* Test hooks: stats (teams, refused tries, worker shares, workers); refuse(k): the
+ * next k tries are refused as if the workers were not awake; hold = 1 keeps workers
+ * asleep (a wake is ignored until hold = 0), as a long-idle worker would be. */
+static void fastrnn_pool_stats(long *out)
+{
+    out[0] = atomic_load(&fastrnn_pool.n_teams);
+    out[1] = atomic_load(&fastrnn_pool.n_refused);
+    out[2] = atomic_load(&fastrnn_pool.n_worker_shares);
+    out[3] = fastrnn_pool.nworkers;
+}
+
+static void fastrnn_pool_refuse(int k)
+{
+    atomic_store(&fastrnn_pool.refuse, k);
+}
+
+/* Set the hold; with hold = 1 also wait (up to 1 s) until every worker is asleep. */
+static int fastrnn_pool_hold(int hold)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    pthread_mutex_lock(&P->mu);
+    P->hold = hold;
+    if (!hold)
+        pthread_cond_broadcast(&P->cv);
+    pthread_mutex_unlock(&P->mu);
+    if (!hold)
+        return 1;
+    long long give_up = fastrnn_now_ns() + 1000000000LL;
+    while (atomic_load(&P->sleepers) < P->nworkers) {
+        if (fastrnn_now_ns() > give_up)
+            return 0;
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    return 1;
+}
+
+#endif

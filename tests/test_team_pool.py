@@ -1,0 +1,174 @@
+"""The eval calls' own worker pool (src/team_pool.h, src/forward_small.pxi): a call never
+waits for a worker that is not awake. It runs alone, a segment of steps at a time, and a
+worker that wakes part-way joins; every way of running gives bitwise the same numbers."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _fastpath, _recurrent
+
+LAYERS = ["RNN", "LSTM", "GRU"]
+H = 256          # large enough that a batch-1 call runs on a team (SMALL_WORK_FLOP)
+
+
+@pytest.fixture(autouse=True)
+def two_threads_and_default_knobs():
+    old = fastrnn.get_num_threads()
+    fastrnn.set_num_threads(2)
+    yield
+    _recurrent.pool_test_knobs()
+    _recurrent.pool_hold(False)
+    fastrnn.set_num_threads(old)
+
+
+def layer_and_input(cls, T, B, dtype=np.float32, seed=0):
+    m = getattr(fastrnn, cls)(H, H, seed=seed, dtype=dtype).eval()
+    x = np.random.default_rng(seed).standard_normal((T, B, H)).astype(dtype)
+    return m, x
+
+
+def on_one_thread(m, *args):
+    with fastrnn.functional.thread_share(1):
+        return m(*args)
+
+
+def assert_same(a, b):
+    fa = list(a) if isinstance(a, tuple) else [a]
+    fb = list(b) if isinstance(b, tuple) else [b]
+    fa = [y for x in fa for y in (x if isinstance(x, tuple) else (x,))]
+    fb = [y for x in fb for y in (x if isinstance(x, tuple) else (x,))]
+    assert len(fa) == len(fb)
+    for x, y in zip(fa, fb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y), f"max difference {np.abs(x - y).max()}"
+
+
+def teamed(m, T, B):
+    """Does this call run on a team (some layer threaded, by the plan's schedule)?"""
+    return any(_fastpath._plan(m, False).schedule(T, B)[2])
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T,B", [(1, 1), (9, 1), (9, 3), (5, 40)])
+def test_workers_asleep_the_call_runs_alone_with_the_same_numbers(cls, dtype, T, B):
+    m, x = layer_and_input(cls, T, B, dtype)
+    want = on_one_thread(m, x)
+    m(x)
+    assert teamed(m, T, B)
+    assert _recurrent.pool_hold(True)
+    before = _recurrent.pool_stats()
+    got = m(x)
+    after = _recurrent.pool_stats()
+    assert after["teams"] == before["teams"]            # no team formed: ran alone
+    assert after["worker_shares"] == before["worker_shares"]
+    assert_same(got, want)
+    _recurrent.pool_hold(False)
+    for _ in range(50):                                 # awake again: a team forms
+        got = m(x)
+        if _recurrent.pool_stats()["teams"] > after["teams"]:
+            break
+    assert _recurrent.pool_stats()["teams"] > after["teams"]
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("refused", [1, 2, 5])
+@pytest.mark.parametrize("B", [1, 2, 24])
+def test_a_late_worker_joins_part_way_with_the_same_numbers(cls, dtype, refused, B):
+    """`refused` tries find no worker ready: that many segments of 3 steps run alone
+    (each starting from the state the last one left), then the team runs the rest."""
+    T = 17
+    m, x = layer_and_input(cls, T, B, dtype, seed=B)
+    h0 = np.random.default_rng(1).standard_normal((1, B, H)).astype(dtype)
+    hx = (h0, 0.5 * h0) if cls == "LSTM" else h0
+    want = on_one_thread(m, x, hx)
+    m(x, hx)
+    step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
+    for _ in range(50):                                 # wait until the worker is ready
+        before = _recurrent.pool_stats()
+        _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop)
+        got = m(x, hx)
+        after = _recurrent.pool_stats()
+        if after["teams"] == before["teams"] + 1:
+            break
+    assert after["teams"] == before["teams"] + 1
+    assert after["refused"] - before["refused"] >= refused
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_cells_asleep_and_awake_agree(cls):
+    c = getattr(fastrnn, cls + "Cell")(H, H, seed=3).eval()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, H)).astype(np.float32)
+    h = rng.standard_normal((1, H)).astype(np.float32)
+    hx = (h, h * 0.25) if cls == "LSTM" else h
+    want = on_one_thread(c, x, hx)
+    assert _recurrent.pool_hold(True)
+    assert_same(c(x, hx), want)
+    _recurrent.pool_hold(False)
+    for _ in range(20):
+        assert_same(c(x, hx), want)
+
+
+def test_concurrent_callers_share_the_pool_or_run_alone():
+    """Callers from several Python threads at once: one owns the pool, the others run
+    alone; every result is right."""
+    m, x = layer_and_input("LSTM", 12, 2)
+    want = on_one_thread(m, x)
+    errors = []
+
+    def call():
+        try:
+            for _ in range(30):
+                assert_same(m(x), want)
+        except AssertionError as e:         # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def _child_call(queue):
+    m, x = layer_and_input("GRU", 6, 1)
+    with fastrnn.functional.thread_share(1):
+        want, _ = m(x)
+    got = [m(x)[0] for _ in range(20)][-1]
+    stats = _recurrent.pool_stats()
+    queue.put((bool(np.array_equal(got, want)), stats["workers"], stats["teams"]))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs the fork start method")
+def test_a_forked_child_makes_its_own_workers():
+    m, x = layer_and_input("GRU", 6, 1)
+    for _ in range(5):
+        m(x)                                # the parent's workers exist and are awake
+    assert _recurrent.pool_stats()["workers"] >= 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child_call, args=(queue,))
+    p.start()
+    teams_before = _recurrent.pool_stats()["teams"]
+    ok, workers, teams = queue.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    assert ok
+    assert workers >= 1 and teams > teams_before     # the child's own worker ran teams
+
+
+def test_pool_test_knobs_reject_bad_values():
+    with pytest.raises(ValueError, match="refuse"):
+        _recurrent.pool_test_knobs(refuse=-1)
+    with pytest.raises(ValueError, match="segment_flop"):
+        _recurrent.pool_test_knobs(segment_flop=0)
