@@ -1,10 +1,15 @@
 """Thread control for the kernels.
 
-Every kernel runs in one OpenMP team of `get_num_threads()` threads: the time
-loop, the packing and the GEMMs of backward alike. The kernels call no BLAS,
-so there is no second thread pool to spin while the first works. NumPy's own
-BLAS (used by `fastrnn.nn.Linear` and other NumPy code) is left alone; it is
-reported by `config()` for information.
+The kernels run on `get_num_threads()` threads. Training and the general path
+run in one OpenMP team: the time loop, the packing and the GEMMs of backward
+alike. Eval calls of cells and of one-direction layers (fastrnn/_fastpath.py)
+run on fastrnn's own worker pool instead (src/team_pool.h), whose calling thread
+never waits for a worker that is not awake: after an idle spell a call starts
+alone and a worker joins when it runs (on a VM, waking an idle vCPU took ~10 ms).
+The pool's waiting workers yield their CPU, so they do not spin away an OpenMP
+thread's time. The kernels call no BLAS. NumPy's own BLAS (used by
+`fastrnn.nn.Linear` and other NumPy code) is left alone; it is reported by
+`config()` for information.
 """
 
 import os
@@ -33,7 +38,8 @@ _num_threads = 1
 
 
 def set_num_threads(n):
-    """Use n threads in the kernels (OpenMP). Without OpenMP compiled in, always 1."""
+    """Use n threads in the kernels (OpenMP, and the eval calls' worker pool). Without
+    OpenMP compiled in, always 1."""
     global _num_threads
     if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"n must be an integer, got {type(n).__name__}")
@@ -98,6 +104,7 @@ def config():
         "matmul_precision": _precision.get_float32_matmul_precision(),
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
         "pack_cache": _recurrent._pack_cache_enabled(),
+        "eval_pool_workers": _recurrent.pool_stats()["workers"],
     }
 
 
@@ -106,7 +113,8 @@ def show_config():
     cfg = config()
     print(f"fastrnn {cfg['fastrnn']} (numpy {cfg['numpy']})")
     print(f"  OpenMP compiled in: {'yes' if cfg['openmp'] else 'no (single thread)'}")
-    print(f"  threads:            {cfg['num_threads']}")
+    print(f"  threads:            {cfg['num_threads']} (eval calls: own worker pool, "
+          f"{cfg['eval_pool_workers']} workers started; training: OpenMP)")
     print(f"  BLAS in kernels:    {cfg['kernel_blas']}")
     print(f"  CPU:                {cfg['cpu']}")
     print(f"  CPU vector ISAs:    {' '.join(cfg['cpu_vector_flags']) or 'unknown'}")

@@ -1,0 +1,41 @@
+"""bench/idle_latency.py at a tiny size: one row per (case, engine) with a first and
+a next call time; bad arguments are argparse errors naming the option."""
+import importlib.util
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "idle_latency.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("fastrnn_bench_idle", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_idle_latency_rows(capsys):
+    load().main(["--cells", "gru,rnn_tanh", "-H", "8", "-T", "3", "-B", "2", "--gap", "0",
+                 "--trials", "3", "--peers", "none"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# ") and "ISA" in lines[0]
+    rows = lines[2:]
+    assert len(rows) == 2 * 2 * 2           # cells x (step, forward) x (1 thread, 2 threads)
+    for cell in ("gru", "rnn_tanh"):
+        for case in (f"{cell} step I=8 H=8 T=1 B=1", f"{cell} forward I=8 H=8 T=3 B=2"):
+            for engine in ("fastrnn 1t", "fastrnn 2t"):
+                row = [r for r in rows if r.startswith(case) and engine in r]
+                assert len(row) == 1, (case, engine, rows)
+                first, nxt = float(row[0].split()[-4]), float(row[0].split()[-2])
+                assert first > 0 and nxt > 0
+
+
+@pytest.mark.parametrize("args, option", [(["--cells", "lstm,tanh"], "--cells"),
+                                          (["--gap", "-1"], "--gap"),
+                                          (["--trials", "0"], "--trials"),
+                                          (["--peers", "tf"], "--peers")])
+def test_idle_latency_bad_arguments(args, option, capsys):
+    with pytest.raises(SystemExit):
+        load().main(args)
+    assert option in capsys.readouterr().err
