@@ -71,15 +71,17 @@ cdef inline PackLayout pack_layout(int kind, int elem, int nslices, Py_ssize_t G
 
 cdef inline void *find_packed(bint *cache, int kind, const void *W, int elem, int nslices,
                               Py_ssize_t G, Py_ssize_t H, Py_ssize_t K, int n_threads,
-                              PackLayout *layout, uint64_t *digest) noexcept nogil:
+                              PackLayout *layout, uint64_t *digest,
+                              const uint64_t *known=NULL) noexcept nogil:
     """A packer's first step when asked to cache (*cache): the copy kept for W
     (G*H x K values of elem bytes) packed as `kind` in nslices, or NULL, having
-    set *layout and *digest for keep_packed. *cache := False if the cache is off."""
+    set *layout and *digest for keep_packed. *cache := False if the cache is off.
+    known: W's digest when the caller has it (weights_digest's value), else NULL."""
     cache[0] = cache[0] and not pack_cache_is_off()
     if not cache[0]:
         return NULL
     layout[0] = pack_layout(kind, elem, nslices, G, H, K)
-    digest[0] = weights_digest(W, G * H * K * elem, n_threads)
+    digest[0] = known[0] if known != NULL else weights_digest(W, G * H * K * elem, n_threads)
     return pack_cache_find(layout, digest[0])
 
 

@@ -21,7 +21,7 @@ cdef extern from *:
     """
     #undef I  /* <complex.h>, through NumPy's headers; Plan has a field I */
     """
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
@@ -31,7 +31,7 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
-from _pack_cache cimport (slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
+from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial, slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
                           pack_cache_stats, weights_digest)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
@@ -41,7 +41,7 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
 
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
-                         fastrnn_pool_hold, fastrnn_pool_refuse)
+                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for)
 
 cnp.import_array()
 

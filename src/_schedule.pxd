@@ -197,20 +197,22 @@ cdef inline Py_ssize_t slice_rows(const floating **rows, const floating *W, Py_s
 
 cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                   int nslices, bint packed, int n_threads,
-                                  bint cache=False) noexcept nogil:
+                                  bint cache=False, const uint64_t *digest_of_w=NULL) noexcept nogil:
     """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
     g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
     when `packed`, else row-major. Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
     cache (eval calls): the copy made earlier for the same contents, if kept
-    (_pack_cache.pxd). NULL if out of memory; give it back with slices_free.
+    (_pack_cache.pxd); digest_of_w: W's digest if the caller has it. NULL if out
+    of memory; give it back with slices_free.
     """
     cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating)
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef floating *buf
     buf = <floating *> find_packed(&cache, PACK_GATE_SLICES if packed else PACK_GATE_ROWS, W,
-                                   sizeof(floating), nslices, G, H, K, n_threads, &layout, &digest)
+                                   sizeof(floating), nslices, G, H, K, n_threads, &layout, &digest,
+                                   digest_of_w)
     if buf != NULL:
         return buf
     buf = <floating *> scratch_alloc(nbytes)

@@ -2,6 +2,8 @@
 # that has not started.
 cdef extern from "team_pool.h" nogil:
     ctypedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr) noexcept nogil
+    ctypedef void (*fastrnn_chunk_fn)(void *ctx, long chunk) noexcept nogil
+    void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx)
     int fastrnn_pool_enter(int n)
     void fastrnn_pool_leave()
     int fastrnn_pool_ready(int n)

@@ -4,7 +4,8 @@
 # step at H = 32 computes. Here the arrays are checked and read through NumPy's C
 # API, and eval_layer / eval_cell do a module call's whole checking and allocation
 # in C, then run forward_thread on this thread or on a team (hidden units or rows
-# split, as `forward` does).
+# split, as `forward` does) of fastrnn's own worker pool (team_pool.h), which never
+# waits for a worker that is not awake.
 #
 # Rows are full length and in order, the direction forward, no training buffers, no
 # projection; results are bitwise those of `forward` (the same thread body with the
@@ -37,9 +38,8 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 
 
 # While the pool's workers are not ready, the caller runs the steps alone in segments
-# of about this much work (0.2-0.4 ms on one Zen 4 core) and asks again between them:
-# a worker that wakes part-way joins well within the time it waits ready (2 ms,
-# FASTRNN_POOL_READY_NS). Tests set it lower (pool_test_knobs).
+# of about this much work (0.2-0.3 ms on one Zen 4 core) and asks again between them,
+# so a worker that wakes part-way joins soon. Tests set it lower (pool_test_knobs).
 cdef double SEGMENT_FLOP = 8e6
 
 
@@ -75,18 +75,59 @@ cdef void small_share_typed(floating *y, SmallTeam *t, int tid, int nthr) noexce
         t.by_units, t.fails, tid, nthr)
 
 
-cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices) noexcept nogil:
+cdef struct DigestJob:
+    const char *base            # the weights' bytes
+    size_t nbytes
+    uint64_t *d                 # (nchunks,) each chunk's digest
+
+
+cdef void digest_one(void *ctx, long c) noexcept nogil:
+    cdef DigestJob *j = <DigestJob *> ctx
+    j.d[c] = digest_chunk(j.base + c * DIGEST_CHUNK, min(DIGEST_CHUNK, j.nbytes - c * DIGEST_CHUNK))
+
+
+cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
+    """weights_digest (_pack_cache.pxd) of nbytes at W, its chunks on the pool (the
+    caller owns it; n threads at most): the same value on any number of threads."""
+    cdef size_t nchunks = (nbytes + DIGEST_CHUNK - 1) // DIGEST_CHUNK
+    cdef DigestJob job
+    cdef uint64_t h
+    if nchunks < 2 or n < 2:
+        return digest_serial(W, nbytes)
+    job.base, job.nbytes = <const char *> W, nbytes
+    job.d = <uint64_t *> malloc(nchunks * sizeof(uint64_t))
+    if job.d == NULL:
+        return digest_serial(W, nbytes)
+    fastrnn_pool_for(n, nchunks, digest_one, &job)
+    h = digest_combine(job.d, nchunks)
+    free(job.d)
+    return h
+
+
+cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
+                   uint64_t *digests, bint *have_digests, int n) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
     in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask.
-    Packed on this thread: no OpenMP team is woken. False if out of memory."""
+    The weights' digests (digests[0], [1]) are taken once per call, on the pool (n
+    threads at most); a packing the cache lacks is made on this thread. No OpenMP
+    team is woken. False if out of memory."""
+    cdef bint use_cache = not pack_cache_is_off()
     q.nslices = nslices
     q.w_ih_slices = q.w_hh_slices = NULL
+    if use_cache and not have_digests[0]:
+        have_digests[0] = True
+        if q.pack_ih:
+            digests[0] = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
+        if q.pack_hh:
+            digests[1] = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
     if q.pack_ih:
-        q.w_ih_slices = gate_slices(w_ih, q.G, q.H, q.I, nslices, True, 1, True)
+        q.w_ih_slices = gate_slices(w_ih, q.G, q.H, q.I, nslices, True, 1, True,
+                                    digests if use_cache else NULL)
         if q.w_ih_slices == NULL:
             return False
     if q.pack_hh:
-        q.w_hh_slices = gate_slices(w_hh, q.G, q.H, q.O, nslices, True, 1, True)
+        q.w_hh_slices = gate_slices(w_hh, q.G, q.H, q.O, nslices, True, 1, True,
+                                    digests + 1 if use_cache else NULL)
         if q.w_hh_slices == NULL:
             return False
     return True
@@ -107,8 +148,10 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths     # (B,) all rows run every step
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
+    cdef int pool_n = team if owns else 1     # threads the pool may lend this call
     cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False
+    cdef bint alone_packed = False, crew_packed = False, have_digests = False
+    cdef uint64_t digests[2]            # W_ih's, W_hh's (pack_for)
     cdef SmallTeam ctx
     cdef int *fails = NULL
     cdef int q
@@ -131,7 +174,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 fails = <int *> calloc(team, sizeof(int))
                 if fails == NULL or not pack_for(&crew, <const floating *> p.w_ih,
                                                  <const floating *> p.w_hh,
-                                                 team if by_units else 1):
+                                                 team if by_units else 1, digests,
+                                                 &have_digests, pool_n):
                     fail[0] = 1
                     break
                 crew.pool_team = True
@@ -144,7 +188,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         e = min(T, s + seg)
         if not alone_packed:
             alone_packed = True
-            if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1):
+            if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
+                            digests, &have_digests, pool_n):
                 fail[0] = 1
                 break
         segment(&alone, p, y, s, e)
@@ -426,11 +471,13 @@ def eval_cell(plan, x, hx):
 
 
 def pool_stats():
-    """The eval calls' worker pool (team_pool.h), for tests and docs: teams run, tries
-    refused because a worker was not ready, shares run by workers, workers made."""
-    cdef long out[4]
+    """The eval calls' worker pool (team_pool.h), for tests and docs: teams run (of the
+    recurrence), tries refused because a worker was not ready, shares run by workers
+    (of teams and of loops), workers made, loops run on a team (the weights' digest)."""
+    cdef long out[5]
     fastrnn_pool_stats(out)
-    return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3]}
+    return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
+            "loops": out[4]}
 
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6):
@@ -453,3 +500,21 @@ def pool_hold(bint hold):
     with nogil:
         ok = fastrnn_pool_hold(hold)
     return bool(ok)
+
+
+def _digests_of(cnp.ndarray a, int n):
+    """Test hook: (weights_digest on n OpenMP threads, pool_digest on up to n pool
+    threads) of a C-contiguous array's bytes; the two must be equal."""
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError("_digests_of: a must be C-contiguous")
+    cdef const void *p = cnp.PyArray_DATA(a)
+    cdef size_t nbytes = cnp.PyArray_NBYTES(a)
+    cdef uint64_t d_omp, d_pool
+    cdef bint owns
+    with nogil:
+        d_omp = weights_digest(p, nbytes, n)
+        owns = n > 1 and fastrnn_pool_enter(n)
+        d_pool = pool_digest(p, nbytes, n if owns else 1)
+        if owns:
+            fastrnn_pool_leave()
+    return d_omp, d_pool

@@ -80,7 +80,7 @@ typedef struct {
     char pad2[60];
     _Atomic unsigned bar_gen;
     /* counters, for tests and docs: teams run, refused tries, shares run by workers */
-    _Atomic long n_teams, n_refused, n_worker_shares;
+    _Atomic long n_teams, n_refused, n_worker_shares, n_loops;
     int hold;                         /* test hook: workers ignore wakes while set */
     _Atomic int refuse;               /* test hook: refuse this many more tries */
 } fastrnn_pool_t;
@@ -233,13 +233,13 @@ static int fastrnn_pool_ready(int n)
  * and running (fresh stamps);
  * return 1 when it ran (every share finished), 0 when it did not run at all.
  * The caller must own the pool (fastrnn_pool_enter). */
-static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
+static int fastrnn_pool_run_team(int n, fastrnn_share_fn fn, void *ctx, int loop)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     int w, claimed = 0;
     if (n < 2 || n - 1 > P->nworkers)
         return 0;
-    if (atomic_load(&P->refuse) > 0) {                  /* test hook: as if not awake */
+    if (!loop && atomic_load(&P->refuse) > 0) {         /* test hook: as if not awake */
         atomic_fetch_sub(&P->refuse, 1);
         atomic_fetch_add(&P->n_refused, 1);
         return 0;
@@ -270,8 +270,41 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
     fn(ctx, 0, n);
     while (atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1)
         FASTRNN_SPIN_PAUSE();
-    atomic_fetch_add(&P->n_teams, 1);
+    atomic_fetch_add(loop ? &P->n_loops : &P->n_teams, 1);
     return 1;
+}
+
+static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
+{
+    return fastrnn_pool_run_team(n, fn, ctx, 0);
+}
+
+/* A loop of independent chunks on the pool: chunks are claimed one at a time, so
+ * the caller never waits for a worker, and a worker that is running helps. */
+typedef void (*fastrnn_chunk_fn)(void *ctx, long chunk);
+typedef struct { fastrnn_chunk_fn fn; void *ctx; long nchunks; _Atomic long next; } fastrnn_pool_loop;
+
+static void fastrnn_pool_loop_share(void *ctx, int tid, int nthr)
+{
+    fastrnn_pool_loop *L = (fastrnn_pool_loop *)ctx;
+    long c;
+    (void)tid; (void)nthr;
+    while ((c = atomic_fetch_add(&L->next, 1)) < L->nchunks)
+        L->fn(L->ctx, c);
+}
+
+/* fn(ctx, c) once for every c in [0, nchunks), on the caller and on up to n - 1
+ * workers if they are ready and running. The caller must own the pool. */
+static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx)
+{
+    fastrnn_pool_loop L;
+    L.fn = fn;
+    L.ctx = ctx;
+    L.nchunks = nchunks;
+    atomic_init(&L.next, 0);
+    if (n < 2 || nchunks < 2 || !fastrnn_pool_ready(n)
+            || !fastrnn_pool_run_team(n, fastrnn_pool_loop_share, &L, 1))
+        fastrnn_pool_loop_share(&L, 0, 1);
 }
 
 /* Every thread of the running team calls this the same number of times. */
@@ -288,7 +321,7 @@ static void fastrnn_pool_barrier(void)
     }
 }
 
-/* Test hooks: stats (teams, refused tries, worker shares, workers); refuse(k): the
+/* Test hooks: stats (teams, refused tries, worker shares, workers, loops); refuse(k): the
  * next k tries are refused as if the workers were not awake; hold = 1 keeps workers
  * asleep (a wake is ignored until hold = 0), as a long-idle worker would be. */
 static void fastrnn_pool_stats(long *out)
@@ -297,6 +330,7 @@ static void fastrnn_pool_stats(long *out)
     out[1] = atomic_load(&fastrnn_pool.n_refused);
     out[2] = atomic_load(&fastrnn_pool.n_worker_shares);
     out[3] = fastrnn_pool.nworkers;
+    out[4] = atomic_load(&fastrnn_pool.n_loops);
 }
 
 static void fastrnn_pool_refuse(int k)

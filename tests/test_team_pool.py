@@ -172,3 +172,16 @@ def test_pool_test_knobs_reject_bad_values():
         _recurrent.pool_test_knobs(refuse=-1)
     with pytest.raises(ValueError, match="segment_flop"):
         _recurrent.pool_test_knobs(segment_flop=0)
+
+
+@pytest.mark.parametrize("nbytes", [8, (1 << 18) - 4, (1 << 18) + 4, 5 << 20])
+def test_pool_digest_is_the_pack_cache_digest(nbytes):
+    """Eval calls take the weights' digest on the pool; it must be the pack cache's own
+    digest (taken on OpenMP threads elsewhere), or kept packings would not be found."""
+    a = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    for n in (1, 2):
+        d_omp, d_pool = _recurrent._digests_of(a, n)
+        assert d_omp == d_pool
+    b = a.copy()
+    b[-1] ^= 1
+    assert _recurrent._digests_of(b, 2)[1] != _recurrent._digests_of(a, 2)[1]
