@@ -500,6 +500,56 @@ cdef Py_ssize_t evenly_spaced_rows(Py_ssize_t T, Py_ssize_t B, Py_ssize_t O,
     return stride // size
 
 
+cdef struct ForwardTeam:
+    Plan *p                     # the call's plan (its slices: p.nslices, p.w_*_slices, p.w_*_bf16)
+    const Py_ssize_t *bounds    # row split: thread k's rows order[bounds[k]:bounds[k+1]];
+                                # NULL: B rows cut evenly
+    bint by_units               # split hidden units, every thread all rows (else rows)
+    bint single                 # float32 (else float64)
+    int *fails                  # (nthr,) allocation failure per thread
+
+
+cdef void forward_share(void *ctx, int tid, int nthr) noexcept nogil:
+    """Thread tid's share of a team's forward (OpenMP's or team_pool.h's)."""
+    cdef ForwardTeam *t = <ForwardTeam *> ctx
+    if t.single:
+        forward_share_typed(<float *> t.p.y, t, tid, nthr)
+    else:
+        forward_share_typed(<double *> t.p.y, t, tid, nthr)
+
+
+cdef void forward_share_typed(floating *y, ForwardTeam *t, int tid, int nthr) noexcept nogil:
+    cdef const Plan *p = t.p
+    cdef Py_ssize_t G = p.G, H = p.H, B = p.B, r0 = 0, r1 = p.B
+    cdef int ns = p.nslices, k = tid if t.by_units else 0      # k: this thread's slice
+    cdef const floating *s_ih = <const floating *> p.w_ih_slices
+    cdef const floating *s_hh = <const floating *> p.w_hh_slices
+    cdef const uint16_t *b_ih = <const uint16_t *> p.w_ih_bf16
+    cdef const uint16_t *b_hh = <const uint16_t *> p.w_hh_bf16
+    if not t.by_units:
+        r0 = t.bounds[tid] if t.bounds != NULL else tid * B // nthr
+        r1 = t.bounds[tid + 1] if t.bounds != NULL else (tid + 1) * B // nthr
+    forward_thread(
+        y, p, r0, r1, unit_start(H, k, ns), unit_start(H, k + 1, ns),
+        s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k, True) if s_ih != NULL else NULL,
+        s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k, True) if s_hh != NULL else NULL,
+        b_ih + bf16_slice_offset(G, H, p.I, ns, k) if b_ih != NULL else NULL,
+        b_hh + bf16_slice_offset(G, H, p.O, ns, k) if b_hh != NULL else NULL,
+        t.by_units, t.fails, tid, nthr)
+
+
+cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
+                                int nslices, int n) noexcept nogil:
+    """gate_slices(W, ..., cache=True) for an eval call that owns the pool: the digest
+    on the pool (n threads at most), a packing the cache lacks made on this thread,
+    so no OpenMP team is woken."""
+    cdef uint64_t d
+    if pack_cache_is_off():
+        return gate_slices(W, G, H, K, nslices, True, 1, True)
+    d = pool_digest(W, G * H * K * sizeof(floating), n)
+    return gate_slices(W, G, H, K, nslices, True, 1, True, &d)
+
+
 def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             floating[:, :, ::1] gates, floating[:, :, ::1] aux,
             const floating[:, :, ::1] x, const floating[:, ::1] h0, const floating[:, ::1] c0,
@@ -520,8 +570,10 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     caller from T and B, never from the thread count). bf16 (float32, no
     projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
     cache_weights (eval calls): keep the packed W_ih / W_hh slices for the next
-    call with the same weights (_pack_cache.pxd). Returns False if OpenMP gave
-    fewer threads than asked (the caller then retries with one thread).
+    call with the same weights (_pack_cache.pxd), and run on team_pool.h's workers
+    (float32 / float64 GEMMs) if they are awake now, else return False at once
+    rather than wait for them. Returns False too if OpenMP gave fewer threads than
+    asked. The caller then runs the call on one thread.
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]
@@ -537,7 +589,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef uint16_t *b_hh = NULL
     cdef int *fail = <int *> calloc(team, sizeof(int))
     cdef int tid, nthr, k, failed = 0
-    cdef bint short_team = False
+    cdef bint short_team = False, pooled = False
+    cdef ForwardTeam ctx
+    cdef int pack_threads = n_threads
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, x.shape[0], x.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -558,23 +612,49 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         raise ValueError(f"y: its T*B rows of {p.O} values must be evenly spaced and not "
                          f"overlap, got strides ({y.strides[0]}, {y.strides[1]}, "
                          f"{y.strides[2]}) for shape ({y.shape[0]}, {y.shape[1]}, {y.shape[2]})")
+    ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
+        floating is float, fail
     with nogil:
-        if pack_ih:
-            s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
-        if pack_hh:
-            s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights)
-            if p.w_hr != NULL:
-                packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, n_threads)
+        if cache_weights and team > 1 and not p.bf16:
+            # an eval call: on the pool's workers if they are awake, else on one thread
+            if not fastrnn_pool_enter(team):
+                short_team = True
+            elif not fastrnn_pool_ready(team):
+                fastrnn_pool_leave()
+                short_team = True
+            else:
+                pooled, pack_threads = True, 1
+        if short_team:
+            pack_ih = pack_hh = False
+        elif pooled:
+            if pack_ih:
+                s_ih = pool_gate_slices(p_ih, G, H, I, nslices, team)
+            if pack_hh:
+                s_hh = pool_gate_slices(p_hh, G, H, p.O, nslices, team)
+        else:
+            if pack_ih:
+                s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
+            if pack_hh:
+                s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights)
+        if pack_hh and p.w_hr != NULL:
+            packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, pack_threads)
         if floating is float:
             if p.bf16:
                 b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights)
                 b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
         p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
-        if (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
+        if short_team:
+            pass
+        elif (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
                 or (p.bf16 and (b_ih == NULL or b_hh == NULL))):
             failed = 1
+        elif pooled:
+            p.pool_team = True
+            short_team = not fastrnn_pool_try_run(team, forward_share, &ctx)
+            for k in range(team):
+                failed = failed | fail[k]
         else:
             with parallel(num_threads=team):
                 tid = threadid()
@@ -582,21 +662,14 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                 if nthr != team:
                     fail[tid] = 2    # fewer threads than slices/chunks: caller retries with one
                 else:
-                    k = tid if by_units else 0          # slice
-                    forward_thread(
-                        &y[0, 0, 0], &p,
-                        0 if by_units else bounds[tid], p.B if by_units else bounds[tid + 1],
-                        unit_start(H, k, nslices), unit_start(H, k + 1, nslices),
-                        s_ih + slice_offset(p_ih, G, H, I, nslices, k, True) if s_ih != NULL else NULL,
-                        s_hh + slice_offset(p_hh, G, H, p.O, nslices, k, True) if s_hh != NULL else NULL,
-                        b_ih + bf16_slice_offset(G, H, I, nslices, k) if b_ih != NULL else NULL,
-                        b_hh + bf16_slice_offset(G, H, p.O, nslices, k) if b_hh != NULL else NULL,
-                        by_units, fail, tid, nthr)
+                    forward_share(&ctx, tid, nthr)
             for k in range(team):
                 if fail[k] == 1:
                     failed = 1
                 elif fail[k] == 2:
                     short_team = True
+        if pooled:
+            fastrnn_pool_leave()
     slices_free(s_ih); slices_free(s_hh); scratch_free(packed_hr); free(fail)
     slices_free(b_ih); slices_free(b_hh)
     if failed:

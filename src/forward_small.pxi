@@ -43,38 +43,6 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 cdef double SEGMENT_FLOP = 8e6
 
 
-cdef struct SmallTeam:
-    Plan *p                     # the team's plan (steps [s, T), the team's slices)
-    bint by_units               # split hidden units (else rows)
-    bint single                 # float32 (else float64)
-    int *fails                  # (nthr,) allocation failure per thread
-
-
-cdef void small_share(void *ctx, int tid, int nthr) noexcept nogil:
-    """Thread tid's share of a team run; team_pool.h calls it on every thread."""
-    cdef SmallTeam *t = <SmallTeam *> ctx
-    if t.single:
-        small_share_typed(<float *> t.p.y, t, tid, nthr)
-    else:
-        small_share_typed(<double *> t.p.y, t, tid, nthr)
-
-
-cdef void small_share_typed(floating *y, SmallTeam *t, int tid, int nthr) noexcept nogil:
-    cdef Plan *p = t.p
-    cdef Py_ssize_t G = p.G, H = p.H, B = p.B
-    cdef int ns = p.nslices, k = tid if t.by_units else 0
-    cdef const floating *s_ih = <const floating *> p.w_ih_slices
-    cdef const floating *s_hh = <const floating *> p.w_hh_slices
-    forward_thread(
-        y, p,
-        0 if t.by_units else tid * B // nthr, B if t.by_units else (tid + 1) * B // nthr,
-        unit_start(H, k, ns), unit_start(H, k + 1, ns),
-        s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k, True) if s_ih != NULL else NULL,
-        s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k, True) if s_hh != NULL else NULL,
-        NULL, NULL,                     # the fast path runs float32 / float64 GEMMs
-        t.by_units, t.fails, tid, nthr)
-
-
 cdef struct DigestJob:
     const char *base            # the weights' bytes
     size_t nbytes
@@ -105,29 +73,18 @@ cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
 
 
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
-                   uint64_t *digests, bint *have_digests, int n) noexcept nogil:
+                   int n) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
-    in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask.
-    The weights' digests (digests[0], [1]) are taken once per call, on the pool (n
-    threads at most); a packing the cache lacks is made on this thread. No OpenMP
-    team is woken. False if out of memory."""
-    cdef bint use_cache = not pack_cache_is_off()
+    in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask; the
+    digests on the pool (n threads at most, pool_gate_slices). False if out of memory."""
     q.nslices = nslices
     q.w_ih_slices = q.w_hh_slices = NULL
-    if use_cache and not have_digests[0]:
-        have_digests[0] = True
-        if q.pack_ih:
-            digests[0] = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
-        if q.pack_hh:
-            digests[1] = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
     if q.pack_ih:
-        q.w_ih_slices = gate_slices(w_ih, q.G, q.H, q.I, nslices, True, 1, True,
-                                    digests if use_cache else NULL)
+        q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n)
         if q.w_ih_slices == NULL:
             return False
     if q.pack_hh:
-        q.w_hh_slices = gate_slices(w_hh, q.G, q.H, q.O, nslices, True, 1, True,
-                                    digests + 1 if use_cache else NULL)
+        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n)
         if q.w_hh_slices == NULL:
             return False
     return True
@@ -150,9 +107,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
     cdef int pool_n = team if owns else 1     # threads the pool may lend this call
     cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False, have_digests = False
-    cdef uint64_t digests[2]            # W_ih's, W_hh's (pack_for)
-    cdef SmallTeam ctx
+    cdef bint alone_packed = False, crew_packed = False
+    cdef ForwardTeam ctx
     cdef int *fails = NULL
     cdef int q
     if b_ih != NULL:
@@ -174,14 +130,14 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 fails = <int *> calloc(team, sizeof(int))
                 if fails == NULL or not pack_for(&crew, <const floating *> p.w_ih,
                                                  <const floating *> p.w_hh,
-                                                 team if by_units else 1, digests,
-                                                 &have_digests, pool_n):
+                                                 team if by_units else 1, pool_n):
                     fail[0] = 1
                     break
                 crew.pool_team = True
             segment(&crew, p, y, s, T)
-            ctx.p, ctx.by_units, ctx.single, ctx.fails = &crew, by_units, floating is float, fails
-            if fastrnn_pool_try_run(team, small_share, &ctx):
+            ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &crew, NULL, by_units, \
+                floating is float, fails
+            if fastrnn_pool_try_run(team, forward_share, &ctx):
                 for q in range(team):
                     fail[0] = fail[0] | fails[q]
                 break
@@ -189,7 +145,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
-                            digests, &have_digests, pool_n):
+                            pool_n):
                 fail[0] = 1
                 break
         segment(&alone, p, y, s, e)

@@ -33,9 +33,15 @@ def entries():
 
 @pytest.fixture(autouse=True)
 def empty_cache():
+    # Eval calls run on the pool's team when its workers are awake, else on one thread
+    # (src/team_pool.h), and the two pack differently: with the workers held asleep,
+    # every eval call here runs on one thread, so the counts of kept copies are exact.
+    # (tests/test_team_pool.py runs both ways.)
+    assert _recurrent.pool_hold(True)
     fastrnn.release_memory()
     yield
     fastrnn.release_memory()
+    _recurrent.pool_hold(False)
 
 
 def uncached(fn):

@@ -4,6 +4,7 @@ worker that wakes part-way joins; every way of running gives bitwise the same nu
 
 import multiprocessing
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -47,6 +48,18 @@ def assert_same(a, b):
         assert np.array_equal(x, y), f"max difference {np.abs(x - y).max()}"
 
 
+def until_team(call, seconds=5.0):
+    """call() until one runs on a team, i.e. the pool's worker is awake and running (on
+    a VM a sleeping worker's vCPU can take ~10 ms to be scheduled); its result."""
+    end = time.monotonic() + seconds
+    while True:
+        before = _recurrent.pool_stats()["teams"]
+        out = call()
+        if _recurrent.pool_stats()["teams"] > before:
+            return out
+        assert time.monotonic() < end, "no call ran on a team"
+
+
 def teamed(m, T, B):
     """Does this call run on a team (some layer threaded, by the plan's schedule)?"""
     return any(_fastpath._plan(m, False).schedule(T, B)[2])
@@ -68,12 +81,7 @@ def test_workers_asleep_the_call_runs_alone_with_the_same_numbers(cls, dtype, T,
     assert after["worker_shares"] == before["worker_shares"]
     assert_same(got, want)
     _recurrent.pool_hold(False)
-    for _ in range(50):                                 # awake again: a team forms
-        got = m(x)
-        if _recurrent.pool_stats()["teams"] > after["teams"]:
-            break
-    assert _recurrent.pool_stats()["teams"] > after["teams"]
-    assert_same(got, want)
+    assert_same(until_team(lambda: m(x)), want)         # awake again: a team forms
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -90,7 +98,8 @@ def test_a_late_worker_joins_part_way_with_the_same_numbers(cls, dtype, refused,
     want = on_one_thread(m, x, hx)
     m(x, hx)
     step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
-    for _ in range(50):                                 # wait until the worker is ready
+    for _ in range(20):          # a try fails if the host stops the worker's vCPU meanwhile
+        until_team(lambda: m(x, hx))
         before = _recurrent.pool_stats()
         _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop)
         got = m(x, hx)
@@ -113,8 +122,7 @@ def test_cells_asleep_and_awake_agree(cls):
     assert _recurrent.pool_hold(True)
     assert_same(c(x, hx), want)
     _recurrent.pool_hold(False)
-    for _ in range(20):
-        assert_same(c(x, hx), want)
+    assert_same(until_team(lambda: c(x, hx)), want)
 
 
 def test_concurrent_callers_share_the_pool_or_run_alone():
@@ -143,7 +151,11 @@ def _child_call(queue):
     m, x = layer_and_input("GRU", 6, 1)
     with fastrnn.functional.thread_share(1):
         want, _ = m(x)
-    got = [m(x)[0] for _ in range(20)][-1]
+    end = time.monotonic() + 5.0        # until the child's own worker runs a team
+    teams = _recurrent.pool_stats()["teams"]
+    got = m(x)[0]
+    while _recurrent.pool_stats()["teams"] == teams and time.monotonic() < end:
+        got = m(x)[0]
     stats = _recurrent.pool_stats()
     queue.put((bool(np.array_equal(got, want)), stats["workers"], stats["teams"]))
 
@@ -185,3 +197,37 @@ def test_pool_digest_is_the_pack_cache_digest(nbytes):
     b = a.copy()
     b[-1] ^= 1
     assert _recurrent._digests_of(b, 2)[1] != _recurrent._digests_of(a, 2)[1]
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("kind", ["bidirectional", "batch_first", "lengths", "projection"])
+@pytest.mark.parametrize("B", [1, 3, 40])
+def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B):
+    """Eval calls outside the fast path (functional._run_forward) also run on the pool's
+    team when its workers are awake, else on one thread at once; bitwise the same."""
+    if kind == "projection" and cls != "LSTM":
+        pytest.skip("proj_size is the LSTM's")
+    T = 7
+    kw = {"bidirectional": {"bidirectional": True}, "batch_first": {"batch_first": True},
+          "lengths": {}, "projection": {"proj_size": 96}}[kind]
+    m = getattr(fastrnn, cls)(H, H, seed=B, **kw).eval()
+    shape = (B, T, H) if kind == "batch_first" else (T, B, H)
+    x = np.random.default_rng(B).standard_normal(shape).astype(np.float32)
+    args = (x, None, np.arange(B) % T + 1) if kind == "lengths" else (x,)
+    want = on_one_thread(m, *args)
+    assert _recurrent.pool_hold(True)
+    teams = _recurrent.pool_stats()["teams"]
+    assert_same(m(*args), want)                         # the workers asleep: one thread
+    assert _recurrent.pool_stats()["teams"] == teams
+    _recurrent.pool_hold(False)
+    rows_only = kind == "projection"        # a projection takes the row split: B >= 2 for a team
+    if fastrnn.functional.use_team(*team_rule_args(cls, T, B)) and not (rows_only and B < 2):
+        assert_same(until_team(lambda: m(*args)), want)
+    else:
+        assert_same(m(*args), want)
+
+
+def team_rule_args(cls, T, B):
+    """fastrnn.functional.use_team's arguments for one direction of this test's layers."""
+    G = {"RNN": 1, "LSTM": 4, "GRU": 3}[cls]
+    return 2.0 * T * B * G * H * 2 * H, T, B, fastrnn.functional.pack_flags(T, B, H)[1]
