@@ -41,7 +41,8 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
 
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
-                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for)
+                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for,
+                         fastrnn_pool_want)
 
 cnp.import_array()
 
@@ -620,6 +621,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             if not fastrnn_pool_enter(team):
                 short_team = True
             elif not fastrnn_pool_ready(team):
+                # the caller runs this on one thread: keep the waking workers for the
+                # next call (one core does ~100 GFLOP/s here; ask for twice that time)
+                fastrnn_pool_want(<long long> (2.0 * G * H * (I + p.O) * p.T * p.B / 50.0))
                 fastrnn_pool_leave()
                 short_team = True
             else:

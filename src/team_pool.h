@@ -67,6 +67,7 @@ typedef struct {
     _Atomic int sleepers;             /* workers blocked on cv */
     _Atomic int owner;                /* 1 while a caller owns the pool */
     _Atomic int finished;             /* workers done with the current team's shares */
+    _Atomic long long want_until;     /* workers stay ready until then (fastrnn_pool_want) */
     int nworkers;                     /* created so far (changed only by the owner) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -159,7 +160,8 @@ static void *fastrnn_pool_worker(void *arg)
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
             if (atomic_load_explicit(&P->owner, memory_order_relaxed))
                 deadline = now + FASTRNN_POOL_READY_NS;     /* a call may want us */
-            else if (now > deadline) {
+            else if (now > deadline
+                     && now > atomic_load_explicit(&P->want_until, memory_order_relaxed)) {
                 int ready = FASTRNN_W_READY;
                 if (atomic_compare_exchange_strong(st, &ready, FASTRNN_W_IDLE))
                     break;                              /* nobody claimed us: sleep */
@@ -217,6 +219,16 @@ static int fastrnn_pool_enter(int n)
         pthread_mutex_unlock(&P->mu);
     }
     return 1;
+}
+
+/* A call that found the workers not ready and now runs alone for about ns, without
+ * owning the pool, asks them to stay ready that long (and FASTRNN_POOL_READY_NS more),
+ * so that the next call finds them awake instead of waking them again. */
+static void fastrnn_pool_want(long long ns)
+{
+    long long until = fastrnn_now_ns() + ns;
+    if (until > atomic_load_explicit(&fastrnn_pool.want_until, memory_order_relaxed))
+        atomic_store_explicit(&fastrnn_pool.want_until, until, memory_order_relaxed);
 }
 
 static void fastrnn_pool_leave(void)
