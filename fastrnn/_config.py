@@ -1,8 +1,7 @@
 """Thread control for the kernels.
 
-The kernels run on `get_num_threads()` threads. Training and the general path
-run in one OpenMP team: the time loop, the packing and the GEMMs of backward
-alike. Eval calls of cells and of one-direction layers (fastrnn/_fastpath.py)
+The kernels run on `get_num_threads()` threads. Training runs in one OpenMP
+team: the time loop, the packing and the GEMMs of backward alike. Eval calls
 run on fastrnn's own worker pool instead (src/team_pool.h), whose calling thread
 never waits for a worker that is not awake: after an idle spell a call starts
 alone and a worker joins when it runs (on a VM, waking an idle vCPU took ~10 ms).
