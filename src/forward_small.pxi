@@ -100,9 +100,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     worker that was asleep joins part-way and the call never waits for one. Every
     split and every segmentation gives bitwise the same numbers (a segment starts
     from the h and c the last one wrote). fail[0]: 1 out of memory."""
-    cdef Py_ssize_t j, k, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
+    cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
     cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
-    cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths     # (B,) all rows run every step
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
     cdef int pool_n = team if owns else 1     # threads the pool may lend this call

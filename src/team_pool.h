@@ -1,5 +1,5 @@
-/* team_pool.h: fastrnn's own worker threads for eval calls, whose calling thread
- * never waits for a worker that has not started.
+/* team_pool.h: fastrnn's own worker threads for eval (inference) calls, whose calling
+ * thread never waits for a worker that has not started. Training keeps OpenMP.
  *
  * Why not OpenMP here: an OpenMP team meets at the start and at the end of every
  * parallel region, so a call made after the process has been idle waits until the
@@ -12,16 +12,19 @@
  * from workers that are awake and waiting ("ready"): if they are not, the caller
  * runs the work alone (fastrnn_pool_try_run returns 0 and runs nothing), and asks
  * again later (the recurrence driver asks between segments of steps, so a late
- * worker joins a long call part-way). A worker that wakes to find nothing to do
- * waits, ready, while a call is under way and FASTRNN_POOL_READY_NS after, then
- * sleeps again.
+ * worker joins a long call part-way; a call that cannot be cut so asks the workers
+ * to stay ready for about its length, fastrnn_pool_want, for the next call). A
+ * worker that wakes to find nothing to do waits, ready, while a call is under way
+ * and FASTRNN_POOL_READY_NS after (or as long as wanted), then sleeps again.
+ * fastrnn_pool_for runs a loop of independent chunks the same way, each chunk
+ * claimed by whichever thread is free.
  *
  * Worker w's state (state[w]); only the worker leaves READY for IDLE and only the
  * caller moves READY -> CLAIMED -> RUN (or back to READY), so a claim is race-free:
  *     IDLE (asleep) --wake--> READY --caller claims--> CLAIMED --caller: all claimed--> RUN
  *     RUN --share done--> READY;   READY --timeout--> IDLE;   CLAIMED --not all--> READY
- * Within a team, threads meet at fastrnn_pool_barrier (spinning: the team's threads
- * are all running). One caller at a time owns the pool (fastrnn_pool_enter); a second
+ * Within a team, threads meet at fastrnn_pool_barrier (spinning, the team's threads
+ * all running; yielding after ~1000 rounds, fastrnn_pool_wait). One caller at a time owns the pool (fastrnn_pool_enter); a second
  * concurrent caller is refused and runs alone. After fork() the child starts with no
  * workers and makes its own.
  */
@@ -53,9 +56,8 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * worker whose stamp is fresh is claimed. A waiting worker also yields its CPU at
  * every stamp, so that it never spins away the time of a thread it shares the CPU
  * with: the caller (a call running alone took 5.8 ms instead of 1.9 when a woken
- * worker spun on its CPU), or an OpenMP worker of the training and general paths
- * (an eval step alternating with an OpenMP call: p90 3.2 ms a pair without the yield,
- * 1.0 ms with it, as with OpenMP alone). Measured on the 2-core Zen 4 KVM guest. */
+ * worker spun on its CPU), or an OpenMP worker of a training call (docs/inference.md
+ * gives the figures, measured on the 2-core Zen 4 KVM guest). */
 #define FASTRNN_POOL_FRESH_NS 50000LL
 
 /* One cache line per worker: the caller reads and claims them all, each worker spins on its own. */
