@@ -31,7 +31,8 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient
-from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial, slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
+from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
+                          slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
                           pack_cache_stats, weights_digest)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
@@ -41,8 +42,7 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
 
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
-                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for,
-                         fastrnn_pool_want)
+                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for)
 
 cnp.import_array()
 
@@ -551,6 +551,50 @@ cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, P
     return gate_slices(W, G, H, K, nslices, True, 1, True, &d)
 
 
+cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
+                         int nslices) noexcept nogil:
+    """An eval call that owns the pool: on a team of `team` threads (nslices unit slices,
+    or rows by ctx.bounds) if the workers are ready and running; else on this thread,
+    still owning the pool, so that the workers it woke stay ready for the next call.
+    Packs what it runs (digests on the pool). Returns 0, or 1 if out of memory."""
+    cdef floating *s_ih = NULL
+    cdef floating *s_hh = NULL
+    cdef bint ran = False
+    cdef int k, failed = 0
+    if fastrnn_pool_ready(team):
+        p.nslices = nslices
+        if p.pack_ih:
+            s_ih = pool_gate_slices(<const floating *> p.w_ih, p.G, p.H, p.I, nslices, team)
+        if p.pack_hh:
+            s_hh = pool_gate_slices(<const floating *> p.w_hh, p.G, p.H, p.O, nslices, team)
+        if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
+            failed = 1
+        else:
+            p.w_ih_slices, p.w_hh_slices, p.pool_team = s_ih, s_hh, True
+            ran = fastrnn_pool_try_run(team, forward_share, ctx)
+            for k in range(team):
+                failed = failed | ctx.fails[k]
+        if not ran and nslices != 1:    # alone: the one-slice packing
+            slices_free(s_ih); slices_free(s_hh)
+            s_ih = s_hh = NULL
+    if not ran and not failed:
+        p.nslices, p.pool_team = 1, False
+        if p.pack_ih and s_ih == NULL:
+            s_ih = pool_gate_slices(<const floating *> p.w_ih, p.G, p.H, p.I, 1, team)
+        if p.pack_hh and s_hh == NULL:
+            s_hh = pool_gate_slices(<const floating *> p.w_hh, p.G, p.H, p.O, 1, team)
+        if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
+            failed = 1
+        else:
+            p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
+            ctx.fails[0] = 0
+            forward_thread(y, p, 0, p.B, 0, p.H, s_ih, s_hh, NULL, NULL, False, ctx.fails, 0, 1)
+            failed = ctx.fails[0]
+    slices_free(s_ih); slices_free(s_hh)
+    p.w_ih_slices = p.w_hh_slices = NULL
+    return failed
+
+
 def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1] c_n,
             floating[:, :, ::1] gates, floating[:, :, ::1] aux,
             const floating[:, :, ::1] x, const floating[:, ::1] h0, const floating[:, ::1] c0,
@@ -572,9 +616,10 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
     cache_weights (eval calls): keep the packed W_ih / W_hh slices for the next
     call with the same weights (_pack_cache.pxd), and run on team_pool.h's workers
-    (float32 / float64 GEMMs) if they are awake now, else return False at once
-    rather than wait for them. Returns False too if OpenMP gave fewer threads than
-    asked. The caller then runs the call on one thread.
+    (float32 / float64 GEMMs) if they are awake now, else on this thread at once
+    rather than wait for them (forward_on_pool). Returns False if OpenMP gave fewer
+    threads than asked, or another call owns the pool: the caller then runs the
+    call on one thread.
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]
@@ -617,24 +662,15 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         floating is float, fail
     with nogil:
         if cache_weights and team > 1 and not p.bf16:
-            # an eval call: on the pool's workers if they are awake, else on one thread
-            if not fastrnn_pool_enter(team):
-                short_team = True
-            elif not fastrnn_pool_ready(team):
-                # the caller runs this on one thread: keep the waking workers for the
-                # next call (one core does ~100 GFLOP/s here; ask for twice that time)
-                fastrnn_pool_want(<long long> (2.0 * G * H * (I + p.O) * p.T * p.B / 50.0))
-                fastrnn_pool_leave()
-                short_team = True
-            else:
+            # an eval call: on the pool (forward_on_pool), unless another call owns it
+            if fastrnn_pool_enter(team):
                 pooled, pack_threads = True, 1
+            else:
+                short_team = True           # the caller runs it on one thread
         if short_team:
             pack_ih = pack_hh = False
         elif pooled:
-            if pack_ih:
-                s_ih = pool_gate_slices(p_ih, G, H, I, nslices, team)
-            if pack_hh:
-                s_hh = pool_gate_slices(p_hh, G, H, p.O, nslices, team)
+            pass                            # forward_on_pool packs what it runs
         else:
             if pack_ih:
                 s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
@@ -650,15 +686,13 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
         if short_team:
             pass
-        elif (fail == NULL or (pack_ih and s_ih == NULL) or (pack_hh and s_hh == NULL)
+        elif (fail == NULL or (pack_ih and s_ih == NULL and not pooled)
+                or (pack_hh and s_hh == NULL and not pooled)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
                 or (p.bf16 and (b_ih == NULL or b_hh == NULL))):
             failed = 1
         elif pooled:
-            p.pool_team = True
-            short_team = not fastrnn_pool_try_run(team, forward_share, &ctx)
-            for k in range(team):
-                failed = failed | fail[k]
+            failed = forward_on_pool(&y[0, 0, 0], &p, &ctx, team, nslices)
         else:
             with parallel(num_threads=team):
                 tid = threadid()

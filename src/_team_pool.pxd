@@ -6,7 +6,6 @@ cdef extern from "team_pool.h" nogil:
     void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx)
     int fastrnn_pool_enter(int n)
     void fastrnn_pool_leave()
-    void fastrnn_pool_want(long long ns)
     int fastrnn_pool_ready(int n)
     int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
     void fastrnn_pool_barrier()

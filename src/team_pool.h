@@ -12,10 +12,10 @@
  * from workers that are awake and waiting ("ready"): if they are not, the caller
  * runs the work alone (fastrnn_pool_try_run returns 0 and runs nothing), and asks
  * again later (the recurrence driver asks between segments of steps, so a late
- * worker joins a long call part-way; a call that cannot be cut so asks the workers
- * to stay ready for about its length, fastrnn_pool_want, for the next call). A
- * worker that wakes to find nothing to do waits, ready, while a call is under way
- * and FASTRNN_POOL_READY_NS after (or as long as wanted), then sleeps again.
+ * worker joins a long call part-way; a call that cannot be cut so runs alone, still
+ * owning the pool, for the next call to find the workers ready). A worker that
+ * wakes to find nothing to do waits, ready, while a call owns the pool and
+ * FASTRNN_POOL_READY_NS after, then sleeps again.
  * fastrnn_pool_for runs a loop of independent chunks the same way, each chunk
  * claimed by whichever thread is free.
  *
@@ -69,7 +69,6 @@ typedef struct {
     _Atomic int sleepers;             /* workers blocked on cv */
     _Atomic int owner;                /* 1 while a caller owns the pool */
     _Atomic int finished;             /* workers done with the current team's shares */
-    _Atomic long long want_until;     /* workers stay ready until then (fastrnn_pool_want) */
     int nworkers;                     /* created so far (changed only by the owner) */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -162,8 +161,7 @@ static void *fastrnn_pool_worker(void *arg)
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
             if (atomic_load_explicit(&P->owner, memory_order_relaxed))
                 deadline = now + FASTRNN_POOL_READY_NS;     /* a call may want us */
-            else if (now > deadline
-                     && now > atomic_load_explicit(&P->want_until, memory_order_relaxed)) {
+            else if (now > deadline) {
                 int ready = FASTRNN_W_READY;
                 if (atomic_compare_exchange_strong(st, &ready, FASTRNN_W_IDLE))
                     break;                              /* nobody claimed us: sleep */
@@ -221,16 +219,6 @@ static int fastrnn_pool_enter(int n)
         pthread_mutex_unlock(&P->mu);
     }
     return 1;
-}
-
-/* A call that found the workers not ready and now runs alone for about ns, without
- * owning the pool, asks them to stay ready that long (and FASTRNN_POOL_READY_NS more),
- * so that the next call finds them awake instead of waking them again. */
-static void fastrnn_pool_want(long long ns)
-{
-    long long until = fastrnn_now_ns() + ns;
-    if (until > atomic_load_explicit(&fastrnn_pool.want_until, memory_order_relaxed))
-        atomic_store_explicit(&fastrnn_pool.want_until, until, memory_order_relaxed);
 }
 
 static void fastrnn_pool_leave(void)
