@@ -11,4 +11,4 @@ cdef extern from "team_pool.h" nogil:
     void fastrnn_pool_barrier()
     void fastrnn_pool_stats(long *out)
     int fastrnn_pool_hold(int hold)
-    void fastrnn_pool_refuse(int k)
+    void fastrnn_pool_refuse(int k, int any_stamp)

@@ -435,16 +435,18 @@ def pool_stats():
             "loops": out[4]}
 
 
-def pool_test_knobs(int refuse=0, double segment_flop=8e6):
+def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False):
     """Test hook: the next `refuse` tries to form a team are refused as if the workers
     were not awake yet (so a call runs that many segments alone, then joins), and the
-    alone segments are `segment_flop` of work. pool_test_knobs() restores the defaults."""
+    alone segments are `segment_flop` of work; any_stamp: a waiting worker is claimed
+    even when its clock stamp is stale (its vCPU not running it just then), so that the
+    team forms deterministically. pool_test_knobs() restores the defaults."""
     global SEGMENT_FLOP
     if refuse < 0 or segment_flop <= 0:
         raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
                          f"got {refuse} and {segment_flop}")
     SEGMENT_FLOP = segment_flop
-    fastrnn_pool_refuse(refuse)
+    fastrnn_pool_refuse(refuse, any_stamp)
 
 
 def pool_hold(bint hold):

@@ -85,6 +85,7 @@ typedef struct {
     _Atomic long n_teams, n_refused, n_worker_shares, n_loops;
     int hold;                         /* test hook: workers ignore wakes while set */
     _Atomic int refuse;               /* test hook: refuse this many more tries */
+    _Atomic int any_stamp;            /* test hook: claim READY workers, fresh or not */
 } fastrnn_pool_t;
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
@@ -237,8 +238,8 @@ static int fastrnn_pool_ready(int n)
     long long now = fastrnn_now_ns();
     for (int w = 0; w < n - 1; ++w)
         if (atomic_load_explicit(&P->state[w].v, memory_order_relaxed) != FASTRNN_W_READY
-                || now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed)
-                       > FASTRNN_POOL_FRESH_NS)
+                || (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed)
+                        > FASTRNN_POOL_FRESH_NS && !atomic_load(&P->any_stamp)))
             return 0;
     return 1;
 }
@@ -262,7 +263,7 @@ static int fastrnn_pool_run_team(int n, fastrnn_share_fn fn, void *ctx, int loop
     for (w = 0; w < n - 1; ++w) {
         int ready = FASTRNN_W_READY;
         if (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed)
-                > FASTRNN_POOL_FRESH_NS)
+                > FASTRNN_POOL_FRESH_NS && !atomic_load(&P->any_stamp))
             break;                                      /* ready but not running now */
         if (!atomic_compare_exchange_strong(&P->state[w].v, &ready, FASTRNN_W_CLAIMED))
             break;
@@ -335,8 +336,10 @@ static void fastrnn_pool_barrier(void)
     }
 }
 
-/* Test hooks: stats (teams, refused tries, worker shares, workers, loops); refuse(k): the
- * next k tries are refused as if the workers were not awake; hold = 1 keeps workers
+/* Test hooks: stats (teams, refused tries, worker shares, workers, loops); refuse(k, a):
+ * the next k tries are refused as if the workers were not awake, and with a = 1 a READY
+ * worker is claimed even if its stamp is stale (so that a test's team forms however
+ * the host schedules the worker: the team then waits for it, slower but the same); hold = 1 keeps workers
  * asleep (a wake is ignored until hold = 0), as a long-idle worker would be. */
 static void fastrnn_pool_stats(long *out)
 {
@@ -347,9 +350,10 @@ static void fastrnn_pool_stats(long *out)
     out[4] = atomic_load(&fastrnn_pool.n_loops);
 }
 
-static void fastrnn_pool_refuse(int k)
+static void fastrnn_pool_refuse(int k, int any_stamp)
 {
     atomic_store(&fastrnn_pool.refuse, k);
+    atomic_store(&fastrnn_pool.any_stamp, any_stamp);
 }
 
 /* Set the hold; with hold = 1 also wait (up to 1 s) until every worker is asleep. */
