@@ -556,41 +556,31 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     """An eval call that owns the pool: on a team of `team` threads (nslices unit slices,
     or rows by ctx.bounds) if the workers are ready and running; else on this thread,
     still owning the pool, so that the workers it woke stay ready for the next call.
-    Packs what it runs (digests on the pool). Returns 0, or 1 if out of memory."""
-    cdef floating *s_ih = NULL
-    cdef floating *s_hh = NULL
-    cdef bint ran = False
+    Packs what it runs (pack_for: digests on the pool). Returns 0, or 1 if out of memory."""
+    cdef const floating *w_ih = <const floating *> p.w_ih
+    cdef const floating *w_hh = <const floating *> p.w_hh
+    cdef bint ran = False, packed_one = False
     cdef int k, failed = 0
     if fastrnn_pool_ready(team):
-        p.nslices = nslices
-        if p.pack_ih:
-            s_ih = pool_gate_slices(<const floating *> p.w_ih, p.G, p.H, p.I, nslices, team)
-        if p.pack_hh:
-            s_hh = pool_gate_slices(<const floating *> p.w_hh, p.G, p.H, p.O, nslices, team)
-        if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
-            failed = 1
-        else:
-            p.w_ih_slices, p.w_hh_slices, p.pool_team = s_ih, s_hh, True
+        if pack_for(p, w_ih, w_hh, nslices, team):
+            p.pool_team = True
             ran = fastrnn_pool_try_run(team, forward_share, ctx)
             for k in range(team):
                 failed = failed | ctx.fails[k]
-        if not ran and nslices != 1:    # alone: the one-slice packing
-            slices_free(s_ih); slices_free(s_hh)
-            s_ih = s_hh = NULL
-    if not ran and not failed:
-        p.nslices, p.pool_team = 1, False
-        if p.pack_ih and s_ih == NULL:
-            s_ih = pool_gate_slices(<const floating *> p.w_ih, p.G, p.H, p.I, 1, team)
-        if p.pack_hh and s_hh == NULL:
-            s_hh = pool_gate_slices(<const floating *> p.w_hh, p.G, p.H, p.O, 1, team)
-        if (p.pack_ih and s_ih == NULL) or (p.pack_hh and s_hh == NULL):
-            failed = 1
+            packed_one = nslices == 1       # a refused row split runs alone on these
         else:
-            p.w_ih_slices, p.w_hh_slices = s_ih, s_hh
+            failed = 1
+    if not ran and not failed:
+        p.pool_team = False
+        if not packed_one:
+            slices_free(<void *> p.w_ih_slices); slices_free(<void *> p.w_hh_slices)
+            failed = not pack_for(p, w_ih, w_hh, 1, team)
+        if not failed:
             ctx.fails[0] = 0
-            forward_thread(y, p, 0, p.B, 0, p.H, s_ih, s_hh, NULL, NULL, False, ctx.fails, 0, 1)
+            forward_thread(y, p, 0, p.B, 0, p.H, <const floating *> p.w_ih_slices,
+                           <const floating *> p.w_hh_slices, NULL, NULL, False, ctx.fails, 0, 1)
             failed = ctx.fails[0]
-    slices_free(s_ih); slices_free(s_hh)
+    slices_free(<void *> p.w_ih_slices); slices_free(<void *> p.w_hh_slices)
     p.w_ih_slices = p.w_hh_slices = NULL
     return failed
 
