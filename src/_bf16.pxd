@@ -6,7 +6,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t, uint64_t
 from libc.stdlib cimport malloc, free
 from _schedule cimport scratch_alloc, scratch_free, unit_start, slice_rows, task_rows
-from _pack_cache cimport PackLayout, PACK_BF16_GATE_SLICES, find_packed, keep_packed
+from _pack_cache cimport (PackLayout, PACK_BF16_GATE_SLICES, find_packed, keep_packed,
+                          packed_buffer)
 
 DEF ROW_BLOCK = 48   # most output rows per task in the after-loop GEMMs (task_rows)
 DEF BF16_TILE_ROWS = 8   # QG_MR
@@ -83,7 +84,7 @@ cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t 
                                    G, H, K, n_threads, &layout, &digest)
     if buf != NULL:
         return buf
-    buf = <uint16_t *> scratch_alloc(nbytes)
+    buf = <uint16_t *> packed_buffer(cache, &layout, nbytes)
     cdef const float **rows = <const float **> malloc(G * H * sizeof(void *) + 1)
     cdef Py_ssize_t n
     cdef int k

@@ -3,7 +3,8 @@
 #
 #     key = (packing kind, ISA, type, slices, G, H, K) + digest of W's bytes
 #     hit  -> the copy packed earlier, no packing
-#     miss -> pack into a scratch buffer, then keep it (the cache owns it)
+#     miss -> pack into the buffer of a stale copy of the same array (packed_buffer),
+#             or a scratch buffer, then keep it (the cache owns it)
 #
 # Every buffer from them is given back with slices_free, cached or not.
 from cython.parallel cimport prange
@@ -15,12 +16,14 @@ from _simd cimport fastrnn_isa_level
 cdef extern from "scratch.h" nogil:
     void scratch_free "fastrnn_scratch_free"(void *ptr)
     size_t scratch_detach "fastrnn_scratch_detach"(void *ptr)
+    void *scratch_alloc "fastrnn_scratch_alloc"(size_t nbytes)
 
 
 cdef extern from "pack_cache.h" nogil:
     ctypedef struct PackLayout "fastrnn_pack_layout":
         int kind, isa, elem, nslices
         Py_ssize_t G, H, K
+        const void *src
     size_t DIGEST_CHUNK "FASTRNN_DIGEST_CHUNK"
     uint64_t digest_chunk "fastrnn_digest_chunk"(const void *p, size_t n)
     uint64_t digest_combine "fastrnn_digest_combine"(const uint64_t *d, size_t nchunks)
@@ -28,6 +31,8 @@ cdef extern from "pack_cache.h" nogil:
     void *pack_cache_find "fastrnn_pack_cache_find"(const PackLayout *layout, uint64_t digest)
     int pack_cache_keep "fastrnn_pack_cache_keep"(void *ptr, size_t nbytes,
                                                   const PackLayout *layout, uint64_t digest)
+    void *pack_cache_take_stale "fastrnn_pack_cache_take_stale"(const PackLayout *layout,
+                                                               size_t *nbytes)
     int pack_cache_release "fastrnn_pack_cache_release"(void *ptr)
     void pack_cache_clear "fastrnn_pack_cache_clear"()
     void pack_cache_set_off "fastrnn_pack_cache_set_off"(int off)
@@ -66,6 +71,7 @@ cdef inline PackLayout pack_layout(int kind, int elem, int nslices, Py_ssize_t G
     cdef PackLayout layout
     layout.kind, layout.isa, layout.elem, layout.nslices = kind, fastrnn_isa_level(), elem, nslices
     layout.G, layout.H, layout.K = G, H, K
+    layout.src = NULL
     return layout
 
 
@@ -81,8 +87,22 @@ cdef inline void *find_packed(bint *cache, int kind, const void *W, int elem, in
     if not cache[0]:
         return NULL
     layout[0] = pack_layout(kind, elem, nslices, G, H, K)
+    layout.src = W
     digest[0] = known[0] if known != NULL else weights_digest(W, G * H * K * elem, n_threads)
     return pack_cache_find(layout, digest[0])
+
+
+cdef inline void *packed_buffer(bint cache, const PackLayout *layout, size_t nbytes) noexcept nogil:
+    """Where a packer writes after find_packed missed: with cache, the buffer of a
+    stale copy of the same array (pages already mapped), else a scratch buffer.
+    NULL if out of memory."""
+    cdef size_t held = 0
+    cdef void *buf = pack_cache_take_stale(layout, &held) if cache else NULL
+    if buf != NULL and held >= nbytes:
+        return buf
+    if buf != NULL:
+        free(buf)
+    return scratch_alloc(nbytes)
 
 
 cdef inline void keep_packed(void *buf, size_t nbytes, const PackLayout *layout,

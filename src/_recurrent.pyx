@@ -33,12 +33,14 @@ from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
 from _gradients cimport input_and_weight_gradients, weight_gradient
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
                           slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
-                          pack_cache_stats, weights_digest)
+                          pack_cache_stats, weights_digest, PackLayout, PACK_GATE_SLICES,
+                          find_packed, keep_packed, packed_buffer)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
 from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit_start,
-                        gate_slices, slice_offset, fastrnn_barrier, fastrnn_team_size,
-                        scratch_free, scratch_release)
+                        gate_slices, gate_panels, pack_gate_panel, slice_offset,
+                        fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
+                        scratch_release)
 
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
@@ -539,16 +541,55 @@ cdef void forward_share_typed(floating *y, ForwardTeam *t, int tid, int nthr) no
         t.by_units, t.fails, tid, nthr)
 
 
+cdef struct PackJob:
+    void *buf                   # gate_slices' packed buffer
+    const void *W               # (G*H, K) the weights
+    Py_ssize_t G, H, K
+    int nslices
+
+
+cdef void pack_panel_s(void *ctx, long c) noexcept nogil:
+    cdef PackJob *j = <PackJob *> ctx
+    pack_gate_panel(<float *> j.buf, <const float *> j.W, j.G, j.H, j.K, j.nslices, c)
+
+
+cdef void pack_panel_d(void *ctx, long c) noexcept nogil:
+    cdef PackJob *j = <PackJob *> ctx
+    pack_gate_panel(<double *> j.buf, <const double *> j.W, j.G, j.H, j.K, j.nslices, c)
+
+
 cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                 int nslices, int n) noexcept nogil:
-    """gate_slices(W, ..., cache=True) for an eval call that owns the pool: the digest
-    on the pool (n threads at most), a packing the cache lacks made on this thread,
-    so no OpenMP team is woken."""
-    cdef uint64_t d
-    if pack_cache_is_off():
-        return gate_slices(W, G, H, K, nslices, True, 1, True)
-    d = pool_digest(W, G * H * K * sizeof(floating), n)
-    return gate_slices(W, G, H, K, nslices, True, 1, True, &d)
+    """gate_slices(W, ..., packed=True, cache=True) for an eval call that owns the pool:
+    the digest and, if the cache lacks this packing, the panels on the pool's ready
+    workers (n threads at most), so no OpenMP team is woken. NULL if out of memory."""
+    cdef bint cache = True
+    cdef uint64_t d = 0
+    cdef PackLayout layout
+    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, True) + 1) * sizeof(floating)
+    cdef floating *buf
+    if not pack_cache_is_off():
+        d = pool_digest(W, G * H * K * sizeof(floating), n)
+    buf = <floating *> find_packed(&cache, PACK_GATE_SLICES, W, sizeof(floating), nslices, G, H,
+                                   K, 1, &layout, &d, &d)
+    if buf != NULL:
+        return buf
+    buf = <floating *> packed_buffer(cache, &layout, nbytes)
+    if buf != NULL:
+        pool_pack_slices(buf, W, G, H, K, nslices, n)
+        if cache:
+            keep_packed(buf, nbytes, &layout, d)
+    return buf
+
+
+cdef void pool_pack_slices(floating *buf, const floating *W, Py_ssize_t G, Py_ssize_t H,
+                           Py_ssize_t K, int nslices, int n) noexcept nogil:
+    """buf := gate_slices' packed panels of W, on the caller and the pool's workers that
+    are or become ready (n threads at most; the caller owns the pool)."""
+    cdef PackJob job
+    job.buf, job.W, job.G, job.H, job.K, job.nslices = buf, W, G, H, K, nslices
+    fastrnn_pool_for(n, gate_panels(W, G, H, nslices),
+                     pack_panel_s if floating is float else pack_panel_d, &job)
 
 
 cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,

@@ -10,7 +10,8 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.stdint cimport uint64_t
 from _simd cimport floating, pack, pack_t, n_panels, panel_width
-from _pack_cache cimport PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, find_packed, keep_packed
+from _pack_cache cimport (PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, find_packed, keep_packed,
+                          packed_buffer)
 
 
 cdef extern from "scratch.h" nogil:
@@ -195,12 +196,47 @@ cdef inline Py_ssize_t slice_rows(const floating **rows, const floating *W, Py_s
     return n
 
 
+cdef inline Py_ssize_t gate_panels(const floating *W, Py_ssize_t G, Py_ssize_t H,
+                                   int nslices) noexcept nogil:
+    """Panels of the packed buffer gate_slices makes: every slice's, in order."""
+    cdef Py_ssize_t n = 0
+    cdef int k
+    for k in range(nslices):
+        n += n_panels(<floating *> W, G * (unit_start(H, k + 1, nslices) - unit_start(H, k, nslices)))
+    return n
+
+
+cdef inline void pack_gate_panel(floating *buf, const floating *W, Py_ssize_t G, Py_ssize_t H,
+                                 Py_ssize_t K, int nslices, Py_ssize_t c) noexcept nogil:
+    """Panel c (of gate_panels) of gate_slices' packed buffer: any panel alone, so
+    that threads may take them in any order (the bytes do not depend on it)."""
+    cdef Py_ssize_t NR = panel_width(<floating *> W), np_k, j0, hk, n, first, g, j
+    cdef const floating *rows[64]      # a panel's rows: NR <= 32
+    cdef int k = 0
+    while True:        # the slice that panel c is in, and c's place in it
+        j0 = unit_start(H, k, nslices)
+        hk = unit_start(H, k + 1, nslices) - j0
+        np_k = n_panels(<floating *> W, G * hk)
+        if c < np_k or k == nslices - 1:
+            break
+        buf += np_k * NR * K
+        c -= np_k
+        k += 1
+    first = c * NR
+    n = min(NR, G * hk - first)
+    for j in range(n):          # slice row first + j is gate g's unit j0 + (first + j) % hk
+        g = (first + j) // hk
+        rows[j] = W + (g * H + j0 + (first + j) - g * hk) * K
+    pack(buf + first * K, rows, n, K, 0, 1)
+
+
 cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                   int nslices, bint packed, int n_threads,
                                   bint cache=False, const uint64_t *digest_of_w=NULL) noexcept nogil:
     """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
     g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
-    when `packed`, else row-major. Thread k then reads one contiguous block and
+    when `packed` (one pack_gate_panel per panel, over n_threads), else row-major.
+    Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
     cache (eval calls): the copy made earlier for the same contents, if kept
     (_pack_cache.pxd); digest_of_w: W's digest if the caller has it. NULL if out
@@ -210,28 +246,31 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef floating *buf
+    cdef const floating **rows
+    cdef Py_ssize_t j, n, off, c
+    cdef int k
     buf = <floating *> find_packed(&cache, PACK_GATE_SLICES if packed else PACK_GATE_ROWS, W,
                                    sizeof(floating), nslices, G, H, K, n_threads, &layout, &digest,
                                    digest_of_w)
     if buf != NULL:
         return buf
-    buf = <floating *> scratch_alloc(nbytes)
-    cdef const floating **rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
-    cdef Py_ssize_t j, n, off
-    cdef int k
-    if buf == NULL or rows == NULL:
-        scratch_free(buf)
-        free(rows)
+    buf = <floating *> packed_buffer(cache, &layout, nbytes)
+    if buf == NULL:
         return NULL
-    for k in range(nslices):
-        off = slice_offset(W, G, H, K, nslices, k, packed)
-        n = slice_rows(rows, W, G, H, K, nslices, k)
-        if packed:
-            pack_parallel(buf + off, rows, n, K, False, n_threads)
-        else:
+    if packed:
+        for c in prange(gate_panels(W, G, H, nslices), schedule='static', num_threads=n_threads):
+            pack_gate_panel(buf, W, G, H, K, nslices, c)
+    else:
+        rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
+        if rows == NULL:
+            scratch_free(buf)
+            return NULL
+        for k in range(nslices):
+            off = slice_offset(W, G, H, K, nslices, k, packed)
+            n = slice_rows(rows, W, G, H, K, nslices, k)
             for j in range(n):
                 memcpy(buf + off + j * K, rows[j], K * sizeof(floating))
-    free(rows)
+        free(rows)
     if cache:
         keep_packed(buf, nbytes, &layout, digest)
     return buf

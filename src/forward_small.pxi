@@ -428,7 +428,8 @@ def eval_cell(plan, x, hx):
 def pool_stats():
     """The eval calls' worker pool (team_pool.h), for tests and docs: teams run (of the
     recurrence), tries refused because a worker was not ready, shares run by workers
-    (of teams and of loops), workers made, loops run on a team (the weights' digest)."""
+    (of teams and of loops), workers made, loops run on a team (the weights' digest,
+    packing)."""
     cdef long out[5]
     fastrnn_pool_stats(out)
     return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
@@ -475,3 +476,37 @@ def _digests_of(cnp.ndarray a, int n):
         if owns:
             fastrnn_pool_leave()
     return d_omp, d_pool
+
+
+def _packings_of(cnp.ndarray w, int G, int nslices, int n):
+    """Test hook: (gate_slices' packing of w (G*H, K) on n OpenMP threads, the same
+    on up to n pool threads, whether a pool team packed), the packings as bytes; the
+    two must be equal."""
+    if cnp.PyArray_TYPE(w) != cnp.NPY_FLOAT32 or w.ndim != 2 or not cnp.PyArray_IS_C_CONTIGUOUS(w) \
+            or G < 1 or w.shape[0] % G or nslices < 1 or n < 1:
+        raise ValueError("_packings_of: w must be C-contiguous float32 (G*H, K), G, nslices, n >= 1")
+    cdef const float *W = <const float *> cnp.PyArray_DATA(w)
+    cdef Py_ssize_t H = w.shape[0] // G, K = w.shape[1]
+    cdef Py_ssize_t size = slice_offset(W, G, H, K, nslices, nslices, True)
+    cdef float *a
+    cdef float *b
+    cdef bint owns
+    cdef long before[5]
+    cdef long after[5]
+    fastrnn_pool_stats(before)
+    with nogil:
+        a = gate_slices(W, G, H, K, nslices, True, n)
+        owns = n > 1 and fastrnn_pool_enter(n)
+        b = <float *> scratch_alloc((size + 1) * sizeof(float))
+        if b != NULL:
+            pool_pack_slices(b, W, G, H, K, nslices, n if owns else 1)
+        if owns:
+            fastrnn_pool_leave()
+    if a == NULL or b == NULL:
+        scratch_free(a); scratch_free(b)
+        raise MemoryError("_packings_of")
+    out_a = (<char *> a)[:size * sizeof(float)]
+    out_b = (<char *> b)[:size * sizeof(float)]
+    scratch_free(a); scratch_free(b)
+    fastrnn_pool_stats(after)     # (the packing's loop is counted once it has run)
+    return out_a, out_b, after[4] > before[4]

@@ -177,13 +177,18 @@ static uint64_t fastrnn_digest_serial(const void *p, size_t n)
     return fastrnn_digest_mix(h, 0xBE5466CF34E90C6CULL);
 }
 
-/* What, besides the weights' bytes, decides a packed copy's contents. */
+/* What, besides the weights' bytes, decides a packed copy's contents; and where the
+ * bytes were read. */
 typedef struct {
     int kind;         /* which packing (the caller's constant) */
     int isa;          /* panel widths depend on the ISA */
     int elem;         /* sizeof the weight type */
     int nslices;      /* thread slices */
     ptrdiff_t G, H, K;
+    const void *src;  /* the weights array packed. Not part of the key (equal contents
+                       * anywhere share a copy), but a newer packing of the same array
+                       * in the same layout makes an idle older one stale: it is
+                       * reused for the new packing or evicted (fastrnn_pack_stale) */
 } fastrnn_pack_layout;
 
 static struct {
@@ -220,6 +225,42 @@ static inline int fastrnn_pack_same(const fastrnn_pack_layout *a, const fastrnn_
            && a->nslices == b->nslices && a->G == b->G && a->H == b->H && a->K == b->K;
 }
 
+/* An idle entry packed from the same array in the same layout as `layout` (so with
+ * contents the array no longer has, when the caller has just missed), or -1 (call
+ * with the lock held). A training loop that evaluates after every update would
+ * otherwise fill the cache with stale copies of one model's weights (256 MB). */
+static int fastrnn_pack_stale_locked(const fastrnn_pack_layout *layout)
+{
+    for (int i = 0; i < FASTRNN_PACK_CACHE_SLOTS; ++i)
+        if (fastrnn_pack_entry[i].ptr != NULL && fastrnn_pack_entry[i].users == 0
+                && fastrnn_pack_entry[i].layout.src == layout->src
+                && fastrnn_pack_same(&fastrnn_pack_entry[i].layout, layout))
+            return i;
+    return -1;
+}
+
+/* After a miss: the buffer of a stale entry for the same array and layout, taken out
+ * of the cache for the caller to pack into (its pages are mapped already: a fresh
+ * buffer of an LSTM H=1024's weights faults in and zeroes 32 MB), with its size in
+ * *bytes; or NULL. The caller keeps it again (fastrnn_pack_cache_keep) or frees it. */
+static void *fastrnn_pack_cache_take_stale(const fastrnn_pack_layout *layout, size_t *bytes)
+{
+    void *ptr = NULL;
+    int i;
+    *bytes = 0;
+    if (fastrnn_pack_cache_is_off()) return NULL;
+    fastrnn_pack_lock();
+    i = fastrnn_pack_stale_locked(layout);
+    if (i >= 0) {
+        ptr = fastrnn_pack_entry[i].ptr;
+        *bytes = fastrnn_pack_entry[i].bytes;
+        fastrnn_pack_entry[i].ptr = NULL;
+        fastrnn_pack_entry[i].bytes = 0;
+    }
+    fastrnn_pack_unlock();
+    return ptr;
+}
+
 /* The entry holding (layout, digest), or -1 (call with the lock held). */
 static int fastrnn_pack_index_locked(const fastrnn_pack_layout *layout, uint64_t digest)
 {
@@ -249,8 +290,8 @@ static void *fastrnn_pack_cache_find(const fastrnn_pack_layout *layout, uint64_t
 }
 
 /* Keep ptr (bytes, just packed for layout and digest, owned by the caller) in the
- * cache, in use by the caller. Evicts least recently used idle entries to make
- * room. Returns 1 if kept (the cache owns ptr from now on), 0 if not (no idle
+ * cache, in use by the caller. Evicts idle stale copies of the same array first,
+ * then least recently used idle entries to make room. Returns 1 if kept (the cache owns ptr from now on), 0 if not (no idle
  * entry, over the cap, or the key is already there): the caller still owns it. */
 static int fastrnn_pack_cache_keep(void *ptr, size_t bytes, const fastrnn_pack_layout *layout,
                                    uint64_t digest)
@@ -262,6 +303,11 @@ static int fastrnn_pack_cache_keep(void *ptr, size_t bytes, const fastrnn_pack_l
     if (fastrnn_pack_index_locked(layout, digest) >= 0) {   /* another call kept the same */
         fastrnn_pack_unlock();
         return 0;
+    }
+    for (int i; (i = fastrnn_pack_stale_locked(layout)) >= 0;) {
+        evicted[nev++] = fastrnn_pack_entry[i].ptr;
+        fastrnn_pack_entry[i].ptr = NULL;
+        fastrnn_pack_entry[i].bytes = 0;
     }
     for (;;) {
         size_t held = 0;

@@ -248,13 +248,13 @@ static int fastrnn_pool_ready(int n)
  * and running (fresh stamps);
  * return 1 when it ran (every share finished), 0 when it did not run at all.
  * The caller must own the pool (fastrnn_pool_enter). */
-static int fastrnn_pool_run_team(int n, fastrnn_share_fn fn, void *ctx, int loop)
+static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     int w, claimed = 0;
     if (n < 2 || n - 1 > P->nworkers)
         return 0;
-    if (!loop && atomic_load(&P->refuse) > 0) {         /* test hook: as if not awake */
+    if (atomic_load(&P->refuse) > 0) {                  /* test hook: as if not awake */
         atomic_fetch_sub(&P->refuse, 1);
         atomic_fetch_add(&P->n_refused, 1);
         return 0;
@@ -285,13 +285,8 @@ static int fastrnn_pool_run_team(int n, fastrnn_share_fn fn, void *ctx, int loop
     fn(ctx, 0, n);
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1; ++spin)
         fastrnn_pool_wait(spin);
-    atomic_fetch_add(loop ? &P->n_loops : &P->n_teams, 1);
+    atomic_fetch_add(&P->n_teams, 1);
     return 1;
-}
-
-static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
-{
-    return fastrnn_pool_run_team(n, fn, ctx, 0);
 }
 
 /* A loop of independent chunks on the pool: chunks are claimed one at a time, so
@@ -308,18 +303,51 @@ static void fastrnn_pool_loop_share(void *ctx, int tid, int nthr)
         L->fn(L->ctx, c);
 }
 
+/* Worker w, if it is ready and running now, starts the published loop; 1 if it did. */
+static int fastrnn_pool_join_loop(int w, long long now)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    int ready = FASTRNN_W_READY;
+    if (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed) > FASTRNN_POOL_FRESH_NS
+            && !atomic_load(&P->any_stamp))
+        return 0;
+    return atomic_compare_exchange_strong_explicit(&P->state[w].v, &ready, FASTRNN_W_RUN,
+                                                   memory_order_acq_rel, memory_order_relaxed);
+}
+
 /* fn(ctx, c) once for every c in [0, nchunks), on the caller and on up to n - 1
- * workers if they are ready and running. The caller must own the pool. */
+ * workers: those ready and running when the loop starts, and any that becomes so
+ * while the caller is still taking chunks (a worker woken by this call's
+ * fastrnn_pool_enter joins part-way, as it joins the steps between segments). The
+ * caller must own the pool. Which thread runs a chunk must not change its result. */
 static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx)
 {
+    fastrnn_pool_t *P = &fastrnn_pool;
     fastrnn_pool_loop L;
+    long c;
+    int joined = 0, want = n - 1 < P->nworkers ? n - 1 : P->nworkers;
     L.fn = fn;
     L.ctx = ctx;
     L.nchunks = nchunks;
     atomic_init(&L.next, 0);
-    if (n < 2 || nchunks < 2 || !fastrnn_pool_ready(n)
-            || !fastrnn_pool_run_team(n, fastrnn_pool_loop_share, &L, 1))
-        fastrnn_pool_loop_share(&L, 0, 1);
+    if (nchunks < 2 || want < 0)
+        want = 0;
+    P->fn = fastrnn_pool_loop_share;        /* a worker sees these through its RUN (release) */
+    P->ctx = &L;
+    P->nthr = want + 1;
+    atomic_store(&P->finished, 0);
+    while ((c = atomic_fetch_add(&L.next, 1)) < nchunks) {
+        if (joined < want) {
+            long long now = fastrnn_now_ns();
+            while (joined < want && fastrnn_pool_join_loop(joined, now))
+                ++joined;                   /* workers join in order: 0, 1, ... */
+        }
+        fn(ctx, c);
+    }
+    for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < joined; ++spin)
+        fastrnn_pool_wait(spin);
+    if (joined > 0)
+        atomic_fetch_add(&P->n_loops, 1);
 }
 
 /* Every thread of the running team calls this the same number of times. */

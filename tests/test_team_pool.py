@@ -199,6 +199,31 @@ def test_pool_digest_is_the_pack_cache_digest(nbytes):
     assert _recurrent._digests_of(b, 2)[1] != _recurrent._digests_of(a, 2)[1]
 
 
+@pytest.mark.parametrize("G,H_,K,nslices", [(4, 100, 77, 1), (4, 100, 77, 2), (3, 10, 5, 3),
+                                            (1, 33, 64, 2), (4, 256, 256, 2)])
+def test_packing_on_the_pool_is_the_openmp_packing(G, H_, K, nslices):
+    """On a cache miss an eval call packs its weights' panels on the pool (workers join
+    the loop as they wake); the bytes must be those the OpenMP packer makes. (3, 10, 5, 3):
+    slices of 8 units leave the third empty."""
+    w = np.random.default_rng(K).standard_normal((G * H_, K)).astype(np.float32)
+    alone, on_pool, _ = _recurrent._packings_of(w, G, nslices, 1)
+    assert alone == on_pool and len(alone) > 0
+    end = time.monotonic() + 5.0
+    while True:
+        omp, on_pool, teamed = _recurrent._packings_of(w, G, nslices, 2)
+        assert omp == alone and on_pool == alone
+        if teamed or len(alone) // (4 * K) < 64:     # under two panels of 32: maybe one chunk
+            break
+        assert time.monotonic() < end, "no packing ran on a team"
+
+
+def test_packings_of_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="_packings_of"):
+        _recurrent._packings_of(np.zeros((10, 4), np.float64), 1, 1, 1)
+    with pytest.raises(ValueError, match="_packings_of"):
+        _recurrent._packings_of(np.zeros((10, 4), np.float32), 3, 1, 1)
+
+
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("kind", ["bidirectional", "batch_first", "lengths", "projection"])
 @pytest.mark.parametrize("B", [1, 3, 40])
