@@ -107,8 +107,9 @@ cdef inline void *packed_buffer(bint cache, const PackLayout *layout, size_t nby
 
 cdef inline void keep_packed(void *buf, size_t nbytes, const PackLayout *layout,
                              uint64_t digest) noexcept nogil:
-    """Hand buf (nbytes asked of scratch_alloc, just packed) to the cache. If the
-    cache does not keep it, slices_free still frees it (it left the scratch pool)."""
+    """Hand buf (from packed_buffer: a scratch buffer of nbytes or a stale copy's
+    buffer, just packed) to the cache. If the cache does not keep it, slices_free
+    still frees it (it is out of the scratch pool either way)."""
     cdef size_t held = scratch_detach(buf)
     pack_cache_keep(buf, held if held > nbytes else nbytes, layout, digest)
 

@@ -568,10 +568,11 @@ cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, P
     cdef PackLayout layout
     cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, True) + 1) * sizeof(floating)
     cdef floating *buf
-    if not pack_cache_is_off():
+    cdef bint have_d = not pack_cache_is_off()
+    if have_d:
         d = pool_digest(W, G * H * K * sizeof(floating), n)
     buf = <floating *> find_packed(&cache, PACK_GATE_SLICES, W, sizeof(floating), nslices, G, H,
-                                   K, 1, &layout, &d, &d)
+                                   K, 1, &layout, &d, &d if have_d else NULL)
     if buf != NULL:
         return buf
     buf = <floating *> packed_buffer(cache, &layout, nbytes)
@@ -597,7 +598,8 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     """An eval call that owns the pool: on a team of `team` threads (nslices unit slices,
     or rows by ctx.bounds) if the workers are ready and running; else on this thread,
     still owning the pool, so that the workers it woke stay ready for the next call.
-    Packs what it runs (pack_for: digests on the pool). Returns 0, or 1 if out of memory."""
+    Packs what it runs (pack_for: digests and packing on the pool). Returns 0, or 1 if
+    out of memory."""
     cdef const floating *w_ih = <const floating *> p.w_ih
     cdef const floating *w_hh = <const floating *> p.w_hh
     cdef bint ran = False, packed_one = False

@@ -76,7 +76,8 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
                    int n) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
     in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask; the
-    digests on the pool (n threads at most, pool_gate_slices). False if out of memory."""
+    digests, and any packing the cache lacks, on the pool (n threads at most,
+    pool_gate_slices). False if out of memory."""
     q.nslices = nslices
     q.w_ih_slices = q.w_hh_slices = NULL
     if q.pack_ih:

@@ -188,7 +188,8 @@ typedef struct {
     const void *src;  /* the weights array packed. Not part of the key (equal contents
                        * anywhere share a copy), but a newer packing of the same array
                        * in the same layout makes an idle older one stale: it is
-                       * reused for the new packing or evicted (fastrnn_pack_stale) */
+                       * reused for the new packing (fastrnn_pack_cache_take_stale)
+                       * or evicted (fastrnn_pack_cache_keep) */
 } fastrnn_pack_layout;
 
 static struct {

@@ -17,12 +17,14 @@
  * wakes to find nothing to do waits, ready, while a call owns the pool and
  * FASTRNN_POOL_READY_NS after, then sleeps again.
  * fastrnn_pool_for runs a loop of independent chunks the same way, each chunk
- * claimed by whichever thread is free.
+ * claimed by whichever thread is free; a worker that becomes ready while chunks
+ * are left joins (READY -> RUN directly, claimed alone by the caller).
  *
  * Worker w's state (state[w]); only the worker leaves READY for IDLE and only the
  * caller moves READY -> CLAIMED -> RUN (or back to READY), so a claim is race-free:
  *     IDLE (asleep) --wake--> READY --caller claims--> CLAIMED --caller: all claimed--> RUN
  *     RUN --share done--> READY;   READY --timeout--> IDLE;   CLAIMED --not all--> READY
+ *     READY --a loop's caller claims it alone--> RUN (fastrnn_pool_for)
  * Within a team, threads meet at fastrnn_pool_barrier (spinning, the team's threads
  * all running; yielding after ~1000 rounds, fastrnn_pool_wait). One caller at a time owns the pool (fastrnn_pool_enter); a second
  * concurrent caller is refused and runs alone. After fork() the child starts with no
@@ -140,7 +142,9 @@ static void *fastrnn_pool_worker(void *arg)
             if (s == FASTRNN_W_RUN) {                   /* the caller published the team */
                 P->fn(P->ctx, w + 1, P->nthr);
                 atomic_store(&P->state[w].stamp, fastrnn_now_ns());
-                atomic_store(st, FASTRNN_W_READY);      /* before `finished`: see try_run */
+                atomic_store(st, FASTRNN_W_READY);      /* before `finished`: once the caller
+                                                 * sees every share finished, this worker
+                                                 * is claimable again for the next team */
                 atomic_fetch_add(&P->n_worker_shares, 1);
                 atomic_fetch_add(&P->finished, 1);
                 deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
@@ -330,8 +334,10 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
     L.ctx = ctx;
     L.nchunks = nchunks;
     atomic_init(&L.next, 0);
-    if (nchunks < 2 || want < 0)
-        want = 0;
+    if (nchunks < 2 || want < 1) {          /* alone: callers with n = 1 need not own the pool */
+        fastrnn_pool_loop_share(&L, 0, 1);
+        return;
+    }
     P->fn = fastrnn_pool_loop_share;        /* a worker sees these through its RUN (release) */
     P->ctx = &L;
     P->nthr = want + 1;

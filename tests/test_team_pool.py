@@ -147,6 +147,39 @@ def test_concurrent_callers_share_the_pool_or_run_alone():
     assert not errors, errors[0]
 
 
+def test_a_caller_packing_alone_beside_the_pool_owner():
+    """A call that does not own the pool (another thread's call does) and finds no kept
+    packing packs alone, without touching the owner's team (its loop once overwrote the
+    team's shared fields). Two threads: one calls a layer whose packing is kept, the
+    other changes its own layer's weights before every call, so each of its calls packs."""
+    owner, x = layer_and_input("LSTM", 30, 4)
+    other, x2 = layer_and_input("GRU", 30, 4, seed=1)
+    want = on_one_thread(owner, x)
+    errors = []
+
+    def keep_calling():
+        try:
+            for _ in range(60):
+                assert_same(owner(x), want)
+        except AssertionError as e:         # pragma: no cover - reported below
+            errors.append(e)
+
+    def repack_and_call():
+        try:
+            for i in range(60):
+                other.weight_hh_l0.data[0, i % H] += np.float32(1e-3)
+                assert_same(other(x2), on_one_thread(other, x2))
+        except AssertionError as e:         # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=keep_calling), threading.Thread(target=repack_and_call)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 def _child_call(queue):
     m, x = layer_and_input("GRU", 6, 1)
     with fastrnn.functional.thread_share(1):
