@@ -135,21 +135,27 @@ def test_an_in_place_change_of_one_weight_by_one_ulp_is_seen(module, name):
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_weights_updated_between_eval_calls_do_not_pile_up_stale_copies(module):
+@pytest.mark.parametrize("precision", ["highest", "medium"])    # medium: bf16 panels
+def test_weights_updated_between_eval_calls_do_not_pile_up_stale_copies(module, precision):
     """A training loop that evaluates after every update: each new packing of an array
     takes the place (and the buffer) of that array's stale one, so the cache holds one
     copy per array and layout however many updates there were."""
     layer = eval_layer(module, 20, 48)
     x = np.random.default_rng(4).standard_normal((40, 6, 20)).astype(np.float32)
-    layer(x)
-    kept, held = _recurrent._pack_cache_stats()
-    assert kept > 0
-    for step in range(20):
-        for p in layer.parameters():
-            p.data *= np.float32(0.999)
-        y = layer(x)[0]
-        assert _recurrent._pack_cache_stats() == (kept, held)
-    assert np.array_equal(y, uncached(lambda: layer(x)[0]))
+    with _precision.scoped(precision):
+        _precision._force_bf16 = precision == "medium"
+        try:
+            layer(x)
+            kept, held = _recurrent._pack_cache_stats()
+            assert kept > 0
+            for step in range(20):
+                for p in layer.parameters():
+                    p.data *= np.float32(0.999)
+                y = layer(x)[0]
+                assert _recurrent._pack_cache_stats() == (kept, held)
+            assert np.array_equal(y, uncached(lambda: layer(x)[0]))
+        finally:
+            _precision._force_bf16 = False
 
 
 def test_a_stale_copy_still_serves_another_array_with_its_contents():
