@@ -125,26 +125,35 @@ def test_cells_asleep_and_awake_agree(cls):
     assert_same(until_team(lambda: c(x, hx)), want)
 
 
-def test_concurrent_callers_share_the_pool_or_run_alone():
-    """Callers from several Python threads at once: one owns the pool, the others run
-    alone; every result is right."""
-    m, x = layer_and_input("LSTM", 12, 2)
-    want = on_one_thread(m, x)
+def in_threads(*bodies):
+    """Run each body on its own Python thread at once; re-raise the first failure."""
     errors = []
 
-    def call():
+    def run(body):
         try:
-            for _ in range(30):
-                assert_same(m(x), want)
+            body()
         except AssertionError as e:         # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
+    threads = [threading.Thread(target=run, args=(body,)) for body in bodies]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_concurrent_callers_share_the_pool_or_run_alone():
+    """Callers from several Python threads at once: one owns the pool, the others run
+    alone; every result is right."""
+    m, x = layer_and_input("LSTM", 12, 2)
+    want = on_one_thread(m, x)
+
+    def call():
+        for _ in range(30):
+            assert_same(m(x), want)
+
+    in_threads(call, call, call, call)
 
 
 def test_a_caller_packing_alone_beside_the_pool_owner():
@@ -155,29 +164,17 @@ def test_a_caller_packing_alone_beside_the_pool_owner():
     owner, x = layer_and_input("LSTM", 30, 4)
     other, x2 = layer_and_input("GRU", 30, 4, seed=1)
     want = on_one_thread(owner, x)
-    errors = []
 
     def keep_calling():
-        try:
-            for _ in range(60):
-                assert_same(owner(x), want)
-        except AssertionError as e:         # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(60):
+            assert_same(owner(x), want)
 
     def repack_and_call():
-        try:
-            for i in range(60):
-                other.weight_hh_l0.data[0, i % H] += np.float32(1e-3)
-                assert_same(other(x2), on_one_thread(other, x2))
-        except AssertionError as e:         # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(60):
+            other.weight_hh_l0.data[0, i % H] += np.float32(1e-3)
+            assert_same(other(x2), on_one_thread(other, x2))
 
-    threads = [threading.Thread(target=keep_calling), threading.Thread(target=repack_and_call)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    in_threads(keep_calling, repack_and_call)
 
 
 def _child_call(queue):
