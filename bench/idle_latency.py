@@ -4,6 +4,7 @@ small request at a time sees. Each trial sleeps --gap seconds, then times one ca
 
     python bench/idle_latency.py                          # LSTM step and sequence, 0.15 s idle
     python bench/idle_latency.py --cells lstm,gru --gap 0.02 --trials 40
+    python bench/idle_latency.py -T 1 --precision medium  # layers' GEMMs on bf16
 
 A thread team's workers go to sleep when idle; on a virtual machine the idle vCPU
 must then be scheduled again by the host before a worker can run. fastrnn's eval
@@ -84,6 +85,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="auto",
                     help="auto (whichever of torch, onnxruntime import), none, or a list")
+    ap.add_argument("--precision", default="highest", choices=("highest", "high", "medium"),
+                    help="fastrnn's float32 matmul precision; at medium a layer's GEMMs run "
+                         "on bf16 where the CPU has AVX512-BF16 (cells, the step case, stay "
+                         "float32)")
     args = ap.parse_args(argv)
     cells = args.cells.split(",")
     for cell in cells:
@@ -104,10 +109,13 @@ def main(argv=None):
             if p not in ("torch", "onnxruntime"):
                 ap.error(f"--peers: expected auto, none or some of onnxruntime, torch, got {p!r}")
     info = fastrnn.config()
-    print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}; {args.trials} trials "
-          f"after {args.gap} s idle each; median (p10-p90) ms")
+    print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, matmul precision "
+          f"{args.precision}; {args.trials} trials after {args.gap} s idle each; "
+          f"median (p10-p90) ms")
     print(f"{'case':<34} {'engine':<16} {'first call':>22} {'next call':>22}")
     old = fastrnn.get_num_threads()
+    old_precision = fastrnn.get_float32_matmul_precision()
+    fastrnn.set_float32_matmul_precision(args.precision)
     try:
         for cell in cells:
             for mode, T, B in (("step", 1, 1), ("forward", args.T, args.B)):
@@ -121,6 +129,7 @@ def main(argv=None):
                           f"{nxt[0]:>9.3f} ({nxt[1]:.3f}-{nxt[2]:.3f})")
     finally:
         fastrnn.set_num_threads(old)
+        fastrnn.set_float32_matmul_precision(old_precision)
 
 
 if __name__ == "__main__":

@@ -72,16 +72,18 @@ cdef inline Py_ssize_t bf16_slice_offset(Py_ssize_t G, Py_ssize_t H, Py_ssize_t 
 
 
 cdef inline uint16_t *bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                       int nslices, int n_threads, bint cache=False) noexcept nogil:
+                                       int nslices, int n_threads, bint cache=False,
+                                       const uint64_t *digest_of_w=NULL) noexcept nogil:
     """gate_slices (_schedule.pxd) in bf16 panels: slice k holds rows g*H + j of
     W (G*H x K) for g < G and j in [unit_start(k), unit_start(k + 1)), gate by
-    gate. cache: as gate_slices'. NULL if out of memory; give it back with slices_free."""
+    gate. cache, digest_of_w: as gate_slices'. NULL if out of memory; give it back
+    with slices_free."""
     cdef size_t nbytes = bf16_slice_offset(G, H, K, nslices, nslices) * sizeof(uint16_t) + 1
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef uint16_t *buf
     buf = <uint16_t *> find_packed(&cache, PACK_BF16_GATE_SLICES, W, sizeof(float), nslices,
-                                   G, H, K, n_threads, &layout, &digest)
+                                   G, H, K, n_threads, &layout, &digest, digest_of_w)
     if buf != NULL:
         return buf
     buf = <uint16_t *> packed_buffer(cache, &layout, nbytes)

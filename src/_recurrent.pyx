@@ -558,6 +558,18 @@ cdef void pack_panel_d(void *ctx, long c) noexcept nogil:
     pack_gate_panel(<double *> j.buf, <const double *> j.W, j.G, j.H, j.K, j.nslices, c)
 
 
+cdef uint16_t *pool_bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
+                                     int nslices, int n) noexcept nogil:
+    """bf16_gate_slices(W, ..., cache=True) for an eval call that owns the pool: the
+    digest on the pool (n threads at most); a packing the cache lacks is made on this
+    thread, so no OpenMP team is woken. NULL if out of memory."""
+    cdef uint64_t d
+    if pack_cache_is_off():
+        return bf16_gate_slices(W, G, H, K, nslices, 1, True)
+    d = pool_digest(W, G * H * K * sizeof(float), n)
+    return bf16_gate_slices(W, G, H, K, nslices, 1, True, &d)
+
+
 cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                 int nslices, int n) noexcept nogil:
     """gate_slices(W, ..., packed=True, cache=True) for an eval call that owns the pool:
@@ -617,14 +629,17 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
         p.pool_team = False
         if not packed_one:
             slices_free(<void *> p.w_ih_slices); slices_free(<void *> p.w_hh_slices)
+            slices_free(<void *> p.w_ih_bf16); slices_free(<void *> p.w_hh_bf16)
             failed = not pack_for(p, w_ih, w_hh, 1, team)
         if not failed:
             ctx.fails[0] = 0
             forward_thread(y, p, 0, p.B, 0, p.H, <const floating *> p.w_ih_slices,
-                           <const floating *> p.w_hh_slices, NULL, NULL, False, ctx.fails, 0, 1)
+                           <const floating *> p.w_hh_slices, <const uint16_t *> p.w_ih_bf16,
+                           <const uint16_t *> p.w_hh_bf16, False, ctx.fails, 0, 1)
             failed = ctx.fails[0]
     slices_free(<void *> p.w_ih_slices); slices_free(<void *> p.w_hh_slices)
-    p.w_ih_slices = p.w_hh_slices = NULL
+    slices_free(<void *> p.w_ih_bf16); slices_free(<void *> p.w_hh_bf16)
+    p.w_ih_slices = p.w_hh_slices = p.w_ih_bf16 = p.w_hh_bf16 = NULL
     return failed
 
 
@@ -694,7 +709,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
         floating is float, fail
     with nogil:
-        if cache_weights and team > 1 and not p.bf16:
+        if cache_weights and team > 1:
             # an eval call: on the pool (forward_on_pool), unless another call owns it
             if fastrnn_pool_enter(team):
                 pooled, pack_threads = True, 1
@@ -712,7 +727,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         if pack_hh and p.w_hr != NULL:
             packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, pack_threads)
         if floating is float:
-            if p.bf16:
+            if p.bf16 and not pooled and not short_team:    # forward_on_pool packs its own
                 b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights)
                 b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
@@ -722,7 +737,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         elif (fail == NULL or (pack_ih and s_ih == NULL and not pooled)
                 or (pack_hh and s_hh == NULL and not pooled)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
-                or (p.bf16 and (b_ih == NULL or b_hh == NULL))):
+                or (p.bf16 and not pooled and (b_ih == NULL or b_hh == NULL))):
             failed = 1
         elif pooled:
             failed = forward_on_pool(&y[0, 0, 0], &p, &ctx, team, nslices)

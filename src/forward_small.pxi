@@ -75,11 +75,17 @@ cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
                    int n) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
-    in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask; the
-    digests, and any packing the cache lacks, on the pool (n threads at most,
-    pool_gate_slices). False if out of memory."""
+    in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask, or
+    with q.bf16 q.w_ih_bf16 / q.w_hh_bf16 := their bf16 panels; the digests, and any
+    float packing the cache lacks, on the pool (n threads at most, pool_gate_slices).
+    False if out of memory."""
     q.nslices = nslices
-    q.w_ih_slices = q.w_hh_slices = NULL
+    q.w_ih_slices = q.w_hh_slices = q.w_ih_bf16 = q.w_hh_bf16 = NULL
+    if floating is float:
+        if q.bf16:      # bf16 panels replace both (packed on this thread on a cache miss)
+            q.w_ih_bf16 = pool_bf16_gate_slices(w_ih, q.G, q.H, q.I, nslices, n)
+            q.w_hh_bf16 = pool_bf16_gate_slices(w_hh, q.G, q.H, q.O, nslices, n)
+            return q.w_ih_bf16 != NULL and q.w_hh_bf16 != NULL
     if q.pack_ih:
         q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n)
         if q.w_ih_slices == NULL:

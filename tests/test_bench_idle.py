@@ -15,11 +15,15 @@ def load():
     return mod
 
 
-def test_idle_latency_rows(capsys):
+@pytest.mark.parametrize("precision", ["highest", "medium"])
+def test_idle_latency_rows(capsys, precision):
+    import fastrnn
+    before = fastrnn.get_float32_matmul_precision()
     load().main(["--cells", "gru,rnn_tanh", "-H", "8", "-T", "3", "-B", "2", "--gap", "0",
-                 "--trials", "3", "--peers", "none"])
+                 "--trials", "3", "--peers", "none", "--precision", precision])
+    assert fastrnn.get_float32_matmul_precision() == before       # restored
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("# ") and "ISA" in lines[0]
+    assert lines[0].startswith("# ") and "ISA" in lines[0] and f"precision {precision}" in lines[0]
     rows = lines[2:]
     assert len(rows) == 2 * 2 * 2           # cells x (step, forward) x (1 thread, 2 threads)
     for cell in ("gru", "rnn_tanh"):
@@ -34,7 +38,8 @@ def test_idle_latency_rows(capsys):
 @pytest.mark.parametrize("args, option", [(["--cells", "lstm,tanh"], "--cells"),
                                           (["--gap", "-1"], "--gap"),
                                           (["--trials", "0"], "--trials"),
-                                          (["--peers", "tf"], "--peers")])
+                                          (["--peers", "tf"], "--peers"),
+                                          (["--precision", "low"], "--precision")])
 def test_idle_latency_bad_arguments(args, option, capsys):
     with pytest.raises(SystemExit):
         load().main(args)

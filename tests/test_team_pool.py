@@ -282,6 +282,42 @@ def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B):
         assert_same(m(*args), want)
 
 
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("B", [1, 3, 40])
+def test_bf16_eval_calls_on_the_pool_or_alone_agree(cls, B):
+    """Eval calls at matmul precision "medium" (bf16 GEMMs, fastrnn._precision) run on
+    the pool too: on its team when the workers are awake, else alone; bitwise the same."""
+    from fastrnn import _precision
+    T = 7
+    m, x = layer_and_input(cls, T, B, seed=B)
+    with _precision.scoped("medium"):
+        _precision._force_bf16 = True
+        try:
+            want = on_one_thread(m, x)
+            assert not np.array_equal(want[0], on_one_thread_highest(m, x)[0])   # bf16 ran
+            assert _recurrent.pool_hold(True)
+            teams = _recurrent.pool_stats()["teams"]
+            assert_same(m(x), want)                     # the workers asleep: alone
+            assert _recurrent.pool_stats()["teams"] == teams
+            _recurrent.pool_hold(False)
+            if fastrnn.functional.use_team(*team_rule_args(cls, T, B)):
+                assert_same(until_team(lambda: m(x)), want)
+            else:
+                assert_same(m(x), want)
+        finally:
+            _precision._force_bf16 = False
+
+
+def on_one_thread_highest(m, x):
+    from fastrnn import _precision
+    force, _precision._force_bf16 = _precision._force_bf16, False
+    try:
+        with _precision.scoped("highest"):
+            return on_one_thread(m, x)
+    finally:
+        _precision._force_bf16 = force
+
+
 def team_rule_args(cls, T, B):
     """fastrnn.functional.use_team's arguments for one direction of this test's layers."""
     G = {"RNN": 1, "LSTM": 4, "GRU": 3}[cls]
