@@ -44,7 +44,9 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
 
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
-                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for)
+                         fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for,
+                         fastrnn_pool_note_openmp, fastrnn_pool_openmp_spinning,
+                         fastrnn_pool_set_openmp_window)
 
 cnp.import_array()
 
@@ -756,6 +758,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                     short_team = True
         if pooled:
             fastrnn_pool_leave()
+        elif n_threads > 1:
+            fastrnn_pool_note_openmp()      # its workers spin now: fast-path calls go alone
     slices_free(s_ih); slices_free(s_hh); scratch_free(packed_hr); free(fail)
     slices_free(b_ih); slices_free(b_hh)
     if failed:
@@ -875,6 +879,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
         scratch_free(packed_hrT)
         scratch_free(bf16_hhT)
         free(dh); free(dc); free(fail)
+        if n_threads > 1:
+            fastrnn_pool_note_openmp()      # as forward's
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
     return not short_team

@@ -130,7 +130,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
     while s < T and not fail[0]:
-        if owns and fastrnn_pool_ready(team):
+        if owns and not fastrnn_pool_openmp_spinning() and fastrnn_pool_ready(team):
             if not crew_packed:     # once per call, and only when a team can form
                 crew_packed = True
                 fails = <int *> calloc(team, sizeof(int))
@@ -443,18 +443,23 @@ def pool_stats():
             "loops": out[4]}
 
 
-def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False):
+def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
+                    double openmp_window=-1):
     """Test hook: the next `refuse` tries to form a team are refused as if the workers
     were not awake yet (so a call runs that many segments alone, then joins), and the
     alone segments are `segment_flop` of work; any_stamp: a waiting worker is claimed
     even when its clock stamp is stale (its vCPU not running it just then), so that the
-    team forms deterministically. pool_test_knobs() restores the defaults."""
+    team forms deterministically; openmp_window: seconds after an OpenMP team during
+    which fast-path calls run alone (negative: the default, team_pool.h). Setting the
+    window also ends the current one. pool_test_knobs() restores the defaults."""
     global SEGMENT_FLOP
     if refuse < 0 or segment_flop <= 0:
         raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
                          f"got {refuse} and {segment_flop}")
     SEGMENT_FLOP = segment_flop
     fastrnn_pool_refuse(refuse, any_stamp)
+    fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
+                                   else -1)
 
 
 def pool_hold(bint hold):

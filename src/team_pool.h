@@ -62,6 +62,15 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * gives the figures, measured on the 2-core Zen 4 KVM guest). */
 #define FASTRNN_POOL_FRESH_NS 50000LL
 
+/* After an OpenMP team of fastrnn's (a training call) ends, libgomp's workers spin for
+ * a while before they sleep; on the 2-core Zen 4 KVM guest eval steps were slow for
+ * about 7 ms after a training call (mean 60-650 us a step in 0.5 ms bins against 26 us
+ * after, with stalls up to 4 ms): a pool worker sharing a CPU with a spinning OpenMP
+ * thread runs only when the scheduler preempts that thread. For this long after a
+ * fastrnn_pool_note_openmp(), the fast path runs alone (fastrnn_pool_openmp_spinning);
+ * its segments ask again, so the team forms once the window has passed. */
+#define FASTRNN_POOL_OPENMP_SPIN_NS 8000000LL
+
 /* One cache line per worker: the caller reads and claims them all, each worker spins on its own. */
 typedef struct { _Atomic int v; _Atomic long long stamp; char pad[48]; } fastrnn_pool_slot;
 
@@ -88,10 +97,13 @@ typedef struct {
     int hold;                         /* test hook: workers ignore wakes while set */
     _Atomic int refuse;               /* test hook: refuse this many more tries */
     _Atomic int any_stamp;            /* test hook: claim READY workers, fresh or not */
+    _Atomic long long openmp_until;   /* OpenMP workers may spin until then (clock ns) */
+    _Atomic long long openmp_window;  /* how long they may: FASTRNN_POOL_OPENMP_SPIN_NS */
 } fastrnn_pool_t;
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
-                                       .cv = PTHREAD_COND_INITIALIZER };
+                                       .cv = PTHREAD_COND_INITIALIZER,
+                                       .openmp_window = FASTRNN_POOL_OPENMP_SPIN_NS };
 static pthread_once_t fastrnn_pool_once = PTHREAD_ONCE_INIT;
 
 static long long fastrnn_now_ns(void)
@@ -388,6 +400,30 @@ static void fastrnn_pool_refuse(int k, int any_stamp)
 {
     atomic_store(&fastrnn_pool.refuse, k);
     atomic_store(&fastrnn_pool.any_stamp, any_stamp);
+}
+
+/* An OpenMP team of two or more threads has just ended (its workers now spin). */
+static void fastrnn_pool_note_openmp(void)
+{
+    fastrnn_pool_t *P = &fastrnn_pool;
+    atomic_store_explicit(&P->openmp_until,
+                          fastrnn_now_ns() + atomic_load_explicit(&P->openmp_window,
+                                                                  memory_order_relaxed),
+                          memory_order_relaxed);
+}
+
+/* May OpenMP workers still be spinning (within the window of the last note)? */
+static int fastrnn_pool_openmp_spinning(void)
+{
+    return fastrnn_now_ns() < atomic_load_explicit(&fastrnn_pool.openmp_until,
+                                                   memory_order_relaxed);
+}
+
+/* Test hook: the window after an OpenMP team, in ns (negative: the default). */
+static void fastrnn_pool_set_openmp_window(long long ns)
+{
+    atomic_store(&fastrnn_pool.openmp_window, ns < 0 ? FASTRNN_POOL_OPENMP_SPIN_NS : ns);
+    atomic_store(&fastrnn_pool.openmp_until, 0);
 }
 
 /* Set the hold; with hold = 1 also wait (up to 1 s) until every worker is asleep. */

@@ -209,6 +209,28 @@ def test_a_forked_child_makes_its_own_workers():
     assert workers >= 1 and teams > teams_before     # the child's own worker ran teams
 
 
+def test_fast_path_calls_right_after_an_openmp_team_run_alone():
+    """For a window after a training call (OpenMP, whose workers then spin for a few
+    milliseconds), fast-path eval calls run alone instead of teaming with a worker that
+    shares a CPU with a spinning one; then on a team again. Bitwise the same."""
+    m, x = layer_and_input("LSTM", 9, 1)
+    assert teamed(m, 9, 1)
+    want = on_one_thread(m, x)
+    trainer, xt = layer_and_input("GRU", 5, 4, seed=3)
+    trainer.train()
+    # any_stamp: without the window a team would form as soon as the worker is awake
+    _recurrent.pool_test_knobs(openmp_window=60.0, any_stamp=True)
+    y, _ = trainer(xt)
+    trainer.backward(np.ones_like(y))
+    teams = _recurrent.pool_stats()["teams"]
+    end = time.monotonic() + 0.3                            # time enough for it to wake
+    while time.monotonic() < end:
+        assert_same(m(x), want)
+    assert _recurrent.pool_stats()["teams"] == teams        # alone, every call
+    _recurrent.pool_test_knobs(openmp_window=0.0)           # the window is over
+    assert_same(until_team(lambda: m(x)), want)
+
+
 def test_pool_test_knobs_reject_bad_values():
     with pytest.raises(ValueError, match="refuse"):
         _recurrent.pool_test_knobs(refuse=-1)
