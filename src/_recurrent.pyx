@@ -560,33 +560,25 @@ cdef void pack_panel_d(void *ctx, long c) noexcept nogil:
     pack_gate_panel(<double *> j.buf, <const double *> j.W, j.G, j.H, j.K, j.nslices, c)
 
 
-cdef uint16_t *pool_bf16_gate_slices(const float *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                     int nslices, int n) noexcept nogil:
-    """bf16_gate_slices(W, ..., cache=True) for an eval call that owns the pool: the
-    digest on the pool (n threads at most); a packing the cache lacks is made on this
-    thread, so no OpenMP team is woken. NULL if out of memory."""
-    cdef uint64_t d
-    if pack_cache_is_off():
-        return bf16_gate_slices(W, G, H, K, nslices, 1, True)
-    d = pool_digest(W, G * H * K * sizeof(float), n)
-    return bf16_gate_slices(W, G, H, K, nslices, 1, True, &d)
+cdef struct CallDigests:
+    # The weights' digests for the pack cache, taken once per call (pack_for): a call
+    # that packs twice (alone, then for a team that formed late) reads them once.
+    bint taken
+    uint64_t ih, hh
 
 
 cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                int nslices, int n) noexcept nogil:
-    """gate_slices(W, ..., packed=True, cache=True) for an eval call that owns the pool:
-    the digest and, if the cache lacks this packing, the panels on the pool's ready
-    workers (n threads at most), so no OpenMP team is woken. NULL if out of memory."""
+                                int nslices, int n, const uint64_t *digest) noexcept nogil:
+    """gate_slices(W, ..., packed=True, cache=True, digest) for an eval call that owns the
+    pool: a packing the cache lacks is made on the pool's ready workers (n threads at
+    most), so no OpenMP team is woken. NULL if out of memory."""
     cdef bint cache = True
     cdef uint64_t d = 0
     cdef PackLayout layout
     cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, True) + 1) * sizeof(floating)
     cdef floating *buf
-    cdef bint have_d = not pack_cache_is_off()
-    if have_d:
-        d = pool_digest(W, G * H * K * sizeof(floating), n)
     buf = <floating *> find_packed(&cache, PACK_GATE_SLICES, W, sizeof(floating), nslices, G, H,
-                                   K, 1, &layout, &d, &d if have_d else NULL)
+                                   K, 1, &layout, &d, digest)
     if buf != NULL:
         return buf
     buf = <floating *> packed_buffer(cache, &layout, nbytes)
@@ -618,8 +610,10 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     cdef const floating *w_hh = <const floating *> p.w_hh
     cdef bint ran = False, packed_one = False
     cdef int k, failed = 0
+    cdef CallDigests digests
+    digests.taken = False
     if fastrnn_pool_ready(team):
-        if pack_for(p, w_ih, w_hh, nslices, team):
+        if pack_for(p, w_ih, w_hh, nslices, team, &digests):
             p.pool_team = True
             ran = fastrnn_pool_try_run(team, forward_share, ctx)
             for k in range(team):
@@ -632,7 +626,7 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
         if not packed_one:
             slices_free(<void *> p.w_ih_slices); slices_free(<void *> p.w_hh_slices)
             slices_free(<void *> p.w_ih_bf16); slices_free(<void *> p.w_hh_bf16)
-            failed = not pack_for(p, w_ih, w_hh, 1, team)
+            failed = not pack_for(p, w_ih, w_hh, 1, team, &digests)
         if not failed:
             ctx.fails[0] = 0
             forward_thread(y, p, 0, p.B, 0, p.H, <const floating *> p.w_ih_slices,
@@ -685,7 +679,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef uint16_t *b_hh = NULL
     cdef int *fail = <int *> calloc(team, sizeof(int))
     cdef int tid, nthr, k, failed = 0
-    cdef bint short_team = False, pooled = False
+    cdef bint short_team = False, pooled = False, pool_busy = False
     cdef ForwardTeam ctx
     cdef int pack_threads = n_threads
     memset(&p, 0, sizeof(Plan))
@@ -716,7 +710,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             if fastrnn_pool_enter(team):
                 pooled, pack_threads = True, 1
             else:
-                short_team = True           # the caller runs it on one thread
+                short_team = pool_busy = True   # the caller runs it on one thread
         if short_team:
             pack_ih = pack_hh = False
         elif pooled:
@@ -758,7 +752,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                     short_team = True
         if pooled:
             fastrnn_pool_leave()
-        elif n_threads > 1:
+        elif n_threads > 1 and not pool_busy:
             fastrnn_pool_note_openmp()      # its workers spin now: fast-path calls go alone
     slices_free(s_ih); slices_free(s_hh); scratch_free(packed_hr); free(fail)
     slices_free(b_ih); slices_free(b_hh)

@@ -73,25 +73,39 @@ cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
 
 
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
-                   int n) noexcept nogil:
+                   int n, CallDigests *digests) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
     in the cache while the weights do not change), as q.pack_ih / q.pack_hh ask, or
-    with q.bf16 q.w_ih_bf16 / q.w_hh_bf16 := their bf16 panels; the digests, and any
-    float packing the cache lacks, on the pool (n threads at most, pool_gate_slices).
-    False if out of memory."""
+    with q.bf16 q.w_ih_bf16 / q.w_hh_bf16 := their bf16 panels. The weights' digests
+    are taken on the pool (n threads at most) at the call's first packing and kept in
+    `digests` for its next; any float packing the cache lacks is made on the pool too
+    (pool_gate_slices), a bf16 one on this thread. False if out of memory."""
+    cdef bint bf16 = False
+    cdef const uint64_t *d_ih = NULL
+    cdef const uint64_t *d_hh = NULL
+    if floating is float:
+        bf16 = q.bf16
+    if not digests.taken and not pack_cache_is_off():
+        digests.taken = True
+        if bf16 or q.pack_ih:
+            digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
+        if bf16 or q.pack_hh:
+            digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
+    if digests.taken:       # else the cache is off, or was when the call began
+        d_ih, d_hh = &digests.ih, &digests.hh
     q.nslices = nslices
     q.w_ih_slices = q.w_hh_slices = q.w_ih_bf16 = q.w_hh_bf16 = NULL
     if floating is float:
-        if q.bf16:      # bf16 panels replace both (packed on this thread on a cache miss)
-            q.w_ih_bf16 = pool_bf16_gate_slices(w_ih, q.G, q.H, q.I, nslices, n)
-            q.w_hh_bf16 = pool_bf16_gate_slices(w_hh, q.G, q.H, q.O, nslices, n)
+        if bf16:        # bf16 panels replace both
+            q.w_ih_bf16 = bf16_gate_slices(w_ih, q.G, q.H, q.I, nslices, 1, True, d_ih)
+            q.w_hh_bf16 = bf16_gate_slices(w_hh, q.G, q.H, q.O, nslices, 1, True, d_hh)
             return q.w_ih_bf16 != NULL and q.w_hh_bf16 != NULL
     if q.pack_ih:
-        q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n)
+        q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n, d_ih)
         if q.w_ih_slices == NULL:
             return False
     if q.pack_hh:
-        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n)
+        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n, d_hh)
         if q.w_hh_slices == NULL:
             return False
     return True
@@ -114,6 +128,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     cdef int pool_n = team if owns else 1     # threads the pool may lend this call
     cdef Plan alone, crew
     cdef bint alone_packed = False, crew_packed = False
+    cdef CallDigests digests
     cdef ForwardTeam ctx
     cdef int *fails = NULL
     cdef int q
@@ -126,6 +141,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
     alone = p[0]
     crew = p[0]
+    digests.taken = False
     seg = T
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
@@ -136,7 +152,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 fails = <int *> calloc(team, sizeof(int))
                 if fails == NULL or not pack_for(&crew, <const floating *> p.w_ih,
                                                  <const floating *> p.w_hh,
-                                                 team if by_units else 1, pool_n):
+                                                 team if by_units else 1, pool_n, &digests):
                     fail[0] = 1
                     break
                 crew.pool_team = True
@@ -151,7 +167,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
-                            pool_n):
+                            pool_n, &digests):
                 fail[0] = 1
                 break
         segment(&alone, p, y, s, e)

@@ -292,8 +292,9 @@ static void *fastrnn_pack_cache_find(const fastrnn_pack_layout *layout, uint64_t
 
 /* Keep ptr (bytes, just packed for layout and digest, owned by the caller) in the
  * cache, in use by the caller. Evicts idle stale copies of the same array first,
- * then least recently used idle entries to make room. Returns 1 if kept (the cache owns ptr from now on), 0 if not (no idle
- * entry, over the cap, or the key is already there): the caller still owns it. */
+ * then least recently used idle entries to make room. Returns 1 if kept (the cache
+ * owns ptr from now on), 0 if not (no idle entry, over the cap, or the key is already
+ * there): the caller still owns it. */
 static int fastrnn_pack_cache_keep(void *ptr, size_t bytes, const fastrnn_pack_layout *layout,
                                    uint64_t digest)
 {

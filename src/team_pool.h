@@ -26,8 +26,9 @@
  *     RUN --share done--> READY;   READY --timeout--> IDLE;   CLAIMED --not all--> READY
  *     READY --a loop's caller claims it alone--> RUN (fastrnn_pool_for)
  * Within a team, threads meet at fastrnn_pool_barrier (spinning, the team's threads
- * all running; yielding after ~1000 rounds, fastrnn_pool_wait). One caller at a time owns the pool (fastrnn_pool_enter); a second
- * concurrent caller is refused and runs alone. After fork() the child starts with no
+ * all running; yielding after ~1000 rounds, fastrnn_pool_wait). One caller at a time
+ * owns the pool (fastrnn_pool_enter); a second concurrent caller is refused and runs
+ * alone. After fork() the child starts with no
  * workers and makes its own.
  */
 #ifndef FASTRNN_TEAM_POOL_H
@@ -385,8 +386,9 @@ static void fastrnn_pool_barrier(void)
 /* Test hooks: stats (teams, refused tries, worker shares, workers, loops); refuse(k, a):
  * the next k tries are refused as if the workers were not awake, and with a = 1 a READY
  * worker is claimed even if its stamp is stale (so that a test's team forms however
- * the host schedules the worker: the team then waits for it, slower but the same); hold = 1 keeps workers
- * asleep (a wake is ignored until hold = 0), as a long-idle worker would be. */
+ * the host schedules the worker: the team then waits for it, slower but the same);
+ * hold = 1 keeps workers asleep (a wake is ignored until hold = 0), as a long-idle
+ * worker would be. */
 static void fastrnn_pool_stats(long *out)
 {
     out[0] = atomic_load(&fastrnn_pool.n_teams);
