@@ -317,10 +317,10 @@ def run_torch(trainer, init_state, args, model_config=None):
 
     bar = None
     if not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=float(budget), unit="s", desc=f"torch {cfg.cell}", leave=False,
-                   file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [ETA {remaining}{postfix}]")
+        from fastrnn.train import progress_bar_class
+        bar = progress_bar_class()(total=float(budget), unit="s", desc=f"torch {cfg.cell}",
+                                   leave=False, file=sys.stderr,
+                                   bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s [ETA {remaining}{postfix}]")
     loader = trainer.loader
     steps = tokens = 0
     seconds = 0.0

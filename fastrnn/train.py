@@ -505,12 +505,8 @@ class Trainer:
     def _make_bar(self, progress):
         if not progress:
             return None
-        from tqdm import tqdm
+        tqdm = progress_bar_class()
         cfg = self.cfg
-        isatty = getattr(sys.stderr, "isatty", None)
-        if not (isatty and isatty()):
-            # a log file or a pipe: plain lines, no carriage-return redraws
-            tqdm = _LineProgress   # noqa: N806 - same interface, same arguments
         if cfg.time_budget is not None and cfg.max_steps is None and cfg.epochs is None:
             self._bar_mode = "time"
             return tqdm(total=float(cfg.time_budget), unit="s", file=sys.stderr,
@@ -633,6 +629,17 @@ def _fmt_seconds(s):
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def progress_bar_class(file=None):
+    """tqdm on a terminal; on a log file or a pipe, _LineProgress (plain lines,
+    no carriage-return redraws). Both take the same arguments."""
+    file = file or sys.stderr
+    isatty = getattr(file, "isatty", None)
+    if isatty and isatty():
+        from tqdm import tqdm
+        return tqdm
+    return _LineProgress
 
 
 class _LineProgress:

@@ -231,3 +231,28 @@ def test_resume_hint_passes_the_remaining_time_budget():
     hint = _resume_hint(args)
     assert "--resume ck.npz --save ck.npz" in hint
     assert "--time-budget 612.3" in hint and "--save-best best.npz" in hint
+
+
+def test_progress_bar_is_plain_lines_unless_on_a_terminal():
+    import io
+
+    from tqdm import tqdm
+
+    from fastrnn.train import _LineProgress, progress_bar_class
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bar_class(Terminal()) is tqdm
+    log = io.StringIO()
+    cls = progress_bar_class(log)
+    assert cls is _LineProgress
+    bar = cls(total=4.0, unit="s", file=log, desc="torch lstm", leave=False,
+              bar_format="ignored")
+    bar.update(4.0)
+    bar.set_postfix_str("loss=1.000")
+    bar.close()
+    line = log.getvalue()
+    assert "\r" not in line and line.count("\n") == 1
+    assert line.startswith("torch lstm: 4/4 s of training (100 %), loss=1.000")
