@@ -13,7 +13,7 @@ thread's time. The kernels call no BLAS. NumPy's own BLAS (used by
 
 import os
 
-from fastrnn import _isa, _openmp, _precision, _recurrent
+from fastrnn import _isa, _openmp, _openmp_wait, _precision, _recurrent
 
 __all__ = ["set_num_threads", "get_num_threads", "config", "show_config"]
 
@@ -104,6 +104,7 @@ def config():
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
         "pack_cache": _recurrent._pack_cache_enabled(),
         "eval_pool_workers": _recurrent.pool_stats()["workers"],
+        "openmp_spin_window_ms": _openmp_spin_window * 1e3,
     }
 
 
@@ -114,6 +115,10 @@ def show_config():
     print(f"  OpenMP compiled in: {'yes' if cfg['openmp'] else 'no (single thread)'}")
     print(f"  threads:            {cfg['num_threads']} (eval calls: own worker pool, "
           f"{cfg['eval_pool_workers']} workers started; training: OpenMP)")
+    window = cfg["openmp_spin_window_ms"]
+    window = "always" if window == float("inf") else f"{window:.1f} ms"
+    print(f"  after training:     eval calls run alone while OpenMP may spin ({window}: "
+          "OMP_WAIT_POLICY, GOMP_SPINCOUNT)")
     print(f"  BLAS in kernels:    {cfg['kernel_blas']}")
     print(f"  CPU:                {cfg['cpu']}")
     print(f"  CPU vector ISAs:    {' '.join(cfg['cpu_vector_flags']) or 'unknown'}")
@@ -142,3 +147,4 @@ def _init_pack_cache():
 
 set_num_threads(_default_threads())
 _init_pack_cache()
+_openmp_spin_window = _openmp_wait.configure()

@@ -14,4 +14,6 @@ cdef extern from "team_pool.h" nogil:
     void fastrnn_pool_refuse(int k, int any_stamp)
     void fastrnn_pool_note_openmp()
     int fastrnn_pool_openmp_spinning()
-    void fastrnn_pool_set_openmp_window(long long ns)
+    void fastrnn_pool_set_openmp_window(long long ns, int make_default)
+    double fastrnn_pause_ns()
+    long long fastrnn_pool_openmp_window()

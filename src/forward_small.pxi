@@ -475,7 +475,29 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     SEGMENT_FLOP = segment_flop
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
-                                   else -1)
+                                   else -1, False)
+
+
+def set_openmp_spin_window(double seconds):
+    """After one of fastrnn's OpenMP teams (training) ends, fast-path eval calls run
+    alone for this long, while its workers may still spin (team_pool.h); inf: always
+    after the first. fastrnn/_openmp_wait.py sets it at import."""
+    if not seconds >= 0:
+        raise ValueError(f"seconds: expected >= 0, got {seconds}")
+    fastrnn_pool_set_openmp_window(<long long> min(seconds * 1e9, 4.0e18), True)
+
+
+def openmp_spin_window():
+    """The window set_openmp_spin_window (or a test hook) set, in seconds."""
+    return fastrnn_pool_openmp_window() * 1e-9
+
+
+def pause_ns():
+    """ns one round of a busy-wait loop like libgomp's takes on this CPU (team_pool.h)."""
+    cdef double ns
+    with nogil:
+        ns = fastrnn_pause_ns()
+    return ns
 
 
 def pool_hold(bint hold):

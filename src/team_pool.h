@@ -69,7 +69,9 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * after, with stalls up to 4 ms): a pool worker sharing a CPU with a spinning OpenMP
  * thread runs only when the scheduler preempts that thread. For this long after a
  * fastrnn_pool_note_openmp(), the fast path runs alone (fastrnn_pool_openmp_spinning);
- * its segments ask again, so the team forms once the window has passed. */
+ * its segments ask again, so the team forms once the window has passed. This is the
+ * window until fastrnn/_openmp_wait.py sets one from OMP_WAIT_POLICY / GOMP_SPINCOUNT
+ * and the CPU's pause (fastrnn_pause_ns), at import. */
 #define FASTRNN_POOL_OPENMP_SPIN_NS 8000000LL
 
 /* One cache line per worker: the caller reads and claims them all, each worker spins on its own. */
@@ -99,12 +101,14 @@ typedef struct {
     _Atomic int refuse;               /* test hook: refuse this many more tries */
     _Atomic int any_stamp;            /* test hook: claim READY workers, fresh or not */
     _Atomic long long openmp_until;   /* OpenMP workers may spin until then (clock ns) */
-    _Atomic long long openmp_window;  /* how long they may: FASTRNN_POOL_OPENMP_SPIN_NS */
+    _Atomic long long openmp_window;  /* how long they may */
+    _Atomic long long openmp_window_default;  /* what the test hook restores */
 } fastrnn_pool_t;
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
                                        .cv = PTHREAD_COND_INITIALIZER,
-                                       .openmp_window = FASTRNN_POOL_OPENMP_SPIN_NS };
+                                       .openmp_window = FASTRNN_POOL_OPENMP_SPIN_NS,
+                                       .openmp_window_default = FASTRNN_POOL_OPENMP_SPIN_NS };
 static pthread_once_t fastrnn_pool_once = PTHREAD_ONCE_INIT;
 
 static long long fastrnn_now_ns(void)
@@ -421,11 +425,41 @@ static int fastrnn_pool_openmp_spinning(void)
                                                    memory_order_relaxed);
 }
 
-/* Test hook: the window after an OpenMP team, in ns (negative: the default). */
-static void fastrnn_pool_set_openmp_window(long long ns)
+/* The window after an OpenMP team, in ns (negative: the default); it also ends the
+ * current one. make_default: what a negative ns restores from now on. */
+static void fastrnn_pool_set_openmp_window(long long ns, int make_default)
 {
-    atomic_store(&fastrnn_pool.openmp_window, ns < 0 ? FASTRNN_POOL_OPENMP_SPIN_NS : ns);
+    if (ns >= 0 && make_default)
+        atomic_store(&fastrnn_pool.openmp_window_default, ns);
+    atomic_store(&fastrnn_pool.openmp_window,
+                 ns < 0 ? atomic_load(&fastrnn_pool.openmp_window_default) : ns);
     atomic_store(&fastrnn_pool.openmp_until, 0);
+}
+
+static long long fastrnn_pool_openmp_window(void)
+{
+    return atomic_load(&fastrnn_pool.openmp_window);
+}
+
+/* How long one round of a busy-wait loop like libgomp's takes here (a relaxed load and
+ * a pause), in ns: the least of three timed runs of 4096 rounds, so that a preemption
+ * in one does not count. The pause alone differs several-fold between CPUs. */
+static double fastrnn_pause_ns(void)
+{
+    static _Atomic int flag;
+    double best = 1e30;
+    for (int run = 0; run < 3; run++) {
+        long long t0 = fastrnn_now_ns();
+        for (int i = 0; i < 4096; i++) {
+            if (atomic_load_explicit(&flag, memory_order_relaxed))
+                break;
+            FASTRNN_SPIN_PAUSE();
+        }
+        double ns = (double)(fastrnn_now_ns() - t0) / 4096.0;
+        if (ns < best)
+            best = ns;
+    }
+    return best;
 }
 
 /* Set the hold; with hold = 1 also wait (up to 1 s) until every worker is asleep. */
