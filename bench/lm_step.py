@@ -38,6 +38,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="timed steps (after 5 untimed)")
+    p.add_argument("--gathered", action="store_true",
+                   help="feed the recurrent layer the gathered embeddings (T, B, E) instead of "
+                        "the table by id, as the model does with embedding dropout")
     args = p.parse_args(argv)
     cfg = TrainConfig(cell=args.cell, hidden=args.hidden, embed=args.embed,
                       batch_size=args.batch_size, seq_len=args.seq_len, batching="sequential",
@@ -55,13 +58,23 @@ def main(argv=None):
             t = [time.perf_counter()]
             m.train()
             m.zero_grad()
-            emb = m.drop_in(m.encoder(chunk.x)); t.append(time.perf_counter())
-            out, state = m.rnn(emb, state); t.append(time.perf_counter())
+            by_id = m._embeddings_by_id() and not args.gathered    # as RNNLanguageModel does
+            if by_id:
+                ids = m.encoder._check(chunk.x); t.append(time.perf_counter())
+                out, state = m.rnn(m.encoder.weight.data, state, x_ids=ids)
+            else:
+                emb = m.drop_in(m.encoder(chunk.x)); t.append(time.perf_counter())
+                out, state = m.rnn(emb, state)
+            t.append(time.perf_counter())
             logits = m.decoder(m.drop_out(out)); t.append(time.perf_counter())
             _, dlogits = softmax_cross_entropy(logits, chunk.y); t.append(time.perf_counter())
             dout = m.drop_out.backward(m.decoder.backward(dlogits)); t.append(time.perf_counter())
             demb, _ = m.rnn.backward(dout, None); t.append(time.perf_counter())
-            m.encoder.backward(m.drop_in.backward(demb)); t.append(time.perf_counter())
+            if by_id:
+                m.encoder.backward_table(demb)
+            else:
+                m.encoder.backward(m.drop_in.backward(demb))
+            t.append(time.perf_counter())
             clip_grad_norm(opt.params, cfg.clip); t.append(time.perf_counter())
             opt.step(); t.append(time.perf_counter())
             if i >= 5:
@@ -69,7 +82,8 @@ def main(argv=None):
                     times[name].append(b - a)
                 times["step"].append(t[-1] - t[0])
     print(f"{args.cell}: hidden {args.hidden}, embed {args.embed}, batch {args.batch_size}, "
-          f"seq-len {args.seq_len}, {args.threads} threads; medians of {args.steps} steps")
+          f"seq-len {args.seq_len}, {args.threads} threads, embeddings "
+          f"{'gathered' if args.gathered else 'by id'}; medians of {args.steps} steps")
     for name in PARTS:
         print(f"  {name:20s} {np.median(times[name]) * 1e3:8.2f} ms")
     tokens = args.batch_size * args.seq_len

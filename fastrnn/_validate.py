@@ -62,6 +62,19 @@ def as_lengths(lengths, B, T):
     return np.ascontiguousarray(arr, dtype=np.intp)
 
 
+def as_ids(name, ids, V):
+    """Validated (T, B) intp ids in [0, V) with T, B >= 1 (rows of a (V, I) table)."""
+    arr = np.asarray(ids)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must have shape (T, B) with T, B >= 1, got {arr.shape}")
+    if arr.min() < 0 or arr.max() >= V:
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise ValueError(f"{name} must lie in [0, {V}) (rows of x), got {bad}")
+    return np.ascontiguousarray(arr, dtype=np.intp)
+
+
 def check_weights(w_ih, w_hh, b_ih, b_hh, gates, dtype, proj=None):
     """Validate (G*H, I), (G*H, H) weights and the optional biases; returns arrays and H.
 

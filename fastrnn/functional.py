@@ -18,6 +18,12 @@ rows are contiguous and evenly spaced, such as one direction's half
 out2[:, :, :H] of a (T, B, 2H) array (how a bidirectional layer fills its
 output with no copy); y is then `out` itself.
 
+`x_ids` (T, B) ints (not for lstmp): x is then a table (V, I), such as an
+embedding's weights, and step t of sequence b reads row x[x_ids[t, b]]; the
+result is the call on x[x_ids], and backward's dx is the table's gradient
+(V, I). When V <= T*B the input projection is taken once per table row and
+the time loop copies rows of it (fastrnn/_ids_input.py).
+
 A backward's `out` takes arrays for the weight gradients (dw_ih, dw_hh[, dw_hr]):
 the kernel writes them there, or adds into them with accumulate=True (how a
 module fills its parameters' .grad: no temporary, no extra pass over them).
@@ -37,7 +43,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _buffers, _precision, _recurrent
+from fastrnn import _buffers, _ids_input, _precision, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
@@ -155,7 +161,8 @@ class Cache:
         return self
 
 
-def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=True):
+def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=True,
+                 ids_in=None):
     """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
     args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr).
@@ -164,32 +171,46 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     bf16: the GEMMs on bf16 operands (fastrnn._precision).
     training=False: the packed weights are kept for the next call with the same
     weights (src/pack_cache.h); a training step changes them, so it does not.
+    ids_in: an _ids_input.IdsInput; when fused the driver reads its table by id, not x.
     """
     n = sched.n_threads
+    table = {}
+    if ids_in is not None and ids_in.fused:
+        args = args[:6] + (None,) + args[7:]        # x
+        table = dict(x_table=ids_in.table, x_ids=ids_in.ids)
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     by_units = (n > 1 and splits_units(T, B, pack_hh)
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
-                              cache_weights=not training):
+                              cache_weights=not training, **table):
         one = sched.single_thread()
         _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
-                           pack_hh, 1, False, bf16=bf16, cache_weights=not training)
+                           pack_hh, 1, False, bf16=bf16, cache_weights=not training, **table)
 
 
-def _run_backward(sched, T, reverse, bf16, accumulate, *args):
+def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_in=None):
     """Run the driver's backward; the reverse loop splits hidden units for small
     batches (every thread reads only its panels of W_hh^T, and a batch of 1
     uses every thread), row chunks otherwise. Both give bitwise the same
     numbers. args: the driver's arguments up to the schedule's; bf16 as forward ran.
     If OpenMP grants fewer threads than asked, the row split runs instead.
+    ids_in, fused (forward read a table by id): x, dx and dw_ih are not used, and
+    dtable (V, G*H) receives the gradient of the table's rows.
     """
     n = sched.n_threads
     by_units = n > 1 and len(sched.order) <= BACKWARD_UNITS_MAX_BATCH and args[6] is None  # dw_hr
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)
-    if not _recurrent.backward(*args, *tail, by_units, bf16=bf16, accumulate=accumulate):
-        _recurrent.backward(*args, *tail, False, bf16=bf16, accumulate=accumulate)
+    table = {}
+    if ids_in is not None and ids_in.fused:
+        args = list(args)
+        args[4] = args[18] = None                    # dw_ih, x
+        args[1] = np.empty((0, 0, 0), dtable.dtype)  # dx (typed: the kernel's dtype comes from it)
+        table = dict(x_ids=ids_in.ids, dx_table=dtable)
+    if not _recurrent.backward(*args, *tail, by_units, bf16=bf16, accumulate=accumulate,
+                               **table):
+        _recurrent.backward(*args, *tail, False, bf16=bf16, accumulate=accumulate, **table)
 
 
 def _hidden_buffer(x, H, h0, sched, reverse, training):
@@ -249,9 +270,17 @@ def _fix_reverse_first_step(dw_hh, dgates_h, cache):
         dw_hh += da @ h0
 
 
-def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
-    x = as_float_array("x", x, 3)
+def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
+    """Validated arguments, H, the schedule and packing flags, and ids_in (None, or
+    the _ids_input.IdsInput of an x given as a table with x_ids; x is then what
+    stands for x[x_ids])."""
+    x = as_float_array("x", x, 3 if x_ids is None else 2)
     w_ih, w_hh, b_ih, b_hh, H = check_weights(w_ih, w_hh, b_ih, b_hh, gates, x.dtype)
+    ids_in = None
+    if x_ids is not None:
+        flop = 2 * x.size * w_ih.shape[0]
+        x, ids_in = _ids_input.prepare(x, x_ids, w_ih, _precision.bf16_products(x.dtype),
+                                       call_threads() if flop >= SMALL_WORK_FLOP else 1)
     check_input(x, w_ih)
     T, B, _ = x.shape
     h0 = optional_state("h0", h0, (B, H), x.dtype)
@@ -259,7 +288,7 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths):
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
     sched = Schedule(lens, B, T, call_threads() if use_team(flop, T, B, pack_hh) else 1)
-    return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh
+    return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in
 
 
 def splits_units(T, B, pack_hh):
@@ -351,20 +380,35 @@ def _gradient_buffers(cache, out=None):
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
-    dx = (_buffers.zeros if cache.sched.padded else _buffers.empty)((T, B, I), dtype)
+    ids_in = getattr(cache, "ids_in", None)
+    if ids_in is not None and ids_in.fused:
+        dx = np.empty(ids_in.table.shape, dtype)    # the driver's dL/d(table) (V, G*H)
+    else:
+        dx = (_buffers.zeros if cache.sched.padded else _buffers.empty)((T, B, I), dtype)
     return (cache, dx, np.empty((B, H), dtype), *dws)
+
+
+def _input_gradient(cache, dx, dw_ih, accumulate):
+    """dx as a backward returns it: with x given as a table and ids, dL/dx (V, I)
+    from the driver's dx rows or, fused, dL/d(table) (also filling dw_ih)."""
+    ids_in = cache.ids_in
+    if ids_in is None:
+        return dx
+    flop = 4 * ids_in.x.size * cache.w_ih.shape[0]
+    return _ids_input.gradient(ids_in, dx, dx, cache.w_ih, dw_ih, accumulate,
+                               call_threads() if flop >= SMALL_WORK_FLOP else 1)
 
 
 # ---------------------------------------------------------------------------- LSTM
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                 training=True, out=None):
+                 training=True, out=None, x_ids=None):
     """LSTM layer forward. x (T,B,I), h0/c0 (B,H) or None, w_ih (4H,I), w_hh (4H,H).
 
     Returns y (T,B,H), h_n (B,H), c_n (B,H), cache (None unless training).
     Cache: gates (T,B,4H) activated i,f,g,o; cs (T,B,H) c_t; hs (T+1,B,H).
     """
-    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths)
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths, x_ids)
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
     hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
@@ -376,12 +420,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     bias = b_ih + b_hh if b_ih is not None else None
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16, training)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs,
-                      bf16=bf16)
+                      bf16=bf16, ids_in=ids_in)
     return y, h_n, c_n, cache
 
 
@@ -399,7 +443,9 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_LSTM, dx, dh0, dc0, dw_ih, dw_hh, None, cache.gates, None, None,
                   dy, dh_n, dc_n, cache.cs, None, cache.hs_y, cache.h0, cache.c0,
-                  cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, None)
+                  cache.x, _h_prev(cache), cache.w_ih, cache.w_hh, None,
+                  dtable=dx, ids_in=cache.ids_in)
+    dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
@@ -485,7 +531,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 
 # ---------------------------------------------------------------------------- RNN
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
-                reverse=False, training=True, out=None):
+                reverse=False, training=True, out=None, x_ids=None):
     """Elman RNN layer forward. x (T,B,I), h0 (B,H) or None, w_ih (H,I), w_hh (H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
@@ -494,8 +540,8 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, "
                          f"got {nonlinearity!r}")
-    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths)
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids)
     T, B, _ = x.shape
     hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh))
@@ -504,11 +550,12 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     act = NONLINEARITIES[nonlinearity]
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16, training)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
-                      sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act, bf16=bf16)
+                      sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act, bf16=bf16,
+                      ids_in=ids_in)
     return y, h_n, cache
 
 
@@ -525,7 +572,8 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   cache.act, dx, dh0, None, dw_ih, dw_hh, None, da, None, None, dy,
                   dh_n, None, None, None, cache.y, cache.h0, None, cache.x,
-                  _h_prev(cache), cache.w_ih, cache.w_hh, None)
+                  _h_prev(cache), cache.w_ih, cache.w_hh, None, dtable=dx, ids_in=cache.ids_in)
+    dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     _fix_reverse_first_step(dw_hh, da, cache)
     db_ih = db_hh = None
     if cache.has_bias:
@@ -536,14 +584,14 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 
 # ---------------------------------------------------------------------------- GRU
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                out=None):
+                out=None, x_ids=None):
     """GRU layer forward. x (T,B,I), h0 (B,H) or None, w_ih (3H,I), w_hh (3H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
     Cache: gates (T,B,3H) r,z,n; hns (T,B,H) W_hn h + b_hn; hs (T+1,B,H).
     """
-    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
     hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh))
@@ -557,12 +605,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         bias_hn = np.ascontiguousarray(b_hh[2 * H:])
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
-                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16, training)
+                  bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16, training,
+                 ids_in)
     cache = None
     if training:
         cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns,
-                      bf16=bf16)
+                      bf16=bf16, ids_in=ids_in)
     return y, h_n, cache
 
 
@@ -580,7 +629,8 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     _run_backward(sched, T, cache.reverse, cache.bf16, bool(accumulate and out is not None),
                   CELL_GRU, dx, dh0, None, dw_ih, dw_hh, None, dgx, dgh, None, dy,
                   dh_n, None, cache.hns, None, cache.y, cache.h0, None, cache.x,
-                  _h_prev(cache), cache.w_ih, cache.w_hh, None)
+                  _h_prev(cache), cache.w_ih, cache.w_hh, None, dtable=dx, ids_in=cache.ids_in)
+    dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     _fix_reverse_first_step(dw_hh, dgh, cache)
     db_ih = db_hh = None
     if cache.has_bias:

@@ -94,6 +94,7 @@ class RNNLanguageModel(Module):
             self._weight_drop = WeightDrop(self.rnn, names, self.weight_drop, rng=s_wd)
         self.drop_out = drop(self.dropout, rng=s_d2)
         self.decoder = Linear(self.hidden_size, self.vocab_size, dtype=self.dtype, rng=s_dec)
+        self._by_id = False   # the last forward's first layer read the embeddings by id
 
     # -- configuration ----------------------------------------------------------
     def config(self):
@@ -163,14 +164,25 @@ class RNNLanguageModel(Module):
             self._weight_drop.set_rng_state(states["weight_drop"])
 
     # -- compute ---------------------------------------------------------------------
+    def _embeddings_by_id(self):
+        """Training with no dropout on the embeddings: the first layer reads the
+        embedding table by id (x_ids), which spares its input-projection products for
+        a small vocabulary (fastrnn/_ids_input.py)."""
+        return self.training and self.drop_in.p == 0.0
+
     def forward(self, x, state=None):
         """x: (T, B) int ids. Returns logits (T, B, V) and the final state."""
         x = np.asarray(x)
         if x.ndim != 2:
             raise ValueError(f"x: expected (T, B) token ids, got shape {x.shape}")
-        emb = self.drop_in(self.encoder(x))                     # (T, B, E)
         rnn = self.rnn if self._weight_drop is None else self._weight_drop
-        out, state = rnn(emb, state)                            # (T, B, H)
+        self._by_id = self._embeddings_by_id()
+        if self._by_id:
+            ids = self.encoder._check(x)                        # (T, B)
+            out, state = rnn(self.encoder.weight.data, state, x_ids=ids)   # (T, B, H)
+        else:
+            emb = self.drop_in(self.encoder(x))                 # (T, B, E)
+            out, state = rnn(emb, state)                        # (T, B, H)
         logits = self.decoder(self.drop_out(out))               # (T, B, V)
         return logits, state
 
@@ -180,6 +192,9 @@ class RNNLanguageModel(Module):
         (truncated BPTT). Returns the gradient of the initial state."""
         dout = self.drop_out.backward(self.decoder.backward(dlogits))
         rnn = self.rnn if self._weight_drop is None else self._weight_drop
-        demb, dstate0 = rnn.backward(dout, dstate)
-        self.encoder.backward(self.drop_in.backward(demb))
+        dx, dstate0 = rnn.backward(dout, dstate)
+        if self._by_id:
+            self.encoder.backward_table(dx)                     # (V, E)
+        else:
+            self.encoder.backward(self.drop_in.backward(dx))    # (T, B, E)
         return dstate0

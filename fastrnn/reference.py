@@ -47,6 +47,11 @@ consuming ``x[t]``; padded outputs are 0 and ``h_n``/``c_n`` is the state
 after each sequence's final step. This matches torch's packed sequences, and
 ``reverse=True`` matches the reverse half of a bidirectional torch layer.
 
+``x_ids`` (T, B) ints: ``x`` is then a table (V, I) and step t of sequence b
+reads row ``x[x_ids[t, b]]`` (an embedding table and token ids); the call is
+the one on ``x[x_ids]``, and backward's ``dx`` is the gradient of the table
+(V, I), the rows of each id summed.
+
 Backward functions take the gradient of a scalar loss with respect to ``y``
 (``dy``, padded entries ignored) and to the final state(s) (None means zero),
 and return fresh arrays. All arithmetic is done in the dtype of the inputs
@@ -60,7 +65,8 @@ backward consumes; ``training=False`` returns ``cache = None``. The cache holds
 per-step intermediates laid out like ``y``, indexed by time t, zero at padded
 steps. Keys common to all cells:
 
-    "x"        (T, B, I)   the input
+    "x"        (T, B, I)   the input (x[x_ids] when x_ids was given)
+    "by_id"    None, or (x_ids, V): backward sums dx by id into (V, I)
     "w_ih"     (G*H, I)    input weights
     "w_hh"     (G*H, H)    recurrent weights
     "b_ih"     (G*H,) or None
@@ -155,6 +161,25 @@ _RNN_ACTIVATIONS = {
 # Elman RNN
 # --------------------------------------------------------------------------
 
+def _rows_by_id(x, x_ids):
+    """x given as a table (V, I) and x_ids (T, B): the input x[x_ids] (T, B, I), and
+    what backward needs to sum dx back into the table's rows; else x as it is."""
+    if x_ids is None:
+        return x, None
+    x_ids = np.asarray(x_ids)
+    return x[x_ids], (x_ids, x.shape[0])
+
+
+def _gradient_by_id(dx, cache):
+    """dx (T, B, I), or with x given by ids its rows summed by id into (V, I)."""
+    if cache["by_id"] is None:
+        return dx
+    x_ids, V = cache["by_id"]
+    table = np.zeros((V, dx.shape[2]), dx.dtype)
+    np.add.at(table, x_ids, dx)
+    return table
+
+
 def _into(out, y, training):
     """y, or `out` holding it: a forward's `out` (inference only), as functional's."""
     if out is None:
@@ -167,7 +192,7 @@ def _into(out, y, training):
 
 
 def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None,
-                reverse=False, training=True, bf16=False, out=None):
+                reverse=False, training=True, bf16=False, out=None, x_ids=None):
     """Single-layer, single-direction Elman RNN.
 
     x (T, B, I); h0 (B, H) or None; w_ih (H, I); w_hh (H, H);
@@ -175,6 +200,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     Returns y (T, B, H), h_n (B, H), cache (dict, or None if not training).
     """
     activation, _ = _RNN_ACTIVATIONS[nonlinearity]
+    x, by_id = _rows_by_id(x, x_ids)
     dtype = _check_dtypes(x, h0, w_ih, w_hh, b_ih, b_hh)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -199,7 +225,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "nonlinearity": nonlinearity,
-                 "bf16": bf16,
+                 "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "h": y.copy()}
     return _into(out, y, training), h, cache
 
@@ -253,7 +279,7 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
     dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
-    return dx, dh, dw_ih, dw_hh, db_ih, db_hh
+    return _gradient_by_id(dx, cache), dh, dw_ih, dw_hh, db_ih, db_hh
 
 
 # --------------------------------------------------------------------------
@@ -261,13 +287,14 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
-                 training=True, bf16=False, out=None):
+                 training=True, bf16=False, out=None, x_ids=None):
     """Single-layer, single-direction LSTM (gates i, f, g, o).
 
     x (T, B, I); h0, c0 (B, H) or None; w_ih (4H, I); w_hh (4H, H);
     b_ih, b_hh (4H,) or both None; lengths (B,) ints or None.
     Returns y (T, B, H), h_n (B, H), c_n (B, H), cache (dict or None).
     """
+    x, by_id = _rows_by_id(x, x_ids)
     dtype = _check_dtypes(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -305,7 +332,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     cache = None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                 "lengths": lengths, "reverse": reverse, "bf16": bf16,
+                 "lengths": lengths, "reverse": reverse, "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "c_prev": c_prev, "gates": gates, "c": c_out}
     return _into(out, y, training), h, c, cache
 
@@ -362,7 +389,7 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 
     db_ih, db_hh = (db, db.copy()) if has_bias else (None, None)
     dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
-    return dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh
+    return _gradient_by_id(dx, cache), dh, dc, dw_ih, dw_hh, db_ih, db_hh
 
 
 
@@ -481,13 +508,14 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                bf16=False, out=None):
+                bf16=False, out=None, x_ids=None):
     """Single-layer, single-direction GRU (gates r, z, n; linear before reset).
 
     x (T, B, I); h0 (B, H) or None; w_ih (3H, I); w_hh (3H, H);
     b_ih, b_hh (3H,) or both None; lengths (B,) ints or None.
     Returns y (T, B, H), h_n (B, H), cache (dict or None).
     """
+    x, by_id = _rows_by_id(x, x_ids)
     dtype = _check_dtypes(x, h0, w_ih, w_hh, b_ih, b_hh)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -522,7 +550,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     cache = None
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
-                 "lengths": lengths, "reverse": reverse, "bf16": bf16,
+                 "lengths": lengths, "reverse": reverse, "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "gates": gates, "hn": hn_all}
     return _into(out, y, training), h, cache
 
@@ -576,7 +604,7 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     if not has_bias:
         db_ih = db_hh = None
     dw_ih, dw_hh = _weight_grads_into(out, accumulate, dw_ih, dw_hh)
-    return dx, dh, dw_ih, dw_hh, db_ih, db_hh
+    return _gradient_by_id(dx, cache), dh, dw_ih, dw_hh, db_ih, db_hh
 
 
 # --------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 #
 #     dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev
 #
+# or, when forward took the input projections from a table by id (x_ids),
+# dtable[id] = sum of dgx's rows with that id (rows_scatter_add) in place of the first two.
+#
 # over the (t, b) rows that exist: with variable lengths, padded steps are left
 # out of all three (their dx rows are the caller's zeros), so training costs
 # about the sum of the lengths.
@@ -18,6 +21,7 @@
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
 from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free, task_rows
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
@@ -197,3 +201,34 @@ cdef inline int weight_gradient(
                                       1 if accumulate else 0)
     free(a_rows); free(in_rows); scratch_free(in_t)
     return status
+
+
+DEF SCATTER_COLUMNS = 256   # columns per task of rows_scatter_add (1 KB of float a row)
+
+
+cdef inline int rows_scatter_add(
+        floating *out,              # OUT (V_out, N) := zeros, then the sums
+        Py_ssize_t V_out,
+        const floating *src,        # IN  (TB, N)
+        const Py_ssize_t *ids,      # IN  (TB,) row of `out` each row of src adds into, in [0, V_out)
+        const Py_ssize_t *valid,    # IN  (V,) the rows of src that exist, ascending; NULL: all
+        Py_ssize_t V, Py_ssize_t N, int n_threads) noexcept nogil:
+    """out[ids[r]] += src[r] over the V rows r in `valid`, out zeroed first.
+
+    Tasks own blocks of columns and add the rows in ascending order, so every sum is
+    taken in the same order for any thread count. Returns 0."""
+    cdef Py_ssize_t nblk = (N + SCATTER_COLUMNS - 1) // SCATTER_COLUMNS, blk, c0, n, i, r, j
+    cdef floating *o
+    cdef const floating *s
+    for blk in prange(nblk, schedule='static', num_threads=n_threads):
+        c0 = blk * SCATTER_COLUMNS
+        n = min(N, c0 + SCATTER_COLUMNS) - c0
+        for i in range(V_out):
+            memset(out + i * N + c0, 0, n * sizeof(floating))
+        for i in range(V):
+            r = valid[i] if valid != NULL else i
+            o = out + ids[r] * N + c0
+            s = src + r * N + c0
+            for j in range(n):
+                o[j] += s[j]
+    return 0

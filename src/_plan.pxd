@@ -27,7 +27,8 @@ cdef struct Plan:
     const void *bias            # (G*H,) b_ih + b_hh (GRU: b_in for n), or NULL
     const void *bias_h          # (H,) GRU's b_hn, or NULL
     # forward
-    const void *x               # (T, B, I)
+    const void *x               # (T, B, I); with x_ids a table (V, G*H) of input projections
+    const Py_ssize_t *x_ids     # (T, B) row of the table x each step reads, or NULL
     const void *h0              # (B, O) or NULL for zeros
     const void *c0              # (B, H) LSTM, or NULL for zeros
     void *y                     # (T, B, O) h_t at valid steps (padded steps untouched)

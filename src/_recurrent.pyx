@@ -30,7 +30,7 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
                     bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
-from _gradients cimport input_and_weight_gradients, weight_gradient
+from _gradients cimport input_and_weight_gradients, weight_gradient, rows_scatter_add
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
                           slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
                           pack_cache_stats, weights_digest, PackLayout, PACK_GATE_SLICES,
@@ -89,6 +89,19 @@ cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floa
             gemm_rows(M, hk, K, A, NULL, w + (g * p.H + j0) * K, K, Cg, beta)
 
 
+cdef inline void gather_gate_rows(const Plan *p, Py_ssize_t M, const floating **A,
+                                  Py_ssize_t j0, Py_ssize_t hk, floating **C) noexcept nogil:
+    """C[i][g*hk + j] := A[i][g*H + j0 + j] for g < G, j < hk, i < M: this thread's units
+    of rows of a table of input projections (p.x_ids), in place of gate_gemm's product."""
+    cdef Py_ssize_t g, i, G = p.G, H = p.H
+    for i in range(M):
+        if hk == H:
+            memcpy(C[i], A[i], G * H * sizeof(floating))
+        else:
+            for g in range(G):
+                memcpy(C[i] + g * hk, A[i] + g * H + j0, hk * sizeof(floating))
+
+
 cdef void forward_thread(
         floating *y,                # OUT (T, B, H), = p.y (gives the type)
         const Plan *p,
@@ -121,7 +134,8 @@ cdef void forward_thread(
     cdef floating *gates = <floating *> p.gates           # (T, B, G*H) or NULL
     cdef floating *aux = <floating *> p.aux               # (T, B, H) or NULL
     cdef floating *hr = <floating *> p.hr                 # (T, B, H) or NULL
-    cdef const floating *x = <const floating *> p.x       # (T, B, I)
+    cdef const floating *x = <const floating *> p.x       # (T, B, I), or (V, G*H) by x_ids
+    cdef const Py_ssize_t *x_ids = p.x_ids                 # (T, B) or NULL
     cdef const floating *h0 = <const floating *> p.h0     # (B, H) or NULL
     cdef const floating *c0 = <const floating *> p.c0     # (B, H) or NULL
     cdef const floating *bias = <const floating *> p.bias
@@ -201,15 +215,16 @@ cdef void forward_thread(
     s0 = 0
     while s0 < maxlen:
         s1 = min(s0 + tb, maxlen)
-        # Input projection for steps [s0, s1): one GEMM over all running rows,
-        # into the rows where each step's pre-activation a_t is then built.
+        # Input projection for steps [s0, s1): one GEMM over all running rows (or,
+        # with x_ids, rows of the table of projections), into the rows where each
+        # step's pre-activation a_t is then built.
         m = 0
         for s in range(s0, s1):
             nact = n_active(order + r0, nrows, lengths, s)
             for r in range(nact):
                 b = order[r0 + r]
                 row = time_index(s, lengths[b], reverse) * B + b
-                src[m] = x + row * I
+                src[m] = x + row * I if x_ids == NULL else x + x_ids[row] * G * H
                 if in_y:
                     dst[m] = y + row * ldy + j0
                 elif in_gates:
@@ -217,8 +232,11 @@ cdef void forward_thread(
                 else:
                     dst[m] = gxb + ((s - s0) * nrows + r) * GK
                 m = m + 1
-        gate_gemm(p, m, I, src, w_ih_k, w_ih_b, <const floating *> p.w_ih, j0, hk, dst, scratch,
-                  0, bwork)
+        if x_ids != NULL:
+            gather_gate_rows(p, m, src, j0, hk, dst)
+        else:
+            gate_gemm(p, m, I, src, w_ih_k, w_ih_b, <const floating *> p.w_ih, j0, hk, dst,
+                      scratch, 0, bwork)
         # Recurrence: h_{t-1} W_hh^T, added into a_t (or apart, GRU), then one fused pass.
         m = 0   # step s's rows start at dst[m]
         for s in range(s0, s1):
@@ -648,11 +666,17 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             const floating[:, ::1] w_hr, floating[:, :, ::1] hr,
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
-            int n_threads, bint by_units, bint bf16=False, bint cache_weights=False):
+            int n_threads, bint by_units, bint bf16=False, bint cache_weights=False,
+            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split). y's
     rows are contiguous and evenly spaced, not necessarily adjacent (p.ldy).
+
+    x_ids (T, B) with x_table (V, G*H) instead of x: step t of row b takes its
+    input projection x W_ih^T from row x_ids[t, b] of the table (the caller
+    computed it once for every row of an embedding table, and checked the ids);
+    w_ih is then not read. Not with bf16 or a projection.
 
     by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
     hidden units; by_units=True: every thread takes all rows and its own hidden
@@ -667,7 +691,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     call on one thread.
     """
     cdef Plan p
-    cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = x.shape[2]
+    cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = w_ih.shape[1]
     cdef int nslices = n_threads if by_units else 1
     cdef int nchunks = 1 if by_units else <int> (bounds.shape[0] - 1)
     cdef int team = nslices * nchunks
@@ -683,8 +707,12 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef bint short_team = False, pooled = False, pool_busy = False
     cdef ForwardTeam ctx
     cdef int pack_threads = n_threads
+    if x_ids is not None and (bf16 or w_hr is not None or x_table is None
+                              or x_table.shape[1] != G * H):
+        free(fail)
+        raise ValueError("x_ids: needs x_table (V, G*H), and neither bf16 nor a projection")
     memset(&p, 0, sizeof(Plan))
-    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, x.shape[0], x.shape[1], I, H, h_n.shape[1]
+    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
     p.reverse, p.lengths, p.order = reverse, &lengths[0], &order[0]
     p.nslices, p.pack_ih, p.pack_hh = nslices, pack_ih, pack_hh
@@ -695,6 +723,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         pack_ih = pack_hh = p.pack_ih = p.pack_hh = False
     p.w_ih, p.w_hh, p.bias, p.bias_h = p_ih, p_hh, vptr1(bias), vptr1(bias_h)
     p.x, p.h0, p.c0 = vptr3(x), vptr2(h0), vptr2(c0)
+    if x_ids is not None:   # the table's rows replace the input projection's product
+        p.x, p.x_ids = vptr2(x_table), &x_ids[0, 0]
+        pack_ih = p.pack_ih = False
     p.y, p.h_n, p.c_n, p.gates, p.aux = &y[0, 0, 0], &h_n[0, 0], vptr2(c_n), vptr3(gates), vptr3(aux)
     p.ldy = evenly_spaced_rows(y.shape[0], y.shape[1], p.O, y.strides[0], y.strides[1],
                                sizeof(floating))
@@ -777,7 +808,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const floating[:, ::1] w_hr,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
-             int n_threads, bint by_units, bint bf16=False, bint accumulate=False):
+             int n_threads, bint by_units, bint bf16=False, bint accumulate=False,
+             const Py_ssize_t[:, ::1] x_ids=None, floating[:, ::1] dx_table=None):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -793,13 +825,16 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     three GEMMs after it on bf16 operands (bf16_gemm.h), as forward ran with bf16.
     accumulate: add into dw_ih, dw_hh (and dw_hr) instead of overwriting them,
     so a module's .grad takes the gradient with no temporary and no extra pass.
+    x_ids (T, B), as forward took its input projections from rows of a table: x, dx
+    and dw_ih are None, and dx_table (V, G*H) receives dL/d(table) instead, the sum
+    of dgx's rows by id (_gradients.pxd); not with bf16 or a projection.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), T = dy.shape[0], B = dy.shape[1], O = dy.shape[2]
     cdef Py_ssize_t H = w_ih.shape[0] // cell_gates(cell)
-    cdef Py_ssize_t I = x.shape[2], nchunks = bounds.shape[0] - 1, k
+    cdef Py_ssize_t I = w_ih.shape[1], nchunks = bounds.shape[0] - 1, k
     cdef const Py_ssize_t *p_valid = &valid[0] if valid is not None else NULL
     cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
     cdef floating *packed_hhT = NULL
@@ -811,6 +846,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef floating *dh = NULL
     cdef floating *dc = NULL
     cdef int *fail = NULL
+    if x_ids is not None and (bf16 or w_hr is not None or dx_table is None
+                              or dx_table.shape[1] != G * H):
+        raise ValueError("x_ids: needs dx_table (V, G*H), and neither bf16 nor a projection")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
@@ -860,7 +898,14 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             for k in prange(nchunks, schedule='static', num_threads=n_threads):
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
-        if not failed and not short_team:
+        if not failed and not short_team and x_ids is not None:
+            failed = (rows_scatter_add(&dx_table[0, 0], dx_table.shape[0], p_dgx, &x_ids[0, 0],
+                                       p_valid, V, G * H, n_threads) != 0
+                      or weight_gradient(&dw_hh[0, 0],
+                                         <floating *> p.dgh if p.dgh != NULL else p_dgx,
+                                         &h_prev[0, 0, 0], p_valid, V, G * H, O, n_threads,
+                                         accumulate) != 0)
+        elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,

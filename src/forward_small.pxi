@@ -487,6 +487,21 @@ def set_openmp_spin_window(double seconds):
     fastrnn_pool_set_openmp_window(<long long> min(seconds * 1e9, 4.0e18), True)
 
 
+def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssize_t[::1] ids,
+                 int n_threads):
+    """out := 0, then out[ids[r]] += src[r] for every row r of src, in row order for any
+    thread count (rows_scatter_add). ids must lie in [0, len(out)): the caller checks."""
+    if src.shape[0] != ids.shape[0] or src.shape[1] != out.shape[1]:
+        raise ValueError(f"scatter_rows: src ({src.shape[0]}, {src.shape[1]}), ids "
+                         f"({ids.shape[0]},) and out ({out.shape[0]}, {out.shape[1]}) "
+                         "do not match")
+    with nogil:
+        rows_scatter_add(&out[0, 0] if out.shape[0] > 0 else NULL, out.shape[0],
+                         &src[0, 0] if src.shape[0] > 0 else NULL,
+                         &ids[0] if ids.shape[0] > 0 else NULL, NULL, src.shape[0],
+                         src.shape[1], n_threads)
+
+
 def openmp_spin_window():
     """The window set_openmp_spin_window (or a test hook) set, in seconds."""
     return fastrnn_pool_openmp_window() * 1e-9

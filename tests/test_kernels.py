@@ -47,6 +47,8 @@ def run(module, cell, case, reverse, dy_seed):
     rng = np.random.default_rng(dy_seed)
     c = case
     kw = dict(lengths=c["lengths"], reverse=reverse)
+    if c.get("x_ids") is not None:   # x is a table, read by id (tests/test_ids_input.py)
+        kw["x_ids"] = c["x_ids"]
     if cell == "lstm":
         y, h_n, c_n, cache = module.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"],
                                                  c["b_ih"], c["b_hh"], **kw)

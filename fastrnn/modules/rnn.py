@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 from fastrnn import _fastpath
+from fastrnn._validate import as_ids
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, grad_targets, training_call
 
@@ -306,15 +307,29 @@ class RNNBase(Module):
         return h, c
 
     # -- forward ------------------------------------------------------------
-    def __call__(self, x, hx=None, lengths=None):
+    def __call__(self, x, hx=None, lengths=None, x_ids=None):
         # eval calls try the fast path first, registered like Module.__call__ does
-        if not self.training and lengths is None:
+        if not self.training and lengths is None and x_ids is None:
             fast = _fastpath.eval_call(self, False, x, hx)
             if fast is not None:
                 return fast
-        return Module.__call__(self, x, hx, lengths)
+        if x_ids is None:
+            return Module.__call__(self, x, hx, lengths)
+        return Module.__call__(self, x, hx, lengths, x_ids=x_ids)
 
-    def forward(self, x, hx=None, lengths=None):
+    def _check_ids_input(self, x, x_ids):
+        """x a table (V, I) and x_ids (T, B) ((B, T) if batch_first) -> (x, ids (T, B))."""
+        if self.proj_size:
+            raise ValueError("x_ids: not with proj_size; pass x[x_ids] instead")
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.input_size:
+            raise ValueError(f"x: with x_ids, expected a table (V, I = input_size = "
+                             f"{self.input_size}), got shape {x.shape}")
+        x = self._check_array("x", x, x.shape)
+        ids = as_ids("x_ids", x_ids, x.shape[0])
+        return x, (ids.T.copy() if self.batch_first else ids)
+
+    def forward(self, x, hx=None, lengths=None, x_ids=None):
         """Run the stack. Returns `out, h_n` (RNN/GRU) or `out, (h_n, c_n)` (LSTM).
 
         x: (T,B,I), or (B,T,I) with batch_first. hx: initial state(s) or None
@@ -324,13 +339,22 @@ class RNNBase(Module):
         result, padded with `pad_packed_sequence(..., total_length=T)`).
         out: (T,B,D·O) for merge_mode 'concat' ([forward | reverse]), (T,B,O)
         for 'sum'; h_n (L·D,B,O) and c_n (L·D,B,H) indexed layer*D + direction.
+        x_ids: (T,B) ints ((B,T) with batch_first): x is then a table (V,I), an
+        embedding's weights, and sequence b reads row x[x_ids[t, b]] at step t. The
+        result is forward(x[x_ids])'s; the first layer takes its input projections
+        from rows of x W_ih^T, computed once (fastrnn/_ids_input.py), and backward
+        returns the table's gradient (V,I). Not with proj_size.
         """
-        if not self.training and lengths is None:
+        if not self.training and lengths is None and x_ids is None:
             fast = _fastpath.layer_forward(self, x, hx)     # None: the call does not qualify
             if fast is not None:                            # (a direct .forward() call)
                 return fast
-        x = self._check_input(x)                             # (T, B, I)
-        T, B, _ = x.shape
+        if x_ids is None:
+            x = self._check_input(x)                         # (T, B, I)
+            T, B, _ = x.shape
+        else:
+            x, x_ids = self._check_ids_input(x, x_ids)       # (V, I), (T, B)
+            T, B = x_ids.shape
         h0, c0 = self._check_state("hx", hx, B)
         if lengths is not None:
             lengths = check_lengths(lengths, T, B)           # (B,)
@@ -348,13 +372,15 @@ class RNNBase(Module):
         halves = D == 2 and not keep and self.merge_mode == "concat"
         for k in range(self.num_layers):
             joined = np.empty((T, B, D * O), self.dtype) if halves else None  # (T, B, 2·O)
+            by_id = {"x_ids": x_ids} if k == 0 and x_ids is not None else {}
 
-            def direction(d, layer_in=layer_in, k=k, joined=joined):
+            def direction(d, layer_in=layer_in, k=k, joined=joined, by_id=by_id):
                 idx = k * D + d
                 return self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
                     self._weights(idx), lengths, bool(d), keep,
-                    None if joined is None else joined[:, :, d * O:(d + 1) * O])  # y (T, B, O), ...
+                    None if joined is None else joined[:, :, d * O:(d + 1) * O],
+                    **by_id)                                            # y (T, B, O), ...
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
@@ -385,7 +411,8 @@ class RNNBase(Module):
             # a view of the kernel's saved states: the caller may edit `out` in place
             out = out.copy()
         if keep:
-            self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B)
+            self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B,
+                               by_id=x_ids is not None)
             self._set_train_owner(True)
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
 
@@ -405,7 +432,8 @@ class RNNBase(Module):
         dout: gradient of `out` (same shape and layout), None for zeros.
         dstate: gradient of the final state, None for zeros: dh_n (RNN/GRU) or
         (dh_n, dc_n) (LSTM; either may be None).
-        Returns `dx, dh0` (RNN/GRU) or `dx, (dh0, dc0)` (LSTM); dx has x's layout.
+        Returns `dx, dh0` (RNN/GRU) or `dx, (dh0, dc0)` (LSTM); dx has x's layout
+        (with x_ids: the table's gradient, (V, I)).
         Consumes the cache: run forward again before another backward.
         """
         cache = self._cache
@@ -451,8 +479,8 @@ class RNNBase(Module):
                 # both directions read the same input, so their input gradients add
                 dx_layer = dx if dx_layer is None else dx_layer + dx
             dlayer = dx_layer                                           # (T, B, I or D·O)
-        dx = dlayer.transpose(1, 0, 2) if self.batch_first else dlayer
-        dx = np.ascontiguousarray(dx)
+        dx = dlayer.transpose(1, 0, 2) if self.batch_first and not cache["by_id"] else dlayer
+        dx = np.ascontiguousarray(dx)                       # x's layout, or the table's (V, I)
         return (dx, (dh0, dc0)) if self.mode == "LSTM" else (dx, dh0)
 
     def _weight_params(self, idx):
@@ -478,9 +506,10 @@ class RNNBase(Module):
         return 2 * B * G * H * O + 2 * B * O * H * (O != H)
 
     # -- one layer, one direction (overridden per cell type) -----------------
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache. out: None, or where y
-        goes at inference (the functional forward's `out`)."""
+        goes at inference (the functional forward's `out`); x_ids: the functional
+        forward's (x a table)."""
         raise NotImplementedError
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -506,9 +535,10 @@ class RNN(RNNBase):
     def _extra_config(self):
         return {"nonlinearity": self.nonlinearity}
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         y, h_n, cache = F.rnn_forward(x, h0, *w, nonlinearity=self.nonlinearity,
-                                      lengths=lengths, reverse=reverse, training=keep, out=out)
+                                      lengths=lengths, reverse=reverse, training=keep, out=out,
+                                      x_ids=x_ids)
         return y, h_n, None, cache
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -529,9 +559,9 @@ class GRU(RNNBase):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, dtype, seed, merge_mode)
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         y, h_n, cache = F.gru_forward(x, h0, *w, lengths=lengths, reverse=reverse,
-                                      training=keep, out=out)
+                                      training=keep, out=out, x_ids=x_ids)
         return y, h_n, None, cache
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -560,12 +590,12 @@ class LSTM(RNNBase):
     def _extra_config(self):
         return {"proj_size": self.proj_size}
 
-    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None):
+    def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         if self.proj_size:
             return F.lstmp_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse,
                                    training=keep, out=out)
         return F.lstm_forward(x, h0, c0, *w, lengths=lengths, reverse=reverse, training=keep,
-                              out=out)
+                              out=out, x_ids=x_ids)
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
         if self.proj_size:

@@ -81,6 +81,18 @@ class Embedding(Module):
             self.weight.grad[self.padding_idx] = 0
         return None
 
+    def backward_table(self, dweight):
+        """Accumulate a gradient of the whole table (num_embeddings, embedding_dim)
+        into ``weight.grad`` (the padding row excepted): for a layer that read the
+        table by id itself (the recurrent layers' x_ids)."""
+        dweight = np.asarray(dweight, dtype=self.weight.data.dtype)
+        if dweight.shape != self.weight.data.shape:
+            raise ValueError(f"Embedding.backward_table: expected shape "
+                             f"{self.weight.data.shape}, got {dweight.shape}")
+        self.weight.grad += dweight
+        if self.padding_idx is not None:
+            self.weight.grad[self.padding_idx] = 0
+
     def extra_repr(self):
         s = f"{self.num_embeddings}, {self.embedding_dim}"
         if self.padding_idx is not None:
