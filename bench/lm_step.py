@@ -58,9 +58,9 @@ def main(argv=None):
             t = [time.perf_counter()]
             m.train()
             m.zero_grad()
-            by_id = m._embeddings_by_id() and not args.gathered    # as RNNLanguageModel does
+            by_id = m._embeddings_by_id(*chunk.x.shape) and not args.gathered    # as RNNLanguageModel does
             if by_id:
-                ids = m.encoder._check(chunk.x); t.append(time.perf_counter())
+                ids = m.encoder._check(chunk.x).astype(np.intp); t.append(time.perf_counter())
                 out, state = m.rnn(m.encoder.weight.data, state, x_ids=ids)
             else:
                 emb = m.drop_in(m.encoder(chunk.x)); t.append(time.perf_counter())

@@ -104,7 +104,7 @@ def config():
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
         "pack_cache": _recurrent._pack_cache_enabled(),
         "eval_pool_workers": _recurrent.pool_stats()["workers"],
-        "openmp_spin_window_ms": _openmp_spin_window * 1e3,
+        "openmp_spin_window_ms": _openmp_spin_window_ms(),
     }
 
 
@@ -136,6 +136,12 @@ def show_config():
               f"({lib['num_threads']} threads)")
 
 
+def _openmp_spin_window_ms():
+    """The pool's window after an OpenMP team now, in ms (inf: always)."""
+    seconds = _recurrent.openmp_spin_window()
+    return float("inf") if seconds >= 1e9 else seconds * 1e3
+
+
 def _init_pack_cache():
     """FASTRNN_PACK_CACHE=0: eval calls do not keep their packed weights (for a
     process that must not hold the extra copies; release_memory())."""
@@ -147,4 +153,4 @@ def _init_pack_cache():
 
 set_num_threads(_default_threads())
 _init_pack_cache()
-_openmp_spin_window = _openmp_wait.configure()
+_openmp_wait.configure()

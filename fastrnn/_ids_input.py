@@ -62,7 +62,7 @@ def gradient(ids_in, dx_rows, dtable, w_ih, dw_ih, accumulate, n_threads):
     V, I = x.shape
     dx = np.empty((V, I), x.dtype)
     if not ids_in.fused:
-        _recurrent.scatter_rows(dx, dx_rows.reshape(-1, I), ids.reshape(-1), n_threads)
+        _recurrent.scatter_rows(dx, dx_rows.reshape(ids.size, I), ids.reshape(-1), n_threads)
         return dx
     dw_t = np.empty((I, w_ih.shape[0]), x.dtype)                  # dW_ih^T (I, G*H)
     _dense.backward(dx, dw_t, dtable, x, w_ih, n_threads)

@@ -9,7 +9,9 @@ at import, from the same settings libgomp reads (GCC's libgomp manual,
 "GOMP_SPINCOUNT" and "OMP_WAIT_POLICY"):
 
 - GOMP_SPINCOUNT: rounds of the busy-wait loop before a waiting thread sleeps;
-  an integer with an optional k/M/G/T factor, or INFINITE / INFINITY.
+  an integer with an optional k/M/G/T factor, or INFINITE / INFINITY. (libgomp
+  since GCC 13 also reads OMP_WAIT_POLICY_ALL, and may adjust its default count;
+  neither is modelled.)
 - Unset, the count follows OMP_WAIT_POLICY: 0 for PASSIVE, 300,000 when it is
   unset, 30 billion for ACTIVE.
 
@@ -30,21 +32,29 @@ from fastrnn import _recurrent
 DEFAULT_SPINS = 300_000          # OMP_WAIT_POLICY unset
 ACTIVE_SPINS = 30_000_000_000    # OMP_WAIT_POLICY=ACTIVE
 MARGIN = 1.1                     # the window is this much longer than the rounds' time
-_FACTORS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_FACTORS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def spin_count(environ=None):
     """Rounds libgomp's waiting workers spin before they sleep (math.inf: never sleep).
 
-    A value libgomp would not parse is ignored, as libgomp ignores it (with a warning
-    of its own): the count then follows OMP_WAIT_POLICY."""
+    Parsed as libgomp parses it (strtoull, then a k/M/G/T factor in either case): a
+    negative count wraps to some 2**64 rounds, i.e. never sleep. A value libgomp
+    would not take (no digits, other text, above 2**64) is ignored, as libgomp
+    ignores it: the count then follows OMP_WAIT_POLICY."""
     env = os.environ if environ is None else environ
     raw = env.get("GOMP_SPINCOUNT", "").strip()
     if raw.upper() in ("INFINITE", "INFINITY"):
         return math.inf
-    m = re.fullmatch(r"(\d+)\s*([kMGT]?)", raw)
+    m = re.fullmatch(r"([+-]?)(\d+)\s*([kKmMgGtT]?)", raw)
     if m:
-        return int(m.group(1)) * _FACTORS[m.group(2)]
+        count = int(m.group(2))
+        if count >= 2**64:
+            pass                                     # out of range: libgomp ignores it
+        elif m.group(1) == "-" and count:
+            return math.inf
+        else:
+            return count * _FACTORS[m.group(3).lower()]
     policy = env.get("OMP_WAIT_POLICY", "").strip().upper()
     if policy == "PASSIVE":
         return 0

@@ -21,8 +21,10 @@ output with no copy); y is then `out` itself.
 `x_ids` (T, B) ints (not for lstmp): x is then a table (V, I), such as an
 embedding's weights, and step t of sequence b reads row x[x_ids[t, b]]; the
 result is the call on x[x_ids], and backward's dx is the table's gradient
-(V, I). When V <= T*B the input projection is taken once per table row and
-the time loop copies rows of it (fastrnn/_ids_input.py).
+(V, I). When V <= T*B (and the products are not bf16) the input projection is
+taken once per table row and the time loop copies rows of it; else x[x_ids]
+is gathered (fastrnn/_ids_input.py). Every id must be a row of x, padded
+steps' too.
 
 A backward's `out` takes arrays for the weight gradients (dw_ih, dw_hh[, dw_hr]):
 the kernel writes them there, or adds into them with accumulate=True (how a

@@ -11,6 +11,7 @@ Shapes (time-major): ids x (T, B) -> logits (T, B, V). The recurrent state is
 
 import numpy as np
 
+from fastrnn import _precision
 from fastrnn.modules.module import Module
 from fastrnn.modules.rnn import GRU, LSTM, RNN
 from fastrnn.nn import Dropout, Embedding, Linear, LockedDropout, WeightDrop
@@ -164,11 +165,14 @@ class RNNLanguageModel(Module):
             self._weight_drop.set_rng_state(states["weight_drop"])
 
     # -- compute ---------------------------------------------------------------------
-    def _embeddings_by_id(self):
-        """Training with no dropout on the embeddings: the first layer reads the
-        embedding table by id (x_ids), which spares its input-projection products for
-        a small vocabulary (fastrnn/_ids_input.py)."""
-        return self.training and self.drop_in.p == 0.0
+    def _embeddings_by_id(self, T, B):
+        """Training with no dropout on the embeddings, a vocabulary of at most T*B rows
+        and float products: the first layer reads the embedding table by id (x_ids)
+        and takes its input projections from rows of x W_ih^T (fastrnn/_ids_input.py).
+        (A larger vocabulary would gather rows and sum a dense table gradient: slower
+        than the embedding's own backward, which touches only the rows used.)"""
+        return (self.training and self.drop_in.p == 0.0 and self.vocab_size <= T * B
+                and not _precision.bf16_products(self.dtype))
 
     def forward(self, x, state=None):
         """x: (T, B) int ids. Returns logits (T, B, V) and the final state."""
@@ -176,9 +180,9 @@ class RNNLanguageModel(Module):
         if x.ndim != 2:
             raise ValueError(f"x: expected (T, B) token ids, got shape {x.shape}")
         rnn = self.rnn if self._weight_drop is None else self._weight_drop
-        self._by_id = self._embeddings_by_id()
+        self._by_id = self._embeddings_by_id(*x.shape)
         if self._by_id:
-            ids = self.encoder._check(x)                        # (T, B)
+            ids = self.encoder._check(x).astype(np.intp, copy=False)   # (T, B)
             out, state = rnn(self.encoder.weight.data, state, x_ids=ids)   # (T, B, H)
         else:
             emb = self.drop_in(self.encoder(x))                 # (T, B, E)

@@ -708,9 +708,11 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef ForwardTeam ctx
     cdef int pack_threads = n_threads
     if x_ids is not None and (bf16 or w_hr is not None or x_table is None
-                              or x_table.shape[1] != G * H):
+                              or x_table.shape[1] != G * H or x_ids.shape[0] != y.shape[0]
+                              or x_ids.shape[1] != y.shape[1]):
         free(fail)
-        raise ValueError("x_ids: needs x_table (V, G*H), and neither bf16 nor a projection")
+        raise ValueError("x_ids: needs shape (T, B) and x_table (V, G*H), and neither bf16 "
+                         "nor a projection")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -825,9 +827,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     three GEMMs after it on bf16 operands (bf16_gemm.h), as forward ran with bf16.
     accumulate: add into dw_ih, dw_hh (and dw_hr) instead of overwriting them,
     so a module's .grad takes the gradient with no temporary and no extra pass.
-    x_ids (T, B), as forward took its input projections from rows of a table: x, dx
-    and dw_ih are None, and dx_table (V, G*H) receives dL/d(table) instead, the sum
-    of dgx's rows by id (_gradients.pxd); not with bf16 or a projection.
+    x_ids (T, B), as forward took its input projections from rows of a table: x and
+    dw_ih are None, dx an empty array of the call's dtype (it selects the typed
+    kernel), and dx_table (V, G*H) receives dL/d(table) instead, the sum of dgx's
+    rows by id (_gradients.pxd); not with bf16 or a projection. The caller checked
+    the ids lie in [0, V).
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -847,8 +851,10 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef floating *dc = NULL
     cdef int *fail = NULL
     if x_ids is not None and (bf16 or w_hr is not None or dx_table is None
-                              or dx_table.shape[1] != G * H):
-        raise ValueError("x_ids: needs dx_table (V, G*H), and neither bf16 nor a projection")
+                              or dx_table.shape[1] != G * H or x_ids.shape[0] != T
+                              or x_ids.shape[1] != B):
+        raise ValueError("x_ids: needs shape (T, B) and dx_table (V, G*H), and neither bf16 "
+                         "nor a projection")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)

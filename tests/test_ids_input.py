@@ -92,11 +92,14 @@ def test_reference_table_gradient_matches_finite_differences():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-@pytest.mark.parametrize("by_units", [False, True], ids=["rows", "units"])
-def test_ids_input_bitwise_the_same_for_any_thread_count(cell, by_units, monkeypatch):
-    T, B = (20, 2) if by_units else (6, 30)        # small batches split hidden units
-    case = with_ids(make_case(cell, np.float32, (T, B, 16, 48), True, True, True, seed=1),
-                    V=11, seed=2)
+@pytest.mark.parametrize("split", ["rows", "units", "gathered"])
+def test_ids_input_bitwise_the_same_for_any_thread_count(cell, split):
+    """G*H above the scatter's 256-column block (several tasks), a table big enough
+    for the table products to take threads; "gathered": V > T*B."""
+    T, B = (20, 2) if split == "units" else (6, 30)    # small batches split hidden units
+    V = T * B + 5 if split == "gathered" else 37
+    case = with_ids(make_case(cell, np.float32, (T, B, 96, 300), True, True, True, seed=1),
+                    V=V, seed=2)
     results = []
     before = fastrnn.get_num_threads()
     try:
@@ -180,16 +183,17 @@ def test_module_with_ids_errors():
         gru(np.zeros((2, 3, 4), np.float32), x_ids=np.zeros((2, 3), int))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell):
+@pytest.mark.parametrize("cell, weight_drop", [("lstm", 0.0), ("gru", 0.0), ("rnn_tanh", 0.0),
+                                               ("lstm", 0.3)])
+def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell, weight_drop):
     """Training without embedding dropout takes the by-id path; its loss, gradients
     and state match the model's gathered path (dropout 0 either way) in float64."""
     V, T, B = 13, 9, 4
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (T, B))
-    models = [RNNLanguageModel(V, 5, 7, num_layers=2, cell=cell, dtype=np.float64, seed=1)
-              for _ in range(2)]
-    models[1]._embeddings_by_id = lambda: False             # the gathered path
+    models = [RNNLanguageModel(V, 5, 7, num_layers=2, cell=cell, dtype=np.float64, seed=1,
+                               weight_drop=weight_drop) for _ in range(2)]
+    models[1]._embeddings_by_id = lambda T, B: False        # the gathered path
     results = []
     for m in models:
         m.train()
@@ -199,8 +203,26 @@ def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell):
     assert models[0]._by_id and not models[1]._by_id
     (la, sa, da, ga), (lb, sb, db, gb) = results
     np.testing.assert_allclose(la, lb, rtol=1e-12)
+    flat = lambda s: list(s) if isinstance(s, tuple) else [s]      # noqa: E731
+    for u, v in zip(flat(sa) + flat(da), flat(sb) + flat(db)):
+        np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-13)
     for u, v in zip(ga, gb):
         np.testing.assert_allclose(u, v, rtol=1e-10, atol=1e-13)
     models[0].eval()
     models[0](x)
     assert not models[0]._by_id                              # eval keeps the gathered path
+    models[0].train()
+    models[0](x[:1, :2])                                     # V = 13 > T*B = 2 rows
+    assert not models[0]._by_id
+
+
+def test_scatter_rows_checks_its_ids_and_shapes():
+    from fastrnn import _recurrent
+    out = np.empty((3, 4))
+    src = np.ones((5, 4))
+    _recurrent.scatter_rows(out, src, np.array([0, 2, 2, 0, 2], np.intp), 2)
+    np.testing.assert_array_equal(out, [[2] * 4, [0] * 4, [3] * 4])
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 3\), got 3"):
+        _recurrent.scatter_rows(out, src, np.array([0, 1, 3, 0, 0], np.intp), 2)
+    with pytest.raises(ValueError, match="do not match"):
+        _recurrent.scatter_rows(out, src, np.zeros(4, np.intp), 2)

@@ -29,7 +29,11 @@ from fastrnn._openmp_wait import ACTIVE_SPINS, DEFAULT_SPINS, MARGIN, spin_count
     ({"GOMP_SPINCOUNT": "infinite"}, math.inf),
     ({"GOMP_SPINCOUNT": "INFINITY"}, math.inf),
     ({"GOMP_SPINCOUNT": "lots", "OMP_WAIT_POLICY": "passive"}, 0),      # ignored, as libgomp
-    ({"GOMP_SPINCOUNT": "-5"}, DEFAULT_SPINS),
+    ({"GOMP_SPINCOUNT": "20K"}, 20000),
+    ({"GOMP_SPINCOUNT": "2m"}, 2_000_000),
+    ({"GOMP_SPINCOUNT": "+7"}, 7),
+    ({"GOMP_SPINCOUNT": "-5"}, math.inf),                  # strtoull wraps it: ~2**64
+    ({"GOMP_SPINCOUNT": str(2**64)}, DEFAULT_SPINS),       # out of range: ignored
 ])
 def test_spin_count_follows_libgomps_rules(env, spins):
     assert spin_count(env) == spins

@@ -341,9 +341,11 @@ class RNNBase(Module):
         for 'sum'; h_n (L·D,B,O) and c_n (L·D,B,H) indexed layer*D + direction.
         x_ids: (T,B) ints ((B,T) with batch_first): x is then a table (V,I), an
         embedding's weights, and sequence b reads row x[x_ids[t, b]] at step t. The
-        result is forward(x[x_ids])'s; the first layer takes its input projections
-        from rows of x W_ih^T, computed once (fastrnn/_ids_input.py), and backward
-        returns the table's gradient (V,I). Not with proj_size.
+        result is forward(x[x_ids])'s, and backward returns the table's gradient (V,I).
+        With V <= T*B (and float products, not bf16) the first layer takes its input
+        projections from rows of x W_ih^T, computed once; else it gathers x[x_ids]
+        (fastrnn/_ids_input.py). Every id must be a row of x, padded steps' too.
+        Not with proj_size.
         """
         if not self.training and lengths is None and x_ids is None:
             fast = _fastpath.layer_forward(self, x, hx)     # None: the call does not qualify
