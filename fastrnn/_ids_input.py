@@ -55,17 +55,18 @@ def prepare(x, x_ids, w_ih, bf16, n_threads):
     return np.broadcast_to(x[:1][None], (T, B, I)), IdsInput(x, ids, table)
 
 
-def gradient(ids_in, dx_rows, dtable, w_ih, dw_ih, accumulate, n_threads):
-    """dL/dx (V, I) from backward's dx_rows (T, B, I) (not fused) or dtable
-    (V, G*H) (fused: dw_ih is then written, or added into with accumulate)."""
+def gradient(ids_in, d, w_ih, dw_ih, accumulate, n_threads):
+    """dL/dx (V, I) from what the driver's backward wrote: d = dx rows (T, B, I) when
+    not fused, else dtable (V, G*H) (dw_ih is then written here, or added into with
+    accumulate)."""
     x, ids = ids_in.x, ids_in.ids
     V, I = x.shape
     dx = np.empty((V, I), x.dtype)
     if not ids_in.fused:
-        _recurrent.scatter_rows(dx, dx_rows.reshape(ids.size, I), ids.reshape(-1), n_threads)
+        _recurrent.scatter_rows(dx, d.reshape(ids.size, I), ids.reshape(-1), n_threads)
         return dx
     dw_t = np.empty((I, w_ih.shape[0]), x.dtype)                  # dW_ih^T (I, G*H)
-    _dense.backward(dx, dw_t, dtable, x, w_ih, n_threads)
+    _dense.backward(dx, dw_t, d, x, w_ih, n_threads)
     if accumulate:
         dw_ih += dw_t.T
     else:

@@ -397,7 +397,7 @@ def _input_gradient(cache, dx, dw_ih, accumulate):
     if ids_in is None:
         return dx
     flop = 4 * ids_in.x.size * cache.w_ih.shape[0]
-    return _ids_input.gradient(ids_in, dx, dx, cache.w_ih, dw_ih, accumulate,
+    return _ids_input.gradient(ids_in, dx, cache.w_ih, dw_ih, accumulate,
                                call_threads() if flop >= SMALL_WORK_FLOP else 1)
 
 
