@@ -9,7 +9,8 @@ import fastrnn
 from fastrnn import functional as F
 from fastrnn import reference as R
 from fastrnn.lm import RNNLanguageModel
-from test_kernels import CELLS, TOL, make_case, rel_err, run
+from test_kernels import (CELLS, TOL, assert_same_bits_for_thread_counts, make_case, rel_err,
+                          run)
 
 
 def with_ids(case, V, seed):
@@ -100,18 +101,7 @@ def test_ids_input_bitwise_the_same_for_any_thread_count(cell, split):
     V = T * B + 5 if split == "gathered" else 37
     case = with_ids(make_case(cell, np.float32, (T, B, 96, 300), True, True, True, seed=1),
                     V=V, seed=2)
-    results = []
-    before = fastrnn.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            fastrnn.set_num_threads(n)
-            outs, grads = run(F, cell, case, False, dy_seed=4)
-            results.append(outs + grads)
-    finally:
-        fastrnn.set_num_threads(before)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert (a is None and b is None) or np.array_equal(a, b)
+    assert_same_bits_for_thread_counts(cell, case, False, 4, (1, 2, 3))
 
 
 def test_ids_input_accumulates_into_out_like_the_other_gradients():
