@@ -37,7 +37,7 @@ from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_ser
                           find_packed, keep_packed, packed_buffer)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
-from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit_start,
+from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit_start, task_rows,
                         gate_slices, gate_panels, pack_gate_panel, slice_offset,
                         fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
                         scratch_release)
@@ -796,6 +796,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
 
 
 include "forward_small.pxi"
+include "dense_eval.pxi"
 
 
 def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,

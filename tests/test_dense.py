@@ -115,3 +115,48 @@ def test_linear_empty_batch():
     y = lin(np.ones((0, 4), np.float32))
     assert y.shape == (0, 3)
     assert lin.backward(np.ones((0, 3), np.float32)).shape == (0, 4)
+
+
+# ---- eval calls: the same product on the recurrent layers' worker pool (src/dense_eval.pxi)
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("M,K,N", SHAPES + [(4, 512, 65), (64, 512, 65)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pool_kernel_matches_reference_and_any_thread_count(M, K, N, dtype, bias):
+    from fastrnn import _recurrent
+    x, w, b, _ = _data(M, K, N, dtype, seed=5)
+    b = b if bias else None
+    outs = []
+    for n in (1, 2, 3):
+        y = np.empty((M, N), dtype)
+        _recurrent.dense_forward(y, x, w, b, n)
+        outs.append(y)
+    np.testing.assert_allclose(outs[0], reference.dense_forward(x, w, b),
+                               rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * np.sqrt(K))
+    for other in outs[1:]:
+        assert np.array_equal(outs[0], other)
+
+
+def test_linear_eval_forward_runs_on_the_pool_not_openmp(monkeypatch):
+    """An eval call never starts an OpenMP team (_dense.forward); training does."""
+    lin = nn.Linear(96, 65, rng=0)
+    x = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
+    want = lin(x)                                   # training mode: the OpenMP kernel
+    lin.eval()
+
+    def no_openmp(*args):
+        raise AssertionError("eval forward ran the OpenMP kernel")
+
+    monkeypatch.setattr(_dense, "forward", no_openmp)
+    got = lin(x)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.sqrt(96))
+    assert got.shape == (40, 65)
+
+
+def test_pool_kernel_rejects_mismatched_shapes():
+    from fastrnn import _recurrent
+    x, w, b, _ = _data(5, 7, 3, np.float32)
+    with pytest.raises(ValueError, match="dense_forward"):
+        _recurrent.dense_forward(np.empty((5, 4), np.float32), x, w, b, 2)
+    with pytest.raises(ValueError, match="dense_forward"):
+        _recurrent.dense_forward(np.empty((5, 3), np.float32), x, w, b[:2], 2)

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from fastrnn import _dense
+from fastrnn import _dense, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn.functional import PACK_MIN_ROWS, SMALL_WORK_FLOP
 from fastrnn.modules.module import Module, Parameter
@@ -49,9 +49,16 @@ class Linear(Module):
             return y
         y = np.empty((x2.shape[0], self.out_features), w.dtype)
         threads = self._threads(x2.shape[0])
+        bias = None if self.bias is None else self.bias.data
+        if not self.training:
+            # eval calls on the recurrent layers' worker pool, not an OpenMP team: a
+            # decoder between recurrent steps (generation) then shares the cores with
+            # nothing spinning (src/dense_eval.pxi)
+            _recurrent.dense_forward(y, x2, w, bias, threads)
+            return y.reshape(x.shape[:-1] + (self.out_features,))
         # a few rows on one thread: W read in place (packing it would cost more)
         pack = threads > 1 or x2.shape[0] >= PACK_MIN_ROWS
-        _dense.forward(y, x2, w, None if self.bias is None else self.bias.data, threads, pack)
+        _dense.forward(y, x2, w, bias, threads, pack)
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, dout):
