@@ -506,13 +506,6 @@ def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssiz
                          src.shape[1], n_threads)
 
 
-def note_openmp_team():
-    """An OpenMP team of two or more threads of another of fastrnn's modules (nn.Linear's,
-    the optimisers') has just ended: its workers spin now, so fast-path eval calls run
-    alone for the window (team_pool.h)."""
-    fastrnn_pool_note_openmp()
-
-
 def openmp_spin_window():
     """The window set_openmp_spin_window (or a test hook) set, in seconds."""
     return fastrnn_pool_openmp_window() * 1e-9
