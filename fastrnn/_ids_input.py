@@ -48,7 +48,7 @@ def prepare(x, x_ids, w_ih, bf16, n_threads):
     T, B = ids.shape
     if I != w_ih.shape[1]:
         raise ValueError(f"x must have shape (V, {w_ih.shape[1]}) to match w_ih, got {x.shape}")
-    if bf16 or V > T * B or V == 0 or I == 0:
+    if bf16 or V > T * B or I == 0:         # (V >= 1: the ids are rows of x)
         return np.ascontiguousarray(x[ids]), IdsInput(x, ids, None)
     table = np.empty((V, w_ih.shape[0]), x.dtype)                  # (V, G*H)
     _dense.forward(table, x, w_ih, None, n_threads)

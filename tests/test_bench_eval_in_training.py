@@ -1,18 +1,12 @@
 """bench/eval_in_training.py at a tiny size: each case prints its one result line;
 bad arguments are argparse errors naming the option."""
-import importlib.util
-import pathlib
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "eval_in_training.py"
+from scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("fastrnn_bench_eval_in_training", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/eval_in_training.py")
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -1,18 +1,12 @@
 """bench/float64.py at a tiny size: every (cell, mode) row printed with its two
 times and their ratio; bad arguments are argparse errors naming the option."""
-import importlib.util
-import pathlib
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "float64.py"
+from scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("fastrnn_bench_float64", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/float64.py")
 
 
 def test_float64_bench_rows(capsys):

@@ -1,18 +1,12 @@
 """bench/idle_latency.py at a tiny size: one row per (case, engine) with a first and
 a next call time; bad arguments are argparse errors naming the option."""
-import importlib.util
-import pathlib
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "bench" / "idle_latency.py"
+from scripts import load_script
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("fastrnn_bench_idle", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/idle_latency.py")
 
 
 @pytest.mark.parametrize("precision", ["highest", "medium"])

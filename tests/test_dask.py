@@ -303,12 +303,8 @@ def test_cli_ragged_npz_and_parquet(client, tmp_path):
 
 
 def test_example_dask_scoring(client, tmp_path):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dask_scoring.py"
-    spec = importlib.util.spec_from_file_location("fastrnn_example_dask_scoring", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import load_script
+    mod = load_script("examples/dask_scoring.py")
     res = mod.main(n=3000, partition_size=700, steps=150, scheduler=client.scheduler.address,
                    out=str(tmp_path / "scores.npy"), verbose=False)
     scores = np.load(tmp_path / "scores.npy")

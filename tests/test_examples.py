@@ -1,25 +1,18 @@
 """Every example in examples/ runs at reduced size and learns its task."""
 
-import importlib.util
 import inspect
 import math
-import pathlib
 
 import pytest
 
 from fastrnn.cli import DEFAULT_TEXT
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-
+from scripts import load_script
 
 pytestmark = pytest.mark.usefixtures("one_kernel_thread")   # conftest.py
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(f"fastrnn_example_{name}", EXAMPLES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"examples/{name}.py")
 
 
 def test_counting_learns_unit_weights():
@@ -80,10 +73,7 @@ def test_bench_quality_smoke(tmp_path, capsys):
     """bench/quality.py at a few steps: fastrnn and torch (same weights, data and
     settings) reach the same losses."""
     pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "fastrnn_bench_quality", EXAMPLES.parent / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_script("bench/quality.py")
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         text = f.read()[:30000]
     path = tmp_path / "t.txt"
@@ -107,10 +97,7 @@ def test_bench_quality_recipe_replays_masks_and_schedule(tmp_path, capsys):
     cosine schedule; torch replays fastrnn's masks and learning rates, so at equal steps the
     losses agree to float rounding; --plot writes the curve."""
     pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location(
-        "fastrnn_bench_quality", EXAMPLES.parent / "bench" / "quality.py")
-    quality = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quality)
+    quality = load_script("bench/quality.py")
     with open(DEFAULT_TEXT, encoding="utf-8") as f:
         text = f.read()[:12000]
     path = tmp_path / "t.txt"
