@@ -20,8 +20,8 @@
 # run on bf16 operands (_bf16.pxd): only the packing and the GEMM calls differ.
 from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
-from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy, memset
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
 from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free, task_rows
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
@@ -203,7 +203,7 @@ cdef inline int weight_gradient(
     return status
 
 
-DEF SCATTER_COLUMNS = 256   # columns per task of rows_scatter_add (1 KB of float a row)
+DEF SCATTER_ALIGN = 16   # column blocks start on whole 64-byte lines (16 floats)
 
 
 cdef inline int rows_scatter_add(
@@ -215,20 +215,35 @@ cdef inline int rows_scatter_add(
         Py_ssize_t V, Py_ssize_t N, int n_threads) noexcept nogil:
     """out[ids[r]] += src[r] over the V rows r in `valid`, out zeroed first.
 
-    Tasks own blocks of columns and add the rows in ascending order, so every sum is
-    taken in the same order for any thread count. Returns 0."""
-    cdef Py_ssize_t nblk = (N + SCATTER_COLUMNS - 1) // SCATTER_COLUMNS, blk, c0, n, i, r, j
+    Each thread owns one contiguous block of columns and adds the rows into it in
+    ascending order, so every sum is taken in the same order for any thread count.
+    One block per thread, not many narrow ones: src (a layer's gate gradients, 16 MB
+    in the char-LM step) comes from DRAM, where a long run per row streams best. The
+    sums build in a private buffer, copied out at the end: written in place, the
+    line where two threads' blocks meet in every row of `out` went back and forth
+    between the cores at every row of src. 0, or -1 if out of memory."""
+    cdef Py_ssize_t width = (N + n_threads - 1) // n_threads
+    cdef Py_ssize_t blk, nblk, c0, n, i, r, j
+    cdef floating *acc      # (V_out, n) this thread's sums
     cdef floating *o
     cdef const floating *s
+    cdef int failed = 0
+    width = (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
+    nblk = (N + width - 1) // width if width > 0 else 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
-        c0 = blk * SCATTER_COLUMNS
-        n = min(N, c0 + SCATTER_COLUMNS) - c0
-        for i in range(V_out):
-            memset(out + i * N + c0, 0, n * sizeof(floating))
-        for i in range(V):
-            r = valid[i] if valid != NULL else i
-            o = out + ids[r] * N + c0
-            s = src + r * N + c0
-            for j in range(n):
-                o[j] += s[j]
-    return 0
+        c0 = blk * width
+        n = min(N, c0 + width) - c0
+        acc = <floating *> calloc(V_out * n + 1, sizeof(floating))
+        if acc == NULL:
+            failed += 1
+        else:
+            for i in range(V):
+                r = valid[i] if valid != NULL else i
+                o = acc + ids[r] * n
+                s = src + r * N + c0
+                for j in range(n):
+                    o[j] += s[j]
+            for i in range(V_out):
+                memcpy(out + i * N + c0, acc + i * n, n * sizeof(floating))
+        free(acc)
+    return -1 if failed else 0

@@ -492,6 +492,7 @@ def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssiz
     """out := 0, then out[ids[r]] += src[r] for every row r of src, in row order for any
     thread count (rows_scatter_add). ids must lie in [0, len(out))."""
     cdef Py_ssize_t r, V = out.shape[0]
+    cdef int status
     if src.shape[0] != ids.shape[0] or src.shape[1] != out.shape[1]:
         raise ValueError(f"scatter_rows: src ({src.shape[0]}, {src.shape[1]}), ids "
                          f"({ids.shape[0]},) and out ({out.shape[0]}, {out.shape[1]}) "
@@ -500,10 +501,12 @@ def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssiz
         if ids[r] < 0 or ids[r] >= V:
             raise ValueError(f"scatter_rows: ids must lie in [0, {V}), got {ids[r]}")
     with nogil:
-        rows_scatter_add(&out[0, 0] if out.shape[0] > 0 else NULL, out.shape[0],
-                         &src[0, 0] if src.shape[0] > 0 else NULL,
-                         &ids[0] if ids.shape[0] > 0 else NULL, NULL, src.shape[0],
-                         src.shape[1], n_threads)
+        status = rows_scatter_add(&out[0, 0] if out.shape[0] > 0 else NULL, out.shape[0],
+                                  &src[0, 0] if src.shape[0] > 0 else NULL,
+                                  &ids[0] if ids.shape[0] > 0 else NULL, NULL, src.shape[0],
+                                  src.shape[1], n_threads)
+    if status != 0:
+        raise MemoryError("scatter_rows: out of memory")
 
 
 def openmp_spin_window():

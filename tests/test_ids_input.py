@@ -95,8 +95,8 @@ def test_reference_table_gradient_matches_finite_differences():
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("split", ["rows", "units", "gathered"])
 def test_ids_input_bitwise_the_same_for_any_thread_count(cell, split):
-    """G*H above the scatter's 256-column block (several tasks), a table big enough
-    for the table products to take threads; "gathered": V > T*B."""
+    """G*H not a multiple of the scatter's column blocks (one per thread, ragged), a
+    table big enough for the table products to take threads; "gathered": V > T*B."""
     T, B = (20, 2) if split == "units" else (6, 30)    # small batches split hidden units
     V = T * B + 5 if split == "gathered" else 37
     case = with_ids(make_case(cell, np.float32, (T, B, 96, 300), True, True, True, seed=1),
@@ -204,6 +204,22 @@ def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell, wei
     models[0].train()
     models[0](x[:1, :2])                                     # V = 13 > T*B = 2 rows
     assert not models[0]._by_id
+
+
+@pytest.mark.parametrize("N", [1, 17, 1000])
+def test_scatter_rows_adds_in_row_order_for_any_thread_count(N):
+    """np.add.at adds rows in index order, one after the other: the same float sums
+    in the same order, so the same bits, whatever the column blocks."""
+    from fastrnn import _recurrent
+    rng = np.random.default_rng(N)
+    src = rng.standard_normal((37, N)).astype(np.float32)
+    ids = rng.integers(0, 5, 37).astype(np.intp)
+    want = np.zeros((6, N), np.float32)   # row 5 gets nothing: zeros
+    np.add.at(want, ids, src)
+    for threads in (1, 2, 3):
+        out = np.full((6, N), np.nan, np.float32)
+        _recurrent.scatter_rows(out, src, ids, threads)
+        np.testing.assert_array_equal(out, want)
 
 
 def test_scatter_rows_checks_its_ids_and_shapes():
