@@ -452,11 +452,11 @@ def pool_stats():
     """The eval calls' worker pool (team_pool.h), for tests and docs: teams run (of the
     recurrence), tries refused because a worker was not ready, shares run by workers
     (of teams and of loops), workers made, loops run on a team (the weights' digest,
-    packing)."""
-    cdef long out[5]
+    packing), times a ready worker moved off the caller's CPU."""
+    cdef long out[6]
     fastrnn_pool_stats(out)
     return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
-            "loops": out[4]}
+            "loops": out[4], "moved": out[5]}
 
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
@@ -563,8 +563,8 @@ def _packings_of(cnp.ndarray w, int G, int nslices, int n):
     cdef float *a
     cdef float *b
     cdef bint owns
-    cdef long before[5]
-    cdef long after[5]
+    cdef long before[6]
+    cdef long after[6]
     fastrnn_pool_stats(before)
     with nogil:
         a = gate_slices(W, G, H, K, nslices, True, n)

@@ -74,8 +74,28 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * and the CPU's pause (fastrnn_pause_ns), at import. */
 #define FASTRNN_POOL_OPENMP_SPIN_NS 8000000LL
 
+/* A worker on the caller's CPU cannot run beside it: a team of the two takes turns on
+ * one CPU, every barrier a trip through the scheduler, slower than the caller alone.
+ * On the 2-core Zen 4 KVM guest a woken worker sometimes landed on the caller's CPU,
+ * and Linux left it there for several calls (both threads in use, so both "cache hot"
+ * for its load balancer): in the benchmark runner a GRU I=H=512 B=2 T=50 eval call
+ * then took 4.2-5.8 ms against 1.9-2.1 in the other rounds and 3.6 ms alone, the two
+ * threads each waiting 2-6 ms per call in the run queue (/proc schedstat). So a worker
+ * publishes the CPU it runs on with its stamp, the caller does not claim a worker on
+ * its own CPU, and a ready worker that finds itself on the caller's CPU moves itself
+ * off it (its affinity, within the one it started with, without that CPU; restored
+ * when it sleeps). Linux only (sched_getcpu); elsewhere the CPU is unknown (-1). */
+static inline int fastrnn_cpu_now(void)
+{
+#if defined(__linux__)
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+}
+
 /* One cache line per worker: the caller reads and claims them all, each worker spins on its own. */
-typedef struct { _Atomic int v; _Atomic long long stamp; char pad[48]; } fastrnn_pool_slot;
+typedef struct { _Atomic int v; _Atomic int cpu; _Atomic long long stamp; char pad[48]; } fastrnn_pool_slot;
 
 typedef struct {
     fastrnn_pool_slot state[FASTRNN_POOL_MAX];
@@ -100,6 +120,8 @@ typedef struct {
     int hold;                         /* test hook: workers ignore wakes while set */
     _Atomic int refuse;               /* test hook: refuse this many more tries */
     _Atomic int any_stamp;            /* test hook: claim READY workers, fresh or not */
+    _Atomic int caller_cpu;           /* the last owner's CPU when it last looked (-1: none yet) */
+    _Atomic long n_moved;             /* times a ready worker moved off the caller's CPU */
     _Atomic long long openmp_until;   /* OpenMP workers may spin until then (clock ns) */
     _Atomic long long openmp_window;  /* how long they may */
     _Atomic long long openmp_window_default;  /* what the test hook restores */
@@ -107,6 +129,7 @@ typedef struct {
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
                                        .cv = PTHREAD_COND_INITIALIZER,
+                                       .caller_cpu = -1,
                                        .openmp_window = FASTRNN_POOL_OPENMP_SPIN_NS,
                                        .openmp_window_default = FASTRNN_POOL_OPENMP_SPIN_NS };
 static pthread_once_t fastrnn_pool_once = PTHREAD_ONCE_INIT;
@@ -143,14 +166,70 @@ static void fastrnn_pool_sleep(unsigned *seen)
     pthread_mutex_unlock(&P->mu);
 }
 
+/* The worker's affinity: the one it started with, and whether it narrowed it. */
+typedef struct {
+#if defined(__linux__)
+    cpu_set_t start;
+#endif
+    int have_start;     /* start was read */
+    int away_from;      /* the CPU it moved off (-1: affinity as started) */
+} fastrnn_pool_affinity;
+
+static void fastrnn_pool_affinity_init(fastrnn_pool_affinity *a)
+{
+    a->have_start = 0;
+    a->away_from = -1;
+#if defined(__linux__)
+    a->have_start = sched_getaffinity(0, sizeof a->start, &a->start) == 0;
+#endif
+}
+
+/* The CPU this worker runs on, published in its slot; if the last caller ran on that
+ * CPU too (or on another one than the worker last moved off), move off the caller's
+ * CPU, staying within the starting affinity. The last caller, not only a running one:
+ * a worker on the caller's CPU runs mostly when the call is over and the caller
+ * waits for its next one. */
+static void fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affinity *a)
+{
+    int cpu = fastrnn_cpu_now();
+    int caller = atomic_load_explicit(&P->caller_cpu, memory_order_relaxed);
+#if defined(__linux__)
+    if (caller >= 0 && a->have_start && (cpu == caller || (a->away_from >= 0 && a->away_from != caller))
+            && caller < CPU_SETSIZE) {
+        cpu_set_t mask = a->start;
+        CPU_CLR(caller, &mask);
+        if (CPU_COUNT(&mask) > 0 && sched_setaffinity(0, sizeof mask, &mask) == 0) {
+            a->away_from = caller;
+            atomic_fetch_add_explicit(&P->n_moved, 1, memory_order_relaxed);
+            cpu = fastrnn_cpu_now();
+        }
+    }
+#endif
+    atomic_store_explicit(&P->state[w].cpu, cpu, memory_order_relaxed);
+}
+
+/* Back to the starting affinity (before sleeping: the next call's caller may be anywhere). */
+static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
+{
+#if defined(__linux__)
+    if (a->away_from >= 0 && a->have_start)
+        sched_setaffinity(0, sizeof a->start, &a->start);
+#endif
+    a->away_from = -1;
+}
+
 static void *fastrnn_pool_worker(void *arg)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     int w = (int)(long)arg;
     _Atomic int *st = &P->state[w].v;
     unsigned seen = atomic_load(&P->wake_seq);
+    fastrnn_pool_affinity aff;
+    fastrnn_pool_affinity_init(&aff);
     for (;;) {
+        fastrnn_pool_affinity_restore(&aff);
         fastrnn_pool_sleep(&seen);
+        fastrnn_pool_step_aside(P, w, &aff);
         long long now = fastrnn_now_ns(), deadline = now + FASTRNN_POOL_READY_NS;
         atomic_store(&P->state[w].stamp, now);
         atomic_store(st, FASTRNN_W_READY);
@@ -179,6 +258,7 @@ static void *fastrnn_pool_worker(void *arg)
             if ((spin & 63) != 0)
                 continue;
             sched_yield();              /* anyone else runnable on this CPU goes first */
+            fastrnn_pool_step_aside(P, w, &aff);
             now = fastrnn_now_ns();
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
             if (atomic_load_explicit(&P->owner, memory_order_relaxed))
@@ -203,6 +283,7 @@ static void fastrnn_pool_after_fork_child(void)
     atomic_store(&P->sleepers, 0);
     atomic_store(&P->owner, 0);
     atomic_store(&P->finished, 0);
+    atomic_store(&P->caller_cpu, -1);
     P->nworkers = 0;                                    /* the parent's threads are not here */
 }
 
@@ -234,6 +315,7 @@ static int fastrnn_pool_enter(int n)
             break;                                      /* fewer workers: teams stay smaller */
         P->nworkers++;
     }
+    atomic_store(&P->caller_cpu, fastrnn_cpu_now());   /* before the wake: workers read it */
     atomic_fetch_add(&P->wake_seq, 1);
     if (atomic_load(&P->sleepers) > 0) {                /* seq_cst with the sleeper's count */
         pthread_mutex_lock(&P->mu);
@@ -248,6 +330,26 @@ static void fastrnn_pool_leave(void)
     atomic_store(&fastrnn_pool.owner, 0);
 }
 
+/* May the caller, on CPU `caller`, claim worker w now: its stamp fresh (it is running)
+ * and its CPU not the caller's? (The test hook any_stamp claims it whatever.) */
+static inline int fastrnn_pool_claimable(fastrnn_pool_t *P, int w, long long now, int caller)
+{
+    if (atomic_load(&P->any_stamp))
+        return 1;
+    if (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed) > FASTRNN_POOL_FRESH_NS)
+        return 0;
+    int cpu = atomic_load_explicit(&P->state[w].cpu, memory_order_relaxed);
+    return caller < 0 || cpu < 0 || cpu != caller;
+}
+
+/* The owner's CPU now, published for the workers (fastrnn_pool_step_aside). */
+static inline int fastrnn_pool_caller_cpu(fastrnn_pool_t *P)
+{
+    int cpu = fastrnn_cpu_now();
+    atomic_store_explicit(&P->caller_cpu, cpu, memory_order_relaxed);
+    return cpu;
+}
+
 /* Are n - 1 workers ready and running now? (A hint: one may still time out before a claim.) */
 static int fastrnn_pool_ready(int n)
 {
@@ -257,10 +359,10 @@ static int fastrnn_pool_ready(int n)
     if (atomic_load(&P->refuse) > 0)
         return 1;                                       /* try_run refuses (and counts) */
     long long now = fastrnn_now_ns();
+    int caller = fastrnn_pool_caller_cpu(P);
     for (int w = 0; w < n - 1; ++w)
         if (atomic_load_explicit(&P->state[w].v, memory_order_relaxed) != FASTRNN_W_READY
-                || (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed)
-                        > FASTRNN_POOL_FRESH_NS && !atomic_load(&P->any_stamp)))
+                || !fastrnn_pool_claimable(P, w, now, caller))
             return 0;
     return 1;
 }
@@ -281,11 +383,11 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
         return 0;
     }
     long long now = fastrnn_now_ns();
+    int caller = fastrnn_pool_caller_cpu(P);
     for (w = 0; w < n - 1; ++w) {
         int ready = FASTRNN_W_READY;
-        if (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed)
-                > FASTRNN_POOL_FRESH_NS && !atomic_load(&P->any_stamp))
-            break;                                      /* ready but not running now */
+        if (!fastrnn_pool_claimable(P, w, now, caller))
+            break;                                      /* not running now, or on our CPU */
         if (!atomic_compare_exchange_strong(&P->state[w].v, &ready, FASTRNN_W_CLAIMED))
             break;
         ++claimed;
@@ -324,13 +426,13 @@ static void fastrnn_pool_loop_share(void *ctx, int tid, int nthr)
         L->fn(L->ctx, c);
 }
 
-/* Worker w, if it is ready and running now, starts the published loop; 1 if it did. */
-static int fastrnn_pool_join_loop(int w, long long now)
+/* Worker w, if it is ready and running now (not on the caller's CPU), starts the
+ * published loop; 1 if it did. */
+static int fastrnn_pool_join_loop(int w, long long now, int caller)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     int ready = FASTRNN_W_READY;
-    if (now - atomic_load_explicit(&P->state[w].stamp, memory_order_relaxed) > FASTRNN_POOL_FRESH_NS
-            && !atomic_load(&P->any_stamp))
+    if (!fastrnn_pool_claimable(P, w, now, caller))
         return 0;
     return atomic_compare_exchange_strong_explicit(&P->state[w].v, &ready, FASTRNN_W_RUN,
                                                    memory_order_acq_rel, memory_order_relaxed);
@@ -362,7 +464,8 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
     while ((c = atomic_fetch_add(&L.next, 1)) < nchunks) {
         if (joined < want) {
             long long now = fastrnn_now_ns();
-            while (joined < want && fastrnn_pool_join_loop(joined, now))
+            int caller = fastrnn_pool_caller_cpu(P);
+            while (joined < want && fastrnn_pool_join_loop(joined, now, caller))
                 ++joined;                   /* workers join in order: 0, 1, ... */
         }
         fn(ctx, c);
@@ -387,7 +490,8 @@ static void fastrnn_pool_barrier(void)
     }
 }
 
-/* Test hooks: stats (teams, refused tries, worker shares, workers, loops); refuse(k, a):
+/* Test hooks: stats (teams, refused tries, worker shares, workers, loops, moves off
+ * the caller's CPU); refuse(k, a):
  * the next k tries are refused as if the workers were not awake, and with a = 1 a READY
  * worker is claimed even if its stamp is stale (so that a test's team forms however
  * the host schedules the worker: the team then waits for it, slower but the same);
@@ -400,6 +504,7 @@ static void fastrnn_pool_stats(long *out)
     out[2] = atomic_load(&fastrnn_pool.n_worker_shares);
     out[3] = fastrnn_pool.nworkers;
     out[4] = atomic_load(&fastrnn_pool.n_loops);
+    out[5] = atomic_load(&fastrnn_pool.n_moved);
 }
 
 static void fastrnn_pool_refuse(int k, int any_stamp)

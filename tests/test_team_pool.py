@@ -3,6 +3,9 @@ waits for a worker that is not awake. It runs alone, a segment of steps at a tim
 worker that wakes part-way joins; every way of running gives bitwise the same numbers."""
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -344,3 +347,61 @@ def team_rule_args(cls, T, B):
     """fastrnn.functional.use_team's arguments for one direction of this test's layers."""
     G = {"RNN": 1, "LSTM": 4, "GRU": 3}[cls]
     return 2.0 * T * B * G * H * 2 * H, T, B, fastrnn.functional.pack_flags(T, B, H)[1]
+
+
+_ON_ONE_CPU = r"""
+import os, sys, time
+import numpy as np
+import fastrnn
+from fastrnn import _recurrent
+fastrnn.set_num_threads(2)
+m = fastrnn.LSTM(256, 256, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((20, 1, 256)).astype(np.float32)
+with fastrnn.functional.thread_share(1):
+    want = m(x)
+start = os.sched_getaffinity(0)
+cpu = min(start)
+mode = sys.argv[1]
+if mode == "process":          # the whole process on one CPU: the worker is born there
+    os.sched_setaffinity(0, {cpu})
+    found = set(os.listdir("/proc/self/task"))
+    m(x)                       # makes the worker
+else:                          # caller and worker put on one CPU after the worker's start
+    found = set(os.listdir("/proc/self/task"))
+    m(x)
+    workers = set(os.listdir("/proc/self/task")) - found
+    os.sched_setaffinity(0, {cpu})
+    for tid in workers:
+        os.sched_setaffinity(int(tid), {cpu})
+before = _recurrent.pool_stats()
+end = time.monotonic() + 5
+while time.monotonic() < end:
+    got = m(x)
+    for a, b in zip((got[0], got[1][0], got[1][1]), (want[0], want[1][0], want[1][1])):
+        assert np.array_equal(a, b)
+    after = _recurrent.pool_stats()
+    if mode == "moved" and after["teams"] > before["teams"]:
+        break
+    time.sleep(0.003)          # the worker's ready window (2 ms) ends: it sleeps, wakes again
+os.sched_setaffinity(0, start)
+print(after["teams"] - before["teams"], after["moved"] - before["moved"])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux thread affinity and two CPUs")
+@pytest.mark.parametrize("mode", ["process", "moved"])
+def test_a_worker_on_the_callers_cpu_is_not_claimed_and_moves_off_it(mode):
+    """Two threads of a team on one CPU take turns at every barrier (slower than one
+    thread). "process": the process has one CPU, so the worker stays on the caller's
+    and every call runs alone. "moved": caller and worker are put on one CPU, and the
+    worker moves itself off it (its starting affinity has the other CPU), after which
+    teams form. The numbers are the one-thread numbers throughout."""
+    out = subprocess.run([sys.executable, "-c", _ON_ONE_CPU, mode], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    teams, moved = map(int, out.stdout.split())
+    if mode == "process":
+        assert teams == 0 and moved == 0
+    else:
+        assert moved > 0 and teams > 0
