@@ -203,7 +203,7 @@ cdef inline int weight_gradient(
     return status
 
 
-DEF SCATTER_ALIGN = 16   # column blocks start on whole 64-byte lines (16 floats)
+DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
 
 
 cdef inline int rows_scatter_add(
@@ -221,29 +221,34 @@ cdef inline int rows_scatter_add(
     in the char-LM step) comes from DRAM, where a long run per row streams best. The
     sums build in a private buffer, copied out at the end: written in place, the
     line where two threads' blocks meet in every row of `out` went back and forth
-    between the cores at every row of src. 0, or -1 if out of memory."""
-    cdef Py_ssize_t width = (N + n_threads - 1) // n_threads
-    cdef Py_ssize_t blk, nblk, c0, n, i, r, j
-    cdef floating *acc      # (V_out, n) this thread's sums
+    between the cores at every row of src. Without memory for that buffer a block is
+    summed in place (the same sums in the same order). Returns 0."""
+    cdef Py_ssize_t width, blk, nblk, c0, n, i, r, j, ld
+    cdef floating *acc      # (V_out, n) this thread's sums, row stride ld
     cdef floating *o
     cdef const floating *s
-    cdef int failed = 0
+    if n_threads < 1:
+        n_threads = 1
+    width = (N + n_threads - 1) // n_threads
     width = (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
     nblk = (N + width - 1) // width if width > 0 else 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
         c0 = blk * width
         n = min(N, c0 + width) - c0
         acc = <floating *> calloc(V_out * n + 1, sizeof(floating))
-        if acc == NULL:
-            failed += 1
-        else:
-            for i in range(V):
-                r = valid[i] if valid != NULL else i
-                o = acc + ids[r] * n
-                s = src + r * N + c0
-                for j in range(n):
-                    o[j] += s[j]
+        ld = n
+        if acc == NULL:     # in place
+            ld = N
+            for i in range(V_out):
+                memset(out + i * N + c0, 0, n * sizeof(floating))
+        for i in range(V):
+            r = valid[i] if valid != NULL else i
+            o = (acc if acc != NULL else out + c0) + ids[r] * ld
+            s = src + r * N + c0
+            for j in range(n):
+                o[j] += s[j]
+        if acc != NULL:
             for i in range(V_out):
                 memcpy(out + i * N + c0, acc + i * n, n * sizeof(floating))
         free(acc)
-    return -1 if failed else 0
+    return 0

@@ -45,6 +45,7 @@ from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit
 from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
                          fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for,
+                         fastrnn_pool_pretend_colocated,
                          fastrnn_pool_note_openmp, fastrnn_pool_openmp_spinning,
                          fastrnn_pool_set_openmp_window, fastrnn_pause_ns,
                          fastrnn_pool_openmp_window)

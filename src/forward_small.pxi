@@ -460,14 +460,16 @@ def pool_stats():
 
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
-                    double openmp_window=-1):
+                    double openmp_window=-1, bint colocated=False):
     """Test hook: the next `refuse` tries to form a team are refused as if the workers
     were not awake yet (so a call runs that many segments alone, then joins), and the
     alone segments are `segment_flop` of work; any_stamp: a waiting worker is claimed
     even when its clock stamp is stale (its vCPU not running it just then), so that the
     team forms deterministically; openmp_window: seconds after an OpenMP team during
     which fast-path calls run alone (negative: the default, team_pool.h). Setting the
-    window also ends the current one. pool_test_knobs() restores the defaults."""
+    window also ends the current one; colocated: the next time a worker looks where it
+    runs, it finds itself on the last caller's CPU (and moves off it as it would).
+    pool_test_knobs() restores the defaults (the colocated look, once set, stays due)."""
     global SEGMENT_FLOP
     if refuse < 0 or segment_flop <= 0:
         raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
@@ -476,6 +478,8 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
                                    else -1, False)
+    if colocated:
+        fastrnn_pool_pretend_colocated()
 
 
 def set_openmp_spin_window(double seconds):
@@ -492,7 +496,6 @@ def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssiz
     """out := 0, then out[ids[r]] += src[r] for every row r of src, in row order for any
     thread count (rows_scatter_add). ids must lie in [0, len(out))."""
     cdef Py_ssize_t r, V = out.shape[0]
-    cdef int status
     if src.shape[0] != ids.shape[0] or src.shape[1] != out.shape[1]:
         raise ValueError(f"scatter_rows: src ({src.shape[0]}, {src.shape[1]}), ids "
                          f"({ids.shape[0]},) and out ({out.shape[0]}, {out.shape[1]}) "
@@ -501,12 +504,10 @@ def scatter_rows(floating[:, ::1] out, const floating[:, ::1] src, const Py_ssiz
         if ids[r] < 0 or ids[r] >= V:
             raise ValueError(f"scatter_rows: ids must lie in [0, {V}), got {ids[r]}")
     with nogil:
-        status = rows_scatter_add(&out[0, 0] if out.shape[0] > 0 else NULL, out.shape[0],
-                                  &src[0, 0] if src.shape[0] > 0 else NULL,
-                                  &ids[0] if ids.shape[0] > 0 else NULL, NULL, src.shape[0],
-                                  src.shape[1], n_threads)
-    if status != 0:
-        raise MemoryError("scatter_rows: out of memory")
+        rows_scatter_add(&out[0, 0] if out.shape[0] > 0 else NULL, out.shape[0],
+                         &src[0, 0] if src.shape[0] > 0 else NULL,
+                         &ids[0] if ids.shape[0] > 0 else NULL, NULL, src.shape[0],
+                         src.shape[1], n_threads)
 
 
 def openmp_spin_window():

@@ -85,9 +85,15 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * its own CPU, and a ready worker that finds itself on the caller's CPU moves itself
  * off it (its affinity, within the one it started with, without that CPU; restored
  * when it sleeps). Linux only (sched_getcpu); elsewhere the CPU is unknown (-1). */
+#if defined(__linux__) && defined(CPU_COUNT)     /* sched_getcpu, cpu_set_t: _GNU_SOURCE */
+#define FASTRNN_POOL_AFFINITY 1
+#else
+#define FASTRNN_POOL_AFFINITY 0
+#endif
+
 static inline int fastrnn_cpu_now(void)
 {
-#if defined(__linux__)
+#if FASTRNN_POOL_AFFINITY
     return sched_getcpu();
 #else
     return -1;
@@ -95,7 +101,13 @@ static inline int fastrnn_cpu_now(void)
 }
 
 /* One cache line per worker: the caller reads and claims them all, each worker spins on its own. */
-typedef struct { _Atomic int v; _Atomic int cpu; _Atomic long long stamp; char pad[48]; } fastrnn_pool_slot;
+typedef struct {
+    _Alignas(64) _Atomic int v;
+    _Atomic int cpu;                  /* where the worker ran at its last stamp (-1: unknown) */
+    _Atomic long long stamp;
+    char pad[48];
+} fastrnn_pool_slot;
+_Static_assert(sizeof(fastrnn_pool_slot) == 64, "one cache line per worker slot");
 
 typedef struct {
     fastrnn_pool_slot state[FASTRNN_POOL_MAX];
@@ -122,6 +134,7 @@ typedef struct {
     _Atomic int any_stamp;            /* test hook: claim READY workers, fresh or not */
     _Atomic int caller_cpu;           /* the last owner's CPU when it last looked (-1: none yet) */
     _Atomic long n_moved;             /* times a ready worker moved off the caller's CPU */
+    _Atomic int pretend_colocated;    /* test hook: the next look finds a worker on the caller's CPU */
     _Atomic long long openmp_until;   /* OpenMP workers may spin until then (clock ns) */
     _Atomic long long openmp_window;  /* how long they may */
     _Atomic long long openmp_window_default;  /* what the test hook restores */
@@ -166,54 +179,60 @@ static void fastrnn_pool_sleep(unsigned *seen)
     pthread_mutex_unlock(&P->mu);
 }
 
-/* The worker's affinity: the one it started with, and whether it narrowed it. */
+/* The worker's affinity before it narrowed it (read afresh each time it narrows, so a
+ * mask the user set on the thread since is what it keeps to and gets back). */
 typedef struct {
-#if defined(__linux__)
-    cpu_set_t start;
+#if FASTRNN_POOL_AFFINITY
+    cpu_set_t before;
 #endif
-    int have_start;     /* start was read */
-    int away_from;      /* the CPU it moved off (-1: affinity as started) */
+    int away_from;      /* the CPU it moved off (-1: its affinity is as it found it) */
 } fastrnn_pool_affinity;
 
-static void fastrnn_pool_affinity_init(fastrnn_pool_affinity *a)
+/* The CPU this worker runs on, published in its slot. If the last caller ran on that
+ * CPU too (the last caller, not only a running one: a worker on the caller's CPU runs
+ * mostly when the call is over and the caller waits for its next one), or on another
+ * one than the worker moved off, it moves off the caller's CPU within its affinity.
+ * Returns 1 when it cannot (no other CPU allowed): it is then of no use to a caller
+ * on that CPU and should sleep rather than spin beside it. */
+static int fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affinity *a)
 {
-    a->have_start = 0;
-    a->away_from = -1;
-#if defined(__linux__)
-    a->have_start = sched_getaffinity(0, sizeof a->start, &a->start) == 0;
-#endif
-}
-
-/* The CPU this worker runs on, published in its slot; if the last caller ran on that
- * CPU too (or on another one than the worker last moved off), move off the caller's
- * CPU, staying within the starting affinity. The last caller, not only a running one:
- * a worker on the caller's CPU runs mostly when the call is over and the caller
- * waits for its next one. */
-static void fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affinity *a)
-{
-    int cpu = fastrnn_cpu_now();
+    int cpu = fastrnn_cpu_now(), stuck = 0;
     int caller = atomic_load_explicit(&P->caller_cpu, memory_order_relaxed);
-#if defined(__linux__)
-    if (caller >= 0 && a->have_start && (cpu == caller || (a->away_from >= 0 && a->away_from != caller))
-            && caller < CPU_SETSIZE) {
-        cpu_set_t mask = a->start;
-        CPU_CLR(caller, &mask);
-        if (CPU_COUNT(&mask) > 0 && sched_setaffinity(0, sizeof mask, &mask) == 0) {
-            a->away_from = caller;
-            atomic_fetch_add_explicit(&P->n_moved, 1, memory_order_relaxed);
-            cpu = fastrnn_cpu_now();
+    if (atomic_exchange_explicit(&P->pretend_colocated, 0, memory_order_relaxed))
+        cpu = caller;                                   /* test hook */
+#if FASTRNN_POOL_AFFINITY
+    if (caller >= 0 && caller < CPU_SETSIZE
+            && (cpu == caller || (a->away_from >= 0 && a->away_from != caller))) {
+        cpu_set_t mask;
+        int ok = 1;
+        if (a->away_from < 0)
+            ok = sched_getaffinity(0, sizeof a->before, &a->before) == 0;
+        if (ok && CPU_ISSET(caller, &a->before)) {
+            mask = a->before;
+            CPU_CLR(caller, &mask);
+            if (CPU_COUNT(&mask) > 0 && sched_setaffinity(0, sizeof mask, &mask) == 0) {
+                a->away_from = caller;
+                atomic_fetch_add_explicit(&P->n_moved, 1, memory_order_relaxed);
+                cpu = fastrnn_cpu_now();
+            } else {
+                stuck = cpu == caller;
+            }
         }
     }
+#else
+    (void)a;
 #endif
     atomic_store_explicit(&P->state[w].cpu, cpu, memory_order_relaxed);
+    return stuck;
 }
 
-/* Back to the starting affinity (before sleeping: the next call's caller may be anywhere). */
+/* Back to the affinity it had before it narrowed it (before sleeping: the next
+ * call's caller may be anywhere). */
 static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
 {
-#if defined(__linux__)
-    if (a->away_from >= 0 && a->have_start)
-        sched_setaffinity(0, sizeof a->start, &a->start);
+#if FASTRNN_POOL_AFFINITY
+    if (a->away_from >= 0)
+        sched_setaffinity(0, sizeof a->before, &a->before);
 #endif
     a->away_from = -1;
 }
@@ -225,11 +244,12 @@ static void *fastrnn_pool_worker(void *arg)
     _Atomic int *st = &P->state[w].v;
     unsigned seen = atomic_load(&P->wake_seq);
     fastrnn_pool_affinity aff;
-    fastrnn_pool_affinity_init(&aff);
+    aff.away_from = -1;
     for (;;) {
         fastrnn_pool_affinity_restore(&aff);
         fastrnn_pool_sleep(&seen);
-        fastrnn_pool_step_aside(P, w, &aff);
+        if (fastrnn_pool_step_aside(P, w, &aff))
+            continue;                                   /* on the caller's CPU, no other: sleep */
         long long now = fastrnn_now_ns(), deadline = now + FASTRNN_POOL_READY_NS;
         atomic_store(&P->state[w].stamp, now);
         atomic_store(st, FASTRNN_W_READY);
@@ -258,12 +278,12 @@ static void *fastrnn_pool_worker(void *arg)
             if ((spin & 63) != 0)
                 continue;
             sched_yield();              /* anyone else runnable on this CPU goes first */
-            fastrnn_pool_step_aside(P, w, &aff);
+            int stuck = fastrnn_pool_step_aside(P, w, &aff);
             now = fastrnn_now_ns();
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
-            if (atomic_load_explicit(&P->owner, memory_order_relaxed))
+            if (atomic_load_explicit(&P->owner, memory_order_relaxed) && !stuck)
                 deadline = now + FASTRNN_POOL_READY_NS;     /* a call may want us */
-            else if (now > deadline) {
+            else if (now > deadline || stuck) {
                 int ready = FASTRNN_W_READY;
                 if (atomic_compare_exchange_strong(st, &ready, FASTRNN_W_IDLE))
                     break;                              /* nobody claimed us: sleep */
@@ -505,6 +525,13 @@ static void fastrnn_pool_stats(long *out)
     out[3] = fastrnn_pool.nworkers;
     out[4] = atomic_load(&fastrnn_pool.n_loops);
     out[5] = atomic_load(&fastrnn_pool.n_moved);
+}
+
+/* Test hook: the next time a worker looks where it runs, it finds itself on the last
+ * caller's CPU (and moves off it as it would). */
+static void fastrnn_pool_pretend_colocated(void)
+{
+    atomic_store(&fastrnn_pool.pretend_colocated, 1);
 }
 
 static void fastrnn_pool_refuse(int k, int any_stamp)
