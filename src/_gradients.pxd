@@ -206,7 +206,7 @@ cdef inline int weight_gradient(
 DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
 
 
-cdef inline int rows_scatter_add(
+cdef inline void rows_scatter_add(
         floating *out,              # OUT (V_out, N) := zeros, then the sums
         Py_ssize_t V_out,
         const floating *src,        # IN  (TB, N)
@@ -222,7 +222,7 @@ cdef inline int rows_scatter_add(
     sums build in a private buffer, copied out at the end: written in place, the
     line where two threads' blocks meet in every row of `out` went back and forth
     between the cores at every row of src. Without memory for that buffer a block is
-    summed in place (the same sums in the same order). Returns 0."""
+    summed in place (the same sums in the same order)."""
     cdef Py_ssize_t width, blk, nblk, c0, n, i, r, j, ld
     cdef floating *acc      # (V_out, n) this thread's sums, row stride ld
     cdef floating *o
@@ -251,4 +251,3 @@ cdef inline int rows_scatter_add(
             for i in range(V_out):
                 memcpy(out + i * N + c0, acc + i * n, n * sizeof(floating))
         free(acc)
-    return 0

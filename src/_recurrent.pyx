@@ -907,12 +907,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                 failed += backward_chunk(p_dgx, &p, &order[bounds[k]],
                                          bounds[k + 1] - bounds[k]) != 0
         if not failed and not short_team and x_ids is not None:
-            failed = (rows_scatter_add(&dx_table[0, 0], dx_table.shape[0], p_dgx, &x_ids[0, 0],
-                                       p_valid, V, G * H, n_threads) != 0
-                      or weight_gradient(&dw_hh[0, 0],
-                                         <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                                         &h_prev[0, 0, 0], p_valid, V, G * H, O, n_threads,
-                                         accumulate) != 0)
+            rows_scatter_add(&dx_table[0, 0], dx_table.shape[0], p_dgx, &x_ids[0, 0],
+                             p_valid, V, G * H, n_threads)
+            failed = weight_gradient(&dw_hh[0, 0], <floating *> p.dgh if p.dgh != NULL else p_dgx,
+                                     &h_prev[0, 0, 0], p_valid, V, G * H, O, n_threads,
+                                     accumulate) != 0
         elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,

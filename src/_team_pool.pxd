@@ -12,7 +12,7 @@ cdef extern from "team_pool.h" nogil:
     void fastrnn_pool_stats(long *out)
     int fastrnn_pool_hold(int hold)
     void fastrnn_pool_refuse(int k, int any_stamp)
-    void fastrnn_pool_pretend_colocated()
+    void fastrnn_pool_pretend_colocated(int on)
     void fastrnn_pool_note_openmp()
     int fastrnn_pool_openmp_spinning()
     void fastrnn_pool_set_openmp_window(long long ns, int make_default)

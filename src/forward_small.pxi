@@ -469,7 +469,7 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     which fast-path calls run alone (negative: the default, team_pool.h). Setting the
     window also ends the current one; colocated: the next time a worker looks where it
     runs, it finds itself on the last caller's CPU (and moves off it as it would).
-    pool_test_knobs() restores the defaults (the colocated look, once set, stays due)."""
+    pool_test_knobs() restores the defaults."""
     global SEGMENT_FLOP
     if refuse < 0 or segment_flop <= 0:
         raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
@@ -478,8 +478,7 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
                                    else -1, False)
-    if colocated:
-        fastrnn_pool_pretend_colocated()
+    fastrnn_pool_pretend_colocated(colocated)
 
 
 def set_openmp_spin_window(double seconds):

@@ -83,8 +83,9 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * threads each waiting 2-6 ms per call in the run queue (/proc schedstat). So a worker
  * publishes the CPU it runs on with its stamp, the caller does not claim a worker on
  * its own CPU, and a ready worker that finds itself on the caller's CPU moves itself
- * off it (its affinity, within the one it started with, without that CPU; restored
- * when it sleeps). Linux only (sched_getcpu); elsewhere the CPU is unknown (-1). */
+ * off it (fastrnn_pool_step_aside: its affinity less that CPU, given back when it
+ * sleeps; with no other CPU allowed it sleeps at once). Linux only (sched_getcpu);
+ * elsewhere the CPU is unknown (-1). */
 #if defined(__linux__) && defined(CPU_COUNT)     /* sched_getcpu, cpu_set_t: _GNU_SOURCE */
 #define FASTRNN_POOL_AFFINITY 1
 #else
@@ -527,11 +528,11 @@ static void fastrnn_pool_stats(long *out)
     out[5] = atomic_load(&fastrnn_pool.n_moved);
 }
 
-/* Test hook: the next time a worker looks where it runs, it finds itself on the last
- * caller's CPU (and moves off it as it would). */
-static void fastrnn_pool_pretend_colocated(void)
+/* Test hook: on = 1, the next time a worker looks where it runs, it finds itself on the
+ * last caller's CPU (and moves off it as it would); on = 0 takes that back. */
+static void fastrnn_pool_pretend_colocated(int on)
 {
-    atomic_store(&fastrnn_pool.pretend_colocated, 1);
+    atomic_store(&fastrnn_pool.pretend_colocated, on);
 }
 
 static void fastrnn_pool_refuse(int k, int any_stamp)
