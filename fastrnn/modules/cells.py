@@ -31,7 +31,7 @@ import numpy as np
 
 from fastrnn import _fastpath
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter, grad_targets, training_call
+from fastrnn.modules.module import Module, Parameter, aligned_zeros, grad_targets, training_call
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -57,11 +57,11 @@ class _CellBase(Module):
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.bias, self.dtype, self.seed = bool(bias), dt, seed
         GH = self._gates * self.hidden_size
-        self.weight_ih = Parameter(np.zeros((GH, self.input_size), dt))    # (G·H, I)
-        self.weight_hh = Parameter(np.zeros((GH, self.hidden_size), dt))   # (G·H, H)
+        self.weight_ih = Parameter(aligned_zeros((GH, self.input_size), dt))    # (G·H, I)
+        self.weight_hh = Parameter(aligned_zeros((GH, self.hidden_size), dt))   # (G·H, H)
         if self.bias:
-            self.bias_ih = Parameter(np.zeros(GH, dt))                     # (G·H,)
-            self.bias_hh = Parameter(np.zeros(GH, dt))                     # (G·H,)
+            self.bias_ih = Parameter(aligned_zeros(GH, dt))                     # (G·H,)
+            self.bias_hh = Parameter(aligned_zeros(GH, dt))                     # (G·H,)
         else:
             self.bias_ih = self.bias_hh = None  # what the kernels take for "no bias"
         self._stack = []  # per-step (cache, batched, B), most recent last

@@ -18,7 +18,7 @@ import numpy as np
 from fastrnn import _fastpath
 from fastrnn._validate import as_ids
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter, grad_targets, training_call
+from fastrnn.modules.module import Module, Parameter, aligned_zeros, grad_targets, training_call
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -184,7 +184,7 @@ class RNNBase(Module):
                 if self.proj_size:
                     shapes += [(f"weight_hr{sfx}", (self.proj_size, H))]  # (P, H)
                 for name, shape in shapes:
-                    setattr(self, name, Parameter(np.zeros(shape, self.dtype)))
+                    setattr(self, name, Parameter(aligned_zeros(shape, self.dtype)))
                 self._param_names.append([name for name, _ in shapes])
         self.reset_parameters(np.random.default_rng(init_seq))
 
