@@ -82,14 +82,16 @@ class _Plan:
 
     def schedule(self, T, B):
         """The general path's decisions for a (T, B) call, kept per (T, B): (pack_ih,
-        pack_hh, threaded, units_ok); threaded: per layer, whether it is big enough for
-        a team; units_ok: a team may split hidden units rather than rows."""
+        pack_hh, threaded, units_ok, rows_upto); threaded: per layer, whether it is big
+        enough for a team; units_ok: a team may split hidden units rather than rows,
+        unless it has at most rows_upto threads (F.rows_upto)."""
         s = self.scheds.get((T, B))
         if s is None:
-            pack_ih, pack_hh = F.pack_flags(T, B, self.G * self.H * self.H)
+            hh_size = self.G * self.H * self.H
+            pack_ih, pack_hh = F.pack_flags(T, B, hh_size)
             threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
             units_ok = F.splits_units(T, B, pack_hh)
-            s = (pack_ih, pack_hh, threaded, units_ok)
+            s = (pack_ih, pack_hh, threaded, units_ok, F.rows_upto(B, hh_size))
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()
             self.scheds[(T, B)] = s

@@ -346,9 +346,9 @@ def eval_layer(plan, x, hx):
             return None
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh, threaded, units_ok = schedule_of(plan, T, B)
+    pack_ih, pack_hh, threaded, units_ok, rows_upto = schedule_of(plan, T, B)
     cdef int n_team = plan.threads() if any(threaded) else 1
-    cdef bint by_units = units_ok and n_team > 1, team_units
+    cdef bint by_units = units_ok and n_team > 1 and n_team > rows_upto, team_units
     esize = sizeof(float) if single else sizeof(double)
     dims[0], dims[1], dims[2] = L, B, H
     h_n = cnp.PyArray_EMPTY(3, dims, typenum, 0)
@@ -421,7 +421,7 @@ def eval_cell(plan, x, hx):
             h0 = hx
     if plan_stale(plan.params):
         return False
-    pack_ih, pack_hh, threaded, units_ok = schedule_of(plan, 1, B)
+    pack_ih, pack_hh, threaded, units_ok, rows_upto = schedule_of(plan, 1, B)
     cdef int n = plan.threads() if threaded[0] else 1
     h_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     c_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0) if lstm else None
@@ -434,7 +434,7 @@ def eval_cell(plan, x, hx):
     cdef void *pc_n = offset(c_n, 0, 0)
     cdef const void *ph0 = offset(h0, 0, 0)
     cdef const void *pc0 = offset(c0, 0, 0)
-    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok
+    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok and n > rows_upto
     with nogil:
         y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
         if y == NULL:

@@ -228,6 +228,37 @@ def test_team_only_where_each_step_repays_its_barrier():
     assert not F.use_team(lstm_step(64, 64, 1), 1, 1, False)              # 66k
 
 
+def test_rows_not_units_once_every_thread_has_four_and_w_hh_is_small():
+    small, large = 4 * 512 * 512, 4 * 1024 * 1024      # W_hh values: LSTM H=512, 1024
+    assert F.rows_upto(8, small) == 2 and F.rows_upto(7, small) == 1
+    assert F.rows_upto(64, small) == 16 and F.rows_upto(8, large) == 0
+
+
+@pytest.mark.parametrize("B,units", [(6, True), (8, False)])
+def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
+    """rows_upto in training (the general path) and in the eval fast path's schedule,
+    and both splits give the numbers of one thread."""
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        m = fastrnn.LSTM(16, 32, seed=0)
+        x = np.random.default_rng(0).standard_normal((20, B, 16)).astype(np.float32)
+        y, _ = m(x)
+        assert spy.threads == [2] and spy.by_units == [units]
+        m.backward(np.ones_like(y))
+        m.eval()
+        sched = fastrnn._fastpath._plan(m, False).schedule(20, B)
+        assert sched[3] and (sched[4] < 2) == units         # units allowed; rows up to 2?
+        got = m(x)[0]
+        with F.thread_share(1):
+            want = m(x)[0]
+    finally:
+        fastrnn.set_num_threads(before)
+    assert np.array_equal(y, want) and np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("H,team", [(32, False), (64, True)])
 def test_small_steps_run_on_one_thread(H, team, monkeypatch):
     """The rule above reaches the kernel, in training and through the eval fast path."""
