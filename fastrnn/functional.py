@@ -313,7 +313,8 @@ def rows_upto(B, hh_size):
     ms: I=H=512 T=50 B=8 LSTM 8.30 -> 7.89, GRU 6.62 -> 6.00, RNN 2.01 -> 1.92; LSTM
     I=H=256 T=100 B=8 4.08 -> 4.01; LSTM I=H=512 B=12 11.94 -> 11.88. Larger W_hh
     lose: LSTM I=H=1024 T=25 B=8 17.3 -> 19.8, GRU 12.4 -> 13.1 (LSTM H=768, 9.4 MB:
-    even); and fewer rows a thread lose (LSTM H=512 B=6: 6.21 -> 6.64)."""
+    even); and fewer rows a thread lose (LSTM H=512 B=6: 6.21 -> 6.64). float64 LSTM
+    I=H=512 B=8 (8 MB of W_hh) gains too: 17.1-17.2 -> 16.1-16.3."""
     return B // ROWS_MIN_PER_THREAD if hh_size <= PACK_SMALL_MAX_WEIGHTS else 0
 
 

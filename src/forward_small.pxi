@@ -42,6 +42,9 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 # so a worker that wakes part-way joins soon. Tests set it lower (pool_test_knobs).
 cdef double SEGMENT_FLOP = 8e6
 
+# Teams run by this module's eval calls, by split: [rows, hidden units] (pool_stats).
+cdef long TEAMS_BY_SPLIT[2]
+
 
 cdef struct DigestJob:
     const char *base            # the weights' bytes
@@ -160,6 +163,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &crew, NULL, by_units, \
                 floating is float, fails
             if fastrnn_pool_try_run(team, forward_share, &ctx):
+                TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
                 for q in range(team):
                     fail[0] = fail[0] | fails[q]
                 break
@@ -434,7 +438,7 @@ def eval_cell(plan, x, hx):
     cdef void *pc_n = offset(c_n, 0, 0)
     cdef const void *ph0 = offset(h0, 0, 0)
     cdef const void *pc0 = offset(c0, 0, 0)
-    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok and n > rows_upto
+    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok   # (rows_upto: B >= 8 packs: rows)
     with nogil:
         y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
         if y == NULL:
@@ -452,11 +456,13 @@ def pool_stats():
     """The eval calls' worker pool (team_pool.h), for tests and docs: teams run (of the
     recurrence), tries refused because a worker was not ready, shares run by workers
     (of teams and of loops), workers made, loops run on a team (the weights' digest,
-    packing), times a ready worker moved off the caller's CPU."""
+    packing), times a ready worker moved off the caller's CPU; the small-batch fast
+    path's teams that split rows and that split hidden units."""
     cdef long out[6]
     fastrnn_pool_stats(out)
     return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
-            "loops": out[4], "moved": out[5]}
+            "loops": out[4], "moved": out[5], "row_teams": TEAMS_BY_SPLIT[0],
+            "unit_teams": TEAMS_BY_SPLIT[1]}
 
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,

@@ -8,10 +8,13 @@ chunks on two threads must give bitwise the one-thread numbers and match the
 reference, at inference and in training.
 """
 
+import time
+
 import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn import _recurrent
 from fastrnn import functional as F
 from fastrnn import reference as R
 
@@ -251,7 +254,16 @@ def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
         m.eval()
         sched = fastrnn._fastpath._plan(m, False).schedule(20, B)
         assert sched[3] and (sched[4] < 2) == units         # units allowed; rows up to 2?
-        got = m(x)[0]
+        key = "unit_teams" if units else "row_teams"
+        end = time.monotonic() + 5      # until the pool's worker is awake and a team runs
+        while True:
+            s0 = _recurrent.pool_stats()
+            got = m(x)[0]
+            s1 = _recurrent.pool_stats()
+            if s1["teams"] > s0["teams"]:
+                break
+            assert time.monotonic() < end, "no eval call ran on a team"
+        assert s1[key] == s0[key] + 1                       # the fast path split as planned
         with F.thread_share(1):
             want = m(x)[0]
     finally:

@@ -85,10 +85,11 @@ def test_calls_outside_the_fast_path_give_the_same_results():
 
 
 @pytest.mark.parametrize("cls", LAYERS)
-@pytest.mark.parametrize("T,B", [(1, 24), (40, 1), (50, 16), (6, 40)])
+@pytest.mark.parametrize("T,B", [(1, 24), (40, 1), (40, 5), (50, 16), (6, 40)])
 def test_large_calls_run_on_a_team_bitwise_the_general_path(cls, T, B):
     """Above functional.SMALL_WORK_FLOP the fast path runs a thread team (hidden units
-    split at small batch, rows at large), packed or not as the general path decides."""
+    split at batch 1 and 5, rows at 16 and more: functional.rows_upto), packed or not
+    as the general path decides."""
     m = getattr(fastrnn, cls)(64, 200, num_layers=2, seed=0).eval()
     x = np.random.default_rng(T + B).standard_normal((T, B, 64)).astype(np.float32)
     plan = _fastpath._plan(m, False)

@@ -69,6 +69,7 @@ def test_one_and_two_threads_bitwise_under_each_isa(isa, cell, split, monkeypatc
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6)    # units even where rows would win
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, np.float32, (5, 26, 19, 45), True, True, True, 21)
     assert_same_bits_for_thread_counts(cell, case, False, 22, (1, 2))

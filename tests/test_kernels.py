@@ -138,6 +138,7 @@ def test_one_and_two_threads_bitwise_identical(cell, dtype, split, batch, monkey
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # use every thread even for a small case
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6)    # units even where rows would win
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     case = make_case(cell, dtype, (7, batch, 13, 19), True, True, True, 5)
     assert_same_bits_for_thread_counts(cell, case, True, 6, (1, 2, 3))

@@ -104,6 +104,7 @@ def test_bf16_one_and_two_threads_bitwise_identical(medium, cell, split, monkeyp
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6)    # units even where rows would win
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     monkeypatch.setattr(F, "BACKWARD_UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
     case = make_case(cell, np.float32, (7, 11, 13, 45), True, True, True, 5)

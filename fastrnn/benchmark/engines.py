@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fastrnn.benchmark import common
+from fastrnn.modules.module import aligned_copy, aligned_zeros
 
 __all__ = ["Case", "EngineUnavailable", "FastrnnEngine", "TorchEngine", "OnnxEngine",
            "ENGINES", "available_peers"]
@@ -100,8 +101,8 @@ def _construct(cls, args, kwargs, dtype):
         module = cls(*args, **kwargs)
     for p in module.parameters():
         if p.data.dtype != dtype:
-            p.data = np.ascontiguousarray(p.data, dtype=dtype)
-            p.grad = np.zeros_like(p.data)
+            p.data = aligned_copy(p.data.astype(dtype))
+            p.grad = aligned_zeros(p.data.shape, dtype)
     return module
 
 

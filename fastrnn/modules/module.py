@@ -6,19 +6,21 @@ the order they were assigned, and names them the way torch.nn does
 (`lstm.weight_ih_l0`, `decoder.weight`), so that state dicts interchange.
 """
 
+import copy
 import functools
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zeros"]
+__all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zeros", "aligned_copy"]
 
 # Parameters start on a cache line. The batch-1 kernels read W_ih and W_hh in place,
-# and a 64-byte load that straddles two lines costs both; NumPy's own arrays start
-# 16 bytes past a line. LSTMCell I=256 H=1024 eval step on the 2-core Zen 4 EPYC
-# (AVX-512), four interleaved rounds of medians: 0.178 -> 0.155 ms; H=512
-# 0.057 -> 0.052 ms; GRUCell H=1024 0.125 -> 0.113 ms (docs/inference.md).
+# and a 64-byte load that straddles two lines costs both; NumPy's own arrays usually
+# do not start on one (large ones 16 bytes past a line). LSTMCell I=256 H=1024 eval
+# step on the 2-core Zen 4 EPYC (AVX-512), four interleaved rounds of medians:
+# 0.178 -> 0.155 ms; H=512 0.057 -> 0.052 ms; GRUCell H=1024 0.125 -> 0.113 ms
+# (docs/inference.md).
 ALIGN = 64
 
 # Guards the per-module bookkeeping of which threads are inside a call (held for
@@ -36,10 +38,21 @@ def aligned_zeros(shape, dtype):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _aligned_copy(a):
+def aligned_copy(a):
+    """A C-contiguous copy of array a whose data starts on an ALIGN-byte boundary."""
     out = aligned_zeros(a.shape, a.dtype)
     out[...] = a
     return out
+
+
+def _aligned_deepcopy(value, memo):
+    """copy.deepcopy(value, memo), an array copied straight into aligned memory (the
+    same array met twice in one deepcopy gives one copy, as deepcopy does)."""
+    if type(value) is not np.ndarray:
+        return copy.deepcopy(value, memo)
+    if id(value) not in memo:
+        memo[id(value)] = aligned_copy(value)
+    return memo[id(value)]
 
 
 def training_call(method):
@@ -71,13 +84,26 @@ class Parameter:
         self._grad = aligned_zeros(self.data.shape, self.data.dtype)
         self._grad_is_zero = False
 
-    def __setstate__(self, state):
-        # copy.deepcopy (and pickle): arrays come back from NumPy at any address, and
-        # the copy's data should start on a cache line as the original's did.
+    # Copies start on a cache line as the original did (NumPy's copies usually do not).
+    def __copy__(self):
+        new = Parameter.__new__(Parameter)
+        new.data, new._grad, new._grad_is_zero = self.data, self._grad, self._grad_is_zero
+        return new
+
+    def __deepcopy__(self, memo):
+        new = Parameter.__new__(Parameter)
+        memo[id(self)] = new
+        new.data = _aligned_deepcopy(self.data, memo)
+        new._grad = _aligned_deepcopy(self._grad, memo)
+        new._grad_is_zero = self._grad_is_zero
+        return new
+
+    def __setstate__(self, state):      # pickle
         _, slots = state
         for name, value in slots.items():
-            if name in ("data", "_grad") and isinstance(value, np.ndarray):
-                value = _aligned_copy(value)
+            if (name in ("data", "_grad") and isinstance(value, np.ndarray)
+                    and value.ctypes.data % ALIGN):
+                value = aligned_copy(value)
             object.__setattr__(self, name, value)
 
     @property
