@@ -59,8 +59,8 @@ PACK_SMALL_MAX_WEIGHTS = 1 << 20   # ... and W_hh has at most this many values
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
 UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
-ROWS_MIN_PER_THREAD = 4   # ... but rows when every thread gets this many and W_hh is
-                          # small (rows_upto)
+ROWS_MIN_PER_THREAD = 4   # ... but at inference rows when every thread gets this many
+                          # and W_hh is small (rows_upto)
 BACKWARD_UNITS_MAX_BATCH = 8   # backward's reverse loop splits hidden units up to this batch (measured:
                                # LSTM H=512 T=50 B=1 21.5 -> 15.7 ms, B=4 27.3 -> 23.0, neutral at 16-24)
 # Calls smaller than this run on one thread: waking a team costs ~3 us (Xeon KVM guest),
@@ -185,7 +185,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     by_units = (n > 1 and splits_units(T, B, pack_hh)
-                and n > rows_upto(B, args[10].size)
+                and (training or n > rows_upto(B, args[10].size))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
@@ -305,10 +305,14 @@ def splits_units(T, B, pack_hh):
 
 
 def rows_upto(B, hh_size):
-    """The most threads whose team splits B rows even where splits_units allows hidden
-    units: every thread gets ROWS_MIN_PER_THREAD rows, and W_hh (hh_size values) is at
-    most PACK_SMALL_MAX_WEIGHTS. Each thread then reads all of W_hh every step, from
-    the shared L3 (4 MB at LSTM H=512), with no barrier after each step.
+    """The most threads whose team splits B rows, at inference, even where
+    splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows, and
+    W_hh (hh_size values) is at most PACK_SMALL_MAX_WEIGHTS. Each thread then reads
+    all of W_hh every step, from the shared L3 (4 MB at LSTM H=512), with no barrier
+    after each step. Training keeps the unit split: its backward splits hidden units
+    up to BACKWARD_UNITS_MAX_BATCH and reads the saved gates by units (LSTM I=H=512
+    T=50 B=8 training step, five alternating process pairs: units 29.75-29.82 ms,
+    rows 30.09-30.22).
     Eval, 2-core Zen 4 EPYC (AVX-512), medians of 4 interleaved rounds, units -> rows,
     ms: I=H=512 T=50 B=8 LSTM 8.30 -> 7.89, GRU 6.62 -> 6.00, RNN 2.01 -> 1.92; LSTM
     I=H=256 T=100 B=8 4.08 -> 4.01; LSTM I=H=512 B=12 11.94 -> 11.88. Larger W_hh

@@ -239,8 +239,8 @@ def test_rows_not_units_once_every_thread_has_four_and_w_hh_is_small():
 
 @pytest.mark.parametrize("B,units", [(6, True), (8, False)])
 def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
-    """rows_upto in training (the general path) and in the eval fast path's schedule,
-    and both splits give the numbers of one thread."""
+    """rows_upto at inference (the general path with training=False, and the eval fast
+    path's schedule), not in training; every split gives the numbers of one thread."""
     spy = SplitSpy(F._recurrent)
     monkeypatch.setattr(F, "_recurrent", spy)
     before = fastrnn.get_num_threads()
@@ -249,8 +249,11 @@ def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
         m = fastrnn.LSTM(16, 32, seed=0)
         x = np.random.default_rng(0).standard_normal((20, B, 16)).astype(np.float32)
         y, _ = m(x)
-        assert spy.threads == [2] and spy.by_units == [units]
+        assert spy.threads == [2] and spy.by_units == [True]    # training: units
         m.backward(np.ones_like(y))
+        y_eval = F.lstm_forward(x, None, None, m.weight_ih_l0.data, m.weight_hh_l0.data,
+                                m.bias_ih_l0.data, m.bias_hh_l0.data, training=False)[0]
+        assert spy.by_units[-1] == units                        # the general eval path
         m.eval()
         sched = fastrnn._fastpath._plan(m, False).schedule(20, B)
         assert sched[3] and (sched[4] < 2) == units         # units allowed; rows up to 2?
@@ -269,6 +272,7 @@ def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
     finally:
         fastrnn.set_num_threads(before)
     assert np.array_equal(y, want) and np.array_equal(got, want)
+    assert np.array_equal(y_eval, want)
 
 
 @pytest.mark.parametrize("H,team", [(32, False), (64, True)])
