@@ -309,10 +309,10 @@ def rows_upto(B, hh_size):
     splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows, and
     W_hh (hh_size values) is at most PACK_SMALL_MAX_WEIGHTS. Each thread then reads
     all of W_hh every step, from the shared L3 (4 MB at LSTM H=512), with no barrier
-    after each step. Training keeps the unit split: its backward splits hidden units
-    up to BACKWARD_UNITS_MAX_BATCH and reads the saved gates by units (LSTM I=H=512
-    T=50 B=8 training step, five alternating process pairs: units 29.75-29.82 ms,
-    rows 30.09-30.22).
+    after each step. Training keeps the unit split as before: at B=8 its backward
+    splits hidden units too (BACKWARD_UNITS_MAX_BATCH), and rows in the forward made
+    the LSTM I=H=512 T=50 B=8 training step slower (five alternating process pairs:
+    units 29.75-29.82 ms, rows 30.09-30.22); B=9-24 in training was not measured.
     Eval, 2-core Zen 4 EPYC (AVX-512), medians of 4 interleaved rounds, units -> rows,
     ms: I=H=512 T=50 B=8 LSTM 8.30 -> 7.89, GRU 6.62 -> 6.00, RNN 2.01 -> 1.92; LSTM
     I=H=256 T=100 B=8 4.08 -> 4.01; LSTM I=H=512 B=12 11.94 -> 11.88. Larger W_hh

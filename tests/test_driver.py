@@ -253,7 +253,7 @@ def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
         m.backward(np.ones_like(y))
         y_eval = F.lstm_forward(x, None, None, m.weight_ih_l0.data, m.weight_hh_l0.data,
                                 m.bias_ih_l0.data, m.bias_hh_l0.data, training=False)[0]
-        assert spy.by_units[-1] == units                        # the general eval path
+        assert spy.threads[-1] == 2 and spy.by_units[-1] == units   # the general eval path
         m.eval()
         sched = fastrnn._fastpath._plan(m, False).schedule(20, B)
         assert sched[3] and (sched[4] < 2) == units         # units allowed; rows up to 2?
