@@ -438,7 +438,7 @@ def eval_cell(plan, x, hx):
     cdef void *pc_n = offset(c_n, 0, 0)
     cdef const void *ph0 = offset(h0, 0, 0)
     cdef const void *pc0 = offset(c0, 0, 0)
-    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok   # (rows_upto: B >= 8 packs: rows)
+    cdef bint pih = pack_ih, phh = pack_hh, units = units_ok and n > rows_upto
     with nogil:
         y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
         if y == NULL:

@@ -101,7 +101,7 @@ def _construct(cls, args, kwargs, dtype):
         module = cls(*args, **kwargs)
     for p in module.parameters():
         if p.data.dtype != dtype:
-            p.data = aligned_copy(p.data.astype(dtype))
+            p.data = aligned_copy(p.data, dtype)
             p.grad = aligned_zeros(p.data.shape, dtype)
     return module
 

@@ -38,9 +38,10 @@ def aligned_zeros(shape, dtype):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def aligned_copy(a):
-    """A C-contiguous copy of array a whose data starts on an ALIGN-byte boundary."""
-    out = aligned_zeros(a.shape, a.dtype)
+def aligned_copy(a, dtype=None):
+    """A C-contiguous copy of array a (cast to dtype if given) whose data starts on an
+    ALIGN-byte boundary."""
+    out = aligned_zeros(a.shape, a.dtype if dtype is None else dtype)
     out[...] = a
     return out
 
