@@ -30,6 +30,7 @@ from collections import OrderedDict
 import numpy as np
 
 from fastrnn import io as fio
+from fastrnn._atomic import replacing
 from fastrnn.lm import RNNLanguageModel
 from fastrnn.modules.module import Module
 from fastrnn.nn import Dropout, Embedding, Linear, ModuleList, Sequential
@@ -182,11 +183,9 @@ def _from_checkpoint(data, what):
 def save_model(path, module):
     """Write `to_bytes(module)` to `path` (via a temporary name, then renamed)."""
     data = to_bytes(module)
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def load_model(path):

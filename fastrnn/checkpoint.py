@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from fastrnn._atomic import replacing, stale_temporaries
+
 __all__ = ["CheckpointError", "CheckpointWriteError", "Checkpoint", "save_checkpoint",
            "load_checkpoint", "FORMAT", "VERSION"]
 
@@ -50,33 +52,21 @@ class CheckpointWriteError(OSError, CheckpointError):
         return self.strerror if self.strerror else super().__str__()
 
 
-def _tmp_prefix(path):
-    return f"{os.path.basename(path)}.tmp"
-
-
 def _remove_stale_tmp(path):
-    """Remove temporary files of saves to `path` whose process no longer runs."""
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = _tmp_prefix(path)
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        pid = name[len(prefix):]
-        if not (name.startswith(prefix) and pid.isdigit()):
-            continue
-        pid = int(pid)
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue            # that process is alive: maybe saving right now
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
+    """Remove temporary files of saves to `path` whose process no longer runs
+    (killed while writing; _atomic.stale_temporaries)."""
+    for name, pid in stale_temporaries(path):
+        if pid == os.getpid():
+            continue                # this process: another thread may be saving now
         try:
-            os.remove(os.path.join(directory, name))
+            os.kill(pid, 0)
+            continue                # that process is alive: maybe saving right now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.remove(name)
         except OSError:
             pass
 
@@ -188,27 +178,20 @@ def save_checkpoint(path, model, optimizer=None, tokenizer=None, config=None,
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f"{_tmp_prefix(path)}{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())     # the data is on disk before the name points at it
-        os.replace(tmp, path)
-        _fsync_directory(directory)  # ... and the rename itself is on disk
+        with replacing(path) as tmp:     # removed again if anything below fails
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())     # the data is on disk before the name points at it
+        _fsync_directory(directory)      # ... and the rename itself is on disk
     except OSError as e:
         why = e.strerror or str(e)
         raise CheckpointWriteError(
             e.errno, f"{path}: could not write the checkpoint: {why} (errno {e.errno}); the "
                      f"previous checkpoint, if any, is unchanged and no partial file was left"
         ) from None
-    finally:
-        if os.path.exists(tmp):
-            try:
-                os.remove(tmp)
-            except OSError:   # pragma: no cover - nothing more can be done
-                pass
     _remove_stale_tmp(path)
     return path
 

@@ -27,6 +27,7 @@ import zipfile
 
 import numpy as np
 
+from fastrnn._atomic import replacing
 from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell
 from fastrnn.modules.module import Module
 from fastrnn.modules.rnn import GRU, LSTM, RNN
@@ -70,11 +71,9 @@ def save(path, module):
     arrays = {HEADER_KEY: np.array([text])}          # (1,) unicode
     for key, value in module.state_dict().items():
         arrays[key] = value
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:                        # a file object: numpy keeps the name
-        np.savez(f, **arrays)
-    os.replace(tmp, path)                             # never leave a half-written file
+    with replacing(path) as tmp:                      # never leave a half-written file
+        with open(tmp, "wb") as f:                    # a file object: numpy keeps the name
+            np.savez(f, **arrays)
 
 
 def _fail(path, why):

@@ -46,6 +46,7 @@ import os
 
 import numpy as np
 
+from fastrnn._atomic import replacing
 from fastrnn.modules.module import Module
 from fastrnn.modules.rnn import GRU, LSTM, RNN, RNNBase
 from fastrnn.nn import Dropout, Embedding, Linear, Sequential
@@ -321,9 +322,8 @@ def export(model, path, opset=DEFAULT_OPSET, *, initial_state=False, lengths=Fal
                        ir_version=b.h.find_min_ir_version_for(opsets))
     onnx.checker.check_model(m, full_check=True)
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    onnx.save_model(m, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        onnx.save_model(m, tmp)
     return path
 
 

@@ -31,6 +31,8 @@ import sys
 
 import numpy as np
 
+from fastrnn._atomic import replacing
+
 __all__ = ["main", "build_parser"]
 
 
@@ -172,15 +174,14 @@ def _progress_compute(objs, client, progress):
 
 
 def _write_npy(path, parts, total_shape, dtype):
-    out = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=dtype,
-                                    shape=total_shape)
-    a = 0
-    for p in parts:
-        out[a:a + len(p)] = p
-        a += len(p)
-    out.flush()
-    del out
-    os.replace(path + ".tmp.npy", path)
+    with replacing(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=total_shape)
+        a = 0
+        for p in parts:
+            out[a:a + len(p)] = p
+            a += len(p)
+        out.flush()
+        del out
 
 
 def _run(args, out):

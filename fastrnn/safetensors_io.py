@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from fastrnn._atomic import replacing
+
 __all__ = ["save", "load", "load_weights", "read", "MAX_HEADER"]
 
 MAX_HEADER = 100 * 1024 * 1024     # the reference implementation's limit
@@ -59,14 +61,12 @@ def write(path, tensors, metadata=None):
         header["__metadata__"] = dict(metadata)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)             # align the data to 8 bytes
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for c in chunks:
-            f.write(c)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(len(text).to_bytes(8, "little"))
+            f.write(text)
+            for c in chunks:
+                f.write(c)
 
 
 def read(path):

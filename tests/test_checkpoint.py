@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from fastrnn._atomic import TMP_SUFFIX
 from fastrnn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastrnn.cli import DEFAULT_TEXT
 from fastrnn.data.tokenizers import CharTokenizer
@@ -57,7 +58,7 @@ def test_roundtrip_and_no_pickle(tmp_path):
     ck.load_optimizer(opt2)
     assert opt2.step_count == 1 and opt2.lr == 1e-2
     np.testing.assert_array_equal(opt2.state[0]["exp_avg"], opt.state[0]["exp_avg"])
-    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    assert not any(p.name.endswith(TMP_SUFFIX) for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("kw", [

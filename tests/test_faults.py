@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn._atomic import TMP_SUFFIX
 from fastrnn.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from fastrnn.cli import DEFAULT_TEXT
 
@@ -68,7 +69,7 @@ def assert_same_checkpoint(a, b):
 
 
 def tmp_files(directory):
-    return [n for n in os.listdir(directory) if ".tmp" in n]
+    return [n for n in os.listdir(directory) if n.endswith(TMP_SUFFIX)]
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -169,10 +170,13 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
     lm = fastrnn.RNNLanguageModel(5, 3, 4, 1, "gru", 0.0, np.float32, 0)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    (tmp_path / f"c.npz.tmp{dead}").write_bytes(b"half a checkpoint")
-    (tmp_path / "other.npz.tmp1").write_bytes(b"not ours")
+    (tmp_path / f".c.npz.{dead}.0123456789ab{TMP_SUFFIX}").write_bytes(b"half a checkpoint")
+    users = ["c.npz.tmp", f"c.npz.tmp{dead}", "other.npz.tmp1",
+             f".other.npz.{dead}.0123456789ab{TMP_SUFFIX}"]
+    for name in users:   # a user's files, whatever their names, are never touched
+        (tmp_path / name).write_bytes(b"not ours")
     save_checkpoint(str(tmp_path / "c.npz"), lm)
-    assert sorted(os.listdir(tmp_path)) == ["c.npz", "other.npz.tmp1"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.npz", *users])
 
 
 def test_nonfinite_parameters_are_never_saved(tmp_path):

@@ -1,0 +1,74 @@
+"""Writing a file so that a failure never loses the one it replaces.
+
+    with replacing(path) as tmp:      # tmp: a new, empty file beside path
+        with open(tmp, "wb") as f:
+            ...                       # write everything
+    # here tmp has been renamed over path (one atomic rename)
+
+If the block raises (disk full, file too large, an exception while
+serialising), the temporary file is removed and `path` is left as it was.
+
+The temporary name is hidden, unique and made with O_EXCL:
+".<name>.<pid>.<random>.fastrnn-tmp" beside `path`. A fixed name such as
+"<path>.tmp" would overwrite whatever file of the user's has that name.
+"""
+
+import os
+import re
+import secrets
+from contextlib import contextmanager
+
+__all__ = ["replacing", "stale_temporaries"]
+
+TMP_SUFFIX = ".fastrnn-tmp"
+
+
+def _temporary_name(path):
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+
+
+def _remove(name):
+    try:
+        os.remove(name)
+    except OSError:
+        pass
+
+
+@contextmanager
+def replacing(path):
+    """Yield the name of a new empty file beside `path`; when the block ends normally
+    it replaces `path`, when it raises it is removed."""
+    path = os.fspath(path)
+    while True:
+        tmp = _temporary_name(path)
+        try:   # 0o666 & ~umask, as open(path, "w") would give the file itself
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
+            break
+        except FileExistsError:   # 48 random bits taken: draw again
+            continue
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def stale_temporaries(path):
+    """(name, pid) of the temporary files that `replacing(path)` calls left beside
+    `path` (a process killed while writing), for the caller to judge and remove."""
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{base}.") + r"(\d+)\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m:
+            found.append((os.path.join(directory, name), int(m.group(1))))
+    return found
