@@ -135,6 +135,22 @@ def test_every_parameter_change_is_seen(cls):
     assert not np.array_equal(check(), loaded)
 
 
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_changed_setting_is_seen(cls):
+    """A setting changed after an eval call (batch_first here) is read by the next one,
+    as by a module built with it: the fast path's plan does not keep the old one."""
+    m = getattr(fastrnn, cls)(3, 5, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)   # (T, B, I)
+    m(x)                                                  # builds the plan
+    assert took_fast_path(m)
+    m.batch_first = True                                  # x is now read as (B, T, I)
+    fresh = getattr(fastrnn, cls)(3, 5, seed=0, batch_first=True).eval()
+    assert_bitwise(m(x), fresh(x))
+    m.batch_first = False
+    assert_bitwise(m(x), getattr(fastrnn, cls)(3, 5, seed=0).eval()(x))
+    assert took_fast_path(m)
+
+
 def test_cell_parameter_changes_are_seen():
     c = fastrnn.GRUCell(4, 8, seed=0).eval()
     x = np.ones((2, 4), np.float32)

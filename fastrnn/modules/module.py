@@ -195,9 +195,12 @@ class Module:
         self._modules.pop(name, None)
         if isinstance(value, Parameter):
             params[name] = value
-            self.__dict__.pop("_fp_plan", None)  # the eval fast path validates it again
         elif isinstance(value, Module):
             self._modules[name] = value
+        if isinstance(value, Parameter) or (name != "training" and not name.startswith("_")):
+            # the eval fast path's plan holds the parameter arrays it validated and
+            # the settings it read (batch_first, bidirectional, ...): build it again
+            self.__dict__.pop("_fp_plan", None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
