@@ -8,6 +8,8 @@ sum of the backward calls since the last zero_grad, however .grad is read,
 replaced or zeroed in between, and the functional `out=` checks its arrays.
 """
 
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -84,13 +86,49 @@ def test_zero_grad_reads_as_zero_and_is_lazy():
     m.train()
     run_backward(m, 1)
     p = m.weight_hh_l0
-    stale = p._grad
+    ident, addr = id(p._grad), p._grad.ctypes.data   # (no reference kept: see below)
+    first = float(p._grad.reshape(-1)[0])
+    assert first != 0
     m.zero_grad()
-    assert np.any(stale != 0)                # nothing was written yet ...
+    assert id(p._grad) == ident              # the same array ...
+    assert ctypes.c_float.from_address(addr).value == first   # ... nothing written yet ...
     assert np.all(p.grad == 0)               # ... but .grad reads as zero
     run_backward(m, 2)                       # and backward then adds to those zeros
     want = fresh_grads(make_layer("lstm", np.float32).train(), 2)
     assert np.array_equal(p.grad, want["weight_hh_l0"])
+
+
+def test_a_kept_gradient_array_keeps_its_values():
+    """docs/layers.md: an array kept from before zero_grad() keeps its old values, as
+    with torch's zero_grad(set_to_none=True); reading .grad or the next backward
+    does not touch it."""
+    m = make_layer("gru", np.float64)
+    m.train()
+    run_backward(m, 1)
+    kept = m.weight_hh_l0.grad
+    view = m.bias_ih_l0.grad[2:5]            # a view keeps its array too
+    before, before_view = kept.copy(), view.copy()
+    m.zero_grad()
+    assert np.all(m.weight_hh_l0.grad == 0)
+    run_backward(m, 2)
+    assert np.array_equal(kept, before) and np.array_equal(view, before_view)
+    want = fresh_grads(make_layer("gru", np.float64).train(), 2)
+    assert np.array_equal(m.weight_hh_l0.grad, want["weight_hh_l0"])
+    assert np.array_equal(m.bias_ih_l0.grad, want["bias_ih_l0"])
+
+
+def test_a_training_loop_keeps_its_gradient_arrays():
+    """Nobody keeps .grad in an ordinary loop: zero_grad reuses the arrays (no new
+    allocation per step; the kernels write into them)."""
+    m = make_layer("lstm", np.float32)
+    m.train()
+    opt = SGD(m.parameters(), lr=0.01)
+    ids = [id(p._grad) for p in m.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        run_backward(m, 1)
+        opt.step()
+    assert [id(p._grad) for p in m.parameters()] == ids
 
 
 def test_optimiser_zero_grad_is_lazy_too():

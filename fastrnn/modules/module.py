@@ -8,6 +8,7 @@ the order they were assigned, and names them the way torch.nn does
 
 import copy
 import functools
+import sys
 import threading
 from collections import OrderedDict
 
@@ -76,6 +77,9 @@ class Parameter:
     (for an LSTM layer of 1024 units that spares a 32 MB fill and a 32 MB add
     per step). Reading `.grad` before then fills it with zeros, so what `.grad`
     shows is always the sum of the backward calls since the last zero_grad.
+    An array of an earlier `.grad` that is still referenced elsewhere keeps its
+    values: zero_grad then gives the parameter a new array (as torch's default
+    `zero_grad(set_to_none=True)` leaves a kept tensor alone).
     """
 
     __slots__ = ("data", "_grad", "_grad_is_zero")
@@ -121,6 +125,16 @@ class Parameter:
 
     def zero_grad(self):
         """Set the gradient to zero (lazily: see the class docstring)."""
+        g = self._grad
+        # references: this slot, `g` and getrefcount's argument; a view of g refers to
+        # the array that owns the memory, g.base (g's own reference to it, `base`, the
+        # argument)
+        kept = sys.getrefcount(g) > 3
+        if not kept and g.base is not None:
+            base = g.base
+            kept = sys.getrefcount(base) > 3
+        if kept:   # someone keeps the array or a view of it: it keeps its values
+            self._grad = aligned_zeros(g.shape, g.dtype)
         self._grad_is_zero = True
 
     def add_grad(self, g):
