@@ -253,10 +253,16 @@ def test_load_state_dict_reports_keys_by_name():
 def test_bad_x():
     m = fastrnn.LSTM(I, H)                        # float32
     ok = np.zeros((T, B, I), np.float32)
-    with pytest.raises(TypeError, match=r"x: expected dtype float32 .*got float64"):
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 .*got float64; convert "
+                                        r"with .astype\(np.float32\) or build the module with "
+                                        r"dtype=np.float64$"):
         m(ok.astype(np.float64))
-    with pytest.raises(TypeError, match=r"x: expected dtype float32 .*got int64"):
-        m(np.zeros((T, B, I), np.int64))
+    for dt in (np.int64, np.float16):    # no module takes these: the hint is the cast alone
+        with pytest.raises(TypeError, match=rf"x: expected dtype float32 .*got {np.dtype(dt)}; "
+                                            r"convert with .astype\(np.float32\)$"):
+            m(np.zeros((T, B, I), dt))
+        with pytest.raises(TypeError, match=r"input: .* convert with .astype\(np.float32\)$"):
+            fastrnn.GRUCell(I, H)(np.zeros((B, I), dt))
     with pytest.raises(ValueError,
                        match=r"x: expected a 3-D array \(T, B, I\), got shape \(5, 4\)"):
         m(ok[:, 0])

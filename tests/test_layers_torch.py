@@ -192,3 +192,13 @@ def test_torch_state_dict_loads_directly(cell):
         assert_close(state[1], t_state[1].numpy(), 1e-5, "c_n")
     else:
         assert_close(state, t_state.numpy(), 1e-5, "h_n")
+
+
+def test_torch_bfloat16_state_dict_loads_exactly():
+    """torch loads a bfloat16 state_dict into a float32 module; so does fastrnn (bf16 has
+    no NumPy dtype: it is read through float32, which holds every bf16 value)."""
+    theirs = torch.nn.GRU(I, H).bfloat16()
+    ours = fastrnn.GRU(I, H)
+    ours.load_state_dict(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        np.testing.assert_array_equal(ours.state_dict()[k], v.float().numpy())

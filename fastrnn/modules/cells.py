@@ -134,9 +134,10 @@ class _CellBase(Module):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name}: expected a numpy array of dtype {self.dtype}, "
                             f"got {type(a).__name__}")
+        other = (f" or build the cell with dtype=np.{a.dtype}"
+                 if a.dtype in (np.float32, np.float64) else "")   # the dtypes it takes
         raise TypeError(f"{name}: expected dtype {self.dtype} (the cell's dtype), got "
-                        f"{a.dtype}; convert with .astype(np.{self.dtype}) or build the cell "
-                        f"with dtype=np.{a.dtype}")
+                        f"{a.dtype}; convert with .astype(np.{self.dtype}){other}")
 
     def _push(self, cache, batched, B):
         if self.training:

@@ -265,7 +265,8 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the parameters, checking every name and shape.
 
-        Values may be anything `np.asarray` reads (a CPU torch tensor does).
+        Values may be anything `np.asarray` reads (a CPU torch tensor does; a
+        bfloat16 one is read through float32, exactly).
         Values are cast to each parameter's dtype. With `strict`, missing or
         unexpected keys are an error; mis-shaped or non-numeric values always are. Returns
         `(missing, unexpected)` key lists.
@@ -274,7 +275,11 @@ class Module:
         given = OrderedDict()
         for key, value in state_dict.items():
             if hasattr(value, "detach"):  # a torch tensor: leave autograd first
-                value = value.detach().cpu().numpy()
+                value = value.detach().cpu()
+                if getattr(value, "is_floating_point", lambda: False)() and str(
+                        value.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+                    value = value.float()   # bfloat16 (no NumPy dtype): exact in float32
+                value = value.numpy()
             given[key] = np.asarray(value)
         missing = [k for k in own if k not in given]
         unexpected = [k for k in given if k not in own]

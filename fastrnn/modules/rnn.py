@@ -258,9 +258,10 @@ class RNNBase(Module):
         if not isinstance(a, np.ndarray):
             a = np.asarray(a)
         if a.dtype != self.dtype:  # never a silent cast
+            other = (f" or build the module with dtype=np.{a.dtype}"
+                     if a.dtype in (np.float32, np.float64) else "")   # the dtypes it takes
             raise TypeError(f"{name}: expected dtype {self.dtype} (the module's dtype), got "
-                            f"{a.dtype}; convert with .astype(np.{self.dtype}) or build "
-                            f"the module with dtype=np.{a.dtype}")
+                            f"{a.dtype}; convert with .astype(np.{self.dtype}){other}")
         if a.shape != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
         return np.ascontiguousarray(a)
