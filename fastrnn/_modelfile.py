@@ -32,7 +32,7 @@ import numpy as np
 from fastrnn import io as fio
 from fastrnn._atomic import replacing
 from fastrnn.lm import RNNLanguageModel
-from fastrnn.modules.module import Module
+from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
 from fastrnn.nn import Dropout, Embedding, Linear, ModuleList, Sequential
 
 __all__ = ["to_bytes", "from_bytes", "save_model", "load_model", "digest"]
@@ -116,7 +116,12 @@ def _build(node):
     cls = fio._REGISTRY.get(name) or (_LEAVES[name][0] if name in _LEAVES else None)
     if cls is None:
         raise ValueError(f"unknown class {name!r}")
-    config = dict(node.get("config") or {})
+    config = node.get("config") or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: config must be an object, got {type(config).__name__}")
+    wrong = fio._config_type_errors(cls, config)
+    if wrong:
+        raise ValueError(f"{name} config: " + "; ".join(wrong))
     return cls(**config)
 
 
@@ -131,6 +136,9 @@ def from_bytes(data, what="model bytes"):
         raise ValueError(f"{what}: not a fastrnn model archive ({e})") from None
     if bad is not None:
         raise ValueError(f"{what}: corrupted archive: member {bad!r} fails its CRC-32 check")
+    problem = fio.members_problem(names)
+    if problem:
+        raise ValueError(f"{what}: {problem}")
     if TREE_KEY + ".npy" not in names:
         if "meta.npy" in names:        # a language-model checkpoint
             return _from_checkpoint(data, what)
@@ -152,10 +160,15 @@ def from_bytes(data, what="model bytes"):
         raise ValueError(f"{what}: not a fastrnn model tree")
     if meta.get("version") != TREE_VERSION:
         raise ValueError(f"{what}: unsupported model tree version {meta.get('version')!r}")
+    stored = sum(a.size for a in arrays.values())
     try:
-        module = _build(meta.get("tree"))
-    except (TypeError, ValueError, KeyError) as e:
-        raise ValueError(f"{what}: invalid model tree ({e})") from None
+        with parameter_budget(fio.budget_for(stored)):
+            module = _build(meta.get("tree"))
+    except ParameterBudgetError:
+        raise ValueError(f"{what}: the model tree declares more parameter values than the "
+                         f"{stored} stored") from None
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as e:
+        raise ValueError(f"{what}: invalid model tree ({type(e).__name__}: {e})") from None
     own = dict(module.named_parameters())
     wrong = [f"{k}: expected {p.dtype}, got {arrays[k].dtype}"
              for k, p in own.items() if k in arrays and arrays[k].dtype != p.dtype]

@@ -114,11 +114,18 @@ class Checkpoint:
 
     def build_model(self):
         """A fresh RNNLanguageModel with the saved weights."""
+        from fastrnn.io import budget_for
         from fastrnn.lm import RNNLanguageModel
+        from fastrnn.modules.module import ParameterBudgetError, parameter_budget
+        stored = sum(a.size for a in self.model_state.values())
         try:
-            model = RNNLanguageModel.from_config(self.model_config)
+            with parameter_budget(budget_for(stored)):
+                model = RNNLanguageModel.from_config(self.model_config)
             model.load_state_dict(self.model_state)
-        except (TypeError, ValueError) as e:
+        except ParameterBudgetError:
+            raise CheckpointError(f"{self.path}: the model config declares more parameter "
+                                  f"values than the {stored} stored") from None
+        except (TypeError, ValueError, OverflowError) as e:
             raise CheckpointError(f"{self.path}: model does not match its config: {e}") from None
         return model
 
@@ -218,8 +225,8 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: not a fastrnn checkpoint (no 'meta' entry)")
     try:
         meta = json.loads(str(arrays.pop("meta")))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt metadata: {e}") from None
+    except (ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: corrupt metadata: {type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastrnn checkpoint (format tag "
                               f"{meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -227,6 +234,9 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is not "
                               f"supported (this fastrnn reads version {VERSION})")
     digests = meta.get("digests", {})
+    if not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise CheckpointError(f"{path}: corrupt metadata: 'digests' must map entry names to "
+                              f"strings, got {type(digests).__name__}")
     missing = sorted(set(digests) - set(arrays))
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing entries: {', '.join(missing)}")

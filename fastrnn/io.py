@@ -21,6 +21,7 @@ saying what.
 `from_torch` / `to_torch` import torch only when called.
 """
 
+import inspect
 import json
 import os
 import zipfile
@@ -29,7 +30,7 @@ import numpy as np
 
 from fastrnn._atomic import replacing
 from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell
-from fastrnn.modules.module import Module
+from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
 from fastrnn.modules.rnn import GRU, LSTM, RNN
 
 __all__ = ["save", "load", "load_weights", "register", "from_torch", "to_torch"]
@@ -76,6 +77,14 @@ def save(path, module):
             np.savez(f, **arrays)
 
 
+def budget_for(stored):
+    """The parameter_budget for building a module whose file stores `stored` values:
+    the parameters and their gradients (2 values each) of a module up to twice as
+    large, plus 2^20: memory in proportion to the file, and room for a file that
+    lacks a parameter or two to reach the exact check of its names and shapes."""
+    return 4 * stored + (1 << 20)
+
+
 def _fail(path, why):
     return ValueError(f"fastrnn.load({path!r}): {why}")
 
@@ -115,6 +124,7 @@ def _check_zip(path):
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()  # reads every member: catches flipped bits in the data too
+            names = zf.namelist()
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except zipfile.BadZipFile as e:
@@ -126,6 +136,23 @@ def _check_zip(path):
         raise _fail(path, f"corrupted archive ({type(e).__name__}: {e})") from e
     if bad is not None:
         raise _fail(path, f"corrupted archive: member {bad!r} fails its CRC-32 check")
+    problem = members_problem(names)
+    if problem:
+        raise _fail(path, problem)
+
+
+def members_problem(names):
+    """What is wrong with the member names of a fastrnn .npz archive, or None: each
+    member a .npy array (np.load hands other members over as raw bytes), each name
+    once (np.load would silently take the last of several)."""
+    seen = set()
+    for name in names:
+        if not name.endswith(".npy"):
+            return f"member {name!r} is not a .npy array"
+        if name in seen:
+            return f"member {name!r} appears more than once"
+        seen.add(name)
+    return None
 
 
 def _build(path, header, arrays):
@@ -137,8 +164,8 @@ def _build(path, header, arrays):
                           f"shape {header.shape}")
     try:
         meta = json.loads(str(header.reshape(-1)[0]))
-    except ValueError as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:
+        raise _fail(path, f"header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "header is not a fastrnn header")
     if meta.get("version") != VERSION:
@@ -151,6 +178,9 @@ def _build(path, header, arrays):
     config = meta.get("config")
     if not isinstance(config, dict):
         raise _fail(path, "header has no config object")
+    wrong = _config_type_errors(cls, config)
+    if wrong:
+        raise _fail(path, f"invalid {cls.__name__} config: " + "; ".join(wrong))
     # Sizes in an honest file never exceed the number of stored values; a
     # corrupted one must not make us allocate absurd amounts of memory.
     stored = sum(a.size for a in arrays.values())
@@ -158,9 +188,32 @@ def _build(path, header, arrays):
         if isinstance(v, int) and not isinstance(v, bool) and k != "seed" and v > max(stored, 1):
             raise _fail(path, f"config {k}={v} is inconsistent with the {stored} stored values")
     try:
-        return cls(**config)
-    except (TypeError, ValueError, MemoryError) as e:
+        with parameter_budget(budget_for(stored)):
+            return cls(**config)
+    except ParameterBudgetError:
+        raise _fail(path, f"config {config} declares more parameter values than the "
+                          f"{stored} stored") from None
+    except (TypeError, ValueError, MemoryError, OverflowError) as e:
         raise _fail(path, f"invalid {cls.__name__} config {config} ({e})") from e
+
+
+def _config_type_errors(cls, config):
+    """Config values whose JSON type differs from their constructor default's: a
+    constructor takes bool("false") as True, so a file must say true or false."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):   # pragma: no cover - no signature to compare with
+        return []
+    wrong = []
+    for k, v in config.items():
+        p = params.get(k)
+        if p is None or p.default is inspect.Parameter.empty or p.default is None:
+            continue
+        if isinstance(p.default, bool) and not isinstance(v, bool):
+            wrong.append(f"{k} must be true or false, got {v!r}")
+        elif (type(p.default) is int and (isinstance(v, bool) or not isinstance(v, int))):
+            wrong.append(f"{k} must be an integer, got {v!r}")
+    return wrong
 
 
 def _load_arrays(path, module, arrays):

@@ -42,6 +42,7 @@ sequence, the lengths and the initial states, and what each graph output is
 (see `run`).
 """
 
+import math
 import os
 
 import numpy as np
@@ -56,6 +57,7 @@ __all__ = ["export", "load", "run", "DEFAULT_OPSET", "MIN_OPSET"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14          # LSTM-14 / GRU-14 / RNN-14, ReduceSum with axes as an input
+FOLD_MAX_VALUES = 1 << 24   # largest constant a load computes from other constants
 
 # torch block k comes from ONNX block _TO_TORCH[cell][k]; and the inverse
 _TO_TORCH = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
@@ -445,6 +447,14 @@ class _Loader:
         return ValueError(f"fastrnn.onnx.load({self.path!r}): {where}{why}")
 
     # -- helpers ---------------------------------------------------------------
+    def fold_size(self, node, shape):
+        """Refuse to fold a constant of more than FOLD_MAX_VALUES values (a model of a
+        few bytes could otherwise ask for gigabytes)."""
+        n = math.prod(int(s) for s in shape)
+        if n > FOLD_MAX_VALUES:
+            raise self.fail(f"a constant of shape {list(shape)} ({n} values; at most "
+                            f"{FOLD_MAX_VALUES} are folded)", node)
+
     def attrs(self, node):
         return {a.name: self.onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -585,6 +595,7 @@ class _Loader:
                 return np.array(x.shape, np.int64)
             if op == "ConstantOfShape":
                 v = self.nh.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+                self.fold_size(node, [int(s) for s in x])
                 return np.full([int(s) for s in x], v.reshape(-1)[0], v.dtype)
             if op in ("Add", "Sub", "Mul", "Div"):
                 f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}.get(op)
@@ -593,6 +604,8 @@ class _Loader:
                             else ins[0] / ins[1])
                 return f(ins[0], ins[1])
             if op == "MatMul":
+                self.fold_size(node, np.broadcast_shapes(ins[0].shape[:-2], ins[1].shape[:-2])
+                               + ins[0].shape[-2:-1] + ins[1].shape[-1:])
                 return ins[0] @ ins[1]
             if op == "ReduceSum":
                 axes = self.axes_arg(node, a, ins, 1)
@@ -1212,7 +1225,13 @@ def load(path):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             raise ValueError(f"fastrnn.onnx.load({path!r}): initializer {t.name!r} is stored in "
                              f"an external file; not supported")
-    return _Loader(model, path).run()
+    try:
+        return _Loader(model, path).run()
+    except (TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError) as e:
+        # a node whose attributes or inputs are missing or of the wrong kind (a damaged
+        # file) trips Python in the middle of the walk; say so for the file
+        raise ValueError(f"fastrnn.onnx.load({path!r}): malformed model "
+                         f"({type(e).__name__}: {e})") from e
 
 
 def run(model, feeds):

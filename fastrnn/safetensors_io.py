@@ -14,12 +14,18 @@ of NumPy arrays for `load_state_dict`. BF16 tensors are widened to float32
 (exactly). Every file is checked before anything is read: header length and
 JSON, known dtypes, shapes matching byte counts, offsets in bounds, contiguous
 and non-overlapping, covering the data exactly. Problems raise ValueError
-naming the file and the tensor.
+naming the file and the tensor. The format has no checksum of its own, so
+`fastrnn.save` adds one to the metadata (``fastrnn_sha256``: SHA-256 of the
+header and the data) and reading checks it when it is there: a flipped bit in
+the weights or the config is an error, not a different model. Files without
+it (other writers, fastrnn before it) are read as before.
 
 The `safetensors` package is not needed; the tests check compatibility with it.
 """
 
+import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -29,6 +35,7 @@ from fastrnn._atomic import replacing
 __all__ = ["save", "load", "load_weights", "read", "MAX_HEADER"]
 
 MAX_HEADER = 100 * 1024 * 1024     # the reference implementation's limit
+DIGEST_KEY = "fastrnn_sha256"      # metadata: SHA-256 of header and data (fastrnn.save)
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
            "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
@@ -40,8 +47,21 @@ def _fail(path, why):
     return ValueError(f"fastrnn: {path!r} is not a valid safetensors file: {why}")
 
 
-def write(path, tensors, metadata=None):
-    """Write a dict name -> array (and str -> str metadata) as a safetensors file."""
+def _checksum(header, chunks):
+    """SHA-256 of the header (its metadata but DIGEST_KEY, keys sorted) and the data."""
+    h = hashlib.sha256()
+    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != DIGEST_KEY}
+    h.update(json.dumps(dict(header, __metadata__=meta), sort_keys=True,
+                        separators=(",", ":")).encode())
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def write(path, tensors, metadata=None, checksum=False):
+    """Write a dict name -> array (and str -> str metadata) as a safetensors file.
+    checksum: put the SHA-256 of header and data in the metadata (DIGEST_KEY), which
+    `read` then checks (safetensors itself has none; fastrnn.save sets it)."""
     header, chunks, offset = {}, [], 0
     for name, a in tensors.items():
         a = np.asarray(a)
@@ -59,6 +79,9 @@ def write(path, tensors, metadata=None):
         if bad:
             raise TypeError(f"save: safetensors metadata must map str to str; bad keys {bad}")
         header["__metadata__"] = dict(metadata)
+    if checksum:
+        header["__metadata__"] = dict(header.get("__metadata__", {}),
+                                      **{DIGEST_KEY: _checksum(header, chunks)})
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)             # align the data to 8 bytes
     with replacing(path) as tmp:
@@ -84,13 +107,15 @@ def read(path):
         raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise _fail(path, f"header is not valid JSON ({e})") from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise _fail(path, f"header is not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(header, dict):
             raise _fail(path, "header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.get("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise _fail(path, "__metadata__ must map strings to strings")
+        full_header = dict(header)
+        header.pop("__metadata__", None)
         data_len = size - 8 - n
         spans = []
         for name, info in header.items():
@@ -98,7 +123,7 @@ def read(path):
                 raise _fail(path, f"tensor {name!r}: entry must have dtype, shape and "
                                   f"data_offsets, got {info!r}")
             dt = info["dtype"]
-            if dt not in _DTYPES:
+            if not isinstance(dt, str) or dt not in _DTYPES:
                 raise _fail(path, f"tensor {name!r}: unsupported dtype {dt!r}")
             shape, offs = info["shape"], info["data_offsets"]
             if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0
@@ -107,7 +132,7 @@ def read(path):
             if (not isinstance(offs, list) or len(offs) != 2
                     or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
                 raise _fail(path, f"tensor {name!r}: bad data_offsets {offs!r}")
-            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dt]).itemsize
+            want = math.prod(shape) * np.dtype(_DTYPES[dt]).itemsize   # exact: no wrap
             if offs[1] - offs[0] != want:
                 raise _fail(path, f"tensor {name!r}: shape {shape} {dt} needs {want} bytes, "
                                   f"data_offsets give {offs[1] - offs[0]}")
@@ -125,6 +150,9 @@ def read(path):
         if pos != data_len:
             raise _fail(path, f"{data_len - pos} bytes of data after the last tensor")
         data = f.read(data_len)
+    if DIGEST_KEY in meta and _checksum(full_header, [data]) != meta[DIGEST_KEY]:
+        raise _fail(path, "checksum mismatch: header or data changed after the file was "
+                          "written (a flipped bit, a partial copy?)")
     out = {}
     for name, info in header.items():
         b, e = info["data_offsets"]
@@ -153,7 +181,7 @@ def save(path, module):
     except TypeError as e:
         raise ValueError(f"save: {name}.config() is not JSON-serialisable: {e}") from e
     meta = {"format": io.FORMAT, "version": str(io.VERSION), "class": name, "config": config}
-    write(path, module.state_dict(), meta)
+    write(path, module.state_dict(), meta, checksum=True)
 
 
 def load(path):
@@ -168,6 +196,9 @@ def load(path):
     if meta.get("version") != str(io.VERSION):
         raise io._fail(path, f"unsupported format version {meta.get('version')!r} "
                              f"(this fastrnn reads {io.VERSION})")
+    unknown = sorted(set(meta) - {"format", "version", "class", "config", DIGEST_KEY})
+    if unknown:   # fastrnn.save writes no others (a damaged key name, say)
+        raise io._fail(path, f"unexpected metadata keys {unknown}")
     header = json.dumps({"format": io.FORMAT, "version": io.VERSION,
                          "class": meta.get("class"), "config": _config(path, meta)})
     module = io._build(path, np.array([header]), arrays)

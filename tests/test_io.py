@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -76,6 +77,17 @@ def good_arrays():
     return header, m.state_dict()
 
 
+def _append_member(path, name, array):
+    """Add a second member `name`.npy to the archive (zipfile warns of the duplicate)."""
+    import io
+    import warnings
+    buf = io.BytesIO()
+    np.save(buf, array)
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as zf:
+        warnings.simplefilter("ignore")
+        zf.writestr(name + ".npy", buf.getvalue())
+
+
 def header_array(header):
     return np.array([json.dumps(header)])
 
@@ -130,6 +142,25 @@ def corrupt_cases(tmp_path):
     add("wrong dtype", "wrong dtypes: weight_ih_l0: expected float32, got float64",
         lambda p: write_npz(p, **{HEADER_KEY: header_array(header)},
                             **dict(params, weight_ih_l0=params["weight_ih_l0"].astype(np.float64))))
+    add("string bool", "batch_first must be true or false, got 'false'",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], batch_first="false")))}, **params))
+    add("float size", "hidden_size: expected an integer >= 1, got 3.0",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], hidden_size=3.0)))}, **params))
+    add("sizes that multiply", "declares more parameter values than the",
+        lambda p: write_npz(p, **{HEADER_KEY: header_array(
+            dict(header, config=dict(header["config"], input_size=60, hidden_size=60,
+                                     num_layers=60, bidirectional=True)))}, **params))
+    add("raw member", "member 'notes.txt' is not a .npy array",
+        lambda p: (write_npz(p, **{HEADER_KEY: header_array(header)}, **params),
+                   zipfile.ZipFile(p, "a").writestr("notes.txt", b"hello")))
+    add("duplicate member", "member 'weight_ih_l0.npy' appears more than once",
+        lambda p: (write_npz(p, **{HEADER_KEY: header_array(header)}, **params),
+                   _append_member(p, "weight_ih_l0", params["weight_ih_l0"] + 7)))
+    add("deep json", "header is not valid JSON",
+        lambda p: write_npz(p, **{HEADER_KEY: np.array(["[" * 100000 + "]" * 100000])},
+                            **params))
     add("object array", "corrupted archive",
         lambda p: np.savez(open(p, "wb"), **{HEADER_KEY: np.array([{"a": 1}], dtype=object)}))
     return cases

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn.safetensors_io import DIGEST_KEY, read, write
 
 
 def test_round_trip_and_metadata(tmp_path):
@@ -71,14 +72,47 @@ def _edit_header(data, edit):
         d[:8], "little"):], "not valid JSON"),
     (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(dtype="X9")), "dtype"),
     (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[9, 9])), "needs"),
-    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(config="{")), "config"),
-    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(**{"class": "Evil"})),
-     "unknown class"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(dtype=["F32"])), "dtype"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[10**30])), "needs"),
+    (lambda d: d[:8] + b"[" * 2000 + d[8 + 2000:], "not valid JSON"),
+    # hand-edited metadata without fastrnn's checksum reaches the checks of its values
+    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(config="{")
+                            or h["__metadata__"].pop(DIGEST_KEY)), "config"),
+    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(**{"class": "Evil"})
+                            or h["__metadata__"].pop(DIGEST_KEY)), "unknown class"),
+    (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(config=h["__metadata__"][
+        "config"].replace('"dropout": 0.0', '"dropout": 1.0'))), "checksum mismatch"),
     (lambda d: _edit_header(d, lambda h: h.pop("bias_hh_l0")), "data starts|after the last"),
 ])
 def test_corrupt_files_rejected(tmp_path, fn, msg):
     with pytest.raises(ValueError, match=msg):
         fastrnn.load(_corrupt(tmp_path, fn))
+
+
+def test_every_flipped_byte_is_an_error_never_another_model(tmp_path):
+    """safetensors has no checksum; fastrnn.save's files carry one (DIGEST_KEY), so a
+    changed byte anywhere, header or weights, fails to load instead of loading other
+    weights or another config."""
+    p = tmp_path / "m.safetensors"
+    fastrnn.save(p, fastrnn.GRU(2, 3, seed=0))
+    good = p.read_bytes()
+    for i in range(len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0x10
+        p.write_bytes(bytes(bad))
+        with pytest.raises(ValueError):
+            fastrnn.load(p)
+
+
+def test_files_without_the_checksum_still_load(tmp_path):
+    m = fastrnn.LSTM(2, 3, seed=0)
+    p = tmp_path / "m.safetensors"
+    fastrnn.save(p, m)
+    arrays, meta = read(p)
+    assert DIGEST_KEY in meta
+    write(p, arrays, {k: v for k, v in meta.items() if k != DIGEST_KEY})
+    back = fastrnn.load(p)
+    assert all(np.array_equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
 
 
 def test_npz_still_works_and_load_weights_reads_it(tmp_path):

@@ -6,15 +6,18 @@ the order they were assigned, and names them the way torch.nn does
 (`lstm.weight_ih_l0`, `decoder.weight`), so that state dicts interchange.
 """
 
+import contextlib
 import copy
 import functools
+import math
 import sys
 import threading
 from collections import OrderedDict
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zeros", "aligned_copy"]
+__all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zeros", "aligned_copy",
+           "parameter_budget", "charge_values", "ParameterBudgetError"]
 
 # Parameters start on a cache line. The batch-1 kernels read W_ih and W_hh in place,
 # and a 64-byte load that straddles two lines costs both; NumPy's own arrays usually
@@ -30,8 +33,43 @@ _USE_LOCK = threading.Lock()
 _get_ident = threading.get_ident
 
 
+class ParameterBudgetError(ValueError):
+    """Building a module would take more values than the parameter_budget allows."""
+
+
+_budget = threading.local()   # .left: values the current thread may still build, or None
+
+
+@contextlib.contextmanager
+def parameter_budget(values):
+    """Within the block, this thread building more than `values` array values in all
+    (parameters and their gradients: twice the parameter count) raises
+    ParameterBudgetError before the memory is taken. A loader builds a module from a
+    file's config with a budget from the values the file stores, so that a config
+    declaring absurd sizes fails at once instead of allocating them."""
+    prev = getattr(_budget, "left", None)
+    _budget.left = int(values)
+    try:
+        yield
+    finally:
+        _budget.left = prev
+
+
+def charge_values(shape):
+    """Count an array of `shape` (a tuple) against this thread's parameter_budget, if any."""
+    left = getattr(_budget, "left", None)
+    if left is None:
+        return
+    n = math.prod(int(d) for d in shape)   # Python ints: huge sizes do not wrap
+    if n > left:
+        raise ParameterBudgetError(f"an array of shape {shape} is over the budget "
+                                   f"({left} values left)")
+    _budget.left = left - n
+
+
 def aligned_zeros(shape, dtype):
     """np.zeros(shape, dtype) whose data starts on an ALIGN-byte boundary."""
+    charge_values(shape if isinstance(shape, tuple) else (shape,))
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.zeros(nbytes + ALIGN, np.uint8)

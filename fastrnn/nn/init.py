@@ -7,6 +7,8 @@ can share one stream and a whole model is reproducible from one seed).
 
 import numpy as np
 
+from fastrnn.modules.module import charge_values
+
 __all__ = ["as_generator", "uniform_", "normal_", "generator_state", "set_generator_state"]
 
 
@@ -23,11 +25,13 @@ def as_generator(rng=None):
 
 def uniform_(shape, bound, rng, dtype=np.float32):
     """Array of ``shape`` drawn from U(-bound, bound) (float64 draws, then cast)."""
+    charge_values(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
     return as_generator(rng).uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def normal_(shape, std, rng, dtype=np.float32):
     """Array of ``shape`` drawn from N(0, std^2)."""
+    charge_values(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
     return (as_generator(rng).standard_normal(size=shape) * std).astype(dtype)
 
 
