@@ -12,7 +12,9 @@
  * The digest: 32 independent 64-bit lanes, each step a bijection of the lane
  * for a fixed word and of the word for a fixed lane (fastrnn_digest_mix), so a
  * change to any single word (any one weight) always changes the result; several
- * changes would have to cancel exactly to go unseen. Weights are
+ * changes would have to cancel exactly to go unseen, and each step spreads a
+ * difference over many bits in a way that depends on the lane's value, so no
+ * fixed pattern of edits cancels. Weights are
  * hashed in chunks of FASTRNN_DIGEST_CHUNK bytes (threads take chunks) and the
  * chunk digests combined in order: the result does not depend on the threads.
  *
@@ -43,13 +45,19 @@
 
 static inline uint64_t fastrnn_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
-/* One step of a lane: y = h ^ word; y += lo32(y) * K; rotate. A bijection of h for
- * a fixed word and of the word for a fixed h: the low 32 bits of the sum are
- * lo32(y) * (1 + K), and 1 + K is odd, so lo32(y) and then y come back. One
- * 32x32->64 multiply: a single vpmuludq per vector in AVX2 and AVX-512 alike. */
+/* One step of a lane: y = h ^ word; y ^= y >> 32; y += lo32(y) * K; rotate. A
+ * bijection of h for a fixed word and of the word for a fixed h: the xorshift
+ * undoes itself, the low 32 bits of the sum are lo32(y) * (1 + K), and 1 + K is
+ * odd, so lo32(y) and then y come back. One 32x32->64 multiply: a single
+ * vpmuludq per vector in AVX2 and AVX-512 alike. The xorshift lets the high half
+ * reach the multiply: without it a difference in bit 63 alone went through a
+ * step as that one bit, whatever the lane held, and the lane's next word could
+ * cancel it (a weight's sign flipped and one bit of the word 256 bytes later:
+ * the same digest, stale packed weights; found by an audit, tested). */
 static inline uint64_t fastrnn_digest_mix(uint64_t h, uint64_t word)
 {
     uint64_t y = h ^ word;
+    y ^= y >> 32;
     y += (uint64_t)(uint32_t)y * FASTRNN_DIGEST_K;
     return fastrnn_rotl64(y, 29);
 }
@@ -101,6 +109,7 @@ FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p,
     for (; i + 256 <= n; i += 256)
         for (int q = 0; q < 4; ++q) {
             __m512i y = _mm512_xor_si512(acc[q], _mm512_loadu_si512(b + i + 64 * q));
+            y = _mm512_xor_si512(y, _mm512_srli_epi64(y, 32));
             y = _mm512_add_epi64(y, _mm512_mul_epu32(y, k));
             acc[q] = _mm512_rol_epi64(y, 29);
         }
@@ -121,6 +130,7 @@ FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, siz
         for (int q = 0; q < 8; ++q) {
             __m256i y = _mm256_xor_si256(acc[q],
                                          _mm256_loadu_si256((const __m256i *)(b + i + 32 * q)));
+            y = _mm256_xor_si256(y, _mm256_srli_epi64(y, 32));
             y = _mm256_add_epi64(y, _mm256_mul_epu32(y, k));
             acc[q] = _mm256_or_si256(_mm256_slli_epi64(y, 29), _mm256_srli_epi64(y, 35));
         }
