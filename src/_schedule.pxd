@@ -23,6 +23,7 @@ cdef extern from "scratch.h" nogil:
 
 
 cdef enum:
+    PACK_T_ROWS = 64       # source rows per task of a transposed pack
     BLOCK_ROWS = 256       # rows per input-projection GEMM (time steps x a thread's rows) ...
     BLOCK_VALUES = 32768   # ... and values of a_t it writes (128 KB float32, 256 KB float64)
 
@@ -101,13 +102,16 @@ cdef inline Py_ssize_t n_active(const Py_ssize_t *rows, Py_ssize_t nrows,
 
 cdef inline void pack_parallel(floating *packed, const floating **rows, Py_ssize_t N,
                                Py_ssize_t K, bint transposed, int n_threads) noexcept nogil:
-    """packed := panel layout of the N x K matrix with row n at rows[n] or, when
-    `transposed`, with element (n, k) at rows[k][n]; panels split over threads."""
+    """packed := panel layout of the N x K matrix with row n at rows[n] (panels split
+    over threads) or, when `transposed`, with element (n, k) at rows[k][n] (blocks of
+    PACK_T_ROWS source rows split over threads, each row read once)."""
     cdef Py_ssize_t p, npan = n_panels(packed, N)
-    for p in prange(npan, schedule='static', num_threads=n_threads):
-        if transposed:
-            pack_t(packed, rows, N, K, p, p + 1)
-        else:
+    cdef Py_ssize_t c, nchunks = (K + PACK_T_ROWS - 1) // PACK_T_ROWS
+    if transposed:
+        for c in prange(nchunks, schedule='static', num_threads=n_threads):
+            pack_t(packed, rows, N, K, c * PACK_T_ROWS, min(K, (c + 1) * PACK_T_ROWS))
+    else:
+        for p in prange(npan, schedule='static', num_threads=n_threads):
             pack(packed, rows, N, K, p, p + 1)
 
 

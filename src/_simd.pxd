@@ -22,9 +22,9 @@ cdef extern from "recurrent_gemm.h" nogil:
     void fastrnn_pack_d(double *packed, const double *const *rows, Py_ssize_t N, Py_ssize_t K,
                         Py_ssize_t p0, Py_ssize_t p1)
     void fastrnn_pack_t_s(float *packed, const float *const *cols, Py_ssize_t N, Py_ssize_t K,
-                          Py_ssize_t p0, Py_ssize_t p1)
+                          Py_ssize_t k0, Py_ssize_t k1)
     void fastrnn_pack_t_d(double *packed, const double *const *cols, Py_ssize_t N, Py_ssize_t K,
-                          Py_ssize_t p0, Py_ssize_t p1)
+                          Py_ssize_t k0, Py_ssize_t k1)
     void fastrnn_gemm_packed_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const float *const *A, const float *packed,
                                float *const *C, float beta)
@@ -75,12 +75,13 @@ cdef inline void pack(floating *packed, const floating **rows, Py_ssize_t N, Py_
 
 
 cdef inline void pack_t(floating *packed, const floating **cols, Py_ssize_t N, Py_ssize_t K,
-                        Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
-    """packed := panels [p0, p1) of the N x K matrix with element (n, k) at cols[k][n]."""
+                        Py_ssize_t k0, Py_ssize_t k1) noexcept nogil:
+    """packed := rows [k0, k1) of every panel of the N x K matrix with element (n, k)
+    at cols[k][n] (each cols[k] read once, start to end)."""
     if floating is float:
-        fastrnn_pack_t_s(packed, cols, N, K, p0, p1)
+        fastrnn_pack_t_s(packed, cols, N, K, k0, k1)
     else:
-        fastrnn_pack_t_d(packed, cols, N, K, p0, p1)
+        fastrnn_pack_t_d(packed, cols, N, K, k0, k1)
 
 
 cdef inline Py_ssize_t panel_width(floating *dtype_tag) noexcept nogil:

@@ -187,21 +187,26 @@ static inline size_t fastrnn_packed_size_##T(ptrdiff_t N, ptrdiff_t K)          
     return (size_t)((N + NR - 1) / NR) * (size_t)NR * (size_t)K;                   \
 }                                                                                  \
                                                                                    \
-/* packed := panels [p0, p1) of the N x K matrix whose element (n, k) is        \
- * cols[k][n]: the transpose of a K x N matrix given by its rows (W^T for      \
- * backward's dh = da W, or x^T over any subset of time steps for dW). The     \
- * NR values of one k are adjacent in memory, so k is walked outermost. */      \
+/* packed := rows [k0, k1) of every panel of the N x K matrix whose element    \
+ * (n, k) is cols[k][n]: the transpose of a K x N matrix given by its rows     \
+ * (W^T for backward's dh = da W, or x^T over any subset of time steps for     \
+ * dW). Each source row is read once, start to end, its NR-value pieces going  \
+ * to every panel. Panel by panel, every pass read NR values of each row (Zen  \
+ * 4, 2 threads, C harness, x^T of 6400 rows from DRAM: I=256 0.47-0.49 ->    \
+ * 0.40-0.42 ms, I=512 1.11-1.13 -> 0.86-0.89 ms; RNN I=H=512 T=50 B=128      \
+ * training step 103.0-103.7 -> 102.2-102.7 ms, (256, 256, 100, 64) even). */ \
 static void fastrnn_pack_t_##T(REAL *packed, const REAL *const *cols, ptrdiff_t N, \
-                               ptrdiff_t K, ptrdiff_t p0, ptrdiff_t p1)            \
+                               ptrdiff_t K, ptrdiff_t k0, ptrdiff_t k1)            \
 {                                                                                  \
     const ptrdiff_t NR = fastrnn_panel_width_##T();                                \
-    for (ptrdiff_t p = p0; p < p1; ++p) {                                          \
-        REAL *dst = packed + p * NR * K;                                           \
-        ptrdiff_t nj = N - p * NR < NR ? N - p * NR : NR;                          \
-        for (ptrdiff_t k = 0; k < K; ++k) {                                        \
-            const REAL *src = cols[k] + p * NR;                                    \
-            for (ptrdiff_t j = 0; j < nj; ++j) dst[k * NR + j] = src[j];           \
-            for (ptrdiff_t j = nj; j < NR; ++j) dst[k * NR + j] = (REAL)0;         \
+    const ptrdiff_t np = (N + NR - 1) / NR;                                        \
+    for (ptrdiff_t k = k0; k < k1; ++k) {                                          \
+        const REAL *src = cols[k];                                                 \
+        for (ptrdiff_t p = 0; p < np; ++p) {                                       \
+            REAL *dst = packed + p * NR * K + k * NR;                              \
+            ptrdiff_t nj = N - p * NR < NR ? N - p * NR : NR;                      \
+            for (ptrdiff_t j = 0; j < nj; ++j) dst[j] = src[p * NR + j];           \
+            for (ptrdiff_t j = nj; j < NR; ++j) dst[j] = (REAL)0;                  \
         }                                                                          \
     }                                                                              \
 }                                                                                  \
