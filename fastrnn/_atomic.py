@@ -9,8 +9,9 @@ If the block raises (disk full, file too large, an exception while
 serialising), the temporary file is removed and `path` is left as it was.
 
 The temporary name is hidden, unique and made with O_EXCL:
-".<name>.<pid>.<random>.fastrnn-tmp" beside `path`. A fixed name such as
-"<path>.tmp" would overwrite whatever file of the user's has that name.
+".<name>.<pid>.<random>.fastrnn-tmp" beside `path` (<name> cut to NAME_BYTES
+bytes). A fixed name such as "<path>.tmp" would overwrite whatever file of
+the user's has that name.
 """
 
 import os
@@ -21,11 +22,21 @@ from contextlib import contextmanager
 __all__ = ["replacing", "stale_temporaries"]
 
 TMP_SUFFIX = ".fastrnn-tmp"
+NAME_BYTES = 120     # of the target's name kept in the temporary one
+
+
+def _prefix(path):
+    """(directory, ".<name>."), the name cut to NAME_BYTES: a file name of up to 255
+    bytes still gets a temporary name that fits (the random part keeps it unique)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    while len(os.fsencode(base)) > NAME_BYTES:
+        base = base[:-1]
+    return directory, f".{base}."
 
 
 def _temporary_name(path):
-    directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    directory, prefix = _prefix(path)
+    return os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
 
 
 def _remove(name):
@@ -60,8 +71,8 @@ def replacing(path):
 def stale_temporaries(path):
     """(name, pid) of the temporary files that `replacing(path)` calls left beside
     `path` (a process killed while writing), for the caller to judge and remove."""
-    directory, base = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(f".{base}.") + r"(\d+)\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
+    directory, prefix = _prefix(path)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
     try:
         names = os.listdir(directory)
     except OSError:

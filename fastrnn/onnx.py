@@ -449,7 +449,9 @@ class _Loader:
     # -- helpers ---------------------------------------------------------------
     def fold_size(self, node, shape):
         """Refuse to fold a constant of more than FOLD_MAX_VALUES values (a model of a
-        few bytes could otherwise ask for gigabytes)."""
+        few bytes could otherwise ask for gigabytes). Called, before computing, by the
+        folds whose result can be larger than their inputs (ConstantOfShape, MatMul,
+        broadcasting arithmetic, Gather, Concat); the others keep or shrink sizes."""
         n = math.prod(int(s) for s in shape)
         if n > FOLD_MAX_VALUES:
             raise self.fail(f"a constant of shape {list(shape)} ({n} values; at most "
@@ -577,6 +579,7 @@ class _Loader:
                 axes = self.axes_arg(node, a, ins, 1)
                 return np.squeeze(x, axis=None if axes is None else tuple(axes))
             if op == "Concat":
+                self.fold_size(node, (sum(np.size(v) for v in ins if v is not None),))
                 return np.concatenate([v for v in ins if v is not None], axis=a["axis"])
             if op == "Reshape":
                 shape = [int(s) for s in ins[1]]
@@ -590,6 +593,8 @@ class _Loader:
                     sl[ax] = slice(s, e, st)
                 return x[tuple(sl)]
             if op == "Gather":
+                ax = a.get("axis", 0) % max(x.ndim, 1)
+                self.fold_size(node, x.shape[:ax] + np.shape(ins[1]) + x.shape[ax + 1:])
                 return np.take(x, ins[1], axis=a.get("axis", 0))
             if op == "Shape":
                 return np.array(x.shape, np.int64)
@@ -598,6 +603,7 @@ class _Loader:
                 self.fold_size(node, [int(s) for s in x])
                 return np.full([int(s) for s in x], v.reshape(-1)[0], v.dtype)
             if op in ("Add", "Sub", "Mul", "Div"):
+                self.fold_size(node, np.broadcast_shapes(ins[0].shape, ins[1].shape))
                 f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}.get(op)
                 if f is None:
                     return (ins[0] // ins[1] if ins[0].dtype.kind in "iu"

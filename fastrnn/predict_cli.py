@@ -173,6 +173,13 @@ def _progress_compute(objs, client, progress):
     return out
 
 
+def _write_npz(path, arrays):
+    """np.savez to exactly `path`, through a temporary file (fastrnn._atomic)."""
+    with replacing(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
 def _write_npy(path, parts, total_shape, dtype):
     with replacing(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=total_shape)
@@ -221,7 +228,7 @@ def _run(args, out):
                 _write_npy(args.output, chunks[0], arrays[0].shape, arrays[0].dtype)
             else:
                 keys = ["h", "c"] if len(arrays) == 2 else ["output"]
-                np.savez(args.output, **{k: np.concatenate(c) for k, c in zip(keys, chunks)})
+                _write_npz(args.output, {k: np.concatenate(c) for k, c in zip(keys, chunks)})
             n_seq = arrays[0].shape[0]
         else:                                            # a bag of variable-length outputs
             parts = _progress_compute(res.to_delayed(), client, progress)  # SequenceOutputs
@@ -241,7 +248,7 @@ def _run(args, out):
                 _write_npy(args.output, [arrays["output"]], arrays["output"].shape,
                            arrays["output"].dtype)
             else:
-                np.savez(args.output, **arrays)
+                _write_npz(args.output, arrays)
         print(f"fastrnn predict: {n_seq:,} sequences -> {args.output} ({args.kind})", file=out)
         return 0
     finally:
@@ -290,9 +297,10 @@ def _write_series(args, plan, res, client, progress, out):
         if okind == ".npy":
             if len(arrays) != 1:
                 raise PredictError(f"these outputs are {' + '.join(arrays)}: use .npz")
-            np.save(args.output, arrays["output"])
+            _write_npy(args.output, [arrays["output"]], arrays["output"].shape,
+                       arrays["output"].dtype)
         else:
-            np.savez(args.output, **arrays)
+            _write_npz(args.output, arrays)
     print(f"fastrnn predict: {n} sequences -> {args.output} ({args.kind})", file=out)
     return 0
 

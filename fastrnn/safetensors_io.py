@@ -35,7 +35,7 @@ from fastrnn._atomic import replacing
 __all__ = ["save", "load", "load_weights", "read", "MAX_HEADER"]
 
 MAX_HEADER = 100 * 1024 * 1024     # the reference implementation's limit
-DIGEST_KEY = "fastrnn_sha256"      # metadata: SHA-256 of header and data (fastrnn.save)
+DIGEST_KEY = "fastrnn_sha256"      # metadata: SHA-256 of the contents (fastrnn.save)
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
            "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
@@ -47,22 +47,27 @@ def _fail(path, why):
     return ValueError(f"fastrnn: {path!r} is not a valid safetensors file: {why}")
 
 
-def _checksum(header, chunks):
-    """SHA-256 of the header (its metadata but DIGEST_KEY, keys sorted) and the data."""
+def _checksum(tensors, meta):
+    """SHA-256 of a file's contents: the metadata but DIGEST_KEY, and each tensor's
+    name, dtype, shape and bytes, in name order. Not of the header's layout, so a
+    file another writer saved again with the same tensors and metadata (in its own
+    order and offsets) keeps its checksum. tensors: name -> (code, shape, bytes)."""
     h = hashlib.sha256()
-    meta = {k: v for k, v in header.get("__metadata__", {}).items() if k != DIGEST_KEY}
-    h.update(json.dumps(dict(header, __metadata__=meta), sort_keys=True,
-                        separators=(",", ":")).encode())
-    for c in chunks:
-        h.update(c)
+    h.update(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY},
+                        sort_keys=True).encode())
+    for name in sorted(tensors):
+        code, shape, data = tensors[name]
+        h.update(json.dumps([name, code, list(shape), len(data)]).encode())
+        h.update(data)
     return h.hexdigest()
 
 
 def write(path, tensors, metadata=None, checksum=False):
     """Write a dict name -> array (and str -> str metadata) as a safetensors file.
-    checksum: put the SHA-256 of header and data in the metadata (DIGEST_KEY), which
-    `read` then checks (safetensors itself has none; fastrnn.save sets it)."""
-    header, chunks, offset = {}, [], 0
+    checksum: put the SHA-256 of the contents in the metadata (DIGEST_KEY), which
+    `read` then checks (safetensors itself has none; fastrnn.save sets it). A
+    DIGEST_KEY given in `metadata` is dropped: it described other contents."""
+    header, chunks, offset, contents = {}, [], 0, {}
     for name, a in tensors.items():
         a = np.asarray(a)
         code = _CODES.get(a.dtype.newbyteorder("<"))
@@ -73,15 +78,16 @@ def write(path, tensors, metadata=None, checksum=False):
         header[name] = dict(dtype=code, shape=list(a.shape),
                             data_offsets=[offset, offset + len(data)])
         chunks.append(data)
+        contents[name] = (code, a.shape, data)
         offset += len(data)
-    if metadata:
-        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
-        if bad:
-            raise TypeError(f"save: safetensors metadata must map str to str; bad keys {bad}")
-        header["__metadata__"] = dict(metadata)
+    meta = {k: v for k, v in (metadata or {}).items() if k != DIGEST_KEY}
+    bad = [k for k, v in meta.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"save: safetensors metadata must map str to str; bad keys {bad}")
     if checksum:
-        header["__metadata__"] = dict(header.get("__metadata__", {}),
-                                      **{DIGEST_KEY: _checksum(header, chunks)})
+        meta[DIGEST_KEY] = _checksum(contents, meta)
+    if meta:
+        header["__metadata__"] = meta
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)             # align the data to 8 bytes
     with replacing(path) as tmp:
@@ -93,7 +99,8 @@ def write(path, tensors, metadata=None, checksum=False):
 
 
 def read(path):
-    """-> (dict name -> array, metadata dict). Validates the whole file first."""
+    """-> (dict name -> array, metadata dict). Validates the whole file first, and
+    its checksum when it has one (DIGEST_KEY, not in the metadata returned)."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -114,7 +121,6 @@ def read(path):
         meta = header.get("__metadata__", None) or {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise _fail(path, "__metadata__ must map strings to strings")
-        full_header = dict(header)
         header.pop("__metadata__", None)
         data_len = size - 8 - n
         spans = []
@@ -150,9 +156,14 @@ def read(path):
         if pos != data_len:
             raise _fail(path, f"{data_len - pos} bytes of data after the last tensor")
         data = f.read(data_len)
-    if DIGEST_KEY in meta and _checksum(full_header, [data]) != meta[DIGEST_KEY]:
-        raise _fail(path, "checksum mismatch: header or data changed after the file was "
-                          "written (a flipped bit, a partial copy?)")
+    if DIGEST_KEY in meta:
+        contents = {name: (info["dtype"], info["shape"],
+                           data[info["data_offsets"][0]:info["data_offsets"][1]])
+                    for name, info in header.items()}
+        if _checksum(contents, meta) != meta[DIGEST_KEY]:
+            raise _fail(path, "checksum mismatch: tensors or metadata changed after the file "
+                              "was written (a flipped bit, a partial copy?)")
+        meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}   # checked: done with
     out = {}
     for name, info in header.items():
         b, e = info["data_offsets"]
@@ -196,9 +207,6 @@ def load(path):
     if meta.get("version") != str(io.VERSION):
         raise io._fail(path, f"unsupported format version {meta.get('version')!r} "
                              f"(this fastrnn reads {io.VERSION})")
-    unknown = sorted(set(meta) - {"format", "version", "class", "config", DIGEST_KEY})
-    if unknown:   # fastrnn.save writes no others (a damaged key name, say)
-        raise io._fail(path, f"unexpected metadata keys {unknown}")
     header = json.dumps({"format": io.FORMAT, "version": io.VERSION,
                          "class": meta.get("class"), "config": _config(path, meta)})
     module = io._build(path, np.array([header]), arrays)

@@ -23,7 +23,8 @@ def _save_safetensors(path, m):
 
 def _save_model(path, m):
     from fastrnn import dask as fdask
-    fdask.save_model(path, m)
+    from fastrnn.nn import Sequential
+    fdask.save_model(path, Sequential(m))   # a module tree: to_bytes writes no file itself
 
 
 def _export_onnx(path, m):
@@ -117,3 +118,13 @@ def test_checkpoint_write_error_still_says_nothing_was_left(tmp_path, monkeypatc
     with pytest.raises(CheckpointWriteError, match="File too large"):
         save_checkpoint(str(tmp_path / "c.npz"), lm)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_name_of_255_bytes_can_be_written(tmp_path):
+    name = "é" * 123 + ".npz"                 # 250 bytes in UTF-8, the longest kind of name
+    assert len(os.fsencode(name)) <= 255
+    fastrnn.save(str(tmp_path / name), fastrnn.GRU(2, 3, seed=0))
+    assert os.listdir(tmp_path) == [name]
+    with replacing(tmp_path / name) as tmp:
+        assert len(os.fsencode(os.path.basename(tmp))) <= 255
+        assert [n for n, _ in stale_temporaries(tmp_path / name)] == [tmp]

@@ -89,30 +89,67 @@ def test_corrupt_files_rejected(tmp_path, fn, msg):
         fastrnn.load(_corrupt(tmp_path, fn))
 
 
-def test_every_flipped_byte_is_an_error_never_another_model(tmp_path):
+def test_a_flipped_byte_never_loads_another_model(tmp_path):
     """safetensors has no checksum; fastrnn.save's files carry one (DIGEST_KEY), so a
-    changed byte anywhere, header or weights, fails to load instead of loading other
+    changed byte anywhere, header or weights, either fails to load or (a byte of the
+    checksum key's own name: no checksum then) loads the same model, never other
     weights or another config."""
+    m = fastrnn.GRU(2, 3, seed=0)
     p = tmp_path / "m.safetensors"
-    fastrnn.save(p, fastrnn.GRU(2, 3, seed=0))
+    fastrnn.save(p, m)
     good = p.read_bytes()
+    loaded = 0
     for i in range(len(good)):
         bad = bytearray(good)
         bad[i] ^= 0x10
         p.write_bytes(bytes(bad))
-        with pytest.raises(ValueError):
-            fastrnn.load(p)
+        try:
+            back = fastrnn.load(p)
+        except ValueError:
+            continue
+        loaded += 1
+        assert back.config() == m.config(), i
+        assert all(np.array_equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    assert loaded <= len(DIGEST_KEY)
+
+
+def _raw_metadata(path):
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n])["__metadata__"]
 
 
 def test_files_without_the_checksum_still_load(tmp_path):
     m = fastrnn.LSTM(2, 3, seed=0)
     p = tmp_path / "m.safetensors"
     fastrnn.save(p, m)
+    assert DIGEST_KEY in _raw_metadata(p)
     arrays, meta = read(p)
-    assert DIGEST_KEY in meta
-    write(p, arrays, {k: v for k, v in meta.items() if k != DIGEST_KEY})
+    assert DIGEST_KEY not in meta                 # checked by read, not handed on
+    write(p, arrays, meta)                        # another writer: no checksum
+    assert DIGEST_KEY not in _raw_metadata(p)
     back = fastrnn.load(p)
     assert all(np.array_equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    write(p, arrays, dict(meta, **{DIGEST_KEY: "stale"}), checksum=True)   # replaced
+    fastrnn.load(p)
+
+
+def test_checksum_survives_another_writer_with_the_same_contents(tmp_path):
+    """The checksum covers names, dtypes, shapes, bytes and metadata, not the header's
+    order or offsets: the reference writer saving the same tensors and metadata (in
+    its own order) gives a file that still loads; other weights do not."""
+    st = pytest.importorskip("safetensors.numpy")
+    p, q = tmp_path / "m.safetensors", tmp_path / "q.safetensors"
+    m = fastrnn.GRU(2, 3, seed=0)
+    fastrnn.save(p, m)
+    meta = _raw_metadata(p)
+    st.save_file(st.load_file(str(p)), str(q), metadata=meta)
+    back = fastrnn.load(q)
+    assert all(np.array_equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    other = {k: v + 1 for k, v in st.load_file(str(p)).items()}
+    st.save_file(other, str(q), metadata=meta)
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        fastrnn.load(q)
 
 
 def test_npz_still_works_and_load_weights_reads_it(tmp_path):

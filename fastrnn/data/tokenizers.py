@@ -22,6 +22,8 @@ import re
 
 import numpy as np
 
+from fastrnn._atomic import replacing
+
 __all__ = ["CharTokenizer", "WordTokenizer", "BPETokenizer", "load_tokenizer",
            "tokenizer_from_dict", "TOKENIZERS"]
 
@@ -53,8 +55,9 @@ class Tokenizer:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def save(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        with replacing(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
 
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
