@@ -9,7 +9,7 @@
  * faster than packing, which reads, transposes and writes). Same layout and same digest:
  * the packed copy made earlier is used as it is.
  *
- * The digest: 32 independent 64-bit lanes, each step a bijection of the lane
+ * The digest: 64 independent 64-bit lanes, each step a bijection of the lane
  * for a fixed word and of the word for a fixed lane (fastrnn_digest_mix), so a
  * change to any single word (any one weight) always changes the result; several
  * changes would have to cancel exactly to go unseen, and each step spreads a
@@ -39,6 +39,8 @@
 #define FASTRNN_PACK_CACHE_KEEP ((size_t)256 << 20)   /* bytes of packed copies kept, in all */
 #endif
 #define FASTRNN_DIGEST_CHUNK ((size_t)1 << 18)        /* bytes per independently hashed chunk */
+#define FASTRNN_DIGEST_LANES 64                       /* independent chains (fastrnn_digest_chunk) */
+#define FASTRNN_DIGEST_BLOCK (8 * FASTRNN_DIGEST_LANES) /* bytes: one word per lane */
 
 #define FASTRNN_DIGEST_K 0xD6E8FEB8ULL       /* even 32-bit constant: see fastrnn_digest_mix */
 #define FASTRNN_DIGEST_LANE0 0x13198A2E03707344ULL
@@ -63,12 +65,13 @@ static inline uint64_t fastrnn_digest_mix(uint64_t h, uint64_t word)
 }
 
 /* Lanes, words, tail and the final mix: what every coding shares once the whole
- * 256-byte blocks are done (lane[32] as they left them, continuing at byte i). */
+ * FASTRNN_DIGEST_BLOCK-byte blocks are done (lane[] as they left them, continuing
+ * at byte i). */
 static inline uint64_t fastrnn_digest_finish(const unsigned char *b, size_t n, size_t i,
                                              uint64_t *lane)
 {
     uint64_t h = 0x243F6A8885A308D3ULL ^ (uint64_t)n;
-    for (int q = 0; i + 64 <= n; i += 64, ++q)   /* whole 64-byte blocks left: q < 4 */
+    for (int q = 0; i + 64 <= n; i += 64, ++q)   /* whole 64-byte blocks left: q < 8 */
         for (int l = 0; l < 8; ++l) {
             uint64_t w;
             memcpy(&w, b + i + 8 * l, 8);
@@ -84,36 +87,40 @@ static inline uint64_t fastrnn_digest_finish(const unsigned char *b, size_t n, s
         memcpy(&last, b + i, n - i);
         h = fastrnn_digest_mix(h, last);
     }
-    for (int l = 0; l < 32; ++l) h = fastrnn_digest_mix(h, lane[l]);
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) h = fastrnn_digest_mix(h, lane[l]);
     return h;
 }
 
-/* The digest of bytes [0, n) of p (any alignment): 32 lanes, lane l taking the
- * word at byte 8l of every 256-byte block, so that many independent chains (one
- * chain is bound by the multiply's latency). Three codings of the same integer
- * arithmetic, hence the same value on every ISA (tested): 4 zmm or 8 ymm of
- * lanes, or scalar. Intrinsics, not one body on GCC vector types built per ISA
- * (isa.h): GCC 12 turned that body's (y & 0xFFFFFFFF) * K into vpmuludq for
- * AVX-512 only, and the AVX2 build ran at 8.8 GB/s against 55 here. */
+/* The digest of bytes [0, n) of p (any alignment): 64 lanes, lane l taking the
+ * word at byte 8l of every 512-byte block, so that many independent chains (one
+ * chain is bound by its step's latency: xor, shift, xor, multiply, add, rotate).
+ * Zen 4, one core, 4 MB hot: 32 lanes ran at 55 GB/s with AVX-512 once the step
+ * had its xorshift (83 without), 64 lanes at 67; with AVX2 47 -> 49 GB/s, though
+ * its 16 accumulators do not all fit in registers. Three codings of the same
+ * integer arithmetic, hence the same value on every ISA (tested): 8 zmm or 16
+ * ymm of lanes, or scalar. Intrinsics, not one body
+ * on GCC vector types built per ISA (isa.h): GCC 12 turned that body's
+ * (y & 0xFFFFFFFF) * K into vpmuludq for AVX-512 only, and the AVX2 build ran at
+ * 8.8 GB/s against 55 here. */
 #if FASTRNN_HAVE_DISPATCH
 #include <immintrin.h>
 FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p, size_t n)
 {
     const unsigned char *b = (const unsigned char *)p;
     const __m512i k = _mm512_set1_epi64((long long)FASTRNN_DIGEST_K);
-    __m512i acc[4];
-    uint64_t lane[32];
+    __m512i acc[8];
+    uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
-    for (int q = 0; q < 4; ++q) acc[q] = _mm512_loadu_si512(lane + 8 * q);
-    for (; i + 256 <= n; i += 256)
-        for (int q = 0; q < 4; ++q) {
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    for (int q = 0; q < 8; ++q) acc[q] = _mm512_loadu_si512(lane + 8 * q);
+    for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
+        for (int q = 0; q < 8; ++q) {
             __m512i y = _mm512_xor_si512(acc[q], _mm512_loadu_si512(b + i + 64 * q));
             y = _mm512_xor_si512(y, _mm512_srli_epi64(y, 32));
             y = _mm512_add_epi64(y, _mm512_mul_epu32(y, k));
             acc[q] = _mm512_rol_epi64(y, 29);
         }
-    for (int q = 0; q < 4; ++q) _mm512_storeu_si512(lane + 8 * q, acc[q]);
+    for (int q = 0; q < 8; ++q) _mm512_storeu_si512(lane + 8 * q, acc[q]);
     return fastrnn_digest_finish(b, n, i, lane);
 }
 
@@ -121,20 +128,20 @@ FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, siz
 {
     const unsigned char *b = (const unsigned char *)p;
     const __m256i k = _mm256_set1_epi64x((long long)FASTRNN_DIGEST_K);
-    __m256i acc[8];
-    uint64_t lane[32];
+    uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
-    for (int q = 0; q < 8; ++q) acc[q] = _mm256_loadu_si256((const __m256i *)(lane + 4 * q));
-    for (; i + 256 <= n; i += 256)
-        for (int q = 0; q < 8; ++q) {
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    __m256i acc[16];
+    for (int q = 0; q < 16; ++q) acc[q] = _mm256_loadu_si256((const __m256i *)(lane + 4 * q));
+    for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
+        for (int q = 0; q < 16; ++q) {
             __m256i y = _mm256_xor_si256(acc[q],
                                          _mm256_loadu_si256((const __m256i *)(b + i + 32 * q)));
             y = _mm256_xor_si256(y, _mm256_srli_epi64(y, 32));
             y = _mm256_add_epi64(y, _mm256_mul_epu32(y, k));
             acc[q] = _mm256_or_si256(_mm256_slli_epi64(y, 29), _mm256_srli_epi64(y, 35));
         }
-    for (int q = 0; q < 8; ++q) _mm256_storeu_si256((__m256i *)(lane + 4 * q), acc[q]);
+    for (int q = 0; q < 16; ++q) _mm256_storeu_si256((__m256i *)(lane + 4 * q), acc[q]);
     return fastrnn_digest_finish(b, n, i, lane);
 }
 #endif
@@ -142,11 +149,11 @@ FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, siz
 static uint64_t fastrnn_digest_chunk_scalar(const void *p, size_t n)
 {
     const unsigned char *b = (const unsigned char *)p;
-    uint64_t lane[32];
+    uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < 32; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
-    for (; i + 256 <= n; i += 256)
-        for (int l = 0; l < 32; ++l) {
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
+        for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) {
             uint64_t w;
             memcpy(&w, b + i + 8 * l, 8);
             lane[l] = fastrnn_digest_mix(lane[l], w);

@@ -96,9 +96,10 @@ def test_digest_tells_lengths_and_swaps_apart():
 
 @pytest.mark.parametrize("n", [1024, 4096 + 40, (1 << 18) + 512])
 def test_digest_sees_a_top_bit_and_a_later_word_changed_together(n):
-    """Bit 63 of a word and any bit of the lane's next word (256 bytes on, or in the
-    tail): the digest's step once let such a pair cancel for any weights (a sign
-    flipped and one bit 256 bytes later), so stale packed weights were used."""
+    """Bit 63 of a word and any bit of the lane's next word (512 bytes on with 64
+    lanes, 256 with the 32 of before, or in the tail): the digest's step once let
+    such a pair cancel for any weights (a sign flipped and one bit of the lane's
+    next word), so stale packed weights were used."""
     rng = np.random.default_rng(n)
     data = rng.integers(0, 2**63, n // 8, dtype=np.uint64)
     base = digest(data.tobytes())
@@ -115,14 +116,17 @@ def test_digest_sees_a_top_bit_and_a_later_word_changed_together(n):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_an_edit_made_to_cancel_the_old_digest_is_seen(dtype):
-    """The audit's edit (one weight's sign, one bit of the word 256 bytes later) gives
-    the results of the new weights, in this module and in a fresh one."""
+    """The audit's edit (one weight's sign, one bit of the word 256 bytes later; and
+    512 bytes later, the lane's next word since the digest has 64 lanes) gives the
+    results of the new weights, in this module and in a fresh one."""
     m = fastrnn.LSTM(64, 64, dtype=dtype, seed=0).eval()
     x = np.random.default_rng(1).standard_normal((10, 8, 64)).astype(dtype)   # W_hh packed
     m(x)
     u = m.weight_hh_l0.data.reshape(-1).view(np.uint64)
     u[5] ^= np.uint64(1 << 63)
     u[37] ^= np.uint64(1 << 28)
+    u[100] ^= np.uint64(1 << 63)
+    u[164] ^= np.uint64(1 << 28)
     after = m(x)[0]
     fresh = fastrnn.LSTM(64, 64, dtype=dtype).eval()
     fresh.load_state_dict(m.state_dict())
