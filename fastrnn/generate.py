@@ -79,7 +79,7 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
         children = np.random.SeedSequence(seed).spawn(int(num_samples))
         rngs = [np.random.default_rng(c) for c in children]
         return _generate_batch(model, prime_ids, int(length), temperature, top_k, greedy,
-                               rngs, int(num_samples))
+                               rngs, int(num_samples), state)
     rng = as_generator(seed)
     was_training = model.training
     model.eval()
@@ -98,14 +98,29 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
     return out
 
 
-def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rngs, n):
-    """num_samples=n: n independent samples after the same prime -> (n, length) ids;
-    row i samples with rngs[i]."""
+def _repeat_state(state, n):
+    """A batch-1 state (arrays (layers, 1, H), in tuples or lists as the model returns
+    them) for n rows: each array repeated along its batch axis; None stays None."""
+    if state is None:
+        return None
+    if isinstance(state, (tuple, list)):
+        return type(state)(_repeat_state(s, n) for s in state)
+    a = np.asarray(state)
+    if a.ndim != 3 or a.shape[1] not in (1, n):
+        raise ValueError(f"state: expected arrays of shape (layers, 1, H) (one sequence's "
+                         f"state) or (layers, {n}, H), got shape {a.shape}")
+    return a if a.shape[1] == n else np.repeat(a, n, axis=1)
+
+
+def _generate_batch(model, prime_ids, length, temperature, top_k, greedy, rngs, n, state=None):
+    """num_samples=n: n independent samples after the same prime, from the same
+    starting state (None: zeros) -> (n, length) ids; row i samples with rngs[i]."""
     was_training = model.training
     model.eval()
     out = np.empty((n, length), dtype=np.int64)
+    state = _repeat_state(state, n)
     try:
-        logits, state = model(np.repeat(prime_ids[:, None], n, axis=1), None)   # (T, n, V)
+        logits, state = model(np.repeat(prime_ids[:, None], n, axis=1), state)  # (T, n, V)
         last = logits[-1]
         for t in range(length):
             nxt = sample_logits(last, temperature, top_k, greedy, rngs)         # (n,)

@@ -184,9 +184,12 @@ class Adam(Optimizer):
             # one fused pass (src/_adam.pyx), bitwise the NumPy arithmetic:
             # m <- m + (1-b1)(g - m); v <- b2 v + (1-b2) g^2;
             # p <- p - step_size * m / (sqrt(v)/sqrt(bc2) + eps)
-            _adam.step(p.data.reshape(-1), np.ascontiguousarray(g, dtype=p.data.dtype).reshape(-1),
+            data = p.data if p.data.flags.c_contiguous else np.ascontiguousarray(p.data)
+            _adam.step(data.reshape(-1), np.ascontiguousarray(g, dtype=p.data.dtype).reshape(-1),
                        m.reshape(-1), v.reshape(-1), b1, b2, step_size, bc2_sqrt, eps,
                        get_num_threads())
+            if data is not p.data:   # (reshape of a non-contiguous array is a copy)
+                p.data[...] = data
 
 
 class AdamW(Adam):
@@ -199,12 +202,24 @@ class AdamW(Adam):
 
 
 def grad_norm(params, norm_type=2.0):
-    """Total norm of all gradients taken together (as one long vector)."""
+    """Total norm of all gradients taken together (as one long vector), as
+    torch.linalg.vector_norm takes it: inf the largest |g|, -inf the smallest, 0 the
+    count of non-zeros; NaN anywhere gives NaN."""
     params = _as_param_list(params)
     norm_type = float(norm_type)
-    if math.isinf(norm_type):
-        return float(max((float(np.abs(p.grad).max()) for p in params if p.grad.size),
-                         default=0.0))
+    if math.isinf(norm_type) or norm_type == 0.0:
+        if norm_type == 0.0:
+            parts = [float(np.count_nonzero(p.grad)) for p in params]
+            if any(np.isnan(p.grad).any() for p in params if p.grad.size):
+                return math.nan
+            return float(sum(parts))
+        pick = np.max if norm_type > 0 else np.min
+        parts = [float(pick(np.abs(p.grad))) for p in params if p.grad.size]
+        if not parts:
+            return 0.0
+        if any(math.isnan(v) for v in parts):   # Python's max() would skip a NaN
+            return math.nan
+        return float(max(parts) if norm_type > 0 else min(parts))
     if norm_type == 2.0:
         total = 0.0
         for p in params:
@@ -219,18 +234,20 @@ def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """Scale all gradients in place so their total norm is at most ``max_norm``.
 
     Returns the total norm *before* clipping (like torch's clip_grad_norm_).
-    The scale is ``max_norm / (norm + 1e-6)``, applied only when below 1.
+    The scale is ``max_norm / (norm + 1e-6)``, applied only when below 1. A
+    non-finite norm raises RuntimeError with ``error_if_nonfinite``; otherwise the
+    gradients are scaled as torch scales them (by 0 for an infinite norm, so
+    infinite entries become NaN; by NaN for a NaN norm).
     """
     params = _as_param_list(params)
     total = grad_norm(params, norm_type)
-    if not math.isfinite(total):
-        if error_if_nonfinite:
-            raise RuntimeError(f"the total gradient norm is {total}; cannot clip")
-        return total
+    if not math.isfinite(total) and error_if_nonfinite:
+        raise RuntimeError(f"the total gradient norm is {total}; cannot clip")
     coef = float(max_norm) / (total + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            p.grad *= coef
+    if not coef >= 1.0:      # below 1, or NaN
+        with np.errstate(invalid="ignore"):   # inf * 0, as torch: no warning
+            for p in params:
+                p.grad *= p.grad.dtype.type(coef)
     return total
 
 

@@ -33,6 +33,7 @@ dynamic). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
 `set_isa` here overrides it for the quantised kernels alone.
 """
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -334,6 +335,19 @@ class _QuantizedBase(Module):
             return 1 if rows >= AUTO_DYNAMIC_MIN_ROWS else 0
         return 1 if bf16_auto_is_dynamic() else 0
 
+    def _dyn_for(self, rows, *inputs):
+        """_dyn(rows) for a call on these inputs (None: absent). int8 codes have no NaN
+        or inf, so a call with one in its inputs runs on the float inputs instead
+        (weight_only), which carry them through as the float module does: quantised,
+        they became finite garbage (found by an audit). A sum that overflows only
+        sends a finite call that way too."""
+        dyn = self._dyn(rows)
+        if dyn and self.qdtype == "int8":
+            for a in inputs:
+                if a is not None and not math.isfinite(float(np.sum(a))):
+                    return 0
+        return dyn
+
     def train(self, mode=True):
         # switching a quantised copy to training mode changes nothing it computes
         return super().train(mode)
@@ -437,7 +451,9 @@ class _QuantizedRecurrent(_QuantizedBase):
         """_run on the float32 twin (bf16 weights widened): same arguments and outputs."""
         twin = self._float_twin()
         if self.mode_name == "LSTM":
-            y, (h, c) = twin(x, None if h0 is None else (h0, c0))
+            # (h0, c0) with either None (zeros), as the kernels take them; dropping c0
+            # when h0 was None started the cell from zeros (found by an audit)
+            y, (h, c) = twin(x, None if h0 is None and c0 is None else (h0, c0))
             cn[...] = c
         else:
             y, h = twin(x, h0)
@@ -451,8 +467,9 @@ class _QuantizedRecurrent(_QuantizedBase):
                 and not self._dyn(B)):
             return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
-        return stack.forward(_level(), self._dyn(T * B), self._dyn(B), x, h0, c0, hn, cn,
-                             rows_in, rows_out, n_rows, self._threads(T, B), ROW_SPLIT_MIN_ROWS)
+        return stack.forward(_level(), self._dyn_for(T * B, x, h0), self._dyn_for(B, x, h0), x,
+                             h0, c0, hn, cn, rows_in, rows_out, n_rows, self._threads(T, B),
+                             ROW_SPLIT_MIN_ROWS)
 
 
 def _float32_input(name, x):
@@ -693,7 +710,7 @@ class QuantizedLinear(_QuantizedBase):
         x2 = np.ascontiguousarray(x).reshape(-1, self.in_features)
         M = x2.shape[0]
         flop = 2.0 * M * self.in_features * self.out_features
-        y = self._kernels().forward(_level(), self._dyn(M), x2,
+        y = self._kernels().forward(_level(), self._dyn_for(M, x2), x2,
                                     1 if flop < SMALL_WORK_FLOP else get_num_threads())
         return y.reshape(x.shape[:-1] + (self.out_features,))
 

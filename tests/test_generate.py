@@ -146,3 +146,16 @@ def test_generate_texts_from_a_quantised_model():
     texts = generate(q, char, prime="ab", length=7, seed=1, num_samples=3)
     assert len(texts) == 3 and all(len(t) == 7 for t in texts)
     assert texts == generate(q, char, prime="ab", length=7, seed=1, num_samples=3)
+
+
+def test_num_samples_start_from_the_given_state():
+    """generate_ids(state=..., num_samples=n) ignored the state: every sample started
+    from zeros. Greedy samples from a state equal the single greedy sequence from it."""
+    lm = RNNLanguageModel(30, embed_size=8, hidden_size=33, cell="gru", seed=0).eval()
+    _, state = lm(np.array([[3], [5], [7]]), None)
+    one = generate_ids(lm, [1, 2], 8, greedy=True, state=state)
+    many = generate_ids(lm, [1, 2], 8, greedy=True, state=state, num_samples=3)
+    assert (many == one).all()
+    assert not (generate_ids(lm, [1, 2], 8, greedy=True, num_samples=2) == one).all()
+    with pytest.raises(ValueError, match="state: expected arrays of shape"):
+        generate_ids(lm, [1, 2], 4, state=np.zeros((1, 4, 33), np.float32), num_samples=3)

@@ -283,3 +283,13 @@ def test_mse_gradient_and_module():
     np.testing.assert_allclose(crit.backward(), 2 * (pred - target))
     with pytest.raises(ValueError):
         nn.mse(pred, target[:2])
+
+
+def test_cross_entropy_ignored_rows_do_not_reach_loss_or_gradient_even_as_nan():
+    logits = np.array([[0.0, 0.0, 0.0], [np.nan, np.inf, 1.0]], np.float32)
+    targets = np.array([1, -100])
+    loss, grad = nn.softmax_cross_entropy(logits, targets)
+    assert loss == pytest.approx(np.log(3.0))
+    assert np.isfinite(grad).all() and not grad[1].any()
+    per, _ = nn.softmax_cross_entropy(logits, targets, reduction="none")
+    assert per[1] == 0 and per[0] == pytest.approx(np.log(3.0))

@@ -201,3 +201,50 @@ def test_clip_grad_value_clamps_and_returns_pre_clip_norm():
     assert total == pytest.approx(expected, rel=1e-12)
     for p, g in zip(params, grads(2)):
         np.testing.assert_array_equal(p.grad, np.clip(g, -0.5, 0.5))
+
+
+def _params(*grads):
+    ps = []
+    for g in grads:
+        p = Parameter(np.zeros(len(g)))
+        p.grad[...] = g
+        ps.append(p)
+    return ps
+
+
+def test_norms_of_every_order_as_torch_takes_them():
+    """inf: largest |g|, -inf: smallest, 0: count of non-zeros; NaN in any parameter,
+    not only the first, gives NaN (Python's max() skipped it)."""
+    ps = _params([-5.0, 7.0], [0.0, 2.0])
+    assert optim.grad_norm(ps, float("inf")) == 7.0
+    assert optim.grad_norm(ps, -float("inf")) == 0.0
+    assert optim.grad_norm(_params([-5.0, 7.0]), -float("inf")) == 5.0
+    assert optim.grad_norm(ps, 0) == 3.0
+    nan = _params([3.0, 2.0], [np.nan, 1.0])
+    for order in (float("inf"), -float("inf"), 0, 1, 2):
+        assert math.isnan(optim.grad_norm(nan, order)), order
+    with pytest.raises(RuntimeError, match="nan"):
+        optim.clip_grad_norm(nan, 1.0, norm_type=float("inf"), error_if_nonfinite=True)
+
+
+def test_clip_scales_non_finite_gradients_as_torch():
+    ps = _params([1.0, np.inf, 2.0])
+    total = optim.clip_grad_norm(ps, 1.0)
+    assert total == math.inf
+    np.testing.assert_array_equal(ps[0].grad, [0.0, np.nan, 0.0])   # scaled by 0, as torch
+    ps = _params([1.0, np.nan])
+    assert math.isnan(optim.clip_grad_norm(ps, 1.0))
+    assert np.isnan(ps[0].grad).all()
+
+
+@pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
+def test_adam_updates_a_parameter_whose_data_is_not_c_contiguous(cls):
+    """A Fortran-order p.data was left unchanged: the fused step wrote into a copy."""
+    a = Parameter(np.arange(12.0).reshape(3, 4))
+    b = Parameter(np.arange(12.0).reshape(3, 4))
+    b.data = np.asfortranarray(b.data)
+    for p in (a, b):
+        p.grad[...] = 1.0
+        cls([p], lr=0.1).step()
+    np.testing.assert_array_equal(b.data, a.data)
+    assert not np.array_equal(a.data, np.arange(12.0).reshape(3, 4))

@@ -416,3 +416,38 @@ def test_stack_bitwise_for_any_thread_count_and_split(isa, cell, qdtype, mode):
     yr, hr, _ = R.stack_forward(q, x, h0, h0 if lstm else None, q._dyn(T * B), q._dyn(B))
     tol = BF16_DYNAMIC_RECURRENT_TOL if (qdtype == "bfloat16" and q._dyn(B)) else 2e-6
     np.testing.assert_allclose(results[0][0], yr, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("B", [15, 16])      # from 16 rows bf16 weight_only runs its float twin
+def test_bf16_lstm_keeps_c0_when_h0_is_none(B):
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    q = fastrnn.quantize(m, "bfloat16", mode="weight_only")
+    x = np.random.default_rng(0).standard_normal((3, B, 4)).astype(np.float32)
+    c0 = np.random.default_rng(1).standard_normal((1, B, 8)).astype(np.float32)
+    np.testing.assert_array_equal(q(x, (None, c0))[0], q(x, (np.zeros_like(c0), c0))[0])
+    cell = fastrnn.quantize(fastrnn.LSTMCell(4, 8, seed=0), "bfloat16", mode="weight_only")
+    np.testing.assert_array_equal(cell(x[0], (None, c0[0]))[0],
+                                  cell(x[0], (np.zeros_like(c0[0]), c0[0]))[0])
+
+
+def test_int8_dynamic_carries_nan_and_inf_through_like_the_float_module():
+    """int8 codes have no NaN: a NaN input had given finite outputs for its row."""
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    q = fastrnn.quantize(m, "int8")                       # dynamic by default at this size
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    x[0, 0, 1] = np.nan
+    y = q(x)[0]
+    assert not np.isfinite(y[:, 0]).any() and np.isfinite(y[:, 1]).all()
+    lin = fastrnn.quantize(fastrnn.nn.Linear(4, 3, rng=0), "int8")
+    xs = np.ones((5, 4), np.float32)
+    xs[2, 1] = np.inf
+    out = lin(xs)
+    assert not np.isfinite(out[2]).any() and np.isfinite(np.delete(out, 2, 0)).all()
+
+
+@pytest.mark.parametrize("qdtype", ["bfloat16", "int8"])
+def test_float_weights_are_not_loaded_into_integer_codes(qdtype):
+    m = fastrnn.GRU(4, 8, seed=0).eval()
+    q = fastrnn.quantize(m, qdtype)
+    with pytest.raises(ValueError, match="float values for a quantised module's integer codes"):
+        q.load_state_dict({k: p.data for k, p in m.named_parameters()}, strict=False)

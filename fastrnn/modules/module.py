@@ -333,14 +333,21 @@ class Module:
         unexpected = [k for k in given if k not in own]
         misshaped = [f"{k}: expected shape {own[k].shape}, got {given[k].shape}"
                      for k in own if k in given and given[k].shape != own[k].shape]
-        # strings, objects or complex numbers would cast badly or lose information
+        # strings, objects or complex numbers would cast badly or lose information, and
+        # floats cast into a quantised module's integer codes would be other weights
         badtype = [f"{k}: expected a real numeric array, got dtype {given[k].dtype}"
                    for k in own if k in given and given[k].dtype.kind not in "biuf"]
+        codes = [f"{k}: expected {own[k].data.dtype}, got {given[k].dtype}"
+                 for k in own if k in given and own[k].data.dtype.kind in "iu"
+                 and given[k].dtype.kind == "f"]
         problems = []
         if misshaped:
             problems.append("mis-shaped keys: " + "; ".join(misshaped))
         if badtype:
             problems.append("non-numeric keys: " + "; ".join(badtype))
+        if codes:
+            problems.append("float values for a quantised module's integer codes (quantise "
+                            "the float module instead): " + "; ".join(codes))
         if strict and missing:
             problems.append("missing keys: " + ", ".join(missing))
         if strict and unexpected:

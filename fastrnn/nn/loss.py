@@ -69,7 +69,8 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean",
     shifted = flat - flat.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     sumexp = exp.sum(axis=1)
-    per = (np.log(sumexp) - shifted[rows, safe_t]) * valid
+    # where(), not * valid: an ignored row's NaN or inf must not reach the loss (NaN * 0)
+    per = np.where(valid, np.log(sumexp) - shifted[rows, safe_t], 0)
     n_valid = int(valid.sum())
 
     if reduction == "mean":
@@ -87,6 +88,7 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean",
     grad /= sumexp[:, None]
     grad[rows, safe_t] -= 1
     grad *= (valid * scale).astype(grad.dtype)[:, None]
+    grad[~valid] = 0                      # (an ignored row of NaN stays NaN after * 0)
     return loss, grad.reshape(logits.shape)
 
 
