@@ -144,8 +144,9 @@ def build_parser():
     g.add_argument("--time-budget", type=_nonneg_float, default=None, metavar="SECONDS",
                    help="stop training after this many seconds")
     g.add_argument("--max-steps", type=_positive_int, default=None)
-    g.add_argument("--eval-every", type=_nonneg_float, default=d.eval_every, metavar="SECONDS",
-                   help="validate every this many seconds of training (0: only at the end)")
+    g.add_argument("--eval-every", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help=f"validate every this many seconds of training (0: only at the end; "
+                        f"default {d.eval_every:g}, or the checkpoint's with --resume)")
     g.add_argument("--eval-seq-len", type=_positive_int, default=d.eval_seq_len, metavar="T",
                    help="chunk length of validation (the state is carried; no effect on "
                         "the loss beyond float rounding)")
@@ -228,8 +229,9 @@ def cmd_train(args, out):
     name = os.path.basename(path)
     if args.resume:
         overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
-                         max_steps=args.max_steps, eval_every=args.eval_every,
-                         threads=args.threads)
+                         max_steps=args.max_steps, threads=args.threads)
+        if args.eval_every is not None:   # given: else the checkpoint's stays
+            overrides["eval_every"] = args.eval_every
         if args.skip_nonfinite:
             overrides["skip_nonfinite"] = True
         trainer = Trainer.resume(args.resume, text, text_name=name, **overrides)
@@ -311,8 +313,11 @@ def config_from_args(args):
     import dataclasses
 
     from fastrnn.train import TrainConfig
-    return TrainConfig(**{f.name: getattr(args, f.name)
-                          for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name)
+              for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if values.get("eval_every", 0) is None:    # --eval-every not given: the default
+        del values["eval_every"]
+    return TrainConfig(**values)
 
 
 def effective_config_line(cfg):

@@ -256,3 +256,20 @@ def test_progress_bar_is_plain_lines_unless_on_a_terminal():
     line = log.getvalue()
     assert "\r" not in line and line.count("\n") == 1
     assert line.startswith("torch lstm: 4/4 s of training (100 %), loss=1.000")
+
+
+def test_resume_keeps_the_checkpoints_eval_every_unless_given(textfile, tmp_path, capsys):
+    """--eval-every not given on --resume: the checkpoint's value stays (it was
+    replaced by the flag's default, 60)."""
+    ck = tmp_path / "m.npz"
+    assert main(["train", str(textfile), *SMALL, "--max-steps", "2", "--eval-every", "0",
+                 "--save", str(ck)]) == 0
+    capsys.readouterr()
+    common = ["train", str(textfile), "--resume", str(ck), "--threads", "1", "--no-progress",
+              "--sample-length", "0"]
+    assert main(common + ["--max-steps", "3"]) == 0
+    assert " eval_every=0.0 " in capsys.readouterr().out
+    assert main(common + ["--max-steps", "3", "--eval-every", "5"]) == 0
+    assert " eval_every=5.0 " in capsys.readouterr().out
+    assert main(["train", str(textfile), *SMALL, "--max-steps", "1"]) == 0
+    assert " eval_every=60.0 " in capsys.readouterr().out    # the default, without --resume
