@@ -17,9 +17,10 @@ the user's has that name.
 import os
 import re
 import secrets
+import shutil
 from contextlib import contextmanager
 
-__all__ = ["replacing", "stale_temporaries"]
+__all__ = ["replacing", "replacing_directory", "stale_temporaries"]
 
 TMP_SUFFIX = ".fastrnn-tmp"
 NAME_BYTES = 120     # of the target's name kept in the temporary one
@@ -65,6 +66,40 @@ def replacing(path):
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
+        raise
+
+
+@contextmanager
+def replacing_directory(path):
+    """Yield the absolute name of a new empty directory beside `path`; when the block
+    ends normally it takes `path`'s place (an existing directory there, with
+    whatever parts an earlier run left, is removed after the rename), when it
+    raises it is removed and `path` is left as it was. Not atomic as a whole (two
+    renames), but a reader never sees old and new parts mixed."""
+    path = os.path.abspath(os.fspath(path))
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            os.mkdir(tmp)
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        old = None
+        if os.path.isdir(path) and not os.path.islink(path):
+            old = _temporary_name(path)
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -429,7 +429,10 @@ def score_sequences(plan, seqs, output="sequence", batch_size=256, index=None):
         L = lengths[idx]
         T = int(L.max())
         first = arrays[idx[0]]
-        batch = np.zeros((len(idx), T) + first.shape[1:], first.dtype)
+        # token ids of mixed integer dtypes (uint8 and int64, say) pad as int64: in the
+        # first sequence's dtype a larger id wrapped (300 as uint8 is 44)
+        dtype = np.int64 if plan.token_ids else first.dtype
+        batch = np.zeros((len(idx), T) + first.shape[1:], dtype)
         for r, j in enumerate(idx):
             batch[r, :L[r]] = arrays[j]
         out, state = _run_guarded(plan, batch, L, index)

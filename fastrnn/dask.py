@@ -25,6 +25,7 @@ import dask.array as da
 import dask.bag as db
 import numpy as np
 from dask import delayed
+from dask.base import tokenize
 
 from fastrnn import _modelfile, _scoring
 from fastrnn._scoring import OUTPUTS, ModelBlob, PartitionError, Plan, cache_info, clear_cache
@@ -91,7 +92,9 @@ def predict(model, data, output="sequence", batch_size=256, threads=None, batch_
     plan = Plan(model)
     blob = model_blob(model)
     if isinstance(data, da.Array):
-        if batch_first is None:
+        if plan.token_ids:
+            batch_first = True       # token ids are (N, T) whatever the flag
+        elif batch_first is None:
             batch_first = bool(getattr(model, "batch_first", True))
         return _predict_array(plan, blob, data, output, batch_size, threads, batch_first,
                               lengths)
@@ -103,6 +106,14 @@ def predict(model, data, output="sequence", batch_size=256, threads=None, batch_
         return _predict_series(plan, blob, data, output, batch_size, threads, name)
     raise TypeError(f"data must be a dask Array, Bag or DataFrame column, got "
                     f"{type(data).__name__} (for in-memory data use predict_local)")
+
+
+def _call_token(*settings):
+    """A short token of a call's settings (output kind, lengths, batch size, ...) for
+    its task keys: with the model's digest and the input's name alone, two calls
+    on the same data with other settings shared keys, and dask returned one
+    call's results for the other (found by an audit)."""
+    return tokenize(*settings)[:12]
 
 
 def _predict_array(plan, blob, x, output, batch_size, threads, batch_first, lengths):
@@ -143,11 +154,12 @@ def _predict_array(plan, blob, x, output, batch_size, threads, batch_first, leng
     spec, dtype = plan.output_spec(output)
     node = _blob_node(blob)
     nparts = len(nchunks)
+    call = _call_token(output, batch_size, threads, bool(batch_first), lengths)
     outs = []
     for i, (blk, L, n) in enumerate(zip(blocks, lparts, nchunks)):
         d = delayed(_scoring.array_task, pure=True)(
             node, blk, L, i, output, batch_size, bool(batch_first), threads, nparts,
-            dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{x.name}-{i}")
+            dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{call}-{x.name}-{i}")
         outs.append((d, n))
 
     def assemble(shape_of, getter=None):
@@ -170,9 +182,10 @@ def _predict_array(plan, blob, x, output, batch_size, threads, batch_first, leng
 def _predict_bag(plan, blob, bag, output, batch_size, threads):
     node = _blob_node(blob)
     parts = bag.to_delayed()
+    call = _call_token(output, batch_size, threads)
     outs = [delayed(_scoring.sequences_task, pure=True)(
                 node, p, i, output, batch_size, threads, len(parts),
-                dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{bag.name}-{i}")
+                dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{call}-{bag.name}-{i}")
             for i, p in enumerate(parts)]
     return db.from_delayed(outs)
 
@@ -187,9 +200,10 @@ def _predict_series(plan, blob, data, output, batch_size, threads, name):
         data = data[data.columns[0]]
     node = _blob_node(blob)
     parts = data.to_delayed()
+    call = _call_token(output, batch_size, threads, name)
     outs = [delayed(_scoring.series_task, pure=True)(
                 node, p, i, output, batch_size, threads, len(parts), name,
-                dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{data._name}-{i}")
+                dask_key_name=f"fastrnn-predict-{blob.digest[:8]}-{call}-{data._name}-{i}")
             for i, p in enumerate(parts)]
     meta = pd.Series([], dtype=object, name=name, index=data._meta.index)
     # outputs are arrays in an object column: never let dask turn them into strings
@@ -208,7 +222,9 @@ def predict_local(model, data, output="sequence", batch_size=256, batch_first=No
     n = threads or _scoring.get_num_threads()
     with _scoring.task_threads(n):
         if isinstance(data, np.ndarray):
-            if batch_first is None:
+            if plan.token_ids:
+                batch_first = True   # token ids are (N, T) whatever the flag
+            elif batch_first is None:
                 batch_first = bool(getattr(model, "batch_first", True))
             return _scoring.score_block(plan, data, lengths, output, int(batch_size),
                                         bool(batch_first))

@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from fastrnn._atomic import replacing
+from fastrnn._atomic import replacing, replacing_directory
 
 __all__ = ["main", "build_parser"]
 
@@ -277,11 +277,12 @@ def _write_series(args, plan, res, client, progress, out):
     okind = _suffix(args.output)
     if okind == ".parquet":
         # one file per partition, written by pyarrow where the partition is
-        # (the object columns of lists are beyond dask's schema inference)
-        os.makedirs(args.output, exist_ok=True)
-        job = [dask.delayed(_write_part, pure=False)(p, os.path.abspath(args.output), i)
-               for i, p in enumerate(res.to_delayed())]
-        n = f"{sum(_progress_compute(job, client, progress)):,}"
+        # (the object columns of lists are beyond dask's schema inference), into a
+        # new directory that replaces the output only when every part is written
+        with replacing_directory(args.output) as tmp:
+            job = [dask.delayed(_write_part, pure=False)(p, tmp, i)
+                   for i, p in enumerate(res.to_delayed())]
+            n = f"{sum(_progress_compute(job, client, progress)):,}"
     else:
         parts = _progress_compute(res.to_delayed(), client, progress)
         results = [r for p in parts for r in p.tolist()]

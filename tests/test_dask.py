@@ -310,3 +310,65 @@ def test_example_dask_scoring(client, tmp_path):
     scores = np.load(tmp_path / "scores.npy")
     assert scores.shape == (3000,) and ((scores >= 0) & (scores <= 1)).all()
     assert res["accuracy"] > 0.8, res
+
+
+def test_calls_with_other_settings_on_the_same_data_keep_their_own_results():
+    """Task keys carry the call's settings: with the model and the input alone, two
+    calls differing in lengths (or output) shared keys and dask returned one's
+    results for the other."""
+    m = fastrnn.GRU(3, 5, batch_first=True, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((11, 7, 3)).astype(np.float32)
+    xd = da.from_array(x, chunks=4)
+    a, b = dask.compute(fd.predict(m, xd, "last", lengths=np.full(11, 7)),
+                        fd.predict(m, xd, "last", lengths=np.full(11, 3)))
+    assert np.array_equal(a, fd.predict_local(m, x, "last", lengths=np.full(11, 7)))
+    assert np.array_equal(b, fd.predict_local(m, x, "last", lengths=np.full(11, 3)))
+    s, last = dask.compute(fd.predict(m, xd, "sequence"), fd.predict(m, xd, "last"))
+    assert s.shape == (11, 7, 5) and last.shape == (11, 5)
+    bag = db.from_sequence([x[0], x[1, :4]], npartitions=1)
+    s, last = dask.compute(fd.predict(m, bag, "sequence"), fd.predict(m, bag, "last"))
+    assert s[1].shape == (4, 5) and last[1].shape == (5,)
+
+
+def test_token_ids_of_mixed_dtypes_and_the_layout_flag():
+    """Ids pad as int64 (300 in a batch led by a uint8 sequence wrapped to 44), and
+    token ids are (N, T) whatever batch_first says (the output was transposed)."""
+    from fastrnn.nn import Embedding, Sequential
+    emb = Sequential(Embedding(400, 4), fastrnn.GRU(4, 5, batch_first=True)).eval()
+    mixed = fd.predict_local(emb, [np.array([1, 2, 3], np.uint8), [300, 5]], "last")
+    same = fd.predict_local(emb, [np.array([1, 2, 3]), np.array([300, 5])], "last")
+    assert all(np.array_equal(p, q) for p, q in zip(mixed, same))
+    lm = fastrnn.RNNLanguageModel(50, 4, 6, seed=0).eval()
+    ids = np.random.default_rng(1).integers(0, 50, (6, 4))
+    want = fd.predict_local(lm, ids, "sequence")
+    assert want.shape == (6, 4, 50)
+    assert np.array_equal(fd.predict_local(lm, ids, "sequence", batch_first=False), want)
+    got = fd.predict(lm, da.from_array(ids, chunks=3), "sequence", batch_first=False)
+    assert got.shape == (6, 4, 50) and np.array_equal(got.compute(), want)
+
+
+def test_cli_parquet_output_replaces_a_directory_whole(tmp_path):
+    """A second run into the same .parquet directory leaves only its own parts; a
+    failing run leaves the earlier result as it was (it had mixed old and new parts)."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    from fastrnn.cli import main
+    lm = fastrnn.RNNLanguageModel(15, 8, 10, cell="gru", seed=2).eval()
+    fd.save_model(tmp_path / "lm.npz", lm)
+    rng = np.random.default_rng(3)
+    out = tmp_path / "out.parquet"
+
+    def run(n, rows_per_group, bad=False):
+        ids = [rng.integers(0, 15, int(t)).tolist() for t in rng.integers(1, 9, n)]
+        if bad:
+            ids[-1] = [99]                      # outside the vocabulary: that part fails
+        pd.DataFrame({"ids": ids}).to_parquet(tmp_path / "ids.parquet",
+                                              row_group_size=rows_per_group)
+        return main(["predict", str(tmp_path / "lm.npz"), str(tmp_path / "ids.parquet"),
+                     "-o", str(out), "--no-progress"])
+    assert run(9, 3) == 0 and len(pd.read_parquet(out)) == 9
+    assert run(4, 2) == 0 and len(pd.read_parquet(out)) == 4
+    before = sorted(os.listdir(out))
+    assert run(9, 3, bad=True) == 2
+    assert sorted(os.listdir(out)) == before and len(pd.read_parquet(out)) == 4
+    assert sorted(os.listdir(tmp_path)) == ["ids.parquet", "lm.npz", "out.parquet"]
