@@ -18,15 +18,16 @@ from fastrnn import _isa, _openmp, _openmp_wait, _precision, _recurrent
 __all__ = ["set_num_threads", "get_num_threads", "config", "show_config"]
 
 
+MAX_THREADS = 1 << 12   # a team's size is a C int in the kernels; no CPU has more
+
+
 def _default_threads():
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env:
-        try:
-            n = int(env.split(",")[0])
-            if n >= 1:
-                return n
-        except ValueError:
-            pass
+        first = env.split(",")[0].strip()
+        # ASCII digits only, as libgomp reads it (Python's int() also takes "1_0", "٣")
+        if first.isascii() and first.isdigit() and 1 <= int(first) <= MAX_THREADS:
+            return int(first)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -43,8 +44,8 @@ def set_num_threads(n):
     if isinstance(n, bool) or not hasattr(n, "__index__"):
         raise TypeError(f"n must be an integer, got {type(n).__name__}")
     n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be in [1, {MAX_THREADS}], got {n}")
     _num_threads = n if _openmp.openmp_enabled() else 1
 
 

@@ -181,7 +181,7 @@ def build_parser():
                                      "`fastrnn train --save`.")
     gen.add_argument("checkpoint")
     gen.add_argument("--prime", default="", help="text to start from")
-    gen.add_argument("--length", type=int, default=500, help="tokens to generate")
+    gen.add_argument("--length", type=_positive_int, default=500, help="tokens to generate")
     gen.add_argument("--temperature", type=_nonneg_float, default=0.8,
                      help="sampling temperature (0: greedy)")
     gen.add_argument("--top-k", type=_positive_int, default=None)
@@ -224,7 +224,7 @@ def cmd_train(args, out):
     from fastrnn.train import Trainer
     from fastrnn import _precision
 
-    path = args.textfile or DEFAULT_TEXT
+    path = DEFAULT_TEXT if args.textfile is None else args.textfile   # "" is a bad path
     text = _read_text(path)
     name = os.path.basename(path)
     if args.resume:

@@ -2,12 +2,15 @@
 errors, save/resume), generate, bench forwarding."""
 
 import json
+import os
 import sys
 import time
 import types
 
 import numpy as np
 import pytest
+
+import fastrnn
 
 from fastrnn.cli import DEFAULT_TEXT, main
 
@@ -273,3 +276,42 @@ def test_resume_keeps_the_checkpoints_eval_every_unless_given(textfile, tmp_path
     assert " eval_every=5.0 " in capsys.readouterr().out
     assert main(["train", str(textfile), *SMALL, "--max-steps", "1"]) == 0
     assert " eval_every=60.0 " in capsys.readouterr().out    # the default, without --resume
+
+
+def test_bad_arguments_are_usage_errors_not_tracebacks(tmp_path, capsys):
+    """From the CLI audit: an empty text path trained on the bundled text; negative
+    sizes, lengths and counts reached NumPy or ONNX Runtime as tracebacks."""
+    assert main(["train", "", *SMALL, "--max-steps", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    from fastrnn.benchmark.onnx_file import main as onnx_main
+    from fastrnn.benchmark.runner import build_parser
+    bad = [["-H", "-1"], ["-T", "0"], ["-B", "x"], ["--repeats", "0"], ["--threads", "0"],
+           ["--budget", "-1"], ["--budget", "nan"], ["--sgemm-size", "0"], ["--cell", ""],
+           ["--mode", ""], ["--gen-length", "0"]]
+    for args in bad:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(args)
+        assert e.value.code == 2, args
+    for args in (["--onnx", str(tmp_path / "missing.onnx")], ["--onnx", "x.onnx", "-B", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            onnx_main(args)
+        assert e.value.code == 2, args
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "m.npz", "--length", "-1"])
+    assert e.value.code == 2
+
+
+def test_thread_counts_beyond_a_c_int_are_refused():
+    import subprocess
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4096\]"):
+        fastrnn.set_num_threads(2 ** 31)
+    if not hasattr(os, "sched_getaffinity"):
+        return
+    cores = len(os.sched_getaffinity(0))     # what an unreadable OMP_NUM_THREADS falls back to
+    for value, want in (("1_0", cores), ("\u0663", cores), ("99999999999", cores), ("3,1", 3)):
+        env = dict(os.environ, OMP_NUM_THREADS=value)
+        out = subprocess.run([sys.executable, "-c",
+                              "import fastrnn; print(fastrnn.get_num_threads())"],
+                             env=env, capture_output=True, text=True)
+        assert int(out.stdout.strip()) == want, (value, out.stdout, out.stderr)

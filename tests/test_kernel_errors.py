@@ -80,7 +80,7 @@ def test_unknown_nonlinearity():
 
 
 def test_set_num_threads_validates():
-    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"n must be in \[1, 4096\], got 0"):
         fastrnn.set_num_threads(0)
     with pytest.raises(TypeError):
         fastrnn.set_num_threads("2")

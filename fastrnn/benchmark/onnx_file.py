@@ -8,10 +8,13 @@ repeats, fastrnn and ONNX Runtime each on --threads threads).
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import numpy as np
+
+from fastrnn.benchmark.runner import _int_at_least
 
 __all__ = ["main", "make_feeds"]
 
@@ -20,12 +23,14 @@ def _parser():
     p = argparse.ArgumentParser(prog="fastrnn bench --onnx",
                                 description="Time an ONNX file in fastrnn and ONNX Runtime.")
     p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx model")
-    p.add_argument("-T", "--steps", type=int, default=100, help="sequence length (default 100)")
-    p.add_argument("-B", "--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("-T", "--steps", type=_int_at_least(1), default=100,
+                   help="sequence length (default 100)")
+    p.add_argument("-B", "--batch", type=_int_at_least(1), default=32,
+                   help="batch size (default 32)")
     p.add_argument("--lengths", action="store_true",
                    help="random per-sequence lengths (if the model takes them)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=_int_at_least(1), default=10)
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="last line: a JSON object")
     return p
@@ -57,7 +62,10 @@ def make_feeds(sess, model, T, B, rng, lengths=False):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.onnx):
+        p.error(f"--onnx {args.onnx!r}: no such file")
     import onnxruntime as ort
 
     import fastrnn
