@@ -98,7 +98,7 @@ def config():
         "cpu_vector_flags": _isa.cpu_vector_flags(),
         "isa": _isa.get_isa(),
         "isas_available": _isa.available_isas(),
-        "isa_forced": os.environ.get("FASTRNN_ISA") or None,
+        "isa_forced": _isa.forced_by(),
         "quantized_isa": quantization.isa(),
         "quantized_bf16_auto": "dynamic" if quantization.bf16_auto_is_dynamic() else "weight_only",
         "matmul_precision": _precision.get_float32_matmul_precision(),

@@ -26,6 +26,7 @@ _VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", 
                  "amx_bf16", "amx_int8")
 
 _current = None
+_forced = None    # FASTRNN_ISA's value while the ISA it chose is in use (forced_by())
 
 
 def available_isas():
@@ -38,13 +39,20 @@ def get_isa():
     return _current
 
 
+def forced_by():
+    """FASTRNN_ISA's value if the ISA in use is the one it chose (not replaced since by
+    set_isa), else None."""
+    return _forced
+
+
 def set_isa(isa):
     """Run the kernels with `isa` ('avx512', 'avx2', 'baseline'; or None for the best).
 
     Asking for an ISA the CPU lacks raises ValueError. Not for use while
     another thread runs a kernel.
     """
-    global _current
+    global _current, _forced
+    _forced = None
     if isa is None:
         isa = ISAS[_openmp.isa_best()]
     if not isinstance(isa, str) or isa.lower() not in ISAS:
@@ -100,6 +108,8 @@ def _init():
         set_isa(env)
     except ValueError as e:
         raise ValueError(f"FASTRNN_ISA={env!r}: {e}") from None
+    global _forced
+    _forced = env
 
 
 _init()

@@ -30,7 +30,12 @@ def sample_logits(logits, temperature=1.0, top_k=None, greedy=False, rng=None):
                              f"{len(rng)} for logits of shape {logits.shape}")
     else:
         rng = as_generator(rng)
-    z = logits / temperature
+    with np.errstate(over="ignore"):
+        z = logits / temperature
+    if not np.isfinite(z[np.isfinite(logits)]).all():
+        # so small a temperature that logits/temperature overflows: its limit, arg-max
+        # (softmax of inf - inf was NaN, and every draw took id 0)
+        return logits.argmax(axis=-1)
     V = z.shape[-1]
     if top_k is not None:
         k = int(top_k)

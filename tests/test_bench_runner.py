@@ -200,3 +200,13 @@ def test_time_interleaved_sizes_samples_from_warm_calls():
     warm, rounds, number, cold = out["a"]
     assert number > 100                      # sized from one call: 2
     assert warm < 0.001
+
+
+def test_runner_memory_exits_1_when_fastrnn_fails(capsys, monkeypatch):
+    """docs/benchmarks.md: status 1 if fastrnn failed; a failed --memory child had
+    left it 0."""
+    from fastrnn.benchmark import memory
+    monkeypatch.setattr(memory, "_run_child", lambda spec: {"error": "child failed: boom"})
+    status, summary, out = run_json(capsys, ["--cell", "gru", "--memory", "--peers", "none",
+                                             "-B", "2"] + TINY)
+    assert status == 1 and all("error" in r for r in summary["memory"])

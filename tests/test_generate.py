@@ -159,3 +159,9 @@ def test_num_samples_start_from_the_given_state():
     assert not (generate_ids(lm, [1, 2], 8, greedy=True, num_samples=2) == one).all()
     with pytest.raises(ValueError, match="state: expected arrays of shape"):
         generate_ids(lm, [1, 2], 4, state=np.zeros((1, 4, 33), np.float32), num_samples=3)
+
+
+def test_a_temperature_so_small_that_logits_overflow_takes_the_arg_max():
+    logits = np.array([[0.1, 3.0, -2.0], [5.0, 1.0, 2.0]])
+    for t in (1e-308, 5e-324):
+        assert sample_logits(logits, t, rng=0).tolist() == [1, 0]   # it was [0, 0]

@@ -210,3 +210,20 @@ def test_weight_gradients_over_more_rows_than_one_k_block(isa, cell):
     reference, under each ISA."""
     _check(cell, np.float64, (55, 20, 6, 9), "plain", isa)
     _check(cell, np.float32, (55, 20, 6, 9), "plain", isa)
+
+
+def test_config_names_the_env_override_only_while_it_is_in_use():
+    """config()["isa_forced"] is FASTRNN_ISA's value while its ISA runs; set_isa
+    replaces it (it had kept reporting the variable), and a blank value forces nothing."""
+    code = ("import fastrnn; c = fastrnn.config(); a = (c['isa'], c['isa_forced']); "
+            "fastrnn.set_isa('baseline'); c = fastrnn.config(); "
+            "print(a, (c['isa'], c['isa_forced']))")
+    for env, want in (("baseline", "('baseline', 'baseline') ('baseline', None)"),
+                      (" ", None)):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, FASTRNN_ISA=env))
+        assert out.returncode == 0, out.stderr
+        if want is not None:
+            assert out.stdout.strip() == want
+        else:
+            assert "None) ('baseline', None)" in out.stdout

@@ -531,6 +531,8 @@ def main(argv=None):
                                    args.dtype, args.layers, args.bidirectional, args.seed)
             summary["memory"] = memory
             print(format_memory(memory))
+            if any("error" in r for r in memory if r["engine"] == "fastrnn"):
+                status = 1      # as for the main table: fastrnn failed (a peer may fail alone)
         if args.lengths:
             from fastrnn.benchmark.lengths import lengths_report, format_lengths
             len_modes = [m for m in args.mode if m != "step"] or ["forward", "train"]
