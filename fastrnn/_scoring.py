@@ -341,6 +341,13 @@ def score_block(plan, x, lengths=None, output="sequence", batch_size=256, batch_
                 (N and (lengths.min() < 1 or lengths.max() > T)):
             raise _fail(index, f"lengths must be {N} integers in [1, {T}], got "
                                f"shape {lengths.shape} dtype {lengths.dtype}")
+    if N == 0:       # no rows (an empty chunk, or all of the data): empty outputs
+        spec, dtype = plan.output_spec(output)
+        if output == "state" and isinstance(spec[0], tuple):
+            return tuple(np.empty((0,) + tuple(s), dtype) for s in spec)
+        lead = ((0, T) if batch_first or plan.token_ids else (T, 0)) \
+            if output == "sequence" else (0,)
+        return np.empty(lead + tuple(spec), dtype)
     parts = []
     for a in range(0, N, batch_size):
         L = None if lengths is None else lengths[a:a + batch_size]

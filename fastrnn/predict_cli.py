@@ -287,6 +287,8 @@ def _write_series(args, plan, res, client, progress, out):
         parts = _progress_compute(res.to_delayed(), client, progress)
         results = [r for p in parts for r in p.tolist()]
         n = f"{len(results):,}"
+        if not results:
+            raise PredictError(f"{args.input}: no sequences to score")
         if results and isinstance(results[0], tuple):
             arrays = {"h": np.stack([r[0] for r in results]),
                       "c": np.stack([r[1] for r in results])}

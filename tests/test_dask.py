@@ -372,3 +372,17 @@ def test_cli_parquet_output_replaces_a_directory_whole(tmp_path):
     assert run(9, 3, bad=True) == 2
     assert sorted(os.listdir(out)) == before and len(pd.read_parquet(out)) == 4
     assert sorted(os.listdir(tmp_path)) == ["ids.parquet", "lm.npz", "out.parquet"]
+
+
+def test_zero_rows_give_empty_outputs():
+    """No rows at all: empty outputs of the right shape (NumPy's 'need at least one
+    array to concatenate' before)."""
+    m = fastrnn.LSTM(3, 5, batch_first=True, seed=0).eval()
+    x = np.zeros((0, 4, 3), np.float32)
+    assert fd.predict_local(m, x, "sequence").shape == (0, 4, 5)
+    assert fd.predict(m, da.from_array(x, chunks=2), "last").compute().shape == (0, 5)
+    h, c = fd.predict_local(m, x, "state")
+    assert h.shape == c.shape == (0, 1, 5)
+    gru = fastrnn.GRU(3, 5, seed=0).eval()                      # time-major
+    assert fd.predict_local(gru, np.zeros((4, 0, 3), np.float32), "sequence",
+                            batch_first=False).shape == (4, 0, 5)

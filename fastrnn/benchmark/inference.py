@@ -364,8 +364,8 @@ def _overhead_part(cells, budget, repeats, seed, H=32, I=32, T=4):
 
 
 def _generate_part(peers, threads, budget, repeats, seed, V=65, E=64, H=512, length=200):
-    if "torch" not in peers:
-        return [{"part": "generate", "skipped": "torch is not installed"}]
+    if "torch" not in peers:   # not installed, or left out with --peers
+        return [{"part": "generate", "skipped": "torch is not among the peers"}]
     import torch
     import fastrnn
     from fastrnn.generate import generate_ids
