@@ -67,8 +67,10 @@ def _torch_packed(cell, weights, x, dy, lengths, mode):
 
 
 def lengths_report(cells, configs, modes, peers=(), dtype="float32", repeats=None, seed=0,
-                   progress=None):
-    """Full against mixed lengths for each cell, mode and config (B > 1 only)."""
+                   progress=None, budget=None):
+    """Full against mixed lengths for each cell, mode and config (B > 1 only).
+    budget: seconds of timing for the whole report, shared evenly by its rows
+    (default: 6 s a row, 12 with torch)."""
     import fastrnn
     from fastrnn.benchmark.timing import time_interleaved
     progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -107,8 +109,10 @@ def lengths_report(cells, configs, modes, peers=(), dtype="float32", repeats=Non
                                 for kind, lens in (("full", full), ("mixed", lengths))]
                 for e in engines:
                     e.run()
-                budget = 6.0 * (1 + ("torch" in peers))
-                timed = time_interleaved(engines, budget, repeats, warmup=1)
+                n_rows = len(cells) * len(modes) * sum(1 for c in configs if c[3] >= 2)
+                row_budget = (6.0 * (1 + ("torch" in peers)) if budget is None
+                              else budget / max(1, n_rows))
+                timed = time_interleaved(engines, row_budget, repeats, warmup=1)
                 row["ms_full"] = timed["full"][0] * 1e3
                 row["ms_mixed"] = timed["mixed"][0] * 1e3
                 row["time_ratio"] = row["ms_mixed"] / row["ms_full"]

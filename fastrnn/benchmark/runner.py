@@ -538,7 +538,7 @@ def main(argv=None):
             len_modes = [m for m in args.mode if m != "step"] or ["forward", "train"]
             len_configs = configs if explicit else [common.DEFAULT_CONFIG]
             lengths = lengths_report(args.cell, len_configs, len_modes, peers, args.dtype,
-                                     args.repeats, args.seed)
+                                     args.repeats, args.seed, budget=args.budget)
             summary["lengths"] = lengths
             print(format_lengths(lengths))
             if any(not r.get("check_ok", True) for r in lengths):
