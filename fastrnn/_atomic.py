@@ -40,6 +40,18 @@ def _temporary_name(path):
     return os.path.join(directory, f"{prefix}{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}")
 
 
+def _create_new(path, make):
+    """make(name) for a new temporary name beside `path` (make must fail with
+    FileExistsError on an existing name); returns the name."""
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:   # 48 random bits taken: draw again
+            continue
+
+
 def _remove(name):
     try:
         os.remove(name)
@@ -52,15 +64,9 @@ def replacing(path):
     """Yield the name of a new empty file beside `path`; when the block ends normally
     it replaces `path`, when it raises it is removed."""
     path = os.fspath(path)
-    while True:
-        tmp = _temporary_name(path)
-        try:   # 0o666 & ~umask, as open(path, "w") would give the file itself
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o666)
-            break
-        except FileExistsError:   # 48 random bits taken: draw again
-            continue
-    os.close(fd)
+    # 0o666 & ~umask, as open(path, "w") would give the file itself
+    tmp = _create_new(path, lambda name: os.close(os.open(
+        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -77,13 +83,7 @@ def replacing_directory(path):
     raises it is removed and `path` is left as it was. Not atomic as a whole (two
     renames), but a reader never sees old and new parts mixed."""
     path = os.path.abspath(os.fspath(path))
-    while True:
-        tmp = _temporary_name(path)
-        try:
-            os.mkdir(tmp)
-            break
-        except FileExistsError:
-            continue
+    tmp = _create_new(path, os.mkdir)
     try:
         yield tmp
         old = None

@@ -100,10 +100,10 @@ def _type_name(v):
 
 def _convert(path, where, action, value):
     """A TOML value for `action` -> the Python value argparse would have produced."""
-    # by name: the cli module may also run as __main__ (python -m fastrnn.cli)
-    int_types = ("int", "_positive_int", "_nonneg_int")
-    float_types = ("float", "_nonneg_float", "_fraction", "_positive_float",
-                   "_weight_fraction")
+    # by name: the cli module may also run as __main__ (python -m fastrnn.cli), with
+    # its own copy of _weight_fraction; the others are fastrnn._argtypes'
+    int_types = ("int", "positive_int", "nonneg_int")
+    float_types = ("float", "nonneg_float", "fraction", "positive_float", "_weight_fraction")
     tname = getattr(action.type, "__name__", None)
 
     def bad(expected):

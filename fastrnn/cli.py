@@ -22,6 +22,12 @@ import signal
 import sys
 import time
 
+from fastrnn._argtypes import fraction as _fraction
+from fastrnn._argtypes import nonneg_float as _nonneg_float
+from fastrnn._argtypes import nonneg_int as _nonneg_int
+from fastrnn._argtypes import positive_float as _positive_float
+from fastrnn._argtypes import positive_int as _positive_int
+
 __all__ = ["main", "build_parser", "DEFAULT_TEXT"]
 
 DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
@@ -30,41 +36,6 @@ DEFAULT_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
 
 class CLIError(Exception):
     pass
-
-
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
-
-
-def _positive_float(s):
-    v = float(s)
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s}")
-    return v
-
-
-def _nonneg_float(s):
-    v = float(s)
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {s}")
-    return v
-
-
-def _fraction(s):
-    v = float(s)
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s}")
-    return v
-
-
-def _nonneg_int(s):
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
-    return v
 
 
 def _weight_fraction(s):

@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from fastrnn._argtypes import positive_int as _positive_int
 from fastrnn._atomic import replacing, replacing_directory
 
 __all__ = ["main", "build_parser"]
@@ -38,13 +39,6 @@ __all__ = ["main", "build_parser"]
 
 class PredictError(Exception):
     pass
-
-
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
-    return v
 
 
 def build_parser():

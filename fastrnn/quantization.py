@@ -336,16 +336,17 @@ class _QuantizedBase(Module):
         return 1 if bf16_auto_is_dynamic() else 0
 
     def _dyn_for(self, rows, *inputs):
-        """_dyn(rows) for a call on these inputs (None: absent). int8 codes have no NaN
-        or inf, so a call with one in its inputs runs on the float inputs instead
-        (weight_only), which carry them through as the float module does: quantised,
-        they became finite garbage (found by an audit). A sum that overflows only
-        sends a finite call that way too."""
-        dyn = self._dyn(rows)
-        if dyn and self.qdtype == "int8":
+        """(_dyn(r) for r in rows) for a call on these inputs (None: absent). int8 codes
+        have no NaN or inf, so a call with one in its inputs runs on the float inputs
+        instead (weight_only), which carry them through as the float module does:
+        quantised, they became finite garbage (found by an audit). The inputs are
+        summed once, and only when some GEMM would quantise them; a sum that
+        overflows only sends a finite call that way too."""
+        dyn = [self._dyn(r) for r in rows]
+        if any(dyn) and self.qdtype == "int8":
             for a in inputs:
                 if a is not None and not math.isfinite(float(np.sum(a))):
-                    return 0
+                    return [0] * len(dyn)
         return dyn
 
     def train(self, mode=True):
@@ -467,9 +468,9 @@ class _QuantizedRecurrent(_QuantizedBase):
                 and not self._dyn(B)):
             return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
-        return stack.forward(_level(), self._dyn_for(T * B, x, h0), self._dyn_for(B, x, h0), x,
-                             h0, c0, hn, cn, rows_in, rows_out, n_rows, self._threads(T, B),
-                             ROW_SPLIT_MIN_ROWS)
+        dyn_x, dyn_h = self._dyn_for((T * B, B), x, h0)
+        return stack.forward(_level(), dyn_x, dyn_h, x, h0, c0, hn, cn, rows_in, rows_out,
+                             n_rows, self._threads(T, B), ROW_SPLIT_MIN_ROWS)
 
 
 def _float32_input(name, x):
@@ -710,7 +711,7 @@ class QuantizedLinear(_QuantizedBase):
         x2 = np.ascontiguousarray(x).reshape(-1, self.in_features)
         M = x2.shape[0]
         flop = 2.0 * M * self.in_features * self.out_features
-        y = self._kernels().forward(_level(), self._dyn_for(M, x2), x2,
+        y = self._kernels().forward(_level(), self._dyn_for((M,), x2)[0], x2,
                                     1 if flop < SMALL_WORK_FLOP else get_num_threads())
         return y.reshape(x.shape[:-1] + (self.out_features,))
 

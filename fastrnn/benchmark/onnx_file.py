@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from fastrnn.benchmark.runner import _int_at_least
+from fastrnn._argtypes import positive_int
 
 __all__ = ["main", "make_feeds"]
 
@@ -23,14 +23,14 @@ def _parser():
     p = argparse.ArgumentParser(prog="fastrnn bench --onnx",
                                 description="Time an ONNX file in fastrnn and ONNX Runtime.")
     p.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx model")
-    p.add_argument("-T", "--steps", type=_int_at_least(1), default=100,
+    p.add_argument("-T", "--steps", type=positive_int, default=100,
                    help="sequence length (default 100)")
-    p.add_argument("-B", "--batch", type=_int_at_least(1), default=32,
+    p.add_argument("-B", "--batch", type=positive_int, default=32,
                    help="batch size (default 32)")
     p.add_argument("--lengths", action="store_true",
                    help="random per-sequence lengths (if the model takes them)")
-    p.add_argument("--repeats", type=_int_at_least(1), default=10)
-    p.add_argument("--threads", type=_int_at_least(1), default=2)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="last line: a JSON object")
     return p

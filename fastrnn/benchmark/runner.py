@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from fastrnn._argtypes import nonneg_int, positive_float, positive_int
 from fastrnn.benchmark import common
 from fastrnn.benchmark.engines import ENGINES, Case, EngineUnavailable, available_peers
 from fastrnn.benchmark.timing import (MIN_SAMPLE_DEFAULT, machine_load,
@@ -76,30 +77,6 @@ def _csv(choices, aliases=None, allow_all=True):
     return parse
 
 
-def _int_at_least(lo):
-    """argparse type: an integer >= lo (a bad size fails as a usage error, not a
-    traceback from deep in a benchmark)."""
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
-        return v
-    return parse
-
-
-def _positive_seconds(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return v
-
-
 def _peers_arg(text):
     if text.strip().lower() in ("", "none"):
         return []
@@ -121,11 +98,11 @@ def build_parser():
                    default=None,
                    help="comma-separated cells: rnn_tanh (alias rnn), lstm, gru, rnn_relu, "
                         "or all (default: rnn_tanh,lstm,gru; lstm,gru for --quantize)")
-    p.add_argument("-I", "--input-size", type=_int_at_least(1), help="input features I")
-    p.add_argument("-H", "--hidden-size", type=_int_at_least(1), help="hidden units H")
-    p.add_argument("-T", "--seq-len", type=_int_at_least(1), help="time steps T")
-    p.add_argument("-B", "--batch", type=_int_at_least(1), help="batch size B")
-    p.add_argument("--layers", type=_int_at_least(1), default=1, help="stacked layers (default 1)")
+    p.add_argument("-I", "--input-size", type=positive_int, help="input features I")
+    p.add_argument("-H", "--hidden-size", type=positive_int, help="hidden units H")
+    p.add_argument("-T", "--seq-len", type=positive_int, help="time steps T")
+    p.add_argument("-B", "--batch", type=positive_int, help="batch size B")
+    p.add_argument("--layers", type=positive_int, default=1, help="stacked layers (default 1)")
     p.add_argument("--bidirectional", action="store_true", help="bidirectional layers")
     p.add_argument("--mode", type=_csv(("forward", "train", "step", "stream")), default=None,
                    help="comma-separated: forward (inference), train (forward+backward), "
@@ -140,19 +117,19 @@ def build_parser():
                         "config given by -I/-H/-T/-B), with the issue-10 targets and max abs "
                         "output errors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=_int_at_least(1), default=2,
+    p.add_argument("--threads", type=positive_int, default=2,
                    help="threads for every engine (default 2)")
     p.add_argument("--peers", type=_peers_arg, default=None,
                    help="comma-separated peers among torch,onnxruntime, or none "
                         "(default: those installed)")
-    p.add_argument("--repeats", type=_int_at_least(1), default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repetitions per case (default: as many as the time "
                         f"budget allows, {MIN_ROUNDS} to {MAX_ROUNDS})")
-    p.add_argument("--warmup", type=_int_at_least(0), default=1,
+    p.add_argument("--warmup", type=nonneg_int, default=1,
                    help="untimed warm-ups per engine after the check call, each as many calls "
                         "as fill a sample's minimum time (at least one); the last sizes "
                         "the samples (default 1)")
-    p.add_argument("--budget", type=_positive_seconds, default=None,
+    p.add_argument("--budget", type=positive_float, default=None,
                    help=f"seconds to spend timing when --repeats is not given "
                         f"(default {DEFAULT_BUDGET:.0f})")
     p.add_argument("--no-check", dest="check", action="store_false",
@@ -162,18 +139,18 @@ def build_parser():
     p.add_argument("--lengths", action="store_true",
                    help="mixed-lengths report: time with lengths uniform in [1, T] "
                         "against all lengths T")
-    p.add_argument("--stream-chunks", type=_int_at_least(1), default=40, metavar="N",
+    p.add_argument("--stream-chunks", type=positive_int, default=40, metavar="N",
                    help="--mode stream: chunks of 64 samples per timed audio run (default 40)")
-    p.add_argument("--gen-hidden", type=_int_at_least(1), default=512, metavar="H",
+    p.add_argument("--gen-hidden", type=positive_int, default=512, metavar="H",
                    help="--mode stream: hidden size of the generation LSTM (default 512, "
                         "the quality benchmark's)")
-    p.add_argument("--gen-length", type=_int_at_least(1), default=200, metavar="N",
+    p.add_argument("--gen-length", type=positive_int, default=200, metavar="N",
                    help="--mode stream: tokens generated per timed run (default 200)")
     p.add_argument("--json", action="store_true",
                    help="print every result as one JSON object on the last line")
     p.add_argument("--plot", metavar="OUT.png", help="draw GFLOP/s per case (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
-    p.add_argument("--sgemm-size", type=_int_at_least(1), default=2048, metavar="N",
+    p.add_argument("--sgemm-size", type=positive_int, default=2048, metavar="N",
                    help="size of the float32 matmul measuring the sgemm peak (default 2048)")
     return p
 
