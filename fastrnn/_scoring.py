@@ -24,6 +24,7 @@ import numpy as np
 from fastrnn import _modelfile
 from fastrnn._config import get_num_threads, set_num_threads
 from fastrnn.lm import RNNLanguageModel
+from fastrnn.modules.cells import _CellBase
 from fastrnn.modules.module import Module
 from fastrnn.nn import Embedding, ModuleList
 
@@ -68,6 +69,12 @@ class Plan:
         self.steps = _flatten(model)
         if not self.steps:
             raise ValueError("the model has no layers")
+        for _, m in self.steps:
+            if isinstance(m, _CellBase):   # one step, (B, I) -> (B, H): no sequence to score
+                raise TypeError(
+                    f"{type(m).__name__} runs a single time step; scoring takes sequence "
+                    f"models: use fastrnn.{type(m).__name__[:-4]} (the same weights: "
+                    f"weight_ih_l0 = cell.weight_ih, ...)")
         params = model.parameters()
         self.dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         first = self.steps[0][1]
