@@ -169,7 +169,7 @@ def from_bytes(data, what="model bytes"):
                          f"{stored} stored") from None
     except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as e:
         raise ValueError(f"{what}: invalid model tree ({type(e).__name__}: {e})") from None
-    own = dict(module.named_parameters())
+    own = dict(module.named_parameters(remove_duplicate=False))
     wrong = [f"{k}: expected {p.dtype}, got {arrays[k].dtype}"
              for k, p in own.items() if k in arrays and arrays[k].dtype != p.dtype]
     if wrong:

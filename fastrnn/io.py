@@ -218,7 +218,7 @@ def _config_type_errors(cls, config):
 
 def _load_arrays(path, module, arrays):
     """Strict parameter load: exact names, shapes and dtypes (no silent cast)."""
-    own = dict(module.named_parameters())
+    own = dict(module.named_parameters(remove_duplicate=False))
     wrong_dtype = [f"{k}: expected {p.dtype}, got {arrays[k].dtype}"
                    for k, p in own.items() if k in arrays and arrays[k].dtype != p.dtype]
     if wrong_dtype:

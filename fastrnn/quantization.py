@@ -813,7 +813,7 @@ def quantize(module, dtype="int8", mode="auto"):
         cls = {"RNN": QuantizedRNN, "LSTM": QuantizedLSTM, "GRU": QuantizedGRU}[module.mode]
         q = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
                 module.batch_first, module.bidirectional, module.nonlinearity, dtype, mode)
-        for name, p in module.named_parameters():
+        for name, p in module.named_parameters(remove_duplicate=False):
             if name.startswith("weight"):
                 q._set_weight(name, p.data)
             else:
@@ -826,7 +826,7 @@ def quantize(module, dtype="int8", mode="auto"):
         else:
             cls = QuantizedLSTMCell if isinstance(module, LSTMCell) else QuantizedGRUCell
             q = cls(module.input_size, module.hidden_size, module.bias, dtype, mode)
-        for name, p in module.named_parameters():
+        for name, p in module.named_parameters(remove_duplicate=False):
             if name.startswith("weight"):
                 q._set_weight(name, p.data)
             else:

@@ -152,7 +152,7 @@ def _zeros_or_copy(state, shape, dtype):
 # nonlinearity -> (activation, derivative expressed through the activation's output)
 _RNN_ACTIVATIONS = {
     "tanh": (np.tanh, lambda h: 1.0 - h * h),
-    "relu": (lambda a: np.maximum(a, 0), lambda h: (h > 0).astype(h.dtype)),
+    "relu": (lambda a: np.maximum(a, 0), lambda h: (~(h <= 0)).astype(h.dtype)),  # NaN: 1, as torch
     "identity": (lambda a: a, lambda h: np.ones_like(h)),
 }
 

@@ -13,7 +13,9 @@ spinning; here it runs on the same packed micro-kernel and the same OpenMP
 threads, and the result does not depend on the thread count.
 
 Callers (fastrnn.nn.Linear) pass C-contiguous arrays of one dtype with
-M, K, N >= 1; these functions trust their arguments and run without the GIL.
+M, K, N >= 1 and check them first with messages naming the user's arguments; the
+shape checks here only keep a caller's slip from reaching the kernels, which run
+without the GIL.
 """
 from libc.stdlib cimport free
 
@@ -34,6 +36,11 @@ def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1]
     cdef const floating **x_rows = NULL
     cdef floating **y_rows = NULL
     cdef int failed = 0
+    if M < 1 or N < 1 or K < 1 or y.shape[0] != M or y.shape[1] != N or w.shape[1] != K or (
+            bias is not None and bias.shape[0] != N):
+        raise ValueError(f"dense forward: y ({y.shape[0]}, {y.shape[1]}), x ({M}, {K}), "
+                         f"w ({N}, {w.shape[1]}), bias {None if bias is None else bias.shape[0]} "
+                         f"do not match")
     with nogil:
         if pack:
             packed_w = pack_matrix(&w[0, 0], N, K, False, n_threads)      # W (N x K) packed
@@ -69,6 +76,11 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
     cdef floating *outs[1]
     cdef Py_ssize_t Ns[1]
     cdef int failed = 0
+    if M < 1 or N < 1 or K < 1 or w.shape[1] != K or dx.shape[0] != M or dx.shape[1] != K \
+            or dw_t.shape[0] != K or dw_t.shape[1] != N or dy.shape[0] != M or dy.shape[1] != N:
+        raise ValueError(f"dense backward: dx ({dx.shape[0]}, {dx.shape[1]}), dw_t "
+                         f"({dw_t.shape[0]}, {dw_t.shape[1]}), dy ({dy.shape[0]}, {dy.shape[1]}), "
+                         f"x ({M}, {K}), w ({N}, {w.shape[1]}) do not match")
     with nogil:
         packed_wt = pack_matrix(&w[0, 0], N, K, True, n_threads)     # W^T (K x N) packed
         packed_dyt = pack_matrix(&dy[0, 0], M, N, True, n_threads)   # dy^T (N x M) packed

@@ -3,10 +3,11 @@
  * Forward (a = x_t W_ih^T + h_{t-1} W_hh^T in, h_t out, in place):
  *   h_t = act(a + b),  act = tanh | relu | identity
  * Backward (act'(a) is computed from h_t, so nothing else is saved):
- *   da = (dh_carry + dy) * act'(a):  1 - h^2 | [h > 0] | 1
+ *   da = (dh_carry + dy) * act'(a):  1 - h^2 | [not h <= 0] | 1
  * (the driver then sets dh_carry := da W_hh).
  *
- * relu keeps NaN: `a < 0 ? 0 : a` is false for NaN.
+ * relu keeps NaN: `a < 0 ? 0 : a` is false for NaN; and so does its gradient, as
+ * torch's (`h <= 0 ? 0 : g` passes g where h is NaN; `h > 0 ? g : 0` dropped it).
  */
 #ifndef FASTRNN_RNN_POINTWISE_H
 #define FASTRNN_RNN_POINTWISE_H
@@ -55,7 +56,7 @@ FASTRNN_MULTIVERSION(fastrnn_rnn_backward_pointwise_##SUFFIX,                   
     } else if (act == FASTRNN_ACT_RELU) {                                            \
         _Pragma("omp simd")                                                          \
         for (ptrdiff_t j = 0; j < H; ++j)                                            \
-            g[j] = h[j] > zero ? dh_carry[j] + dy[j] : zero;                         \
+            g[j] = h[j] <= zero ? zero : dh_carry[j] + dy[j];                        \
     } else {                                                                         \
         _Pragma("omp simd")                                                          \
         for (ptrdiff_t j = 0; j < H; ++j) g[j] = dh_carry[j] + dy[j];                \

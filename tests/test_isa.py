@@ -227,3 +227,42 @@ def test_config_names_the_env_override_only_while_it_is_in_use():
             assert out.stdout.strip() == want
         else:
             assert "None) ('baseline', None)" in out.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_sigmoid_is_zero_past_the_exp_clamp_as_torch(isa, dtype, training):
+    """An audit (session 25): sigmoid had a floor of 6e-39 (float32) / 1e-308
+    (float64) where exp(-x) is clamped, so f * c_0 at x = -inf, c_0 = inf gave inf
+    where torch gives NaN (0 * inf), and a gate's gradient at x = -3e38 was of
+    order 1 instead of 0. Gates i, f, o read x; g is tanh(0) = 0."""
+    w_ih = np.array([[1.0], [1.0], [0.0], [1.0]], dtype)           # (4H, I): i, f, g, o
+    zero = np.zeros((4, 1), dtype)
+    x = np.array([-np.inf, -1e300 if dtype == np.float64 else -3e38, -710.0, -89.0],
+                 dtype).reshape(1, 4, 1)                             # (T, B, I)
+    c0 = np.array([[np.inf], [1.0], [1.0], [1.0]], dtype)           # (B, H)
+    out = F.lstm_forward(x, None, c0, w_ih, zero, None, None, training=training)
+    c_n = out[2]
+    assert np.isnan(c_n[0, 0])                                     # 0 * inf, as torch
+    assert (c_n[1:3] == 0).all()                                   # f = sigmoid(x) = 0
+    if dtype == np.float32:
+        assert c_n[3, 0] == 0                                      # past the float32 clamp
+    else:                                                          # float64: 2.2e-39 still
+        assert abs(c_n[3, 0] - 1 / (1 + np.exp(89.0))) <= 1e-14 * c_n[3, 0]
+    y = F.lstm_forward(x[:, 1:], None, c0[1:], w_ih, zero, None, None, training=False)[0]
+    assert (y[0, 0] == 0).all()                                    # o = sigmoid(-huge) = 0
+
+
+def test_relu_gradient_passes_at_nan_as_torch(isa):
+    """relu's backward dropped the gradient where h is NaN (`h > 0 ? g : 0`);
+    torch's `h <= 0 ? 0 : g` passes it (session 25's audit). RNN(1, 1, relu),
+    w_ih = 2, w_hh = 0.5, x = NaN, h_0 = 1, dy = 1: dx = 2, dh_0 = 0.5, dW_hh = 1."""
+    for mod in (F, R):
+        x = np.array([[[np.nan]]])
+        h0 = np.ones((1, 1))
+        y, h_n, cache = mod.rnn_forward(x, h0, np.array([[2.0]]), np.array([[0.5]]), None,
+                                        None, nonlinearity="relu", training=True)
+        assert np.isnan(y).all()
+        dx, dh0, dw_ih, dw_hh, *_ = mod.rnn_backward(np.ones_like(y), None, cache)
+        assert dx[0, 0, 0] == 2.0 and dh0[0, 0] == 0.5 and dw_hh[0, 0] == 1.0, mod.__name__
+        assert np.isnan(dw_ih[0, 0])

@@ -293,3 +293,115 @@ def test_cross_entropy_ignored_rows_do_not_reach_loss_or_gradient_even_as_nan():
     assert np.isfinite(grad).all() and not grad[1].any()
     per, _ = nn.softmax_cross_entropy(logits, targets, reduction="none")
     assert per[1] == 0 and per[0] == pytest.approx(np.log(3.0))
+
+
+# -- session 25's audit of fastrnn.nn: each test fails without its fix ------------------
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_linear_checks_parameters_replaced_through_data(mode):
+    # a Keras-style (in, out) kernel left untransposed segfaulted in training mode
+    lin = getattr(nn.Linear(512, 64, rng=0), mode)()
+    lin.weight.data = np.ones((512, 64), np.float32)
+    with pytest.raises(ValueError, match=r"Linear.weight: expected shape \(64, 512\).*got "
+                                         r"\(512, 64\)"):
+        lin(np.ones((1000, 512), np.float32))
+    lin = getattr(nn.Linear(4, 3, rng=0), mode)()
+    lin.bias.data = np.ones(1, np.float32)                 # was read out of bounds
+    with pytest.raises(ValueError, match=r"Linear.bias: expected shape \(3,\)"):
+        lin(np.ones((2, 4), np.float32))
+    lin.bias.data = np.ones(3, np.float64)
+    with pytest.raises(TypeError, match="Linear.bias: expected dtype float32"):
+        lin(np.ones((2, 4), np.float32))
+
+
+def test_linear_refuses_other_dtypes_and_backward_after_eval():
+    lin = nn.Linear(4, 3, rng=0)
+    with pytest.raises(TypeError, match="x: expected dtype float32.*got float64"):
+        lin(np.ones((2, 4)))                               # was cast silently
+    with pytest.raises(TypeError, match="got int64"):
+        lin(np.ones((2, 4), np.int64))
+    lin(np.ones((2, 4), np.float32))                       # training: a cache
+    lin.eval()
+    lin(np.ones((2, 4), np.float32))                       # eval: none kept
+    with pytest.raises(RuntimeError, match="Linear.backward: no forward cache"):
+        lin.backward(np.ones((2, 3), np.float32))
+    assert not lin.weight.grad.any()
+
+
+def test_tied_parameters_are_listed_and_stepped_once():
+    from fastrnn import optim
+    emb = nn.Embedding(5, 4, rng=0)
+    dec = nn.Linear(4, 5, rng=1)
+    dec.weight = emb.weight                                # tied, as torch's weight tying
+    m = nn.ModuleList([emb, dec])
+    assert len(m.parameters()) == 2                        # was 3: stepped twice
+    assert [n for n, _ in m.named_parameters()] == ["0.weight", "1.bias"]
+    assert set(m.state_dict()) == {"0.weight", "1.weight", "1.bias"}   # as torch's
+    emb.weight.grad[...] = 1
+    w0 = emb.weight.data.copy()
+    optim.SGD(m, lr=0.1).step()
+    np.testing.assert_allclose(emb.weight.data, w0 - 0.1, rtol=1e-6)
+    sd = m.state_dict()
+    m.load_state_dict(sd)                                  # strict: every name is known
+    np.testing.assert_array_equal(m.state_dict()["1.weight"], sd["0.weight"])
+
+
+def test_sequential_refuses_a_module_twice_in_training():
+    lin = nn.Linear(3, 3, rng=0)
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"module '1' \(Linear\) appears twice"):
+        nn.Sequential(lin, lin)(x)                         # the first call's dW was lost
+    inner = nn.Sequential(nn.Linear(3, 3, rng=1), lin)
+    with pytest.raises(ValueError, match="appears twice"):
+        nn.Sequential(lin, inner)(x)
+    twice = nn.Sequential(lin, lin).eval()                 # eval keeps no cache: fine
+    np.testing.assert_allclose(twice(x), lin(lin(x)), rtol=1e-6)
+    a, b = nn.Linear(3, 3, rng=0), nn.Linear(3, 3, rng=1)
+    b.weight = a.weight                                    # shared weights: two modules
+    s = nn.Sequential(a, b)
+    s.backward(np.ones_like(s(x)))
+    assert len(s.parameters()) == 3
+
+
+def test_sequential_names_slices_and_tuple_outputs():
+    from collections import OrderedDict
+    import fastrnn
+    for name in ("forward", "training", "a.b", ""):
+        with pytest.raises(KeyError, match=repr(name)):
+            nn.Sequential(OrderedDict([(name, nn.Linear(2, 2))]))
+    s = nn.Sequential(OrderedDict([("enc", nn.Linear(2, 3, rng=0)),
+                                   ("dec", nn.Linear(3, 2, rng=1))]))
+    assert list(s[1:].state_dict()) == ["dec.weight", "dec.bias"]   # torch keeps names
+    assert s[1] is s.dec
+    bare = nn.Sequential(fastrnn.LSTM(2, 3, seed=0), nn.Linear(3, 2, rng=0))
+    with pytest.raises(TypeError, match=r"module '0' \(LSTM\) returned a tuple.*Recurrent"):
+        bare(np.ones((4, 1, 2), np.float32))
+
+
+def test_embedding_refuses_bool_ids_and_misshaped_dout():
+    emb = nn.Embedding(2, 3, rng=0)
+    with pytest.raises(TypeError, match="integer ids, got dtype bool"):
+        emb(np.array([True, True]))                        # NumPy read it as a mask
+    emb(np.array([[0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"dout: expected shape \(1, 3, 3\).*got \(3, 3\)"):
+        emb.backward(np.ones((3, 3), np.float32))          # same size: was accepted
+    emb.eval()
+    emb(np.array([0]))
+    with pytest.raises(RuntimeError, match="Embedding.backward: no forward cache"):
+        emb.backward(np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"padding_idx: .*\[-10, 10\), got -11"):
+        nn.Embedding(10, 2, padding_idx=-11)               # said 'padding_idx -1'
+    with pytest.raises(ValueError, match="num_embeddings: expected an integer >= 1, got 3.7"):
+        nn.Embedding(3.7, 2)                               # built 3 rows
+
+
+def test_dropout_refuses_integer_input_and_loss_message():
+    with pytest.raises(TypeError, match="floating-point input, got dtype int64"):
+        nn.Dropout(0.3, rng=0)(np.ones((10, 10), np.int64))   # scale 1/0.7 truncated to 1
+    np.testing.assert_array_equal(nn.Dropout(0.3).eval()(np.ones(3, np.int64)), 1)
+    crit = nn.CrossEntropyLoss().eval()
+    crit(np.zeros((2, 3), np.float32), np.array([0, 1]))
+    with pytest.raises(RuntimeError, match="CrossEntropyLoss.backward: no forward cache"):
+        crit.backward()                                    # said 'called before forward'
+    with pytest.raises(ValueError, match=r"C >= 1 classes, got \(3, 0\)"):
+        nn.CrossEntropyLoss()(np.zeros((3, 0)), np.zeros(3, int))

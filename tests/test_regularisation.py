@@ -144,3 +144,67 @@ def test_regularised_model_config_roundtrip_keeps_old_weights():
     again = RNNLanguageModel.from_config(new.config())
     assert again.weight_drop == 0.2 and again.locked_dropout
     assert list(new.state_dict()) == list(old.state_dict())        # names unchanged
+
+
+def test_weight_drop_on_a_linear_and_by_dotted_name():
+    # Linear's backward reads its weight: it must see W' = W * M, not W (dx was wrong)
+    rng = np.random.default_rng(0)
+    for target, name in ((fastrnn.nn.Linear(5, 4, dtype=np.float64, rng=0), "weight"),
+                         (fastrnn.nn.Sequential(fastrnn.nn.Linear(5, 4, dtype=np.float64,
+                                                                  rng=0)), "0.weight")):
+        lin = target if name == "weight" else target[0]
+        wd = WeightDrop(target, [name], p=0.5, rng=1)
+        mask = WeightDrop(target, [name], p=0.5, rng=1).draw_masks()[name]   # wd's first
+        raw = lin.weight.data.copy()
+        x = rng.standard_normal((3, 5))
+        dout = rng.standard_normal((3, 4))
+        y = wd(x)
+        np.testing.assert_allclose(y, x @ (raw * mask).T + lin.bias.data, rtol=1e-12)
+        lin.zero_grad()
+        dx = wd.backward(dout)
+        np.testing.assert_allclose(dx, dout @ (raw * mask), rtol=1e-12)
+        np.testing.assert_allclose(lin.weight.grad, mask * (dout.T @ x), rtol=1e-12)
+        np.testing.assert_array_equal(lin.weight.data, raw)
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_weight_drop_on_a_cell_stepped_through_time(cell):
+    # each step's forward draws its mask; backward (last step first) must use each
+    # step's own mask (only the last was kept). Reference: one cell per step, each
+    # holding that step's W' as its weight, chained by hand.
+    T, B, I, H = 4, 2, 3, 5
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((T, B, I))
+    dys = rng.standard_normal((T, B, H))
+    c = getattr(fastrnn, cell)(I, H, dtype=np.float64, seed=0)
+    wd = WeightDrop(c, ["weight_hh"], p=0.4, rng=2)
+    twin = WeightDrop(c, ["weight_hh"], p=0.4, rng=2)       # draws wd's masks, in order
+    lstm = cell == "LSTMCell"
+    state, masks = None, []
+    for t in range(T):
+        state = wd(xs[t], state)
+        masks.append(twin.draw_masks()["weight_hh"])
+    c.zero_grad()
+    dstate = None
+    for t in reversed(range(T)):
+        dh = dys[t] + (dstate[0] if lstm and dstate is not None else
+                       (dstate if dstate is not None else 0))
+        dx, dstate = wd.backward((dh, dstate[1] if dstate is not None else None) if lstm
+                                 else dh)
+    got = c.weight_hh.grad.copy()
+
+    want = np.zeros_like(got)
+    steps, state = [], None
+    for t in range(T):
+        ct = getattr(fastrnn, cell)(I, H, dtype=np.float64, seed=0)
+        ct.weight_hh.data[...] = c.weight_hh.data * masks[t]
+        state = ct(xs[t], state)
+        steps.append(ct)
+    dstate = None
+    for t in reversed(range(T)):
+        dh = dys[t] + (dstate[0] if lstm and dstate is not None else
+                       (dstate if dstate is not None else 0))
+        dx, dstate = steps[t].backward((dh, dstate[1] if dstate is not None else None) if lstm
+                                       else dh)
+        want += masks[t] * steps[t].weight_hh.grad
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -27,6 +27,11 @@ __all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zero
 # (docs/inference.md).
 ALIGN = 64
 
+# What a block's backward (Linear, Embedding, losses) says without a forward cache:
+# as the recurrent layers, only a training-mode forward keeps one (docs/layers.md).
+NO_CACHE = ("{}.backward: no forward cache. Run forward in training mode (module.train()) "
+            "before backward.")
+
 # Guards the per-module bookkeeping of which threads are inside a call (held for
 # a few dictionary operations only, never while a kernel runs).
 _USE_LOCK = threading.Lock()
@@ -282,13 +287,27 @@ class Module:
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def named_parameters(self, prefix=""):
+    def named_parameters(self, prefix="", remove_duplicate=True):
+        """(name, Parameter) pairs, this module's first, then its children's. A
+        parameter shared by two places (tied weights) comes once, under its first
+        name, as in torch, so an optimiser steps it once; remove_duplicate=False
+        gives every name (what state dicts and model files hold)."""
+        seen = set() if remove_duplicate else None
+        for name, p in self._named_parameters_all(prefix):
+            if seen is not None:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+            yield name, p
+
+    def _named_parameters_all(self, prefix):
         for name, p in self._parameters.items():
             yield (f"{prefix}.{name}" if prefix else name), p
         for name, child in self._modules.items():
-            yield from child.named_parameters(f"{prefix}.{name}" if prefix else name)
+            yield from child._named_parameters_all(f"{prefix}.{name}" if prefix else name)
 
     def parameters(self):
+        """Every distinct parameter once (tied weights once), in named_parameters' order."""
         return [p for _, p in self.named_parameters()]
 
     # -- modes and gradients -----------------------------------------------
@@ -308,7 +327,8 @@ class Module:
     # -- state dicts ---------------------------------------------------------
     def state_dict(self):
         """Name -> copy of each parameter's data, in registration order."""
-        return OrderedDict((n, p.data.copy()) for n, p in self.named_parameters())
+        return OrderedDict((n, p.data.copy())
+                           for n, p in self.named_parameters(remove_duplicate=False))
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the parameters, checking every name and shape.
@@ -319,7 +339,7 @@ class Module:
         unexpected keys are an error; mis-shaped or non-numeric values always are. Returns
         `(missing, unexpected)` key lists.
         """
-        own = OrderedDict(self.named_parameters())
+        own = OrderedDict(self.named_parameters(remove_duplicate=False))
         given = OrderedDict()
         for key, value in state_dict.items():
             if hasattr(value, "detach"):  # a torch tensor: leave autograd first

@@ -172,6 +172,7 @@ class RNNBase(Module):
         G, H, O = _GATES[mode], self.hidden_size, self.out_hidden_size
         layer_out = O * self.num_directions if merge_mode == "concat" else O
         self._param_names = []  # [layer*D + direction] -> names, in kernel argument order
+        self._param_shapes = {}  # name -> the shape the configuration gives it
         for k in range(self.num_layers):
             in_size = self.input_size if k == 0 else layer_out
             for d in range(self.num_directions):
@@ -185,6 +186,7 @@ class RNNBase(Module):
                     shapes += [(f"weight_hr{sfx}", (self.proj_size, H))]  # (P, H)
                 for name, shape in shapes:
                     setattr(self, name, Parameter(aligned_zeros(shape, self.dtype)))
+                    self._param_shapes[name] = shape
                 self._param_names.append([name for name, _ in shapes])
         self.reset_parameters(np.random.default_rng(init_seq))
 
@@ -249,6 +251,10 @@ class RNNBase(Module):
         """Kernel arguments (w_ih, w_hh, b_ih, b_hh[, w_hr]) of run idx = layer*D + direction."""
         names = self._param_names[idx]
         arrays = [getattr(self, n).data for n in names]
+        for n, a in zip(names, arrays):   # a `.data` replaced by hand is checked here
+            if getattr(a, "shape", None) != self._param_shapes[n]:
+                raise ValueError(f"{n}: expected shape {self._param_shapes[n]} (from the "
+                                 f"module's sizes), got {getattr(a, 'shape', type(a).__name__)}")
         if not self.bias:  # kernels take explicit None biases
             arrays[2:2] = [None, None]
         return arrays

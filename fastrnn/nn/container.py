@@ -7,6 +7,24 @@ from fastrnn.modules.module import Module
 __all__ = ["Sequential", "ModuleList"]
 
 
+def _check_no_repeats(root):
+    """One module object twice in a training-mode chain would keep only its second
+    forward's cache, and its first call's weight gradient would come out wrong
+    (found by an audit): refuse it before anything runs."""
+    seen = set()
+    stack = [root]
+    while stack:
+        m = stack.pop()
+        for name, child in m.named_children():
+            if id(child) in seen:
+                raise ValueError(
+                    f"Sequential: module {name!r} ({type(child).__name__}) appears twice in "
+                    f"a training-mode chain; each module keeps one forward's cache for its "
+                    f"backward, so use two modules (they may share Parameters)")
+            seen.add(id(child))
+            stack.append(child)
+
+
 class ModuleList(Module):
     """An indexable list of modules, registered as children "0", "1", ...
     (so parameter names match torch.nn.ModuleList)."""
@@ -49,20 +67,41 @@ class Sequential(ModuleList):
             for name, m in modules[0].items():
                 if not isinstance(m, Module):
                     raise TypeError(f"Sequential holds Modules, got {type(m).__name__}")
+                self._check_name(name)
                 setattr(self, name, m)
         else:
             for m in modules:
                 self.append(m)
 
+    def _check_name(self, name):
+        """A child's name must not shadow an attribute (forward, training, ...) nor make
+        parameter names ambiguous ('a.b', ''): KeyError, as torch's add_module."""
+        if not isinstance(name, str):
+            raise TypeError(f"Sequential: module names must be strings, got {name!r}")
+        if not name or "." in name:
+            raise KeyError(f"Sequential: module name {name!r} must be non-empty and contain "
+                           f"no '.'")
+        if name in self._modules or hasattr(self, name):
+            raise KeyError(f"Sequential: module name {name!r} is taken (an attribute or "
+                           f"another module of this Sequential)")
+
     def __getitem__(self, idx):
-        mods = list(self._modules.values())
-        if isinstance(idx, slice):
-            return Sequential(*mods[idx])
-        return mods[idx]
+        items = list(self._modules.items())
+        if isinstance(idx, slice):   # names kept, as torch: state dict keys stay the same
+            return Sequential(OrderedDict(items[idx]))
+        return items[idx][1]
 
     def forward(self, x):
-        for m in self._modules.values():
+        if self.training:
+            _check_no_repeats(self)
+        mods = list(self._modules.items())
+        for i, (name, m) in enumerate(mods):
             x = m(x)
+            if isinstance(x, tuple) and i + 1 < len(mods):
+                raise TypeError(
+                    f"Sequential: module {name!r} ({type(m).__name__}) returned a tuple (a "
+                    f"recurrent layer's (output, state)); wrap it as fastrnn.Recurrent(layer) "
+                    f"to pass on its output alone")
         return x
 
     def backward(self, dout):

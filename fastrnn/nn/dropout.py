@@ -33,6 +33,9 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._mask = None
             return x
+        if x.dtype.kind != "f":   # the scale 1/(1-p) would be truncated
+            raise TypeError(f"{type(self).__name__}: expected floating-point input, got "
+                            f"dtype {x.dtype}")
         self._mask = self.draw_mask(self.mask_shape(x.shape), x.dtype)
         return x * self._mask
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from fastrnn.modules.module import Module, Parameter
+from fastrnn.modules.module import NO_CACHE, Module, Parameter
 from fastrnn.nn.init import as_generator, normal_
 
 __all__ = ["Embedding"]
@@ -22,16 +22,21 @@ class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, padding_idx=None,
                  dtype=np.float32, rng=None):
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError("num_embeddings and embedding_dim must be positive")
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"Embedding: {name}: expected an integer >= 1, got {v!r}")
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
         if padding_idx is not None:
-            padding_idx = int(padding_idx)
+            given = padding_idx
+            if isinstance(given, bool) or not isinstance(given, (int, np.integer)):
+                raise TypeError(f"Embedding: padding_idx: expected an integer, got {given!r}")
+            padding_idx = int(given)
             if padding_idx < 0:
                 padding_idx += self.num_embeddings
             if not 0 <= padding_idx < self.num_embeddings:
-                raise ValueError(f"padding_idx {padding_idx} outside [0, {num_embeddings})")
+                raise ValueError(f"Embedding: padding_idx: expected an integer in "
+                                 f"[-{num_embeddings}, {num_embeddings}), got {given}")
         self.padding_idx = padding_idx
         w = normal_((self.num_embeddings, self.embedding_dim), 1.0, as_generator(rng), dtype)
         if padding_idx is not None:
@@ -41,8 +46,8 @@ class Embedding(Module):
 
     def _check(self, ids):
         ids = np.asarray(ids)
-        if ids.dtype.kind not in "iub":
-            if ids.size == 0:
+        if ids.dtype.kind not in "iu":   # bool too: NumPy would index by mask
+            if ids.size == 0 and ids.dtype.kind != "b":
                 ids = ids.astype(np.int64)
             else:
                 raise TypeError(f"Embedding expects integer ids, got dtype {ids.dtype}")
@@ -58,17 +63,19 @@ class Embedding(Module):
 
     def forward(self, ids):
         ids = self._check(ids)
-        self._ids = ids
+        self._ids = ids if self.training else None   # what backward needs (eval: nothing)
         return self.weight.data[ids]
 
     def backward(self, dout):
         if self._ids is None:
-            raise RuntimeError("Embedding.backward called before forward")
+            raise RuntimeError(NO_CACHE.format(type(self).__name__))
+        want = self._ids.shape + (self.embedding_dim,)
+        dout = np.asarray(dout)
+        if dout.shape != want:
+            raise ValueError(f"Embedding.backward: dout: expected shape {want} (the ids' shape "
+                             f"+ (embedding_dim,)), got {dout.shape}")
         ids = self._ids.reshape(-1)
         dout = np.asarray(dout, dtype=self.weight.data.dtype).reshape(-1, self.embedding_dim)
-        if dout.shape[0] != ids.shape[0]:
-            raise ValueError(f"Embedding.backward: dout has {dout.shape[0]} rows, "
-                             f"forward saw {ids.shape[0]} ids")
         # Sum the rows of each id (np.add.at is ~10x slower): a stable sort keeps
         # each id's rows in their original order, so the sums are deterministic.
         if ids.size == 0:

@@ -6,8 +6,9 @@ import numpy as np
 
 from fastrnn import _dense, _recurrent
 from fastrnn._config import get_num_threads
+from fastrnn._validate import FLOAT_DTYPES
 from fastrnn.functional import PACK_MIN_ROWS, SMALL_WORK_FLOP
-from fastrnn.modules.module import Module, Parameter
+from fastrnn.modules.module import NO_CACHE, Module, Parameter
 from fastrnn.nn.init import as_generator, uniform_
 
 __all__ = ["Linear"]
@@ -34,22 +35,46 @@ class Linear(Module):
             self.bias = None
         self._x = None
 
+    def _checked_parameters(self):
+        """(weight, bias) data as the kernels need them: weight (out_features,
+        in_features), bias (out_features,) or None, one float dtype (a parameter
+        replaced through `.data` is checked here, not only by load_state_dict)."""
+        w = self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        shape = (self.out_features, self.in_features)
+        for name, a, want in (("weight", w, shape), ("bias", bias, shape[:1])):
+            if a is None:
+                continue
+            if not isinstance(a, np.ndarray) or a.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"Linear.{name}: expected a float32 or float64 ndarray, got "
+                                f"{type(a).__name__} {getattr(a, 'dtype', '')}".rstrip())
+            if a.shape != want:
+                raise ValueError(f"Linear.{name}: expected shape {want} (from out_features="
+                                 f"{self.out_features}, in_features={self.in_features}), got "
+                                 f"{a.shape}")
+        if bias is not None and bias.dtype != w.dtype:
+            raise TypeError(f"Linear.bias: expected dtype {w.dtype} (the weight's), got "
+                            f"{bias.dtype}")
+        return np.ascontiguousarray(w), None if bias is None else np.ascontiguousarray(bias)
+
     def forward(self, x):
         x = np.asarray(x)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
-        w = self.weight.data
-        x = np.ascontiguousarray(x, dtype=w.dtype)
-        self._x = x
+        w, bias = self._checked_parameters()
+        if x.dtype != w.dtype:   # never a silent cast, as the recurrent layers
+            raise TypeError(f"x: expected dtype {w.dtype} (the module's dtype), got {x.dtype}; "
+                            f"convert with .astype(np.{w.dtype})")
+        x = np.ascontiguousarray(x)
+        self._x = x if self.training else None   # what backward needs (eval: nothing)
         x2 = x.reshape(-1, self.in_features)
         if x2.size == 0 or w.size == 0:   # nothing for the kernel to do
             y = np.matmul(x, w.T)
-            if self.bias is not None:
-                y += self.bias.data
+            if bias is not None:
+                y += bias
             return y
         y = np.empty((x2.shape[0], self.out_features), w.dtype)
         threads = self._threads(x2.shape[0])
-        bias = None if self.bias is None else self.bias.data
         if not self.training:
             # eval calls on the recurrent layers' worker pool, not an OpenMP team: a
             # decoder between recurrent steps (generation) then shares the cores with
@@ -63,9 +88,9 @@ class Linear(Module):
 
     def backward(self, dout):
         if self._x is None:
-            raise RuntimeError("Linear.backward called before forward")
+            raise RuntimeError(NO_CACHE.format(type(self).__name__))
         x = self._x
-        w = self.weight.data
+        w, _ = self._checked_parameters()
         dout = np.asarray(dout)
         if dout.shape != x.shape[:-1] + (self.out_features,):
             raise ValueError(f"dout: expected shape {x.shape[:-1] + (self.out_features,)}, "

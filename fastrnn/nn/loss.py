@@ -7,7 +7,7 @@ module whose ``forward`` returns the loss (a Python float) and whose
 
 import numpy as np
 
-from fastrnn.modules.module import Module
+from fastrnn.modules.module import NO_CACHE, Module
 
 __all__ = ["log_softmax", "softmax", "softmax_cross_entropy", "mse",
            "CrossEntropyLoss", "MSELoss"]
@@ -52,6 +52,9 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean",
     targets = np.asarray(targets)
     if targets.dtype.kind not in "iu":
         raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits: expected shape (..., C) with C >= 1 classes, got "
+                         f"{logits.shape}")
     C = logits.shape[-1]
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"targets shape {targets.shape} does not match logits "
@@ -128,7 +131,7 @@ class _Loss(Module):
     def backward(self, scale=1.0):
         """Gradient of (scale * loss) with respect to the forward input."""
         if self._grad is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise RuntimeError(NO_CACHE.format(type(self).__name__))
         g = self._grad
         if np.ndim(scale) == 0:
             if scale != 1.0:

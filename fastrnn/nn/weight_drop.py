@@ -40,7 +40,7 @@ class WeightDrop:
         names = list(names)
         if not names:
             raise ValueError("WeightDrop: names must list at least one parameter")
-        own = dict(module.named_parameters())
+        own = dict(module.named_parameters(remove_duplicate=False))
         for n in names:
             if n not in own:
                 raise ValueError(f"WeightDrop: {type(module).__name__} has no parameter {n!r} "
@@ -49,11 +49,22 @@ class WeightDrop:
         self.names = names
         self.p = p
         self.rng = as_generator(rng)
-        self._masks = None     # name -> mask of the last training-mode forward
+        # (masks, masked weights) of training-mode forwards not yet given their backward,
+        # most recent last: one for a layer, one per cached step for a cell stepped
+        # through time (its backward runs last step first)
+        self._pending = []
 
     @property
     def training(self):
         return self.module.training
+
+    def _param(self, name):
+        """The Parameter called `name` in the module (a dotted name reaches a child's)."""
+        m = self.module
+        *path, last = name.split(".")
+        for part in path:
+            m = m._modules[part]
+        return m._parameters[last]
 
     def draw_masks(self):
         """The next masks from this object's stream, one per name (in ``names``
@@ -61,7 +72,7 @@ class WeightDrop:
         masks = {}
         scale = 1.0 / (1.0 - self.p)
         for n in self.names:
-            w = getattr(self.module, n).data
+            w = self._param(n).data
             keep = self.rng.random(w.shape) >= self.p
             masks[n] = keep.astype(w.dtype) * w.dtype.type(scale)
         return masks
@@ -70,39 +81,48 @@ class WeightDrop:
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        self._masks = None
         if not self.module.training or self.p == 0.0:
+            self._pending.clear()
             return self.module(*args, **kwargs)
         masks = self.draw_masks()
-        params = {n: getattr(self.module, n) for n in self.names}
+        params = {n: self._param(n) for n in self.names}
         raw = {n: p.data for n, p in params.items()}
+        masked = {n: raw[n] * masks[n] for n in self.names}   # W' = W * M, fresh arrays
         try:
             for n, p in params.items():
-                p.data = raw[n] * masks[n]            # W' = W * M, a fresh array
+                p.data = masked[n]
             out = self.module(*args, **kwargs)        # the forward cache keeps W'
         finally:
             for n, p in params.items():
                 p.data = raw[n]                       # the raw weight is untouched
-        self._masks = masks
+        self._pending.append((masks, masked))
+        cached = self.module.num_cached_steps if hasattr(self.module, "num_cached_steps") else 1
+        del self._pending[:max(0, len(self._pending) - cached)]
         return out
 
     def backward(self, *args, **kwargs):
-        """The module's backward; the gradients of the masked weights are
-        multiplied by their masks and added into the raw weights' ``grad``."""
-        masks, self._masks = self._masks, None
-        if masks is None:
+        """The module's backward, run on the masked weights W' of the forward it
+        answers (a module whose backward reads its weights, as Linear's does, then
+        sees W'); the gradients of W' are multiplied by their masks and added into
+        the raw weights' ``grad``."""
+        if not self._pending:
             return self.module.backward(*args, **kwargs)
-        params = {n: getattr(self.module, n) for n in self.names}
+        masks, masked = self._pending[-1]
+        params = {n: self._param(n) for n in self.names}
+        raw = {n: p.data for n, p in params.items()}
         saved = {n: p.grad for n, p in params.items()}
         try:
             for n, p in params.items():
+                p.data = masked[n]
                 p.grad = np.zeros_like(saved[n])      # collects dL/dW' alone
             result = self.module.backward(*args, **kwargs)
             for n, p in params.items():
                 saved[n] += masks[n] * p.grad         # dL/dW = M * dL/dW'
         finally:
             for n, p in params.items():
+                p.data = raw[n]
                 p.grad = saved[n]
+        self._pending.pop()
         return result
 
     def get_rng_state(self):
