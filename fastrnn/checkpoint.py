@@ -211,6 +211,12 @@ def load_checkpoint(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not raw.startswith(b"PK"):   # not a zip: NumPy would say 'pickled data ... unsafely'
+        raise CheckpointError(f"{path}: not a fastrnn checkpoint (a checkpoint is a .npz "
+                              f"archive; this file does not start like one)")
+    try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:   # noqa: BLE001 - see below

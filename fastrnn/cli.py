@@ -38,6 +38,67 @@ class CLIError(Exception):
     pass
 
 
+# Tokens one command may generate: a sanity bound (at ~10^4 tokens/s, hours), so that
+# a mistyped length is a usage error and not an out-of-memory failure after training.
+MAX_GENERATE = 10**8
+
+# Options of `fastrnn train --resume` that apply to the resumed run; every other
+# training setting comes from the checkpoint (said on stderr when given).
+RESUME_OVERRIDES = ("epochs", "time_budget", "max_steps", "threads", "eval_every",
+                    "skip_nonfinite")
+
+
+def _check_outputs(args, text_path):
+    """--save / --save-best checked before training, so that a run is not lost to a
+    path found bad only when the checkpoint is written, and no run overwrites its
+    own training text or its best checkpoint with its last (found by an audit)."""
+    paths = [(opt, p) for opt, p in (("--save", args.save), ("--save-best", args.save_best))
+             if p is not None]
+    for opt, p in paths:
+        if not p:
+            raise CLIError(f"{opt}: expected a file path, got ''")
+        if os.path.isdir(p):
+            raise CLIError(f"{opt}: {p} is a directory; give a file path (e.g. {p}/model.npz)")
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise CLIError(f"{opt}: {parent} is not a directory" if os.path.exists(parent)
+                           else f"{opt}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise CLIError(f"{opt}: cannot write into {parent} (permission denied)")
+        if _same_file(p, text_path):
+            raise CLIError(f"{opt}: {p} is the training text; the checkpoint would "
+                           f"overwrite it")
+    if len(paths) == 2 and _same_file(args.save, args.save_best):
+        raise CLIError(f"--save and --save-best name the same file ({args.save}); the final "
+                       f"checkpoint would replace the best one")
+    if args.save_every is not None and args.save is None:
+        raise CLIError("--save-every needs --save PATH (where to write the checkpoints)")
+    if args.sample_length > MAX_GENERATE:
+        raise CLIError(f"--sample-length: expected at most {MAX_GENERATE:,}, got "
+                       f"{args.sample_length:,}")
+
+
+def _same_file(a, b):
+    """a and b are one file: the same inode if both exist, else the same real path."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _given_on_resume(parser, args):
+    """Training settings given (not their defaults) with --resume: the checkpoint's
+    replace them."""
+    import dataclasses
+
+    from fastrnn.train import TrainConfig
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_OVERRIDES and hasattr(args, f.name)
+            and getattr(args, f.name) != parser.get_default(f.name)]
+
+
 def _weight_fraction(s):
     return _fraction(s)
 
@@ -121,7 +182,7 @@ def build_parser():
     g.add_argument("--eval-seq-len", type=_positive_int, default=d.eval_seq_len, metavar="T",
                    help="chunk length of validation (the state is carried; no effect on "
                         "the loss beyond float rounding)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed)
     g.add_argument("--threads", type=_positive_int, default=None)
     g.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
                    default=d.matmul_precision,
@@ -140,7 +201,7 @@ def build_parser():
     g.add_argument("--resume", metavar="CHECKPOINT", default=None,
                    help="continue a run saved with --save (same text; model, optimiser and "
                         "data settings come from the checkpoint)")
-    g.add_argument("--sample-length", type=int, default=300,
+    g.add_argument("--sample-length", type=_nonneg_int, default=300,
                    help="characters/tokens to generate after training (0: none)")
     g.add_argument("--temperature", type=_nonneg_float, default=0.8)
     g.add_argument("--json", action="store_true",
@@ -157,7 +218,7 @@ def build_parser():
                      help="sampling temperature (0: greedy)")
     gen.add_argument("--top-k", type=_positive_int, default=None)
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=_nonneg_int, default=None)
     gen.add_argument("--threads", type=_positive_int, default=None)
     gen.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
                      help="sample N texts at once (one batch; sample i has its own random "
@@ -198,7 +259,10 @@ def cmd_train(args, out):
     path = DEFAULT_TEXT if args.textfile is None else args.textfile   # "" is a bad path
     text = _read_text(path)
     name = os.path.basename(path)
+    _check_outputs(args, path)
     if args.resume:
+        parser = getattr(args, "_parser", None) or build_parser()._train_parser
+        given = _given_on_resume(parser, args)
         overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
                          max_steps=args.max_steps, threads=args.threads)
         if args.eval_every is not None:   # given: else the checkpoint's stays
@@ -206,9 +270,18 @@ def cmd_train(args, out):
         if args.skip_nonfinite:
             overrides["skip_nonfinite"] = True
         trainer = Trainer.resume(args.resume, text, text_name=name, **overrides)
+        ignored = [n for n in given if getattr(trainer.cfg, n) != getattr(args, n)]
+        if ignored:   # were dropped without a word (found by an audit)
+            print("fastrnn train: --resume: the checkpoint's settings are used; ignoring "
+                  + ", ".join(f"--{n.replace('_', '-')} {getattr(args, n)}" for n in ignored)
+                  + " (the checkpoint has "
+                  + ", ".join(f"{getattr(trainer.cfg, n)}" for n in ignored) + ")",
+                  file=sys.stderr)
     else:
         trainer = Trainer(config_from_args(args), text, text_name=name)
     cfg = trainer.cfg
+    if args.save_best and len(trainer.val_ids) == 0:
+        raise CLIError("--save-best needs validation data; --val-fraction is 0")
     print(f"config{' (' + args.config + ' + command line)' if args.config else ''}: "
           + effective_config_line(cfg), file=out, flush=True)
     nparams = sum(p.data.size for p in trainer.model.parameters())
@@ -307,6 +380,9 @@ def cmd_generate(args, out):
     from fastrnn.generate import generate
     from fastrnn.train import thread_limits
 
+    if args.length * (args.num_samples or 1) > MAX_GENERATE:
+        raise CLIError(f"--length x --num-samples: expected at most {MAX_GENERATE:,} tokens, "
+                       f"got {args.length * (args.num_samples or 1):,}")
     ckpt = load_checkpoint(args.checkpoint)
     tok = ckpt.build_tokenizer()
     if tok is None:
@@ -328,7 +404,7 @@ def cmd_generate(args, out):
     for k, t in enumerate(texts):
         if args.num_samples is not None:
             print(f"--- sample {k + 1} of {len(texts)} ---", file=out)
-        print(args.prime + t, file=out)
+        print(_joined(tok, args.prime, t), file=out)
     tokens = args.length * len(texts)
     tps = tokens / seconds if seconds > 0 else None
     print(f"generated {len(texts)} x {args.length} tokens in {seconds:.3f} s "
@@ -343,6 +419,16 @@ def cmd_generate(args, out):
             res["texts"] = texts
         print(json.dumps(res), file=out)
     return 0
+
+
+def _joined(tok, prime, text):
+    """The prime and its continuation as one text: words are separated by a space
+    (a word tokenizer decodes without a leading one), characters are not."""
+    from fastrnn.data.tokenizers import WordTokenizer
+    if (isinstance(tok, WordTokenizer) and prime and text and not prime[-1].isspace()
+            and not text[0].isspace()):
+        return prime + " " + text
+    return prime + text
 
 
 def cmd_bench(argv):
@@ -373,6 +459,7 @@ def main(argv=None):
         except ConfigFileError as e:
             print(f"fastrnn train: error: {e}", file=sys.stderr)
             return 2
+    args._parser = parser._train_parser   # its defaults tell which options were given
     if args.command == "train" and args.print_config:
         print(config_to_toml(parser._train_parser, args), file=out, end="")
         return 0
@@ -383,6 +470,10 @@ def main(argv=None):
             return cmd_generate(args, out)
     except (CLIError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"fastrnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:   # sizes too large for this machine: say so, no traceback
+        print(f"fastrnn {args.command}: error: out of memory ({type(e).__name__}: {e}); use "
+              f"smaller sizes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastrnn {args.command}: interrupted", file=sys.stderr)

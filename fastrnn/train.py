@@ -186,6 +186,26 @@ def _text_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _check_model_fits(cfg, V):
+    """Refuse sizes whose parameters, gradients and optimiser state (four values a
+    parameter) would not fit in this machine's memory, before building any of it: a
+    mistyped --layers 100000000 otherwise ran for minutes, --hidden 10**9 ended in
+    a traceback (found by an audit)."""
+    G = {"lstm": 4, "gru": 3}.get(cfg.cell, 1)
+    E, H, L = cfg.embed, cfg.hidden, cfg.layers
+    n = V * E + G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2) + V * (H + 1)
+    need = 4 * n * np.dtype(cfg.dtype).itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # not POSIX: let allocation decide
+        return
+    if need > have:
+        raise ValueError(f"the model would have {n:,} parameters ({need / 2**30:,.1f} GiB with "
+                         f"gradients and optimiser state), more than this machine's "
+                         f"{have / 2**30:,.1f} GiB of memory; use a smaller --hidden, --embed "
+                         f"or --layers")
+
+
 class Trainer:
     """Train a :class:`fastrnn.lm.RNNLanguageModel` on a text.
 
@@ -225,6 +245,8 @@ class Trainer:
         if cfg.val_fraction > 0 and len(self.val_ids) < 2:
             raise ValueError(f"the training text{where} is too short to hold out "
                              f"{cfg.val_fraction:.0%} for validation")
+        if _model is None:
+            _check_model_fits(cfg, self.tokenizer.vocab_size)
         self.model = _model or RNNLanguageModel(
             self.tokenizer.vocab_size, cfg.embed, cfg.hidden, cfg.layers, cfg.cell,
             cfg.dropout, np.dtype(cfg.dtype), cfg.seed, weight_drop=cfg.weight_drop,

@@ -315,3 +315,65 @@ def test_thread_counts_beyond_a_c_int_are_refused():
                               "import fastrnn; print(fastrnn.get_num_threads())"],
                              env=env, capture_output=True, text=True)
         assert int(out.stdout.strip()) == want, (value, out.stdout, out.stderr)
+
+
+def test_save_paths_are_checked_before_training(textfile, tmp_path, capsys):
+    """From an audit (session 25): `--save TEXT` overwrote the training text with the
+    checkpoint; --save and --save-best on one file kept the last model as 'best'; a
+    bad path was found only after the whole run. All refused before training."""
+    text = tmp_path / "victim.txt"
+    text.write_bytes(textfile.read_bytes())
+    before = text.read_bytes()
+    cases = [
+        (["--save", str(text)], "is the training text"),
+        (["--save-best", str(text)], "is the training text"),
+        (["--save", str(tmp_path / "a.npz"), "--save-best", str(tmp_path / "." / "a.npz")],
+         "name the same file"),
+        (["--save", str(text / "x.npz")], "is not a directory"),
+        (["--save", str(tmp_path / "no" / "x.npz")], "does not exist"),
+        (["--save", str(tmp_path)], "is a directory"),
+        (["--save-every", "5"], "--save-every needs --save"),
+        (["--save-best", str(tmp_path / "b.npz"), "--val-fraction", "0"],
+         "--save-best needs validation data"),
+        (["--sample-length", str(10**11)], "--sample-length: expected at most"),
+    ]
+    for extra, message in cases:
+        t0 = time.perf_counter()
+        rc = main(["train", str(text), *SMALL, "--time-budget", "30", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err, (extra, err)
+        assert time.perf_counter() - t0 < 20, extra          # refused, not trained first
+    assert text.read_bytes() == before
+    assert not (tmp_path / "a.npz").exists() and not (tmp_path / "b.npz").exists()
+
+
+def test_train_refuses_sizes_beyond_memory_and_negative_seeds(textfile, capsys):
+    for extra in (["--hidden", str(10**9)], ["--layers", str(10**8), "--hidden", "2"]):
+        t0 = time.perf_counter()
+        rc = main(["train", str(textfile), *SMALL, "--max-steps", "1", *extra])
+        assert rc == 2 and "more than this machine's" in capsys.readouterr().err
+        assert time.perf_counter() - t0 < 20                 # --layers 10**8 ran for minutes
+    assert main(["generate", "x.npz", "--length", str(10**9)]) == 2
+    assert "--length x --num-samples: expected at most" in capsys.readouterr().err
+    for cmd in (["train", str(textfile)], ["generate", "x.npz"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--seed", "-1"])
+        assert "argument --seed: expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_resume_names_ignored_options_and_generate_joins_words(textfile, tmp_path, capsys):
+    ck = tmp_path / "w.npz"
+    assert main(["train", str(textfile), *SMALL, "--max-steps", "3", "--tokenizer", "word",
+                 "--save", str(ck)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(textfile), *SMALL, "--resume", str(ck), "--save", str(ck),
+                 "--max-steps", "4", "--lr", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring --lr 0.5 (the checkpoint has 0.002)" in err   # was silent
+    assert main(["generate", str(ck), "--prime", "the king", "--length", "3", "--seed",
+                 "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the king ") and not out.startswith("the king  ")   # was glued
+    assert main(["generate", str(textfile)]) == 2
+    err = capsys.readouterr().err
+    assert "not a fastrnn checkpoint" in err and "pickle" not in err
