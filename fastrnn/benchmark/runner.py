@@ -93,7 +93,9 @@ def build_parser():
                     " bidirectional" if c[5] else f" {c[4]} layers") for c in common.GRID)
                + " as (I,H,T,B). Giving some of them runs one config, the rest taken "
                "from (256,256,100,64). --memory, --lengths and --quantize alone (no "
-               "--mode) run only those reports.")
+               "--mode) run only those reports. `fastrnn bench --onnx FILE.onnx` times an "
+               "ONNX file imported into fastrnn against ONNX Runtime instead (its own "
+               "options: fastrnn bench --onnx FILE --help).")
     p.add_argument("--cell", type=_csv(common.CELLS + ("rnn_relu",), CELL_ALIASES),
                    default=None,
                    help="comma-separated cells: rnn_tanh (alias rnn), lstm, gru, rnn_relu, "
