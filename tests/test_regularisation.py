@@ -165,6 +165,8 @@ def test_weight_drop_on_a_linear_and_by_dotted_name():
         np.testing.assert_allclose(dx, dout @ (raw * mask), rtol=1e-12)
         np.testing.assert_allclose(lin.weight.grad, mask * (dout.T @ x), rtol=1e-12)
         np.testing.assert_array_equal(lin.weight.data, raw)
+        np.testing.assert_allclose(wd.backward(dout), dx, rtol=1e-12)   # Linear: again, W'
+        np.testing.assert_allclose(lin.weight.grad, 2 * mask * (dout.T @ x), rtol=1e-12)
 
 
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])

@@ -96,7 +96,9 @@ class WeightDrop:
             for n, p in params.items():
                 p.data = raw[n]                       # the raw weight is untouched
         self._pending.append((masks, masked))
-        cached = self.module.num_cached_steps if hasattr(self.module, "num_cached_steps") else 1
+        # a cell keeps a mask per cached step; a layer or block the last forward's (its
+        # cache answers any backward until the next forward)
+        cached = getattr(self.module, "num_cached_steps", 1)
         del self._pending[:max(0, len(self._pending) - cached)]
         return out
 
@@ -122,7 +124,8 @@ class WeightDrop:
             for n, p in params.items():
                 p.data = raw[n]
                 p.grad = saved[n]
-        self._pending.pop()
+        if hasattr(self.module, "num_cached_steps"):   # a cell: that step is answered
+            self._pending.pop()
         return result
 
     def get_rng_state(self):
