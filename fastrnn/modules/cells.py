@@ -107,6 +107,31 @@ class _CellBase(Module):
     def _biases(self):
         return (None, None) if self.bias_ih is None else (self.bias_ih.data, self.bias_hh.data)
 
+    # -- one step of a cell with one state (RNN, GRU; the LSTM has its own) --------
+    def forward(self, input, hx=None):
+        if not self.training:
+            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
+            if fast is not None:
+                return fast
+        x3, batched = self._check_x(input)                                 # (1, B, I)
+        B = x3.shape[1]
+        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
+        h1, cache = self._step_forward(x3, h)                              # h1 (B, H)
+        self._push(cache, batched, B)
+        return h1 if batched else h1[0]
+
+    @training_call
+    def backward(self, dh):
+        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
+        cache, batched, B = self._top()
+        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
+        self._stack.pop()
+        if not self._stack:
+            self._set_train_owner(False)
+        dx, dh0, grads = self._step_backward(dh[None], cache)             # dx (1, B, I)
+        self._accumulate(*grads)
+        return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
+
     # -- cheap per-step checks (rank, size, dtype); messages name the argument --
     def _check_x(self, x):
         """x (B,I) or unbatched (I,) -> (x3 (1,B,I), batched)."""
@@ -181,32 +206,17 @@ class RNNCell(_CellBase):
     def config(self):
         return dict(super().config(), nonlinearity=self.nonlinearity)
 
-    def forward(self, input, hx=None):
-        if not self.training:
-            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
-            if fast is not None:
-                return fast
-        x3, batched = self._check_x(input)                                 # (1, B, I)
-        B = x3.shape[1]
-        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
+    def _step_forward(self, x3, h):
+        """(h1 (B, H), cache) of one step: x3 (1, B, I), h (B, H) or None."""
         _, h1, cache = F.rnn_forward(x3, h, self.weight_ih.data, self.weight_hh.data,
                                      *self._biases(), nonlinearity=self.nonlinearity,
-                                     training=self.training)              # h1 (B, H)
-        self._push(cache, batched, B)
-        return h1 if batched else h1[0]
+                                     training=self.training)
+        return h1, cache
 
-    @training_call
-    def backward(self, dh):
-        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
-        cache, batched, B = self._top()
-        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
-        self._stack.pop()
-        if not self._stack:
-            self._set_train_owner(False)
-        dx, dh0, *grads = F.rnn_backward(dh[None], None, cache,          # dx (1, B, I)
-                                         *self._grad_targets())
-        self._accumulate(*grads)
-        return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
+    def _step_backward(self, dh3, cache):
+        """(dx (1, B, I), dh0 (B, H), grads) of one step, dh3 (1, B, H)."""
+        dx, dh0, *grads = F.rnn_backward(dh3, None, cache, *self._grad_targets())
+        return dx, dh0, grads
 
 
 class GRUCell(_CellBase):
@@ -217,31 +227,16 @@ class GRUCell(_CellBase):
 
     _gates = 3
 
-    def forward(self, input, hx=None):
-        if not self.training:
-            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
-            if fast is not None:
-                return fast
-        x3, batched = self._check_x(input)                                 # (1, B, I)
-        B = x3.shape[1]
-        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
+    def _step_forward(self, x3, h):
+        """(h1 (B, H), cache) of one step: x3 (1, B, I), h (B, H) or None."""
         _, h1, cache = F.gru_forward(x3, h, self.weight_ih.data, self.weight_hh.data,
-                                     *self._biases(), training=self.training)  # (B, H)
-        self._push(cache, batched, B)
-        return h1 if batched else h1[0]
+                                     *self._biases(), training=self.training)
+        return h1, cache
 
-    @training_call
-    def backward(self, dh):
-        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
-        cache, batched, B = self._top()
-        dh = self._check_state("dh", dh, B, batched)                      # (B, H)
-        self._stack.pop()
-        if not self._stack:
-            self._set_train_owner(False)
-        dx, dh0, *grads = F.gru_backward(dh[None], None, cache,          # dx (1, B, I)
-                                         *self._grad_targets())
-        self._accumulate(*grads)
-        return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
+    def _step_backward(self, dh3, cache):
+        """(dx (1, B, I), dh0 (B, H), grads) of one step, dh3 (1, B, H)."""
+        dx, dh0, *grads = F.gru_backward(dh3, None, cache, *self._grad_targets())
+        return dx, dh0, grads
 
 
 class LSTMCell(_CellBase):
