@@ -13,6 +13,12 @@ torch's (T, B, D*H) before it feeds the next layer. The model's outputs are
 ``Y`` (T, B, D*H), ``Y_h`` (L*D, B, H) and, for LSTM, ``Y_c`` (L*D, B, H): the
 same layouts as torch.nn's ``out``, ``h_n``, ``c_n``. With ``with_state=True``
 the model also takes ``h0`` (and ``c0``), (L*D, B, H), as inputs.
+
+``single_node=True`` (one unidirectional layer, what a batch-1 step is timed on)
+builds the recurrent node alone: its inputs and outputs are the model's, ``Y``
+stays ONNX's (T, 1, B, H). The Slice, Transpose, Reshape and Concat nodes around
+it cost ONNX Runtime about 4 us a call (27 % of an LSTM H=64 step; session 25's
+audit of the benchmark), which a user's own one-layer model would not pay.
 """
 
 import numpy as np
@@ -35,7 +41,7 @@ def _reorder(a, cell, H):
 
 
 def build_model(cell, weights, I, H, T, B, layers=1, bidirectional=False,
-                dtype=np.float32, with_state=False):
+                dtype=np.float32, with_state=False, single_node=False):
     """An ``onnx.ModelProto`` computing the same function as ``torch.nn.<Cell>``
     with these weights (a dict of torch.nn's parameter names to arrays).
 
@@ -47,6 +53,8 @@ def build_model(cell, weights, I, H, T, B, layers=1, bidirectional=False,
 
     G = GATES[cell]
     D = 2 if bidirectional else 1
+    if single_node and (layers != 1 or bidirectional):
+        raise ValueError("single_node: one unidirectional layer only")
     elem = TensorProto.FLOAT if np.dtype(dtype) == np.float32 else TensorProto.DOUBLE
     op = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
     nodes, inits = [], []
@@ -77,7 +85,9 @@ def build_model(cell, weights, I, H, T, B, layers=1, bidirectional=False,
             node_inputs.append(init(f"B{layer}", Bias.astype(dtype)))
         else:
             node_inputs.append("")
-        if with_state:
+        if with_state and single_node:
+            node_inputs += ["", "h0"] + (["c0"] if cell == "lstm" else [])
+        elif with_state:
             # Slice layer `layer`'s D states out of h0 (and c0).
             starts = init(f"start{layer}", np.array([layer * D], dtype=np.int64))
             ends = init(f"end{layer}", np.array([(layer + 1) * D], dtype=np.int64))
@@ -94,6 +104,10 @@ def build_model(cell, weights, I, H, T, B, layers=1, bidirectional=False,
         if op == "RNN":
             act = "Relu" if cell == "rnn_relu" else "Tanh"
             attrs["activations"] = [act] * D
+        if single_node:   # the node's outputs are the model's
+            outs = ["Y", "Y_h"] + (["Y_c"] if cell == "lstm" else [])
+            nodes.append(helper.make_node(op, node_inputs, outs, name=op, **attrs))
+            break
         outs = [f"Y{layer}", f"Yh{layer}"] + ([f"Yc{layer}"] if cell == "lstm" else [])
         nodes.append(helper.make_node(op, node_inputs, outs, name=f"{op}{layer}", **attrs))
         y_h.append(f"Yh{layer}")
@@ -106,12 +120,18 @@ def build_model(cell, weights, I, H, T, B, layers=1, bidirectional=False,
         nodes.append(helper.make_node("Reshape", [f"Yt{layer}", shape_name], [out_name]))
         layer_in = out_name
 
-    nodes.append(helper.make_node("Concat", y_h, ["Y_h"], axis=0))
-    outputs = [helper.make_tensor_value_info("Y", elem, [T, B, D * H]),
-               helper.make_tensor_value_info("Y_h", elem, [layers * D, B, H])]
-    if cell == "lstm":
-        nodes.append(helper.make_node("Concat", y_c, ["Y_c"], axis=0))
-        outputs.append(helper.make_tensor_value_info("Y_c", elem, [layers * D, B, H]))
+    if single_node:
+        outputs = [helper.make_tensor_value_info("Y", elem, [T, 1, B, H]),
+                   helper.make_tensor_value_info("Y_h", elem, [1, B, H])]
+        if cell == "lstm":
+            outputs.append(helper.make_tensor_value_info("Y_c", elem, [1, B, H]))
+    else:
+        nodes.append(helper.make_node("Concat", y_h, ["Y_h"], axis=0))
+        outputs = [helper.make_tensor_value_info("Y", elem, [T, B, D * H]),
+                   helper.make_tensor_value_info("Y_h", elem, [layers * D, B, H])]
+        if cell == "lstm":
+            nodes.append(helper.make_node("Concat", y_c, ["Y_c"], axis=0))
+            outputs.append(helper.make_tensor_value_info("Y_c", elem, [layers * D, B, H]))
     graph = helper.make_graph(nodes, f"fastrnn_{cell}", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="fastrnn.benchmark")

@@ -251,9 +251,10 @@ def run_cases(cases, peers, threads, sgemm, budget, repeats=None, warmup=1, chec
         remaining = sum(weights_of[k] for k in range(index, len(cases)))
         left = max(0.0, budget - (time.perf_counter() - start))
         case_budget = left * weights_of[index] / remaining
-        # out of budget: the check call is the only warm-up, one repetition
-        late = repeats is None and case_budget <= 0
-        timed = time_interleaved(engines, case_budget, repeats, 0 if late else warmup,
+        # past the budget a case still gets its warm-up and MIN_ROUNDS samples
+        # (timing.time_interleaved): the run overruns rather than print rows timed
+        # once, from samples sized by each engine's first call
+        timed = time_interleaved(engines, case_budget, repeats, warmup,
                                  MIN_SAMPLE.get(case.mode, MIN_SAMPLE_DEFAULT), check_time)
         line = []
         for e in engines:
