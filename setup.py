@@ -2,9 +2,12 @@
 
 OpenMP is optional: when the compiler cannot build an OpenMP program the
 kernels are built single-threaded with a warning, unless FASTRNN_REQUIRE_OPENMP=1,
-which turns that into an error. No -march flags: the micro-kernels dispatch at
-run time between an AVX2+FMA and a baseline x86-64 build (target_clones in
-src/recurrent_gemm.h), so a wheel built here runs on any x86-64 machine.
+which turns that into an error. No -march flags: the kernels are compiled for
+AVX-512, AVX2+FMA and baseline x86-64 from one source (GCC `target` attributes,
+src/isa.h) and dispatch at run time, so a wheel built here runs on any x86-64
+machine. Builds with GCC 11 or newer (run-time dispatch) or clang (baseline
+kernels only). Release builds carry no debug information (-g0: the extensions
+shrink about fivefold).
 FASTRNN_DEBUG=1 builds with bounds checks and without optimisation;
 FASTRNN_DISABLE_OPENMP=1 builds as if OpenMP were missing.
 FASTRNN_SANITIZE=1 builds with AddressSanitizer and UndefinedBehaviorSanitizer
@@ -56,7 +59,7 @@ class BuildExt(build_ext):
                 sys.exit("fastrnn: FASTRNN_REQUIRE_OPENMP=1 but the compiler cannot build OpenMP code")
             warnings.warn("fastrnn: OpenMP not available; building single-threaded kernels")
         for ext in self.extensions:
-            args = ["-O0", "-g"] if debug else ["-O3"]
+            args = ["-O0", "-g"] if debug else ["-O3", "-g0"]
             # trapping-math/errno off lets the gate loops vectorise (NaN still propagates)
             args += ["-fno-trapping-math", "-fno-math-errno", "-Wno-unused-function"]
             link = []

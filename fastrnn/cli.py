@@ -106,7 +106,9 @@ def _weight_fraction(s):
 def build_parser():
     from fastrnn.train import TrainConfig
     d = TrainConfig()
+    from fastrnn import __version__
     p = argparse.ArgumentParser(prog="fastrnn", description="fastrnn: CPU recurrent networks.")
+    p.add_argument("--version", action="version", version=f"fastrnn {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{train,generate,bench,predict}")
     sub.required = True
 

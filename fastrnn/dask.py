@@ -20,12 +20,15 @@ mode on their partition, in padded batches; kernels use
 tasks it is running, never more than its cores). See docs/scale-out.md.
 """
 
-import dask
-import dask.array as da
-import dask.bag as db
+try:
+    import dask
+    import dask.array as da
+    import dask.bag as db
+    from dask import delayed
+    from dask.base import tokenize
+except ImportError as e:   # the optional extra: say which
+    raise ImportError(f"fastrnn.dask needs Dask: pip install \"fastrnn[dask]\" ({e})") from e
 import numpy as np
-from dask import delayed
-from dask.base import tokenize
 
 from fastrnn import _modelfile, _scoring
 from fastrnn._scoring import OUTPUTS, ModelBlob, PartitionError, Plan, cache_info, clear_cache

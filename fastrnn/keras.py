@@ -42,9 +42,9 @@ _CELLS = ("LSTM", "GRU", "SimpleRNN")
 def _keras():
     try:
         import keras
-    except ImportError as e:
-        raise ImportError("fastrnn.from_keras needs Keras 3 (pip install keras; run it on the "
-                          "torch backend with KERAS_BACKEND=torch)") from e
+    except ImportError as e:   # also Keras installed without a backend (tensorflow, ...)
+        raise ImportError(f"fastrnn.from_keras needs Keras 3 with a backend (pip install keras "
+                          f"torch, and KERAS_BACKEND=torch); importing keras failed: {e}") from e
     return keras
 
 

@@ -35,11 +35,11 @@ cdef extern from "recurrent_gemm.h" nogil:
     size_t fastrnn_tn_work_size_d(Py_ssize_t M)
     void fastrnn_gemm_packed_tn_s(Py_ssize_t M, Py_ssize_t K, const float *const *A,
                                   Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
-                                  const float *const *packs, float *const *const *Cs,
+                                  const float *const *packs, float ***Cs,
                                   float beta, float *work)
     void fastrnn_gemm_packed_tn_d(Py_ssize_t M, Py_ssize_t K, const double *const *A,
                                   Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
-                                  const double *const *packs, double *const *const *Cs,
+                                  const double *const *packs, double ***Cs,
                                   double beta, double *work)
     void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const float *const *A, const float *W, Py_ssize_t ldw,

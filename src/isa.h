@@ -29,6 +29,20 @@ enum { FASTRNN_ISA_BASELINE = 0, FASTRNN_ISA_AVX2 = 1, FASTRNN_ISA_AVX512 = 2 };
 #define FASTRNN_TARGET_AVX2
 #endif
 
+/* FASTRNN_SHUFFLE(MASK, a, b, i...): the lanes i... of a and b laid end to end, a
+ * vector of as many lanes as indices. __builtin_shufflevector where the compiler
+ * has it (clang, GCC >= 12), else GCC's __builtin_shuffle with the indices as a
+ * MASK vector (integer lanes of the values' width): GCC 11, the compiler of
+ * Ubuntu 22.04 and RHEL 9, has only the latter, clang only the former. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define FASTRNN_SHUFFLE(MASK, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#endif
+#endif
+#ifndef FASTRNN_SHUFFLE
+#define FASTRNN_SHUFFLE(MASK, a, b, ...) __builtin_shuffle(a, b, (MASK){__VA_ARGS__})
+#endif
+
 /* Does this CPU (and OS: libgcc checks XCR0) support `level`? */
 static inline int fastrnn_isa_supported(int level)
 {
@@ -36,12 +50,16 @@ static inline int fastrnn_isa_supported(int level)
         return 1;
 #if FASTRNN_HAVE_DISPATCH
     __builtin_cpu_init();
+    /* bmi2 too: the targets above let GCC emit shlx/sarx, which a CPU (or a VM's
+     * CPU model) with AVX2 but without BMI2 would fault on (found by an audit) */
     if (level == FASTRNN_ISA_AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && __builtin_cpu_supports("bmi2");
     if (level == FASTRNN_ISA_AVX512)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
             && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-            && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+            && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && __builtin_cpu_supports("bmi2");
 #endif
     return 0;
 }

@@ -250,7 +250,7 @@ static inline void fastrnn_gemm_packed_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K
 /* Cs[q] := beta*Cs[q] + A^T . W_q^T for q < nout (gemm_kernels.inc). */          \
 static inline void fastrnn_gemm_packed_tn_##T(ptrdiff_t M, ptrdiff_t K,            \
         const REAL *const *A, ptrdiff_t col0, int nout, const ptrdiff_t *Ns,       \
-        const REAL *const *packs, REAL *const *const *Cs, REAL beta, REAL *work)   \
+        const REAL *const *packs, REAL **const *Cs, REAL beta, REAL *work)         \
 { FASTRNN_DISPATCH(gemm_packed_tn, T, (M, K, A, col0, nout, Ns, packs, Cs, beta, work)) } \
                                                                                    \
 /* C := beta*C + A . W^T with W row-major, unpacked (small batches). */          \

@@ -377,3 +377,14 @@ def test_resume_names_ignored_options_and_generate_joins_words(textfile, tmp_pat
     assert main(["generate", str(textfile)]) == 2
     err = capsys.readouterr().err
     assert "not a fastrnn checkpoint" in err and "pickle" not in err
+
+
+def test_version_and_the_dask_extra_named_when_missing(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"fastrnn {fastrnn.__version__}"
+    import subprocess
+    code = ("import sys; sys.modules['dask'] = None\n"      # as if Dask were not installed
+            "try:\n    import fastrnn.dask\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert 'needs Dask: pip install "fastrnn[dask]"' in out   # was: No module named 'dask'
