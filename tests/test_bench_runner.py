@@ -83,6 +83,14 @@ def test_runner_layers_bidirectional_agree_with_peers(capsys):
     assert train and all(c["keys_compared"] >= 8 for c in train)  # outputs and gradients
 
 
+def test_compare_fails_a_peer_that_lacks_an_array():
+    want = {"y": np.ones(3), "dx": np.ones(3), "grad:w": np.ones(2), "extra": None}
+    assert common.compare(dict(want), want, 1e-6)[0]
+    ok, key, err, n = common.compare({"y": np.ones(3)}, want, 1e-6)   # no gradients
+    assert not ok and key == "dx" and err == float("inf")             # passed on 'y' alone
+    assert not common.compare({"y": np.ones(3), "dx": np.ones(3), "grad:w": None}, want, 1e-6)[0]
+
+
 def test_runner_no_peers_float64(capsys):
     status, summary, out = run_json(capsys, ["--cell", "gru", "--mode", "train", "--peers",
                                              "none", "--dtype", "float64"] + TINY)

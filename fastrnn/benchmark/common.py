@@ -127,13 +127,18 @@ def max_rel_err(a, b):
 
 
 def compare(got, want, tol):
-    """Compare two dicts of arrays on their common keys.
+    """Compare a peer's arrays (got) with fastrnn's (want), key by key.
 
-    Returns ``(ok, worst_key, worst_err, n_keys)``: ``ok`` when every common key's
-    relative error is within ``tol`` and at least one key was compared.
+    Returns ``(ok, worst_key, worst_err, n_keys)``: ``ok`` when the peer gives
+    every array fastrnn gives and each is within ``tol`` relative error. A key
+    the peer lacks fails (error inf): only common keys were compared, so a peer
+    returning no gradients at all passed on its output alone (found by an audit).
     """
+    missing = [k for k in want if want[k] is not None and got.get(k) is None]
+    if missing:
+        return False, missing[0], float("inf"), 0
     worst_key, worst = None, 0.0
-    keys = [k for k in want if k in got and got[k] is not None and want[k] is not None]
+    keys = [k for k in want if want[k] is not None]
     for key in keys:
         err = max_rel_err(got[key], want[key])
         if worst_key is None or err > worst:

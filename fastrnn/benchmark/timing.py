@@ -50,13 +50,15 @@ def set_threads(n, peers):
             set_(old)
 
 
-def measure_sgemm_peak(n=2048, repeats=5):
-    """GFLOP/s of a float32 n x n NumPy matmul: the best of ``repeats`` after a
-    warm-up (a peak, so the fastest call, not the median)."""
+def measure_sgemm_peak(n=2048, repeats=5, dtype=np.float32):
+    """GFLOP/s of an n x n NumPy matmul in ``dtype`` (float32: sgemm; float64, for
+    float64 runs: dgemm, half the rate): the best of ``repeats`` after a warm-up
+    (a peak, so the fastest call, not the median). NumPy's BLAS on this machine,
+    not the FMA units' peak, which OpenBLAS nears but a kernel can pass."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    out = np.empty((n, n), dtype=np.float32)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    out = np.empty((n, n), dtype=dtype)
     np.matmul(a, b, out=out)
     best = float("inf")
     for _ in range(max(1, repeats)):
