@@ -9,7 +9,12 @@ float32 and bf16 autocast: one layer's forward (inference) and forward + backwar
 runs bf16 dot products faster than float32 FMAs (src/bf16_gemm.h); the header
 says whether it did on this machine. PyTorch's counterpart is
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` (skipped without torch).
-Training is timed as forward, the sum of the outputs as the loss, backward.
+Training is timed as forward, the sum of the outputs as the loss, backward, the
+input's gradient included for both (torch's input requires grad). Every engine has
+fastrnn's weights, and the float32 outputs are checked against torch's first. Each
+round times the engines in a rotated order, each call after a 0.15 s quiet gap
+(the runner's method, docs/benchmarks.md: back to back, one engine's spinning
+worker threads slowed the next one).
 """
 
 import argparse
@@ -29,14 +34,22 @@ from fastrnn import _precision  # noqa: E402
 MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}
 
 
+QUIET_GAP = 0.15   # seconds before each timed call (fastrnn.benchmark.timing)
+
+
+def fastrnn_layer(cell, I, H):
+    return getattr(fastrnn, MODULES[cell])(I, H, seed=0)
+
+
 def fastrnn_calls(cell, I, H, x, precision):
-    """(forward, training step) closures for a fastrnn layer run at `precision`."""
-    layer = getattr(fastrnn, MODULES[cell])(I, H, seed=0)
+    """(forward, training step) closures for a fastrnn layer run at `precision`;
+    forward returns its output."""
+    layer = fastrnn_layer(cell, I, H)
 
     def forward():
         with _precision.scoped(precision):
             layer.eval()
-            layer(x)
+            return layer(x)[0]
 
     def train():
         with _precision.scoped(precision):
@@ -47,24 +60,30 @@ def fastrnn_calls(cell, I, H, x, precision):
 
 
 def torch_calls(cell, I, H, x, autocast):
+    """The same for torch, with the fastrnn layer's weights."""
     import torch
     layer = getattr(torch.nn, MODULES[cell])(I, H)
+    layer.load_state_dict({k: torch.from_numpy(v)
+                           for k, v in fastrnn_layer(cell, I, H).state_dict().items()})
     xt = torch.from_numpy(x)
+    xg = torch.from_numpy(x.copy()).requires_grad_(True)   # dx, as fastrnn's backward
 
     def forward():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            layer(xt)
+            return layer(xt)[0].float().numpy()
 
     def train():
+        xg.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y, _ = layer(xt)
+            y, _ = layer(xg)
             loss = y.float().sum()
         loss.backward()
     return forward, train
 
 
 def time_into(fn, times):
-    """Call fn once and append its time (ms) to `times`."""
+    """After the quiet gap, call fn once and append its time (ms) to `times`."""
+    time.sleep(QUIET_GAP)
     t = time.perf_counter()
     fn()
     times.append((time.perf_counter() - t) * 1e3)
@@ -111,13 +130,20 @@ def main(argv=None):
         if torch is not None:
             runs["torch32"] = torch_calls(cell, args.input, args.hidden, x, False)
             runs["autocast"] = torch_calls(cell, args.input, args.hidden, x, True)
+        if torch is not None:   # same weights, same function: check before timing
+            ours, theirs = runs["highest"][0](), runs["torch32"][0]()
+            err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+            if err > 1e-4:
+                raise SystemExit(f"{cell}: fastrnn and torch float32 outputs differ "
+                                 f"(max rel err {err:.2g}); not timing")
+        names = list(runs)
         for k, call in enumerate(("forward", "train")):
             times = {name: [] for name in runs}
             for name, fns in runs.items():
                 fns[k]()                       # warm-up
-            for _ in range(args.rounds):
-                for name, fns in runs.items():
-                    time_into(fns[k], times[name])
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:   # rotated
+                    time_into(runs[name][k], times[name])
             med = {name: float(np.median(v)) for name, v in times.items()}
             cols = "".join(f"{med[n]:9.1f}" if n in med else f"{'-':>9}"
                            for n in ("highest", "medium", "torch32", "autocast"))

@@ -86,6 +86,27 @@ def cpu_model():
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_family_model():
+    """'family F model M' of an x86 CPU (Linux /proc/cpuinfo), or None: a KVM guest's
+    model name may say only 'AMD EPYC', and family 25 model 17 (Zen 4) against
+    model 1 (Zen 3) is what tells them apart."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
+    except OSError:
+        return None
+    if "cpu family" in fields and "model" in fields:
+        return f"family {fields['cpu family']} model {fields['model']}"
+    return None
+
+
 def cpu_vector_flags():
     """The vector-ISA flags the CPU reports (Linux /proc/cpuinfo), e.g. ['avx2', 'fma', ...]."""
     try:

@@ -396,6 +396,8 @@ def _generate_part(peers, threads, budget, repeats, seed, V=65, E=64, H=512, len
                 else:
                     nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
                 out.append(nxt)
+                if len(out) == n:   # the last token needs no step (nor does fastrnn's)
+                    break
                 o, st = tm.rnn(tm.encoder(torch.tensor([[nxt]])), st)
                 logits = tm.decoder(o[0, 0])
         return out

@@ -375,7 +375,8 @@ def machine_header(peers, threads):
     import fastrnn
     v = _versions(peers)
     peer_text = ", ".join(f"{p} {v.get(p, '?')}" for p in peers) or "no peers"
-    return (f"CPU: {v['cpu']} ({v['cpu_count']} CPUs; vector ISAs: "
+    fm = f", {v['cpu_family_model']}" if v.get("cpu_family_model") else ""
+    return (f"CPU: {v['cpu']} ({v['cpu_count']} CPUs{fm}; vector ISAs: "
             f"{' '.join(v['cpu_vector_flags']) or 'unknown'}); fastrnn ISA: {v['fastrnn_isa']}"
             f"{' (FASTRNN_ISA)' if os.environ.get('FASTRNN_ISA') else ''}; "
             + ("" if v["fastrnn_pack_cache"] else "weights packed per call (FASTRNN_PACK_CACHE=0); ")
@@ -388,6 +389,7 @@ def _versions(peers):
     out = {"python": platform.python_version(), "numpy": np.__version__,
            "fastrnn": getattr(fastrnn, "__version__", "?"), "machine": platform.machine(),
            "cpu_count": os.cpu_count(), "cpu": _isa.cpu_model(),
+           "cpu_family_model": _isa.cpu_family_model(),
            "cpu_vector_flags": _isa.cpu_vector_flags(), "fastrnn_isa": _isa.get_isa(),
            "fastrnn_isas_available": _isa.available_isas(),
            "fastrnn_pack_cache": _recurrent._pack_cache_enabled()}
@@ -442,7 +444,10 @@ def main(argv=None):
     status = 0
     summary = {"sgemm_gflops": None, "threads": args.threads, "dtype": args.dtype,
                "layers": args.layers, "bidirectional": args.bidirectional,
-               "peers": peers, "results": []}
+               "peers": peers, "results": [],
+               # how it was timed (each row's own repeats are in its record)
+               "budget": budget, "repeats": args.repeats, "warmup": args.warmup,
+               "seed": args.seed, "check": args.check}
     load, ncpu = machine_load()
     summary["load_average"] = load
     if load is not None and load >= (ncpu or 1):
