@@ -4,7 +4,8 @@ File layout (`fastrnn.save`): an uncompressed NumPy `.npz` archive with
 
     "__fastrnn__"   (1,) unicode string array: a JSON object
                     {"format": "fastrnn", "version": 1,
-                     "class": "LSTM", "config": {constructor arguments}}
+                     "class": "LSTM", "config": {constructor arguments},
+                     "training": false}   (the mode it was saved in; absent: true)
     "<param name>"  one array per parameter, named as in `state_dict()`
                     (e.g. "weight_ih_l0", "bias_hh_l1_reverse"), in the
                     module's dtype
@@ -64,7 +65,7 @@ def save(path, module):
         raise ValueError(f"save: {name} is not a saveable class; known: "
                          f"{', '.join(sorted(_REGISTRY))} (see fastrnn.io.register)")
     header = dict(format=FORMAT, version=VERSION, **{"class": name},
-                  config=module.config())
+                  config=module.config(), training=bool(module.training))
     try:
         text = json.dumps(header)
     except TypeError as e:
@@ -187,9 +188,12 @@ def _build(path, header, arrays):
     for k, v in config.items():
         if isinstance(v, int) and not isinstance(v, bool) and k != "seed" and v > max(stored, 1):
             raise _fail(path, f"config {k}={v} is inconsistent with the {stored} stored values")
+    training = meta.get("training", True)   # files before session 25: a new module's mode
+    if not isinstance(training, bool):
+        raise _fail(path, f"header 'training' must be true or false, got {training!r}")
     try:
         with parameter_budget(budget_for(stored)):
-            return cls(**config)
+            return cls(**config).train(training)   # the mode it was saved in
     except ParameterBudgetError:
         raise _fail(path, f"config {config} declares more parameter values than the "
                           f"{stored} stored") from None

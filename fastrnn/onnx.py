@@ -415,7 +415,7 @@ class _LengthsIn:
 
 _GLUE = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Concat", "Slice", "Gather",
          "Shape", "Constant", "ConstantOfShape", "Identity", "Cast", "Gemm", "MatMul", "Add",
-         "ReduceSum", "Dropout", "LSTM", "GRU", "RNN", "Sub", "Mul", "Div"}
+         "ReduceSum", "Dropout", "LSTM", "GRU", "RNN", "Sub", "Mul", "Div", "Expand"}
 
 
 class _Loader:
@@ -602,6 +602,10 @@ class _Loader:
                 v = self.nh.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
                 self.fold_size(node, [int(s) for s in x])
                 return np.full([int(s) for s in x], v.reshape(-1)[0], v.dtype)
+            if op == "Expand":   # torch's zero initial state when every shape is fixed
+                shape = np.broadcast_shapes(x.shape, tuple(int(s) for s in ins[1].reshape(-1)))
+                self.fold_size(node, shape)
+                return np.array(np.broadcast_to(x, shape))
             if op in ("Add", "Sub", "Mul", "Div"):
                 self.fold_size(node, np.broadcast_shapes(ins[0].shape, ins[1].shape))
                 f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}.get(op)
@@ -757,6 +761,23 @@ class _Loader:
         if isinstance(ins[0], _Shape):
             return [_Zeros(ins[0].items)]
         return self.op_other(node, a, ins)
+
+    def op_Expand(self, node, a, ins):
+        """Zeros expanded to a shape read from the input (torch's export of a zero
+        initial state when every axis is fixed): a zero state of that shape."""
+        x, shape = ins[0], ins[1]
+        if not (isinstance(x, np.ndarray) and not np.any(x) and isinstance(shape, _Shape)):
+            return self.op_other(node, a, ins)
+        items = list(shape.items)
+        dims = [1] * (len(items) - x.ndim) + list(x.shape)
+        if len(dims) > len(items):
+            items = [1] * (len(dims) - len(items)) + items
+        out = []
+        for d, s in zip(dims, items):   # broadcasting, a symbolic size taken where d == 1
+            if d != 1 and not (s == 1 or s == d or not isinstance(s, int)):
+                raise self.fail(f"Expand of shape {x.shape} to {shape.items}", node)
+            out.append(s if d == 1 else d)
+        return [_Zeros(out)]
 
     def op_Slice(self, node, a, ins):
         v = ins[0]
@@ -1111,7 +1132,11 @@ class _Loader:
             return False
         if (a["B"] is None) != (b["B"] is None) or a["nonlinearity"] != b["nonlinearity"]:
             return False
-        return a["lens"] == b["lens"] and b["in"].merge is not None
+        # one stack has one merge mode: a layer merging its directions otherwise (its own
+        # Y) starts a new stack (fastrnn's export of concat then sum failed to load)
+        own = b["out"].merge if "out" in b else None
+        return (a["lens"] == b["lens"] and b["in"].merge is not None
+                and (own is None or own == b["in"].merge))
 
     def build_stack(self, grp, sig):
         first, last = grp[0], grp[-1]

@@ -191,7 +191,8 @@ def save(path, module):
         config = json.dumps(module.config())
     except TypeError as e:
         raise ValueError(f"save: {name}.config() is not JSON-serialisable: {e}") from e
-    meta = {"format": io.FORMAT, "version": str(io.VERSION), "class": name, "config": config}
+    meta = {"format": io.FORMAT, "version": str(io.VERSION), "class": name, "config": config,
+            "training": "true" if module.training else "false"}
     write(path, module.state_dict(), meta, checksum=True)
 
 
@@ -207,8 +208,13 @@ def load(path):
     if meta.get("version") != str(io.VERSION):
         raise io._fail(path, f"unsupported format version {meta.get('version')!r} "
                              f"(this fastrnn reads {io.VERSION})")
+    training = {"true": True, "false": False, None: True}.get(meta.get("training"))
+    if training is None:
+        raise io._fail(path, f"metadata 'training' must be 'true' or 'false', got "
+                             f"{meta.get('training')!r}")
     header = json.dumps({"format": io.FORMAT, "version": io.VERSION,
-                         "class": meta.get("class"), "config": _config(path, meta)})
+                         "class": meta.get("class"), "config": _config(path, meta),
+                         "training": training})
     module = io._build(path, np.array([header]), arrays)
     io._load_arrays(path, module, arrays)
     return module

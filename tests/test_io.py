@@ -63,7 +63,31 @@ def test_file_layout_is_documented_npz(tmp_path):
         assert set(z.files) == {HEADER_KEY, *m.state_dict()}
         header = json.loads(str(z[HEADER_KEY][0]))
     assert header == {"format": "fastrnn", "version": 1, "class": "LSTM",
-                      "config": m.config()}
+                      "config": m.config(), "training": True}
+
+
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
+def test_load_keeps_the_mode_it_was_saved_in(tmp_path, ext):
+    """A model saved in eval mode with dropout came back in training mode and
+    computed something else (session 25's interop audit)."""
+    pytest.importorskip("safetensors") if ext == "safetensors" else None
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    m = fastrnn.LSTM(3, 4, num_layers=2, dropout=0.5, seed=0).eval()
+    path = str(tmp_path / f"m.{ext}")
+    fastrnn.save(path, m)
+    back = fastrnn.load(path)
+    assert not back.training
+    np.testing.assert_array_equal(back(x)[0], m(x)[0])
+    fastrnn.save(path, m.train())
+    assert fastrnn.load(path).training
+    old = {k: v for k, v in np.load(str(tmp_path / "m.npz"), allow_pickle=False).items()} \
+        if ext == "npz" else None
+    if old is not None:   # a file from before: no 'training' key, a new module's mode
+        header = json.loads(str(old[HEADER_KEY][0]))
+        del header["training"]
+        old[HEADER_KEY] = np.array([json.dumps(header)])
+        write_npz(tmp_path / "old.npz", **old)
+        assert fastrnn.load(str(tmp_path / "old.npz")).training
 
 
 def write_npz(path, **arrays):

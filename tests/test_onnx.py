@@ -231,3 +231,44 @@ def test_bench_onnx_cli(tmp_path, capsys):
     import json
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["max_rel_diff"] < 1e-5 and res["fastrnn_ms"] > 0 and res["onnxruntime_ms"] > 0
+
+
+@pytest.mark.parametrize("merges", [("concat", "sum"), ("sum", "concat")])
+def test_layers_merged_differently_load_as_two_stacks(tmp_path, merges):
+    """fastrnn's own export of two bidirectional layers merged differently failed to
+    load ('directions are merged differently'); they are now two stacks."""
+    first = Recurrent(fastrnn.LSTM(3, 4, bidirectional=True, merge_mode=merges[0], seed=0))
+    second = Recurrent(fastrnn.LSTM(8 if merges[0] == "concat" else 4, 4, bidirectional=True,
+                                    merge_mode=merges[1], seed=1))
+    seq = nn.Sequential(first, second).eval()
+    path = tmp_path / "two.onnx"
+    fastrnn.onnx.export(seq, str(path))
+    m = fastrnn.onnx.load(str(path))
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    name = m.onnx_signature["x"]
+    ref = ort_run(path, {name: x})
+    got = fastrnn.onnx.run(m, {name: x})
+    assert set(got) == set(ref)
+    for k in ref:
+        close(got[k], ref[k])
+    close(seq(x), list(ref.values())[0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True}])
+def test_torch_export_with_every_shape_fixed_loads(tmp_path, kw):
+    """Without dynamic axes torch builds the zero initial state as an Expand of
+    zeros, which was an unsupported operator."""
+    torch = pytest.importorskip("torch")
+    m = torch.nn.LSTM(3, 4, **kw).eval()
+    x = torch.randn(5, 2, 3)
+    path = tmp_path / "fixed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), str(path), dynamo=False)
+    fm = fastrnn.onnx.load(str(path))
+    name = fm.onnx_signature["x"]
+    ref = ort_run(path, {name: x.numpy()})
+    got = fastrnn.onnx.run(fm, {name: x.numpy()})
+    assert set(got) == set(ref)
+    for k in ref:
+        close(got[k], ref[k])
