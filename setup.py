@@ -5,8 +5,8 @@ kernels are built single-threaded with a warning, unless FASTRNN_REQUIRE_OPENMP=
 which turns that into an error. No -march flags: the kernels are compiled for
 AVX-512, AVX2+FMA and baseline x86-64 from one source (GCC `target` attributes,
 src/isa.h) and dispatch at run time, so a wheel built here runs on any x86-64
-machine. Builds with GCC 11 or newer (run-time dispatch) or clang (baseline
-kernels only). Release builds carry no debug information (-g0: the extensions
+machine. Builds with GCC 11 or newer (run-time dispatch); clang should build the
+baseline kernels only (its syntax check passes; a clang build was not run). Release builds carry no debug information (-g0: the extensions
 shrink about fivefold).
 FASTRNN_DEBUG=1 builds with bounds checks and without optimisation;
 FASTRNN_DISABLE_OPENMP=1 builds as if OpenMP were missing.

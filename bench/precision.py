@@ -12,9 +12,9 @@ says whether it did on this machine. PyTorch's counterpart is
 Training is timed as forward, the sum of the outputs as the loss, backward, the
 input's gradient included for both (torch's input requires grad). Every engine has
 fastrnn's weights, and the float32 outputs are checked against torch's first. Each
-round times the engines in a rotated order, each call after a 0.15 s quiet gap
-(the runner's method, docs/benchmarks.md: back to back, one engine's spinning
-worker threads slowed the next one).
+round times the engines in a rotated order, each call after a 0.15 s quiet gap and
+one untimed call (the runner's method, docs/benchmarks.md: back to back, one
+engine's spinning worker threads slowed the next one).
 """
 
 import argparse
@@ -34,7 +34,7 @@ from fastrnn import _precision  # noqa: E402
 MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN"}
 
 
-QUIET_GAP = 0.15   # seconds before each timed call (fastrnn.benchmark.timing)
+from fastrnn.benchmark.timing import QUIET_GAP_DEFAULT as QUIET_GAP  # noqa: E402
 
 
 def fastrnn_layer(cell, I, H):
@@ -70,7 +70,7 @@ def torch_calls(cell, I, H, x, autocast):
 
     def forward():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return layer(xt)[0].float().numpy()
+            return layer(xt)[0]
 
     def train():
         xg.grad = None
@@ -82,8 +82,11 @@ def torch_calls(cell, I, H, x, autocast):
 
 
 def time_into(fn, times):
-    """After the quiet gap, call fn once and append its time (ms) to `times`."""
+    """After the quiet gap and one untimed call (the first call after idle waits for
+    sleeping worker threads: the runner times it apart), time one call of fn and
+    append its time (ms) to `times`."""
     time.sleep(QUIET_GAP)
+    fn()
     t = time.perf_counter()
     fn()
     times.append((time.perf_counter() - t) * 1e3)
@@ -131,7 +134,7 @@ def main(argv=None):
             runs["torch32"] = torch_calls(cell, args.input, args.hidden, x, False)
             runs["autocast"] = torch_calls(cell, args.input, args.hidden, x, True)
         if torch is not None:   # same weights, same function: check before timing
-            ours, theirs = runs["highest"][0](), runs["torch32"][0]()
+            ours, theirs = runs["highest"][0](), runs["torch32"][0]().float().numpy()
             err = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
             if err > 1e-4:
                 raise SystemExit(f"{cell}: fastrnn and torch float32 outputs differ "

@@ -25,6 +25,7 @@ from fastrnn import _modelfile
 from fastrnn._config import get_num_threads, set_num_threads
 from fastrnn.lm import RNNLanguageModel
 from fastrnn.modules.cells import _CellBase
+from fastrnn.quantization import _QuantizedCell
 from fastrnn.modules.module import Module
 from fastrnn.nn import Embedding, ModuleList
 
@@ -70,11 +71,11 @@ class Plan:
         if not self.steps:
             raise ValueError("the model has no layers")
         for _, m in self.steps:
-            if isinstance(m, _CellBase):   # one step, (B, I) -> (B, H): no sequence to score
+            if isinstance(m, (_CellBase, _QuantizedCell)):   # one step: no sequence to score
                 raise TypeError(
                     f"{type(m).__name__} runs a single time step; scoring takes sequence "
-                    f"models: use fastrnn.{type(m).__name__[:-4]} (the same weights: "
-                    f"weight_ih_l0 = cell.weight_ih, ...)")
+                    f"models: use a layer (fastrnn.LSTM, GRU, RNN, or fastrnn.quantize of "
+                    f"one) with the cell's weights (weight_ih_l0 = cell.weight_ih, ...)")
         params = model.parameters()
         self.dtype = np.dtype(params[0].dtype) if params else np.dtype(np.float32)
         first = self.steps[0][1]

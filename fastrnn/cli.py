@@ -88,15 +88,16 @@ def _same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _given_on_resume(parser, args):
-    """Training settings given (not their defaults) with --resume: the checkpoint's
-    replace them."""
+def _given_on_resume(args):
+    """Training settings given with --resume, on the command line or in a --config
+    file (values other than the built-in defaults): the checkpoint's replace them."""
     import dataclasses
 
     from fastrnn.train import TrainConfig
+    d = TrainConfig()
     return [f.name for f in dataclasses.fields(TrainConfig)
             if f.name not in RESUME_OVERRIDES and hasattr(args, f.name)
-            and getattr(args, f.name) != parser.get_default(f.name)]
+            and getattr(args, f.name) != getattr(d, f.name)]
 
 
 def _weight_fraction(s):
@@ -263,8 +264,7 @@ def cmd_train(args, out):
     name = os.path.basename(path)
     _check_outputs(args, path)
     if args.resume:
-        parser = getattr(args, "_parser", None) or build_parser()._train_parser
-        given = _given_on_resume(parser, args)
+        given = _given_on_resume(args)
         overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
                          max_steps=args.max_steps, threads=args.threads)
         if args.eval_every is not None:   # given: else the checkpoint's stays
@@ -461,7 +461,6 @@ def main(argv=None):
         except ConfigFileError as e:
             print(f"fastrnn train: error: {e}", file=sys.stderr)
             return 2
-    args._parser = parser._train_parser   # its defaults tell which options were given
     if args.command == "train" and args.print_config:
         print(config_to_toml(parser._train_parser, args), file=out, end="")
         return 0

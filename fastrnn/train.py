@@ -186,6 +186,9 @@ def _text_digest(text):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+LAYER_OVERHEAD_BYTES = 8192
+
+
 def _check_model_fits(cfg, V):
     """Refuse sizes whose parameters, gradients and optimiser state (four values a
     parameter) would not fit in this machine's memory, before building any of it: a
@@ -194,16 +197,21 @@ def _check_model_fits(cfg, V):
     G = {"lstm": 4, "gru": 3}.get(cfg.cell, 1)
     E, H, L = cfg.embed, cfg.hidden, cfg.layers
     n = V * E + G * H * (E + H + 2) + (L - 1) * G * H * (2 * H + 2) + V * (H + 1)
-    need = 4 * n * np.dtype(cfg.dtype).itemsize
+    # + each layer's Python objects and arrays (about 5 KB measured at H=2): many
+    # thin layers take far more than their values
+    need = 4 * n * np.dtype(cfg.dtype).itemsize + L * LAYER_OVERHEAD_BYTES
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):   # not POSIX: let allocation decide
         return
+    if have <= 0:   # sysconf could not tell
+        return
     if need > have:
-        raise ValueError(f"the model would have {n:,} parameters ({need / 2**30:,.1f} GiB with "
-                         f"gradients and optimiser state), more than this machine's "
+        raise ValueError(f"the model would have {n:,} parameters in {L:,} layers "
+                         f"({need / 2**30:,.1f} GiB with gradients, optimiser state and the "
+                         f"layers' own objects), more than this machine's "
                          f"{have / 2**30:,.1f} GiB of memory; use a smaller --hidden, --embed "
-                         f"or --layers")
+                         f"or --layers (or a smaller vocabulary: {V:,} tokens)")
 
 
 class Trainer:

@@ -200,12 +200,9 @@ def test_time_interleaved_counts_the_gaps_and_keeps_three_rounds():
     one (session 25's audit: the last rows of a grid had 1-2 repetitions)."""
     from fastrnn.benchmark import timing
     engines = [_CountingEngine("a"), _CountingEngine("b")]
-    t0 = time.perf_counter()
     out = timing.time_interleaved(engines, budget=0.25, warmup=1, min_sample=0.001,
                                   quiet_gap=0.05)
-    elapsed = time.perf_counter() - t0
     assert out["a"][1] == out["b"][1] == 3      # 2 rounds fit; the floor is 3 (was 15)
-    assert elapsed < 0.7                        # 15 rounds of 2 gaps: 1.5 s
     late = timing.time_interleaved(engines, budget=0.0, warmup=1, min_sample=0.001,
                                    quiet_gap=0.0)
     assert late["a"][1] == 3                    # out of budget: still a median of 3

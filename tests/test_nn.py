@@ -405,3 +405,26 @@ def test_dropout_refuses_integer_input_and_loss_message():
         crit.backward()                                    # said 'called before forward'
     with pytest.raises(ValueError, match=r"C >= 1 classes, got \(3, 0\)"):
         nn.CrossEntropyLoss()(np.zeros((3, 0)), np.zeros(3, int))
+
+
+def test_sequential_slice_append_and_blocks_holding_a_child_twice():
+    a, b, c, d = (nn.Linear(3, 3, rng=k) for k in range(4))
+    t = nn.Sequential(a, b, c)[1:]                       # names '1', '2' kept
+    t.append(d)                                         # replaced '2' (c) silently
+    assert [n for n, _ in t.named_children()] == ["1", "2", "3"] and list(t) == [b, c, d]
+
+    class Block(Module):                                # one child under two names,
+        def __init__(self):                             # called once: not a repeat
+            super().__init__()
+            self.lin = nn.Linear(3, 3, rng=5)
+            self.alias = self.lin
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def backward(self, dout):
+            return self.lin.backward(dout)
+
+    s = nn.Sequential(Block(), nn.Linear(3, 2, rng=6))
+    y = s(np.ones((2, 3), np.float32))
+    assert s.backward(np.ones_like(y)).shape == (2, 3)

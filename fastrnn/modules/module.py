@@ -287,7 +287,7 @@ class Module:
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
 
-    def named_parameters(self, prefix="", remove_duplicate=True):
+    def named_parameters(self, prefix="", *, remove_duplicate=True):
         """(name, Parameter) pairs, this module's first, then its children's. A
         parameter shared by two places (tied weights) comes once, under its first
         name, as in torch, so an optimiser steps it once; remove_duplicate=False

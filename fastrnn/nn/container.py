@@ -10,19 +10,21 @@ __all__ = ["Sequential", "ModuleList"]
 def _check_no_repeats(root):
     """One module object twice in a training-mode chain would keep only its second
     forward's cache, and its first call's weight gradient would come out wrong
-    (found by an audit): refuse it before anything runs."""
+    (found by an audit): refuse it before anything runs. The chain is what the
+    Sequential calls: its children, and the children of nested Sequentials (a
+    block of the user's may hold one child under two names and call it once)."""
     seen = set()
     stack = [root]
     while stack:
-        m = stack.pop()
-        for name, child in m.named_children():
+        for name, child in stack.pop().named_children():
             if id(child) in seen:
                 raise ValueError(
                     f"Sequential: module {name!r} ({type(child).__name__}) appears twice in "
                     f"a training-mode chain; each module keeps one forward's cache for its "
                     f"backward, so use two modules (they may share Parameters)")
             seen.add(id(child))
-            stack.append(child)
+            if isinstance(child, Sequential):
+                stack.append(child)
 
 
 class ModuleList(Module):
@@ -37,7 +39,10 @@ class ModuleList(Module):
     def append(self, module):
         if not isinstance(module, Module):
             raise TypeError(f"{type(self).__name__} holds Modules, got {type(module).__name__}")
-        setattr(self, str(len(self._modules)), module)
+        k = len(self._modules)
+        while str(k) in self._modules:   # a slice keeps its names: never replace one
+            k += 1
+        setattr(self, str(k), module)
         return self
 
     def __len__(self):

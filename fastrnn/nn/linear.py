@@ -42,6 +42,11 @@ class Linear(Module):
         w = self.weight.data
         bias = None if self.bias is None else self.bias.data
         shape = (self.out_features, self.in_features)
+        if (type(w) is np.ndarray and w.shape == shape and w.dtype in FLOAT_DTYPES
+                and w.flags.c_contiguous and (bias is None or (
+                    type(bias) is np.ndarray and bias.shape == shape[:1]
+                    and bias.dtype == w.dtype and bias.flags.c_contiguous))):
+            return w, bias   # the usual case, in a few attribute reads (a decoder per token)
         for name, a, want in (("weight", w, shape), ("bias", bias, shape[:1])):
             if a is None:
                 continue
@@ -63,8 +68,8 @@ class Linear(Module):
             raise ValueError(f"Linear expects last dim {self.in_features}, got shape {x.shape}")
         w, bias = self._checked_parameters()
         if x.dtype != w.dtype:   # never a silent cast, as the recurrent layers
-            raise TypeError(f"x: expected dtype {w.dtype} (the module's dtype), got {x.dtype}; "
-                            f"convert with .astype(np.{w.dtype})")
+            raise TypeError(f"Linear: x: expected dtype {w.dtype} (the module's dtype), got "
+                            f"{x.dtype}; convert with .astype(np.{w.dtype})")
         x = np.ascontiguousarray(x)
         self._x = x if self.training else None   # what backward needs (eval: nothing)
         x2 = x.reshape(-1, self.in_features)
