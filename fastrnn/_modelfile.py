@@ -6,12 +6,13 @@ Two layouts, both NumPy ``.npz`` archives read with ``allow_pickle=False``
 * a module `fastrnn.save` knows (RNN, LSTM, GRU, the cells, anything added
   with `fastrnn.io.register`): exactly the bytes of `fastrnn.save`, read back
   with `fastrnn.load`;
-* a composite that `fastrnn.save` does not know yet (`Sequential`,
-  `ModuleList`, `RNNLanguageModel`, `Linear`, `Embedding`, `Dropout`, and
-  any nesting of these with the above): the same kind of archive with a
-  ``"__fastrnn_tree__"`` JSON header describing the module tree (class and
-  constructor arguments of every leaf, names of every child) and one array
-  per entry of ``state_dict()``.
+* a composite (`Sequential`, `ModuleList`, `RNNLanguageModel`, `Recurrent`,
+  `Linear`, `Embedding`, `Dropout`, `LockedDropout`, and any nesting of these
+  with the above): the same kind of archive with a ``"__fastrnn_tree__"`` JSON
+  header describing the module tree (class and constructor arguments of every
+  leaf, names of every child, the training mode) and one array per entry of
+  ``state_dict()``. `fastrnn.save` writes this layout for a composite, and
+  `fastrnn.load` reads it back in the mode it was saved in.
 
 A fastrnn language-model checkpoint (``fastrnn train --save``) is accepted
 by `load_model` too (its model is rebuilt).
@@ -33,7 +34,8 @@ from fastrnn import io as fio
 from fastrnn._atomic import replacing
 from fastrnn.lm import RNNLanguageModel
 from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
-from fastrnn.nn import Dropout, Embedding, Linear, ModuleList, Sequential
+from fastrnn.nn import Dropout, Embedding, Linear, LockedDropout, ModuleList, Sequential
+from fastrnn.wrappers import Recurrent
 
 __all__ = ["to_bytes", "from_bytes", "save_model", "load_model", "digest"]
 
@@ -50,7 +52,10 @@ _LEAVES = {
                                             padding_idx=m.padding_idx,
                                             dtype=m.weight.dtype.name)),
     "Dropout": (Dropout, lambda m: dict(p=m.p)),
+    "LockedDropout": (LockedDropout, lambda m: dict(p=m.p)),
 }
+# a wrapper: its one child ("rnn") and its own settings
+_RECURRENT_CONFIG = ("return_sequences", "return_state", "go_backwards")
 _CONTAINERS = {"Sequential": Sequential, "ModuleList": ModuleList}
 
 
@@ -64,7 +69,7 @@ def _saveable(module):
 
 
 def to_bytes(module):
-    """The module (class, configuration, parameters) as bytes."""
+    """The module (class, configuration, parameters, training mode) as bytes."""
     if not isinstance(module, Module):
         raise TypeError(f"expected a fastrnn Module, got {type(module).__name__}")
     if _saveable(module):
@@ -75,7 +80,8 @@ def to_bytes(module):
                 return f.read()
     tree = _describe(module, "")
     arrays = {TREE_KEY: np.array([json.dumps(dict(format=TREE_FORMAT, version=TREE_VERSION,
-                                                  tree=tree))])}
+                                                  tree=tree,
+                                                  training=bool(module.training)))])}
     arrays.update(module.state_dict())
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -92,7 +98,10 @@ def _describe(module, where):
         return {"class": name,
                 "children": [[k, _describe(m, f"{where}.{k}" if where else k)]
                              for k, m in module.named_children()]}
-    known = sorted(set(fio._REGISTRY) | set(_LEAVES) | set(_CONTAINERS))
+    if type(module) is Recurrent:
+        return {"class": name, "config": {k: getattr(module, k) for k in _RECURRENT_CONFIG},
+                "children": [["rnn", _describe(module.rnn, f"{where}.rnn" if where else "rnn")]]}
+    known = sorted(set(fio._REGISTRY) | set(_LEAVES) | set(_CONTAINERS) | {"Recurrent"})
     at = f" (at {where!r})" if where else ""
     raise ValueError(f"cannot serialise {name}{at}: known classes are {', '.join(known)}; "
                      f"register a class with a config() method with fastrnn.io.register")
@@ -102,6 +111,14 @@ def _build(node):
     if not isinstance(node, dict) or "class" not in node:
         raise ValueError(f"bad tree node {node!r}")
     name = node["class"]
+    if name == "Recurrent":
+        children = node.get("children")
+        config = node.get("config") or {}
+        if (not isinstance(children, list) or len(children) != 1 or children[0][0] != "rnn"
+                or not isinstance(config, dict) or set(config) - set(_RECURRENT_CONFIG)
+                or not all(isinstance(v, bool) for v in config.values())):
+            raise ValueError(f"bad Recurrent node {node!r}")
+        return Recurrent(_build(children[0][1]), **config)
     if "children" in node:
         cls = _CONTAINERS.get(name)
         if cls is None:
@@ -125,8 +142,9 @@ def _build(node):
     return cls(**config)
 
 
-def from_bytes(data, what="model bytes"):
-    """Rebuild a module from `to_bytes` output (in eval mode). ValueError if invalid."""
+def from_bytes(data, what="model bytes", keep_mode=False):
+    """Rebuild a module from `to_bytes` output: in eval mode (what scoring runs), or
+    with keep_mode in the mode it was saved in (fastrnn.load). ValueError if invalid."""
     data = bytes(data)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -147,7 +165,8 @@ def from_bytes(data, what="model bytes"):
             with open(path, "wb") as f:
                 f.write(data)
             try:
-                return fio.load(path).eval()
+                m = fio.load(path)
+                return m if keep_mode else m.eval()
             except ValueError as e:
                 raise ValueError(str(e).replace(repr(path), what)) from None
     try:
@@ -178,7 +197,10 @@ def from_bytes(data, what="model bytes"):
         module.load_state_dict(arrays)
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from None
-    return module.eval()
+    training = meta.get("training", False)
+    if not keep_mode or not isinstance(training, bool):
+        training = False
+    return module.train(training)
 
 
 def _from_checkpoint(data, what):

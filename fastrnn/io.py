@@ -62,8 +62,7 @@ def save(path, module):
         return safetensors_io.save(path, module)
     name = type(module).__name__
     if _REGISTRY.get(name) is not type(module):
-        raise ValueError(f"save: {name} is not a saveable class; known: "
-                         f"{', '.join(sorted(_REGISTRY))} (see fastrnn.io.register)")
+        return _save_tree(path, module)
     header = dict(format=FORMAT, version=VERSION, **{"class": name},
                   config=module.config(), training=bool(module.training))
     try:
@@ -76,6 +75,19 @@ def save(path, module):
     with replacing(path) as tmp:                      # never leave a half-written file
         with open(tmp, "wb") as f:                    # a file object: numpy keeps the name
             np.savez(f, **arrays)
+
+
+def _save_tree(path, module):
+    """A composite (Sequential, ModuleList, RNNLanguageModel, Recurrent, Linear,
+    Embedding, dropouts, nested with the registered classes) as a module-tree archive
+    (fastrnn._modelfile): what fastrnn.onnx.load and from_keras return beyond one
+    stack could not be saved (found by an audit)."""
+    from fastrnn import _modelfile
+    try:
+        _modelfile.to_bytes(module)   # describable? (ValueError naming the class if not)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"save: {type(module).__name__} is not a saveable class: {e}") from None
+    _modelfile.save_model(path, module)
 
 
 def budget_for(stored):
@@ -98,6 +110,12 @@ def load(path):
         from fastrnn import safetensors_io
         return safetensors_io.load(path)
     _check_zip(path)
+    with zipfile.ZipFile(path) as zf:
+        tree = "__fastrnn_tree__.npy" in zf.namelist()
+    if tree:   # a composite written by _save_tree
+        from fastrnn import _modelfile
+        with open(path, "rb") as f:
+            return _modelfile.from_bytes(f.read(), what=repr(path), keep_mode=True)
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}

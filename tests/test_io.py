@@ -306,3 +306,25 @@ def test_torch_missing_gives_clear_import_error(monkeypatch):
         fastrnn.to_torch(fastrnn.GRU(2, 3))
     with pytest.raises(ImportError, match="need PyTorch"):
         fastrnn.from_torch(None)
+
+
+def test_composites_save_and_load(tmp_path):
+    """fastrnn.save refused a Sequential or a language model, which is what
+    fastrnn.onnx.load and from_keras return beyond one stack (interop audit)."""
+    from fastrnn.wrappers import Recurrent
+    seq = fastrnn.nn.Sequential(fastrnn.nn.Embedding(20, 6, rng=0),
+                                Recurrent(fastrnn.LSTM(6, 8, seed=1), return_sequences=False),
+                                fastrnn.nn.Dropout(0.3), fastrnn.nn.Linear(8, 5, rng=2)).eval()
+    path = str(tmp_path / "seq.npz")
+    fastrnn.save(path, seq)
+    back = fastrnn.load(path)
+    ids = np.array([[1, 2], [3, 4], [5, 6]])
+    assert type(back) is fastrnn.nn.Sequential and not back.training
+    assert back[1].return_sequences is False
+    np.testing.assert_array_equal(back(ids), seq(ids))
+    lm = fastrnn.RNNLanguageModel(30, 8, 12, num_layers=2, cell="gru", seed=0)   # training
+    fastrnn.save(str(tmp_path / "lm.npz"), lm)
+    lm2 = fastrnn.load(str(tmp_path / "lm.npz"))
+    assert type(lm2) is fastrnn.RNNLanguageModel and lm2.training
+    x = np.array([[1, 2, 3]]).T
+    np.testing.assert_array_equal(lm2.eval()(x)[0], lm.eval()(x)[0])
