@@ -83,11 +83,10 @@ def _save_tree(path, module):
     (fastrnn._modelfile): what fastrnn.onnx.load and from_keras return beyond one
     stack could not be saved (found by an audit)."""
     from fastrnn import _modelfile
-    try:
-        _modelfile.to_bytes(module)   # describable? (ValueError naming the class if not)
+    try:   # a class it cannot describe: ValueError naming it, before any file is made
+        _modelfile.save_model(path, module)
     except (ValueError, TypeError) as e:
         raise ValueError(f"save: {type(module).__name__} is not a saveable class: {e}") from None
-    _modelfile.save_model(path, module)
 
 
 def budget_for(stored):
@@ -109,10 +108,7 @@ def load(path):
     if path.endswith(".safetensors"):
         from fastrnn import safetensors_io
         return safetensors_io.load(path)
-    _check_zip(path)
-    with zipfile.ZipFile(path) as zf:
-        tree = "__fastrnn_tree__.npy" in zf.namelist()
-    if tree:   # a composite written by _save_tree
+    if "__fastrnn_tree__.npy" in _check_zip(path):   # a composite written by _save_tree
         from fastrnn import _modelfile
         with open(path, "rb") as f:
             return _modelfile.from_bytes(f.read(), what=repr(path), keep_mode=True)
@@ -139,7 +135,8 @@ def load_weights(path):
 
 
 def _check_zip(path):
-    """Is `path` a readable zip whose members all pass their CRC-32 check?"""
+    """Is `path` a readable zip whose members all pass their CRC-32 check? Returns
+    its member names."""
     try:
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()  # reads every member: catches flipped bits in the data too
@@ -158,6 +155,7 @@ def _check_zip(path):
     problem = members_problem(names)
     if problem:
         raise _fail(path, problem)
+    return names
 
 
 def members_problem(names):

@@ -107,7 +107,8 @@ class _CellBase(Module):
     def _biases(self):
         return (None, None) if self.bias_ih is None else (self.bias_ih.data, self.bias_hh.data)
 
-    # -- one step of a cell with one state (RNN, GRU; the LSTM has its own) --------
+    # -- one step: the cells differ in _check_hx and _step_forward (the LSTM's two
+    # states) and in backward's arguments --------------------------------------
     def forward(self, input, hx=None):
         if not self.training:
             fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
@@ -115,19 +116,29 @@ class _CellBase(Module):
                 return fast
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
-        h = self._check_state("hx", hx, B, batched)                        # (B, H) or None
-        h1, cache = self._step_forward(x3, h)                              # h1 (B, H)
+        state = self._check_hx(hx, B, batched)
+        out, cache = self._step_forward(x3, state)   # h1 (B, H), or the LSTM's (h1, c1)
         self._push(cache, batched, B)
-        return h1 if batched else h1[0]
+        if batched:
+            return out
+        return tuple(o[0] for o in out) if type(out) is tuple else out[0]
+
+    def _check_hx(self, hx, B, batched):
+        """The state argument: h (B, H) or None."""
+        return self._check_state("hx", hx, B, batched)
+
+    def _pop(self):
+        """Drop the step backward has just checked its arguments against."""
+        self._stack.pop()
+        if not self._stack:
+            self._set_train_owner(False)
 
     @training_call
     def backward(self, dh):
         """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
         cache, batched, B = self._top()
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
-        self._stack.pop()
-        if not self._stack:
-            self._set_train_owner(False)
+        self._pop()
         dx, dh0, grads = self._step_backward(dh[None], cache)             # dx (1, B, I)
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
@@ -248,23 +259,20 @@ class LSTMCell(_CellBase):
 
     _gates = 4
 
-    def forward(self, input, hx=None):
-        if not self.training:
-            fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
-            if fast is not None:
-                return fast
-        x3, batched = self._check_x(input)                                 # (1, B, I)
-        B = x3.shape[1]
-        h = c = None
-        if hx is not None:
-            if type(hx) is not tuple and type(hx) is not list or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
-            h = self._check_state("hx[0]", hx[0], B, batched)             # (B, H)
-            c = self._check_state("hx[1]", hx[1], B, batched)             # (B, H)
-        _, h1, c1, cache = F.lstm_forward(x3, h, c, self.weight_ih.data, self.weight_hh.data,
+    def _check_hx(self, hx, B, batched):
+        """The state argument: (h, c), each (B, H), or None."""
+        if hx is None:
+            return None, None
+        if type(hx) is not tuple and type(hx) is not list or len(hx) != 2:
+            raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
+        return (self._check_state("hx[0]", hx[0], B, batched),             # (B, H)
+                self._check_state("hx[1]", hx[1], B, batched))             # (B, H)
+
+    def _step_forward(self, x3, state):
+        """((h1, c1), cache) of one step: x3 (1, B, I), state (h, c), each (B, H) or None."""
+        _, h1, c1, cache = F.lstm_forward(x3, *state, self.weight_ih.data, self.weight_hh.data,
                                           *self._biases(), training=self.training)
-        self._push(cache, batched, B)
-        return (h1, c1) if batched else (h1[0], c1[0])
+        return (h1, c1), cache
 
     @training_call
     def backward(self, dh, dc=None):
@@ -280,9 +288,7 @@ class LSTMCell(_CellBase):
             dh = np.zeros((B, self.hidden_size) if batched else self.hidden_size, self.dtype)
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         dc = self._check_state("dc", dc, B, batched)                      # (B, H) or None
-        self._stack.pop()
-        if not self._stack:
-            self._set_train_owner(False)
+        self._pop()
         dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache,  # dx (1, B, I)
                                                *self._grad_targets())
         self._accumulate(*grads)
