@@ -91,7 +91,7 @@ class _Plan:
             pack_ih, pack_hh = F.pack_flags(T, B, hh_size)
             threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
             units_ok = F.splits_units(T, B, pack_hh)
-            s = (pack_ih, pack_hh, threaded, units_ok, F.rows_upto(B, hh_size))
+            s = (pack_ih, pack_hh, threaded, units_ok, F.rows_upto(B, hh_size, self.dtype.itemsize))
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()
             self.scheds[(T, B)] = s

@@ -45,13 +45,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _buffers, _ids_input, _precision, _recurrent
+from fastrnn import _buffers, _cpu_cache, _ids_input, _precision, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
            "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward"]
+
+_recurrent._set_l2_bytes(_cpu_cache.l2_bytes())   # the unit split's block size (_recurrent.pyx)
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel) ...
 PACK_SMALL_MIN_ROWS = 32           # ... unless T*B reaches this
@@ -185,7 +187,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     by_units = (n > 1 and splits_units(T, B, pack_hh)
-                and (training or n > rows_upto(B, args[10].size))
+                and (training or n > rows_upto(B, args[10].size, args[10].itemsize))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
@@ -304,22 +306,37 @@ def splits_units(T, B, pack_hh):
     return B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
 
 
-def rows_upto(B, hh_size):
+def rows_upto(B, hh_size, itemsize):
     """The most threads whose team splits B rows, at inference, even where
-    splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows, and
-    W_hh (hh_size values) is at most PACK_SMALL_MAX_WEIGHTS. Each thread then reads
-    all of W_hh every step, from the shared L3 (4 MB at LSTM H=512), with no barrier
-    after each step. Training keeps the unit split as before: at B=8 its backward
-    splits hidden units too (BACKWARD_UNITS_MAX_BATCH), and rows in the forward made
-    the LSTM I=H=512 T=50 B=8 training step slower (five alternating process pairs:
+    splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows,
+    W_hh (hh_size values of itemsize bytes) has at most PACK_SMALL_MAX_WEIGHTS
+    values, and splitting the hidden units would not keep each thread's slice of
+    W_hh in its own L2 while all of W_hh does not fit there (_cpu_cache). Each thread of a row split reads
+    all of W_hh every step, from the shared L3, with no barrier after each step.
+
+    Training keeps the unit split as before: at B=8 its backward splits hidden
+    units too (BACKWARD_UNITS_MAX_BATCH), and rows in the forward made the LSTM
+    I=H=512 T=50 B=8 training step slower (Zen 4, five alternating process pairs:
     units 29.75-29.82 ms, rows 30.09-30.22); B=9-24 in training was not measured.
-    Eval, 2-core Zen 4 EPYC (AVX-512), medians of 4 interleaved rounds, units -> rows,
-    ms: I=H=512 T=50 B=8 LSTM 8.30 -> 7.89, GRU 6.62 -> 6.00, RNN 2.01 -> 1.92; LSTM
-    I=H=256 T=100 B=8 4.08 -> 4.01; LSTM I=H=512 B=12 11.94 -> 11.88. Larger W_hh
-    lose: LSTM I=H=1024 T=25 B=8 17.3 -> 19.8, GRU 12.4 -> 13.1 (LSTM H=768, 9.4 MB:
-    even); and fewer rows a thread lose (LSTM H=512 B=6: 6.21 -> 6.64). float64 LSTM
-    I=H=512 B=8 (8 MB of W_hh) gains too: 17.1-17.2 -> 16.1-16.3."""
-    return B // ROWS_MIN_PER_THREAD if hh_size <= PACK_SMALL_MAX_WEIGHTS else 0
+    Eval, 2-core Zen 4 EPYC (AVX-512, 1 MB L2), medians of 4 interleaved rounds,
+    units -> rows, ms: I=H=512 T=50 B=8 LSTM 8.30 -> 7.89, GRU 6.62 -> 6.00, RNN
+    2.01 -> 1.92; LSTM I=H=256 T=100 B=8 4.08 -> 4.01; LSTM I=H=512 B=12 11.94 ->
+    11.88. Larger W_hh lose: LSTM I=H=1024 T=25 B=8 17.3 -> 19.8, GRU 12.4 -> 13.1
+    (LSTM H=768, 9.4 MB: even); and fewer rows a thread lose (LSTM H=512 B=6:
+    6.21 -> 6.64). float64 LSTM I=H=512 B=8 (8 MB of W_hh) gains too: 17.1-17.2
+    -> 16.1-16.3. On a 2-core Xeon with AVX-512 and 2 MB of L2 per core (KVM
+    guest, family 6 model 167; medians of 30 calls, T=50, rows -> units, ms), where
+    the 2 MB halves of a 4 MB W_hh fit: LSTM I=H=512 B=8 9.81 -> 6.13, B=12 10.49
+    -> 8.34, B=16 12.84 -> 11.09; GRU (3 MB) B=8 6.86 -> 4.22; RNN (1 MB, all of
+    it fits) B=8 1.40 -> 1.51, so rows stay there."""
+    if hh_size > PACK_SMALL_MAX_WEIGHTS:
+        return 0
+    most = B // ROWS_MIN_PER_THREAD
+    hh_bytes, l2 = hh_size * itemsize, _cpu_cache.l2_bytes()
+    if l2 > 0 and hh_bytes > l2:
+        # n threads' slices fit from n >= hh_bytes / l2 on: rows only below that
+        most = min(most, -(-hh_bytes // l2) - 1)
+    return most
 
 
 def use_team(flop, T, B, pack_hh):

@@ -37,7 +37,8 @@ from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_ser
                           find_packed, keep_packed, packed_buffer)
 from _plan cimport Plan
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, panel_width
-from _schedule cimport (steps_per_block, time_index, n_active, pack_matrix, unit_start, task_rows,
+from _schedule cimport (BLOCK_VALUES, steps_per_block, time_index, n_active, pack_matrix,
+                        unit_start, task_rows,
                         gate_slices, gate_panels, pack_gate_panel, slice_offset,
                         fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
                         scratch_release)
@@ -143,7 +144,9 @@ cdef void forward_thread(
     cdef const floating *bias_h = <const floating *> p.bias_h
     cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = G * (j1 - j0)
     cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
-    cdef Py_ssize_t tb = steps_per_block(nrows, GK, maxlen)
+    cdef Py_ssize_t tb = steps_per_block(nrows, GK, maxlen, BLOCK_VALUES if hk == H else
+                                         max(<Py_ssize_t> BLOCK_VALUES,
+                                             units_block_bytes // <Py_ssize_t> sizeof(floating)))
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place
@@ -931,6 +934,29 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
     return not short_team
+
+
+# Bytes of a_t one input-projection GEMM writes ahead, per thread, when threads
+# split the hidden units (small batches): a quarter of a core's L2, at least
+# BLOCK_VALUES values (_set_l2_bytes; that floor until it is called). Each block
+# streams the thread's slice of W_ih through L2, evicting its slice of W_hh, so
+# small batches, whose blocks are few rows, want more steps per block than
+# BLOCK_VALUES gives. 2-core Xeon KVM guest (AVX-512, 2 MB L2 per core), eval,
+# T=50 unless said, medians of 60 calls in two rounds, 128 KB -> 512 KB blocks,
+# ms: LSTM I=H=512 B=2 2.85-2.86 -> 2.67-2.72, B=4 3.75-3.93 -> 3.48-3.76, B=8
+# 6.02-6.22 -> 5.67-5.79; GRU I=H=512 B=2 1.75-1.84 -> 1.65-1.67; I=H=1024 T=25
+# B=16 19.3-19.5 -> 17.2-17.3. 1 MB blocks were no better. The row split (a
+# thread owns every unit) keeps BLOCK_VALUES: the same change there read LSTM
+# (256, 256, 100, 64) 20.5-20.9 -> 20.2-20.6 ms and RNN 5.0-5.1 -> 5.1-5.3.
+# Zen 4 (1 MB L2) gets 256 KB blocks: 512 KB ones measured within noise there at
+# B=2, 4 and 8 (docs/results-history.md, session 18).
+cdef Py_ssize_t units_block_bytes = 0
+
+
+def _set_l2_bytes(Py_ssize_t l2):
+    """Size the unit split's input-projection blocks for a core's L2 of l2 bytes (0: unknown)."""
+    global units_block_bytes
+    units_block_bytes = l2 // 4 if l2 > 0 else 0
 
 
 def _set_isa(int level):

@@ -28,11 +28,13 @@ cdef enum:
     BLOCK_VALUES = 32768   # ... and values of a_t it writes (128 KB float32, 256 KB float64)
 
 
-cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK,
-                                       Py_ssize_t maxlen) noexcept nogil:
+cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK, Py_ssize_t maxlen,
+                                       Py_ssize_t block_values) noexcept nogil:
     """Time steps whose input projection one GEMM computes ahead of the recurrence,
     for a thread with nrows rows and GK gate columns: at most BLOCK_ROWS rows and
-    BLOCK_VALUES values of a_t, at least one step, at most maxlen.
+    block_values values of a_t (BLOCK_VALUES when the thread owns every hidden
+    unit; see units_block_values in _recurrent.pyx for the unit split), at
+    least one step, at most maxlen.
 
     The recurrence adds h W_hh^T into those a_t rows steps later, so they should
     still be near in cache then; W_hh streams through L2 in between. 256 rows
@@ -43,7 +45,7 @@ cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK,
     51.2-51.8 in float64; the RNN, training and small batches within noise."""
     cdef Py_ssize_t n = nrows if nrows > 0 else 1
     cdef Py_ssize_t g = GK if GK > 0 else 1
-    cdef Py_ssize_t tb = min((BLOCK_ROWS + n - 1) // n, BLOCK_VALUES // (n * g))
+    cdef Py_ssize_t tb = min((BLOCK_ROWS + n - 1) // n, block_values // (n * g))
     return max(1, min(tb, maxlen))
 
 

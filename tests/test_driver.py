@@ -231,10 +231,24 @@ def test_team_only_where_each_step_repays_its_barrier():
     assert not F.use_team(lstm_step(64, 64, 1), 1, 1, False)              # 66k
 
 
-def test_rows_not_units_once_every_thread_has_four_and_w_hh_is_small():
+def test_rows_not_units_once_every_thread_has_four_and_w_hh_is_small(monkeypatch):
+    monkeypatch.setattr(F._cpu_cache, "_l2", 0)        # the L2 size unknown
     small, large = 4 * 512 * 512, 4 * 1024 * 1024      # W_hh values: LSTM H=512, 1024
-    assert F.rows_upto(8, small) == 2 and F.rows_upto(7, small) == 1
-    assert F.rows_upto(64, small) == 16 and F.rows_upto(8, large) == 0
+    assert F.rows_upto(8, small, 4) == 2 and F.rows_upto(7, small, 4) == 1
+    assert F.rows_upto(64, small, 4) == 16 and F.rows_upto(8, large, 4) == 0
+    assert F.rows_upto(8, small, 8) == 2                # float64: the same values
+
+
+@pytest.mark.parametrize("l2,rows", [(1 << 20, 2), (2 << 20, 1), (4 << 20, 2)])
+def test_units_where_their_slices_fit_l2_and_w_hh_does_not(l2, rows, monkeypatch):
+    """LSTM H=512 float32 (4 MB of W_hh): with 1 MB of L2 (Zen 4) rows for 2
+    threads; with 2 MB (a Xeon) two threads' 2 MB slices fit and units win; with
+    4 MB all of W_hh fits and rows do again."""
+    monkeypatch.setattr(F._cpu_cache, "_l2", l2)
+    assert F.rows_upto(8, 4 * 512 * 512, 4) == rows
+    assert F.rows_upto(64, 4 * 512 * 512, 4) == {1 << 20: 3, 2 << 20: 1, 4 << 20: 16}[l2]
+    assert F.rows_upto(8, 3 * 512 * 512, 4) == (1 if l2 == 2 << 20 else 2)   # GRU, 3 MB
+    assert F.rows_upto(8, 512 * 512, 4) == 2                                 # RNN, 1 MB
 
 
 @pytest.mark.parametrize("B,units", [(6, True), (8, False)])
