@@ -103,6 +103,10 @@ def config():
         "quantized_bf16_auto": "dynamic" if quantization.bf16_auto_is_dynamic() else "weight_only",
         "matmul_precision": _precision.get_float32_matmul_precision(),
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
+        # the bf16 GEMMs' instructions at this ISA: AMX tiles, vdpbf16ps, or widened to float32
+        "bf16_gemm": ("amx_bf16" if _recurrent._amx_bf16() else
+                      "avx512_bf16" if _isa.get_isa() == "avx512"
+                      and quantization.isa() == "avx512_bf16" else "widened"),
         "pack_cache": _recurrent._pack_cache_enabled(),
         "eval_pool_workers": _recurrent.pool_stats()["workers"],
         "openmp_spin_window_ms": _openmp_spin_window_ms(),
@@ -128,7 +132,7 @@ def show_config():
     print(f"  quantised ISA:      {cfg['quantized_isa']} (bfloat16 mode 'auto' runs "
           f"{cfg['quantized_bf16_auto']})")
     print(f"  matmul precision:   {cfg['matmul_precision']} ('medium' runs "
-          f"{cfg['medium_runs']} products here)")
+          f"{cfg['medium_runs']} products here; bf16 GEMMs: {cfg['bf16_gemm']})")
     kept = ("kept between eval calls" if cfg["pack_cache"]
             else "packed per call (FASTRNN_PACK_CACHE=0)")
     print(f"  packed weights:     {kept}")

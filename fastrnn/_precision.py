@@ -56,11 +56,12 @@ def scoped(precision):
 def medium_runs_bf16():
     """Does "medium" run bf16 products on this machine (else it runs float32)?
     True where the float kernels run at ISA avx512 on a CPU whose AVX512-BF16
-    dot product issues at the FMA rate (AMD Zen 4)."""
+    dot product issues at the FMA rate (AMD Zen 4), or with AMX-BF16 tiles (Intel
+    Sapphire Rapids and later: src/amx_bf16.h)."""
     if _force_bf16:
         return True
-    from fastrnn import _isa, _quantized
-    return _isa.get_isa() == "avx512" and _quantized.bf16_dot_pays()
+    from fastrnn import _isa, _quantized, _recurrent
+    return _isa.get_isa() == "avx512" and (_quantized.bf16_dot_pays() or _recurrent._amx_bf16())
 
 
 def bf16_products(dtype):

@@ -15,6 +15,7 @@ DEF BF16_TILE_ROWS = 8   # QG_MR
 
 cdef extern from "bf16_gemm.h" nogil:
     int fastrnn_bf16_level()
+    int fastrnn_bf16_amx()
     size_t fastrnn_bf16_packed_bytes(Py_ssize_t N, Py_ssize_t K)
     Py_ssize_t fastrnn_bf16_panel_values(Py_ssize_t K)
     void fastrnn_bf16_pack(uint16_t *packed, const float *const *rows, Py_ssize_t N,

@@ -27,7 +27,8 @@ from libc.string cimport memcpy, memset
 from cython.parallel cimport prange, parallel, threadid
 
 from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
-                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR)
+                    bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR,
+                    fastrnn_bf16_amx)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient, rows_scatter_add
@@ -996,6 +997,11 @@ def _digest(const unsigned char[::1] data, int n_threads=1):
     with nogil:
         h = weights_digest(&data[0] if n > 0 else NULL, n, n_threads)
     return int(h)
+
+
+def _amx_bf16():
+    """Do the bf16 GEMMs ("medium" precision) run on AMX tiles at this module's ISA?"""
+    return bool(fastrnn_bf16_amx())
 
 
 def _isa_level():

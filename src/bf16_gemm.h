@@ -26,6 +26,7 @@
 #include <string.h>
 #include "isa.h"
 #include "quant_gemm.h"
+#include "amx_bf16.h"
 
 #define FASTRNN_BF16_NR QG_NR   /* output rows per packed panel */
 
@@ -41,17 +42,38 @@ static inline int fastrnn_bf16_level(void)
     return f < c ? f : c;
 }
 
+/* Do the GEMMs run on AMX tiles (amx_bf16.h)? Where the float kernels run at
+ * AVX-512 on a CPU with AVX512-BF16 and AMX-BF16 that this process may use. */
+static inline int fastrnn_bf16_amx(void)
+{
+    return fastrnn_bf16_level() == QG_AVX512_BF16 && fastrnn_amx_usable();
+}
+
+/* K as packed and prepared: a multiple of 4, or of 32 for whole AMX tiles. */
+static inline ptrdiff_t fastrnn_bf16_kp(ptrdiff_t K)
+{
+    return fastrnn_bf16_amx() ? (K + FASTRNN_AMX_K - 1) & ~(ptrdiff_t)(FASTRNN_AMX_K - 1)
+                              : qg_round4(K);
+}
+
+/* Rows `work` holds for M rows of A: AMX reads whole 16-row tiles (zeros past M). */
+static inline ptrdiff_t fastrnn_bf16_rows_kept(ptrdiff_t M)
+{
+    return fastrnn_bf16_amx() ? (M + FASTRNN_AMX_ROWS - 1) & ~(ptrdiff_t)(FASTRNN_AMX_ROWS - 1)
+                              : M;
+}
+
 /* Bytes of the packed copy of an N x K matrix. */
 static inline size_t fastrnn_bf16_packed_bytes(ptrdiff_t N, ptrdiff_t K)
 {
     const size_t panels = (size_t)((N + FASTRNN_BF16_NR - 1) / FASTRNN_BF16_NR);
-    return panels * qg_panel_bytes(QG_BF16, qg_round4(K));
+    return panels * qg_panel_bytes(QG_BF16, fastrnn_bf16_kp(K));
 }
 
 /* uint16 values from one panel to the next. */
 static inline ptrdiff_t fastrnn_bf16_panel_values(ptrdiff_t K)
 {
-    return (ptrdiff_t)(qg_panel_bytes(QG_BF16, qg_round4(K)) / sizeof(uint16_t));
+    return (ptrdiff_t)(qg_panel_bytes(QG_BF16, fastrnn_bf16_kp(K)) / sizeof(uint16_t));
 }
 
 /* float32 bits -> bf16 bits, nearest even, NaN kept quiet: qg_bf16_bits without
@@ -72,12 +94,12 @@ static inline uint32_t fastrnn_bf16_bits_of(float x)
 /* packed := panels [p0, p1) of the N x K matrix whose element (n, k) is rows[n][k],
  * or rows[k][n] when `transposed` (W^T for backward's dh = da W; x^T, h^T for dW).
  * Each 32-bit word of a panel is the pair (k even low, k odd high) of one row. */
-FASTRNN_MULTIVERSION(fastrnn_bf16_pack,
-    (uint16_t *packed, const float *const *rows, ptrdiff_t N, ptrdiff_t K, int transposed,
-     ptrdiff_t p0, ptrdiff_t p1),
-    (packed, rows, N, K, transposed, p0, p1),
+FASTRNN_MULTIVERSION(fastrnn_bf16_pack_kp,
+    (uint16_t *packed, const float *const *rows, ptrdiff_t N, ptrdiff_t K, ptrdiff_t Kp,
+     int transposed, ptrdiff_t p0, ptrdiff_t p1),
+    (packed, rows, N, K, Kp, transposed, p0, p1),
 {
-    const ptrdiff_t Kp = qg_round4(K), NR = FASTRNN_BF16_NR;
+    const ptrdiff_t NR = FASTRNN_BF16_NR;
     for (ptrdiff_t p = p0; p < p1; ++p) {
         uint32_t *P = (uint32_t *)(packed + p * NR * Kp);
         const ptrdiff_t n0 = p * NR, nj = N - n0 < NR ? N - n0 : NR;
@@ -115,17 +137,24 @@ FASTRNN_MULTIVERSION(fastrnn_bf16_pack,
     }
 })
 
+static inline void fastrnn_bf16_pack(uint16_t *packed, const float *const *rows, ptrdiff_t N,
+                                     ptrdiff_t K, int transposed, ptrdiff_t p0, ptrdiff_t p1)
+{
+    fastrnn_bf16_pack_kp(packed, rows, N, K, fastrnn_bf16_kp(K), transposed, p0, p1);
+}
+
 /* Bytes of `work` that the prepare functions need for M rows of K values. */
 static inline size_t fastrnn_bf16_work_bytes(ptrdiff_t M, ptrdiff_t K)
 {
-    return (size_t)M * (sizeof(void *) + qg_row_bytes(qg_round4(K))) + 64;
+    return (size_t)fastrnn_bf16_rows_kept(M) * (sizeof(void *) + qg_row_bytes(fastrnn_bf16_kp(K)))
+        + 64;
 }
 
 /* Where `work` keeps the M row pointers and the rows they point to. */
 static inline const void **fastrnn_bf16_rows_in(void *work, ptrdiff_t M, ptrdiff_t K,
                                                  unsigned char **prep, size_t *rb)
 {
-    *rb = qg_row_bytes(qg_round4(K));
+    *rb = qg_row_bytes(fastrnn_bf16_kp(K));
     *prep = (unsigned char *)work + (((size_t)M * sizeof(void *) + 63) & ~(size_t)63);
     return (const void **)work;
 }
@@ -136,7 +165,7 @@ static const void *const *fastrnn_bf16_prepare_rows(ptrdiff_t M, ptrdiff_t K, co
                                                     void *work)
 {
     const int level = fastrnn_bf16_level(), kind = qg_a_kind(QG_BF16, level, 1);
-    const ptrdiff_t Kp = qg_round4(K);
+    const ptrdiff_t Kp = fastrnn_bf16_kp(K);
     unsigned char *prep;
     size_t rb;
     const void **arow = fastrnn_bf16_rows_in(work, M, K, &prep, &rb);
@@ -145,6 +174,7 @@ static const void *const *fastrnn_bf16_prepare_rows(ptrdiff_t M, ptrdiff_t K, co
         qg_prepare(level, kind, A[i], K, Kp, prep + (size_t)i * rb, &ascale);
         arow[i] = prep + (size_t)i * rb;
     }
+    memset(prep + (size_t)M * rb, 0, (size_t)(fastrnn_bf16_rows_kept(M) - M) * rb);
     return arow;
 }
 
@@ -152,11 +182,10 @@ static const void *const *fastrnn_bf16_prepare_rows(ptrdiff_t M, ptrdiff_t K, co
  * cols[k]: row i of A is cols[k][col0 + i] over k (backward's dW = da^T x reads
  * da by columns). Pairs of k are rounded 16 columns at a time, then scattered. */
 FASTRNN_MULTIVERSION(fastrnn_bf16_cols_pairs,
-    (ptrdiff_t M, ptrdiff_t K, const float *const *cols, ptrdiff_t col0, unsigned char *prep,
-     size_t rb, int as_float),
-    (M, K, cols, col0, prep, rb, as_float),
+    (ptrdiff_t M, ptrdiff_t K, ptrdiff_t Kp, const float *const *cols, ptrdiff_t col0,
+     unsigned char *prep, size_t rb, int as_float),
+    (M, K, Kp, cols, col0, prep, rb, as_float),
 {
-    const ptrdiff_t Kp = qg_round4(K);
     for (ptrdiff_t k = 0; k < Kp; k += 2) {
         const float *lo = k < K ? cols[k] + col0 : NULL;
         const float *hi = k + 1 < K ? cols[k + 1] + col0 : NULL;
@@ -197,8 +226,9 @@ static const void *const *fastrnn_bf16_prepare_cols(ptrdiff_t M, ptrdiff_t K,
     unsigned char *prep;
     size_t rb;
     const void **arow = fastrnn_bf16_rows_in(work, M, K, &prep, &rb);
-    fastrnn_bf16_cols_pairs(M, K, cols, col0, prep, rb, kind == QG_A_BF16F);
+    fastrnn_bf16_cols_pairs(M, K, fastrnn_bf16_kp(K), cols, col0, prep, rb, kind == QG_A_BF16F);
     for (ptrdiff_t i = 0; i < M; ++i) arow[i] = prep + (size_t)i * rb;
+    memset(prep + (size_t)M * rb, 0, (size_t)(fastrnn_bf16_rows_kept(M) - M) * rb);
     return arow;
 }
 
@@ -214,8 +244,16 @@ static void fastrnn_bf16_gemm_prepared(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
                                        float *const *C, float beta)
 {
     const qg_kernel kern = qg_pick(fastrnn_bf16_level(), QG_BF16, 1);
-    const ptrdiff_t Kp = qg_round4(K), NR = FASTRNN_BF16_NR;
+    const ptrdiff_t Kp = fastrnn_bf16_kp(K), NR = FASTRNN_BF16_NR;
     const size_t pb = qg_panel_bytes(QG_BF16, Kp);
+#if FASTRNN_HAVE_AMX
+    if (fastrnn_bf16_amx()) {   /* the rows are prepare_rows / prepare_cols': rb apart */
+        if (M > 0)
+            fastrnn_amx_bf16_gemm(M, N, Kp, (const unsigned char *)arow[0],
+                                  qg_row_bytes(Kp), packed, pb, C, beta);
+        return;
+    }
+#endif
     const ptrdiff_t npan = (N + NR - 1) / NR;
     float tile[QG_MR][QG_NP * QG_NR] __attribute__((aligned(64)));
     float *trow[QG_MR];

@@ -181,8 +181,9 @@ def test_cli_takes_the_precision_from_flag_and_config_file(tmp_path):
 
 def test_the_cli_says_when_medium_runs_float32(capsys):
     """config() and `fastrnn train` say what "medium" runs here: float32 below ISA
-    avx512 on any CPU, and (at avx512) bf16 exactly where bf16_dot_pays."""
-    from fastrnn import _quantized
+    avx512 on any CPU, and (at avx512) bf16 exactly where bf16_dot_pays or AMX-BF16
+    tiles run the products."""
+    from fastrnn import _quantized, _recurrent
     from fastrnn.cli import main
     notice = "so they run in float32"
     run = ["train", "--hidden", "8", "--embed", "4", "--batch-size", "2", "--seq-len", "4",
@@ -192,7 +193,8 @@ def test_the_cli_says_when_medium_runs_float32(capsys):
     for name in fastrnn.config()["isas_available"]:
         fastrnn.set_isa(name)
         try:
-            expect_bf16 = name == "avx512" and _quantized.bf16_dot_pays()
+            expect_bf16 = name == "avx512" and (_quantized.bf16_dot_pays()
+                                                 or _recurrent._amx_bf16())
             assert fastrnn.config()["medium_runs"] == ("bf16" if expect_bf16 else "float32")
             assert main(run) == 0
             out = capsys.readouterr().out
@@ -240,3 +242,48 @@ def test_bf16_kernels_match_the_twin_on_any_shape(cell, T, B, I, H, lengths, rev
     for got, want in zip(outs + grads, twin_outs + twin_grads):
         assert got.shape == want.shape and np.all(np.isfinite(got))
         assert rel_err(got, want) <= (ONE_STEP_TOL if T == 1 else STEPS_TOL)
+
+
+def _cpu_has_amx():
+    return "amx_bf16" in fastrnn.config()["cpu_vector_flags"]
+
+
+def test_amx_tiles_run_the_bf16_gemms_where_the_cpu_has_them():
+    """At ISA avx512 on a CPU with AMX-BF16 (Linux grants the tiles), "medium" runs
+    bf16 on AMX (src/amx_bf16.h); below avx512, or with FASTRNN_AMX=0, it does not."""
+    from fastrnn import _recurrent
+    if not _cpu_has_amx() or "avx512" not in fastrnn.config()["isas_available"]:
+        pytest.skip("this CPU has no AMX-BF16: the AMX kernel was not run")
+    before = fastrnn.config()["isa"]
+    try:
+        fastrnn.set_isa("avx512")
+        assert _recurrent._amx_bf16() and fastrnn.config()["bf16_gemm"] == "amx_bf16"
+        assert fastrnn.config()["medium_runs"] == "bf16"
+        fastrnn.set_isa("avx2")
+        assert not _recurrent._amx_bf16() and fastrnn.config()["bf16_gemm"] == "widened"
+    finally:
+        fastrnn.set_isa(before)
+
+
+def test_without_amx_the_avx512_bf16_kernels_still_match_the_twin():
+    """On an AMX machine the tests above run the AMX kernel at avx512; this runs
+    them again in a process with FASTRNN_AMX=0, so that the vdpbf16ps kernels
+    (what an AVX512-BF16 CPU without AMX runs) are checked here too."""
+    import os
+    import subprocess
+    import sys
+    if not _cpu_has_amx():
+        pytest.skip("no AMX-BF16 on this CPU: the tests above ran the vdpbf16ps kernels")
+    env = dict(os.environ, FASTRNN_AMX="0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.join(here, "test_precision.py"), "-k",
+         "match_the_bf16_twin and avx512 or one_and_two_threads"],
+        env=env, cwd=here, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    check = subprocess.run([sys.executable, "-c", "import fastrnn; print(fastrnn.config()"
+                            "['bf16_gemm'])"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert check.stdout.strip() in ("avx512_bf16", "widened"), check.stdout + check.stderr
