@@ -60,6 +60,7 @@ PACK_SMALL_MIN_ROWS = 32           # ... unless T*B reaches this
 PACK_SMALL_MAX_WEIGHTS = 1 << 20   # ... and W_hh has at most this many values
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
+BF16_UNITS_MAX_BATCH = 64  # ... up to this at inference with bf16 products (splits_units)
 UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
 ROWS_MIN_PER_THREAD = 4   # ... but at inference rows when every thread gets this many
                           # and W_hh is small (rows_upto)
@@ -186,8 +187,8 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
         table = dict(x_table=ids_in.table, x_ids=ids_in.ids)
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
-    by_units = (n > 1 and splits_units(T, B, pack_hh)
-                and (training or n > rows_upto(B, args[10].size, args[10].itemsize))
+    by_units = (n > 1 and splits_units(T, B, pack_hh, bf16 and not training)
+                and (training or n > rows_upto(B, args[10].size, 2 if bf16 else args[10].itemsize))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
@@ -298,12 +299,21 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in
 
 
-def splits_units(T, B, pack_hh):
+def splits_units(T, B, pack_hh, bf16_eval=False):
     """Would a team split hidden units (one barrier per step) rather than rows?
     Small batches do. Unpacked weights are read in place by each thread's gate
     blocks (no copy), so that split runs at any T; packed slices are built per
-    call and need UNITS_MIN_STEPS steps to repay the copy."""
-    return B <= UNITS_MAX_BATCH and (T >= UNITS_MIN_STEPS or not pack_hh)
+    call and need UNITS_MIN_STEPS steps to repay the copy.
+
+    bf16_eval (inference with bf16 products, always packed): up to
+    BF16_UNITS_MAX_BATCH. On AMX tiles the product is so fast that each thread
+    streaming all of W_hh every step, as rows do, is what costs. 2-core Xeon KVM
+    guest (AMX-BF16), LSTM I=64 H=704 T=64, medians of 10 calls in two runs, rows
+    -> units, ms: B=32 13.1 -> 8.9-9.1, B=48 16.7-16.8 -> 12.6-12.9, B=64
+    18.1-18.3 -> 16.3-16.7. Training keeps UNITS_MAX_BATCH: there B=32 and 48 were
+    even and B=64 lost (71.8-72.8 -> 77.3-78.0 ms a step)."""
+    most = BF16_UNITS_MAX_BATCH if bf16_eval else UNITS_MAX_BATCH
+    return B <= most and (T >= UNITS_MIN_STEPS or not pack_hh)
 
 
 def rows_upto(B, hh_size, itemsize):
