@@ -239,6 +239,14 @@ def test_rows_not_units_once_every_thread_has_four_and_w_hh_is_small(monkeypatch
     assert F.rows_upto(8, small, 8) == 2                # float64: the same values
 
 
+def test_bf16_inference_splits_units_up_to_a_larger_batch():
+    assert F.splits_units(64, F.UNITS_MAX_BATCH, True)
+    assert not F.splits_units(64, F.UNITS_MAX_BATCH + 1, True)
+    assert F.splits_units(64, F.BF16_UNITS_MAX_BATCH, True, bf16_eval=True)
+    assert not F.splits_units(64, F.BF16_UNITS_MAX_BATCH + 1, True, bf16_eval=True)
+    assert not F.splits_units(F.UNITS_MIN_STEPS - 1, 8, True, bf16_eval=True)   # short: rows
+
+
 @pytest.mark.parametrize("l2,rows", [(1 << 20, 2), (2 << 20, 1), (4 << 20, 2)])
 def test_units_where_their_slices_fit_l2_and_w_hh_does_not(l2, rows, monkeypatch):
     """LSTM H=512 float32 (4 MB of W_hh): with 1 MB of L2 (Zen 4) rows for 2
