@@ -119,7 +119,7 @@ def main(argv=None):
         bf16 = _precision.bf16_products(np.float32)
     fc = fastrnn.config()
     print(f"{fc.get('cpu')}, ISA {fc.get('isa')}, {args.threads} threads, torch {torch_version}; "
-          "medium runs " + ("bf16 products (vdpbf16ps)" if bf16
+          "medium runs " + (f"bf16 products ({fc.get('bf16_gemm')})" if bf16
                             else "float32 (bf16 would not be faster here)"))
     print(f"T={args.steps} B={args.batch} I={args.input} H={args.hidden}, medians of "
           f"{args.rounds} interleaved rounds, ms")
