@@ -53,6 +53,7 @@ from fastrnn._validate import (as_float_array, as_lengths, check_input, check_ro
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
            "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward"]
 
+_cpu_cache.check_amx_setting()                     # before any bf16 GEMM reads FASTRNN_AMX
 _recurrent._set_l2_bytes(_cpu_cache.l2_bytes())   # the unit split's block size (_recurrent.pyx)
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel) ...
@@ -187,7 +188,8 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
         table = dict(x_table=ids_in.table, x_ids=ids_in.ids)
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
-    by_units = (n > 1 and splits_units(T, B, pack_hh, bf16 and not training)
+    by_units = (n > 1 and splits_units(T, B, pack_hh,
+                                       bf16 and not training and _recurrent._amx_bf16())
                 and (training or n > rows_upto(B, args[10].size, 2 if bf16 else args[10].itemsize))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
@@ -305,13 +307,14 @@ def splits_units(T, B, pack_hh, bf16_eval=False):
     blocks (no copy), so that split runs at any T; packed slices are built per
     call and need UNITS_MIN_STEPS steps to repay the copy.
 
-    bf16_eval (inference with bf16 products, always packed): up to
+    bf16_eval (inference with bf16 products on AMX tiles, always packed): up to
     BF16_UNITS_MAX_BATCH. On AMX tiles the product is so fast that each thread
     streaming all of W_hh every step, as rows do, is what costs. 2-core Xeon KVM
     guest (AMX-BF16), LSTM I=64 H=704 T=64, medians of 10 calls in two runs, rows
     -> units, ms: B=32 13.1 -> 8.9-9.1, B=48 16.7-16.8 -> 12.6-12.9, B=64
     18.1-18.3 -> 16.3-16.7. Training keeps UNITS_MAX_BATCH: there B=32 and 48 were
-    even and B=64 lost (71.8-72.8 -> 77.3-78.0 ms a step)."""
+    even and B=64 lost (71.8-72.8 -> 77.3-78.0 ms a step). Not for the vdpbf16ps
+    kernels (AMD Zen 4), where it was not measured."""
     most = BF16_UNITS_MAX_BATCH if bf16_eval else UNITS_MAX_BATCH
     return B <= most and (T >= UNITS_MIN_STEPS or not pack_hh)
 

@@ -33,7 +33,7 @@ cdef inline Py_ssize_t steps_per_block(Py_ssize_t nrows, Py_ssize_t GK, Py_ssize
     """Time steps whose input projection one GEMM computes ahead of the recurrence,
     for a thread with nrows rows and GK gate columns: at most BLOCK_ROWS rows and
     block_values values of a_t (BLOCK_VALUES when the thread owns every hidden
-    unit; see units_block_values in _recurrent.pyx for the unit split), at
+    unit; see units_block_bytes in _recurrent.pyx for the unit split), at
     least one step, at most maxlen.
 
     The recurrence adds h W_hh^T into those a_t rows steps later, so they should

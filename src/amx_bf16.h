@@ -54,12 +54,14 @@ static inline int fastrnn_amx_usable(void)
         return state;
     state = 0;
 #if FASTRNN_HAVE_AMX
+    /* fastrnn._cpu_cache checked FASTRNN_AMX at import: "0" or "1" if set */
     const char *env = getenv("FASTRNN_AMX");
-    unsigned a, b, c, d;
-    if (!(env && env[0] == '0' && env[1] == '\0')
+    unsigned a, b, c, d, c1 = 0;
+    if (__get_cpuid(1, &a, &b, &c1, &d) == 0) c1 = 0;
+    if (!(env && env[0] == '0')
+        && (c1 & (1u << 27))                              /* OSXSAVE: xgetbv is allowed */
         && __get_cpuid_count(7, 0, &a, &b, &c, &d)
-        && (d & (1u << 22)) && (d & (1u << 24))          /* AMX-BF16, AMX-TILE */
-        && (c & (1u << 27))) {                            /* OSXSAVE: xgetbv is allowed */
+        && (d & (1u << 22)) && (d & (1u << 24))) {        /* AMX-BF16, AMX-TILE */
         unsigned lo, hi;
         __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
         /* XTILECFG and XTILEDATA enabled by the OS, then the permission to use them */

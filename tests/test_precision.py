@@ -14,6 +14,7 @@ several steps a sum that rounds an operand the other way spreads (up to 3.2e-3,
 and at most 0.25 of the float32 kernels' distance to the twin).
 """
 
+import os
 import types
 import zlib
 
@@ -248,12 +249,26 @@ def _cpu_has_amx():
     return "amx_bf16" in fastrnn.config()["cpu_vector_flags"]
 
 
+def _os_grants_amx():
+    """Does Linux grant this process the AMX tile data (arch_prctl, as amx_bf16.h asks)?"""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0   # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+
+
 def test_amx_tiles_run_the_bf16_gemms_where_the_cpu_has_them():
     """At ISA avx512 on a CPU with AMX-BF16 (Linux grants the tiles), "medium" runs
     bf16 on AMX (src/amx_bf16.h); below avx512, or with FASTRNN_AMX=0, it does not."""
     from fastrnn import _recurrent
     if not _cpu_has_amx() or "avx512" not in fastrnn.config()["isas_available"]:
         pytest.skip("this CPU has no AMX-BF16: the AMX kernel was not run")
+    if os.environ.get("FASTRNN_AMX") == "0":
+        pytest.skip("FASTRNN_AMX=0: AMX is off in this process")
+    if not _os_grants_amx():
+        pytest.skip("the kernel refused this process the AMX tiles (Linux < 5.16?)")
     before = fastrnn.config()["isa"]
     try:
         fastrnn.set_isa("avx512")
@@ -263,6 +278,35 @@ def test_amx_tiles_run_the_bf16_gemms_where_the_cpu_has_them():
         assert not _recurrent._amx_bf16() and fastrnn.config()["bf16_gemm"] == "widened"
     finally:
         fastrnn.set_isa(before)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_bf16_inference_splits_units_up_to_batch_64_on_amx(medium, cell, monkeypatch):
+    """At inference with bf16 products on AMX, batches up to BF16_UNITS_MAX_BATCH
+    split hidden units (rows elsewhere); either way 1 and 2 threads agree bit for
+    bit, and inference equals training's forward."""
+    from fastrnn import _recurrent
+    from test_driver import SplitSpy, forward_only
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6)   # a W_hh too small for rows_upto
+    case = make_case(cell, np.float32, (20, 40, 24, 48), True, True, True, 7)
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        two = forward_only(cell, case)
+        units = spy.by_units[-1]
+        fastrnn.set_num_threads(1)
+        one = forward_only(cell, case)
+    finally:
+        fastrnn.set_num_threads(before)
+    assert units == (_recurrent._amx_bf16() and 40 <= F.BF16_UNITS_MAX_BATCH)
+    for a, b in zip(two, one):
+        assert np.array_equal(a, b)
+    trained = run(F, cell, case, False, 3)[0]
+    assert np.array_equal(two[0], trained[0])
 
 
 def test_without_amx_the_avx512_bf16_kernels_still_match_the_twin():
@@ -276,14 +320,15 @@ def test_without_amx_the_avx512_bf16_kernels_still_match_the_twin():
         pytest.skip("no AMX-BF16 on this CPU: the tests above ran the vdpbf16ps kernels")
     env = dict(os.environ, FASTRNN_AMX="0")
     here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)   # cwd: `import fastrnn` finds the tree under test
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          os.path.join(here, "test_precision.py"), "-k",
-         "match_the_bf16_twin and avx512 or one_and_two_threads"],
-        env=env, cwd=here, capture_output=True, text=True, timeout=600)
+         "match_the_bf16_twin and avx512 or one_and_two_threads or any_shape"],
+        env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
     check = subprocess.run([sys.executable, "-c", "import fastrnn; print(fastrnn.config()"
-                            "['bf16_gemm'])"], env=env, capture_output=True, text=True,
-                           timeout=120)
+                            "['bf16_gemm'])"], env=env, cwd=root, capture_output=True,
+                           text=True, timeout=120)
     assert check.stdout.strip() in ("avx512_bf16", "widened"), check.stdout + check.stderr
