@@ -17,6 +17,9 @@
  * (quant_gemm.h): W packed in panels of 16 output rows with each pair of k
  * adjacent, P[k/2][j][k%2], K padded to a multiple of 4; A rows rounded once per
  * call into `work` (bf16 pairs for vdpbf16ps, bf16-valued floats for widening).
+ * With Intel AMX tiles (amx_bf16.h) the same layout is the tiles' operand, K
+ * padded to a multiple of 32 and the rounded rows to a multiple of 16
+ * (fastrnn_bf16_kp, fastrnn_bf16_rows_kept): every size here goes through them.
  */
 #ifndef FASTRNN_BF16_GEMM_H
 #define FASTRNN_BF16_GEMM_H
