@@ -104,9 +104,7 @@ def config():
         "matmul_precision": _precision.get_float32_matmul_precision(),
         "medium_runs": "bf16" if _precision.medium_runs_bf16() else "float32",
         # the bf16 GEMMs' instructions at this ISA: AMX tiles, vdpbf16ps, or widened to float32
-        "bf16_gemm": ("amx_bf16" if _recurrent._amx_bf16() else
-                      "avx512_bf16" if _isa.get_isa() == "avx512"
-                      and quantization.isa() == "avx512_bf16" else "widened"),
+        "bf16_gemm": _recurrent._bf16_gemm(),
         "pack_cache": _recurrent._pack_cache_enabled(),
         "eval_pool_workers": _recurrent.pool_stats()["workers"],
         "openmp_spin_window_ms": _openmp_spin_window_ms(),

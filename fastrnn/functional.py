@@ -324,8 +324,9 @@ def rows_upto(B, hh_size, itemsize):
     splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows,
     W_hh (hh_size values of itemsize bytes) has at most PACK_SMALL_MAX_WEIGHTS
     values, and splitting the hidden units would not keep each thread's slice of
-    W_hh in its own L2 while all of W_hh does not fit there (_cpu_cache). Each thread of a row split reads
-    all of W_hh every step, from the shared L3, with no barrier after each step.
+    W_hh in its own L2 while all of W_hh does not fit there (_cpu_cache). Each
+    thread of a row split reads all of W_hh every step, from the shared L3, with
+    no barrier after each step.
 
     Training keeps the unit split as before: at B=8 its backward splits hidden
     units too (BACKWARD_UNITS_MAX_BATCH), and rows in the forward made the LSTM

@@ -16,6 +16,7 @@ DEF BF16_TILE_ROWS = 8   # QG_MR
 cdef extern from "bf16_gemm.h" nogil:
     int fastrnn_bf16_level()
     int fastrnn_bf16_amx()
+    enum: QG_AVX512_BF16   # fastrnn_bf16_level(): vdpbf16ps (quant_gemm.h)
     size_t fastrnn_bf16_packed_bytes(Py_ssize_t N, Py_ssize_t K)
     Py_ssize_t fastrnn_bf16_panel_values(Py_ssize_t K)
     void fastrnn_bf16_pack(uint16_t *packed, const float *const *rows, Py_ssize_t N,

@@ -28,7 +28,7 @@ from cython.parallel cimport prange, parallel, threadid
 
 from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
                     bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR,
-                    fastrnn_bf16_amx)
+                    fastrnn_bf16_amx, fastrnn_bf16_level, QG_AVX512_BF16)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient, rows_scatter_add
@@ -1002,6 +1002,14 @@ def _digest(const unsigned char[::1] data, int n_threads=1):
 def _amx_bf16():
     """Do the bf16 GEMMs ("medium" precision) run on AMX tiles at this module's ISA?"""
     return bool(fastrnn_bf16_amx())
+
+
+def _bf16_gemm():
+    """What runs the bf16 GEMMs at this module's ISA: "amx_bf16" (tiles), "avx512_bf16"
+    (vdpbf16ps) or "widened" (bf16 values widened to float32 for FMAs)."""
+    if fastrnn_bf16_amx():
+        return "amx_bf16"
+    return "avx512_bf16" if fastrnn_bf16_level() == QG_AVX512_BF16 else "widened"
 
 
 def _isa_level():

@@ -222,17 +222,6 @@ FASTRNN_MULTIVERSION(fastrnn_bf16_cols_pairs,
 })
 
 #if FASTRNN_HAVE_DISPATCH
-/* bf16 bits of 16 floats (nearest even, NaN kept quiet), in the low half of each lane. */
-FASTRNN_TARGET_AVX512 static inline __m512i fastrnn_bf16_round16(__m512i u)
-{
-    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
-        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
-    return _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_srli_epi32(u, 16),
-                                _mm512_set1_epi32(0x40));
-}
-
 /* fastrnn_bf16_cols_pairs for bf16 pairs (not as floats) at AVX-512, whole blocks of
  * 16 columns x 32 k: the 16 pair vectors (lane = column) are transposed in
  * registers into 16 rows of 16 pairs and stored 64 bytes at a time. The scalar
@@ -248,8 +237,8 @@ FASTRNN_TARGET_AVX512 static ptrdiff_t fastrnn_bf16_cols_pairs_512(
         for (ptrdiff_t i0 = 0; i0 < M16; i0 += 16) {
             __m512i r[16], t[16];
             for (int p = 0; p < 16; ++p) {
-                __m512i lo = fastrnn_bf16_round16(_mm512_loadu_si512(cols[k + 2 * p] + col0 + i0));
-                __m512i hi = fastrnn_bf16_round16(_mm512_loadu_si512(cols[k + 2 * p + 1] + col0 + i0));
+                __m512i lo = qg_bf16_round_512(_mm512_loadu_si512(cols[k + 2 * p] + col0 + i0));
+                __m512i hi = qg_bf16_round_512(_mm512_loadu_si512(cols[k + 2 * p + 1] + col0 + i0));
                 r[p] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));   /* lane i: pair p of column i */
             }
             /* 16 x 16 transpose of 32-bit lanes: r[p][i] -> r[i][p] */
@@ -318,7 +307,6 @@ static void fastrnn_bf16_gemm_prepared(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
                                        const void *const *arow, const uint16_t *packed,
                                        float *const *C, float beta)
 {
-    const qg_kernel kern = qg_pick(fastrnn_bf16_level(), QG_BF16, 1);
     const ptrdiff_t Kp = fastrnn_bf16_kp(K), NR = FASTRNN_BF16_NR;
     const size_t pb = qg_panel_bytes(QG_BF16, Kp);
 #if FASTRNN_HAVE_AMX
@@ -329,6 +317,7 @@ static void fastrnn_bf16_gemm_prepared(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,
         return;
     }
 #endif
+    const qg_kernel kern = qg_pick(fastrnn_bf16_level(), QG_BF16, 1);
     const ptrdiff_t npan = (N + NR - 1) / NR;
     float tile[QG_MR][QG_NP * QG_NR] __attribute__((aligned(64)));
     float *trow[QG_MR];

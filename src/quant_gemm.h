@@ -657,22 +657,29 @@ static QG_512_T void qg_quant_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp,
     }
 }
 
-/* A row rounded to bf16 (nearest even, NaN kept: the bits of qg_bf16_bits) as
- * uint16 (QG_A_BF16) or as float (QG_A_BF16F), zero-padded to Kp. */
+/* The bf16 bits of 16 floats (their bits in u), in the low half of each lane:
+ * nearest even, NaN kept quiet (the bits of qg_bf16_bits). avx512f alone, so that
+ * any AVX-512 function can inline it (bf16_gemm.h's transposing pack too). */
+static inline __attribute__((target("avx512f"))) __m512i qg_bf16_round_512(__m512i u)
+{
+    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_srli_epi32(u, 16),
+                                _mm512_set1_epi32(0x40));
+}
+
+/* A row rounded to bf16 (qg_bf16_round_512) as uint16 (QG_A_BF16) or as float
+ * (QG_A_BF16F), zero-padded to Kp. */
 static QG_512_T void qg_bf16_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp, void *out,
                                      int as_float)
 {
-    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
-    const __m512i absm = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
-    const __m512i quiet = _mm512_set1_epi32(0x40);
     for (ptrdiff_t k = 0; k < Kp; k += 16) {
         ptrdiff_t nk = K - k, np = Kp - k;
         __mmask16 mk = !a || nk <= 0 ? 0 : nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
         __mmask16 ms = np >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << np) - 1);
-        __m512i u = _mm512_maskz_loadu_epi32(mk, a ? a + k : NULL);
-        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
-        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-        r = _mm512_mask_or_epi32(_mm512_srli_epi32(r, 16), nan, _mm512_srli_epi32(u, 16), quiet);
+        __m512i r = qg_bf16_round_512(_mm512_maskz_loadu_epi32(mk, a ? a + k : NULL));
         if (as_float)
             _mm512_mask_storeu_epi32((float *)out + k, ms, _mm512_slli_epi32(r, 16));
         else
