@@ -17,6 +17,8 @@ base is the buffer's owner. The pool keeps at most 256 MB idle
 """
 
 cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.string cimport memcpy
 import numpy as np
 
 cnp.import_array()
@@ -80,6 +82,36 @@ def zeros(shape, dtype):
     arr = empty(shape, dtype)
     arr.fill(0)
     return arr
+
+
+DEF COPY_CHUNK = 1 << 18   # bytes a thread copies at a time
+
+
+def copy(src, int n_threads=1):
+    """A copy of the C-contiguous array `src` made by empty() (a pooled buffer
+    from 1 MB), its bytes copied by up to n_threads threads in 256 KB chunks.
+
+    Why: a training forward hands the caller a copy of its output, which is a
+    view of the states the backward reads; NumPy's copy was one thread writing
+    fresh pages, 4 % of an RNN (256, 256, 100, 64) training step on the 2-core
+    Xeon (6.5 MB)."""
+    if not isinstance(src, np.ndarray) or not src.flags.c_contiguous:
+        raise ValueError("src: needs a C-contiguous ndarray, got "
+                         f"{type(src).__name__ if not isinstance(src, np.ndarray) else 'a strided one'}")
+    out = empty(src.shape, src.dtype)
+    cdef Py_ssize_t nbytes = src.nbytes
+    if nbytes == 0:
+        return out
+    cdef const unsigned char[::1] s = src.reshape(-1).view(np.uint8)
+    cdef unsigned char[::1] d = out.reshape(-1).view(np.uint8)
+    cdef Py_ssize_t nchunks = (nbytes + COPY_CHUNK - 1) // COPY_CHUNK, c, c0
+    if n_threads < 1 or nchunks < 2:
+        n_threads = 1
+    with nogil:
+        for c in prange(nchunks, schedule='static', num_threads=n_threads):
+            c0 = c * COPY_CHUNK
+            memcpy(&d[c0], &s[c0], min(<Py_ssize_t> COPY_CHUNK, nbytes - c0))
+    return out
 
 
 def _release_scratch():

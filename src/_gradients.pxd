@@ -22,13 +22,14 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size
+from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size, FASTRNN_KC
 from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free, task_rows
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
                     bf16_columns_times_packed)
 
 DEF ROW_BLOCK = 48   # most output rows per task (task_rows picks a multiple of the 12-row tile)
 DEF TILE_ROWS = 12  # AVX-512's float tile; a multiple of AVX2's 6
+DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
 
 
 cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
@@ -46,11 +47,12 @@ cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, con
 cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating **A,
                                      int nout, const Py_ssize_t *Ns, const floating **packs,
                                      floating **Cs, int n_threads,
-                                     floating beta=0) noexcept nogil:
+                                     floating beta=0, floating *colsum=NULL) noexcept nogil:
     """Cs[q] (M x Ns[q], row-major) := beta*Cs[q] + A^T . W_q^T for q < nout, W_q
     packed, where A is the K x M matrix with rows A[k]: its columns are read once
-    for all outputs. beta 1 adds into Cs (a parameter's .grad). 0, or -1 if out
-    of memory (with beta 1, rows of Cs may then hold the sum already).
+    for all outputs. beta 1 adds into Cs (a parameter's .grad). colsum (M,) or
+    NULL: := A's column sums, read on the same pass. 0, or -1 if out of memory
+    (with beta 1, rows of Cs may then hold the sum already).
     """
     cdef Py_ssize_t rb = task_rows(M, TILE_ROWS, ROW_BLOCK, n_threads)
     cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
@@ -72,7 +74,8 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
                 c_sets[q] = c_rows + q * ROW_BLOCK
                 for r in range(r0, r1):
                     c_rows[q * ROW_BLOCK + r - r0] = Cs[q] + r * Ns[q]
-            gemm_columns(r1 - r0, K, A, r0, nout, Ns, packs, c_sets, beta, work)
+            gemm_columns(r1 - r0, K, A, r0, nout, Ns, packs, c_sets, beta, work,
+                         colsum + r0 if colsum != NULL else NULL)
         free(c_rows)
         free(c_sets)
         free(work)
@@ -108,16 +111,58 @@ cdef inline int rows_times(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float
     return 0
 
 
+cdef inline void column_sums(floating *colsum, Py_ssize_t M, Py_ssize_t K, const floating **A,
+                             int n_threads) noexcept nogil:
+    """colsum[i] := sum_k A[k][i] for i < M, each thread owning a block of columns:
+    per block of FASTRNN_KC rows from zero, in k order, then added, the sums
+    gemm_columns takes on its copy (so bf16 runs get the same bias gradients)."""
+    cdef Py_ssize_t width, blk, nblk, c0, c1, i, k, k0, k1
+    cdef floating *part     # (c1 - c0,) a block's sums
+    cdef floating *acc
+    cdef const floating *src
+    if n_threads < 1:
+        n_threads = 1
+    width = (M + n_threads - 1) // n_threads
+    width = (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
+    nblk = (M + width - 1) // width if width > 0 else 0
+    for blk in prange(nblk, schedule='static', num_threads=n_threads):
+        c0 = blk * width
+        c1 = min(M, c0 + width)
+        part = <floating *> malloc((c1 - c0) * sizeof(floating))
+        acc = part if part != NULL else colsum + c0   # without memory: straight into the sums
+        for i in range(c0, c1):
+            colsum[i] = 0
+        k0 = 0
+        while k0 < K:
+            k1 = min(K, k0 + FASTRNN_KC)
+            if part != NULL:
+                for i in range(c1 - c0):
+                    part[i] = 0
+            for k in range(k0, k1):
+                src = A[k]
+                for i in range(c0, c1):
+                    acc[i - c0] += src[i]
+            if part != NULL:
+                for i in range(c0, c1):
+                    colsum[i] += part[i - c0]
+            k0 = k1
+        free(part)
+
+
 cdef inline int columns_times(Py_ssize_t M, Py_ssize_t K, const floating **A, int nout,
                               const Py_ssize_t *Ns, const void **packs, floating **Cs,
-                              bint bf16, int n_threads, floating beta) noexcept nogil:
-    """columns_times_packed, or its bf16 twin. 0, or -1 if out of memory."""
+                              bint bf16, int n_threads, floating beta,
+                              floating *colsum) noexcept nogil:
+    """columns_times_packed, or its bf16 twin; colsum (M,) or NULL := A's column
+    sums. 0, or -1 if out of memory."""
     if floating is float:
         if bf16:
+            if colsum != NULL:
+                column_sums(colsum, M, K, A, n_threads)
             return bf16_columns_times_packed(M, K, A, nout, Ns, <const uint16_t **> packs, Cs,
                                              n_threads, beta)
     return columns_times_packed(M, K, A, nout, Ns, <const floating **> packs, Cs, n_threads,
-                                beta)
+                                beta, colsum)
 
 
 cdef inline int input_and_weight_gradients(
@@ -131,10 +176,13 @@ cdef inline int input_and_weight_gradients(
         const floating *w_ih,       # IN  (GH, I)
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
-        int n_threads, bint bf16, bint accumulate) noexcept nogil:
+        int n_threads, bint bf16, bint accumulate,
+        floating *db_x,             # OUT (GH,) dgx's column sums (the biases' gradient), or NULL
+        floating *db_h) noexcept nogil:   # OUT (GH,) dgh's, or NULL; not when dgh is dgx
     """dx = dgx W_ih; dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev, over the V rows in
     `valid`, on bf16 operands when bf16 (float32 only). accumulate: add the weight
     gradients into dw_ih, dw_hh (a parameter's .grad: no temporary, no extra pass).
+    db_x, db_h: the column sums, taken while the dW GEMM copies the columns.
 
     0, or -1 if out of memory.
     """
@@ -164,11 +212,13 @@ cdef inline int input_and_weight_gradients(
         Cs[1] = dw_hh
         status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
         if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta)
+            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta,
+                                    db_x)
         else:
-            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta)
+            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta,
+                                    db_x)
             status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
-                                    n_threads, beta)
+                                    n_threads, beta, db_h)
         status = -1 if status != 0 else 0
     free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
     scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
@@ -201,9 +251,6 @@ cdef inline int weight_gradient(
                                       1 if accumulate else 0)
     free(a_rows); free(in_rows); scratch_free(in_t)
     return status
-
-
-DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
 
 
 cdef inline void rows_scatter_add(

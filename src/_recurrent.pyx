@@ -817,7 +817,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
              int n_threads, bint by_units, bint bf16=False, bint accumulate=False,
-             const Py_ssize_t[:, ::1] x_ids=None, floating[:, ::1] dx_table=None):
+             const Py_ssize_t[:, ::1] x_ids=None, floating[:, ::1] dx_table=None,
+             floating[::1] db_x=None, floating[::1] db_h=None):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -838,6 +839,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     kernel), and dx_table (V, G*H) receives dL/d(table) instead, the sum of dgx's
     rows by id (_gradients.pxd); not with bf16 or a projection. The caller checked
     the ids lie in [0, V).
+    db_x, db_h (G*H,) or None: receive the column sums of dL/d(x W_ih^T) and (GRU)
+    dL/d(h W_hh^T) over the rows that exist, the biases' gradients, taken on the
+    dW GEMM's pass over those columns; not with x_ids.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -861,6 +865,13 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                               or x_ids.shape[1] != B):
         raise ValueError("x_ids: needs shape (T, B) and dx_table (V, G*H), and neither bf16 "
                          "nor a projection")
+    if x_ids is not None and (db_x is not None or db_h is not None):
+        raise ValueError("db_x, db_h: not with x_ids (the table's rows take dL/d(x W_ih^T))")
+    for name, db in (("db_x", db_x), ("db_h", db_h)):
+        if db is not None and (db.shape[0] != G * H or G * H == 0):
+            raise ValueError(f"{name}: needs shape ({G * H},), got ({db.shape[0]},)")
+    if db_h is not None and dgh is None:
+        raise ValueError("db_h: only with dgh (GRU); dgx's sums are db_x")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
@@ -921,7 +932,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,
                 &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
-                n_threads, p.bf16, accumulate) != 0
+                n_threads, p.bf16, accumulate, <floating *> vptr1(db_x),
+                <floating *> vptr1(db_h)) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, V, O, H,

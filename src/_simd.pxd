@@ -31,16 +31,17 @@ cdef extern from "recurrent_gemm.h" nogil:
     void fastrnn_gemm_packed_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                                const double *const *A, const double *packed,
                                double *const *C, double beta)
+    Py_ssize_t FASTRNN_KC   # the GEMMs' K block (recurrent_gemm.h)
     size_t fastrnn_tn_work_size_s(Py_ssize_t M)
     size_t fastrnn_tn_work_size_d(Py_ssize_t M)
     void fastrnn_gemm_packed_tn_s(Py_ssize_t M, Py_ssize_t K, const float *const *A,
                                   Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
                                   const float *const *packs, float ***Cs,
-                                  float beta, float *work)
+                                  float beta, float *work, float *colsum)
     void fastrnn_gemm_packed_tn_d(Py_ssize_t M, Py_ssize_t K, const double *const *A,
                                   Py_ssize_t col0, int nout, const Py_ssize_t *Ns,
                                   const double *const *packs, double ***Cs,
-                                  double beta, double *work)
+                                  double beta, double *work, double *colsum)
     void fastrnn_gemm_dot_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const float *const *A, const float *W, Py_ssize_t ldw,
                             float *const *C, float beta)
@@ -131,16 +132,17 @@ cdef inline size_t tn_work_size(floating *dtype_tag, Py_ssize_t M) noexcept nogi
 
 cdef inline void gemm_columns(Py_ssize_t M, Py_ssize_t K, const floating **A, Py_ssize_t col0,
                               int nout, const Py_ssize_t *Ns, const floating **packs,
-                              floating ***Cs, floating beta, floating *work) noexcept nogil:
+                              floating ***Cs, floating beta, floating *work,
+                              floating *colsum) noexcept nogil:
     """Cs[q][i] := beta*Cs[q][i] + sum_k A[k][col0 + i] W_q[:, k] for i < M, q < nout:
     columns of the K x (col0 + M) matrix with rows A[k], read once for all
-    outputs; W_q (Ns[q] x K) packed."""
+    outputs; W_q (Ns[q] x K) packed. colsum (or NULL): colsum[i] := sum_k A[k][col0 + i]."""
     if M <= 0:
         return
     if floating is float:
-        fastrnn_gemm_packed_tn_s(M, K, A, col0, nout, Ns, packs, Cs, beta, work)
+        fastrnn_gemm_packed_tn_s(M, K, A, col0, nout, Ns, packs, Cs, beta, work, colsum)
     else:
-        fastrnn_gemm_packed_tn_d(M, K, A, col0, nout, Ns, packs, Cs, beta, work)
+        fastrnn_gemm_packed_tn_d(M, K, A, col0, nout, Ns, packs, Cs, beta, work, colsum)
 
 
 cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:

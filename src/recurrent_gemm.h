@@ -211,11 +211,12 @@ static void fastrnn_pack_t_##T(REAL *packed, const REAL *const *cols, ptrdiff_t 
     }                                                                              \
 }                                                                                  \
                                                                                    \
-/* Workspace (in REAL values) that fastrnn_gemm_packed_tn needs for M rows. */    \
+/* Workspace (in REAL values) that fastrnn_gemm_packed_tn needs for M rows:     \
+ * the micro-panels of a KC block, then M partial column sums. */               \
 static inline size_t fastrnn_tn_work_size_##T(ptrdiff_t M)                         \
 {                                                                                  \
     return (size_t)((M + FASTRNN_MR_MAX - 1) / FASTRNN_MR_MAX) * FASTRNN_MR_MAX    \
-        * FASTRNN_KC;                                                              \
+        * (FASTRNN_KC + 1);                                                        \
 }
 
 FASTRNN_DEFINE_FRONT(float, s)
@@ -247,11 +248,13 @@ static inline void fastrnn_gemm_packed_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K
         const REAL *const *A, const REAL *packed, REAL *const *C, REAL beta)       \
 { FASTRNN_DISPATCH(gemm_packed, T, (M, N, K, A, packed, C, beta)) }                \
                                                                                    \
-/* Cs[q] := beta*Cs[q] + A^T . W_q^T for q < nout (gemm_kernels.inc). */          \
+/* Cs[q] := beta*Cs[q] + A^T . W_q^T for q < nout, and A's column sums into     \
+ * colsum unless NULL (gemm_kernels.inc). */                                     \
 static inline void fastrnn_gemm_packed_tn_##T(ptrdiff_t M, ptrdiff_t K,            \
         const REAL *const *A, ptrdiff_t col0, int nout, const ptrdiff_t *Ns,       \
-        const REAL *const *packs, REAL **const *Cs, REAL beta, REAL *work)         \
-{ FASTRNN_DISPATCH(gemm_packed_tn, T, (M, K, A, col0, nout, Ns, packs, Cs, beta, work)) } \
+        const REAL *const *packs, REAL **const *Cs, REAL beta, REAL *work,         \
+        REAL *colsum)                                                              \
+{ FASTRNN_DISPATCH(gemm_packed_tn, T, (M, K, A, col0, nout, Ns, packs, Cs, beta, work, colsum)) } \
                                                                                    \
 /* C := beta*C + A . W^T with W row-major, unpacked (small batches). */          \
 static inline void fastrnn_gemm_dot_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,     \

@@ -112,3 +112,41 @@ def test_training_on_reused_memory_gives_the_same_numbers(mode, padded):
     assert all(np.isfinite(a).all() for a in results[0])
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0, 3), (5, 7), (3, 1000, 301), BIG])
+def test_copy_is_an_independent_equal_array_for_any_threads(dtype, shape):
+    src = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    copies = [_buffers.copy(src, n) for n in (1, 2, 3)]
+    for c in copies:
+        assert c.shape == src.shape and c.dtype == src.dtype and c.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(c, src)
+        assert not np.shares_memory(c, src)
+    if src.size:
+        copies[0].flat[0] += 1
+        assert copies[0].flat[0] != src.flat[0]
+
+
+def test_copy_refuses_what_it_cannot_copy_as_bytes():
+    with pytest.raises(ValueError, match="src: needs a C-contiguous ndarray"):
+        _buffers.copy(np.zeros((4, 6))[:, ::2])
+    with pytest.raises(ValueError, match="src: needs a C-contiguous ndarray, got list"):
+        _buffers.copy([1.0, 2.0])
+
+
+@pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
+def test_editing_a_training_output_leaves_the_gradients_alone(kind):
+    """A layer's training output is the caller's (a copy of the states backward reads)."""
+    x = np.random.default_rng(1).standard_normal((30, 40, 9)).astype(np.float32)
+    grads = []
+    for edit in (False, True):
+        m = getattr(fastrnn, kind)(9, 300, seed=3)
+        out, _ = m(x)
+        dy = np.ones_like(out)
+        if edit:
+            out[...] = 7.0
+        m.backward(dy)
+        grads.append([p.grad.copy() for p in m.parameters()])
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)

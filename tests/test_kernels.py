@@ -129,6 +129,23 @@ def test_padded_steps_are_zero_and_ignored(cell):
             assert np.all(y[:n, b] != 0)
 
 
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_bias_gradients_over_many_k_blocks(cell, dtype, variant):
+    """The biases' gradients are summed on the dW GEMM's pass over the gate
+    gradients' columns, per block of FASTRNN_KC = 1024 rows (t, b): 1,500 rows
+    cross that block, with padded rows left out."""
+    seed = zlib.crc32(repr((cell, variant, "k blocks")).encode())
+    case = make_case(cell, dtype, (50, 30, 6, 11), True, variant != "plain", True, seed)
+    reverse = variant.endswith("reverse")
+    grads = run(F, cell, case, reverse, seed + 1)[1]
+    ref = run(R, cell, case, reverse, seed + 1)[1]
+    for got, want in zip(grads[-2:], ref[-2:]):      # db_ih, db_hh
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("split", ["rows", "units"])

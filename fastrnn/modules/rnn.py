@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from fastrnn import _fastpath
+from fastrnn import _buffers, _fastpath
 from fastrnn._validate import as_ids
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import Module, Parameter, aligned_zeros, grad_targets, training_call
@@ -418,7 +418,8 @@ class RNNBase(Module):
         out = np.ascontiguousarray(out)                                 # (T,B,·) or (B,T,·)
         if keep and out.base is not None:
             # a view of the kernel's saved states: the caller may edit `out` in place
-            out = out.copy()
+            call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
+            out = _buffers.copy(out, call_threads() if call_threads is not None else 1)
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B,
                                by_id=x_ids is not None)
