@@ -23,7 +23,8 @@ from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size, FASTRNN_KC
-from _schedule cimport pack_matrix, packed_copy, row_pointers, scratch_free, task_rows
+from _schedule cimport (pack_matrix, packed_copy, row_pointers, scratch_free, task_rows,
+                        even_task_rows)
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
                     bf16_columns_times_packed)
 
@@ -54,7 +55,7 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
     NULL: := A's column sums, read on the same pass. 0, or -1 if out of memory
     (with beta 1, rows of Cs may then hold the sum already).
     """
-    cdef Py_ssize_t rb = task_rows(M, TILE_ROWS, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t rb = even_task_rows(M, ROW_BLOCK, n_threads)
     cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
     cdef floating **c_rows
     cdef floating ***c_sets
@@ -64,16 +65,16 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
         r0 = blk * rb
         r1 = min(M, r0 + rb)
         # per-task buffers (assigned inside prange, so private to the thread)
-        c_rows = <floating **> malloc(nout * ROW_BLOCK * sizeof(void *))
+        c_rows = <floating **> malloc(nout * rb * sizeof(void *))
         c_sets = <floating ***> malloc(nout * sizeof(void *))
-        work = <floating *> malloc(tn_work_size(Cs[0], ROW_BLOCK) * sizeof(floating))
+        work = <floating *> malloc(tn_work_size(Cs[0], rb) * sizeof(floating))
         if c_rows == NULL or c_sets == NULL or work == NULL:
             failed += 1
         else:
             for q in range(nout):
-                c_sets[q] = c_rows + q * ROW_BLOCK
+                c_sets[q] = c_rows + q * rb
                 for r in range(r0, r1):
-                    c_rows[q * ROW_BLOCK + r - r0] = Cs[q] + r * Ns[q]
+                    c_rows[q * rb + r - r0] = Cs[q] + r * Ns[q]
             gemm_columns(r1 - r0, K, A, r0, nout, Ns, packs, c_sets, beta, work,
                          colsum + r0 if colsum != NULL else NULL)
         free(c_rows)

@@ -69,6 +69,28 @@ cdef inline Py_ssize_t task_rows(Py_ssize_t M, Py_ssize_t unit, Py_ssize_t most,
     return best
 
 
+cdef inline Py_ssize_t even_task_rows(Py_ssize_t M, Py_ssize_t most,
+                                      int n_threads) noexcept nogil:
+    """Rows per task when M output rows are cut into n_threads * k tasks of
+    (about) equal size, k the smallest that keeps a task at most `most` rows.
+
+    For the dW GEMM (columns_times_packed), where every task streams all of the
+    packed x^T and h^T (T*B columns) again: task_rows, which only balances rows,
+    cut an RNN's 256 rows and an LSTM's 1024 (H=256) into 12-row tasks. Backward
+    (functional, T=100 B=64, 2-core Xeon, process pairs, medians): RNN 14.63 ->
+    13.99 ms, LSTM 54.2 -> 50.6; the GRU's sizes get the same tasks as before.
+    Each output row is summed alone, so any cut gives the same numbers."""
+    cdef Py_ssize_t nthr = n_threads if n_threads > 0 else 1
+    cdef Py_ssize_t k = 1
+    if M <= 0:
+        return 1
+    if most < 1:
+        most = 1
+    while (M + nthr * k - 1) // (nthr * k) > most:
+        k += 1
+    return (M + nthr * k - 1) // (nthr * k)
+
+
 cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
     """Data pointer of an optional (may be None) 3-D array, or NULL."""
     return &a[0, 0, 0] if a is not None else NULL
