@@ -114,6 +114,48 @@ def copy(src, int n_threads=1):
     return out
 
 
+ctypedef fused real:
+    float
+    double
+
+
+DEF ROWS_CHUNK_VALUES = 1 << 16   # values a thread takes at a time (256 KB of float)
+
+
+def copy_rows(real[:, :] dst, const real[:, :] src, int n_threads=1):
+    """dst[i] := src[i] for every row, both (rows, width), each row contiguous,
+    rows any stride apart (a slice of the last axis: one direction's half of a bidirectional
+    output), by up to n_threads threads. Why: NumPy's concatenate and
+    ascontiguousarray are one thread, 13 % of a bidirectional RNN (256, 256,
+    100, 32) training step on the 2-core Xeon."""
+    _check_rows("dst", dst.shape[0], dst.shape[1], src.shape[0], src.shape[1])
+    if dst.shape[1] > 1:   # (a row of one value has any step: NumPy's reshape picks one)
+        _check_unit_stride(dst.strides[1], src.strides[1], sizeof(real))
+    cdef Py_ssize_t R = dst.shape[0], W = dst.shape[1], per, nchunks, c, i
+    if R == 0 or W == 0:
+        return
+    per = max(1, ROWS_CHUNK_VALUES // W)
+    nchunks = (R + per - 1) // per
+    with nogil:
+        for c in prange(nchunks, schedule='static', num_threads=n_threads if nchunks > 1 else 1):
+            for i in range(c * per, min(R, c * per + per)):
+                memcpy(&dst[i, 0], &src[i, 0], W * sizeof(real))
+
+
+def _check_unit_stride(dst_step, src_step, itemsize):
+    """Rows are copied whole (memcpy): each must be contiguous."""
+    for name, step in (("dst", dst_step), ("src", src_step)):
+        if step != itemsize:
+            raise ValueError(f"{name}: needs contiguous rows (a step of {itemsize} bytes "
+                             f"along them), got a step of {step}")
+
+
+def _check_rows(name, rows, width, src_rows, src_width):
+    if (rows, width) != (src_rows, src_width):
+        raise ValueError(f"{name}: needs src's shape ({src_rows}, {src_width}), "
+                         f"got ({rows}, {width})")
+
+
 def _release_scratch():
     """Free the idle pooled buffers (fastrnn.release_memory())."""
     scratch_release()

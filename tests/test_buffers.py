@@ -135,13 +135,43 @@ def test_copy_refuses_what_it_cannot_copy_as_bytes():
         _buffers.copy([1.0, 2.0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_copy_rows_fills_a_strided_half(dtype):
+    rng = np.random.default_rng(2)
+    a, b = (rng.standard_normal((7, 5, 3)).astype(dtype) for _ in range(2))
+    joined = np.zeros((7, 5, 6), dtype)
+    for n in (1, 2):
+        _buffers.copy_rows(joined[:, :, :3].reshape(35, 3), a.reshape(35, 3), n)
+        _buffers.copy_rows(joined[:, :, 3:].reshape(35, 3), b.reshape(35, 3), n)
+        np.testing.assert_array_equal(joined, np.concatenate([a, b], axis=2))
+    one = np.zeros((35, 2), dtype)       # rows of one value (a hidden size of 1)
+    _buffers.copy_rows(one[:, 1:].reshape(35, 1), a[:, :, :1].reshape(35, 1), 2)
+    np.testing.assert_array_equal(one[:, 1], a[:, :, 0].reshape(35))
+    back = np.empty((7, 5, 3), dtype)
+    _buffers.copy_rows(back.reshape(35, 3), joined[:, :, 3:].reshape(35, 3), 2)
+    np.testing.assert_array_equal(back, b)
+
+
+def test_copy_rows_refuses_mismatched_or_gapped_rows():
+    a = np.zeros((4, 6))
+    with pytest.raises(ValueError, match=r"dst: needs src's shape \(4, 3\), got \(4, 6\)"):
+        _buffers.copy_rows(a, a[:, :3])
+    with pytest.raises(ValueError, match="src: needs contiguous rows"):
+        _buffers.copy_rows(a[:, :3], a[:, ::2])
+
+
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-def test_editing_a_training_output_leaves_the_gradients_alone(kind):
+@pytest.mark.parametrize("layout", ["plain", "bidirectional", "batch_first_b1"])
+def test_editing_a_training_output_leaves_the_gradients_alone(kind, layout):
     """A layer's training output is the caller's (a copy of the states backward reads)."""
-    x = np.random.default_rng(1).standard_normal((30, 40, 9)).astype(np.float32)
+    B = 1 if layout == "batch_first_b1" else 40
+    x = np.random.default_rng(1).standard_normal((30, B, 9)).astype(np.float32)
+    kw = {"bidirectional": layout == "bidirectional", "batch_first": layout == "batch_first_b1"}
+    if kw["batch_first"]:
+        x = x.transpose(1, 0, 2).copy()
     grads = []
     for edit in (False, True):
-        m = getattr(fastrnn, kind)(9, 300, seed=3)
+        m = getattr(fastrnn, kind)(9, 300, seed=3, **kw)
         out, _ = m(x)
         dy = np.ones_like(out)
         if edit:

@@ -59,14 +59,19 @@ def _at_once(D, T, step_flop, training):
             and T * step_flop >= CONCURRENT_MIN_FLOP)
 
 
+def _call_threads():
+    """Threads this Python thread's calls may use (functional.call_threads)."""
+    call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
+    return call_threads() if call_threads is not None else 1
+
+
 def _directions(run, D, at_once):
     """[run(0), ..., run(D-1)]. The two directions of a bidirectional layer are
     independent: with two or more threads and `at_once` (_at_once) they run at
     once, each on its share of the threads (the reverse one in a short-lived
     Python thread; the kernels release the GIL), so no thread waits on another
     at every step. Results are bitwise those of running them one after the other."""
-    call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
-    n = call_threads() if call_threads is not None else 1
+    n = _call_threads()
     if D == 1 or n < 2 or not at_once:
         return [run(d) for d in range(D)]
     box = {}
@@ -377,19 +382,26 @@ class RNNBase(Module):
         c_n = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
         caches, masks = [], []
         layer_in = x                                                    # (T, B, I or D·O)
-        # inference, both directions concatenated: each writes its half in place
-        halves = D == 2 and not keep and self.merge_mode == "concat"
+        # both directions concatenated: each writes its half (inference: in place;
+        # training: a copy of its states, made on the direction's own threads)
+        halves = D == 2 and self.merge_mode == "concat"
         for k in range(self.num_layers):
-            joined = np.empty((T, B, D * O), self.dtype) if halves else None  # (T, B, 2·O)
+            joined = None
+            if halves:                                                  # (T, B, 2·O)
+                joined = (_buffers.empty if keep else np.empty)((T, B, D * O), self.dtype)
             by_id = {"x_ids": x_ids} if k == 0 and x_ids is not None else {}
 
             def direction(d, layer_in=layer_in, k=k, joined=joined, by_id=by_id):
                 idx = k * D + d
-                return self._forward_direction(
+                half = None if joined is None else joined[:, :, d * O:(d + 1) * O]
+                result = self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
-                    self._weights(idx), lengths, bool(d), keep,
-                    None if joined is None else joined[:, :, d * O:(d + 1) * O],
+                    self._weights(idx), lengths, bool(d), keep, None if keep else half,
                     **by_id)                                            # y (T, B, O), ...
+                if keep and half is not None:
+                    _buffers.copy_rows(half.reshape(T * B, O), result[0].reshape(T * B, O),
+                                       _call_threads())
+                return result
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
@@ -403,8 +415,6 @@ class RNNBase(Module):
                 layer_out = ys[0]                                       # (T, B, O)
             elif joined is not None:
                 layer_out = joined                                      # (T, B, 2·O)
-            elif self.merge_mode == "concat":
-                layer_out = np.concatenate(ys, axis=2)                  # (T, B, 2·O)
             else:
                 layer_out = ys[0] + ys[1]                               # (T, B, O)
             if k < self.num_layers - 1 and self.training and self.dropout > 0:
@@ -416,10 +426,9 @@ class RNNBase(Module):
             layer_in = layer_out
         out = layer_in.transpose(1, 0, 2) if self.batch_first else layer_in
         out = np.ascontiguousarray(out)                                 # (T,B,·) or (B,T,·)
-        if keep and out.base is not None:
+        if keep and D == 1 and np.may_share_memory(out, layer_in):
             # a view of the kernel's saved states: the caller may edit `out` in place
-            call_threads = getattr(F, "call_threads", None)   # (tests may swap in the reference)
-            out = _buffers.copy(out, call_threads() if call_threads is not None else 1)
+            out = _buffers.copy(out, _call_threads())
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B,
                                by_id=x_ids is not None)
@@ -474,7 +483,12 @@ class RNNBase(Module):
 
             def direction(d, dlayer=dlayer, k=k):
                 idx = k * D + d
-                dy = dlayer[:, :, d * O:(d + 1) * O] if self.merge_mode == "concat" else dlayer
+                dy = dlayer                                             # (T, B, O)
+                if self.merge_mode == "concat" and D == 2:
+                    dy = _buffers.empty((T, B, O), self.dtype)
+                    _buffers.copy_rows(dy.reshape(T * B, O),
+                                       dlayer[:, :, d * O:(d + 1) * O].reshape(T * B, O),
+                                       _call_threads())
                 return self._backward_direction(
                     np.ascontiguousarray(dy),                           # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
@@ -487,7 +501,12 @@ class RNNBase(Module):
                     dc0[idx] = dc
                 self._take_grads(idx, grads)
                 # both directions read the same input, so their input gradients add
-                dx_layer = dx if dx_layer is None else dx_layer + dx
+                if dx_layer is None:
+                    dx_layer = dx                   # this call's own array: added into
+                else:
+                    # in place, one thread: a team woken here would spin while the
+                    # next concurrent directions run, one thread each
+                    np.add(dx_layer, dx, out=dx_layer)
             dlayer = dx_layer                                           # (T, B, I or D·O)
         dx = dlayer.transpose(1, 0, 2) if self.batch_first and not cache["by_id"] else dlayer
         dx = np.ascontiguousarray(dx)                       # x's layout, or the table's (V, I)
