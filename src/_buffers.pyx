@@ -98,6 +98,8 @@ def copy(src, int n_threads=1):
     if not isinstance(src, np.ndarray) or not src.flags.c_contiguous:
         raise ValueError("src: needs a C-contiguous ndarray, got "
                          f"{type(src).__name__ if not isinstance(src, np.ndarray) else 'a strided one'}")
+    if src.dtype.hasobject:   # bytes copied without references taken
+        raise ValueError(f"src: needs an array of plain values, got dtype {src.dtype}")
     out = empty(src.shape, src.dtype)
     cdef Py_ssize_t nbytes = src.nbytes
     if nbytes == 0:
@@ -136,8 +138,10 @@ def copy_rows(real[:, :] dst, const real[:, :] src, int n_threads=1):
         return
     per = max(1, ROWS_CHUNK_VALUES // W)
     nchunks = (R + per - 1) // per
+    if n_threads < 1 or nchunks < 2:
+        n_threads = 1
     with nogil:
-        for c in prange(nchunks, schedule='static', num_threads=n_threads if nchunks > 1 else 1):
+        for c in prange(nchunks, schedule='static', num_threads=n_threads):
             for i in range(c * per, min(R, c * per + per)):
                 memcpy(&dst[i, 0], &src[i, 0], W * sizeof(real))
 

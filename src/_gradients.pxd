@@ -28,7 +28,7 @@ from _schedule cimport (pack_matrix, packed_copy, row_pointers, scratch_free, ta
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
                     bf16_columns_times_packed)
 
-DEF ROW_BLOCK = 48   # most output rows per task (task_rows picks a multiple of the 12-row tile)
+DEF ROW_BLOCK = 48   # most output rows per task (dX: task_rows; dW: even_task_rows)
 DEF TILE_ROWS = 12  # AVX-512's float tile; a multiple of AVX2's 6
 DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
 

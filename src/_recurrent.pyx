@@ -868,7 +868,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     if x_ids is not None and (db_x is not None or db_h is not None):
         raise ValueError("db_x, db_h: not with x_ids (the table's rows take dL/d(x W_ih^T))")
     for name, db in (("db_x", db_x), ("db_h", db_h)):
-        if db is not None and (db.shape[0] != G * H or G * H == 0):
+        if db is not None and db.shape[0] != G * H:
             raise ValueError(f"{name}: needs shape ({G * H},), got ({db.shape[0]},)")
     if db_h is not None and dgh is None:
         raise ValueError("db_h: only with dgh (GRU); dgx's sums are db_x")

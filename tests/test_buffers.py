@@ -133,6 +133,8 @@ def test_copy_refuses_what_it_cannot_copy_as_bytes():
         _buffers.copy(np.zeros((4, 6))[:, ::2])
     with pytest.raises(ValueError, match="src: needs a C-contiguous ndarray, got list"):
         _buffers.copy([1.0, 2.0])
+    with pytest.raises(ValueError, match="src: needs an array of plain values, got dtype object"):
+        _buffers.copy(np.array([None, 1.0], dtype=object))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -161,12 +163,14 @@ def test_copy_rows_refuses_mismatched_or_gapped_rows():
 
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
-@pytest.mark.parametrize("layout", ["plain", "bidirectional", "batch_first_b1"])
+@pytest.mark.parametrize("layout", ["plain", "bidirectional", "batch_first_b1",
+                                    "bidirectional_batch_first"])
 def test_editing_a_training_output_leaves_the_gradients_alone(kind, layout):
     """A layer's training output is the caller's (a copy of the states backward reads)."""
     B = 1 if layout == "batch_first_b1" else 40
     x = np.random.default_rng(1).standard_normal((30, B, 9)).astype(np.float32)
-    kw = {"bidirectional": layout == "bidirectional", "batch_first": layout == "batch_first_b1"}
+    kw = {"bidirectional": layout.startswith("bidirectional"),
+          "batch_first": "batch_first" in layout}
     if kw["batch_first"]:
         x = x.transpose(1, 0, 2).copy()
     grads = []

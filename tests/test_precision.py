@@ -59,7 +59,7 @@ def medium():
 
 @pytest.mark.parametrize("cell", sorted(CELLS))
 @pytest.mark.parametrize("shape", SHAPES + [(9, 37, 40, 70), (1, 5, 30, 40), (2, 5, 600, 300),
-                                   (40, 30, 8, 12)])   # 1,200 rows: two K blocks of the sums
+                                   (40, 30, 8, 12)])   # plain: 1,200 rows, two K blocks of the sums
 @pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
 def test_bf16_kernels_match_the_bf16_twin(medium, isa, cell, shape, variant):
     seed = zlib.crc32(repr((cell, shape, variant)).encode())
