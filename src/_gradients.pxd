@@ -112,6 +112,13 @@ cdef inline int rows_times(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const float
     return 0
 
 
+cdef inline Py_ssize_t column_block_width(Py_ssize_t N, int n_threads) noexcept nogil:
+    """Columns of each thread's block when N columns are shared by n_threads (>= 1):
+    whole multiples of SCATTER_ALIGN, so that no cache line has two owners."""
+    cdef Py_ssize_t width = (N + n_threads - 1) // n_threads
+    return (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
+
+
 cdef inline void column_sums(floating *colsum, Py_ssize_t M, Py_ssize_t K, const floating **A,
                              int n_threads) noexcept nogil:
     """colsum[i] := sum_k A[k][i] for i < M, each thread owning a block of columns:
@@ -123,8 +130,7 @@ cdef inline void column_sums(floating *colsum, Py_ssize_t M, Py_ssize_t K, const
     cdef const floating *src
     if n_threads < 1:
         n_threads = 1
-    width = (M + n_threads - 1) // n_threads
-    width = (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
+    width = column_block_width(M, n_threads)
     nblk = (M + width - 1) // width if width > 0 else 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
         c0 = blk * width
@@ -277,8 +283,7 @@ cdef inline void rows_scatter_add(
     cdef const floating *s
     if n_threads < 1:
         n_threads = 1
-    width = (N + n_threads - 1) // n_threads
-    width = (width + SCATTER_ALIGN - 1) // SCATTER_ALIGN * SCATTER_ALIGN
+    width = column_block_width(N, n_threads)
     nblk = (N + width - 1) // width if width > 0 else 0
     for blk in prange(nblk, schedule='static', num_threads=n_threads):
         c0 = blk * width
