@@ -485,13 +485,12 @@ class RNNBase(Module):
                 idx = k * D + d
                 dy = dlayer                                             # (T, B, O)
                 if self.merge_mode == "concat" and D == 2:
-                    half = dlayer[:, :, d * O:(d + 1) * O]
-                    if half.strides[0] == B * half.strides[1]:   # (t, b) rows: one 2-D view
-                        dy = _buffers.empty((T, B, O), self.dtype)
+                    dy = dlayer[:, :, d * O:(d + 1) * O]
+                    if dy.strides[0] == B * dy.strides[1]:   # (t, b) rows: one 2-D view
+                        half, dy = dy, _buffers.empty((T, B, O), self.dtype)
                         _buffers.copy_rows(dy.reshape(T * B, O), half.reshape(T * B, O),
                                            _call_threads())
-                    else:                                        # batch_first: transposed
-                        dy = np.ascontiguousarray(half)
+                    # (batch_first: a transposed view, made contiguous below)
                 return self._backward_direction(
                     np.ascontiguousarray(dy),                           # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
