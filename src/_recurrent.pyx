@@ -50,17 +50,20 @@ from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_
                          fastrnn_pool_pretend_colocated,
                          fastrnn_pool_note_openmp, fastrnn_pool_openmp_spinning,
                          fastrnn_pool_set_openmp_window, fastrnn_pause_ns,
-                         fastrnn_pool_openmp_window)
+                         fastrnn_pool_openmp_window, fastrnn_pool_contended,
+                         fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff)
 
 cnp.import_array()
 
 
-cdef inline void team_barrier(const Plan *p) noexcept nogil:
-    """Wait for the other threads of this call's team: team_pool.h's or OpenMP's."""
+cdef inline bint team_barrier(const Plan *p) noexcept nogil:
+    """Wait for the other threads of this call's team: team_pool.h's or OpenMP's.
+    True: the team is to stop here (a pool team that may stop and has stalled), the
+    same answer in every thread."""
     if p.pool_team:
-        fastrnn_pool_barrier()
-    else:
-        fastrnn_barrier()
+        return fastrnn_pool_barrier()
+    fastrnn_barrier()
+    return False
 
 
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
@@ -105,7 +108,7 @@ cdef inline void gather_gate_rows(const Plan *p, Py_ssize_t M, const floating **
                 memcpy(C[i] + g * hk, A[i] + g * H + j0, hk * sizeof(floating))
 
 
-cdef void forward_thread(
+cdef Py_ssize_t forward_thread(
         floating *y,                # OUT (T, B, H), = p.y (gives the type)
         const Plan *p,
         Py_ssize_t r0, Py_ssize_t r1,  # this thread's rows: order[r0:r1]
@@ -118,6 +121,9 @@ cdef void forward_thread(
         int *fail,                  # SHARED (nthr,) allocation failure per thread
         int tid, int nthr) noexcept nogil:
     """One thread's share of the forward pass: rows order[r0:r1], hidden units [j0, j1).
+    Returns the steps it ran: all of its rows' (maxlen), or fewer when a pool team
+    stopped at a step barrier (team_barrier), with h_t in y and h_n, c_n written as
+    after the last step run.
 
     Large batches split rows (each thread all units, no barrier); small batches
     split units (each thread all rows and its own slice of every gate, so its
@@ -174,6 +180,7 @@ cdef void forward_thread(
     cdef void *bwork = NULL      # bf16 GEMMs: A rows rounded (fastrnn_bf16_work_bytes)
     cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
     cdef int q, failed = 0
+    cdef bint stop = False
     cdef floating *ar
     cdef floating *aux_out
     if has_c:
@@ -210,12 +217,12 @@ cdef void forward_thread(
                 if c0 != NULL:
                     memcpy(c + r * hk, c0 + b * H + j0, hk * sizeof(floating))
     if sync:
-        team_barrier(p)
+        stop = team_barrier(p)   # a team that stalled already runs no step
         for q in range(nthr):
             failed = failed + fail[q]
     else:
         failed = fail[tid]
-    if failed or GK == 0 and not sync:
+    if failed or stop or GK == 0 and not sync:
         maxlen = 0   # all threads skip the loop together: no barrier is left waiting
     s0 = 0
     while s0 < maxlen:
@@ -281,11 +288,14 @@ cdef void forward_thread(
             if proj:       # h_t = (o * tanh(c_t)) W_hr^T
                 gemm_rows(nact, O, H, r_rows, <const floating *> p.w_hr_packed,
                           <const floating *> p.w_hr, H, y_rows, 0)
-            if sync:
-                team_barrier(p)     # h_t complete (every thread's units) before anyone reads it
+            if sync:   # h_t complete (every thread's units) before anyone reads it
+                stop = team_barrier(p)
             for r in range(nact):   # h_t is next step's h_{t-1}
                 b = order[r0 + r]
                 h_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * ldy
+            if stop:        # every thread of the team, after the same step
+                maxlen = s + 1
+                break
         s0 = s1
     if not failed:
         for r in range(nrows):
@@ -297,6 +307,7 @@ cdef void forward_thread(
     free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb); free(hrb)
     free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
     free(r_rows); free(y_rows); free(bwork)
+    return maxlen
 
 
 cdef inline floating *row_backward(const Plan *p, floating *g_all, const floating *zeros,
@@ -536,6 +547,7 @@ cdef struct ForwardTeam:
     bint by_units               # split hidden units, every thread all rows (else rows)
     bint single                 # float32 (else float64)
     int *fails                  # (nthr,) allocation failure per thread
+    Py_ssize_t steps            # OUT the steps the team ran (thread 0's forward_thread)
 
 
 cdef void forward_share(void *ctx, int tid, int nthr) noexcept nogil:
@@ -558,13 +570,15 @@ cdef void forward_share_typed(floating *y, ForwardTeam *t, int tid, int nthr) no
     if not t.by_units:
         r0 = t.bounds[tid] if t.bounds != NULL else tid * B // nthr
         r1 = t.bounds[tid + 1] if t.bounds != NULL else (tid + 1) * B // nthr
-    forward_thread(
+    cdef Py_ssize_t steps = forward_thread(
         y, p, r0, r1, unit_start(H, k, ns), unit_start(H, k + 1, ns),
         s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k, True) if s_ih != NULL else NULL,
         s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k, True) if s_hh != NULL else NULL,
         b_ih + bf16_slice_offset(G, H, p.I, ns, k) if b_ih != NULL else NULL,
         b_hh + bf16_slice_offset(G, H, p.O, ns, k) if b_hh != NULL else NULL,
         t.by_units, t.fails, tid, nthr)
+    if tid == 0:
+        t.steps = steps
 
 
 cdef struct PackJob:
@@ -636,10 +650,10 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     cdef int k, failed = 0
     cdef CallDigests digests
     digests.taken = False
-    if fastrnn_pool_ready(team):
+    if not fastrnn_pool_contended() and fastrnn_pool_ready(team):
         if pack_for(p, w_ih, w_hh, nslices, team, &digests):
             p.pool_team = True
-            ran = fastrnn_pool_try_run(team, forward_share, ctx)
+            ran = fastrnn_pool_try_run(team, forward_share, ctx, 0)   # runs every step
             for k in range(team):
                 failed = failed | ctx.fails[k]
             packed_one = nslices == 1       # a refused row split runs alone on these

@@ -121,7 +121,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     threads of team_pool.h (hidden units split when by_units: every thread all rows,
     one barrier per step; else rows) when the pool's workers are ready; else on this
     thread, a segment of steps at a time, asking again between segments, so that a
-    worker that was asleep joins part-way and the call never waits for one. Every
+    worker that was asleep joins part-way and the call never waits for one. A unit
+    split team that stalls stops after a step and this thread goes on alone; no team
+    forms while the pool backs off after a stall (team_pool.h). Every
     split and every segmentation gives bitwise the same numbers (a segment starts
     from the h and c the last one wrote). fail[0]: 1 out of memory."""
     cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
@@ -130,7 +132,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
     cdef int pool_n = team if owns else 1     # threads the pool may lend this call
     cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False
+    cdef bint alone_packed = False, crew_packed = False, contended
     cdef CallDigests digests
     cdef ForwardTeam ctx
     cdef int *fails = NULL
@@ -149,7 +151,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
     while s < T and not fail[0]:
-        if owns and not fastrnn_pool_openmp_spinning() and fastrnn_pool_ready(team):
+        contended = owns and fastrnn_pool_contended()
+        if owns and not contended and not fastrnn_pool_openmp_spinning() \
+                and fastrnn_pool_ready(team):
             if not crew_packed:     # once per call, and only when a team can form
                 crew_packed = True
                 fails = <int *> calloc(team, sizeof(int))
@@ -162,12 +166,19 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             segment(&crew, p, y, s, T)
             ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &crew, NULL, by_units, \
                 floating is float, fails
-            if fastrnn_pool_try_run(team, forward_share, &ctx):
+            ctx.steps = 0
+            # the unit split meets at every step: if it stalls (another process holds
+            # a worker's CPU), it stops at a step and this thread goes on alone
+            if fastrnn_pool_try_run(team, forward_share, &ctx, by_units):
                 TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
                 for q in range(team):
                     fail[0] = fail[0] | fails[q]
-                break
-        e = min(T, s + seg)
+                s = s + ctx.steps
+                if s >= T or fail[0]:
+                    break
+                continue
+        # backing off after a stall: the rest at once (each segment reads W_ih again)
+        e = T if contended else min(T, s + seg)
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
@@ -456,17 +467,21 @@ def pool_stats():
     """The eval calls' worker pool (team_pool.h), for tests and docs: teams run (of the
     recurrence), tries refused because a worker was not ready, shares run by workers
     (of teams and of loops), workers made, loops run on a team (the weights' digest,
-    packing), times a ready worker moved off the caller's CPU; the small-batch fast
-    path's teams that split rows and that split hidden units."""
-    cdef long out[6]
+    packing), times a ready worker moved off the caller's CPU, teams in which a thread
+    waited for a teammate too long ("stalls"), teams that stopped part-way for it
+    ("stops"), whether calls run alone now for a recent stall ("contended"); the
+    small-batch fast path's teams that split rows and that split hidden units."""
+    cdef long out[8]
     fastrnn_pool_stats(out)
     return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
-            "loops": out[4], "moved": out[5], "row_teams": TEAMS_BY_SPLIT[0],
+            "loops": out[4], "moved": out[5], "stalls": out[6], "stops": out[7],
+            "contended": bool(fastrnn_pool_contended()), "row_teams": TEAMS_BY_SPLIT[0],
             "unit_teams": TEAMS_BY_SPLIT[1]}
 
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
-                    double openmp_window=-1, bint colocated=False):
+                    double openmp_window=-1, bint colocated=False, int stall_at=0,
+                    double backoff=-1):
     """Test hook: the next `refuse` tries to form a team are refused as if the workers
     were not awake yet (so a call runs that many segments alone, then joins), and the
     alone segments are `segment_flop` of work; any_stamp: a waiting worker is claimed
@@ -474,17 +489,25 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     team forms deterministically; openmp_window: seconds after an OpenMP team during
     which fast-path calls run alone (negative: the default, team_pool.h). Setting the
     window also ends the current one; colocated: the next time a worker looks where it
-    runs, it finds itself on the last caller's CPU (and moves off it as it would).
-    pool_test_knobs() restores the defaults."""
+    runs, it finds itself on the last caller's CPU (and moves off it as it would);
+    stall_at = k >= 1: the next team is marked stalled at its k-th meeting, as if a
+    thread had waited there too long for another (a unit split team of the fast path
+    meets before its first step and after every step, and stops at that barrier; the
+    end of a team is its last meeting, a row split team's first);
+    backoff: seconds the next back-off window after a stall lasts (negative: the
+    default); every call also ends the current window. pool_test_knobs() restores
+    the defaults."""
     global SEGMENT_FLOP
-    if refuse < 0 or segment_flop <= 0:
-        raise ValueError(f"pool_test_knobs: refuse must be >= 0 and segment_flop > 0, "
-                         f"got {refuse} and {segment_flop}")
+    if refuse < 0 or segment_flop <= 0 or stall_at < 0:
+        raise ValueError(f"pool_test_knobs: refuse and stall_at must be >= 0 and "
+                         f"segment_flop > 0, got {refuse}, {stall_at} and {segment_flop}")
     SEGMENT_FLOP = segment_flop
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
                                    else -1, False)
     fastrnn_pool_pretend_colocated(colocated)
+    fastrnn_pool_pretend_stall(stall_at)
+    fastrnn_pool_clear_backoff(<long long> min(backoff * 1e9, 4.0e18) if backoff > 0 else 0)
 
 
 def set_openmp_spin_window(double seconds):
@@ -569,8 +592,8 @@ def _packings_of(cnp.ndarray w, int G, int nslices, int n):
     cdef float *a
     cdef float *b
     cdef bint owns
-    cdef long before[6]
-    cdef long after[6]
+    cdef long before[8]
+    cdef long after[8]
     fastrnn_pool_stats(before)
     with nogil:
         a = gate_slices(W, G, H, K, nslices, True, n)

@@ -26,7 +26,9 @@
  *     RUN --share done--> READY;   READY --timeout--> IDLE;   CLAIMED --not all--> READY
  *     READY --a loop's caller claims it alone--> RUN (fastrnn_pool_for)
  * Within a team, threads meet at fastrnn_pool_barrier (spinning, the team's threads
- * all running; yielding after ~1000 rounds, fastrnn_pool_wait). One caller at a time
+ * all running; yielding after ~1000 rounds, fastrnn_pool_wait); a team whose thread
+ * waits there for milliseconds has lost a CPU to another process and stops or is
+ * not formed again for a while (FASTRNN_POOL_STALL_NS). One caller at a time
  * owns the pool (fastrnn_pool_enter); a second concurrent caller is refused and runs
  * alone. After fork() the child starts with no
  * workers and makes its own.
@@ -73,6 +75,23 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * window until fastrnn/_openmp_wait.py sets one from OMP_WAIT_POLICY / GOMP_SPINCOUNT
  * and the CPU's pause (fastrnn_pause_ns), at import. */
 #define FASTRNN_POOL_OPENMP_SPIN_NS 8000000LL
+
+/* Another process's threads can hold a worker's CPU for whole scheduler ticks: a BLAS
+ * or ONNX Runtime thread pool spins for up to ~100 ms after its last call, never
+ * yielding. A team of the unit split meets at every step, so while its worker is off
+ * the CPU the caller waits: on the 2-core Xeon KVM guest an LSTM I=H=512 B=2 T=50 eval
+ * call right after a NumPy matmul took 16-19 ms on a team, 9.9 on the caller alone and
+ * 3.0 with nothing else running (OpenBLAS's worker and fastrnn's took turns on one CPU
+ * in 4 ms slices, `perf sched`). So a thread that waits for a teammate longer than
+ * FASTRNN_POOL_STALL_NS marks the team stalled; a team that may stop (the fast path's,
+ * whose next steps can run alone from the state the team left) then stops at its next
+ * step barrier, and any stalled team makes the following calls run alone for a
+ * back-off window: FASTRNN_POOL_BACKOFF_MIN_NS, doubled at each stall that follows
+ * (up to FASTRNN_POOL_BACKOFF_MAX_NS), back to the least after a team that ran without
+ * one. A normal step's wait is microseconds; a preempted teammate's is milliseconds. */
+#define FASTRNN_POOL_STALL_NS 500000LL
+#define FASTRNN_POOL_BACKOFF_MIN_NS 10000000LL
+#define FASTRNN_POOL_BACKOFF_MAX_NS 320000000LL
 
 /* A worker on the caller's CPU cannot run beside it: a team of the two takes turns on
  * one CPU, every barrier a trip through the scheduler, slower than the caller alone.
@@ -139,13 +158,22 @@ typedef struct {
     _Atomic long long openmp_until;   /* OpenMP workers may spin until then (clock ns) */
     _Atomic long long openmp_window;  /* how long they may */
     _Atomic long long openmp_window_default;  /* what the test hook restores */
+    _Atomic int stalled;              /* a thread of the current team waited too long */
+    _Atomic int may_stop;             /* the current team stops at a stalled step barrier */
+    _Atomic int bar_stop;             /* the last barrier's decision: stop after it */
+    _Atomic int pretend_stall;        /* test hook: the next team stalls at barrier k */
+    _Atomic int stall_countdown;      /* the current team's: barriers until it stalls */
+    _Atomic long long contended_until;    /* calls run alone until then (clock ns) */
+    _Atomic long long backoff;        /* the next back-off window (ns) */
+    _Atomic long n_stalls, n_stops;   /* teams that stalled; teams stopped part-way */
 } fastrnn_pool_t;
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
                                        .cv = PTHREAD_COND_INITIALIZER,
                                        .caller_cpu = -1,
                                        .openmp_window = FASTRNN_POOL_OPENMP_SPIN_NS,
-                                       .openmp_window_default = FASTRNN_POOL_OPENMP_SPIN_NS };
+                                       .openmp_window_default = FASTRNN_POOL_OPENMP_SPIN_NS,
+                                       .backoff = FASTRNN_POOL_BACKOFF_MIN_NS };
 static pthread_once_t fastrnn_pool_once = PTHREAD_ONCE_INIT;
 
 static long long fastrnn_now_ns(void)
@@ -165,6 +193,22 @@ static inline void fastrnn_pool_wait(unsigned spin)
     FASTRNN_SPIN_PAUSE();
     if (spin > 1024 && (spin & 63) == 0)
         sched_yield();
+}
+
+/* fastrnn_pool_wait for another thread of the running team. *since (0 before the first
+ * round) keeps the time of the first yielding round; a wait that lasts
+ * FASTRNN_POOL_STALL_NS from there marks the team stalled. The clock is read only in
+ * the yielding rounds, which a normal step's wait never reaches. */
+static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since)
+{
+    fastrnn_pool_wait(spin);
+    if (spin > 1024 && (spin & 63) == 0) {
+        long long now = fastrnn_now_ns();
+        if (*since == 0)
+            *since = now;
+        else if (now - *since > FASTRNN_POOL_STALL_NS)
+            atomic_store_explicit(&fastrnn_pool.stalled, 1, memory_order_relaxed);
+    }
 }
 
 /* Sleep until wake_seq differs from *seen (unless held); then *seen := wake_seq. */
@@ -305,6 +349,7 @@ static void fastrnn_pool_after_fork_child(void)
     atomic_store(&P->owner, 0);
     atomic_store(&P->finished, 0);
     atomic_store(&P->caller_cpu, -1);
+    atomic_store(&P->contended_until, 0);      /* the parent's workers stalled, not ours */
     P->nworkers = 0;                                    /* the parent's threads are not here */
 }
 
@@ -388,11 +433,35 @@ static int fastrnn_pool_ready(int n)
     return 1;
 }
 
+/* After a team: a stall starts the back-off window (and doubles the next one), a
+ * team without one sets the window back to the least. */
+static void fastrnn_pool_after_team(fastrnn_pool_t *P)
+{
+    long long b = atomic_load(&P->backoff);
+    if (atomic_load(&P->stalled)) {
+        atomic_fetch_add(&P->n_stalls, 1);
+        atomic_store(&P->contended_until, fastrnn_now_ns() + b);
+        atomic_store(&P->backoff, 2 * b < FASTRNN_POOL_BACKOFF_MAX_NS ? 2 * b
+                                                                     : FASTRNN_POOL_BACKOFF_MAX_NS);
+    } else if (b != FASTRNN_POOL_BACKOFF_MIN_NS) {
+        atomic_store(&P->backoff, FASTRNN_POOL_BACKOFF_MIN_NS);
+    }
+}
+
+/* Did a recent team stall (calls should run alone until its back-off window ends)? */
+static int fastrnn_pool_contended(void)
+{
+    return fastrnn_now_ns() < atomic_load_explicit(&fastrnn_pool.contended_until,
+                                                   memory_order_relaxed);
+}
+
 /* Run fn(ctx, tid, n) on n threads, the caller as tid 0, if n - 1 workers are ready
  * and running (fresh stamps);
  * return 1 when it ran (every share finished), 0 when it did not run at all.
- * The caller must own the pool (fastrnn_pool_enter). */
-static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
+ * may_stop: fn's threads stop together at a step barrier once the team has stalled
+ * (fastrnn_pool_barrier returns 1; fn must then leave a state the caller can go on
+ * from alone). The caller must own the pool (fastrnn_pool_enter). */
+static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx, int may_stop)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     int w, claimed = 0;
@@ -423,13 +492,21 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx)
     P->ctx = ctx;
     P->nthr = n;
     atomic_store(&P->bar_count, 0);
+    atomic_store(&P->bar_stop, 0);
+    atomic_store(&P->may_stop, may_stop);
+    atomic_store(&P->stalled, 0);
+    atomic_store(&P->stall_countdown, atomic_exchange(&P->pretend_stall, 0));
     atomic_store(&P->finished, 0);
     for (w = 0; w < n - 1; ++w)                         /* release: the fields above first */
         atomic_store_explicit(&P->state[w].v, FASTRNN_W_RUN, memory_order_release);
     fn(ctx, 0, n);
+    long long since = 0;
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1; ++spin)
-        fastrnn_pool_wait(spin);
+        fastrnn_pool_wait_teammate(spin, &since);
+    if (atomic_exchange(&P->stall_countdown, 0) == 1)   /* test hook: the end is its last meeting */
+        atomic_store(&P->stalled, 1);
     atomic_fetch_add(&P->n_teams, 1);
+    fastrnn_pool_after_team(P);
     return 1;
 }
 
@@ -470,6 +547,8 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
     fastrnn_pool_loop L;
     long c;
     int joined = 0, want = n - 1 < P->nworkers ? n - 1 : P->nworkers;
+    if (fastrnn_pool_contended())
+        want = 0;                           /* a recent team stalled: alone */
     L.fn = fn;
     L.ctx = ctx;
     L.nchunks = nchunks;
@@ -481,6 +560,7 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
     P->fn = fastrnn_pool_loop_share;        /* a worker sees these through its RUN (release) */
     P->ctx = &L;
     P->nthr = want + 1;
+    atomic_store(&P->stalled, 0);
     atomic_store(&P->finished, 0);
     while ((c = atomic_fetch_add(&L.next, 1)) < nchunks) {
         if (joined < want) {
@@ -491,28 +571,47 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
         }
         fn(ctx, c);
     }
+    long long since = 0;
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < joined; ++spin)
-        fastrnn_pool_wait(spin);
-    if (joined > 0)
+        fastrnn_pool_wait_teammate(spin, &since);
+    if (joined > 0) {
         atomic_fetch_add(&P->n_loops, 1);
+        fastrnn_pool_after_team(P);
+    }
 }
 
-/* Every thread of the running team calls this the same number of times. */
-static void fastrnn_pool_barrier(void)
+/* Every thread of the running team calls this the same number of times. Returns 1
+ * when the team is to stop after it: it may stop and has stalled. The last thread to
+ * arrive decides, before it lets the others go, so all get the same answer (the next
+ * barrier cannot overwrite it before every thread has read it: it waits for them). */
+static int fastrnn_pool_barrier(void)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     unsigned gen = atomic_load_explicit(&P->bar_gen, memory_order_acquire);
     if (atomic_fetch_add(&P->bar_count, 1) == P->nthr - 1) {
+        int k = atomic_load_explicit(&P->stall_countdown, memory_order_relaxed);
+        if (k > 0) {                                    /* test hook (only here: serialised) */
+            atomic_store_explicit(&P->stall_countdown, k - 1, memory_order_relaxed);
+            if (k == 1)
+                atomic_store_explicit(&P->stalled, 1, memory_order_relaxed);
+        }
+        int stop = atomic_load_explicit(&P->may_stop, memory_order_relaxed)
+                   && atomic_load_explicit(&P->stalled, memory_order_relaxed);
+        atomic_store_explicit(&P->bar_stop, stop, memory_order_relaxed);
+        if (stop)
+            atomic_fetch_add_explicit(&P->n_stops, 1, memory_order_relaxed);
         atomic_store_explicit(&P->bar_count, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&P->bar_gen, 1, memory_order_release);
-    } else {
-        for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
-            fastrnn_pool_wait(spin);
+        return stop;
     }
+    long long since = 0;
+    for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
+        fastrnn_pool_wait_teammate(spin, &since);
+    return atomic_load_explicit(&P->bar_stop, memory_order_relaxed);
 }
 
 /* Test hooks: stats (teams, refused tries, worker shares, workers, loops, moves off
- * the caller's CPU); refuse(k, a):
+ * the caller's CPU, teams that stalled, teams stopped part-way); refuse(k, a):
  * the next k tries are refused as if the workers were not awake, and with a = 1 a READY
  * worker is claimed even if its stamp is stale (so that a test's team forms however
  * the host schedules the worker: the team then waits for it, slower but the same);
@@ -526,6 +625,25 @@ static void fastrnn_pool_stats(long *out)
     out[3] = fastrnn_pool.nworkers;
     out[4] = atomic_load(&fastrnn_pool.n_loops);
     out[5] = atomic_load(&fastrnn_pool.n_moved);
+    out[6] = atomic_load(&fastrnn_pool.n_stalls);
+    out[7] = atomic_load(&fastrnn_pool.n_stops);
+}
+
+/* Test hooks: pretend_stall(k), k >= 1: the next team is marked stalled as its k-th
+ * barrier completes, as if a thread had waited too long there (a team that may stop
+ * then stops at that barrier; the fast path's unit split meets once before its first
+ * step and once after every step), or at its end if that is its k-th meeting (a row
+ * split team's first: it has no barrier); clear_backoff(ns) ends the back-off window and
+ * makes the next one ns long (ns <= 0: the least). */
+static void fastrnn_pool_pretend_stall(int k)
+{
+    atomic_store(&fastrnn_pool.pretend_stall, k > 0 ? k : 0);
+}
+
+static void fastrnn_pool_clear_backoff(long long next_ns)
+{
+    atomic_store(&fastrnn_pool.contended_until, 0);
+    atomic_store(&fastrnn_pool.backoff, next_ns > 0 ? next_ns : FASTRNN_POOL_BACKOFF_MIN_NS);
 }
 
 /* Test hook: on = 1, the next time a worker looks where it runs, it finds itself on the

@@ -407,3 +407,79 @@ def test_a_worker_on_the_callers_cpu_is_not_claimed_and_moves_off_it(mode):
         assert teams == 0 and moved == 0
     else:
         assert moved > 0 and teams > 0
+
+
+def stalled_call(m, args, stall_at):
+    """m(*args) on a team marked stalled at its stall_at-th barrier (the test hook; any
+    waiting worker claimed), backing off for a minute after; its result and the pool's
+    counters before and after."""
+    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
+        until_team(lambda: m(*args))
+        _recurrent.pool_test_knobs(any_stamp=True, stall_at=stall_at, backoff=60.0)
+        before = _recurrent.pool_stats()
+        got = m(*args)
+        after = _recurrent.pool_stats()
+        if after["teams"] == before["teams"] + 1:
+            return got, before, after
+        _recurrent.pool_test_knobs()
+    pytest.fail("no call ran on a team")
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stall_at", [1, 2, 6, 13, 14])
+def test_a_stalled_team_stops_and_the_caller_finishes_alone(cls, dtype, stall_at):
+    """A unit split team (B=2) that stalls stops at that barrier: barrier 1 comes before
+    the first step (no step run), barrier k + 1 after step k (T = 12: 13 is the last;
+    14, the team's end, stops nothing but still backs off).
+    The caller runs the steps left alone from the state the team left, bitwise as one
+    thread; calls then run alone while the pool backs off, and teams form again after."""
+    T, B = 12, 2
+    m, x = layer_and_input(cls, T, B, dtype, seed=stall_at)
+    h0 = np.random.default_rng(2).standard_normal((1, B, H)).astype(dtype)
+    hx = (h0, -0.5 * h0) if cls == "LSTM" else h0
+    want = on_one_thread(m, x, hx)
+    got, before, after = stalled_call(m, (x, hx), stall_at)
+    assert after["stalls"] == before["stalls"] + 1
+    assert after["stops"] == before["stops"] + (stall_at <= T + 1)
+    assert after["unit_teams"] == before["unit_teams"] + 1
+    assert after["contended"]
+    assert_same(got, want)
+    again = m(x, hx)                                    # backing off: alone
+    assert _recurrent.pool_stats()["teams"] == after["teams"]
+    assert_same(again, want)
+    _recurrent.pool_test_knobs()                        # the window ends
+    assert not _recurrent.pool_stats()["contended"]
+    assert_same(until_team(lambda: m(x, hx)), want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_stalled_row_split_team_runs_to_the_end_then_backs_off(cls):
+    """A row split team has no step barrier to stop at: it finishes (the same numbers),
+    and the stall still makes the next calls run alone."""
+    T, B = 5, 40
+    m, x = layer_and_input(cls, T, B, seed=7)
+    want = on_one_thread(m, x)
+    got, before, after = stalled_call(m, (x,), 1)
+    assert after["row_teams"] == before["row_teams"] + 1
+    assert after["stalls"] == before["stalls"] + 1
+    assert after["stops"] == before["stops"]
+    assert after["contended"]
+    assert_same(got, want)
+    assert_same(m(x), want)
+    assert _recurrent.pool_stats()["teams"] == after["teams"]
+
+
+def test_a_team_that_does_not_stall_leaves_the_pool_free():
+    m, x = layer_and_input("LSTM", 12, 2, seed=9)
+    want = on_one_thread(m, x)
+    got, before, after = stalled_call(m, (x,), 15)      # past the team's end (meeting 14)
+    assert after["stalls"] == before["stalls"]
+    assert after["stops"] == before["stops"]
+    assert not after["contended"]
+    assert_same(got, want)
+
+
+def test_stall_knob_rejects_a_negative_barrier():
+    with pytest.raises(ValueError, match="stall_at"):
+        _recurrent.pool_test_knobs(stall_at=-1)
