@@ -469,12 +469,14 @@ def pool_stats():
     (of teams and of loops), workers made, loops run on a team (the weights' digest,
     packing), times a ready worker moved off the caller's CPU, teams in which a thread
     waited for a teammate too long ("stalls"), teams that stopped part-way for it
-    ("stops"), whether calls run alone now for a recent stall ("contended"); the
+    ("stops"), times a worker found another thread holding its CPU ("busy"), whether
+    calls run alone now for either ("contended"); the
     small-batch fast path's teams that split rows and that split hidden units."""
-    cdef long out[8]
+    cdef long out[9]
     fastrnn_pool_stats(out)
     return {"teams": out[0], "refused": out[1], "worker_shares": out[2], "workers": out[3],
             "loops": out[4], "moved": out[5], "stalls": out[6], "stops": out[7],
+            "busy": out[8],
             "contended": bool(fastrnn_pool_contended()), "row_teams": TEAMS_BY_SPLIT[0],
             "unit_teams": TEAMS_BY_SPLIT[1]}
 
@@ -592,17 +594,19 @@ def _packings_of(cnp.ndarray w, int G, int nslices, int n):
     cdef float *a
     cdef float *b
     cdef bint owns
-    cdef long before[8]
-    cdef long after[8]
+    cdef long before[9]
+    cdef long after[9]
     fastrnn_pool_stats(before)
     with nogil:
-        a = gate_slices(W, G, H, K, nslices, True, n)
+        # the pool's first: OpenMP's workers spin on after their packing, and a pool
+        # worker that finds one on its CPU keeps the pool's loops to the caller a while
         owns = n > 1 and fastrnn_pool_enter(n)
         b = <float *> scratch_alloc((size + 1) * sizeof(float))
         if b != NULL:
             pool_pack_slices(b, W, G, H, K, nslices, n if owns else 1)
         if owns:
             fastrnn_pool_leave()
+        a = gate_slices(W, G, H, K, nslices, True, n)
     if a == NULL or b == NULL:
         scratch_free(a); scratch_free(b)
         raise MemoryError("_packings_of")

@@ -265,6 +265,8 @@ def test_packing_on_the_pool_is_the_openmp_packing(G, H_, K, nslices):
     assert alone == on_pool and len(alone) > 0
     end = time.monotonic() + 5.0
     while True:
+        _recurrent.pool_test_knobs()    # no back-off: the last try's OpenMP workers
+                                        # spun beside the pool's, which saw them
         omp, on_pool, teamed = _recurrent._packings_of(w, G, nslices, 2)
         assert omp == alone and on_pool == alone
         if teamed or len(alone) // (4 * K) < 64:     # under two panels of 32: maybe one chunk
@@ -483,3 +485,25 @@ def test_a_team_that_does_not_stall_leaves_the_pool_free():
 def test_stall_knob_rejects_a_negative_barrier():
     with pytest.raises(ValueError, match="stall_at"):
         _recurrent.pool_test_knobs(stall_at=-1)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_beside_a_spinning_process_the_numbers_do_not_change(cls):
+    """Another process spinning on a CPU (as NumPy's OpenBLAS workers do after a matmul):
+    teams stall, stop part-way or are not formed (whatever the host's scheduler does),
+    and every call still gives one thread's numbers."""
+    T, B = 30, 2
+    m, x = layer_and_input(cls, T, B, seed=11)
+    want = on_one_thread(m, x)
+    until_team(lambda: m(x))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.05)
+        for _ in range(20):
+            assert_same(m(x), want)
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
