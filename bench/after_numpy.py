@@ -26,16 +26,14 @@ if _ROOT not in sys.path:  # measure the checkout, not some installed copy
 import numpy as np  # noqa: E402
 
 import fastrnn  # noqa: E402
-from bench.idle_latency import engines_for, set_threads  # noqa: E402
-from fastrnn.benchmark.engines import Case, available_peers  # noqa: E402
+from bench.idle_latency import (cells_arg, engines_for, peers_arg, set_threads,  # noqa: E402
+                                warm_up)
+from fastrnn.benchmark.engines import Case  # noqa: E402
 
 def measure(engines, peers, trials, quiet_s, a, b):
     """{label: (quiet call ms list, call-after-matmul ms list)}, engines interleaved."""
     res = {label: ([], []) for label, _, _ in engines}
-    for label, run, n in engines:          # warm up: packing, plans, sessions
-        set_threads(n, peers)
-        for _ in range(3):
-            run()
+    warm_up(engines, peers)
     for _ in range(trials):
         for label, run, n in engines:
             set_threads(n, peers)
@@ -67,10 +65,7 @@ def main(argv=None):
     ap.add_argument("--peers", default="auto",
                     help="auto (whichever of torch, onnxruntime import), none, or a list")
     args = ap.parse_args(argv)
-    cells = args.cells.split(",")
-    for cell in cells:
-        if cell not in ("lstm", "gru", "rnn_tanh"):
-            ap.error(f"--cells: expected some of gru, lstm, rnn_tanh, got {cell!r}")
+    cells = cells_arg(ap, args.cells)
     try:
         batches = [int(v) for v in args.B.split(",")]
     except ValueError:
@@ -81,15 +76,7 @@ def main(argv=None):
                        ("--threads", args.threads)) + tuple(("-B", v) for v in batches):
         if value < 1:
             ap.error(f"{opt}: expected >= 1, got {value}")
-    if args.peers == "auto":
-        peers = available_peers()
-    elif args.peers == "none":
-        peers = []
-    else:
-        peers = args.peers.split(",")
-        for p in peers:
-            if p not in ("torch", "onnxruntime"):
-                ap.error(f"--peers: expected auto, none or some of onnxruntime, torch, got {p!r}")
+    peers = peers_arg(ap, args.peers)
     rng = np.random.default_rng(0)
     a = rng.standard_normal((512, 512)).astype(np.float32)
     b = rng.standard_normal((512, 512)).astype(np.float32)

@@ -53,13 +53,40 @@ def set_threads(n, peers):
         torch.set_num_threads(n)
 
 
-def measure(engines, peers, gap, trials):
-    """{label: (first call ms list, next call ms list)}, engines interleaved per trial."""
-    res = {label: ([], []) for label, _, _ in engines}
-    for label, run, n in engines:          # warm up: packing, plans, sessions
+def warm_up(engines, peers):
+    """Three untimed calls of each engine: packing, plans, sessions."""
+    for label, run, n in engines:
         set_threads(n, peers)
         for _ in range(3):
             run()
+
+
+def cells_arg(ap, text):
+    """--cells as a list, or an argparse error naming it."""
+    cells = text.split(",")
+    for cell in cells:
+        if cell not in ("lstm", "gru", "rnn_tanh"):
+            ap.error(f"--cells: expected some of gru, lstm, rnn_tanh, got {cell!r}")
+    return cells
+
+
+def peers_arg(ap, text):
+    """--peers as a list of peer names (auto: whichever import), or an argparse error."""
+    if text == "auto":
+        return available_peers()
+    if text == "none":
+        return []
+    peers = text.split(",")
+    for p in peers:
+        if p not in ("torch", "onnxruntime"):
+            ap.error(f"--peers: expected auto, none or some of onnxruntime, torch, got {p!r}")
+    return peers
+
+
+def measure(engines, peers, gap, trials):
+    """{label: (first call ms list, next call ms list)}, engines interleaved per trial."""
+    res = {label: ([], []) for label, _, _ in engines}
+    warm_up(engines, peers)
     for _ in range(trials):
         for label, run, n in engines:
             set_threads(n, peers)
@@ -90,24 +117,13 @@ def main(argv=None):
                          "on bf16 where the CPU has AVX512-BF16 (cells, the step case, stay "
                          "float32)")
     args = ap.parse_args(argv)
-    cells = args.cells.split(",")
-    for cell in cells:
-        if cell not in ("lstm", "gru", "rnn_tanh"):
-            ap.error(f"--cells: expected some of gru, lstm, rnn_tanh, got {cell!r}")
+    cells = cells_arg(ap, args.cells)
     for opt in ("H", "T", "B", "trials", "threads"):
         if getattr(args, opt) < 1:
             ap.error(f"-{opt if len(opt) == 1 else '-' + opt}: expected >= 1, got {getattr(args, opt)}")
     if args.gap < 0:
         ap.error(f"--gap: expected >= 0, got {args.gap}")
-    if args.peers == "auto":
-        peers = available_peers()
-    elif args.peers == "none":
-        peers = []
-    else:
-        peers = args.peers.split(",")
-        for p in peers:
-            if p not in ("torch", "onnxruntime"):
-                ap.error(f"--peers: expected auto, none or some of onnxruntime, torch, got {p!r}")
+    peers = peers_arg(ap, args.peers)
     info = fastrnn.config()
     print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, matmul precision "
           f"{args.precision}; {args.trials} trials after {args.gap} s idle each; "
