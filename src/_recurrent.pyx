@@ -69,13 +69,15 @@ cdef inline bint team_barrier(const Plan *p) noexcept nogil:
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
                            const floating *w_slice, const uint16_t *w_bf16, const floating *w,
                            Py_ssize_t j0, Py_ssize_t hk, floating **C, floating **Cg,
-                           floating beta, void *work) noexcept nogil:
+                           floating beta, void *work, bint flip=False) noexcept nogil:
     """C[i][g*hk + j] := beta*C[i][g*hk + j] + A[i] . W[g*H + j0 + j] for g < G, j < hk, i < M.
 
     W (G*H x K) is this thread's slice in bf16 panels when w_bf16 is given (work:
     fastrnn_bf16_work_bytes(M, K)), else its packed slice when given; else it is
     read in place, one gate block at a time when the thread owns only some units
     (no copy: what lets a batch-1 step use every core). Cg: M scratch pointers.
+    flip: a packed slice's panels are read last to first (see zigzag_bytes); each
+    output column is the same sum either way.
     """
     cdef Py_ssize_t g, i, G = p.G
     if M <= 0 or hk <= 0:
@@ -84,7 +86,16 @@ cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floa
         if w_bf16 != NULL:
             fastrnn_bf16_gemm(M, G * hk, K, A, w_bf16, C, beta, work)
             return
-    if w_slice != NULL:
+    cdef Py_ssize_t c0, n, N = G * hk, chunk = 2 * panel_width(<floating *> NULL)
+    if w_slice != NULL and flip:    # two panels at a time, as gemm_rows pairs them
+        c0 = (N - 1) // chunk * chunk
+        while c0 >= 0:
+            n = min(chunk, N - c0)
+            for i in range(M):
+                Cg[i] = C[i] + c0
+            gemm_rows(M, n, K, A, w_slice + c0 * K, NULL, 0, Cg, beta)
+            c0 = c0 - chunk
+    elif w_slice != NULL:
         gemm_rows(M, G * hk, K, A, w_slice, NULL, 0, C, beta)
     elif hk == p.H:
         gemm_rows(M, G * hk, K, A, NULL, w, K, C, beta)
@@ -157,6 +168,9 @@ cdef Py_ssize_t forward_thread(
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place
+    # the slice of W_hh every step reads: over half a core's L2, sweep it back and forth
+    cdef bint zigzag = (w_hh_k != NULL and zigzag_bytes > 0
+                        and GK * O * <Py_ssize_t> sizeof(floating) > zigzag_bytes)
     cdef bint in_gates = gates != NULL and hk == H and not in_y
     cdef Py_ssize_t gk = GK if GK > 0 else 1
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
@@ -258,10 +272,10 @@ cdef Py_ssize_t forward_thread(
             m = m + nact
             if apart:
                 gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
-                          gh_rows, scratch, 0, bwork)
+                          gh_rows, scratch, 0, bwork, zigzag and (s & 1) == 1)
             else:
                 gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
-                          a_rows, scratch, 1, bwork)
+                          a_rows, scratch, 1, bwork, zigzag and (s & 1) == 1)
             for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
                 row = time_index(s, lengths[b], reverse) * B + b
@@ -979,11 +993,24 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
 # B=2, 4 and 8 (docs/results-history.md, session 18).
 cdef Py_ssize_t units_block_bytes = 0
 
+# A thread's packed slice of W_hh larger than this (half a core's L2; 0: unknown) is
+# read in one panel order at even steps and the reverse at odd ones. A cyclic sweep
+# over a block a little larger than the cache misses every line (the last used go
+# first); sweeping back and forth starts where the last sweep ended, still in L2.
+# 2-core Xeon KVM guest (AVX-512, 2 MB L2 a core), eval, T=50, three alternating
+# process pairs, medians of 80 calls, ms: LSTM I=H=512 B=2 (2 MB slices) 2.83-3.58 ->
+# 2.51-2.63, B=4 3.82-3.86 -> 3.49-3.50; RNN I=H=1024 B=2 2.72-2.78 -> 2.44-2.50;
+# LSTM B=8 and GRU I=H=512 B=2 and 8 (1.5 MB slices) within noise; an LSTM
+# I=H=256 B=1 (0.5 MB) read 0.65-0.69 -> 0.69-0.71 with it, so it stays off there.
+cdef Py_ssize_t zigzag_bytes = 0
+
 
 def _set_l2_bytes(Py_ssize_t l2):
-    """Size the unit split's input-projection blocks for a core's L2 of l2 bytes (0: unknown)."""
-    global units_block_bytes
+    """Size the unit split's input-projection blocks, and the weight slices read back
+    and forth, for a core's L2 of l2 bytes (0: unknown)."""
+    global units_block_bytes, zigzag_bytes
     units_block_bytes = l2 // 4 if l2 > 0 else 0
+    zigzag_bytes = l2 // 2 if l2 > 0 else 0
 
 
 def _set_isa(int level):
