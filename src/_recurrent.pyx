@@ -66,6 +66,27 @@ cdef inline bint team_barrier(const Plan *p) noexcept nogil:
     return False
 
 
+cdef inline void panels_back_to_front(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                                      const floating **A, const floating *packed,
+                                      floating **C, floating **Cs, floating beta) noexcept nogil:
+    """gemm_rows(M, N, K, A, packed, ...) with W's packed panels read last to first, two
+    at a time (as gemm_rows pairs them): each output column is the same sum, taken in
+    the other order of columns (see zigzag_bytes). Cs: M scratch pointers."""
+    cdef Py_ssize_t i, n, chunk = 2 * panel_width(<floating *> NULL)
+    cdef Py_ssize_t c0 = (N - 1) // chunk * chunk
+    while c0 >= 0:
+        n = min(chunk, N - c0)
+        for i in range(M):
+            Cs[i] = C[i] + c0
+        gemm_rows(M, n, K, A, packed + c0 * K, NULL, 0, Cs, beta)
+        c0 = c0 - chunk
+
+
+cdef inline bint zigzag_for(Py_ssize_t nbytes) noexcept nogil:
+    """Is a packed weight slice of nbytes, read at every step, to be swept back and forth?"""
+    return zigzag_bytes > 0 and nbytes > zigzag_bytes
+
+
 cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floating **A,
                            const floating *w_slice, const uint16_t *w_bf16, const floating *w,
                            Py_ssize_t j0, Py_ssize_t hk, floating **C, floating **Cg,
@@ -86,15 +107,8 @@ cdef inline void gate_gemm(const Plan *p, Py_ssize_t M, Py_ssize_t K, const floa
         if w_bf16 != NULL:
             fastrnn_bf16_gemm(M, G * hk, K, A, w_bf16, C, beta, work)
             return
-    cdef Py_ssize_t c0, n, N = G * hk, chunk = 2 * panel_width(<floating *> NULL)
-    if w_slice != NULL and flip:    # two panels at a time, as gemm_rows pairs them
-        c0 = (N - 1) // chunk * chunk
-        while c0 >= 0:
-            n = min(chunk, N - c0)
-            for i in range(M):
-                Cg[i] = C[i] + c0
-            gemm_rows(M, n, K, A, w_slice + c0 * K, NULL, 0, Cg, beta)
-            c0 = c0 - chunk
+    if w_slice != NULL and flip:
+        panels_back_to_front(M, G * hk, K, A, w_slice, C, Cg, beta)
     elif w_slice != NULL:
         gemm_rows(M, G * hk, K, A, w_slice, NULL, 0, C, beta)
     elif hk == p.H:
@@ -169,8 +183,7 @@ cdef Py_ssize_t forward_thread(
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place
     # the slice of W_hh every step reads: over half a core's L2, sweep it back and forth
-    cdef bint zigzag = (w_hh_k != NULL and zigzag_bytes > 0
-                        and GK * O * <Py_ssize_t> sizeof(floating) > zigzag_bytes)
+    cdef bint zigzag = w_hh_k != NULL and zigzag_for(GK * O * sizeof(floating))
     cdef bint in_gates = gates != NULL and hk == H and not in_y
     cdef Py_ssize_t gk = GK if GK > 0 else 1
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
@@ -358,14 +371,18 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
 cdef inline void recurrent_gradient(const Plan *p, Py_ssize_t M, Py_ssize_t N,
                                     const floating **da, const floating *w_t,
                                     const uint16_t *w_t_bf16, floating **dh, floating beta,
-                                    void *work) noexcept nogil:
+                                    void *work, floating **scratch, bint flip) noexcept nogil:
     """dh[i] := beta*dh[i] + da[i] W_hh (N of its columns) for i < M: W_hh^T's
-    panels in bf16 when p.bf16 (work: fastrnn_bf16_work_bytes(M, G*H)), else float."""
+    panels in bf16 when p.bf16 (work: fastrnn_bf16_work_bytes(M, G*H)), else float,
+    last to first when flip (scratch: M pointers)."""
     if floating is float:
         if p.bf16:
             fastrnn_bf16_gemm(M, N, p.G * p.H, da, w_t_bf16, dh, beta, work)
             return
-    gemm_rows(M, N, p.G * p.H, da, w_t, NULL, 0, dh, beta)
+    if flip:
+        panels_back_to_front(M, N, p.G * p.H, da, w_t, dh, scratch, beta)
+    else:
+        gemm_rows(M, N, p.G * p.H, da, w_t, NULL, 0, dh, beta)
 
 
 cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
@@ -401,12 +418,14 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
     cdef const floating **dhp_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dr_rows = <floating **> malloc(nrows * sizeof(void *))
+    cdef floating **cs_rows = <floating **> malloc(nrows * sizeof(void *))
     cdef void *bwork = malloc(fastrnn_bf16_work_bytes(nrows, GH)) if p.bf16 else NULL
+    cdef bint zigzag = not p.bf16 and zigzag_for(O * GH * sizeof(floating))
     cdef int status = 0
     cdef Py_ssize_t r, b, s, t, row, nact, j
     cdef floating *dhpr
     if (dh == NULL or dc == NULL or dr == NULL or zeros == NULL or in_rows == NULL
-            or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL
+            or dh_rows == NULL or dhp_rows == NULL or dr_rows == NULL or cs_rows == NULL
             or (p.bf16 and bwork == NULL)):
         status = -1
     else:
@@ -439,14 +458,15 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                                           zeros if proj else NULL)
             # rows past nact keep the dh_n they started with
             recurrent_gradient(p, nact, O, in_rows, <const floating *> p.w_hh_slices,
-                               <const uint16_t *> p.w_hh_bf16, dh_rows, 1 if apart else 0, bwork)
+                               <const uint16_t *> p.w_hh_bf16, dh_rows, 1 if apart else 0, bwork,
+                               cs_rows, zigzag and (s & 1) == 1)
         for r in range(nrows):
             b = rows[r]
             memcpy(<floating *> p.dh0 + b * O, dh + r * O, O * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H, dc + r * H, H * sizeof(floating))
     free(dh); free(dc); free(dr); free(zeros); free(in_rows); free(dh_rows); free(dhp_rows)
-    free(dr_rows); free(bwork)
+    free(dr_rows); free(cs_rows); free(bwork)
     return status
 
 
@@ -486,9 +506,12 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef floating *zeros = <floating *> calloc(H + O + 1, sizeof(floating))
     cdef const floating **in_rows = <const floating **> malloc(B * sizeof(void *) + 1)
     cdef floating **dh_rows = <floating **> malloc(B * sizeof(void *) + 1)
+    cdef floating **cs_rows = <floating **> malloc(B * sizeof(void *) + 1)
+    cdef bint zigzag = not p.bf16 and zigzag_for(hk * GH * sizeof(floating))
     cdef Py_ssize_t r, b, s, t, nact, g
     cdef int q, failed = 0
-    fail[tid] = zeros == NULL or in_rows == NULL or dh_rows == NULL or (p.bf16 and bwork == NULL)
+    fail[tid] = (zeros == NULL or in_rows == NULL or dh_rows == NULL or cs_rows == NULL
+                 or (p.bf16 and bwork == NULL))
     if not fail[tid]:
         for r in range(B):
             b = rows[r]
@@ -515,14 +538,14 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
         fastrnn_barrier()   # every unit's gate gradients of this step are in place
         if hk > 0:
             recurrent_gradient(p, nact, hk, in_rows, w_k, w_kb, dh_rows, 1 if apart else 0,
-                               bwork)
+                               bwork, cs_rows, zigzag and (s & 1) == 1)
     if not failed:
         for r in range(B):
             b = rows[r]
             memcpy(<floating *> p.dh0 + b * O + j0, dh + r * O + j0, hk * sizeof(floating))
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H + j0, dc + r * H + j0, hk * sizeof(floating))
-    free(zeros); free(in_rows); free(dh_rows); free(bwork)
+    free(zeros); free(in_rows); free(dh_rows); free(cs_rows); free(bwork)
 
 
 cdef inline void *vptr1(const floating[::1] a) noexcept nogil:
