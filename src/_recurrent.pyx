@@ -690,7 +690,8 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     if not fastrnn_pool_contended() and fastrnn_pool_ready(team):
         if pack_for(p, w_ih, w_hh, nslices, team, &digests):
             p.pool_team = True
-            ran = fastrnn_pool_try_run(team, forward_share, ctx, 0)   # runs every step
+            ran = (not fastrnn_pool_contended()      # (a worker may have seen one meanwhile)
+                   and fastrnn_pool_try_run(team, forward_share, ctx, 0))   # runs every step
             for k in range(team):
                 failed = failed | ctx.fails[k]
             packed_one = nslices == 1       # a refused row split runs alone on these

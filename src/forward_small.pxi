@@ -168,8 +168,10 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 floating is float, fails
             ctx.steps = 0
             # the unit split meets at every step: if it stalls (another process holds
-            # a worker's CPU), it stops at a step and this thread goes on alone
-            if fastrnn_pool_try_run(team, forward_share, &ctx, by_units):
+            # a worker's CPU), it stops at a step and this thread goes on alone. (The
+            # packing above may have taken long enough for a worker to see one.)
+            if not fastrnn_pool_contended() and \
+                    fastrnn_pool_try_run(team, forward_share, &ctx, by_units):
                 TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
                 for q in range(team):
                     fail[0] = fail[0] | fails[q]

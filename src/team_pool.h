@@ -83,8 +83,10 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * the CPU the caller waits: on the 2-core Xeon KVM guest an LSTM I=H=512 B=2 T=50 eval
  * call right after a NumPy matmul took 16-19 ms on a team, 9.9 on the caller alone and
  * 3.0 with nothing else running (OpenBLAS's worker and fastrnn's took turns on one CPU
- * in 4 ms slices, `perf sched`). So a thread that waits for a teammate longer than
- * FASTRNN_POOL_STALL_NS marks the team stalled; a team that may stop (the fast path's,
+ * in 4 ms slices, `perf sched`). So a thread that waits at a step barrier longer than
+ * FASTRNN_POOL_STALL_NS, and longer than its own share of that step took, marks the
+ * team stalled (a wait at a team's or a loop's end is not a stall: a big last chunk
+ * is work, not another process); a team that may stop (the fast path's,
  * whose next steps can run alone from the state the team left) then stops at its next
  * step barrier, and any stalled team makes the following calls run alone for a
  * back-off window: FASTRNN_POOL_BACKOFF_MIN_NS, doubled at each stall that follows
@@ -174,7 +176,8 @@ typedef struct {
     _Alignas(64) _Atomic int v;
     _Atomic int cpu;                  /* where the worker ran at its last stamp (-1: unknown) */
     _Atomic long long stamp;
-    char pad[48];
+    int stats_fd;                     /* the worker's /proc/thread-self/schedstat, or -1 */
+    char pad[44];
 } fastrnn_pool_slot;
 _Static_assert(sizeof(fastrnn_pool_slot) == 64, "one cache line per worker slot");
 
@@ -245,20 +248,32 @@ static inline void fastrnn_pool_wait(unsigned spin)
         sched_yield();
 }
 
-/* fastrnn_pool_wait for another thread of the running team. *since (0 before the first
- * round) keeps the time of the first yielding round; a wait that lasts
- * FASTRNN_POOL_STALL_NS from there marks the team stalled. The clock is read only in
- * the yielding rounds, which a normal step's wait never reaches. */
-static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since)
+/* fastrnn_pool_wait at a step barrier. *since (0 before the first round) keeps the
+ * time of the first yielding round; a wait that lasts `limit` ns from there marks the
+ * team stalled. The clock is read only in the yielding rounds, which a normal step's
+ * wait never reaches. */
+static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since, long long limit)
 {
     fastrnn_pool_wait(spin);
     if (spin > 1024 && (spin & 63) == 0) {
         long long now = fastrnn_now_ns();
         if (*since == 0)
             *since = now;
-        else if (now - *since > FASTRNN_POOL_STALL_NS)
+        else if (now - *since > limit)
             atomic_store_explicit(&fastrnn_pool.stalled, 1, memory_order_relaxed);
     }
+}
+
+/* When this thread last left a barrier of its team (or began its share): its work
+ * since then is the step's, which a wait must outlast to be a stall. */
+static _Thread_local long long fastrnn_pool_left_ns;
+
+/* contended_until := max(contended_until, until). */
+static void fastrnn_pool_extend_contended(long long until)
+{
+    long long cur = atomic_load(&fastrnn_pool.contended_until);
+    while (cur < until && !atomic_compare_exchange_weak(&fastrnn_pool.contended_until, &cur, until))
+        ;
 }
 
 /* Sleep until wake_seq differs from *seen (unless held); then *seen := wake_seq. */
@@ -333,18 +348,16 @@ static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
 }
 
 /* A worker's look at its time in the run queue since its last look (*queued; -1:
- * none yet): if it grew by more than FASTRNN_POOL_QUEUED_NS, another thread held
+ * none yet), `elapsed` ns ago: if it grew by more than FASTRNN_POOL_QUEUED_NS and an
+ * eighth of that time (a long share sees the odd kernel thread), another thread held
  * this CPU, and calls run alone for FASTRNN_POOL_BUSY_NS from now. */
-static void fastrnn_pool_watch(fastrnn_pool_t *P, int fd, long long *queued)
+static void fastrnn_pool_watch(fastrnn_pool_t *P, int fd, long long *queued, long long elapsed)
 {
     long long d = fastrnn_run_delay_ns(fd);
     if (d < 0)
         return;
-    if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS) {
-        long long until = fastrnn_now_ns() + FASTRNN_POOL_BUSY_NS;
-        long long cur = atomic_load(&P->contended_until);
-        while (cur < until && !atomic_compare_exchange_weak(&P->contended_until, &cur, until))
-            ;
+    if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS && d - *queued > elapsed / 8) {
+        fastrnn_pool_extend_contended(fastrnn_now_ns() + FASTRNN_POOL_BUSY_NS);
         atomic_fetch_add(&P->n_busy, 1);
     }
     *queued = d;
@@ -358,7 +371,8 @@ static void *fastrnn_pool_worker(void *arg)
     unsigned seen = atomic_load(&P->wake_seq);
     fastrnn_pool_affinity aff;
     int stats_fd = fastrnn_sched_stats_open();          /* this thread's, for its life */
-    long long queued;
+    long long queued, share_start;
+    P->state[w].stats_fd = stats_fd;                    /* a forked child closes it */
     aff.away_from = -1;
     for (;;) {
         fastrnn_pool_affinity_restore(&aff);
@@ -367,21 +381,24 @@ static void *fastrnn_pool_worker(void *arg)
             continue;                                   /* on the caller's CPU, no other: sleep */
         queued = fastrnn_run_delay_ns(stats_fd);        /* the wake's own wait not counted */
         sched_yield();                                  /* is another thread waiting here? */
-        fastrnn_pool_watch(P, stats_fd, &queued);
+        fastrnn_pool_watch(P, stats_fd, &queued, 0);
         long long now = fastrnn_now_ns(), deadline = now + FASTRNN_POOL_READY_NS;
         atomic_store(&P->state[w].stamp, now);
         atomic_store(st, FASTRNN_W_READY);
         for (unsigned spin = 1;; ++spin) {
             int s = atomic_load_explicit(st, memory_order_acquire);
             if (s == FASTRNN_W_RUN) {                   /* the caller published the team */
+                share_start = fastrnn_now_ns();
+                fastrnn_pool_left_ns = share_start;
+                queued = fastrnn_run_delay_ns(stats_fd);    /* the share's own look */
                 P->fn(P->ctx, w + 1, P->nthr);
-                fastrnn_pool_watch(P, stats_fd, &queued);
                 atomic_store(&P->state[w].stamp, fastrnn_now_ns());
                 atomic_store(st, FASTRNN_W_READY);      /* before `finished`: once the caller
                                                  * sees every share finished, this worker
                                                  * is claimable again for the next team */
                 atomic_fetch_add(&P->n_worker_shares, 1);
                 atomic_fetch_add(&P->finished, 1);
+                fastrnn_pool_watch(P, stats_fd, &queued, fastrnn_now_ns() - share_start);
                 deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
                 continue;
             }
@@ -397,7 +414,7 @@ static void *fastrnn_pool_worker(void *arg)
             if ((spin & 63) != 0)
                 continue;
             sched_yield();              /* anyone else runnable on this CPU goes first */
-            fastrnn_pool_watch(P, stats_fd, &queued);
+            fastrnn_pool_watch(P, stats_fd, &queued, 0);
             int stuck = fastrnn_pool_step_aside(P, w, &aff);
             now = fastrnn_now_ns();
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
@@ -418,8 +435,14 @@ static void fastrnn_pool_after_fork_child(void)
     fastrnn_pool_t *P = &fastrnn_pool;
     pthread_mutex_init(&P->mu, NULL);
     pthread_cond_init(&P->cv, NULL);
-    for (int w = 0; w < FASTRNN_POOL_MAX; ++w)
+    for (int w = 0; w < FASTRNN_POOL_MAX; ++w) {
         atomic_store(&P->state[w].v, FASTRNN_W_IDLE);
+#if FASTRNN_POOL_AFFINITY
+        if (w < P->nworkers && P->state[w].stats_fd >= 0)
+            close(P->state[w].stats_fd);                /* the parent's thread's file */
+#endif
+        P->state[w].stats_fd = -1;
+    }
     atomic_store(&P->sleepers, 0);
     atomic_store(&P->owner, 0);
     atomic_store(&P->finished, 0);
@@ -515,7 +538,7 @@ static void fastrnn_pool_after_team(fastrnn_pool_t *P)
     long long b = atomic_load(&P->backoff);
     if (atomic_load(&P->stalled)) {
         atomic_fetch_add(&P->n_stalls, 1);
-        atomic_store(&P->contended_until, fastrnn_now_ns() + b);
+        fastrnn_pool_extend_contended(fastrnn_now_ns() + b);
         atomic_store(&P->backoff, 2 * b < FASTRNN_POOL_BACKOFF_MAX_NS ? 2 * b
                                                                      : FASTRNN_POOL_BACKOFF_MAX_NS);
     } else if (b != FASTRNN_POOL_BACKOFF_MIN_NS) {
@@ -575,10 +598,11 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx, int may_s
     atomic_store(&P->finished, 0);
     for (w = 0; w < n - 1; ++w)                         /* release: the fields above first */
         atomic_store_explicit(&P->state[w].v, FASTRNN_W_RUN, memory_order_release);
+    fastrnn_pool_left_ns = fastrnn_now_ns();
     fn(ctx, 0, n);
-    long long since = 0;
+    /* the end: a worker's last share may be long (work, not a stall) */
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1; ++spin)
-        fastrnn_pool_wait_teammate(spin, &since);
+        fastrnn_pool_wait(spin);
     if (atomic_exchange(&P->stall_countdown, 0) == 1)   /* test hook: the end is its last meeting */
         atomic_store(&P->stalled, 1);
     atomic_fetch_add(&P->n_teams, 1);
@@ -636,7 +660,6 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
     P->fn = fastrnn_pool_loop_share;        /* a worker sees these through its RUN (release) */
     P->ctx = &L;
     P->nthr = want + 1;
-    atomic_store(&P->stalled, 0);
     atomic_store(&P->finished, 0);
     while ((c = atomic_fetch_add(&L.next, 1)) < nchunks) {
         if (joined < want) {
@@ -647,13 +670,10 @@ static void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx
         }
         fn(ctx, c);
     }
-    long long since = 0;
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < joined; ++spin)
-        fastrnn_pool_wait_teammate(spin, &since);
-    if (joined > 0) {
+        fastrnn_pool_wait(spin);
+    if (joined > 0)
         atomic_fetch_add(&P->n_loops, 1);
-        fastrnn_pool_after_team(P);
-    }
 }
 
 /* Every thread of the running team calls this the same number of times. Returns 1
@@ -664,6 +684,7 @@ static int fastrnn_pool_barrier(void)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     unsigned gen = atomic_load_explicit(&P->bar_gen, memory_order_acquire);
+    long long arrived = fastrnn_now_ns(), work = arrived - fastrnn_pool_left_ns;
     if (atomic_fetch_add(&P->bar_count, 1) == P->nthr - 1) {
         int k = atomic_load_explicit(&P->stall_countdown, memory_order_relaxed);
         if (k > 0) {                                    /* test hook (only here: serialised) */
@@ -678,11 +699,13 @@ static int fastrnn_pool_barrier(void)
             atomic_fetch_add_explicit(&P->n_stops, 1, memory_order_relaxed);
         atomic_store_explicit(&P->bar_count, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&P->bar_gen, 1, memory_order_release);
+        fastrnn_pool_left_ns = fastrnn_now_ns();
         return stop;
     }
-    long long since = 0;
+    long long since = 0, limit = work > FASTRNN_POOL_STALL_NS ? work : FASTRNN_POOL_STALL_NS;
     for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
-        fastrnn_pool_wait_teammate(spin, &since);
+        fastrnn_pool_wait_teammate(spin, &since, limit);
+    fastrnn_pool_left_ns = fastrnn_now_ns();
     return atomic_load_explicit(&P->bar_stop, memory_order_relaxed);
 }
 
