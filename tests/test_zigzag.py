@@ -1,7 +1,8 @@
 """W_hh slices over half a core's L2 are read back and forth, one panel order at even
 steps and the reverse at odd ones (_recurrent.pyx, zigzag_bytes). Each output column
 is the same sum in either order, so the numbers are bitwise those of one order. A tiny
-L2 (the test hook _set_l2_bytes) turns it on for every slice here."""
+L2 (the test hook _set_l2_bytes) turns it on for every slice here; it also shortens
+the unit split's input-projection blocks, which do not change the bits either."""
 import numpy as np
 import pytest
 
