@@ -12,6 +12,7 @@ cdef extern from "team_pool.h" nogil:
     int fastrnn_pool_contended()
     void fastrnn_pool_pretend_stall(int k)
     void fastrnn_pool_clear_backoff(long long next_ns)
+    void fastrnn_pool_watch_on(int on)
     void fastrnn_pool_stats(long *out)
     int fastrnn_pool_hold(int hold)
     void fastrnn_pool_refuse(int k, int any_stamp)

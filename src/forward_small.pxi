@@ -514,6 +514,13 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     fastrnn_pool_clear_backoff(<long long> min(backoff * 1e9, 4.0e18) if backoff > 0 else 0)
 
 
+def pool_watch(bint on):
+    """Test hook: on=False, the pool's workers stop looking at their own run-queue time
+    for another thread on their CPU (team_pool.h), so that teams form whatever else the
+    machine runs; on=True (the default) again. pool_test_knobs() leaves it alone."""
+    fastrnn_pool_watch_on(on)
+
+
 def set_openmp_spin_window(double seconds):
     """After one of fastrnn's OpenMP teams (training) ends, fast-path eval calls run
     alone for this long, while its workers may still spin (team_pool.h); inf: always

@@ -219,6 +219,7 @@ typedef struct {
     _Atomic long long backoff;        /* the next back-off window (ns) */
     _Atomic long n_stalls, n_stops;   /* teams that stalled; teams stopped part-way */
     _Atomic long n_busy;              /* times a worker found another thread on its CPU */
+    _Atomic int watch_off;            /* test hook: workers do not look at their run queue */
 } fastrnn_pool_t;
 
 static fastrnn_pool_t fastrnn_pool = { .mu = PTHREAD_MUTEX_INITIALIZER,
@@ -354,7 +355,7 @@ static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
 static void fastrnn_pool_watch(fastrnn_pool_t *P, int fd, long long *queued, long long elapsed)
 {
     long long d = fastrnn_run_delay_ns(fd);
-    if (d < 0)
+    if (d < 0 || atomic_load_explicit(&P->watch_off, memory_order_relaxed))
         return;
     if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS && d - *queued > elapsed / 8) {
         fastrnn_pool_extend_contended(fastrnn_now_ns() + FASTRNN_POOL_BUSY_NS);
@@ -739,6 +740,13 @@ static void fastrnn_pool_stats(long *out)
 static void fastrnn_pool_pretend_stall(int k)
 {
     atomic_store(&fastrnn_pool.pretend_stall, k > 0 ? k : 0);
+}
+
+/* Test hook: on = 0, workers stop looking at their run-queue time (so that a test's
+ * team forms whatever else the machine runs); on = 1 (the default) again. */
+static void fastrnn_pool_watch_on(int on)
+{
+    atomic_store(&fastrnn_pool.watch_off, !on);
 }
 
 static void fastrnn_pool_clear_backoff(long long next_ns)

@@ -21,11 +21,16 @@ H = 256          # large enough that a batch-1 call runs on a team (SMALL_WORK_F
 
 @pytest.fixture(autouse=True)
 def two_threads_and_default_knobs():
+    """Two threads; workers do not watch for other threads on their CPU (on a busy CI
+    machine, or beside OpenMP's spinning workers, that would keep teams from forming;
+    test_beside_a_spinning_process_the_numbers_do_not_change turns it back on)."""
     old = fastrnn.get_num_threads()
     fastrnn.set_num_threads(2)
+    _recurrent.pool_watch(False)
     yield
     _recurrent.pool_test_knobs()
     _recurrent.pool_hold(False)
+    _recurrent.pool_watch(True)
     fastrnn.set_num_threads(old)
 
 
@@ -496,6 +501,7 @@ def test_beside_a_spinning_process_the_numbers_do_not_change(cls):
     m, x = layer_and_input(cls, T, B, seed=11)
     want = on_one_thread(m, x)
     until_team(lambda: m(x))
+    _recurrent.pool_watch(True)
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 for _ in range(os.cpu_count() or 1)]
     try:
