@@ -249,25 +249,29 @@ static inline void fastrnn_pool_wait(unsigned spin)
         sched_yield();
 }
 
+/* When this thread last left a barrier of its team (or began its share): its work
+ * since then is the step's, which a wait must outlast to be a stall. */
+static _Thread_local long long fastrnn_pool_left_ns;
+
 /* fastrnn_pool_wait at a step barrier. *since (0 before the first round) keeps the
- * time of the first yielding round; a wait that lasts `limit` ns from there marks the
+ * time of the first yielding round; a wait that lasts from there FASTRNN_POOL_STALL_NS
+ * and as long as this thread worked before it (since fastrnn_pool_left_ns) marks the
  * team stalled. The clock is read only in the yielding rounds, which a normal step's
  * wait never reaches. */
-static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since, long long limit)
+static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since)
 {
     fastrnn_pool_wait(spin);
     if (spin > 1024 && (spin & 63) == 0) {
         long long now = fastrnn_now_ns();
-        if (*since == 0)
+        if (*since == 0) {
             *since = now;
-        else if (now - *since > limit)
-            atomic_store_explicit(&fastrnn_pool.stalled, 1, memory_order_relaxed);
+        } else {
+            long long work = *since - fastrnn_pool_left_ns;
+            if (now - *since > (work > FASTRNN_POOL_STALL_NS ? work : FASTRNN_POOL_STALL_NS))
+                atomic_store_explicit(&fastrnn_pool.stalled, 1, memory_order_relaxed);
+        }
     }
 }
-
-/* When this thread last left a barrier of its team (or began its share): its work
- * since then is the step's, which a wait must outlast to be a stall. */
-static _Thread_local long long fastrnn_pool_left_ns;
 
 /* contended_until := max(contended_until, until). */
 static void fastrnn_pool_extend_contended(long long until)
@@ -389,9 +393,8 @@ static void *fastrnn_pool_worker(void *arg)
         for (unsigned spin = 1;; ++spin) {
             int s = atomic_load_explicit(st, memory_order_acquire);
             if (s == FASTRNN_W_RUN) {                   /* the caller published the team */
-                share_start = fastrnn_now_ns();
+                share_start = fastrnn_now_ns();             /* (queued: the last look's) */
                 fastrnn_pool_left_ns = share_start;
-                queued = fastrnn_run_delay_ns(stats_fd);    /* the share's own look */
                 P->fn(P->ctx, w + 1, P->nthr);
                 atomic_store(&P->state[w].stamp, fastrnn_now_ns());
                 atomic_store(st, FASTRNN_W_READY);      /* before `finished`: once the caller
@@ -592,10 +595,15 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx, int may_s
     P->ctx = ctx;
     P->nthr = n;
     atomic_store(&P->bar_count, 0);
-    atomic_store(&P->bar_stop, 0);
-    atomic_store(&P->may_stop, may_stop);
-    atomic_store(&P->stalled, 0);
-    atomic_store(&P->stall_countdown, atomic_exchange(&P->pretend_stall, 0));
+    /* (written only when they change: the workers read these lines at every barrier) */
+    if (atomic_load_explicit(&P->bar_stop, memory_order_relaxed))
+        atomic_store(&P->bar_stop, 0);
+    if (atomic_load_explicit(&P->may_stop, memory_order_relaxed) != may_stop)
+        atomic_store(&P->may_stop, may_stop);
+    if (atomic_load_explicit(&P->stalled, memory_order_relaxed))
+        atomic_store(&P->stalled, 0);
+    if (atomic_load_explicit(&P->pretend_stall, memory_order_relaxed))
+        atomic_store(&P->stall_countdown, atomic_exchange(&P->pretend_stall, 0));
     atomic_store(&P->finished, 0);
     for (w = 0; w < n - 1; ++w)                         /* release: the fields above first */
         atomic_store_explicit(&P->state[w].v, FASTRNN_W_RUN, memory_order_release);
@@ -604,7 +612,8 @@ static int fastrnn_pool_try_run(int n, fastrnn_share_fn fn, void *ctx, int may_s
     /* the end: a worker's last share may be long (work, not a stall) */
     for (unsigned spin = 1; atomic_load_explicit(&P->finished, memory_order_acquire) < n - 1; ++spin)
         fastrnn_pool_wait(spin);
-    if (atomic_exchange(&P->stall_countdown, 0) == 1)   /* test hook: the end is its last meeting */
+    if (atomic_load_explicit(&P->stall_countdown, memory_order_relaxed)
+            && atomic_exchange(&P->stall_countdown, 0) == 1)   /* test hook: the end is its last meeting */
         atomic_store(&P->stalled, 1);
     atomic_fetch_add(&P->n_teams, 1);
     fastrnn_pool_after_team(P);
@@ -685,7 +694,6 @@ static int fastrnn_pool_barrier(void)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     unsigned gen = atomic_load_explicit(&P->bar_gen, memory_order_acquire);
-    long long arrived = fastrnn_now_ns(), work = arrived - fastrnn_pool_left_ns;
     if (atomic_fetch_add(&P->bar_count, 1) == P->nthr - 1) {
         int k = atomic_load_explicit(&P->stall_countdown, memory_order_relaxed);
         if (k > 0) {                                    /* test hook (only here: serialised) */
@@ -703,9 +711,9 @@ static int fastrnn_pool_barrier(void)
         fastrnn_pool_left_ns = fastrnn_now_ns();
         return stop;
     }
-    long long since = 0, limit = work > FASTRNN_POOL_STALL_NS ? work : FASTRNN_POOL_STALL_NS;
+    long long since = 0;
     for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
-        fastrnn_pool_wait_teammate(spin, &since, limit);
+        fastrnn_pool_wait_teammate(spin, &since);
     fastrnn_pool_left_ns = fastrnn_now_ns();
     return atomic_load_explicit(&P->bar_stop, memory_order_relaxed);
 }
