@@ -694,6 +694,7 @@ static int fastrnn_pool_barrier(void)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
     unsigned gen = atomic_load_explicit(&P->bar_gen, memory_order_acquire);
+    int stop;
     if (atomic_fetch_add(&P->bar_count, 1) == P->nthr - 1) {
         int k = atomic_load_explicit(&P->stall_countdown, memory_order_relaxed);
         if (k > 0) {                                    /* test hook (only here: serialised) */
@@ -701,21 +702,21 @@ static int fastrnn_pool_barrier(void)
             if (k == 1)
                 atomic_store_explicit(&P->stalled, 1, memory_order_relaxed);
         }
-        int stop = atomic_load_explicit(&P->may_stop, memory_order_relaxed)
-                   && atomic_load_explicit(&P->stalled, memory_order_relaxed);
+        stop = atomic_load_explicit(&P->may_stop, memory_order_relaxed)
+               && atomic_load_explicit(&P->stalled, memory_order_relaxed);
         atomic_store_explicit(&P->bar_stop, stop, memory_order_relaxed);
         if (stop)
             atomic_fetch_add_explicit(&P->n_stops, 1, memory_order_relaxed);
         atomic_store_explicit(&P->bar_count, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&P->bar_gen, 1, memory_order_release);
-        fastrnn_pool_left_ns = fastrnn_now_ns();
-        return stop;
+    } else {
+        long long since = 0;
+        for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
+            fastrnn_pool_wait_teammate(spin, &since);
+        stop = atomic_load_explicit(&P->bar_stop, memory_order_relaxed);
     }
-    long long since = 0;
-    for (unsigned spin = 1; atomic_load_explicit(&P->bar_gen, memory_order_acquire) == gen; ++spin)
-        fastrnn_pool_wait_teammate(spin, &since);
     fastrnn_pool_left_ns = fastrnn_now_ns();
-    return atomic_load_explicit(&P->bar_stop, memory_order_relaxed);
+    return stop;
 }
 
 /* Test hooks: stats (teams, refused tries, worker shares, workers, loops, moves off
