@@ -46,6 +46,7 @@ import numpy as np
 
 from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
+from fastrnn._buffers import is_frozen
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
@@ -59,7 +60,7 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "G", "act",
-                 "params", "layers", "row_flop", "max_rows", "threads", "scheds")
+                 "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
@@ -67,6 +68,10 @@ class _Plan:
         self.I, self.H, self.L, self.G, self.act = I, H, L, G, act
         self.params = params        # ((Parameter, data array, shape), ...)
         self.layers = layers        # per layer: (w_ih, w_hh, b_ih, b_hh), biases None without
+        # per layer: (digest of w_ih, of w_hh) when both are frozen (Module.freeze()), else
+        # None. Their values cannot change and the plan is stale once an array is
+        # replaced, so eval calls need not read and hash them to find their packings.
+        self.digests = tuple(_frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
         self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
         # largest T*B that every layer runs on one thread (kernel_only's limit)
         self.max_rows = min(int(np.ceil(F.SMALL_WORK_FLOP / f)) - 1 for f in row_flop)
@@ -96,6 +101,14 @@ class _Plan:
                 self.scheds.clear()
             self.scheds[(T, B)] = s
         return s
+
+
+def _frozen_digests(w_ih, w_hh):
+    """(digest of w_ih, of w_hh) as the kernels' pack cache takes them, if both are
+    frozen; else None."""
+    if not (is_frozen(w_ih) and is_frozen(w_hh)):
+        return None
+    return tuple(_recurrent._digest(w.reshape(-1).view(np.uint8)) for w in (w_ih, w_hh))
 
 
 def _ok_array(a, dtype, shape):
@@ -165,8 +178,8 @@ def clear_plan(module):
 
 def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
     """forward_small's arguments for layer k: (cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh,
-    b_ih, b_hh, pack_ih, pack_hh)."""
-    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
+    b_ih, b_hh, pack_ih, pack_hh, digests)."""
+    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2] + (plan.digests[k],)
 
 
 def _bf16_layer(cell, x):

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from fastrnn.modules.module import Module, Parameter
+from fastrnn.modules.module import Module, Parameter, check_writeable
 from fastrnn import _adam
 from fastrnn._config import get_num_threads
 
@@ -60,6 +60,12 @@ class Optimizer:
 
     def step(self):
         raise NotImplementedError
+
+    def _check_writeable(self):
+        """Before a step writes any parameter: a frozen one (Module.freeze()) is an
+        error naming it, not a step half applied."""
+        check_writeable(((f"params[{i}]", p) for i, p in enumerate(self.params)),
+                        f"{type(self).__name__}.step")
 
     # -- checkpoints -----------------------------------------------------------
     def state_dict(self):
@@ -130,6 +136,7 @@ class SGD(Optimizer):
                          nesterov=bool(nesterov))
 
     def step(self):
+        self._check_writeable()
         self.step_count += 1
         lr, mom, damp, wd = self.lr, self.momentum, self.dampening, self.weight_decay
         for p, st in zip(self.params, self.state):
@@ -164,6 +171,7 @@ class Adam(Optimizer):
                          weight_decay=float(weight_decay))
 
     def step(self):
+        self._check_writeable()
         self.step_count += 1
         t = self.step_count
         lr, (b1, b2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay

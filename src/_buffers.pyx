@@ -17,7 +17,9 @@ base is the buffer's owner. The pool keeps at most 256 MB idle
 """
 
 cimport numpy as cnp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cython.parallel cimport prange
+from libc.stdint cimport uintptr_t
 from libc.string cimport memcpy
 import numpy as np
 
@@ -149,6 +151,41 @@ def copy(src, int n_threads=1):
     else:
         out[...] = src
     return out
+
+
+DEF FROZEN_ALIGN = 64   # a frozen copy starts on a cache line, as the parameters do
+
+
+def frozen_copy(src):
+    """A read-only copy of the ndarray `src` (C order, its dtype and shape) whose
+    memory is an immutable bytes object, starting on a 64-byte line.
+
+    Why: an eval call hashes the weights it packed before (8 MB for an LSTM of
+    512 units) because a writeable array may have changed since. No view of an
+    array on a bytes object can be made writeable (NumPy refuses the flag, bytes
+    export a read-only buffer), so such weights cannot change and need no
+    hash: `Module.freeze()` puts the parameters on these."""
+    if not isinstance(src, np.ndarray) or src.dtype.hasobject:
+        raise ValueError("src: needs an ndarray of plain values, got "
+                         f"{type(src).__name__ if not isinstance(src, np.ndarray) else src.dtype}")
+    cdef cnp.ndarray a = np.ascontiguousarray(src)
+    cdef Py_ssize_t nbytes = a.nbytes
+    # written here before anyone else can see it (what the C API allows a new bytes)
+    cdef bytes buf = PyBytes_FromStringAndSize(NULL, nbytes + FROZEN_ALIGN)
+    cdef char *p = PyBytes_AS_STRING(buf)
+    cdef uintptr_t addr = <uintptr_t> p
+    cdef Py_ssize_t start = <Py_ssize_t> ((FROZEN_ALIGN - addr % FROZEN_ALIGN) % FROZEN_ALIGN)
+    if nbytes:
+        memcpy(p + start, cnp.PyArray_DATA(a), nbytes)
+    return np.frombuffer(buf, np.uint8, nbytes, start).view(src.dtype).reshape(src.shape)
+
+
+def is_frozen(a):
+    """Is ndarray a's memory an immutable bytes object (frozen_copy's, or any
+    np.frombuffer of bytes)? Then its values can never change."""
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return type(a) is bytes
 
 
 def _release_scratch():

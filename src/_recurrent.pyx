@@ -54,6 +54,8 @@ from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
                          fastrnn_pool_watch_on)
 
+from fastrnn._buffers import is_frozen
+
 cnp.import_array()
 
 

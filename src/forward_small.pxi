@@ -45,6 +45,10 @@ cdef double SEGMENT_FLOP = 8e6
 # Teams run by this module's eval calls, by split: [rows, hidden units] (pool_stats).
 cdef long TEAMS_BY_SPLIT[2]
 
+# Bytes of weights the fast path's calls hashed (pool_digest), for tests: frozen
+# weights (Module.freeze()) come with their digests and add nothing.
+cdef size_t DIGESTED_BYTES = 0
+
 
 cdef struct DigestJob:
     const char *base            # the weights' bytes
@@ -60,9 +64,11 @@ cdef void digest_one(void *ctx, long c) noexcept nogil:
 cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
     """weights_digest (_pack_cache.pxd) of nbytes at W, its chunks on the pool (the
     caller owns it; n threads at most): the same value on any number of threads."""
+    global DIGESTED_BYTES
     cdef size_t nchunks = (nbytes + DIGEST_CHUNK - 1) // DIGEST_CHUNK
     cdef DigestJob job
     cdef uint64_t h
+    DIGESTED_BYTES += nbytes      # (one pool owner at a time)
     if nchunks < 2 or n < 2:
         return digest_serial(W, nbytes)
     job.base, job.nbytes = <const char *> W, nbytes
@@ -115,7 +121,8 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
 
 
 cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
-                          floating *bias, int n, bint by_units, int *fail) noexcept nogil:
+                          floating *bias, int n, bint by_units, const uint64_t *known,
+                          int *fail) noexcept nogil:
     """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
     as fastrnn.functional combines them), then the layer's steps: on a team of n
     threads of team_pool.h (hidden units split when by_units: every thread all rows,
@@ -125,7 +132,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     split team that stalls stops after a step and this thread goes on alone; no team
     forms while the pool backs off after a stall (team_pool.h). Every
     split and every segmentation gives bitwise the same numbers (a segment starts
-    from the h and c the last one wrote). fail[0]: 1 out of memory."""
+    from the h and c the last one wrote). known: (2,) the digests of w_ih and w_hh
+    (frozen weights: they cannot have changed since they were taken), or NULL to
+    take them. fail[0]: 1 out of memory."""
     cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
     cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
@@ -146,7 +155,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
     alone = p[0]
     crew = p[0]
-    digests.taken = False
+    digests.taken = known != NULL
+    if known != NULL:
+        digests.ih, digests.hh = known[0], known[1]
     seg = T
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
@@ -220,10 +231,11 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
                    Py_ssize_t H, const void *x, void *y, void *h_n, void *c_n,
                    const void *h0, const void *c0, const void *w_ih, const void *w_hh,
                    const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh,
-                   int n_threads, bint by_units) noexcept nogil:
+                   int n_threads, bint by_units, const uint64_t *known) noexcept nogil:
     """One layer over T steps of B full-length rows (float32 when `single`, else
     float64), on n_threads (see run_small_typed). Arrays as in _plan.pxd; h0, c0,
-    b_ih/b_hh NULL for none. Returns 0, or 1 when out of memory."""
+    b_ih/b_hh NULL for none; known: the weights' digests or NULL (run_small_typed).
+    Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
     cdef Py_ssize_t k, G = cell_gates(cell)
@@ -245,20 +257,21 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
         n_threads = 1
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
-                        <float *> (rows + 2 * B), n_threads, by_units, &fail)
+                        <float *> (rows + 2 * B), n_threads, by_units, known, &fail)
     else:
         run_small_typed(<double *> y, &p, <const double *> b_ih, <const double *> b_hh,
-                        <double *> (rows + 2 * B), n_threads, by_units, &fail)
+                        <double *> (rows + 2 * B), n_threads, by_units, known, &fail)
     free(rows)
     return fail
 
 
 def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                  bint pack_ih, bint pack_hh):
+                  bint pack_ih, bint pack_hh, digests=None):
     """One layer on the calling thread, every array checked (ValueError naming it):
     x (T, B, I) float32 or float64, y (T, B, H), h_n, c_n, h0, c0 (B, H) (c_n, c0 for
     the LSTM only; h0, c0 None for zeros), w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh
-    (G*H,) or both None, all C-contiguous of x's dtype. What fastrnn._fastpath's
+    (G*H,) or both None, all C-contiguous of x's dtype; digests: None, or the plan's
+    (digest of w_ih, of w_hh) for frozen weights. What fastrnn._fastpath's
     `kernel_only` times; eval_layer / eval_cell run the same `run_small`."""
     cdef int typenum
     cdef Py_ssize_t T, B, I, G = cell_gates(cell), H
@@ -274,6 +287,8 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
     cdef const void *phh
     cdef bint lstm = cell == CELL_LSTM
     cdef int fail
+    cdef uint64_t known[2]
+    cdef bint has_known = known_digests(digests, w_ih, w_hh, known)
     if (type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3
             or type(w_ih) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> w_ih) != 2):
         raise ValueError("forward_small: x must be a (T, B, I) and w_ih a (G*H, I) ndarray")
@@ -299,9 +314,21 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
         raise ValueError(f"forward_small: empty input {(T, B, I)}")
     with nogil:
         fail = run_small(cell, typenum == cnp.NPY_FLOAT32, T, B, I, H, px, py, phn, pcn,
-                         ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh, 1, False)
+                         ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh, 1, False,
+                         known if has_known else NULL)
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")
+
+
+cdef bint known_digests(object digests, object w_ih, object w_hh, uint64_t *known) except -1:
+    """known := digests (the digests of w_ih and w_hh) when given and both arrays are
+    frozen (fastrnn._buffers.is_frozen: their values cannot change); True if so."""
+    if digests is None:
+        return False
+    if not (is_frozen(w_ih) and is_frozen(w_hh)):
+        raise ValueError("digests: only for frozen weights (fastrnn._buffers.frozen_copy)")
+    known[0], known[1] = (<tuple> digests)[0], (<tuple> digests)[1]
+    return True
 
 
 cdef inline bint plan_stale(tuple params):
@@ -321,6 +348,17 @@ cdef inline bint plan_stale(tuple params):
             if cnp.PyArray_DIMS(<cnp.ndarray> arr)[k] != <Py_ssize_t> shape[k]:
                 return True
     return False
+
+
+cdef inline const uint64_t *layer_digests(tuple digests, Py_ssize_t k, uint64_t *known):
+    """known := the plan's digests of layer k's w_ih and w_hh, taken when the plan was
+    built from frozen weights (their values cannot have changed since, and the plan
+    is stale once an array is replaced); NULL if it has none."""
+    d = digests[k]
+    if d is None:
+        return NULL
+    known[0], known[1] = (<tuple> d)[0], (<tuple> d)[1]
+    return known
 
 
 cdef inline tuple schedule_of(plan, Py_ssize_t T, Py_ssize_t B):
@@ -379,7 +417,10 @@ def eval_layer(plan, x, hx):
     cdef Py_ssize_t step = B * H * esize        # one layer's block of h_n, c_n, h0, c0
     cdef bint pih = pack_ih, phh = pack_hh
     cdef const void *w[4]
+    cdef uint64_t known[2]
+    cdef const uint64_t *pknown
     cdef int n
+    digests = plan.digests
     y = x
     for k in range(L):
         n = n_team if threaded[k] else 1
@@ -387,6 +428,7 @@ def eval_layer(plan, x, hx):
         weights = layers[k]
         for j in range(4):
             w[j] = offset(weights[j], 0, 0)
+        pknown = layer_digests(digests, k, known)
         layer_in = y
         y = cnp.PyArray_EMPTY(3, dims, typenum, 0)
         with nogil:
@@ -395,7 +437,7 @@ def eval_layer(plan, x, hx):
                              ph_n + k * step, pc_n + k * step if lstm else NULL,
                              ph0 + k * step if ph0 != NULL else NULL,
                              pc0 + k * step if pc0 != NULL else NULL,
-                             w[0], w[1], w[2], w[3], pih, phh, n, team_units)
+                             w[0], w[1], w[2], w[3], pih, phh, n, team_units, pknown)
         if fail:
             raise MemoryError("fastrnn recurrent forward: out of memory")
     return (y, (h_n, c_n)) if lstm else (y, h_n)
@@ -452,17 +494,24 @@ def eval_cell(plan, x, hx):
     cdef const void *ph0 = offset(h0, 0, 0)
     cdef const void *pc0 = offset(c0, 0, 0)
     cdef bint pih = pack_ih, phh = pack_hh, units = units_ok and n > rows_upto
+    cdef uint64_t known[2]
+    cdef const uint64_t *pknown = layer_digests(plan.digests, 0, known)
     with nogil:
         y = malloc(B * H * (sizeof(float) if single else sizeof(double)) + 8)   # h_t, copied to h_n
         if y == NULL:
             fail = 1
         else:
             fail = run_small(cell, single, 1, B, I, H, px, y, ph_n, pc_n, ph0, pc0,
-                             w[0], w[1], w[2], w[3], pih, phh, n, units and n > 1)
+                             w[0], w[1], w[2], w[3], pih, phh, n, units and n > 1, pknown)
         free(y)
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")
     return (h_n, c_n) if lstm else h_n
+
+
+def _digested_bytes():
+    """Bytes of weights the fast path's eval calls have hashed so far (tests)."""
+    return int(DIGESTED_BYTES)
 
 
 def pool_stats():

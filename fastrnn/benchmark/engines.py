@@ -133,6 +133,10 @@ class FastrnnEngine:
                                          case.np_dtype)
             self.module.load_state_dict(weights)
             self.module.train(case.mode == "train")
+            if case.mode != "train":
+                # inference as deployed: weights as constants, as in an ONNX Runtime
+                # session (Module.freeze(): eval calls skip hashing them)
+                self.module.freeze()
         else:
             if case.layers != 1 or case.bidirectional:
                 raise EngineUnavailable(f"fastrnn.{_LAYER_CLASSES[cell]} is not available "

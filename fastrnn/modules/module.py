@@ -16,8 +16,11 @@ from collections import OrderedDict
 
 import numpy as np
 
+from fastrnn._buffers import frozen_copy, is_frozen
+
 __all__ = ["Parameter", "Module", "training_call", "grad_targets", "aligned_zeros", "aligned_copy",
-           "parameter_budget", "charge_values", "ParameterBudgetError"]
+           "parameter_budget", "charge_values", "ParameterBudgetError", "is_frozen",
+           "check_writeable"]
 
 # Parameters start on a cache line. The batch-1 kernels read W_ih and W_hh in place,
 # and a 64-byte load that straddles two lines costs both; NumPy's own arrays usually
@@ -227,6 +230,16 @@ class Parameter:
         return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype})"
 
 
+def check_writeable(named, what):
+    """Raise ValueError naming the first frozen parameter of `named` ((name, Parameter)
+    pairs) before `what` (an optimiser step, a state dict load) writes any of them."""
+    for name, p in named:
+        if not p.data.flags.writeable:
+            why = ("frozen by Module.freeze(); call unfreeze() first" if is_frozen(p.data)
+                   else "its array is read-only")
+            raise ValueError(f"{what}: parameter {name!r} cannot be written: {why}")
+
+
 def grad_targets(params):
     """(out, accumulate) for a functional backward's weight gradients: the
     parameters' .grad arrays, which the kernel then writes (right after
@@ -324,6 +337,46 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    # -- frozen weights ------------------------------------------------------
+    def freeze(self):
+        """Make every parameter's values read-only for good; returns self.
+
+        Each parameter gets a new array holding a copy of its values on an immutable
+        bytes object (`fastrnn._buffers.frozen_copy`), which no view can make
+        writeable. Eval calls then skip reading and hashing the weights to find
+        their packed copies (`docs/inference.md`, "Frozen weights"), as an ONNX
+        Runtime session treats its weights as constants: for an LSTM of 512
+        units at batch 2 that read is 8 MB a call. Writes raise: optimiser steps
+        and `load_state_dict` name the frozen parameter; `p.data[...] = v`
+        raises NumPy's read-only error. Arrays taken from `p.data` before are
+        no longer the module's weights. Parameters sharing one array still share
+        one after. Gradients are unaffected; `copy.deepcopy` and model files give
+        writeable copies. `unfreeze()` undoes it."""
+        copies = {}
+        for _, p in self.named_parameters():
+            d = p.data
+            if not is_frozen(d):
+                if id(d) not in copies:
+                    copies[id(d)] = (d, frozen_copy(d))    # (d kept: its id stays unique)
+                p.data = copies[id(d)][1]
+        return self
+
+    def unfreeze(self):
+        """Give every frozen parameter a writeable copy of its values; returns self."""
+        copies = {}
+        for _, p in self.named_parameters():
+            d = p.data
+            if is_frozen(d):
+                if id(d) not in copies:
+                    copies[id(d)] = (d, aligned_copy(d))
+                p.data = copies[id(d)][1]
+        return self
+
+    @property
+    def frozen(self):
+        """True when every parameter is frozen (freeze())."""
+        return all(is_frozen(p.data) for p in self.parameters())
+
     # -- state dicts ---------------------------------------------------------
     def state_dict(self):
         """Name -> copy of each parameter's data, in registration order."""
@@ -375,6 +428,8 @@ class Module:
         if problems:
             raise ValueError(f"load_state_dict into {type(self).__name__} failed: "
                              + " | ".join(problems))
+        check_writeable(((k, p) for k, p in own.items() if k in given),
+                        f"load_state_dict into {type(self).__name__}")
         for key, p in own.items():
             if key in given:
                 p.data[...] = given[key].astype(p.data.dtype, copy=False)

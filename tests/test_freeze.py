@@ -1,0 +1,213 @@
+"""Frozen weights: Module.freeze() and fastrnn._buffers.frozen_copy.
+
+A frozen parameter's values live on an immutable bytes object, so they cannot
+change, and eval calls take the digests its plan took once instead of hashing the
+weights on every call. What must hold: no view of a frozen array can be made
+writeable; a frozen module's results are bitwise those of the same weights
+unfrozen, with no weights hashed per call; a new array (frozen or not) is seen
+at the next call; writes through fastrnn (optimiser steps, load_state_dict) fail
+naming the parameter before anything is written; unfreeze() gives writeable
+copies whose in-place edits the next call sees.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fastrnn
+from fastrnn import _fastpath, _recurrent
+from fastrnn._buffers import frozen_copy, is_frozen
+from fastrnn.modules.module import ALIGN
+
+MODULES = {"LSTM": fastrnn.LSTM, "GRU": fastrnn.GRU, "RNN": fastrnn.RNN}
+CELLS = {"LSTMCell": fastrnn.LSTMCell, "GRUCell": fastrnn.GRUCell, "RNNCell": fastrnn.RNNCell}
+
+
+def seq(T, B, I, dtype, seed=1):
+    return np.random.default_rng(seed).standard_normal((T, B, I)).astype(dtype)
+
+
+# ---- frozen_copy ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int8])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (5, 0), (4, 5, 6)])
+def test_frozen_copy_holds_the_values_read_only_on_a_line(dtype, shape):
+    a = (np.arange(int(np.prod(shape))) % 100).astype(dtype).reshape(shape)
+    f = frozen_copy(a)
+    assert f.dtype == a.dtype and f.shape == a.shape and f.flags.c_contiguous
+    np.testing.assert_array_equal(f, a)
+    assert f.ctypes.data % ALIGN == 0
+    assert not f.flags.writeable and is_frozen(f) and not is_frozen(a)
+
+
+def test_no_view_of_a_frozen_array_can_be_made_writeable():
+    f = frozen_copy(np.ones((4, 6), np.float32))
+    views = [f, f[1:], f.T, f.reshape(-1), f.view(np.uint8), f.base]
+    for v in views:
+        assert is_frozen(v)
+        with pytest.raises(ValueError):
+            v.flags.writeable = True
+        with pytest.raises(ValueError):
+            v[...] = 0
+    np.testing.assert_array_equal(f, 1)
+
+
+def test_frozen_copy_of_a_strided_array_is_c_ordered_and_checks_its_argument():
+    a = np.asfortranarray(np.arange(12.0).reshape(3, 4))[:, ::2]
+    f = frozen_copy(a)
+    assert f.flags.c_contiguous
+    np.testing.assert_array_equal(f, a)
+    with pytest.raises(ValueError, match="src"):
+        frozen_copy(np.array([object()]))
+    with pytest.raises(ValueError, match="src"):
+        frozen_copy([1.0, 2.0])
+
+
+def test_what_is_frozen():
+    assert is_frozen(np.frombuffer(bytes(16), np.float32))       # any array on bytes
+    assert not is_frozen(np.frombuffer(bytearray(16), np.float32))
+    assert not is_frozen(np.zeros(4))
+    ro = np.zeros(4)
+    ro.flags.writeable = False                 # read-only, but its owner can flip it back
+    assert not is_frozen(ro)
+
+
+# ---- modules -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("T,B,layers", [(50, 2, 1), (7, 3, 2), (1, 1, 1), (12, 40, 1)])
+def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B, layers):
+    I, H = 384, 320        # large enough that eval calls pack (and so hash) their weights
+    m = MODULES[name](I, H, num_layers=layers, dtype=dtype).eval()
+    x = seq(T, B, I, dtype)
+    h0 = np.random.default_rng(2).standard_normal((layers, B, H)).astype(dtype)
+    hx = (h0, h0 * 0.5) if name == "LSTM" else h0
+    want = m(x, hx)
+    before = _recurrent._digested_bytes()
+    m(x, hx)
+    plain = _recurrent._digested_bytes() - before
+    assert m.freeze() is m and m.frozen
+    for _ in range(3):
+        before = _recurrent._digested_bytes()
+        got = m(x, hx)
+        assert _recurrent._digested_bytes() == before
+        np.testing.assert_array_equal(got[0], want[0])
+        for g, w in zip(np.atleast_1d(got[1]) if name != "LSTM" else got[1],
+                        np.atleast_1d(want[1]) if name != "LSTM" else want[1]):
+            np.testing.assert_array_equal(g, w)
+    if (T, B) == (50, 2):
+        assert plain > 0     # the plain calls did hash: the check above can fail
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_frozen_cells_give_the_same_bits(name):
+    c = CELLS[name](64, 96).eval()
+    x = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    want = c(x)
+    c.freeze()
+    got = c(x)
+    for g, w in zip(got if name == "LSTMCell" else (got,), want if name == "LSTMCell" else (want,)):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_new_weights_after_freezing_are_seen(name):
+    """A plan's digests belong to its arrays: another array (other values, frozen or
+    not) at the same parameter must not find the old packing."""
+    I, H = 256, 256
+    m = MODULES[name](I, H).eval().freeze()
+    ref = copy.deepcopy(m)            # writeable copies, for the expected results
+    x = seq(50, 2, I, np.float32)
+    m(x)
+    w = np.random.default_rng(5).uniform(-0.1, 0.1, m.weight_hh_l0.shape).astype(np.float32)
+    m.weight_hh_l0.data = frozen_copy(w)
+    ref.weight_hh_l0.data[...] = w
+    np.testing.assert_array_equal(m(x)[0], ref(x)[0])
+    m.weight_hh_l0.data = fastrnn.modules.module.aligned_copy(w * 2)
+    ref.weight_hh_l0.data[...] = w * 2
+    np.testing.assert_array_equal(m(x)[0], ref(x)[0])
+    assert not m.frozen
+
+
+def test_unfreeze_gives_writeable_copies_whose_edits_are_seen():
+    m = fastrnn.LSTM(256, 256).eval()
+    x = seq(50, 2, 256, np.float32)
+    m.freeze()
+    y_frozen = m(x)[0]
+    assert m.unfreeze() is m and not m.frozen
+    assert all(p.data.flags.writeable for p in m.parameters())
+    np.testing.assert_array_equal(m(x)[0], y_frozen)
+    m.weight_hh_l0.data[3, 4] += 0.5
+    assert not np.array_equal(m(x)[0], y_frozen)
+
+
+def test_writes_to_frozen_parameters_fail_before_anything_is_written():
+    a = fastrnn.GRU(8, 6)
+    b = fastrnn.GRU(8, 6).freeze()
+    params = a.parameters() + b.parameters()
+    for p in params:
+        p.grad[...] = 1.0
+    before = [p.data.copy() for p in params]
+    n = len(a.parameters())
+    for opt in (fastrnn.optim.SGD(params, lr=0.1), fastrnn.optim.Adam(params, lr=0.1)):
+        with pytest.raises(ValueError, match=rf"params\[{n}\].*freeze\(\).*unfreeze"):
+            opt.step()
+        for p, d in zip(params, before):
+            np.testing.assert_array_equal(p.data, d)
+    sd = {k: v + 1 for k, v in a.state_dict().items()}
+    with pytest.raises(ValueError, match="'weight_ih_l0'.*frozen"):
+        b.load_state_dict(sd)
+    for p, d in zip(params, before):
+        np.testing.assert_array_equal(p.data, d)
+    with pytest.raises(ValueError, match="read-only"):
+        b.weight_ih_l0.data[...] = 0
+    b.unfreeze()
+    b.load_state_dict(sd)
+    np.testing.assert_array_equal(b.weight_ih_l0.data, sd["weight_ih_l0"])
+
+
+def test_freeze_keeps_shared_arrays_shared_and_copies_are_writeable():
+    m = fastrnn.LSTM(6, 5)
+    m.weight_hh_l0 = fastrnn.Parameter(m.weight_ih_l0.data[:20, :5].copy())
+    other = fastrnn.Parameter(m.weight_hh_l0.data)        # the same array, another Parameter
+    m.extra = other
+    m.freeze()
+    assert m.weight_hh_l0.data is m.extra.data and is_frozen(m.extra.data)
+    c = copy.deepcopy(m)
+    assert not c.frozen and all(p.data.flags.writeable for p in c.parameters())
+    for (n1, p1), (n2, p2) in zip(m.named_parameters(), c.named_parameters()):
+        assert n1 == n2
+        np.testing.assert_array_equal(p1.data, p2.data)
+
+
+def test_training_a_frozen_module_gives_the_same_gradients():
+    m = fastrnn.LSTM(16, 12)
+    f = copy.deepcopy(m).freeze()
+    x = seq(9, 4, 16, np.float32)
+    dy = seq(9, 4, 12, np.float32, seed=7)
+    for mod in (m, f):
+        mod.train()
+        mod(x)
+        mod.backward(dy)
+    for p, q in zip(m.parameters(), f.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
+
+
+def test_kernel_only_takes_the_plan_digests_and_they_need_frozen_weights():
+    m = fastrnn.LSTM(64, 48).eval().freeze()
+    x = seq(1, 1, 64, np.float32)
+    run = _fastpath.kernel_only(m, x)
+    before = _recurrent._digested_bytes()
+    run()
+    assert _recurrent._digested_bytes() == before
+    plan = m.__dict__["_fp_plan"]
+    assert plan.digests[0] is not None
+    w = m.weight_ih_l0.data.copy()       # a writeable copy: not frozen
+    y = np.empty((1, 1, 48), np.float32)
+    hn = np.empty((1, 48), np.float32)
+    with pytest.raises(ValueError, match="digests: only for frozen weights"):
+        _recurrent.forward_small(fastrnn.functional.CELL_LSTM, y, hn, hn.copy(), x, None, None,
+                                 w, m.weight_hh_l0.data, None, None, True, True,
+                                 plan.digests[0])
