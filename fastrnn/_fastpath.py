@@ -46,7 +46,7 @@ import numpy as np
 
 from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
-from fastrnn._buffers import is_frozen
+from fastrnn._frozen import frozen_digests
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
@@ -71,7 +71,7 @@ class _Plan:
         # per layer: (digest of w_ih, of w_hh) when both are frozen (Module.freeze()), else
         # None. Their values cannot change and the plan is stale once an array is
         # replaced, so eval calls need not read and hash them to find their packings.
-        self.digests = tuple(_frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
+        self.digests = tuple(frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
         self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
         # largest T*B that every layer runs on one thread (kernel_only's limit)
         self.max_rows = min(int(np.ceil(F.SMALL_WORK_FLOP / f)) - 1 for f in row_flop)
@@ -101,14 +101,6 @@ class _Plan:
                 self.scheds.clear()
             self.scheds[(T, B)] = s
         return s
-
-
-def _frozen_digests(w_ih, w_hh):
-    """(digest of w_ih, of w_hh) as the kernels' pack cache takes them, if both are
-    frozen; else None."""
-    if not (is_frozen(w_ih) and is_frozen(w_hh)):
-        return None
-    return tuple(_recurrent._digest(w.reshape(-1).view(np.uint8)) for w in (w_ih, w_hh))
 
 
 def _ok_array(a, dtype, shape):

@@ -38,6 +38,8 @@ cdef extern from "pack_cache.h" nogil:
     void pack_cache_set_off "fastrnn_pack_cache_set_off"(int off)
     int pack_cache_is_off "fastrnn_pack_cache_is_off"()
     void pack_cache_stats "fastrnn_pack_cache_stats"(size_t *entries, size_t *nbytes)
+    void count_digested "fastrnn_count_digested"(size_t nbytes)
+    size_t digested "fastrnn_digested"()
 
 
 cdef enum:
@@ -88,6 +90,8 @@ cdef inline void *find_packed(bint *cache, int kind, const void *W, int elem, in
         return NULL
     layout[0] = pack_layout(kind, elem, nslices, G, H, K)
     layout.src = W
+    if known == NULL:
+        count_digested(G * H * K * elem)
     digest[0] = known[0] if known != NULL else weights_digest(W, G * H * K * elem, n_threads)
     return pack_cache_find(layout, digest[0])
 

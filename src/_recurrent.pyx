@@ -33,6 +33,7 @@ from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport input_and_weight_gradients, weight_gradient, rows_scatter_add
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
+                          count_digested, digested,
                           slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
                           pack_cache_stats, weights_digest, PackLayout, PACK_GATE_SLICES,
                           find_packed, keep_packed, packed_buffer)
@@ -678,18 +679,20 @@ cdef void pool_pack_slices(floating *buf, const floating *W, Py_ssize_t G, Py_ss
 
 
 cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
-                         int nslices) noexcept nogil:
+                         int nslices, const uint64_t *known) noexcept nogil:
     """An eval call that owns the pool: on a team of `team` threads (nslices unit slices,
     or rows by ctx.bounds) if the workers are ready and running; else on this thread,
     still owning the pool, so that the workers it woke stay ready for the next call.
-    Packs what it runs (pack_for: digests and packing on the pool). Returns 0, or 1 if
-    out of memory."""
+    Packs what it runs (pack_for: digests and packing on the pool; known: the weights'
+    digests when frozen, else NULL). Returns 0, or 1 if out of memory."""
     cdef const floating *w_ih = <const floating *> p.w_ih
     cdef const floating *w_hh = <const floating *> p.w_hh
     cdef bint ran = False, packed_one = False
     cdef int k, failed = 0
     cdef CallDigests digests
-    digests.taken = False
+    digests.taken = known != NULL
+    if known != NULL:
+        digests.ih, digests.hh = known[0], known[1]
     if not fastrnn_pool_contended() and fastrnn_pool_ready(team):
         if pack_for(p, w_ih, w_hh, nslices, team, &digests):
             p.pool_team = True
@@ -727,7 +730,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
             int n_threads, bint by_units, bint bf16=False, bint cache_weights=False,
-            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None):
+            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None,
+            tuple known_digests=None):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split). y's
@@ -749,6 +753,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     rather than wait for them (forward_on_pool). Returns False if OpenMP gave fewer
     threads than asked, or another call owns the pool: the caller then runs the
     call on one thread.
+
+    known_digests (with cache_weights): (digest of w_ih, of w_hh) for frozen weights
+    (fastrnn._frozen, whose caller checked them), so the call does not hash them.
     """
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = w_ih.shape[1]
@@ -767,6 +774,12 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef bint short_team = False, pooled = False, pool_busy = False
     cdef ForwardTeam ctx
     cdef int pack_threads = n_threads
+    cdef uint64_t known[2]
+    cdef const uint64_t *k_ih = NULL
+    cdef const uint64_t *k_hh = NULL
+    if known_digests is not None and cache_weights:
+        known[0], known[1] = known_digests[0], known_digests[1]
+        k_ih, k_hh = &known[0], &known[1]
     if x_ids is not None and (bf16 or w_hr is not None or x_table is None
                               or x_table.shape[1] != G * H or x_ids.shape[0] != y.shape[0]
                               or x_ids.shape[1] != y.shape[1]):
@@ -811,15 +824,15 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             pass                            # forward_on_pool packs what it runs
         else:
             if pack_ih:
-                s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights)
+                s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights, k_ih)
             if pack_hh:
-                s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights)
+                s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights, k_hh)
         if pack_hh and p.w_hr != NULL:
             packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, pack_threads)
         if floating is float:
             if p.bf16 and not pooled and not short_team:    # forward_on_pool packs its own
-                b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights)
-                b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights)
+                b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights, k_ih)
+                b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights, k_hh)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
         p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
         if short_team:
@@ -830,7 +843,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                 or (p.bf16 and not pooled and (b_ih == NULL or b_hh == NULL))):
             failed = 1
         elif pooled:
-            failed = forward_on_pool(&y[0, 0, 0], &p, &ctx, team, nslices)
+            failed = forward_on_pool(&y[0, 0, 0], &p, &ctx, team, nslices,
+                                     k_ih if k_ih != NULL and k_hh != NULL else NULL)
         else:
             with parallel(num_threads=team):
                 tid = threadid()

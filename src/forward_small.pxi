@@ -45,10 +45,6 @@ cdef double SEGMENT_FLOP = 8e6
 # Teams run by this module's eval calls, by split: [rows, hidden units] (pool_stats).
 cdef long TEAMS_BY_SPLIT[2]
 
-# Bytes of weights the fast path's calls hashed (pool_digest), for tests: frozen
-# weights (Module.freeze()) come with their digests and add nothing.
-cdef size_t DIGESTED_BYTES = 0
-
 
 cdef struct DigestJob:
     const char *base            # the weights' bytes
@@ -64,11 +60,10 @@ cdef void digest_one(void *ctx, long c) noexcept nogil:
 cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
     """weights_digest (_pack_cache.pxd) of nbytes at W, its chunks on the pool (the
     caller owns it; n threads at most): the same value on any number of threads."""
-    global DIGESTED_BYTES
     cdef size_t nchunks = (nbytes + DIGEST_CHUNK - 1) // DIGEST_CHUNK
     cdef DigestJob job
     cdef uint64_t h
-    DIGESTED_BYTES += nbytes      # (one pool owner at a time)
+    count_digested(nbytes)      # (pack_cache.h: a count for tests)
     if nchunks < 2 or n < 2:
         return digest_serial(W, nbytes)
     job.base, job.nbytes = <const char *> W, nbytes
@@ -510,8 +505,8 @@ def eval_cell(plan, x, hx):
 
 
 def _digested_bytes():
-    """Bytes of weights the fast path's eval calls have hashed so far (tests)."""
-    return int(DIGESTED_BYTES)
+    """Bytes of weights this module's eval calls have hashed so far (tests)."""
+    return int(digested())
 
 
 def pool_stats():

@@ -42,6 +42,13 @@
 #define FASTRNN_DIGEST_LANES 64                       /* independent chains (fastrnn_digest_chunk) */
 #define FASTRNN_DIGEST_BLOCK (8 * FASTRNN_DIGEST_LANES) /* bytes: one word per lane */
 
+/* Bytes of weights eval calls hashed to find their packings (tests: frozen weights
+ * come with their digests and add nothing). A plain counter: concurrent calls may
+ * lose an addition. */
+static size_t fastrnn_digested_bytes = 0;
+static inline void fastrnn_count_digested(size_t n) { fastrnn_digested_bytes += n; }
+static inline size_t fastrnn_digested(void) { return fastrnn_digested_bytes; }
+
 #define FASTRNN_DIGEST_K 0xD6E8FEB8ULL       /* even 32-bit constant: see fastrnn_digest_mix */
 #define FASTRNN_DIGEST_LANE0 0x13198A2E03707344ULL
 

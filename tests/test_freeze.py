@@ -211,3 +211,48 @@ def test_kernel_only_takes_the_plan_digests_and_they_need_frozen_weights():
         _recurrent.forward_small(fastrnn.functional.CELL_LSTM, y, hn, hn.copy(), x, None, None,
                                  w, m.weight_hh_l0.data, None, None, True, True,
                                  plan.digests[0])
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("how", ["bidirectional", "lengths", "batch_first"])
+def test_general_path_calls_of_frozen_weights_hash_nothing(name, how):
+    """Calls the fast path does not serve (fastrnn.functional, through fastrnn._frozen)."""
+    I, H, T, B = 256, 256, 30, 3
+    m = MODULES[name](I, H, bidirectional=how == "bidirectional",
+                      batch_first=how == "batch_first").eval()
+    x = seq(T, B, I, np.float32)
+    kw = {}
+    if how == "batch_first":
+        x = np.ascontiguousarray(x.transpose(1, 0, 2))
+    if how == "lengths":
+        kw["lengths"] = [T, T - 7, 1]
+    want = m(x, **kw)[0]
+    before = _recurrent._digested_bytes()
+    m(x, **kw)
+    assert _recurrent._digested_bytes() > before      # unfrozen: the call hashes
+    m.freeze()
+    for _ in range(2):
+        before = _recurrent._digested_bytes()
+        np.testing.assert_array_equal(m(x, **kw)[0], want)
+        assert _recurrent._digested_bytes() == before
+    m.weight_hh_l0.data = frozen_copy(m.weight_hh_l0.data * 0.5)   # new values: seen
+    ref = copy.deepcopy(m)
+    got = m(x, **kw)[0]
+    assert not np.array_equal(got, want)
+    np.testing.assert_array_equal(got, ref(x, **kw)[0])
+
+
+def test_frozen_digests_are_the_kernels_and_live_with_the_array():
+    from fastrnn import _frozen
+    w = frozen_copy(np.random.default_rng(0).standard_normal((48, 16)).astype(np.float32))
+    v = frozen_copy(np.ones((48, 12), np.float32))
+    d = _frozen.frozen_digests(w, v)
+    assert d == (_recurrent._digest(np.frombuffer(w.tobytes(), np.uint8)),
+                 _recurrent._digest(np.frombuffer(v.tobytes(), np.uint8)))
+    assert _frozen.frozen_digests(w[:10], v[:10])[0] != d[0]      # a part: its own digest
+    assert _frozen.frozen_digests(w.copy(), v) is None             # writeable: none
+    n = len(_frozen._memo)
+    del w, v
+    import gc
+    gc.collect()
+    assert len(_frozen._memo) == n - 2
