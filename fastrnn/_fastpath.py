@@ -46,7 +46,7 @@ import numpy as np
 
 from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
-from fastrnn._frozen import frozen_digests
+from fastrnn._frozen import frozen_digests, frozen_mark, still_frozen
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
@@ -66,11 +66,12 @@ class _Plan:
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.G, self.act = I, H, L, G, act
-        self.params = params        # ((Parameter, data array, shape), ...)
+        self.params = params        # ((Parameter, data array, shape, frozen mark), ...)
         self.layers = layers        # per layer: (w_ih, w_hh, b_ih, b_hh), biases None without
         # per layer: (digest of w_ih, of w_hh) when both are frozen (Module.freeze()), else
-        # None. Their values cannot change and the plan is stale once an array is
-        # replaced, so eval calls need not read and hash them to find their packings.
+        # None. Their values cannot change, and the plan is stale once an array is
+        # replaced or is no longer that frozen memory (params' frozen marks, checked
+        # per call), so eval calls need not read and hash them to find their packings.
         self.digests = tuple(frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
         self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
         # largest T*B that every layer runs on one thread (kernel_only's limit)
@@ -79,9 +80,9 @@ class _Plan:
         self.scheds = {}
 
     def valid(self):
-        for p, arr, shape in self.params:
+        for p, arr, shape, mark in self.params:
             d = p.data
-            if d is not arr or d.shape != shape:
+            if d is not arr or d.shape != shape or (mark is not None and not still_frozen(d, mark)):
                 return False
         return True
 
@@ -139,7 +140,7 @@ def _build(module, cell):
             p = getattr(module, name)
             if not _ok_array(p.data, dtype, shape):
                 return None               # not now: the general path reports what is wrong
-            params.append((p, p.data, shape))
+            params.append((p, p.data, shape, frozen_mark(p.data)))
             arrays.append(p.data)
         b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
         layers.append((arrays[0], arrays[1], b_ih, b_hh))
@@ -170,8 +171,8 @@ def clear_plan(module):
 
 def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
     """forward_small's arguments for layer k: (cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh,
-    b_ih, b_hh, pack_ih, pack_hh, digests)."""
-    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2] + (plan.digests[k],)
+    b_ih, b_hh, pack_ih, pack_hh)."""
+    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
 
 
 def _bf16_layer(cell, x):

@@ -47,7 +47,6 @@ import numpy as np
 
 from fastrnn import _buffers, _cpu_cache, _ids_input, _precision, _recurrent
 from fastrnn._config import get_num_threads
-from fastrnn._frozen import frozen_digests
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
 
@@ -193,8 +192,6 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
                                        bf16 and not training and _recurrent._amx_bf16())
                 and (training or n > rows_upto(B, args[10].size, 2 if bf16 else args[10].itemsize))
                 and args[13] is None)   # a projection needs all of h_t: rows only
-    if not training:    # frozen weights (Module.freeze()) need no hashing to find their packing
-        table["known_digests"] = frozen_digests(args[9], args[10])
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
                               cache_weights=not training, **table):

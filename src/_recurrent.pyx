@@ -55,9 +55,17 @@ from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
                          fastrnn_pool_watch_on)
 
-from fastrnn._buffers import is_frozen
-
 cnp.import_array()
+
+
+cdef object frozen_known(bint cache_weights, object w_ih, object w_hh):
+    """(digest of w_ih, of w_hh) when an eval call's weights are both frozen
+    (fastrnn._frozen: memory of an immutable bytes object, hashed once), else None:
+    the call then hashes them itself. Taken here, never from a caller."""
+    if not cache_weights:
+        return None
+    from fastrnn._frozen import frozen_digests   # (a Python module importing this one)
+    return frozen_digests(w_ih, w_hh)
 
 
 cdef inline bint team_barrier(const Plan *p) noexcept nogil:
@@ -730,8 +738,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
             int n_threads, bint by_units, bint bf16=False, bint cache_weights=False,
-            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None,
-            tuple known_digests=None):
+            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split). y's
@@ -752,11 +759,10 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     (float32 / float64 GEMMs) if they are awake now, else on this thread at once
     rather than wait for them (forward_on_pool). Returns False if OpenMP gave fewer
     threads than asked, or another call owns the pool: the caller then runs the
-    call on one thread.
-
-    known_digests (with cache_weights): (digest of w_ih, of w_hh) for frozen weights
-    (fastrnn._frozen, whose caller checked them), so the call does not hash them.
+    call on one thread. Frozen weights (Module.freeze()) are not hashed to find their
+    packings: their digests were taken once (frozen_known).
     """
+    cdef tuple kd = frozen_known(cache_weights, w_ih.base, w_hh.base)   # before any allocation
     cdef Plan p
     cdef Py_ssize_t G = cell_gates(cell), H = w_ih.shape[0] // cell_gates(cell), I = w_ih.shape[1]
     cdef int nslices = n_threads if by_units else 1
@@ -777,8 +783,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef uint64_t known[2]
     cdef const uint64_t *k_ih = NULL
     cdef const uint64_t *k_hh = NULL
-    if known_digests is not None and cache_weights:
-        known[0], known[1] = known_digests[0], known_digests[1]
+    if kd is not None:
+        known[0], known[1] = kd[0], kd[1]
         k_ih, k_hh = &known[0], &known[1]
     if x_ids is not None and (bf16 or w_hr is not None or x_table is None
                               or x_table.shape[1] != G * H or x_ids.shape[0] != y.shape[0]

@@ -261,13 +261,13 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
 
 
 def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                  bint pack_ih, bint pack_hh, digests=None):
+                  bint pack_ih, bint pack_hh):
     """One layer on the calling thread, every array checked (ValueError naming it):
     x (T, B, I) float32 or float64, y (T, B, H), h_n, c_n, h0, c0 (B, H) (c_n, c0 for
     the LSTM only; h0, c0 None for zeros), w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh
-    (G*H,) or both None, all C-contiguous of x's dtype; digests: None, or the plan's
-    (digest of w_ih, of w_hh) for frozen weights. What fastrnn._fastpath's
-    `kernel_only` times; eval_layer / eval_cell run the same `run_small`."""
+    (G*H,) or both None, all C-contiguous of x's dtype (frozen weights: not hashed,
+    frozen_known). What fastrnn._fastpath's `kernel_only` times; eval_layer /
+    eval_cell run the same `run_small`."""
     cdef int typenum
     cdef Py_ssize_t T, B, I, G = cell_gates(cell), H
     cdef const void *b1
@@ -283,7 +283,7 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
     cdef bint lstm = cell == CELL_LSTM
     cdef int fail
     cdef uint64_t known[2]
-    cdef bint has_known = known_digests(digests, w_ih, w_hh, known)
+    cdef tuple kd
     if (type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3
             or type(w_ih) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> w_ih) != 2):
         raise ValueError("forward_small: x must be a (T, B, I) and w_ih a (G*H, I) ndarray")
@@ -307,33 +307,31 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                          "and b_ih and b_hh go together")
     if T < 1 or B < 1:
         raise ValueError(f"forward_small: empty input {(T, B, I)}")
+    kd = frozen_known(True, w_ih, w_hh)
+    if kd is not None:
+        known[0], known[1] = kd[0], kd[1]
     with nogil:
         fail = run_small(cell, typenum == cnp.NPY_FLOAT32, T, B, I, H, px, py, phn, pcn,
                          ph0, pc0, pih, phh, b1, b2, pack_ih, pack_hh, 1, False,
-                         known if has_known else NULL)
+                         known if kd is not None else NULL)
     if fail:
         raise MemoryError("fastrnn recurrent forward: out of memory")
 
 
-cdef bint known_digests(object digests, object w_ih, object w_hh, uint64_t *known) except -1:
-    """known := digests (the digests of w_ih and w_hh) when given and both arrays are
-    frozen (fastrnn._buffers.is_frozen: their values cannot change); True if so."""
-    if digests is None:
-        return False
-    if not (is_frozen(w_ih) and is_frozen(w_hh)):
-        raise ValueError("digests: only for frozen weights (fastrnn._buffers.frozen_copy)")
-    known[0], known[1] = (<tuple> digests)[0], (<tuple> digests)[1]
-    return True
-
-
 cdef inline bint plan_stale(tuple params):
     """A parameter of the plan got a new array, or its array a new shape, since the
-    plan was built (params: ((Parameter, array, shape), ...), fastrnn._fastpath)."""
-    cdef tuple entry, shape
+    plan was built, or a frozen array whose digest the plan took is no longer the
+    same read-only memory of the same bytes object (NumPy's __setstate__ can swap an
+    array's memory in place) (params: ((Parameter, array, shape, frozen), ...),
+    fastrnn._fastpath; frozen: None, or (that bytes object, the data's address))."""
+    cdef tuple entry, shape, frozen
     cdef int k, ndim
     for entry in params:
         arr = entry[1]
         if entry[0].data is not arr:
+            return True
+        frozen = <tuple> entry[3]
+        if frozen is not None and not still_frozen(<cnp.ndarray> arr, frozen):
             return True
         shape = <tuple> entry[2]
         ndim = cnp.PyArray_NDIM(<cnp.ndarray> arr)
@@ -343,6 +341,17 @@ cdef inline bint plan_stale(tuple params):
             if cnp.PyArray_DIMS(<cnp.ndarray> arr)[k] != <Py_ssize_t> shape[k]:
                 return True
     return False
+
+
+cdef inline bint still_frozen(cnp.ndarray arr, tuple frozen):
+    """arr is read-only, at the address it had, and its base chain still ends at the
+    bytes object frozen[0] (frozen = (bytes object, address))."""
+    cdef object o = arr
+    if cnp.PyArray_ISWRITEABLE(arr) or <size_t> cnp.PyArray_DATA(arr) != <size_t> frozen[1]:
+        return False
+    while type(o) is cnp.ndarray:
+        o = cnp.get_array_base(<cnp.ndarray> o)
+    return o is frozen[0]
 
 
 cdef inline const uint64_t *layer_digests(tuple digests, Py_ssize_t k, uint64_t *known):

@@ -42,12 +42,17 @@
 #define FASTRNN_DIGEST_LANES 64                       /* independent chains (fastrnn_digest_chunk) */
 #define FASTRNN_DIGEST_BLOCK (8 * FASTRNN_DIGEST_LANES) /* bytes: one word per lane */
 
-/* Bytes of weights eval calls hashed to find their packings (tests: frozen weights
- * come with their digests and add nothing). A plain counter: concurrent calls may
- * lose an addition. */
+/* Bytes of weights this module's eval calls hashed to find their packings (tests:
+ * frozen weights come with their digests and add nothing). */
 static size_t fastrnn_digested_bytes = 0;
-static inline void fastrnn_count_digested(size_t n) { fastrnn_digested_bytes += n; }
-static inline size_t fastrnn_digested(void) { return fastrnn_digested_bytes; }
+static inline void fastrnn_count_digested(size_t n)
+{
+    __atomic_fetch_add(&fastrnn_digested_bytes, n, __ATOMIC_RELAXED);
+}
+static inline size_t fastrnn_digested(void)
+{
+    return __atomic_load_n(&fastrnn_digested_bytes, __ATOMIC_RELAXED);
+}
 
 #define FASTRNN_DIGEST_K 0xD6E8FEB8ULL       /* even 32-bit constant: see fastrnn_digest_mix */
 #define FASTRNN_DIGEST_LANE0 0x13198A2E03707344ULL

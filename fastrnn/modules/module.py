@@ -350,8 +350,9 @@ class Module:
         and `load_state_dict` name the frozen parameter; `p.data[...] = v`
         raises NumPy's read-only error. Arrays taken from `p.data` before are
         no longer the module's weights. Parameters sharing one array still share
-        one after. Gradients are unaffected; `copy.deepcopy` and model files give
-        writeable copies. `unfreeze()` undoes it."""
+        one after (the same array object; views of one array become separate
+        copies). Gradients are unaffected; `copy.deepcopy` and model files give
+        writeable copies. `unfreeze()` undoes it; `is_frozen()` tells."""
         copies = {}
         for _, p in self.named_parameters():
             d = p.data
@@ -359,6 +360,7 @@ class Module:
                 if id(d) not in copies:
                     copies[id(d)] = (d, frozen_copy(d))    # (d kept: its id stays unique)
                 p.data = copies[id(d)][1]
+        self._forget_plans()
         return self
 
     def unfreeze(self):
@@ -370,12 +372,19 @@ class Module:
                 if id(d) not in copies:
                     copies[id(d)] = (d, aligned_copy(d))
                 p.data = copies[id(d)][1]
+        self._forget_plans()
         return self
 
-    @property
-    def frozen(self):
-        """True when every parameter is frozen (freeze())."""
-        return all(is_frozen(p.data) for p in self.parameters())
+    def is_frozen(self):
+        """True when the module has parameters and every one is frozen (freeze())."""
+        params = self.parameters()
+        return bool(params) and all(is_frozen(p.data) for p in params)
+
+    def _forget_plans(self):
+        """Drop the eval fast path's plans here and below: they hold the arrays they
+        were built from (the next eval call builds new ones)."""
+        for _, m in self.named_modules():
+            m.__dict__.pop("_fp_plan", None)
 
     # -- state dicts ---------------------------------------------------------
     def state_dict(self):

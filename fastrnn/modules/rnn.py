@@ -18,7 +18,8 @@ import numpy as np
 from fastrnn import _buffers, _fastpath
 from fastrnn._validate import as_ids
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import Module, Parameter, aligned_zeros, grad_targets, training_call
+from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
+                                    grad_targets, training_call)
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -215,6 +216,7 @@ class RNNBase(Module):
         """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""
         rng = np.random.default_rng() if rng is None else rng
         bound = 1.0 / math.sqrt(self.hidden_size)
+        check_writeable(self.named_parameters(), f"{type(self).__name__}.reset_parameters")
         for _, p in self.named_parameters():
             p.data[...] = rng.uniform(-bound, bound, p.data.shape)
 
