@@ -182,6 +182,9 @@ def model_from_blob(blob):
             raise ValueError("fastrnn.dask: model bytes do not match their SHA-256 "
                              "(corrupted in transfer?)")
         model = _modelfile.from_bytes(blob.data, what=f"model {blob.digest[:12]}")
+        # only this cache holds it, for inference: weights as constants, so calls do
+        # not hash them (Module.freeze(), docs/inference.md)
+        model.freeze()
         entry = (model, Plan(model))
         _cache[blob.digest] = entry
         _stats["loads"] += 1
