@@ -65,5 +65,5 @@ def frozen_mark(a):
 def still_frozen(a, mark):
     """a is read-only, at the address it had, on the same bytes object as when
     frozen_mark(a) gave `mark`."""
-    return (not a.flags.writeable and a.ctypes.data == mark[1]
-            and isinstance(a, np.ndarray) and _owner(a).base is mark[0])
+    return (isinstance(a, np.ndarray) and not a.flags.writeable
+            and a.ctypes.data == mark[1] and _owner(a).base is mark[0])
