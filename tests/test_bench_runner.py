@@ -62,6 +62,9 @@ def test_runner_json_all_modes(capsys):
     assert ours == {(c, m) for c in common.CELLS for m in ("forward", "train", "step")}
     step = [r for r in results if r["mode"] == "step"]
     assert all(r["T"] == 1 and r["B"] == 1 for r in step)
+    # fastrnn's inference rows ran on frozen weights (as deployed), training on plain ones
+    assert {(r["mode"], r["frozen"]) for r in results if r["engine"] == "fastrnn"} == \
+        {("forward", True), ("step", True), ("train", False)}
     engines = {r["engine"] for r in results}
     if _installed("torch"):
         assert "torch" in engines

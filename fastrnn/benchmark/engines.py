@@ -116,6 +116,7 @@ class FastrnnEngine:
         import fastrnn
         self.case, self.x, self.dy, self.h0, self.c0 = case, x, dy, h0, c0
         self._out = None
+        self.frozen = False
         cell = case.cell
         kwargs = {"nonlinearity": cell.split("_", 1)[1]} if cell.startswith("rnn") else {}
         if case.mode == "step":
@@ -137,6 +138,7 @@ class FastrnnEngine:
                 # inference as deployed: weights as constants, as in an ONNX Runtime
                 # session (Module.freeze(): eval calls skip hashing them)
                 self.module.freeze()
+                self.frozen = True
         else:
             if case.layers != 1 or case.bidirectional:
                 raise EngineUnavailable(f"fastrnn.{_LAYER_CLASSES[cell]} is not available "

@@ -264,6 +264,7 @@ def run_cases(cases, peers, threads, sgemm, budget, repeats=None, warmup=1, chec
             rec["cold_ms"] = cold * 1e3 if cold is not None else None
             if e.name == "fastrnn":
                 rec["impl"] = e.impl
+                rec["frozen"] = e.frozen     # weights as constants (Module.freeze())
             elif e.name in status:
                 rec["check"], rec["check_key"], rec["max_rel_err"] = status[e.name]
             results.append(rec)
