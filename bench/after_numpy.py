@@ -7,11 +7,15 @@ a 512 x 512 matmul and the timed call right after it.
 
     python bench/after_numpy.py                            # LSTM and GRU, I=H=512, T=50, B=2 and 8
     python bench/after_numpy.py --cells lstm -B 2 --trials 40 --peers none
+    python bench/after_numpy.py --mode train               # training steps (forward + backward)
 
 fastrnn's eval calls run on their own worker pool (src/team_pool.h): a team whose
 thread waits milliseconds for a teammate has lost a CPU, stops at that step and
-the caller finishes alone, and calls run alone for a while after. fastrnn runs at
-1 and --threads threads, the peers (if installed) at --threads.
+the caller finishes alone, and calls run alone for a while after. Training steps
+(--mode train) run on OpenMP teams, which have no such rule (session 29, 2-core
+Xeon: LSTM I=H=512 T=50 B=2 8.7 ms quiet, 17.4 after a matmul, p90 110). fastrnn
+runs at 1 and --threads threads, the peers (if installed, and able to train) at
+--threads.
 """
 
 import argparse
@@ -58,6 +62,8 @@ def main(argv=None):
     ap.add_argument("-T", type=int, default=50, help="steps")
     ap.add_argument("-B", default="2,8", help="batch sizes, comma-separated")
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--mode", default="forward", choices=("forward", "train"),
+                    help="forward: eval calls (default); train: forward + backward steps")
     ap.add_argument("--quiet", type=float, default=0.2,
                     help="idle seconds before the quiet call: longer than OpenBLAS's "
                          "workers spin after a matmul (~0.1 s)")
@@ -88,7 +94,7 @@ def main(argv=None):
     try:
         for cell in cells:
             for B in batches:
-                case = Case(cell, "forward", args.H, args.H, args.T, B)
+                case = Case(cell, args.mode, args.H, args.H, args.T, B)
                 engines = engines_for(case, args.threads, peers)
                 res = measure(engines, peers, args.trials, args.quiet, a, b)
                 for label, _, _ in engines:

@@ -29,7 +29,17 @@ def test_after_numpy_rows(capsys):
                 assert quiet > 0 and after > 0
 
 
+def test_after_numpy_train_rows(capsys):
+    load().main(["--mode", "train", "--cells", "gru", "-H", "8", "-T", "3", "-B", "2",
+                 "--quiet", "0", "--trials", "2", "--peers", "none"])
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [r.split()[:2] for r in rows] == [["gru", "train"]] * 2, rows
+    for row in rows:
+        assert float(row.split()[-4]) > 0 and float(row.split()[-2]) > 0
+
+
 @pytest.mark.parametrize("args, option", [(["--cells", "lstm,tanh"], "--cells"),
+                                          (["--mode", "step"], "--mode"),
                                           (["-B", "2,x"], "-B"),
                                           (["-B", "0"], "-B"),
                                           (["--quiet", "-1"], "--quiet"),
