@@ -654,6 +654,16 @@ cdef struct CallDigests:
     uint64_t ih, hh
 
 
+cdef inline CallDigests call_digests(const uint64_t *known) noexcept nogil:
+    """A call's digests: taken already when the weights are frozen (known: their two
+    digests), else still to take (known NULL)."""
+    cdef CallDigests d
+    d.taken = known != NULL
+    d.ih = known[0] if known != NULL else 0
+    d.hh = known[1] if known != NULL else 0
+    return d
+
+
 cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                 int nslices, int n, const uint64_t *digest) noexcept nogil:
     """gate_slices(W, ..., packed=True, cache=True, digest) for an eval call that owns the
@@ -697,10 +707,7 @@ cdef int forward_on_pool(floating *y, Plan *p, ForwardTeam *ctx, int team,
     cdef const floating *w_hh = <const floating *> p.w_hh
     cdef bint ran = False, packed_one = False
     cdef int k, failed = 0
-    cdef CallDigests digests
-    digests.taken = known != NULL
-    if known != NULL:
-        digests.ih, digests.hh = known[0], known[1]
+    cdef CallDigests digests = call_digests(known)
     if not fastrnn_pool_contended() and fastrnn_pool_ready(team):
         if pack_for(p, w_ih, w_hh, nslices, team, &digests):
             p.pool_team = True

@@ -150,9 +150,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
     alone = p[0]
     crew = p[0]
-    digests.taken = known != NULL
-    if known != NULL:
-        digests.ih, digests.hh = known[0], known[1]
+    digests = call_digests(known)
     seg = T
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))

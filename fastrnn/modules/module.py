@@ -353,24 +353,22 @@ class Module:
         one after (the same array object; views of one array become separate
         copies). Gradients are unaffected; `copy.deepcopy` and model files give
         writeable copies. `unfreeze()` undoes it; `is_frozen()` tells."""
-        copies = {}
-        for _, p in self.named_parameters():
-            d = p.data
-            if not is_frozen(d):
-                if id(d) not in copies:
-                    copies[id(d)] = (d, frozen_copy(d))    # (d kept: its id stays unique)
-                p.data = copies[id(d)][1]
-        self._forget_plans()
-        return self
+        return self._copy_parameters(lambda d: not is_frozen(d), frozen_copy)
 
     def unfreeze(self):
         """Give every frozen parameter a writeable copy of its values; returns self."""
+        return self._copy_parameters(is_frozen, aligned_copy)
+
+    def _copy_parameters(self, wanted, make_copy):
+        """p.data := make_copy(p.data) for every parameter whose array is `wanted`, one
+        copy per array object (parameters that shared one share the copy); then the
+        eval plans, which hold the old arrays, go. Returns self."""
         copies = {}
         for _, p in self.named_parameters():
             d = p.data
-            if is_frozen(d):
+            if wanted(d):
                 if id(d) not in copies:
-                    copies[id(d)] = (d, aligned_copy(d))
+                    copies[id(d)] = (d, make_copy(d))    # (d kept: its id stays unique)
                 p.data = copies[id(d)][1]
         self._forget_plans()
         return self
