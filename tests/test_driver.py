@@ -266,36 +266,6 @@ def test_units_up_to_a_larger_batch_where_w_hh_overflows_l2(monkeypatch):
     assert not F.splits_units(50, 32, True, hh_bytes=lstm512)
 
 
-def test_the_l2_rule_reaches_the_kernel(monkeypatch):
-    """A batch of 32 over a W_hh larger than the (pretended) L2 splits units in
-    training, on the general eval path and on the eval fast path, with the numbers
-    of one thread."""
-    monkeypatch.setattr(F._cpu_cache, "_l2", 8 << 10)   # W_hh below: 16 KB
-    spy = SplitSpy(F._recurrent)
-    monkeypatch.setattr(F, "_recurrent", spy)
-    before = fastrnn.get_num_threads()
-    try:
-        fastrnn.set_num_threads(2)
-        m = fastrnn.LSTM(16, 32, seed=0)
-        x = np.random.default_rng(0).standard_normal((20, 32, 16)).astype(np.float32)
-        y, _ = m(x)
-        assert spy.threads == [2] and spy.by_units == [True]    # training forward
-        m.backward(np.ones_like(y))
-        y_eval = F.lstm_forward(x, None, None, m.weight_ih_l0.data, m.weight_hh_l0.data,
-                                m.bias_ih_l0.data, m.bias_hh_l0.data, training=False)[0]
-        assert spy.threads[-1] == 2 and spy.by_units[-1]        # the general eval path
-        m.eval()
-        sched = fastrnn._fastpath._plan(m, False).schedule(20, 32)
-        assert sched[3] and sched[4] < 2                        # the fast path: units
-        got = m(x)[0]
-        with F.thread_share(1):
-            want = m(x)[0]
-    finally:
-        fastrnn.set_num_threads(before)
-    assert np.array_equal(y, want) and np.array_equal(got, want)
-    assert np.array_equal(y_eval, want)
-
-
 @pytest.mark.parametrize("l2,rows", [(1 << 20, 2), (2 << 20, 1), (4 << 20, 2)])
 def test_units_where_their_slices_fit_l2_and_w_hh_does_not(l2, rows, monkeypatch):
     """LSTM H=512 float32 (4 MB of W_hh): with 1 MB of L2 (Zen 4) rows for 2
@@ -308,10 +278,14 @@ def test_units_where_their_slices_fit_l2_and_w_hh_does_not(l2, rows, monkeypatch
     assert F.rows_upto(8, 512 * 512, 4) == 2                                 # RNN, 1 MB
 
 
-@pytest.mark.parametrize("B,units", [(6, True), (8, False)])
-def test_the_split_rule_reaches_the_kernel(B, units, monkeypatch):
+@pytest.mark.parametrize("B,units,l2", [(6, True, None), (8, False, None), (32, True, 8 << 10)])
+def test_the_split_rule_reaches_the_kernel(B, units, l2, monkeypatch):
     """rows_upto at inference (the general path with training=False, and the eval fast
-    path's schedule), not in training; every split gives the numbers of one thread."""
+    path's schedule), not in training; every split gives the numbers of one thread.
+    l2: a pretended L2 size; 8 KB is below this W_hh's 16 KB, so a batch of 32
+    splits units too (splits_units' hh_bytes), in training as well."""
+    if l2 is not None:
+        monkeypatch.setattr(F._cpu_cache, "_l2", l2)
     spy = SplitSpy(F._recurrent)
     monkeypatch.setattr(F, "_recurrent", spy)
     before = fastrnn.get_num_threads()
