@@ -52,7 +52,9 @@ from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_
                          fastrnn_pool_note_openmp, fastrnn_pool_openmp_spinning,
                          fastrnn_pool_set_openmp_window, fastrnn_pause_ns,
                          fastrnn_pool_openmp_window, fastrnn_pool_contended,
+                         fastrnn_pool_busy_only,
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
+                         fastrnn_pool_pretend_busy,
                          fastrnn_pool_watch_on)
 
 cnp.import_array()

@@ -42,6 +42,14 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 # so a worker that wakes part-way joins soon. Tests set it lower (pool_test_knobs).
 cdef double SEGMENT_FLOP = 8e6
 
+# A call that finds the pool backing off runs the rest of its steps alone at once. When
+# only a worker's find of another thread on its CPU holds it back (no stall: a window
+# that ends as soon as that thread is seen gone, team_pool.h), it goes on in segments
+# of this many times SEGMENT_FLOP and asks again between them, so that a team forms
+# for the rest once the window has ended. (Each segment reads W_ih again: one-step
+# segments would at small batches.)
+cdef double BUSY_SEGMENTS = 8
+
 # Teams run by this module's eval calls, by split: [rows, hidden units] (pool_stats).
 cdef long TEAMS_BY_SPLIT[2]
 
@@ -184,7 +192,12 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                     break
                 continue
         # backing off after a stall: the rest at once (each segment reads W_ih again)
-        e = T if contended else min(T, s + seg)
+        if not contended:
+            e = min(T, s + seg)
+        elif fastrnn_pool_busy_only():
+            e = min(T, s + <Py_ssize_t> (BUSY_SEGMENTS * seg))
+        else:
+            e = T
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
@@ -563,6 +576,16 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     fastrnn_pool_pretend_colocated(colocated)
     fastrnn_pool_pretend_stall(stall_at)
     fastrnn_pool_clear_backoff(<long long> min(backoff * 1e9, 4.0e18) if backoff > 0 else 0)
+
+
+def pool_pretend_busy(double seconds):
+    """Test hook: as if a pool worker had just found another thread on its CPU: calls
+    run alone for `seconds`, or until that worker's next looks find nobody there for
+    FASTRNN_POOL_GONE_NS (team_pool.h; not while pool_watch is off).
+    pool_test_knobs() ends the window."""
+    if not seconds > 0:
+        raise ValueError(f"pool_pretend_busy: seconds must be > 0, got {seconds}")
+    fastrnn_pool_pretend_busy(<long long> min(seconds * 1e9, 4.0e18))
 
 
 def pool_watch(bint on):

@@ -109,6 +109,19 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
 #define FASTRNN_POOL_QUEUED_NS 200000LL
 #define FASTRNN_POOL_BUSY_NS 20000000LL
 
+/* ... unless the other thread has gone: a worker that found one keeps looking (after
+ * every yield, which hands the CPU to a runnable thread, and after every share), and
+ * when FASTRNN_POOL_GONE_NS have passed since its find with no look finding another,
+ * it ends that window. A thread that ran once and left (the other half of a NumPy
+ * matmul whose BLAS workers then sleep, as with OPENBLAS_THREAD_TIMEOUT=4) is gone at
+ * the next looks; one that stays (a BLAS pool spinning for ~100 ms) takes the CPU at
+ * each yield and is found again. On the 2-core Xeon guest an LSTM I=H=512 T=50 B=2 eval
+ * call right after such a matmul ran alone for the whole 20 ms (7.7-8.2 ms a call,
+ * 2.7 quiet). A call that finds only this window running (no stall's) goes on in
+ * segments and asks again, rather than running the rest at once
+ * (fastrnn_pool_busy_only). */
+#define FASTRNN_POOL_GONE_NS 1000000LL
+
 /* A worker on the caller's CPU cannot run beside it: a team of the two takes turns on
  * one CPU, every barrier a trip through the scheduler, slower than the caller alone.
  * On the 2-core Zen 4 KVM guest a woken worker sometimes landed on the caller's CPU,
@@ -219,6 +232,9 @@ typedef struct {
     _Atomic long long backoff;        /* the next back-off window (ns) */
     _Atomic long n_stalls, n_stops;   /* teams that stalled; teams stopped part-way */
     _Atomic long n_busy;              /* times a worker found another thread on its CPU */
+    _Atomic long long busy_until;     /* ... calls run alone until then (clock ns) */
+    _Atomic long long last_busy;      /* when one last did (clock ns; 0: never) */
+    _Atomic int busy_worker;          /* which */
     _Atomic int watch_off;            /* test hook: workers do not look at their run queue */
 } fastrnn_pool_t;
 
@@ -352,18 +368,33 @@ static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
     a->away_from = -1;
 }
 
-/* A worker's look at its time in the run queue since its last look (*queued; -1:
+/* Worker w's look at its time in the run queue since its last look (*queued; -1:
  * none yet), `elapsed` ns ago: if it grew by more than FASTRNN_POOL_QUEUED_NS and an
  * eighth of that time (a long share sees the odd kernel thread), another thread held
- * this CPU, and calls run alone for FASTRNN_POOL_BUSY_NS from now. */
-static void fastrnn_pool_watch(fastrnn_pool_t *P, int fd, long long *queued, long long elapsed)
+ * this CPU, and calls run alone for FASTRNN_POOL_BUSY_NS from now; if not, and w made
+ * the last such find over FASTRNN_POOL_GONE_NS ago, that thread has gone: the window
+ * ends. */
+static void fastrnn_pool_watch(fastrnn_pool_t *P, int w, int fd, long long *queued,
+                               long long elapsed)
 {
     long long d = fastrnn_run_delay_ns(fd);
     if (d < 0 || atomic_load_explicit(&P->watch_off, memory_order_relaxed))
         return;
     if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS && d - *queued > elapsed / 8) {
-        fastrnn_pool_extend_contended(fastrnn_now_ns() + FASTRNN_POOL_BUSY_NS);
+        long long now = fastrnn_now_ns(), cur = atomic_load(&P->busy_until);
+        atomic_store(&P->last_busy, now);
+        atomic_store(&P->busy_worker, w);
+        while (cur < now + FASTRNN_POOL_BUSY_NS
+               && !atomic_compare_exchange_weak(&P->busy_until, &cur, now + FASTRNN_POOL_BUSY_NS))
+            ;
         atomic_fetch_add(&P->n_busy, 1);
+    } else if (*queued >= 0 && atomic_load_explicit(&P->busy_worker, memory_order_relaxed) == w) {
+        /* nobody found: has the thread found last gone? (only its finder can tell) */
+        long long last = atomic_load_explicit(&P->last_busy, memory_order_relaxed);
+        if (last > 0 && fastrnn_now_ns() - last > FASTRNN_POOL_GONE_NS) {
+            atomic_store(&P->last_busy, 0);
+            atomic_store(&P->busy_until, 0);
+        }
     }
     *queued = d;
 }
@@ -386,7 +417,7 @@ static void *fastrnn_pool_worker(void *arg)
             continue;                                   /* on the caller's CPU, no other: sleep */
         queued = fastrnn_run_delay_ns(stats_fd);        /* the wake's own wait not counted */
         sched_yield();                                  /* is another thread waiting here? */
-        fastrnn_pool_watch(P, stats_fd, &queued, 0);
+        fastrnn_pool_watch(P, w, stats_fd, &queued, 0);
         long long now = fastrnn_now_ns(), deadline = now + FASTRNN_POOL_READY_NS;
         atomic_store(&P->state[w].stamp, now);
         atomic_store(st, FASTRNN_W_READY);
@@ -402,7 +433,7 @@ static void *fastrnn_pool_worker(void *arg)
                                                  * is claimable again for the next team */
                 atomic_fetch_add(&P->n_worker_shares, 1);
                 atomic_fetch_add(&P->finished, 1);
-                fastrnn_pool_watch(P, stats_fd, &queued, fastrnn_now_ns() - share_start);
+                fastrnn_pool_watch(P, w, stats_fd, &queued, fastrnn_now_ns() - share_start);
                 deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
                 continue;
             }
@@ -418,7 +449,7 @@ static void *fastrnn_pool_worker(void *arg)
             if ((spin & 63) != 0)
                 continue;
             sched_yield();              /* anyone else runnable on this CPU goes first */
-            fastrnn_pool_watch(P, stats_fd, &queued, 0);
+            fastrnn_pool_watch(P, w, stats_fd, &queued, 0);
             int stuck = fastrnn_pool_step_aside(P, w, &aff);
             now = fastrnn_now_ns();
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
@@ -452,6 +483,8 @@ static void fastrnn_pool_after_fork_child(void)
     atomic_store(&P->finished, 0);
     atomic_store(&P->caller_cpu, -1);
     atomic_store(&P->contended_until, 0);      /* the parent's workers stalled, not ours */
+    atomic_store(&P->busy_until, 0);
+    atomic_store(&P->last_busy, 0);
     P->nworkers = 0;                                    /* the parent's threads are not here */
 }
 
@@ -554,8 +587,17 @@ static void fastrnn_pool_after_team(fastrnn_pool_t *P)
  * run alone until the back-off window ends)? */
 static int fastrnn_pool_contended(void)
 {
-    return fastrnn_now_ns() < atomic_load_explicit(&fastrnn_pool.contended_until,
-                                                   memory_order_relaxed);
+    long long now = fastrnn_now_ns();
+    return now < atomic_load_explicit(&fastrnn_pool.contended_until, memory_order_relaxed)
+        || now < atomic_load_explicit(&fastrnn_pool.busy_until, memory_order_relaxed);
+}
+
+/* Do calls run alone only because a worker found another thread on its CPU, a window
+ * that ends as soon as that thread is seen gone (not after a stall)? */
+static int fastrnn_pool_busy_only(void)
+{
+    return fastrnn_now_ns() >= atomic_load_explicit(&fastrnn_pool.contended_until,
+                                                    memory_order_relaxed);
 }
 
 /* Run fn(ctx, tid, n) on n threads, the caller as tid 0, if n - 1 workers are ready
@@ -758,9 +800,21 @@ static void fastrnn_pool_watch_on(int on)
     atomic_store(&fastrnn_pool.watch_off, !on);
 }
 
+/* Test hook: as if worker 0 had just found another thread on its CPU, with a window of
+ * ns (not FASTRNN_POOL_BUSY_NS). */
+static void fastrnn_pool_pretend_busy(long long ns)
+{
+    long long now = fastrnn_now_ns();
+    atomic_store(&fastrnn_pool.last_busy, now);
+    atomic_store(&fastrnn_pool.busy_worker, 0);
+    atomic_store(&fastrnn_pool.busy_until, now + ns);
+}
+
 static void fastrnn_pool_clear_backoff(long long next_ns)
 {
     atomic_store(&fastrnn_pool.contended_until, 0);
+    atomic_store(&fastrnn_pool.busy_until, 0);
+    atomic_store(&fastrnn_pool.last_busy, 0);
     atomic_store(&fastrnn_pool.backoff, next_ns > 0 ? next_ns : FASTRNN_POOL_BACKOFF_MIN_NS);
 }
 

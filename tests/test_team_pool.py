@@ -487,6 +487,30 @@ def test_a_team_that_does_not_stall_leaves_the_pool_free():
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_window_ends_when_the_thread_found_has_gone(cls):
+    """A worker that found another thread on its CPU (pretended: a one-minute window)
+    keeps looking; once its looks find nobody for a while, the window ends and teams
+    form again, long before the minute is up. With the workers not looking, the window
+    stays. Every call gives one thread's numbers."""
+    m, x = layer_and_input(cls, 30, 2, seed=11)
+    want = on_one_thread(m, x)
+    until_team(lambda: m(x))                            # the worker awake
+    _recurrent.pool_pretend_busy(60.0)
+    before = _recurrent.pool_stats()
+    for _ in range(5):
+        assert_same(m(x), want)
+    after = _recurrent.pool_stats()
+    assert after["contended"] and after["teams"] == before["teams"]   # not looking: alone
+    _recurrent.pool_watch(True)
+    assert_same(until_team(lambda: m(x), seconds=30.0), want)        # gone: a team again
+
+
+def test_pretend_busy_rejects_a_window_that_is_not_positive():
+    with pytest.raises(ValueError, match="seconds"):
+        _recurrent.pool_pretend_busy(0.0)
+
+
 def test_stall_knob_rejects_a_negative_barrier():
     with pytest.raises(ValueError, match="stall_at"):
         _recurrent.pool_test_knobs(stall_at=-1)
