@@ -396,6 +396,8 @@ def use_team(flop, T, B, pack_hh):
     every step costs more than the step's share of the work)."""
     if flop < SMALL_WORK_FLOP:
         return False
+    # (no hh_bytes: the batches it adds to the unit split, 25-48 rows over a W_hh larger
+    # than L2, do far more than UNITS_STEP_MIN_FLOP a step)
     return not (splits_units(T, B, pack_hh) and flop < UNITS_STEP_MIN_FLOP * T)
 
 

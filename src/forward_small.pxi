@@ -133,7 +133,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     thread, a segment of steps at a time, asking again between segments, so that a
     worker that was asleep joins part-way and the call never waits for one. A unit
     split team that stalls stops after a step and this thread goes on alone; no team
-    forms while the pool backs off after a stall (team_pool.h). Every
+    forms while the pool backs off after a stall or after a worker found another thread
+    on its CPU (team_pool.h; the latter window can end part-way through a call). Every
     split and every segmentation gives bitwise the same numbers (a segment starts
     from the h and c the last one wrote). known: (2,) the digests of w_ih and w_hh
     (frozen weights: they cannot have changed since they were taken), or NULL to
@@ -191,7 +192,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 if s >= T or fail[0]:
                     break
                 continue
-        # backing off after a stall: the rest at once (each segment reads W_ih again)
+        # alone: a segment, then ask again; backing off after a stall, the rest at once
+        # (each segment reads W_ih again); while only a worker's find holds the pool
+        # back, longer segments (BUSY_SEGMENTS)
         if not contended:
             e = min(T, s + seg)
         elif fastrnn_pool_busy_only():

@@ -100,8 +100,8 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * preempted worker finishes its step (up to a scheduler tick). So a worker also
  * watches its own time in the run queue (run_delay in /proc/thread-self/schedstat,
  * Linux): when it grew by more than FASTRNN_POOL_QUEUED_NS between two looks a few
- * microseconds apart, another thread holds its CPU, and calls run alone for
- * FASTRNN_POOL_BUSY_NS (the same back-off as a stall's; no team is formed). A woken
+ * microseconds apart, another thread holds its CPU, and calls run alone for up to
+ * FASTRNN_POOL_BUSY_NS (a window of its own, beside a stall's; no team is formed). A woken
  * worker yields once and looks before it says it is ready. Spinning alone for 5 s on
  * the idle Xeon guest, a worker's look never found more than 100 us (11 switches,
  * 0.16 ms in all); beside OpenBLAS's spinning worker, each look after a yield finds
@@ -117,9 +117,9 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * the next looks; one that stays (a BLAS pool spinning for ~100 ms) takes the CPU at
  * each yield and is found again. On the 2-core Xeon guest an LSTM I=H=512 T=50 B=2 eval
  * call right after such a matmul ran alone for the whole 20 ms (7.7-8.2 ms a call,
- * 2.7 quiet). A call that finds only this window running (no stall's) goes on in
- * segments and asks again, rather than running the rest at once
- * (fastrnn_pool_busy_only). */
+ * 2.7 quiet). A fast-path call (run_small_typed) that finds only this window
+ * running, no stall's, goes on in segments and asks again, rather than running the
+ * rest at once (fastrnn_pool_busy_only); other calls that find it run alone. */
 #define FASTRNN_POOL_GONE_NS 1000000LL
 
 /* A worker on the caller's CPU cannot run beside it: a team of the two takes turns on
@@ -378,8 +378,12 @@ static void fastrnn_pool_watch(fastrnn_pool_t *P, int w, int fd, long long *queu
                                long long elapsed)
 {
     long long d = fastrnn_run_delay_ns(fd);
-    if (d < 0 || atomic_load_explicit(&P->watch_off, memory_order_relaxed))
+    if (d < 0)
         return;
+    if (atomic_load_explicit(&P->watch_off, memory_order_relaxed)) {
+        *queued = d;       /* so that the first look once watching again starts afresh */
+        return;
+    }
     if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS && d - *queued > elapsed / 8) {
         long long now = fastrnn_now_ns(), cur = atomic_load(&P->busy_until);
         atomic_store(&P->last_busy, now);
@@ -388,13 +392,15 @@ static void fastrnn_pool_watch(fastrnn_pool_t *P, int w, int fd, long long *queu
                && !atomic_compare_exchange_weak(&P->busy_until, &cur, now + FASTRNN_POOL_BUSY_NS))
             ;
         atomic_fetch_add(&P->n_busy, 1);
-    } else if (*queued >= 0 && atomic_load_explicit(&P->busy_worker, memory_order_relaxed) == w) {
-        /* nobody found: has the thread found last gone? (only its finder can tell) */
-        long long last = atomic_load_explicit(&P->last_busy, memory_order_relaxed);
-        if (last > 0 && fastrnn_now_ns() - last > FASTRNN_POOL_GONE_NS) {
-            atomic_store(&P->last_busy, 0);
-            atomic_store(&P->busy_until, 0);
-        }
+    } else if (*queued >= 0 && atomic_load(&P->busy_worker) == w) {
+        /* nobody found: has the thread found last gone? (only its finder can tell) A
+         * find by another worker meanwhile changes last_busy (then nothing is cleared)
+         * or busy_until (then the window stays), each checked by its CAS. */
+        long long seen = atomic_load(&P->busy_until);
+        long long last = atomic_load(&P->last_busy);
+        if (last > 0 && fastrnn_now_ns() - last > FASTRNN_POOL_GONE_NS
+                && atomic_compare_exchange_strong(&P->last_busy, &last, 0))
+            atomic_compare_exchange_strong(&P->busy_until, &seen, 0);
     }
     *queued = d;
 }
@@ -592,8 +598,9 @@ static int fastrnn_pool_contended(void)
         || now < atomic_load_explicit(&fastrnn_pool.busy_until, memory_order_relaxed);
 }
 
-/* Do calls run alone only because a worker found another thread on its CPU, a window
- * that ends as soon as that thread is seen gone (not after a stall)? */
+/* Asked while fastrnn_pool_contended(): do calls run alone only because a worker found
+ * another thread on its CPU, a window that ends as soon as that thread is seen gone,
+ * and no stall's window holds? */
 static int fastrnn_pool_busy_only(void)
 {
     return fastrnn_now_ns() >= atomic_load_explicit(&fastrnn_pool.contended_until,
@@ -810,6 +817,8 @@ static void fastrnn_pool_pretend_busy(long long ns)
     atomic_store(&fastrnn_pool.busy_until, now + ns);
 }
 
+/* Test hook: end the back-off windows (a stall's and a worker's find) and set the next
+ * stall's window to next_ns (<= 0: the least). */
 static void fastrnn_pool_clear_backoff(long long next_ns)
 {
     atomic_store(&fastrnn_pool.contended_until, 0);

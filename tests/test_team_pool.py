@@ -490,9 +490,9 @@ def test_a_team_that_does_not_stall_leaves_the_pool_free():
 @pytest.mark.parametrize("cls", LAYERS)
 def test_a_window_ends_when_the_thread_found_has_gone(cls):
     """A worker that found another thread on its CPU (pretended: a one-minute window)
-    keeps looking; once its looks find nobody for a while, the window ends and teams
-    form again, long before the minute is up. With the workers not looking, the window
-    stays. Every call gives one thread's numbers."""
+    keeps looking; once its looks find nobody for a while, the window ends, long before
+    the minute is up. With the workers not looking, the window stays. Every call gives
+    one thread's numbers."""
     m, x = layer_and_input(cls, 30, 2, seed=11)
     want = on_one_thread(m, x)
     until_team(lambda: m(x))                            # the worker awake
@@ -503,7 +503,34 @@ def test_a_window_ends_when_the_thread_found_has_gone(cls):
     after = _recurrent.pool_stats()
     assert after["contended"] and after["teams"] == before["teams"]   # not looking: alone
     _recurrent.pool_watch(True)
-    assert_same(until_team(lambda: m(x), seconds=30.0), want)        # gone: a team again
+    end = time.monotonic() + 30
+    while _recurrent.pool_stats()["contended"]:         # only a look ends it this soon
+        assert_same(m(x), want)                         # (a call keeps the worker awake)
+        assert time.monotonic() < end, "the window did not end"
+    _recurrent.pool_watch(False)
+    assert_same(until_team(lambda: m(x)), want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_call_held_back_by_a_find_forms_a_team_part_way(cls):
+    """A fast-path call that starts while only a worker's find holds the pool back runs
+    alone in segments and asks again between them: once the worker's looks end the
+    window, the rest of that same call runs on a team, with one thread's numbers."""
+    m, x = layer_and_input(cls, 400, 2, seed=12)
+    want = on_one_thread(m, x)
+    _recurrent.pool_watch(True)
+    for _ in range(20):          # a try fails if another thread's find kept the window
+        until_team(lambda: m(x))                        # the worker awake
+        _recurrent.pool_test_knobs(segment_flop=2e5)    # one-step segments: many asks
+        _recurrent.pool_pretend_busy(60.0)
+        before = _recurrent.pool_stats()
+        got = m(x)
+        after = _recurrent.pool_stats()
+        assert_same(got, want)
+        if after["teams"] > before["teams"]:
+            return
+        _recurrent.pool_test_knobs()
+    pytest.fail("no call held back by a find formed a team part-way")
 
 
 def test_pretend_busy_rejects_a_window_that_is_not_positive():
