@@ -28,8 +28,9 @@ validated again); a new Parameter object clears the plan in
 
 A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
 precision "medium" where that runs bf16 products; cells always qualify), no
-`lengths`, uni-directional, no `proj_size`, time-major (not batch_first), x a
-C-contiguous ndarray of the module's dtype with the right shape, states None
+`lengths`, uni-directional, no `proj_size`, x a C-contiguous ndarray of the module's
+dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
+for the kernel and its output copied back, as the general path does), states None
 or C-contiguous arrays of the right shape and dtype, and no pending training
 cache. Anything else returns
 None and the general path runs, which validates with its full messages (so
@@ -60,10 +61,17 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "G", "act",
-                 "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds")
+                 "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
+                 "call", "batch_first")
 
-    def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop):
+    def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop,
+                 cell=False, batch_first=False):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
+        # the eval call: eval_cell / eval_layer (src/forward_small.pxi), or for a
+        # batch_first layer eval_layer between two transposing copies
+        self.batch_first = batch_first
+        self.call = (_recurrent.eval_cell if cell else
+                     _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.G, self.act = I, H, L, G, act
         self.params = params        # ((Parameter, data array, shape, frozen mark), ...)
@@ -121,7 +129,7 @@ def _build(module, cell):
         names = [["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])]
         L = 1
     else:
-        if module.proj_size or module.bidirectional or module.batch_first:
+        if module.proj_size or module.bidirectional:
             return _NOT_ELIGIBLE
         kind = module.mode.lower()
         names = module._param_names
@@ -147,7 +155,21 @@ def _build(module, cell):
         # functional runs a layer on one thread when 2*T*B*G*H*(in+H) < SMALL_WORK_FLOP
         row_flop.append(2.0 * G * H * (in_size + H))
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
-                 tuple(params), tuple(layers), tuple(row_flop))
+                 tuple(params), tuple(layers), tuple(row_flop), cell,
+                 not cell and module.batch_first)
+
+
+def _eval_batch_first(plan, x, hx):
+    """eval_layer for a batch_first layer: x (B, T, I) copied time-major for the
+    kernel, y copied back to (B, T, H); the states are (L, B, H) either way. None
+    when the call does not qualify (then the general path reports bad input)."""
+    if type(x) is not np.ndarray or x.ndim != 3 or x.dtype != plan.dtype:
+        return None
+    out = _recurrent.eval_layer(plan, np.ascontiguousarray(x.transpose(1, 0, 2)), hx)
+    if out is None or out is False:
+        return out
+    y, states = out                                     # y (T, B, H)
+    return np.ascontiguousarray(y.transpose(1, 0, 2)), states
 
 
 def _plan(module, cell):
@@ -185,10 +207,9 @@ def _bf16_layer(cell, x):
 def _fast_call(module, cell, x, hx):
     if _bf16_layer(cell, x):
         return None
-    kernel = _recurrent.eval_cell if cell else _recurrent.eval_layer
     plan = module.__dict__.get("_fp_plan")
     if plan is not None and plan is not _NOT_ELIGIBLE and module.__dict__.get("_cache") is None:
-        out = kernel(plan, x, hx)
+        out = plan.call(plan, x, hx)
         if out is not False:          # a result, or None: the call does not qualify
             return out
     return _replan_call(module, cell, x, hx)
@@ -200,7 +221,7 @@ def _replan_call(module, cell, x, hx):
     plan = _plan(module, cell)
     if plan is _NOT_ELIGIBLE or module.__dict__.get("_cache") is not None:
         return None
-    out = (_recurrent.eval_cell if cell else _recurrent.eval_layer)(plan, x, hx)
+    out = plan.call(plan, x, hx)
     return None if out is False else out
 
 
@@ -221,7 +242,7 @@ def eval_call(module, cell, x, hx):
     try:
         plan = d.get("_fp_plan")
         if plan is not None and plan is not _NOT_ELIGIBLE and d.get("_cache") is None:
-            out = (_recurrent.eval_cell if cell else _recurrent.eval_layer)(plan, x, hx)
+            out = plan.call(plan, x, hx)
             if out is not False:      # a result, or None: the call does not qualify
                 return out
         return _replan_call(module, cell, x, hx)   # first call, or a stale plan
@@ -248,9 +269,9 @@ def kernel_only(module, x, hx=None):
     ValueError when the call does not qualify for the fast path."""
     cell = not hasattr(module, "num_layers")
     plan = _plan(module, cell)
-    if plan is _NOT_ELIGIBLE:
-        raise ValueError(f"{type(module).__name__}: this module does not qualify for the fast "
-                         f"path (bidirectional, proj_size or batch_first)")
+    if plan is _NOT_ELIGIBLE or plan.batch_first:
+        raise ValueError(f"{type(module).__name__}: this module does not qualify for "
+                         f"kernel_only (uni-directional, time-major, no proj_size)")
     dt = plan.dtype
     x3 = x.reshape(1, x.shape[0], x.shape[1]) if cell else x
     T, B, _ = x3.shape

@@ -12,13 +12,14 @@ LAYERS = ["RNN", "LSTM", "GRU"]
 
 
 def general(module, *args):
-    """The module's result with the fast path switched off."""
-    saved_l, saved_c = _fastpath.layer_forward, _fastpath.cell_forward
-    _fastpath.layer_forward = _fastpath.cell_forward = lambda *a: None
+    """The module's result with the fast path switched off (each of its entries: the
+    modules' __call__ tries eval_call, their forward layer_forward / cell_forward)."""
+    saved = _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward
+    _fastpath.eval_call = _fastpath.layer_forward = _fastpath.cell_forward = lambda *a: None
     try:
         return module(*args)
     finally:
-        _fastpath.layer_forward, _fastpath.cell_forward = saved_l, saved_c
+        _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward = saved
 
 
 def flat(out):
@@ -52,6 +53,59 @@ def test_layer_bitwise_general_path(cls, dtype, layers, bias):
         fast = m(*args)
         assert took_fast_path(m)
         assert_bitwise(fast, general(m, *args))
+
+
+def test_general_switches_the_fast_path_off():
+    """(The helper above: a check against it must compare two different paths.)"""
+    m = fastrnn.LSTM(5, 12, seed=1).eval()
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    m(x)
+    plan = m.__dict__["_fp_plan"]
+    calls = []
+    real = plan.call
+    plan.call = lambda *a: calls.append(1) or real(*a)
+    general(m, x)
+    assert calls == []
+    m(x)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layers,T,B", [(1, 4, 3), (2, 4, 3), (1, 1, 5), (1, 7, 1), (2, 40, 20)])
+def test_batch_first_layer_bitwise_general_path(cls, dtype, layers, T, B):
+    """batch_first layers take the fast path too (x copied time-major, y copied back),
+    with the general path's numbers, states given or not, one thread or a team."""
+    m = getattr(fastrnn, cls)(5, 12 if T * B < 100 else 96, num_layers=layers, dtype=dtype,
+                              batch_first=True, seed=3).eval()
+    H = m.hidden_size
+    rng = np.random.default_rng(T * 10 + B)
+    x = rng.standard_normal((B, T, 5)).astype(dtype)                   # (B, T, I)
+    h = rng.standard_normal((layers, B, H)).astype(dtype)
+    hx = (h, 0.5 * h) if cls == "LSTM" else h
+    for args in ((x,), (x, hx)):
+        want = general(m, *args)
+        assert want[0].shape == (B, T, H)
+        for threads in (1, 2):
+            with fastrnn.functional.thread_share(threads):
+                fast = m(*args)
+            assert took_fast_path(m)
+            assert_bitwise(fast, want)
+            assert fast[0].flags.c_contiguous
+
+
+def test_batch_first_calls_the_fast_path_does_not_take_give_the_same_results():
+    m = fastrnn.GRU(5, 8, batch_first=True, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((3, 6, 5)).astype(np.float32)
+    want = general(m, x)
+    assert_bitwise(m(np.asfortranarray(x)), want)        # any layout
+    wide = np.zeros((3, 12, 5), np.float32)
+    wide[:, ::2] = x
+    assert_bitwise(m(wide[:, ::2]), want)                # a strided view
+    with pytest.raises(TypeError, match="x: expected dtype float32"):
+        m(x.astype(np.float64))                          # the general path's message
+    with pytest.raises(ValueError, match="x"):
+        m(x[:, :, :4])
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -229,6 +283,9 @@ def test_kernel_only_runs_the_same_kernel_call():
     with pytest.raises(ValueError, match="does not qualify"):
         _fastpath.kernel_only(fastrnn.LSTM(4, 8, bidirectional=True).eval(),
                               np.ones((3, 1, 4), np.float32))
+    with pytest.raises(ValueError, match="does not qualify"):
+        _fastpath.kernel_only(fastrnn.LSTM(4, 8, batch_first=True).eval(),
+                              np.ones((1, 3, 4), np.float32))
 
 
 @pytest.mark.parametrize("cls", LAYERS)
