@@ -564,7 +564,8 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     stall_at = k >= 1: the next team is marked stalled at its k-th meeting, as if a
     thread had waited there too long for another (a unit split team of the fast path
     meets before its first step and after every step, and stops at that barrier; the
-    end of a team is its last meeting, a row split team's first);
+    end of a team is its last meeting, a row split team's first; until the knobs are
+    restored, a real long wait does not mark a team stalled);
     backoff: seconds the next back-off window after a stall lasts (negative: the
     default); every call also ends the current window. pool_test_knobs() restores
     the defaults."""

@@ -228,6 +228,7 @@ typedef struct {
     _Atomic int bar_stop;             /* the last barrier's decision: stop after it */
     _Atomic int pretend_stall;        /* test hook: the next team stalls at barrier k */
     _Atomic int stall_countdown;      /* the current team's: barriers until it stalls */
+    _Atomic int hook_stalls_only;     /* test hook: only pretend_stall marks a team stalled */
     _Atomic long long contended_until;    /* calls run alone until then (clock ns) */
     _Atomic long long backoff;        /* the next back-off window (ns) */
     _Atomic long n_stalls, n_stops;   /* teams that stalled; teams stopped part-way */
@@ -283,7 +284,8 @@ static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since)
             *since = now;
         } else {
             long long work = *since - fastrnn_pool_left_ns;
-            if (now - *since > (work > FASTRNN_POOL_STALL_NS ? work : FASTRNN_POOL_STALL_NS))
+            if (now - *since > (work > FASTRNN_POOL_STALL_NS ? work : FASTRNN_POOL_STALL_NS)
+                    && !atomic_load_explicit(&fastrnn_pool.hook_stalls_only, memory_order_relaxed))
                 atomic_store_explicit(&fastrnn_pool.stalled, 1, memory_order_relaxed);
         }
     }
@@ -793,11 +795,15 @@ static void fastrnn_pool_stats(long *out)
  * barrier completes, as if a thread had waited too long there (a team that may stop
  * then stops at that barrier; the fast path's unit split meets once before its first
  * step and once after every step), or at its end if that is its k-th meeting (a row
- * split team's first: it has no barrier); clear_backoff(ns) ends the back-off window and
+ * split team's first: it has no barrier); until pretend_stall(0), real long waits do
+ * not mark a team stalled (a slow host's would add a stop the test did not place);
+ * clear_backoff(ns) ends the back-off window and
  * makes the next one ns long (ns <= 0: the least). */
 static void fastrnn_pool_pretend_stall(int k)
 {
     atomic_store(&fastrnn_pool.pretend_stall, k > 0 ? k : 0);
+    /* a slow host's real wait must not add a stall the test did not place (until k = 0) */
+    atomic_store(&fastrnn_pool.hook_stalls_only, k > 0);
 }
 
 /* Test hook: on = 0, workers stop looking at their run-queue time (so that a test's
