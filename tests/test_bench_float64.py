@@ -19,7 +19,8 @@ def test_float64_bench_rows(capsys):
     for r in rows:
         f32, f64, ratio = float(r[2]), float(r[3]), float(r[4])
         assert f32 > 0 and f64 > 0
-        assert ratio == pytest.approx(f64 / f32, rel=1e-3, abs=0.006)   # printed to 2 decimals
+        # the ratio printed to 2 decimals, each time to 4 significant digits
+        assert ratio == pytest.approx(f64 / f32, rel=2e-3, abs=0.01)
 
 
 @pytest.mark.parametrize("args, option", [(["--cells", "lstm,tanh"], "--cells"),

@@ -109,7 +109,7 @@ def test_time_budget_stops_training(textfile, capsys):
     wall = time.perf_counter() - t0
     res = last_json(capsys.readouterr().out)
     assert rc == 0
-    assert 1.0 <= res["seconds"] < 1.5
+    assert 1.0 <= res["seconds"] < 3.0     # stops at the first step past it (a slow host: slower steps)
     assert res["steps"] > 1
     assert wall < 20
 

@@ -189,7 +189,7 @@ def _child_call(queue):
     m, x = layer_and_input("GRU", 6, 1)
     with fastrnn.functional.thread_share(1):
         want, _ = m(x)
-    end = time.monotonic() + 5.0        # until the child's own worker runs a team
+    end = time.monotonic() + 30.0       # until the child's own worker runs a team
     teams = _recurrent.pool_stats()["teams"]
     got = m(x)[0]
     while _recurrent.pool_stats()["teams"] == teams and time.monotonic() < end:
@@ -268,10 +268,12 @@ def test_packing_on_the_pool_is_the_openmp_packing(G, H_, K, nslices):
     w = np.random.default_rng(K).standard_normal((G * H_, K)).astype(np.float32)
     alone, on_pool, _ = _recurrent._packings_of(w, G, nslices, 1)
     assert alone == on_pool and len(alone) > 0
-    end = time.monotonic() + 5.0
+    end = time.monotonic() + 30.0
     while True:
-        _recurrent.pool_test_knobs()    # no back-off: the last try's OpenMP workers
-                                        # spun beside the pool's, which saw them
+        # no back-off (the last try's OpenMP workers spun beside the pool's, which saw
+        # them); any_stamp: a worker whose vCPU the host has not run for 50 us is still
+        # claimed (the loop then waits for it: slower, the same bytes)
+        _recurrent.pool_test_knobs(any_stamp=True)
         omp, on_pool, teamed = _recurrent._packings_of(w, G, nslices, 2)
         assert omp == alone and on_pool == alone
         if teamed or len(alone) // (4 * K) < 64:     # under two panels of 32: maybe one chunk
@@ -379,7 +381,7 @@ workers = set(os.listdir("/proc/self/task")) - found
 before = _recurrent.pool_stats()
 if mode == "moved":
     _recurrent.pool_test_knobs(colocated=True)
-end = time.monotonic() + 5
+end = time.monotonic() + 30
 while time.monotonic() < end:
     got = m(x)
     for a, b in zip((got[0], got[1][0], got[1][1]), (want[0], want[1][0], want[1][1])):
@@ -388,8 +390,12 @@ while time.monotonic() < end:
     if mode == "moved" and after["moved"] > before["moved"] and after["teams"] > before["teams"]:
         break
     time.sleep(0.001)
-time.sleep(0.05)           # past the ready window: the worker sleeps, its affinity restored
-restored = all(os.sched_getaffinity(int(t)) == os.sched_getaffinity(0) for t in workers)
+end = time.monotonic() + 5  # past the ready window: the worker sleeps, its affinity restored
+while True:
+    time.sleep(0.05)
+    restored = all(os.sched_getaffinity(int(t)) == os.sched_getaffinity(0) for t in workers)
+    if restored or time.monotonic() > end:
+        break
 os.sched_setaffinity(0, start)
 print(len(workers), after["teams"] - before["teams"], after["moved"] - before["moved"], int(restored))
 """
@@ -423,7 +429,11 @@ def stalled_call(m, args, stall_at):
     counters before and after."""
     for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
         until_team(lambda: m(*args))
-        _recurrent.pool_test_knobs(any_stamp=True, stall_at=stall_at, backoff=60.0)
+        # segment_flop huge: a call that finds the worker asleep (it may time out between
+        # until_team and the call) runs alone to its end and the try is retried, rather
+        # than forming a team part-way whose barriers would not reach stall_at
+        _recurrent.pool_test_knobs(any_stamp=True, stall_at=stall_at, backoff=60.0,
+                                   segment_flop=1e15)
         before = _recurrent.pool_stats()
         got = m(*args)
         after = _recurrent.pool_stats()
