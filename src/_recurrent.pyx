@@ -55,7 +55,7 @@ from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_
                          fastrnn_pool_busy_only,
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
                          fastrnn_pool_pretend_busy,
-                         fastrnn_pool_watch_on)
+                         fastrnn_pool_watch_on, fastrnn_cpu_now)
 
 cnp.import_array()
 

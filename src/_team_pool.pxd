@@ -23,4 +23,5 @@ cdef extern from "team_pool.h" nogil:
     int fastrnn_pool_openmp_spinning()
     void fastrnn_pool_set_openmp_window(long long ns, int make_default)
     double fastrnn_pause_ns()
+    int fastrnn_cpu_now()
     long long fastrnn_pool_openmp_window()

@@ -640,6 +640,11 @@ def pause_ns():
     return ns
 
 
+def current_cpu():
+    """The CPU this thread runs on now (Linux's sched_getcpu), or -1 where unknown."""
+    return fastrnn_cpu_now()
+
+
 def pool_hold(bint hold):
     """Test hook: hold=True puts the pool's workers to sleep and keeps them asleep (a
     call's wake-up is ignored), as after a long idle; hold=False lets them wake again.

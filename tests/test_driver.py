@@ -158,7 +158,7 @@ DIRECTION_CASES = [
 @pytest.mark.parametrize("training, T, B, at_once", DIRECTION_CASES)
 def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, monkeypatch):
     """The default rule (modules/rnn.py, _at_once): the reverse direction runs in
-    its own Python thread, in forward and in backward, exactly in these cases."""
+    a helper thread (_placement.Beside), in forward and in backward, exactly in these cases."""
     import threading
     m = fastrnn.LSTM(8, 128, bidirectional=True, seed=0)
     m.train(training)
@@ -176,7 +176,7 @@ def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, mon
     monkeypatch.setattr(m, "_forward_direction", forward_spy)
     monkeypatch.setattr(m, "_backward_direction", backward_spy)
     main = threading.current_thread().name
-    expected = [(False, main), (True, "fastrnn-reverse-direction" if at_once else main)]
+    expected = [(False, main), (True, "fastrnn-helper" if at_once else main)]
     before = fastrnn.get_num_threads()
     try:
         fastrnn.set_num_threads(2)

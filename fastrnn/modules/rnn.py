@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from fastrnn import _buffers, _fastpath
+from fastrnn import _buffers, _fastpath, _placement
 from fastrnn._validate import as_ids
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
@@ -69,32 +69,24 @@ def _call_threads():
 def _directions(run, D, at_once):
     """[run(0), ..., run(D-1)]. The two directions of a bidirectional layer are
     independent: with two or more threads and `at_once` (_at_once) they run at
-    once, each on its share of the threads (the reverse one in a short-lived
-    Python thread; the kernels release the GIL), so no thread waits on another
+    once, each on its share of the threads (the reverse one on a kept helper
+    thread, _placement.Beside; the kernels release the GIL), so no thread waits on another
     at every step. Results are bitwise those of running them one after the other."""
     n = _call_threads()
     if D == 1 or n < 2 or not at_once:
         return [run(d) for d in range(D)]
-    box = {}
-
-    def reverse_direction():
-        try:
-            with F.thread_share(n // 2):
-                box["result"] = run(1)
-        except BaseException as exc:   # re-raised in the caller's thread
-            box["error"] = exc
-
-    helper = threading.Thread(target=reverse_direction, name="fastrnn-reverse-direction",
-                              daemon=True)
-    helper.start()
+    # the reverse direction on a kept helper thread, off this thread's CPU (_placement)
+    helper = _placement.Beside(lambda: _run_on_share(run, 1, n // 2))
     try:
-        with F.thread_share(n - n // 2):
-            first = run(0)
+        first = _run_on_share(run, 0, n - n // 2)
     finally:
-        helper.join()
-    if "error" in box:
-        raise box["error"]
-    return [first, box["result"]]
+        helper.wait()
+    return [first, helper.result()]
+
+
+def _run_on_share(run, d, threads):
+    with F.thread_share(threads):
+        return run(d)
 
 
 def _check_dtype(dtype):

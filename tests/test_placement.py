@@ -1,0 +1,125 @@
+"""fastrnn._placement: kept helper threads that run beside their caller, off its CPU."""
+
+import multiprocessing
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from fastrnn import _placement
+
+LINUX_TWO_CPUS = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def test_beside_returns_the_value_and_reuses_its_thread():
+    names = []
+
+    def job(k):
+        names.append(threading.current_thread())
+        return k * k
+
+    assert _placement.Beside(lambda: job(3)).result() == 9
+    threads_after_one = threading.active_count()
+    for k in range(20):                       # one at a time: the same kept helper
+        assert _placement.Beside(lambda k=k: job(k)).result() == k * k
+    assert threading.active_count() == threads_after_one
+    assert len(set(names)) == 1 and names[0] is not threading.current_thread()
+    assert names[0].name == "fastrnn-helper" and names[0].daemon
+
+
+def test_an_exception_in_the_job_reaches_the_caller_and_the_helper_lives_on():
+    def fail():
+        raise MemoryError("the job failed")
+
+    with pytest.raises(MemoryError, match="the job failed"):
+        _placement.Beside(fail).result()
+    assert _placement.Beside(lambda: "next").result() == "next"
+
+
+def test_jobs_at_once_get_their_own_helpers():
+    """Two callers at once: each job runs on its own thread (neither waits for the other)."""
+    both_in = threading.Barrier(2, timeout=10)
+
+    def job():
+        both_in.wait()                        # deadlocks (BrokenBarrierError) if serialised
+        return threading.get_ident()
+
+    a, b = _placement.Beside(job), _placement.Beside(job)
+    assert a.result() != b.result()
+
+
+@pytest.mark.skipif(not LINUX_TWO_CPUS, reason="needs Linux thread affinity and two CPUs")
+def test_away_from_moves_off_the_cpu_and_gives_the_affinity_back():
+    start = os.sched_getaffinity(0)
+    here = _placement.current_cpu()
+    assert here in start
+    with _placement.away_from(here) as moved:
+        assert moved
+        assert os.sched_getaffinity(0) == start - {here}
+        assert _placement.current_cpu() != here
+    assert os.sched_getaffinity(0) == start
+
+
+@pytest.mark.skipif(not LINUX_TWO_CPUS, reason="needs Linux thread affinity and two CPUs")
+def test_away_from_leaves_the_thread_alone_elsewhere():
+    start = os.sched_getaffinity(0)
+    here = _placement.current_cpu()
+    other = min(start - {here})
+    for cpu in (-1, other):                   # unknown, or not where it runs
+        with _placement.away_from(cpu) as moved:
+            assert not moved and os.sched_getaffinity(0) == start
+    os.sched_setaffinity(0, {here})           # its only CPU: nowhere to go
+    try:
+        with _placement.away_from(_placement.current_cpu()) as moved:
+            assert not moved and os.sched_getaffinity(0) == {here}
+    finally:
+        os.sched_setaffinity(0, start)
+
+
+def _child(queue):
+    queue.put(_placement.Beside(lambda: os.getpid()).result())
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs the fork start method")
+def test_a_forked_child_makes_its_own_helper():
+    _placement.Beside(lambda: None).result()  # the parent has an idle helper
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_child, args=(queue,))
+    p.start()
+    pid = queue.get(timeout=60)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and pid == p.pid
+
+
+def test_the_helpers_placement_leaves_training_numbers_alone():
+    """A bidirectional training step whose reverse direction runs on the helper with
+    the step aside forced on (the helper always finds itself on the caller's CPU):
+    bitwise the numbers with the directions one after the other."""
+    import fastrnn
+    import fastrnn.modules.rnn as rnn_module
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 8, 12)).astype(np.float32)
+    dy = rng.standard_normal((20, 8, 2 * 24)).astype(np.float32)
+    got = []
+    before = fastrnn.get_num_threads()
+    real_cpu = _placement.current_cpu
+    try:
+        fastrnn.set_num_threads(2)
+        for at_once in (False, True):
+            rnn_module._at_once, saved = (lambda *a, v=at_once: v), rnn_module._at_once
+            _placement.current_cpu = lambda: 0 if at_once else real_cpu()
+            try:
+                m = fastrnn.LSTM(12, 24, bidirectional=True, seed=2)
+                y, _ = m(x)
+                dx, _ = m.backward(dy)
+                got.append([y, dx] + [p.grad.copy() for p in m.parameters()])
+            finally:
+                rnn_module._at_once = saved
+                _placement.current_cpu = real_cpu
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(*got):
+        assert np.array_equal(a, b)
