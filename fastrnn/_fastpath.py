@@ -28,7 +28,9 @@ validated again); a new Parameter object clears the plan in
 
 A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
 precision "medium" where that runs bf16 products; cells always qualify), no
-`lengths`, uni-directional, no `proj_size`, x a C-contiguous ndarray of the module's
+`lengths`, uni-directional or bidirectional with merge_mode "concat" (the directions
+one after the other, the reverse one from the last step back, each writing its half
+of y), no `proj_size`, x a C-contiguous ndarray of the module's
 dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
 for the kernel and its output copied back, as the general path does), states None
 or C-contiguous arrays of the right shape and dtype, and no pending training
@@ -60,12 +62,12 @@ _NOT_ELIGIBLE = False        # plan value of a module the fast path never serves
 class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
-    __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "G", "act",
+    __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "D", "G", "act",
                  "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
                  "call", "batch_first")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop,
-                 cell=False, batch_first=False):
+                 cell=False, batch_first=False, D=1):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         # the eval call: eval_cell / eval_layer (src/forward_small.pxi), or for a
         # batch_first layer eval_layer between two transposing copies
@@ -73,10 +75,12 @@ class _Plan:
         self.call = (_recurrent.eval_cell if cell else
                      _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
-        self.I, self.H, self.L, self.G, self.act = I, H, L, G, act
+        self.I, self.H, self.L, self.D, self.G, self.act = I, H, L, D, G, act
         self.params = params        # ((Parameter, data array, shape, frozen mark), ...)
-        self.layers = layers        # per layer: (w_ih, w_hh, b_ih, b_hh), biases None without
-        # per layer: (digest of w_ih, of w_hh) when both are frozen (Module.freeze()), else
+        # per run (layer k, direction d at k * D + d): (w_ih, w_hh, b_ih, b_hh), biases
+        # None without
+        self.layers = layers
+        # per run: (digest of w_ih, of w_hh) when both are frozen (Module.freeze()), else
         # None. Their values cannot change, and the plan is stale once an array is
         # replaced or is no longer that frozen memory (params' frozen marks, checked
         # per call), so eval calls need not read and hash them to find their packings.
@@ -127,13 +131,14 @@ def _build(module, cell):
         if kind is None:
             return _NOT_ELIGIBLE
         names = [["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])]
-        L = 1
+        L = D = 1
     else:
-        if module.proj_size or module.bidirectional:
+        if module.proj_size or (module.bidirectional and module.merge_mode != "concat"):
             return _NOT_ELIGIBLE
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers
+        D = module.num_directions
     G = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
     I, H = module.input_size, module.hidden_size
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
@@ -141,22 +146,23 @@ def _build(module, cell):
            "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
     params, layers, row_flop = [], [], []
     for k in range(L):
-        in_size = I if k == 0 else H
+        in_size = I if k == 0 else D * H
         shapes = [(G * H, in_size), (G * H, H), (G * H,), (G * H,)]
-        arrays = []
-        for name, shape in zip(names[k], shapes):
-            p = getattr(module, name)
-            if not _ok_array(p.data, dtype, shape):
-                return None               # not now: the general path reports what is wrong
-            params.append((p, p.data, shape, frozen_mark(p.data)))
-            arrays.append(p.data)
-        b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
-        layers.append((arrays[0], arrays[1], b_ih, b_hh))
-        # functional runs a layer on one thread when 2*T*B*G*H*(in+H) < SMALL_WORK_FLOP
+        for d in range(D):
+            arrays = []
+            for name, shape in zip(names[k * D + d], shapes):
+                p = getattr(module, name)
+                if not _ok_array(p.data, dtype, shape):
+                    return None           # not now: the general path reports what is wrong
+                params.append((p, p.data, shape, frozen_mark(p.data)))
+                arrays.append(p.data)
+            b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
+            layers.append((arrays[0], arrays[1], b_ih, b_hh))
+        # functional runs a direction on one thread when 2*T*B*G*H*(in+H) < SMALL_WORK_FLOP
         row_flop.append(2.0 * G * H * (in_size + H))
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
                  tuple(params), tuple(layers), tuple(row_flop), cell,
-                 not cell and module.batch_first)
+                 not cell and module.batch_first, D)
 
 
 def _eval_batch_first(plan, x, hx):
@@ -269,7 +275,7 @@ def kernel_only(module, x, hx=None):
     ValueError when the call does not qualify for the fast path."""
     cell = not hasattr(module, "num_layers")
     plan = _plan(module, cell)
-    if plan is _NOT_ELIGIBLE or plan.batch_first:
+    if plan is _NOT_ELIGIBLE or plan.batch_first or plan.D != 1:
         raise ValueError(f"{type(module).__name__}: this module does not qualify for "
                          f"kernel_only (uni-directional, time-major, no proj_size)")
     dt = plan.dtype

@@ -30,6 +30,8 @@ cdef struct Plan:
     const void *x               # (T, B, I); with x_ids a table (V, G*H) of input projections
     const Py_ssize_t *x_ids     # (T, B) row of the table x each step reads, or NULL
     const void *h0              # (B, O) or NULL for zeros
+    Py_ssize_t ldh0             # h0's row stride in values (0: O; a segment of an eval call
+                                # starts from h in a bidirectional layer's y, rows ldy apart)
     const void *c0              # (B, H) LSTM, or NULL for zeros
     void *y                     # (T, B, O) h_t at valid steps (padded steps untouched)
     Py_ssize_t ldy              # y's row stride in values: O, or more when y is a column

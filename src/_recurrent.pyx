@@ -184,7 +184,8 @@ cdef Py_ssize_t forward_thread(
     cdef floating *hr = <floating *> p.hr                 # (T, B, H) or NULL
     cdef const floating *x = <const floating *> p.x       # (T, B, I), or (V, G*H) by x_ids
     cdef const Py_ssize_t *x_ids = p.x_ids                 # (T, B) or NULL
-    cdef const floating *h0 = <const floating *> p.h0     # (B, H) or NULL
+    cdef const floating *h0 = <const floating *> p.h0     # (B, O) rows ldh0 apart, or NULL
+    cdef Py_ssize_t ldh0 = p.ldh0 if p.ldh0 > 0 else p.O
     cdef const floating *c0 = <const floating *> p.c0     # (B, H) or NULL
     cdef const floating *bias = <const floating *> p.bias
     cdef const floating *bias_h = <const floating *> p.bias_h
@@ -250,7 +251,7 @@ cdef Py_ssize_t forward_thread(
             memcpy(blh, bias_h + j0, hk * sizeof(floating))
         for r in range(nrows):
             b = order[r0 + r]
-            h_rows[r] = h0 + b * O if h0 != NULL else zeros
+            h_rows[r] = h0 + b * ldh0 if h0 != NULL else zeros
             if apart:
                 gh_rows[r] = ghb + r * GK
             if has_c:

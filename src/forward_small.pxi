@@ -222,17 +222,23 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
 
 
 cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
-    """Point q at steps [s, e) of p's layer: x and y from step s, every row e - s steps
-    long, starting from p's h0 and c0 (s = 0) or from the state step s - 1 left (h in
-    y, c in c_n)."""
-    cdef Py_ssize_t k, B = p.B
+    """Point q at steps [s, e) of p's layer (in the order they run: times s .. e - 1,
+    or T - 1 - s down to T - e when p.reverse): x and y from the segment's first time,
+    every row e - s steps long, starting from p's h0 and c0 (s = 0) or from the state
+    step s - 1 left (h in y, rows ldy apart; c in c_n)."""
+    cdef Py_ssize_t k, B = p.B, T = p.T
+    cdef Py_ssize_t first = T - e if p.reverse else s       # the segment's first time
+    cdef Py_ssize_t last_run = T - s if p.reverse else s - 1   # the time step s - 1 ran
     cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths
     for k in range(B):
         lengths[k] = e - s
     q.T = e - s
-    q.x = <const floating *> p.x + s * B * p.I
-    q.y = y + s * B * p.ldy
-    q.h0 = p.h0 if s == 0 else <const void *> (y + (s - 1) * B * p.ldy)
+    q.x = <const floating *> p.x + first * B * p.I
+    q.y = y + first * B * p.ldy
+    if s == 0:
+        q.h0, q.ldh0 = p.h0, p.ldh0
+    else:
+        q.h0, q.ldh0 = <const void *> (y + last_run * B * p.ldy), p.ldy
     q.c0 = p.c0 if s == 0 else <const void *> p.c_n
 
 
@@ -240,10 +246,13 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
                    Py_ssize_t H, const void *x, void *y, void *h_n, void *c_n,
                    const void *h0, const void *c0, const void *w_ih, const void *w_hh,
                    const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh,
-                   int n_threads, bint by_units, const uint64_t *known) noexcept nogil:
-    """One layer over T steps of B full-length rows (float32 when `single`, else
-    float64), on n_threads (see run_small_typed). Arrays as in _plan.pxd; h0, c0,
-    b_ih/b_hh NULL for none; known: the weights' digests or NULL (run_small_typed).
+                   int n_threads, bint by_units, const uint64_t *known,
+                   Py_ssize_t ldy=0, bint reverse=False) noexcept nogil:
+    """One layer and direction over T steps of B full-length rows (float32 when
+    `single`, else float64), on n_threads (see run_small_typed). Arrays as in
+    _plan.pxd; h0, c0, b_ih/b_hh NULL for none; known: the weights' digests or NULL
+    (run_small_typed); ldy: y's row stride (0: H; 2H for a direction's half of a
+    bidirectional layer's output); reverse: times T - 1 down to 0.
     Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
@@ -261,7 +270,8 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     p.lengths, p.order = rows, rows + B
     p.pack_ih, p.pack_hh = pack_ih, pack_hh
     p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
-    p.y, p.ldy, p.h_n, p.c_n = y, H, h_n, c_n
+    p.y, p.ldy, p.h_n, p.c_n = y, ldy if ldy > 0 else H, h_n, c_n
+    p.reverse = reverse
     if n_threads < 1:
         n_threads = 1
     if single:
@@ -391,13 +401,16 @@ cdef inline char *offset(object a, Py_ssize_t k, Py_ssize_t nbytes):
 
 
 def eval_layer(plan, x, hx):
-    """An eval call `module(x, hx)` of a uni-directional stack, time-major, no lengths:
-    (y, h_n) or (y, (h_n, c_n)); None when the call does not qualify (the caller then
-    takes the general path, which reports bad input); False when the plan is stale.
-    plan: a fastrnn._fastpath._Plan, whose parameters were validated when it was built."""
+    """An eval call `module(x, hx)` of a stack, time-major, no lengths: (y, h_n) or
+    (y, (h_n, c_n)); None when the call does not qualify (the caller then takes the
+    general path, which reports bad input); False when the plan is stale. A
+    bidirectional layer (plan.D = 2) runs its directions one after the other, each
+    writing its half of y ([forward | reverse], rows 2H apart), the reverse one from
+    the last step back. plan: a fastrnn._fastpath._Plan, whose parameters were
+    validated when it was built."""
     cdef int typenum = plan.typenum, cell = plan.act, fail = 0
     cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
-    cdef Py_ssize_t L = plan.L, H = plan.H, I = plan.I, T, B, k, j, esize
+    cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, I = plan.I, T, B, k, d, j, esize
     cdef cnp.npy_intp dims[3]
     cdef tuple weights
     if type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3:
@@ -411,11 +424,11 @@ def eval_layer(plan, x, hx):
             if type(hx) is not tuple or len(<tuple> hx) != 2:
                 return None
             h0, c0 = hx
-            if c0 is not None and not fits(c0, typenum, 3, L, B, H):
+            if c0 is not None and not fits(c0, typenum, 3, L * D, B, H):
                 return None
         else:
             h0 = hx
-        if h0 is not None and not fits(h0, typenum, 3, L, B, H):
+        if h0 is not None and not fits(h0, typenum, 3, L * D, B, H):
             return None
     if plan_stale(plan.params):
         return False
@@ -423,41 +436,47 @@ def eval_layer(plan, x, hx):
     cdef int n_team = plan.threads() if any(threaded) else 1
     cdef bint by_units = units_ok and n_team > 1 and n_team > rows_upto, team_units
     esize = sizeof(float) if single else sizeof(double)
-    dims[0], dims[1], dims[2] = L, B, H
+    dims[0], dims[1], dims[2] = L * D, B, H
     h_n = cnp.PyArray_EMPTY(3, dims, typenum, 0)
     c_n = cnp.PyArray_EMPTY(3, dims, typenum, 0) if lstm else None
-    dims[0] = T
+    dims[0], dims[2] = T, D * H
     layers = plan.layers
     cdef char *ph_n = offset(h_n, 0, 0)
     cdef char *pc_n = offset(c_n, 0, 0)
     cdef char *ph0 = offset(h0, 0, 0)
     cdef char *pc0 = offset(c0, 0, 0)
-    cdef Py_ssize_t step = B * H * esize        # one layer's block of h_n, c_n, h0, c0
+    cdef Py_ssize_t step = B * H * esize        # one run's block of h_n, c_n, h0, c0
+    cdef Py_ssize_t idx
     cdef bint pih = pack_ih, phh = pack_hh
     cdef const void *w[4]
     cdef uint64_t known[2]
     cdef const uint64_t *pknown
     cdef int n
+    cdef char *py
     digests = plan.digests
     y = x
     for k in range(L):
         n = n_team if threaded[k] else 1
         team_units = by_units and n > 1
-        weights = layers[k]
-        for j in range(4):
-            w[j] = offset(weights[j], 0, 0)
-        pknown = layer_digests(digests, k, known)
         layer_in = y
-        y = cnp.PyArray_EMPTY(3, dims, typenum, 0)
-        with nogil:
-            fail = run_small(cell, single, T, B, I if k == 0 else H, H,
-                             cnp.PyArray_DATA(<cnp.ndarray> layer_in), cnp.PyArray_DATA(<cnp.ndarray> y),
-                             ph_n + k * step, pc_n + k * step if lstm else NULL,
-                             ph0 + k * step if ph0 != NULL else NULL,
-                             pc0 + k * step if pc0 != NULL else NULL,
-                             w[0], w[1], w[2], w[3], pih, phh, n, team_units, pknown)
-        if fail:
-            raise MemoryError("fastrnn recurrent forward: out of memory")
+        y = cnp.PyArray_EMPTY(3, dims, typenum, 0)                  # (T, B, D*H)
+        py = <char *> cnp.PyArray_DATA(<cnp.ndarray> y)
+        for d in range(D):
+            idx = k * D + d
+            weights = layers[idx]
+            for j in range(4):
+                w[j] = offset(weights[j], 0, 0)
+            pknown = layer_digests(digests, idx, known)
+            with nogil:
+                fail = run_small(cell, single, T, B, I if k == 0 else D * H, H,
+                                 cnp.PyArray_DATA(<cnp.ndarray> layer_in), py + d * H * esize,
+                                 ph_n + idx * step, pc_n + idx * step if lstm else NULL,
+                                 ph0 + idx * step if ph0 != NULL else NULL,
+                                 pc0 + idx * step if pc0 != NULL else NULL,
+                                 w[0], w[1], w[2], w[3], pih, phh, n, team_units, pknown,
+                                 D * H, d == 1)
+            if fail:
+                raise MemoryError("fastrnn recurrent forward: out of memory")
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 

@@ -180,7 +180,9 @@ def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, mon
     before = fastrnn.get_num_threads()
     try:
         fastrnn.set_num_threads(2)
-        m(np.ones((T, B, 8), np.float32))
+        # (inference: full lengths keep the call on the general path; without them it
+        # takes the eval fast path, which runs the directions in turn by construction)
+        m(np.ones((T, B, 8), np.float32), lengths=None if training else [T] * B)
         assert sorted(seen["forward"]) == expected
         if training:
             m.backward(np.ones((T, B, 256), np.float32))

@@ -133,9 +133,47 @@ def test_calls_outside_the_fast_path_give_the_same_results():
     assert_bitwise(m(x, [np.zeros((1, 4, 12), np.float32)] * 2), general(m, x))   # list state
     y, _ = m(x, lengths=[6, 6, 6, 6])                   # lengths: general path
     np.testing.assert_array_equal(y, want[0])
-    bi = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()
-    bi(x)
-    assert bi.__dict__.get("_fp_plan") is False         # never eligible
+    summed = fastrnn.GRU(5, 8, bidirectional=True, merge_mode="sum", seed=0).eval()
+    summed(x)
+    assert summed.__dict__.get("_fp_plan") is False     # never eligible
+    y, _ = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()(x, lengths=[6, 5, 6, 1])
+    assert not y[5:, 3].any()                           # lengths: the general path's padding
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layers,T,B,H", [(1, 4, 3, 12), (2, 4, 3, 12), (1, 1, 1, 12),
+                                          (2, 7, 1, 12), (1, 30, 2, 96), (2, 40, 20, 96)])
+def test_bidirectional_layer_bitwise_general_path(cls, dtype, layers, T, B, H):
+    """Bidirectional layers (merge_mode "concat") take the fast path: the directions in
+    turn, each writing its half of y, the reverse one from the last step back; the
+    general path's numbers, states given or not, one thread or a team, time-major or
+    batch_first."""
+    rng = np.random.default_rng(T * 10 + B)
+    for batch_first in (False, True):
+        m = getattr(fastrnn, cls)(5, H, num_layers=layers, bidirectional=True, dtype=dtype,
+                                  batch_first=batch_first, seed=layers).eval()
+        x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
+        h = rng.standard_normal((2 * layers, B, H)).astype(dtype)
+        hx = (h, 0.5 * h) if cls == "LSTM" else h
+        for args in ((x,), (x, hx)):
+            want = general(m, *args)
+            assert want[0].shape == ((B, T, 2 * H) if batch_first else (T, B, 2 * H))
+            for threads in (1, 2):
+                with fastrnn.functional.thread_share(threads):
+                    fast = m(*args)
+                assert took_fast_path(m) and m.__dict__["_fp_plan"].D == 2
+                assert_bitwise(fast, want)
+
+
+def test_bidirectional_fast_path_rejects_what_the_general_path_rejects():
+    m = fastrnn.LSTM(5, 8, bidirectional=True, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+    h = np.zeros((1, 2, 8), np.float32)                  # one direction's state: too few
+    with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(2, 2, 8\)"):
+        m(x, (h, h))
+    with pytest.raises(ValueError, match="x"):
+        m(x[:, :, :4])
 
 
 @pytest.mark.parametrize("cls", LAYERS)

@@ -77,12 +77,13 @@ def test_what_is_frozen():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(MODULES))
-@pytest.mark.parametrize("T,B,layers", [(50, 2, 1), (7, 3, 2), (1, 1, 1), (12, 40, 1)])
-def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B, layers):
+@pytest.mark.parametrize("T,B,layers,D", [(50, 2, 1, 1), (7, 3, 2, 1), (1, 1, 1, 1),
+                                          (12, 40, 1, 1), (9, 2, 2, 2)])
+def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B, layers, D):
     I, H = 384, 320        # large enough that eval calls pack (and so hash) their weights
-    m = MODULES[name](I, H, num_layers=layers, dtype=dtype).eval()
+    m = MODULES[name](I, H, num_layers=layers, bidirectional=D == 2, dtype=dtype).eval()
     x = seq(T, B, I, dtype)
-    h0 = np.random.default_rng(2).standard_normal((layers, B, H)).astype(dtype)
+    h0 = np.random.default_rng(2).standard_normal((layers * D, B, H)).astype(dtype)
     hx = (h0, h0 * 0.5) if name == "LSTM" else h0
     want = m(x, hx)
     before = _recurrent._digested_bytes()
@@ -292,8 +293,8 @@ def test_general_path_calls_of_frozen_weights_hash_nothing(name, how):
     kw = {}
     if how == "batch_first":
         x = np.ascontiguousarray(x.transpose(1, 0, 2))
-    if how in ("lengths", "batch_first"):   # (batch_first alone takes the fast path)
-        kw["lengths"] = [T, T - 7, 1]
+    # (bidirectional or batch_first alone takes the fast path)
+    kw["lengths"] = [T, T - 7, 1]
     want = m(x, **kw)[0]
     before = _recurrent._digested_bytes()
     m(x, **kw)

@@ -120,6 +120,35 @@ def test_a_late_worker_joins_part_way_with_the_same_numbers(cls, dtype, refused,
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("refused", [2, 7, 9])
+def test_a_late_worker_joins_a_bidirectional_call_part_way(cls, refused):
+    """A bidirectional layer on the fast path runs its directions one after the other,
+    each in segments of 3 steps until a team forms: with T = 17 the forward direction
+    asks 6 times, so refused = 2 forms its team part-way through the forward direction,
+    7 and 9 part-way through the reverse one (which runs from the last step back, each
+    segment from the state the one before left in y's reverse half)."""
+    T, B = 17, 2
+    m = getattr(fastrnn, cls)(H, H, bidirectional=True, seed=refused).eval()
+    x = np.random.default_rng(refused).standard_normal((T, B, H)).astype(np.float32)
+    h0 = np.random.default_rng(1).standard_normal((2, B, H)).astype(np.float32)
+    hx = (h0, 0.5 * h0) if cls == "LSTM" else h0
+    want = on_one_thread(m, x, hx)
+    step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
+    teams_wanted = 2 if refused < 6 else 1      # the directions that formed a team
+    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
+        until_team(lambda: m(x, hx))
+        before = _recurrent.pool_stats()
+        _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop, any_stamp=True)
+        got = m(x, hx)
+        after = _recurrent.pool_stats()
+        if after["teams"] == before["teams"] + teams_wanted:
+            break
+    assert after["teams"] == before["teams"] + teams_wanted
+    assert after["refused"] - before["refused"] >= refused
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_cells_asleep_and_awake_agree(cls):
     c = getattr(fastrnn, cls + "Cell")(H, H, seed=3).eval()
     rng = np.random.default_rng(3)
@@ -302,8 +331,9 @@ def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B):
     m = getattr(fastrnn, cls)(H, H, seed=B, **kw).eval()
     shape = (B, T, H) if kind == "batch_first" else (T, B, H)
     x = np.random.default_rng(B).standard_normal(shape).astype(np.float32)
-    # (batch_first with lengths: a batch_first call without them takes the fast path)
-    args = (x, None, np.arange(B) % T + 1) if kind in ("lengths", "batch_first") else (x,)
+    # (with lengths: a bidirectional or batch_first call without them takes the fast path)
+    args = ((x, None, np.arange(B) % T + 1) if kind in ("lengths", "batch_first", "bidirectional")
+            else (x,))
     want = on_one_thread(m, *args)
     assert _recurrent.pool_hold(True)
     teams = _recurrent.pool_stats()["teams"]
