@@ -27,8 +27,9 @@ validated again); a new Parameter object clears the plan in
 `Module.__setattr__`.
 
 A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
-precision "medium" where that runs bf16 products; cells always qualify), no
-`lengths`, uni-directional or bidirectional with merge_mode "concat" (the directions
+precision "medium" where that runs bf16 products; cells always qualify), `lengths`
+None or integers of shape (B,) in [1, T] (rows sorted by length here, padded steps
+0 in y, each row's state at its last step), uni-directional or bidirectional with merge_mode "concat" (the directions
 one after the other, the reverse one from the last step back, each writing its half
 of y), no `proj_size`, x a C-contiguous ndarray of the module's
 dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
@@ -165,13 +166,14 @@ def _build(module, cell):
                  not cell and module.batch_first, D)
 
 
-def _eval_batch_first(plan, x, hx):
+def _eval_batch_first(plan, x, hx, lengths=None, order=None):
     """eval_layer for a batch_first layer: x (B, T, I) copied time-major for the
     kernel, y copied back to (B, T, H); the states are (L, B, H) either way. None
     when the call does not qualify (then the general path reports bad input)."""
     if type(x) is not np.ndarray or x.ndim != 3 or x.dtype != plan.dtype:
         return None
-    out = _recurrent.eval_layer(plan, np.ascontiguousarray(x.transpose(1, 0, 2)), hx)
+    out = _recurrent.eval_layer(plan, np.ascontiguousarray(x.transpose(1, 0, 2)), hx,
+                                lengths, order)
     if out is None or out is False:
         return out
     y, states = out                                     # y (T, B, H)
@@ -231,14 +233,39 @@ def _replan_call(module, cell, x, hx):
     return None if out is False else out
 
 
-def eval_call(module, cell, x, hx):
-    """`module(x, hx)` of an eval-mode layer (cell False) or cell (cell True) on the
-    fast path, else None. The calling thread is registered as an eval user for the
-    call, in the list `Module._eval_call` keeps (a training call checks it). This is
-    `Module._eval_call(layer_forward, ...)` folded into one Python frame: the
-    microseconds around a small call are counted (issue 10, at most 3 us)."""
+def _sorted_lengths(lengths, x, batch_first):
+    """A layer call's `lengths` as eval_layer takes them: (lengths, order), both intp
+    (B,), order the rows by decreasing length (stable, as functional.Schedule); ()
+    when every row is T long (the call runs as without them); None when they do not
+    qualify (not integers of shape (B,) in [1, T]: the general path reports it)."""
+    if type(x) is not np.ndarray or x.ndim != 3:
+        return None
+    T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    try:
+        a = lengths if type(lengths) is np.ndarray else np.asarray(lengths)
+    except (TypeError, ValueError):
+        return None
+    if a.dtype.kind not in "iu" or a.shape != (B,) or B == 0 or T == 0:
+        return None
+    lo, hi = a.min(), a.max()
+    if lo < 1 or hi > T:
+        return None
+    if lo == T:
+        return ()
+    a = a.astype(np.intp)
+    return a, np.argsort(-a, kind="stable").astype(np.intp, copy=False)
+
+
+def eval_call(module, cell, x, hx, lengths=None):
+    """`module(x, hx[, lengths])` of an eval-mode layer (cell False) or cell (cell
+    True) on the fast path, else None. The calling thread is registered as an eval
+    user for the call, in the list `Module._eval_call` keeps (a training call checks
+    it). This is `Module._eval_call(layer_forward, ...)` folded into one Python frame:
+    the microseconds around a small call are counted (issue 10, at most 3 us)."""
     if _bf16_layer(cell, x):
         return None
+    if lengths is not None:
+        return _eval_call_with_lengths(module, x, hx, lengths)
     d = module.__dict__
     users = d.get("_eval_users")
     if users is None:
@@ -252,6 +279,32 @@ def eval_call(module, cell, x, hx):
             if out is not False:      # a result, or None: the call does not qualify
                 return out
         return _replan_call(module, cell, x, hx)   # first call, or a stale plan
+    finally:
+        users.remove(tid)
+
+
+def _eval_call_with_lengths(module, x, hx, lengths):
+    """eval_call of a layer given `lengths` (rows of different lengths)."""
+    plan = _plan(module, False)
+    if plan is _NOT_ELIGIBLE or module.__dict__.get("_cache") is not None:
+        return None
+    sorted_ = _sorted_lengths(lengths, x, plan.batch_first)
+    if sorted_ is None:
+        return None
+    d = module.__dict__
+    users = d.get("_eval_users")
+    if users is None:
+        users = d.setdefault("_eval_users", [])
+    tid = _get_ident()
+    users.append(tid)
+    try:
+        out = plan.call(plan, x, hx, *sorted_)
+        if out is False:                # a parameter array was replaced: plan again
+            plan = _plan(module, False)
+            if plan is _NOT_ELIGIBLE:
+                return None
+            out = plan.call(plan, x, hx, *sorted_)
+        return None if out is False else out
     finally:
         users.remove(tid)
 

@@ -11,6 +11,8 @@ cdef struct Plan:
     bint reverse                # run t = length-1 .. 0, each row from its own end
     const Py_ssize_t *lengths   # (B,) steps per row
     const Py_ssize_t *order     # (B,) rows by decreasing length
+    Py_ssize_t max_steps        # forward: run at most this many steps (0: all); a segment
+                                # of an eval call, whose rows may have 0 steps left
     int nslices                 # hidden-unit slices (one per thread), 1 for the row split
     bint pool_team              # threads are a team of team_pool.h (eval calls), not OpenMP's
     bint pack_ih, pack_hh       # packed panels, else the weights are read in place

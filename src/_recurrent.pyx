@@ -160,9 +160,10 @@ cdef Py_ssize_t forward_thread(
         int *fail,                  # SHARED (nthr,) allocation failure per thread
         int tid, int nthr) noexcept nogil:
     """One thread's share of the forward pass: rows order[r0:r1], hidden units [j0, j1).
-    Returns the steps it ran: all of its rows' (maxlen), or fewer when a pool team
-    stopped at a step barrier (team_barrier), with h_t in y and h_n, c_n written as
-    after the last step run.
+    Returns the steps it ran: all of its rows' (maxlen, at most p.max_steps when
+    that is set), or fewer when a pool team stopped at a step barrier (team_barrier),
+    with h_t in y and h_n, c_n written as after the last step run (not for rows of
+    length 0, which an eval call's later segments have: theirs are written already).
 
     Large batches split rows (each thread all units, no barrier); small batches
     split units (each thread all rows and its own slice of every gate, so its
@@ -191,6 +192,8 @@ cdef Py_ssize_t forward_thread(
     cdef const floating *bias_h = <const floating *> p.bias_h
     cdef Py_ssize_t nrows = r1 - r0, hk = j1 - j0, GK = G * (j1 - j0)
     cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
+    if p.max_steps > 0 and maxlen > p.max_steps:
+        maxlen = p.max_steps
     cdef Py_ssize_t tb = steps_per_block(nrows, GK, maxlen, BLOCK_VALUES if hk == H else
                                          max(<Py_ssize_t> BLOCK_VALUES,
                                              units_block_bytes // <Py_ssize_t> sizeof(floating)))
@@ -342,6 +345,8 @@ cdef Py_ssize_t forward_thread(
     if not failed:
         for r in range(nrows):
             b = order[r0 + r]
+            if lengths[b] == 0:     # a segment's row with no steps left: h_n, c_n are set
+                continue
             memcpy(<floating *> p.h_n + b * O + j0, h_rows[r] + j0,
                    (O if proj else hk) * sizeof(floating))
             if has_c:

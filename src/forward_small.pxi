@@ -123,9 +123,17 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
     return True
 
 
+cdef struct SegmentWork:
+    # A call's buffers for its segments (run_small allocates them)
+    Py_ssize_t *lengths         # (B,) steps each row has left from the segment's start
+    void *h                     # (B, H) h_{s-1} gathered per row (reverse direction, rows of
+                                # different lengths: each row's state at its own time), or NULL
+    Py_ssize_t *bounds          # (team + 1,) a row split's chunks balanced by length, or NULL
+
+
 cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
                           floating *bias, int n, bint by_units, const uint64_t *known,
-                          int *fail) noexcept nogil:
+                          SegmentWork *work, int *fail) noexcept nogil:
     """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
     as fastrnn.functional combines them), then the layer's steps: on a team of n
     threads of team_pool.h (hidden units split when by_units: every thread all rows,
@@ -138,8 +146,10 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     split and every segmentation gives bitwise the same numbers (a segment starts
     from the h and c the last one wrote). known: (2,) the digests of w_ih and w_hh
     (frozen weights: they cannot have changed since they were taken), or NULL to
-    take them. fail[0]: 1 out of memory."""
-    cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B, T = p.T
+    take them. Rows may differ in length (p.lengths, p.order by decreasing length):
+    steps run up to the longest. fail[0]: 1 out of memory."""
+    cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B
+    cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
     cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
@@ -176,9 +186,9 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                     fail[0] = 1
                     break
                 crew.pool_team = True
-            segment(&crew, p, y, s, T)
-            ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &crew, NULL, by_units, \
-                floating is float, fails
+            segment(&crew, p, y, s, T, work)
+            ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &crew, work.bounds, \
+                by_units, floating is float, fails
             ctx.steps = 0
             # the unit split meets at every step: if it stalls (another process holds
             # a worker's CPU), it stops at a step and this thread goes on alone. (The
@@ -207,7 +217,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                             pool_n, &digests):
                 fail[0] = 1
                 break
-        segment(&alone, p, y, s, e)
+        segment(&alone, p, y, s, e, work)
         forward_thread(<floating *> alone.y, &alone, 0, B, 0, H,
                        <const floating *> alone.w_ih_slices, <const floating *> alone.w_hh_slices,
                        NULL, NULL, False, fail, 0, 1)
@@ -221,24 +231,39 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         slices_free(<void *> crew.w_ih_slices); slices_free(<void *> crew.w_hh_slices)
 
 
-cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e) noexcept nogil:
-    """Point q at steps [s, e) of p's layer (in the order they run: times s .. e - 1,
-    or T - 1 - s down to T - e when p.reverse): x and y from the segment's first time,
-    every row e - s steps long, starting from p's h0 and c0 (s = 0) or from the state
-    step s - 1 left (h in y, rows ldy apart; c in c_n)."""
-    cdef Py_ssize_t k, B = p.B, T = p.T
-    cdef Py_ssize_t first = T - e if p.reverse else s       # the segment's first time
-    cdef Py_ssize_t last_run = T - s if p.reverse else s - 1   # the time step s - 1 ran
-    cdef Py_ssize_t *lengths = <Py_ssize_t *> p.lengths
+cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e,
+                  SegmentWork *work) noexcept nogil:
+    """Point q at steps [s, e) of p's layer in the order they run (a row of length L
+    runs times 0 .. L - 1, or L - 1 down to 0 when p.reverse): each row with its
+    steps left (work.lengths), at most e - s of them, from p's h0 and c0 (s = 0) or
+    from the state step s - 1 left (h in y, c in c_n). Forward, every row's step s
+    is time s: x and y start there, and h_{s-1} is y's time s - 1. Reverse, a row's
+    step s is time L - 1 - s: x and y stay, and h_{s-1} (time L - s) is y's time
+    T - s when every row is T long, else gathered row by row into work.h."""
+    cdef Py_ssize_t k, B = p.B, H = p.H, L
+    cdef Py_ssize_t T = p.lengths[p.order[0]]
+    cdef Py_ssize_t longest = p.lengths[p.order[0]], shortest = p.lengths[p.order[B - 1]]
     for k in range(B):
-        lengths[k] = e - s
+        L = p.lengths[k] - s
+        work.lengths[k] = L if L > 0 else 0
+    q.lengths = work.lengths
+    q.max_steps = e - s
     q.T = e - s
-    q.x = <const floating *> p.x + first * B * p.I
-    q.y = y + first * B * p.ldy
+    if not p.reverse:
+        q.x = <const floating *> p.x + s * B * p.I
+        q.y = y + s * B * p.ldy
     if s == 0:
         q.h0, q.ldh0 = p.h0, p.ldh0
+    elif not p.reverse:
+        q.h0, q.ldh0 = <const void *> (y + (s - 1) * B * p.ldy), p.ldy
+    elif longest == shortest:
+        q.h0, q.ldh0 = <const void *> (y + (longest - s) * B * p.ldy), p.ldy
     else:
-        q.h0, q.ldh0 = <const void *> (y + last_run * B * p.ldy), p.ldy
+        for k in range(B):
+            if p.lengths[k] > s:            # rows with steps left (the others: h_n is set)
+                memcpy(<floating *> work.h + k * H, y + ((p.lengths[k] - s) * B + k) * p.ldy,
+                       H * sizeof(floating))
+        q.h0, q.ldh0 = work.h, H
     q.c0 = p.c0 if s == 0 else <const void *> p.c_n
 
 
@@ -247,24 +272,49 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
                    const void *h0, const void *c0, const void *w_ih, const void *w_hh,
                    const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh,
                    int n_threads, bint by_units, const uint64_t *known,
-                   Py_ssize_t ldy=0, bint reverse=False) noexcept nogil:
-    """One layer and direction over T steps of B full-length rows (float32 when
-    `single`, else float64), on n_threads (see run_small_typed). Arrays as in
-    _plan.pxd; h0, c0, b_ih/b_hh NULL for none; known: the weights' digests or NULL
-    (run_small_typed); ldy: y's row stride (0: H; 2H for a direction's half of a
-    bidirectional layer's output); reverse: times T - 1 down to 0.
+                   Py_ssize_t ldy=0, bint reverse=False, const Py_ssize_t *lengths=NULL,
+                   const Py_ssize_t *order=NULL) noexcept nogil:
+    """One layer and direction over T steps of B rows (float32 when `single`, else
+    float64), on n_threads (see run_small_typed). Arrays as in _plan.pxd; h0, c0,
+    b_ih/b_hh NULL for none; known: the weights' digests or NULL (run_small_typed);
+    ldy: y's row stride (0: H; 2H for a direction's half of a bidirectional layer's
+    output); reverse: each row from its last step back; lengths (B,) in [1, T] with
+    order (B,) the rows by decreasing length (stable), or NULL for rows T long
+    (y's steps past a row's length are left as they are: the caller zeroes them).
     Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
-    cdef Py_ssize_t k, G = cell_gates(cell)
+    cdef int team = n_threads if by_units else <int> min(<Py_ssize_t> n_threads, B)
+    cdef Py_ssize_t k, c, G = cell_gates(cell), total, acc
     cdef size_t esize = sizeof(float) if single else sizeof(double)
-    # lengths and order (B each), then the combined bias (G*H), in one allocation
-    cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(2 * B * sizeof(Py_ssize_t) + G * H * esize + 8)
+    cdef bint ragged = lengths != NULL and lengths[order[0]] != lengths[order[B - 1]]
+    cdef SegmentWork work
+    # lengths and order (B each), the segments' lengths (B), a row split's bounds
+    # (team + 1), then the combined bias (G*H) and the gathered h (B*H), in one allocation
+    cdef Py_ssize_t nidx = 3 * B + team + 1
+    cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(nidx * sizeof(Py_ssize_t)
+                                                  + (G * H + B * H) * esize + 8)
     if rows == NULL:
         return 1
     for k in range(B):
-        rows[k] = T
-        rows[B + k] = k
+        rows[k] = lengths[k] if lengths != NULL else T
+        rows[B + k] = order[k] if order != NULL else k
+    work.lengths = rows + 2 * B
+    work.h = <char *> (rows + nidx) + G * H * esize
+    work.bounds = NULL
+    if ragged and not by_units and team > 1:
+        # chunks of rows in order, balanced by their total length (as functional.Schedule)
+        work.bounds = rows + 3 * B
+        total = 0
+        for k in range(B):
+            total += rows[k]
+        work.bounds[0], acc, k = 0, 0, 0
+        for c in range(1, team):
+            while k < B - (team - c) and (k < c or acc * team < c * total):
+                acc += rows[rows[B + k]]
+                k += 1
+            work.bounds[c] = k
+        work.bounds[team] = B
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, H
     p.lengths, p.order = rows, rows + B
@@ -276,10 +326,10 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
         n_threads = 1
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
-                        <float *> (rows + 2 * B), n_threads, by_units, known, &fail)
+                        <float *> (rows + nidx), n_threads, by_units, known, &work, &fail)
     else:
         run_small_typed(<double *> y, &p, <const double *> b_ih, <const double *> b_hh,
-                        <double *> (rows + 2 * B), n_threads, by_units, known, &fail)
+                        <double *> (rows + nidx), n_threads, by_units, known, &work, &fail)
     free(rows)
     return fail
 
@@ -400,14 +450,17 @@ cdef inline char *offset(object a, Py_ssize_t k, Py_ssize_t nbytes):
     return NULL if a is None else <char *> cnp.PyArray_DATA(<cnp.ndarray> a) + k * nbytes
 
 
-def eval_layer(plan, x, hx):
-    """An eval call `module(x, hx)` of a stack, time-major, no lengths: (y, h_n) or
+def eval_layer(plan, x, hx, lengths=None, order=None):
+    """An eval call `module(x, hx, lengths)` of a stack, time-major: (y, h_n) or
     (y, (h_n, c_n)); None when the call does not qualify (the caller then takes the
     general path, which reports bad input); False when the plan is stale. A
     bidirectional layer (plan.D = 2) runs its directions one after the other, each
     writing its half of y ([forward | reverse], rows 2H apart), the reverse one from
-    the last step back. plan: a fastrnn._fastpath._Plan, whose parameters were
-    validated when it was built."""
+    each row's last step back. lengths (B,) intp in [1, T], not all T, with order
+    (B,) intp the rows by decreasing length (stable; fastrnn._fastpath checks and
+    sorts them), or both None: y is 0 past a row's length, h_n (c_n) its state at
+    its last step. plan: a fastrnn._fastpath._Plan, whose parameters were validated
+    when it was built."""
     cdef int typenum = plan.typenum, cell = plan.act, fail = 0
     cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
     cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, I = plan.I, T, B, k, d, j, esize
@@ -418,6 +471,16 @@ def eval_layer(plan, x, hx):
     T, B = cnp.PyArray_DIMS(<cnp.ndarray> x)[0], cnp.PyArray_DIMS(<cnp.ndarray> x)[1]
     if not fits(x, typenum, 3, T, B, I) or T == 0 or B == 0:
         return None
+    cdef const Py_ssize_t *plen = NULL
+    cdef const Py_ssize_t *pord = NULL
+    if lengths is not None:
+        if not fits(lengths, cnp.NPY_INTP, 1, B, 0, 0) or not fits(order, cnp.NPY_INTP, 1, B, 0, 0):
+            return None
+        plen = <const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> lengths)
+        pord = <const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> order)
+        for j in range(B):              # (checked by the caller; a slip must not read past x)
+            if plen[j] < 1 or plen[j] > T or pord[j] < 0 or pord[j] >= B:
+                return None
     h0 = c0 = None
     if hx is not None:
         if lstm:
@@ -459,7 +522,9 @@ def eval_layer(plan, x, hx):
         n = n_team if threaded[k] else 1
         team_units = by_units and n > 1
         layer_in = y
-        y = cnp.PyArray_EMPTY(3, dims, typenum, 0)                  # (T, B, D*H)
+        # (T, B, D*H); 0 at padded steps, which the kernel leaves untouched
+        y = cnp.PyArray_ZEROS(3, dims, typenum, 0) if plen != NULL else \
+            cnp.PyArray_EMPTY(3, dims, typenum, 0)
         py = <char *> cnp.PyArray_DATA(<cnp.ndarray> y)
         for d in range(D):
             idx = k * D + d
@@ -474,7 +539,7 @@ def eval_layer(plan, x, hx):
                                  ph0 + idx * step if ph0 != NULL else NULL,
                                  pc0 + idx * step if pc0 != NULL else NULL,
                                  w[0], w[1], w[2], w[3], pih, phh, n, team_units, pknown,
-                                 D * H, d == 1)
+                                 D * H, d == 1, plen, pord)
             if fail:
                 raise MemoryError("fastrnn recurrent forward: out of memory")
     return (y, (h_n, c_n)) if lstm else (y, h_n)

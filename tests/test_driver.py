@@ -160,7 +160,10 @@ def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, mon
     """The default rule (modules/rnn.py, _at_once): the reverse direction runs in
     a helper thread (_placement.Beside), in forward and in backward, exactly in these cases."""
     import threading
-    m = fastrnn.LSTM(8, 128, bidirectional=True, seed=0)
+    # (inference: merge_mode "sum" keeps the call on the general path; "concat" takes the
+    # eval fast path, which runs the directions in turn by construction)
+    m = fastrnn.LSTM(8, 128, bidirectional=True, seed=0,
+                     merge_mode="concat" if training else "sum")
     m.train(training)
     seen = {"forward": [], "backward": []}
     real_forward, real_backward = m._forward_direction, m._backward_direction
@@ -180,9 +183,7 @@ def test_when_the_directions_run_at_once_by_default(training, T, B, at_once, mon
     before = fastrnn.get_num_threads()
     try:
         fastrnn.set_num_threads(2)
-        # (inference: full lengths keep the call on the general path; without them it
-        # takes the eval fast path, which runs the directions in turn by construction)
-        m(np.ones((T, B, 8), np.float32), lengths=None if training else [T] * B)
+        m(np.ones((T, B, 8), np.float32))
         assert sorted(seen["forward"]) == expected
         if training:
             m.backward(np.ones((T, B, 256), np.float32))

@@ -166,6 +166,72 @@ def test_bidirectional_layer_bitwise_general_path(cls, dtype, layers, T, B, H):
                 assert_bitwise(fast, want)
 
 
+def spy_calls(m):
+    """A list that grows by one at every call the module's plan serves."""
+    plan = m.__dict__["_fp_plan"]
+    calls, real = [], plan.call
+    plan.call = lambda *a: calls.append(len(a)) or real(*a)
+    return calls
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layers,D,T,B,H", [(1, 1, 6, 3, 12), (2, 2, 6, 3, 12), (1, 2, 1, 1, 12),
+                                            (2, 1, 9, 1, 12), (1, 2, 30, 2, 96),
+                                            (2, 2, 40, 20, 96), (1, 1, 25, 64, 64)])
+def test_lengths_bitwise_general_path(cls, dtype, layers, D, T, B, H):
+    """Calls with `lengths` take the fast path (rows sorted by length, padded steps 0,
+    each row's state at its last step, the reverse direction from each row's end):
+    the general path's numbers for lengths ragged or all T (as a list or an array),
+    states given or not, one thread or a team, time-major or batch_first."""
+    rng = np.random.default_rng(T * 100 + B * 10 + D)
+    ragged = rng.integers(1, T + 1, size=B)
+    ragged[0] = T if B > 1 else ragged[0]
+    for batch_first in (False, True):
+        m = getattr(fastrnn, cls)(5, H, num_layers=layers, bidirectional=D == 2, dtype=dtype,
+                                  batch_first=batch_first, seed=layers).eval()
+        x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
+        h = rng.standard_normal((D * layers, B, H)).astype(dtype)
+        hx = (h, 0.5 * h) if cls == "LSTM" else h
+        m(x)
+        calls = spy_calls(m)
+        for lengths in (ragged, list(ragged), np.full(B, T, np.int32)):
+            for state in (None, hx):
+                want = general(m, x, state, lengths)
+                for threads in (1, 2):
+                    n = len(calls)
+                    with fastrnn.functional.thread_share(threads):
+                        fast = m(x, state, lengths)
+                    assert len(calls) == n + 1                  # served by the plan
+                    assert_bitwise(fast, want)
+
+
+@pytest.mark.parametrize("lengths, error, match", [
+    ([3, 0], ValueError, "lengths"), ([3, 4], ValueError, "lengths"),
+    ([3.0, 2.0], TypeError, "lengths"), ([True, True], TypeError, "lengths"),
+    ([3], ValueError, "lengths"), ([[3, 2]], ValueError, "lengths"), ("ab", TypeError, "lengths")])
+def test_lengths_the_fast_path_does_not_take_get_the_general_paths_messages(lengths, error,
+                                                                            match):
+    m = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)
+    m(x)
+    calls = spy_calls(m)
+    with pytest.raises(error, match=match):
+        m(x, None, lengths)
+    assert calls == []
+
+
+def test_sorted_lengths_orders_rows_as_the_general_path():
+    x = np.zeros((9, 6, 2), np.float32)
+    lengths, order = _fastpath._sorted_lengths([3, 9, 3, 1, 9, 5], x, False)
+    assert lengths.dtype == order.dtype == np.intp
+    assert list(order) == [1, 4, 5, 0, 2, 3]             # decreasing, ties in row order
+    assert list(order) == list(fastrnn.functional.Schedule(lengths, 6, 9, 2).order)
+    assert _fastpath._sorted_lengths([9] * 6, x, False) == ()       # all T: as without
+    assert _fastpath._sorted_lengths([9] * 9, x, True) is None      # read (B, T) = (9, 6): 9 > T
+    assert _fastpath._sorted_lengths([2] * 6, x.transpose(1, 0, 2), True) is not None
+
+
 def test_bidirectional_fast_path_rejects_what_the_general_path_rejects():
     m = fastrnn.LSTM(5, 8, bidirectional=True, seed=0).eval()
     x = np.random.default_rng(0).standard_normal((3, 2, 5)).astype(np.float32)

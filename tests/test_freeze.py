@@ -283,18 +283,19 @@ def test_reset_parameters_of_a_frozen_module_names_the_parameter():
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
-@pytest.mark.parametrize("how", ["bidirectional", "lengths", "batch_first"])
+@pytest.mark.parametrize("how", ["time_major", "lengths", "batch_first"])
 def test_general_path_calls_of_frozen_weights_hash_nothing(name, how):
-    """Calls the fast path does not serve (fastrnn.functional, through fastrnn._frozen)."""
+    """Calls the fast path does not serve (fastrnn.functional, through fastrnn._frozen):
+    a bidirectional layer that sums its directions (merge_mode "sum")."""
     I, H, T, B = 256, 256, 30, 3
-    m = MODULES[name](I, H, bidirectional=how == "bidirectional",
+    m = MODULES[name](I, H, bidirectional=True, merge_mode="sum",
                       batch_first=how == "batch_first").eval()
     x = seq(T, B, I, np.float32)
     kw = {}
     if how == "batch_first":
         x = np.ascontiguousarray(x.transpose(1, 0, 2))
-    # (bidirectional or batch_first alone takes the fast path)
-    kw["lengths"] = [T, T - 7, 1]
+    if how != "time_major":
+        kw["lengths"] = [T, T - 7, 1]
     want = m(x, **kw)[0]
     before = _recurrent._digested_bytes()
     m(x, **kw)
@@ -305,8 +306,7 @@ def test_general_path_calls_of_frozen_weights_hash_nothing(name, how):
         np.testing.assert_array_equal(m(x, **kw)[0], want)
         assert _recurrent._digested_bytes() == before
     m.weight_hh_l0.data = frozen_copy(m.weight_hh_l0.data * 0.5)   # new values: seen
-    if how == "bidirectional":
-        m.weight_ih_l0_reverse.data = frozen_copy(m.weight_ih_l0_reverse.data * 0.5)
+    m.weight_ih_l0_reverse.data = frozen_copy(m.weight_ih_l0_reverse.data * 0.5)
     ref = copy.deepcopy(m)
     got = m(x, **kw)[0]
     assert not np.array_equal(got, want)

@@ -149,6 +149,48 @@ def test_a_late_worker_joins_a_bidirectional_call_part_way(cls, refused):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("refused", [2, 8])
+def test_a_late_worker_joins_a_call_with_lengths_part_way(cls, refused):
+    """Rows of different lengths (17, 11, 4): the longest sets the steps (6 segments of
+    3 per direction). Each segment starts every row from its own state: forward from
+    time s - 1, reverse from time L - s, a different time per row (gathered), rows
+    with no steps left keep the state they ended with; refused = 2 forms the team in
+    the forward direction, 8 in the reverse one."""
+    T, B = 17, 3
+    lengths = np.array([11, 17, 4])
+    m = getattr(fastrnn, cls)(H, H, bidirectional=True, seed=refused).eval()
+    x = np.random.default_rng(refused).standard_normal((T, B, H)).astype(np.float32)
+    want = on_one_thread(m, x, None, lengths)
+    step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
+    teams_wanted = 2 if refused < 6 else 1
+    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
+        until_team(lambda: m(x, None, lengths))
+        before = _recurrent.pool_stats()
+        _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop, any_stamp=True)
+        got = m(x, None, lengths)
+        after = _recurrent.pool_stats()
+        if after["teams"] == before["teams"] + teams_wanted:
+            break
+    assert after["teams"] == before["teams"] + teams_wanted
+    assert after["refused"] - before["refused"] >= refused
+    assert_same(got, want)
+    assert not got[0][4:, 2].any() and not got[0][11:, 0].any()     # padded steps: 0
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_row_split_team_with_lengths_agrees(cls):
+    """A batch of 40 rows of lengths 1..40 splits rows on a team (chunks balanced by
+    length): the one-thread numbers."""
+    T, B = 40, 40
+    m, x = layer_and_input(cls, T, B, seed=11)
+    lengths = np.random.default_rng(11).permutation(B) + 1
+    want = on_one_thread(m, x, None, lengths)
+    before = _recurrent.pool_stats()
+    assert_same(until_team(lambda: m(x, None, lengths)), want)
+    assert _recurrent.pool_stats()["row_teams"] > before["row_teams"]
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 def test_cells_asleep_and_awake_agree(cls):
     c = getattr(fastrnn, cls + "Cell")(H, H, seed=3).eval()
     rng = np.random.default_rng(3)
@@ -321,20 +363,21 @@ def test_packings_of_rejects_bad_arguments():
 @pytest.mark.parametrize("kind", ["bidirectional", "batch_first", "lengths", "projection"])
 @pytest.mark.parametrize("B", [1, 3, 40])
 def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B):
-    """Eval calls outside the fast path (functional._run_forward) also run on the pool's
-    team when its workers are awake, else on one thread at once; bitwise the same."""
+    """Eval calls outside the fast path (functional._run_forward: a projection, or a
+    bidirectional layer that sums its directions) also run on the pool's team when its
+    workers are awake, else on one thread at once; bitwise the same."""
     if kind == "projection" and cls != "LSTM":
         pytest.skip("proj_size is the LSTM's")
     T = 7
-    kw = {"bidirectional": {"bidirectional": True}, "batch_first": {"batch_first": True},
-          "lengths": {}, "projection": {"proj_size": 96}}[kind]
+    summed = {"bidirectional": True, "merge_mode": "sum"}
+    kw = {"bidirectional": summed, "batch_first": dict(summed, batch_first=True),
+          "lengths": summed, "projection": {"proj_size": 96}}[kind]
     m = getattr(fastrnn, cls)(H, H, seed=B, **kw).eval()
     shape = (B, T, H) if kind == "batch_first" else (T, B, H)
     x = np.random.default_rng(B).standard_normal(shape).astype(np.float32)
-    # (with lengths: a bidirectional or batch_first call without them takes the fast path)
-    args = ((x, None, np.arange(B) % T + 1) if kind in ("lengths", "batch_first", "bidirectional")
-            else (x,))
+    args = (x, None, np.arange(B) % T + 1) if kind in ("lengths", "batch_first") else (x,)
     want = on_one_thread(m, *args)
+    assert m.__dict__.get("_fp_plan") is False                  # the general path
     assert _recurrent.pool_hold(True)
     teams = _recurrent.pool_stats()["teams"]
     assert_same(m(*args), want)                         # the workers asleep: one thread

@@ -315,8 +315,8 @@ class RNNBase(Module):
     # -- forward ------------------------------------------------------------
     def __call__(self, x, hx=None, lengths=None, x_ids=None):
         # eval calls try the fast path first, registered like Module.__call__ does
-        if not self.training and lengths is None and x_ids is None:
-            fast = _fastpath.eval_call(self, False, x, hx)
+        if not self.training and x_ids is None:
+            fast = _fastpath.eval_call(self, False, x, hx, lengths)
             if fast is not None:
                 return fast
         if x_ids is None:
