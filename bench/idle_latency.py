@@ -5,6 +5,8 @@ small request at a time sees. Each trial sleeps --gap seconds, then times one ca
     python bench/idle_latency.py                          # LSTM step and sequence, 0.15 s idle
     python bench/idle_latency.py --cells lstm,gru --gap 0.02 --trials 40
     python bench/idle_latency.py -T 1 --precision medium  # layers' GEMMs on bf16
+    python bench/idle_latency.py -H 512 -T 50 -B 8 --bidirectional
+    python bench/idle_latency.py -H 512 -T 50 -B 8 --lengths --peers none
 
 A thread team's workers go to sleep when idle; on a virtual machine the idle vCPU
 must then be scheduled again by the host before a worker can run. fastrnn's eval
@@ -28,13 +30,20 @@ import fastrnn  # noqa: E402
 from fastrnn.benchmark.engines import ENGINES, Case, EngineUnavailable, available_peers  # noqa: E402
 
 
-def engines_for(case, threads, peers):
-    """[(label, run, threads)]: fastrnn at 1 and `threads` threads, then each peer."""
+def engines_for(case, threads, peers, lengths=None):
+    """[(label, run, threads)]: fastrnn at 1 and `threads` threads, then each peer.
+    lengths (B,): fastrnn's layer is called with them (rows of different lengths)."""
     data = case.make_data()
     out = []
     fr = ENGINES["fastrnn"](case, *data)
+    run = fr.run
+    if lengths is not None:
+        x = data[1]
+
+        def run():
+            fr.module(x, None, lengths)
     for n in sorted({1, threads}):
-        out.append((f"fastrnn {n}t", fr.run, n))
+        out.append((f"fastrnn {n}t", run, n))
     for name in peers:
         try:
             kw = {"threads": threads} if name == "onnxruntime" else {}
@@ -112,6 +121,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", default="auto",
                     help="auto (whichever of torch, onnxruntime import), none, or a list")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="the sequence case's layer is bidirectional")
+    ap.add_argument("--lengths", action="store_true",
+                    help="the sequence case's rows have lengths drawn uniformly from [1, T] "
+                         "(seeded; the longest is T); fastrnn only (needs --peers none)")
     ap.add_argument("--precision", default="highest", choices=("highest", "high", "medium"),
                     help="fastrnn's float32 matmul precision; at medium a layer's GEMMs run "
                          "on bf16 where the CPU has AVX512-BF16 (cells, the step case, stay "
@@ -124,6 +138,13 @@ def main(argv=None):
     if args.gap < 0:
         ap.error(f"--gap: expected >= 0, got {args.gap}")
     peers = peers_arg(ap, args.peers)
+    if args.lengths and peers:
+        ap.error("--lengths: times fastrnn only; add --peers none")
+    lengths = None
+    if args.lengths:
+        lengths = np.random.default_rng(0).integers(1, args.T + 1, size=args.B)
+        lengths[0] = args.T
+        print(f"# lengths {lengths.tolist()}")
     info = fastrnn.config()
     print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, matmul precision "
           f"{args.precision}; {args.trials} trials after {args.gap} s idle each; "
@@ -135,8 +156,9 @@ def main(argv=None):
     try:
         for cell in cells:
             for mode, T, B in (("step", 1, 1), ("forward", args.T, args.B)):
-                case = Case(cell, mode, args.H, args.H, T, B)
-                engines = engines_for(case, args.threads, peers)
+                seq = mode == "forward"
+                case = Case(cell, mode, args.H, args.H, T, B, 1, args.bidirectional and seq)
+                engines = engines_for(case, args.threads, peers, lengths if seq else None)
                 res = measure(engines, peers, args.gap, args.trials)
                 for label, _, _ in engines:
                     first, nxt = (np.percentile(v, [50, 10, 90]) for v in res[label])

@@ -29,7 +29,19 @@ def test_idle_latency_rows(capsys, precision):
                 assert first > 0 and nxt > 0
 
 
+@pytest.mark.parametrize("extra, case", [(["--bidirectional"], "forward I=8 H=8 T=3 B=2 bi"),
+                                         (["--lengths"], "forward I=8 H=8 T=3 B=2")])
+def test_idle_latency_bidirectional_and_lengths(capsys, extra, case):
+    load().main(["--cells", "lstm", "-H", "8", "-T", "3", "-B", "2", "--gap", "0",
+                 "--trials", "2", "--peers", "none"] + extra)
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if r.startswith("lstm " + case)]
+    assert len(rows) == 2                   # 1 thread, 2 threads
+    assert ("# lengths [3, " in out) == (extra == ["--lengths"])
+
+
 @pytest.mark.parametrize("args, option", [(["--cells", "lstm,tanh"], "--cells"),
+                                          (["--lengths", "--peers", "torch"], "--lengths"),
                                           (["--gap", "-1"], "--gap"),
                                           (["--trials", "0"], "--trials"),
                                           (["--peers", "tf"], "--peers"),
