@@ -243,7 +243,7 @@ def _sorted_lengths(lengths, x, batch_first):
     T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
     try:
         a = lengths if type(lengths) is np.ndarray else np.asarray(lengths)
-    except (TypeError, ValueError):
+    except Exception:               # whatever it is, the general path reports it
         return None
     if a.dtype.kind not in "iu" or a.shape != (B,) or B == 0 or T == 0:
         return None
@@ -285,13 +285,15 @@ def eval_call(module, cell, x, hx, lengths=None):
 
 def _eval_call_with_lengths(module, x, hx, lengths):
     """eval_call of a layer given `lengths` (rows of different lengths)."""
-    plan = _plan(module, False)
-    if plan is _NOT_ELIGIBLE or module.__dict__.get("_cache") is not None:
+    d = module.__dict__
+    plan = d.get("_fp_plan")
+    if plan is None:                # (a stale plan: eval_layer returns False, below)
+        plan = _plan(module, False)
+    if plan is _NOT_ELIGIBLE or d.get("_cache") is not None:
         return None
     sorted_ = _sorted_lengths(lengths, x, plan.batch_first)
     if sorted_ is None:
         return None
-    d = module.__dict__
     users = d.get("_eval_users")
     if users is None:
         users = d.setdefault("_eval_users", [])

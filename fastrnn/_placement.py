@@ -75,6 +75,9 @@ class _Helper:
                 with _lock:
                     _idle.append(self)                 # before done: a next call finds it
                 done.set()
+            # what the job held (its result, a training cache) is the caller's now: a
+            # waiting helper must not keep it alive
+            fn = box = done = exc = None
 
 
 _lock = threading.Lock()
@@ -93,17 +96,19 @@ if hasattr(os, "register_at_fork"):
 
 
 class Beside:
-    """fn() running on a helper thread, off the caller's CPU; .result() waits for it
-    and returns its value or raises its exception."""
+    """fn() running on a helper thread, off the caller's CPU when `step_aside`;
+    .result() waits for it and returns its value or raises its exception. (A helper
+    that starts OpenMP teams should not step aside: threads it creates meanwhile
+    would keep the narrowed affinity for good.)"""
 
-    def __init__(self, fn):
+    def __init__(self, fn, step_aside=True):
         with _lock:
             helper = _idle.pop() if _idle else None
         if helper is None:
             helper = _Helper()
         self._box = {}
         self._done = threading.Event()
-        helper.jobs.put((fn, current_cpu(), self._box, self._done))
+        helper.jobs.put((fn, current_cpu() if step_aside else -1, self._box, self._done))
 
     def wait(self):
         self._done.wait()

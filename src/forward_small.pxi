@@ -284,11 +284,14 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
-    cdef int team = n_threads if by_units else <int> min(<Py_ssize_t> n_threads, B)
+    cdef int team
     cdef Py_ssize_t k, c, G = cell_gates(cell), total, acc
     cdef size_t esize = sizeof(float) if single else sizeof(double)
     cdef bint ragged = lengths != NULL and lengths[order[0]] != lengths[order[B - 1]]
     cdef SegmentWork work
+    if n_threads < 1:
+        n_threads = 1
+    team = n_threads if by_units else <int> min(<Py_ssize_t> n_threads, B)
     # lengths and order (B each), the segments' lengths (B), a row split's bounds
     # (team + 1), then the combined bias (G*H) and the gathered h (B*H), in one allocation
     cdef Py_ssize_t nidx = 3 * B + team + 1
@@ -322,8 +325,6 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
     p.y, p.ldy, p.h_n, p.c_n = y, ldy if ldy > 0 else H, h_n, c_n
     p.reverse = reverse
-    if n_threads < 1:
-        n_threads = 1
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
                         <float *> (rows + nidx), n_threads, by_units, known, &work, &fail)
@@ -461,26 +462,74 @@ def eval_layer(plan, x, hx, lengths=None, order=None):
     sorts them), or both None: y is 0 past a row's length, h_n (c_n) its state at
     its last step. plan: a fastrnn._fastpath._Plan, whose parameters were validated
     when it was built."""
-    cdef int typenum = plan.typenum, cell = plan.act, fail = 0
-    cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
-    cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, I = plan.I, T, B, k, d, j, esize
-    cdef cnp.npy_intp dims[3]
-    cdef tuple weights
+    cdef int typenum = plan.typenum
+    cdef Py_ssize_t I = plan.I, T, B
     if type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3:
         return None
     T, B = cnp.PyArray_DIMS(<cnp.ndarray> x)[0], cnp.PyArray_DIMS(<cnp.ndarray> x)[1]
     if not fits(x, typenum, 3, T, B, I) or T == 0 or B == 0:
         return None
-    cdef const Py_ssize_t *plen = NULL
-    cdef const Py_ssize_t *pord = NULL
+    cdef Py_ssize_t *plen = NULL        # a private copy of lengths, then of order
+    cdef Py_ssize_t *pord = NULL
     if lengths is not None:
         if not fits(lengths, cnp.NPY_INTP, 1, B, 0, 0) or not fits(order, cnp.NPY_INTP, 1, B, 0, 0):
             return None
-        plen = <const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> lengths)
-        pord = <const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> order)
-        for j in range(B):              # (checked by the caller; a slip must not read past x)
-            if plen[j] < 1 or plen[j] > T or pord[j] < 0 or pord[j] >= B:
-                return None
+        plen = sorted_rows(<const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> lengths),
+                           <const Py_ssize_t *> cnp.PyArray_DATA(<cnp.ndarray> order), T, B)
+        if plen == NULL:
+            return None
+        pord = plen + B
+    try:
+        return eval_layer_runs(plan, x, hx, T, B, plen, pord)
+    finally:
+        free(plen)
+
+
+cdef Py_ssize_t *sorted_rows(const Py_ssize_t *lengths, const Py_ssize_t *order, Py_ssize_t T,
+                             Py_ssize_t B):
+    """A private copy (2B values: lengths, then order) of rows' lengths and their order,
+    or NULL (also out of memory) unless every length is in [1, T] and order is a
+    permutation of the rows by non-increasing length: the driver's steps count active
+    rows from that order, so any slip would index times outside x and y. The caller
+    frees it; the driver reads the copy, which no other thread can change."""
+    cdef Py_ssize_t j, b
+    cdef Py_ssize_t *out = <Py_ssize_t *> malloc(2 * B * sizeof(Py_ssize_t) + 8)
+    cdef char *seen = <char *> calloc(B + 1, 1)
+    cdef bint ok = out != NULL and seen != NULL
+    j = 0
+    while ok and j < B:
+        b = order[j]
+        out[j], out[B + j] = lengths[j], b
+        ok = (1 <= lengths[j] <= T and 0 <= b < B and not seen[b]
+              and (j == 0 or lengths[order[j - 1]] >= lengths[b]))
+        if ok:
+            seen[b] = 1
+        j += 1
+    free(seen)
+    if not ok:
+        free(out)
+        return NULL
+    return out
+
+
+def _eval_layer_checks_rows(lengths, order, Py_ssize_t T):
+    """Test hook: does eval_layer take these rows (sorted_rows)?"""
+    cdef Py_ssize_t[::1] l = lengths
+    cdef Py_ssize_t[::1] o = order
+    cdef Py_ssize_t *p = sorted_rows(&l[0], &o[0], T, l.shape[0])
+    cdef bint ok = p != NULL
+    free(p)
+    return ok
+
+
+cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *plen,
+                     const Py_ssize_t *pord):
+    """eval_layer after x (T, B, I) and the rows were checked."""
+    cdef int typenum = plan.typenum, cell = plan.act, fail = 0
+    cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
+    cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, I = plan.I, k, d, j, esize
+    cdef cnp.npy_intp dims[3]
+    cdef tuple weights
     h0 = c0 = None
     if hx is not None:
         if lstm:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _fastpath
+from fastrnn import _fastpath, _recurrent
 from fastrnn.modules.module import Parameter
 
 LAYERS = ["RNN", "LSTM", "GRU"]
@@ -219,6 +219,25 @@ def test_lengths_the_fast_path_does_not_take_get_the_general_paths_messages(leng
     with pytest.raises(error, match=match):
         m(x, None, lengths)
     assert calls == []
+
+
+@pytest.mark.parametrize("lengths, order, ok", [
+    ([3, 5, 1], [1, 0, 2], True), ([2, 2, 2], [0, 1, 2], True), ([2, 2, 2], [2, 0, 1], True),
+    ([1, 3, 3], [1, 0, 2], False),       # not by decreasing length: a row would run too long
+    ([3, 5, 1], [1, 1, 2], False),       # not a permutation
+    ([3, 5, 1], [1, 0, 3], False),       # a row that is not there
+    ([3, 0, 1], [0, 2, 1], False), ([3, 6, 1], [1, 0, 2], False)])   # lengths outside [1, 5]
+def test_eval_layer_takes_only_rows_sorted_by_length(lengths, order, ok):
+    """eval_layer copies and checks the rows it is given (the driver counts active rows
+    from that order, so a slip would index outside x and y); one it rejects goes to the
+    general path."""
+    intp = lambda v: np.array(v, np.intp)
+    assert _recurrent._eval_layer_checks_rows(intp(lengths), intp(order), 5) is ok
+    m = fastrnn.LSTM(4, 6, bidirectional=True, seed=0).eval()
+    x = np.ones((5, 3, 4), np.float32)
+    m(x)
+    out = _recurrent.eval_layer(m.__dict__["_fp_plan"], x, None, intp(lengths), intp(order))
+    assert (out is None) is not ok
 
 
 def test_sorted_lengths_orders_rows_as_the_general_path():

@@ -37,6 +37,34 @@ def test_an_exception_in_the_job_reaches_the_caller_and_the_helper_lives_on():
     assert _placement.Beside(lambda: "next").result() == "next"
 
 
+def test_a_waiting_helper_keeps_nothing_of_its_last_job():
+    import gc
+    import weakref
+
+    class Result:
+        pass
+
+    job = _placement.Beside(Result)
+    ref = weakref.ref(job.result())
+    del job                                 # the caller is done with it; the helper waits
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_helper_asked_not_to_step_aside_keeps_its_affinity():
+    if not LINUX_TWO_CPUS:
+        pytest.skip("needs Linux thread affinity and two CPUs")
+    start = os.sched_getaffinity(0)
+    real = _placement.current_cpu
+    _placement.current_cpu = lambda: 0      # as if on the caller's CPU, every time
+    try:
+        seen = _placement.Beside(lambda: os.sched_getaffinity(0), step_aside=False).result()
+        moved = _placement.Beside(lambda: os.sched_getaffinity(0)).result()
+    finally:
+        _placement.current_cpu = real
+    assert seen == start and moved == start - {0}
+
+
 def test_jobs_at_once_get_their_own_helpers():
     """Two callers at once: each job runs on its own thread (neither waits for the other)."""
     both_in = threading.Barrier(2, timeout=10)

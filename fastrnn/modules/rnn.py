@@ -76,7 +76,8 @@ def _directions(run, D, at_once):
     if D == 1 or n < 2 or not at_once:
         return [run(d) for d in range(D)]
     # the reverse direction on a kept helper thread, off this thread's CPU (_placement)
-    helper = _placement.Beside(lambda: _run_on_share(run, 1, n // 2))
+    # when it runs alone (with more threads it starts OpenMP teams: see Beside)
+    helper = _placement.Beside(lambda: _run_on_share(run, 1, n // 2), step_aside=n // 2 == 1)
     try:
         first = _run_on_share(run, 0, n - n // 2)
     finally:
