@@ -127,7 +127,7 @@ cdef struct SegmentWork:
     # A call's buffers for its segments (run_small allocates them)
     Py_ssize_t *lengths         # (B,) steps each row has left from the segment's start
     void *h                     # (B, H) h_{s-1} gathered per row (reverse direction, rows of
-                                # different lengths: each row's state at its own time), or NULL
+                                # different lengths: each row's state at its own time)
     Py_ssize_t *bounds          # (team + 1,) a row split's chunks balanced by length, or NULL
 
 
@@ -239,9 +239,8 @@ cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t 
     from the state step s - 1 left (h in y, c in c_n). Forward, every row's step s
     is time s: x and y start there, and h_{s-1} is y's time s - 1. Reverse, a row's
     step s is time L - 1 - s: x and y stay, and h_{s-1} (time L - s) is y's time
-    T - s when every row is T long, else gathered row by row into work.h."""
+    L - s for every row when all rows are L long, else gathered row by row into work.h."""
     cdef Py_ssize_t k, B = p.B, H = p.H, L
-    cdef Py_ssize_t T = p.lengths[p.order[0]]
     cdef Py_ssize_t longest = p.lengths[p.order[0]], shortest = p.lengths[p.order[B - 1]]
     for k in range(B):
         L = p.lengths[k] - s
