@@ -291,24 +291,18 @@ def _eval_call_with_lengths(module, x, hx, lengths):
         plan = _plan(module, False)
     if plan is _NOT_ELIGIBLE or d.get("_cache") is not None:
         return None
-    sorted_ = _sorted_lengths(lengths, x, plan.batch_first)
-    if sorted_ is None:
+    rows = _sorted_lengths(lengths, x, plan.batch_first)
+    if rows is None:
         return None
-    users = d.get("_eval_users")
-    if users is None:
-        users = d.setdefault("_eval_users", [])
-    tid = _get_ident()
-    users.append(tid)
-    try:
-        out = plan.call(plan, x, hx, *sorted_)
-        if out is False:                # a parameter array was replaced: plan again
-            plan = _plan(module, False)
-            if plan is _NOT_ELIGIBLE:
-                return None
-            out = plan.call(plan, x, hx, *sorted_)
-        return None if out is False else out
-    finally:
-        users.remove(tid)
+    return module._eval_call(_call_with_rows, module, plan, x, hx, rows)
+
+
+def _call_with_rows(module, plan, x, hx, rows):
+    out = plan.call(plan, x, hx, *rows)
+    if out is False:                # a parameter array was replaced: plan again
+        plan = _plan(module, False)
+        out = None if plan is _NOT_ELIGIBLE else plan.call(plan, x, hx, *rows)
+    return None if out is False else out
 
 
 def layer_forward(module, x, hx):

@@ -105,18 +105,25 @@ def test_a_late_worker_joins_part_way_with_the_same_numbers(cls, dtype, refused,
     hx = (h0, 0.5 * h0) if cls == "LSTM" else h0
     want = on_one_thread(m, x, hx)
     m(x, hx)
+    assert_same(joined_part_way(lambda: m(x, hx), cls, B, refused, 1), want)
+
+
+def joined_part_way(call, cls, B, refused, teams):
+    """call() with its first `refused` tries to form a team refused (segments of 3
+    steps of an I = H layer alone, then a team), retried until exactly `teams` teams
+    ran in it (a try fails if the worker timed out and slept meanwhile); its result."""
     step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
-    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
-        until_team(lambda: m(x, hx))
+    for _ in range(20):
+        until_team(call)
         before = _recurrent.pool_stats()
         _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop, any_stamp=True)
-        got = m(x, hx)
+        got = call()
         after = _recurrent.pool_stats()
-        if after["teams"] == before["teams"] + 1:
+        if after["teams"] == before["teams"] + teams:
             break
-    assert after["teams"] == before["teams"] + 1
+    assert after["teams"] == before["teams"] + teams
     assert after["refused"] - before["refused"] >= refused
-    assert_same(got, want)
+    return got
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -133,19 +140,8 @@ def test_a_late_worker_joins_a_bidirectional_call_part_way(cls, refused):
     h0 = np.random.default_rng(1).standard_normal((2, B, H)).astype(np.float32)
     hx = (h0, 0.5 * h0) if cls == "LSTM" else h0
     want = on_one_thread(m, x, hx)
-    step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
-    teams_wanted = 2 if refused < 6 else 1      # the directions that formed a team
-    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
-        until_team(lambda: m(x, hx))
-        before = _recurrent.pool_stats()
-        _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop, any_stamp=True)
-        got = m(x, hx)
-        after = _recurrent.pool_stats()
-        if after["teams"] == before["teams"] + teams_wanted:
-            break
-    assert after["teams"] == before["teams"] + teams_wanted
-    assert after["refused"] - before["refused"] >= refused
-    assert_same(got, want)
+    teams = 2 if refused < 6 else 1             # the directions that formed a team
+    assert_same(joined_part_way(lambda: m(x, hx), cls, B, refused, teams), want)
 
 
 @pytest.mark.parametrize("cls", LAYERS)
@@ -161,18 +157,8 @@ def test_a_late_worker_joins_a_call_with_lengths_part_way(cls, refused):
     m = getattr(fastrnn, cls)(H, H, bidirectional=True, seed=refused).eval()
     x = np.random.default_rng(refused).standard_normal((T, B, H)).astype(np.float32)
     want = on_one_thread(m, x, None, lengths)
-    step_flop = 2.0 * B * {"RNN": 1, "LSTM": 4, "GRU": 3}[cls] * H * 2 * H
-    teams_wanted = 2 if refused < 6 else 1
-    for _ in range(20):          # a try fails if the worker timed out and slept meanwhile
-        until_team(lambda: m(x, None, lengths))
-        before = _recurrent.pool_stats()
-        _recurrent.pool_test_knobs(refuse=refused, segment_flop=3 * step_flop, any_stamp=True)
-        got = m(x, None, lengths)
-        after = _recurrent.pool_stats()
-        if after["teams"] == before["teams"] + teams_wanted:
-            break
-    assert after["teams"] == before["teams"] + teams_wanted
-    assert after["refused"] - before["refused"] >= refused
+    teams = 2 if refused < 6 else 1             # the directions that formed a team
+    got = joined_part_way(lambda: m(x, None, lengths), cls, B, refused, teams)
     assert_same(got, want)
     assert not got[0][4:, 2].any() and not got[0][11:, 0].any()     # padded steps: 0
 
