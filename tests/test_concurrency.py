@@ -54,6 +54,28 @@ def test_eval_threads_bitwise_serial(name):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("H", [24, 256])       # one thread, or the pool's team
+def test_eval_threads_with_lengths_and_two_directions_bitwise_serial(H):
+    """The fast path's bidirectional calls with lengths from 8 threads at once: each
+    thread its own rows and lengths, the serial results (one call owns the pool at a
+    time; the others run alone)."""
+    m = fastrnn.GRU(5, H, bidirectional=True, num_layers=2, seed=0).eval()
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((20, 3, 5)).astype(np.float32) for _ in range(8)]
+    lens = [rng.integers(1, 21, size=3) for _ in range(8)]
+
+    def call(k):
+        out = None
+        for _ in range(5):
+            out = m(xs[k], None, lens[k])
+        return out
+    serial = [call(k) for k in range(8)]
+    par, errors = run_threads(call)
+    assert not errors
+    for a, b in zip(serial, par):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
 def test_training_forward_of_another_thread_raises():
     m = fastrnn.LSTM(3, 8, seed=0)           # training mode
     x = np.ones((2, 1, 3), np.float32)
