@@ -29,9 +29,10 @@ validated again); a new Parameter object clears the plan in
 A call qualifies when: eval mode, a layer's GEMMs in float32 (not under matmul
 precision "medium" where that runs bf16 products; cells always qualify), `lengths`
 None or integers of shape (B,) in [1, T] (rows sorted by length here, padded steps
-0 in y, each row's state at its last step), uni-directional or bidirectional with merge_mode "concat" (the directions
-one after the other, the reverse one from the last step back, each writing its half
-of y), no `proj_size`, x a C-contiguous ndarray of the module's
+0 in y, each row's state at its last step), uni-directional or bidirectional (the
+directions one after the other, the reverse one from each row's last step back, each
+writing its half of y; merge_mode "sum" then adds the halves), no `proj_size`, x a
+C-contiguous ndarray of the module's
 dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
 for the kernel and its output copied back, as the general path does), states None
 or C-contiguous arrays of the right shape and dtype, and no pending training
@@ -64,11 +65,12 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "D", "G", "act",
+                 "summed", "layer_out",
                  "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
                  "call", "batch_first")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop,
-                 cell=False, batch_first=False, D=1):
+                 cell=False, batch_first=False, D=1, summed=False):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         # the eval call: eval_cell / eval_layer (src/forward_small.pxi), or for a
         # batch_first layer eval_layer between two transposing copies
@@ -77,6 +79,10 @@ class _Plan:
                      _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.D, self.G, self.act = I, H, L, D, G, act
+        # merge_mode "sum": the directions' outputs added (eval_layer), so a layer's
+        # output, and the next layer's input, has H values, not D * H
+        self.summed = summed
+        self.layer_out = H if summed else D * H
         self.params = params        # ((Parameter, data array, shape, frozen mark), ...)
         # per run (layer k, direction d at k * D + d): (w_ih, w_hh, b_ih, b_hh), biases
         # None without
@@ -133,13 +139,15 @@ def _build(module, cell):
             return _NOT_ELIGIBLE
         names = [["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])]
         L = D = 1
+        summed = False
     else:
-        if module.proj_size or (module.bidirectional and module.merge_mode != "concat"):
+        if module.proj_size:
             return _NOT_ELIGIBLE
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers
         D = module.num_directions
+        summed = D == 2 and module.merge_mode == "sum"
     G = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
     I, H = module.input_size, module.hidden_size
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
@@ -147,7 +155,7 @@ def _build(module, cell):
            "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
     params, layers, row_flop = [], [], []
     for k in range(L):
-        in_size = I if k == 0 else D * H
+        in_size = I if k == 0 else (H if summed else D * H)
         shapes = [(G * H, in_size), (G * H, H), (G * H,), (G * H,)]
         for d in range(D):
             arrays = []
@@ -163,7 +171,7 @@ def _build(module, cell):
         row_flop.append(2.0 * G * H * (in_size + H))
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
                  tuple(params), tuple(layers), tuple(row_flop), cell,
-                 not cell and module.batch_first, D)
+                 not cell and module.batch_first, D, summed)
 
 
 def _eval_batch_first(plan, x, hx, lengths=None, order=None):

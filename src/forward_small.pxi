@@ -564,6 +564,8 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
     cdef const uint64_t *pknown
     cdef int n
     cdef char *py
+    cdef Py_ssize_t layer_out = plan.layer_out     # a layer's output values: D * H, or H summed
+    cdef bint summed = plan.summed
     digests = plan.digests
     y = x
     for k in range(L):
@@ -581,7 +583,7 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
                 w[j] = offset(weights[j], 0, 0)
             pknown = layer_digests(digests, idx, known)
             with nogil:
-                fail = run_small(cell, single, T, B, I if k == 0 else D * H, H,
+                fail = run_small(cell, single, T, B, I if k == 0 else layer_out, H,
                                  cnp.PyArray_DATA(<cnp.ndarray> layer_in), py + d * H * esize,
                                  ph_n + idx * step, pc_n + idx * step if lstm else NULL,
                                  ph0 + idx * step if ph0 != NULL else NULL,
@@ -590,7 +592,28 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
                                  D * H, d == 1, plen, pord)
             if fail:
                 raise MemoryError("fastrnn recurrent forward: out of memory")
+        if summed:                                                  # merge_mode "sum"
+            dims[2] = H
+            both, y = y, cnp.PyArray_EMPTY(3, dims, typenum, 0)     # (T, B, H)
+            dims[2] = D * H
+            with nogil:
+                if single:
+                    sum_halves(<float *> cnp.PyArray_DATA(<cnp.ndarray> y), <const float *> py,
+                               T * B, H)
+                else:
+                    sum_halves(<double *> cnp.PyArray_DATA(<cnp.ndarray> y), <const double *> py,
+                               T * B, H)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
+
+
+cdef void sum_halves(floating *out, const floating *both, Py_ssize_t rows, Py_ssize_t H) noexcept nogil:
+    """out[r] := both[r, :H] + both[r, H:] for r < rows: a bidirectional layer's
+    directions summed (merge_mode "sum"), each element the one IEEE addition the
+    general path's ys[0] + ys[1] makes."""
+    cdef Py_ssize_t r, j
+    for r in range(rows):
+        for j in range(H):
+            out[r * H + j] = both[r * 2 * H + j] + both[r * 2 * H + H + j]
 
 
 def eval_cell(plan, x, hx):

@@ -14,7 +14,8 @@ Profiles (``pytest --hypothesis-profile=NAME``):
 The markers ``fuzz`` and ``slow`` are registered in pyproject.toml.
 
 Fixture ``one_kernel_thread``: test files of small problems take it with
-``pytestmark = pytest.mark.usefixtures("one_kernel_thread")``.
+``pytestmark = pytest.mark.usefixtures("one_kernel_thread")``. Fixture
+``fast_path_off``: eval calls take the general path.
 """
 
 import pytest
@@ -40,3 +41,13 @@ def one_kernel_thread():
     fastrnn.set_num_threads(1)
     yield
     fastrnn.set_num_threads(old)
+
+
+@pytest.fixture
+def fast_path_off(monkeypatch):
+    """Eval calls take the general path (fastrnn.functional): the fast path's entries
+    (the modules' __call__ tries eval_call, their forward layer_forward / cell_forward)
+    all decline."""
+    from fastrnn import _fastpath
+    for name in ("eval_call", "layer_forward", "cell_forward"):
+        monkeypatch.setattr(_fastpath, name, lambda *args, **kwargs: None)

@@ -133,9 +133,9 @@ def test_calls_outside_the_fast_path_give_the_same_results():
     assert_bitwise(m(x, [np.zeros((1, 4, 12), np.float32)] * 2), general(m, x))   # list state
     y, _ = m(x, lengths=[6, 6, 6, 6])                   # lengths: general path
     np.testing.assert_array_equal(y, want[0])
-    summed = fastrnn.GRU(5, 8, bidirectional=True, merge_mode="sum", seed=0).eval()
-    summed(x)
-    assert summed.__dict__.get("_fp_plan") is False     # never eligible
+    projected = fastrnn.LSTM(5, 8, proj_size=4, seed=0).eval()
+    projected(x)
+    assert projected.__dict__.get("_fp_plan") is False  # never eligible
     y, _ = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()(x, lengths=[6, 5, 6, 1])
     assert not y[5:, 3].any()                           # lengths: the general path's padding
 
@@ -144,21 +144,24 @@ def test_calls_outside_the_fast_path_give_the_same_results():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layers,T,B,H", [(1, 4, 3, 12), (2, 4, 3, 12), (1, 1, 1, 12),
                                           (2, 7, 1, 12), (1, 30, 2, 96), (2, 40, 20, 96)])
-def test_bidirectional_layer_bitwise_general_path(cls, dtype, layers, T, B, H):
-    """Bidirectional layers (merge_mode "concat") take the fast path: the directions in
-    turn, each writing its half of y, the reverse one from the last step back; the
-    general path's numbers, states given or not, one thread or a team, time-major or
-    batch_first."""
+@pytest.mark.parametrize("merge_mode", ["concat", "sum"])
+def test_bidirectional_layer_bitwise_general_path(cls, dtype, layers, T, B, H, merge_mode):
+    """Bidirectional layers take the fast path: the directions in turn, each writing its
+    half of y, the reverse one from the last step back (merge_mode "sum" then adds the
+    halves); the general path's numbers, states given or not, one thread or a team,
+    time-major or batch_first."""
     rng = np.random.default_rng(T * 10 + B)
+    O = 2 * H if merge_mode == "concat" else H
     for batch_first in (False, True):
         m = getattr(fastrnn, cls)(5, H, num_layers=layers, bidirectional=True, dtype=dtype,
-                                  batch_first=batch_first, seed=layers).eval()
+                                  batch_first=batch_first, merge_mode=merge_mode,
+                                  seed=layers).eval()
         x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
         h = rng.standard_normal((2 * layers, B, H)).astype(dtype)
         hx = (h, 0.5 * h) if cls == "LSTM" else h
         for args in ((x,), (x, hx)):
             want = general(m, *args)
-            assert want[0].shape == ((B, T, 2 * H) if batch_first else (T, B, 2 * H))
+            assert want[0].shape == ((B, T, O) if batch_first else (T, B, O))
             for threads in (1, 2):
                 with fastrnn.functional.thread_share(threads):
                     fast = m(*args)
@@ -176,10 +179,12 @@ def spy_calls(m):
 
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("layers,D,T,B,H", [(1, 1, 6, 3, 12), (2, 2, 6, 3, 12), (1, 2, 1, 1, 12),
-                                            (2, 1, 9, 1, 12), (1, 2, 30, 2, 96),
-                                            (2, 2, 40, 20, 96), (1, 1, 25, 64, 64)])
-def test_lengths_bitwise_general_path(cls, dtype, layers, D, T, B, H):
+@pytest.mark.parametrize("layers,D,T,B,H,merge_mode", [
+    (1, 1, 6, 3, 12, "concat"), (2, 2, 6, 3, 12, "concat"), (2, 2, 6, 3, 12, "sum"),
+    (1, 2, 1, 1, 12, "concat"), (2, 1, 9, 1, 12, "concat"), (1, 2, 30, 2, 96, "concat"),
+    (1, 2, 30, 2, 96, "sum"), (2, 2, 40, 20, 96, "concat"), (2, 2, 40, 20, 96, "sum"),
+    (1, 1, 25, 64, 64, "concat")])
+def test_lengths_bitwise_general_path(cls, dtype, layers, D, T, B, H, merge_mode):
     """Calls with `lengths` take the fast path (rows sorted by length, padded steps 0,
     each row's state at its last step, the reverse direction from each row's end):
     the general path's numbers for lengths ragged or all T (as a list or an array),
@@ -189,7 +194,8 @@ def test_lengths_bitwise_general_path(cls, dtype, layers, D, T, B, H):
     ragged[0] = T if B > 1 else ragged[0]
     for batch_first in (False, True):
         m = getattr(fastrnn, cls)(5, H, num_layers=layers, bidirectional=D == 2, dtype=dtype,
-                                  batch_first=batch_first, seed=layers).eval()
+                                  batch_first=batch_first, merge_mode=merge_mode,
+                                  seed=layers).eval()
         x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
         h = rng.standard_normal((D * layers, B, H)).astype(dtype)
         hx = (h, 0.5 * h) if cls == "LSTM" else h

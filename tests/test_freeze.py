@@ -284,12 +284,11 @@ def test_reset_parameters_of_a_frozen_module_names_the_parameter():
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 @pytest.mark.parametrize("how", ["time_major", "lengths", "batch_first"])
-def test_general_path_calls_of_frozen_weights_hash_nothing(name, how):
-    """Calls the fast path does not serve (fastrnn.functional, through fastrnn._frozen):
-    a bidirectional layer that sums its directions (merge_mode "sum")."""
+def test_general_path_calls_of_frozen_weights_hash_nothing(name, how, fast_path_off):
+    """Calls on the general path (fastrnn.functional, through fastrnn._frozen) of a
+    bidirectional layer."""
     I, H, T, B = 256, 256, 30, 3
-    m = MODULES[name](I, H, bidirectional=True, merge_mode="sum",
-                      batch_first=how == "batch_first").eval()
+    m = MODULES[name](I, H, bidirectional=True, batch_first=how == "batch_first").eval()
     x = seq(T, B, I, np.float32)
     kw = {}
     if how == "batch_first":

@@ -348,22 +348,21 @@ def test_packings_of_rejects_bad_arguments():
 @pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("kind", ["bidirectional", "batch_first", "lengths", "projection"])
 @pytest.mark.parametrize("B", [1, 3, 40])
-def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B):
-    """Eval calls outside the fast path (functional._run_forward: a projection, or a
-    bidirectional layer that sums its directions) also run on the pool's team when its
-    workers are awake, else on one thread at once; bitwise the same."""
+def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B, fast_path_off):
+    """Eval calls on the general path (functional._run_forward: a projection, or any
+    call with the fast path off) also run on the pool's team when its workers are
+    awake, else on one thread at once; bitwise the same."""
     if kind == "projection" and cls != "LSTM":
         pytest.skip("proj_size is the LSTM's")
     T = 7
-    summed = {"bidirectional": True, "merge_mode": "sum"}
-    kw = {"bidirectional": summed, "batch_first": dict(summed, batch_first=True),
-          "lengths": summed, "projection": {"proj_size": 96}}[kind]
+    kw = {"bidirectional": {"bidirectional": True}, "batch_first": {"batch_first": True},
+          "lengths": {}, "projection": {"proj_size": 96}}[kind]
     m = getattr(fastrnn, cls)(H, H, seed=B, **kw).eval()
     shape = (B, T, H) if kind == "batch_first" else (T, B, H)
     x = np.random.default_rng(B).standard_normal(shape).astype(np.float32)
     args = (x, None, np.arange(B) % T + 1) if kind in ("lengths", "batch_first") else (x,)
     want = on_one_thread(m, *args)
-    assert m.__dict__.get("_fp_plan") is False                  # the general path
+    assert m.__dict__.get("_fp_plan") is None                   # the general path
     assert _recurrent.pool_hold(True)
     teams = _recurrent.pool_stats()["teams"]
     assert_same(m(*args), want)                         # the workers asleep: one thread
