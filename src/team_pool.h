@@ -291,11 +291,11 @@ static inline void fastrnn_pool_wait_teammate(unsigned spin, long long *since)
     }
 }
 
-/* contended_until := max(contended_until, until). */
-static void fastrnn_pool_extend_contended(long long until)
+/* *v := max(*v, to), whatever other threads write meanwhile (a window's end). */
+static void fastrnn_atomic_raise(_Atomic long long *v, long long to)
 {
-    long long cur = atomic_load(&fastrnn_pool.contended_until);
-    while (cur < until && !atomic_compare_exchange_weak(&fastrnn_pool.contended_until, &cur, until))
+    long long cur = atomic_load(v);
+    while (cur < to && !atomic_compare_exchange_weak(v, &cur, to))
         ;
 }
 
@@ -387,12 +387,10 @@ static void fastrnn_pool_watch(fastrnn_pool_t *P, int w, int fd, long long *queu
         return;
     }
     if (*queued >= 0 && d - *queued > FASTRNN_POOL_QUEUED_NS && d - *queued > elapsed / 8) {
-        long long now = fastrnn_now_ns(), cur = atomic_load(&P->busy_until);
+        long long now = fastrnn_now_ns();
         atomic_store(&P->last_busy, now);
         atomic_store(&P->busy_worker, w);
-        while (cur < now + FASTRNN_POOL_BUSY_NS
-               && !atomic_compare_exchange_weak(&P->busy_until, &cur, now + FASTRNN_POOL_BUSY_NS))
-            ;
+        fastrnn_atomic_raise(&P->busy_until, now + FASTRNN_POOL_BUSY_NS);
         atomic_fetch_add(&P->n_busy, 1);
     } else if (*queued >= 0 && atomic_load(&P->busy_worker) == w) {
         /* nobody found: has the thread found last gone? (only its finder can tell) A
@@ -583,7 +581,7 @@ static void fastrnn_pool_after_team(fastrnn_pool_t *P)
     long long b = atomic_load(&P->backoff);
     if (atomic_load(&P->stalled)) {
         atomic_fetch_add(&P->n_stalls, 1);
-        fastrnn_pool_extend_contended(fastrnn_now_ns() + b);
+        fastrnn_atomic_raise(&P->contended_until, fastrnn_now_ns() + b);
         atomic_store(&P->backoff, 2 * b < FASTRNN_POOL_BACKOFF_MAX_NS ? 2 * b
                                                                      : FASTRNN_POOL_BACKOFF_MAX_NS);
     } else if (b != FASTRNN_POOL_BACKOFF_MIN_NS) {
@@ -802,7 +800,6 @@ static void fastrnn_pool_stats(long *out)
 static void fastrnn_pool_pretend_stall(int k)
 {
     atomic_store(&fastrnn_pool.pretend_stall, k > 0 ? k : 0);
-    /* a slow host's real wait must not add a stall the test did not place (until k = 0) */
     atomic_store(&fastrnn_pool.hook_stalls_only, k > 0);
 }
 
