@@ -15,7 +15,9 @@ A bidirectional layer in training runs its reverse direction on a second thread
   team_pool.h fastrnn_pool_step_aside) left one round in 10 shared.
 
 So the helpers here are kept (one per caller running at once, started on first
-use) and step aside.
+use) and step aside. bench/helper_placement.py times both ways; its two runs later
+that session: per call 5.58-5.59 ms (shared in 11 and 13 of 40 rounds), kept 4.44-4.50
+(0 of 40), the caller alone 4.39-4.42.
 """
 
 import os
