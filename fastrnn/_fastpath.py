@@ -115,8 +115,11 @@ class _Plan:
             hh_size = self.G * self.H * self.H
             pack_ih, pack_hh = F.pack_flags(T, B, hh_size)
             threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
-            units_ok = F.splits_units(T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize)
-            s = (pack_ih, pack_hh, threaded, units_ok, F.rows_upto(B, hh_size, self.dtype.itemsize))
+            gated = self.G > 1
+            units_ok = F.splits_units(T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize,
+                                      gated_eval=gated)
+            s = (pack_ih, pack_hh, threaded, units_ok,
+                 F.rows_upto(B, hh_size, self.dtype.itemsize, gated))
             if len(self.scheds) >= _MAX_SCHEDULES:
                 self.scheds.clear()
             self.scheds[(T, B)] = s

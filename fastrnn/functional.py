@@ -190,10 +190,11 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     hh_itemsize = 2 if bf16 else args[10].itemsize   # w_hh as the products read it
+    gated_eval = not training and args[0] in (CELL_LSTM, CELL_GRU)
     by_units = (n > 1 and splits_units(T, B, pack_hh,
                                        bf16 and not training and _recurrent._amx_bf16(),
-                                       args[10].size * hh_itemsize)
-                and (training or n > rows_upto(B, args[10].size, hh_itemsize))
+                                       args[10].size * hh_itemsize, gated_eval)
+                and (training or n > rows_upto(B, args[10].size, hh_itemsize, gated_eval))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
@@ -319,7 +320,30 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in
 
 
-def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0):
+def fills_l2(hh_bytes, gated_eval=False):
+    """Does W_hh (hh_bytes as the products read them) crowd a core's L2, so that each
+    thread's slice of it (the hidden-unit split) beats every thread reading all of it
+    (the row split)? All cells when it overflows the L2; at inference, an LSTM's or
+    GRU's once it fills 5/8 of it. 2-core Xeon KVM guest (AVX-512, 2 MB L2 a core),
+    eval, I=H, T=100, medians of 5 x 3 calls, rows -> units, ms (session 32, one
+    process each way, two rounds): LSTM float32 H=288 (1.27 MB) B=8 3.60 -> 3.19,
+    H=320 (1.56 MB) B=8 4.74 -> 3.86, B=32 18.04 -> 14.41, H=352 B=8 6.54 -> 4.60;
+    GRU float32 H=400 (1.83 MB) B=8 5.94 -> 4.42; float64 H=256 (LSTM 2 MB, GRU 1.5
+    MB) B=8 6.88 -> 5.20 and 4.62 -> 3.91, GRU B=32 15.67 -> 14.58. Three
+    alternating process pairs of the builds before and after: LSTM H=320 B=8
+    4.20-4.52 -> 3.80-3.83, B=32 16.03-18.37 -> 14.28-15.12, GRU H=400 B=8 4.99-5.59
+    -> 4.37-4.79. Mixed at 1.0-1.17 MB (LSTM H=256 and 272, GRU H=320 float32:
+    0.89-1.01x), so 5/8. The Elman RNN's product is a third or a quarter as wide and
+    did not gain: float32 H=640 (1.56 MB) B=8 3.90 -> 3.98, B=32 14.05 -> 14.76
+    (float64 H=512, 2 MB, B=8 gained, 6.31 -> 5.45; left as it was). Not measured
+    on Zen 4 (1 MB L2) or Zen 3."""
+    l2 = _cpu_cache.l2_bytes()
+    if l2 <= 0 or hh_bytes <= 0:
+        return False
+    return hh_bytes > l2 or (gated_eval and 8 * hh_bytes >= 5 * l2)
+
+
+def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0, gated_eval=False):
     """Would a team split hidden units (one barrier per step) rather than rows?
     Small batches do. Unpacked weights are read in place by each thread's gate
     blocks (no copy), so that split runs at any T; packed slices are built per
@@ -347,15 +371,20 @@ def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0):
     -> units, ms: B=32 13.1 -> 8.9-9.1, B=48 16.7-16.8 -> 12.6-12.9, B=64
     18.1-18.3 -> 16.3-16.7. Training keeps UNITS_MAX_BATCH: there B=32 and 48 were
     even and B=64 lost (71.8-72.8 -> 77.3-78.0 ms a step). Not for the vdpbf16ps
-    kernels (AMD Zen 4), where it was not measured."""
+    kernels (AMD Zen 4), where it was not measured.
+
+    gated_eval (an LSTM or GRU at inference): the same from 5/8 of the L2 on
+    (fills_l2). Beyond 48 rows it made no steady difference (session 32, Xeon, four
+    alternating process pairs, rows -> units, ms: LSTM float32 I=H=512 T=50 B=64
+    35.1-36.2 -> 35.0-39.1; float64 I=H=256 T=100 B=64 LSTM 38.7-39.2 -> 37.9-39.4,
+    GRU 28.4-28.8 -> 28.3-29.1)."""
     most = BF16_UNITS_MAX_BATCH if bf16_eval else UNITS_MAX_BATCH
-    l2 = _cpu_cache.l2_bytes() if hh_bytes else 0
-    if 0 < l2 < hh_bytes:
+    if fills_l2(hh_bytes, gated_eval):
         most = max(most, UNITS_L2_MAX_BATCH)
     return B <= most and (T >= UNITS_MIN_STEPS or not pack_hh)
 
 
-def rows_upto(B, hh_size, itemsize):
+def rows_upto(B, hh_size, itemsize, gated=False):
     """The most threads whose team splits B rows, at inference, even where
     splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows,
     W_hh (hh_size values of itemsize bytes) has at most PACK_SMALL_MAX_WEIGHTS
@@ -378,12 +407,14 @@ def rows_upto(B, hh_size, itemsize):
     guest, family 6 model 167; medians of 30 calls, T=50, rows -> units, ms), where
     the 2 MB halves of a 4 MB W_hh fit: LSTM I=H=512 B=8 9.81 -> 6.13, B=12 10.49
     -> 8.34, B=16 12.84 -> 11.09; GRU (3 MB) B=8 6.86 -> 4.22; RNN (1 MB, all of
-    it fits) B=8 1.40 -> 1.51, so rows stay there."""
+    it fits) B=8 1.40 -> 1.51, so rows stay there.
+
+    gated (an LSTM or GRU): the slices win once W_hh fills 5/8 of the L2 (fills_l2)."""
     if hh_size > PACK_SMALL_MAX_WEIGHTS:
         return 0
     most = B // ROWS_MIN_PER_THREAD
     hh_bytes, l2 = hh_size * itemsize, _cpu_cache.l2_bytes()
-    if l2 > 0 and hh_bytes > l2:
+    if fills_l2(hh_bytes, gated):
         # n threads' slices fit from n >= hh_bytes / l2 on: rows only below that
         most = min(most, -(-hh_bytes // l2) - 1)
     return most

@@ -283,6 +283,65 @@ def test_units_where_their_slices_fit_l2_and_w_hh_does_not(l2, rows, monkeypatch
     assert F.rows_upto(8, 512 * 512, 4) == 2                                 # RNN, 1 MB
 
 
+def test_gated_cells_at_inference_split_units_once_w_hh_fills_five_eighths_of_l2(monkeypatch):
+    """fills_l2: rows until W_hh overflows the L2, except for an LSTM's or GRU's
+    eval calls, which split units from 5/8 of it on, up to UNITS_L2_MAX_BATCH rows."""
+    monkeypatch.setattr(F._cpu_cache, "_l2", 2 << 20)
+    lstm320, lstm256 = 4 * 320 * 320, 4 * 256 * 256         # W_hh values: 1.56 MB, 1 MB
+    assert F.fills_l2(lstm320 * 4, gated_eval=True) and not F.fills_l2(lstm320 * 4)
+    assert not F.fills_l2(lstm256 * 4, gated_eval=True)
+    assert not F.fills_l2(0, gated_eval=True)
+    assert F.UNITS_MAX_BATCH < 32 <= F.UNITS_L2_MAX_BATCH
+    assert F.splits_units(100, F.UNITS_L2_MAX_BATCH, True, hh_bytes=lstm320 * 4, gated_eval=True)
+    assert not F.splits_units(100, F.UNITS_L2_MAX_BATCH + 1, True, hh_bytes=lstm320 * 4,
+                              gated_eval=True)
+    assert not F.splits_units(100, 32, True, hh_bytes=lstm320 * 4)      # training, or an RNN
+    assert not F.splits_units(100, 32, True, hh_bytes=lstm256 * 4, gated_eval=True)
+    assert F.rows_upto(8, lstm320, 4, gated=True) == 0 and F.rows_upto(8, lstm320, 4) == 2
+    assert F.rows_upto(8, lstm256, 4, gated=True) == 2
+    monkeypatch.setattr(F._cpu_cache, "_l2", 0)                         # L2 unknown: rows
+    assert not F.fills_l2(lstm320 * 4, gated_eval=True)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_the_gated_eval_split_reaches_the_kernel(cell, monkeypatch):
+    """A pretended 18 KB L2, 5/8 of which this W_hh fills (16 KB LSTM, 12 KB GRU; the
+    RNN's 4 KB does not): B=32 eval calls of the LSTM and GRU split hidden units on
+    the general path and the fast path, their training forward and the RNN rows;
+    every split gives the numbers of one thread."""
+    monkeypatch.setattr(F._cpu_cache, "_l2", 18 << 10)
+    gated = cell != "RNN"
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        m = getattr(fastrnn, cell)(16, 32, seed=0)
+        x = np.random.default_rng(0).standard_normal((20, 32, 16)).astype(np.float32)
+        y = m(x)[0]
+        assert spy.threads == [2] and spy.by_units == [False]   # training: rows
+        m.eval()
+        sched = fastrnn._fastpath._plan(m, False).schedule(20, 32)
+        assert sched[3] == gated and (sched[4] == 0) == gated
+        w = {n: p.data for n, p in m.named_parameters()}
+        if cell == "LSTM":
+            y_eval = F.lstm_forward(x, None, None, w["weight_ih_l0"], w["weight_hh_l0"],
+                                    w["bias_ih_l0"], w["bias_hh_l0"], training=False)[0]
+        elif cell == "GRU":
+            y_eval = F.gru_forward(x, None, w["weight_ih_l0"], w["weight_hh_l0"],
+                                   w["bias_ih_l0"], w["bias_hh_l0"], training=False)[0]
+        if gated:
+            assert spy.threads[-1] == 2 and spy.by_units[-1]         # the general eval path
+        got = m(x)[0]
+        with F.thread_share(1):
+            want = m(x)[0]
+    finally:
+        fastrnn.set_num_threads(before)
+    assert np.array_equal(y, want) and np.array_equal(got, want)
+    if gated:
+        assert np.array_equal(y_eval, want)
+
+
 @pytest.mark.parametrize("B,units,l2", [(6, True, None), (8, False, None), (32, True, 8 << 10)])
 def test_the_split_rule_reaches_the_kernel(B, units, l2, monkeypatch):
     """rows_upto at inference (the general path with training=False, and the eval fast
