@@ -31,7 +31,9 @@ precision "medium" where that runs bf16 products; cells always qualify), `length
 None or integers of shape (B,) in [1, T] (rows sorted by length here, padded steps
 0 in y, each row's state at its last step), uni-directional or bidirectional (the
 directions one after the other, the reverse one from each row's last step back, each
-writing its half of y; merge_mode "sum" then adds the halves), no `proj_size`, x a
+writing its half of y; merge_mode "sum" then adds the halves), with or without
+`proj_size` (a projected LSTM's rows split, never its hidden units, as on the general
+path), x a
 C-contiguous ndarray of the module's
 dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
 for the kernel and its output copied back, as the general path does), states None
@@ -64,13 +66,13 @@ _NOT_ELIGIBLE = False        # plan value of a module the fast path never serves
 class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
-    __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "L", "D", "G", "act",
-                 "summed", "layer_out",
+    __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "O", "L", "D", "G",
+                 "act", "summed", "layer_out", "w_hr",
                  "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
                  "call", "batch_first")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop,
-                 cell=False, batch_first=False, D=1, summed=False):
+                 cell=False, batch_first=False, D=1, summed=False, w_hr=None):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         # the eval call: eval_cell / eval_layer (src/forward_small.pxi), or for a
         # batch_first layer eval_layer between two transposing copies
@@ -79,10 +81,13 @@ class _Plan:
                      _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.D, self.G, self.act = I, H, L, D, G, act
+        # per run: a projected LSTM's w_hr (P, H), else None; h then has O = P values
+        self.w_hr = w_hr if w_hr is not None else (None,) * len(layers)
+        self.O = H if w_hr is None else w_hr[0].shape[0]
         # merge_mode "sum": the directions' outputs added (eval_layer), so a layer's
-        # output, and the next layer's input, has H values, not D * H
+        # output, and the next layer's input, has O values, not D * O
         self.summed = summed
-        self.layer_out = H if summed else D * H
+        self.layer_out = self.O if summed else D * self.O
         self.params = params        # ((Parameter, data array, shape, frozen mark), ...)
         # per run (layer k, direction d at k * D + d): (w_ih, w_hh, b_ih, b_hh), biases
         # None without
@@ -112,12 +117,16 @@ class _Plan:
         unless it has at most rows_upto threads (F.rows_upto)."""
         s = self.scheds.get((T, B))
         if s is None:
-            hh_size = self.G * self.H * self.H
+            hh_size = self.G * self.H * self.O
             pack_ih, pack_hh = F.pack_flags(T, B, hh_size)
-            threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
+            if self.O == self.H:
+                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
+            else:   # rows only, so no step barrier to repay (functional.lstmp_forward's rule)
+                threaded = tuple(T * B * f >= F.SMALL_WORK_FLOP for f in self.row_flop)
             gated = self.G > 1
-            units_ok = F.splits_units(T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize,
-                                      gated_eval=gated)
+            # a projection needs all of h_t: rows only (as the general path)
+            units_ok = self.O == self.H and F.splits_units(
+                T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize, gated_eval=gated)
             s = (pack_ih, pack_hh, threaded, units_ok,
                  F.rows_upto(B, hh_size, self.dtype.itemsize, gated))
             if len(self.scheds) >= _MAX_SCHEDULES:
@@ -144,8 +153,6 @@ def _build(module, cell):
         L = D = 1
         summed = False
     else:
-        if module.proj_size:
-            return _NOT_ELIGIBLE
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers
@@ -153,28 +160,34 @@ def _build(module, cell):
         summed = D == 2 and module.merge_mode == "sum"
     G = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
     I, H = module.input_size, module.hidden_size
+    O = getattr(module, "proj_size", 0) or H          # h's size: proj_size, else H
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
     act = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
            "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
-    params, layers, row_flop = [], [], []
+    params, layers, w_hrs, row_flop = [], [], [], []
     for k in range(L):
-        in_size = I if k == 0 else (H if summed else D * H)
-        shapes = [(G * H, in_size), (G * H, H), (G * H,), (G * H,)]
+        in_size = I if k == 0 else (O if summed else D * O)
+        shapes = {"weight_ih": (G * H, in_size), "weight_hh": (G * H, O),
+                  "bias_ih": (G * H,), "bias_hh": (G * H,), "weight_hr": (O, H)}
         for d in range(D):
-            arrays = []
-            for name, shape in zip(names[k * D + d], shapes):
+            arrays = {}
+            for name in names[k * D + d]:     # weight_ih_l0[_reverse], ... (cells: no suffix)
+                role = name.split("_l")[0]
                 p = getattr(module, name)
-                if not _ok_array(p.data, dtype, shape):
+                if not _ok_array(p.data, dtype, shapes[role]):
                     return None           # not now: the general path reports what is wrong
-                params.append((p, p.data, shape, frozen_mark(p.data)))
-                arrays.append(p.data)
-            b_ih, b_hh = (arrays[2], arrays[3]) if len(arrays) == 4 else (None, None)
-            layers.append((arrays[0], arrays[1], b_ih, b_hh))
-        # functional runs a direction on one thread when 2*T*B*G*H*(in+H) < SMALL_WORK_FLOP
-        row_flop.append(2.0 * G * H * (in_size + H))
+                params.append((p, p.data, shapes[role], frozen_mark(p.data)))
+                arrays[role] = p.data
+            layers.append((arrays["weight_ih"], arrays["weight_hh"], arrays.get("bias_ih"),
+                           arrays.get("bias_hh")))
+            w_hrs.append(arrays.get("weight_hr"))
+        # functional runs a direction on one thread when 2*T*B*G*H*(in+O) < SMALL_WORK_FLOP
+        # (+ 2*O*H a projection's product)
+        row_flop.append(2.0 * G * H * (in_size + O) + (2.0 * O * H if O != H else 0.0))
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
                  tuple(params), tuple(layers), tuple(row_flop), cell,
-                 not cell and module.batch_first, D, summed)
+                 not cell and module.batch_first, D, summed,
+                 tuple(w_hrs) if O != H else None)
 
 
 def _eval_batch_first(plan, x, hx, lengths=None, order=None):
@@ -335,7 +348,7 @@ def kernel_only(module, x, hx=None):
     ValueError when the call does not qualify for the fast path."""
     cell = not hasattr(module, "num_layers")
     plan = _plan(module, cell)
-    if plan is _NOT_ELIGIBLE or plan.batch_first or plan.D != 1:
+    if plan is _NOT_ELIGIBLE or plan.batch_first or plan.D != 1 or plan.O != plan.H:
         raise ValueError(f"{type(module).__name__}: this module does not qualify for "
                          f"kernel_only (uni-directional, time-major, no proj_size)")
     dt = plan.dtype

@@ -7,9 +7,8 @@
 # split, as `forward` does) of fastrnn's own worker pool (team_pool.h), which never
 # waits for a worker that is not awake.
 #
-# Rows are full length and in order, the direction forward, no training buffers, no
-# projection; results are bitwise those of `forward` (the same thread body with the
-# same packing, and every split computes each element the same way), since
+# No training buffers; results are bitwise those of `forward` (the same thread body
+# with the same packing, and every split computes each element the same way), since
 # bias = b_ih + b_hh is the same float sum.
 
 cdef inline void *data_or_null(object a, int typenum, const char *name, int ndim,
@@ -126,7 +125,7 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
 cdef struct SegmentWork:
     # A call's buffers for its segments (run_small allocates them)
     Py_ssize_t *lengths         # (B,) steps each row has left from the segment's start
-    void *h                     # (B, H) h_{s-1} gathered per row (reverse direction, rows of
+    void *h                     # (B, O) h_{s-1} gathered per row (reverse direction, rows of
                                 # different lengths: each row's state at its own time)
     Py_ssize_t *bounds          # (team + 1,) a row split's chunks balanced by length, or NULL
 
@@ -147,7 +146,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     from the h and c the last one wrote). known: (2,) the digests of w_ih and w_hh
     (frozen weights: they cannot have changed since they were taken), or NULL to
     take them. Rows may differ in length (p.lengths, p.order by decreasing length):
-    steps run up to the longest. fail[0]: 1 out of memory."""
+    steps run up to the longest. A projected LSTM (p.w_hr, rows only) packs w_hr for
+    the call when p.pack_hh, as `forward` does. fail[0]: 1 out of memory."""
     cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B
     cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
     cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
@@ -167,6 +167,11 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             bias[j] = b_ih[j]
         p.bias = bias
         p.bias_h = b_hh + 2 * H if p.cell == CELL_GRU else NULL
+    if p.w_hr != NULL and p.pack_hh:
+        p.w_hr_packed = pack_matrix(<const floating *> p.w_hr, p.O, H, False, 1)
+        if p.w_hr_packed == NULL:
+            fail[0] = 1
+            return
     alone = p[0]
     crew = p[0]
     digests = call_digests(known)
@@ -229,6 +234,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         slices_free(<void *> alone.w_ih_slices); slices_free(<void *> alone.w_hh_slices)
     if crew_packed:
         slices_free(<void *> crew.w_ih_slices); slices_free(<void *> crew.w_hh_slices)
+    scratch_free(<void *> p.w_hr_packed)
+    p.w_hr_packed = NULL
 
 
 cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e,
@@ -236,11 +243,11 @@ cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t 
     """Point q at steps [s, e) of p's layer in the order they run (a row of length L
     runs times 0 .. L - 1, or L - 1 down to 0 when p.reverse): each row with its
     steps left (work.lengths), at most e - s of them, from p's h0 and c0 (s = 0) or
-    from the state step s - 1 left (h in y, c in c_n). Forward, every row's step s
+    from the state step s - 1 left (h in y (O values), c in c_n). Forward, every row's step s
     is time s: x and y start there, and h_{s-1} is y's time s - 1. Reverse, a row's
     step s is time L - 1 - s: x and y stay, and h_{s-1} (time L - s) is y's time
     L - s for every row when all rows are L long, else gathered row by row into work.h."""
-    cdef Py_ssize_t k, B = p.B, H = p.H, L
+    cdef Py_ssize_t k, B = p.B, O = p.O, L
     cdef Py_ssize_t longest = p.lengths[p.order[0]], shortest = p.lengths[p.order[B - 1]]
     for k in range(B):
         L = p.lengths[k] - s
@@ -260,9 +267,9 @@ cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t 
     else:
         for k in range(B):
             if p.lengths[k] > s:            # rows with steps left (the others: h_n is set)
-                memcpy(<floating *> work.h + k * H, y + ((p.lengths[k] - s) * B + k) * p.ldy,
-                       H * sizeof(floating))
-        q.h0, q.ldh0 = work.h, H
+                memcpy(<floating *> work.h + k * O, y + ((p.lengths[k] - s) * B + k) * p.ldy,
+                       O * sizeof(floating))
+        q.h0, q.ldh0 = work.h, O
     q.c0 = p.c0 if s == 0 else <const void *> p.c_n
 
 
@@ -272,11 +279,14 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
                    const void *b_ih, const void *b_hh, bint pack_ih, bint pack_hh,
                    int n_threads, bint by_units, const uint64_t *known,
                    Py_ssize_t ldy=0, bint reverse=False, const Py_ssize_t *lengths=NULL,
-                   const Py_ssize_t *order=NULL) noexcept nogil:
+                   const Py_ssize_t *order=NULL, const void *w_hr=NULL,
+                   Py_ssize_t O=0) noexcept nogil:
     """One layer and direction over T steps of B rows (float32 when `single`, else
     float64), on n_threads (see run_small_typed). Arrays as in _plan.pxd; h0, c0,
     b_ih/b_hh NULL for none; known: the weights' digests or NULL (run_small_typed);
-    ldy: y's row stride (0: H; 2H for a direction's half of a bidirectional layer's
+    w_hr (O, H): a projected LSTM's (then w_hh is (4H, O); y, h_n and h0 hold O
+    values a row; by_units must be False), else NULL and O = H (O <= 0 means H);
+    ldy: y's row stride (0: O; 2O for a direction's half of a bidirectional layer's
     output); reverse: each row from its last step back; lengths (B,) in [1, T] with
     order (B,) the rows by decreasing length (stable), or NULL for rows T long
     (y's steps past a row's length are left as they are: the caller zeroes them).
@@ -290,12 +300,16 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     cdef SegmentWork work
     if n_threads < 1:
         n_threads = 1
+    if w_hr == NULL or O <= 0:
+        O = H
+    else:
+        by_units = False        # the projection needs all of h_t: rows only
     team = n_threads if by_units else <int> min(<Py_ssize_t> n_threads, B)
     # lengths and order (B each), the segments' lengths (B), a row split's bounds
-    # (team + 1), then the combined bias (G*H) and the gathered h (B*H), in one allocation
+    # (team + 1), then the combined bias (G*H) and the gathered h (B*O), in one allocation
     cdef Py_ssize_t nidx = 3 * B + team + 1
     cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(nidx * sizeof(Py_ssize_t)
-                                                  + (G * H + B * H) * esize + 8)
+                                                  + (G * H + B * O) * esize + 8)
     if rows == NULL:
         return 1
     for k in range(B):
@@ -318,11 +332,11 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
             work.bounds[c] = k
         work.bounds[team] = B
     memset(&p, 0, sizeof(Plan))
-    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, H
+    p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.lengths, p.order = rows, rows + B
     p.pack_ih, p.pack_hh = pack_ih, pack_hh
-    p.w_ih, p.w_hh, p.x, p.h0, p.c0 = w_ih, w_hh, x, h0, c0
-    p.y, p.ldy, p.h_n, p.c_n = y, ldy if ldy > 0 else H, h_n, c_n
+    p.w_ih, p.w_hh, p.w_hr, p.x, p.h0, p.c0 = w_ih, w_hh, w_hr, x, h0, c0
+    p.y, p.ldy, p.h_n, p.c_n = y, ldy if ldy > 0 else O, h_n, c_n
     p.reverse = reverse
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
@@ -455,12 +469,13 @@ def eval_layer(plan, x, hx, lengths=None, order=None):
     (y, (h_n, c_n)); None when the call does not qualify (the caller then takes the
     general path, which reports bad input); False when the plan is stale. A
     bidirectional layer (plan.D = 2) runs its directions one after the other, each
-    writing its half of y ([forward | reverse], rows 2H apart), the reverse one from
+    writing its half of y ([forward | reverse], rows 2O apart), the reverse one from
     each row's last step back. lengths (B,) intp in [1, T], not all T, with order
     (B,) intp the rows by decreasing length (stable; fastrnn._fastpath checks and
     sorts them), or both None: y is 0 past a row's length, h_n (c_n) its state at
-    its last step. plan: a fastrnn._fastpath._Plan, whose parameters were validated
-    when it was built."""
+    its last step. h (y's rows, h_n, h0) has O values: H, or a projected LSTM's
+    proj_size (then c_n, c0 keep H). plan: a fastrnn._fastpath._Plan, whose
+    parameters were validated when it was built."""
     cdef int typenum = plan.typenum
     cdef Py_ssize_t I = plan.I, T, B
     if type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3:
@@ -526,9 +541,10 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
     """eval_layer after x (T, B, I) and the rows were checked."""
     cdef int typenum = plan.typenum, cell = plan.act, fail = 0
     cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
-    cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, I = plan.I, k, d, j, esize
+    cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, O = plan.O, I = plan.I, k, d, j, esize
     cdef cnp.npy_intp dims[3]
     cdef tuple weights
+    cdef tuple w_hrs = plan.w_hr
     h0 = c0 = None
     if hx is not None:
         if lstm:
@@ -539,7 +555,7 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
                 return None
         else:
             h0 = hx
-        if h0 is not None and not fits(h0, typenum, 3, L * D, B, H):
+        if h0 is not None and not fits(h0, typenum, 3, L * D, B, O):
             return None
     if plan_stale(plan.params):
         return False
@@ -547,16 +563,18 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
     cdef int n_team = plan.threads() if any(threaded) else 1
     cdef bint by_units = units_ok and n_team > 1 and n_team > rows_upto, team_units
     esize = sizeof(float) if single else sizeof(double)
-    dims[0], dims[1], dims[2] = L * D, B, H
+    dims[0], dims[1], dims[2] = L * D, B, O
     h_n = cnp.PyArray_EMPTY(3, dims, typenum, 0)
+    dims[2] = H
     c_n = cnp.PyArray_EMPTY(3, dims, typenum, 0) if lstm else None
-    dims[0], dims[2] = T, D * H
+    dims[0], dims[2] = T, D * O
     layers = plan.layers
     cdef char *ph_n = offset(h_n, 0, 0)
     cdef char *pc_n = offset(c_n, 0, 0)
     cdef char *ph0 = offset(h0, 0, 0)
     cdef char *pc0 = offset(c0, 0, 0)
-    cdef Py_ssize_t step = B * H * esize        # one run's block of h_n, c_n, h0, c0
+    cdef Py_ssize_t step = B * O * esize        # one run's block of h_n and h0
+    cdef Py_ssize_t cstep = B * H * esize       # ... of c_n and c0
     cdef Py_ssize_t idx
     cdef bint pih = pack_ih, phh = pack_hh
     cdef const void *w[4]
@@ -564,7 +582,8 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
     cdef const uint64_t *pknown
     cdef int n
     cdef char *py
-    cdef Py_ssize_t layer_out = plan.layer_out     # a layer's output values: D * H, or H summed
+    cdef Py_ssize_t layer_out = plan.layer_out     # a layer's output values: D * O, or O summed
+    cdef const void *hr
     cdef bint summed = plan.summed
     digests = plan.digests
     y = x
@@ -582,27 +601,28 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
             for j in range(4):
                 w[j] = offset(weights[j], 0, 0)
             pknown = layer_digests(digests, idx, known)
+            hr = offset(w_hrs[idx], 0, 0)
             with nogil:
                 fail = run_small(cell, single, T, B, I if k == 0 else layer_out, H,
-                                 cnp.PyArray_DATA(<cnp.ndarray> layer_in), py + d * H * esize,
-                                 ph_n + idx * step, pc_n + idx * step if lstm else NULL,
+                                 cnp.PyArray_DATA(<cnp.ndarray> layer_in), py + d * O * esize,
+                                 ph_n + idx * step, pc_n + idx * cstep if lstm else NULL,
                                  ph0 + idx * step if ph0 != NULL else NULL,
-                                 pc0 + idx * step if pc0 != NULL else NULL,
+                                 pc0 + idx * cstep if pc0 != NULL else NULL,
                                  w[0], w[1], w[2], w[3], pih, phh, n, team_units, pknown,
-                                 D * H, d == 1, plen, pord)
+                                 D * O, d == 1, plen, pord, hr, O)
             if fail:
                 raise MemoryError("fastrnn recurrent forward: out of memory")
         if summed:                                                  # merge_mode "sum"
-            dims[2] = H
-            both, y = y, cnp.PyArray_EMPTY(3, dims, typenum, 0)     # (T, B, H)
-            dims[2] = D * H
+            dims[2] = O
+            both, y = y, cnp.PyArray_EMPTY(3, dims, typenum, 0)     # (T, B, O)
+            dims[2] = D * O
             with nogil:
                 if single:
                     sum_halves(<float *> cnp.PyArray_DATA(<cnp.ndarray> y), <const float *> py,
-                               T * B, H)
+                               T * B, O)
                 else:
                     sum_halves(<double *> cnp.PyArray_DATA(<cnp.ndarray> y), <const double *> py,
-                               T * B, H)
+                               T * B, O)
     return (y, (h_n, c_n)) if lstm else (y, h_n)
 
 

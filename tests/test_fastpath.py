@@ -133,9 +133,6 @@ def test_calls_outside_the_fast_path_give_the_same_results():
     assert_bitwise(m(x, [np.zeros((1, 4, 12), np.float32)] * 2), general(m, x))   # list state
     y, _ = m(x, lengths=[6, 6, 6, 6])                   # lengths: general path
     np.testing.assert_array_equal(y, want[0])
-    projected = fastrnn.LSTM(5, 8, proj_size=4, seed=0).eval()
-    projected(x)
-    assert projected.__dict__.get("_fp_plan") is False  # never eligible
     y, _ = fastrnn.GRU(5, 8, bidirectional=True, seed=0).eval()(x, lengths=[6, 5, 6, 1])
     assert not y[5:, 3].any()                           # lengths: the general path's padding
 
@@ -210,6 +207,61 @@ def test_lengths_bitwise_general_path(cls, dtype, layers, D, T, B, H, merge_mode
                         fast = m(x, state, lengths)
                     assert len(calls) == n + 1                  # served by the plan
                     assert_bitwise(fast, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layers,D,T,B,merge_mode", [
+    (1, 1, 4, 3, "concat"), (2, 1, 6, 1, "concat"), (1, 1, 1, 1, "concat"),
+    (2, 2, 7, 4, "concat"), (2, 2, 7, 4, "sum"), (1, 2, 40, 20, "concat"),
+    (2, 1, 30, 64, "concat")])
+def test_projected_lstm_bitwise_general_path(dtype, layers, D, T, B, merge_mode):
+    """An LSTM with proj_size takes the fast path: h (y's rows, h_n, h0) has P values
+    and c (c_n, c0) H; rows split on a team, never hidden units (the projection needs
+    all of h_t). The general path's numbers with lengths or without, states given or
+    not, one thread or a team, time-major or batch_first."""
+    H, P = 24, 7
+    rng = np.random.default_rng(T * 100 + B * 10 + D)
+    ragged = rng.integers(1, T + 1, size=B)
+    for batch_first in (False, True):
+        m = fastrnn.LSTM(5, H, num_layers=layers, bidirectional=D == 2, proj_size=P,
+                         dtype=dtype, batch_first=batch_first, merge_mode=merge_mode,
+                         seed=layers).eval()
+        x = rng.standard_normal((B, T, 5) if batch_first else (T, B, 5)).astype(dtype)
+        hx = (rng.standard_normal((D * layers, B, P)).astype(dtype),
+              rng.standard_normal((D * layers, B, H)).astype(dtype))
+        m(x)
+        assert took_fast_path(m) and m.__dict__["_fp_plan"].O == P
+        assert not m.__dict__["_fp_plan"].schedule(T, B)[3]     # never hidden units
+        calls = spy_calls(m)
+        for lengths in (None, ragged):
+            for state in (None, hx):
+                want = general(m, x, state, lengths)
+                assert want[0].shape[-1] == (P if merge_mode == "sum" else D * P)
+                for threads in (1, 2, 3):
+                    n = len(calls)
+                    with fastrnn.functional.thread_share(threads):
+                        fast = m(x, state, lengths)
+                    assert len(calls) == n + 1                  # served by the plan
+                    assert_bitwise(fast, want)
+
+
+def test_projected_lstm_weight_changes_are_seen():
+    """w_hr is read on every call (packed per call, never kept), and a new array for it
+    is caught like any other parameter's."""
+    m = fastrnn.LSTM(4, 8, proj_size=3, seed=0).eval()
+    x = np.random.default_rng(1).standard_normal((3, 2, 4)).astype(np.float32)
+    before = m(x)[0]
+    m.weight_hr_l0.data[0, 0] += 0.5
+    changed = m(x)[0]
+    assert not np.array_equal(changed, before)
+    assert_bitwise(changed, general(m, x)[0])
+    m.weight_hr_l0.data = m.weight_hr_l0.data * 0.5
+    halved = m(x)[0]
+    assert not np.array_equal(halved, changed)
+    assert_bitwise(halved, general(m, x)[0])
+    m.weight_hr_l0.data = np.zeros((3, 7), np.float32)      # a wrong shape: general path
+    with pytest.raises(ValueError, match="weight_hr"):
+        m(x)
 
 
 @pytest.mark.parametrize("lengths, error, match", [

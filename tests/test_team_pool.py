@@ -163,6 +163,22 @@ def test_a_late_worker_joins_a_call_with_lengths_part_way(cls, refused):
     assert not got[0][4:, 2].any() and not got[0][11:, 0].any()     # padded steps: 0
 
 
+@pytest.mark.parametrize("refused", [2, 8])
+def test_a_late_worker_joins_a_projected_lstm_with_lengths_part_way(refused):
+    """The same for an LSTM with proj_size (h has P values, c H; rows split): each
+    reverse segment gathers every row's P-value h from its own time."""
+    T, B, P = 17, 3, 40
+    lengths = np.array([11, 17, 4])
+    m = fastrnn.LSTM(H, H, bidirectional=True, proj_size=P, seed=refused).eval()
+    x = np.random.default_rng(refused).standard_normal((T, B, H)).astype(np.float32)
+    want = on_one_thread(m, x, None, lengths)
+    teams = 2 if refused < 6 else 1             # the directions that formed a team
+    got = joined_part_way(lambda: m(x, None, lengths), "LSTM", B, refused, teams)
+    assert_same(got, want)
+    assert got[0].shape == (T, B, 2 * P) and got[1][1].shape == (2, B, H)
+    assert not got[0][4:, 2].any() and not got[0][11:, 0].any()     # padded steps: 0
+
+
 @pytest.mark.parametrize("cls", LAYERS)
 def test_a_row_split_team_with_lengths_agrees(cls):
     """A batch of 40 rows of lengths 1..40 splits rows on a team (chunks balanced by
