@@ -27,6 +27,7 @@ threaded scheduler unless --scheduler gives a distributed scheduler address.
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -185,6 +186,29 @@ def _write_npy(path, parts, total_shape, dtype):
         del out
 
 
+_PART = re.compile(r"part\.\d{5}\.parquet")     # the files of a Parquet output (_write_part)
+
+
+def _check_output(args, okind):
+    """Refuse an --output that would destroy the user's data: the model or the input
+    itself, or a directory holding anything but the part files a Parquet output is
+    made of (replacing it would delete the rest)."""
+    out = os.path.realpath(args.output)
+    for what, path in (("the model file", args.model), ("the input", args.input)):
+        if os.path.realpath(path) == out:
+            raise PredictError(f"--output {args.output}: that is {what}; give another name")
+    if os.path.isdir(args.output):
+        if okind != ".parquet":
+            raise PredictError(f"--output {args.output}: a directory; give a file name")
+        others = sorted(e for e in os.listdir(args.output) if not _PART.fullmatch(e))
+        if others:
+            raise PredictError(
+                f"--output {args.output}: a directory with files fastrnn predict did not "
+                f"write ({', '.join(repr(e) for e in others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); it replaces only its own output: "
+                "give another name")
+
+
 def _run(args, out):
     from fastrnn import dask as fdask
     from fastrnn._scoring import Plan
@@ -196,6 +220,7 @@ def _run(args, out):
     okind = _suffix(args.output)
     if okind not in (".npy", ".npz", ".parquet"):
         raise PredictError(f"--output {args.output}: use a .npy, .npz or .parquet name")
+    _check_output(args, okind)
     client = None
     if args.scheduler:
         from distributed import Client

@@ -273,6 +273,32 @@ def test_cli_npy_local_and_on_cluster(client, tmp_path, capsys):
     assert "50 sequences" in capsys.readouterr().out
 
 
+def test_cli_refuses_an_output_that_would_destroy_data(tmp_path, capsys):
+    """--output naming the model, the input, or a directory with other files in it
+    is refused before anything is computed or written; each file is left as it was
+    (an audit found the first two overwritten and the directory deleted)."""
+    from fastrnn.cli import main
+    m, x = _lstm(), _x(10)
+    model, inp = tmp_path / "m.npz", tmp_path / "x.npy"
+    fastrnn.save(model, m)
+    np.save(inp, x)
+    mine = tmp_path / "mine.parquet"
+    mine.mkdir()
+    (mine / "README.txt").write_text("the user's")
+    (mine / "part.00000.parquet").write_bytes(b"old part")
+    (tmp_path / "d.npz").mkdir()
+    before = {p: p.read_bytes() for p in (model, inp, mine / "README.txt")}
+    for out, says in ((inp, "that is the input"), (model, "that is the model file"),
+                      (mine, "files fastrnn predict did not write ('README.txt')"),
+                      (tmp_path / "d.npz", "a directory; give a file name")):
+        capsys.readouterr()
+        assert main(["predict", str(model), str(inp), "-o", str(out), "--no-progress"]) == 2
+        assert says in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(os.listdir(mine)) == ["README.txt", "part.00000.parquet"]
+    fastrnn.load(model)                                  # still a model
+
+
 def test_cli_ragged_npz_and_parquet(client, tmp_path):
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
