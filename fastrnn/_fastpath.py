@@ -144,15 +144,24 @@ def _build(module, cell):
     """A plan for `module`; _NOT_ELIGIBLE for a module the fast path never serves; None
     while a parameter array is unfit (wrong dtype, shape or layout: checked again on the
     next call, so fixing the parameter brings the fast path back)."""
+    from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell, _CellBase
+    from fastrnn.modules.rnn import RNNBase
     dtype = module.dtype
+    cls = type(module)
     if cell:
-        kind = {"RNNCell": "rnn", "LSTMCell": "lstm", "GRUCell": "gru"}.get(type(module).__name__)
-        if kind is None:
+        # a subclass that computes a step its own way (forward or _step_forward
+        # overridden) is not served: the fast path would skip its code
+        stock = next((c for c in (RNNCell, LSTMCell, GRUCell) if isinstance(module, c)), None)
+        if (stock is None or cls.forward is not _CellBase.forward
+                or cls._step_forward is not stock._step_forward):
             return _NOT_ELIGIBLE
+        kind = {RNNCell: "rnn", LSTMCell: "lstm", GRUCell: "gru"}[stock]
         names = [["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if module.bias else [])]
         L = D = 1
         summed = False
     else:
+        if not isinstance(module, RNNBase) or cls.forward is not RNNBase.forward:
+            return _NOT_ELIGIBLE      # a subclass with its own forward: as for cells
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers

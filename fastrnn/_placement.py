@@ -11,7 +11,8 @@ A bidirectional layer in training runs its reverse direction on a second thread
   rounds (sched_getcpu) and took 9.5-12.4 ms instead of 5.3-6.1.
 - A thread kept waiting and woken per call landed beside its caller as often (8 of
   10 rounds); moving itself off the caller's CPU when it finds itself there (its
-  affinity less that CPU, given back after: what the pool's workers do,
+  affinity less that CPU, given back after the job; the pool's workers do the same,
+  giving theirs back when they go to sleep:
   team_pool.h fastrnn_pool_step_aside) left one round in 10 shared.
 
 So the helpers here are kept (one per caller running at once, started on first
@@ -104,19 +105,38 @@ class Beside:
     would keep the narrowed affinity for good.)"""
 
     def __init__(self, fn, step_aside=True):
-        with _lock:
-            helper = _idle.pop() if _idle else None
-        if helper is None:
-            helper = _Helper()
         self._box = {}
         self._done = threading.Event()
-        helper.jobs.put((fn, current_cpu() if step_aside else -1, self._box, self._done))
+        job = (fn, current_cpu() if step_aside else -1, self._box, self._done)
+        # nothing between taking an idle helper and queueing its job can raise (a
+        # KeyboardInterrupt there would lose the helper for good)
+        with _lock:
+            helper = _idle.pop() if _idle else None
+            if helper is not None:
+                helper.jobs.put(job)
+        if helper is None:
+            _Helper().jobs.put(job)
 
     def wait(self):
-        self._done.wait()
+        """Until the job has ended, even through a KeyboardInterrupt (re-raised after):
+        the job writes into the caller's arrays, so the caller must not go on while it
+        runs. (Event.wait returns early when a signal handler raises.)"""
+        interrupted = None
+        while True:
+            try:
+                self._done.wait()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     def result(self):
-        self._done.wait()
-        if "error" in self._box:
-            raise self._box["error"]
+        self.wait()
+        error = self._box.pop("error", None)
+        if error is not None:
+            try:
+                raise error
+            finally:    # no cycle: this frame -> the box -> the error -> its traceback
+                error = None
         return self._box["result"]

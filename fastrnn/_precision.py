@@ -15,6 +15,7 @@ Each product then carries bf16's rounding (8 bits of mantissa: a relative error
 up to 2^-9 per operand); see docs/precision.md for what that does to training.
 """
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -25,6 +26,7 @@ PRECISIONS = ("highest", "high", "medium")
 
 _precision = "highest"
 _force_bf16 = False   # tests: run the bf16 path at any ISA (widening kernels where no vdpbf16ps)
+_local = threading.local()   # .full: this thread's products in float32 whatever the setting
 
 
 def set_float32_matmul_precision(precision):
@@ -64,8 +66,21 @@ def medium_runs_bf16():
     return _isa.get_isa() == "avx512" and (_quantized.bf16_dot_pays() or _recurrent._amx_bf16())
 
 
+@contextmanager
+def full_precision():
+    """This thread's products in float32 for the block, whatever the setting: the
+    single-step cells stay in full precision (their eval fast path, which runs
+    float32 kernels only, and their general path then give the same numbers)."""
+    before = getattr(_local, "full", False)
+    _local.full = True
+    try:
+        yield
+    finally:
+        _local.full = before
+
+
 def bf16_products(dtype):
     """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
-    if _precision != "medium" or np.dtype(dtype) != np.float32:
+    if _precision != "medium" or np.dtype(dtype) != np.float32 or getattr(_local, "full", False):
         return False
     return medium_runs_bf16()

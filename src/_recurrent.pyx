@@ -45,7 +45,7 @@ from _schedule cimport (BLOCK_VALUES, steps_per_block, time_index, n_active, pac
                         fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
                         scratch_release)
 
-from _team_pool cimport (fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
+from _team_pool cimport (FASTRNN_POOL_MAX, fastrnn_pool_barrier, fastrnn_pool_enter, fastrnn_pool_leave,
                          fastrnn_pool_ready, fastrnn_pool_try_run, fastrnn_pool_stats,
                          fastrnn_pool_hold, fastrnn_pool_refuse, fastrnn_pool_for,
                          fastrnn_pool_pretend_colocated,
@@ -833,8 +833,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
         floating is float, fail
     with nogil:
-        if cache_weights and team > 1:
+        if cache_weights and 1 < team <= FASTRNN_POOL_MAX + 1:
             # an eval call: on the pool (forward_on_pool), unless another call owns it
+            # (or the team is larger than the pool can make: then OpenMP's)
             if fastrnn_pool_enter(team):
                 pooled, pack_threads = True, 1
             else:

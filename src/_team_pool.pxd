@@ -1,6 +1,7 @@
 # The eval calls' own worker threads (team_pool.h): a call never waits for a worker
 # that has not started.
 cdef extern from "team_pool.h" nogil:
+    enum: FASTRNN_POOL_MAX      # workers: a pool team has at most FASTRNN_POOL_MAX + 1 threads
     ctypedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr) noexcept nogil
     ctypedef void (*fastrnn_chunk_fn)(void *ctx, long chunk) noexcept nogil
     void fastrnn_pool_for(int n, long nchunks, fastrnn_chunk_fn fn, void *ctx)

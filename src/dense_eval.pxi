@@ -88,6 +88,7 @@ def dense_forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:
                 job.failed = 1
         job.packed = packed
         if not job.failed:
+            n_threads = min(n_threads, FASTRNN_POOL_MAX + 1)    # the pool's largest team
             owns = n_threads > 1 and nchunks > 1 and fastrnn_pool_enter(n_threads)
             if owns:
                 fastrnn_pool_for(n_threads, nchunks,

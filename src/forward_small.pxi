@@ -300,6 +300,8 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     cdef SegmentWork work
     if n_threads < 1:
         n_threads = 1
+    if n_threads > FASTRNN_POOL_MAX + 1:    # the most the pool's team can have
+        n_threads = FASTRNN_POOL_MAX + 1
     if w_hr == NULL or O <= 0:
         O = H
     else:
@@ -514,10 +516,14 @@ cdef Py_ssize_t *sorted_rows(const Py_ssize_t *lengths, const Py_ssize_t *order,
     while ok and j < B:
         b = order[j]
         out[j], out[B + j] = lengths[j], b
-        ok = (1 <= lengths[j] <= T and 0 <= b < B and not seen[b]
-              and (j == 0 or lengths[order[j - 1]] >= lengths[b]))
+        ok = 1 <= out[j] <= T and 0 <= b < B and not seen[b]
         if ok:
             seen[b] = 1
+        j += 1
+    # the order checked on the copy, which no other thread can change
+    j = 1
+    while ok and j < B:
+        ok = out[out[B + j - 1]] >= out[out[B + j]]
         j += 1
     free(seen)
     if not ok:
@@ -748,7 +754,7 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     if refuse < 0 or segment_flop <= 0 or stall_at < 0:
         raise ValueError(f"pool_test_knobs: refuse and stall_at must be >= 0 and "
                          f"segment_flop > 0, got {refuse}, {stall_at} and {segment_flop}")
-    SEGMENT_FLOP = segment_flop
+    SEGMENT_FLOP = min(segment_flop, 1e18)     # (its quotient is cast to a step count)
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
                                    else -1, False)

@@ -28,6 +28,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "isa.h"
@@ -238,8 +239,16 @@ static inline int fastrnn_pack_cache_is_off(void)
 }
 static int fastrnn_pack_lock_word;
 
+/* In a fork child the lock is free: the thread that held it at the fork does not
+ * exist there. (Slots or entries such threads held stay taken: a bounded leak; a
+ * slot may also be held by a Python object that the child still has.) */
+static void fastrnn_pack_after_fork_child(void) { fastrnn_pack_lock_word = 0; }
+static pthread_once_t fastrnn_pack_fork_once = PTHREAD_ONCE_INIT;
+static void fastrnn_pack_watch_forks(void) { pthread_atfork(NULL, NULL, fastrnn_pack_after_fork_child); }
+
 static inline void fastrnn_pack_lock(void)
 {
+    pthread_once(&fastrnn_pack_fork_once, fastrnn_pack_watch_forks);
     while (__atomic_exchange_n(&fastrnn_pack_lock_word, 1, __ATOMIC_ACQUIRE))
         while (__atomic_load_n(&fastrnn_pack_lock_word, __ATOMIC_RELAXED)) {}
 }

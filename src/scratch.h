@@ -17,6 +17,7 @@
 #define FASTRNN_SCRATCH_H
 
 #include <stdlib.h>
+#include <pthread.h>
 #include <stddef.h>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -68,8 +69,16 @@ static void *fastrnn_big_malloc(size_t bytes)
     }
 }
 
+/* In a fork child the lock is free: the thread that held it at the fork does not
+ * exist there. (Slots or entries such threads held stay taken: a bounded leak; a
+ * slot may also be held by a Python object that the child still has.) */
+static void fastrnn_scratch_after_fork_child(void) { fastrnn_scratch_lock_word = 0; }
+static pthread_once_t fastrnn_scratch_fork_once = PTHREAD_ONCE_INIT;
+static void fastrnn_scratch_watch_forks(void) { pthread_atfork(NULL, NULL, fastrnn_scratch_after_fork_child); }
+
 static inline void fastrnn_scratch_lock(void)
 {
+    pthread_once(&fastrnn_scratch_fork_once, fastrnn_scratch_watch_forks);
     while (__atomic_exchange_n(&fastrnn_scratch_lock_word, 1, __ATOMIC_ACQUIRE))
         while (__atomic_load_n(&fastrnn_scratch_lock_word, __ATOMIC_RELAXED)) {}
 }

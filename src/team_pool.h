@@ -516,6 +516,9 @@ static int fastrnn_pool_enter(int n)
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        /* no file yet: a fork before the worker opens its own must not make the
+         * child close fd 0 (the slots start zeroed) */
+        P->state[P->nworkers].stats_fd = -1;
         int err = pthread_create(&th, &attr, fastrnn_pool_worker, (void *)(long)P->nworkers);
         pthread_attr_destroy(&attr);
         if (err != 0)

@@ -170,6 +170,73 @@ def test_default_state_is_zeros_and_lstm_tuple_backward():
     np.testing.assert_allclose(g1[0], g2[0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("kind", CELLS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_backward_of_none_is_a_zero_gradient(kind, batched):
+    """dh = None means zeros for every cell (it did for LSTMCell only; an audit found
+    GRUCell / RNNCell raising a TypeError after they had dropped the cached step)."""
+    cell = make_cell(kind)
+    x = np.random.default_rng(1).standard_normal((B, I) if batched else I)
+    cell(x)
+    cell(x)
+    got = cell.backward(None)
+    assert cell.num_cached_steps == 1
+    want = cell.backward(np.zeros((B, H) if batched else H))
+    for g, w in zip(got if kind != "lstm" else (got[0], *got[1]),
+                    want if kind != "lstm" else (want[0], *want[1])):
+        np.testing.assert_array_equal(g, w)
+    assert cell.num_cached_steps == 0
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_cells_keep_full_precision_under_medium(kind, monkeypatch):
+    """Matmul precision "medium" runs a layer's products on bf16 operands where that
+    pays (fastrnn._precision); the single-step cells stay in float32 on both of their
+    paths, so an eval call gives the same numbers whether or not it takes the fast
+    path, and a training step the numbers it gives at "highest"."""
+    from fastrnn import _precision
+    monkeypatch.setattr(_precision, "_force_bf16", True)      # bf16 on any CPU
+    cell = make_cell(kind, dtype=np.float32)
+    x = np.random.default_rng(2).standard_normal((B, I)).astype(np.float32)
+    full = cell(x)
+    with _precision.scoped("medium"):
+        assert _precision.bf16_products(np.float32)
+        trained = cell(x)                                     # the general path
+        cell.eval()
+        fast = cell(x)                                        # the fast path
+        general = cell(x.T.copy().T)                          # not C-contiguous: general
+    for a, b in ((full, trained), (full, fast), (full, general)):
+        for u, v in zip(a if kind == "lstm" else (a,), b if kind == "lstm" else (b,)):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_a_subclass_with_its_own_forward_is_called_in_eval_mode():
+    """The eval fast path serves the stock cells and layers and subclasses that keep
+    their forward; an overridden forward (or a cell's _step_forward) runs (an audit
+    found it skipped in eval mode)."""
+    class Halved(fastrnn.GRUCell):
+        def forward(self, input, hx=None):
+            return 0.5 * super().forward(input, hx)
+
+    class Zeroed(fastrnn.GRU):
+        def forward(self, x, hx=None, lengths=None, x_ids=None):
+            y, h = super().forward(x, hx, lengths, x_ids)
+            return 0 * y, h
+
+    class Plain(fastrnn.LSTMCell):
+        pass
+
+    x = np.ones((2, 3), np.float32)
+    c = Halved(3, 4, seed=0).eval()
+    np.testing.assert_array_equal(c(x), 0.5 * fastrnn.GRUCell(3, 4, seed=0).eval()(x))
+    layer = Zeroed(3, 4, seed=0).eval()
+    assert not layer(x[None])[0].any()
+    p = Plain(3, 4, seed=0).eval()
+    got = p(x)
+    assert isinstance(p.__dict__.get("_fp_plan"), fastrnn._fastpath._Plan)   # served
+    np.testing.assert_array_equal(got[0], fastrnn.LSTMCell(3, 4, seed=0).eval()(x)[0])
+
+
 def test_eval_mode_keeps_no_cache_and_clear_cache():
     cell = make_cell("gru").eval()
     x = np.zeros((B, I))

@@ -151,3 +151,49 @@ def test_the_helpers_placement_leaves_training_numbers_alone():
         fastrnn.set_num_threads(before)
     for a, b in zip(*got):
         assert np.array_equal(a, b)
+
+
+def test_a_keyboard_interrupt_waits_for_the_job_before_it_is_raised():
+    """Event.wait returns early when a signal handler raises: Beside.wait keeps
+    waiting, so a Ctrl-C while the reverse direction runs cannot leave it writing
+    into the caller's gradients after the call has returned (an audit found that)."""
+    import signal
+    import time
+    finished = []
+
+    def job():
+        time.sleep(0.5)
+        finished.append(time.monotonic())
+
+    main = threading.get_ident()
+    beside = _placement.Beside(job, step_aside=False)
+    threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        beside.wait()
+    assert finished and finished[0] <= time.monotonic()       # the job had ended
+    beside.result()                                            # and nothing is lost
+
+
+def test_a_job_s_error_is_raised_without_a_reference_cycle():
+    """The caller's frame, the helper's box and the error's traceback do not keep one
+    another (and the job's arrays) alive after the error is handled."""
+    import gc
+    import weakref
+
+    class Big:
+        pass
+
+    refs = []
+
+    def job():
+        held = Big()
+        refs.append(weakref.ref(held))
+        raise MemoryError("reverse direction")
+
+    gc.disable()
+    try:
+        with pytest.raises(MemoryError, match="reverse direction"):
+            _placement.Beside(job, step_aside=False).result()
+        assert refs and refs[0]() is None        # freed without the garbage collector
+    finally:
+        gc.enable()

@@ -649,3 +649,18 @@ def test_beside_a_spinning_process_the_numbers_do_not_change(cls):
             p.kill()
         for p in spinners:
             p.wait()
+
+
+def test_more_threads_than_the_pool_has_workers_still_form_a_team():
+    """set_num_threads above the pool's FASTRNN_POOL_MAX + 1 (65): the fast path's
+    team is capped there (an audit found every call alone, each waking 64 workers
+    for nothing); a row split of 80 rows, the one-thread numbers."""
+    m = fastrnn.LSTM(16, 32, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((30, 80, 16)).astype(np.float32)
+    want = on_one_thread(m, x)
+    fastrnn.set_num_threads(70)
+    _recurrent.pool_test_knobs(any_stamp=True)
+    before = _recurrent.pool_stats()
+    assert_same(until_team(lambda: m(x)), want)
+    after = _recurrent.pool_stats()
+    assert after["row_teams"] > before["row_teams"] and after["workers"] <= 64

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from fastrnn import _fastpath
+from fastrnn import _fastpath, _precision
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
                                     grad_targets, training_call)
@@ -119,7 +119,8 @@ class _CellBase(Module):
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         state = self._check_hx(hx, B, batched)
-        out, cache = self._step_forward(x3, state)   # h1 (B, H), or the LSTM's (h1, c1)
+        with _precision.full_precision():           # cells: float32 products (_precision)
+            out, cache = self._step_forward(x3, state)   # h1 (B, H), or the LSTM's (h1, c1)
         self._push(cache, batched, B)
         if batched:
             return out
@@ -137,8 +138,11 @@ class _CellBase(Module):
 
     @training_call
     def backward(self, dh):
-        """dh: gradient of this step's output h' -> (dx, dh_prev); pops one step."""
+        """dh: gradient of this step's output h' (None: zero, as LSTMCell's) ->
+        (dx, dh_prev); pops one step."""
         cache, batched, B = self._top()
+        if dh is None:
+            dh = np.zeros((B, self.hidden_size) if batched else self.hidden_size, self.dtype)
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         self._pop()
         dx, dh0, grads = self._step_backward(dh[None], cache)             # dx (1, B, I)

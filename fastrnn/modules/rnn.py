@@ -41,7 +41,9 @@ _MERGE_MODES = ("concat", "sum")
 # - Inference: one after the other. At once was mostly slower at batch 1-3 (up
 #   to 2.08x), 0.95-1.08x from 32 rows up, and in between the runs disagreed
 #   (RNN H=128, B=8: 0.62x in one run, 1.63x and 1.65x in the others).
-# - Never below CONCURRENT_MIN_FLOP per direction (a Python thread costs ~80 us):
+# - Never below CONCURRENT_MIN_FLOP per direction (measured when a Python thread was
+#   started per call, ~80 us; the helper thread is kept since session 31 and the line
+#   was not measured again):
 #   with 21-42 MFLOP at once lost 3-15 % (LSTM H=128 B=8 T=20, GRU H=256 B=4
 #   T=20, RNN H=512 B=4 T=10, LSTM H=512 B=2 T=10); at T=25-50 of the same rows
 #   (52-105 MFLOP) it took 0.83-0.98x; interleaved in one process, one run each.
