@@ -449,10 +449,21 @@ def pack_flags(T, B, hh_size):
     return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh
 
 
-def _backward_setup(dy, dh_n, cache):
-    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
+def _check_cache_kind(cache, kind):
+    """A cache from `kind`_forward (training=True), else a ValueError saying which."""
     if cache is None:
         raise ValueError("cache is None: run forward with training=True before backward")
+    got = getattr(cache, "kind", None)
+    if got != kind:
+        raise ValueError(f"cache comes from {got}_forward, not {kind}_forward: use "
+                         f"{got}_backward" if got else
+                         f"cache: expected the cache of {kind}_forward, got "
+                         f"{type(cache).__name__}")
+
+
+def _backward_setup(dy, dh_n, cache, kind):
+    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
+    _check_cache_kind(cache, kind)
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
@@ -546,7 +557,8 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
                   None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
     cache = None
     if training:
-        cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+        cache = Cache(kind="lstm", x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
+                      has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs,
                       bf16=bf16, ids_in=ids_in)
     return y, h_n, c_n, cache
@@ -558,7 +570,7 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
     with accumulate=True); they are the ones returned.
     """
-    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, "lstm")
     dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dc0 = np.empty((B, H), dtype)
@@ -614,7 +626,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
                   hr), sched, reverse, pack_ih, pack_hh, False, training)
     cache = None
     if training:
-        cache = Cache(x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
+        cache = Cache(kind="lstmp", x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
                       has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
                       hs_y=y, gates=gates, cs=cs, hr=hr, bf16=False)
     return y, h_n, c_n, cache
@@ -626,10 +638,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh, dw_hr) arrays to write the weight gradients into (added
     into with accumulate=True); they are the ones returned.
     """
-    if cache is None:
-        raise ValueError("cache is None: run forward with training=True before backward")
-    if getattr(cache, "w_hr", None) is None:
-        raise ValueError("cache comes from lstm_forward, not lstmp_forward: use lstm_backward")
+    _check_cache_kind(cache, "lstmp")
     T, B, I = cache.x.shape
     P, H = cache.w_hr.shape
     dtype = cache.x.dtype
@@ -676,7 +685,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
                   None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
     cache = None
     if training:
-        cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+        cache = Cache(kind="rnn", x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act, bf16=bf16,
                       ids_in=ids_in)
     return y, h_n, cache
@@ -688,7 +697,7 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
     with accumulate=True); they are the ones returned.
     """
-    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, "rnn")
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     da = _buffers.empty((T, B, H), dtype)   # (T, B, H) dL/da
     sched = cache.sched
@@ -735,7 +744,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
                  ids_in)
     cache = None
     if training:
-        cache = Cache(x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
+        cache = Cache(kind="gru", x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns,
                       bf16=bf16, ids_in=ids_in)
     return y, h_n, cache
@@ -747,7 +756,7 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
     with accumulate=True); they are the ones returned.
     """
-    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache)
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, "gru")
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
     dgh = _buffers.empty((T, B, 3 * H), dtype)   # (T, B, 3H) dL/dgh

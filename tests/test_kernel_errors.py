@@ -94,3 +94,32 @@ def test_config_reports_openmp_and_threads(capsys):
     out = capsys.readouterr().out
     assert "OpenMP compiled in: yes" in out
     assert "BLAS" in out
+
+
+def test_a_cache_from_another_cell_is_named():
+    """Each backward takes the cache of its own forward only; another's gets a
+    ValueError naming both (an audit found AttributeError / unpacking errors)."""
+    rng = np.random.default_rng(0)
+    T, B, I, H, P = 3, 2, 4, 5, 2
+    x = rng.standard_normal((T, B, I))
+    w = lambda G, K: rng.standard_normal((G * H, K))           # noqa: E731
+    caches = {
+        "lstm": F.lstm_forward(x, None, None, w(4, I), w(4, H), None, None)[-1],
+        "lstmp": F.lstmp_forward(x, None, None, w(4, I), w(4, P), None, None,
+                                 rng.standard_normal((P, H)))[-1],
+        "gru": F.gru_forward(x, None, w(3, I), w(3, H), None, None)[-1],
+        "rnn": F.rnn_forward(x, None, w(1, I), w(1, H), None, None)[-1],
+    }
+    calls = {"lstm": lambda c: F.lstm_backward(np.ones((T, B, H)), None, None, c),
+             "lstmp": lambda c: F.lstmp_backward(np.ones((T, B, P)), None, None, c),
+             "gru": lambda c: F.gru_backward(np.ones((T, B, H)), None, c),
+             "rnn": lambda c: F.rnn_backward(np.ones((T, B, H)), None, c)}
+    for kind, backward in calls.items():
+        for other, cache in caches.items():
+            if other != kind:
+                with pytest.raises(ValueError, match=f"cache comes from {other}_forward, "
+                                                     f"not {kind}_forward"):
+                    backward(cache)
+        with pytest.raises(ValueError, match=f"expected the cache of {kind}_forward"):
+            backward(object())
+        backward(caches[kind])                                  # its own: fine
