@@ -170,8 +170,7 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     if p.w_hr != NULL and p.pack_hh:
         p.w_hr_packed = pack_matrix(<const floating *> p.w_hr, p.O, H, False, 1)
         if p.w_hr_packed == NULL:
-            fail[0] = 1
-            return
+            fail[0] = 1         # (no steps run; the pool is given back below)
     alone = p[0]
     crew = p[0]
     digests = call_digests(known)
@@ -243,8 +242,8 @@ cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t 
     """Point q at steps [s, e) of p's layer in the order they run (a row of length L
     runs times 0 .. L - 1, or L - 1 down to 0 when p.reverse): each row with its
     steps left (work.lengths), at most e - s of them, from p's h0 and c0 (s = 0) or
-    from the state step s - 1 left (h in y (O values), c in c_n). Forward, every row's step s
-    is time s: x and y start there, and h_{s-1} is y's time s - 1. Reverse, a row's
+    from the state step s - 1 left (h in y, O values a row; c in c_n). Forward, every
+    row's step s is time s: x and y start there, and h_{s-1} is y's time s - 1. Reverse, a row's
     step s is time L - 1 - s: x and y stay, and h_{s-1} (time L - s) is y's time
     L - s for every row when all rows are L long, else gathered row by row into work.h."""
     cdef Py_ssize_t k, B = p.B, O = p.O, L
