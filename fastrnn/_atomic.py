@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 
 __all__ = ["replacing", "replacing_directory", "stale_temporaries"]
@@ -64,10 +65,17 @@ def replacing(path):
     """Yield the name of a new empty file beside `path`; when the block ends normally
     it replaces `path`, when it raises it is removed."""
     path = os.fspath(path)
-    # 0o666 & ~umask, as open(path, "w") would give the file itself
+    if os.path.islink(path):
+        # the file the link names is replaced and the link kept, as open(path, "w") would
+        path = os.path.realpath(path)
+    # 0o666 & ~umask, as open(path, "w") would give a new file
     tmp = _create_new(path, lambda name: os.close(os.open(
         name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)))
     try:
+        try:      # an existing file keeps its permissions (a private 0600 model stays so)
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
         yield tmp
         os.replace(tmp, path)
     except BaseException:

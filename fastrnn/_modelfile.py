@@ -123,7 +123,16 @@ def _build(node):
         cls = _CONTAINERS.get(name)
         if cls is None:
             raise ValueError(f"unknown container class {name!r}")
-        children = OrderedDict((k, _build(child)) for k, child in node["children"])
+        spec = node["children"]
+        if not isinstance(spec, list) or not all(
+                isinstance(c, (list, tuple)) and len(c) == 2 for c in spec):
+            raise ValueError(f"{name}: children must be a list of [name, node] pairs")
+        for k, _ in spec:
+            # a module's own attributes (_parameters, forward, ...) are not child names
+            if (not isinstance(k, str) or not k or k.startswith("_") or "." in k
+                    or hasattr(cls, k)):
+                raise ValueError(f"{name}: bad child name {k!r}")
+        children = OrderedDict((k, _build(child)) for k, child in spec)
         if cls is Sequential:
             return Sequential(children)
         m = ModuleList()

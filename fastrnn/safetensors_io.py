@@ -132,11 +132,13 @@ def read(path):
             if not isinstance(dt, str) or dt not in _DTYPES:
                 raise _fail(path, f"tensor {name!r}: unsupported dtype {dt!r}")
             shape, offs = info["shape"], info["data_offsets"]
-            if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0
-                                                       for s in shape)):
+            # (bool is an int to isinstance; a dimension over 2**40 can only come with a
+            # 0 elsewhere, and NumPy would refuse the shape with no name in its message)
+            if (not isinstance(shape, list) or len(shape) > 32
+                    or not all(type(s) is int and 0 <= s <= 2 ** 40 for s in shape)):
                 raise _fail(path, f"tensor {name!r}: bad shape {shape!r}")
             if (not isinstance(offs, list) or len(offs) != 2
-                    or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]):
+                    or not all(type(o) is int for o in offs) or not 0 <= offs[0] <= offs[1]):
                 raise _fail(path, f"tensor {name!r}: bad data_offsets {offs!r}")
             want = math.prod(shape) * np.dtype(_DTYPES[dt]).itemsize   # exact: no wrap
             if offs[1] - offs[0] != want:

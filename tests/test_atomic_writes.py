@@ -3,6 +3,7 @@ leaves the previous file and no temporary file, and no file of the user's is eve
 overwritten or removed, whatever its name."""
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -128,3 +129,23 @@ def test_a_name_of_255_bytes_can_be_written(tmp_path):
     with replacing(tmp_path / name) as tmp:
         assert len(os.fsencode(os.path.basename(tmp))) <= 255
         assert [n for n, _ in stale_temporaries(tmp_path / name)] == [tmp]
+
+
+def test_saving_over_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    """(An audit found the link replaced by a file, the target left with the old model.)"""
+    target, link = tmp_path / "real.npz", tmp_path / "link.npz"
+    fastrnn.save(target, fastrnn.GRU(2, 3, seed=0))
+    link.symlink_to(target)
+    fastrnn.save(link, fastrnn.GRU(2, 3, seed=1))
+    assert link.is_symlink()
+    np.testing.assert_array_equal(fastrnn.load(target).weight_hh_l0.data,
+                                  fastrnn.GRU(2, 3, seed=1).weight_hh_l0.data)
+
+
+def test_an_existing_file_keeps_its_permissions(tmp_path):
+    """A private (0600) model stays private when saved over (it became 0644)."""
+    path = tmp_path / "m.npz"
+    fastrnn.save(path, fastrnn.GRU(2, 3, seed=0))
+    os.chmod(path, 0o600)
+    fastrnn.save(path, fastrnn.GRU(2, 3, seed=1))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

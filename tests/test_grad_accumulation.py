@@ -255,3 +255,21 @@ def test_two_backwards_add_under_bf16_products(kind):
         assert_two_backwards_add(make_layer(kind, np.float32), 2e-5)
     finally:
         fastrnn.set_float32_matmul_precision(before)
+
+
+def test_a_grad_of_another_shape_is_refused_when_set():
+    """As torch: .grad takes an array of the parameter's shape (or None: zero). A
+    wrong one made backward fail half-way, some gradients already added (an audit)."""
+    m = fastrnn.LSTM(3, 4, seed=0)
+    with pytest.raises(ValueError, match=r"grad: expected an array of the parameter's "
+                                         r"shape \(16, 4\), got shape \(3, 3\)"):
+        m.weight_hh_l0.grad = np.zeros((3, 3))
+    m.weight_hh_l0.grad = None
+    x = np.ones((2, 1, 3), np.float32)
+    y, _ = m(x)
+    m.backward(np.ones_like(y))
+    got = m.weight_hh_l0.grad.copy()
+    m.zero_grad()
+    y, _ = m(x)
+    m.backward(np.ones_like(y))
+    np.testing.assert_array_equal(got, m.weight_hh_l0.grad)      # None was zero

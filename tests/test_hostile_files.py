@@ -50,6 +50,25 @@ def test_module_tree_declaring_a_huge_embedding():
     assert peak_mb(load) < 64                 # not the 0.8-1.6 GB the table would take
 
 
+@pytest.mark.parametrize("children", [
+    [["_parameters", {"class": "Dropout", "config": {}}]],      # a module's own attribute
+    [["forward", {"class": "Dropout", "config": {}}]],
+    [["a.b", {"class": "Dropout", "config": {}}]],
+    [[7, {"class": "Dropout", "config": {}}]],
+    [["0"]],                                                     # not a [name, node] pair
+    {"0": {"class": "Dropout"}}])
+def test_module_tree_with_bad_child_names_is_a_value_error(children):
+    """A container's child named like one of a module's own attributes (an audit
+    found AttributeError from deep inside), or not a name at all."""
+    for container in ("Sequential", "ModuleList"):
+        tree = {"format": "fastrnn-tree", "version": 1,
+                "tree": {"class": container, "children": children}}
+        buf = io.BytesIO()
+        np.savez(buf, __fastrnn_tree__=np.array([json.dumps(tree)]))
+        with pytest.raises(ValueError, match="children must be|bad child name"):
+            _modelfile.from_bytes(buf.getvalue())
+
+
 def test_checkpoint_declaring_a_huge_model(tmp_path):
     path = str(tmp_path / "c.npz")
     save_checkpoint(path, fastrnn.RNNLanguageModel(5, 2, 2, 1, "lstm", 0.0, np.float32, 0))

@@ -328,3 +328,14 @@ def test_composites_save_and_load(tmp_path):
     assert type(lm2) is fastrnn.RNNLanguageModel and lm2.training
     x = np.array([[1, 2, 3]]).T
     np.testing.assert_array_equal(lm2.eval()(x)[0], lm.eval()(x)[0])
+
+
+def test_load_state_dict_names_what_is_not_a_state_dict():
+    m = fastrnn.GRU(3, 4, seed=0)
+    for bad in (None, [("weight_ih_l0", np.zeros((12, 3)))]):
+        with pytest.raises(TypeError, match="state_dict: expected a mapping"):
+            m.load_state_dict(bad)
+    sd = m.state_dict()
+    sd["bias_hh_l0"] = [[1.0, 2.0], [3.0]]                      # ragged
+    with pytest.raises(ValueError, match=r"state_dict\['bias_hh_l0'\]: not an array"):
+        m.load_state_dict(sd)

@@ -345,3 +345,10 @@ def test_bad_backward_calls():
 def test_bad_constructor_args(ctor, err, match):
     with pytest.raises(err, match=match):
         ctor()
+
+
+@pytest.mark.parametrize("sizes", [(2 ** 62, 3), (3, 2 ** 62)])
+def test_sizes_past_any_address_space_are_a_memory_error(sizes):
+    """(An audit found int64 overflow giving a reshape error or an OverflowError.)"""
+    with pytest.raises(MemoryError, match="more than any address space"):
+        fastrnn.LSTM(*sizes)

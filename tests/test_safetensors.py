@@ -73,7 +73,11 @@ def _edit_header(data, edit):
     (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(dtype="X9")), "dtype"),
     (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[9, 9])), "needs"),
     (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(dtype=["F32"])), "dtype"),
-    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[10**30])), "needs"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[10**30])), "bad shape"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[0, 2**62])), "bad shape"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(shape=[True])), "bad shape"),
+    (lambda d: _edit_header(d, lambda h: h["weight_ih_l0"].update(
+        data_offsets=[False, h["weight_ih_l0"]["data_offsets"][1]])), "bad data_offsets"),
     (lambda d: d[:8] + b"[" * 2000 + d[8 + 2000:], "not valid JSON"),
     # hand-edited metadata without fastrnn's checksum reaches the checks of its values
     (lambda d: _edit_header(d, lambda h: h["__metadata__"].update(config="{")

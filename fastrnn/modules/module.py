@@ -79,7 +79,11 @@ def aligned_zeros(shape, dtype):
     """np.zeros(shape, dtype) whose data starts on an ALIGN-byte boundary."""
     charge_values(shape if isinstance(shape, tuple) else (shape,))
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    nbytes = math.prod(int(d) for d in dims) * dtype.itemsize   # Python ints: no wrap
+    if nbytes > np.iinfo(np.intp).max - ALIGN:
+        raise MemoryError(f"an array of shape {shape} and dtype {dtype} would take "
+                          f"{nbytes} bytes: more than any address space")
     raw = np.zeros(nbytes + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)
@@ -166,6 +170,16 @@ class Parameter:
 
     @grad.setter
     def grad(self, value):
+        """An array of the parameter's shape (as torch, which refuses another size: a
+        backward would otherwise fail half-way, some gradients already added), or None
+        for zero (torch's "no gradient yet")."""
+        if value is None:
+            self._grad = aligned_zeros(self.data.shape, self.data.dtype)
+            self._grad_is_zero = True
+            return
+        if np.shape(value) != self.data.shape:
+            raise ValueError(f"grad: expected an array of the parameter's shape "
+                             f"{self.data.shape}, got shape {np.shape(value)}")
         self._grad = value
         self._grad_is_zero = False
 
@@ -399,6 +413,9 @@ class Module:
         unexpected keys are an error; mis-shaped or non-numeric values always are. Returns
         `(missing, unexpected)` key lists.
         """
+        if not hasattr(state_dict, "items"):
+            raise TypeError(f"state_dict: expected a mapping of names to arrays (a dict), "
+                            f"got {type(state_dict).__name__}")
         own = OrderedDict(self.named_parameters(remove_duplicate=False))
         given = OrderedDict()
         for key, value in state_dict.items():
@@ -408,7 +425,10 @@ class Module:
                         value.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
                     value = value.float()   # bfloat16 (no NumPy dtype): exact in float32
                 value = value.numpy()
-            given[key] = np.asarray(value)
+            try:
+                given[key] = np.asarray(value)
+            except (ValueError, TypeError) as exc:      # ragged nested lists, ...
+                raise ValueError(f"state_dict[{key!r}]: not an array ({exc})") from None
         missing = [k for k in own if k not in given]
         unexpected = [k for k in given if k not in own]
         misshaped = [f"{k}: expected shape {own[k].shape}, got {given[k].shape}"
