@@ -14,7 +14,8 @@
  * change to any single word (any one weight) always changes the result; several
  * changes would have to cancel exactly to go unseen, and each step spreads a
  * difference over many bits in a way that depends on the lane's value, so no
- * fixed pattern of edits cancels. Weights are
+ * fixed pattern of edits cancels; the lanes start from a key drawn per process
+ * (fastrnn_digest_key), so no edit can be worked out beforehand to. Weights are
  * hashed in chunks of FASTRNN_DIGEST_CHUNK bytes (threads take chunks) and the
  * chunk digests combined in order: the result does not depend on the threads.
  *
@@ -27,9 +28,12 @@
 #define FASTRNN_PACK_CACHE_H
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <pthread.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "isa.h"
 
@@ -57,6 +61,40 @@ static inline size_t fastrnn_digested(void)
 
 #define FASTRNN_DIGEST_K 0xD6E8FEB8ULL       /* even 32-bit constant: see fastrnn_digest_mix */
 #define FASTRNN_DIGEST_LANE0 0x13198A2E03707344ULL
+
+/* The lanes start from a key drawn once per process. Unkeyed, the next word of a
+ * lane could be chosen to cancel an edit (h ^ word is all the step reads): a
+ * crafted model loaded beside another could then find the other's packed weights
+ * under its own digest (an audit built one in about 1,000 tries). With the lanes'
+ * values unknown outside the process, no edit of the bytes is known to cancel.
+ * Digests are compared only within a process (the cache is per process), where
+ * the key is fixed; a fork child keeps its parent's. */
+static uint64_t fastrnn_digest_key_value;
+static pthread_once_t fastrnn_digest_key_once = PTHREAD_ONCE_INIT;
+
+static void fastrnn_digest_key_draw(void)
+{
+    uint64_t k = 0;
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (f != NULL) {
+        if (fread(&k, sizeof k, 1, f) != 1)
+            k = 0;
+        fclose(f);
+    }
+    if (k == 0) {       /* no /dev/urandom: the clock, the pid and an address */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        k = ((uint64_t)ts.tv_nsec << 32) ^ (uint64_t)ts.tv_sec ^ ((uint64_t)getpid() << 20)
+            ^ (uint64_t)(uintptr_t)&ts;
+    }
+    fastrnn_digest_key_value = k;
+}
+
+static inline uint64_t fastrnn_digest_key(void)
+{
+    pthread_once(&fastrnn_digest_key_once, fastrnn_digest_key_draw);
+    return fastrnn_digest_key_value;
+}
 
 static inline uint64_t fastrnn_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
 
@@ -124,7 +162,8 @@ FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p,
     __m512i acc[8];
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    const uint64_t key = fastrnn_digest_key();
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
     for (int q = 0; q < 8; ++q) acc[q] = _mm512_loadu_si512(lane + 8 * q);
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
         for (int q = 0; q < 8; ++q) {
@@ -143,7 +182,8 @@ FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, siz
     const __m256i k = _mm256_set1_epi64x((long long)FASTRNN_DIGEST_K);
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    const uint64_t key = fastrnn_digest_key();
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
     __m256i acc[16];
     for (int q = 0; q < 16; ++q) acc[q] = _mm256_loadu_si256((const __m256i *)(lane + 4 * q));
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
@@ -164,7 +204,8 @@ static uint64_t fastrnn_digest_chunk_scalar(const void *p, size_t n)
     const unsigned char *b = (const unsigned char *)p;
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = FASTRNN_DIGEST_LANE0 + (uint64_t)l;
+    const uint64_t key = fastrnn_digest_key();
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
         for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) {
             uint64_t w;

@@ -114,6 +114,48 @@ def test_digest_sees_a_top_bit_and_a_later_word_changed_together(n):
                 assert digest(d.tobytes()) != base, (n, j, later, bit)
 
 
+_ONE_DIGEST = ("import numpy as np; from fastrnn import _recurrent; "
+               "d = np.arange(4096, dtype=np.uint8).tobytes(); "
+               "print(_recurrent._digest(np.frombuffer(d, np.uint8)))")
+
+
+def test_the_digest_is_keyed_per_process():
+    """The lanes start from a key drawn per process: the same bytes digest the same
+    within a process (above) and differently in another, so an edit cannot be
+    crafted outside to cancel in it (an audit crafted a second model whose weights
+    hashed like the first's: its eval call ran with the first one's packing)."""
+    seen = {subprocess.run([sys.executable, "-c", _ONE_DIGEST], capture_output=True,
+                           text=True, check=True, timeout=60).stdout.strip() for _ in range(3)}
+    assert len(seen) == 3
+    here = np.arange(4096, dtype=np.uint8)
+    assert digest(here.tobytes()) == digest(here.tobytes()) not in seen
+
+
+def _crafted_to_cancel(data, key):
+    """data (uint64 words) with word 0 edited and word 64 (lane 0's next) chosen so
+    that the unkeyed step, started from `key`, ends lane 0 where it did."""
+    def mix(h, w):
+        y = (h ^ w) & (2**64 - 1)
+        y ^= y >> 32
+        y = (y + (y & 0xFFFFFFFF) * 0xD6E8FEB8) & (2**64 - 1)
+        return ((y << 29) | (y >> 35)) & (2**64 - 1)
+    lane0 = 0x13198A2E03707344 ^ key
+    d = data.copy()
+    d[0] ^= np.uint64(1 << 40)
+    before, after = mix(lane0, int(data[0])), mix(lane0, int(d[0]))
+    d[64] = np.uint64(int(data[64]) ^ before ^ after)
+    return d
+
+
+def test_an_edit_crafted_for_the_unkeyed_digest_is_seen():
+    """The cancelling edit the unkeyed digest allowed (h ^ word is all a step reads)
+    changes the keyed one: made for key 0, it fails here."""
+    data = np.random.default_rng(5).integers(0, 2**63, 1024, dtype=np.uint64)
+    crafted = _crafted_to_cancel(data, 0)
+    assert not np.array_equal(crafted, data)
+    assert digest(crafted.tobytes()) != digest(data.tobytes())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_an_edit_made_to_cancel_the_old_digest_is_seen(dtype):
     """The audit's edit (one weight's sign, one bit of the word 256 bytes later; and
