@@ -306,3 +306,18 @@ def test_bad_inputs(kind):
 def test_bad_constructor_args(args, err):
     with pytest.raises(err):
         fastrnn.RNNCell(*args)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])
+@pytest.mark.parametrize("training", [True, False])
+def test_weights_resized_behind_the_cells_back_are_refused(kind, training):
+    """Arrays of another (consistent) hidden size assigned to .data: a ValueError
+    naming the parameter, as the layers give, not outputs of another size."""
+    cell = make_cell(kind, dtype=np.float32)
+    cell.train(training)
+    G = {"gru": 3, "lstm": 4}.get(kind, 1)
+    for name, shape in (("weight_ih", (G * 8, I)), ("weight_hh", (G * 8, 8)),
+                        ("bias_ih", (G * 8,)), ("bias_hh", (G * 8,))):
+        getattr(cell, name).data = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match=r"weight_ih: expected shape"):
+        cell(np.ones((2, I), np.float32))

@@ -89,6 +89,20 @@ class _CellBase(Module):
             s += f", dtype={self.dtype.name}"
         return s
 
+    def _check_param_shapes(self):
+        """Each parameter still has the shape the cell's sizes give it (a user may assign
+        other arrays to .data: consistent other sizes would give outputs of another
+        hidden size than hidden_size says; an audit found that)."""
+        GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
+        shapes = [("weight_ih", (GH, I)), ("weight_hh", (GH, H))]
+        if self.bias:
+            shapes += [("bias_ih", (GH,)), ("bias_hh", (GH,))]
+        for name, shape in shapes:
+            got = getattr(self, name).data.shape
+            if got != shape:
+                raise ValueError(f"{name}: expected shape {shape} (input_size={I}, "
+                                 f"hidden_size={H}), got {got}")
+
     def clear_cache(self):
         """Forget all pushed steps (e.g. when truncating BPTT)."""
         self._stack.clear()
@@ -116,6 +130,7 @@ class _CellBase(Module):
             fast = _fastpath.cell_forward(self, input, hx)   # None: the call does not qualify
             if fast is not None:
                 return fast
+        self._check_param_shapes()
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         state = self._check_hx(hx, B, batched)
