@@ -57,7 +57,7 @@ from fastrnn._frozen import frozen_digests, frozen_mark, still_frozen
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
-_BUILD_LOCK = threading.Lock()
+_BUILD_LOCK = threading.RLock()     # plans are built, and settings change, under it
 _get_ident = threading.get_ident
 _MAX_SCHEDULES = 64          # (T, B) schedules kept per plan
 _NOT_ELIGIBLE = False        # plan value of a module the fast path never serves

@@ -605,3 +605,38 @@ def test_deepcopy_drops_call_bookkeeping_and_plan():
     c.train()
     y, _ = c(x)                                         # no phantom thread inside the copy
     c.backward(np.ones_like(y))
+
+
+def test_a_setting_changed_while_another_thread_builds_the_plan_is_not_lost():
+    """A plan built from the old batch_first by one thread while another sets it is
+    dropped, not kept (plans are built, and settings set, under one lock; an audit
+    found the setter dropping the plan before it set the value)."""
+    import threading
+    m = fastrnn.GRU(3, 5, seed=0).eval()
+    reading, go_on = threading.Event(), threading.Event()
+    real = _fastpath._build
+
+    def slow_build(module, cell):
+        plan = real(module, cell)            # reads batch_first = False
+        reading.set()
+        go_on.wait(5)
+        return plan
+
+    _fastpath._build = slow_build
+    try:
+        builder = threading.Thread(target=_fastpath._plan, args=(m, False))
+        builder.start()
+        assert reading.wait(5)
+        setter = threading.Thread(target=setattr, args=(m, "batch_first", True))
+        setter.start()
+        setter.join(0.2)
+        assert setter.is_alive()             # waits for the build to end
+        go_on.set()
+        builder.join(5)
+        setter.join(5)
+    finally:
+        _fastpath._build = real
+    plan = m.__dict__.get("_fp_plan")
+    assert plan is None or plan.batch_first
+    x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)  # (B, T, I)
+    assert_bitwise(m(x), fastrnn.GRU(3, 5, seed=0, batch_first=True).eval()(x))

@@ -293,8 +293,14 @@ class Module:
             self._modules[name] = value
         if isinstance(value, Parameter) or (name != "training" and not name.startswith("_")):
             # the eval fast path's plan holds the parameter arrays it validated and
-            # the settings it read (batch_first, bidirectional, ...): build it again
-            self.__dict__.pop("_fp_plan", None)
+            # the settings it read (batch_first, bidirectional, ...): build it again.
+            # Under the lock plans are built with, so that a plan another thread is
+            # building from the old setting is dropped, not kept
+            from fastrnn._fastpath import _BUILD_LOCK
+            with _BUILD_LOCK:
+                object.__setattr__(self, name, value)
+                self.__dict__.pop("_fp_plan", None)
+            return
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name):
