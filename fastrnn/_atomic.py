@@ -78,6 +78,13 @@ def replacing(path):
             pass
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)
+        if exc.filename == tmp and exc.errno is not None:
+            # the user's name, not the hidden temporary one, in the message
+            raise type(exc)(exc.errno, f"{exc.strerror} (writing {path}; it was left as "
+                                       f"it was)", path) from exc
+        raise
     except BaseException:
         _remove(tmp)
         raise

@@ -149,3 +149,13 @@ def test_an_existing_file_keeps_its_permissions(tmp_path):
     os.chmod(path, 0o600)
     fastrnn.save(path, fastrnn.GRU(2, 3, seed=1))
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_an_os_error_on_the_temporary_names_the_users_file(tmp_path):
+    path = tmp_path / "m.npz"
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*m\.npz; it "
+                                      r"was left as it was\)") as info:
+        with replacing(path) as tmp:
+            raise OSError(28, "No space left on device", tmp)
+    assert info.value.filename == str(path) and info.value.errno == 28
+    assert not path.exists() and not list(tmp_path.iterdir())
