@@ -352,3 +352,17 @@ def test_sizes_past_any_address_space_are_a_memory_error(sizes):
     """(An audit found int64 overflow giving a reshape error or an OverflowError.)"""
     with pytest.raises(MemoryError, match="more than any address space"):
         fastrnn.LSTM(*sizes)
+
+
+def test_lengths_of_mixed_numpy_integer_types_are_integers():
+    """NumPy promotes [np.int8(2), np.uint64(3)] to float64: still integers (an audit
+    found them refused as floats); a real float still is."""
+    m = fastrnn.GRU(3, 4, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    want = m(x, None, [2, 3])
+    for train in (True, False):
+        m.train(train)
+        got = m(x, None, [np.int8(2), np.uint64(3)])
+        np.testing.assert_array_equal(got[0], want[0])
+    with pytest.raises(TypeError, match="lengths: expected integers, got dtype float64"):
+        m(x, None, [2, 3.5])

@@ -108,6 +108,11 @@ def _check_positive_int(name, value, minimum=1):
 def check_lengths(lengths, T, B):
     """Validate per-sequence lengths (size B, integers, each in [1, T]) -> int64 array (B,)."""
     arr = np.asarray(lengths)
+    if (arr.dtype.kind == "f" and isinstance(lengths, (list, tuple))
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                    for v in lengths)):
+        # NumPy promotes e.g. [np.int8(2), np.uint64(3)] to float64: integers all the same
+        arr = np.array([int(v) for v in lengths], dtype=np.int64)
     if arr.dtype.kind not in "iu":  # bools and floats are mistakes, not lengths
         raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
     if arr.shape != (B,):
