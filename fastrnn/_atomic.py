@@ -72,11 +72,12 @@ def replacing(path):
     tmp = _create_new(path, lambda name: os.close(os.open(
         name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)))
     try:
-        try:      # an existing file keeps its permissions (a private 0600 model stays so)
+        yield tmp
+        try:      # an existing file keeps its permissions (a private 0600 model stays so),
+            # set once written (a read-only mode set before would refuse the writer)
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         except FileNotFoundError:
             pass
-        yield tmp
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)

@@ -47,6 +47,7 @@ bitwise equal (tested). `kernel_only` exposes the prepared one-thread kernel
 call (`_recurrent.forward_small`) so the benchmark can time the kernel alone.
 """
 
+import os
 import threading
 
 import numpy as np
@@ -58,6 +59,17 @@ from fastrnn._frozen import frozen_digests, frozen_mark, still_frozen
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
 _BUILD_LOCK = threading.RLock()     # plans are built, and settings change, under it
+
+
+def _fresh_lock_after_fork():
+    """A fork child: no thread holds the lock there (Module.__setattr__ takes it, so a
+    fork while another thread built a plan would hang the child's first module)."""
+    global _BUILD_LOCK
+    _BUILD_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 _get_ident = threading.get_ident
 _MAX_SCHEDULES = 64          # (T, B) schedules kept per plan
 _NOT_ELIGIBLE = False        # plan value of a module the fast path never serves
@@ -145,7 +157,7 @@ def _build(module, cell):
     while a parameter array is unfit (wrong dtype, shape or layout: checked again on the
     next call, so fixing the parameter brings the fast path back)."""
     from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell, _CellBase
-    from fastrnn.modules.rnn import RNNBase
+    from fastrnn.modules.rnn import GRU, LSTM, RNN, RNNBase
     dtype = module.dtype
     cls = type(module)
     if cell:
@@ -160,8 +172,10 @@ def _build(module, cell):
         L = D = 1
         summed = False
     else:
-        if not isinstance(module, RNNBase) or cls.forward is not RNNBase.forward:
-            return _NOT_ELIGIBLE      # a subclass with its own forward: as for cells
+        stock = next((c for c in (RNN, LSTM, GRU) if isinstance(module, c)), None)
+        if (stock is None or cls.forward is not RNNBase.forward
+                or cls._forward_direction is not stock._forward_direction):
+            return _NOT_ELIGIBLE      # a subclass computing its own way: as for cells
         kind = module.mode.lower()
         names = module._param_names
         L = module.num_layers
@@ -201,7 +215,8 @@ def _build(module, cell):
 
 def _eval_batch_first(plan, x, hx, lengths=None, order=None):
     """eval_layer for a batch_first layer: x (B, T, I) copied time-major for the
-    kernel, y copied back to (B, T, H); the states are (L, B, H) either way. None
+    kernel, y copied back to (B, T, D*O); the states are (L*D, B, O) (c: H) either
+    way. None
     when the call does not qualify (then the general path reports bad input)."""
     if type(x) is not np.ndarray or x.ndim != 3 or x.dtype != plan.dtype:
         return None

@@ -127,11 +127,14 @@ def _build(node):
         if not isinstance(spec, list) or not all(
                 isinstance(c, (list, tuple)) and len(c) == 2 for c in spec):
             raise ValueError(f"{name}: children must be a list of [name, node] pairs")
+        probe = cls()
         for k, _ in spec:
-            # a module's own attributes (_parameters, forward, ...) are not child names
-            if (not isinstance(k, str) or not k or k.startswith("_") or "." in k
-                    or hasattr(cls, k)):
+            # a module's own attributes (_parameters, training, forward, ...) are not
+            # child names; Sequential's own rule (_check_name), for both containers
+            if (not isinstance(k, str) or not k or "." in k or hasattr(probe, k)):
                 raise ValueError(f"{name}: bad child name {k!r}")
+        if len({k for k, _ in spec}) != len(spec):
+            raise ValueError(f"{name}: a child name given twice")
         children = OrderedDict((k, _build(child)) for k, child in spec)
         if cls is Sequential:
             return Sequential(children)

@@ -186,7 +186,7 @@ def _write_npy(path, parts, total_shape, dtype):
         del out
 
 
-_PART = re.compile(r"part\.\d{5}\.parquet")     # the files of a Parquet output (_write_part)
+_PART = re.compile(r"part\.\d{5,}\.parquet")     # the files of a Parquet output (_write_part)
 
 
 def _check_output(args, okind):

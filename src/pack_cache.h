@@ -15,7 +15,8 @@
  * changes would have to cancel exactly to go unseen, and each step spreads a
  * difference over many bits in a way that depends on the lane's value, so no
  * fixed pattern of edits cancels; the lanes start from a key drawn per process
- * (fastrnn_digest_key), so no edit can be worked out beforehand to. Weights are
+ * (fastrnn_digest_key), so an edit cannot be worked out outside the process to
+ * cancel (a cache key, not a MAC: the hash is not a cryptographic one). Weights are
  * hashed in chunks of FASTRNN_DIGEST_CHUNK bytes (threads take chunks) and the
  * chunk digests combined in order: the result does not depend on the threads.
  *
@@ -66,7 +67,7 @@ static inline size_t fastrnn_digested(void)
  * lane could be chosen to cancel an edit (h ^ word is all the step reads): a
  * crafted model loaded beside another could then find the other's packed weights
  * under its own digest (an audit built one in about 1,000 tries). With the lanes'
- * values unknown outside the process, no edit of the bytes is known to cancel.
+ * values unknown outside the process, an edit cannot be worked out to cancel.
  * Digests are compared only within a process (the cache is per process), where
  * the key is fixed; a fork child keeps its parent's. */
 static uint64_t fastrnn_digest_key_value;
@@ -280,18 +281,27 @@ static inline int fastrnn_pack_cache_is_off(void)
 }
 static int fastrnn_pack_lock_word;
 
-/* In a fork child the lock is free: the thread that held it at the fork does not
- * exist there. (Slots or entries such threads held stay taken: a bounded leak; a
- * slot may also be held by a Python object that the child still has.) */
-static void fastrnn_pack_after_fork_child(void) { fastrnn_pack_lock_word = 0; }
+/* A fork takes the lock first and gives it back on both sides, so the child never
+ * sees a half-made change (a pack-cache entry whose buffer is set and key not yet)
+ * nor a lock held by a thread it does not have. (Slots or entries such threads
+ * held stay taken: a bounded leak; a slot may also be held by a Python object that
+ * the child still has.) */
+static void fastrnn_pack_lock_raw(void)
+{
+    while (__atomic_exchange_n(&fastrnn_pack_lock_word, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&fastrnn_pack_lock_word, __ATOMIC_RELAXED)) {}
+}
+static void fastrnn_pack_unlock_raw(void) { __atomic_store_n(&fastrnn_pack_lock_word, 0, __ATOMIC_RELEASE); }
 static pthread_once_t fastrnn_pack_fork_once = PTHREAD_ONCE_INIT;
-static void fastrnn_pack_watch_forks(void) { pthread_atfork(NULL, NULL, fastrnn_pack_after_fork_child); }
+static void fastrnn_pack_watch_forks(void)
+{
+    pthread_atfork(fastrnn_pack_lock_raw, fastrnn_pack_unlock_raw, fastrnn_pack_unlock_raw);
+}
 
 static inline void fastrnn_pack_lock(void)
 {
     pthread_once(&fastrnn_pack_fork_once, fastrnn_pack_watch_forks);
-    while (__atomic_exchange_n(&fastrnn_pack_lock_word, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&fastrnn_pack_lock_word, __ATOMIC_RELAXED)) {}
+    fastrnn_pack_lock_raw();
 }
 
 static inline void fastrnn_pack_unlock(void)

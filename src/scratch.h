@@ -69,18 +69,27 @@ static void *fastrnn_big_malloc(size_t bytes)
     }
 }
 
-/* In a fork child the lock is free: the thread that held it at the fork does not
- * exist there. (Slots or entries such threads held stay taken: a bounded leak; a
- * slot may also be held by a Python object that the child still has.) */
-static void fastrnn_scratch_after_fork_child(void) { fastrnn_scratch_lock_word = 0; }
+/* A fork takes the lock first and gives it back on both sides, so the child never
+ * sees a half-made change (a pack-cache entry whose buffer is set and key not yet)
+ * nor a lock held by a thread it does not have. (Slots or entries such threads
+ * held stay taken: a bounded leak; a slot may also be held by a Python object that
+ * the child still has.) */
+static void fastrnn_scratch_lock_raw(void)
+{
+    while (__atomic_exchange_n(&fastrnn_scratch_lock_word, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&fastrnn_scratch_lock_word, __ATOMIC_RELAXED)) {}
+}
+static void fastrnn_scratch_unlock_raw(void) { __atomic_store_n(&fastrnn_scratch_lock_word, 0, __ATOMIC_RELEASE); }
 static pthread_once_t fastrnn_scratch_fork_once = PTHREAD_ONCE_INIT;
-static void fastrnn_scratch_watch_forks(void) { pthread_atfork(NULL, NULL, fastrnn_scratch_after_fork_child); }
+static void fastrnn_scratch_watch_forks(void)
+{
+    pthread_atfork(fastrnn_scratch_lock_raw, fastrnn_scratch_unlock_raw, fastrnn_scratch_unlock_raw);
+}
 
 static inline void fastrnn_scratch_lock(void)
 {
     pthread_once(&fastrnn_scratch_fork_once, fastrnn_scratch_watch_forks);
-    while (__atomic_exchange_n(&fastrnn_scratch_lock_word, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&fastrnn_scratch_lock_word, __ATOMIC_RELAXED)) {}
+    fastrnn_scratch_lock_raw();
 }
 
 static inline void fastrnn_scratch_unlock(void)

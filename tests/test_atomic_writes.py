@@ -159,3 +159,15 @@ def test_an_os_error_on_the_temporary_names_the_users_file(tmp_path):
             raise OSError(28, "No space left on device", tmp)
     assert info.value.filename == str(path) and info.value.errno == 28
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_read_only_file_can_be_saved_over_and_stays_read_only(tmp_path):
+    """The old mode is given to the new file once it is written (given before, a
+    non-root writer could not open its own temporary file)."""
+    path = tmp_path / "m.npz"
+    fastrnn.save(path, fastrnn.GRU(2, 3, seed=0))
+    os.chmod(path, 0o400)
+    fastrnn.save(path, fastrnn.GRU(2, 3, seed=1))
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
+    np.testing.assert_array_equal(fastrnn.load(path).weight_hh_l0.data,
+                                  fastrnn.GRU(2, 3, seed=1).weight_hh_l0.data)

@@ -175,17 +175,19 @@ def test_default_state_is_zeros_and_lstm_tuple_backward():
 def test_backward_of_none_is_a_zero_gradient(kind, batched):
     """dh = None means zeros for every cell (it did for LSTMCell only; an audit found
     GRUCell / RNNCell raising a TypeError after they had dropped the cached step)."""
-    cell = make_cell(kind)
     x = np.random.default_rng(1).standard_normal((B, I) if batched else I)
-    cell(x)
-    cell(x)
-    got = cell.backward(None)
-    assert cell.num_cached_steps == 1
-    want = cell.backward(np.zeros((B, H) if batched else H))
+    a, b = make_cell(kind), make_cell(kind)                  # the same weights
+    for c in (a, b):
+        c(x)
+        c(x)
+    got = a.backward(None)
+    want = b.backward(np.zeros((B, H) if batched else H))   # the same step's
+    assert a.num_cached_steps == b.num_cached_steps == 1
     for g, w in zip(got if kind != "lstm" else (got[0], *got[1]),
                     want if kind != "lstm" else (want[0], *want[1])):
         np.testing.assert_array_equal(g, w)
-    assert cell.num_cached_steps == 0
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
@@ -212,8 +214,8 @@ def test_cells_keep_full_precision_under_medium(kind, monkeypatch):
 
 def test_a_subclass_with_its_own_forward_is_called_in_eval_mode():
     """The eval fast path serves the stock cells and layers and subclasses that keep
-    their forward; an overridden forward (or a cell's _step_forward) runs (an audit
-    found it skipped in eval mode)."""
+    their forward; an overridden forward (or a cell's _step_forward, a layer's
+    _forward_direction) runs (an audit found it skipped in eval mode)."""
     class Halved(fastrnn.GRUCell):
         def forward(self, input, hx=None):
             return 0.5 * super().forward(input, hx)
@@ -226,11 +228,20 @@ def test_a_subclass_with_its_own_forward_is_called_in_eval_mode():
     class Plain(fastrnn.LSTMCell):
         pass
 
+    class OwnDirection(fastrnn.GRU):
+        def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None,
+                               x_ids=None):
+            y, *rest = super()._forward_direction(x, h0, c0, w, lengths, reverse, keep,
+                                                  out, x_ids)
+            return (0 * y, *rest)
+
     x = np.ones((2, 3), np.float32)
     c = Halved(3, 4, seed=0).eval()
     np.testing.assert_array_equal(c(x), 0.5 * fastrnn.GRUCell(3, 4, seed=0).eval()(x))
     layer = Zeroed(3, 4, seed=0).eval()
     assert not layer(x[None])[0].any()
+    own = OwnDirection(3, 4, seed=0).eval()
+    assert not own(x[None])[0].any()                  # (the review found this one served)
     p = Plain(3, 4, seed=0).eval()
     got = p(x)
     assert isinstance(p.__dict__.get("_fp_plan"), fastrnn._fastpath._Plan)   # served

@@ -1,6 +1,8 @@
 """The eval-mode fast path (fastrnn/_fastpath.py): bitwise the general path's results,
 taken when it should be, every parameter change seen, bad input still raising."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -640,3 +642,44 @@ def test_a_setting_changed_while_another_thread_builds_the_plan_is_not_lost():
     assert plan is None or plan.batch_first
     x = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)  # (B, T, I)
     assert_bitwise(m(x), fastrnn.GRU(3, 5, seed=0, batch_first=True).eval()(x))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_while_another_thread_builds_a_plan_leaves_the_child_working():
+    """Module.__setattr__ takes the plan-building lock: a fork while another thread
+    holds it must not leave the child's first module hanging (the lock is made anew
+    in a child)."""
+    import threading
+    import time
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with _fastpath._BUILD_LOCK:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:                                    # the child
+            try:
+                fastrnn.GRU(2, 3, seed=0).eval()(np.ones((2, 1, 2), np.float32))
+                os._exit(0)
+            except BaseException:
+                os._exit(1)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung building a module")
+            time.sleep(0.01)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        release.set()
+        t.join()

@@ -55,6 +55,8 @@ def test_module_tree_declaring_a_huge_embedding():
     [["forward", {"class": "Dropout", "config": {}}]],
     [["a.b", {"class": "Dropout", "config": {}}]],
     [[7, {"class": "Dropout", "config": {}}]],
+    [["training", {"class": "Dropout", "config": {}}]],           # an instance attribute
+    [["0", {"class": "Dropout", "config": {}}], ["0", {"class": "Dropout", "config": {}}]],
     [["0"]],                                                     # not a [name, node] pair
     {"0": {"class": "Dropout"}}])
 def test_module_tree_with_bad_child_names_is_a_value_error(children):
@@ -65,8 +67,18 @@ def test_module_tree_with_bad_child_names_is_a_value_error(children):
                 "tree": {"class": container, "children": children}}
         buf = io.BytesIO()
         np.savez(buf, __fastrnn_tree__=np.array([json.dumps(tree)]))
-        with pytest.raises(ValueError, match="children must be|bad child name"):
+        with pytest.raises(ValueError, match="children must be|bad child name|given twice"):
             _modelfile.from_bytes(buf.getvalue())
+
+
+def test_a_child_name_sequential_takes_loads(tmp_path):
+    """What Sequential accepts (a name starting with '_' included) saves and loads."""
+    from collections import OrderedDict
+    m = fastrnn.nn.Sequential(OrderedDict(_head=fastrnn.nn.Dropout(0.1),
+                                          body=fastrnn.nn.Linear(2, 3)))
+    fastrnn.save(tmp_path / "s.npz", m)
+    back = fastrnn.load(tmp_path / "s.npz")
+    assert [k for k, _ in back.named_children()] == ["_head", "body"]
 
 
 def test_checkpoint_declaring_a_huge_model(tmp_path):

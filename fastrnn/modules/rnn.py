@@ -112,7 +112,11 @@ def check_lengths(lengths, T, B):
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
                     for v in lengths)):
         # NumPy promotes e.g. [np.int8(2), np.uint64(3)] to float64: integers all the same
-        arr = np.array([int(v) for v in lengths], dtype=np.int64)
+        values = [int(v) for v in lengths]
+        if any(not 1 <= v <= T for v in values):
+            raise ValueError(f"lengths: every length must be in [1, {T}] (T = number of "
+                             f"steps), got min {min(values)} and max {max(values)}")
+        arr = np.array(values, dtype=np.int64)
     if arr.dtype.kind not in "iu":  # bools and floats are mistakes, not lengths
         raise TypeError(f"lengths: expected integers, got dtype {arr.dtype}")
     if arr.shape != (B,):
