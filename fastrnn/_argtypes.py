@@ -6,13 +6,24 @@ reports as an invalid value of the option."""
 import argparse
 import math
 
-__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction"]
+__all__ = ["positive_int", "nonneg_int", "positive_float", "nonneg_float", "fraction",
+           "thread_count"]
 
 
 def positive_int(s):
     v = int(s)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s}")
+    return v
+
+
+def thread_count(s):
+    """--threads: an integer in [1, fastrnn's MAX_THREADS], refused before any data
+    is read (set_num_threads would refuse it later, without the option's name)."""
+    from fastrnn._config import MAX_THREADS
+    v = positive_int(s)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, {MAX_THREADS}], got {s}")
     return v
 
 

@@ -27,6 +27,7 @@ from fastrnn._argtypes import nonneg_float as _nonneg_float
 from fastrnn._argtypes import nonneg_int as _nonneg_int
 from fastrnn._argtypes import positive_float as _positive_float
 from fastrnn._argtypes import positive_int as _positive_int
+from fastrnn._argtypes import thread_count as _thread_count
 
 __all__ = ["main", "build_parser", "DEFAULT_TEXT"]
 
@@ -186,7 +187,7 @@ def build_parser():
                    help="chunk length of validation (the state is carried; no effect on "
                         "the loss beyond float rounding)")
     g.add_argument("--seed", type=_nonneg_int, default=d.seed)
-    g.add_argument("--threads", type=_positive_int, default=None)
+    g.add_argument("--threads", type=_thread_count, default=None)
     g.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
                    default=d.matmul_precision,
                    help="float32 matrix products: 'medium' rounds their operands to bf16 "
@@ -222,7 +223,7 @@ def build_parser():
     gen.add_argument("--top-k", type=_positive_int, default=None)
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
     gen.add_argument("--seed", type=_nonneg_int, default=None)
-    gen.add_argument("--threads", type=_positive_int, default=None)
+    gen.add_argument("--threads", type=_thread_count, default=None)
     gen.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
                      help="sample N texts at once (one batch; sample i has its own random "
                           "stream from --seed)")

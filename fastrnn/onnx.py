@@ -933,7 +933,10 @@ class _Loader:
         G = _GATES[op]
         if "hidden_size" not in a:
             raise self.fail("hidden_size is required", node, "hidden_size")
-        H = int(a["hidden_size"])
+        if type(a["hidden_size"]) is not int or a["hidden_size"] < 1:   # ONNX: an INT
+            raise self.fail(f"hidden_size must be an integer >= 1, got {a['hidden_size']!r}",
+                            node, "hidden_size")
+        H = a["hidden_size"]
         if W.ndim != 3 or W.shape[:2] != (D, G * H):
             raise self.fail(f"W must be ({D}, {G * H}, input), got shape {W.shape}", node)
         if R.shape != (D, G * H, H):

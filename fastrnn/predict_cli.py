@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from fastrnn._argtypes import positive_int as _positive_int
+from fastrnn._argtypes import thread_count as _thread_count
 from fastrnn._atomic import replacing, replacing_directory
 
 __all__ = ["main", "build_parser"]
@@ -64,7 +65,7 @@ def build_parser():
                    help="sequences per partition (.npy/.npz input; default 2000)")
     p.add_argument("--batch-size", type=_positive_int, default=256,
                    help="sequences per kernel call inside a partition (default 256)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_thread_count, default=None,
                    help="kernel threads per task (default: worker threads / running tasks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -399,3 +399,14 @@ def test_version_and_the_dask_extra_named_when_missing(capsys):
             "try:\n    import fastrnn.dask\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
     assert 'needs Dask: pip install "fastrnn[dask]"' in out   # was: No module named 'dask'
+
+
+@pytest.mark.parametrize("command", [["train", "--time-budget", "1"],
+                                     ["generate", "m.npz", "--length", "5"]])
+def test_a_thread_count_past_the_limit_is_a_usage_error_naming_the_option(command, capsys):
+    """(An audit found set_num_threads' "n must be in [1, 4096]" raised after the data
+    had loaded.)"""
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--threads", "100000"])
+    assert e.value.code == 2
+    assert "--threads: expected an integer in [1, 4096], got 100000" in capsys.readouterr().err

@@ -169,14 +169,14 @@ def test_import_torch_export_matches_torch(tmp_path, cell, L, bi, bf):
     close(got["y"], ref["y"])
 
 
-def _lstm_model(tmp_path, **attrs):
+def _lstm_model(tmp_path, hidden_size=3, **attrs):
     """A hand-made one-node LSTM graph with extra attributes."""
     from onnx import TensorProto, helper, numpy_helper
     H, I = 3, 2
     W = numpy_helper.from_array(np.zeros((1, 4 * H, I), np.float32), "W")
     R = numpy_helper.from_array(np.zeros((1, 4 * H, H), np.float32), "R")
-    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="my_lstm", hidden_size=H,
-                            **attrs)
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="my_lstm",
+                            hidden_size=hidden_size, **attrs)
     sq = helper.make_node("Squeeze", ["Y", "ax"], ["out"])
     ax = numpy_helper.from_array(np.array([1], np.int64), "ax")
     g = helper.make_graph([node, sq], "g",
@@ -272,3 +272,10 @@ def test_torch_export_with_every_shape_fixed_loads(tmp_path, kw):
     assert set(got) == set(ref)
     for k in ref:
         close(got[k], ref[k])
+
+
+@pytest.mark.parametrize("hidden_size", [3.0, 0])
+def test_import_refuses_a_hidden_size_that_is_not_a_positive_integer(tmp_path, hidden_size):
+    """(An audit found hidden_size=4.0 taken as 4.)"""
+    with pytest.raises(ValueError, match=r"my_lstm.*hidden_size must be an integer >= 1"):
+        fastrnn.onnx.load(_lstm_model(tmp_path, hidden_size=hidden_size))
