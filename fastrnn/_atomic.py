@@ -121,7 +121,11 @@ def replacing_directory(path):
 
 def stale_temporaries(path):
     """(name, pid) of the temporary files that `replacing(path)` calls left beside
-    `path` (a process killed while writing), for the caller to judge and remove."""
+    `path` (a process killed while writing), for the caller to judge and remove.
+    For a symbolic link, beside the file it names (where `replacing` writes)."""
+    path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     directory, prefix = _prefix(path)
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX))
     try:

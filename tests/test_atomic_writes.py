@@ -140,6 +140,12 @@ def test_saving_over_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
     assert link.is_symlink()
     np.testing.assert_array_equal(fastrnn.load(target).weight_hh_l0.data,
                                   fastrnn.GRU(2, 3, seed=1).weight_hh_l0.data)
+    with pytest.raises(RuntimeError):           # a writer killed part-way, as it were
+        with replacing(link) as tmp:
+            left = tmp
+            raise RuntimeError
+    os.close(os.open(left, os.O_CREAT | os.O_WRONLY))   # (replacing removed it: put back)
+    assert [n for n, _ in stale_temporaries(link)] == [left]     # found beside the target
 
 
 def test_an_existing_file_keeps_its_permissions(tmp_path):
