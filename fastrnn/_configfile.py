@@ -102,7 +102,7 @@ def _convert(path, where, action, value):
     """A TOML value for `action` -> the Python value argparse would have produced."""
     # by name: the cli module may also run as __main__ (python -m fastrnn.cli), with
     # its own copy of _weight_fraction; the others are fastrnn._argtypes'
-    int_types = ("int", "positive_int", "nonneg_int")
+    int_types = ("int", "positive_int", "nonneg_int", "thread_count")
     float_types = ("float", "nonneg_float", "fraction", "positive_float", "_weight_fraction")
     tname = getattr(action.type, "__name__", None)
 
