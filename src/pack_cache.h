@@ -31,7 +31,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <pthread.h>
+#include "spin_lock.h"
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -279,35 +279,8 @@ static inline int fastrnn_pack_cache_is_off(void)
 {
     return __atomic_load_n(&fastrnn_pack_cache_off, __ATOMIC_RELAXED);
 }
-static int fastrnn_pack_lock_word;
 
-/* A fork takes the lock first and gives it back on both sides, so the child never
- * sees a half-made change (a pack-cache entry whose buffer is set and key not yet)
- * nor a lock held by a thread it does not have. (Slots or entries such threads
- * held stay taken: a bounded leak; a slot may also be held by a Python object that
- * the child still has.) */
-static void fastrnn_pack_lock_raw(void)
-{
-    while (__atomic_exchange_n(&fastrnn_pack_lock_word, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&fastrnn_pack_lock_word, __ATOMIC_RELAXED)) {}
-}
-static void fastrnn_pack_unlock_raw(void) { __atomic_store_n(&fastrnn_pack_lock_word, 0, __ATOMIC_RELEASE); }
-static pthread_once_t fastrnn_pack_fork_once = PTHREAD_ONCE_INIT;
-static void fastrnn_pack_watch_forks(void)
-{
-    pthread_atfork(fastrnn_pack_lock_raw, fastrnn_pack_unlock_raw, fastrnn_pack_unlock_raw);
-}
-
-static inline void fastrnn_pack_lock(void)
-{
-    pthread_once(&fastrnn_pack_fork_once, fastrnn_pack_watch_forks);
-    fastrnn_pack_lock_raw();
-}
-
-static inline void fastrnn_pack_unlock(void)
-{
-    __atomic_store_n(&fastrnn_pack_lock_word, 0, __ATOMIC_RELEASE);
-}
+FASTRNN_DEFINE_SPIN_LOCK(pack)   /* fastrnn_pack_lock / _unlock (spin_lock.h) */
 
 static inline int fastrnn_pack_same(const fastrnn_pack_layout *a, const fastrnn_pack_layout *b)
 {

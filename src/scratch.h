@@ -17,7 +17,7 @@
 #define FASTRNN_SCRATCH_H
 
 #include <stdlib.h>
-#include <pthread.h>
+#include "spin_lock.h"
 #include <stddef.h>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -41,7 +41,6 @@ static struct {
     size_t size;
     int busy;
 } fastrnn_scratch_slot[FASTRNN_SCRATCH_SLOTS + 1];   /* + 1: never an empty array */
-static int fastrnn_scratch_lock_word;
 
 #define FASTRNN_HUGE_PAGE ((size_t)2 << 20)
 
@@ -69,33 +68,7 @@ static void *fastrnn_big_malloc(size_t bytes)
     }
 }
 
-/* A fork takes the lock first and gives it back on both sides, so the child never
- * sees a half-made change (a pack-cache entry whose buffer is set and key not yet)
- * nor a lock held by a thread it does not have. (Slots or entries such threads
- * held stay taken: a bounded leak; a slot may also be held by a Python object that
- * the child still has.) */
-static void fastrnn_scratch_lock_raw(void)
-{
-    while (__atomic_exchange_n(&fastrnn_scratch_lock_word, 1, __ATOMIC_ACQUIRE))
-        while (__atomic_load_n(&fastrnn_scratch_lock_word, __ATOMIC_RELAXED)) {}
-}
-static void fastrnn_scratch_unlock_raw(void) { __atomic_store_n(&fastrnn_scratch_lock_word, 0, __ATOMIC_RELEASE); }
-static pthread_once_t fastrnn_scratch_fork_once = PTHREAD_ONCE_INIT;
-static void fastrnn_scratch_watch_forks(void)
-{
-    pthread_atfork(fastrnn_scratch_lock_raw, fastrnn_scratch_unlock_raw, fastrnn_scratch_unlock_raw);
-}
-
-static inline void fastrnn_scratch_lock(void)
-{
-    pthread_once(&fastrnn_scratch_fork_once, fastrnn_scratch_watch_forks);
-    fastrnn_scratch_lock_raw();
-}
-
-static inline void fastrnn_scratch_unlock(void)
-{
-    __atomic_store_n(&fastrnn_scratch_lock_word, 0, __ATOMIC_RELEASE);
-}
+FASTRNN_DEFINE_SPIN_LOCK(scratch)   /* fastrnn_scratch_lock / _unlock (spin_lock.h) */
 
 /* Idle bytes held by the slots (call with the lock held). */
 static inline size_t fastrnn_scratch_idle_locked(void)
