@@ -31,12 +31,12 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include "spin_lock.h"
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "isa.h"
+#include "spin_lock.h"
 
 #ifndef FASTRNN_PACK_CACHE_SLOTS
 #define FASTRNN_PACK_CACHE_SLOTS 16
@@ -95,6 +95,13 @@ static inline uint64_t fastrnn_digest_key(void)
 {
     pthread_once(&fastrnn_digest_key_once, fastrnn_digest_key_draw);
     return fastrnn_digest_key_value;
+}
+
+/* lane[] := the lanes' starting values, every coding's (keyed). */
+static inline void fastrnn_digest_lanes_start(uint64_t *lane)
+{
+    const uint64_t key = fastrnn_digest_key();
+    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
 }
 
 static inline uint64_t fastrnn_rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
@@ -163,8 +170,7 @@ FASTRNN_TARGET_AVX512 static uint64_t fastrnn_digest_chunk_avx512(const void *p,
     __m512i acc[8];
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    const uint64_t key = fastrnn_digest_key();
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
+    fastrnn_digest_lanes_start(lane);
     for (int q = 0; q < 8; ++q) acc[q] = _mm512_loadu_si512(lane + 8 * q);
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
         for (int q = 0; q < 8; ++q) {
@@ -183,8 +189,7 @@ FASTRNN_TARGET_AVX2 static uint64_t fastrnn_digest_chunk_avx2(const void *p, siz
     const __m256i k = _mm256_set1_epi64x((long long)FASTRNN_DIGEST_K);
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    const uint64_t key = fastrnn_digest_key();
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
+    fastrnn_digest_lanes_start(lane);
     __m256i acc[16];
     for (int q = 0; q < 16; ++q) acc[q] = _mm256_loadu_si256((const __m256i *)(lane + 4 * q));
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
@@ -205,8 +210,7 @@ static uint64_t fastrnn_digest_chunk_scalar(const void *p, size_t n)
     const unsigned char *b = (const unsigned char *)p;
     uint64_t lane[FASTRNN_DIGEST_LANES];
     size_t i = 0;
-    const uint64_t key = fastrnn_digest_key();
-    for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) lane[l] = (FASTRNN_DIGEST_LANE0 + (uint64_t)l) ^ key;
+    fastrnn_digest_lanes_start(lane);
     for (; i + FASTRNN_DIGEST_BLOCK <= n; i += FASTRNN_DIGEST_BLOCK)
         for (int l = 0; l < FASTRNN_DIGEST_LANES; ++l) {
             uint64_t w;
