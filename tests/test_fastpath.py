@@ -13,13 +13,14 @@ from fastrnn.modules.module import Parameter
 LAYERS = ["RNN", "LSTM", "GRU"]
 
 
-def general(module, *args):
+def general(module, *args, **kwargs):
     """The module's result with the fast path switched off (each of its entries: the
     modules' __call__ tries eval_call, their forward layer_forward / cell_forward)."""
     saved = _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward
-    _fastpath.eval_call = _fastpath.layer_forward = _fastpath.cell_forward = lambda *a: None
+    _fastpath.eval_call = _fastpath.layer_forward = _fastpath.cell_forward = \
+        lambda *a, **k: None
     try:
-        return module(*args)
+        return module(*args, **kwargs)
     finally:
         _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward = saved
 

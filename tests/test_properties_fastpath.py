@@ -15,40 +15,20 @@ then the weights change in place and the next call must see it (the packed copie
 cached by the weights' digest).
 """
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given, note
 from hypothesis import strategies as st
 
 import fastrnn
-from fastrnn import _fastpath
-from fastrnn import reference as R
 from fastrnn.modules import cells as cells_mod
 from fastrnn.modules import rnn as rnn_mod
 
+from test_fastpath import flat, general
 from test_properties import num_threads
-from test_properties_modules import close, on_reference
+from test_properties_modules import close, layer_cases, on_reference
 
 pytestmark = pytest.mark.fuzz
-
-@contextlib.contextmanager
-def fast_path_declines():
-    """The fast path's entries all decline: eval calls take fastrnn.functional."""
-    saved = _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward
-    _fastpath.eval_call = _fastpath.layer_forward = _fastpath.cell_forward = \
-        lambda *a, **k: None
-    try:
-        yield
-    finally:
-        _fastpath.eval_call, _fastpath.layer_forward, _fastpath.cell_forward = saved
-
-
-def flat(out):
-    if isinstance(out, tuple):
-        return [a for o in out for a in flat(o)]
-    return [out]
 
 
 def assert_bitwise(name, got, want):
@@ -60,85 +40,54 @@ def assert_bitwise(name, got, want):
             f"{name} {k}: fast path differs from the general path by {np.abs(a - b).max():.3g}"
 
 
-def sizes(draw, small, large):
+def sizes(small, large):
     """Mostly small, sometimes past the thresholds where teams form and units split."""
-    return draw(st.one_of(st.integers(1, small), st.integers(small + 1, large)))
+    return st.one_of(st.integers(1, small), st.integers(small + 1, large))
 
 
 @st.composite
 def layer_calls(draw):
-    mode = draw(st.sampled_from(["RNN_TANH", "RNN_RELU", "GRU", "LSTM", "LSTMP"]))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    T, B = sizes(draw, 6, 48), sizes(draw, 8, 40)
-    I, H = sizes(draw, 12, 48), max(2, sizes(draw, 16, 96))
-    kw = dict(num_layers=draw(st.integers(1, 2)), bias=draw(st.booleans()),
-              batch_first=draw(st.booleans()), bidirectional=draw(st.booleans()),
-              dtype=dtype, seed=draw(st.integers(0, 1000)))
-    if kw["bidirectional"] and draw(st.booleans()):
-        kw["merge_mode"] = "sum"
-    if mode.startswith("RNN"):
-        m = fastrnn.RNN(I, H, nonlinearity=mode[4:].lower(), **kw)
-    elif mode == "GRU":
-        m = fastrnn.GRU(I, H, **kw)
-    else:
-        if mode == "LSTMP":
-            kw["proj_size"] = draw(st.integers(1, H - 1))
-        m = fastrnn.LSTM(I, H, **kw)
+    m, x, hx, lengths, *_ = draw(layer_cases(T=sizes(6, 48), B=sizes(8, 40), I=sizes(12, 48),
+                                             H=sizes(16, 96).map(lambda h: max(h, 2)),
+                                             layers=st.integers(1, 2)))
     m.eval()
     if draw(st.booleans()):
         m.freeze()
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    x = rng.standard_normal((B, T, I) if kw["batch_first"] else (T, B, I)).astype(dtype)
-    LD = m.num_layers * m.num_directions
-    hx = None
-    if draw(st.booleans()):
-        h0 = (0.5 * rng.standard_normal((LD, B, m.out_hidden_size))).astype(dtype)
-        hx = (h0, (0.5 * rng.standard_normal((LD, B, H))).astype(dtype)) \
-            if m.mode == "LSTM" else h0
-    lengths = None
-    if draw(st.booleans()):
-        lengths = [int(n) for n in rng.integers(1, T + 1, B)]
-        if draw(st.booleans()):   # sorted longest first: what packed batches look like
-            lengths.sort(reverse=True)
+    if lengths is not None and draw(st.booleans()):
+        lengths = sorted(lengths, reverse=True)   # what packed batches look like
     threads = draw(st.sampled_from([1, 2]))
-    note(f"{m!r} T={T} B={B} lengths={lengths} hx={hx is not None} "
-         f"frozen={m.is_frozen()} threads={threads}")
+    note(f"frozen={m.is_frozen()} threads={threads} lengths={lengths}")
     return m, x, hx, lengths, threads
+
+
+def reference(m, *args, **kwargs):
+    """The module's result on fastrnn.reference (the general path's kernels swapped)."""
+    with on_reference(cells_mod if isinstance(m, cells_mod._CellBase) else rnn_mod):
+        return general(m, *args, **kwargs)
 
 
 @given(layer_calls())
 def test_layer_eval_fast_path_is_the_general_path_and_the_reference(case):
     m, x, hx, lengths, threads = case
-    with num_threads(threads):
-        fast = m(x, hx, lengths=lengths)
-        with fast_path_declines():
-            general = m(x, hx, lengths=lengths)
-    assert_bitwise("layer", fast, general)
-    with fast_path_declines(), on_reference(rnn_mod):
-        ref = m(x, hx, lengths=lengths)
-    for k, (a, b) in enumerate(zip(flat(fast), flat(ref))):
-        close(f"layer output {k}", a, b, m.dtype)
-
-    if m.is_frozen():
-        m.unfreeze()
-    for p in m.parameters():   # in place: the same arrays, new values
-        p.data *= 0.75
-    with num_threads(threads):
-        again = m(x, hx, lengths=lengths)
-        with fast_path_declines():
-            general = m(x, hx, lengths=lengths)
-    assert_bitwise("layer after an in-place weight change", again, general)
-    with fast_path_declines(), on_reference(rnn_mod):
-        ref = m(x, hx, lengths=lengths)
-    for k, (a, b) in enumerate(zip(flat(again), flat(ref))):
-        close(f"layer output {k} after an in-place weight change", a, b, m.dtype)
+    for change in (False, True):
+        if change:   # in place: the same arrays, new values (the packed copies are cached)
+            if m.is_frozen():
+                m.unfreeze()
+            for p in m.parameters():
+                p.data *= 0.75
+        with num_threads(threads):
+            fast = m(x, hx, lengths=lengths)
+            assert_bitwise(f"layer (weights changed: {change})", fast,
+                           general(m, x, hx, lengths=lengths))
+        for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx, lengths=lengths)))):
+            close(f"layer output {k} (weights changed: {change})", a, b, m.dtype)
 
 
 @st.composite
 def cell_calls(draw):
     kind = draw(st.sampled_from(["RNNCell", "LSTMCell", "GRUCell"]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    I, H = sizes(draw, 12, 64), max(1, sizes(draw, 16, 128))
+    I, H = draw(sizes(12, 64)), draw(sizes(16, 128))
     kw = dict(bias=draw(st.booleans()), dtype=dtype, seed=draw(st.integers(0, 1000)))
     if kind == "RNNCell":
         kw["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
@@ -147,7 +96,7 @@ def cell_calls(draw):
         m.freeze()
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     batched = draw(st.booleans())
-    B = sizes(draw, 4, 24)
+    B = draw(sizes(4, 24))
     lead = (B,) if batched else ()
     x = rng.standard_normal(lead + (I,)).astype(dtype)
     hx = None
@@ -165,12 +114,8 @@ def test_cell_eval_fast_path_is_the_general_path_and_the_reference(case):
     m, x, hx, threads = case
     with num_threads(threads):
         fast = m(x, hx)
-        with fast_path_declines():
-            general = m(x, hx)
-    assert_bitwise("cell", fast, general)
-    with fast_path_declines(), on_reference(cells_mod):
-        ref = m(x, hx)
-    for k, (a, b) in enumerate(zip(flat(fast), flat(ref))):
+        assert_bitwise("cell", fast, general(m, x, hx))
+    for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx)))):
         close(f"cell output {k}", a, b, m.dtype)
 
 
@@ -184,8 +129,8 @@ def quantised_calls(draw):
                                          ("bfloat16", "weight_only"),
                                          ("bfloat16", "dynamic"), ("float32", "auto")]))
     isa = draw(st.sampled_from(Q.available_isas()))
-    T, B = sizes(draw, 5, 24), sizes(draw, 6, 40)
-    I, H = sizes(draw, 12, 80), sizes(draw, 16, 96)
+    T, B = draw(sizes(5, 24)), draw(sizes(6, 40))
+    I, H = draw(sizes(12, 80)), draw(sizes(16, 96))
     m = getattr(fastrnn, cell)(I, H, num_layers=draw(st.integers(1, 2)),
                                bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
                                seed=draw(st.integers(0, 1000))).eval()

@@ -55,12 +55,15 @@ def close(name, got, want, dtype):
 
 # ----------------------------------------------------------------------------- layers
 @st.composite
-def layer_cases(draw):
+def layer_cases(draw, T=st.integers(1, 7), B=st.integers(1, 9), I=st.integers(1, 11),
+                H=st.integers(2, 11), layers=st.integers(1, 3)):
+    """A layer (every cell, stacked, bidirectional, proj_size) and a call of it; the
+    sizes' strategies can be given (tests/test_properties_fastpath.py draws larger)."""
     mode = draw(st.sampled_from(["RNN_TANH", "RNN_RELU", "GRU", "LSTM", "LSTMP"]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
-    T, B = draw(st.integers(1, 7)), draw(st.integers(1, 9))
-    I, H = draw(st.integers(1, 11)), draw(st.integers(2, 11))
-    kw = dict(num_layers=draw(st.integers(1, 3)), bias=draw(st.booleans()),
+    T, B = draw(T), draw(B)
+    I, H = draw(I), draw(H)
+    kw = dict(num_layers=draw(layers), bias=draw(st.booleans()),
               batch_first=draw(st.booleans()), bidirectional=draw(st.booleans()),
               dtype=dtype, seed=draw(st.integers(0, 1000)))
     if kw["bidirectional"] and draw(st.booleans()):
