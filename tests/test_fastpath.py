@@ -1,6 +1,7 @@
 """The eval-mode fast path (fastrnn/_fastpath.py): bitwise the general path's results,
 taken when it should be, every parameter change seen, bad input still raising."""
 
+import contextlib
 import os
 
 import numpy as np
@@ -39,8 +40,43 @@ def assert_bitwise(a, b):
         assert np.array_equal(x, y), np.abs(x - y).max()
 
 
+_SERVED = []   # the plans of the calls the fast path's C entries served, in order
+
+
+@contextlib.contextmanager
+def counting_served_calls():
+    """Wrap the fast path's C entries (plans built meanwhile call the wrappers) so that
+    took_fast_path can tell which module's plan served calls."""
+    saved = {name: getattr(_recurrent, name) for name in ("eval_layer", "eval_cell")}
+    for name, real in saved.items():
+        def spy(plan, *args, _real=real):
+            out = _real(plan, *args)
+            if out is not None and out is not False:   # None: not qualified; False: stale
+                _SERVED.append(plan)
+            return out
+        setattr(_recurrent, name, spy)
+    _SERVED.clear()
+    try:
+        yield
+    finally:
+        for name, real in saved.items():
+            setattr(_recurrent, name, real)
+        _SERVED.clear()
+
+
+@pytest.fixture(autouse=True)
+def count_served_calls():
+    with counting_served_calls():
+        yield
+
+
 def took_fast_path(module):
-    return isinstance(module.__dict__.get("_fp_plan"), _fastpath._Plan)
+    """Did module's plan serve a call since the last check (or the test's start)? (Its
+    plan being kept is not enough: it stays after calls the fast path declined.)"""
+    plan = module.__dict__.get("_fp_plan")
+    served = isinstance(plan, _fastpath._Plan) and any(p is plan for p in _SERVED)
+    _SERVED.clear()
+    return served
 
 
 @pytest.mark.parametrize("cls", LAYERS)

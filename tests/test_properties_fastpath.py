@@ -8,6 +8,7 @@ stacked, bidirectional with either merge mode, LSTM proj_size, bias or not, batc
 the sizes (on both sides of the team and hidden-unit-split thresholds), lengths, initial
 states, frozen weights and the thread count, and every call must be
 
+* served by the fast path (it qualifies),
 * bitwise the general path's result (fastrnn.functional: the fast path declines), and
 * within the usual tolerance of the same module run on fastrnn.reference;
 
@@ -24,7 +25,7 @@ import fastrnn
 from fastrnn.modules import cells as cells_mod
 from fastrnn.modules import rnn as rnn_mod
 
-from test_fastpath import flat, general
+from test_fastpath import counting_served_calls, flat, general, took_fast_path
 from test_properties import num_threads
 from test_properties_modules import close, layer_cases, on_reference
 
@@ -75,8 +76,9 @@ def test_layer_eval_fast_path_is_the_general_path_and_the_reference(case):
                 m.unfreeze()
             for p in m.parameters():
                 p.data *= 0.75
-        with num_threads(threads):
+        with num_threads(threads), counting_served_calls():
             fast = m(x, hx, lengths=lengths)
+            assert took_fast_path(m), "the fast path did not serve the call"
             assert_bitwise(f"layer (weights changed: {change})", fast,
                            general(m, x, hx, lengths=lengths))
         for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx, lengths=lengths)))):
@@ -112,8 +114,9 @@ def cell_calls(draw):
 @given(cell_calls())
 def test_cell_eval_fast_path_is_the_general_path_and_the_reference(case):
     m, x, hx, threads = case
-    with num_threads(threads):
+    with num_threads(threads), counting_served_calls():
         fast = m(x, hx)
+        assert took_fast_path(m), "the fast path did not serve the call"
         assert_bitwise("cell", fast, general(m, x, hx))
     for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx)))):
         close(f"cell output {k}", a, b, m.dtype)
