@@ -157,3 +157,9 @@ def _init_pack_cache():
 set_num_threads(_default_threads())
 _init_pack_cache()
 _openmp_wait.configure()
+
+# A fork child cannot use the OpenMP threads its parent's forking thread kept (GNU
+# OpenMP waited for them forever: tests/test_fork.py); ending them just before a fork
+# costs the parent's next threaded call a few microseconds to start them again.
+if hasattr(os, "register_at_fork") and _openmp.openmp_enabled():
+    os.register_at_fork(before=_openmp.pause_for_fork)

@@ -494,12 +494,27 @@ def test_eval_registration_is_released_after_errors():
     m.backward(np.ones_like(y))
 
 
-def test_kernel_only_runs_the_same_kernel_call():
-    for cls in ("LSTM", "GRUCell"):
-        m = getattr(fastrnn, cls)(4, 8, seed=0).eval()
-        x = np.ones((3, 1, 4) if cls == "LSTM" else (1, 4), np.float32)
-        run = _fastpath.kernel_only(m, x)
-        assert run() is None
+@pytest.mark.parametrize("cls,layers", [("LSTM", 1), ("GRU", 2), ("RNN", 1), ("GRUCell", 1),
+                                        ("LSTMCell", 1)])
+def test_kernel_only_runs_the_same_kernel_call(cls, layers):
+    """What the benchmark times as "the kernel" computes the module call's numbers."""
+    kw = {"num_layers": layers} if layers > 1 else {}
+    m = getattr(fastrnn, cls)(4, 8, seed=0, **kw).eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4) if "Cell" not in cls else (2, 4)).astype(np.float32)
+    run = _fastpath.kernel_only(m, x)
+    y, h_n, c_n = run.outputs
+    y[...] = h_n[...] = np.nan
+    assert run() is None
+    want = flat(m(x))
+    if "Cell" in cls:     # h (B, H) [, c]
+        got = [y[0]] + ([c_n[0]] if c_n is not None else [])
+    else:                 # y (T, B, H), h_n (L, B, H) [, c_n]
+        got = [y, h_n] + ([c_n] if c_n is not None else [])
+    assert_bitwise(tuple(got), tuple(want))
+
+
+def test_kernel_only_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="does not qualify"):
         _fastpath.kernel_only(fastrnn.LSTM(4, 8, bidirectional=True).eval(),
                               np.ones((3, 1, 4), np.float32))
