@@ -16,14 +16,25 @@ import numpy as np
 __all__ = ["quantize_rows", "round_bf16", "gemm", "stack_forward", "cell_forward", "linear_forward"]
 
 
+TINY = np.float32(1e-30)   # rows below it in magnitude count as zeros (127 / amax overflows)
+
+
 def quantize_rows(a):
-    """a (M, K) float32 -> q (M, K) float32 of integers in [-127, 127], scale (M,) float32."""
+    """a (M, K) float32 -> q (M, K) float32 of integers in [-127, 127], scale (M,) float32.
+    A row with NaN or inf gets codes 0 and a NaN scale (its products are NaN, as the float
+    module's); a row of values all below TINY in magnitude, codes 0 and scale 0 (the
+    kernels' qg_row_scale, src/quant_gemm.h)."""
     a = np.asarray(a, dtype=np.float32)
-    amax = np.abs(a).max(axis=1) if a.shape[1] else np.zeros(a.shape[0], np.float32)
-    pos = amax > 0
-    inv = np.where(pos, np.float32(127.0) / np.where(pos, amax, 1), 0).astype(np.float32)
-    q = np.clip(np.rint((a * inv[:, None]).astype(np.float32)), -127, 127)
-    scale = np.where(pos, amax / np.float32(127.0), 0).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(a).all(axis=1) if a.shape[1] else np.zeros(a.shape[0], bool)
+        amax = np.abs(np.where(np.isfinite(a), a, 0)).max(axis=1) if a.shape[1] \
+            else np.zeros(a.shape[0], np.float32)
+        use = (amax >= TINY) & ~bad
+        inv = np.where(use, np.float32(127.0) / np.where(use, amax, 1), 0).astype(np.float32)
+        q = np.clip(np.rint((np.where(use[:, None], a, 0) * inv[:, None]).astype(np.float32)),
+                    -127, 127)
+        scale = np.where(use, amax / np.float32(127.0), 0).astype(np.float32)
+    scale[bad] = np.nan
     return q, scale
 
 

@@ -55,6 +55,7 @@
 #ifndef FASTRNN_QUANT_GEMM_H
 #define FASTRNN_QUANT_GEMM_H
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -153,6 +154,29 @@ static inline float qg_bf16_float(uint32_t b)
     return f;
 }
 
+/* A dynamically quantised row's scale (amax / 127; *inv := 127 / amax, what the codes
+ * are rint(a * inv) of) from its largest |value| and whether it holds NaN or inf:
+ * - such a row gets a NaN scale (codes 0), so every product of it is NaN, as the float
+ *   module's are: int8 codes have no NaN, and a NaN state or an overflow in the
+ *   recurrence had turned into finite garbage (found by an audit);
+ * - a row whose values are all below QG_TINY in magnitude counts as zeros: 127 / amax
+ *   would overflow to inf (their products are below 1e-30 * |w| anyway).
+ * quant_reference.quantize_rows applies the same rules. */
+#define QG_TINY 1e-30f
+static inline float qg_row_scale(float amax, int nonfinite, float *inv)
+{
+    if (nonfinite) {
+        *inv = 0.0f;
+        return NAN;
+    }
+    if (!(amax >= QG_TINY)) {
+        *inv = 0.0f;
+        return 0.0f;
+    }
+    *inv = 127.0f / amax;
+    return amax / 127.0f;
+}
+
 /* Prepare one A row of K values into `out` (kind above), padded to Kp: plain C
  * (qg_prepare below picks the vectorised twin where there is one). */
 static void qg_prepare_scalar(int kind, const float *a, ptrdiff_t K, ptrdiff_t Kp, void *out,
@@ -170,17 +194,18 @@ static void qg_prepare_scalar(int kind, const float *a, ptrdiff_t K, ptrdiff_t K
         float *o = (float *)out;
         for (k = 0; k < Kp; ++k) o[k] = a && k < K ? qg_bf16_float(qg_bf16_bits(a[k])) : 0.0f;
     } else {
-        float amax = 0.0f;
+        float amax = 0.0f, inv;
+        int nonfinite = 0;
         for (k = 0; a && k < K; ++k) {
             float v = fabsf(a[k]);
             amax = v > amax ? v : amax;
+            nonfinite |= !(v <= FLT_MAX);
         }
-        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        *ascale = amax > 0.0f ? amax / 127.0f : 0.0f;
+        *ascale = qg_row_scale(amax, nonfinite, &inv);
         int off = kind == QG_A_Q8U ? 128 : 0;
         unsigned char *o = (unsigned char *)out;
         for (k = 0; k < Kp; ++k) {
-            float q = (a && k < K) ? rintf(a[k] * inv) : 0.0f;
+            float q = (a && k < K && inv != 0.0f) ? rintf(a[k] * inv) : 0.0f;
             q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
             o[k] = (unsigned char)(int)((int)q + off);
         }
@@ -634,21 +659,24 @@ static QG_512_T void qg_quant_row_512(const float *a, ptrdiff_t K, ptrdiff_t Kp,
                                       unsigned char *o, float *ascale, int off)
 {
     const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
     __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
     ptrdiff_t k;
     for (k = 0; a && k < K; k += 16) {
         __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
         __m512 v = _mm512_and_ps(_mm512_maskz_loadu_ps(mk, a + k), absmask);
         vmax = _mm512_max_ps(v, vmax);            /* NaN lanes keep vmax */
+        bad |= _mm512_cmp_ps_mask(v, big, _CMP_NLE_UQ);   /* NaN or inf */
     }
-    float amax = _mm512_reduce_max_ps(vmax);
-    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    *ascale = amax > 0.0f ? amax / 127.0f : 0.0f;
+    float inv, amax = _mm512_reduce_max_ps(vmax);
+    *ascale = qg_row_scale(amax, bad != 0, &inv);
     const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
     const __m512i voff = _mm512_set1_epi32(off);
     for (k = 0; k < Kp; k += 16) {
         ptrdiff_t nk = K - k, np = Kp - k;
-        __mmask16 mk = !a || nk <= 0 ? 0 : nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
+        __mmask16 mk = !a || inv == 0.0f || nk <= 0 ? 0   /* (codes 0, as qg_prepare_scalar's) */
+                       : nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1);
         __mmask16 ms = np >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << np) - 1);
         __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, a ? a + k : NULL), vinv);
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -691,19 +719,26 @@ static QG_AVX2_T void qg_quant_row_avx2(const float *a, ptrdiff_t K, ptrdiff_t K
                                         unsigned char *o, float *ascale, int off)
 {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256 vmax = _mm256_setzero_ps();
+    const __m256 big = _mm256_set1_ps(FLT_MAX);
+    __m256 vmax = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
     ptrdiff_t k = 0, K8 = a ? K & ~(ptrdiff_t)7 : 0;
-    for (; k < K8; k += 8)
-        vmax = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(a + k), absmask), vmax);
-    float m8[8], amax = 0.0f;
+    for (; k < K8; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(a + k), absmask);
+        vmax = _mm256_max_ps(v, vmax);
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, big, _CMP_NLE_UQ));   /* NaN or inf */
+    }
+    float m8[8], amax = 0.0f, inv;
+    int nonfinite = _mm256_movemask_ps(vbad) != 0;
     _mm256_storeu_ps(m8, vmax);
     for (int j = 0; j < 8; ++j) amax = m8[j] > amax ? m8[j] : amax;
     for (; a && k < K; ++k) {
         float v = fabsf(a[k]);
         amax = v > amax ? v : amax;
+        nonfinite |= !(v <= FLT_MAX);
     }
-    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    *ascale = amax > 0.0f ? amax / 127.0f : 0.0f;
+    *ascale = qg_row_scale(amax, nonfinite, &inv);
+    if (inv == 0.0f)
+        K8 = 0;            /* codes 0 (the loop below), as qg_prepare_scalar's */
     const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
     for (k = 0; k < K8; k += 8) {
         __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(a + k), vinv),
@@ -714,7 +749,7 @@ static QG_AVX2_T void qg_quant_row_avx2(const float *a, ptrdiff_t K, ptrdiff_t K
         for (int j = 0; j < 8; ++j) o[k + j] = (unsigned char)(q[j] + off);
     }
     for (; k < Kp; ++k) {
-        float q = (a && k < K) ? rintf(a[k] * inv) : 0.0f;
+        float q = (a && k < K && inv != 0.0f) ? rintf(a[k] * inv) : 0.0f;
         q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
         o[k] = (unsigned char)(int)((int)q + off);
     }

@@ -445,6 +445,49 @@ def test_int8_dynamic_carries_nan_and_inf_through_like_the_float_module():
     assert not np.isfinite(out[2]).any() and np.isfinite(np.delete(out, 2, 0)).all()
 
 
+def test_int8_dynamic_nan_or_inf_arising_inside_is_not_finite_as_in_the_float_module(isa):
+    """A NaN in c0 (which the up-front check of x and h0 does not see) and a ReLU RNN
+    whose state overflows: the quantised rows holding NaN or inf had become finite
+    (a NaN scale now, src/quant_gemm.h qg_row_scale); the twin gives the same."""
+    rng = np.random.default_rng(0)
+    m = fastrnn.LSTM(4, 8, seed=0).eval()
+    q = fastrnn.quantize(m, "int8", "dynamic")
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    h0 = np.zeros((1, 2, 8), np.float32)
+    c0 = np.zeros((1, 2, 8), np.float32)
+    c0[0, 0, 3] = np.nan
+    want = np.isfinite(m(x, (h0, c0))[0])
+    assert not want[1:, 0].any() and not want[0, 0].all() and want[:, 1].all()
+    y = q(x, (h0, c0))[0]
+    np.testing.assert_array_equal(np.isfinite(y), want)
+    yr, _, _ = R.stack_forward(q, x, h0, c0, 1, 1)
+    np.testing.assert_array_equal(np.isfinite(yr), want)
+
+    r = fastrnn.RNN(3, 4, nonlinearity="relu", bias=False, seed=0).eval()
+    r.weight_ih_l0.data[...] = 1.0
+    r.weight_hh_l0.data[...] = 10.0 * np.eye(4, dtype=np.float32)
+    x = np.ones((45, 1, 3), np.float32)
+    with np.errstate(all="ignore"):
+        want = np.isfinite(r(x)[0])
+    assert want[0].all() and not want[-1].any()       # the state overflows part-way
+    qr = fastrnn.quantize(r, "int8", "dynamic")
+    y, h_n = qr(x)
+    np.testing.assert_array_equal(np.isfinite(y), want)
+    assert not np.isfinite(h_n).any()
+
+
+def test_int8_dynamic_rows_of_tiny_values_count_as_zeros(isa):
+    """127 / amax overflowed for rows below ~4e-37: every code became +-127 (kernel)
+    or NaN (twin). Rows below 1e-30 now quantise to zeros in both."""
+    lin = fastrnn.nn.Linear(4, 3, rng=0)
+    q = fastrnn.quantize(lin, "int8", "dynamic")
+    x = np.array([[1e-38, 0.0, -5e-39, 0.0], [1.0, 2.0, -3.0, 0.5]], np.float32)
+    y = q(x)
+    np.testing.assert_allclose(y[0], lin.bias.data, rtol=0, atol=0)
+    np.testing.assert_allclose(y, R.linear_forward(q, x, 1), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(y[1], lin(x)[1], rtol=0, atol=5e-2)
+
+
 @pytest.mark.parametrize("qdtype", ["bfloat16", "int8"])
 def test_float_weights_are_not_loaded_into_integer_codes(qdtype):
     m = fastrnn.GRU(4, 8, seed=0).eval()
