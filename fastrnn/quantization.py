@@ -40,7 +40,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from fastrnn import _hugepages
+from fastrnn import _hugepages, _precision
 from fastrnn import _isa as _kernel_isa
 from fastrnn import _quantized
 from fastrnn._config import get_num_threads
@@ -449,15 +449,18 @@ class _QuantizedRecurrent(_QuantizedBase):
         return twin
 
     def _run_float(self, x, h0, c0, hn, cn):
-        """_run on the float32 twin (bf16 weights widened): same arguments and outputs."""
+        """_run on the float32 twin (bf16 weights widened): same arguments and outputs.
+        In full precision whatever set_float32_matmul_precision says: weight-only keeps
+        the inputs float32 (under "medium" the twin rounded them to bf16; an audit)."""
         twin = self._float_twin()
-        if self.mode_name == "LSTM":
-            # (h0, c0) with either None (zeros), as the kernels take them; dropping c0
-            # when h0 was None started the cell from zeros (found by an audit)
-            y, (h, c) = twin(x, None if h0 is None and c0 is None else (h0, c0))
-            cn[...] = c
-        else:
-            y, h = twin(x, h0)
+        with _precision.full_precision():
+            if self.mode_name == "LSTM":
+                # (h0, c0) with either None (zeros), as the kernels take them; dropping c0
+                # when h0 was None started the cell from zeros (found by an audit)
+                y, (h, c) = twin(x, None if h0 is None and c0 is None else (h0, c0))
+                cn[...] = c
+            else:
+                y, h = twin(x, h0)
         hn[...] = h
         return y
 

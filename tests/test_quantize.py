@@ -445,6 +445,28 @@ def test_int8_dynamic_carries_nan_and_inf_through_like_the_float_module():
     assert not np.isfinite(out[2]).any() and np.isfinite(np.delete(out, 2, 0)).all()
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_weight_only_keeps_float32_inputs_under_medium_precision(cell):
+    """From BF16_FLOAT_MIN_BATCH rows bf16 weight-only runs a float32 twin module, which
+    followed set_float32_matmul_precision("medium") and rounded its inputs to bf16
+    (1.2e-3 off; found by an audit): it runs in full precision now."""
+    from fastrnn import _precision
+    m = getattr(fastrnn, cell)(64, 64, seed=0).eval()
+    q = fastrnn.quantize(m, "bfloat16", "weight_only")
+    x = np.random.default_rng(0).standard_normal((4, Q.BF16_FLOAT_MIN_BATCH, 64)) \
+        .astype(np.float32)
+    want = R.stack_forward(q, x, None, None, 0, 0)[0]
+    before = fastrnn.get_float32_matmul_precision()
+    fastrnn.set_float32_matmul_precision("medium")
+    _precision._force_bf16 = True          # the bf16 path whatever the CPU
+    try:
+        y = q(x)[0]
+    finally:
+        _precision._force_bf16 = False
+        fastrnn.set_float32_matmul_precision(before)
+    np.testing.assert_allclose(y, want, atol=2e-6, rtol=0)
+
+
 def test_int8_dynamic_nan_or_inf_arising_inside_is_not_finite_as_in_the_float_module(isa):
     """A NaN in c0 (which the up-front check of x and h0 does not see) and a ReLU RNN
     whose state overflows: the quantised rows holding NaN or inf had become finite
