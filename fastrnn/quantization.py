@@ -33,7 +33,6 @@ dynamic). They follow the float kernels' level (fastrnn.set_isa, FASTRNN_ISA);
 `set_isa` here overrides it for the quantised kernels alone.
 """
 
-import math
 import os
 import threading
 from collections import OrderedDict
@@ -336,18 +335,13 @@ class _QuantizedBase(Module):
         return 1 if bf16_auto_is_dynamic() else 0
 
     def _dyn_for(self, rows, *inputs):
-        """(_dyn(r) for r in rows) for a call on these inputs (None: absent). int8 codes
-        have no NaN or inf, so a call with one in its inputs runs on the float inputs
-        instead (weight_only), which carry them through as the float module does:
-        quantised, they became finite garbage (found by an audit). The inputs are
-        summed once, and only when some GEMM would quantise them; a sum that
-        overflows only sends a finite call that way too."""
-        dyn = [self._dyn(r) for r in rows]
-        if any(dyn) and self.qdtype == "int8":
-            for a in inputs:
-                if a is not None and not math.isfinite(float(np.sum(a))):
-                    return [0] * len(dyn)
-        return dyn
+        """(_dyn(r) for r in rows) for a call on these inputs. int8 codes have no NaN or
+        inf: a row holding one is quantised with a NaN scale (src/quant_gemm.h,
+        qg_row_scale), so its products are NaN as the float module's are, and the other
+        rows are untouched. (Until session 33 a call with NaN or inf in x or h0 ran
+        weight-only instead, after summing them: a StreamPool summed its whole state
+        table every step, and one stream's NaN changed the others' numbers.)"""
+        return [self._dyn(r) for r in rows]
 
     def train(self, mode=True):
         # switching a quantised copy to training mode changes nothing it computes
