@@ -77,7 +77,9 @@ def l2_bytes():
 
 
 def check_amx_setting():
-    """FASTRNN_AMX, if set, must be "0" (no AMX tiles) or "1" (use them where present)."""
+    """FASTRNN_AMX, if set, must be "0" (no AMX tiles) or "1" (use them where present),
+    exactly: src/amx_bf16.h reads its first character (" 0" passed here, stripped, and
+    the kernels then used AMX while config() said they did not; an audit)."""
     value = os.environ.get("FASTRNN_AMX")
-    if value is not None and value.strip() not in ("0", "1"):
+    if value is not None and value not in ("0", "1"):
         raise ValueError(f"FASTRNN_AMX: expected '0' (no AMX tiles) or '1', got {value!r}")

@@ -130,6 +130,7 @@ cdef class Stack:
     cdef readonly int fmt, cell, G, L, D, n_runs
     cdef readonly Py_ssize_t input_size, hidden_size
     cdef list keep
+    cdef bint ready      # __init__ ran to its end (forward runs only then)
 
     def __cinit__(self):
         self.runs = NULL
@@ -139,6 +140,10 @@ cdef class Stack:
 
     def __init__(self, fmt, cell, Py_ssize_t input_size, Py_ssize_t hidden_size, int L, int D,
                  list packs):
+        # once only: a second call that failed half-way left new sizes over the old
+        # runs, which forward then read past (found by an audit)
+        if self.runs != NULL:
+            raise RuntimeError("Stack: already initialised")
         if fmt not in FORMATS:
             raise ValueError(f"fmt: expected one of {sorted(FORMATS)}, got {fmt!r}")
         if cell not in CELLS:
@@ -187,6 +192,7 @@ cdef class Stack:
             R.out_stride = D * H
             R.h0 = R.c0 = NULL
             R.hn = R.cn = NULL
+        self.ready = True
 
     def forward(self, int isa, int dyn_ih, int dyn_hh, x, h0, c0, hn, cn, rows_in, rows_out,
                 Py_ssize_t n_rows, int n_threads, int row_split_min=0):
@@ -198,6 +204,8 @@ cdef class Stack:
         row_split_min: threads split batch rows from this many rows per thread, hidden
         units below (0: always units).
         """
+        if not self.ready:
+            raise RuntimeError("Stack: not initialised (its __init__ failed or did not run)")
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x: expected a numpy array, got {type(x).__name__}")
         cdef cnp.ndarray xa = <cnp.ndarray> x
@@ -287,8 +295,11 @@ cdef class Linear:
     cdef const int32_t *wz
     cdef const float *bias
     cdef tuple keep
+    cdef bint ready      # __init__ ran to its end (forward runs only then)
 
     def __init__(self, fmt, Py_ssize_t in_features, Py_ssize_t out_features, w, ws, wz, bias):
+        if self.keep is not None:    # once only (see Stack.__init__)
+            raise RuntimeError("Linear: already initialised")
         if fmt not in FORMATS:
             raise ValueError(f"fmt: expected one of {sorted(FORMATS)}, got {fmt!r}")
         if in_features < 1 or out_features < 1:
@@ -303,9 +314,12 @@ cdef class Linear:
         self.ws = <const float *> _opt("ws", ws, cnp.NPY_FLOAT32, npan * 16)
         self.wz = <const int32_t *> _opt("wz", wz, cnp.NPY_INT32, npan * 16)
         self.bias = <const float *> _opt("bias", bias, cnp.NPY_FLOAT32, out_features)
+        self.ready = True
 
     def forward(self, int isa, int dyn, x, int n_threads):
         """y (M, N) for x (M, K) float32 C-contiguous."""
+        if not self.ready:
+            raise RuntimeError("Linear: not initialised (its __init__ failed or did not run)")
         cdef const float *px = <const float *> _data("x", x, cnp.NPY_FLOAT32, np.size(x))
         if np.ndim(x) != 2 or x.shape[1] != self.in_features or x.shape[0] < 1:
             raise ValueError(f"x: expected shape (M, {self.in_features}) with M >= 1, "

@@ -49,7 +49,7 @@ def test_an_l2_shared_by_smt_siblings_is_theirs_in_equal_parts(monkeypatch, tmp_
 
 
 @pytest.mark.parametrize("value,ok", [(None, True), ("0", True), ("1", True), ("false", False),
-                                      ("", False)])
+                                      ("", False), (" 0", False), ("1 ", False)])
 def test_fastrnn_amx_is_0_or_1(value, ok, monkeypatch):
     if value is None:
         monkeypatch.delenv("FASTRNN_AMX", raising=False)

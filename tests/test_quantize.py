@@ -516,3 +516,26 @@ def test_float_weights_are_not_loaded_into_integer_codes(qdtype):
     q = fastrnn.quantize(m, qdtype)
     with pytest.raises(ValueError, match="float values for a quantised module's integer codes"):
         q.load_state_dict({k: p.data for k, p in m.named_parameters()}, strict=False)
+
+
+def test_kernel_objects_initialise_once_and_refuse_to_run_uninitialised():
+    """A second __init__ that failed half-way left new sizes over the old weights, and
+    forward then read past them (a segfault; found by an audit)."""
+    from fastrnn import _quantized
+    w = np.zeros(1 * 4 * 64, np.uint8)                 # one float32 panel, K padded to 4
+    lin = _quantized.Linear("float32", 4, 4, w, None, None, None)
+    with pytest.raises(RuntimeError, match="already initialised"):
+        lin.__init__("float32", 200000, 16, w, None, None, None)
+    assert (lin.in_features, lin.out_features) == (4, 4)
+    assert lin.forward(0, 0, np.ones((1, 4), np.float32), 1).shape == (1, 4)
+    stack = fastrnn.quantize(fastrnn.GRU(3, 5, seed=0).eval(), "int8")._kernels()
+    with pytest.raises(RuntimeError, match="already initialised"):
+        stack.__init__("int8", "gru", 3, 5, 1, 1, [])
+    x = np.ones((1, 1, 3), np.float32)
+    for blank in (_quantized.Linear.__new__(_quantized.Linear),
+                  _quantized.Stack.__new__(_quantized.Stack)):
+        with pytest.raises(RuntimeError, match="not initialised"):
+            if isinstance(blank, _quantized.Linear):
+                blank.forward(0, 0, x[0], 1)
+            else:
+                blank.forward(0, 0, 0, x, None, None, None, None, None, None, 1, 1)
