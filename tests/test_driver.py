@@ -116,9 +116,12 @@ def test_bidirectional_directions_at_once_equal_one_after_the_other(mode, batch,
             grads = [p.grad.copy() for p in m.parameters()]
             m.eval()
             out_eval, _ = m(x)
-            results.append([out, dx, out_eval] + grads)
+            flat = lambda s: list(s) if isinstance(s, tuple) else [s]   # noqa: E731
+            results.append([out, dx, out_eval] + flat(state) + flat(dstate) + grads)
     finally:
         fastrnn.set_num_threads(before)
+    assert len(results[0]) == len(results[1]) == 3 + (4 if mode == "LSTM" else 2) \
+        + len(list(m.parameters()))
     for a, b in zip(*results):
         assert np.array_equal(a, b)
 

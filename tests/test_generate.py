@@ -104,10 +104,19 @@ def test_generate_ids_and_start_ids():
     assert start_ids(CharTokenizer.fit("ab"))[0] == 0
 
 
-def test_word_generation_primes_mid_sentence():
+def test_word_generation_primes_mid_sentence(monkeypatch):
+    """A word prime without a final newline continues its sentence: the model is primed
+    with the prime's words and no <eos> after them."""
+    from fastrnn import generate as gen_mod
     word = WordTokenizer.fit("the cat sat on the mat\n" * 20)
     model = RNNLanguageModel(word.vocab_size, 4, 8, cell="gru", seed=0)
+    primed = []
+    real = gen_mod.generate_ids
+    monkeypatch.setattr(gen_mod, "generate_ids",
+                        lambda m, ids, *a, **k: primed.append(list(ids)) or real(m, ids, *a, **k))
     text = generate(model, word, prime="the cat", length=6, seed=0)
+    assert primed == [list(word.encode("the cat", final_eos=False))]
+    assert primed[0] == list(word.encode("the cat"))[:-1]          # the <eos> left out
     assert isinstance(text, str) and len(text.split()) <= 6
 
 

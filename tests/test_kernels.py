@@ -42,6 +42,19 @@ def make_case(cell, dtype, shape, bias, with_lengths, with_state, seed):
     return case
 
 
+def live_case(cell, dtype, shape, bias, with_lengths, with_state, seed):
+    """(make_case(...), seed) with the seed moved on while the reference's outputs are
+    all zero: a ReLU cell can draw weights under which every unit is dead, and then its
+    outputs and gradients are exactly 0 on both sides and the comparison checks nothing
+    (the crc32 seed of one (1, 1, 3, 5) case did: a review of the tests)."""
+    for _ in range(16):
+        case = make_case(cell, dtype, shape, bias, with_lengths, with_state, seed)
+        if cell != "rnn_relu" or any(np.any(o != 0) for o in run(R, cell, case, False, 0)[0]):
+            return case, seed
+        seed += 1
+    raise AssertionError(f"{cell} {shape}: 16 seeds in a row gave dead units")
+
+
 def run(module, cell, case, reverse, dy_seed):
     """Forward then backward with random output gradients; returns all arrays."""
     rng = np.random.default_rng(dy_seed)
@@ -101,7 +114,7 @@ def test_kernel_matches_reference(cell, dtype, shape, variant):
     with_lengths = variant.startswith("lengths")
     reverse = variant.endswith("reverse")
     seed = zlib.crc32(repr((cell, shape, variant)).encode())
-    case = make_case(cell, dtype, shape, bias, with_lengths, with_state, seed)
+    case, seed = live_case(cell, dtype, shape, bias, with_lengths, with_state, seed)
     outs, grads = run(F, cell, case, reverse, seed + 1)
     ref_outs, ref_grads = run(R, cell, case, reverse, seed + 1)
     for got, want in zip(outs, ref_outs):

@@ -62,7 +62,22 @@ def test_the_window_is_set_from_the_environment_at_import():
     assert _window_in_child(GOMP_SPINCOUNT="INFINITE") == math.inf
     default = _window_in_child()
     assert 0 < default < 1000                       # ms; ~8 on the Zen 4 EPYC guest
-    assert _window_in_child(GOMP_SPINCOUNT="3M") > 5 * default
+
+
+def test_configure_sets_the_window_from_the_spin_count_and_the_pause(monkeypatch):
+    """The window is spins x pause x margin (each child measures its own pause, so two
+    processes' windows were compared against a bound before)."""
+    kept = _recurrent.openmp_spin_window()
+    monkeypatch.setattr(_recurrent, "pause_ns", lambda: 20.0)
+    try:
+        for env, spins in [({"GOMP_SPINCOUNT": "3M"}, 3_000_000), ({}, DEFAULT_SPINS)]:
+            want = _openmp_wait.spin_window_seconds(spins, 20.0)
+            assert _openmp_wait.configure(env) == pytest.approx(want)
+            assert _recurrent.openmp_spin_window() == pytest.approx(want)
+        assert _openmp_wait.configure({"GOMP_SPINCOUNT": "3M"}) == \
+            pytest.approx(10 * _openmp_wait.configure({"GOMP_SPINCOUNT": "300K"}))
+    finally:
+        _recurrent.set_openmp_spin_window(kept)
 
 
 def test_set_openmp_spin_window_is_what_the_test_hook_restores():

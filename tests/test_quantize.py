@@ -287,6 +287,9 @@ def test_file_size(tmp_path, qdtype, ratio):
 def test_language_model_quantised_and_saved(tmp_path):
     lm = fastrnn.RNNLanguageModel(30, 16, 48, num_layers=2, seed=0).eval()
     q = fastrnn.quantize(lm, "int8")
+    assert isinstance(q, Q.QuantizedLanguageModel)
+    assert isinstance(q.rnn, Q.QuantizedLSTM) and q.rnn.qdtype == "int8"
+    assert isinstance(q.decoder, Q.QuantizedLinear) and q.decoder.qdtype == "int8"
     ids = np.random.default_rng(0).integers(0, 30, (7, 3))
     lf, _ = lm(ids)
     lq, (h, c) = q(ids)
@@ -301,6 +304,8 @@ def test_language_model_quantised_and_saved(tmp_path):
 def test_sequential_quantises_children():
     seq = fastrnn.nn.Sequential(fastrnn.nn.Linear(4, 8, rng=0), fastrnn.nn.Linear(8, 2, rng=1))
     q = fastrnn.quantize(seq, "bfloat16")
+    assert [type(m) for m in q] == [Q.QuantizedLinear] * 2
+    assert all(m.qdtype == "bfloat16" for m in q)
     x = np.ones((3, 4), np.float32)
     assert np.abs(q(x) - seq(x)).max() < 1e-2
 
