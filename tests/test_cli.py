@@ -423,10 +423,11 @@ def test_version_and_the_dask_extra_named_when_missing(capsys):
 
 
 @pytest.mark.parametrize("command", [["train", "--time-budget", "1"],
-                                     ["generate", "m.npz", "--length", "5"]])
+                                     ["generate", "m.npz", "--length", "5"],
+                                     ["bench", "--mode", "forward"]])
 def test_a_thread_count_past_the_limit_is_a_usage_error_naming_the_option(command, capsys):
     """(An audit found set_num_threads' "n must be in [1, 4096]" raised after the data
-    had loaded.)"""
+    had loaded; `fastrnn bench` ended in that traceback until session 33.)"""
     with pytest.raises(SystemExit) as e:
         main(command + ["--threads", "100000"])
     assert e.value.code == 2

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from fastrnn._argtypes import nonneg_int, positive_float, positive_int
+from fastrnn._argtypes import nonneg_int, positive_float, positive_int, thread_count
 from fastrnn.benchmark import common
 from fastrnn.benchmark.engines import ENGINES, Case, EngineUnavailable, available_peers
 from fastrnn.benchmark.timing import (MIN_SAMPLE_DEFAULT, machine_load,
@@ -120,7 +120,7 @@ def build_parser():
                         "config given by -I/-H/-T/-B), with the issue-10 targets and max abs "
                         "output errors")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--threads", type=positive_int, default=2,
+    p.add_argument("--threads", type=thread_count, default=2,
                    help="threads for every engine (default 2)")
     p.add_argument("--peers", type=_peers_arg, default=None,
                    help="comma-separated peers among torch,onnxruntime, or none "
