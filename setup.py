@@ -66,6 +66,8 @@ class BuildExt(build_ext):
             if has_omp:
                 args.append("-fopenmp")
                 link.append("-fopenmp")
+                if ext.name == "fastrnn._openmp" and sys.platform.startswith("linux"):
+                    link.append("-ldl")    # dladdr/dlsym (in libc itself from glibc 2.34)
             else:
                 args.append("-fopenmp-simd")
             if sanitize:  # replaces the optimisation level chosen above

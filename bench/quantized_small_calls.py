@@ -46,8 +46,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for name in ("I", "H", "layers", "capacity", "streams", "calls", "samples"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name if len(name) > 1 else name}: expected an integer >= 1, "
-                     f"got {getattr(args, name)}")
+            option = f"-{name}" if len(name) == 1 else f"--{name}"
+            ap.error(f"{option}: expected an integer >= 1, got {getattr(args, name)}")
     if args.streams > args.capacity:
         ap.error(f"--streams: expected at most --capacity ({args.capacity}), got {args.streams}")
     info = fastrnn.config()

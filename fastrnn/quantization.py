@@ -334,14 +334,22 @@ class _QuantizedBase(Module):
             return 1 if rows >= AUTO_DYNAMIC_MIN_ROWS else 0
         return 1 if bf16_auto_is_dynamic() else 0
 
-    def _dyn_for(self, rows, *inputs):
-        """(_dyn(r) for r in rows) for a call on these inputs. int8 codes have no NaN or
-        inf: a row holding one is quantised with a NaN scale (src/quant_gemm.h,
-        qg_row_scale), so its products are NaN as the float module's are, and the other
-        rows are untouched. (Until session 33 a call with NaN or inf in x or h0 ran
-        weight-only instead, after summing them: a StreamPool summed its whole state
-        table every step, and one stream's NaN changed the others' numbers.)"""
-        return [self._dyn(r) for r in rows]
+    def _dyn_for(self, rows, *inputs, state_rows=None):
+        """(_dyn(r) for r in rows) for a call on these inputs (arrays or None; with
+        state_rows, the inputs after the first are state tables read at those rows).
+        int8 codes have no NaN or inf, so a call with one in its inputs runs on the float
+        inputs instead (weight-only), which carry them through as the float module does
+        (an inf in x saturates a gate, finite). A row that comes to hold one inside the
+        call (a ReLU state that overflows) gets a NaN scale (src/quant_gemm.h,
+        qg_row_scale): NaN, not the finite numbers it became before session 33. The
+        check is a C loop over the values the call reads (a StreamPool's step: its rows
+        of the state table, not the whole table, as the NumPy sum before read)."""
+        dyn = [self._dyn(r) for r in rows]
+        if any(dyn) and self.qdtype == "int8":
+            for k, a in enumerate(inputs):
+                if not _quantized.all_finite(a, state_rows if k > 0 else None):
+                    return [0] * len(dyn)
+        return dyn
 
     def train(self, mode=True):
         # switching a quantised copy to training mode changes nothing it computes
@@ -465,7 +473,7 @@ class _QuantizedRecurrent(_QuantizedBase):
                 and not self._dyn(B)):
             return self._run_float(x, h0, c0, hn, cn)
         stack = self._kernels()
-        dyn_x, dyn_h = self._dyn_for((T * B, B), x, h0)
+        dyn_x, dyn_h = self._dyn_for((T * B, B), x, h0, c0, state_rows=rows_in)
         return stack.forward(_level(), dyn_x, dyn_h, x, h0, c0, hn, cn, rows_in, rows_out,
                              n_rows, self._threads(T, B), ROW_SPLIT_MIN_ROWS)
 

@@ -15,8 +15,28 @@ cdef extern from *:
      * fork-safe: a child's first region of 2+ threads waits for threads it does not
      * have. Pausing (OpenMP 5.0; libgomp from GCC 9) ends them; the next region starts
      * new ones. LLVM's libomp handles a fork itself. -1: not available here. */
-    #if defined(_OPENMP) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 9
-    static int fastrnn_omp_pause(void) { return omp_pause_resource_all(omp_pause_soft); }
+    #if defined(_OPENMP) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+    #include <dlfcn.h>
+    /* Looked up at run time in the libgomp that is loaded (found by one of its symbols):
+     * a link-time reference would need its OMP_5.0 symbol version, and a libgomp older
+     * than GCC 9's would then stop the module from loading. */
+    static int fastrnn_omp_pause(void)
+    {
+        static int (*pause_all)(int);
+        static int looked;
+        if (!looked) {
+            Dl_info info;
+            if (dladdr((void *)omp_get_max_threads, &info) && info.dli_fname) {
+                void *lib = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+                if (lib) {
+                    pause_all = (int (*)(int))dlsym(lib, "omp_pause_resource_all");
+                    dlclose(lib);    /* (NOLOAD: the library stays, as it was loaded) */
+                }
+            }
+            looked = 1;
+        }
+        return pause_all ? pause_all(1 /* omp_pause_soft */) : -1;
+    }
     #else
     static int fastrnn_omp_pause(void) { return -1; }
     #endif

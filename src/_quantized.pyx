@@ -9,7 +9,7 @@ the argument and give the expected and actual value.
 """
 cimport numpy as cnp
 from libc.stdlib cimport malloc, free
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint32_t
 
 import numpy as np
 
@@ -74,6 +74,52 @@ def cpu_level():
 def split_by_rows(Py_ssize_t B, int n_threads, int row_split_min):
     """Whether Stack.forward's threads split batch rows (True) or hidden units."""
     return bool(qg_split_by_rows(B, max(1, n_threads), row_split_min))
+
+
+def all_finite(a, rows=None):
+    """Are the values of `a` (a float32 array, C-contiguous; None: True) all finite?
+    With `rows` (intp, each in range): `a` is a (S, R, H) state table and only its rows
+    `rows` of axis 1 count (a StreamPool passes its whole table and the rows a step
+    uses). A C loop over the exponent bits (vectorised: an OR of comparisons): the NumPy
+    sum used before cost a one-step call 4 us and a pool step of 8 of 1,024 streams
+    115 us."""
+    if a is None:
+        return True
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"all_finite: expected a numpy array, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32 or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise TypeError("all_finite: expected a C-contiguous float32 array")
+    cdef const uint32_t *u = <const uint32_t *> cnp.PyArray_DATA(arr)
+    cdef Py_ssize_t k, s, S, R, H, nr
+    cdef const Py_ssize_t *pr
+    cdef uint32_t bad = 0
+    if rows is None:
+        with nogil:
+            bad = nonfinite_bits(u, cnp.PyArray_SIZE(arr))
+        return bad == 0
+    if cnp.PyArray_NDIM(arr) != 3:
+        raise ValueError(f"all_finite: rows need a (S, R, H) table, got shape {a.shape}")
+    S, R, H = arr.shape[0], arr.shape[1], arr.shape[2]
+    nr = np.size(rows)
+    pr = <const Py_ssize_t *> _data("rows", rows, cnp.NPY_INTP, nr)
+    for k in range(nr):
+        if pr[k] < 0 or pr[k] >= R:
+            raise IndexError(f"rows: row {pr[k]} out of range [0, {R})")
+    with nogil:
+        for s in range(S):
+            for k in range(nr):
+                bad |= nonfinite_bits(u + (s * R + pr[k]) * H, H)
+    return bad == 0
+
+
+cdef inline uint32_t nonfinite_bits(const uint32_t *u, Py_ssize_t n) noexcept nogil:
+    """Nonzero when some of the n floats (as bits) is NaN or +-inf: exponent all ones."""
+    cdef uint32_t bad = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        bad |= (u[i] & 0x7F800000u) == 0x7F800000u
+    return bad
 
 
 def bf16_dot_pays():

@@ -126,7 +126,7 @@ def test_cell_eval_fast_path_is_the_general_path_and_the_reference(case):
 @st.composite
 def quantised_calls(draw):
     from fastrnn import quantization as Q
-    cell = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
+    cell = draw(st.sampled_from(["LSTM", "GRU", "RNN", "RNN_RELU"]))
     qdtype, mode = draw(st.sampled_from([("int8", "auto"), ("int8", "weight_only"),
                                          ("int8", "dynamic"), ("bfloat16", "auto"),
                                          ("bfloat16", "weight_only"),
@@ -134,15 +134,19 @@ def quantised_calls(draw):
     isa = draw(st.sampled_from(Q.available_isas()))
     T, B = draw(sizes(5, 24)), draw(sizes(6, 40))
     I, H = draw(sizes(12, 80)), draw(sizes(16, 96))
+    kw = {"nonlinearity": "relu"} if cell == "RNN_RELU" else {}
+    cell = cell[:3] if cell == "RNN_RELU" else cell
     m = getattr(fastrnn, cell)(I, H, num_layers=draw(st.integers(1, 2)),
                                bidirectional=draw(st.booleans()), bias=draw(st.booleans()),
-                               seed=draw(st.integers(0, 1000))).eval()
+                               seed=draw(st.integers(0, 1000)), **kw).eval()
     q = fastrnn.quantize(m, qdtype, mode)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     LD = m.num_layers * m.num_directions
     h0 = (0.5 * rng.standard_normal((LD, B, H))).astype(np.float32)
     c0 = (0.5 * rng.standard_normal((LD, B, H))).astype(np.float32)
+    if draw(st.booleans()):
+        h0 = c0 = None                 # zeros
     threads = draw(st.sampled_from([1, 2]))
     note(f"{m!r} {qdtype}/{mode} isa={isa} T={T} B={B} threads={threads}")
     return q, cell, isa, x, h0, c0, threads
@@ -160,8 +164,8 @@ def test_quantised_stacks_match_their_twin(case):
     which then carries on through the steps and layers after it (the long profile found
     an int8 GRU at 1.1e-3 and a two-layer bf16 RNN at 3.8e-3). There the first step of
     a one-layer stack, which rounds only the caller's x and h0 (the same codes on both
-    sides), is held to 2e-6, and the rest to 5e-2 of the outputs' scale: an indexing
-    bug moves outputs by far more."""
+    sides), is held to 2e-6, and the rest to 2e-2 of the outputs' scale, five times the
+    largest such drift seen: an indexing bug moves outputs by far more."""
     from fastrnn import quant_reference as QR
     from fastrnn import quantization as Q
     q, cell, isa, x, h0, c0, threads = case
@@ -170,7 +174,7 @@ def test_quantised_stacks_match_their_twin(case):
     Q.set_isa(isa)
     try:
         with num_threads(threads):
-            out, state = q(x, (h0, c0) if cell == "LSTM" else h0)
+            out, state = q(x, None if h0 is None else (h0, c0) if cell == "LSTM" else h0)
         dyn_ih, dyn_hh = q._dyn(T * B), q._dyn(B)
         y, hr, cr = QR.stack_forward(q, x, h0, c0 if cell == "LSTM" else None, dyn_ih, dyn_hh)
     finally:
@@ -185,7 +189,7 @@ def test_quantised_stacks_match_their_twin(case):
         np.testing.assert_allclose(out[0, :, :H], y[0, :, :H], atol=2e-6, rtol=0)
         if q.bidirectional:
             np.testing.assert_allclose(out[-1, :, H:], y[-1, :, H:], atol=2e-6, rtol=0)
-    tol = 5e-2 if on_the_fly else 2e-6
+    tol = 2e-2 if on_the_fly else 2e-6
     for k, (a, b) in enumerate(zip(got, want)):
         scale = max(1.0, float(np.abs(b).max()))
         np.testing.assert_allclose(a, b, atol=tol * scale, rtol=0, err_msg=f"output {k}")

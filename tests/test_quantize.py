@@ -503,6 +503,27 @@ def test_int8_dynamic_nan_or_inf_arising_inside_is_not_finite_as_in_the_float_mo
     assert not np.isfinite(h_n).any()
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_int8_dynamic_with_inf_in_x_or_the_states_gives_the_float_modules_numbers(cell):
+    """An inf in x saturates a gate: the float module's outputs stay finite. int8 codes
+    cannot hold it, so such a call runs weight-only, as the float module (a NaN scale
+    for the row had made it all NaN; a review of session 33's change)."""
+    rng = np.random.default_rng(0)
+    m = getattr(fastrnn, cell)(4, 8, seed=0).eval()
+    q = fastrnn.quantize(m, "int8", "dynamic")
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    x[0, 0, 1] = np.inf
+    h0 = (0.5 * rng.standard_normal((1, 2, 8))).astype(np.float32)
+    c0 = h0.copy()
+    c0[0, 1, 2] = -np.inf
+    hx = (h0, c0) if cell == "LSTM" else h0
+    with np.errstate(all="ignore"):
+        want = m(x, hx)[0]
+    got = q(x, hx)[0]
+    assert np.isfinite(want).all()          # one inf per row: a saturated gate, no NaN
+    np.testing.assert_allclose(got, want, atol=5e-2)
+
+
 def test_int8_dynamic_rows_of_tiny_values_count_as_zeros(isa):
     """127 / amax overflowed for rows below ~4e-37: every code became +-127 (kernel)
     or NaN (twin). Rows below 1e-30 now quantise to zeros in both."""
