@@ -5,11 +5,13 @@
 "highest" (the default) and "high": every product of a float32 layer in float32.
 "medium": the recurrent layers' GEMMs (input projection, recurrent product,
 backward's dh = da W_hh) may round their operands to bf16 and sum in float32
-(src/bf16_gemm.h), as PyTorch allows under "medium". fastrnn does so where the
-CPU runs bf16 dot products faster than float32 FMAs: AVX512-BF16 on AMD (Zen 4:
-twice the rate) with the float kernels at ISA avx512. Elsewhere "medium" runs
-float32, as "highest" does. A projected LSTM (proj_size), the single-step cells,
-float64 and dW (an after-loop GEMM) stay in full precision.
+(src/bf16_gemm.h, src/amx_bf16.h), and so may backward's dX and dW GEMMs after the
+loop, as PyTorch allows under "medium". fastrnn does so where the CPU runs bf16 dot
+products faster than float32 FMAs, with the float kernels at ISA avx512: AMX-BF16
+tiles (Intel Xeon from Sapphire Rapids on) or AVX512-BF16 on AMD (Zen 4: twice the
+rate). Elsewhere "medium" runs float32, as "highest" does. A projected LSTM
+(proj_size), the single-step cells and float64 stay in full precision
+(docs/precision.md).
 
 Each product then carries bf16's rounding (8 bits of mantissa: a relative error
 up to 2^-9 per operand); see docs/precision.md for what that does to training.

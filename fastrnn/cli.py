@@ -294,7 +294,7 @@ def cmd_train(args, out):
           f"{nparams:,} parameters", file=out, flush=True)
     if cfg.matmul_precision == "medium" and not _precision.medium_runs_bf16():
         print("matmul-precision 'medium': this CPU runs bf16 products no faster than "
-              "float32 (that needs AVX512-BF16 on AMD Zen 4), so they run in float32 "
+              "float32 (that needs AMX-BF16 tiles or AVX512-BF16 on AMD Zen 4), so they run in float32 "
               "(docs/precision.md)", file=out, flush=True)
     res = trainer.run(progress=not args.no_progress, save_path=args.save,
                       save_every=args.save_every, save_best=args.save_best,
