@@ -84,8 +84,25 @@ class full_precision:
         _local.full = self._before
 
 
+class bf16_precision:
+    """`with bf16_precision():` this thread's float32 products on bf16 operands for the
+    block, where "medium" would run them so, whatever the setting: what a bf16 quantised
+    stack's float32 twin runs on AMX tiles (fastrnn/quantization.py). Other threads keep
+    their setting."""
+    __slots__ = ("_before",)
+
+    def __enter__(self):
+        self._before = getattr(_local, "bf16", False)
+        _local.bf16 = True
+
+    def __exit__(self, *exc):
+        _local.bf16 = self._before
+
+
 def bf16_products(dtype):
     """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
-    if _precision != "medium" or np.dtype(dtype) != np.float32 or getattr(_local, "full", False):
+    if np.dtype(dtype) != np.float32 or getattr(_local, "full", False):
+        return False
+    if _precision != "medium" and not getattr(_local, "bf16", False):
         return False
     return medium_runs_bf16()

@@ -72,6 +72,12 @@ ROW_SPLIT_MIN_ROWS = 16
 # float32): B=8 10.5 / 8.2 against 11.0 / 7.7, B=16 21.5 / 16.6 against 20.4 / 14.5,
 # B=64 85.5 / 68.5 against 74.1 / 53.3.
 BF16_FLOAT_MIN_BATCH = 16
+# bfloat16 "dynamic" and "auto" from this many batch rows, on a CPU with AMX-BF16 tiles:
+# the float32 twin with bf16 products on the tiles (bf16_on_amx). Xeon (AMX, 2 threads),
+# LSTM I=H=512 T=50, ms at B = 1 / 2 / 8 / 64: the tiles 1.20 / 1.37 / 2.14 / 12.7,
+# weight-only 1.17 / 1.75 / 5.55 / 42.4, vdpbf16ps (half rate there) 1.20 / 2.35 / 8.91 /
+# 71.4; LSTM I=H=1024 T=25 B=1: 5.55 against 4.59 and 4.89 (session 33).
+BF16_AMX_MIN_BATCH = 2
 
 _CPU_LEVEL = _quantized.cpu_level()
 _BF16_DOT_PAYS = _quantized.bf16_dot_pays()
@@ -115,9 +121,22 @@ def isa():
 
 
 def bf16_auto_is_dynamic():
-    """Whether bfloat16 mode "auto" rounds GEMM inputs to bf16 (vdpbf16ps) at the
-    current ISA level: at avx512_bf16, on CPUs where vdpbf16ps pays (src/quant_gemm.h)."""
-    return _level() == ISAS["avx512_bf16"] and _BF16_DOT_PAYS
+    """Whether bfloat16 mode "auto" rounds GEMM inputs to bf16 at the current ISA level:
+    at avx512_bf16, on CPUs where vdpbf16ps pays (AMD Zen 4: src/quant_gemm.h) or that
+    have AMX-BF16 tiles (bf16_on_amx: calls of BF16_AMX_MIN_BATCH rows or more run on
+    them, and the rest on vdpbf16ps, so that a mode's numbers do not depend on the
+    batch)."""
+    return _level() == ISAS["avx512_bf16"] and (_BF16_DOT_PAYS or bf16_on_amx())
+
+
+def bf16_on_amx():
+    """Do bfloat16 stacks in mode "dynamic" or "auto" run calls of BF16_AMX_MIN_BATCH
+    rows or more on AMX tiles (their float32 twin with bf16 products: the numbers of
+    "dynamic", every GEMM input rounded to bf16)? Where the CPU has AMX-BF16, the float
+    kernels run at ISA avx512 and the quantised ones at avx512_bf16 (not forced lower)."""
+    from fastrnn import _isa as float_isa, _recurrent
+    return (_level() == ISAS["avx512_bf16"] and float_isa.get_isa() == "avx512"
+            and _recurrent._amx_bf16())
 
 
 def _level():
@@ -265,6 +284,7 @@ def _check_choice(name, value, choices):
 
 
 class _QuantizedBase(Module):
+    _amx_auto = False
     """Buffers, the packed-weight cache (built once under a lock) and inference-only rules."""
 
     def __init__(self, qdtype, mode):
@@ -332,7 +352,9 @@ class _QuantizedBase(Module):
             return 1
         if self.qdtype == "int8":
             return 1 if rows >= AUTO_DYNAMIC_MIN_ROWS else 0
-        return 1 if bf16_auto_is_dynamic() else 0
+        if self._amx_auto:
+            return 1 if bf16_auto_is_dynamic() else 0
+        return 1 if _level() == ISAS["avx512_bf16"] and _BF16_DOT_PAYS else 0
 
     def _dyn_for(self, rows, *inputs, state_rows=None):
         """(_dyn(r) for r in rows) for a call on these inputs (arrays or None; with
@@ -371,6 +393,10 @@ _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
 
 class _QuantizedRecurrent(_QuantizedBase):
+    # bf16 "auto" is dynamic on AMX machines too (their calls of 2+ rows run on the
+    # tiles); a Linear, which has no twin on them, keeps weight-only there
+    _amx_auto = True
+
     """Shared by the quantised stacks and cells: buffers per run and the stack kernel."""
 
     mode_name = "LSTM"
@@ -450,12 +476,13 @@ class _QuantizedRecurrent(_QuantizedBase):
                     object.__setattr__(self, "_twin", twin)
         return twin
 
-    def _run_float(self, x, h0, c0, hn, cn):
+    def _run_float(self, x, h0, c0, hn, cn, bf16=False):
         """_run on the float32 twin (bf16 weights widened): same arguments and outputs.
-        In full precision whatever set_float32_matmul_precision says: weight-only keeps
-        the inputs float32 (under "medium" the twin rounded them to bf16; an audit)."""
+        bf16 False (weight-only): in full precision whatever set_float32_matmul_precision
+        says, the inputs stay float32 (under "medium" the twin rounded them to bf16; an
+        audit). bf16 True (dynamic, on AMX tiles): every GEMM input rounded to bf16."""
         twin = self._float_twin()
-        with _precision.full_precision():
+        with _precision.bf16_precision() if bf16 else _precision.full_precision():
             if self.mode_name == "LSTM":
                 # (h0, c0) with either None (zeros), as the kernels take them; dropping c0
                 # when h0 was None started the cell from zeros (found by an audit)
@@ -466,9 +493,32 @@ class _QuantizedRecurrent(_QuantizedBase):
         hn[...] = h
         return y
 
+    def _on_amx(self, B):
+        """Does a bf16 call of B rows run its float32 twin on AMX tiles (dynamic)?"""
+        return (self.qdtype == "bfloat16" and B >= BF16_AMX_MIN_BATCH and self._dyn(B)
+                and bf16_on_amx())
+
+    def _modes(self, T, B):
+        """(dyn_ih, dyn_hh): whether a call of T steps and B rows rounds its inputs to
+        bf16 (or quantises them), as the NumPy twin (quant_reference) takes them."""
+        return self._dyn(T * B), self._dyn(B)
+
     def _run(self, x, h0, c0, hn, cn, rows_in=None, rows_out=None, n_rows=0):
         """x (T, B, I) float32 contiguous -> y (T, B, D*H); states as in Stack.forward."""
         T, B = x.shape[0], x.shape[1]
+        if self._on_amx(B):
+            if rows_in is None:
+                return self._run_float(x, h0, c0, hn, cn, bf16=True)
+            # a StreamPool's step: its rows of the state tables, run, written back
+            # (copies: the pool gives one table as h0 and hn)
+            take = lambda t: None if t is None else t[:, rows_in]   # noqa: E731
+            hs = np.empty((hn.shape[0], B, hn.shape[2]), np.float32)
+            cs = None if cn is None else np.empty_like(hs)
+            y = self._run_float(x, take(h0), take(c0), hs, cs, bf16=True)
+            hn[:, rows_out] = hs
+            if cn is not None:
+                cn[:, rows_out] = cs
+            return y
         if (self.qdtype == "bfloat16" and B >= BF16_FLOAT_MIN_BATCH and rows_in is None
                 and not self._dyn(B)):
             return self._run_float(x, h0, c0, hn, cn)

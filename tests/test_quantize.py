@@ -60,10 +60,10 @@ def test_stack_matches_twin(isa, cell, qdtype, mode, shape):
     h0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
     c0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
     out, st = q(x, (h0, c0) if cell == "LSTM" else h0)
-    dyn_ih, dyn_hh = q._dyn(T * B), q._dyn(B)
+    dyn_ih, dyn_hh = q._modes(T, B)
     assert dyn_hh == (mode == "dynamic" or (mode == "auto" and qdtype == "int8")
-                      or (mode == "auto" and qdtype == "bfloat16" and Q._BF16_DOT_PAYS
-                          and isa == "avx512_bf16"))
+                      or (mode == "auto" and qdtype == "bfloat16" and isa == "avx512_bf16"
+                          and (Q._BF16_DOT_PAYS or Q.bf16_on_amx())))
     y, hr, cr = R.stack_forward(q, x, h0, c0 if cell == "LSTM" else None, dyn_ih, dyn_hh)
     tol = _tol(qdtype, isa)
     if qdtype == "bfloat16" and dyn_hh:
@@ -100,15 +100,39 @@ def test_bf16_large_batch_runs_the_float_driver_on_the_same_weights(cell):
     np.testing.assert_allclose(q(x)[0], R.stack_forward(q, x)[0], atol=2e-6, rtol=0)
 
 
-def test_bf16_dynamic_large_batch_runs_the_bf16_kernel():
-    """bf16 dynamic keeps its own numbers at any batch: no float32 twin."""
+def test_bf16_dynamic_large_batch_keeps_its_numbers():
+    """bf16 dynamic keeps its own numbers at any batch: the bf16 kernel, or where AMX
+    tiles run it, the float32 twin with bf16 products (the same rounding)."""
     m = fastrnn.LSTM(13, 37, seed=5).eval()
     q = fastrnn.quantize(m, "bfloat16", "dynamic")
     x = np.random.default_rng(4).standard_normal((1, 2 * Q.BF16_FLOAT_MIN_BATCH, 13)).astype(np.float32)
     out, _ = q(x)
     np.testing.assert_allclose(out, R.stack_forward(q, x, None, None, True, True)[0],
                                atol=2e-6, rtol=0)
-    assert q._twin is None
+    assert (q._twin is not None) == Q.bf16_on_amx()
+
+
+@pytest.mark.skipif(not Q.bf16_on_amx(), reason="this CPU has no AMX-BF16 tiles")
+@pytest.mark.parametrize("cell", CELLS)
+def test_bf16_on_amx_runs_the_twin_with_bf16_products_pools_too(cell):
+    """Where AMX tiles run bf16 products, bf16 stacks ("auto" and "dynamic") run calls of
+    2+ rows as their float32 twin with bf16 products: the twin's dynamic numbers; a
+    StreamPool step gathers its rows and gets the same; batch 1 stays on vdpbf16ps."""
+    rng = np.random.default_rng(7)
+    m = getattr(fastrnn, cell)(24, 40, num_layers=2, seed=1).eval()
+    q = fastrnn.quantize(m, "bfloat16")                       # auto
+    x = rng.standard_normal((5, 6, 24)).astype(np.float32)
+    out = q(x)[0]
+    assert q._twin is not None and q._on_amx(6) and not q._on_amx(1)
+    np.testing.assert_allclose(out, R.stack_forward(q, x, None, None, 1, 1)[0], atol=2e-6,
+                               rtol=0)
+    one = q(x[:, :1])[0]
+    np.testing.assert_allclose(one, R.stack_forward(q, x[:, :1], None, None, 1, 1)[0],
+                               atol=2e-6, rtol=0)
+    pool = fastrnn.StreamPool(q, 9)
+    ids = [pool.open() for _ in range(6)][::-1]               # rows in another order
+    steps = np.stack([pool.step(ids, np.ascontiguousarray(x[t, ::-1])) for t in range(5)])
+    np.testing.assert_allclose(steps[:, ::-1], out, atol=2e-6, rtol=0)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -161,12 +185,17 @@ def test_bf16_dynamic_rounds_activations_to_nearest_even_on_every_isa():
 
 
 def test_bf16_auto_follows_the_cpu():
-    """mode 'auto' is dynamic exactly where vdpbf16ps runs and pays, else weight-only."""
+    """mode 'auto' is dynamic exactly where vdpbf16ps runs and pays, or (recurrent
+    modules) where AMX tiles run the calls of 2 rows or more; else weight-only."""
     q = fastrnn.quantize(fastrnn.nn.Linear(8, 4, rng=0), "bfloat16")
+    r = fastrnn.quantize(fastrnn.GRU(8, 4, seed=0).eval(), "bfloat16")
     for name in Q.available_isas():
         Q.set_isa(name)
-        assert q._dyn(5) == int(name == "avx512_bf16" and Q._BF16_DOT_PAYS), name
-        assert Q.bf16_auto_is_dynamic() == bool(q._dyn(5))
+        at_bf16 = name == "avx512_bf16"
+        assert q._dyn(5) == int(at_bf16 and Q._BF16_DOT_PAYS), name
+        assert r._dyn(1) == r._dyn(5) == int(at_bf16 and (Q._BF16_DOT_PAYS or Q.bf16_on_amx()))
+        assert Q.bf16_auto_is_dynamic() == bool(r._dyn(5))
+        assert r._on_amx(5) == (at_bf16 and Q.bf16_on_amx()) and not r._on_amx(1)
         assert fastrnn.config()["quantized_isa"] == name
     Q.set_isa(None)
     assert fastrnn.quantize(fastrnn.nn.Linear(8, 4, rng=0), "bfloat16", "weight_only")._dyn(5) == 0
@@ -209,10 +238,11 @@ def test_cells_match_twin(isa, cls, qdtype):
     h = (0.3 * rng.standard_normal((2, 21))).astype(np.float32)
     lstm = cls == "LSTMCell"
     res = q(x, (h, h) if lstm else h)
-    h1r, c1r = R.cell_forward(q, x, h, h if lstm else None, q._dyn(2), q._dyn(2))
+    h1r, c1r = R.cell_forward(q, x, h, h if lstm else None, *q._modes(1, 2))
     tol = _tol(qdtype, isa)
     np.testing.assert_allclose(res[0] if lstm else res, h1r, atol=tol, rtol=0)
     one = q(x[0], (h[0], h[0]) if lstm else h[0])          # unbatched
+    h1r, c1r = R.cell_forward(q, x[:1], h[:1], h[:1] if lstm else None, *q._modes(1, 1))
     np.testing.assert_allclose(one[0] if lstm else one, h1r[0], atol=tol, rtol=0)
 
 
