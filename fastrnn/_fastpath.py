@@ -257,12 +257,7 @@ def _bf16_layer(cell, x):
     """Does this layer call run its GEMMs on bf16 operands (matmul precision "medium",
     or this thread inside _precision.bf16_precision: a bf16 quantised stack's twin)?
     Then the general path serves it; the fast path's kernels are float32."""
-    return (not cell and (_precision._precision == "medium" or _bf16_here())
-            and _precision.bf16_products(getattr(x, "dtype", np.float64)))
-
-
-def _bf16_here():
-    return getattr(_precision._local, "bf16", False)
+    return not cell and _precision.bf16_products(getattr(x, "dtype", np.float64))
 
 
 def _fast_call(module, cell, x, hx):

@@ -28,7 +28,7 @@ PRECISIONS = ("highest", "high", "medium")
 
 _precision = "highest"
 _force_bf16 = False   # tests: run the bf16 path at any ISA (widening kernels where no vdpbf16ps)
-_local = threading.local()   # .full: this thread's products in float32 whatever the setting
+_local = threading.local()   # .full / .bf16: this thread's setting (the classes below)
 
 
 def set_float32_matmul_precision(precision):
@@ -68,41 +68,44 @@ def medium_runs_bf16():
     return _isa.get_isa() == "avx512" and (_quantized.bf16_dot_pays() or _recurrent._amx_bf16())
 
 
-class full_precision:
+class _ThreadFlag:
+    """Sets this thread's flag `_name` on `_local` for a with-block, then restores it.
+    A class, not a generator: it wraps every cell step (0.8 us a step as a generator,
+    on steps of 20)."""
+    __slots__ = ("_before",)
+    _name = None
+
+    def __enter__(self):
+        self._before = getattr(_local, self._name, False)
+        setattr(_local, self._name, True)
+
+    def __exit__(self, *exc):
+        setattr(_local, self._name, self._before)
+
+
+class full_precision(_ThreadFlag):
     """`with full_precision():` this thread's products in float32 for the block,
     whatever the setting: the single-step cells stay in full precision (their eval
     fast path, which runs float32 kernels only, and their general path then give the
-    same numbers). A class, not a generator: it wraps every cell step (0.8 us a step
-    as a generator, on steps of 20)."""
-    __slots__ = ("_before",)
-
-    def __enter__(self):
-        self._before = getattr(_local, "full", False)
-        _local.full = True
-
-    def __exit__(self, *exc):
-        _local.full = self._before
+    same numbers)."""
+    __slots__ = ()
+    _name = "full"
 
 
-class bf16_precision:
+class bf16_precision(_ThreadFlag):
     """`with bf16_precision():` this thread's float32 products on bf16 operands for the
     block, where "medium" would run them so, whatever the setting: what a bf16 quantised
     stack's float32 twin runs on AMX tiles (fastrnn/quantization.py). Other threads keep
     their setting."""
-    __slots__ = ("_before",)
-
-    def __enter__(self):
-        self._before = getattr(_local, "bf16", False)
-        _local.bf16 = True
-
-    def __exit__(self, *exc):
-        _local.bf16 = self._before
+    __slots__ = ()
+    _name = "bf16"
 
 
 def bf16_products(dtype):
-    """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now?"""
-    if np.dtype(dtype) != np.float32 or getattr(_local, "full", False):
-        return False
+    """Do a layer's GEMMs on arrays of `dtype` run on bf16 operands now? (The cheap
+    test first: the eval fast path asks on every layer call.)"""
     if _precision != "medium" and not getattr(_local, "bf16", False):
+        return False
+    if getattr(_local, "full", False) or np.dtype(dtype) != np.float32:
         return False
     return medium_runs_bf16()

@@ -284,8 +284,9 @@ def _check_choice(name, value, choices):
 
 
 class _QuantizedBase(Module):
-    _amx_auto = False
     """Buffers, the packed-weight cache (built once under a lock) and inference-only rules."""
+
+    _amx_auto = False     # bf16 "auto" dynamic on AMX machines too (_QuantizedRecurrent)
 
     def __init__(self, qdtype, mode):
         super().__init__()
@@ -393,11 +394,11 @@ _GATES = {"RNN": 1, "LSTM": 4, "GRU": 3}
 
 
 class _QuantizedRecurrent(_QuantizedBase):
+    """Shared by the quantised stacks and cells: buffers per run and the stack kernel."""
+
     # bf16 "auto" is dynamic on AMX machines too (their calls of 2+ rows run on the
     # tiles); a Linear, which has no twin on them, keeps weight-only there
     _amx_auto = True
-
-    """Shared by the quantised stacks and cells: buffers per run and the stack kernel."""
 
     mode_name = "LSTM"
     is_cell = False
@@ -497,11 +498,6 @@ class _QuantizedRecurrent(_QuantizedBase):
         """Does a bf16 call of B rows run its float32 twin on AMX tiles (dynamic)?"""
         return (self.qdtype == "bfloat16" and B >= BF16_AMX_MIN_BATCH and self._dyn(B)
                 and bf16_on_amx())
-
-    def _modes(self, T, B):
-        """(dyn_ih, dyn_hh): whether a call of T steps and B rows rounds its inputs to
-        bf16 (or quantises them), as the NumPy twin (quant_reference) takes them."""
-        return self._dyn(T * B), self._dyn(B)
 
     def _run(self, x, h0, c0, hn, cn, rows_in=None, rows_out=None, n_rows=0):
         """x (T, B, I) float32 contiguous -> y (T, B, D*H); states as in Stack.forward."""

@@ -175,7 +175,7 @@ def test_quantised_stacks_match_their_twin(case):
     try:
         with num_threads(threads):
             out, state = q(x, None if h0 is None else (h0, c0) if cell == "LSTM" else h0)
-        dyn_ih, dyn_hh = q._modes(T, B)
+        dyn_ih, dyn_hh = q._dyn(T * B), q._dyn(B)
         y, hr, cr = QR.stack_forward(q, x, h0, c0 if cell == "LSTM" else None, dyn_ih, dyn_hh)
     finally:
         Q.set_isa(None)

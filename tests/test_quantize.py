@@ -60,7 +60,7 @@ def test_stack_matches_twin(isa, cell, qdtype, mode, shape):
     h0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
     c0 = (0.5 * rng.standard_normal((2 * D, B, H))).astype(np.float32)
     out, st = q(x, (h0, c0) if cell == "LSTM" else h0)
-    dyn_ih, dyn_hh = q._modes(T, B)
+    dyn_ih, dyn_hh = q._dyn(T * B), q._dyn(B)
     assert dyn_hh == (mode == "dynamic" or (mode == "auto" and qdtype == "int8")
                       or (mode == "auto" and qdtype == "bfloat16" and isa == "avx512_bf16"
                           and (Q._BF16_DOT_PAYS or Q.bf16_on_amx())))
@@ -238,11 +238,11 @@ def test_cells_match_twin(isa, cls, qdtype):
     h = (0.3 * rng.standard_normal((2, 21))).astype(np.float32)
     lstm = cls == "LSTMCell"
     res = q(x, (h, h) if lstm else h)
-    h1r, c1r = R.cell_forward(q, x, h, h if lstm else None, *q._modes(1, 2))
+    h1r, c1r = R.cell_forward(q, x, h, h if lstm else None, q._dyn(2), q._dyn(2))
     tol = _tol(qdtype, isa)
     np.testing.assert_allclose(res[0] if lstm else res, h1r, atol=tol, rtol=0)
     one = q(x[0], (h[0], h[0]) if lstm else h[0])          # unbatched
-    h1r, c1r = R.cell_forward(q, x[:1], h[:1], h[:1] if lstm else None, *q._modes(1, 1))
+    h1r, c1r = R.cell_forward(q, x[:1], h[:1], h[:1] if lstm else None, q._dyn(1), q._dyn(1))
     np.testing.assert_allclose(one[0] if lstm else one, h1r[0], atol=tol, rtol=0)
 
 
