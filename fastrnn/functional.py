@@ -45,7 +45,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _buffers, _cpu_cache, _ids_input, _precision, _recurrent
+from fastrnn import _buffers, _cpu_cache, _dense, _ids_input, _precision, _recurrent
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
@@ -54,7 +54,8 @@ __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
            "lstmp_forward", "lstmp_backward", "gru_forward", "gru_backward"]
 
 _cpu_cache.check_amx_setting()                     # before any bf16 GEMM reads FASTRNN_AMX
-_recurrent._set_l2_bytes(_cpu_cache.l2_bytes())   # the unit split's block size (_recurrent.pyx)
+_recurrent._set_l2_bytes(_cpu_cache.l2_bytes())   # the unit split's blocks, dW tasks (_recurrent.pyx)
+_dense._set_l2_bytes(_cpu_cache.l2_bytes())        # the dW tasks of Linear's backward
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel) ...
 PACK_SMALL_MIN_ROWS = 32           # ... unless T*B reaches this

@@ -21,7 +21,7 @@ from libc.stdlib cimport free
 
 from _simd cimport fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows
 from _schedule cimport pack_matrix, row_pointers, scratch_free, scratch_release
-from _gradients cimport rows_times_packed, columns_times_packed
+from _gradients cimport rows_times_packed, columns_times_packed, dw_set_l2_bytes
 
 
 def forward(floating[:, ::1] y, const floating[:, ::1] x, const floating[:, ::1] w,
@@ -99,6 +99,11 @@ def backward(floating[:, ::1] dx, floating[:, ::1] dw_t, const floating[:, ::1] 
         scratch_free(packed_wt); scratch_free(packed_dyt); free(dy_rows); free(x_rows); free(dx_rows)
     if failed:
         raise MemoryError("fastrnn dense backward: out of memory")
+
+
+def _set_l2_bytes(Py_ssize_t l2):
+    """Size the dW GEMM's tasks for a core's L2 of l2 bytes (0: unknown; _gradients.pxd)."""
+    dw_set_l2_bytes(l2)
 
 
 def _set_isa(int level):

@@ -28,9 +28,39 @@ from _schedule cimport (pack_matrix, packed_copy, row_pointers, scratch_free, ta
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
                     bf16_columns_times_packed)
 
-DEF ROW_BLOCK = 48   # most output rows per task (dX: task_rows; dW: even_task_rows)
+DEF ROW_BLOCK = 48   # most output rows per task (dX: task_rows; dW: at least this)
 DEF TILE_ROWS = 12  # AVX-512's float tile; a multiple of AVX2's 6
 DEF SCATTER_ALIGN = 16   # column blocks are whole multiples of 16 values (64 bytes of float)
+
+cdef extern from *:
+    """
+    /* A core's L2 in bytes (0: unknown), per kernel module: its _set_l2_bytes sets it. */
+    static Py_ssize_t fastrnn_dw_l2_bytes = 0;
+    static void fastrnn_dw_set_l2_bytes(Py_ssize_t b) { fastrnn_dw_l2_bytes = b > 0 ? b : 0; }
+    """
+    Py_ssize_t dw_l2_bytes "fastrnn_dw_l2_bytes"
+    void dw_set_l2_bytes "fastrnn_dw_set_l2_bytes"(Py_ssize_t b)
+
+
+cdef inline Py_ssize_t dw_task_rows(Py_ssize_t M, int n_threads, size_t itemsize) noexcept nogil:
+    """Output rows per task of the dW GEMMs (columns_times_packed): tasks as large as
+    a quarter of a core's L2 holds of their columns' micro-panels (a K block of
+    FASTRNN_KC values each), at least ROW_BLOCK rows, cut evenly (even_task_rows).
+
+    Why large: every task streams all of the packed x^T and h^T (T*B columns) again
+    and copies its columns of da row by row, and a longer run of columns per row
+    keeps more of those reads in flight. 2-core Xeon KVM guest (2 MB L2, AVX-512,
+    2 threads), C := a^T b with K = 6400, this GEMM alone (a C timing loop, seven
+    interleaved rounds, medians), GFLOP/s, 48 -> 128 rows: M x N = 256 x 256 249 -> 270,
+    768 x 256 257 -> 273, 1024 x 256 271 -> 285, 256 x 512 274 -> 291, 1024 x 512 268 ->
+    281 (64 and 96 in between; 256 no better). Whole training steps (I=H=256, T=100,
+    B=64, three alternating process pairs, medians of 3 s, ms): RNN 24.52-24.74 ->
+    24.27-24.54, GRU two layers 140.5-141.6 -> 139.1-140.0, LSTM within noise
+    (83.8-85.1 -> 84.5-85.4). On a 1 MB L2 (Zen 4) that is 64 rows, on 512 KB the
+    48 of before (not measured there). Each output row is summed alone, so any cut
+    gives the same numbers (tests/test_kernels.py)."""
+    cdef Py_ssize_t most = dw_l2_bytes // 4 // (FASTRNN_KC * <Py_ssize_t> itemsize)
+    return even_task_rows(M, most if most > ROW_BLOCK else ROW_BLOCK, n_threads)
 
 
 cdef inline void rows_times_packed(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
@@ -55,7 +85,7 @@ cdef inline int columns_times_packed(Py_ssize_t M, Py_ssize_t K, const floating 
     NULL: := A's column sums, read on the same pass. 0, or -1 if out of memory
     (with beta 1, rows of Cs may then hold the sum already).
     """
-    cdef Py_ssize_t rb = even_task_rows(M, ROW_BLOCK, n_threads)
+    cdef Py_ssize_t rb = dw_task_rows(M, n_threads, sizeof(floating))
     cdef Py_ssize_t blk, nblk = (M + rb - 1) // rb, r, r0, r1
     cdef floating **c_rows
     cdef floating ***c_sets

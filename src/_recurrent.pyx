@@ -31,7 +31,8 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
                     fastrnn_bf16_amx, fastrnn_bf16_level, QG_AVX512_BF16)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
-from _gradients cimport input_and_weight_gradients, weight_gradient, rows_scatter_add
+from _gradients cimport (input_and_weight_gradients, weight_gradient, rows_scatter_add,
+                        dw_set_l2_bytes)
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
                           count_digested, digested,
                           slices_free, pack_cache_clear, pack_cache_set_off, pack_cache_is_off,
@@ -1069,11 +1070,12 @@ cdef Py_ssize_t zigzag_bytes = 0
 
 
 def _set_l2_bytes(Py_ssize_t l2):
-    """Size the unit split's input-projection blocks, and the weight slices read back
-    and forth, for a core's L2 of l2 bytes (0: unknown)."""
+    """Size the unit split's input-projection blocks, the weight slices read back
+    and forth, and the dW GEMMs' tasks, for a core's L2 of l2 bytes (0: unknown)."""
     global units_block_bytes, zigzag_bytes
     units_block_bytes = l2 // 4 if l2 > 0 else 0
     zigzag_bytes = l2 // 2 if l2 > 0 else 0
+    dw_set_l2_bytes(l2)   # the dW GEMMs' task size (_gradients.pxd)
 
 
 def _set_isa(int level):

@@ -178,6 +178,32 @@ def test_one_and_two_threads_bitwise_identical(cell, dtype, split, batch, monkey
     assert_same_bits_for_thread_counts(cell, case, True, 6, (1, 2, 3))
 
 
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_task_size_does_not_change_a_bit(cell, dtype):
+    """The dW GEMMs' tasks are sized from the L2 (_gradients.pxd dw_task_rows):
+    48-row tasks (L2 unknown) and one task a thread (a huge L2) give the same bits,
+    with 1 and 2 threads."""
+    from fastrnn import _cpu_cache, _dense, _recurrent
+    H = {"rnn_tanh": 150, "gru": 50, "lstm": 40}[cell]            # 150-160 gate rows
+    case = make_case(cell, dtype, (30, 40, 13, H), True, True, True, 8)   # 1,200 rows (t, b)
+    results = []
+    before = fastrnn.get_num_threads()
+    try:
+        for l2 in (0, 1 << 30):
+            _recurrent._set_l2_bytes(l2)
+            for n in (1, 2):
+                fastrnn.set_num_threads(n)
+                results.append(run(F, cell, case, False, 9)[1])
+    finally:
+        _recurrent._set_l2_bytes(_cpu_cache.l2_bytes())
+        _dense._set_l2_bytes(_cpu_cache.l2_bytes())
+        fastrnn.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
 def test_inference_equals_training_forward():
     case = make_case("lstm", np.float32, (9, 6, 5, 12), True, True, True, 7)
     args = (case["x"], case["h0"], case["c0"], case["w_ih"], case["w_hh"], case["b_ih"],
