@@ -13,10 +13,12 @@ Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
     *_backward(dy, dh_n[, dc_n], cache, out=None, accumulate=False)
         -> dx, dh0[, dc0], dw_ih, dw_hh, db_ih, db_hh [, dw_hr for lstmp_backward]
 
-A forward's `out` (inference only) is where y goes: a (T, B, H) array whose
-rows are contiguous and evenly spaced, such as one direction's half
-out2[:, :, :H] of a (T, B, 2H) array (how a bidirectional layer fills its
-output with no copy); y is then `out` itself.
+A forward's `out` is where y goes: a (T, B, H) array whose rows are contiguous
+and evenly spaced, such as one direction's half out2[:, :, :H] of a (T, B, 2H)
+array (how a bidirectional layer fills its output with no copy); y is then
+`out` itself. In training the cache keeps its own y, and `out` receives a copy
+of it, written by the kernel as the steps run (how a module returns an output
+the caller may edit without a separate copy pass).
 
 `x_ids` (T, B) ints (not for lstmp): x is then a table (V, I), such as an
 embedding's weights, and step t of sequence b reads row x[x_ids[t, b]]; the
@@ -172,7 +174,7 @@ class Cache:
 
 
 def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=True,
-                 ids_in=None):
+                 ids_in=None, y_copy=None):
     """Run the driver's forward with the row split or, for small batches, the hidden-unit split.
 
     args: (cell, y, h_n, c_n, gates, aux, x, h0, c0, w_ih, w_hh, bias, bias_h, w_hr, hr).
@@ -182,12 +184,13 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     training=False: the packed weights are kept for the next call with the same
     weights (src/pack_cache.h); a training step changes them, so it does not.
     ids_in: an _ids_input.IdsInput; when fused the driver reads its table by id, not x.
+    y_copy: None, or a (T, B, H) array that receives a copy of y (_output_rows).
     """
     n = sched.n_threads
-    table = {}
+    table = {} if y_copy is None else {"y_copy": y_copy}
     if ids_in is not None and ids_in.fused:
         args = args[:6] + (None,) + args[7:]        # x
-        table = dict(x_table=ids_in.table, x_ids=ids_in.ids)
+        table.update(x_table=ids_in.table, x_ids=ids_in.ids)
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     hh_itemsize = 2 if bf16 else args[10].itemsize   # w_hh as the products read it
@@ -261,20 +264,21 @@ def _hidden_buffer(x, H, h0, sched, reverse, training):
 
 
 def _output_rows(x, H, h0, sched, reverse, training, out, inputs):
-    """(hs, y): where the kernel writes h_t. Training: hs (T+1, B, H), h0's slot
-    and y, kept in the cache. Inference: hs None and y = `out` when given (checked
-    against `inputs`, the arrays the kernel reads; zeroed first when sequences
-    are padded, whose steps past their ends the kernel leaves alone)."""
+    """(hs, y, y_copy): where the kernel writes h_t. Training: hs (T+1, B, H), h0's
+    slot and y, kept in the cache, and y_copy = `out` (or None), which the kernel
+    fills with a copy of y as the steps run. Inference: hs None, y = `out` when
+    given, y_copy None. `out` is checked against `inputs`, the arrays the kernel
+    reads, and zeroed first when sequences are padded (the kernel leaves the steps
+    past their ends alone)."""
     if out is None:
-        return _hidden_buffer(x, H, h0, sched, reverse, training)
-    if training:
-        raise ValueError("out: only for inference (training=False); a training forward "
-                         "keeps y in its cache")
+        return _hidden_buffer(x, H, h0, sched, reverse, training) + (None,)
     T, B, _ = x.shape
     check_rows_out("out", out, (T, B, H), x.dtype, inputs)
     if sched.padded:
         out[...] = 0
-    return None, out
+    if training:
+        return _hidden_buffer(x, H, h0, sched, reverse, training) + (out,)
+    return None, out, None
 
 
 def _h_prev(cache):
@@ -546,7 +550,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths, x_ids)
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
-    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+    hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, c0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
@@ -555,14 +559,14 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     bias = b_ih + b_hh if b_ih is not None else None
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in, y_copy)
     cache = None
     if training:
         cache = Cache(kind="lstm", x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
                       has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, hs_y=y, gates=gates, cs=cs,
                       bf16=bf16, ids_in=ids_in)
-    return y, h_n, c_n, cache
+    return y if y_copy is None else y_copy, h_n, c_n, cache
 
 
 def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -615,7 +619,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
-    hs, y = _output_rows(x, P, h0, sched, reverse, training, out,
+    hs, y, y_copy = _output_rows(x, P, h0, sched, reverse, training, out,
                          (x, h0, c0, w_ih, w_hh, w_hr))
     h_n = np.empty((B, P), x.dtype)
     c_n = np.empty((B, H), x.dtype)
@@ -624,13 +628,13 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     hr = _buffers.empty((T, B, H), x.dtype) if training else None
     bias = b_ih + b_hh if b_ih is not None else None
     _run_forward((CELL_LSTM, y, h_n, c_n, gates, cs, x, h0, c0, w_ih, w_hh, bias, None, w_hr,
-                  hr), sched, reverse, pack_ih, pack_hh, False, training)
+                  hr), sched, reverse, pack_ih, pack_hh, False, training, y_copy=y_copy)
     cache = None
     if training:
         cache = Cache(kind="lstmp", x=x, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
                       has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
                       hs_y=y, gates=gates, cs=cs, hr=hr, bf16=False)
-    return y, h_n, c_n, cache
+    return y if y_copy is None else y_copy, h_n, c_n, cache
 
 
 def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -676,20 +680,20 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids)
     T, B, _ = x.shape
-    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+    hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((act, y, h_n, None, None, None, x, h0, None, w_ih, w_hh, bias, None, None,
-                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in)
+                  None), sched, reverse, pack_ih, pack_hh, bf16, training, ids_in, y_copy)
     cache = None
     if training:
         cache = Cache(kind="rnn", x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, y=y, act=act, bf16=bf16,
                       ids_in=ids_in)
-    return y, h_n, cache
+    return y if y_copy is None else y_copy, h_n, cache
 
 
 def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
@@ -729,7 +733,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
-    hs, y = _output_rows(x, H, h0, sched, reverse, training, out,
+    hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh))
     h_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
@@ -742,13 +746,13 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     bf16 = _precision.bf16_products(x.dtype)
     _run_forward((CELL_GRU, y, h_n, None, gates, hns, x, h0, None, w_ih, w_hh, bias_x,
                   bias_hn, None, None), sched, reverse, pack_ih, pack_hh, bf16, training,
-                 ids_in)
+                 ids_in, y_copy)
     cache = None
     if training:
         cache = Cache(kind="gru", x=x, h0=h0, w_ih=w_ih, w_hh=w_hh, has_bias=b_ih is not None,
                       sched=sched, reverse=bool(reverse), hs=hs, y=y, gates=gates, hns=hns,
                       bf16=bf16, ids_in=ids_in)
-    return y, h_n, cache
+    return y if y_copy is None else y_copy, h_n, cache
 
 
 def gru_backward(dy, dh_n, cache, out=None, accumulate=False):

@@ -181,12 +181,10 @@ def _gradient_by_id(dx, cache):
 
 
 def _into(out, y, training):
-    """y, or `out` holding it: a forward's `out` (inference only), as functional's."""
+    """y, or `out` holding it: a forward's `out`, as functional's (in training the
+    cache keeps y and `out` gets a copy; here y itself is never cached)."""
     if out is None:
         return y
-    if training:
-        raise ValueError("out: only for inference (training=False); a training forward "
-                         "keeps y in its cache")
     out[...] = y
     return out
 

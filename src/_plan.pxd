@@ -38,6 +38,9 @@ cdef struct Plan:
     void *y                     # (T, B, O) h_t at valid steps (padded steps untouched)
     Py_ssize_t ldy              # y's row stride in values: O, or more when y is a column
                                 # block of a wider array (a bidirectional layer's output)
+    void *y_copy                # (T, B, O) the caller's copy of y, written as the steps
+                                # run (a training call: the cache keeps y), or NULL
+    Py_ssize_t ldy_copy         # its row stride in values
     void *h_n                   # (B, O) state after each row's last step
     void *c_n                   # (B, H) LSTM, else NULL
     void *gates                 # (T, B, G*H) activated gates, or NULL (inference, RNN)

@@ -177,6 +177,8 @@ cdef Py_ssize_t forward_thread(
     """
     cdef int cell = p.cell
     cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H, O = p.O, ldy = p.ldy
+    cdef floating *y_copy = <floating *> p.y_copy         # (T, B, O) rows ldy_copy apart, or NULL
+    cdef Py_ssize_t ldyc = p.ldy_copy
     cdef bint proj = p.w_hr != NULL                       # LSTM projection (row split only)
     cdef const Py_ssize_t *order = p.order
     cdef const Py_ssize_t *lengths = p.lengths
@@ -327,6 +329,9 @@ cdef Py_ssize_t forward_thread(
                                   gates != NULL)
                 if has_c:
                     c_rows[r] = aux_out
+                if y_copy != NULL and not proj:   # while h_t is in L1 (a copy after the
+                    memcpy(y_copy + row * ldyc + j0, y + row * ldy + j0,   # call read it back
+                           hk * sizeof(floating))                          # from memory)
                 if gates != NULL and not in_gates:
                     for g in range(G):
                         memcpy(gates + row * G * H + g * H + j0, ar + g * hk,
@@ -334,6 +339,11 @@ cdef Py_ssize_t forward_thread(
             if proj:       # h_t = (o * tanh(c_t)) W_hr^T
                 gemm_rows(nact, O, H, r_rows, <const floating *> p.w_hr_packed,
                           <const floating *> p.w_hr, H, y_rows, 0)
+                if y_copy != NULL:
+                    for r in range(nact):
+                        b = order[r0 + r]
+                        row = time_index(s, lengths[b], reverse) * B + b
+                        memcpy(y_copy + row * ldyc, y + row * ldy, O * sizeof(floating))
             if sync:   # h_t complete (every thread's units) before anyone reads it
                 stop = team_barrier(p)
             for r in range(nact):   # h_t is next step's h_{t-1}
@@ -754,7 +764,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             const Py_ssize_t[::1] lengths, const Py_ssize_t[::1] order,
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
             int n_threads, bint by_units, bint bf16=False, bint cache_weights=False,
-            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None):
+            const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None,
+            floating[:, :, :] y_copy=None):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split). y's
@@ -764,6 +775,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     input projection x W_ih^T from row x_ids[t, b] of the table (the caller
     computed it once for every row of an embedding table, and checked the ids);
     w_ih is then not read. Not with bf16 or a projection.
+
+    y_copy (T, B, O), rows evenly spaced as y's, or None: receives each h_t as it is
+    written to y (a training call, whose cache keeps y); not with cache_weights.
 
     by_units=False: thread k takes rows order[bounds[k]:bounds[k+1]] and all
     hidden units; by_units=True: every thread takes all rows and its own hidden
@@ -831,6 +845,19 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         raise ValueError(f"y: its T*B rows of {p.O} values must be evenly spaced and not "
                          f"overlap, got strides ({y.strides[0]}, {y.strides[1]}, "
                          f"{y.strides[2]}) for shape ({y.shape[0]}, {y.shape[1]}, {y.shape[2]})")
+    if y_copy is not None:
+        p.y_copy = &y_copy[0, 0, 0]
+        p.ldy_copy = evenly_spaced_rows(y_copy.shape[0], y_copy.shape[1], p.O,
+                                        y_copy.strides[0], y_copy.strides[1], sizeof(floating))
+        if (cache_weights or p.ldy_copy < 0 or y_copy.strides[2] != <Py_ssize_t> sizeof(floating)
+                or y_copy.shape[0] != y.shape[0] or y_copy.shape[1] != y.shape[1]
+                or y_copy.shape[2] != y.shape[2]):
+            free(fail)
+            raise ValueError(f"y_copy: expected y's shape ({y.shape[0]}, {y.shape[1]}, "
+                             f"{y.shape[2]}) with evenly spaced rows, and no cache_weights; got "
+                             f"shape ({y_copy.shape[0]}, {y_copy.shape[1]}, {y_copy.shape[2]}), "
+                             f"strides ({y_copy.strides[0]}, {y_copy.strides[1]}, "
+                             f"{y_copy.strides[2]})")
     ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
         floating is float, fail
     with nogil:

@@ -164,13 +164,16 @@ def test_copy_rows_refuses_mismatched_or_gapped_rows():
 
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
 @pytest.mark.parametrize("layout", ["plain", "bidirectional", "batch_first_b1",
+                                    "batch_first_t1", "batch_first", "two_layers",
                                     "bidirectional_batch_first"])
 def test_editing_a_training_output_leaves_the_gradients_alone(kind, layout):
     """A layer's training output is the caller's (a copy of the states backward reads)."""
     B = 1 if layout == "batch_first_b1" else 40
-    x = np.random.default_rng(1).standard_normal((30, B, 9)).astype(np.float32)
+    T = 1 if layout == "batch_first_t1" else 30
+    x = np.random.default_rng(1).standard_normal((T, B, 9)).astype(np.float32)
     kw = {"bidirectional": layout.startswith("bidirectional"),
-          "batch_first": "batch_first" in layout}
+          "batch_first": "batch_first" in layout,
+          "num_layers": 2 if layout == "two_layers" else 1}
     if kw["batch_first"]:
         x = x.transpose(1, 0, 2).copy()
     grads = []

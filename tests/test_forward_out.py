@@ -1,5 +1,6 @@
-"""A forward's `out` (inference): y written into given rows, such as one half of
-a bidirectional layer's (T, B, 2H) output, with the same bits as a fresh y."""
+"""A forward's `out`: y written into given rows, such as one half of a
+bidirectional layer's (T, B, 2H) output, with the same bits as a fresh y; in
+training a copy of y, the cache keeping its own."""
 
 import numpy as np
 import pytest
@@ -106,10 +107,61 @@ def test_bad_out_is_rejected_before_the_kernel(cell):
     for out, exc, fragment in bad_outs(T, B, O, np.float32, x):
         with pytest.raises(exc, match=fragment):
             getattr(F, name)(*args, training=False, out=out)
-    with pytest.raises(ValueError, match="only for inference"):
-        getattr(F, name)(*args, training=True, out=np.zeros((T, B, O), np.float32))
-    with pytest.raises(ValueError, match="only for inference"):
-        getattr(R, name)(*args, training=True, out=np.zeros((T, B, O), np.float32))
+        with pytest.raises(exc, match=fragment):
+            getattr(F, name)(*args, training=True, out=out)
+
+
+BACKWARDS = {"rnn_forward": "rnn_backward", "gru_forward": "gru_backward",
+             "lstm_forward": "lstm_backward", "lstmp_forward": "lstmp_backward"}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T, B", [(6, 5), (1, 1), (30, 20)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("split", ["rows", "units"])
+def test_training_out_is_a_copy_the_cache_does_not_see(cell, T, B, dtype, reverse, split,
+                                                      monkeypatch):
+    """In training `out` (here half of a wider array) receives y, bit for bit the y of
+    a call without it, zeros at padded steps, the other half untouched; the cache
+    keeps its own y, so editing `out` before backward changes no gradient. On one
+    and two threads, rows or hidden units split."""
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6 if split == "units" else 1)
+    monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
+    name, args, O = problem(cell, T, B, dtype)
+    dy = np.random.default_rng(2).standard_normal((T, B, O)).astype(dtype)
+    padded = np.random.default_rng(1).integers(1, T + 1, B) if T > 1 else None
+    before = fastrnn.get_num_threads()
+    try:
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            for lengths in (None, padded):
+                kw = dict(lengths=lengths, reverse=reverse, training=True)
+                want = getattr(F, name)(*args, **kw)
+                want_grads = getattr(F, BACKWARDS[name])(dy, *([None] * (len(want) - 2)),
+                                                         want[-1])
+                joined = np.full((T, B, 2 * O), np.nan, dtype)
+                half = joined[:, :, O:]
+                got = getattr(F, name)(*args, out=half, **kw)
+                assert got[0] is half
+                assert np.array_equal(half, want[0])
+                assert np.isnan(joined[:, :, :O]).all()
+                if lengths is not None:
+                    for b, n_b in enumerate(lengths):
+                        assert not half[n_b:, b].any()
+                half[...] = 7.0                       # the caller's edit
+                grads = getattr(F, BACKWARDS[name])(dy, *([None] * (len(got) - 2)), got[-1])
+                for a, b in zip(grads, want_grads):
+                    assert (a is None and b is None) or np.array_equal(a, b)
+                ref_out = np.zeros((T, B, O), dtype)
+                ref = getattr(R, name)(*args, out=ref_out, **kw)
+                assert ref[0] is ref_out
+                assert np.array_equal(ref_out, getattr(R, name)(*args, **kw)[0])
+    finally:
+        fastrnn.set_num_threads(before)
 
 
 @pytest.mark.parametrize("mode", ["RNN", "LSTM", "GRU"])

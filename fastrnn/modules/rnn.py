@@ -388,26 +388,26 @@ class RNNBase(Module):
         c_n = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
         caches, masks = [], []
         layer_in = x                                                    # (T, B, I or D·O)
-        # both directions concatenated: each writes its half (inference: in place;
-        # training: a copy of its states, made on the direction's own threads)
+        # Both directions concatenated: each writes its half (inference: in place;
+        # training: a copy of its states, which the kernel writes as the steps run).
+        # One direction's last layer in training: the same copy, the output the caller
+        # may edit without touching the cache (batch_first transposes into a new array,
+        # unless B or T is 1: the transpose is then contiguous, a view).
         halves = D == 2 and self.merge_mode == "concat"
+        copy_last = keep and D == 1 and (not self.batch_first or B == 1 or T == 1)
         for k in range(self.num_layers):
             joined = None
-            if halves:                                                  # (T, B, 2·O)
+            if halves or (copy_last and k == self.num_layers - 1):     # (T, B, D·O)
                 joined = (_buffers.empty if keep else np.empty)((T, B, D * O), self.dtype)
             by_id = {"x_ids": x_ids} if k == 0 and x_ids is not None else {}
 
             def direction(d, layer_in=layer_in, k=k, joined=joined, by_id=by_id):
                 idx = k * D + d
                 half = None if joined is None else joined[:, :, d * O:(d + 1) * O]
-                result = self._forward_direction(
+                return self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
-                    self._weights(idx), lengths, bool(d), keep, None if keep else half,
+                    self._weights(idx), lengths, bool(d), keep, half,
                     **by_id)                                            # y (T, B, O), ...
-                if keep and half is not None:
-                    _buffers.copy_rows(half.reshape(T * B, O), result[0].reshape(T * B, O),
-                                       _call_threads())
-                return result
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
@@ -432,9 +432,6 @@ class RNNBase(Module):
             layer_in = layer_out
         out = layer_in.transpose(1, 0, 2) if self.batch_first else layer_in
         out = np.ascontiguousarray(out)                                 # (T,B,·) or (B,T,·)
-        if keep and D == 1 and np.may_share_memory(out, layer_in):
-            # a view of the kernel's saved states: the caller may edit `out` in place
-            out = _buffers.copy(out, _call_threads())
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B,
                                by_id=x_ids is not None)
@@ -545,8 +542,8 @@ class RNNBase(Module):
     # -- one layer, one direction (overridden per cell type) -----------------
     def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         """-> y (T,B,O), h_n (B,O), c_n (B,H) or None, cache. out: None, or where y
-        goes at inference (the functional forward's `out`); x_ids: the functional
-        forward's (x a table)."""
+        goes (the functional forward's `out`: in training a copy of the cached y);
+        x_ids: the functional forward's (x a table)."""
         raise NotImplementedError
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
