@@ -551,7 +551,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, c0, w_ih, w_hh))
+                         (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
@@ -620,7 +620,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
     pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
     hs, y, y_copy = _output_rows(x, P, h0, sched, reverse, training, out,
-                         (x, h0, c0, w_ih, w_hh, w_hr))
+                         (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh))
     h_n = np.empty((B, P), x.dtype)
     c_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
@@ -681,7 +681,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
         x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, w_ih, w_hh))
+                         (x, h0, w_ih, w_hh, b_ih, b_hh))
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
@@ -734,7 +734,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, w_ih, w_hh))
+                         (x, h0, w_ih, w_hh, b_ih, b_hh))
     h_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
     hns = _buffers.empty((T, B, H), x.dtype) if training else None

@@ -180,9 +180,9 @@ def _gradient_by_id(dx, cache):
     return table
 
 
-def _into(out, y, training):
+def _into(out, y):
     """y, or `out` holding it: a forward's `out`, as functional's (in training the
-    cache keeps y and `out` gets a copy; here y itself is never cached)."""
+    cache keeps its own y there and `out` gets a copy; here `out` is always a copy)."""
     if out is None:
         return y
     out[...] = y
@@ -225,7 +225,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
                  "lengths": lengths, "reverse": reverse, "nonlinearity": nonlinearity,
                  "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "h": y.copy()}
-    return _into(out, y, training), h, cache
+    return _into(out, y), h, cache
 
 
 def _weight_grads_into(out, accumulate, *grads):
@@ -332,7 +332,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "c_prev": c_prev, "gates": gates, "c": c_out}
-    return _into(out, y, training), h, c, cache
+    return _into(out, y), h, c, cache
 
 
 def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -445,7 +445,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
         cache = dict(x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=b_ih is not None,
                      reverse=reverse, valid=valid, gates=gates, c_prev=c_prev,
                      r_prev=r_prev, tanh_c=tanh_c)
-    return _into(out, y, training), r, c, cache
+    return _into(out, y), r, c, cache
 
 
 def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
@@ -550,7 +550,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "bf16": bf16, "by_id": by_id,
                  "h_prev": h_prev, "gates": gates, "hn": hn_all}
-    return _into(out, y, training), h, cache
+    return _into(out, y), h, cache
 
 
 def gru_backward(dy, dh_n, cache, out=None, accumulate=False):

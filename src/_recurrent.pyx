@@ -174,6 +174,7 @@ cdef Py_ssize_t forward_thread(
     Nothing is copied per step: a_t is built where it is kept (the saved gates
     row when this thread owns all units, y itself for the RNN), h_t is written
     into y and read back from there as the next step's GEMM input, c_t into aux.
+    (The one copy: h_t into the caller's p.y_copy, when a training call has one.)
     """
     cdef int cell = p.cell
     cdef Py_ssize_t G = p.G, B = p.B, I = p.I, H = p.H, O = p.O, ldy = p.ldy

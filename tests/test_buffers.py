@@ -165,21 +165,31 @@ def test_copy_rows_refuses_mismatched_or_gapped_rows():
 @pytest.mark.parametrize("kind", ["RNN", "GRU", "LSTM"])
 @pytest.mark.parametrize("layout", ["plain", "bidirectional", "batch_first_b1",
                                     "batch_first_t1", "batch_first", "two_layers",
-                                    "bidirectional_batch_first"])
+                                    "two_layers_dropout", "bidirectional_sum", "lengths",
+                                    "proj", "bidirectional_batch_first"])
 def test_editing_a_training_output_leaves_the_gradients_alone(kind, layout):
     """A layer's training output is the caller's (a copy of the states backward reads)."""
+    if layout == "proj" and kind != "LSTM":
+        pytest.skip("proj_size is the LSTM's")
     B = 1 if layout == "batch_first_b1" else 40
     T = 1 if layout == "batch_first_t1" else 30
     x = np.random.default_rng(1).standard_normal((T, B, 9)).astype(np.float32)
     kw = {"bidirectional": layout.startswith("bidirectional"),
           "batch_first": "batch_first" in layout,
-          "num_layers": 2 if layout == "two_layers" else 1}
+          "num_layers": 2 if layout.startswith("two_layers") else 1}
+    if layout == "two_layers_dropout":
+        kw["dropout"] = 0.3
+    if layout == "bidirectional_sum":
+        kw["merge_mode"] = "sum"
+    if layout == "proj":
+        kw["proj_size"] = 70
+    lengths = np.random.default_rng(2).integers(1, T + 1, B) if layout == "lengths" else None
     if kw["batch_first"]:
         x = x.transpose(1, 0, 2).copy()
     grads = []
     for edit in (False, True):
         m = getattr(fastrnn, kind)(9, 300, seed=3, **kw)
-        out, _ = m(x)
+        out, _ = m(x, lengths=lengths)
         dy = np.ones_like(out)
         if edit:
             out[...] = 7.0

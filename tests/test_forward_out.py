@@ -182,3 +182,28 @@ def test_bidirectional_inference_equals_the_training_forward(mode, padded):
     assert np.array_equal(got, want)
     flat = (lambda s: s if isinstance(s, np.ndarray) else np.concatenate([a.ravel() for a in s]))
     assert np.array_equal(flat(got_state), flat(want_state))
+
+
+@pytest.mark.parametrize("via", ["x_ids", "bf16"])
+def test_training_out_with_ids_or_bf16_products(via):
+    """Training `out` on the input-by-id path and under bf16 products ("medium"):
+    y's bits, and edits of `out` change no gradient."""
+    rng = np.random.default_rng(4)
+    T, B, I, H, V = 7, 6, 5, 33, 11
+    w = [(rng.standard_normal(s) * 0.4).astype(np.float32)
+         for s in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    shape = (V, I) if via == "x_ids" else (T, B, I)      # a table read by id, or x
+    x = rng.standard_normal(shape).astype(np.float32)
+    kw = {"x_ids": rng.integers(0, V, (T, B))} if via == "x_ids" else {}
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    prec = "medium" if via == "bf16" else "highest"
+    with fastrnn._precision.scoped(prec):
+        want = F.gru_forward(x, None, *w, **kw)
+        want_grads = F.gru_backward(dy, None, want[-1])
+        out = np.zeros((T, B, H), np.float32)
+        got = F.gru_forward(x, None, *w, out=out, **kw)
+        assert got[0] is out and np.array_equal(out, want[0])
+        out[...] = -3.0
+        grads = F.gru_backward(dy, None, got[-1])
+    for a, b in zip(grads, want_grads):
+        assert (a is None and b is None) or np.array_equal(a, b)

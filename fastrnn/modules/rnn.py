@@ -404,10 +404,15 @@ class RNNBase(Module):
             def direction(d, layer_in=layer_in, k=k, joined=joined, by_id=by_id):
                 idx = k * D + d
                 half = None if joined is None else joined[:, :, d * O:(d + 1) * O]
-                return self._forward_direction(
+                result = self._forward_direction(
                     layer_in, None if h0 is None else h0[idx], None if c0 is None else c0[idx],
                     self._weights(idx), lengths, bool(d), keep, half,
                     **by_id)                                            # y (T, B, O), ...
+                if half is not None and result[0] is not half:   # an override ignored `out`
+                    _buffers.copy_rows(half.reshape(T * B, O), result[0].reshape(T * B, O),
+                                       _call_threads())
+                    result = (half,) + tuple(result[1:])
+                return result
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), keep))
             ys = []
             for d, (y, hn, cn, cache) in enumerate(results):
