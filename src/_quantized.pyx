@@ -8,7 +8,7 @@ checked here (dtype, contiguity, shape) before any nogil code; the messages name
 the argument and give the expected and actual value.
 """
 cimport numpy as cnp
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.stdint cimport int32_t, uint32_t
 
 import numpy as np
@@ -166,6 +166,24 @@ cdef inline const float *_state(name, object a, Py_ssize_t R, Py_ssize_t N, Py_s
     return <const float *> cnp.PyArray_DATA(arr)
 
 
+cdef _check_distinct_rows(const Py_ssize_t *rows, Py_ssize_t B, Py_ssize_t n_rows):
+    """ValueError unless the B rows (each in [0, n_rows)) are distinct: two batch
+    rows writing one state row would race (threads split the batch)."""
+    cdef unsigned char *seen = <unsigned char *> calloc(n_rows if n_rows > 0 else 1, 1)
+    cdef Py_ssize_t i, dup = -1
+    if seen == NULL:
+        raise MemoryError()
+    for i in range(B):
+        if seen[rows[i]]:
+            dup = rows[i]
+            break
+        seen[rows[i]] = 1
+    free(seen)
+    if dup >= 0:
+        raise ValueError(f"rows_out: row {dup} is written for two batch rows; each needs "
+                         f"its own")
+
+
 cdef class Stack:
     """Packed weights of L layers x D directions (runs r = l*D + d).
 
@@ -291,6 +309,14 @@ cdef class Stack:
             for i in range(B):
                 if p_in[i] < 0 or p_in[i] >= n_rows or p_out[i] < 0 or p_out[i] >= n_rows:
                     raise IndexError(f"rows_in/rows_out: row out of range [0, {n_rows})")
+            _check_distinct_rows(p_out, B, n_rows)
+            if (hn is not None and hn is h0) or (cn is not None and cn is c0):
+                for i in range(B):   # in place: a row read for one batch row, written for another
+                    if p_in[i] != p_out[i]:
+                        raise ValueError("rows_in/rows_out: with the same table as h0 and hn "
+                                         "(or c0 and cn) each batch row must read and write "
+                                         f"one row; batch row {i} reads {p_in[i]}, writes "
+                                         f"{p_out[i]}")
         cdef list ys = []
         cdef float *yp[64]
         if self.L > 64:

@@ -595,3 +595,25 @@ def test_kernel_objects_initialise_once_and_refuse_to_run_uninitialised():
                 blank.forward(0, 0, x[0], 1)
             else:
                 blank.forward(0, 0, 0, x, None, None, None, None, None, None, 1, 1)
+
+
+def test_stack_refuses_rows_that_would_race():
+    """Stack.forward (internal; a StreamPool's step): two batch rows writing one state
+    row, or a table given as h0 and hn whose rows are read for one batch row and
+    written for another, are refused before the kernel runs (threads split the batch)."""
+    m = fastrnn.LSTM(5, 8, seed=0)
+    q = fastrnn.quantize(m, "int8")
+    stack = q._kernels()
+    x = np.zeros((1, 3, 5), np.float32)
+    h = np.zeros((1, 6, 8), np.float32)
+    c = np.zeros((1, 6, 8), np.float32)
+    rows = lambda *r: np.array(r, np.intp)   # noqa: E731
+    level = Q._level()
+    with pytest.raises(ValueError, match="row 4 is written for two batch rows"):
+        stack.forward(level, 0, 0, x, h, c, h.copy(), c.copy(), rows(0, 1, 2), rows(4, 3, 4),
+                      6, 1)
+    with pytest.raises(ValueError, match="batch row 1 reads 1, writes 5"):
+        stack.forward(level, 0, 0, x, h, c, h, c, rows(0, 1, 2), rows(0, 5, 2), 6, 1)
+    hn, cn = h.copy(), c.copy()
+    stack.forward(level, 0, 0, x, h, c, hn, cn, rows(0, 1, 2), rows(5, 3, 4), 6, 2)
+    stack.forward(level, 0, 0, x, h, c, h, c, rows(2, 0, 1), rows(2, 0, 1), 6, 2)
