@@ -50,15 +50,16 @@ cdef inline Py_ssize_t dw_task_rows(Py_ssize_t M, int n_threads, size_t itemsize
     Why large: every task streams all of the packed x^T and h^T (T*B columns) again
     and copies its columns of da row by row, and a longer run of columns per row
     keeps more of those reads in flight. 2-core Xeon KVM guest (2 MB L2, AVX-512,
-    2 threads), C := a^T b with K = 6400, this GEMM alone (a C timing loop, seven
-    interleaved rounds, medians), GFLOP/s, 48 -> 128 rows: M x N = 256 x 256 249 -> 270,
-    768 x 256 257 -> 273, 1024 x 256 271 -> 285, 256 x 512 274 -> 291, 1024 x 512 268 ->
-    281 (64 and 96 in between; 256 no better). Whole training steps (I=H=256, T=100,
-    B=64, three alternating process pairs, medians of 3 s, ms): RNN 24.52-24.74 ->
-    24.27-24.54, GRU two layers 140.5-141.6 -> 139.1-140.0, LSTM within noise
-    (83.8-85.1 -> 84.5-85.4). On a 1 MB L2 (Zen 4) that is 64 rows, on 512 KB the
-    48 of before (not measured there). Each output row is summed alone, so any cut
-    gives the same numbers (tests/test_kernels.py)."""
+    2 threads), C := a^T b with K = 6400, this GEMM alone (a temporary C timing
+    loop, seven interleaved rounds, medians), GFLOP/s, 48 -> 128 rows: M x N = 256 x
+    256 249 -> 270, 768 x 256 257 -> 273, 1024 x 256 271 -> 285, 256 x 512 274 -> 291,
+    1024 x 512 268 -> 281 (64 and 96 in between; 256 no better). Through Linear's
+    backward, which also runs dx (`python bench/training_step.py dw`): 1.00-1.06x.
+    Whole training steps (I=H=256, T=100, B=64, three alternating process pairs,
+    medians of 3 s, ms): RNN 24.52-24.74 -> 24.27-24.54, GRU two layers 140.5-141.6 ->
+    139.1-140.0, LSTM within noise (83.8-85.1 -> 84.5-85.4). On a 1 MB L2 (Zen 4) that
+    is 64 rows, on 512 KB the 48 of before (not measured there). Each output row is
+    summed alone, so any cut gives the same numbers (tests/test_kernels.py)."""
     cdef Py_ssize_t most = dw_l2_bytes // 4 // (FASTRNN_KC * <Py_ssize_t> itemsize)
     return even_task_rows(M, most if most > ROW_BLOCK else ROW_BLOCK, n_threads)
 
