@@ -1,4 +1,4 @@
-"""Training-step timings that the README's session notes quote, reproducible:
+"""Training-step timings that session 34's notes quote (docs/results-history.md), reproducible:
 
     python bench/training_step.py steps --cell rnn           # forward / backward / step, ms
     python bench/training_step.py dw                         # the dW GEMM's task size
