@@ -61,6 +61,13 @@ ISA_NEEDS = {"avx2": "AVX2 and FMA", "avx512": "AVX-512 F, BW, VL, DQ and VNNI",
 # mode="auto" (int8): integer dot products when a GEMM has at least this many rows
 # (measured on the AVX-512 machine, docs/inference.md); fewer rows: weight-only.
 AUTO_DYNAMIC_MIN_ROWS = 1
+
+# int8 dynamic sums its products q * w (each at most 127 * 127 in size) exactly in
+# int32 arithmetic, modulo 2^32: VNNI's offset sum of (q + 128) * w may wrap on the way,
+# and subtracting 128 * sum(w) undoes that (src/quant_gemm.h), so what must fit is the
+# true sum. A dot product of more terms than this could wrap: such GEMMs run
+# weight-only (float32 sums) under "auto", and mode "dynamic" refuses them.
+INT8_DYNAMIC_MAX_K = (2 ** 31 - 1) // (127 * 127)     # 133144
 SMALL_WORK_FLOP = 2e6   # calls below this run on one thread (waking a team costs more)
 # Stacks: threads split batch rows (no barrier per step; each streams all of W_hh) from
 # this many rows per thread, hidden units below. Measured: see docs/inference.md.
@@ -295,7 +302,23 @@ class _QuantizedBase(Module):
         object.__setattr__(self, "_lock", threading.Lock())
         object.__setattr__(self, "_packed", None)
         object.__setattr__(self, "_twin", None)     # bf16: the float32 module for large batches
+        object.__setattr__(self, "_int8_sums_fit", True)   # (_check_dot_lengths)
         self.training = False
+
+    def _check_dot_lengths(self, lengths):
+        """lengths: (what, K) for each GEMM's dot-product length K. int8 dynamic sums
+        of more than INT8_DYNAMIC_MAX_K terms could wrap in int32: mode "dynamic"
+        refuses them, "auto" runs this module weight-only (_dyn)."""
+        if self.qdtype != "int8" or self.qmode == "weight_only":
+            return
+        for what, k in lengths:
+            if k > INT8_DYNAMIC_MAX_K:
+                if self.qmode == "dynamic":
+                    raise ValueError(
+                        f"{what}: int8 mode 'dynamic' sums at most {INT8_DYNAMIC_MAX_K} "
+                        f"products in int32, got {k}; use mode='weight_only' or 'auto' "
+                        f"(which runs weight-only at this size)")
+                object.__setattr__(self, "_int8_sums_fit", False)
 
     def _add_weight(self, name, shape):
         self._parameters[name] = _Buffer(np.zeros(shape, _storage_dtype(self.qdtype)))
@@ -347,7 +370,7 @@ class _QuantizedBase(Module):
 
     def _dyn(self, rows):
         """1: the GEMM of `rows` rows quantises its inputs (int8) or rounds them to bf16."""
-        if self.qdtype == "float32" or self.qmode == "weight_only":
+        if self.qdtype == "float32" or self.qmode == "weight_only" or not self._int8_sums_fit:
             return 0
         if self.qmode == "dynamic":
             return 1
@@ -549,6 +572,11 @@ class _QuantizedStack(_QuantizedRecurrent):
         self.bidirectional = bool(bidirectional)
         self.nonlinearity = _check_choice("nonlinearity", nonlinearity,
                                           ("tanh", "relu", "identity"))
+        lengths = [("input_size", self.input_size), ("hidden_size", self.hidden_size)]
+        if self.num_layers > 1:
+            lengths.append(("num_directions * hidden_size (the upper layers' input)",
+                            self.num_directions * self.hidden_size))
+        self._check_dot_lengths(lengths)
         self._init_runs(self.input_size, self.hidden_size, self.num_layers, self.bidirectional,
                         self.bias)
 
@@ -648,6 +676,8 @@ class _QuantizedCell(_QuantizedRecurrent):
         self.bias = bool(bias)
         self.nonlinearity = _check_choice("nonlinearity", nonlinearity,
                                           ("tanh", "relu", "identity"))
+        self._check_dot_lengths([("input_size", self.input_size),
+                                 ("hidden_size", self.hidden_size)])
         self._init_runs(self.input_size, self.hidden_size, 1, False, self.bias)
 
     def config(self):
@@ -730,6 +760,7 @@ class QuantizedLinear(_QuantizedBase):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
+        self._check_dot_lengths([("in_features", self.in_features)])
         self._add_weight("weight", (self.out_features, self.in_features))
         if bias:
             self._add_float("bias", (self.out_features,))

@@ -27,7 +27,9 @@
  *   float32 / bfloat16: the float32 sum, k in order (FMA where the ISA has it)
  *   int8 weight-only:   ws[j] * sum_k a[k] w8[j][k]   (float32 sum)
  *   int8 dynamic:       (float)(sum_k q[k] w8[j][k]) * (ws[j] * as[i]); the integer
- *                       sum is exact, so every ISA gives bitwise the same numbers.
+ *                       sum is exact (mod 2^32, for dot products of at most
+ *                       INT8_DYNAMIC_MAX_K terms, fastrnn/quantization.py), so every
+ *                       ISA gives bitwise the same numbers.
  *                       VNNI computes sum (q+128) w and subtracts wz[j] = 128 sum w.
  *   bf16 dynamic:       sum_k bf16(a[k]) w[j][k] in float32: the activations are
  *                       rounded to bf16 too (nearest even), so each pair of k is one

@@ -228,6 +228,32 @@ def test_dynamic_int8_is_bitwise_across_isas():
         assert np.array_equal(o, outs[0])
 
 
+def test_int8_dynamic_dot_products_that_could_wrap_run_weight_only_or_are_refused(isa):
+    """Past INT8_DYNAMIC_MAX_K terms an int32 sum of int8 products could wrap: "auto"
+    runs such a module weight-only (here the dynamic kernel would return -1262.9 for
+    1400), "dynamic" refuses it, naming the size, before any weights are allocated."""
+    K = 140000
+    lin = fastrnn.nn.Linear(K, 16, rng=0)
+    w = np.full((16, K), 0.01, np.float32)      # (16, K): every product at the int8 maximum
+    w[1::2] *= -1
+    lin.load_state_dict({"weight": w, "bias": np.zeros(16, np.float32)})
+    x = np.ones((3, K), np.float32)             # (3, K)
+    q = fastrnn.quantize(lin, "int8")
+    assert q._dyn(3) == 0
+    np.testing.assert_allclose(q(x), x @ w.T, rtol=2e-3)   # (float32 sums of 140000 terms)
+    with pytest.raises(ValueError, match=r"in_features: int8 mode 'dynamic' sums at most "
+                                         r"133144 products in int32, got 140000"):
+        fastrnn.quantize(lin, "int8", "dynamic")
+    for make, what in [(lambda: Q.QuantizedLSTM(K, 4, mode="dynamic"), "input_size"),
+                       (lambda: Q.QuantizedGRUCell(4, K, mode="dynamic"), "hidden_size"),
+                       (lambda: Q.QuantizedRNN(4, 70000, num_layers=2, bidirectional=True,
+                                               mode="dynamic"), "num_directions")]:
+        with pytest.raises(ValueError, match=what):
+            make()
+    at_limit = Q.QuantizedLinear(Q.INT8_DYNAMIC_MAX_K, 1, mode="dynamic")   # fits: dynamic
+    assert at_limit._dyn(1) == 1
+
+
 @pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
 @pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
 def test_cells_match_twin(isa, cls, qdtype):
