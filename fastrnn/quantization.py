@@ -262,11 +262,15 @@ class _Buffer:
     Lives where a Parameter would, so state_dict / load_state_dict / fastrnn.save
     see it, but has no gradient: quantised modules are inference only."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "code_range")
     grad = None
 
-    def __init__(self, data):
+    def __init__(self, data, code_range=None):
         self.data = np.ascontiguousarray(data)
+        # (lo, hi): the integer values load_state_dict accepts (Module), or None: the
+        # dtype's range. int8 weight codes stop at +-127 (quantize_int8), which
+        # INT8_DYNAMIC_MAX_K's bound on a dot product's int32 sum assumes
+        self.code_range = code_range
 
     @property
     def shape(self):
@@ -321,7 +325,8 @@ class _QuantizedBase(Module):
                 object.__setattr__(self, "_int8_sums_fit", False)
 
     def _add_weight(self, name, shape):
-        self._parameters[name] = _Buffer(np.zeros(shape, _storage_dtype(self.qdtype)))
+        self._parameters[name] = _Buffer(np.zeros(shape, _storage_dtype(self.qdtype)),
+                                         (-127, 127) if self.qdtype == "int8" else None)
         if self.qdtype == "int8":
             self._parameters[name + "_scale"] = _Buffer(np.zeros(shape[0], np.float32))
 

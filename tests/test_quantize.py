@@ -254,6 +254,26 @@ def test_int8_dynamic_dot_products_that_could_wrap_run_weight_only_or_are_refuse
     assert at_limit._dyn(1) == 1
 
 
+def test_load_state_dict_refuses_codes_that_would_wrap_or_exceed_127():
+    """int8 weight codes stop at +-127 (quantize_int8; the int32 sums' bound assumes it),
+    and integer codes must fit their array: -128, or an int16 200 that astype would
+    turn into -56, are refused with the key and the range, before anything is written."""
+    q = fastrnn.quantize(fastrnn.nn.Linear(8, 2, rng=0), "int8")
+    good = {k: np.array(v.data) for k, v in q.named_parameters()}
+    for bad, lo_hi in [(np.full((2, 8), -128, np.int8), "from -128 to -128"),
+                       (np.full((2, 8), 200, np.int16), "from 200 to 200")]:
+        with pytest.raises(ValueError, match=r"weight: expected integers in \[-127, 127\], "
+                                             r"got values " + lo_hi):
+            q.load_state_dict(dict(good, weight=bad, bias=np.ones(2, np.float32)))
+        assert np.array_equal(q.state_dict()["bias"], good["bias"])    # nothing written
+    q.load_state_dict(dict(good, weight=np.full((2, 8), -127, np.int64)))   # in range: loads
+    assert (q.state_dict()["weight"] == -127).all()
+    b = fastrnn.quantize(fastrnn.nn.Linear(8, 2, rng=0), "bfloat16")
+    codes = {k: np.array(v.data) for k, v in b.named_parameters()}
+    with pytest.raises(ValueError, match=r"expected integers in \[0, 65535\]"):
+        b.load_state_dict(dict(codes, weight=codes["weight"].astype(np.int32) + 70000))
+
+
 @pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
 @pytest.mark.parametrize("qdtype", ["int8", "bfloat16"])
 def test_cells_match_twin(isa, cls, qdtype):

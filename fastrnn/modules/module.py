@@ -446,11 +446,25 @@ class Module:
         codes = [f"{k}: expected {own[k].data.dtype}, got {given[k].dtype}"
                  for k in own if k in given and own[k].data.dtype.kind in "iu"
                  and given[k].dtype.kind == "f"]
+        # integer codes must fit their array (astype would wrap them) and, for int8
+        # weight codes, quantize's +-127 (a Parameter's code_range)
+        out_of_range = []
+        for k in own:
+            if (k in given and own[k].data.dtype.kind in "iu"
+                    and given[k].dtype.kind in "biu" and given[k].size):
+                info = np.iinfo(own[k].data.dtype)
+                lo, hi = getattr(own[k], "code_range", None) or (int(info.min), int(info.max))
+                got = (int(given[k].min()), int(given[k].max()))
+                if got[0] < lo or got[1] > hi:
+                    out_of_range.append(f"{k}: expected integers in [{lo}, {hi}], got values "
+                                        f"from {got[0]} to {got[1]}")
         problems = []
         if misshaped:
             problems.append("mis-shaped keys: " + "; ".join(misshaped))
         if badtype:
             problems.append("non-numeric keys: " + "; ".join(badtype))
+        if out_of_range:
+            problems.append("out-of-range integer codes: " + "; ".join(out_of_range))
         if codes:
             problems.append("float values for a quantised module's integer codes (quantise "
                             "the float module instead): " + "; ".join(codes))
