@@ -241,14 +241,21 @@ def grad_norm(params, norm_type=2.0):
 def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """Scale all gradients in place so their total norm is at most ``max_norm``.
 
-    Returns the total norm *before* clipping (like torch's clip_grad_norm_).
+    Returns the total norm *before* clipping (like torch's clip_grad_norm_: the
+    ``norm_type``-norm of the per-parameter norms, which for ``norm_type=0`` counts the
+    parameters with a non-zero gradient; grad_norm counts elements).
     The scale is ``max_norm / (norm + 1e-6)``, applied only when below 1. A
     non-finite norm raises RuntimeError with ``error_if_nonfinite``; otherwise the
     gradients are scaled as torch scales them (by 0 for an infinite norm, so
     infinite entries become NaN; by NaN for a NaN norm).
     """
     params = _as_param_list(params)
-    total = grad_norm(params, norm_type)
+    if float(norm_type) == 0.0:
+        # torch takes the norm of the per-parameter norms: for 0, the count of
+        # parameters whose gradient has a non-zero (NaN counts), not of elements
+        total = float(sum(1 for p in params if np.count_nonzero(p.grad)))
+    else:   # for every other norm_type the same as one long vector (grad_norm)
+        total = grad_norm(params, norm_type)
     if not math.isfinite(total) and error_if_nonfinite:
         raise RuntimeError(f"the total gradient norm is {total}; cannot clip")
     coef = float(max_norm) / (total + 1e-6)

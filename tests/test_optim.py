@@ -227,6 +227,26 @@ def test_norms_of_every_order_as_torch_takes_them():
         optim.clip_grad_norm(nan, 1.0, norm_type=float("inf"), error_if_nonfinite=True)
 
 
+@needs_torch
+def test_clip_grad_norm_of_order_0_counts_parameters_as_torch():
+    """torch's clip_grad_norm_ takes the norm of the per-parameter norms: for order 0
+    the parameters with a non-zero gradient (NaN counts), here 2 of 3; grad_norm (one
+    long vector) counts the 3 non-zero elements."""
+    gs = [[1.0, 0.0, 2.0], [0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    for nan in (False, True):
+        if nan:
+            gs[1][0] = np.nan
+        ps = _params(*gs)
+        tps = [torch.nn.Parameter(torch.zeros(len(g), dtype=torch.float64)) for g in gs]
+        for tp, g in zip(tps, gs):
+            tp.grad = torch.tensor(g, dtype=torch.float64)
+        total = optim.clip_grad_norm(ps, 1.0, norm_type=0)
+        assert total == float(torch.nn.utils.clip_grad_norm_(tps, 1.0, norm_type=0)) == 2.0
+        for p, tp in zip(ps, tps):
+            np.testing.assert_array_equal(p.grad, tp.grad.numpy())   # scaled by 1 / (2 + 1e-6)
+    assert optim.grad_norm(_params([1.0, 0.0, 2.0], [0.5, 0.0]), 0) == 3.0   # elements
+
+
 def test_clip_scales_non_finite_gradients_as_torch():
     ps = _params([1.0, np.inf, 2.0])
     total = optim.clip_grad_norm(ps, 1.0)
