@@ -53,6 +53,19 @@ def _create_new(path, make):
             continue
 
 
+def _create_beside(path, make):
+    """_create_new, with an OSError (a missing or read-only directory) naming the
+    user's path and its directory rather than the hidden temporary name."""
+    try:
+        return _create_new(path, make)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        directory = os.path.dirname(os.path.abspath(path))
+        raise type(exc)(exc.errno, f"{exc.strerror} (writing {path}: cannot create a file "
+                                   f"in {directory})", path) from exc
+
+
 def _remove(name):
     try:
         os.remove(name)
@@ -69,7 +82,7 @@ def replacing(path):
         # the file the link names is replaced and the link kept, as open(path, "w") would
         path = os.path.realpath(path)
     # 0o666 & ~umask, as open(path, "w") would give a new file
-    tmp = _create_new(path, lambda name: os.close(os.open(
+    tmp = _create_beside(path, lambda name: os.close(os.open(
         name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)))
     try:
         yield tmp
@@ -99,7 +112,7 @@ def replacing_directory(path):
     raises it is removed and `path` is left as it was. Not atomic as a whole (two
     renames), but a reader never sees old and new parts mixed."""
     path = os.path.abspath(os.fspath(path))
-    tmp = _create_new(path, os.mkdir)
+    tmp = _create_beside(path, os.mkdir)
     try:
         yield tmp
         old = None

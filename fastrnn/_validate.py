@@ -10,6 +10,13 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def describe(value):
+    """What `value` is, for an error message: "a tuple of length 3", "ndarray"."""
+    if type(value) in (tuple, list):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return type(value).__name__
+
+
 def as_float_array(name, value, ndim, dtype=None):
     """`value` as a C-contiguous float32/float64 array of rank `ndim`.
 

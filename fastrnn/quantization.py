@@ -43,6 +43,7 @@ from fastrnn import _hugepages, _precision
 from fastrnn import _isa as _kernel_isa
 from fastrnn import _quantized
 from fastrnn._config import get_num_threads
+from fastrnn._validate import describe
 from fastrnn.modules.module import Module
 
 __all__ = ["quantize", "QUANT_DTYPES", "MODES", "isa", "available_isas", "set_isa",
@@ -643,7 +644,7 @@ class _QuantizedStack(_QuantizedRecurrent):
             if hx is None:
                 h0 = c0 = None
             elif type(hx) not in (tuple, list) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {type(hx).__name__}")
+                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
             else:
                 h0, c0 = self._state("hx[0]", hx[0], B), self._state("hx[1]", hx[1], B)
         else:
@@ -717,7 +718,7 @@ class _QuantizedCell(_QuantizedRecurrent):
         lstm = self.mode_name == "LSTM"
         if lstm and hx is not None:
             if type(hx) not in (tuple, list) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
+                raise TypeError(f"hx: expected a tuple (h, c), got {describe(hx)}")
             h0 = self._cell_state("hx[0]", hx[0], B, batched)
             c0 = self._cell_state("hx[1]", hx[1], B, batched)
         else:

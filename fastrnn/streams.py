@@ -26,6 +26,8 @@ import threading
 
 import numpy as np
 
+from fastrnn._validate import describe
+
 __all__ = ["StreamPool"]
 
 
@@ -139,7 +141,7 @@ class StreamPool:
         if self.is_lstm:
             if type(state) not in (tuple, list) or len(state) != 2:
                 raise TypeError(f"state: expected a tuple (h, c) for an LSTM, got "
-                                f"{type(state).__name__}")
+                                f"{describe(state)}")
             arrays = [self._state_array("state[0]", state[0], shape),
                       self._state_array("state[1]", state[1], shape)]
         else:

@@ -242,6 +242,11 @@ def test_missing_file_and_unsaveable_module(tmp_path):
     with pytest.raises(ValueError, match="not a saveable class"):
         fastrnn.save(tmp_path / "x.npz", fastrnn.Module())
     assert not (tmp_path / "x.npz").exists()
+    target = tmp_path / "no-such-dir" / "x.npz"     # the message names the user's path
+    with pytest.raises(FileNotFoundError, match=r"writing .*no-such-dir/x\.npz: cannot create "
+                                                r"a file in .*no-such-dir\)") as e:
+        fastrnn.save(target, fastrnn.LSTM(3, 4))
+    assert e.value.filename == str(target) and "fastrnn-tmp" not in str(e.value)
 
 
 # -- torch conversion ----------------------------------------------------------

@@ -241,8 +241,10 @@ def test_load_state_dict_reports_keys_by_name():
     assert "weight_ih_l0: expected shape (12, 3), got (4, 3)" in msg
     sd2 = fastrnn.GRU(3, 4, bidirectional=True, seed=1).state_dict()
     sd2.pop("bias_hh_l0")
-    missing, unexpected = m.load_state_dict(dict(sd2, extra=1), strict=False)
+    result = m.load_state_dict(dict(sd2, extra=1), strict=False)
+    missing, unexpected = result                  # unpacks as a pair, and is named as torch's
     assert missing == ["bias_hh_l0"] and unexpected == ["extra"]
+    assert result.missing_keys == ["bias_hh_l0"] and result.unexpected_keys == ["extra"]
     np.testing.assert_array_equal(m.weight_ih_l0.data, sd2["weight_ih_l0"])
     with pytest.raises(ValueError, match="non-numeric keys: bias_ih_l0"):
         m.load_state_dict(dict(m.state_dict(), bias_ih_l0=np.array(["a"] * 12)))
@@ -274,6 +276,10 @@ def test_bad_x():
         m(np.zeros((0, B, I), np.float32))
     with pytest.raises(ValueError, match=r"\(B, T, I\)"):
         fastrnn.GRU(I, H, batch_first=True)(np.zeros((B, T), np.float32))
+    with pytest.raises(TypeError, match=r"x: expected an array of dtype float32 \(the module's "
+                                        r"dtype\), got a list \(read as float64\); pass "
+                                        r"np.asarray\(x, dtype=np.float32\)$"):
+        m(ok.tolist())                            # a list says so, not ".astype"
     m(ok)                                         # still works after all those errors
 
 
@@ -283,6 +289,11 @@ def test_bad_hx():
     h = np.zeros((2, B, H), np.float32)
     with pytest.raises(TypeError, match=r"hx: expected a tuple \(h, c\)"):
         lstm(x, h)
+    with pytest.raises(TypeError, match=r"hx: expected a tuple \(h, c\) for LSTM, got a tuple "
+                                        r"of length 3"):
+        lstm(x, (h, h, h))
+    with pytest.raises(TypeError, match=r"hx: expected a tuple \(h, c\), got a list of length 1"):
+        fastrnn.LSTMCell(I, H)(x[0], [h[0]])
     with pytest.raises(ValueError, match=r"hx\[1\]: expected shape \(2, 3, 5\), got \(2, 3, 4\)"):
         lstm(x, (h, h[..., :4]))
     with pytest.raises(TypeError, match=r"hx\[0\]: expected dtype float32"):
@@ -291,6 +302,28 @@ def test_bad_hx():
         gru(x, h)
     with pytest.raises(ValueError, match=r"hx: expected shape \(4, 3, 5\)"):
         gru(x, h[0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_parameter_replaced_by_another_dtype_or_none_is_named(training):
+    """A .data replaced by hand with another dtype, or None: the error names the
+    parameter (the kernel named its own argument, w_hh; a cell raised AttributeError)."""
+    x = np.zeros((T, B, I), np.float32)
+    m = fastrnn.LSTM(I, H, num_layers=2, bidirectional=True).train(training)
+    m.weight_hh_l1_reverse.data = m.weight_hh_l1_reverse.data.astype(np.float64)
+    with pytest.raises(TypeError, match=r"^weight_hh_l1_reverse: expected dtype float32 "
+                                        r"\(the module's dtype\), got float64$"):
+        m(x)
+    for name, bad, err, match in [
+            ("weight_ih", None, TypeError, r"^weight_ih: expected a numpy array of shape "
+                                           r"\(15, 4\) and dtype float32, got NoneType$"),
+            ("bias_hh", [0.0] * 15, TypeError, r"^bias_hh: expected a numpy array"),
+            ("weight_hh", np.zeros((15, H)), TypeError,
+             r"^weight_hh: expected dtype float32 \(the cell's dtype\), got float64$")]:
+        cell = fastrnn.GRUCell(I, H).train(training)
+        getattr(cell, name).data = bad
+        with pytest.raises(err, match=match):
+            cell(x[0])
 
 
 @pytest.mark.parametrize("lengths, err, match", [

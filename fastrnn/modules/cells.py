@@ -30,6 +30,7 @@ import math
 import numpy as np
 
 from fastrnn import _fastpath, _precision
+from fastrnn._validate import describe
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
                                     grad_targets, training_call)
@@ -90,19 +91,27 @@ class _CellBase(Module):
         return s
 
     def _check_param_shapes(self):
-        """The weights still have the shapes the cell's sizes give them (a user may assign
-        other arrays to .data: consistent other sizes would give outputs of another
-        hidden size than hidden_size says; an audit found that). The biases need no
-        look here: the functional forward holds them to the weights' G*H. Per step,
-        so two tuple compares when all is well."""
+        """The parameters still have the shapes and dtype the cell's sizes and dtype give
+        them (a user may assign other arrays to .data: consistent other sizes would give
+        outputs of another hidden size than hidden_size says, an audit found; a float64
+        weight in a float32 cell was refused by the kernel under its argument's name,
+        not the parameter's). Per step, so a few compares when all is well."""
         GH, I, H = self._gates * self.hidden_size, self.input_size, self.hidden_size
-        w_ih, w_hh = self.weight_ih.data.shape, self.weight_hh.data.shape
-        if w_ih == (GH, I) and w_hh == (GH, H):
-            return
-        name, shape, got = (("weight_ih", (GH, I), w_ih) if w_ih != (GH, I)
-                            else ("weight_hh", (GH, H), w_hh))
-        raise ValueError(f"{name}: expected shape {shape} (input_size={I}, "
-                         f"hidden_size={H}), got {got}")
+        want = [("weight_ih", self.weight_ih.data, (GH, I)),
+                ("weight_hh", self.weight_hh.data, (GH, H))]
+        if self.bias_ih is not None:
+            want += [("bias_ih", self.bias_ih.data, (GH,)), ("bias_hh", self.bias_hh.data, (GH,))]
+        for name, a, shape in want:
+            if isinstance(a, np.ndarray) and a.shape == shape and a.dtype == self.dtype:
+                continue
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"{name}: expected a numpy array of shape {shape} and dtype "
+                                f"{self.dtype}, got {type(a).__name__}")
+            if a.shape != shape:
+                raise ValueError(f"{name}: expected shape {shape} (input_size={I}, "
+                                 f"hidden_size={H}), got {a.shape}")
+            raise TypeError(f"{name}: expected dtype {self.dtype} (the cell's dtype), got "
+                            f"{a.dtype}")
 
     def clear_cache(self):
         """Forget all pushed steps (e.g. when truncating BPTT)."""
@@ -286,7 +295,7 @@ class LSTMCell(_CellBase):
         if hx is None:
             return None, None
         if type(hx) is not tuple and type(hx) is not list or len(hx) != 2:
-            raise TypeError(f"hx: expected a tuple (h, c), got {type(hx).__name__}")
+            raise TypeError(f"hx: expected a tuple (h, c), got {describe(hx)}")
         return (self._check_state("hx[0]", hx[0], B, batched),             # (B, H)
                 self._check_state("hx[1]", hx[1], B, batched))             # (B, H)
 

@@ -12,7 +12,7 @@ import functools
 import math
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
@@ -271,6 +271,10 @@ def grad_targets(params):
 _UNSHARED = Parameter(np.zeros(1))._grad_references()
 
 
+# what load_state_dict returns, named as torch's: unpacks as (missing, unexpected)
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
 class Module:
     """Base class: parameter discovery, train/eval mode, state dicts."""
 
@@ -417,7 +421,8 @@ class Module:
         bfloat16 one is read through float32, exactly).
         Values are cast to each parameter's dtype. With `strict`, missing or
         unexpected keys are an error; mis-shaped or non-numeric values always are. Returns
-        `(missing, unexpected)` key lists.
+        the key lists as `IncompatibleKeys(missing_keys, unexpected_keys)`, a named
+        tuple (as torch's; it unpacks as `missing, unexpected`).
         """
         if not hasattr(state_dict, "items"):
             raise TypeError(f"state_dict: expected a mapping of names to arrays (a dict), "
@@ -480,7 +485,7 @@ class Module:
         for key, p in own.items():
             if key in given:
                 p.data[...] = given[key].astype(p.data.dtype, copy=False)
-        return missing, unexpected
+        return IncompatibleKeys(missing, unexpected)
 
     # -- calling -------------------------------------------------------------
     def _eval_call(self, fn, *args, **kwargs):

@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from fastrnn import _buffers, _fastpath, _placement
-from fastrnn._validate import as_ids
+from fastrnn._validate import as_ids, describe
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
                                     grad_targets, training_call)
@@ -266,14 +266,23 @@ class RNNBase(Module):
             if getattr(a, "shape", None) != self._param_shapes[n]:
                 raise ValueError(f"{n}: expected shape {self._param_shapes[n]} (from the "
                                  f"module's sizes), got {getattr(a, 'shape', type(a).__name__)}")
+            if getattr(a, "dtype", None) != self.dtype:
+                raise TypeError(f"{n}: expected dtype {self.dtype} (the module's dtype), got "
+                                f"{getattr(a, 'dtype', type(a).__name__)}")
         if not self.bias:  # kernels take explicit None biases
             arrays[2:2] = [None, None]
         return arrays
 
     # -- input checks (messages name the argument and expected/actual) -----
-    def _check_array(self, name, a, shape):
+    def _check_array(self, name, a, shape, given=None):
+        """given: the type of what the caller passed, when it was not an array."""
         if not isinstance(a, np.ndarray):
+            given = given or type(a).__name__
             a = np.asarray(a)
+        if a.dtype != self.dtype and given is not None:   # a list of floats reads as float64
+            raise TypeError(f"{name}: expected an array of dtype {self.dtype} (the module's "
+                            f"dtype), got a {given} (read as {a.dtype}); pass "
+                            f"np.asarray({name}, dtype=np.{self.dtype})")
         if a.dtype != self.dtype:  # never a silent cast
             other = (f" or build the module with dtype=np.{a.dtype}"
                      if a.dtype in (np.float32, np.float64) else "")   # the dtypes it takes
@@ -285,7 +294,9 @@ class RNNBase(Module):
 
     def _check_input(self, x):
         """x (T,B,I) or (B,T,I) if batch_first -> contiguous time-major (T,B,I)."""
+        given = None
         if not isinstance(x, np.ndarray):
+            given = type(x).__name__
             x = np.asarray(x)
         layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
         if x.ndim != 3:
@@ -298,7 +309,7 @@ class RNNBase(Module):
                              f"got shape {x.shape} {layout}")
         if self.batch_first:
             x = x.transpose(1, 0, 2)  # (T, B, I)
-        return self._check_array("x", x, x.shape)
+        return self._check_array("x", x, x.shape, given)
 
     def _state_shape(self, B, cell=False):
         size = self.hidden_size if cell else self.out_hidden_size
@@ -311,7 +322,7 @@ class RNNBase(Module):
         if hx is None:
             return None, None
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"{name}: expected a tuple (h, c) for LSTM, got {type(hx).__name__}")
+            raise TypeError(f"{name}: expected a tuple (h, c) for LSTM, got {describe(hx)}")
         return hx[0], hx[1]
 
     def _check_state(self, name, hx, B):
