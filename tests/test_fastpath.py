@@ -441,8 +441,8 @@ def test_bad_parameters_and_inputs_raise_as_before():
     m(x)
     good = m.weight_hh_l0.data
     m.weight_hh_l0.data = good.astype(np.float64)       # wrong dtype assigned
-    with pytest.raises(TypeError, match="w_hh"):
-        m(x)
+    with pytest.raises(TypeError, match=r"weight_hh_l0: expected dtype float32"):
+        m(x)                                            # (named by its parameter since s35)
     m.weight_hh_l0.data = good[:, :4].copy()            # wrong shape assigned
     with pytest.raises(ValueError, match=r"weight_hh_l0: expected shape \(32, 8\)"):
         m(x)

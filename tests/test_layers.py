@@ -266,8 +266,8 @@ def test_bad_x():
         with pytest.raises(TypeError, match=r"input: .* convert with .astype\(np.float32\)$"):
             fastrnn.GRUCell(I, H)(np.zeros((B, I), dt))
     with pytest.raises(ValueError,
-                       match=r"x: expected a 3-D array \(T, B, I\), got shape \(5, 4\)"):
-        m(ok[:, 0])
+                       match=r"x: expected a 3-D array \(T, B, I\), got shape \(5, 3, 4, 1\)"):
+        m(ok[..., None])
     with pytest.raises(ValueError, match="x: expected a 3-D array"):
         m(ok[None])
     with pytest.raises(ValueError, match=r"x: expected last dimension I = input_size = 4"):
@@ -275,6 +275,8 @@ def test_bad_x():
     with pytest.raises(ValueError, match="at least one step"):
         m(np.zeros((0, B, I), np.float32))
     with pytest.raises(ValueError, match=r"\(B, T, I\)"):
+        fastrnn.GRU(I, H, batch_first=True)(np.zeros((B, T, I + 1), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(3, 5\) \(T, I\)"):   # 2-D: unbatched
         fastrnn.GRU(I, H, batch_first=True)(np.zeros((B, T), np.float32))
     with pytest.raises(TypeError, match=r"x: expected an array of dtype float32 \(the module's "
                                         r"dtype\), got a list \(read as float64\); pass "
@@ -302,6 +304,43 @@ def test_bad_hx():
         gru(x, h)
     with pytest.raises(ValueError, match=r"hx: expected shape \(4, 3, 5\)"):
         gru(x, h[0])
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input_is_a_batch_of_one_without_its_axis(cls, batch_first):
+    """x (T, I): the results and gradients of x[:, None] (x[None] batch_first), bitwise,
+    without the batch axis; a bad unbatched call is refused before the cache changes."""
+    rng = np.random.default_rng(3)
+    a, b = (cls(I, H, num_layers=2, batch_first=batch_first, seed=1) for _ in range(2))
+    x = rng.standard_normal((T, I)).astype(np.float32)                   # (T, I)
+    x3 = x[None] if batch_first else x[:, None]                          # batch of one
+    lstm = cls is fastrnn.LSTM
+    h0 = rng.standard_normal((2, H)).astype(np.float32)                  # (L, H)
+    out, state = a(x, (h0, h0) if lstm else h0)
+    out3, state3 = b(x3, (h0[:, None], h0[:, None]) if lstm else h0[:, None])
+    assert np.array_equal(out, out3[0] if batch_first else out3[:, 0])
+    assert np.array_equal(state[0] if lstm else state,
+                          (state3[0] if lstm else state3)[:, 0])
+    dout = rng.standard_normal(out.shape).astype(np.float32)             # (T, H)
+    with pytest.raises(ValueError, match=r"dout: expected shape \(5, 5\), got \(5, 1, 5\)"):
+        a.backward(dout[:, None])                                        # the cache stays
+    dx, dstate = a.backward(dout)
+    dx3, dstate3 = b.backward(dout[None] if batch_first else dout[:, None])
+    assert dx.shape == (T, I)
+    assert np.array_equal(dx, dx3[0] if batch_first else dx3[:, 0])
+    assert np.array_equal(dstate[0] if lstm else dstate, (dstate3[0] if lstm else dstate3)[:, 0])
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert np.array_equal(p.grad, q.grad), n
+    a.eval()
+    assert np.array_equal(a(x)[0], b.eval()(x3)[0][0 if batch_first else slice(None)]
+                          .reshape(T, H))
+    with pytest.raises(ValueError, match="lengths: not taken with an unbatched x"):
+        a(x, lengths=[T])
+    with pytest.raises(ValueError, match=r"expected shape \(2, 5\), got \(2, 1, 5\)"):
+        a(x, (h0[:, None], h0[:, None]) if lstm else h0[:, None])
+    with pytest.raises(ValueError, match=r"x: expected at least one step, got shape \(0, 4\)"):
+        a(x[:0])
 
 
 @pytest.mark.parametrize("training", [True, False])

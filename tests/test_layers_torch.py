@@ -167,6 +167,45 @@ def test_default_state_is_zeros(cell):
     assert_close(out, t_out.detach().numpy(), 1e-8, "out")
 
 
+@pytest.mark.parametrize("mode,proj", [("LSTM", 0), ("LSTM", P), ("GRU", 0), ("RNN", 0)])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_unbatched_input_matches_torch(mode, proj, batch_first, training):
+    """x (T, I), h0 (L·D, O), c0 (L·D, H) as torch takes them: out (T, D·O), h_n
+    (L·D, O); backward takes and returns the same shapes; every gradient as torch's."""
+    rng = np.random.default_rng(7)
+    kw = dict(num_layers=2, bidirectional=True, batch_first=batch_first)
+    if proj:
+        kw["proj_size"] = proj
+    theirs = getattr(torch.nn, mode)(I, H, **kw).double()
+    ours = getattr(fastrnn, mode)(I, H, dtype=np.float64, **kw).train(training)
+    ours.load_state_dict(theirs.state_dict())
+    O = proj or H
+    x = rng.standard_normal((T, I))                               # (T, I)
+    h0, c0 = rng.standard_normal((4, O)), rng.standard_normal((4, H))
+    xt, h0t, c0t = (torch.tensor(a, requires_grad=True) for a in (x, h0, c0))
+    lstm = mode == "LSTM"
+    out, state = ours(x, (h0, c0) if lstm else h0)
+    t_out, t_state = theirs(xt, (h0t, c0t) if lstm else h0t)
+    assert out.shape == (T, 2 * O) and out.flags.c_contiguous
+    assert_close(out, t_out.detach().numpy(), 1e-10, "out")
+    hn, t_hn = (state[0], t_state[0]) if lstm else (state, t_state)
+    assert hn.shape == (4, O)
+    assert_close(hn, t_hn.detach().numpy(), 1e-10, "h_n")
+    if not training:
+        return
+    dout, dhn = rng.standard_normal(out.shape), rng.standard_normal(hn.shape)
+    ((t_out * torch.tensor(dout)).sum() + (t_hn * torch.tensor(dhn)).sum()).backward()
+    dx, dstate = ours.backward(dout, (dhn, None) if lstm else dhn)
+    assert dx.shape == (T, I)
+    assert_close(dx, xt.grad.numpy(), 1e-10, "dx")
+    assert_close(dstate[0] if lstm else dstate, h0t.grad.numpy(), 1e-10, "dh0")
+    if lstm:
+        assert_close(dstate[1], c0t.grad.numpy(), 1e-10, "dc0")
+    for name, p in theirs.named_parameters():
+        assert_close(getattr(ours, name).grad, p.grad.numpy(), 1e-10, name)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_torch_state_dict_loads_directly(cell):
     """A torch module's own (randomly initialised) state_dict reproduces its outputs."""

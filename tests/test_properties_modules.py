@@ -142,8 +142,8 @@ def bad_layer_calls(draw):
                                  "lengths_count", "dout_shape"]))
     T = x.shape[1] if m.batch_first else x.shape[0]
     B = x.shape[0] if m.batch_first else x.shape[1]
-    if what == "x_ndim":
-        x = x[0]
+    if what == "x_ndim":     # (a 2-D x is an unbatched call: legal)
+        x = x[..., None] if draw(st.booleans()) else x[0, 0]
     elif what == "x_size":
         x = np.concatenate([x, x[..., :1]], axis=2)
     elif what == "x_dtype":

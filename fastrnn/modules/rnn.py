@@ -375,7 +375,13 @@ class RNNBase(Module):
         projections from rows of x W_ih^T, computed once; else it gathers x[x_ids]
         (fastrnn/_ids_input.py). Every id must be a row of x, padded steps' too.
         Not with proj_size.
+
+        Unbatched, as torch takes it: x (T,I) (batch_first or not), hx h0 (L·D,O) and
+        c0 (L·D,H) -> out (T,D·O), h_n (L·D,O), c_n (L·D,H): a batch of one, without
+        its axis; backward then takes and returns the same shapes. No lengths.
         """
+        if x_ids is None and np.ndim(x) == 2:
+            return self._forward_unbatched(x, hx, lengths)
         if not self.training and lengths is None and x_ids is None:
             fast = _fastpath.layer_forward(self, x, hx)     # None: the call does not qualify
             if fast is not None:                            # (a direct .forward() call)
@@ -454,6 +460,58 @@ class RNNBase(Module):
             self._set_train_owner(True)
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
 
+    def _unbatched_state(self, name, hx):
+        """A state for an unbatched call, h (L·D,O) and c (L·D,H) or None, as the
+        batched call's (L·D,1,·) views; the shapes checked here."""
+        h, c = self._split_state(name, hx)
+        hname, cname = (f"{name}[0]", f"{name}[1]") if self.mode == "LSTM" else (name, None)
+        out = []
+        for n, a, cell in ((hname, h, False), (cname, c, True)):
+            if a is not None:
+                shape = self._state_shape(1, cell)
+                a = self._check_array(n, a, (shape[0], shape[2]))    # (L·D, O or H)
+                a = a[:, None]                                        # (L·D, 1, ·)
+            out.append(a)
+        return tuple(out) if self.mode == "LSTM" else out[0]
+
+    def _forward_unbatched(self, x, hx, lengths):
+        """forward() of an unbatched x (T,I): a batch of one, its axis dropped."""
+        if lengths is not None:
+            raise ValueError("lengths: not taken with an unbatched x (T, I); give x a batch "
+                             "axis to pass lengths")
+        given = None if isinstance(x, np.ndarray) else type(x).__name__
+        x = self._check_array("x", x, np.shape(x), given)
+        if x.shape[1] != self.input_size:
+            raise ValueError(f"x: expected last dimension I = input_size = {self.input_size}, "
+                             f"got shape {x.shape} (T, I)")
+        if x.shape[0] == 0:
+            raise ValueError(f"x: expected at least one step, got shape {x.shape} (T, I)")
+        x3 = x[None] if self.batch_first else x[:, None]              # (1,T,I) or (T,1,I)
+        out, state = self.forward(x3, self._unbatched_state("hx", hx))
+        if self.training:
+            self._cache["unbatched"] = True
+        out = out[0] if self.batch_first else out[:, 0]               # (T, D·O): contiguous
+        if self.mode == "LSTM":
+            return out, (state[0][:, 0], state[1][:, 0])
+        return out, state[:, 0]
+
+    def _backward_unbatched(self, dout, dstate):
+        """backward() after an unbatched forward: dout (T,D·O), dstate (L·D,·) -> dx (T,I),
+        dh0 (L·D,O) (and dc0 (L·D,H)). Everything is checked before the cache is used."""
+        cache = self._cache
+        shape = cache["out_shape"]                                    # (T,1,F) or (1,T,F)
+        if dout is not None:
+            dout = self._check_array("dout", dout, (shape[1] if self.batch_first else shape[0],
+                                                    shape[2]))
+            dout = dout[None] if self.batch_first else dout[:, None]
+        dstate = self._unbatched_state("dstate", dstate)
+        cache["unbatched"] = False
+        dx, dst = self.backward(dout, dstate)
+        dx = dx[0] if self.batch_first else dx[:, 0]                  # (T, I)
+        if self.mode == "LSTM":
+            return dx, (dst[0][:, 0], dst[1][:, 0])
+        return dx, dst[:, 0]
+
     def _dropout_mask(self, shape):
         """Inverted dropout: keep with prob 1-p and scale by 1/(1-p) (p=1 drops all)."""
         p = self.dropout
@@ -473,12 +531,16 @@ class RNNBase(Module):
         Returns `dx, dh0` (RNN/GRU) or `dx, (dh0, dc0)` (LSTM); dx has x's layout
         (with x_ids: the table's gradient, (V, I)).
         Consumes the cache: run forward again before another backward.
+        After an unbatched forward (x (T,I)), dout is (T,D·O) and dstate (L·D,·), and
+        dx is (T,I), dh0 (L·D,O), dc0 (L·D,H).
         """
         cache = self._cache
         if cache is None:
             raise RuntimeError(
                 "backward: no forward cache. Run forward in training mode (module.train()) "
                 "right before backward; each forward supports one backward.")
+        if cache.get("unbatched"):
+            return self._backward_unbatched(dout, dstate)
         B = cache["B"]
         if dout is None:
             dout = np.zeros(cache["out_shape"], self.dtype)
