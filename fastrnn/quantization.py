@@ -624,11 +624,31 @@ class _QuantizedStack(_QuantizedRecurrent):
         return np.ascontiguousarray(h)
 
     def forward(self, x, hx=None, lengths=None):
-        """out, h_n (RNN/GRU) or out, (h_n, c_n) (LSTM); x (T,B,I) or (B,T,I) if batch_first."""
+        """out, h_n (RNN/GRU) or out, (h_n, c_n) (LSTM); x (T,B,I) or (B,T,I) if batch_first,
+        or unbatched as the float module takes it: x (T,I), states (L·D,H), out (T,D·H)."""
         if lengths is not None:
             raise ValueError("lengths: quantised modules run full-length sequences only; got "
                              "lengths (split the batch by length or use the float module)")
         x = _float32_input("x", x)
+        if x.ndim == 2:                       # a batch of one, its axis dropped
+            lstm = self.mode_name == "LSTM"
+            if lstm and hx is not None and (type(hx) not in (tuple, list) or len(hx) != 2):
+                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
+            shape = (self.num_layers * self.num_directions, self.hidden_size)
+            states = []
+            for name, h in ((("hx[0]", hx[0]), ("hx[1]", hx[1])) if lstm and hx is not None
+                            else (("hx", hx),)):
+                if h is not None:
+                    h = _float32_input(name, h)
+                    if h.shape != shape:
+                        raise ValueError(f"{name}: expected shape {shape} with an unbatched x "
+                                         f"(T, I), got {h.shape}")
+                    h = h[:, None]                                    # (L·D, 1, H)
+                states.append(h)
+            out, state = self.forward(x[None] if self.batch_first else x[:, None],
+                                      tuple(states) if lstm and hx is not None else states[0])
+            out = out[0] if self.batch_first else out[:, 0]           # (T, D·H)
+            return (out, (state[0][:, 0], state[1][:, 0])) if lstm else (out, state[:, 0])
         if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
             raise ValueError(f"x: expected a non-empty 3-D array {layout} with I = "

@@ -254,6 +254,27 @@ def test_int8_dynamic_dot_products_that_could_wrap_run_weight_only_or_are_refuse
     assert at_limit._dyn(1) == 1
 
 
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_quantised_stack_takes_unbatched_input_as_the_float_module(cls, batch_first):
+    """x (T, I) and states (L·D, H): the batch-of-one call's numbers without its axis."""
+    m = cls(3, 5, num_layers=2, bidirectional=True, batch_first=batch_first, seed=0).eval()
+    q = fastrnn.quantize(m, "int8")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3)).astype(np.float32)                 # (T, I)
+    h = rng.standard_normal((4, 5)).astype(np.float32)                 # (L·D, H)
+    lstm = cls is fastrnn.LSTM
+    y, state = q(x, (h, h) if lstm else h)
+    y3, state3 = q(x[None] if batch_first else x[:, None],
+                   (h[:, None], h[:, None]) if lstm else h[:, None])
+    assert y.shape == (4, 10)
+    assert np.array_equal(y, y3[0] if batch_first else y3[:, 0])
+    assert np.array_equal(state[0] if lstm else state, (state3[0] if lstm else state3)[:, 0])
+    assert np.abs(y - m(x, (h, h) if lstm else h)[0]).max() < 0.05    # the float module's call
+    with pytest.raises(ValueError, match=r"expected shape \(4, 5\) with an unbatched x"):
+        q(x, (h[:, None], h[:, None]) if lstm else h[:, None])
+
+
 def test_load_state_dict_refuses_codes_that_would_wrap_or_exceed_127():
     """int8 weight codes stop at +-127 (quantize_int8; the int32 sums' bound assumes it),
     and integer codes must fit their array: -128, or an int16 200 that astype would
