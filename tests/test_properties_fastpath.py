@@ -189,7 +189,9 @@ def test_quantised_stacks_match_their_twin(case):
         np.testing.assert_allclose(out[0, :, :H], y[0, :, :H], atol=2e-6, rtol=0)
         if q.bidirectional:
             np.testing.assert_allclose(out[-1, :, H:], y[-1, :, H:], atol=2e-6, rtol=0)
-    tol = 2e-2 if on_the_fly else 2e-6
+    # float32 sums in another order alone: 4e-6 of the outputs' scale (the long profile
+    # found 2.04e-6 at an int8 weight-only RNN(78, 3), T=4, B=31: 78 products a sum)
+    tol = 2e-2 if on_the_fly else 4e-6
     for k, (a, b) in enumerate(zip(got, want)):
         scale = max(1.0, float(np.abs(b).max()))
         np.testing.assert_allclose(a, b, atol=tol * scale, rtol=0, err_msg=f"output {k}")
