@@ -274,6 +274,8 @@ def test_bad_x():
         m(np.zeros((T, B, I + 1), np.float32))
     with pytest.raises(ValueError, match="at least one step"):
         m(np.zeros((0, B, I), np.float32))
+    with pytest.raises(ValueError, match="at least one step"):
+        fastrnn.GRU(I, H, batch_first=True)(np.zeros((B, 0, I), np.float32))
     with pytest.raises(ValueError, match=r"\(B, T, I\)"):
         fastrnn.GRU(I, H, batch_first=True)(np.zeros((B, T, I + 1), np.float32))
     with pytest.raises(ValueError, match=r"got shape \(3, 5\) \(T, I\)"):   # 2-D: unbatched
@@ -341,6 +343,35 @@ def test_unbatched_input_is_a_batch_of_one_without_its_axis(cls, batch_first):
         a(x, (h0[:, None], h0[:, None]) if lstm else h0[:, None])
     with pytest.raises(ValueError, match=r"x: expected at least one step, got shape \(0, 4\)"):
         a(x[:0])
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU, fastrnn.RNN])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_gives_empty_results_as_torch(cls, batch_first, training):
+    """B = 0: out (T, 0, D·H) ((0, T, D·H) batch_first) and states (L·D, 0, H), as torch
+    returns them; backward returns empty gradients and leaves .grad as it was."""
+    m = cls(I, H, num_layers=2, bidirectional=True, batch_first=batch_first).train(training)
+    x = np.zeros((0, T, I) if batch_first else (T, 0, I), np.float32)
+    out, state = m(x)
+    assert out.shape == ((0, T, 2 * H) if batch_first else (T, 0, 2 * H))
+    for s in (state if cls is fastrnn.LSTM else (state,)):
+        assert s.shape == (4, 0, H)
+    if not training:
+        return
+    before = {n: p.grad.copy() for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match="dout: expected shape"):
+        m.backward(np.zeros((T, 1, 2 * H), np.float32))           # the cache stays
+    dx, dstate = m.backward(np.zeros_like(out))
+    assert dx.shape == x.shape
+    assert (dstate[0] if cls is fastrnn.LSTM else dstate).shape == (4, 0, H)
+    for n, p in m.named_parameters():
+        assert np.array_equal(p.grad, before[n]), n
+    with pytest.raises(RuntimeError, match="no forward cache"):
+        m.backward()
+    y, _ = m(np.ones((T, 2, I), np.float32) if not batch_first
+             else np.ones((2, T, I), np.float32))                  # a batch after it runs
+    assert y.shape[:2] == ((2, T) if batch_first else (T, 2))
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -304,9 +304,8 @@ class RNNBase(Module):
         if x.shape[2] != self.input_size:
             raise ValueError(f"x: expected last dimension I = input_size = {self.input_size}, "
                              f"got shape {x.shape} {layout}")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"x: expected at least one step and one sequence, "
-                             f"got shape {x.shape} {layout}")
+        if x.shape[1 if self.batch_first else 0] == 0:   # (an empty batch is torch's: allowed)
+            raise ValueError(f"x: expected at least one step, got shape {x.shape} {layout}")
         if self.batch_first:
             x = x.transpose(1, 0, 2)  # (T, B, I)
         return self._check_array("x", x, x.shape, given)
@@ -379,6 +378,7 @@ class RNNBase(Module):
         Unbatched, as torch takes it: x (T,I) (batch_first or not), hx h0 (L·D,O) and
         c0 (L·D,H) -> out (T,D·O), h_n (L·D,O), c_n (L·D,H): a batch of one, without
         its axis; backward then takes and returns the same shapes. No lengths.
+        An empty batch (B = 0) gives empty outputs, as torch's, without a kernel call.
         """
         if x_ids is None and np.ndim(x) == 2:
             return self._forward_unbatched(x, hx, lengths)
@@ -401,6 +401,8 @@ class RNNBase(Module):
             self._set_train_owner(False)  # (another thread's pending cache is left alone)
 
         D, O = self.num_directions, self.out_hidden_size
+        if B == 0:
+            return self._forward_empty(T, keep)
         h_n = np.empty(self._state_shape(B), self.dtype)               # (L·D, B, O)
         c_n = np.empty(self._state_shape(B, True), self.dtype) if self.mode == "LSTM" else None
         caches, masks = [], []
@@ -457,6 +459,19 @@ class RNNBase(Module):
         if keep:
             self._cache = dict(caches=caches, masks=masks, out_shape=out.shape, B=B,
                                by_id=x_ids is not None)
+            self._set_train_owner(True)
+        return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
+
+    def _forward_empty(self, T, keep):
+        """An empty batch, as torch gives it: out (T,0,F) ((0,T,F) batch_first), states
+        (L·D,0,·); no kernel runs, and backward adds nothing to the gradients (x_ids
+        refuses an empty batch before this)."""
+        F = self.out_hidden_size * (self.num_directions if self.merge_mode == "concat" else 1)
+        out = np.zeros((0, T, F) if self.batch_first else (T, 0, F), self.dtype)
+        h_n = np.zeros(self._state_shape(0), self.dtype)
+        c_n = np.zeros(self._state_shape(0, True), self.dtype) if self.mode == "LSTM" else None
+        if keep:
+            self._cache = dict(empty=True, out_shape=out.shape, B=0, T=T)
             self._set_train_owner(True)
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
 
@@ -541,6 +556,18 @@ class RNNBase(Module):
                 "right before backward; each forward supports one backward.")
         if cache.get("unbatched"):
             return self._backward_unbatched(dout, dstate)
+        if cache.get("empty"):
+            if dout is not None:
+                self._check_array("dout", dout, cache["out_shape"])
+            self._check_state("dstate", dstate, 0)
+            self._cache = None
+            self._set_train_owner(False)
+            T, I = cache["T"], self.input_size
+            dx = np.zeros((0, T, I) if self.batch_first else (T, 0, I), self.dtype)
+            dh0 = np.zeros(self._state_shape(0), self.dtype)
+            if self.mode == "LSTM":
+                return dx, (dh0, np.zeros(self._state_shape(0, True), self.dtype))
+            return dx, dh0
         B = cache["B"]
         if dout is None:
             dout = np.zeros(cache["out_shape"], self.dtype)
