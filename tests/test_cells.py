@@ -292,7 +292,7 @@ def test_bad_inputs(kind):
     with pytest.raises(ValueError, match=r"input: expected shape"):
         cell(np.zeros((1, B, I), np.float32))
     with pytest.raises(ValueError, match=r"input: expected shape"):
-        cell(np.zeros((0, I), np.float32))
+        cell(np.zeros((0,), np.float32))                 # ((0, I) is an empty batch: fine)
     bad_h = np.zeros((B + 1, H), np.float32)
     if kind == "lstm":
         with pytest.raises(ValueError, match=r"hx\[0\]: expected shape \(3, 6\)"):
@@ -317,6 +317,28 @@ def test_bad_inputs(kind):
 def test_bad_constructor_args(args, err):
     with pytest.raises(err):
         fastrnn.RNNCell(*args)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_gives_empty_results_as_torch(kind, training):
+    """x (0, I): h (0, H) (the LSTM's (h, c)) as torch gives it; in training the step is
+    cached like any other, and its backward returns empty gradients and adds nothing."""
+    cell = make_cell(kind, dtype=np.float32).train(training)
+    lstm = kind == "lstm"
+    x0, h0 = np.zeros((0, I), np.float32), np.zeros((0, H), np.float32)
+    out = cell(x0, (h0, h0) if lstm else h0)
+    for o in (out if lstm else (out,)):
+        assert o.shape == (0, H) and o.dtype == np.float32
+    if not training:
+        return
+    before = [p.grad.copy() for p in cell.parameters()]
+    with pytest.raises(ValueError, match=r"dh: expected shape \(0, 6\)"):
+        cell.backward(np.zeros((1, H), np.float32))      # checked first: the step stays
+    dx, dstate = cell.backward(h0)
+    assert dx.shape == (0, I) and cell.num_cached_steps == 0
+    assert all(d.shape == (0, H) for d in (dstate if lstm else (dstate,)))
+    assert all(np.array_equal(p.grad, b) for p, b in zip(cell.parameters(), before))
 
 
 @pytest.mark.parametrize("kind", ["gru", "lstm", "rnn_tanh"])

@@ -144,6 +144,10 @@ class _CellBase(Module):
         x3, batched = self._check_x(input)                                 # (1, B, I)
         B = x3.shape[1]
         state = self._check_hx(hx, B, batched)
+        if B == 0:           # an empty batch: torch's empty result, no kernel call
+            self._push(None, True, 0)
+            h1 = np.zeros((0, self.hidden_size), self.dtype)
+            return (h1, h1.copy()) if self._gates == 4 else h1
         with _precision.full_precision():           # cells: float32 products (_precision)
             out, cache = self._step_forward(x3, state)   # h1 (B, H), or the LSTM's (h1, c1)
         self._push(cache, batched, B)
@@ -170,6 +174,8 @@ class _CellBase(Module):
             dh = np.zeros((B, self.hidden_size) if batched else self.hidden_size, self.dtype)
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         self._pop()
+        if B == 0:           # an empty batch's step: empty gradients, nothing added
+            return self._empty_grads()
         dx, dh0, grads = self._step_backward(dh[None], cache)             # dx (1, B, I)
         self._accumulate(*grads)
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
@@ -179,11 +185,11 @@ class _CellBase(Module):
         """x (B,I) or unbatched (I,) -> (x3 (1,B,I), batched)."""
         if type(x) is not np.ndarray or x.dtype != self.dtype:
             self._dtype_error("input", x)
-        if x.ndim == 2 and x.shape[1] == self.input_size and x.shape[0]:
+        if x.ndim == 2 and x.shape[1] == self.input_size:       # (B = 0: torch's empty batch)
             return x[None], True
         if x.ndim == 1 and x.shape[0] == self.input_size:
             return x[None, None], False
-        raise ValueError(f"input: expected shape (B, {self.input_size}) with B >= 1 or "
+        raise ValueError(f"input: expected shape (B, {self.input_size}) or "
                          f"({self.input_size},), got {x.shape}")
 
     def _check_state(self, name, h, B, batched):
@@ -210,6 +216,12 @@ class _CellBase(Module):
         if self.training:
             self._stack.append((cache, batched, B))
             self._set_train_owner(True)
+
+    def _empty_grads(self):
+        """backward of an empty batch's step: dx (0, I), dh (0, H) (the LSTM's (dh, dc))."""
+        dx, dh = np.zeros((0, self.input_size), self.dtype), np.zeros((0, self.hidden_size),
+                                                                      self.dtype)
+        return (dx, (dh, dh.copy())) if self._gates == 4 else (dx, dh)
 
     def _top(self):
         """The most recent step; backward pops it only after its checks pass."""
@@ -320,6 +332,8 @@ class LSTMCell(_CellBase):
         dh = self._check_state("dh", dh, B, batched)                      # (B, H)
         dc = self._check_state("dc", dc, B, batched)                      # (B, H) or None
         self._pop()
+        if B == 0:
+            return self._empty_grads()
         dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache,  # dx (1, B, I)
                                                *self._grad_targets())
         self._accumulate(*grads)
