@@ -69,6 +69,9 @@ def _check_outputs(args, text_path):
         if _same_file(p, text_path):
             raise CLIError(f"{opt}: {p} is the training text; the checkpoint would "
                            f"overwrite it")
+        if getattr(args, "config", None) and _same_file(p, args.config):
+            raise CLIError(f"{opt}: {p} is the --config file; the checkpoint would "
+                           f"overwrite it")
     if len(paths) == 2 and _same_file(args.save, args.save_best):
         raise CLIError(f"--save and --save-best name the same file ({args.save}); the final "
                        f"checkpoint would replace the best one")
@@ -267,7 +270,9 @@ def cmd_train(args, out):
     if args.resume:
         given = _given_on_resume(args)
         overrides = dict(epochs=args.epochs, time_budget=args.time_budget,
-                         max_steps=args.max_steps, threads=args.threads)
+                         max_steps=args.max_steps)
+        if args.threads is not None:      # given: else the checkpoint's thread count stays
+            overrides["threads"] = args.threads
         if args.eval_every is not None:   # given: else the checkpoint's stays
             overrides["eval_every"] = args.eval_every
         if args.skip_nonfinite:
@@ -308,6 +313,7 @@ def cmd_train(args, out):
     if res.get("skipped_steps"):
         print(f"skipped {res['skipped_steps']} step(s) with a non-finite loss or gradient",
               file=out)
+    res["checkpoint"] = res["sample"] = None       # (always present in --json: null if none)
     if args.save:
         print(f"checkpoint saved to {args.save}", file=out)
         res["checkpoint"] = args.save
@@ -322,7 +328,7 @@ def cmd_train(args, out):
         if args.time_budget is not None:
             args._time_left = max(args.time_budget - res["seconds"], 0.0)
         if args.json:
-            print(json.dumps(_jsonable(res)), file=out)
+            print(json.dumps(_jsonable(res), allow_nan=False), file=out)
         out.flush()
         print(f"fastrnn train: interrupted by {res['interrupted']} after step "
               f"{res['total_steps']}; {_resume_hint(args)}", file=sys.stderr, flush=True)
@@ -336,7 +342,7 @@ def cmd_train(args, out):
         print("--------------", file=out)
         res["sample"] = sample
     if args.json:
-        print(json.dumps(_jsonable(res)), file=out)
+        print(json.dumps(_jsonable(res), allow_nan=False), file=out)
     return 0
 
 
@@ -345,7 +351,7 @@ def _resume_hint(args):
         return "no checkpoint was written (run with --save PATH to be able to resume)"
     cmd = ["fastrnn", "train"] + ([args.textfile] if args.textfile else [])
     cmd += ["--resume", args.save, "--save", args.save]
-    for opt in ("max_steps", "epochs", "save_every", "save_best"):
+    for opt in ("max_steps", "epochs", "save_every", "save_best", "threads"):
         if getattr(args, opt) is not None:
             cmd += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     left = getattr(args, "_time_left", None)
@@ -373,9 +379,16 @@ def effective_config_line(cfg):
                     for k, v in cfg.to_dict().items())
 
 
-def _jsonable(d):
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in d.items()}
+def _jsonable(v):
+    """v with every non-finite float, however deep in dicts and lists, as None: strict
+    JSON has no NaN or Infinity (a validation curve of a run that diverged has them)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
 
 
 def cmd_generate(args, out):

@@ -198,6 +198,14 @@ def _check_output(args, okind):
     for what, path in (("the model file", args.model), ("the input", args.input)):
         if os.path.realpath(path) == out:
             raise PredictError(f"--output {args.output}: that is {what}; give another name")
+    parent = os.path.dirname(os.path.abspath(args.output))   # checked before the job runs
+    if not os.path.isdir(parent):
+        raise PredictError(f"--output {args.output}: directory {parent} does not exist"
+                           if not os.path.exists(parent) else
+                           f"--output {args.output}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise PredictError(f"--output {args.output}: cannot write into {parent} "
+                           f"(permission denied)")
     if os.path.isdir(args.output):
         if okind != ".parquet":
             raise PredictError(f"--output {args.output}: a directory; give a file name")

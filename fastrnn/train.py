@@ -125,6 +125,29 @@ class TrainConfig:
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.lr_schedule!r}")
+        # what the command line's types hold its flags to, for a config built in Python
+        # too (a NaN time budget trained forever, eval_seq_len 0 failed after training)
+        def number(name, minimum, integer=False, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            ok = (not isinstance(v, bool) and isinstance(v, (int, np.integer))) if integer \
+                else (not isinstance(v, bool) and isinstance(v, (int, float, np.integer,
+                                                                  np.floating))
+                      and math.isfinite(v))
+            if not ok or v < minimum:
+                kind = "an integer" if integer else "a finite number"
+                raise ValueError(f"{name} must be {kind} >= {minimum}"
+                                 f"{' or None' if optional else ''}, got {v!r}")
+        for name in ("epochs", "time_budget", "eval_every"):
+            number(name, 0, optional=True)
+        number("max_steps", 1, integer=True, optional=True)
+        number("threads", 1, integer=True, optional=True)
+        for name in ("eval_seq_len", "word_min_freq", "bpe_merges"):
+            number(name, 1, integer=True)
+        number("seed", 0, integer=True)
+        for name in ("momentum", "weight_decay", "clip"):
+            number(name, 0)
         self.schedule()        # checks min_lr and warmup_steps
         return self
 

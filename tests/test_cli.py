@@ -255,6 +255,8 @@ def test_resume_hint_passes_the_remaining_time_budget():
     hint = _resume_hint(args)
     assert "--resume ck.npz --save ck.npz" in hint
     assert "--time-budget 612.3" in hint and "--save-best best.npz" in hint
+    args = build_parser().parse_args(["train", "--save", "ck.npz", "--threads", "1"])
+    assert "--threads 1" in _resume_hint(args)        # the run's thread count goes on
 
 
 def test_progress_bar_is_plain_lines_unless_on_a_terminal():
@@ -345,6 +347,8 @@ def test_save_paths_are_checked_before_training(textfile, tmp_path, capsys):
     text = tmp_path / "victim.txt"
     text.write_bytes(textfile.read_bytes())
     before = text.read_bytes()
+    config = tmp_path / "mine.toml"                 # --save over the --config file (s35)
+    config.write_text("hidden = 16\n")
     cases = [
         (["--save", str(text)], "is the training text"),
         (["--save-best", str(text)], "is the training text"),
@@ -357,13 +361,14 @@ def test_save_paths_are_checked_before_training(textfile, tmp_path, capsys):
         (["--save-best", str(tmp_path / "b.npz"), "--val-fraction", "0"],
          "--save-best needs validation data"),
         (["--sample-length", str(10**11)], "--sample-length: expected at most"),
+        (["--config", str(config), "--save", str(config)], "is the --config file"),
     ]
     for extra, message in cases:
         rc = main(["train", str(text), *SMALL, "--time-budget", "30", *extra])
         cap = capsys.readouterr()
         assert rc == 2 and message in cap.err, (extra, cap.err)
         assert "config:" not in cap.out, extra    # refused before training was set up
-    assert text.read_bytes() == before
+    assert text.read_bytes() == before and config.read_text() == "hidden = 16\n"
     assert not (tmp_path / "a.npz").exists() and not (tmp_path / "b.npz").exists()
 
 
@@ -432,3 +437,46 @@ def test_a_thread_count_past_the_limit_is_a_usage_error_naming_the_option(comman
         main(command + ["--threads", "100000"])
     assert e.value.code == 2
     assert "--threads: expected an integer in [1, 4096], got 100000" in capsys.readouterr().err
+
+
+def test_json_is_strict_and_has_every_documented_key(textfile, capsys):
+    """A diverged run's validation curve holds NaN: printed as null, not a bare NaN that
+    strict parsers refuse; "checkpoint" and "sample" are present (null) without --save
+    or a sample (session 35, a user trial)."""
+    rc = main(["train", str(textfile), *SMALL, "--max-steps", "3", "--lr", "1e300",
+               "--skip-nonfinite", "--json", "--sample-length", "0", "--eval-every", "0"])
+    assert rc == 0
+    line = [l for l in capsys.readouterr().out.strip().splitlines() if l.strip()][-1]
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    res = json.loads(line, parse_constant=refuse)
+    assert res["checkpoint"] is None and res["sample"] is None
+    assert res["val_curve"] and res["val_curve"][-1]["val_loss"] is None
+
+
+def test_resume_keeps_the_checkpoints_thread_count_unless_given(textfile, tmp_path, capsys):
+    ck = tmp_path / "t.npz"
+    assert main(["train", str(textfile), *SMALL, "--max-steps", "2", "--save", str(ck)]) == 0
+    capsys.readouterr()
+    common = ["train", str(textfile), "--resume", str(ck), "--no-progress",
+              "--sample-length", "0", "--max-steps", "3"]
+    assert main(common) == 0
+    assert " threads=1 " in capsys.readouterr().out      # SMALL's --threads 1, kept
+    assert main(common + ["--threads", "2"]) == 0
+    assert " threads=2 " in capsys.readouterr().out
+
+
+def test_train_config_built_in_python_is_held_to_the_command_lines_limits():
+    from fastrnn.train import TrainConfig
+    for kw, match in [(dict(time_budget=float("nan")), "time_budget must be a finite"),
+                      (dict(eval_seq_len=0), "eval_seq_len must be an integer >= 1"),
+                      (dict(max_steps=-1), "max_steps must be an integer >= 1 or None"),
+                      (dict(epochs=-1), "epochs must be a finite number >= 0"),
+                      (dict(eval_every=-1), "eval_every must be"),
+                      (dict(seed=-1), "seed must be an integer >= 0"),
+                      (dict(threads=0), "threads must be an integer >= 1"),
+                      (dict(clip=float("inf")), "clip must be a finite number")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw).validate()
+    TrainConfig(max_steps=5, epochs=0.5, time_budget=3.0, eval_every=None).validate()

@@ -290,7 +290,8 @@ def test_cli_refuses_an_output_that_would_destroy_data(tmp_path, capsys):
     before = {p: p.read_bytes() for p in (model, inp, mine / "README.txt")}
     for out, says in ((inp, "that is the input"), (model, "that is the model file"),
                       (mine, "files fastrnn predict did not write ('README.txt')"),
-                      (tmp_path / "d.npz", "a directory; give a file name")):
+                      (tmp_path / "d.npz", "a directory; give a file name"),
+                      (tmp_path / "no-dir" / "o.npy", "does not exist")):   # before the job
         capsys.readouterr()
         assert main(["predict", str(model), str(inp), "-o", str(out), "--no-progress"]) == 2
         assert says in capsys.readouterr().err

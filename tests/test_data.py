@@ -110,6 +110,13 @@ def test_char_tokenizer_roundtrip_and_unknown(tmp_path):
     assert tok.vocab_size == len(set(TEXT))
     with pytest.raises(KeyError, match="'Z'"):
         tok.encode("Zebra")
+    n = tok.vocab_size                   # ids outside the vocabulary: -1 decoded as the last
+    for bad in ([-1], [n], [0, n + 5]):
+        with pytest.raises(ValueError, match=rf"ids: expected token ids in \[0, {n - 1}\]"):
+            tok.decode(bad)
+    with pytest.raises(TypeError, match="ids: expected integers"):
+        tok.decode([0.5])
+    assert tok.decode([]) == "" and tok.decode(np.array([1.0, 2.0])) == tok.decode([1, 2])
     path = tmp_path / "vocab.json"
     tok.save(path)
     json.loads(path.read_text(encoding="utf-8"))                     # plain JSON

@@ -31,6 +31,22 @@ UNK = "<unk>"
 EOS = "<eos>"
 
 
+def _token_ids(ids, vocab_size):
+    """ids as a flat int64 array, each checked to be a token of the vocabulary (a negative
+    id would otherwise index from the end: -1 decoded as the last token)."""
+    a = np.asarray(ids).reshape(-1)
+    if a.size and a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.array_equal(a, np.rint(a)):
+            a = a.astype(np.int64)
+        else:
+            raise TypeError(f"ids: expected integers, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if a.size and (a.min() < 0 or a.max() >= vocab_size):
+        raise ValueError(f"ids: expected token ids in [0, {vocab_size - 1}], got values from "
+                         f"{int(a.min())} to {int(a.max())}")
+    return a
+
+
 class Tokenizer:
     kind = None
 
@@ -96,7 +112,7 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids):
         itos = self.itos
-        return "".join(itos[int(i)] for i in np.asarray(ids).reshape(-1))
+        return "".join(itos[i] for i in _token_ids(ids, len(itos)).tolist())
 
     def to_dict(self):
         chars = self.itos[:-1] if self.unk else self.itos
@@ -152,8 +168,8 @@ class WordTokenizer(Tokenizer):
     def decode(self, ids):
         parts = []
         line = []
-        for i in np.asarray(ids).reshape(-1):
-            w = self.itos[int(i)]
+        for i in _token_ids(ids, len(self.itos)).tolist():
+            w = self.itos[i]
             if w == EOS:
                 parts.append(" ".join(line) + "\n")
                 line = []
@@ -298,7 +314,7 @@ class BPETokenizer(Tokenizer):
 
     def decode(self, ids):
         itos = self.itos
-        return "".join(itos[int(i)] for i in np.asarray(ids).reshape(-1))
+        return "".join(itos[i] for i in _token_ids(ids, len(itos)).tolist())
 
     def to_dict(self):
         return {"type": self.kind, "chars": list(self.chars),
