@@ -134,9 +134,14 @@ class Checkpoint:
         if self.tokenizer_dict is None:
             return None
         try:
-            return tokenizer_from_dict(self.tokenizer_dict)
-        except ValueError as e:
+            tok = tokenizer_from_dict(self.tokenizer_dict)
+        except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{self.path}: bad vocabulary: {e}") from None
+        vocab = (self.model_config or {}).get("vocab_size")
+        if vocab is not None and tok.vocab_size != vocab:   # (meta edited by hand)
+            raise CheckpointError(f"{self.path}: the vocabulary has {tok.vocab_size} tokens "
+                                  f"but the model's config says vocab_size {vocab}")
+        return tok
 
     def load_optimizer(self, optimizer):
         if not self.optim_state:

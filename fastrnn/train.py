@@ -615,11 +615,12 @@ class Trainer:
         if bad:
             raise ValueError(f"cannot override {sorted(bad)} when resuming")
         try:
-            cfg = TrainConfig.from_dict(ckpt.config)
-        except TypeError as e:
+            cfg = TrainConfig.from_dict(ckpt.config).validate()   # (meta edited by hand)
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: bad training config: {e}") from None
         for k, v in overrides.items():
             setattr(cfg, k, v)
+        cfg.validate()
         ts = ckpt.train_state
         if ts.get("text_digest") and ts["text_digest"] != _text_digest(text):
             raise ValueError(f"{path} was trained on a different text "

@@ -164,3 +164,23 @@ def test_tampered_entry_and_missing_entry(good_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tmp_path / "m.npz")
     assert zipfile.is_zipfile(good_checkpoint)
+
+
+def test_metadata_edited_by_hand_is_a_checkpoint_error(good_checkpoint, tmp_path):
+    """meta has no digest: a vocabulary shorter than the model's (decoding raised
+    IndexError) or a setting of the wrong type (TypeError on resume) are named instead
+    (session 35, a user trial)."""
+    with np.load(good_checkpoint, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for edit, match in [(lambda m: m["tokenizer"].update(tokens=m["tokenizer"]["tokens"][:-2]),
+                         r"the vocabulary has \d+ tokens but the model's config says"),
+                        (lambda m: m["config"].update(batch_size="x"),
+                         "bad training config")]:
+        meta = json.loads(str(arrays["meta"]))
+        edit(meta)
+        path = tmp_path / "edited.npz"
+        np.savez(path, **dict(arrays, meta=np.array(json.dumps(meta))))
+        with pytest.raises(CheckpointError, match=match):
+            ckpt = load_checkpoint(path)
+            ckpt.build_tokenizer()
+            Trainer.resume(path, TEXT, max_steps=2)
