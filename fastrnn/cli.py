@@ -92,16 +92,30 @@ def _same_file(a, b):
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _typed_dests(parser, argv):
+    """The destinations of the options present in argv (argparse's unique prefixes too)."""
+    opts = parser._option_string_actions
+    dests = set()
+    for tok in argv:
+        if not tok.startswith("--") or tok == "--":
+            continue
+        name = tok.split("=", 1)[0]
+        hits = [opts[name]] if name in opts else [a for o, a in opts.items() if o.startswith(name)]
+        if len({id(a) for a in hits}) == 1:
+            dests.add(hits[0].dest)
+    return dests
+
+
 def _given_on_resume(args):
     """Training settings given with --resume, on the command line or in a --config
-    file (values other than the built-in defaults): the checkpoint's replace them."""
+    file (whatever their value: one equal to the built-in default counts too): the
+    checkpoint's replace them."""
     import dataclasses
 
     from fastrnn.train import TrainConfig
-    d = TrainConfig()
+    given = set(getattr(args, "_typed", ())) | set(getattr(args, "config_values", None) or ())
     return [f.name for f in dataclasses.fields(TrainConfig)
-            if f.name not in RESUME_OVERRIDES and hasattr(args, f.name)
-            and getattr(args, f.name) != getattr(d, f.name)]
+            if f.name not in RESUME_OVERRIDES and f.name in given and hasattr(args, f.name)]
 
 
 def _weight_fraction(s):
@@ -475,7 +489,13 @@ def main(argv=None):
         except ConfigFileError as e:
             print(f"fastrnn train: error: {e}", file=sys.stderr)
             return 2
+    if args.command == "train":
+        args._typed = _typed_dests(parser._train_parser, argv[1:])
     if args.command == "train" and args.print_config:
+        if args.resume:   # what would run is the checkpoint's, not these
+            print("fastrnn train: error: --print-config: not with --resume (a resumed run "
+                  "takes its settings from the checkpoint)", file=sys.stderr)
+            return 2
         print(config_to_toml(parser._train_parser, args), file=out, end="")
         return 0
     try:

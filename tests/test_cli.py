@@ -407,6 +407,12 @@ def test_resume_names_ignored_options_and_generate_joins_words(textfile, tmp_pat
     assert main(["train", str(textfile), *SMALL, "--config", str(conf), "--resume", str(ck),
                  "--save", str(ck), "--max-steps", "5"]) == 0
     assert "ignoring --lr 0.25" in capsys.readouterr().err
+    # a setting typed with its built-in default's value counts too (it was silent)
+    assert main(["train", str(textfile), *SMALL, "--resume", str(ck), "--save", str(ck),
+                 "--max-steps", "6", "--hidd=256"]) == 0
+    assert "ignoring --hidden 256 (the checkpoint has 16)" in capsys.readouterr().err
+    assert main(["train", str(textfile), "--resume", str(ck), "--print-config"]) == 2
+    assert "--print-config: not with --resume" in capsys.readouterr().err
     assert main(["generate", str(ck), "--prime", "the king", "--length", "3", "--seed",
                  "0"]) == 0
     out = capsys.readouterr().out
