@@ -649,15 +649,29 @@ class _QuantizedStack(_QuantizedRecurrent):
                                       tuple(states) if lstm and hx is not None else states[0])
             out = out[0] if self.batch_first else out[:, 0]           # (T, D·H)
             return (out, (state[0][:, 0], state[1][:, 0])) if lstm else (out, state[:, 0])
-        if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[0] == 0 or x.shape[1] == 0:
+        T_axis = 1 if self.batch_first else 0
+        if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[T_axis] == 0:
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(f"x: expected a non-empty 3-D array {layout} with I = "
+            raise ValueError(f"x: expected a 3-D array {layout} with T >= 1 and I = "
                              f"{self.input_size}, got shape {x.shape}")
         if self.batch_first:
             x = x.transpose(1, 0, 2)
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         B = x.shape[1]
+        if B == 0:           # an empty batch: empty results, as the float layers give
+            lstm = self.mode_name == "LSTM"
+            R = self.num_layers * self.num_directions
+            if lstm and hx is not None and (type(hx) not in (tuple, list) or len(hx) != 2):
+                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
+            for name, h in ((("hx[0]", hx[0]), ("hx[1]", hx[1])) if lstm and hx is not None
+                            else (("hx", hx),)):
+                self._state(name, h, 0)                       # shape and dtype still checked
+            F = self.num_directions * self.hidden_size
+            out = np.zeros((0, x.shape[0], F) if self.batch_first else (x.shape[0], 0, F),
+                           np.float32)
+            hn = np.zeros((R, 0, self.hidden_size), np.float32)
+            return (out, (hn, hn.copy())) if lstm else (out, hn)
         R = self.num_layers * self.num_directions
         lstm = self.mode_name == "LSTM"
         if lstm:

@@ -273,6 +273,9 @@ def test_quantised_stack_takes_unbatched_input_as_the_float_module(cls, batch_fi
     assert np.abs(y - m(x, (h, h) if lstm else h)[0]).max() < 0.05    # the float module's call
     with pytest.raises(ValueError, match=r"expected shape \(4, 5\) with an unbatched x"):
         q(x, (h[:, None], h[:, None]) if lstm else h[:, None])
+    empty = np.zeros((0, 4, 3) if batch_first else (4, 0, 3), np.float32)   # B = 0
+    y0, s0 = q(empty)
+    assert y0.shape == m(empty)[0].shape and (s0[0] if lstm else s0).shape == (4, 0, 5)
 
 
 def test_load_state_dict_refuses_codes_that_would_wrap_or_exceed_127():
