@@ -19,8 +19,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, greedy=False, rng=None):
     (row i then draws from ``rng[i]`` only).
     """
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+    if not temperature >= 0:        # (NaN too: it sampled greedily without a word)
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if greedy or temperature == 0:
         return logits.argmax(axis=-1)
     per_row = isinstance(rng, (list, tuple))
@@ -71,9 +71,16 @@ def generate_ids(model, prime_ids, length, temperature=1.0, top_k=None, greedy=F
     draws from its own random stream, child i of ``np.random.SeedSequence(seed)``
     (so a seed reproduces all n samples, and the samples do not share draws).
     """
-    prime_ids = np.asarray(prime_ids, dtype=np.int64).reshape(-1)
+    given = np.asarray(prime_ids).reshape(-1)
+    if given.size and given.dtype.kind not in "iu":   # (a float id was truncated silently)
+        raise TypeError(f"prime_ids: expected integer token ids, got dtype {given.dtype}")
+    prime_ids = given.astype(np.int64)
     if prime_ids.size == 0:
         raise ValueError("generation needs at least one priming id")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"length: expected an integer >= 0, got {length!r}")
+    if not (temperature >= 0 or greedy):   # checked before the priming pass runs
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if num_samples is not None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
                 or num_samples < 1:

@@ -174,3 +174,22 @@ def test_a_temperature_so_small_that_logits_overflow_takes_the_arg_max():
     logits = np.array([[0.1, 3.0, -2.0], [5.0, 1.0, 2.0]])
     for t in (1e-308, 5e-324):
         assert sample_logits(logits, t, rng=0).tolist() == [1, 0]   # it was [0, 0]
+
+
+def test_bad_generation_arguments_are_named_errors():
+    """From a user trial (session 35): a NaN temperature sampled greedily, a float
+    priming id or length was truncated, a negative length was NumPy's message."""
+    lm = RNNLanguageModel(10, 4, 8, seed=0)
+    for kw, err, match in [(dict(temperature=float("nan")), ValueError, "temperature must be"),
+                           (dict(length=-1), ValueError, r"length: expected an integer >= 0"),
+                           (dict(length=2.5), ValueError, r"length: .* got 2.5"),
+                           (dict(length=-1, num_samples=2), ValueError, "length: expected"),
+                           (dict(prime_ids=[1.7]), TypeError, "prime_ids: expected integer")]:
+        args = dict(prime_ids=[1], length=5, seed=0)
+        args.update(kw)
+        with pytest.raises(err, match=match):
+            generate_ids(lm, **args)
+    assert generate_ids(lm, [1], 0, seed=0).shape == (0,)
+    assert generate_ids(lm, np.array([1], np.int32), 3, seed=0).shape == (3,)
+    with pytest.raises(ValueError, match="temperature must be >= 0, got nan"):
+        sample_logits(np.zeros(4), float("nan"), None, False, np.random.default_rng(0))
