@@ -630,25 +630,32 @@ class _QuantizedStack(_QuantizedRecurrent):
             raise ValueError("lengths: quantised modules run full-length sequences only; got "
                              "lengths (split the batch by length or use the float module)")
         x = _float32_input("x", x)
-        if x.ndim == 2:                       # a batch of one, its axis dropped
-            lstm = self.mode_name == "LSTM"
-            if lstm and hx is not None and (type(hx) not in (tuple, list) or len(hx) != 2):
-                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
-            shape = (self.num_layers * self.num_directions, self.hidden_size)
-            states = []
-            for name, h in ((("hx[0]", hx[0]), ("hx[1]", hx[1])) if lstm and hx is not None
-                            else (("hx", hx),)):
-                if h is not None:
-                    h = _float32_input(name, h)
-                    if h.shape != shape:
-                        raise ValueError(f"{name}: expected shape {shape} with an unbatched x "
-                                         f"(T, I), got {h.shape}")
-                    h = h[:, None]                                    # (L·D, 1, H)
-                states.append(h)
-            out, state = self.forward(x[None] if self.batch_first else x[:, None],
-                                      tuple(states) if lstm and hx is not None else states[0])
-            out = out[0] if self.batch_first else out[:, 0]           # (T, D·H)
-            return (out, (state[0][:, 0], state[1][:, 0])) if lstm else (out, state[:, 0])
+        lstm = self.mode_name == "LSTM"
+        if not lstm:
+            states = [("hx", hx)]
+        elif hx is None:
+            states = [("hx[0]", None), ("hx[1]", None)]
+        elif type(hx) not in (tuple, list) or len(hx) != 2:
+            raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
+        else:
+            states = [("hx[0]", hx[0]), ("hx[1]", hx[1])]
+        if x.ndim != 2:
+            return self._forward_batched(x, states)
+        # unbatched: a batch of one, its axis dropped
+        shape = (self.num_layers * self.num_directions, self.hidden_size)
+        for k, (name, h) in enumerate(states):
+            if h is not None:
+                h = _float32_input(name, h)
+                if h.shape != shape:
+                    raise ValueError(f"{name}: expected shape {shape} with an unbatched x "
+                                     f"(T, I), got {h.shape}")
+                states[k] = (name, h[:, None])                        # (L·D, 1, H)
+        out, state = self._forward_batched(x[None] if self.batch_first else x[:, None], states)
+        out = out[0] if self.batch_first else out[:, 0]               # (T, D·H)
+        return (out, (state[0][:, 0], state[1][:, 0])) if lstm else (out, state[:, 0])
+
+    def _forward_batched(self, x, states):
+        """forward() of a 3-D x; states [(name, h or None)]: hx, or the LSTM's h and c."""
         T_axis = 1 if self.batch_first else 0
         if x.ndim != 3 or x.shape[2] != self.input_size or x.shape[T_axis] == 0:
             layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
@@ -658,31 +665,15 @@ class _QuantizedStack(_QuantizedRecurrent):
             x = x.transpose(1, 0, 2)
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        B = x.shape[1]
-        if B == 0:           # an empty batch: empty results, as the float layers give
-            lstm = self.mode_name == "LSTM"
-            R = self.num_layers * self.num_directions
-            if lstm and hx is not None and (type(hx) not in (tuple, list) or len(hx) != 2):
-                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
-            for name, h in ((("hx[0]", hx[0]), ("hx[1]", hx[1])) if lstm and hx is not None
-                            else (("hx", hx),)):
-                self._state(name, h, 0)                       # shape and dtype still checked
-            F = self.num_directions * self.hidden_size
-            out = np.zeros((0, x.shape[0], F) if self.batch_first else (x.shape[0], 0, F),
-                           np.float32)
-            hn = np.zeros((R, 0, self.hidden_size), np.float32)
-            return (out, (hn, hn.copy())) if lstm else (out, hn)
+        T, B = x.shape[0], x.shape[1]
         R = self.num_layers * self.num_directions
         lstm = self.mode_name == "LSTM"
-        if lstm:
-            if hx is None:
-                h0 = c0 = None
-            elif type(hx) not in (tuple, list) or len(hx) != 2:
-                raise TypeError(f"hx: expected a tuple (h, c) for an LSTM, got {describe(hx)}")
-            else:
-                h0, c0 = self._state("hx[0]", hx[0], B), self._state("hx[1]", hx[1], B)
-        else:
-            h0, c0 = self._state("hx", hx, B), None
+        h0, c0 = [self._state(name, h, B) for name, h in states] + [None] * (2 - len(states))
+        if B == 0:           # an empty batch: empty results, as the float layers give
+            F = self.num_directions * self.hidden_size
+            out = np.zeros((0, T, F) if self.batch_first else (T, 0, F), np.float32)
+            hn = np.zeros((R, 0, self.hidden_size), np.float32)
+            return (out, (hn, hn.copy())) if lstm else (out, hn)
         hn = np.empty((R, B, self.hidden_size), np.float32)
         cn = np.empty((R, B, self.hidden_size), np.float32) if lstm else None
         y = self._run(x, h0, c0, hn, cn)
