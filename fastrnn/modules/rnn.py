@@ -510,22 +510,33 @@ class RNNBase(Module):
             return out, (state[0][:, 0], state[1][:, 0])
         return out, state[:, 0]
 
-    def _backward_unbatched(self, dout, dstate):
+    def _backward_unbatched(self, cache, dout, dstate):
         """backward() after an unbatched forward: dout (T,D·O), dstate (L·D,·) -> dx (T,I),
         dh0 (L·D,O) (and dc0 (L·D,H)). Everything is checked before the cache is used."""
-        cache = self._cache
         shape = cache["out_shape"]                                    # (T,1,F) or (1,T,F)
         if dout is not None:
             dout = self._check_array("dout", dout, (shape[1] if self.batch_first else shape[0],
                                                     shape[2]))
             dout = dout[None] if self.batch_first else dout[:, None]
-        dstate = self._unbatched_state("dstate", dstate)
-        cache["unbatched"] = False
-        dx, dst = self.backward(dout, dstate)
+        dx, dst = self._backward_batched(cache, dout, self._unbatched_state("dstate", dstate))
         dx = dx[0] if self.batch_first else dx[:, 0]                  # (T, I)
         if self.mode == "LSTM":
             return dx, (dst[0][:, 0], dst[1][:, 0])
         return dx, dst[:, 0]
+
+    def _backward_empty(self, cache, dout, dstate):
+        """backward() after an empty batch's forward: empty gradients, nothing added."""
+        if dout is not None:
+            self._check_array("dout", dout, cache["out_shape"])
+        self._check_state("dstate", dstate, 0)
+        self._cache = None
+        self._set_train_owner(False)
+        T, I = cache["T"], self.input_size
+        dx = np.zeros((0, T, I) if self.batch_first else (T, 0, I), self.dtype)
+        dh0 = np.zeros(self._state_shape(0), self.dtype)
+        if self.mode == "LSTM":
+            return dx, (dh0, np.zeros(self._state_shape(0, True), self.dtype))
+        return dx, dh0
 
     def _dropout_mask(self, shape):
         """Inverted dropout: keep with prob 1-p and scale by 1/(1-p) (p=1 drops all)."""
@@ -555,19 +566,13 @@ class RNNBase(Module):
                 "backward: no forward cache. Run forward in training mode (module.train()) "
                 "right before backward; each forward supports one backward.")
         if cache.get("unbatched"):
-            return self._backward_unbatched(dout, dstate)
+            return self._backward_unbatched(cache, dout, dstate)
+        return self._backward_batched(cache, dout, dstate)
+
+    def _backward_batched(self, cache, dout, dstate):
+        """backward() of a 3-D forward's cache (backward's arguments and result)."""
         if cache.get("empty"):
-            if dout is not None:
-                self._check_array("dout", dout, cache["out_shape"])
-            self._check_state("dstate", dstate, 0)
-            self._cache = None
-            self._set_train_owner(False)
-            T, I = cache["T"], self.input_size
-            dx = np.zeros((0, T, I) if self.batch_first else (T, 0, I), self.dtype)
-            dh0 = np.zeros(self._state_shape(0), self.dtype)
-            if self.mode == "LSTM":
-                return dx, (dh0, np.zeros(self._state_shape(0, True), self.dtype))
-            return dx, dh0
+            return self._backward_empty(cache, dout, dstate)
         B = cache["B"]
         if dout is None:
             dout = np.zeros(cache["out_shape"], self.dtype)
