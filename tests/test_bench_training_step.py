@@ -18,7 +18,10 @@ def test_steps_prints_three_positive_medians(capsys):
     assert lines[0].startswith("# ") and "gru training" in lines[0]
     words = lines[1].split()
     fwd, bwd, step = float(words[1]), float(words[4]), float(words[7])
-    assert fwd > 0 and bwd > 0 and step >= fwd + bwd - 1e-3
+    # each step's whole time is at least its forward's and its backward's, so the medians
+    # keep that order (medians do not add: a median step can be under fwd + bwd, as a
+    # clean-clone CI run found, 0.131 against 0.071 + 0.062)
+    assert fwd > 0 and bwd > 0 and step >= max(fwd, bwd)
 
 
 def test_dw_prints_both_task_sizes_and_restores_the_l2(capsys, monkeypatch):
