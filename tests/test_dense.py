@@ -117,6 +117,30 @@ def test_linear_empty_batch():
     assert lin.backward(np.ones((0, 3), np.float32)).shape == (0, 4)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 4, 7, 8, 9])   # both sides of PACK_MIN_ROWS
+def test_linear_numbers_depend_on_neither_threads_nor_mode(rows, dtype):
+    """Linear's forward gives the same bits on 1 and 2 threads, in training and eval
+    (with 2 threads and fewer than 8 rows, training had packed W while one thread and
+    eval read it in place: a different rounding)."""
+    import fastrnn
+    lin = nn.Linear(256, 256, rng=0, dtype=dtype)
+    x = np.random.default_rng(1).standard_normal((rows, 256)).astype(dtype)
+    old = fastrnn.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            lin.train()
+            outs.append(lin(x))
+            lin.eval()
+            outs.append(lin(x))
+    finally:
+        fastrnn.set_num_threads(old)
+    for other in outs[1:]:
+        assert np.array_equal(outs[0], other)
+
+
 # ---- eval calls: the same product on the recurrent layers' worker pool (src/dense_eval.pxi)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -86,8 +86,10 @@ class Linear(Module):
             # nothing spinning (src/dense_eval.pxi)
             _recurrent.dense_forward(y, x2, w, bias, threads)
             return y.reshape(x.shape[:-1] + (self.out_features,))
-        # a few rows on one thread: W read in place (packing it would cost more)
-        pack = threads > 1 or x2.shape[0] >= PACK_MIN_ROWS
+        # a few rows: W read in place (packing it would cost more). Decided from the
+        # shape alone, as in eval calls: the two kernels round differently, and the
+        # numbers may depend on neither the thread count nor the mode
+        pack = x2.shape[0] >= PACK_MIN_ROWS
         _dense.forward(y, x2, w, bias, threads, pack)
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
