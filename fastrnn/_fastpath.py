@@ -224,7 +224,7 @@ def _eval_batch_first(plan, x, hx, lengths=None, order=None):
                                 lengths, order)
     if out is None or out is False:
         return out
-    y, states = out                                     # y (T, B, H)
+    y, states = out                                     # y (T, B, D*O), or O summed
     return np.ascontiguousarray(y.transpose(1, 0, 2)), states
 
 

@@ -1,6 +1,8 @@
 """Single-layer, single-direction RNN / LSTM / GRU on the compiled kernels.
 
-Same functions and signatures as `fastrnn.reference` (see docs/DESIGN.md):
+The same functions as `fastrnn.reference`, with the same argument names and
+meanings (see docs/DESIGN.md); the reference also takes `bf16` (to emulate bf16
+products) before `out`, so pass `out` by name, and its caches are its own:
 
     rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, lengths, reverse, training, out)
         -> y, h_n, cache
@@ -33,7 +35,8 @@ the kernel writes them there, or adds into them with accumulate=True (how a
 module fills its parameters' .grad: no temporary, no extra pass over them).
 
 This module checks every argument, allocates outputs and decides the schedule
-(rows sorted by length, one chunk of rows per thread); the recurrence
+(rows sorted by length; one chunk of rows per thread, or at small batch each
+thread a slice of the hidden units: `splits_units`, `rows_upto`); the recurrence
 driver `fastrnn._recurrent` (src/_recurrent.pyx) then runs without the GIL.
 
 A cache holds references to x and the weights, not copies, and `y` is a view

@@ -58,7 +58,7 @@ class RNNLanguageModel(Module):
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
         if vocab_size < 1:
-            raise ValueError("vocab_size must be >= 1")
+            raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size!r}")
         self.vocab_size = int(vocab_size)
         self.embed_size = int(embed_size)
         self.hidden_size = int(hidden_size)

@@ -21,6 +21,14 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "clip_grad_val
            "grad_norm"]
 
 
+def _at_least_zero(**values):
+    """ValueError naming the first of the keyword arguments that is not a number >= 0
+    (NaN included, which `< 0` lets through)."""
+    for name, value in values.items():
+        if not float(value) >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+
 def _as_param_list(params):
     if isinstance(params, Module):
         params = params.parameters()
@@ -127,10 +135,10 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError("lr, momentum and weight_decay must be >= 0")
+        _at_least_zero(lr=lr, momentum=momentum, weight_decay=weight_decay)   # as torch.optim.SGD
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires momentum > 0 and dampening 0")
+            raise ValueError(f"nesterov=True: expected momentum > 0 and dampening 0, got "
+                             f"momentum {momentum!r}, dampening {dampening!r}")
         super().__init__(params, lr=float(lr), momentum=float(momentum),
                          dampening=float(dampening), weight_decay=float(weight_decay),
                          nesterov=bool(nesterov))
@@ -164,9 +172,10 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        _at_least_zero(lr=lr, eps=eps, weight_decay=weight_decay)
         b1, b2 = (float(b) for b in betas)
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError("invalid Adam hyper-parameters")
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {tuple(betas)!r}")
         super().__init__(params, lr=float(lr), betas=(b1, b2), eps=float(eps),
                          weight_decay=float(weight_decay))
 
@@ -272,8 +281,7 @@ def clip_grad_value(params, clip_value):
     Returns the total 2-norm of the gradients *before* clipping.
     """
     params = _as_param_list(params)
-    if clip_value < 0:
-        raise ValueError("clip_value must be >= 0")
+    _at_least_zero(clip_value=clip_value)
     total = grad_norm(params, 2.0)
     for p in params:
         np.clip(p.grad, -clip_value, clip_value, out=p.grad)

@@ -22,8 +22,6 @@ cdef extern from "bf16_gemm.h" nogil:
     void fastrnn_bf16_pack(uint16_t *packed, const float *const *rows, Py_ssize_t N,
                            Py_ssize_t K, int transposed, Py_ssize_t p0, Py_ssize_t p1)
     size_t fastrnn_bf16_work_bytes(Py_ssize_t M, Py_ssize_t K)
-    const void *const *fastrnn_bf16_prepare_rows(Py_ssize_t M, Py_ssize_t K,
-                                                 const float *const *A, void *work)
     const void *const *fastrnn_bf16_prepare_cols(Py_ssize_t M, Py_ssize_t K,
                                                  const float *const *cols, Py_ssize_t col0,
                                                  void *work)

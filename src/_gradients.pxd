@@ -13,8 +13,9 @@
 # Why not BLAS: handing the cores back and forth between a BLAS thread pool
 # and the kernels' OpenMP threads every layer call left one pool spinning
 # while the other worked (measured: LSTM backward 145 ms with scipy's
-# OpenBLAS against 91 ms once its spinning was cut short). Output rows are cut
-# into fixed blocks, so results do not depend on the thread count.
+# OpenBLAS against 91 ms once its spinning was cut short). Each output row is
+# summed alone, in the same order however the rows are cut into tasks, so results
+# do not depend on the thread count.
 #
 # Under matmul precision "medium" (bf16=True, float32 only) the same three GEMMs
 # run on bf16 operands (_bf16.pxd): only the packing and the GEMM calls differ.

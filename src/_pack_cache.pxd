@@ -44,7 +44,6 @@ cdef extern from "pack_cache.h" nogil:
 
 cdef enum:
     PACK_GATE_SLICES = 1        # gate_slices, panels (_schedule.pxd)
-    PACK_GATE_ROWS = 2          # gate_slices, rows regrouped only
     PACK_BF16_GATE_SLICES = 3   # bf16_gate_slices (_bf16.pxd)
 
 

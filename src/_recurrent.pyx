@@ -208,6 +208,7 @@ cdef Py_ssize_t forward_thread(
     cdef bint zigzag = w_hh_k != NULL and zigzag_for(GK * O * sizeof(floating))
     cdef bint in_gates = gates != NULL and hk == H and not in_y
     cdef Py_ssize_t gk = GK if GK > 0 else 1
+    cdef Py_ssize_t hk1 = hk if hk > 0 else 1
     cdef Py_ssize_t nr = nrows if nrows > 0 else 1
     cdef floating *bl = <floating *> calloc(gk, sizeof(floating))              # (G*hk,) bias slice
     cdef floating *blh = <floating *> calloc(gk, sizeof(floating))             # (hk,) GRU b_hn slice
@@ -233,12 +234,12 @@ cdef Py_ssize_t forward_thread(
     cdef floating *ar
     cdef floating *aux_out
     if has_c:
-        c = <floating *> calloc(nr * gk, sizeof(floating))
+        c = <floating *> calloc(nr * hk1, sizeof(floating))
     if not in_gates and not in_y:
         gxb = <floating *> malloc(tb * nr * gk * sizeof(floating))
     if apart:
         ghb = <floating *> malloc(nr * gk * sizeof(floating))
-        hnb = <floating *> malloc(nr * gk * sizeof(floating))
+        hnb = <floating *> malloc(nr * hk1 * sizeof(floating))
     if proj and hr == NULL:
         hrb = <floating *> malloc(nr * H * sizeof(floating))
     if w_hh_b != NULL:
@@ -641,8 +642,8 @@ cdef void forward_share_typed(floating *y, ForwardTeam *t, int tid, int nthr) no
         r1 = t.bounds[tid + 1] if t.bounds != NULL else (tid + 1) * B // nthr
     cdef Py_ssize_t steps = forward_thread(
         y, p, r0, r1, unit_start(H, k, ns), unit_start(H, k + 1, ns),
-        s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k, True) if s_ih != NULL else NULL,
-        s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k, True) if s_hh != NULL else NULL,
+        s_ih + slice_offset(<const floating *> p.w_ih, G, H, p.I, ns, k) if s_ih != NULL else NULL,
+        s_hh + slice_offset(<const floating *> p.w_hh, G, H, p.O, ns, k) if s_hh != NULL else NULL,
         b_ih + bf16_slice_offset(G, H, p.I, ns, k) if b_ih != NULL else NULL,
         b_hh + bf16_slice_offset(G, H, p.O, ns, k) if b_hh != NULL else NULL,
         t.by_units, t.fails, tid, nthr)
@@ -686,13 +687,13 @@ cdef inline CallDigests call_digests(const uint64_t *known) noexcept nogil:
 
 cdef floating *pool_gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
                                 int nslices, int n, const uint64_t *digest) noexcept nogil:
-    """gate_slices(W, ..., packed=True, cache=True, digest) for an eval call that owns the
+    """gate_slices(W, ..., cache=True, digest) for an eval call that owns the
     pool: a packing the cache lacks is made on the pool's ready workers (n threads at
     most), so no OpenMP team is woken. NULL if out of memory."""
     cdef bint cache = True
     cdef uint64_t d = 0
     cdef PackLayout layout
-    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, True) + 1) * sizeof(floating)
+    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices) + 1) * sizeof(floating)
     cdef floating *buf
     buf = <floating *> find_packed(&cache, PACK_GATE_SLICES, W, sizeof(floating), nslices, G, H,
                                    K, 1, &layout, &d, digest)
@@ -875,9 +876,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             pass                            # forward_on_pool packs what it runs
         else:
             if pack_ih:
-                s_ih = gate_slices(p_ih, G, H, I, nslices, True, n_threads, cache_weights, k_ih)
+                s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights, k_ih)
             if pack_hh:
-                s_hh = gate_slices(p_hh, G, H, p.O, nslices, True, n_threads, cache_weights, k_hh)
+                s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights, k_hh)
         if pack_hh and p.w_hr != NULL:
             packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, pack_threads)
         if floating is float:
@@ -1081,8 +1082,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
 # B=16 19.3-19.5 -> 17.2-17.3. 1 MB blocks were no better. The row split (a
 # thread owns every unit) keeps BLOCK_VALUES: the same change there read LSTM
 # (256, 256, 100, 64) 20.5-20.9 -> 20.2-20.6 ms and RNN 5.0-5.1 -> 5.1-5.3.
-# Zen 4 (1 MB L2) gets 256 KB blocks: 512 KB ones measured within noise there at
-# B=2, 4 and 8 (docs/results-history.md, session 18).
+# A 1 MB L2 (Zen 4) gets 256 KB blocks by the same rule; not measured there (on
+# the Zen 4, blocks of 32768 values of a_t against longer ones left small batches
+# within noise: docs/results-history.md, "Session 18: input blocks").
 cdef Py_ssize_t units_block_bytes = 0
 
 # A thread's packed slice of W_hh larger than this (half a core's L2; 0: unknown) is

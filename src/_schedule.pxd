@@ -1,16 +1,20 @@
-# How a layer's batch is walked: shared by the RNN, LSTM and GRU kernels.
+# How a layer's batch is walked, and its weights packed: shared by the RNN, LSTM
+# and GRU kernels.
 #
-# The Python side sorts batch rows by decreasing length and cuts them into one
-# contiguous chunk per thread (balanced by total length). A thread owns its
-# chunk for the whole sequence, so the time loop needs no barrier, and at step
-# s the rows still running are a prefix of the chunk: finished sequences drop
-# out of the GEMM and cost nothing.
+# Two splits (fastrnn.functional decides which): by rows, where the Python side
+# sorts batch rows by decreasing length and cuts them into one contiguous chunk
+# per thread (balanced by total length), and each thread owns its chunk for the
+# whole sequence, so the time loop needs no barrier; or, at small batch, by hidden
+# units (unit_start), each thread its slice of every gate and its slice of the
+# weights (gate_slices), one barrier per step. Either way, at step s the rows
+# still running are a prefix: finished sequences drop out of the GEMM and cost
+# nothing.
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.stdint cimport uint64_t
 from _simd cimport floating, pack, pack_t, n_panels, panel_width
-from _pack_cache cimport (PackLayout, PACK_GATE_SLICES, PACK_GATE_ROWS, find_packed, keep_packed,
+from _pack_cache cimport (PackLayout, PACK_GATE_SLICES, find_packed, keep_packed,
                           packed_buffer)
 
 
@@ -92,21 +96,6 @@ cdef inline Py_ssize_t even_task_rows(Py_ssize_t M, Py_ssize_t most,
     return (M + nthr * k - 1) // (nthr * k)
 
 
-cdef inline floating *ptr3(floating[:, :, ::1] a) noexcept nogil:
-    """Data pointer of an optional (may be None) 3-D array, or NULL."""
-    return &a[0, 0, 0] if a is not None else NULL
-
-
-cdef inline const floating *cptr1(const floating[::1] a) noexcept nogil:
-    """Data pointer of an optional 1-D array, or NULL."""
-    return &a[0] if a is not None else NULL
-
-
-cdef inline const floating *cptr2(const floating[:, ::1] a) noexcept nogil:
-    """Data pointer of an optional 2-D array, or NULL."""
-    return &a[0, 0] if a is not None else NULL
-
-
 cdef inline Py_ssize_t time_index(Py_ssize_t s, Py_ssize_t length, bint reverse) noexcept nogil:
     """Time index read at step s by a sequence of this length.
 
@@ -180,7 +169,6 @@ cdef inline floating *pack_matrix(const floating *W, Py_ssize_t N, Py_ssize_t K,
 
 
 cdef extern from "omp_helpers.h" nogil:
-    int fastrnn_thread_num()
     int fastrnn_team_size()
     void fastrnn_barrier()
 
@@ -199,16 +187,13 @@ cdef inline Py_ssize_t unit_start(Py_ssize_t H, int k, int nslices) noexcept nog
 
 
 cdef inline Py_ssize_t slice_offset(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                    int nslices, int k, bint packed) noexcept nogil:
+                                    int nslices, int k) noexcept nogil:
     """Where slice k starts in the buffer made by gate_slices (in elements)."""
     cdef Py_ssize_t off = 0, hk
     cdef int q
     for q in range(k):
         hk = unit_start(H, q + 1, nslices) - unit_start(H, q, nslices)
-        if packed:
-            off += n_panels(<floating *> W, G * hk) * panel_width(<floating *> W) * K
-        else:
-            off += G * hk * K
+        off += n_panels(<floating *> W, G * hk) * panel_width(<floating *> W) * K
     return off
 
 
@@ -260,25 +245,23 @@ cdef inline void pack_gate_panel(floating *buf, const floating *W, Py_ssize_t G,
 
 
 cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
-                                  int nslices, bint packed, int n_threads,
+                                  int nslices, int n_threads,
                                   bint cache=False, const uint64_t *digest_of_w=NULL) noexcept nogil:
     """Copy of W (G*H x K, gates stacked) regrouped by thread: slice k holds rows
-    g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed into panels
-    when `packed` (one pack_gate_panel per panel, over n_threads), else row-major.
+    g*H + j for g < G and j in [unit_start(k), unit_start(k + 1)), gate by gate, packed
+    into panels (one pack_gate_panel per panel, over n_threads).
     Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
     cache (eval calls): the copy made earlier for the same contents, if kept
     (_pack_cache.pxd); digest_of_w: W's digest if the caller has it. NULL if out
     of memory; give it back with slices_free.
     """
-    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices, packed) + 1) * sizeof(floating)
+    cdef size_t nbytes = (slice_offset(W, G, H, K, nslices, nslices) + 1) * sizeof(floating)
     cdef PackLayout layout
     cdef uint64_t digest = 0
     cdef floating *buf
-    cdef const floating **rows
-    cdef Py_ssize_t j, n, off, c
-    cdef int k
-    buf = <floating *> find_packed(&cache, PACK_GATE_SLICES if packed else PACK_GATE_ROWS, W,
+    cdef Py_ssize_t c
+    buf = <floating *> find_packed(&cache, PACK_GATE_SLICES, W,
                                    sizeof(floating), nslices, G, H, K, n_threads, &layout, &digest,
                                    digest_of_w)
     if buf != NULL:
@@ -286,20 +269,8 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     buf = <floating *> packed_buffer(cache, &layout, nbytes)
     if buf == NULL:
         return NULL
-    if packed:
-        for c in prange(gate_panels(W, G, H, nslices), schedule='static', num_threads=n_threads):
-            pack_gate_panel(buf, W, G, H, K, nslices, c)
-    else:
-        rows = <const floating **> malloc(G * H * sizeof(void *) + 1)
-        if rows == NULL:
-            scratch_free(buf)
-            return NULL
-        for k in range(nslices):
-            off = slice_offset(W, G, H, K, nslices, k, packed)
-            n = slice_rows(rows, W, G, H, K, nslices, k)
-            for j in range(n):
-                memcpy(buf + off + j * K, rows[j], K * sizeof(floating))
-        free(rows)
+    for c in prange(gate_panels(W, G, H, nslices), schedule='static', num_threads=n_threads):
+        pack_gate_panel(buf, W, G, H, K, nslices, c)
     if cache:
         keep_packed(buf, nbytes, &layout, digest)
     return buf

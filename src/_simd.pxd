@@ -1,6 +1,6 @@
-# Fused-type front end to the C micro-kernels (recurrent_gemm.h) and the
-# vectorised activations (activations.h). Every function here is nogil and
-# single-threaded: callers run it on their own rows inside an OpenMP region.
+# Fused-type front end to the C micro-kernels (recurrent_gemm.h). Every function
+# here is nogil and single-threaded: callers run it on their own rows inside an
+# OpenMP region.
 ctypedef fused floating:
     float
     double
@@ -15,8 +15,6 @@ cdef extern from "isa.h" nogil:
 cdef extern from "recurrent_gemm.h" nogil:
     Py_ssize_t fastrnn_panel_width_s()
     Py_ssize_t fastrnn_panel_width_d()
-    size_t fastrnn_packed_size_s(Py_ssize_t N, Py_ssize_t K)
-    size_t fastrnn_packed_size_d(Py_ssize_t N, Py_ssize_t K)
     void fastrnn_pack_s(float *packed, const float *const *rows, Py_ssize_t N, Py_ssize_t K,
                         Py_ssize_t p0, Py_ssize_t p1)
     void fastrnn_pack_d(double *packed, const double *const *rows, Py_ssize_t N, Py_ssize_t K,
@@ -49,21 +47,6 @@ cdef extern from "recurrent_gemm.h" nogil:
                             const double *const *A, const double *W, Py_ssize_t ldw,
                             double *const *C, double beta)
 
-cdef extern from "activations.h" nogil:
-    void fastrnn_sigmoid_s(float *x, Py_ssize_t n)
-    void fastrnn_sigmoid_d(double *x, Py_ssize_t n)
-    void fastrnn_tanh_s(float *x, Py_ssize_t n)
-    void fastrnn_tanh_d(double *x, Py_ssize_t n)
-    void fastrnn_tanh_to_s(float *y, const float *x, Py_ssize_t n)
-    void fastrnn_tanh_to_d(double *y, const double *x, Py_ssize_t n)
-
-
-cdef inline size_t packed_size(floating *dtype_tag, Py_ssize_t N, Py_ssize_t K) noexcept nogil:
-    """Elements in the packed copy of an N x K matrix (dtype_tag only picks the type)."""
-    if floating is float:
-        return fastrnn_packed_size_s(N, K)
-    else:
-        return fastrnn_packed_size_d(N, K)
 
 
 cdef inline void pack(floating *packed, const floating **rows, Py_ssize_t N, Py_ssize_t K,
@@ -144,26 +127,3 @@ cdef inline void gemm_columns(Py_ssize_t M, Py_ssize_t K, const floating **A, Py
     else:
         fastrnn_gemm_packed_tn_d(M, K, A, col0, nout, Ns, packs, Cs, beta, work, colsum)
 
-
-cdef inline void sigmoid_(floating *x, Py_ssize_t n) noexcept nogil:
-    """x := 1 / (1 + exp(-x))"""
-    if floating is float:
-        fastrnn_sigmoid_s(x, n)
-    else:
-        fastrnn_sigmoid_d(x, n)
-
-
-cdef inline void tanh_(floating *x, Py_ssize_t n) noexcept nogil:
-    """x := tanh(x)"""
-    if floating is float:
-        fastrnn_tanh_s(x, n)
-    else:
-        fastrnn_tanh_d(x, n)
-
-
-cdef inline void tanh_to(floating *y, const floating *x, Py_ssize_t n) noexcept nogil:
-    """y := tanh(x)"""
-    if floating is float:
-        fastrnn_tanh_to_s(y, x, n)
-    else:
-        fastrnn_tanh_to_d(y, x, n)

@@ -1,9 +1,11 @@
-/* activations.h: in-place sigmoid and tanh over arrays, written to vectorise.
+/* activations.h: scalar sigmoid and tanh, written so that the pointwise passes'
+ * `omp simd` loops (rnn_pointwise.h, lstm_pointwise.h, gru_pointwise.h) vectorise.
  *
  * Why not libm: a scalar call to expf/tanhf per gate value made the LSTM gate
  * pass 2.5x slower than a vectorised loop. Float32 uses a Cephes-style
- * polynomial exp (range reduction x = n*ln2 + r, |r| <= ln2/2, degree-6
- * polynomial; about 1 ulp) that the compiler vectorises:
+ * polynomial exp (range reduction x = n*ln2 + r, |r| <= ln2/2, then
+ * expm1(r) = r + r^2 P(r) with P of degree 5; about 1 ulp) that the compiler
+ * vectorises:
  *
  *   sigmoid(x) = 1 / (1 + exp(-x))
  *   tanh(x)    = e / (e + 2),  e = expm1(2x)
@@ -128,38 +130,5 @@ static inline double fastrnn_tanhd(double x)
     fastrnn_exp_pade_d(2.0 * x, &p, &q, &scale, &ro);
     return ((scale - 1.0) * p + 2.0 * ro) / (scale * p + q);
 }
-
-/* x[i] := sigmoid(x[i]) for i < n */
-FASTRNN_MULTIVERSION(fastrnn_sigmoid_s, (float *x, ptrdiff_t n), (x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_sigmoidf(x[i]);
-})
-
-/* x[i] := tanh(x[i]) for i < n */
-FASTRNN_MULTIVERSION(fastrnn_tanh_s, (float *x, ptrdiff_t n), (x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_tanhf(x[i]);
-})
-
-/* y[i] := tanh(x[i]) for i < n */
-FASTRNN_MULTIVERSION(fastrnn_tanh_to_s, (float *y, const float *x, ptrdiff_t n), (y, x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) y[i] = fastrnn_tanhf(x[i]);
-})
-
-FASTRNN_MULTIVERSION(fastrnn_sigmoid_d, (double *x, ptrdiff_t n), (x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_sigmoidd(x[i]);
-})
-
-FASTRNN_MULTIVERSION(fastrnn_tanh_d, (double *x, ptrdiff_t n), (x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) x[i] = fastrnn_tanhd(x[i]);
-})
-
-FASTRNN_MULTIVERSION(fastrnn_tanh_to_d, (double *y, const double *x, ptrdiff_t n), (y, x, n), {
-    _Pragma("omp simd")
-    for (ptrdiff_t i = 0; i < n; ++i) y[i] = fastrnn_tanhd(x[i]);
-})
 
 #endif

@@ -596,7 +596,7 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
         n = n_team if threaded[k] else 1
         team_units = by_units and n > 1
         layer_in = y
-        # (T, B, D*H); 0 at padded steps, which the kernel leaves untouched
+        # (T, B, layer_out); 0 at padded steps, which the kernel leaves untouched
         y = cnp.PyArray_ZEROS(3, dims, typenum, 0) if plen != NULL else \
             cnp.PyArray_EMPTY(3, dims, typenum, 0)
         py = <char *> cnp.PyArray_DATA(<cnp.ndarray> y)
@@ -862,7 +862,7 @@ def _packings_of(cnp.ndarray w, int G, int nslices, int n):
         raise ValueError("_packings_of: w must be C-contiguous float32 (G*H, K), G, nslices, n >= 1")
     cdef const float *W = <const float *> cnp.PyArray_DATA(w)
     cdef Py_ssize_t H = w.shape[0] // G, K = w.shape[1]
-    cdef Py_ssize_t size = slice_offset(W, G, H, K, nslices, nslices, True)
+    cdef Py_ssize_t size = slice_offset(W, G, H, K, nslices, nslices)
     cdef float *a
     cdef float *b
     cdef bint owns

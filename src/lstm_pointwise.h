@@ -1,7 +1,7 @@
 /* lstm_pointwise.h: the elementwise parts of one LSTM step, for one row.
  *
  * Why in C: the same loops written in Cython ran scalar (no restrict, so no
- * vectorisation, and Cython compiles outside the AVX2 clones). Here the gate
+ * vectorisation, and Cython's code is built for baseline x86-64 only). Here the gate
  * segments are separate restrict pointers and each loop is one `omp simd`
  * pass, built for AVX-512, AVX2 and baseline (isa.h). Gate order i, f, g, o (torch.nn).
  *
@@ -57,8 +57,8 @@ FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_train_pointwise_d, 1, double, fastrnn_s
 FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_s, 0, float, fastrnn_sigmoidf, fastrnn_tanhf)
 FASTRNN_DEFINE_LSTM_FORWARD(fastrnn_lstm_infer_pointwise_d, 0, double, fastrnn_sigmoidd, fastrnn_tanhd)
 
-/* The forward pass of one row: keep_gates (training) leaves the activated
- * gates in ai..ao for backward. */
+/* fastrnn_lstm_forward_pointwise_s / _d: the forward pass of one row;
+ * keep_gates (training) leaves the activated gates in ai..ao for backward. */
 #define FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(REAL, SUFFIX)                            \
 static inline void fastrnn_lstm_forward_pointwise_##SUFFIX(                        \
     REAL *ai, REAL *af, REAL *ag, REAL *ao, const REAL *bias, const REAL *c_prev,  \
@@ -72,7 +72,8 @@ static inline void fastrnn_lstm_forward_pointwise_##SUFFIX(                     
 FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(float, s)
 FASTRNN_DEFINE_LSTM_FORWARD_ENTRY(double, d)
 
-#define FASTRNN_DEFINE_LSTM_POINTWISE(REAL, SUFFIX, TANH)                          \
+/* fastrnn_lstm_backward_pointwise_s / _d: the backward pass of one row. */
+#define FASTRNN_DEFINE_LSTM_BACKWARD(REAL, SUFFIX, TANH)                           \
 FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                     \
     (REAL *restrict gi, REAL *restrict gf, REAL *restrict gg, REAL *restrict go,   \
      REAL *restrict dc_carry, const REAL *restrict dh_carry,                       \
@@ -94,7 +95,7 @@ FASTRNN_MULTIVERSION(fastrnn_lstm_backward_pointwise_##SUFFIX,                  
     }                                                                              \
 })
 
-FASTRNN_DEFINE_LSTM_POINTWISE(float, s, fastrnn_tanhf)
-FASTRNN_DEFINE_LSTM_POINTWISE(double, d, fastrnn_tanhd)
+FASTRNN_DEFINE_LSTM_BACKWARD(float, s, fastrnn_tanhf)
+FASTRNN_DEFINE_LSTM_BACKWARD(double, d, fastrnn_tanhd)
 
 #endif

@@ -173,19 +173,11 @@
 
 /* ---- what the kernels call: sizes of the current ISA, and dispatch ---- */
 
-/* Output columns per packed panel (NR) and rows per register tile (MR). */
+/* Output columns per packed panel (NR). */
 static inline ptrdiff_t fastrnn_panel_width_s(void) { return fastrnn_isa_level() == FASTRNN_ISA_AVX512 ? 32 : 16; }
 static inline ptrdiff_t fastrnn_panel_width_d(void) { return fastrnn_isa_level() == FASTRNN_ISA_AVX512 ? 16 : 8; }
-static inline ptrdiff_t fastrnn_tile_rows(void) { return fastrnn_isa_level() == FASTRNN_ISA_AVX512 ? 12 : 6; }
 
 #define FASTRNN_DEFINE_FRONT(REAL, T)                                              \
-                                                                                   \
-/* Number of REAL values the packed copy of an N x K matrix needs. */             \
-static inline size_t fastrnn_packed_size_##T(ptrdiff_t N, ptrdiff_t K)            \
-{                                                                                  \
-    const ptrdiff_t NR = fastrnn_panel_width_##T();                                \
-    return (size_t)((N + NR - 1) / NR) * (size_t)NR * (size_t)K;                   \
-}                                                                                  \
                                                                                    \
 /* packed := rows [k0, k1) of every panel of the N x K matrix whose element    \
  * (n, k) is cols[k][n]: the transpose of a K x N matrix given by its rows     \

@@ -268,3 +268,18 @@ def test_adam_updates_a_parameter_whose_data_is_not_c_contiguous(cls):
         cls([p], lr=0.1).step()
     np.testing.assert_array_equal(b.data, a.data)
     assert not np.array_equal(a.data, np.arange(12.0).reshape(3, 4))
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda ps: optim.Adam(ps, lr=float("nan")), "lr: expected a number >= 0, got nan"),
+    (lambda ps: optim.AdamW(ps, eps=-1e-8), "eps: expected a number >= 0"),
+    (lambda ps: optim.Adam(ps, betas=(0.9, 1.0)), r"betas: expected two numbers in \[0, 1\)"),
+    (lambda ps: optim.SGD(ps, lr=0.1, weight_decay=float("nan")), "weight_decay: expected"),
+    (lambda ps: optim.SGD(ps, lr=0.1, nesterov=True), "nesterov=True: expected momentum > 0"),
+    (lambda ps: optim.clip_grad_value(ps, float("nan")), "clip_value: expected a number >= 0"),
+])
+def test_bad_hyper_parameters_are_named(make, named):
+    """Each message names the argument and its value (Adam said only 'invalid Adam
+    hyper-parameters'), and NaN, which `< 0` let through, is refused."""
+    with pytest.raises(ValueError, match=named):
+        make(_params([1.0]))

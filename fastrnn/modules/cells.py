@@ -244,7 +244,7 @@ class _CellBase(Module):
 class RNNCell(_CellBase):
     """h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh | relu | identity.
 
-    `h1 = cell(x, h=None)` with x (B,I) or (I,); `dx, dh = cell.backward(dh1)`.
+    `h1 = cell(input, hx=None)` with input (B,I) or (I,), hx: h; `dx, dh = cell.backward(dh)`.
     """
 
     _gates = 1
@@ -276,7 +276,7 @@ class RNNCell(_CellBase):
 class GRUCell(_CellBase):
     """GRU step with torch's gate order (r, z, n), "linear before reset".
 
-    `h1 = cell(x, h=None)` with x (B,I) or (I,); `dx, dh = cell.backward(dh1)`.
+    `h1 = cell(input, hx=None)` with input (B,I) or (I,), hx: h; `dx, dh = cell.backward(dh)`.
     """
 
     _gates = 3
@@ -296,8 +296,9 @@ class GRUCell(_CellBase):
 class LSTMCell(_CellBase):
     """LSTM step with torch's gate order (i, f, g, o).
 
-    `h1, c1 = cell(x, (h, c)=None)` with x (B,I) or (I,);
-    `dx, (dh, dc) = cell.backward(dh1, dc1=None)` (or `cell.backward((dh1, dc1))`).
+    `h1, c1 = cell(input, hx=None)` with input (B,I) or (I,), hx: (h, c);
+    `dx, (dh, dc) = cell.backward(dh, dc=None)` (or `cell.backward((dh, dc))`): the
+    gradients of this step's (h1, c1) in, of its (x, h, c) out.
     """
 
     _gates = 4

@@ -666,8 +666,8 @@ class RNNBase(Module):
 class RNN(RNNBase):
     """Elman RNN, h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh), act tanh | relu | identity.
 
-    Same positional order as torch.nn.RNN. `out, h_n = rnn(x, h0=None, lengths=None)`,
-    `dx, dh0 = rnn.backward(dout, dh_n=None)`.
+    Same positional order as torch.nn.RNN. `out, h_n = rnn(x, hx=None, lengths=None)`
+    (hx: h0), `dx, dh0 = rnn.backward(dout, dstate=None)` (dstate: dh_n).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
@@ -693,8 +693,8 @@ class RNN(RNNBase):
 class GRU(RNNBase):
     """GRU with torch's gate order (r, z, n) and "linear before reset" form.
 
-    Same positional order as torch.nn.GRU. `out, h_n = gru(x, h0=None, lengths=None)`,
-    `dx, dh0 = gru.backward(dout, dh_n=None)`.
+    Same positional order as torch.nn.GRU. `out, h_n = gru(x, hx=None, lengths=None)`
+    (hx: h0), `dx, dh0 = gru.backward(dout, dstate=None)` (dstate: dh_n).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -717,8 +717,8 @@ class LSTM(RNNBase):
     """LSTM with torch's gate order (i, f, g, o), optional projection (proj_size).
 
     Same positional order as torch.nn.LSTM.
-    `out, (h_n, c_n) = lstm(x, (h0, c0)=None, lengths=None)`,
-    `dx, (dh0, dc0) = lstm.backward(dout, (dh_n, dc_n)=None)`.
+    `out, (h_n, c_n) = lstm(x, hx=None, lengths=None)` (hx: (h0, c0)),
+    `dx, (dh0, dc0) = lstm.backward(dout, dstate=None)` (dstate: (dh_n, dc_n)).
 
     With proj_size > 0, h = (o*tanh(c)) @ weight_hr.T and c keeps hidden_size;
     the projection runs in the same kernels (one more GEMM per step, rows split

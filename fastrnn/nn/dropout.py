@@ -23,7 +23,7 @@ class Dropout(Module):
         super().__init__()
         p = float(p)
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+            raise ValueError(f"p: expected a dropout probability in [0, 1], got {p}")
         self.p = p
         self.rng = as_generator(rng)
         self._mask = None

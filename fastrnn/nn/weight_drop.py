@@ -36,7 +36,7 @@ class WeightDrop:
     def __init__(self, module, names, p=0.5, rng=None):
         p = float(p)
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"weight drop probability must be in [0, 1), got {p}")
+            raise ValueError(f"p: expected a weight drop probability in [0, 1), got {p}")
         names = list(names)
         if not names:
             raise ValueError("WeightDrop: names must list at least one parameter")
