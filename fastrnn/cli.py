@@ -181,6 +181,9 @@ def build_parser():
     g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay)
     g.add_argument("--clip", type=_nonneg_float, default=d.clip,
                    help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--clip-value", type=_nonneg_float, default=d.clip_value,
+                   help="first clamp every gradient value to [-this, this] (0, the default: "
+                        "no; torch's clip_grad_value_)")
     g = t.add_argument_group("schedule")
     g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"],
                    default=d.lr_schedule,
@@ -208,9 +211,10 @@ def build_parser():
     g.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
                    default=d.matmul_precision,
                    help="float32 matrix products: 'medium' rounds their operands to bf16 "
-                        "(float32 sums) where that is faster: on CPUs with AVX512-BF16 that "
-                        "run it at the FMA rate (AMD Zen 4: about 1.8x per LSTM layer); "
-                        "'highest' (default) and 'high' keep float32 (docs/precision.md)")
+                        "(float32 sums) where that is faster: AMX-BF16 tiles (Intel Xeon "
+                        "from Sapphire Rapids on) and AVX512-BF16 on AMD Zen 4 (about 1.8x "
+                        "per LSTM layer there); elsewhere it runs float32. 'highest' "
+                        "(default) and 'high' keep float32 (docs/precision.md)")
     g.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint (.npz)")
     g.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS")
     g.add_argument("--save-best", metavar="PATH", default=None,

@@ -41,13 +41,14 @@ from fastrnn.data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer
 from fastrnn.lm import CELLS, RNNLanguageModel
 from fastrnn.metrics import evaluate_lm, perplexity
 from fastrnn.nn.loss import softmax_cross_entropy
-from fastrnn.optim import SGD, Adam, clip_grad_norm, grad_norm
+from fastrnn.optim import SGD, Adam, clip_grad_norm, clip_grad_value, grad_norm
 from fastrnn.schedule import SCHEDULES, LRSchedule
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteError", "split_text", "build_tokenizer",
            "thread_limits"]
 
 PROGRESS_SECONDS = 5.0   # seconds between progress lines when stderr is not a terminal
+RECENT_STEPS = 50         # the result's train_loss: the mean over this many last steps
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,6 +82,7 @@ class TrainConfig:
     momentum: float = 0.0              # SGD only
     weight_decay: float = 0.0
     clip: float = 5.0                  # max gradient norm; 0 disables clipping
+    clip_value: float = 0.0            # clamp each gradient value to [-this, this] first; 0: no
     epochs: Optional[float] = None
     time_budget: Optional[float] = None
     max_steps: Optional[int] = None
@@ -146,7 +148,7 @@ class TrainConfig:
         for name in ("eval_seq_len", "word_min_freq", "bpe_merges"):
             number(name, 1, integer=True)
         number("seed", 0, integer=True)
-        for name in ("momentum", "weight_decay", "clip"):
+        for name in ("momentum", "weight_decay", "clip", "clip_value"):
             number(name, 0)
         self.schedule()        # checks min_lr and warmup_steps
         return self
@@ -296,6 +298,7 @@ class Trainer:
         self.train_seconds = 0.0
         self.state = None          # recurrent state carried between sequential chunks
         self.losses = []
+        self.recent_losses = []    # the last RECENT_STEPS finite training losses (saved too)
         self.last_val = None
         self.val_history = []      # (step, val_loss)
         self.skipped_steps = 0     # steps skipped for a non-finite loss/gradient (saved too)
@@ -363,6 +366,8 @@ class Trainer:
         else:
             model.backward(dlogits)             # dstate=None: gradient cut at the chunk border
             with np.errstate(over="ignore", invalid="ignore"):
+                if cfg.clip_value > 0:          # by value (torch's clip_grad_value_), then by norm
+                    clip_grad_value(self.optimizer.params, cfg.clip_value)
                 if cfg.clip and cfg.clip > 0:
                     norm = clip_grad_norm(self.optimizer.params, cfg.clip)
                 else:
@@ -443,7 +448,7 @@ class Trainer:
         run_tokens = 0
         next_eval = cfg.eval_every if cfg.eval_every else None
         wall0 = time.perf_counter()
-        recent = []
+        recent = self.recent_losses   # carried across runs and a resume: "the last 50 steps"
         try:
             with thread_limits(cfg.threads), _precision.scoped(cfg.matmul_precision), \
                     _stop_on_signals(stop, handle_signals):
@@ -465,7 +470,7 @@ class Trainer:
                         self.train_seconds += dt
                         if math.isfinite(loss):      # (a skipped step's loss is not)
                             recent.append(loss)
-                        if len(recent) > 50:
+                        if len(recent) > RECENT_STEPS:
                             recent.pop(0)
                         if bar is not None:
                             self._update_bar(bar, dt, np.mean(recent) if recent else math.nan,
@@ -592,6 +597,7 @@ class Trainer:
             "val_history": self.val_history, "skipped_steps": self.skipped_steps,
             "val_curve": self.val_curve, "best_val_loss": self.best_val_loss,
             "best_step": self.best_step, "lr": self.lr,
+            "recent_losses": list(self.recent_losses),
         }
 
     def save(self, path):
@@ -639,6 +645,9 @@ class Trainer:
             self.best_val_loss = ts.get("best_val_loss")
             self.best_step = ts.get("best_step")
             self.lr = float(ts.get("lr", self.optimizer.lr))
+            self.recent_losses = [float(v) for v in ts.get("recent_losses", [])][-RECENT_STEPS:]
+            if not all(math.isfinite(v) for v in self.recent_losses):
+                raise ValueError("recent_losses: expected finite numbers")
             model.set_rng_states(ts["rng"])
             arrays = [ckpt.extra[f"state{i}"] for i in range(len(ckpt.extra))]
             self.state = model.state_from_arrays(arrays)

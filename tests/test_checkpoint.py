@@ -71,14 +71,17 @@ def test_resume_is_bitwise_identical(tmp_path, kw):
     full = Trainer(small_cfg(max_steps=total, **kw), TEXT)
     n_epoch = len(full.loader)
     assert n_epoch < total                                          # crosses an epoch border
-    full.run(progress=False)
+    full_result = full.run(progress=False)
 
     part = Trainer(small_cfg(max_steps=first, **kw), TEXT)
     part.run(progress=False, save_path=tmp_path / "ck.npz")
     resumed = Trainer.resume(tmp_path / "ck.npz", TEXT, max_steps=total)
-    resumed.run(progress=False)
+    resumed_result = resumed.run(progress=False)
 
     assert part.losses + resumed.losses == full.losses              # exact, not approximate
+    # train_loss is the mean of the last 50 steps' losses across the resume too (it
+    # averaged only the resumed run's 19 steps)
+    assert resumed_result["train_loss"] == full_result["train_loss"]
     for (n, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         np.testing.assert_array_equal(a.data, b.data, err_msg=n)
     assert resumed.step == total
@@ -184,3 +187,18 @@ def test_metadata_edited_by_hand_is_a_checkpoint_error(good_checkpoint, tmp_path
             ckpt = load_checkpoint(path)
             ckpt.build_tokenizer()
             Trainer.resume(path, TEXT, max_steps=2)
+
+
+def test_clip_value_clamps_every_gradient_value_before_the_step(monkeypatch):
+    """TrainConfig.clip_value (fastrnn train --clip-value) clamps each gradient value to
+    [-v, v] before the norm clip and the optimiser step; 0 leaves them alone."""
+    seen = []
+    for v in (0.0, 1e-3):
+        tr = Trainer(small_cfg(max_steps=1, clip=0.0, clip_value=v), TEXT)
+        monkeypatch.setattr(tr.optimizer, "step",
+                            lambda tr=tr: seen.append(max(float(np.abs(p.grad).max())
+                                                          for p in tr.optimizer.params)))
+        tr.run(progress=False)
+    assert seen[0] > 1e-3 and seen[1] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="clip_value"):
+        small_cfg(clip_value=-1.0).validate()
