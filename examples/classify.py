@@ -80,10 +80,13 @@ def main(steps=300, max_len=20, batch_size=64, hidden=48, lr=1e-2, seed=0, verbo
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--max-len", type=int, default=20)
-    ap.add_argument("--hidden", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="training steps")
+    ap.add_argument("--max-len", type=int, default=20, help="longest sequence")
+    ap.add_argument("--hidden", type=int, default=48, help="hidden units")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data and weights)")
     a = ap.parse_args()
+    if a.max_len < 5:   # sequences are 5..max_len tokens long
+        ap.error(f"--max-len: expected an integer >= 5, got {a.max_len}")
     main(steps=a.steps, max_len=a.max_len, hidden=a.hidden, seed=a.seed)

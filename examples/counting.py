@@ -65,9 +65,10 @@ def main(steps=300, seq_len=10, batch_size=32, lr=0.05, seed=0, verbose=True):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seq-len", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="training steps")
+    ap.add_argument("--seq-len", type=int, default=10, help="sequence length")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data and weights)")
     a = ap.parse_args()
     main(steps=a.steps, seq_len=a.seq_len, seed=a.seed)

@@ -137,12 +137,16 @@ def main(n=200_000, partition_size=5000, steps=200, scheduler=None, out="scores.
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--partition-size", type=int, default=5000)
-    ap.add_argument("--steps", type=int, default=200)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--n", type=int, default=200_000, help="sequences to score")
+    ap.add_argument("--partition-size", type=int, default=5000,
+                    help="sequences per Dask partition")
+    ap.add_argument("--steps", type=int, default=200, help="training steps")
     ap.add_argument("--scheduler", default=None, help="e.g. tcp://scheduler:8786")
-    ap.add_argument("--out", default="scores.npy")
+    ap.add_argument("--out", default="scores.npy",
+                    help="where the scores go (.npy); the trained model is saved beside it "
+                         "as classifier.npz")
     a = ap.parse_args()
     main(n=a.n, partition_size=a.partition_size, steps=a.steps, scheduler=a.scheduler,
          out=a.out)

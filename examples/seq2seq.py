@@ -122,10 +122,11 @@ def main(steps=1500, max_len=6, batch_size=64, hidden=128, embed=32, lr=5e-3, se
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--max-len", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1500, help="training steps")
+    ap.add_argument("--max-len", type=int, default=6, help="longest sequence")
+    ap.add_argument("--hidden", type=int, default=128, help="hidden units")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data and weights)")
     a = ap.parse_args()
     main(steps=a.steps, max_len=a.max_len, hidden=a.hidden, seed=a.seed)

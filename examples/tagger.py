@@ -76,10 +76,11 @@ def main(steps=300, seq_len=12, batch_size=32, hidden=32, lr=1e-2, seed=0, verbo
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--seq-len", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300, help="training steps")
+    ap.add_argument("--seq-len", type=int, default=12, help="sequence length")
+    ap.add_argument("--hidden", type=int, default=32, help="hidden units")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (data and weights)")
     a = ap.parse_args()
     main(steps=a.steps, seq_len=a.seq_len, hidden=a.hidden, seed=a.seed)
