@@ -160,6 +160,8 @@ def _build(module, cell):
     from fastrnn.modules.rnn import GRU, LSTM, RNN, RNNBase
     dtype = module.dtype
     cls = type(module)
+    if not getattr(module, "reset_after", True):
+        return _NOT_ELIGIBLE          # the seed's GRU runs on the reference (no kernel)
     if cell:
         # a subclass that computes a step its own way (forward or _step_forward
         # overridden) is not served: the fast path would skip its code

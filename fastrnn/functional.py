@@ -50,7 +50,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from fastrnn import _buffers, _cpu_cache, _dense, _ids_input, _precision, _recurrent
+from fastrnn import _buffers, _cpu_cache, _dense, _ids_input, _precision, _recurrent, reference
 from fastrnn._config import get_num_threads
 from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
@@ -727,12 +727,18 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
 
 # ---------------------------------------------------------------------------- GRU
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                out=None, x_ids=None):
+                out=None, x_ids=None, reset_after=True):
     """GRU layer forward. x (T,B,I), h0 (B,H) or None, w_ih (3H,I), w_hh (3H,H).
 
     Returns y (T,B,H), h_n (B,H), cache (None unless training).
     Cache: gates (T,B,3H) r,z,n; hns (T,B,H) W_hn h + b_hn; hs (T+1,B,H).
+
+    reset_after=False: the seed's GRU, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)
+    (fastrnn.reference.gru_forward has both forms), run by the NumPy reference.
     """
+    if not reset_after:
+        return _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
+                                         training, out, x_ids)
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
@@ -764,6 +770,11 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
     with accumulate=True); they are the ones returned.
     """
+    if getattr(cache, "reference", None) is not None:   # reset_after=False
+        dy, dh_n, *_ = _backward_setup(dy, dh_n, cache, "gru")
+        if out is not None:
+            _weight_gradient_out(out, cache)               # checked before the cache is used
+        return reference.gru_backward(dy, dh_n, cache.take().reference, out, accumulate)
     dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, "gru")
     cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
     dgx = cache.gates                          # (T, B, 3H) receives dL/dgx
@@ -781,3 +792,28 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
         db_ih = dgx.reshape(T * B, 3 * H).sum(axis=0)
         db_hh = dgh.reshape(T * B, 3 * H).sum(axis=0)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
+
+
+def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, out,
+                              x_ids):
+    """gru_forward with reset_after=False: arguments checked as for the kernels, then
+    fastrnn.reference's loop (NumPy products, bf16-rounded under matmul precision
+    "medium" as the kernels round theirs). The kernels have no such cell: its reset
+    product needs r first, a second product in every step, which the driver does
+    not schedule."""
+    if x_ids is not None:
+        raise ValueError("x_ids: not with reset_after=False (pass the rows x[x_ids])")
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, *_ = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
+    T, B, _ = x.shape
+    if out is not None:
+        check_rows_out("out", out, (T, B, H), x.dtype, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    y, h_n, ref_cache = reference.gru_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None if not sched.padded else sched.lengths,
+        reverse=bool(reverse), training=training, bf16=_precision.bf16_products(x.dtype),
+        reset_after=False)
+    if out is not None:
+        out[...] = y
+        y = out
+    cache = Cache(kind="gru", x=x, w_ih=w_ih, w_hh=w_hh, reference=ref_cache) if training else None
+    return y, h_n, cache

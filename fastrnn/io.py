@@ -308,6 +308,9 @@ def to_torch(module):
     nn = torch.nn
     if getattr(module, "merge_mode", "concat") != "concat":
         raise ValueError("to_torch: torch.nn has no merge_mode='sum'")
+    if not getattr(module, "reset_after", True):
+        raise ValueError("to_torch: torch.nn's GRU has no reset_after=False (its reset gate "
+                         "applies after the recurrent product)")
     if getattr(module, "nonlinearity", "tanh") not in ("tanh", "relu"):
         raise ValueError(f"to_torch: torch.nn has no nonlinearity={module.nonlinearity!r}")
     dtype = {np.float32: torch.float32, np.float64: torch.float64}[module.dtype.type]

@@ -11,7 +11,9 @@ GRU z, r, h (-> fastrnn r, z, n), SimpleRNN one block. fastrnn's weights are
 the transposes, gate blocks reordered. Keras's LSTM/SimpleRNN have one bias
 (-> bias_ih, with bias_hh zero); a GRU with `reset_after=True` (Keras 3's
 default) has two, (2, 3H): input and recurrent, which is exactly fastrnn's
-(torch's) GRU.
+(torch's) GRU. A GRU with `reset_after=False` (one bias, (3H,)) becomes
+`fastrnn.GRU(..., reset_after=False)`, the reset gate applied before the
+recurrent product.
 
 A recurrent layer becomes `fastrnn.wrappers.Recurrent(rnn, return_sequences,
 return_state, go_backwards)` around a batch-first fastrnn RNN/LSTM/GRU, so the
@@ -19,8 +21,7 @@ result returns what Keras returns; a Sequential becomes `fastrnn.nn.Sequential`.
 Dense -> Linear (+ `Activation` unless linear), Embedding -> Embedding, Dropout
 -> Dropout (inactive: the model is returned in eval mode).
 
-Refused with a ValueError naming the layer and option: GRU `reset_after=False`,
-activations other than Keras's defaults (SimpleRNN: tanh, relu or linear), LSTM/GRU
+Refused with a ValueError naming the layer and option: activations other than Keras's defaults (SimpleRNN: tanh, relu or linear), LSTM/GRU
 `recurrent_activation` other than sigmoid, `unroll=True`, `stateful=True`,
 masking (`Embedding(mask_zero=True)`, `Masking`), Bidirectional `merge_mode`
 other than 'concat'/'sum', layers fastrnn has no counterpart for.
@@ -95,9 +96,6 @@ def _check_cell(layer):
         if ract != "sigmoid":
             raise _fail(layer, f"recurrent_activation {ract!r} is not supported (only "
                                f"sigmoid)", "recurrent_activation")
-    if cls == "GRU" and not cfg.get("reset_after", True):
-        raise _fail(layer, "reset_after=False (reset gate before the recurrent product) is a "
-                           "different GRU from fastrnn's; not supported", "reset_after")
     return cfg
 
 
@@ -122,7 +120,7 @@ def _cell_params(layer, cfg):
     b_ih = b_hh = None
     if use_bias:
         bias = ws[2]
-        if cls == "GRU":
+        if cls == "GRU" and cfg.get("reset_after", True):
             if bias.shape != (2, G * H):
                 raise _fail(layer, f"GRU bias must be (2, {G * H}), got {bias.shape}")
             b_ih, b_hh = reorder(bias[0]), reorder(bias[1])
@@ -132,13 +130,13 @@ def _cell_params(layer, cfg):
     return cls, I, H, use_bias, [w_ih, w_hh, b_ih, b_hh], _dtype(layer, ws)
 
 
-def _build_rnn(kind, I, H, use_bias, dtype, act, bidirectional, merge_mode):
+def _build_rnn(kind, I, H, use_bias, dtype, act, bidirectional, merge_mode, cfg):
     kw = dict(bias=use_bias, batch_first=True, bidirectional=bidirectional, dtype=dtype,
               merge_mode=merge_mode, seed=0)
     if kind == "LSTM":
         return LSTM(I, H, **kw)
     if kind == "GRU":
-        return GRU(I, H, **kw)
+        return GRU(I, H, reset_after=bool(cfg.get("reset_after", True)), **kw)
     return RNN(I, H, nonlinearity={"linear": "identity"}.get(act, act), **kw)
 
 
@@ -153,7 +151,7 @@ def _recurrent(layer):
     cfg = _check_cell(layer)
     kind, I, H, use_bias, params, dt = _cell_params(layer, cfg)
     act = _act_name(cfg.get("activation"))
-    rnn = _build_rnn(kind, I, H, use_bias, dt, act, False, "concat")
+    rnn = _build_rnn(kind, I, H, use_bias, dt, act, False, "concat", cfg)
     _set(rnn, "_l0", params)
     return Recurrent(rnn, return_sequences=cfg.get("return_sequences", False),
                      return_state=cfg.get("return_state", False),
@@ -175,11 +173,12 @@ def _bidirectional(layer):
                            "backwards", "go_backwards")
     pf, pb = _cell_params(fw, cf), _cell_params(bw, cb)
     if (pf[:4] != pb[:4] or _act_name(cf.get("activation")) != _act_name(cb.get("activation"))
-            or pf[5] != pb[5]):
+            or pf[5] != pb[5] or cf.get("reset_after", True) != cb.get("reset_after", True)):
         raise _fail(layer, "forward and backward layers differ in type, size, bias or "
                            "activation", "backward_layer")
     kind, I, H, use_bias, _, dt = pf
-    rnn = _build_rnn(kind, I, H, use_bias, dt, _act_name(cf.get("activation")), True, merge)
+    rnn = _build_rnn(kind, I, H, use_bias, dt, _act_name(cf.get("activation")), True, merge,
+                     cf)
     _set(rnn, "_l0", pf[4])
     _set(rnn, "_l0_reverse", pb[4])
     return Recurrent(rnn, return_sequences=cf.get("return_sequences", False),

@@ -6,7 +6,8 @@
     outs = fastrnn.onnx.run(model, feeds)                # same feeds/outputs as ONNX Runtime
 
 Gate orders: ONNX LSTM i, o, f, c and torch/fastrnn i, f, g, o; ONNX GRU z, r, h
-and fastrnn r, z, n (fastrnn's GRU is ONNX's ``linear_before_reset=1``). Weight
+and fastrnn r, z, n (fastrnn's GRU is ONNX's ``linear_before_reset=1``; with
+``reset_after=False``, ONNX's default ``linear_before_reset=0``). Weight
 blocks are reordered, never recomputed, so an export/import round trip gives
 the same bits.
 
@@ -160,7 +161,7 @@ def _export_stack(b, rnn, x, h0, c0, lens):
             ins.pop()
         attrs = dict(hidden_size=H, direction="bidirectional" if D == 2 else "forward")
         if op == "GRU":
-            attrs["linear_before_reset"] = 1
+            attrs["linear_before_reset"] = 1 if rnn.reset_after else 0
         if op == "RNN":
             if rnn.nonlinearity == "identity":
                 attrs.update(activations=["Affine"] * D, activation_alpha=[1.0] * D,
@@ -923,10 +924,9 @@ class _Loader:
             raise self.fail(f"direction={direction!r} is not supported (forward or "
                             f"bidirectional)", node, "direction")
         D = 2 if direction == "bidirectional" else 1
-        if op == "GRU" and a.get("linear_before_reset", 0) != 1:
-            raise self.fail("linear_before_reset=0 (reset gate applied before the recurrent "
-                            "product) is a different GRU from fastrnn's; not supported",
-                            node, "linear_before_reset")
+        if op == "GRU" and a.get("linear_before_reset", 0) not in (0, 1):
+            raise self.fail(f"linear_before_reset must be 0 or 1, got "
+                            f"{a.get('linear_before_reset')}", node, "linear_before_reset")
         nonlin = self.activations(node, a, D)
         W = self.const(node, 1, "W")
         R = self.const(node, 2, "R")
@@ -990,6 +990,7 @@ class _Loader:
                 raise self.fail("peephole weights (input 7, P) are not supported", node)
         self.new_stage(node, dict(kind="rnn", op=op, D=D, H=H, W=W, R=R, B=Bi,
                                   nonlinearity=nonlin, lens=lens, h0=states[0],
+                                  reset_after=bool(a.get("linear_before_reset", 0)),
                                   c0=states[1] if len(states) > 1 else None), x)
         k = len(self.stages) - 1
         outs = [_Seq(k, ("T", "D", "B", "H"), {"D": D, "H": H}), _State("h", [k])]
@@ -1135,6 +1136,8 @@ class _Loader:
             return False
         if (a["B"] is None) != (b["B"] is None) or a["nonlinearity"] != b["nonlinearity"]:
             return False
+        if a["reset_after"] != b["reset_after"]:   # one GRU stack has one form
+            return False
         # one stack has one merge mode: a layer merging its directions otherwise (its own
         # Y) starts a new stack (fastrnn's export of concat then sum failed to load)
         own = b["out"].merge if "out" in b else None
@@ -1158,8 +1161,8 @@ class _Loader:
                   bidirectional=D == 2, dtype=W0.dtype, merge_mode=merge)
         if op == "LSTM":
             m = LSTM(W0.shape[2], H, **kw)
-        elif op == "GRU":
-            m = GRU(W0.shape[2], H, **kw)
+        elif op == "GRU":   # linear_before_reset=0 (ONNX's default): the reset gate first
+            m = GRU(W0.shape[2], H, reset_after=first["reset_after"], **kw)
         else:
             m = RNN(W0.shape[2], H, nonlinearity=first["nonlinearity"], **kw)
         order = _TO_TORCH[op]

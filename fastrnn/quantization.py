@@ -917,6 +917,9 @@ def quantize(module, dtype="int8", mode="auto"):
     _check_choice("mode", mode, MODES)
     if isinstance(module, (_QuantizedBase, QuantizedLanguageModel)):
         raise TypeError(f"quantize: {type(module).__name__} is already quantised")
+    if not getattr(module, "reset_after", True):
+        raise ValueError(f"quantize: {type(module).__name__} with reset_after=False is not "
+                         f"supported (the seed's GRU runs on the NumPy reference, no kernel)")
     if isinstance(module, (RNN, LSTM, GRU)):
         if module.proj_size:
             raise ValueError("quantize: LSTM proj_size > 0 is not supported, got "

@@ -506,12 +506,21 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
 # --------------------------------------------------------------------------
 
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, training=True,
-                bf16=False, out=None, x_ids=None):
-    """Single-layer, single-direction GRU (gates r, z, n; linear before reset).
+                bf16=False, out=None, x_ids=None, reset_after=True):
+    """Single-layer, single-direction GRU (gates r, z, n).
 
     x (T, B, I); h0 (B, H) or None; w_ih (3H, I); w_hh (3H, H);
     b_ih, b_hh (3H,) or both None; lengths (B,) ints or None.
     Returns y (T, B, H), h_n (B, H), cache (dict or None).
+
+    reset_after=True (torch's form, "linear before reset"):
+        n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    reset_after=False (the seed's and Cho et al.'s form; ONNX linear_before_reset=0,
+    Keras reset_after=False): the reset gate scales h before its product,
+        n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)
+    In both, r, z = sigmoid(W_i{r,z} x + b_i{r,z} + W_h{r,z} h + b_h{r,z}) and
+    h' = (1 - z) * n + z * h (the seed writes h' = (1 - z) h + z n: its z is this 1 - z,
+    the same model with W_z and b_z negated).
     """
     x, by_id = _rows_by_id(x, x_ids)
     dtype = _check_dtypes(x, h0, w_ih, w_hh, b_ih, b_hh)
@@ -529,14 +538,20 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         rows, times = _schedule(s, lengths, reverse)
         hp = h[rows]
         gi = _mm(x[times, rows], w_ih.T, bf16)   # (nb, 3H) input side
-        gh = _mm(hp, w_hh.T, bf16)               # (nb, 3H) hidden side
+        gh = _mm(hp, w_hh[:2 * H].T if not reset_after else w_hh.T, bf16)   # hidden side
         if b_ih is not None:
             gi = gi + b_ih
-            gh = gh + b_hh
+            gh = gh + b_hh[:gh.shape[1]]
         r = _sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
         z = _sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
-        hn = gh[:, 2 * H:3 * H]
-        n = np.tanh(gi[:, 2 * H:3 * H] + r * hn)
+        if reset_after:
+            hn = gh[:, 2 * H:3 * H]              # W_hn h + b_hn
+            n = np.tanh(gi[:, 2 * H:3 * H] + r * hn)
+        else:
+            hn = _mm(r * hp, w_hh[2 * H:].T, bf16)    # W_hn (r * h) + b_hn
+            if b_ih is not None:
+                hn = hn + b_hh[2 * H:]
+            n = np.tanh(gi[:, 2 * H:3 * H] + hn)
         h_new = (1.0 - z) * n + z * hp
 
         h_prev[times, rows] = hp
@@ -549,7 +564,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     if training:
         cache = {"x": x, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh,
                  "lengths": lengths, "reverse": reverse, "bf16": bf16, "by_id": by_id,
-                 "h_prev": h_prev, "gates": gates, "hn": hn_all}
+                 "h_prev": h_prev, "gates": gates, "hn": hn_all, "reset_after": reset_after}
     return _into(out, y), h, cache
 
 
@@ -564,6 +579,7 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     has_bias = cache["b_ih"] is not None
     lengths, reverse = cache["lengths"], cache["reverse"]
     bf16 = cache.get("bf16", False)   # products as forward ran them
+    reset_after = cache.get("reset_after", True)
     dtype = _check_dtypes(x, dy, dh_n)
     T, B, _ = x.shape
     H = w_hh.shape[1]
@@ -585,19 +601,30 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
         dh_new = dh[rows] + dy[times, rows]       # d loss / d h'
         dn = dh_new * (1.0 - z)
         dz = dh_new * (hp - n)
-        da_n = dn * (1.0 - n * n)                 # d loss / d (xn + r*hn)
-        dr = da_n * hn
+        da_n = dn * (1.0 - n * n)                 # d loss / d (xn + r*hn) (or + hn)
+        if reset_after:
+            dr = da_n * hn
+        else:
+            drh = _mm(da_n, w_hh[2 * H:], bf16)   # d loss / d (r * h)
+            dr = drh * hp
         da_r = dr * r * (1.0 - r)
         da_z = dz * z * (1.0 - z)
         dgi = np.concatenate([da_r, da_z, da_n], axis=1)       # d loss / d gi
-        dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)   # d loss / d gh
 
         dx[times, rows] = _mm(dgi, w_ih, bf16)
         dw_ih += _mm(dgi.T, x[times, rows], bf16)
-        dw_hh += _mm(dgh.T, hp, bf16)
         db_ih += dgi.sum(axis=0)
-        db_hh += dgh.sum(axis=0)
-        dh[rows] = _mm(dgh, w_hh, bf16) + dh_new * z
+        if reset_after:
+            dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)   # d loss / d gh
+            dw_hh += _mm(dgh.T, hp, bf16)
+            db_hh += dgh.sum(axis=0)
+            dh[rows] = _mm(dgh, w_hh, bf16) + dh_new * z
+        else:
+            drz = np.concatenate([da_r, da_z], axis=1)            # d loss / d (W_h{r,z} h)
+            dw_hh[:2 * H] += _mm(drz.T, hp, bf16)
+            dw_hh[2 * H:] += _mm(da_n.T, r * hp, bf16)
+            db_hh += dgi.sum(axis=0)
+            dh[rows] = _mm(drz, w_hh[:2 * H], bf16) + drh * r + dh_new * z
 
     if not has_bias:
         db_ih = db_hh = None

@@ -34,7 +34,9 @@ for cell in (L.LSTM, L.GRU, L.SimpleRNN):
                lambda c=cell: c(5, use_bias=False, return_state=True),
                lambda c=cell: L.Bidirectional(c(5, return_sequences=True)),
                lambda c=cell: L.Bidirectional(c(5), merge_mode="sum")]
-LAYERS += [lambda: L.SimpleRNN(5, activation="relu"), lambda: L.SimpleRNN(5, activation="linear")]
+LAYERS += [lambda: L.SimpleRNN(5, activation="relu"), lambda: L.SimpleRNN(5, activation="linear"),
+           lambda: L.GRU(5, reset_after=False, return_sequences=True),   # the reset gate first
+           lambda: L.Bidirectional(L.GRU(5, reset_after=False, use_bias=False))]
 
 
 @pytest.mark.parametrize("make", LAYERS)
@@ -61,7 +63,6 @@ def test_sequential_and_keras_file(tmp_path):
 
 
 @pytest.mark.parametrize("make,option", [
-    (lambda: L.GRU(3, reset_after=False), "reset_after"),
     (lambda: L.LSTM(3, activation="relu"), "activation"),
     (lambda: L.LSTM(3, recurrent_activation="hard_sigmoid"), "recurrent_activation"),
     (lambda: L.SimpleRNN(3, unroll=True), "unroll"),

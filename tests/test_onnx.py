@@ -47,6 +47,8 @@ GRID = [  # (class, kwargs)
     (fastrnn.GRU, dict()),
     (fastrnn.GRU, dict(num_layers=2, bidirectional=True)),
     (fastrnn.GRU, dict(batch_first=True, bias=False, bidirectional=True)),
+    (fastrnn.GRU, dict(reset_after=False)),                  # ONNX linear_before_reset=0
+    (fastrnn.GRU, dict(num_layers=2, bidirectional=True, reset_after=False, batch_first=True)),
     (fastrnn.RNN, dict(nonlinearity="relu", num_layers=2)),
     (fastrnn.RNN, dict(nonlinearity="identity", bidirectional=True, batch_first=True)),
     (fastrnn.RNN, dict(num_layers=2, bidirectional=True, merge_mode="sum")),
@@ -205,16 +207,29 @@ def test_import_refuses_what_it_cannot_run(tmp_path, attrs, attr):
     assert isinstance(fastrnn.onnx.load(_lstm_model(tmp_path)), fastrnn.LSTM)
 
 
-def test_import_refuses_gru_before_reset_and_foreign_ops(tmp_path):
+def test_import_reads_gru_before_reset_and_refuses_foreign_ops(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
     H, I = 2, 2
-    inits = [numpy_helper.from_array(np.zeros((1, 3 * H, I), np.float32), "W"),
-             numpy_helper.from_array(np.zeros((1, 3 * H, H), np.float32), "R")]
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((1, 3 * H, I)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((1, 3 * H, H)).astype(np.float32), "R")]
     xin = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
     out = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
-    g = helper.make_graph([helper.make_node("GRU", ["X", "W", "R"], ["Y"], name="g0",
-                                            hidden_size=H)], "g", xin, out, initializer=inits)
     p = str(tmp_path / "g.onnx")
+    # linear_before_reset=0, ONNX's default: the seed's GRU, fastrnn's reset_after=False
+    axis = numpy_helper.from_array(np.array([1], np.int64), "axis")
+    g = helper.make_graph([helper.make_node("GRU", ["X", "W", "R"], ["Yr"], name="g0",
+                                            hidden_size=H),
+                           helper.make_node("Squeeze", ["Yr", "axis"], ["Y"])],   # (T, B, H)
+                          "g", xin, out, initializer=inits + [axis])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
+    m = fastrnn.onnx.load(p)
+    assert isinstance(m, fastrnn.GRU) and m.reset_after is False
+    x = rng.standard_normal((5, 3, I)).astype(np.float32)
+    close(fastrnn.onnx.run(m, {"X": x})["Y"], ort_run(p, {"X": x})["Y"])
+    g = helper.make_graph([helper.make_node("GRU", ["X", "W", "R"], ["Y"], name="g0",
+                                            hidden_size=H, linear_before_reset=2)],
+                          "g", xin, out, initializer=inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), p)
     with pytest.raises(ValueError, match="g0.*GRU.*linear_before_reset"):
         fastrnn.onnx.load(p)

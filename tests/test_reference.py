@@ -10,7 +10,7 @@ import pytest
 
 from fastrnn import reference as ref
 
-CELLS = ["rnn_tanh", "rnn_relu", "rnn_identity", "lstm", "gru"]
+CELLS = ["rnn_tanh", "rnn_relu", "rnn_identity", "lstm", "gru", "gru_resetbefore"]
 GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 # (T, B, I, H): main odd shape, a single time step, a single sequence with I > H
@@ -65,7 +65,8 @@ def forward(cell, p, reverse=False, training=True):
         y, h, c, cache = ref.lstm_forward(p["x"], p["h0"], p["c0"], p["w_ih"], p["w_hh"],
                                           b_ih, b_hh, **args)
         return y, (h, c), cache
-    y, h, cache = ref.gru_forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], b_ih, b_hh, **args)
+    y, h, cache = ref.gru_forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], b_ih, b_hh,
+                                  reset_after=cell != "gru_resetbefore", **args)
     return y, (h,), cache
 
 
@@ -338,3 +339,26 @@ def test_forward_matches_torch(cell, shape, bias, with_lengths, reverse):
     np.testing.assert_allclose(y, out, rtol=0, atol=1e-10)
     for ours, theirs in zip(states, hn):
         np.testing.assert_allclose(ours, theirs[-1].numpy(), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gru_reset_before_is_the_seeds_formula(bias):
+    """reset_after=False is the seed's GRU (Cho et al.'s; ONNX linear_before_reset=0),
+    step by step by hand: z = sigmoid(W_z [h, x]), r = sigmoid(W_r [h, x]),
+    n = tanh(W [r * h, x]), h' = (1 - z) h + z n, with the seed's z = 1 - ours."""
+    T, B, I, H = 3, 2, 4, 5
+    p = make_problem("gru", T, B, I, H, bias, False, seed=3)
+    y, h_n, _ = ref.gru_forward(p["x"], p["h0"], p["w_ih"], p["w_hh"], p.get("b_ih"),
+                                p.get("b_hh"), reset_after=False)
+    sig = lambda a: 1 / (1 + np.exp(-a))
+    W = lambda g: np.concatenate([p["w_hh"][g * H:(g + 1) * H], p["w_ih"][g * H:(g + 1) * H]], 1)
+    b = lambda g: (p["b_ih"] + p["b_hh"])[g * H:(g + 1) * H] if bias else 0
+    h = p["h0"]
+    for t in range(T):
+        hx = np.concatenate([h, p["x"][t]], 1)
+        z_seed = sig(-(hx @ W(1).T + b(1)))           # the seed's z: our z's weights negated
+        r = sig(hx @ W(0).T + b(0))
+        n = np.tanh(np.concatenate([r * h, p["x"][t]], 1) @ W(2).T + b(2))
+        h = (1 - z_seed) * h + z_seed * n
+        np.testing.assert_allclose(y[t], h, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(h_n, h, rtol=1e-13, atol=1e-13)

@@ -274,17 +274,32 @@ class RNNCell(_CellBase):
 
 
 class GRUCell(_CellBase):
-    """GRU step with torch's gate order (r, z, n), "linear before reset".
+    """GRU step with torch's gate order (r, z, n), "linear before reset" (reset_after=False:
+    the seed's form, as fastrnn.GRU's).
 
     `h1 = cell(input, hx=None)` with input (B,I) or (I,), hx: h; `dx, dh = cell.backward(dh)`.
     """
 
     _gates = 3
 
+    def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None,
+                 reset_after=True):
+        if not isinstance(reset_after, (bool, np.bool_)):
+            raise TypeError(f"reset_after: expected True or False, got {reset_after!r}")
+        super().__init__(input_size, hidden_size, bias, dtype, seed)
+        self.reset_after = bool(reset_after)
+
+    def config(self):
+        return dict(super().config(), reset_after=self.reset_after)
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
     def _step_forward(self, x3, h):
         """(h1 (B, H), cache) of one step: x3 (1, B, I), h (B, H) or None."""
         _, h1, cache = F.gru_forward(x3, h, self.weight_ih.data, self.weight_hh.data,
-                                     *self._biases(), training=self.training)
+                                     *self._biases(), training=self.training,
+                                     reset_after=self.reset_after)
         return h1, cache
 
     def _step_backward(self, dh3, cache):

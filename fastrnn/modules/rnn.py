@@ -695,17 +695,32 @@ class GRU(RNNBase):
 
     Same positional order as torch.nn.GRU. `out, h_n = gru(x, hx=None, lengths=None)`
     (hx: h0), `dx, dh0 = gru.backward(dout, dstate=None)` (dstate: dh_n).
+
+    reset_after=False is the seed's GRU (Cho et al.'s; Keras reset_after=False, ONNX
+    linear_before_reset=0): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn) instead of
+    torch's tanh(W_in x + b_in + r * (W_hn h + b_hn)); same parameters. It runs on
+    fastrnn.reference's NumPy loop, not the kernels (docs/layers.md).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype=np.float32, seed=None,
-                 merge_mode="concat"):
+                 merge_mode="concat", reset_after=True):
+        if not isinstance(reset_after, (bool, np.bool_)):
+            raise TypeError(f"reset_after: expected True or False, got {reset_after!r}")
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, dtype, seed, merge_mode)
+        self.reset_after = bool(reset_after)
+
+    def _extra_config(self):
+        return {"reset_after": self.reset_after}
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
 
     def _forward_direction(self, x, h0, c0, w, lengths, reverse, keep, out=None, x_ids=None):
         y, h_n, cache = F.gru_forward(x, h0, *w, lengths=lengths, reverse=reverse,
-                                      training=keep, out=out, x_ids=x_ids)
+                                      training=keep, out=out, x_ids=x_ids,
+                                      reset_after=self.reset_after)
         return y, h_n, None, cache
 
     def _backward_direction(self, dy, dh_n, dc_n, cache, out=None, accumulate=False):
