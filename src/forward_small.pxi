@@ -878,7 +878,7 @@ def _packings_of(cnp.ndarray w, int G, int nslices, int n):
             pool_pack_slices(b, W, G, H, K, nslices, n if owns else 1)
         if owns:
             fastrnn_pool_leave()
-        a = gate_slices(W, G, H, K, nslices, True, n)
+        a = gate_slices(W, G, H, K, nslices, n)
     if a == NULL or b == NULL:
         scratch_free(a); scratch_free(b)
         raise MemoryError("_packings_of")
