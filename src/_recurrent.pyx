@@ -148,6 +148,36 @@ cdef inline void gather_gate_rows(const Plan *p, Py_ssize_t M, const floating **
                 memcpy(C[i] + g * hk, A[i] + g * H + j0, hk * sizeof(floating))
 
 
+cdef inline Py_ssize_t block_steps(const Plan *p, Py_ssize_t nrows, Py_ssize_t hk,
+                                   Py_ssize_t maxlen, size_t itemsize) noexcept nogil:
+    """Steps per input-projection block (steps_per_block) of a forward_thread with
+    nrows rows and hk hidden units. The unit split's threads meet at every step, so
+    they take their blocks' projections at the same steps: blocks sized from the
+    widest slice (slice 0), not each thread's own. Sized by its own slice, a thread
+    whose slice was narrower (H = 513: 264 and 249 units) projected at other steps,
+    each thread then waited at those steps for the other's long GEMM, and an eval
+    team took that for a stalled teammate and went on alone: LSTM I=300 H=513 B=8
+    T=100 eval 26.8 ms on 2 threads, 27.1 on one, against 10.3 at H=512; 10.3 after
+    (2-core Xeon, AVX-512; LSTM I=H=1000 B=1 63 -> 34 ms, torch 36)."""
+    if hk == p.H:
+        return steps_per_block(nrows, p.G * hk, maxlen, BLOCK_VALUES)
+    return steps_per_block(nrows, p.G * (unit_start(p.H, 1, p.nslices)
+                                         - unit_start(p.H, 0, p.nslices)), maxlen,
+                           max(<Py_ssize_t> BLOCK_VALUES,
+                               units_block_bytes // <Py_ssize_t> itemsize))
+
+
+def _block_steps_of(int G, Py_ssize_t H, Py_ssize_t B, Py_ssize_t T, int nslices,
+                    int itemsize=4):
+    """Test hook: block_steps of each of the nslices threads of a unit split (G gates,
+    H units, B rows, T steps), a list; they must be equal."""
+    cdef Plan p
+    memset(&p, 0, sizeof(Plan))
+    p.G, p.H, p.nslices = G, H, nslices
+    return [block_steps(&p, B, unit_start(H, k + 1, nslices) - unit_start(H, k, nslices), T,
+                        itemsize) for k in range(nslices)]
+
+
 cdef Py_ssize_t forward_thread(
         floating *y,                # OUT (T, B, H), = p.y (gives the type)
         const Plan *p,
@@ -198,9 +228,7 @@ cdef Py_ssize_t forward_thread(
     cdef Py_ssize_t maxlen = lengths[order[r0]] if nrows > 0 else 0
     if p.max_steps > 0 and maxlen > p.max_steps:
         maxlen = p.max_steps
-    cdef Py_ssize_t tb = steps_per_block(nrows, GK, maxlen, BLOCK_VALUES if hk == H else
-                                         max(<Py_ssize_t> BLOCK_VALUES,
-                                             units_block_bytes // <Py_ssize_t> sizeof(floating)))
+    cdef Py_ssize_t tb = block_steps(p, nrows, hk, maxlen, sizeof(floating))
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place

@@ -409,3 +409,17 @@ def test_small_steps_run_on_one_thread(H, team, monkeypatch):
     want = R.lstm_forward(x, None, None, m.weight_ih_l0.data, m.weight_hh_l0.data,
                           m.bias_ih_l0.data, m.bias_hh_l0.data)[0]
     assert rel_err(got, want) <= TOL[np.float32]
+
+
+@pytest.mark.parametrize("G,H,B,nslices", [(4, 513, 8, 2), (4, 520, 3, 2), (3, 1000, 1, 2),
+                                           (1, 1025, 3, 2), (4, 385, 8, 2), (4, 20, 3, 3),
+                                           (4, 512, 8, 2)])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_unit_split_threads_share_one_block_schedule(G, H, B, nslices, itemsize):
+    """The unit split's threads meet at every step: they take their input-projection
+    blocks at the same steps whatever the width of their slices (sized per slice, H=513
+    split 264 + 249 units projected at different steps, and eval teams stalled: 2 threads
+    ran at one thread's speed)."""
+    from fastrnn import _recurrent
+    steps = _recurrent._block_steps_of(G, H, B, 100, nslices, itemsize)
+    assert len(steps) == nslices and len(set(steps)) == 1, steps
