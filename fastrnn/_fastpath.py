@@ -130,7 +130,7 @@ class _Plan:
         s = self.scheds.get((T, B))
         if s is None:
             hh_size = self.G * self.H * self.O
-            pack_ih, pack_hh = F.pack_flags(T, B, hh_size)
+            pack_ih, pack_hh = F.pack_flags(T, B)
             if self.O == self.H:
                 threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
             else:   # rows only, so no step barrier to repay (functional.lstmp_forward's rule)

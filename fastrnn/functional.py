@@ -64,7 +64,7 @@ _dense._set_l2_bytes(_cpu_cache.l2_bytes())        # the dW tasks of Linear's ba
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel) ...
 PACK_SMALL_MIN_ROWS = 32           # ... unless T*B reaches this
-PACK_SMALL_MAX_WEIGHTS = 1 << 20   # ... and W_hh has at most this many values
+ROWS_MAX_WEIGHTS = 1 << 20   # an inference row split below UNITS_MAX_BATCH only up to this W_hh
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
 BF16_UNITS_MAX_BATCH = 64  # ... up to this at inference with bf16 products (splits_units)
@@ -323,7 +323,7 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
     h0 = optional_state("h0", h0, (B, H), x.dtype)
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
-    pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
+    pack_ih, pack_hh = pack_flags(T, B)
     sched = Schedule(lens, B, T, call_threads() if use_team(flop, T, B, pack_hh) else 1)
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in
 
@@ -395,7 +395,7 @@ def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0, gated_eval=False):
 def rows_upto(B, hh_size, itemsize, gated=False):
     """The most threads whose team splits B rows, at inference, even where
     splits_units allows hidden units: every thread gets ROWS_MIN_PER_THREAD rows,
-    W_hh (hh_size values of itemsize bytes) has at most PACK_SMALL_MAX_WEIGHTS
+    W_hh (hh_size values of itemsize bytes) has at most ROWS_MAX_WEIGHTS
     values, and splitting the hidden units would not keep each thread's slice of
     W_hh in its own L2 while all of W_hh does not fit there (_cpu_cache). Each
     thread of a row split reads all of W_hh every step, from the shared L3, with
@@ -418,7 +418,7 @@ def rows_upto(B, hh_size, itemsize, gated=False):
     it fits) B=8 1.40 -> 1.51, so rows stay there.
 
     gated (an LSTM or GRU): the slices win once W_hh fills 5/8 of the L2 (fills_l2)."""
-    if hh_size > PACK_SMALL_MAX_WEIGHTS:
+    if hh_size > ROWS_MAX_WEIGHTS:
         return 0
     most = B // ROWS_MIN_PER_THREAD
     hh_bytes, l2 = hh_size * itemsize, _cpu_cache.l2_bytes()
@@ -440,20 +440,31 @@ def use_team(flop, T, B, pack_hh):
     return not (splits_units(T, B, pack_hh) and flop < UNITS_STEP_MIN_FLOP * T)
 
 
-def pack_flags(T, B, hh_size):
+def pack_flags(T, B):
     """(pack_ih, pack_hh): read W_ih / W_hh as packed panels (else in place).
 
-    hh_size: values in W_hh (G*H*O). Decided from the shapes only, never from
-    the thread count (the packed and the dot-product kernels round
-    differently). Batches below PACK_MIN_BATCH pack W_hh only for sequences
-    long enough to repay the copy and weights small enough (measured on the
-    2-core AVX-512 Xeon: LSTM H=512 batch 2, T=50, 6.25 -> 4.93 ms packed; at
-    H=1024 the packed batch-1 step streams from L3 and lost, 45.5 -> 49.9 ms
-    at T=100). Short small-batch calls read W_ih in place too: packing it
-    would cost more than the few rows it serves.
+    Decided from the shapes only, never from the thread count (the packed and
+    the dot-product kernels round differently). Batches below PACK_MIN_BATCH
+    pack W_hh only for sequences long enough to repay the copy (measured on the
+    2-core AVX-512 Xeon: LSTM H=512 batch 2, T=50, 6.25 -> 4.93 ms packed).
+    Short small-batch calls read W_ih in place too: packing it would cost more
+    than the few rows it serves.
+
+    Until session 36 W_hh over 2^20 values was read in place at those batches too
+    (a session-26 measurement: LSTM H=1024 B=1 T=100 45.5 ms in place, 49.9
+    packed). Measured again once the unit split's threads shared one block
+    schedule (session 36, the same Xeon, two alternating runs each, in place ->
+    packed, ms): eval LSTM I=H=513 B=1 T=100 5.2-5.4 -> 3.4-3.5, B=3 9.9 ->
+    6.4-7.1, T=200 11.8-12.6 -> 7.9-8.0; LSTM I=H=1000 B=1 33.9-34.4 -> 28.9-29.0,
+    B=3 42.2-43.3 -> 35.9-36.8; LSTM I=H=1024 B=1 34.8-35.3 -> 30.3-31.4, T=32
+    11.8-12.4 -> 10.8-11.3, B=2 39.3-39.8 -> 35.0-36.7; GRU I=1024 H=1000 B=1
+    26.0-26.5 -> 20.5-21.2, GRU I=H=768 B=1 T=32 4.7-4.8 -> 3.4; RNN I=H=1500 B=1
+    19.0-19.5 -> 16.6; training steps (forward and backward, packing every call)
+    LSTM I=H=1024 B=1 T=32 33.5-33.6 -> 30.8-32.9, B=2 T=100 94.9-96.1 ->
+    92.0-93.4, GRU I=H=768 T=32 14.0-14.7 -> 13.3-13.5, LSTM I=H=513 T=200
+    27.7-28.5 -> 24.2-25.2, RNN I=H=1500 43.3-44.6 -> 40.8-41.9.
     """
-    pack_hh = B >= PACK_MIN_BATCH or (T * B >= PACK_SMALL_MIN_ROWS
-                                      and hh_size <= PACK_SMALL_MAX_WEIGHTS)
+    pack_hh = B >= PACK_MIN_BATCH or T * B >= PACK_SMALL_MIN_ROWS
     return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh
 
 
@@ -621,7 +632,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
-    pack_ih, pack_hh = pack_flags(T, B, w_hh.size)
+    pack_ih, pack_hh = pack_flags(T, B)
     hs, y, y_copy = _output_rows(x, P, h0, sched, reverse, training, out,
                          (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh))
     h_n = np.empty((B, P), x.dtype)

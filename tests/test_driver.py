@@ -220,10 +220,10 @@ def test_packed_buffers_reused_between_calls_give_the_same_numbers(cell):
 
 
 def test_small_batch_packs_w_hh_only_when_it_pays():
-    assert F.pack_flags(50, 1, 4 * 512 * 512) == (True, True)       # long, weights small enough
-    assert F.pack_flags(10, 1, 4 * 512 * 512) == (False, False)     # too short: read in place
-    assert F.pack_flags(100, 1, 4 * 1024 * 1024) == (True, False)   # weights stream from L3
-    assert F.pack_flags(1, 4, 4 * 1024 * 1024) == (False, True)     # batch >= 4 always packs
+    assert F.pack_flags(50, 1) == (True, True)       # long enough to repay the copy
+    assert F.pack_flags(10, 1) == (False, False)     # too short: read in place
+    assert F.pack_flags(16, 2) == (True, True)       # T*B rows, not T, count
+    assert F.pack_flags(1, 4) == (False, True)       # batch >= 4 always packs W_hh
 
 
 def test_team_only_where_each_step_repays_its_barrier():

@@ -171,7 +171,7 @@ def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkey
     (gemm_kernels.inc, tile_pair), then the ragged last panel alone: against the
     reference, and bitwise across 1 and 2 threads (hidden units split). H = 41
     gives 2-5 panels with a ragged one for every cell and ISA."""
-    monkeypatch.setattr(F, "pack_flags", lambda T, B, hh_size: (True, True))
+    monkeypatch.setattr(F, "pack_flags", lambda T, B: (True, True))
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)

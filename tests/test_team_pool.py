@@ -432,7 +432,7 @@ def on_one_thread_highest(m, x):
 def team_rule_args(cls, T, B):
     """fastrnn.functional.use_team's arguments for one direction of this test's layers."""
     G = {"RNN": 1, "LSTM": 4, "GRU": 3}[cls]
-    return 2.0 * T * B * G * H * 2 * H, T, B, fastrnn.functional.pack_flags(T, B, H)[1]
+    return 2.0 * T * B * G * H * 2 * H, T, B, fastrnn.functional.pack_flags(T, B)[1]
 
 
 _ON_ONE_CPU = r"""
