@@ -44,6 +44,9 @@ class StreamPool:
             raise ValueError(f"capacity: expected an integer >= 1, got {capacity!r}")
         self.capacity = int(capacity)
         self.encoder = self.decoder = None
+        if not getattr(getattr(model, "rnn", model), "reset_after", True):
+            raise ValueError("model: a stream pool runs the kernels, which have no GRU with "
+                             "reset_after=False (the seed's GRU runs on the NumPy reference)")
         if isinstance(model, (RNNLanguageModel, QuantizedLanguageModel)):
             if isinstance(model, RNNLanguageModel):
                 model = quantize(model, "float32")

@@ -94,6 +94,8 @@ def test_what_it_does_not_do_is_named():
         fastrnn.quantize(fastrnn.GRUCell(3, 4, reset_after=False), "int8")
     with pytest.raises(ValueError, match="to_torch.*reset_after=False"):
         fastrnn.to_torch(g)
+    with pytest.raises(ValueError, match="model: a stream pool.*reset_after=False"):
+        fastrnn.StreamPool(g.eval(), 4)
     from fastrnn import functional as F
     with pytest.raises(ValueError, match="x_ids"):
         F.gru_forward(np.zeros((5, 3), np.float32), None, g.weight_ih_l0.data,
