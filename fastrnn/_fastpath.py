@@ -79,11 +79,11 @@ class _Plan:
     """What one module's fast calls share (immutable once built)."""
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "O", "L", "D", "G",
-                 "act", "summed", "layer_out", "w_hr",
+                 "cell_code", "summed", "layer_out", "w_hr",
                  "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
                  "call", "batch_first")
 
-    def __init__(self, kind, dtype, kernel, I, H, L, G, act, params, layers, row_flop,
+    def __init__(self, kind, dtype, kernel, I, H, L, G, cell_code, params, layers, row_flop,
                  cell=False, batch_first=False, D=1, summed=False, w_hr=None):
         self.kind, self.dtype, self.kernel = kind, dtype, kernel
         # the eval call: eval_cell / eval_layer (src/forward_small.pxi), or for a
@@ -92,7 +92,8 @@ class _Plan:
         self.call = (_recurrent.eval_cell if cell else
                      _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
-        self.I, self.H, self.L, self.D, self.G, self.act = I, H, L, D, G, act
+        self.I, self.H, self.L, self.D, self.G = I, H, L, D, G
+        self.cell_code = cell_code   # the driver's: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
         # per run: a projected LSTM's w_hr (P, H), else None; h then has O = P values
         self.w_hr = w_hr if w_hr is not None else (None,) * len(layers)
         self.O = H if w_hr is None else w_hr[0].shape[0]
@@ -187,7 +188,7 @@ def _build(module, cell):
     I, H = module.input_size, module.hidden_size
     O = getattr(module, "proj_size", 0) or H          # h's size: proj_size, else H
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
-    act = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
+    cell_code = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
            "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
     params, layers, w_hrs, row_flop = [], [], [], []
     for k in range(L):
@@ -209,7 +210,7 @@ def _build(module, cell):
         # functional runs a direction on one thread when 2*T*B*G*H*(in+O) < SMALL_WORK_FLOP
         # (+ 2*O*H a projection's product)
         row_flop.append(2.0 * G * H * (in_size + O) + (2.0 * O * H if O != H else 0.0))
-    return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, act,
+    return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, cell_code,
                  tuple(params), tuple(layers), tuple(row_flop), cell,
                  not cell and module.batch_first, D, summed,
                  tuple(w_hrs) if O != H else None)
@@ -252,7 +253,7 @@ def clear_plan(module):
 def _args(plan, k, x, y, h_n, c_n, h0, c0, sched):
     """forward_small's arguments for layer k: (cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh,
     b_ih, b_hh, pack_ih, pack_hh)."""
-    return (plan.act, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
+    return (plan.cell_code, y, h_n, c_n, x, h0, c0) + plan.layers[k] + sched[:2]
 
 
 def _bf16_layer(cell, x):

@@ -999,7 +999,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef Py_ssize_t H = w_ih.shape[0] // cell_gates(cell)
     cdef Py_ssize_t I = w_ih.shape[1], nchunks = bounds.shape[0] - 1, k
     cdef const Py_ssize_t *p_valid = &valid[0] if valid is not None else NULL
-    cdef Py_ssize_t V = valid.shape[0] if valid is not None else T * B
+    cdef Py_ssize_t n_valid = valid.shape[0] if valid is not None else T * B
     cdef floating *packed_hhT = NULL
     cdef floating *packed_hrT = NULL
     cdef uint16_t *bf16_hhT = NULL
@@ -1072,20 +1072,20 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                                          bounds[k + 1] - bounds[k]) != 0
         if not failed and not short_team and x_ids is not None:
             rows_scatter_add(&dx_table[0, 0], dx_table.shape[0], p_dgx, &x_ids[0, 0],
-                             p_valid, V, G * H, n_threads)
+                             p_valid, n_valid, G * H, n_threads)
             failed = weight_gradient(&dw_hh[0, 0], <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                                     &h_prev[0, 0, 0], p_valid, V, G * H, O, n_threads,
+                                     &h_prev[0, 0, 0], p_valid, n_valid, G * H, O, n_threads,
                                      accumulate) != 0
         elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, V, G * H, I, O,
+                &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, n_valid, G * H, I, O,
                 n_threads, p.bf16, accumulate, <floating *> vptr1(db_x),
                 <floating *> vptr1(db_h)) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
-                                         <const floating *> p.hr, p_valid, V, O, H,
+                                         <const floating *> p.hr, p_valid, n_valid, O, H,
                                          n_threads, accumulate) != 0
         scratch_free(packed_hhT)
         scratch_free(packed_hrT)

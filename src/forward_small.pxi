@@ -544,7 +544,7 @@ def _eval_layer_checks_rows(lengths, order, Py_ssize_t T):
 cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *plen,
                      const Py_ssize_t *pord):
     """eval_layer after x (T, B, I) and the rows were checked."""
-    cdef int typenum = plan.typenum, cell = plan.act, fail = 0
+    cdef int typenum = plan.typenum, cell = plan.cell_code, fail = 0
     cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
     cdef Py_ssize_t L = plan.L, D = plan.D, H = plan.H, O = plan.O, I = plan.I, k, d, j, esize
     cdef cnp.npy_intp dims[3]
@@ -644,7 +644,7 @@ cdef void sum_halves(floating *out, const floating *both, Py_ssize_t rows, Py_ss
 def eval_cell(plan, x, hx):
     """An eval call `cell(x, hx)`: h' or (h', c'), batched (x (B, I)) or not (x (I,));
     None when the call does not qualify, False when the plan is stale (as eval_layer)."""
-    cdef int typenum = plan.typenum, cell = plan.act, fail = 0, ndim
+    cdef int typenum = plan.typenum, cell = plan.cell_code, fail = 0, ndim
     cdef bint lstm = plan.lstm, single = plan.typenum == cnp.NPY_FLOAT32
     cdef Py_ssize_t H = plan.H, I = plan.I, B, j
     cdef cnp.npy_intp dims[2]

@@ -542,7 +542,7 @@ def test_forward_small_is_bitwise_the_module_call(cls, dtype):
 def _recurrent_small(plan, y, h_n, c_n, x, h0, c0):
     from fastrnn import _recurrent
     lstm = plan.kind == "lstm"
-    _recurrent.forward_small(plan.act, y, h_n, c_n if lstm else None, x, h0,
+    _recurrent.forward_small(plan.cell_code, y, h_n, c_n if lstm else None, x, h0,
                              c0 if lstm else None, *plan.layers[0],
                              *plan.schedule(x.shape[0], x.shape[1])[:2])
 
@@ -558,7 +558,7 @@ def test_forward_small_rejects_bad_arrays_with_the_argument_named():
 
     def call(**kw):
         a = {**ok, **kw}
-        _recurrent.forward_small(plan.act, a["y"], a["h_n"], a["c_n"], a["x"], a["h0"],
+        _recurrent.forward_small(plan.cell_code, a["y"], a["h_n"], a["c_n"], a["x"], a["h0"],
                                  a["c0"], *w, False, False)
     call()
     for name, bad in [("y", np.empty((3, 2, 6), np.float32)),
