@@ -25,15 +25,14 @@ small.
 Shape letters: B batch, I input size, H hidden size, G gates (1, 3, 4).
 """
 
-import math
 
 import numpy as np
 
 from fastrnn import _fastpath, _precision
 from fastrnn._validate import describe
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
-                                    grad_targets, training_call)
+from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targets,
+                                    reset_recurrent_parameters, training_call)
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -71,11 +70,7 @@ class _CellBase(Module):
 
     def reset_parameters(self, rng=None):
         """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""
-        rng = np.random.default_rng() if rng is None else rng
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        check_writeable(self.named_parameters(), f"{type(self).__name__}.reset_parameters")
-        for _, p in self.named_parameters():
-            p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+        reset_recurrent_parameters(self, rng)
 
     def config(self):
         """Constructor arguments as a JSON-friendly dict (used by fastrnn.save/load)."""

@@ -254,6 +254,17 @@ def check_writeable(named, what):
             raise ValueError(f"{what}: parameter {name!r} cannot be written: {why}")
 
 
+def reset_recurrent_parameters(module, rng=None):
+    """torch's init of a recurrent layer or cell: every parameter ~ U(-1/sqrt(H),
+    1/sqrt(H)), H its hidden_size, drawn in registration order from rng (a
+    numpy Generator; None: fresh entropy)."""
+    rng = np.random.default_rng() if rng is None else rng
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    check_writeable(module.named_parameters(), f"{type(module).__name__}.reset_parameters")
+    for _, p in module.named_parameters():
+        p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+
+
 def grad_targets(params):
     """(out, accumulate) for a functional backward's weight gradients: the
     parameters' .grad arrays, which the kernel then writes (right after

@@ -10,7 +10,6 @@ Shape letters: T steps, B batch, I input size, H hidden size, P projection size,
 O = P if projected else H (the size of h), L layers, D directions (1 or 2).
 """
 
-import math
 import threading
 
 import numpy as np
@@ -18,8 +17,8 @@ import numpy as np
 from fastrnn import _buffers, _fastpath, _placement
 from fastrnn._validate import as_ids, describe
 from fastrnn import functional as F  # the module, looked up at call time
-from fastrnn.modules.module import (Module, Parameter, aligned_zeros, check_writeable,
-                                    grad_targets, training_call)
+from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targets,
+                                    reset_recurrent_parameters, training_call)
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -218,11 +217,7 @@ class RNNBase(Module):
 
     def reset_parameters(self, rng=None):
         """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""
-        rng = np.random.default_rng() if rng is None else rng
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        check_writeable(self.named_parameters(), f"{type(self).__name__}.reset_parameters")
-        for _, p in self.named_parameters():
-            p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+        reset_recurrent_parameters(self, rng)
 
     def config(self):
         """Constructor arguments as a JSON-friendly dict (used by fastrnn.save/load)."""
