@@ -64,7 +64,7 @@ if __name__ == "__main__":
     ap.add_argument("--seq-len", type=int, default=30, help="sequence length")
     ap.add_argument("--lr", type=float, default=0.002, help="Adam learning rate")
     ap.add_argument("--clip", type=float, default=5.0, help="gradient norm clip (0: off)")
-    ap.add_argument("--dropout", type=float, default=0.0, help="dropout between layers")
+    ap.add_argument("--dropout", type=float, default=0.0, help="dropout on the embeddings, between layers and before the decoder")
     ap.add_argument("--epochs", type=float, default=None, help="passes over the training text")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds of training")
     ap.add_argument("--max-steps", type=int, default=None, help="training steps at most")

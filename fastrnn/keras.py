@@ -21,10 +21,11 @@ result returns what Keras returns; a Sequential becomes `fastrnn.nn.Sequential`.
 Dense -> Linear (+ `Activation` unless linear), Embedding -> Embedding, Dropout
 -> Dropout (inactive: the model is returned in eval mode).
 
-Refused with a ValueError naming the layer and option: activations other than Keras's defaults (SimpleRNN: tanh, relu or linear), LSTM/GRU
-`recurrent_activation` other than sigmoid, `unroll=True`, `stateful=True`,
-masking (`Embedding(mask_zero=True)`, `Masking`), Bidirectional `merge_mode`
-other than 'concat'/'sum', layers fastrnn has no counterpart for.
+Refused with a ValueError naming the layer and option: activations other than
+Keras's defaults (SimpleRNN: tanh, relu or linear), LSTM/GRU `recurrent_activation`
+other than sigmoid, `unroll=True`, `stateful=True`, masking
+(`Embedding(mask_zero=True)`, `Masking`), Bidirectional `merge_mode` other than
+'concat'/'sum', layers fastrnn has no counterpart for.
 """
 
 import os
@@ -174,8 +175,8 @@ def _bidirectional(layer):
     pf, pb = _cell_params(fw, cf), _cell_params(bw, cb)
     if (pf[:4] != pb[:4] or _act_name(cf.get("activation")) != _act_name(cb.get("activation"))
             or pf[5] != pb[5] or cf.get("reset_after", True) != cb.get("reset_after", True)):
-        raise _fail(layer, "forward and backward layers differ in type, size, bias or "
-                           "activation", "backward_layer")
+        raise _fail(layer, "forward and backward layers differ in type, size, bias, "
+                           "activation or reset_after", "backward_layer")
     kind, I, H, use_bias, _, dt = pf
     rnn = _build_rnn(kind, I, H, use_bias, dt, _act_name(cf.get("activation")), True, merge,
                      cf)

@@ -53,10 +53,16 @@ class RNNLanguageModel(Module):
     """
 
     def __init__(self, vocab_size, embed_size=64, hidden_size=256, num_layers=1, cell="lstm",
-                 dropout=0.0, dtype=np.float32, seed=0, weight_drop=0.0, locked_dropout=False):
+                 dropout=0.0, dtype=np.float32, seed=0, weight_drop=0.0, locked_dropout=False,
+                 reset_after=True):
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+        if not isinstance(reset_after, (bool, np.bool_)) or (not reset_after and cell != "gru"):
+            raise ValueError(f"reset_after: expected True, or False for cell='gru' (the seed's "
+                             f"GRU), got {reset_after!r} for cell={cell!r}")
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1], got {dropout!r}")
         if vocab_size < 1:
             raise ValueError(f"vocab_size: expected an integer >= 1, got {vocab_size!r}")
         self.vocab_size = int(vocab_size)
@@ -71,6 +77,7 @@ class RNNLanguageModel(Module):
         if not 0.0 <= self.weight_drop < 1.0:
             raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop}")
         self.locked_dropout = bool(locked_dropout)
+        self.reset_after = bool(reset_after)
         # (children 0-4 are those of models built before weight drop existed: same weights)
         s_emb, s_rnn, s_dec, s_d1, s_d2, s_wd = _child_seeds(self.seed, 6)
         drop = LockedDropout if self.locked_dropout else Dropout
@@ -83,7 +90,8 @@ class RNNLanguageModel(Module):
         if cell == "lstm":
             self.rnn = LSTM(self.embed_size, self.hidden_size, **common)
         elif cell == "gru":
-            self.rnn = GRU(self.embed_size, self.hidden_size, **common)
+            self.rnn = GRU(self.embed_size, self.hidden_size, reset_after=self.reset_after,
+                           **common)
         else:
             self.rnn = RNN(self.embed_size, self.hidden_size, nonlinearity=cell[4:], **common)
         if self.locked_dropout:
@@ -103,7 +111,8 @@ class RNNLanguageModel(Module):
         return dict(vocab_size=self.vocab_size, embed_size=self.embed_size,
                     hidden_size=self.hidden_size, num_layers=self.num_layers, cell=self.cell,
                     dropout=self.dropout, dtype=self.dtype.name, seed=self.seed,
-                    weight_drop=self.weight_drop, locked_dropout=self.locked_dropout)
+                    weight_drop=self.weight_drop, locked_dropout=self.locked_dropout,
+                    reset_after=self.reset_after)
 
     @classmethod
     def from_config(cls, cfg):
@@ -172,7 +181,8 @@ class RNNLanguageModel(Module):
         (A larger vocabulary would gather rows and sum a dense table gradient: slower
         than the embedding's own backward, which touches only the rows used.)"""
         return (self.training and self.drop_in.p == 0.0 and self.vocab_size <= T * B
-                and not _precision.bf16_products(self.dtype))
+                and not _precision.bf16_products(self.dtype)
+                and getattr(self.rnn, "reset_after", True))   # (the seed's GRU: no kernel)
 
     def forward(self, x, state=None):
         """x: (T, B) int ids. Returns logits (T, B, V) and the final state."""

@@ -1216,7 +1216,8 @@ class _Loader:
             if ok:
                 cell = {"LSTM": "lstm", "GRU": "gru"}.get(rnn.mode) or "rnn_" + rnn.nonlinearity
                 lm = RNNLanguageModel(emb.num_embeddings, emb.embedding_dim, rnn.hidden_size,
-                                      rnn.num_layers, cell=cell, dtype=rnn.dtype)
+                                      rnn.num_layers, cell=cell, dtype=rnn.dtype,
+                                      reset_after=getattr(rnn, "reset_after", True))
                 lm.encoder, lm.rnn, lm.decoder = emb, rnn, dec
                 return lm
         if has_states or sig["h0"] or sig["c0"]:

@@ -25,8 +25,19 @@ def _at_least_zero(**values):
     """ValueError naming the first of the keyword arguments that is not a number >= 0
     (NaN included, which `< 0` lets through)."""
     for name, value in values.items():
-        if not float(value) >= 0:
+        try:
+            ok = float(value) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+
+
+def _as_number(name, value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
 
 
 def _as_param_list(params):
@@ -136,6 +147,8 @@ class SGD(Optimizer):
     def __init__(self, params, lr=0.01, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False):
         _at_least_zero(lr=lr, momentum=momentum, weight_decay=weight_decay)   # as torch.optim.SGD
+        if not math.isfinite(_as_number("dampening", dampening)):
+            raise ValueError(f"dampening: expected a finite number, got {dampening!r}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(f"nesterov=True: expected momentum > 0 and dampening 0, got "
                              f"momentum {momentum!r}, dampening {dampening!r}")

@@ -366,12 +366,15 @@ class Trainer:
         else:
             model.backward(dlogits)             # dstate=None: gradient cut at the chunk border
             with np.errstate(over="ignore", invalid="ignore"):
+                raw = None   # the norm before clipping by value (which turns inf finite)
                 if cfg.clip_value > 0:          # by value (torch's clip_grad_value_), then by norm
-                    clip_grad_value(self.optimizer.params, cfg.clip_value)
+                    raw = clip_grad_value(self.optimizer.params, cfg.clip_value)
                 if cfg.clip and cfg.clip > 0:
                     norm = clip_grad_norm(self.optimizer.params, cfg.clip)
                 else:
                     norm = grad_norm(self.optimizer.params)
+                if raw is not None and not math.isfinite(raw):
+                    norm = raw
             if not math.isfinite(norm):
                 bad = ("gradient norm", norm)
         if bad is not None:

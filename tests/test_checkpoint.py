@@ -202,3 +202,23 @@ def test_clip_value_clamps_every_gradient_value_before_the_step(monkeypatch):
     assert seen[0] > 1e-3 and seen[1] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="clip_value"):
         small_cfg(clip_value=-1.0).validate()
+
+
+def test_clip_value_does_not_hide_an_infinite_gradient(monkeypatch):
+    """Clipping by value turns an inf gradient finite; the step must still be refused
+    (NonFiniteError), as it is without clip_value."""
+    from fastrnn.train import NonFiniteError
+    for v in (0.0, 1.0):
+        tr = Trainer(small_cfg(max_steps=1, clip_value=v), TEXT)
+        backward = tr.model.backward
+
+        def overflowing(d, backward=backward, tr=tr):
+            out = backward(d)
+            tr.optimizer.params[0].grad[0, 0] = np.inf
+            return out
+
+        monkeypatch.setattr(tr.model, "backward", overflowing)
+        before = tr.optimizer.params[0].data.copy()
+        with pytest.raises(NonFiniteError):
+            tr.run(progress=False)
+        np.testing.assert_array_equal(tr.optimizer.params[0].data, before)

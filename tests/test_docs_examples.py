@@ -68,7 +68,9 @@ def doc_blocks(path):
     return blocks
 
 
-# Runs in the fresh interpreter: blocks as JSON on stdin, one JSON result per block out.
+# Runs in the fresh interpreter: blocks as JSON on stdin, one JSON result per block out,
+# each on a line of its own after _MARK (what the examples print is not mistaken for one).
+_MARK = "@@fastrnn-doc-result@@ "
 _DRIVER = r"""
 import importlib.util, json, sys, traceback
 namespace = {"__name__": "__doc_example__"}
@@ -76,14 +78,14 @@ for kind, name, line, code, requires in json.load(sys.stdin):
     if kind == "requires":
         missing = [m for m in requires if importlib.util.find_spec(m) is None]
         if missing:
-            print(json.dumps(["missing", line, missing]), flush=True)
+            print(MARK + json.dumps(["missing", line, missing]), flush=True)
             continue
     try:
         exec(compile("\n" * (line - 1) + code, name, "exec"), namespace)   # the file's line numbers
     except BaseException:
-        print(json.dumps(["failed", line, traceback.format_exc(limit=-3)]), flush=True)
+        print(MARK + json.dumps(["failed", line, traceback.format_exc(limit=-3)]), flush=True)
         sys.exit(0)
-    print(json.dumps(["ran", line, None]), flush=True)
+    print(MARK + json.dumps(["ran", line, None]), flush=True)
 """
 
 
@@ -100,9 +102,11 @@ def test_doc_examples_run(path, tmp_path):
              else None] for kind, line, code, arg in blocks if kind != "skip"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(todo), cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", f"MARK = {_MARK!r}\n" + _DRIVER],
+                          input=json.dumps(todo), cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=600)
-    results = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("[")]
+    results = [json.loads(l[len(_MARK):]) for l in proc.stdout.splitlines()
+               if l.startswith(_MARK)]
     failed = [r for r in results if r[0] == "failed"]
     assert not failed, f"{name}:{failed[0][1]}: the example raised\n{failed[0][2]}"
     assert proc.returncode == 0, f"{name}: the interpreter exited {proc.returncode}\n{proc.stderr}"

@@ -101,3 +101,38 @@ def test_what_it_does_not_do_is_named():
         F.gru_forward(np.zeros((5, 3), np.float32), None, g.weight_ih_l0.data,
                       g.weight_hh_l0.data, None, None, x_ids=np.zeros((2, 1), np.int64),
                       reset_after=False)
+
+
+def test_language_model_keeps_its_seed_gru_through_save_onnx_and_training(tmp_path):
+    """RNNLanguageModel(cell="gru", reset_after=False) saves and loads as itself (the
+    setting was lost: a reloaded or Dask-shipped model ran torch's GRU on the same
+    weights); an ONNX language model with linear_before_reset=0 imports as one and
+    trains (its first layer read the embeddings by id, which the reference path refused)."""
+    lm = fastrnn.RNNLanguageModel(11, embed_size=4, hidden_size=6, cell="gru", seed=0,
+                                  reset_after=False)
+    assert lm.rnn.reset_after is False and lm.config()["reset_after"] is False
+    ids = np.random.default_rng(0).integers(0, 11, (6, 2))
+    lm.eval()
+    want, _ = lm(ids)
+    fastrnn.save(tmp_path / "lm.npz", lm)
+    back = fastrnn.load(tmp_path / "lm.npz")
+    assert back.rnn.reset_after is False
+    np.testing.assert_array_equal(back(ids)[0], want)
+    lm.train()
+    logits, _ = lm(ids)                                # T*B = 12 >= V: would read by id
+    assert not lm._by_id
+    lm.backward(np.ones_like(logits))
+    assert np.abs(lm.encoder.weight.grad).sum() > 0
+    with pytest.raises(ValueError, match="reset_after"):
+        fastrnn.RNNLanguageModel(11, cell="lstm", reset_after=False)
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    path = fastrnn.onnx.export(lm.eval(), tmp_path / "lm.onnx")
+    assert any(a.name == "linear_before_reset" and a.i == 0
+               for n in onnx.load(path).graph.node if n.op_type == "GRU" for a in n.attribute)
+    imported = fastrnn.onnx.load(path)
+    assert isinstance(imported, fastrnn.RNNLanguageModel) and imported.reset_after is False
+    np.testing.assert_allclose(imported(ids)[0], want, rtol=1e-5, atol=1e-6)
+    imported.train()
+    out, _ = imported(ids)
+    imported.backward(np.ones_like(out))
