@@ -64,6 +64,7 @@ _dense._set_l2_bytes(_cpu_cache.l2_bytes())        # the dW tasks of Linear's ba
 
 PACK_MIN_BATCH = 4   # below this, the recurrent GEMM reads W_hh unpacked (dot-product kernel) ...
 PACK_SMALL_MIN_ROWS = 32           # ... unless T*B reaches this
+STEP_IN_PLACE_MAX_BATCH = 8  # a single step (T = 1) of up to this batch reads W in place too
 ROWS_MAX_WEIGHTS = 1 << 20   # an inference row split below UNITS_MAX_BATCH only up to this W_hh
 PACK_MIN_ROWS = 8    # below this many T*B rows, the input projection does too
 UNITS_MAX_BATCH = 24  # batches up to this split hidden units, not rows, across threads
@@ -443,12 +444,29 @@ def use_team(flop, T, B, pack_hh):
 def pack_flags(T, B):
     """(pack_ih, pack_hh): read W_ih / W_hh as packed panels (else in place).
 
-    Decided from the shapes only, never from the thread count (the packed and
-    the dot-product kernels round differently). Batches below PACK_MIN_BATCH
-    pack W_hh only for sequences long enough to repay the copy (measured on the
-    2-core AVX-512 Xeon: LSTM H=512 batch 2, T=50, 6.25 -> 4.93 ms packed).
-    Short small-batch calls read W_ih in place too: packing it would cost more
-    than the few rows it serves.
+    Decided from the shapes only, never from the thread count or the mode (the
+    packed and the dot-product kernels round differently, and an eval call gives
+    bitwise a training call's outputs). Batches below PACK_MIN_BATCH pack W_hh only
+    for sequences long enough to repay the copy (measured on the 2-core AVX-512
+    Xeon: LSTM H=512 batch 2, T=50, 6.25 -> 4.93 ms packed). Short small-batch
+    calls read W_ih in place too: packing it would cost more than the few rows it
+    serves.
+
+    Single steps (a cell stepped through time) of batches up to
+    STEP_IN_PLACE_MAX_BATCH read both in place as well. In training every call
+    packed all of W_ih and W_hh afresh for its few rows (the weights change between
+    optimiser steps, so training keeps no packing), and even in eval, where the
+    packing is kept, reading in place was faster there. 2-core Xeon, AVX-512,
+    forwards of 20 (10) steps of a cell in a Python loop, two runs each, packed ->
+    in place, ms: training LSTMCell(300, 1000) B=8 45.1-46.3 -> 20.9-22.4 (with the
+    20 backward steps 115.9-120.0 -> 94.9-98.0; torch 2.13's loop 77-81, a
+    helper's scan), B=4 34.6-35.1 -> 14.0-15.5, GRUCell(300, 1000) B=8 32.5-33.3
+    -> 15.8-17.3, LSTMCell(300, 513) B=8 14.7-14.8 -> 8.1-9.2; eval LSTMCell(300,
+    1000) B=8 21.8-22.0 -> 18.7-19.5, GRUCell(300, 1000) B=8 16.7-17.1 -> 13.9-14.8,
+    LSTMCell(300, 256) B=4 2.3-2.4 -> 1.2-1.3, RNNCell(300, 1000) B=8 6.0-6.3 ->
+    4.6-5.1. From B=16 packing wins again (eval LSTMCell(300, 1000) B=16 10.8-10.9
+    -> 17.2-18.6 in place), and so it does for a few steps at B=8 (eval LSTM(300,
+    512) T=3 B=8 0.66-0.68 -> 0.77-0.85).
 
     Until session 36 W_hh over 2^20 values was read in place at those batches too
     (a session-26 measurement: LSTM H=1024 B=1 T=100 45.5 ms in place, 49.9
@@ -464,7 +482,8 @@ def pack_flags(T, B):
     92.0-93.4, GRU I=H=768 T=32 14.0-14.7 -> 13.3-13.5, LSTM I=H=513 T=200
     27.7-28.5 -> 24.2-25.2, RNN I=H=1500 43.3-44.6 -> 40.8-41.9.
     """
-    pack_hh = B >= PACK_MIN_BATCH or T * B >= PACK_SMALL_MIN_ROWS
+    pack_hh = T * B >= PACK_SMALL_MIN_ROWS or (
+        B >= PACK_MIN_BATCH and (T > 1 or B > STEP_IN_PLACE_MAX_BATCH))
     return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh
 
 

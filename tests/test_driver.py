@@ -223,7 +223,9 @@ def test_small_batch_packs_w_hh_only_when_it_pays():
     assert F.pack_flags(50, 1) == (True, True)       # long enough to repay the copy
     assert F.pack_flags(10, 1) == (False, False)     # too short: read in place
     assert F.pack_flags(16, 2) == (True, True)       # T*B rows, not T, count
-    assert F.pack_flags(1, 4) == (False, True)       # batch >= 4 always packs W_hh
+    assert F.pack_flags(2, 4) == (True, True)        # batch >= 4 packs W_hh ...
+    assert F.pack_flags(1, 8) == (False, False)      # ... but a single step up to 8 rows not
+    assert F.pack_flags(1, 9) == (True, True)
 
 
 def test_team_only_where_each_step_repays_its_barrier():
