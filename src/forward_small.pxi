@@ -41,11 +41,10 @@ cdef inline bint fits(object a, int typenum, int ndim, Py_ssize_t d0, Py_ssize_t
 # so a worker that wakes part-way joins soon. Tests set it lower (pool_test_knobs).
 cdef double SEGMENT_FLOP = 8e6
 
-# A call that finds the pool backing off runs the rest of its steps alone at once. When
-# only a worker's find of another thread on its CPU holds it back (no stall: a window
-# that ends as soon as that thread is seen gone, team_pool.h), it goes on in segments
-# of this many times SEGMENT_FLOP and asks again between them, so that a team forms
-# for the rest once the window has ended. (Each segment reads W_ih again: one-step
+# A call that finds the pool backing off (after a stall, or while a worker's find of
+# another thread on its CPU holds it back, team_pool.h) goes on alone in segments of
+# this many times SEGMENT_FLOP and asks again between them, so that a team forms for
+# the rest once the window has ended. (Each segment reads W_ih again: one-step
 # segments would at small batches.)
 cdef double BUSY_SEGMENTS = 8
 
@@ -206,15 +205,18 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 if s >= T or fail[0]:
                     break
                 continue
-        # alone: a segment, then ask again; backing off after a stall, the rest at once
-        # (each segment reads W_ih again); while only a worker's find holds the pool
-        # back, longer segments (BUSY_SEGMENTS)
+        # alone: a segment, then ask again; while the pool backs off (after a stall, or
+        # while a worker's find holds it back), longer segments (BUSY_SEGMENTS: each
+        # segment reads W_ih again), so that a team forms for the rest once the window
+        # has ended. After a stall the rest of the call ran alone at once: one stall
+        # (on this KVM guest, about one every 0.1-0.3 s of a 2-thread unit split, with
+        # nothing else running) cost a long call up to its whole length at one thread's
+        # speed (LSTM I=300 H=1000 B=1 T=1000, 2-core Xeon: 241-248 ms a call without
+        # one, 360-535 with one, 538 on one thread; a helper's scan)
         if not contended:
             e = min(T, s + seg)
-        elif fastrnn_pool_busy_only():
-            e = min(T, s + <Py_ssize_t> (BUSY_SEGMENTS * seg))
         else:
-            e = T
+            e = min(T, s + <Py_ssize_t> (BUSY_SEGMENTS * seg))
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,
