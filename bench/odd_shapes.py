@@ -5,30 +5,27 @@ shapes found fastrnn at 0.56-0.73x torch in session 36 (fixed that session).
     python bench/odd_shapes.py                       # the scan's cliff rows, eval and train
     python bench/odd_shapes.py --configs LSTM:300:513:3:100,GRU:64:700:2:50 --rounds 15
 
-A config is CELL:I:H:B:T (CELL LSTM, GRU or RNN). Same weights (fastrnn.from_torch),
-same input, same threads (2 unless --threads); the outputs are checked against
-torch's first. Eval forward (torch under no_grad) and a training step (forward and
-backward) are timed interleaved with a quiet gap before each sample; medians, and
-torch ms / fastrnn ms (above 1: fastrnn faster). A benchmark, not a test: needs torch
-(pip install torch==2.13.0).
+A config is CELL:I:H:B:T (CELL LSTM, GRU or RNN). The engines are `fastrnn bench`'s
+(fastrnn.benchmark.engines: same weights, same input, same threads, 2 unless
+--threads; the inference modules frozen, as the runner's), and torch's outputs and
+every gradient are checked against fastrnn's first. Eval forward (torch in inference
+mode) and a training step (forward and backward) are timed interleaved with a quiet
+gap before each sample; medians, and torch ms / fastrnn ms (above 1: fastrnn faster).
+A benchmark, not a test: needs torch (pip install torch==2.13.0).
 """
 
 import argparse
 import sys
 
-import numpy as np
-
-import fastrnn
+from fastrnn.benchmark import common
+from fastrnn.benchmark.engines import Case, FastrnnEngine, TorchEngine
 from fastrnn.benchmark.timing import set_threads, time_interleaved
 
 # the session-36 scan's cliff rows (before its fixes: 0.56-0.73x torch) and a near miss
 DEFAULT = ("LSTM:300:513:3:100,LSTM:300:520:8:100,LSTM:300:385:8:100,"
            "LSTM:1000:1000:1:100,GRU:1024:1000:1:100,RNN:13:1025:3:100")
-
-
-class Engine:
-    def __init__(self, name, run):
-        self.name, self.run = name, run
+CELLS = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}
+MODES = {"eval": "forward", "train": "train"}   # this script's names -> the runner's
 
 
 def parse_configs(text):
@@ -36,7 +33,7 @@ def parse_configs(text):
     out = []
     for item in text.split(","):
         parts = item.strip().split(":")
-        if (len(parts) != 5 or parts[0].upper() not in ("LSTM", "GRU", "RNN")
+        if (len(parts) != 5 or parts[0].upper() not in CELLS
                 or not all(p.isdigit() and int(p) >= 1 for p in parts[1:])):
             raise ValueError(f"--configs: expected CELL:I:H:B:T (CELL LSTM, GRU or RNN, "
                              f"sizes >= 1), got {item!r}")
@@ -44,48 +41,20 @@ def parse_configs(text):
     return out
 
 
-def engines(cell, I, H, B, T, seed=0):
-    """(eval engines, training engines) for fastrnn and torch on the same weights."""
-    import torch
-    torch.manual_seed(seed)
-    tm = getattr(torch.nn, cell)(I, H)
-    fm = fastrnn.from_torch(tm)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, B, I)).astype(np.float32)
-    dy = rng.standard_normal((T, B, H)).astype(np.float32)
-    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
-    xg = xt.clone().requires_grad_(True)
-
-    def f_eval():
-        fm.eval()
-        return fm(x)[0]
-
-    def t_eval():
-        tm.eval()
-        with torch.no_grad():
-            return tm(xt)[0]
-
-    def f_train():
-        fm.train()
-        fm.zero_grad()
-        out, _ = fm(x)
-        return out, fm.backward(dy)[0]
-
-    def t_train():
-        tm.train()
-        xg.grad = None
-        tm.zero_grad()
-        out, _ = tm(xg)
-        out.backward(dyt)
-        return out, xg.grad
-
-    a, b = f_eval(), t_eval().numpy()
-    err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-    if err > 2e-3:
-        raise SystemExit(f"{cell} ({I}, {H}, {B}, {T}): fastrnn and torch disagree, "
-                         f"rel. error {err:.2e}")
-    return ([Engine("fastrnn", f_eval), Engine("torch", t_eval)],
-            [Engine("fastrnn", f_train), Engine("torch", t_train)])
+def engines(cell, I, H, B, T, mode):
+    """[fastrnn's engine, torch's] for one config and mode ("eval" or "train"), run once
+    and checked against each other (SystemExit on a mismatch)."""
+    case = Case(CELLS[cell], MODES[mode], I, H, T, B)
+    data = case.make_data()
+    es = [FastrnnEngine(case, *data), TorchEngine(case, *data)]
+    for e in es:
+        e.run()
+    ok, key, err, _ = common.compare(es[1].results(), es[0].results(),
+                                     common.TOLERANCE[case.np_dtype])
+    if not ok:
+        raise SystemExit(f"{case.label()}: fastrnn and torch disagree on {key}: rel. error "
+                         f"{err:.2e}")
+    return es
 
 
 def main(argv=None):
@@ -110,18 +79,17 @@ def main(argv=None):
     except ImportError:
         print("bench/odd_shapes.py needs torch (pip install torch==2.13.0)", file=sys.stderr)
         return 2
+    import fastrnn
     cfg = fastrnn.config()
     print(f"# {cfg.get('cpu', '?')}, ISA {cfg.get('isa', '?')}, {args.threads} threads; "
           f"ms medians of {args.rounds} interleaved samples", flush=True)
     print(f"{'config':34s} {'mode':5s} {'fastrnn':>9s} {'torch':>9s} {'torch/fastrnn':>13s}")
     with set_threads(args.threads, ("torch",)):
         for cell, I, H, B, T in configs:
-            ev, tr = engines(cell, I, H, B, T)
-            for mode, es in (("eval", ev), ("train", tr)):
+            for mode in ("eval", "train"):
                 if mode not in modes:
                     continue
-                for e in es:
-                    e.run()
+                es = engines(cell, I, H, B, T, mode)
                 res = time_interleaved(es, budget=None, repeats=args.rounds)
                 f, t = res["fastrnn"][0], res["torch"][0]
                 name = f"{cell} I={I} H={H} B={B} T={T}"

@@ -93,7 +93,7 @@ class _Plan:
                      _eval_batch_first if batch_first else _recurrent.eval_layer)
         self.typenum, self.lstm = dtype.num, kind == "lstm"     # what the Cython side reads
         self.I, self.H, self.L, self.D, self.G = I, H, L, D, G
-        self.cell_code = cell_code   # the driver's: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
+        self.cell_code = cell_code   # the driver's CELL_RNN_* (tanh, relu, identity), CELL_*
         # per run: a projected LSTM's w_hr (P, H), else None; h then has O = P values
         self.w_hr = w_hr if w_hr is not None else (None,) * len(layers)
         self.O = H if w_hr is None else w_hr[0].shape[0]
@@ -189,7 +189,7 @@ def _build(module, cell):
     O = getattr(module, "proj_size", 0) or H          # h's size: proj_size, else H
     # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
     cell_code = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
-           "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
+                 "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
     params, layers, w_hrs, row_flop = [], [], [], []
     for k in range(L):
         in_size = I if k == 0 else (O if summed else D * O)

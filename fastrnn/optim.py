@@ -21,23 +21,20 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "clip_grad_val
            "grad_norm"]
 
 
-def _at_least_zero(**values):
-    """ValueError naming the first of the keyword arguments that is not a number >= 0
-    (NaN included, which `< 0` lets through)."""
-    for name, value in values.items():
-        try:
-            ok = float(value) >= 0
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-
-
 def _as_number(name, value):
+    """float(value), or a ValueError naming the argument."""
     try:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _at_least_zero(**values):
+    """ValueError naming the first of the keyword arguments that is not a number >= 0
+    (NaN included, which `< 0` lets through)."""
+    for name, value in values.items():
+        if not _as_number(name, value) >= 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
 
 
 def _as_param_list(params):
