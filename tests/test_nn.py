@@ -428,3 +428,36 @@ def test_sequential_slice_append_and_blocks_holding_a_child_twice():
     s = nn.Sequential(Block(), nn.Linear(3, 2, rng=6))
     y = s(np.ones((2, 3), np.float32))
     assert s.backward(np.ones_like(y)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 65537), (2, 1 << 16)])
+def test_weights_drawn_by_pieces_are_the_whole_draw(dtype, shape):
+    """Initialisers draw piece by piece (no float64 temporary of the whole weight);
+    the numbers are bitwise those of one whole-array draw, cast, so a seed gives the
+    weights it gave before."""
+    from fastrnn.modules.module import fill_normal, fill_uniform
+    from fastrnn.nn.init import normal_, uniform_
+    want_u = np.random.default_rng(5).uniform(-0.3, 0.3, shape).astype(dtype)
+    want_n = (np.random.default_rng(6).standard_normal(shape) * 0.02).astype(dtype)
+    out = np.full(shape, np.nan, dtype)
+    fill_uniform(out, 0.3, np.random.default_rng(5))
+    assert np.array_equal(out, want_u)
+    fill_normal(out, 0.02, np.random.default_rng(6))
+    assert np.array_equal(out, want_n)
+    got = uniform_(shape, 0.3, 5, dtype)
+    assert got.dtype == dtype and np.array_equal(got, want_u)
+    got = normal_(shape, 0.02, 6, dtype)
+    assert got.dtype == dtype and np.array_equal(got, want_n)
+
+
+def test_a_layer_seed_gives_the_whole_draw():
+    """A recurrent layer's init (torch's U(-1/sqrt(H), 1/sqrt(H)), in registration
+    order) is one stream drawn by pieces: the same numbers as whole-array draws."""
+    import fastrnn
+    m = fastrnn.LSTM(5, 300, seed=3)              # W_hh: 360,000 values, 6 pieces
+    rng = np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0])
+    bound = 1.0 / np.sqrt(m.hidden_size)
+    for name, p in m.named_parameters():
+        want = rng.uniform(-bound, bound, p.data.shape).astype(p.data.dtype)
+        assert np.array_equal(p.data, want), name

@@ -677,6 +677,46 @@ print("ok")
 """
 
 
+_FIRST_CALL = """
+import sys
+import numpy as np
+import fastrnn
+from fastrnn import _recurrent
+fastrnn.set_num_threads(2)
+if fastrnn.get_num_threads() < 2:
+    print("SKIP"); sys.exit(0)
+_recurrent.pool_watch(False)
+_recurrent.pool_test_knobs(segment_flop=2e5)    # the caller asks every few steps
+m = fastrnn.LSTM(64, 256, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((3000, 1, 64)).astype(np.float32)
+with fastrnn.functional.thread_share(1):        # runs alone: makes no worker
+    want = m(x)
+assert _recurrent.pool_stats()["workers"] == 0
+got = m(x)                                      # makes the worker, which must join
+stats = _recurrent.pool_stats()
+for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+    assert np.array_equal(a, b)
+print(stats["workers"], stats["teams"])
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs")
+def test_the_worker_made_for_a_call_joins_that_call():
+    """A process's first call on 2 threads makes the pool's worker; the worker, which
+    may start running only after the call has woken the pool, must still join that
+    call part-way (it waited for the next call's wake: every first call ran alone, LSTM
+    I=H=1024 B=1 T=100 at 127-134 ms against 29 steady on the 2-core Xeon). A fresh
+    process (the pool has no worker yet), 3000 steps asking every few steps."""
+    res = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if res.stdout.strip() == "SKIP":
+        pytest.skip("OpenMP is not compiled in: one thread")
+    workers, teams = map(int, res.stdout.split())
+    assert workers == 1 and teams >= 1, res.stdout
+
+
 def test_more_threads_than_the_pool_has_workers_still_form_a_team():
     """set_num_threads above the pool's FASTRNN_POOL_MAX + 1 (65): the fast path's
     team is capped there (an audit found every call alone, each waking 64 workers

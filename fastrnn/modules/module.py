@@ -262,7 +262,33 @@ def reset_recurrent_parameters(module, rng=None):
     bound = 1.0 / math.sqrt(module.hidden_size)
     check_writeable(module.named_parameters(), f"{type(module).__name__}.reset_parameters")
     for _, p in module.named_parameters():
-        p.data[...] = rng.uniform(-bound, bound, p.data.shape)
+        fill_uniform(p.data, bound, rng)
+
+
+# values drawn per piece by fill_uniform / fill_normal: a whole-array draw made a
+# float64 temporary twice a float32 weight's size in fresh pages (LSTM(13, 2048):
+# 134 MB, 231 ms of its 277 ms construction on the 2-core Xeon; by pieces 50-60 ms)
+_DRAW_PIECE = 1 << 16
+
+
+def fill_uniform(out, bound, rng):
+    """out[...] = U(-bound, bound) draws of rng, in float64 then cast to out's dtype:
+    bitwise what `rng.uniform(-bound, bound, out.shape)` gives, drawn piece by piece.
+    out: a C-contiguous array."""
+    flat = out.reshape(-1)
+    for s in range(0, flat.size, _DRAW_PIECE):
+        e = min(flat.size, s + _DRAW_PIECE)
+        flat[s:e] = rng.uniform(-bound, bound, e - s)
+
+
+def fill_normal(out, std, rng):
+    """out[...] = rng's standard normal draws times std, in float64 then cast to out's
+    dtype: bitwise `rng.standard_normal(out.shape) * std`, piece by piece. out: a
+    C-contiguous array."""
+    flat = out.reshape(-1)
+    for s in range(0, flat.size, _DRAW_PIECE):
+        e = min(flat.size, s + _DRAW_PIECE)
+        flat[s:e] = rng.standard_normal(e - s) * std
 
 
 def grad_targets(params):

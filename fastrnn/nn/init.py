@@ -7,7 +7,7 @@ can share one stream and a whole model is reproducible from one seed).
 
 import numpy as np
 
-from fastrnn.modules.module import charge_values
+from fastrnn.modules.module import charge_values, fill_normal, fill_uniform
 
 __all__ = ["as_generator", "uniform_", "normal_", "generator_state", "set_generator_state"]
 
@@ -26,13 +26,17 @@ def as_generator(rng=None):
 def uniform_(shape, bound, rng, dtype=np.float32):
     """Array of ``shape`` drawn from U(-bound, bound) (float64 draws, then cast)."""
     charge_values(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
-    return as_generator(rng).uniform(-bound, bound, size=shape).astype(dtype)
+    out = np.empty(shape, dtype)
+    fill_uniform(out, bound, as_generator(rng))
+    return out
 
 
 def normal_(shape, std, rng, dtype=np.float32):
     """Array of ``shape`` drawn from N(0, std^2)."""
     charge_values(tuple(shape) if isinstance(shape, (tuple, list)) else (shape,))
-    return (as_generator(rng).standard_normal(size=shape) * std).astype(dtype)
+    out = np.empty(shape, dtype)
+    fill_normal(out, std, as_generator(rng))
+    return out
 
 
 def generator_state(gen):
