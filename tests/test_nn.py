@@ -445,6 +445,10 @@ def test_weights_drawn_by_pieces_are_the_whole_draw(dtype, shape):
     assert np.array_equal(out, want_u)
     fill_normal(out, 0.02, np.random.default_rng(6))
     assert np.array_equal(out, want_n)
+    if len(shape) == 2:                    # a strided view: filled in C order too
+        wide = np.full((shape[1], shape[0]), np.nan, dtype)
+        fill_uniform(wide.T, 0.3, np.random.default_rng(5))
+        assert np.array_equal(wide.T, want_u)
     got = uniform_(shape, 0.3, 5, dtype)
     assert got.dtype == dtype and np.array_equal(got, want_u)
     got = normal_(shape, 0.02, 6, dtype)

@@ -273,22 +273,27 @@ _DRAW_PIECE = 1 << 16
 
 def fill_uniform(out, bound, rng):
     """out[...] = U(-bound, bound) draws of rng, in float64 then cast to out's dtype:
-    bitwise what `rng.uniform(-bound, bound, out.shape)` gives, drawn piece by piece.
-    out: a C-contiguous array."""
-    flat = out.reshape(-1)
-    for s in range(0, flat.size, _DRAW_PIECE):
-        e = min(flat.size, s + _DRAW_PIECE)
-        flat[s:e] = rng.uniform(-bound, bound, e - s)
+    bitwise what `rng.uniform(-bound, bound, out.shape)` gives, drawn piece by piece."""
+    _fill_by_pieces(out, lambda n: rng.uniform(-bound, bound, n))
 
 
 def fill_normal(out, std, rng):
     """out[...] = rng's standard normal draws times std, in float64 then cast to out's
-    dtype: bitwise `rng.standard_normal(out.shape) * std`, piece by piece. out: a
-    C-contiguous array."""
+    dtype: bitwise `rng.standard_normal(out.shape) * std`, piece by piece."""
+    _fill_by_pieces(out, lambda n: rng.standard_normal(n) * std)
+
+
+def _fill_by_pieces(out, draw):
+    """out's values in C order from draw(n) (n values at a time, float64)."""
+    if not out.flags.c_contiguous:     # (a reshape would be a copy: fill one, then out)
+        whole = np.empty(out.shape, out.dtype)
+        _fill_by_pieces(whole, draw)
+        out[...] = whole
+        return
     flat = out.reshape(-1)
     for s in range(0, flat.size, _DRAW_PIECE):
         e = min(flat.size, s + _DRAW_PIECE)
-        flat[s:e] = rng.standard_normal(e - s) * std
+        flat[s:e] = draw(e - s)
 
 
 def grad_targets(params):
