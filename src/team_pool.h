@@ -198,6 +198,7 @@ typedef struct {
     fastrnn_pool_slot state[FASTRNN_POOL_MAX];
     _Atomic unsigned wake_seq;        /* bumped by every fastrnn_pool_enter */
     _Atomic int sleepers;             /* workers blocked on cv */
+    _Atomic int wanted;               /* workers the current call can use: 0 .. wanted - 1 */
     _Atomic int owner;                /* 1 while a caller owns the pool */
     _Atomic int finished;             /* workers done with the current team's shares */
     int nworkers;                     /* created so far (changed only by the owner) */
@@ -423,6 +424,8 @@ static void *fastrnn_pool_worker(void *arg)
     for (;;) {
         fastrnn_pool_affinity_restore(&aff);
         fastrnn_pool_sleep(&seen);
+        if (w >= atomic_load(&P->wanted))
+            continue;                   /* the call cannot use this worker: sleep again */
         if (fastrnn_pool_step_aside(P, w, &aff))
             continue;                                   /* on the caller's CPU, no other: sleep */
         queued = fastrnn_run_delay_ns(stats_fd);        /* the wake's own wait not counted */
@@ -454,6 +457,12 @@ static void *fastrnn_pool_worker(void *arg)
             if (atomic_load_explicit(&P->wake_seq, memory_order_relaxed) != seen) {
                 seen = atomic_load(&P->wake_seq);       /* a new call: wait for it afresh */
                 deadline = fastrnn_now_ns() + FASTRNN_POOL_READY_NS;
+                if (w >= atomic_load(&P->wanted)) {     /* ... unless it cannot use us */
+                    int ready = FASTRNN_W_READY;
+                    if (atomic_compare_exchange_strong(st, &ready, FASTRNN_W_IDLE))
+                        break;
+                    continue;                           /* claimed meanwhile: RUN follows */
+                }
             }
             FASTRNN_SPIN_PAUSE();
             if ((spin & 63) != 0)
@@ -463,7 +472,8 @@ static void *fastrnn_pool_worker(void *arg)
             int stuck = fastrnn_pool_step_aside(P, w, &aff);
             now = fastrnn_now_ns();
             atomic_store_explicit(&P->state[w].stamp, now, memory_order_relaxed);
-            if (atomic_load_explicit(&P->owner, memory_order_relaxed) && !stuck)
+            if (atomic_load_explicit(&P->owner, memory_order_relaxed) && !stuck
+                    && w < atomic_load_explicit(&P->wanted, memory_order_relaxed))
                 deadline = now + FASTRNN_POOL_READY_NS;     /* a call may want us */
             else if (now > deadline || stuck) {
                 int ready = FASTRNN_W_READY;
@@ -504,8 +514,9 @@ static void fastrnn_pool_init_once(void)
 }
 
 /* Own the pool for one call that may use up to n threads, make sure n - 1 workers
- * exist and wake them (without waiting). Returns 0 when another call owns the pool
- * (this one then runs alone and must not call fastrnn_pool_leave). */
+ * exist and wake them, and only them (without waiting). Returns 0 when another call
+ * owns the pool, or when n - 1 workers cannot be made (this call then runs alone and
+ * must not call fastrnn_pool_leave). */
 static int fastrnn_pool_enter(int n)
 {
     fastrnn_pool_t *P = &fastrnn_pool;
@@ -526,10 +537,19 @@ static int fastrnn_pool_enter(int n)
         int err = pthread_create(&th, &attr, fastrnn_pool_worker, (void *)(long)P->nworkers);
         pthread_attr_destroy(&attr);
         if (err != 0)
-            break;                                      /* fewer workers: teams stay smaller */
+            break;
         P->nworkers++;
     }
+    if (P->nworkers < n - 1) {   /* no team of n can form (the threads limit): run alone,
+                                  * not in segments asking for it forever (a review) */
+        atomic_store(&P->owner, 0);
+        return 0;
+    }
     atomic_store(&P->caller_cpu, fastrnn_cpu_now());   /* before the wake: workers read it */
+    /* only the workers this call can use wake (a call on fewer threads than workers
+     * exist, after set_num_threads was lowered or a row split of few rows, woke every
+     * one to spin for nothing: more CPU taken, more "busy" finds; a review's count) */
+    atomic_store(&P->wanted, n - 1 < P->nworkers ? n - 1 : P->nworkers);
     atomic_fetch_add(&P->wake_seq, 1);
     if (atomic_load(&P->sleepers) > 0) {                /* seq_cst with the sleeper's count */
         pthread_mutex_lock(&P->mu);

@@ -717,6 +717,52 @@ def test_the_worker_made_for_a_call_joins_that_call():
     assert workers == 1 and teams >= 1, res.stdout
 
 
+_UNWANTED_WORKER = """
+import os, sys, time
+import numpy as np
+import fastrnn
+from fastrnn import _recurrent
+fastrnn.set_num_threads(3)
+if fastrnn.get_num_threads() < 3:
+    print("SKIP"); sys.exit(0)
+_recurrent.pool_watch(False)
+m = fastrnn.LSTM(64, 256, seed=0).eval()
+x = np.random.default_rng(0).standard_normal((50, 1, 64)).astype(np.float32)
+found = set(os.listdir("/proc/self/task"))
+m(x)                                 # makes two workers
+workers = sorted(set(os.listdir("/proc/self/task")) - found, key=int)
+assert len(workers) == 2, workers
+
+def ticks(tid):                      # utime + stime of one thread, clock ticks
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+fastrnn.set_num_threads(2)           # calls now use worker 0 alone
+time.sleep(0.05)                     # both asleep
+before = [ticks(t) for t in workers]
+for _ in range(300):
+    m(x)
+    time.sleep(0.003)                # past the ready window: each call wakes them
+print(*[ticks(t) - b for t, b in zip(workers, before)])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_a_call_wakes_only_the_workers_it_can_use():
+    """After set_num_threads is lowered, a call wakes only the workers its team can
+    use: every wake woke all of them, and the others spun through the call and 2 ms
+    after it (a review: 5-9 clock ticks per 20 calls each). In a fresh process: two
+    workers made at 3 threads, then 300 calls at 2, each after the workers slept; the
+    second worker's CPU time stays near none (clock ticks, usually 10 ms)."""
+    res = subprocess.run([sys.executable, "-c", _UNWANTED_WORKER], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if res.stdout.strip() == "SKIP":
+        pytest.skip("OpenMP is not compiled in: one thread")
+    used, unused = map(int, res.stdout.split())
+    assert unused <= 2, res.stdout
+
+
 def test_more_threads_than_the_pool_has_workers_still_form_a_team():
     """set_num_threads above the pool's FASTRNN_POOL_MAX + 1 (65): the fast path's
     team is capped there (an audit found every call alone, each waking 64 workers
