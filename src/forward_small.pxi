@@ -147,18 +147,11 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
     take them. Rows may differ in length (p.lengths, p.order by decreasing length):
     steps run up to the longest. A projected LSTM (p.w_hr, rows only) packs w_hr for
     the call when p.pack_hh, as `forward` does. fail[0]: 1 out of memory."""
-    cdef Py_ssize_t j, s = 0, e, seg, G = p.G, H = p.H, B = p.B
-    cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
+    cdef Py_ssize_t j, G = p.G, H = p.H, B = p.B
     cdef Py_ssize_t n_sum = 2 * H if p.cell == CELL_GRU else G * H
     cdef int team = n if by_units else <int> min(<Py_ssize_t> n, B)
     cdef bint owns = team > 1 and fastrnn_pool_enter(team)
     cdef int pool_n = team if owns else 1     # threads the pool may lend this call
-    cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False, contended
-    cdef CallDigests digests
-    cdef ForwardTeam ctx
-    cdef int *fails = NULL
-    cdef int q
     if b_ih != NULL:
         for j in range(n_sum):
             bias[j] = b_ih[j] + b_hh[j]
@@ -170,12 +163,40 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
         p.w_hr_packed = pack_matrix(<const floating *> p.w_hr, p.O, H, False, 1)
         if p.w_hr_packed == NULL:
             fail[0] = 1         # (no steps run; the pool is given back below)
+    run_segments(y, p, team, by_units, owns, pool_n, known, work, fail, True)
+    if owns:
+        fastrnn_pool_leave()
+    scratch_free(<void *> p.w_hr_packed)
+    p.w_hr_packed = NULL
+
+
+cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns, int pool_n,
+                       const uint64_t *known, SegmentWork *work, int *fail,
+                       bint fast) noexcept nogil:
+    """p's steps (its bias, projection and weights set), on a team of `team` threads of
+    the pool (hidden units split when by_units, else rows by work.bounds) whenever the
+    workers are ready, else on this thread a segment at a time, asking again between
+    segments (run_small_typed says why and how). owns: this call owns the pool (else
+    every step runs here); pool_n: threads the pool may lend to packing; known: the
+    weights' digests or NULL; fast: the fast path's call (its teams are counted in
+    pool_stats). fail[0]: 1 out of memory. A plan with a training call's per-step
+    arrays (gates, aux, hr, y_copy) runs as one segment."""
+    cdef Py_ssize_t s = 0, e, seg, B = p.B
+    cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
+    cdef Plan alone, crew
+    cdef bint alone_packed = False, crew_packed = False, contended
+    cdef CallDigests digests
+    cdef ForwardTeam ctx
+    cdef int *fails = NULL
+    cdef int q
     alone = p[0]
     crew = p[0]
     digests = call_digests(known)
     seg = T
     if owns:
-        seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * G * H * (p.I + H))))
+        seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * p.G * p.H * (p.I + p.H))))
+    if p.gates != NULL or p.aux != NULL or p.hr != NULL or p.y_copy != NULL:
+        seg = T                     # (a training plan's per-step arrays: one segment)
     while s < T and not fail[0]:
         contended = owns and fastrnn_pool_contended()
         if owns and not contended and not fastrnn_pool_openmp_spinning() \
@@ -198,7 +219,8 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
             # packing above may have taken long enough for a worker to see one.)
             if not fastrnn_pool_contended() and \
                     fastrnn_pool_try_run(team, forward_share, &ctx, by_units):
-                TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
+                if fast:
+                    TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
                 for q in range(team):
                     fail[0] = fail[0] | fails[q]
                 s = s + ctx.steps
@@ -224,19 +246,18 @@ cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floa
                 fail[0] = 1
                 break
         segment(&alone, p, y, s, e, work)
-        forward_thread(<floating *> alone.y, &alone, 0, B, 0, H,
+        forward_thread(<floating *> alone.y, &alone, 0, B, 0, p.H,
                        <const floating *> alone.w_ih_slices, <const floating *> alone.w_hh_slices,
-                       NULL, NULL, False, fail, 0, 1)
+                       <const uint16_t *> alone.w_ih_bf16, <const uint16_t *> alone.w_hh_bf16,
+                       False, fail, 0, 1)
         s = e
-    if owns:
-        fastrnn_pool_leave()
     free(fails)
     if alone_packed:
         slices_free(<void *> alone.w_ih_slices); slices_free(<void *> alone.w_hh_slices)
+        slices_free(<void *> alone.w_ih_bf16); slices_free(<void *> alone.w_hh_bf16)
     if crew_packed:
         slices_free(<void *> crew.w_ih_slices); slices_free(<void *> crew.w_hh_slices)
-    scratch_free(<void *> p.w_hr_packed)
-    p.w_hr_packed = NULL
+        slices_free(<void *> crew.w_ih_bf16); slices_free(<void *> crew.w_hh_bf16)
 
 
 cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t e,
@@ -257,7 +278,10 @@ cdef void segment(Plan *q, const Plan *p, floating *y, Py_ssize_t s, Py_ssize_t 
     q.max_steps = e - s
     q.T = e - s
     if not p.reverse:
-        q.x = <const floating *> p.x + s * B * p.I
+        if p.x_ids != NULL:         # x is a table read by id: the ids move instead
+            q.x_ids = p.x_ids + s * B
+        else:
+            q.x = <const floating *> p.x + s * B * p.I
         q.y = y + s * B * p.ldy
     if s == 0:
         q.h0, q.ldh0 = p.h0, p.ldh0

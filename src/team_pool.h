@@ -131,8 +131,9 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * threads each waiting 2-6 ms per call in the run queue (/proc schedstat). So a worker
  * publishes the CPU it runs on with its stamp, the caller does not claim a worker on
  * its own CPU, and a ready worker that finds itself on the caller's CPU moves itself
- * off it (fastrnn_pool_step_aside: its affinity less that CPU, given back when it
- * sleeps; with no other CPU allowed it sleeps at once). Linux only (sched_getcpu);
+ * off it (fastrnn_pool_step_aside: its affinity less that CPU, kept while it sleeps,
+ * so that the next call's wake finds it off that CPU, and changed when a caller runs
+ * elsewhere; with no other CPU allowed it sleeps at once). Linux only (sched_getcpu);
  * elsewhere the CPU is unknown (-1). */
 #if defined(__linux__) && defined(CPU_COUNT)     /* sched_getcpu, cpu_set_t: _GNU_SOURCE */
 #define FASTRNN_POOL_AFFINITY 1
@@ -351,6 +352,9 @@ static int fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affini
             } else {
                 stuck = cpu == caller;
             }
+        } else if (ok && a->away_from >= 0) {   /* a caller outside its mask: all of it */
+            if (sched_setaffinity(0, sizeof a->before, &a->before) == 0)
+                a->away_from = -1;
         }
     }
 #else
@@ -358,17 +362,6 @@ static int fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affini
 #endif
     atomic_store_explicit(&P->state[w].cpu, cpu, memory_order_relaxed);
     return stuck;
-}
-
-/* Back to the affinity it had before it narrowed it (before sleeping: the next
- * call's caller may be anywhere). */
-static void fastrnn_pool_affinity_restore(fastrnn_pool_affinity *a)
-{
-#if FASTRNN_POOL_AFFINITY
-    if (a->away_from >= 0)
-        sched_setaffinity(0, sizeof a->before, &a->before);
-#endif
-    a->away_from = -1;
 }
 
 /* Worker w's look at its time in the run queue since its last look (*queued; -1:
@@ -422,7 +415,9 @@ static void *fastrnn_pool_worker(void *arg)
     P->state[w].stats_fd = stats_fd;                    /* a forked child closes it */
     aff.away_from = -1;
     for (;;) {
-        fastrnn_pool_affinity_restore(&aff);
+        /* it sleeps still kept off the last caller's CPU: woken there, it waited for
+         * that busy CPU before it could move (1.6-6 ms against 50-80 us woken on the
+         * other CPU, 2-core Xeon guest, a C loop of wakes 50 ms apart) */
         fastrnn_pool_sleep(&seen);
         if (w >= atomic_load(&P->wanted))
             continue;                   /* the call cannot use this worker: sleep again */

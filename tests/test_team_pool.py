@@ -394,6 +394,32 @@ def test_general_path_eval_calls_on_the_pool_or_alone_agree(cls, kind, B, fast_p
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("kind,B", [("plain", 1), ("plain", 24), ("lengths", 24),
+                                    ("projection", 24), ("bidirectional lengths", 24)])
+def test_a_late_worker_joins_a_general_path_call_part_way(cls, kind, B, fast_path_off):
+    """The general path's eval calls (functional._run_forward: the fast path off here)
+    run in segments while no worker is ready and form a team part-way, as the fast
+    path's do: they asked once, before the first step, and ran alone to the end (every
+    call made after the workers had slept). Bitwise the one-thread numbers; a
+    bidirectional layer's two directions each form a team (the second at once)."""
+    if kind == "projection" and cls != "LSTM":
+        pytest.skip("proj_size is the LSTM's")
+    T = 17
+    kw = {"projection": {"proj_size": 96}}.get(kind, {})
+    kw.update({"bidirectional": True} if "bidirectional" in kind else {})
+    m = getattr(fastrnn, cls)(H, H, seed=B, **kw).eval()
+    x = np.random.default_rng(B).standard_normal((T, B, H)).astype(np.float32)
+    args = (x, None, np.arange(B) % T + 1) if "lengths" in kind else (x,)
+    want = on_one_thread(m, *args)
+    assert m.__dict__.get("_fp_plan") is None                   # the general path
+    m(*args)
+    if not fastrnn.functional.use_team(*team_rule_args(cls, T, B)):
+        pytest.skip("this call runs on one thread")
+    teams = 2 if "bidirectional" in kind else 1
+    assert_same(joined_part_way(lambda: m(*args), cls, B, 2, teams), want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("B", [1, 3, 40])
 def test_bf16_eval_calls_on_the_pool_or_alone_agree(cls, B):
     """Eval calls at matmul precision "medium" (bf16 GEMMs, fastrnn._precision) run on
@@ -466,14 +492,14 @@ while time.monotonic() < end:
     if mode == "moved" and after["moved"] > before["moved"] and after["teams"] > before["teams"]:
         break
     time.sleep(0.001)
-end = time.monotonic() + 5  # past the ready window: the worker sleeps, its affinity restored
-while True:
-    time.sleep(0.05)
-    restored = all(os.sched_getaffinity(int(t)) == os.sched_getaffinity(0) for t in workers)
-    if restored or time.monotonic() > end:
-        break
+time.sleep(0.1)             # past the ready window: the worker sleeps, still kept off the
+mine = os.sched_getaffinity(0)  # caller's CPU (woken there, it waited for that CPU)
+kept = [os.sched_getaffinity(int(t)) for t in workers]
+off = all(k < mine and len(k) == len(mine) - 1 for k in kept)
+same = all(k == mine for k in kept)
 os.sched_setaffinity(0, start)
-print(len(workers), after["teams"] - before["teams"], after["moved"] - before["moved"], int(restored))
+print(len(workers), after["teams"] - before["teams"], after["moved"] - before["moved"],
+      int(off), int(same))
 """
 
 
@@ -483,20 +509,22 @@ print(len(workers), after["teams"] - before["teams"], after["moved"] - before["m
 def test_a_worker_on_the_callers_cpu_is_not_claimed_and_moves_off_it(mode):
     """Two threads of a team on one CPU take turns at every barrier (slower than one
     thread). "process": the process has one CPU, so the worker stays on the caller's
-    and every call runs alone. "moved": a worker finds itself on the caller's CPU (the
-    test hook says so once) and moves off it; teams form after, and once it sleeps its
-    affinity is what it was. The numbers are the one-thread numbers throughout."""
+    and every call runs alone; its affinity is left as it was. "moved": a worker finds
+    itself on the caller's CPU (the test hook says so once) and moves off it; teams
+    form after, and while it sleeps it stays off that CPU (its affinity the process's
+    less one CPU), so that the next wake does not land it there. The numbers are the
+    one-thread numbers throughout."""
     out = subprocess.run([sys.executable, "-c", _ON_ONE_CPU, mode], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     if out.stdout.strip() == "SKIP":
         pytest.skip("OpenMP is not compiled in: one thread")
-    workers, teams, moved, restored = map(int, out.stdout.split())
-    assert workers >= 1 and restored == 1
+    workers, teams, moved, off, same = map(int, out.stdout.split())
+    assert workers >= 1
     if mode == "process":
-        assert teams == 0 and moved == 0
+        assert teams == 0 and moved == 0 and same == 1
     else:
-        assert moved > 0 and teams > 0
+        assert moved > 0 and teams > 0 and off == 1
 
 
 def stalled_call(m, args, stall_at):
