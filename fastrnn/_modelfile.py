@@ -33,7 +33,8 @@ import numpy as np
 from fastrnn import io as fio
 from fastrnn._atomic import replacing
 from fastrnn.lm import RNNLanguageModel
-from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
+from fastrnn.modules.module import (Module, ParameterBudgetError, parameter_budget,
+                                    weights_to_be_loaded)
 from fastrnn.nn import Dropout, Embedding, Linear, LockedDropout, ModuleList, Sequential
 from fastrnn.wrappers import Recurrent
 
@@ -193,7 +194,7 @@ def from_bytes(data, what="model bytes", keep_mode=False):
         raise ValueError(f"{what}: unsupported model tree version {meta.get('version')!r}")
     stored = sum(a.size for a in arrays.values())
     try:
-        with parameter_budget(fio.budget_for(stored)):
+        with parameter_budget(fio.budget_for(stored)), weights_to_be_loaded():
             module = _build(meta.get("tree"))
     except ParameterBudgetError:
         raise ValueError(f"{what}: the model tree declares more parameter values than the "

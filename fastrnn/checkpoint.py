@@ -116,10 +116,11 @@ class Checkpoint:
         """A fresh RNNLanguageModel with the saved weights."""
         from fastrnn.io import budget_for
         from fastrnn.lm import RNNLanguageModel
-        from fastrnn.modules.module import ParameterBudgetError, parameter_budget
+        from fastrnn.modules.module import (ParameterBudgetError, parameter_budget,
+                                            weights_to_be_loaded)
         stored = sum(a.size for a in self.model_state.values())
         try:
-            with parameter_budget(budget_for(stored)):
+            with parameter_budget(budget_for(stored)), weights_to_be_loaded():
                 model = RNNLanguageModel.from_config(self.model_config)
             model.load_state_dict(self.model_state)
         except ParameterBudgetError:

@@ -31,7 +31,8 @@ import numpy as np
 
 from fastrnn._atomic import replacing
 from fastrnn.modules.cells import GRUCell, LSTMCell, RNNCell
-from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
+from fastrnn.modules.module import (Module, ParameterBudgetError, parameter_budget,
+                                    weights_to_be_loaded)
 from fastrnn.modules.rnn import GRU, LSTM, RNN
 
 __all__ = ["save", "load", "load_weights", "register", "from_torch", "to_torch"]
@@ -208,7 +209,7 @@ def _build(path, header, arrays):
     if not isinstance(training, bool):
         raise _fail(path, f"header 'training' must be true or false, got {training!r}")
     try:
-        with parameter_budget(budget_for(stored)):
+        with parameter_budget(budget_for(stored)), weights_to_be_loaded():
             return cls(**config).train(training)   # the mode it was saved in
     except ParameterBudgetError:
         raise _fail(path, f"config {config} declares more parameter values than the "

@@ -173,23 +173,35 @@ def _from_float_level(level):
 # ---------------------------------------------------------------------------- weights
 def quantize_int8(w):
     """w (N, K) -> q int8 (N, K), scale float32 (N,): q = rint(w / s), s = max|row| / 127."""
-    w = np.asarray(w, dtype=np.float64)
-    if not np.all(np.isfinite(w)):
+    w = np.asarray(w)
+    if w.dtype not in (np.float32, np.float64):
+        w = w.astype(np.float64)
+    if w.size and not (np.isfinite(w.max()) and np.isfinite(w.min())):   # (no mask of w's size)
         raise ValueError("quantize: weights must be finite to quantise, got NaN or inf")
-    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    amax = (np.maximum(w.max(axis=1), -w.min(axis=1)).astype(np.float64) if w.shape[1]
+            else np.zeros(w.shape[0]))
     scale = (amax / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1).astype(np.float64)
-    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+    t = w / safe[:, None]               # float64, in place from here (one temporary)
+    np.rint(t, out=t)
+    np.clip(t, -127, 127, out=t)
+    return t.astype(np.int8), scale
 
 
 def bf16_bits(a):
     """a -> uint16 bit patterns of bf16, round to nearest, ties to even; a NaN stays a
     (quiet) NaN. The kernels' qg_bf16_bits (src/quant_gemm.h), element-wise."""
-    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    # in uint32: u + 0x8000 wraps only for a NaN with its sign bit set (u above
+    # 0xFFFF7FFF), whose result the NaN branch replaces
+    r = (u >> 16) & 1
+    r += u
+    r += 0x7FFF
+    r >>= 16
     nan = (u & 0x7FFFFFFF) > 0x7F800000
-    return np.where(nan, (u >> 16) | 0x40, r).astype(np.uint16)
+    if nan.any():
+        r[nan] = (u[nan] >> 16) | 0x40
+    return r.astype(np.uint16)
 
 
 def quantize_bf16(w):
@@ -490,12 +502,15 @@ class _QuantizedRecurrent(_QuantizedBase):
             with self._lock:
                 twin = self._twin
                 if twin is None:
+                    from fastrnn.modules.module import weights_to_be_loaded
                     from fastrnn.modules.rnn import GRU, LSTM, RNN
                     cls = {"RNN": RNN, "LSTM": LSTM, "GRU": GRU}[self.mode_name]
                     kw = {"nonlinearity": self.nonlinearity} if self.mode_name == "RNN" else {}
-                    twin = cls(self.input_size, self.hidden_size, getattr(self, "num_layers", 1),
-                               bias=self.bias, bidirectional=getattr(self, "bidirectional", False),
-                               **kw).eval()
+                    with weights_to_be_loaded():        # every parameter is set below
+                        twin = cls(self.input_size, self.hidden_size,
+                                   getattr(self, "num_layers", 1), bias=self.bias,
+                                   bidirectional=getattr(self, "bidirectional", False),
+                                   **kw).eval()
                     for sfx in self._runs:
                         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                             if name.startswith("bias") and not self.bias:

@@ -344,3 +344,22 @@ def test_load_state_dict_names_what_is_not_a_state_dict():
     sd["bias_hh_l0"] = [[1.0, 2.0], [3.0]]                      # ragged
     with pytest.raises(ValueError, match=r"state_dict\['bias_hh_l0'\]: not an array"):
         m.load_state_dict(sd)
+
+
+def test_a_loaded_module_skips_the_random_init_and_keeps_no_zeros(tmp_path):
+    """Loaders build the module inside weights_to_be_loaded (no random draws, which the
+    strict load overwrites): every loaded weight is the saved one, and a module built
+    outside the block draws its init as before."""
+    import fastrnn
+    from fastrnn.modules.module import weights_to_be_loaded
+    m = fastrnn.LSTM(7, 9, num_layers=2, seed=4)
+    fastrnn.save(tmp_path / "m.npz", m)
+    got = fastrnn.load(tmp_path / "m.npz")
+    for (name, a), (_, b) in zip(m.named_parameters(), got.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
+    with weights_to_be_loaded():
+        blank = fastrnn.LSTM(7, 9, seed=4)
+    assert not any(p.data.any() for p in blank.parameters())
+    assert np.array_equal(fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data,
+                          fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data)
+    assert fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data.any()
