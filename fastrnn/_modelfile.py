@@ -33,8 +33,7 @@ import numpy as np
 from fastrnn import io as fio
 from fastrnn._atomic import replacing
 from fastrnn.lm import RNNLanguageModel
-from fastrnn.modules.module import (Module, ParameterBudgetError, parameter_budget,
-                                    weights_to_be_loaded)
+from fastrnn.modules.module import Module, ParameterBudgetError, parameter_budget
 from fastrnn.nn import Dropout, Embedding, Linear, LockedDropout, ModuleList, Sequential
 from fastrnn.wrappers import Recurrent
 
@@ -152,7 +151,8 @@ def _build(node):
     wrong = fio._config_type_errors(cls, config)
     if wrong:
         raise ValueError(f"{name} config: " + "; ".join(wrong))
-    return cls(**config)
+    with fio.built_to_be_loaded(cls):        # (from_bytes loads every parameter after)
+        return cls(**config)
 
 
 def from_bytes(data, what="model bytes", keep_mode=False):
@@ -194,7 +194,7 @@ def from_bytes(data, what="model bytes", keep_mode=False):
         raise ValueError(f"{what}: unsupported model tree version {meta.get('version')!r}")
     stored = sum(a.size for a in arrays.values())
     try:
-        with parameter_budget(fio.budget_for(stored)), weights_to_be_loaded():
+        with parameter_budget(fio.budget_for(stored)):
             module = _build(meta.get("tree"))
     except ParameterBudgetError:
         raise ValueError(f"{what}: the model tree declares more parameter values than the "

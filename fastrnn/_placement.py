@@ -12,8 +12,8 @@ A bidirectional layer in training runs its reverse direction on a second thread
 - A thread kept waiting and woken per call landed beside its caller as often (8 of
   10 rounds); moving itself off the caller's CPU when it finds itself there (its
   affinity less that CPU, given back after the job; the pool's workers do the same,
-  giving theirs back when they go to sleep:
-  team_pool.h fastrnn_pool_step_aside) left one round in 10 shared.
+  and since session 37 keep it while they sleep, so that the next wake lands
+  elsewhere: team_pool.h fastrnn_pool_step_aside) left one round in 10 shared.
 
 So the helpers here are kept (one per caller running at once, started on first
 use) and step aside. bench/helper_placement.py times both ways; its two runs later

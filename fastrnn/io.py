@@ -22,6 +22,7 @@ saying what.
 `from_torch` / `to_torch` import torch only when called.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -96,6 +97,14 @@ def budget_for(stored):
     large, plus 2^20: memory in proportion to the file, and room for a file that
     lacks a parameter or two to reach the exact check of its names and shapes."""
     return 4 * stored + (1 << 20)
+
+
+def built_to_be_loaded(cls):
+    """The context to construct `cls` in when a strict load of every parameter follows:
+    weights_to_be_loaded for fastrnn's own classes (no init drawn only to be
+    overwritten), nothing for a registered one (it may read its initial weights)."""
+    own = cls.__module__.split(".")[0] == "fastrnn"
+    return weights_to_be_loaded() if own else contextlib.nullcontext()
 
 
 def _fail(path, why):
@@ -209,7 +218,7 @@ def _build(path, header, arrays):
     if not isinstance(training, bool):
         raise _fail(path, f"header 'training' must be true or false, got {training!r}")
     try:
-        with parameter_budget(budget_for(stored)), weights_to_be_loaded():
+        with parameter_budget(budget_for(stored)), built_to_be_loaded(cls):
             return cls(**config).train(training)   # the mode it was saved in
     except ParameterBudgetError:
         raise _fail(path, f"config {config} declares more parameter values than the "

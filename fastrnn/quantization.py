@@ -178,8 +178,9 @@ def quantize_int8(w):
         w = w.astype(np.float64)
     if w.size and not (np.isfinite(w.max()) and np.isfinite(w.min())):   # (no mask of w's size)
         raise ValueError("quantize: weights must be finite to quantise, got NaN or inf")
-    amax = (np.maximum(w.max(axis=1), -w.min(axis=1)).astype(np.float64) if w.shape[1]
-            else np.zeros(w.shape[0]))
+    # (abs: max(+0.0, -0.0) may be either zero, and a -0.0 scale would be other bits)
+    amax = (np.abs(np.maximum(w.max(axis=1), -w.min(axis=1))).astype(np.float64)
+            if w.shape[1] else np.zeros(w.shape[0]))
     scale = (amax / 127.0).astype(np.float32)
     safe = np.where(scale > 0, scale, 1).astype(np.float64)
     t = w / safe[:, None]               # float64, in place from here (one temporary)

@@ -804,10 +804,11 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     projection): every GEMM on bf16 operands (bf16_gemm.h), weights always packed.
     cache_weights (eval calls): keep the packed W_ih / W_hh slices for the next
     call with the same weights (_pack_cache.pxd), and run on team_pool.h's workers
-    (float32 / float64 GEMMs) if they are awake now, else on this thread at once
-    rather than wait for them (forward_on_pool). Returns False if OpenMP gave fewer
-    threads than asked, or another call owns the pool: the caller then runs the
-    call on one thread. Frozen weights (Module.freeze()) are not hashed to find their
+    while they are awake, else on this thread a segment of steps at a time, asking
+    again between segments, rather than wait for them (forward_on_pool). Returns
+    False if OpenMP gave fewer threads than asked, or the pool could not be had
+    (another call owns it, or its workers could not be made): the caller then runs
+    the call on one thread. Frozen weights (Module.freeze()) are not hashed to find their
     packings: their digests were taken once (frozen_known).
     """
     cdef tuple kd = frozen_known(cache_weights, w_ih.base, w_hh.base)   # before any allocation

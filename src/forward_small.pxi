@@ -122,7 +122,7 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
 
 
 cdef struct SegmentWork:
-    # A call's buffers for its segments (run_small allocates them)
+    # A call's buffers for its segments (run_small and forward_on_pool allocate them)
     Py_ssize_t *lengths         # (B,) steps each row has left from the segment's start
     void *h                     # (B, O) h_{s-1} gathered per row (reverse direction, rows of
                                 # different lengths: each row's state at its own time)
@@ -184,7 +184,7 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
     cdef Py_ssize_t s = 0, e, seg, B = p.B
     cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
     cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False, contended
+    cdef bint alone_packed = False, crew_packed = False, contended, whole
     cdef CallDigests digests
     cdef ForwardTeam ctx
     cdef int *fails = NULL
@@ -195,11 +195,15 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
     seg = T
     if owns:
         seg = max(1, <Py_ssize_t> (SEGMENT_FLOP / (2.0 * B * p.G * p.H * (p.I + p.H))))
-    if p.gates != NULL or p.aux != NULL or p.hr != NULL or p.y_copy != NULL:
-        seg = T                     # (a training plan's per-step arrays: one segment)
+    # a training plan's per-step arrays (segment() does not move them): one segment,
+    # and a team that runs it to the end
+    whole = p.gates != NULL or p.aux != NULL or p.hr != NULL or p.y_copy != NULL
+    if whole:
+        seg = T
     while s < T and not fail[0]:
         contended = owns and fastrnn_pool_contended()
-        if owns and not contended and not fastrnn_pool_openmp_spinning() \
+        # (the general path's calls form a team in the OpenMP spin window, as they did)
+        if owns and not contended and not (fast and fastrnn_pool_openmp_spinning()) \
                 and fastrnn_pool_ready(team):
             if not crew_packed:     # once per call, and only when a team can form
                 crew_packed = True
@@ -218,7 +222,7 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
             # a worker's CPU), it stops at a step and this thread goes on alone. (The
             # packing above may have taken long enough for a worker to see one.)
             if not fastrnn_pool_contended() and \
-                    fastrnn_pool_try_run(team, forward_share, &ctx, by_units):
+                    fastrnn_pool_try_run(team, forward_share, &ctx, by_units and not whole):
                 if fast:
                     TEAMS_BY_SPLIT[1 if by_units else 0] += 1   # one pool owner at a time
                 for q in range(team):

@@ -86,7 +86,7 @@ typedef void (*fastrnn_share_fn)(void *ctx, int tid, int nthr);
  * in 4 ms slices, `perf sched`). So a thread that waits at a step barrier longer than
  * FASTRNN_POOL_STALL_NS, and longer than its own share of that step took, marks the
  * team stalled (a wait at a team's or a loop's end is not a stall: a big last chunk
- * is work, not another process); a team that may stop (the fast path's,
+ * is work, not another process); a team that may stop (an eval call's unit split,
  * whose next steps can run alone from the state the team left) then stops at its next
  * step barrier, and any stalled team makes the following calls run alone for a
  * back-off window: FASTRNN_POOL_BACKOFF_MIN_NS, doubled at each stall that follows
@@ -314,8 +314,8 @@ static void fastrnn_pool_sleep(unsigned *seen)
     pthread_mutex_unlock(&P->mu);
 }
 
-/* The worker's affinity before it narrowed it (read afresh each time it narrows, so a
- * mask the user set on the thread since is what it keeps to and gets back). */
+/* The worker's affinity before it narrowed it (read when it narrows; a mask set on the
+ * thread since, seen when it next looks, replaces it: that is what it keeps to). */
 typedef struct {
 #if FASTRNN_POOL_AFFINITY
     cpu_set_t before;
@@ -340,8 +340,18 @@ static int fastrnn_pool_step_aside(fastrnn_pool_t *P, int w, fastrnn_pool_affini
             && (cpu == caller || (a->away_from >= 0 && a->away_from != caller))) {
         cpu_set_t mask;
         int ok = 1;
-        if (a->away_from < 0)
+        if (a->away_from >= 0) {        /* a mask set on the thread since it narrowed its
+                                         * own is the one it keeps to from now on */
+            cpu_set_t expected = a->before;
+            CPU_CLR(a->away_from, &expected);
+            ok = sched_getaffinity(0, sizeof mask, &mask) == 0;
+            if (ok && !CPU_EQUAL(&mask, &expected)) {
+                a->before = mask;
+                a->away_from = -1;
+            }
+        } else {
             ok = sched_getaffinity(0, sizeof a->before, &a->before) == 0;
+        }
         if (ok && CPU_ISSET(caller, &a->before)) {
             mask = a->before;
             CPU_CLR(caller, &mask);
@@ -541,9 +551,10 @@ static int fastrnn_pool_enter(int n)
         return 0;
     }
     atomic_store(&P->caller_cpu, fastrnn_cpu_now());   /* before the wake: workers read it */
-    /* only the workers this call can use wake (a call on fewer threads than workers
-     * exist, after set_num_threads was lowered or a row split of few rows, woke every
-     * one to spin for nothing: more CPU taken, more "busy" finds; a review's count) */
+    /* the workers this call cannot use go back to sleep as soon as they wake (a call on
+     * fewer threads than workers exist, after set_num_threads was lowered or a row
+     * split of few rows, had every one spin through it for nothing: more CPU taken,
+     * more "busy" finds; a review's count) */
     atomic_store(&P->wanted, n - 1 < P->nworkers ? n - 1 : P->nworkers);
     atomic_fetch_add(&P->wake_seq, 1);
     if (atomic_load(&P->sleepers) > 0) {                /* seq_cst with the sleeper's count */

@@ -346,20 +346,31 @@ def test_load_state_dict_names_what_is_not_a_state_dict():
         m.load_state_dict(sd)
 
 
-def test_a_loaded_module_skips_the_random_init_and_keeps_no_zeros(tmp_path):
-    """Loaders build the module inside weights_to_be_loaded (no random draws, which the
-    strict load overwrites): every loaded weight is the saved one, and a module built
-    outside the block draws its init as before."""
+def test_a_loaded_module_skips_the_random_init_and_keeps_no_zeros(tmp_path, monkeypatch):
+    """Loaders build fastrnn's layers inside weights_to_be_loaded (no random draws, which
+    the strict load overwrites): loading draws nothing, and every loaded weight is the
+    saved one. Outside the block a layer draws its init; inside, an explicit
+    reset_parameters() still does."""
     import fastrnn
+    from fastrnn.modules import module as module_mod
     from fastrnn.modules.module import weights_to_be_loaded
     m = fastrnn.LSTM(7, 9, num_layers=2, seed=4)
+    cell = fastrnn.GRUCell(5, 6, seed=2)
     fastrnn.save(tmp_path / "m.npz", m)
-    got = fastrnn.load(tmp_path / "m.npz")
+    fastrnn.save(tmp_path / "c.npz", cell)
+    draws = []
+    real = module_mod.fill_uniform
+    monkeypatch.setattr(module_mod, "fill_uniform", lambda *a: (draws.append(1), real(*a)))
+    got, got_cell = fastrnn.load(tmp_path / "m.npz"), fastrnn.load(tmp_path / "c.npz")
+    assert draws == []
     for (name, a), (_, b) in zip(m.named_parameters(), got.named_parameters()):
         assert np.array_equal(a.data, b.data), name
+    for (name, a), (_, b) in zip(cell.named_parameters(), got_cell.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
+    fastrnn.LSTM(7, 9, seed=4)
+    assert draws                                     # a plain construction draws
     with weights_to_be_loaded():
         blank = fastrnn.LSTM(7, 9, seed=4)
-    assert not any(p.data.any() for p in blank.parameters())
-    assert np.array_equal(fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data,
-                          fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data)
-    assert fastrnn.LSTM(7, 9, seed=4).weight_hh_l0.data.any()
+        assert not any(p.data.any() for p in blank.parameters())
+        blank.reset_parameters(np.random.default_rng(0))
+        assert all(p.data.any() for p in blank.parameters())

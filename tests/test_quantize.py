@@ -705,12 +705,15 @@ def test_quantisers_match_their_definitions_bitwise():
     nan = (wide & 0x7FFFFFFF) > 0x7F800000
     want = np.where(nan, (wide >> 16) | 0x40, rounded).astype(np.uint16)
     assert np.array_equal(bf16_bits(u.view(np.float32)), want)
-    for w in (rng.standard_normal((64, 33)).astype(np.float32) * 0.05,
-              rng.standard_normal((5, 7)) * 1e30, np.array([[3.4e38, -3.4e38, 0.0]], np.float32),
-              np.zeros((3, 4), np.float32)):
+    mixed = rng.standard_normal((64, 33)).astype(np.float32) * 0.05
+    mixed[::3] = 0.0                    # zero rows, some of them -0.0 (a scale's sign bit)
+    mixed[1::6] = -0.0
+    for w in (mixed, rng.standard_normal((5, 7)) * 1e30,
+              np.array([[3.4e38, -3.4e38, 0.0]], np.float32), np.zeros((40, 4), np.float32),
+              -np.zeros((40, 4), np.float32)):
         w64 = w.astype(np.float64)
         scale = (np.abs(w64).max(axis=1) / 127.0).astype(np.float32)
         safe = np.where(scale > 0, scale, 1).astype(np.float64)
         q, s = quantize_int8(w)
-        assert np.array_equal(s, scale)
+        assert np.array_equal(s.view(np.uint32), scale.view(np.uint32))     # -0.0 != +0.0
         assert np.array_equal(q, np.clip(np.rint(w64 / safe[:, None]), -127, 127).astype(np.int8))

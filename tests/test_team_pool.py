@@ -420,6 +420,58 @@ def test_a_late_worker_joins_a_general_path_call_part_way(cls, kind, B, fast_pat
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("reverse,ragged", [(False, False), (True, False), (True, True),
+                                            (False, True)])
+def test_a_late_worker_joins_a_call_reading_inputs_by_id_part_way(cls, reverse, ragged):
+    """The functional API's eval call given x_ids (the driver reads a table of input
+    projections by id: segments move the ids, not the table), forward and reverse,
+    rows of one length or ragged: joins part-way with the one-thread numbers."""
+    F = fastrnn.functional
+    T, B, V = 17, 24, 20
+    rng = np.random.default_rng(3)
+    G = {"RNN": 1, "LSTM": 4, "GRU": 3}[cls]
+    x = rng.standard_normal((V, H)).astype(np.float32)
+    ids = rng.integers(0, V, (T, B))
+    w_ih, w_hh = (rng.uniform(-0.06, 0.06, (G * H, H)).astype(np.float32) for _ in range(2))
+    b_ih, b_hh = (rng.uniform(-0.06, 0.06, G * H).astype(np.float32) for _ in range(2))
+    lengths = (np.arange(B) % T + 1) if ragged else None
+    fn = {"RNN": F.rnn_forward, "LSTM": F.lstm_forward, "GRU": F.gru_forward}[cls]
+    states = (None, None) if cls == "LSTM" else (None,)
+
+    def call():
+        return fn(x, *states, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse,
+                  training=False, x_ids=ids)[:-1]
+    with fastrnn.functional.thread_share(1):
+        want = call()
+    assert np.array_equal(want[0], fn(x[ids], *states, w_ih, w_hh, b_ih, b_hh, lengths=lengths,
+                                      reverse=reverse, training=False)[0])
+    call()
+    if not fastrnn.functional.use_team(*team_rule_args(cls, T, B)):
+        pytest.skip("this call runs on one thread")
+    assert_same(joined_part_way(call, cls, B, 2, 1), want)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_a_late_worker_joins_a_bf16_call_part_way(cls):
+    """Eval calls at matmul precision "medium" (bf16 GEMMs, the general path) join
+    part-way too, each segment alone on the bf16 panels: the one-thread numbers."""
+    from fastrnn import _precision
+    T, B = 17, 24
+    m, x = layer_and_input(cls, T, B, seed=5)
+    with _precision.scoped("medium"):
+        _precision._force_bf16 = True
+        try:
+            want = on_one_thread(m, x)
+            assert not np.array_equal(want[0], on_one_thread_highest(m, x)[0])   # bf16 ran
+            m(x)
+            if not fastrnn.functional.use_team(*team_rule_args(cls, T, B)):
+                pytest.skip("this call runs on one thread")
+            assert_same(joined_part_way(lambda: m(x), cls, B, 2, 1), want)
+        finally:
+            _precision._force_bf16 = False
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("B", [1, 3, 40])
 def test_bf16_eval_calls_on_the_pool_or_alone_agree(cls, B):
     """Eval calls at matmul precision "medium" (bf16 GEMMs, fastrnn._precision) run on

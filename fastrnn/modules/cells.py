@@ -32,7 +32,7 @@ from fastrnn import _fastpath, _precision
 from fastrnn._validate import describe
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targets,
-                                    reset_recurrent_parameters, training_call)
+                                    init_skipped, reset_recurrent_parameters, training_call)
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
@@ -66,7 +66,8 @@ class _CellBase(Module):
         else:
             self.bias_ih = self.bias_hh = None  # what the kernels take for "no bias"
         self._stack = []  # per-step (cache, batched, B), most recent last
-        self.reset_parameters(np.random.default_rng(seed))
+        if not init_skipped():          # (weights_to_be_loaded: a loader sets them all)
+            self.reset_parameters(np.random.default_rng(seed))
 
     def reset_parameters(self, rng=None):
         """torch's init: every parameter ~ U(-1/sqrt(H), 1/sqrt(H)), in registration order."""

@@ -68,18 +68,25 @@ _init = threading.local()      # .skip: recurrent layers and cells built now kee
 
 @contextlib.contextmanager
 def weights_to_be_loaded():
-    """Within the block, recurrent layers and cells this thread builds skip their random
-    init (their weights stay zeros): a loader that then sets every parameter (a strict
+    """Within the block, fastrnn's recurrent layers and cells that this thread
+    constructs skip their random init (their weights stay zeros; an explicit
+    reset_parameters() still draws): a loader that then sets every parameter (a strict
     `load_state_dict`, which refuses a missing one) would throw the draws away. The
-    init's stream is the layer's own, so nothing else draws differently. LSTM I=H=512,
-    two layers, from a file: its construction took 17 ms of a 53 ms load (a helper's
-    first-use scan, 2-core Xeon)."""
+    init's stream is the layer's own, so nothing else draws differently. Loaders enter
+    it for fastrnn's own classes only (a registered class may read its initial
+    weights). LSTM I=H=512, two layers, from a file: its construction took 17 ms of a
+    53 ms load (a helper's first-use scan, 2-core Xeon)."""
     prev = getattr(_init, "skip", False)
     _init.skip = True
     try:
         yield
     finally:
         _init.skip = prev
+
+
+def init_skipped():
+    """Is this thread inside weights_to_be_loaded (constructors skip their init)?"""
+    return getattr(_init, "skip", False)
 
 
 def charge_values(shape):
@@ -278,8 +285,6 @@ def reset_recurrent_parameters(module, rng=None):
     1/sqrt(H)), H its hidden_size, drawn in registration order from rng (a
     numpy Generator; None: fresh entropy)."""
     check_writeable(module.named_parameters(), f"{type(module).__name__}.reset_parameters")
-    if getattr(_init, "skip", False):
-        return                          # (weights_to_be_loaded: a strict load follows)
     rng = np.random.default_rng() if rng is None else rng
     bound = 1.0 / math.sqrt(module.hidden_size)
     for _, p in module.named_parameters():

@@ -18,7 +18,7 @@ from fastrnn import _buffers, _fastpath, _placement
 from fastrnn._validate import as_ids, describe
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targets,
-                                    reset_recurrent_parameters, training_call)
+                                    init_skipped, reset_recurrent_parameters, training_call)
 
 __all__ = ["RNNBase", "RNN", "LSTM", "GRU"]
 
@@ -197,7 +197,8 @@ class RNNBase(Module):
                     setattr(self, name, Parameter(aligned_zeros(shape, self.dtype)))
                     self._param_shapes[name] = shape
                 self._param_names.append([name for name, _ in shapes])
-        self.reset_parameters(np.random.default_rng(init_seq))
+        if not init_skipped():          # (weights_to_be_loaded: a loader sets them all)
+            self.reset_parameters(np.random.default_rng(init_seq))
 
     # -- configuration ------------------------------------------------------
     @property
