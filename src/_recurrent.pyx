@@ -56,7 +56,8 @@ from _team_pool cimport (FASTRNN_POOL_MAX, fastrnn_pool_barrier, fastrnn_pool_en
                          fastrnn_pool_busy_only,
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
                          fastrnn_pool_pretend_busy,
-                         fastrnn_pool_watch_on, fastrnn_cpu_now)
+                         fastrnn_pool_watch_on, fastrnn_cpu_now, fastrnn_now_ns,
+                         fastrnn_spin_pause)
 
 cnp.import_array()
 

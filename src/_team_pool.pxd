@@ -25,4 +25,6 @@ cdef extern from "team_pool.h" nogil:
     void fastrnn_pool_set_openmp_window(long long ns, int make_default)
     double fastrnn_pause_ns()
     int fastrnn_cpu_now()
+    long long fastrnn_now_ns()
+    void fastrnn_spin_pause "FASTRNN_SPIN_PAUSE"()
     long long fastrnn_pool_openmp_window()

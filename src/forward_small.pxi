@@ -121,6 +121,50 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
     return True
 
 
+cdef bint packing_kept(const Plan *q, const floating *w_ih, const floating *w_hh,
+                       int nslices, int n, CallDigests *digests) noexcept nogil:
+    """Does the cache hold every float packing pack_for(q, ..., nslices) would make? (The
+    digests taken as pack_for takes them, and kept in `digests` for it.) False with the
+    cache off; bf16 plans are not asked (True: no wait for them)."""
+    cdef bint cache = True
+    cdef uint64_t d = 0
+    cdef PackLayout layout
+    cdef void *buf
+    if q.bf16:
+        return True
+    if pack_cache_is_off():
+        return False
+    if not digests.taken:
+        digests.taken = True
+        if q.pack_ih:
+            digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
+        if q.pack_hh:
+            digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
+    if q.pack_ih:
+        buf = find_packed(&cache, PACK_GATE_SLICES, w_ih, sizeof(floating), nslices, q.G, q.H,
+                          q.I, 1, &layout, &d, &digests.ih)
+        if buf == NULL:
+            return False
+        slices_free(buf)
+    if q.pack_hh:
+        buf = find_packed(&cache, PACK_GATE_SLICES, w_hh, sizeof(floating), nslices, q.G, q.H,
+                          q.O, 1, &layout, &d, &digests.hh)
+        if buf == NULL:
+            return False
+        slices_free(buf)
+    return True
+
+
+# A call's first segment that finds no team ready and would have to pack the weights
+# for this thread alone (a first call; the first after the workers slept, when only
+# teams ever ran) waits up to this long for the workers instead, when that packing is
+# at least FIRST_WAIT_BYTES: packing 32 MB alone took ~20 ms of a first call (LSTM
+# I=H=1024 B=1 T=100, 2-core Xeon), kept a second copy in the cache, and a woken worker
+# is ready within 60-360 us there (team_pool.h).
+cdef long long FIRST_WAIT_NS = 1000000
+cdef size_t FIRST_WAIT_BYTES = 4 << 20
+
+
 cdef struct SegmentWork:
     # A call's buffers for its segments (run_small and forward_on_pool allocate them)
     Py_ssize_t *lengths         # (B,) steps each row has left from the segment's start
@@ -185,6 +229,9 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
     cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
     cdef Plan alone, crew
     cdef bint alone_packed = False, crew_packed = False, contended, whole
+    cdef int waited = 0
+    cdef long long deadline
+    cdef Py_ssize_t G = p.G
     cdef CallDigests digests
     cdef ForwardTeam ctx
     cdef int *fails = NULL
@@ -243,6 +290,18 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
             e = min(T, s + seg)
         else:
             e = min(T, s + <Py_ssize_t> (BUSY_SEGMENTS * seg))
+        if not alone_packed and waited == 0 and s == 0 and not crew_packed and owns \
+                and not contended and (p.pack_ih or p.pack_hh) \
+                and G * p.H * ((p.I if p.pack_ih else 0) + (p.O if p.pack_hh else 0)) \
+                    * sizeof(floating) >= FIRST_WAIT_BYTES \
+                and not packing_kept(&alone, <const floating *> p.w_ih,
+                                     <const floating *> p.w_hh, 1, pool_n, &digests):
+            waited = 1
+            deadline = fastrnn_now_ns() + FIRST_WAIT_NS
+            while fastrnn_now_ns() < deadline and not fastrnn_pool_ready(team) \
+                    and not fastrnn_pool_contended():
+                fastrnn_spin_pause()
+            continue                # the team's branch asks again (or this one packs)
         if not alone_packed:
             alone_packed = True
             if not pack_for(&alone, <const floating *> p.w_ih, <const floating *> p.w_hh, 1,

@@ -797,6 +797,51 @@ def test_the_worker_made_for_a_call_joins_that_call():
     assert workers == 1 and teams >= 1, res.stdout
 
 
+_FIRST_PACKING = """
+import sys
+import numpy as np
+import fastrnn
+from fastrnn import _recurrent
+fastrnn.set_num_threads(2)
+if fastrnn.get_num_threads() < 2:
+    print("SKIP"); sys.exit(0)
+_recurrent.pool_watch(False)
+m = fastrnn.LSTM(1024, 1024, seed=0).eval()     # W_ih, W_hh: 16 MB each
+x = np.random.default_rng(0).standard_normal((40, 1, 1024)).astype(np.float32)
+got = m(x)
+teams, kept = _recurrent.pool_stats()["teams"], _recurrent._pack_cache_stats()[0]
+with fastrnn.functional.thread_share(1):
+    want = m(x)
+for a, b in zip((got[0], *got[1]), (want[0], *want[1])):
+    assert np.array_equal(a, b)
+print(teams, kept)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs")
+def test_a_first_call_waits_briefly_for_its_team_rather_than_pack_alone():
+    """A first call whose weights need megabytes of packing waits up to 1 ms for the
+    worker it woke before packing them for itself alone: it packed both ways (the
+    one-thread layout for a first segment, then the team's) and kept both. In fresh
+    processes, LSTM I=H=1024 B=1: in at least one of five the call runs on a team with
+    only the team's two packings kept (W_ih, W_hh); the numbers are the one-thread
+    numbers. (The one-thread call after it packs its own: hence the count taken
+    before it.)"""
+    seen = []
+    for _ in range(5):
+        res = subprocess.run([sys.executable, "-c", _FIRST_PACKING], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        if res.stdout.strip() == "SKIP":
+            pytest.skip("OpenMP is not compiled in: one thread")
+        teams, kept = map(int, res.stdout.split())
+        seen.append((teams, kept))
+        if teams >= 1 and kept == 2:
+            return
+    pytest.fail(f"(teams, packings kept) per process: {seen}")
+
+
 _UNWANTED_WORKER = """
 import os, sys, time
 import numpy as np
