@@ -68,6 +68,17 @@ def until_team(call, seconds=5.0):
         assert time.monotonic() < end, "no call ran on a team"
 
 
+def in_fresh_process(script, *args):
+    """The integers `script` prints, run by a new Python (its pool has no worker yet);
+    skips when it prints SKIP (OpenMP not compiled in: one thread)."""
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if res.stdout.strip() == "SKIP":
+        pytest.skip("OpenMP is not compiled in: one thread")
+    return [int(v) for v in res.stdout.split()]
+
+
 def teamed(m, T, B):
     """Does this call run on a team (some layer threaded, by the plan's schedule)?"""
     return any(_fastpath._plan(m, False).schedule(T, B)[2])
@@ -566,12 +577,7 @@ def test_a_worker_on_the_callers_cpu_is_not_claimed_and_moves_off_it(mode):
     form after, and while it sleeps it stays off that CPU (its affinity the process's
     less one CPU), so that the next wake does not land it there. The numbers are the
     one-thread numbers throughout."""
-    out = subprocess.run([sys.executable, "-c", _ON_ONE_CPU, mode], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    if out.stdout.strip() == "SKIP":
-        pytest.skip("OpenMP is not compiled in: one thread")
-    workers, teams, moved, off, same = map(int, out.stdout.split())
+    workers, teams, moved, off, same = in_fresh_process(_ON_ONE_CPU, mode)
     assert workers >= 1
     if mode == "process":
         assert teams == 0 and moved == 0 and same == 1
@@ -788,13 +794,8 @@ def test_the_worker_made_for_a_call_joins_that_call():
     call part-way (it waited for the next call's wake: every first call ran alone, LSTM
     I=H=1024 B=1 T=100 at 127-134 ms against 29 steady on the 2-core Xeon). A fresh
     process (the pool has no worker yet), 3000 steps asking every few steps."""
-    res = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    if res.stdout.strip() == "SKIP":
-        pytest.skip("OpenMP is not compiled in: one thread")
-    workers, teams = map(int, res.stdout.split())
-    assert workers == 1 and teams >= 1, res.stdout
+    workers, teams = in_fresh_process(_FIRST_CALL)
+    assert workers == 1 and teams >= 1, (workers, teams)
 
 
 _FIRST_PACKING = """
@@ -830,12 +831,7 @@ def test_a_first_call_waits_briefly_for_its_team_rather_than_pack_alone():
     before it.)"""
     seen = []
     for _ in range(5):
-        res = subprocess.run([sys.executable, "-c", _FIRST_PACKING], capture_output=True,
-                             text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
-        if res.stdout.strip() == "SKIP":
-            pytest.skip("OpenMP is not compiled in: one thread")
-        teams, kept = map(int, res.stdout.split())
+        teams, kept = in_fresh_process(_FIRST_PACKING)
         seen.append((teams, kept))
         if teams >= 1 and kept == 2:
             return
@@ -879,13 +875,8 @@ def test_a_call_wakes_only_the_workers_it_can_use():
     after it (a review: 5-9 clock ticks per 20 calls each). In a fresh process: two
     workers made at 3 threads, then 300 calls at 2, each after the workers slept; the
     second worker's CPU time stays near none (clock ticks, usually 10 ms)."""
-    res = subprocess.run([sys.executable, "-c", _UNWANTED_WORKER], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    if res.stdout.strip() == "SKIP":
-        pytest.skip("OpenMP is not compiled in: one thread")
-    used, unused = map(int, res.stdout.split())
-    assert unused <= 2, res.stdout
+    used, unused = in_fresh_process(_UNWANTED_WORKER)
+    assert unused <= 2, (used, unused)
 
 
 def test_more_threads_than_the_pool_has_workers_still_form_a_team():
