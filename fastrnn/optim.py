@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from fastrnn.modules.module import Module, Parameter, check_writeable
-from fastrnn import _adam
+from fastrnn import _adam, _recurrent
 from fastrnn._config import get_num_threads
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm", "clip_grad_value",
@@ -196,6 +196,7 @@ class Adam(Optimizer):
         lr, (b1, b2), eps, wd = self.lr, self.betas, self.eps, self.weight_decay
         step_size = lr / (1 - b1 ** t)
         bc2_sqrt = math.sqrt(1 - b2 ** t)
+        n_threads = get_num_threads()
         for p, st in zip(self.params, self.state):
             g = p.grad
             if wd != 0:
@@ -214,9 +215,15 @@ class Adam(Optimizer):
             data = p.data if p.data.flags.c_contiguous else np.ascontiguousarray(p.data)
             _adam.step(data.reshape(-1), np.ascontiguousarray(g, dtype=p.data.dtype).reshape(-1),
                        m.reshape(-1), v.reshape(-1), b1, b2, step_size, bc2_sqrt, eps,
-                       get_num_threads())
+                       n_threads)
             if data is not p.data:   # (reshape of a non-contiguous array is a copy)
                 p.data[...] = data
+        if n_threads > 1 and self.params:
+            # its OpenMP workers spin now: an eval call right after runs alone until they
+            # sleep, rather than team with a worker beside one (a stall, then calls alone
+            # for a back-off of 10 ms or more; the window was the backward's, which a long
+            # step outlasts)
+            _recurrent.note_openmp()
 
 
 class AdamW(Adam):

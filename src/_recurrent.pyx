@@ -1151,6 +1151,13 @@ def _pack_cache_enable(bint on):
     pack_cache_set_off(0 if on else 1)
 
 
+def note_openmp():
+    """An OpenMP region of fastrnn's outside this module has just ended (an optimiser's
+    step): its workers spin for a while, so fast-path eval calls run alone for the
+    window, as after a training call's forward or backward (team_pool.h)."""
+    fastrnn_pool_note_openmp()
+
+
 def _pack_cache_enabled():
     return not pack_cache_is_off()
 

@@ -325,6 +325,29 @@ def test_fast_path_calls_right_after_an_openmp_team_run_alone():
     assert_same(until_team(lambda: m(x)), want)
 
 
+def test_fast_path_calls_right_after_an_adam_step_run_alone():
+    """An Adam step on 2 threads is an OpenMP region too (src/_adam.pyx): fast-path eval
+    calls right after it run alone for the window, as after a training call; then on a
+    team again. Bitwise the same."""
+    m, x = layer_and_input("LSTM", 9, 1)
+    assert teamed(m, 9, 1)
+    want = on_one_thread(m, x)
+    trained = fastrnn.LSTM(8, 8, seed=1)
+    for p in trained.parameters():
+        p.grad[...] = 0.5
+    opt = fastrnn.optim.Adam(trained.parameters(), lr=1e-3)
+    _recurrent.pool_test_knobs(openmp_window=60.0, any_stamp=True)   # (ends the window)
+    assert_same(until_team(lambda: m(x)), want)                     # no window: a team
+    opt.step()
+    teams = _recurrent.pool_stats()["teams"]
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        assert_same(m(x), want)
+    assert _recurrent.pool_stats()["teams"] == teams        # alone, every call
+    _recurrent.pool_test_knobs(openmp_window=0.0)
+    assert_same(until_team(lambda: m(x)), want)
+
+
 def test_pool_test_knobs_reject_bad_values():
     with pytest.raises(ValueError, match="refuse"):
         _recurrent.pool_test_knobs(refuse=-1)
