@@ -57,7 +57,7 @@ from _team_pool cimport (FASTRNN_POOL_MAX, fastrnn_pool_barrier, fastrnn_pool_en
                          fastrnn_pool_pretend_stall, fastrnn_pool_clear_backoff,
                          fastrnn_pool_pretend_busy,
                          fastrnn_pool_watch_on, fastrnn_cpu_now, fastrnn_now_ns,
-                         fastrnn_spin_pause)
+                         fastrnn_spin_pause, sched_yield)
 
 cnp.import_array()
 

@@ -28,3 +28,7 @@ cdef extern from "team_pool.h" nogil:
     long long fastrnn_now_ns()
     void fastrnn_spin_pause "FASTRNN_SPIN_PAUSE"()
     long long fastrnn_pool_openmp_window()
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()

@@ -155,14 +155,38 @@ cdef bint packing_kept(const Plan *q, const floating *w_ih, const floating *w_hh
     return True
 
 
-# A call's first segment that finds no team ready and would have to pack the weights
-# for this thread alone (a first call; the first after the workers slept, when only
-# teams ever ran) waits up to this long for the workers instead, when that packing is
-# at least FIRST_WAIT_BYTES: packing 32 MB alone took ~20 ms of a first call (LSTM
-# I=H=1024 B=1 T=100, 2-core Xeon), kept a second copy in the cache, and a woken worker
-# is ready within 60-360 us there (team_pool.h).
-cdef long long FIRST_WAIT_NS = 1000000
+# The first use of a unit split's weights (neither its one-thread packing nor the
+# team's kept yet: a first call) whose first segment finds no team ready waits up to
+# FIRST_WAIT_NS for the workers it woke, when that packing is at least FIRST_WAIT_BYTES,
+# rather than pack the weights in the one-thread layout, which the team does not read
+# (a row split's team reads that one: no wait): packing 32 MB alone took ~20 ms of a
+# first call (LSTM I=H=1024 B=1 T=100, 2-core Xeon) and kept a second copy in the
+# cache, while a woken worker is ready within 60-360 us there (team_pool.h). No wait in
+# the OpenMP spin window or a back-off (no team would form), and none in this process
+# once a wait has run out (the workers cannot run beside the caller: one CPU).
+DEF FIRST_WAIT_DEFAULT_NS = 1000000
+cdef long long FIRST_WAIT_NS = FIRST_WAIT_DEFAULT_NS
 cdef size_t FIRST_WAIT_BYTES = 4 << 20
+cdef bint FIRST_WAIT_RAN_OUT = False
+
+
+cdef bint wait_for_team(int team, bint fast) noexcept nogil:
+    """Spin up to FIRST_WAIT_NS until `team` - 1 workers are ready (yielding now and then:
+    a worker may be waiting for this CPU); False if the time ran out. Stops early when
+    calls must run alone (a back-off, the OpenMP window for the fast path)."""
+    cdef long long deadline = fastrnn_now_ns() + FIRST_WAIT_NS
+    cdef int spin = 0
+    while not fastrnn_pool_ready(team):
+        if fastrnn_pool_contended() or (fast and fastrnn_pool_openmp_spinning()):
+            return True
+        if fastrnn_now_ns() >= deadline:
+            return False
+        spin += 1
+        if spin % 64 == 0:
+            sched_yield()
+        else:
+            fastrnn_spin_pause()
+    return True
 
 
 cdef struct SegmentWork:
@@ -228,9 +252,8 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
     cdef Py_ssize_t s = 0, e, seg, B = p.B
     cdef Py_ssize_t T = p.lengths[p.order[0]]                  # steps: the longest row's
     cdef Plan alone, crew
-    cdef bint alone_packed = False, crew_packed = False, contended, whole
-    cdef int waited = 0
-    cdef long long deadline
+    global FIRST_WAIT_RAN_OUT
+    cdef bint alone_packed = False, crew_packed = False, contended, whole, waited = False
     cdef Py_ssize_t G = p.G
     cdef CallDigests digests
     cdef ForwardTeam ctx
@@ -290,17 +313,19 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
             e = min(T, s + seg)
         else:
             e = min(T, s + <Py_ssize_t> (BUSY_SEGMENTS * seg))
-        if not alone_packed and waited == 0 and s == 0 and not crew_packed and owns \
-                and not contended and (p.pack_ih or p.pack_hh) \
+        if not alone_packed and not waited and s == 0 and not crew_packed and owns \
+                and by_units and not contended and not FIRST_WAIT_RAN_OUT \
+                and not (fast and fastrnn_pool_openmp_spinning()) \
+                and (p.pack_ih or p.pack_hh) \
                 and G * p.H * ((p.I if p.pack_ih else 0) + (p.O if p.pack_hh else 0)) \
                     * sizeof(floating) >= FIRST_WAIT_BYTES \
                 and not packing_kept(&alone, <const floating *> p.w_ih,
-                                     <const floating *> p.w_hh, 1, pool_n, &digests):
-            waited = 1
-            deadline = fastrnn_now_ns() + FIRST_WAIT_NS
-            while fastrnn_now_ns() < deadline and not fastrnn_pool_ready(team) \
-                    and not fastrnn_pool_contended():
-                fastrnn_spin_pause()
+                                     <const floating *> p.w_hh, 1, pool_n, &digests) \
+                and not packing_kept(&alone, <const floating *> p.w_ih,
+                                     <const floating *> p.w_hh, team, pool_n, &digests):
+            waited = True
+            if not wait_for_team(team, fast):
+                FIRST_WAIT_RAN_OUT = True
             continue                # the team's branch asks again (or this one packs)
         if not alone_packed:
             alone_packed = True
@@ -821,7 +846,7 @@ def pool_stats():
 
 def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
                     double openmp_window=-1, bint colocated=False, int stall_at=0,
-                    double backoff=-1):
+                    double backoff=-1, double first_wait=-1):
     """Test hook: the next `refuse` tries to form a team are refused as if the workers
     were not awake yet (so a call runs that many segments alone, then joins), and the
     alone segments are `segment_flop` of work; any_stamp: a waiting worker is claimed
@@ -836,13 +861,17 @@ def pool_test_knobs(int refuse=0, double segment_flop=8e6, bint any_stamp=False,
     end of a team is its last meeting, a row split team's first; until the knobs are
     restored, a real long wait does not mark a team stalled);
     backoff: seconds the next back-off window after a stall lasts (negative: the
-    default); every call also ends the current window. pool_test_knobs() restores
-    the defaults."""
-    global SEGMENT_FLOP
+    default); every call also ends the current window; first_wait: seconds the first
+    use of a unit split's weights waits for its team (negative: the default, 1 ms;
+    also forgets that a wait ran out). pool_test_knobs() restores the defaults."""
+    global SEGMENT_FLOP, FIRST_WAIT_NS, FIRST_WAIT_RAN_OUT
     if refuse < 0 or segment_flop <= 0 or stall_at < 0:
         raise ValueError(f"pool_test_knobs: refuse and stall_at must be >= 0 and "
                          f"segment_flop > 0, got {refuse}, {stall_at} and {segment_flop}")
     SEGMENT_FLOP = min(segment_flop, 1e18)     # (its quotient is cast to a step count)
+    FIRST_WAIT_NS = <long long> (min(first_wait, 1e3) * 1e9) if first_wait >= 0 \
+        else FIRST_WAIT_DEFAULT_NS
+    FIRST_WAIT_RAN_OUT = False
     fastrnn_pool_refuse(refuse, any_stamp)
     fastrnn_pool_set_openmp_window(<long long> (openmp_window * 1e9) if openmp_window >= 0
                                    else -1, False)
