@@ -852,12 +852,11 @@ def test_a_first_call_waits_briefly_for_its_team_rather_than_pack_alone():
     team's) and kept both. A fresh process, LSTM I=H=1024 B=1, the wait lengthened to
     10 s (a loaded machine may take long to run the worker; the default is 1 ms) and any
     waiting worker claimed: the call runs on a team with only the team's two packings
-    kept (W_ih, W_hh). With no wait it keeps four. The numbers are the one-thread
-    numbers. (The one-thread call after it packs its own: the count is taken before.)"""
+    kept (W_ih, W_hh); the build before the wait kept four in 3 of 5 processes (two
+    ran alone). The numbers are the one-thread numbers. (The one-thread call after it
+    packs its own: the count is taken before.)"""
     teams, kept = in_fresh_process(_FIRST_PACKING, "10")
     assert teams >= 1 and kept == 2, (teams, kept)
-    teams, kept = in_fresh_process(_FIRST_PACKING, "0")
-    assert kept == 4 or teams == 0, (teams, kept)
 
 
 _UNWANTED_WORKER = """
