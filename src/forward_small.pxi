@@ -82,6 +82,19 @@ cdef uint64_t pool_digest(const void *W, size_t nbytes, int n) noexcept nogil:
     return h
 
 
+cdef void take_digests(const Plan *q, const floating *w_ih, const floating *w_hh, int n,
+                       bint bf16, CallDigests *digests) noexcept nogil:
+    """The digests of the weights a call packs (both with bf16), on the pool (n threads
+    at most), once a call: kept in `digests`. None with the cache off."""
+    if digests.taken or pack_cache_is_off():
+        return
+    digests.taken = True
+    if bf16 or q.pack_ih:
+        digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
+    if bf16 or q.pack_hh:
+        digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
+
+
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
                    int n, CallDigests *digests) noexcept nogil:
     """q.w_ih_slices / q.w_hh_slices := w_ih's / w_hh's packed slices for nslices (kept
@@ -95,12 +108,7 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
     cdef const uint64_t *d_hh = NULL
     if floating is float:
         bf16 = q.bf16
-    if not digests.taken and not pack_cache_is_off():
-        digests.taken = True
-        if bf16 or q.pack_ih:
-            digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
-        if bf16 or q.pack_hh:
-            digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
+    take_digests(q, w_ih, w_hh, n, bf16, digests)
     if digests.taken:       # else the cache is off, or was when the call began
         d_ih, d_hh = &digests.ih, &digests.hh
     q.nslices = nslices
@@ -126,32 +134,26 @@ cdef bint packing_kept(const Plan *q, const floating *w_ih, const floating *w_hh
     """Does the cache hold every float packing pack_for(q, ..., nslices) would make? (The
     digests taken as pack_for takes them, and kept in `digests` for it.) False with the
     cache off; bf16 plans are not asked (True: no wait for them)."""
-    cdef bint cache = True
-    cdef uint64_t d = 0
-    cdef PackLayout layout
-    cdef void *buf
     if q.bf16:
         return True
     if pack_cache_is_off():
         return False
-    if not digests.taken:
-        digests.taken = True
-        if q.pack_ih:
-            digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
-        if q.pack_hh:
-            digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
-    if q.pack_ih:
-        buf = find_packed(&cache, PACK_GATE_SLICES, w_ih, sizeof(floating), nslices, q.G, q.H,
-                          q.I, 1, &layout, &d, &digests.ih)
-        if buf == NULL:
-            return False
-        slices_free(buf)
-    if q.pack_hh:
-        buf = find_packed(&cache, PACK_GATE_SLICES, w_hh, sizeof(floating), nslices, q.G, q.H,
-                          q.O, 1, &layout, &d, &digests.hh)
-        if buf == NULL:
-            return False
-        slices_free(buf)
+    take_digests(q, w_ih, w_hh, n, False, digests)
+    return ((not q.pack_ih or slices_kept(w_ih, q.G, q.H, q.I, nslices, digests.ih))
+            and (not q.pack_hh or slices_kept(w_hh, q.G, q.H, q.O, nslices, digests.hh)))
+
+
+cdef bint slices_kept(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
+                      int nslices, uint64_t digest) noexcept nogil:
+    """Does the cache hold W's gate_slices packing for nslices (W's digest given)?"""
+    cdef bint cache = True
+    cdef uint64_t d = 0
+    cdef PackLayout layout
+    cdef void *buf = find_packed(&cache, PACK_GATE_SLICES, W, sizeof(floating), nslices, G, H,
+                                 K, 1, &layout, &d, &digest)
+    if buf == NULL:
+        return False
+    slices_free(buf)
     return True
 
 
@@ -254,7 +256,6 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
     cdef Plan alone, crew
     global FIRST_WAIT_RAN_OUT
     cdef bint alone_packed = False, crew_packed = False, contended, whole, waited = False
-    cdef Py_ssize_t G = p.G
     cdef CallDigests digests
     cdef ForwardTeam ctx
     cdef int *fails = NULL
@@ -317,7 +318,7 @@ cdef void run_segments(floating *y, Plan *p, int team, bint by_units, bint owns,
                 and by_units and not contended and not FIRST_WAIT_RAN_OUT \
                 and not (fast and fastrnn_pool_openmp_spinning()) \
                 and (p.pack_ih or p.pack_hh) \
-                and G * p.H * ((p.I if p.pack_ih else 0) + (p.O if p.pack_hh else 0)) \
+                and p.G * p.H * ((p.I if p.pack_ih else 0) + (p.O if p.pack_hh else 0)) \
                     * sizeof(floating) >= FIRST_WAIT_BYTES \
                 and not packing_kept(&alone, <const floating *> p.w_ih,
                                      <const floating *> p.w_hh, 1, pool_n, &digests) \

@@ -555,7 +555,7 @@ static int fastrnn_pool_enter(int n)
      * fewer threads than workers exist, after set_num_threads was lowered or a row
      * split of few rows, had every one spin through it for nothing: more CPU taken,
      * more "busy" finds; a review's count) */
-    atomic_store(&P->wanted, n - 1 < P->nworkers ? n - 1 : P->nworkers);
+    atomic_store(&P->wanted, n - 1);
     atomic_fetch_add(&P->wake_seq, 1);
     if (atomic_load(&P->sleepers) > 0) {                /* seq_cst with the sleeper's count */
         pthread_mutex_lock(&P->mu);
