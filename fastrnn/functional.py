@@ -213,7 +213,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
 
 
 def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_in=None,
-                  db_x=None, db_h=None):
+                  db_x=None, db_h=None, weights=True):
     """Run the driver's backward; the reverse loop splits hidden units for small
     batches (every thread reads only its panels of W_hh^T, and a batch of 1
     uses every thread), row chunks otherwise. Both give bitwise the same
@@ -222,11 +222,15 @@ def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_i
     ids_in, fused (forward read a table by id): x, dx and dw_ih are not used, and
     dtable (V, G*H) receives the gradient of the table's rows.
     db_x, db_h (G*H,) or None: receive the biases' gradients (_bias_gradients).
+    weights False: dx, dh0 (dc0) only; the gate gradients stay in their arrays for
+    _recurrent.weight_gradients later (GateGradients).
     """
     n = sched.n_threads
     by_units = n > 1 and len(sched.order) <= BACKWARD_UNITS_MAX_BATCH and args[6] is None  # dw_hr
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)
     table = {} if db_x is None else dict(db_x=db_x, db_h=db_h)
+    if not weights:
+        table["weights"] = False
     if ids_in is not None and ids_in.fused:
         args = list(args)
         args[4] = args[18] = None                    # dw_ih, x
@@ -569,6 +573,58 @@ def _input_gradient(cache, dx, dw_ih, accumulate):
     flop = 4 * ids_in.x.size * cache.w_ih.shape[0]
     return _ids_input.gradient(ids_in, dx, cache.w_ih, dw_ih, accumulate,
                                call_threads() if flop >= SMALL_WORK_FLOP else 1)
+
+
+class GateGradients:
+    """The terms of a step's weight gradients that a cell's backward leaves for later
+    (deferred_backward): dgx (V, G*H) dL/d(x W_ih^T), dgh (V, G*H) dL/d(h W_hh^T) or
+    None (the same as dgx: RNN, LSTM), x (V, I), h_prev (V, H); V = T*B rows.
+        dW_ih = dgx^T x,  dW_hh = dgh^T h_prev,  db_ih = sum of dgx's rows,
+        db_hh = sum of dgh's rows
+    (_recurrent.weight_gradients over the rows of many steps at once)."""
+
+    __slots__ = ("dgx", "dgh", "x", "h_prev")
+
+    def __init__(self, dgx, dgh, x, h_prev):
+        self.dgx, self.dgh, self.x, self.h_prev = dgx, dgh, x, h_prev
+
+
+def defers_weights(cache):
+    """Can deferred_backward take this cache: a kernel's (not the reference's) cache of
+    a forward call in full precision, every row of every step present, no table by id?"""
+    return (getattr(cache, "reference", None) is None and not cache.reverse
+            and not cache.bf16 and not cache.sched.padded and cache.ids_in is None
+            and getattr(cache, "w_hr", None) is None)
+
+
+def deferred_backward(name, dy, dh_n, dc_n, cache):
+    """The backward of an "rnn", "lstm" or "gru" cache without its weight and bias
+    gradients -> (dx, dh0, dc0 (LSTM; else None), GateGradients), for a cell stepped
+    through time: summing all its steps' weight gradients in one GEMM afterwards
+    reads and writes each .grad once per sequence instead of once per step (LSTMCell(300, 1000) at B=8 adds a 20 MB
+    gradient per step). The caller checked defers_weights(cache). x is copied (it is
+    the caller's array, which may be reused before the sum is taken)."""
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, name)
+    if name == "lstm":
+        dc_n = optional_state("dc_n", dc_n, (B, H), dtype)
+    cache = cache.take()
+    dx = _buffers.empty((T, B, I), dtype)
+    dh0 = np.empty((B, H), dtype)
+    dc0 = np.empty((B, H), dtype) if name == "lstm" else None
+    G = 4 if name == "lstm" else 3 if name == "gru" else 1
+    dgx = _buffers.empty((T, B, H), dtype) if name == "rnn" else cache.gates   # (T, B, G*H)
+    dgh = _buffers.empty((T, B, 3 * H), dtype) if name == "gru" else None
+    aux = cache.cs if name == "lstm" else cache.hns if name == "gru" else None
+    cell = cache.act if name == "rnn" else CELL_LSTM if name == "lstm" else CELL_GRU
+    _run_backward(cache.sched, T, False, False, False, cell,
+                  dx, dh0, dc0, None, None, None, dgx, dgh, None, dy, dh_n, dc_n, aux, None,
+                  cache.y if name != "lstm" else cache.hs_y, cache.h0,
+                  cache.c0 if name == "lstm" else None, cache.x, _h_prev(cache), cache.w_ih,
+                  cache.w_hh, None, weights=False)
+    terms = GateGradients(dgx.reshape(T * B, G * H),
+                          None if dgh is None else dgh.reshape(T * B, G * H),
+                          cache.x.reshape(T * B, I).copy(), _h_prev(cache).reshape(T * B, H))
+    return dx, dh0, dc0, terms
 
 
 # ---------------------------------------------------------------------------- LSTM

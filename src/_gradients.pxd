@@ -204,6 +204,76 @@ cdef inline int columns_times(Py_ssize_t M, Py_ssize_t K, const floating **A, in
                                 beta, colsum)
 
 
+cdef inline int input_gradient(
+        floating *dx,               # OUT (TB, I) rows in `valid`; the others are left alone
+        const floating *dgx,        # IN  (TB, GH) dL/d(x W_ih^T)
+        const floating *w_ih,       # IN  (GH, I)
+        const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
+        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, int n_threads, bint bf16) noexcept nogil:
+    """dx = dgx W_ih over the V rows in `valid`, on bf16 operands when bf16 (float32
+    only). 0, or -1 if out of memory."""
+    cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
+    cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
+    cdef void *w_ih_t = packed_transpose(w_ih, GH, I, bf16, n_threads)       # W_ih^T (I x GH)
+    cdef int status = -1
+    if gx_rows != NULL and dx_rows != NULL and w_ih_t != NULL:
+        status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
+    free(gx_rows); free(dx_rows)
+    scratch_free(w_ih_t)
+    return status
+
+
+cdef inline int weight_gradients(
+        floating *dw_ih,            # OUT (GH, I), added into when accumulate
+        floating *dw_hh,            # OUT (GH, H), added into when accumulate
+        const floating *dgx,        # IN  (TB, GH) dL/d(x W_ih^T)
+        const floating *dgh,        # IN  (TB, GH) dL/d(h W_hh^T); the same array for RNN and LSTM
+        const floating *x,          # IN  (TB, I)
+        const floating *h_prev,     # IN  (TB, H) the state each step read
+        const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
+        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
+        int n_threads, bint bf16, bint accumulate,
+        floating *db_x,             # OUT (GH,) dgx's column sums (the biases' gradient), or NULL
+        floating *db_h) noexcept nogil:   # OUT (GH,) dgh's, or NULL; not when dgh is dgx
+    """dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev, over the V rows in `valid`, on bf16
+    operands when bf16 (float32 only). accumulate: add into dw_ih, dw_hh (a
+    parameter's .grad: no temporary, no extra pass). db_x, db_h: the column sums,
+    taken while the dW GEMM copies the columns. 0, or -1 if out of memory."""
+    cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
+    cdef const floating **gh_rows = row_pointers(dgh, valid, V, GH)
+    cdef const floating **x_rows = row_pointers(x, valid, V, I)
+    cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
+    cdef void *x_t = NULL
+    cdef void *h_t = NULL
+    cdef Py_ssize_t Ns[2]
+    cdef const void *packs[2]
+    cdef floating *Cs[2]
+    cdef int status = -1
+    cdef floating beta = 1 if accumulate else 0
+    if gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL:
+        x_t = packed_columns(x_rows, I, V, bf16, n_threads)               # x^T (I x V)
+        h_t = packed_columns(h_rows, H, V, bf16, n_threads)               # h_prev^T (H x V)
+    if x_t != NULL and h_t != NULL:
+        Ns[0] = I
+        Ns[1] = H
+        packs[0] = x_t
+        packs[1] = h_t
+        Cs[0] = dw_ih
+        Cs[1] = dw_hh
+        if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
+            status = columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta,
+                                   db_x)
+        else:
+            status = columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta,
+                                   db_x)
+            status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
+                                    n_threads, beta, db_h)
+        status = -1 if status != 0 else 0
+    free(gx_rows); free(gh_rows); free(x_rows); free(h_rows)
+    scratch_free(x_t); scratch_free(h_t)
+    return status
+
+
 cdef inline int input_and_weight_gradients(
         floating *dx,               # OUT (TB, I) rows in `valid`; the others are left alone
         floating *dw_ih,            # OUT (GH, I), added into when accumulate
@@ -216,52 +286,13 @@ cdef inline int input_and_weight_gradients(
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
         int n_threads, bint bf16, bint accumulate,
-        floating *db_x,             # OUT (GH,) dgx's column sums (the biases' gradient), or NULL
+        floating *db_x,             # OUT (GH,) dgx's column sums, or NULL
         floating *db_h) noexcept nogil:   # OUT (GH,) dgh's, or NULL; not when dgh is dgx
-    """dx = dgx W_ih; dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev, over the V rows in
-    `valid`, on bf16 operands when bf16 (float32 only). accumulate: add the weight
-    gradients into dw_ih, dw_hh (a parameter's .grad: no temporary, no extra pass).
-    db_x, db_h: the column sums, taken while the dW GEMM copies the columns.
-
-    0, or -1 if out of memory.
-    """
-    cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
-    cdef const floating **gh_rows = row_pointers(dgh, valid, V, GH)
-    cdef const floating **x_rows = row_pointers(x, valid, V, I)
-    cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
-    cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
-    cdef void *w_ih_t = packed_transpose(w_ih, GH, I, bf16, n_threads)       # W_ih^T (I x GH)
-    cdef void *x_t = NULL
-    cdef void *h_t = NULL
-    cdef Py_ssize_t Ns[2]
-    cdef const void *packs[2]
-    cdef floating *Cs[2]
-    cdef int status = -1
-    cdef floating beta = 1 if accumulate else 0
-    if (gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL
-            and dx_rows != NULL and w_ih_t != NULL):
-        x_t = packed_columns(x_rows, I, V, bf16, n_threads)               # x^T (I x V)
-        h_t = packed_columns(h_rows, H, V, bf16, n_threads)               # h_prev^T (H x V)
-    if x_t != NULL and h_t != NULL:
-        Ns[0] = I
-        Ns[1] = H
-        packs[0] = x_t
-        packs[1] = h_t
-        Cs[0] = dw_ih
-        Cs[1] = dw_hh
-        status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
-        if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status += columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta,
-                                    db_x)
-        else:
-            status += columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta,
-                                    db_x)
-            status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
-                                    n_threads, beta, db_h)
-        status = -1 if status != 0 else 0
-    free(gx_rows); free(gh_rows); free(x_rows); free(h_rows); free(dx_rows)
-    scratch_free(w_ih_t); scratch_free(x_t); scratch_free(h_t)
-    return status
+    """input_gradient, then weight_gradients. 0, or -1 if out of memory."""
+    if input_gradient(dx, dgx, w_ih, valid, V, GH, I, n_threads, bf16) != 0:
+        return -1
+    return weight_gradients(dw_ih, dw_hh, dgx, dgh, x, h_prev, valid, V, GH, I, H, n_threads,
+                            bf16, accumulate, db_x, db_h)
 
 
 cdef inline int weight_gradient(

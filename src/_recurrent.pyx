@@ -31,7 +31,8 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
                     fastrnn_bf16_amx, fastrnn_bf16_level, QG_AVX512_BF16)
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
-from _gradients cimport (input_and_weight_gradients, weight_gradient, rows_scatter_add,
+from _gradients cimport (input_and_weight_gradients, input_gradient, weight_gradient,
+                         weight_gradients as weight_gradient_gemms, rows_scatter_add,
                         dw_set_l2_bytes)
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
                           count_digested, digested,
@@ -956,7 +957,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              const Py_ssize_t[::1] bounds, const Py_ssize_t[::1] valid, bint reverse,
              int n_threads, bint by_units, bint bf16=False, bint accumulate=False,
              const Py_ssize_t[:, ::1] x_ids=None, floating[:, ::1] dx_table=None,
-             floating[::1] db_x=None, floating[::1] db_h=None):
+             floating[::1] db_x=None, floating[::1] db_h=None, bint weights=True):
     """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
@@ -980,6 +981,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     db_x, db_h (G*H,) or None: receive the column sums of dL/d(x W_ih^T) and (GRU)
     dL/d(h W_hh^T) over the rows that exist, the biases' gradients, taken on the
     dW GEMM's pass over those columns; not with x_ids.
+    weights False: dx only (no dW, no bias sums: dw_ih, dw_hh, db_x, db_h are not
+    written); dgx (and dgh) keep the gate gradients for a later weight_gradients call
+    (a cell's steps, summed once per sequence); not with x_ids or a projection.
     Returns False if OpenMP gave fewer threads than asked for the unit split
     (nothing is written; the caller retries with by_units=False).
     """
@@ -1003,6 +1007,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                               or x_ids.shape[1] != B):
         raise ValueError("x_ids: needs shape (T, B) and dx_table (V, G*H), and neither bf16 "
                          "nor a projection")
+    if not weights and (x_ids is not None or w_hr is not None):
+        raise ValueError("weights=False: not with x_ids or a projection")
     if x_ids is not None and (db_x is not None or db_h is not None):
         raise ValueError("db_x, db_h: not with x_ids (the table's rows take dL/d(x W_ih^T))")
     for name, db in (("db_x", db_x), ("db_h", db_h)):
@@ -1065,6 +1071,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             failed = weight_gradient(&dw_hh[0, 0], <floating *> p.dgh if p.dgh != NULL else p_dgx,
                                      &h_prev[0, 0, 0], p_valid, n_valid, G * H, O, n_threads,
                                      accumulate) != 0
+        elif not failed and not short_team and not weights:
+            failed = input_gradient(&dx[0, 0, 0], p_dgx, &w_ih[0, 0], p_valid, n_valid, G * H,
+                                    I, n_threads, p.bf16) != 0
         elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
@@ -1085,6 +1094,41 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     if failed:
         raise MemoryError("fastrnn recurrent backward: out of memory")
     return not short_team
+
+
+def weight_gradients(floating[:, ::1] dw_ih, floating[:, ::1] dw_hh,
+                     const floating[:, ::1] dgx, const floating[:, ::1] dgh,
+                     const floating[:, ::1] x, const floating[:, ::1] h_prev, int n_threads,
+                     bint accumulate=False, floating[::1] db_x=None, floating[::1] db_h=None):
+    """The weight gradients backward(weights=False) left out, over V rows gathered
+    from any number of calls (a cell's steps):
+        dw_ih (+)= dgx^T x,   dw_hh (+)= dgh^T h_prev   (dgh None: dgx, RNN and LSTM)
+    dgx, dgh (V, G*H), x (V, I), h_prev (V, H), dw_ih (G*H, I), dw_hh (G*H, H).
+    accumulate: add into dw_ih, dw_hh. db_x, db_h (G*H,) or None := the column sums of
+    dgx and (with dgh) dgh. Summed in row order, the same for any thread count."""
+    cdef Py_ssize_t V = dgx.shape[0], GH = dgx.shape[1], I = x.shape[1], H = h_prev.shape[1]
+    cdef int failed = 0
+    cdef const floating *p_dgh
+    if (V < 1 or GH < 1 or I < 1 or H < 1 or x.shape[0] != V or h_prev.shape[0] != V
+            or dw_ih.shape[0] != GH or dw_ih.shape[1] != I or dw_hh.shape[0] != GH
+            or dw_hh.shape[1] != H
+            or (dgh is not None and (dgh.shape[0] != V or dgh.shape[1] != GH))
+            or (db_x is not None and db_x.shape[0] != GH)
+            or (db_h is not None and (dgh is None or db_h.shape[0] != GH))):
+        raise ValueError(f"weight_gradients: dgx ({V}, {GH}), x ({x.shape[0]}, {I}), h_prev "
+                         f"({h_prev.shape[0]}, {H}), dw_ih ({dw_ih.shape[0]}, {dw_ih.shape[1]}), "
+                         f"dw_hh ({dw_hh.shape[0]}, {dw_hh.shape[1]}), dgh and the bias sums "
+                         "must match (db_h only with dgh)")
+    p_dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
+    with nogil:
+        failed = weight_gradient_gemms(&dw_ih[0, 0], &dw_hh[0, 0], &dgx[0, 0], p_dgh,
+                                       &x[0, 0], &h_prev[0, 0], NULL, V, GH, I, H, n_threads,
+                                       False, accumulate, <floating *> vptr1(db_x),
+                                       <floating *> vptr1(db_h)) != 0
+        if n_threads > 1:
+            fastrnn_pool_note_openmp()      # as backward's
+    if failed:
+        raise MemoryError("fastrnn recurrent weight_gradients: out of memory")
 
 
 # Bytes of a_t one input-projection GEMM writes ahead, per thread, when threads

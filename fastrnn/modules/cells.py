@@ -17,7 +17,11 @@ gradient returned by the step after it:
         dx_t, dh = cell.backward(dh + dloss_dh[t])
 
 `LSTMCell.backward(dh, dc)` returns `dx, (dh_prev, dc_prev)`. Parameter
-gradients add into `.grad`. `clear_cache()` drops unused caches (for example
+gradients add into `.grad`: a step's backward keeps its terms of them, and they are
+summed in one GEMM over all the steps' rows when the last cached step has gone
+back, after every PENDING_ROWS rows, or as soon as anything reads or changes
+a parameter's gradient (`_PendingGradients`), so `.grad` always shows every
+backward call made. `clear_cache()` drops unused caches (for example
 after truncating BPTT); eval mode pushes nothing. Per-call checks are
 deliberately shallow (rank, size, dtype) to keep the Python overhead per step
 small.
@@ -28,7 +32,7 @@ Shape letters: B batch, I input size, H hidden size, G gates (1, 3, 4).
 
 import numpy as np
 
-from fastrnn import _fastpath, _precision
+from fastrnn import _fastpath, _precision, _recurrent
 from fastrnn._validate import describe
 from fastrnn import functional as F  # the module, looked up at call time
 from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targets,
@@ -36,7 +40,80 @@ from fastrnn.modules.module import (Module, Parameter, aligned_zeros, grad_targe
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell"]
 
+# Rows (steps times batch) of gate gradients kept before they are summed into the
+# weights' gradients. Added per step, a batch of 8 read and wrote the whole of each
+# weight gradient for 8 rows' worth of products: LSTMCell(300, 1000) B=8 T=50
+# training loop, forward + backward, 2-core Xeon (AVX-512), medians of 5 interleaved
+# rounds: 210.6 ms per step against torch's 198.3 (0.94x) before.
+PENDING_ROWS = 1024
+
 _NONLINEARITIES = ("tanh", "relu", "identity")
+
+
+class _PendingGradients:
+    """The weight-gradient terms of a cell's backward calls not yet added to its
+    parameters' .grad (functional.GateGradients, one per step), and the parameters
+    they belong to: (weight_ih, weight_hh, bias_ih, bias_hh), the biases None
+    without bias. Each parameter points here (Parameter._pending) until they are
+    added; add_pending() sums them all in one GEMM per weight."""
+
+    __slots__ = ("params", "terms", "rows", "apart")
+
+    def __init__(self, params, apart):
+        self.params = params
+        self.terms = []
+        self.rows = 0
+        self.apart = apart          # the GRU: dL/d(h W_hh^T) is not dL/d(x W_ih^T)
+
+    def add(self, terms):
+        self.terms.append(terms)
+        self.rows += terms.dgx.shape[0]
+
+    def add_pending(self):
+        terms, self.terms, self.rows = self.terms, [], 0
+        for p in self.params:
+            if p is not None and p._pending is self:
+                p._pending = None
+        if not terms:
+            return
+
+        def rows(name):
+            parts = [getattr(t, name) for t in terms]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+        dgx = rows("dgx")                                             # (V, G*H)
+        dgh = rows("dgh") if self.apart else None                     # (V, G*H) or None
+        x, h_prev = rows("x"), rows("h_prev")                         # (V, I), (V, H)
+        w_ih, w_hh, b_ih, b_hh = self.params
+        out, accumulate = grad_targets((w_ih, w_hh))
+        if out is None:
+            out = (np.empty_like(w_ih.data), np.empty_like(w_hh.data))
+        GH = dgx.shape[1]
+        db_x = np.empty(GH, dgx.dtype) if b_ih is not None else None
+        db_h = np.empty(GH, dgx.dtype) if b_ih is not None and self.apart else None
+        flop = 2 * dgx.size * (x.shape[1] + h_prev.shape[1])
+        _recurrent.weight_gradients(*out, dgx, dgh, x, h_prev,
+                                    F.call_threads() if flop >= F.SMALL_WORK_FLOP else 1,
+                                    accumulate, db_x, db_h)
+        w_ih.take_grad(out[0])
+        w_hh.take_grad(out[1])
+        if b_ih is not None:
+            b_ih.take_grad(db_x)
+            b_hh.take_grad(db_h if self.apart else db_x.copy())
+
+    # A copy of a cell (copy, deepcopy, pickle) owes nothing: what this owes is added
+    # to the parameters first, whose copies then hold it.
+    def __reduce__(self):
+        self.add_pending()
+        return _nothing_owed, ()
+
+    def __deepcopy__(self, memo):
+        self.add_pending()
+        return None
+
+
+def _nothing_owed():
+    return None
 
 
 class _CellBase(Module):
@@ -66,6 +143,7 @@ class _CellBase(Module):
         else:
             self.bias_ih = self.bias_hh = None  # what the kernels take for "no bias"
         self._stack = []  # per-step (cache, batched, B), most recent last
+        self._owed = None  # _PendingGradients of the backward calls so far, or None
         if not init_skipped():          # (weights_to_be_loaded: a loader sets them all)
             self.reset_parameters(np.random.default_rng(seed))
 
@@ -113,6 +191,35 @@ class _CellBase(Module):
         """Forget all pushed steps (e.g. when truncating BPTT)."""
         self._stack.clear()
         self._set_train_owner(False)
+        self._add_owed()
+
+    def _add_owed(self):
+        """Add the gradients the backward calls so far owe (_PendingGradients)."""
+        owed = self.__dict__.get("_owed")
+        if owed is not None:
+            owed.add_pending()
+
+    def _step_backward_deferred(self, dy3, dc, cache):
+        """(dx (1, B, I), dh0 (B, H), dc0 (LSTM) or None) of one step whose weight
+        gradients are owed (_PendingGradients), or None if its cache cannot defer them."""
+        if not F.defers_weights(cache):
+            return None
+        dx, dh0, dc0, terms = F.deferred_backward(self._kind, dy3, None, dc, cache)
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        owed = self.__dict__.get("_owed")
+        if owed is None or any(a is not b for a, b in zip(owed.params, params)):
+            if owed is not None:        # parameters replaced since: what the old ones are owed
+                owed.add_pending()
+            owed = _PendingGradients(params, self._gates == 3)
+            object.__setattr__(self, "_owed", owed)
+        for p in params:
+            if p is not None and p._pending is not owed:
+                p.add_pending()         # owed by another cell that shares it
+                p._pending = owed
+        owed.add(terms)
+        if owed.rows >= PENDING_ROWS or not self._stack:
+            owed.add_pending()
+        return dx, dh0, dc0
 
     @property
     def num_cached_steps(self):
@@ -172,8 +279,12 @@ class _CellBase(Module):
         self._pop()
         if B == 0:           # an empty batch's step: empty gradients, nothing added
             return self._empty_grads()
-        dx, dh0, grads = self._step_backward(dh[None], cache)             # dx (1, B, I)
-        self._accumulate(*grads)
+        done = self._step_backward_deferred(dh[None], None, cache)       # dx (1, B, I)
+        if done is None:
+            dx, dh0, grads = self._step_backward(dh[None], cache)
+            self._accumulate(*grads)
+        else:
+            dx, dh0, _ = done
         return (dx[0], dh0) if batched else (dx[0, 0], dh0[0])
 
     # -- cheap per-step checks (rank, size, dtype); messages name the argument --
@@ -244,6 +355,7 @@ class RNNCell(_CellBase):
     """
 
     _gates = 1
+    _kind = "rnn"
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
                  dtype=np.float32, seed=None):
@@ -277,6 +389,7 @@ class GRUCell(_CellBase):
     """
 
     _gates = 3
+    _kind = "gru"
 
     def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None,
                  reset_after=True):
@@ -313,6 +426,7 @@ class LSTMCell(_CellBase):
     """
 
     _gates = 4
+    _kind = "lstm"
 
     def _check_hx(self, hx, B, batched):
         """The state argument: (h, c), each (B, H), or None."""
@@ -346,7 +460,11 @@ class LSTMCell(_CellBase):
         self._pop()
         if B == 0:
             return self._empty_grads()
-        dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache,  # dx (1, B, I)
-                                               *self._grad_targets())
-        self._accumulate(*grads)
+        done = self._step_backward_deferred(dh[None], dc, cache)         # dx (1, B, I)
+        if done is None:
+            dx, dh0, dc0, *grads = F.lstm_backward(dh[None], None, dc, cache,
+                                                   *self._grad_targets())
+            self._accumulate(*grads)
+        else:
+            dx, dh0, dc0 = done
         return (dx[0], (dh0, dc0)) if batched else (dx[0, 0], (dh0[0], dc0[0]))

@@ -156,32 +156,54 @@ class Parameter:
     An array of an earlier `.grad` that is still referenced elsewhere keeps its
     values: zero_grad then gives the parameter a new array (as torch's default
     `zero_grad(set_to_none=True)` leaves a kept tensor alone).
+
+    A cell stepped through time adds its steps' weight gradients all at once
+    (`_pending`, fastrnn.modules.cells); every way of reading or changing the
+    gradient here adds them first, so none of this shows.
     """
 
-    __slots__ = ("data", "_grad", "_grad_is_zero")
+    __slots__ = ("data", "_grad", "_grad_is_zero", "_pending")
 
     def __init__(self, data):
         self.data = np.ascontiguousarray(data)
         self._grad = aligned_zeros(self.data.shape, self.data.dtype)
         self._grad_is_zero = False
+        self._pending = None    # None, or what adds the gradients a cell still owes
+
+    def add_pending(self):
+        """Add the gradients a cell's backward calls still owe this parameter."""
+        if self._pending is not None:
+            self._pending.add_pending()
 
     # Copies start on a cache line as the original did (NumPy's copies usually do not).
     def __copy__(self):
+        self.add_pending()
         new = Parameter.__new__(Parameter)
         new.data, new._grad, new._grad_is_zero = self.data, self._grad, self._grad_is_zero
+        new._pending = None
         return new
 
     def __deepcopy__(self, memo):
+        self.add_pending()
         new = Parameter.__new__(Parameter)
         memo[id(self)] = new
         new.data = _aligned_deepcopy(self.data, memo)
         new._grad = _aligned_deepcopy(self._grad, memo)
         new._grad_is_zero = self._grad_is_zero
+        new._pending = None
         return new
+
+    def __getstate__(self):             # pickle: the gradient with what is owed added
+        self.add_pending()
+        return None, {"data": self.data, "_grad": self._grad,
+                      "_grad_is_zero": self._grad_is_zero}
 
     def __setstate__(self, state):      # pickle
         _, slots = state
+        object.__setattr__(self, "_pending", None)
         for name, value in slots.items():
+            if name == "_pending":
+                continue
             if (name in ("data", "_grad") and isinstance(value, np.ndarray)
                     and value.ctypes.data % ALIGN):
                 value = aligned_copy(value)
@@ -189,6 +211,8 @@ class Parameter:
 
     @property
     def grad(self):
+        if self._pending is not None:
+            self._pending.add_pending()
         if self._grad_is_zero:
             self._grad[...] = 0
             self._grad_is_zero = False
@@ -199,6 +223,7 @@ class Parameter:
         """An array of the parameter's shape (as torch, which refuses another size: a
         backward would otherwise fail half-way, some gradients already added), or None
         for zero (torch's "no gradient yet")."""
+        self.add_pending()
         if value is None:
             self._grad = aligned_zeros(self.data.shape, self.data.dtype)
             self._grad_is_zero = True
@@ -222,6 +247,7 @@ class Parameter:
 
     def zero_grad(self):
         """Set the gradient to zero (lazily: see the class docstring)."""
+        self.add_pending()
         n, nbase = self._grad_references()
         if n > _UNSHARED[0] or nbase > _UNSHARED[1]:
             # someone keeps the array or a view of it: it keeps its values
@@ -230,6 +256,7 @@ class Parameter:
 
     def add_grad(self, g):
         """grad += g (grad := g after zero_grad)."""
+        self.add_pending()
         if self._grad_is_zero:
             self._grad[...] = g
             self._grad_is_zero = False
@@ -243,6 +270,7 @@ class Parameter:
         a C-contiguous, writeable array of the parameter's shape and dtype, apart
         from the parameter's data): the caller then adds a fresh gradient with
         add_grad. Hand the gradient back to take_grad()."""
+        self.add_pending()
         g = self._grad
         if (isinstance(g, np.ndarray) and g.dtype == self.data.dtype
                 and g.shape == self.data.shape and g.flags.c_contiguous
@@ -253,6 +281,7 @@ class Parameter:
     def take_grad(self, g):
         """Take one backward's gradient g: if g is the array grad_target() gave (a
         kernel wrote it there in place), mark it written; else add it."""
+        self.add_pending()
         if g is self._grad:
             self._grad_is_zero = False
         else:
