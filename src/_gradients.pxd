@@ -23,7 +23,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from _simd cimport floating, gemm_rows, gemm_columns, tn_work_size, FASTRNN_KC
+from _simd cimport (floating, gemm_rows, gemm_columns, gemm_nn, tn_work_size, FASTRNN_KC,
+                   FASTRNN_NN_MAX_ROWS)
 from _schedule cimport (pack_matrix, packed_copy, row_pointers, scratch_free, task_rows,
                         even_task_rows)
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
@@ -209,13 +210,29 @@ cdef inline int input_gradient(
         const floating *dgx,        # IN  (TB, GH) dL/d(x W_ih^T)
         const floating *w_ih,       # IN  (GH, I)
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
-        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, int n_threads, bint bf16) noexcept nogil:
+        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, int n_threads, bint bf16,
+        bint in_place=False) noexcept nogil:
     """dx = dgx W_ih over the V rows in `valid`, on bf16 operands when bf16 (float32
-    only). 0, or -1 if out of memory."""
+    only). in_place (not bf16; V <= FASTRNN_NN_MAX_ROWS): W_ih read as it is, each
+    thread a block of dx's columns (gemm_nn: the same numbers as W_ih^T packed),
+    for one step's rows, which would not repay the packing.
+    0, or -1 if out of memory."""
     cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
     cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
-    cdef void *w_ih_t = packed_transpose(w_ih, GH, I, bf16, n_threads)       # W_ih^T (I x GH)
+    cdef void *w_ih_t = NULL
     cdef int status = -1
+    cdef Py_ssize_t width, blk, nblk, c0
+    if in_place and not bf16 and V <= FASTRNN_NN_MAX_ROWS:
+        if gx_rows != NULL and dx_rows != NULL:
+            width = column_block_width(I, n_threads if n_threads > 1 else 1)
+            nblk = (I + width - 1) // width
+            for blk in prange(nblk, schedule='static', num_threads=n_threads):
+                c0 = blk * width
+                gemm_nn(V, min(I, c0 + width) - c0, GH, gx_rows, w_ih + c0, I, dx_rows, c0, 0)
+            status = 0
+        free(gx_rows); free(dx_rows)
+        return status
+    w_ih_t = packed_transpose(w_ih, GH, I, bf16, n_threads)                 # W_ih^T (I x GH)
     if gx_rows != NULL and dx_rows != NULL and w_ih_t != NULL:
         status = rows_times(V, I, GH, gx_rows, w_ih_t, dx_rows, bf16, n_threads)
     free(gx_rows); free(dx_rows)
@@ -287,9 +304,11 @@ cdef inline int input_and_weight_gradients(
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
         int n_threads, bint bf16, bint accumulate,
         floating *db_x,             # OUT (GH,) dgx's column sums, or NULL
-        floating *db_h) noexcept nogil:   # OUT (GH,) dgh's, or NULL; not when dgh is dgx
-    """input_gradient, then weight_gradients. 0, or -1 if out of memory."""
-    if input_gradient(dx, dgx, w_ih, valid, V, GH, I, n_threads, bf16) != 0:
+        floating *db_h,             # OUT (GH,) dgh's, or NULL; not when dgh is dgx
+        bint in_place=False) noexcept nogil:
+    """input_gradient (in_place: see there), then weight_gradients. 0, or -1 if out
+    of memory."""
+    if input_gradient(dx, dgx, w_ih, valid, V, GH, I, n_threads, bf16, in_place) != 0:
         return -1
     return weight_gradients(dw_ih, dw_hh, dgx, dgh, x, h_prev, valid, V, GH, I, H, n_threads,
                             bf16, accumulate, db_x, db_h)

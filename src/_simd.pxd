@@ -46,6 +46,13 @@ cdef extern from "recurrent_gemm.h" nogil:
     void fastrnn_gemm_dot_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                             const double *const *A, const double *W, Py_ssize_t ldw,
                             double *const *C, double beta)
+    Py_ssize_t FASTRNN_NN_MAX_ROWS   # rows gemm_nn reads W once for
+    void fastrnn_gemm_nn_s(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                           const float *const *A, const float *W, Py_ssize_t ldw,
+                           float *const *C, Py_ssize_t c0, float beta)
+    void fastrnn_gemm_nn_d(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                           const double *const *A, const double *W, Py_ssize_t ldw,
+                           double *const *C, Py_ssize_t c0, double beta)
 
 
 
@@ -103,6 +110,19 @@ cdef inline void gemm_rows(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
             fastrnn_gemm_packed_d(M, N, K, A, packed, C, beta)
         else:
             fastrnn_gemm_dot_d(M, N, K, A, W, ldw, C, beta)
+
+
+cdef inline void gemm_nn(Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, const floating **A,
+                         const floating *W, Py_ssize_t ldw, floating **C, Py_ssize_t c0,
+                         floating beta) noexcept nogil:
+    """C[i][c0:c0+N] := beta*C[i][c0:c0+N] + A[i] . W for i < M, W row-major (K x N,
+    row stride ldw) read in place: bitwise gemm_rows of W^T packed."""
+    if M <= 0 or N <= 0:
+        return
+    if floating is float:
+        fastrnn_gemm_nn_s(M, N, K, A, W, ldw, C, c0, beta)
+    else:
+        fastrnn_gemm_nn_d(M, N, K, A, W, ldw, C, c0, beta)
 
 
 cdef inline size_t tn_work_size(floating *dtype_tag, Py_ssize_t M) noexcept nogil:

@@ -38,6 +38,10 @@
 #define FASTRNN_PREFETCH 64  /* panel rows (k steps) to prefetch ahead: helps when W_hh streams from L3 */
 #endif
 #define FASTRNN_MR_MAX 12   /* the largest register tile's rows (AVX-512) */
+#define FASTRNN_NN_MAX_ROWS 64   /* rows gemm_nn takes at a time (its C row pointers) */
+#ifndef FASTRNN_NN_PREFETCH
+#define FASTRNN_NN_PREFETCH 8    /* rows ahead gemm_nn fetches its W from */
+#endif
 
 /* TILE(i0, m, ...) over M rows in tiles of at most MR rows, with m a constant
  * in each call, so the always-inlined tile unrolls its row loops and drops dead
@@ -247,6 +251,13 @@ static inline void fastrnn_gemm_packed_tn_##T(ptrdiff_t M, ptrdiff_t K,         
         const REAL *const *packs, REAL **const *Cs, REAL beta, REAL *work,         \
         REAL *colsum)                                                              \
 { FASTRNN_DISPATCH(gemm_packed_tn, T, (M, K, A, col0, nout, Ns, packs, Cs, beta, work, colsum)) } \
+                                                                                   \
+/* C[i] + c0 := beta*(C[i] + c0) + A[i] . W with W row-major (K x N, row     \
+ * stride ldw), read in place: bitwise gemm_packed of W^T (single steps). */   \
+static inline void fastrnn_gemm_nn_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,      \
+        const REAL *const *A, const REAL *W, ptrdiff_t ldw, REAL *const *C,        \
+        ptrdiff_t c0, REAL beta)                                                   \
+{ FASTRNN_DISPATCH(gemm_nn, T, (M, N, K, A, W, ldw, C, c0, beta)) }                \
                                                                                    \
 /* C := beta*C + A . W^T with W row-major, unpacked (small batches). */          \
 static inline void fastrnn_gemm_dot_##T(ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,     \

@@ -19,7 +19,8 @@ import pytest
 import fastrnn
 from fastrnn import functional as F
 from fastrnn import reference as R
-from test_kernels import TOL, assert_same_bits_for_thread_counts, make_case, rel_err, run
+from test_kernels import (TOL, assert_same_bits_for_thread_counts, assert_single_step_in_place_bits,
+                          make_case, rel_err, run)
 
 ISAS = ["baseline", "avx2", "avx512"]
 # Shapes chosen for the register tiles: batch 1-3 (dot-product kernel), 13 and
@@ -266,3 +267,13 @@ def test_relu_gradient_passes_at_nan_as_torch(isa):
         dx, dh0, dw_ih, dw_hh, *_ = mod.rnn_backward(np.ones_like(y), None, cache)
         assert dx[0, 0, 0] == 2.0 and dh0[0, 0] == 0.5 and dw_hh[0, 0] == 1.0, mod.__name__
         assert np.isnan(dw_ih[0, 0])
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 8, 37, 45), (1, 13, 21, 300)])
+def test_a_single_step_in_place_has_the_packed_bits_under_each_isa(isa, cell, dtype, shape):
+    """gemm_nn (src/gemm_kernels.inc) under each ISA's tile: a single step's backward
+    with the weights read in place is bitwise the packed one (1 and 2 threads)."""
+    for threads in (1, 2):
+        assert_single_step_in_place_bits(cell, dtype, threads, shape)

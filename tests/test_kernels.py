@@ -257,3 +257,42 @@ def test_non_contiguous_input_is_copied_not_misread():
     y1 = F.lstm_forward(strided, *args, training=False)[0]
     y2 = F.lstm_forward(case["x"], *args, training=False)[0]
     assert np.array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 8, 37, 45), (1, 1, 37, 300), (1, 64, 37, 45),
+                                   (1, 3, 1100, 2), (1, 2, 5, 400)])
+def test_a_single_step_reads_its_weights_in_place_with_the_same_bits(cell, dtype, threads,
+                                                                      shape):
+    """A single step's backward (T=1, batch up to 64) reads W_hh and W_ih in place
+    (gemm_nn) instead of packing their transposes, and sums as the packed products
+    do: every output and gradient bitwise as with the packing. H=45, I=37: ragged
+    panels; G*H over one K block of 1024: H=300 (LSTM), H=400 (GRU, LSTM); I=1100:
+    dx's many panels; 2 threads: the unit split (batch up to 8), the row split and
+    the column blocks of dx."""
+    assert_single_step_in_place_bits(cell, dtype, threads, shape)
+
+
+def assert_single_step_in_place_bits(cell, dtype, threads, shape):
+    """run(F, ...) of a T=1 case with the weights read in place and with their
+    transposes packed (_recurrent._set_in_place_steps): every array bitwise equal."""
+    from fastrnn import _recurrent
+    case = make_case(cell, dtype, shape, True, False, True, 7)
+    before = fastrnn.get_num_threads()
+    results = []
+    try:
+        fastrnn.set_num_threads(threads)
+        for in_place in (False, True):
+            was = _recurrent._set_in_place_steps(in_place)
+            try:
+                outs, grads = run(F, cell, case, False, 3)
+            finally:
+                _recurrent._set_in_place_steps(was)
+            results.append(outs + grads)
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b in zip(*results):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    assert np.any(results[1][len(results[1]) - len(grads)] != 0)      # dx
