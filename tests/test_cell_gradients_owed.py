@@ -119,14 +119,7 @@ def test_zero_grad_part_way_drops_only_the_calls_before_it(kind):
     forward(cell, kind, x)
     carry = backward_steps(cell, kind, dys, 2)
     cell.zero_grad()
-    # the remaining steps, fed the carry the first two returned
-    T_ = dys.shape[0]
-    for k in range(2, T_):
-        t = T_ - 1 - k
-        if kind == "lstm":
-            _, carry = cell.backward(carry[0] + dys[t], carry[1])
-        else:
-            _, carry = cell.backward(carry + dys[t])
+    backward_steps(cell, kind, dys[:T - 2], T - 2, carry=carry)   # the other steps
     want = [a - b for a, b in zip(partial[-1], partial[1])]
     assert_close(grads(cell), want, np.float64)
 
@@ -150,13 +143,7 @@ def test_a_copy_part_way_holds_what_is_owed_once(kind, how):
     else:
         twin_grads = [pickle.loads(pickle.dumps(p)).grad for p in cell.parameters()]
     assert_close(twin_grads, partial[1], np.float64)
-    T_ = dys.shape[0]
-    for k in range(2, T_):
-        t = T_ - 1 - k
-        if kind == "lstm":
-            _, carry = cell.backward(carry[0] + dys[t], carry[1])
-        else:
-            _, carry = cell.backward(carry + dys[t])
+    backward_steps(cell, kind, dys[:T - 2], T - 2, carry=carry)   # the other steps
     assert_close(grads(cell), partial[-1], np.float64)
     if how == "deepcopy":
         assert_close(grads(twin), partial[1], np.float64)     # the copy owed nothing more
