@@ -279,3 +279,57 @@ def test_weight_gradients_kernel_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match="db_h only with dgh"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((5, 3)),
                                     f((5, 2)), 1, False, f(4), f(4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cell_whose_weight_hh_is_its_weight_ih_gets_both_terms(kind):
+    """weight_hh tied to weight_ih (I == H): their one gradient is dW_ih + dW_hh. Both
+    sums went into the one .grad array, the second overwriting the first, in a first
+    version (a review); before that the per-step backward refused the two as one."""
+    cls = {"rnn": fastrnn.RNNCell, "lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}[kind]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 2, 6))
+    dys = rng.standard_normal((4, 2, 6))
+    untied, tied = cls(6, 6, dtype=np.float64, seed=0), cls(6, 6, dtype=np.float64, seed=0)
+    tied.weight_hh = tied.weight_ih
+    untied.weight_hh.data[...] = untied.weight_ih.data
+    for cell in (untied, tied):
+        cell.zero_grad()
+        forward(cell, kind, x)
+        backward_steps(cell, kind, dys, 4)
+    want = untied.weight_ih.grad + untied.weight_hh.grad
+    np.testing.assert_allclose(tied.weight_ih.grad, want, **TOL[np.float64])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sums_that_fail_stay_owed(kind, monkeypatch):
+    """Out of memory while summing: the read that asked raises, nothing was added,
+    and the next read adds everything."""
+    x, dys = data(np.float64)
+    partial = step_by_step(kind, np.float64, x, dys)
+    cell = make(kind)
+    forward(cell, kind, x)
+    backward_steps(cell, kind, dys, 2)
+    real = _recurrent.weight_gradients
+
+    def fail(*args):
+        raise MemoryError("fastrnn recurrent weight_gradients: out of memory")
+    monkeypatch.setattr(_recurrent, "weight_gradients", fail)
+    with pytest.raises(MemoryError):
+        cell.weight_hh.grad
+    monkeypatch.setattr(_recurrent, "weight_gradients", real)
+    assert cell.weight_ih._pending is not None and cell.__dict__["_owed"].rows == 2 * B
+    assert_close(grads(cell), partial[1], np.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_empty_batch_as_the_last_step_adds_what_is_owed(kind):
+    cell = make(kind)
+    rng = np.random.default_rng(6)
+    cell(np.zeros((0, I)))                                     # step 0: an empty batch
+    cell(rng.standard_normal((B, I)))                          # step 1
+    dh = rng.standard_normal((B, H))
+    cell.backward((dh, None) if kind == "lstm" else dh)        # step 1 back: owed
+    assert cell.weight_hh._pending is not None
+    cell.backward(np.zeros((0, H)))                            # the last step
+    assert cell.weight_hh._pending is None and cell.num_cached_steps == 0

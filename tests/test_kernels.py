@@ -5,6 +5,7 @@ bias x lengths x direction. Tolerances: float64 rel. 1e-9, float32 rel. 1e-4,
 relative to the largest magnitude of the reference value.
 """
 
+import sys
 import zlib
 
 import numpy as np
@@ -296,3 +297,51 @@ def assert_single_step_in_place_bits(cell, dtype, threads, shape):
     for a, b in zip(*results):
         assert (a is None and b is None) or np.array_equal(a, b)
     assert np.any(results[1][len(results[1]) - len(grads)] != 0)      # dx
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, sys
+import numpy as np
+import fastrnn
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+keep = []
+
+def guarded(a):
+    '''A copy of `a` whose last byte is the last before a PROT_NONE page.'''
+    pg, n = mmap.PAGESIZE, a.nbytes
+    span = -(-n // pg) * pg
+    buf = mmap.mmap(-1, span + pg)
+    raw = np.frombuffer(buf, np.uint8)
+    assert libc.mprotect(raw.ctypes.data + span, pg, 0) == 0   # PROT_NONE
+    keep.append((buf, raw))
+    out = raw[span - n:span].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+for kind in ("RNNCell", "GRUCell", "LSTMCell"):
+    for dtype in (np.float32, np.float64):
+        for I, H in ((1, 9), (7, 3), (15, 2), (16, 1)):
+            cell = getattr(fastrnn, kind)(I, H, dtype=dtype, seed=0)
+            cell.weight_ih.data = guarded(cell.weight_ih.data)
+            cell.weight_hh.data = guarded(cell.weight_hh.data)
+            x = np.ones((5, I), dtype)
+            out = cell(x)
+            dh = np.ones((5, H), dtype)
+            cell.backward((dh, None) if kind == "LSTMCell" else dh)
+            assert np.isfinite(cell.weight_ih.grad).all()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "PAGESIZE") or sys.platform != "linux",
+                    reason="needs Linux mprotect")
+def test_a_single_step_never_reads_past_its_weights():
+    """The weights read in place by a single step's backward (gemm_nn) end right
+    before an unmapped page: narrow matrices (I or H under a panel's 16 or 32 values)
+    must not read past their last row (a review: I=7 and 15 segfaulted)."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode,
+                                                                  done.stderr[-2000:])

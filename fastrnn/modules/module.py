@@ -159,7 +159,8 @@ class Parameter:
 
     A cell stepped through time adds its steps' weight gradients all at once
     (`_pending`, fastrnn.modules.cells); every way of reading or changing the
-    gradient here adds them first, so none of this shows.
+    gradient here adds them first, so `.grad` always shows them (an array taken
+    from `.grad` earlier and held sees them once they are added).
     """
 
     __slots__ = ("data", "_grad", "_grad_is_zero", "_pending")
