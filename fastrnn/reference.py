@@ -242,6 +242,12 @@ def _weight_grads_into(out, accumulate, *grads):
     return tuple(out)
 
 
+def defers_weights(cache):
+    """False: this reference's backward adds each call's weight gradients itself
+    (fastrnn.functional.defers_weights: the kernels' cells may sum them later)."""
+    return False
+
+
 def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
     """Gradients of the Elman RNN.
 
