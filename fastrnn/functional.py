@@ -186,7 +186,9 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     If OpenMP grants fewer threads than asked, run again on one thread.
     bf16: the GEMMs on bf16 operands (fastrnn._precision).
     training=False: the packed weights are kept for the next call with the same
-    weights (src/pack_cache.h); a training step changes them, so it does not.
+    weights (src/pack_cache.h); a training step changes them, so it does not, except
+    a single step (T=1): a cell stepped through a sequence reads the same weights at
+    every step.
     ids_in: an _ids_input.IdsInput; when fused the driver reads its table by id, not x.
     y_copy: None, or a (T, B, H) array that receives a copy of y (_output_rows).
     """
@@ -206,10 +208,12 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
-                              cache_weights=not training, **table):
+                              cache_weights=not training, keep_packs=training and T == 1,
+                              **table):
         one = sched.single_thread()
         _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
-                           pack_hh, 1, False, bf16=bf16, cache_weights=not training, **table)
+                           pack_hh, 1, False, bf16=bf16, cache_weights=not training,
+                           keep_packs=training and T == 1, **table)
 
 
 def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_in=None,

@@ -791,7 +791,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             const Py_ssize_t[::1] bounds, bint reverse, bint pack_ih, bint pack_hh,
             int n_threads, bint by_units, bint bf16=False, bint cache_weights=False,
             const floating[:, ::1] x_table=None, const Py_ssize_t[:, ::1] x_ids=None,
-            floating[:, :, :] y_copy=None):
+            floating[:, :, :] y_copy=None, bint keep_packs=False):
     """Forward over all steps of one layer and direction; arrays as in _plan.pxd
     (None where it says NULL; c_n, c0 only for the LSTM, aux and hr None at
     inference, w_hr only for a projected LSTM, which takes the row split). y's
@@ -818,6 +818,10 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     (another call owns it, or its workers could not be made): the caller then runs
     the call on one thread. Frozen weights (Module.freeze()) are not hashed to find their
     packings: their digests were taken once (frozen_known).
+    keep_packs (a training call's single step): find and keep the packed W_ih / W_hh
+    slices in the pack cache as eval calls do, and nothing else of cache_weights: a
+    cell's steps through a sequence read the same weights, which packing anew wrote
+    and read for every step.
     """
     cdef tuple kd = frozen_known(cache_weights, w_ih.base, w_hh.base)   # before any allocation
     cdef Plan p
@@ -901,9 +905,11 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             pass                            # forward_on_pool packs what it runs
         else:
             if pack_ih:
-                s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights, k_ih)
+                s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads,
+                                   cache_weights or keep_packs, k_ih)
             if pack_hh:
-                s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights, k_hh)
+                s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads,
+                                   cache_weights or keep_packs, k_hh)
         if pack_hh and p.w_hr != NULL:
             packed_hr = pack_matrix(<const floating *> p.w_hr, p.O, H, False, pack_threads)
         if floating is float:

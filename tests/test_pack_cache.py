@@ -5,7 +5,8 @@ weights' bytes, and the next call with the same weights skips the packing. What
 must hold: a cached call gives bitwise the result of an uncached one; any change
 to the weights (in place, one value, by one ulp) is seen; nothing about the
 packing (ISA, threads, precision) is reused where it differs; training calls
-keep nothing; fastrnn.release_memory() frees what is idle.
+keep nothing but a single step's (a cell's steps through a sequence read the same
+weights); fastrnn.release_memory() frees what is idle.
 """
 
 import os
@@ -412,3 +413,47 @@ def test_benchmark_header_says_when_the_cache_is_off():
                              env={**os.environ, "FASTRNN_PACK_CACHE": env},
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == str(off)
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTMCell, fastrnn.GRUCell, fastrnn.RNNCell])
+def test_a_cell_in_training_keeps_its_packing_through_a_sequence(cls):
+    """A training call of a single step (T=1) that packs (batch over 8) keeps its
+    packed weights: a cell's next steps read the same weights. An in-place edit
+    between steps is seen (bitwise an uncached run's numbers), and an optimizer's
+    in-place updates leave one copy per weight, not one per update."""
+    rng = np.random.default_rng(4)
+    B, I, H, T = 12, 20, 36, 4
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+
+    def sequence(cell, edit):
+        outs, state = [], None
+        for t in range(T):
+            if t == 2 and edit:
+                cell.weight_hh.data[3, 5] += 1e-3           # in place, mid-sequence
+            state = cell(x[t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return outs
+
+    for edit in (False, True):
+        cached = sequence(cls(I, H, seed=1), edit)
+        assert entries() == 2                              # W_ih's and W_hh's packings
+        fastrnn.release_memory()
+        _recurrent._pack_cache_enable(False)                # every step packs anew
+        try:
+            fresh = sequence(cls(I, H, seed=1), edit)
+        finally:
+            _recurrent._pack_cache_enable(True)
+        for a, b in zip(cached, fresh):
+            assert np.array_equal(a, b)
+        fastrnn.release_memory()
+    cell = cls(I, H, seed=1)
+    opt = fastrnn.optim.SGD(cell.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        outs = sequence(cell, False)
+        carry = np.ones((B, H), np.float32)
+        for t in reversed(range(T)):
+            _, carry = cell.backward((carry, None) if cls is fastrnn.LSTMCell else carry)
+            carry = carry[0] if isinstance(carry, tuple) else carry
+        opt.step()
+    assert entries() == 2
