@@ -1011,7 +1011,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef floating *p_dgx = &dgx[0, 0, 0]
     cdef int failed = 0, tid, nthr, q
     cdef bint short_team = False
-    cdef bint in_place
+    cdef bint in_place_hh, in_place_ih
+    cdef Py_ssize_t rows
     cdef floating *dh = NULL
     cdef floating *dc = NULL
     cdef int *fail = NULL
@@ -1045,19 +1046,24 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     # the same numbers); packing their transposes wrote and read them once more than
     # the products read them. LSTMCell(300, 1000) B=8, 2-core Xeon (AVX-512), one
     # core, C harness: 4000 x 1000 W_hh packed + product 2.2-2.4 ms, in place 0.9.
-    in_place = in_place_steps and T == 1 and B <= FASTRNN_NN_MAX_ROWS and not p.bf16
+    # (dh: each thread its rows, or all rows and its columns; dx: all rows, its columns)
+    rows = B if by_units else 0
+    for k in range(nchunks):
+        rows = max(rows, bounds[k + 1] - bounds[k])
+    in_place_hh = reads_in_place(T, rows, O * sizeof(floating)) and not p.bf16
+    in_place_ih = reads_in_place(T, B, I * sizeof(floating)) and not p.bf16
     with nogil:
         if p.bf16:
             if floating is float:
                 bf16_hhT = bf16_pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)  # (O x G*H)
                 p.w_hh_bf16 = bf16_hhT
-        elif not in_place:
+        elif not in_place_hh:
             packed_hhT = pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)   # w_hh^T: (O x G*H)
         p.w_hh_slices = packed_hhT
         if p.w_hr != NULL:
             packed_hrT = pack_matrix(<const floating *> p.w_hr, O, H, True, n_threads)  # (H x P)
             p.w_hr_packed = packed_hrT
-        if ((bf16_hhT == NULL if p.bf16 else (packed_hhT == NULL and not in_place))
+        if ((bf16_hhT == NULL if p.bf16 else (packed_hhT == NULL and not in_place_hh))
                 or (p.w_hr != NULL and packed_hrT == NULL)):
             failed = 1
         elif by_units and p.w_hr == NULL and n_threads > 1:
@@ -1091,14 +1097,14 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                                      accumulate) != 0
         elif not failed and not short_team and not weights:
             failed = input_gradient(&dx[0, 0, 0], p_dgx, &w_ih[0, 0], p_valid, n_valid, G * H,
-                                    I, n_threads, p.bf16, in_place) != 0
+                                    I, n_threads, p.bf16, in_place_ih) != 0
         elif not failed and not short_team:
             failed = input_and_weight_gradients(
                 &dx[0, 0, 0], &dw_ih[0, 0], &dw_hh[0, 0], p_dgx,
                 <floating *> p.dgh if p.dgh != NULL else p_dgx,
                 &x[0, 0, 0], &h_prev[0, 0, 0], &w_ih[0, 0], p_valid, n_valid, G * H, I, O,
                 n_threads, p.bf16, accumulate, <floating *> vptr1(db_x),
-                <floating *> vptr1(db_h), in_place) != 0
+                <floating *> vptr1(db_h), in_place_ih) != 0
             if not failed and p.w_hr != NULL:
                 failed = weight_gradient(&dw_hr[0, 0], <const floating *> p.dhp,
                                          <const floating *> p.hr, p_valid, n_valid, O, H,
@@ -1152,6 +1158,28 @@ def weight_gradients(floating[:, ::1] dw_ih, floating[:, ::1] dw_hh,
 # Single steps' backward reads W_hh and W_ih in place (backward); off only in the
 # test that checks it gives the packed products' bits (_set_in_place_steps).
 cdef bint in_place_steps = True
+
+# Rows (of a single step, per thread) up to which its backward reads a weight in place
+# whatever the weight's row stride; past it, up to FASTRNN_NN_MAX_ROWS rows, only when
+# the stride is not a multiple of NN_CONFLICT_STRIDE bytes. Each register tile re-reads
+# a K block of NR columns, and rows a multiple of 1-2 KB apart fall in a few cache
+# sets, so with many tiles those re-reads miss. One core, C harness, 2-core Xeon
+# (AVX-512), packed + product against in place, ms: 8 rows x 2048 x 512 (2 KB rows)
+# 0.52 / 0.23, 24 rows 0.65 / 0.58, 32 rows 0.73 / 0.78, 64 rows 1.14 / 1.54; rows of
+# 4000 B: 32 x 4000 x 1000 3.27 / 2.46, 64 rows 5.35 / 5.37; 3 KB rows: 64 x 3072 x 768
+# 2.70 / 2.46. In whole cells on 2 threads (the packing shared, the rows split) 32
+# rows a thread read in place did better than the harness says: GRUCell(512, 512) B=32
+# training loop 77-80 ms in place against 101 packed.
+DEF NN_FEW_ROWS = 32
+DEF NN_CONFLICT_STRIDE = 1024
+
+
+cdef inline bint reads_in_place(Py_ssize_t T, Py_ssize_t rows, size_t row_bytes) noexcept nogil:
+    """Does a backward of T steps, `rows` rows per thread, read a weight with rows of
+    row_bytes in place (gemm_nn) rather than pack its transpose? Single steps only."""
+    if not in_place_steps or T != 1 or rows > FASTRNN_NN_MAX_ROWS:
+        return False
+    return rows <= NN_FEW_ROWS or row_bytes % NN_CONFLICT_STRIDE != 0
 
 
 def _set_in_place_steps(bint on):

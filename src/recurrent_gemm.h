@@ -38,7 +38,9 @@
 #define FASTRNN_PREFETCH 64  /* panel rows (k steps) to prefetch ahead: helps when W_hh streams from L3 */
 #endif
 #define FASTRNN_MR_MAX 12   /* the largest register tile's rows (AVX-512) */
+#ifndef FASTRNN_NN_MAX_ROWS
 #define FASTRNN_NN_MAX_ROWS 64   /* rows gemm_nn takes at a time (its C row pointers) */
+#endif
 #ifndef FASTRNN_NN_PREFETCH
 #define FASTRNN_NN_PREFETCH 8    /* rows ahead gemm_nn fetches its W from */
 #endif

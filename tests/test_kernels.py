@@ -264,15 +264,16 @@ def test_non_contiguous_input_is_copied_not_misread():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", [(1, 8, 37, 45), (1, 1, 37, 300), (1, 64, 37, 45),
-                                   (1, 3, 1100, 2), (1, 2, 5, 400)])
+                                   (1, 3, 1100, 2), (1, 2, 5, 400), (1, 40, 37, 256)])
 def test_a_single_step_reads_its_weights_in_place_with_the_same_bits(cell, dtype, threads,
                                                                       shape):
     """A single step's backward (T=1, batch up to 64) reads W_hh and W_ih in place
     (gemm_nn) instead of packing their transposes, and sums as the packed products
     do: every output and gradient bitwise as with the packing. H=45, I=37: ragged
     panels; G*H over one K block of 1024: H=300 (LSTM), H=400 (GRU, LSTM); I=1100:
-    dx's many panels; 2 threads: the unit split (batch up to 8), the row split and
-    the column blocks of dx."""
+    dx's many panels; batch 40 with H=256: W_hh packed (rows a multiple of 1 KB),
+    W_ih in place; 2 threads: the unit split (batch up to 8), the row split and the
+    column blocks of dx."""
     assert_single_step_in_place_bits(cell, dtype, threads, shape)
 
 
