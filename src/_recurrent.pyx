@@ -1043,10 +1043,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     if floating is float:
         p.bf16 = bf16 and w_hr is None
     # One step: dh = da W_hh and dx = dgx W_ih read the weights in place (gemm_nn:
-    # the same numbers); packing their transposes wrote and read them once more than
-    # the products read them. LSTMCell(300, 1000) B=8, 2-core Xeon (AVX-512), one
-    # core, C harness: 4000 x 1000 W_hh packed + product 2.2-2.4 ms, in place 0.9.
-    # (dh: each thread its rows, or all rows and its columns; dx: all rows, its columns)
+    # the same numbers) where that pays (reads_in_place); packing their transposes
+    # wrote and read them once more than the products read them. LSTMCell(300, 1000)
+    # B=8, 2-core Xeon (AVX-512), one core, C harness: 4000 x 1000 W_hh packed +
+    # product 2.2-2.4 ms, in place 0.9. Rows a thread takes: dh, its row chunk (or,
+    # split by units, every row and its columns); dx, every row and its columns.
     rows = B if by_units else 0
     for k in range(nchunks):
         rows = max(rows, bounds[k + 1] - bounds[k])
