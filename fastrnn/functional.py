@@ -208,12 +208,28 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
                               pack_ih, pack_hh, n, by_units, bf16=bf16,
-                              cache_weights=not training, keep_packs=training and T == 1,
+                              cache_weights=not training,
+                              keep_packs=training and keeps_step_packs(T, args[9], args[10]),
                               **table):
         one = sched.single_thread()
         _recurrent.forward(*args, one.lengths, one.order, one.bounds, bool(reverse), pack_ih,
                            pack_hh, 1, False, bf16=bf16, cache_weights=not training,
-                           keep_packs=training and T == 1, **table)
+                           keep_packs=training and keeps_step_packs(T, args[9], args[10]),
+                           **table)
+
+
+# A training call keeps its packed weights only for a single step (a cell's steps
+# through a sequence read the same weights), and only weights this small: the pack
+# cache holds 256 MB, and a model whose steps' packings do not fit beside each other
+# would evict, at every call, the copy the next call needs (a review: two
+# LSTMCell(2048, 2048), 64 MB a weight), hashing and packing into fresh pages each
+# time instead of packing into warm scratch.
+STEP_PACKS_MAX_BYTES = 32 << 20
+
+
+def keeps_step_packs(T, w_ih, w_hh):
+    """Does a training call of T steps keep its packings (src/_recurrent.pyx keep_packs)?"""
+    return T == 1 and w_ih.nbytes + w_hh.nbytes <= STEP_PACKS_MAX_BYTES
 
 
 def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_in=None,
@@ -463,7 +479,8 @@ def pack_flags(T, B):
     Single steps (a cell stepped through time) of batches up to
     STEP_IN_PLACE_MAX_BATCH read both in place as well. In training every call
     packed all of W_ih and W_hh afresh for its few rows (the weights change between
-    optimiser steps, so training keeps no packing), and even in eval, where the
+    optimiser steps; training keeps a packing only since session 38, for single
+    steps: keeps_step_packs), and even in eval, where the
     packing is kept, reading in place was faster there. 2-core Xeon, AVX-512,
     forwards of 20 (10) steps of a cell in a Python loop, two runs each, packed ->
     in place, ms: training LSTMCell(300, 1000) B=8 45.1-46.3 -> 20.9-22.4 (with the

@@ -252,7 +252,8 @@ cdef inline floating *gate_slices(const floating *W, Py_ssize_t G, Py_ssize_t H,
     into panels (one pack_gate_panel per panel, over n_threads).
     Thread k then reads one contiguous block and
     its GEMM output is [gate 0 | gate 1 | ...] for its own hidden units.
-    cache (eval calls): the copy made earlier for the same contents, if kept
+    cache (eval calls, single training steps): the copy made earlier for the same
+    contents, if kept
     (_pack_cache.pxd); digest_of_w: W's digest if the caller has it. NULL if out
     of memory; give it back with slices_free.
     """

@@ -1,4 +1,5 @@
-/* pack_cache.h: packed weights kept between eval calls, keyed by the weights' contents.
+/* pack_cache.h: packed weights kept between eval calls (and a training call's single
+ * step: fastrnn/functional.py keeps_step_packs), keyed by the weights' contents.
  *
  * Why: an eval call packs W_ih and W_hh into per-thread panels before its time
  * loop. At small batch that copy is a large share of the call (LSTM I=H=512,

@@ -457,3 +457,19 @@ def test_a_cell_in_training_keeps_its_packing_through_a_sequence(cls):
             carry = carry[0] if isinstance(carry, tuple) else carry
         opt.step()
     assert entries() == 2
+
+
+def test_a_training_step_with_large_weights_keeps_nothing(monkeypatch):
+    """Past functional.STEP_PACKS_MAX_BYTES of weights a single training step packs
+    into scratch as before: packings that do not fit beside each other in the cache
+    would evict, at every call, the one the next call needs."""
+    rng = np.random.default_rng(5)
+    cell = fastrnn.LSTMCell(20, 36, seed=1)                  # 4 * 36 * 56 * 4 bytes
+    x = rng.standard_normal((12, 20)).astype(np.float32)
+    monkeypatch.setattr(F, "STEP_PACKS_MAX_BYTES",
+                        cell.weight_ih.data.nbytes + cell.weight_hh.data.nbytes - 1)
+    cell(x)
+    assert entries() == 0
+    monkeypatch.setattr(F, "STEP_PACKS_MAX_BYTES", 32 << 20)
+    cell(x)
+    assert entries() == 2
