@@ -23,8 +23,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
-from _simd cimport (floating, gemm_rows, gemm_columns, gemm_nn, tn_work_size, FASTRNN_KC,
-                   FASTRNN_NN_MAX_ROWS)
+from _simd cimport floating, gemm_rows, gemm_columns, gemm_nn, tn_work_size, FASTRNN_KC
 from _schedule cimport (pack_matrix, packed_copy, row_pointers, scratch_free, task_rows,
                         even_task_rows)
 from _bf16 cimport (bf16_pack_matrix, bf16_packed_columns, bf16_rows_times_packed,
@@ -213,16 +212,16 @@ cdef inline int input_gradient(
         Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, int n_threads, bint bf16,
         bint in_place=False) noexcept nogil:
     """dx = dgx W_ih over the V rows in `valid`, on bf16 operands when bf16 (float32
-    only). in_place (not bf16; V <= FASTRNN_NN_MAX_ROWS): W_ih read as it is, each
-    thread a block of dx's columns (gemm_nn: the same numbers as W_ih^T packed),
-    for one step's rows, which would not repay the packing.
+    only). in_place (the caller's choice, _recurrent.pyx reads_in_place; not with
+    bf16): W_ih read as it is, each thread a block of dx's columns (gemm_nn: the same
+    numbers as W_ih^T packed), for one step's rows, which would not repay the packing.
     0, or -1 if out of memory."""
     cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
     cdef floating **dx_rows = <floating **> row_pointers(dx, valid, V, I)
     cdef void *w_ih_t = NULL
     cdef int status = -1
     cdef Py_ssize_t width, blk, nblk, c0
-    if in_place and not bf16 and V <= FASTRNN_NN_MAX_ROWS:
+    if in_place:
         if gx_rows != NULL and dx_rows != NULL:
             width = column_block_width(I, n_threads if n_threads > 1 else 1)
             nblk = (I + width - 1) // width

@@ -212,8 +212,7 @@ class Parameter:
 
     @property
     def grad(self):
-        if self._pending is not None:
-            self._pending.add_pending()
+        self.add_pending()
         if self._grad_is_zero:
             self._grad[...] = 0
             self._grad_is_zero = False
