@@ -75,6 +75,8 @@ ROWS_MIN_PER_THREAD = 4   # ... but at inference rows when every thread gets thi
                           # and W_hh is small (rows_upto)
 BACKWARD_UNITS_MAX_BATCH = 8   # backward's reverse loop splits hidden units up to this batch (measured:
                                # LSTM H=512 T=50 B=1 21.5 -> 15.7 ms, B=4 27.3 -> 23.0, neutral at 16-24)
+BACKWARD_UNITS_L2_MAX_BATCH = 20   # ... and up to this when W_hh overflows a core's L2
+                                   # (backward_splits_units)
 # Calls smaller than this run on one thread: waking a team costs ~3 us (Xeon KVM guest),
 # more than it saves below this. Measured there (cell step, B=1, I=H, 1 thread -> team):
 # RNN H=64 (16k FLOP) 2.4 -> 5.9 us, LSTM H=128 (262k) 12.5 -> 11.0, LSTM H=256 (1M)
@@ -232,6 +234,28 @@ def keeps_step_packs(T, w_ih, w_hh):
     return T == 1 and w_ih.nbytes + w_hh.nbytes <= STEP_PACKS_MAX_BYTES
 
 
+def backward_splits_units(T, B, hh_bytes):
+    """Would backward's reverse loop split hidden units (each thread its panels of
+    W_hh^T, one barrier per step) rather than rows? Batches up to
+    BACKWARD_UNITS_MAX_BATCH always; up to BACKWARD_UNITS_L2_MAX_BATCH when W_hh
+    (hh_bytes as the products read it) overflows a core's L2 (fills_l2) and the
+    sequence has UNITS_MIN_STEPS steps to repay packing the slices: with rows, each
+    thread streams all of W_hh^T from L3 every step for its few rows. 2-core Xeon
+    KVM guest (AVX-512, 2 MB L2 a core), float32 training, backward alone, medians
+    of 12-15 interleaved calls, rows -> units, ms (session 39; bitwise the same):
+    LSTM (I, H, T) = (128, 1024, 30) B=20 36.7 -> 33.9, (1024, 1024, 25) B=16 46.0
+    -> 43.6, B=24 even, B=32 79.0 -> 74.9, B=48 even; LSTM (512, 512, 50) B=16 19.5
+    -> 18.6, B=24 and 32 even or +2 %, B=48 even; GRU (128, 1024, 30) B=20 27.2 ->
+    26.0, (1024, 1024, 25) B=16 34.7 -> 33.1, B=24 even; GRU (512, 512, 50) B=16
+    15.6 -> 15.1, B=24 21.8 -> 22.4 (lost), B=32 31.4 -> 31.9 (lost); RNN (128, 1024,
+    30) B=20 8.11 -> 7.71, (1024, 1024, 25) B=16 10.1 -> 9.65. Where W_hh fits
+    (LSTM (256, 256, 100), 1 MB) B=16 lost: 9.0 -> 10.3. Not measured on Zen 4 (1
+    MB L2) or Zen 3."""
+    if B <= BACKWARD_UNITS_MAX_BATCH:
+        return True
+    return B <= BACKWARD_UNITS_L2_MAX_BATCH and T >= UNITS_MIN_STEPS and fills_l2(hh_bytes)
+
+
 def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_in=None,
                   db_x=None, db_h=None, weights=True):
     """Run the driver's backward; the reverse loop splits hidden units for small
@@ -246,7 +270,9 @@ def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_i
     _recurrent.weight_gradients later (GateGradients).
     """
     n = sched.n_threads
-    by_units = n > 1 and len(sched.order) <= BACKWARD_UNITS_MAX_BATCH and args[6] is None  # dw_hr
+    hh_bytes = args[21].size * (2 if bf16 else args[21].itemsize)   # w_hh as the products read it
+    by_units = (n > 1 and backward_splits_units(T, len(sched.order), hh_bytes)
+                and args[6] is None)   # dw_hr: a projection's backward splits rows
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)
     table = {} if db_x is None else dict(db_x=db_x, db_h=db_h)
     if not weights:

@@ -95,6 +95,57 @@ def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
         assert rel_err(got, want) <= TOL[dtype]
 
 
+def test_backward_splits_units_when_w_hh_overflows_the_l2(monkeypatch):
+    """The rule itself (F.backward_splits_units): small batches always; up to
+    BACKWARD_UNITS_L2_MAX_BATCH only when W_hh overflows the L2 and the sequence
+    has UNITS_MIN_STEPS steps; rows past that batch whatever W_hh's size."""
+    monkeypatch.setattr(F._cpu_cache, "l2_bytes", lambda: 2 << 20)
+    big, small = 4 << 20, 1 << 20
+    steps = F.UNITS_MIN_STEPS
+    assert F.backward_splits_units(1, F.BACKWARD_UNITS_MAX_BATCH, small)
+    assert not F.backward_splits_units(steps, F.BACKWARD_UNITS_MAX_BATCH + 1, small)
+    assert F.backward_splits_units(steps, F.BACKWARD_UNITS_MAX_BATCH + 1, big)
+    assert F.backward_splits_units(steps, F.BACKWARD_UNITS_L2_MAX_BATCH, big)
+    assert not F.backward_splits_units(steps, F.BACKWARD_UNITS_L2_MAX_BATCH + 1, big)
+    assert not F.backward_splits_units(steps - 1, F.BACKWARD_UNITS_MAX_BATCH + 1, big)
+    monkeypatch.setattr(F._cpu_cache, "l2_bytes", lambda: 0)   # L2 unknown: rows
+    assert not F.backward_splits_units(steps, F.BACKWARD_UNITS_MAX_BATCH + 1, big)
+
+
+@pytest.mark.parametrize("cell", sorted(CELLS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_unit_split_past_small_batches_equals_one_thread(cell, dtype, monkeypatch):
+    """A batch past BACKWARD_UNITS_MAX_BATCH whose W_hh overflows the L2 (here an L2
+    made small) splits backward's hidden units: bitwise the one-thread numbers, the
+    reference's within tolerance; the same batch under the real L2 splits rows."""
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    spy = SplitSpy(F._recurrent)
+    monkeypatch.setattr(F, "_recurrent", spy)
+    B = F.BACKWARD_UNITS_MAX_BATCH + 5
+    assert B <= F.BACKWARD_UNITS_L2_MAX_BATCH
+    case = make_case(cell, dtype, (F.UNITS_MIN_STEPS + 1, B, 9, 37), True, True, True, 5)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        one = run(F, cell, case, False, 3)
+        fastrnn.set_num_threads(2)
+        spy.backward_by_units.clear()
+        rows = run(F, cell, case, False, 3)
+        monkeypatch.setattr(F._cpu_cache, "l2_bytes", lambda: 1024)   # every W_hh overflows
+        units = run(F, cell, case, False, 3)
+        assert spy.backward_by_units == [False, True]
+    finally:
+        fastrnn.set_num_threads(before)
+    for a, b, c in zip(one[0] + one[1], rows[0] + rows[1], units[0] + units[1]):
+        if a is not None:
+            assert np.array_equal(a, b) and np.array_equal(a, c)
+    ref = run(R, cell, case, False, 3)
+    for got, want in zip(units[0] + units[1], ref[0] + ref[1]):
+        if want is not None:
+            assert rel_err(got, want) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch", [1, 9])
 def test_bidirectional_directions_at_once_equal_one_after_the_other(mode, batch, monkeypatch):
