@@ -54,7 +54,15 @@
  * 26.7 -> 25.5; 32 and 64 rows unchanged. Spreading every M evenly (32 rows:
  * 11 + 11 + 10), halving the last MR + r rows of any M (32 rows: 12 + 10 + 10),
  * or a switch on the tile size inside the tile loop, each cost 2-4 % at 32 rows
- * (Zen 4, AVX-512). A row's sums do not depend on its tile. */
+ * (Zen 4, AVX-512). But a last tile of r <= MR / 4 rows (2-6 accumulators at
+ * MR = 12) ran the FMA ports half idle: the last MR + r rows take two even
+ * tiles (49 rows: 12 + 12 + 12 + 7 + 6). 2-core Xeon, AVX-512, C harness, 2
+ * threads each on its own operands, N = 2048, K = 512, GFLOP/s a thread, median
+ * of 9 timings, two runs: 49 rows 189-197 -> 204, 51 rows 196-198 -> 205, 27
+ * rows 182-183 -> 195, 25 rows 180 -> 193; r = 4 (40, 64, 100 rows) and r = 7
+ * even. The same harness under the AVX2 kernel (MR = 6, r = 1) on the Xeon:
+ * 43 rows 110 -> 113, 49 rows 111 -> 114-115; not run on Zen 3. A row's sums do
+ * not depend on its tile. */
 #define FASTRNN_TILE_CASE(R, MR, TILE, ...) \
     case R: if (R <= MR) TILE(i0_, R, __VA_ARGS__); break;
 /* TILE(i0_, m, ...) with m (1..MR, at most 12) made a constant. */
@@ -82,8 +90,15 @@
             FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                         \
             i0_ = m_;                                                              \
         } else {                                                                   \
-            for (; i0_ + (MR) <= (M); i0_ += (MR))                                 \
+            const ptrdiff_t r_ = (M) % (MR);                                       \
+            const ptrdiff_t whole_ = r_ > 0 && 4 * r_ <= (MR) ? (M) - (MR) - r_ : (M); \
+            for (; i0_ + (MR) <= whole_; i0_ += (MR))                              \
                 TILE(i0_, MR, __VA_ARGS__);                                        \
+            if (whole_ < (M)) {   /* the last MR + r rows, r small: two even tiles */ \
+                const int m_ = (int)((M) - i0_ + 1) / 2;                           \
+                FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                     \
+                i0_ += m_;                                                         \
+            }                                                                      \
         }                                                                          \
         FASTRNN_TILE_SWITCH((M) - i0_, MR, TILE, __VA_ARGS__);   /* the rest */       \
     } while (0)
