@@ -239,8 +239,9 @@ def backward_splits_units(T, B, hh_bytes):
     W_hh^T, one barrier per step) rather than rows? Batches up to
     BACKWARD_UNITS_MAX_BATCH always; up to BACKWARD_UNITS_L2_MAX_BATCH when W_hh
     (hh_bytes as the products read it) overflows a core's L2 (fills_l2) and the
-    sequence has UNITS_MIN_STEPS steps to repay packing the slices: with rows, each
-    thread streams all of W_hh^T from L3 every step for its few rows. 2-core Xeon
+    sequence has UNITS_MIN_STEPS steps (as the forward's unit split; measured only
+    at T=25-50, and single steps keep their in-place rows): with rows, each thread
+    streams all of W_hh^T from L3 every step for its few rows. 2-core Xeon
     KVM guest (AVX-512, 2 MB L2 a core), float32 training, backward alone, medians
     of 12-15 interleaved calls, rows -> units, ms (session 39; bitwise the same):
     LSTM (I, H, T) = (128, 1024, 30) B=20 36.7 -> 33.9, (1024, 1024, 25) B=16 46.0

@@ -91,7 +91,8 @@
             i0_ = m_;                                                              \
         } else {                                                                   \
             const ptrdiff_t r_ = (M) % (MR);                                       \
-            const ptrdiff_t whole_ = r_ > 0 && 4 * r_ <= (MR) ? (M) - (MR) - r_ : (M); \
+            const ptrdiff_t whole_ = (M) > (MR) && r_ > 0 && 4 * r_ <= (MR)         \
+                                     ? (M) - (MR) - r_ : (M);                  \
             for (; i0_ + (MR) <= whole_; i0_ += (MR))                              \
                 TILE(i0_, MR, __VA_ARGS__);                                        \
             if (whole_ < (M)) {   /* the last MR + r rows, r small: two even tiles */ \

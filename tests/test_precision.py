@@ -110,6 +110,7 @@ def test_bf16_one_and_two_threads_bitwise_identical(medium, cell, split, monkeyp
     monkeypatch.setattr(F, "ROWS_MIN_PER_THREAD", 10**6)    # units even where rows would win
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
     monkeypatch.setattr(F, "BACKWARD_UNITS_MAX_BATCH", 10**6 if split == "units" else 0)
+    monkeypatch.setattr(F, "BACKWARD_UNITS_L2_MAX_BATCH", 10**6 if split == "units" else 0)
     case = make_case(cell, np.float32, (7, 11, 13, 45), True, True, True, 5)
     assert_same_bits_for_thread_counts(cell, case, False, 6, (1, 2))
 
