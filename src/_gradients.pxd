@@ -239,6 +239,51 @@ cdef inline int input_gradient(
     return status
 
 
+cdef inline int weight_gradients_of_rows(
+        floating *dw_ih,            # OUT (GH, I), added into when accumulate
+        floating *dw_hh,            # OUT (GH, H), added into when accumulate
+        const floating **gx_rows,   # IN  (V,) rows of dL/d(x W_ih^T), GH values each
+        const floating **gh_rows,   # IN  (V,) rows of dL/d(h W_hh^T); gx_rows itself for RNN, LSTM
+        const floating **x_rows,    # IN  (V,) rows of x, I values each
+        const floating **h_rows,    # IN  (V,) rows of the state each step read, H values each
+        Py_ssize_t V, Py_ssize_t GH, Py_ssize_t I, Py_ssize_t H,
+        int n_threads, bint bf16, bint accumulate,
+        floating *db_x,             # OUT (GH,) dL/d(x W_ih^T)'s column sums, or NULL
+        floating *db_h) noexcept nogil:   # OUT (GH,) the other's, or NULL; not when gh_rows is gx_rows
+    """dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev over V rows given by pointers (from
+    one sequence's arrays, or from a cell's steps kept apart), on bf16 operands when
+    bf16 (float32 only). accumulate: add into dw_ih, dw_hh (a parameter's .grad: no
+    temporary, no extra pass). db_x, db_h: the column sums, taken while the dW GEMM
+    copies the columns. 0, or -1 if out of memory."""
+    cdef void *x_t = packed_columns(x_rows, I, V, bf16, n_threads)           # x^T (I x V)
+    cdef void *h_t = NULL
+    cdef Py_ssize_t Ns[2]
+    cdef const void *packs[2]
+    cdef floating *Cs[2]
+    cdef int status = -1
+    cdef floating beta = 1 if accumulate else 0
+    if x_t != NULL:
+        h_t = packed_columns(h_rows, H, V, bf16, n_threads)                   # h_prev^T (H x V)
+    if x_t != NULL and h_t != NULL:
+        Ns[0] = I
+        Ns[1] = H
+        packs[0] = x_t
+        packs[1] = h_t
+        Cs[0] = dw_ih
+        Cs[1] = dw_hh
+        if gx_rows == gh_rows:   # RNN, LSTM: one pass over da's columns for both weights
+            status = columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta,
+                                   db_x)
+        else:
+            status = columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta,
+                                   db_x)
+            status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
+                                    n_threads, beta, db_h)
+        status = -1 if status != 0 else 0
+    scratch_free(x_t); scratch_free(h_t)
+    return status
+
+
 cdef inline int weight_gradients(
         floating *dw_ih,            # OUT (GH, I), added into when accumulate
         floating *dw_hh,            # OUT (GH, H), added into when accumulate
@@ -251,42 +296,18 @@ cdef inline int weight_gradients(
         int n_threads, bint bf16, bint accumulate,
         floating *db_x,             # OUT (GH,) dgx's column sums (the biases' gradient), or NULL
         floating *db_h) noexcept nogil:   # OUT (GH,) dgh's, or NULL; not when dgh is dgx
-    """dw_ih (+)= dgx^T x; dw_hh (+)= dgh^T h_prev, over the V rows in `valid`, on bf16
-    operands when bf16 (float32 only). accumulate: add into dw_ih, dw_hh (a
-    parameter's .grad: no temporary, no extra pass). db_x, db_h: the column sums,
-    taken while the dW GEMM copies the columns. 0, or -1 if out of memory."""
+    """weight_gradients_of_rows over the V rows in `valid` of these arrays."""
     cdef const floating **gx_rows = row_pointers(dgx, valid, V, GH)
-    cdef const floating **gh_rows = row_pointers(dgh, valid, V, GH)
+    cdef const floating **gh_rows = gx_rows if dgh == dgx else row_pointers(dgh, valid, V, GH)
     cdef const floating **x_rows = row_pointers(x, valid, V, I)
     cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
-    cdef void *x_t = NULL
-    cdef void *h_t = NULL
-    cdef Py_ssize_t Ns[2]
-    cdef const void *packs[2]
-    cdef floating *Cs[2]
     cdef int status = -1
-    cdef floating beta = 1 if accumulate else 0
     if gx_rows != NULL and gh_rows != NULL and x_rows != NULL and h_rows != NULL:
-        x_t = packed_columns(x_rows, I, V, bf16, n_threads)               # x^T (I x V)
-        h_t = packed_columns(h_rows, H, V, bf16, n_threads)               # h_prev^T (H x V)
-    if x_t != NULL and h_t != NULL:
-        Ns[0] = I
-        Ns[1] = H
-        packs[0] = x_t
-        packs[1] = h_t
-        Cs[0] = dw_ih
-        Cs[1] = dw_hh
-        if dgx == dgh:   # RNN, LSTM: one pass over da's columns for both weights
-            status = columns_times(GH, V, gx_rows, 2, Ns, packs, Cs, bf16, n_threads, beta,
-                                   db_x)
-        else:
-            status = columns_times(GH, V, gx_rows, 1, Ns, packs, Cs, bf16, n_threads, beta,
-                                   db_x)
-            status += columns_times(GH, V, gh_rows, 1, Ns + 1, packs + 1, Cs + 1, bf16,
-                                    n_threads, beta, db_h)
-        status = -1 if status != 0 else 0
-    free(gx_rows); free(gh_rows); free(x_rows); free(h_rows)
-    scratch_free(x_t); scratch_free(h_t)
+        status = weight_gradients_of_rows(dw_ih, dw_hh, gx_rows, gh_rows, x_rows, h_rows, V, GH,
+                                          I, H, n_threads, bf16, accumulate, db_x, db_h)
+    if gh_rows != gx_rows:
+        free(gh_rows)
+    free(gx_rows); free(x_rows); free(h_rows)
     return status
 
 

@@ -32,7 +32,7 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
 from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise)
 from _gradients cimport (input_and_weight_gradients, input_gradient, weight_gradient,
-                         weight_gradients as weight_gradient_gemms, rows_scatter_add,
+                         weight_gradients_of_rows, rows_scatter_add,
                         dw_set_l2_bytes)
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
                           count_digested, digested,
@@ -1121,37 +1121,84 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     return not short_team
 
 
-def weight_gradients(floating[:, ::1] dw_ih, floating[:, ::1] dw_hh,
-                     const floating[:, ::1] dgx, const floating[:, ::1] dgh,
-                     const floating[:, ::1] x, const floating[:, ::1] h_prev, int n_threads,
-                     bint accumulate=False, floating[::1] db_x=None, floating[::1] db_h=None):
+cdef Py_ssize_t gather_rows(list parts, Py_ssize_t width, const floating **rows,
+                            Py_ssize_t V, floating *kind, str name) except -1:
+    """rows[0:V] := pointers to the rows of parts (2-D C-contiguous arrays of this dtype,
+    `width` columns each, V rows in all), in order; raises ValueError if they do not
+    fit. `kind` only selects the dtype."""
+    cdef floating[:, ::1] a
+    cdef Py_ssize_t off = 0, r, total = 0
+    for part in parts:   # (a generator here trips Cython's fused functions)
+        if getattr(part, "ndim", 0) != 2:
+            raise ValueError(f"weight_gradients: {name}: expected 2-D arrays, got "
+                             f"{type(part).__name__} of {getattr(part, 'ndim', '?')} dims")
+        total += part.shape[0]
+    if total != V:
+        raise ValueError(f"weight_gradients: {name}: expected {V} rows in all (dgx's), "
+                         f"got {total}")
+    for part in parts:
+        a = part
+        if a.shape[1] != width:
+            raise ValueError(f"weight_gradients: {name}: expected rows of {width} values, "
+                             f"got a part of shape {tuple(part.shape)}")
+        for r in range(a.shape[0]):
+            rows[off + r] = &a[r, 0]
+        off += a.shape[0]
+    return off
+
+
+def weight_gradients(floating[:, ::1] dw_ih, floating[:, ::1] dw_hh, dgx, dgh, x, h_prev,
+                     int n_threads, bint accumulate=False, floating[::1] db_x=None,
+                     floating[::1] db_h=None):
     """The weight gradients backward(weights=False) left out, over V rows gathered
     from any number of calls (a cell's steps):
         dw_ih (+)= dgx^T x,   dw_hh (+)= dgh^T h_prev   (dgh None: dgx, RNN and LSTM)
-    dgx, dgh (V, G*H), x (V, I), h_prev (V, H), dw_ih (G*H, I), dw_hh (G*H, H).
-    accumulate: add into dw_ih, dw_hh. db_x, db_h (G*H,) or None := the column sums of
-    dgx and (with dgh) dgh. Summed in row order, the same for any thread count."""
-    cdef Py_ssize_t V = dgx.shape[0], GH = dgx.shape[1], I = x.shape[1], H = h_prev.shape[1]
+    dgx, dgh (V, G*H), x (V, I), h_prev (V, H): each one array or a list of arrays
+    whose rows, in order, make it (a cell's steps, read where they are, not joined
+    into one copy first); dw_ih (G*H, I), dw_hh (G*H, H). accumulate: add into dw_ih,
+    dw_hh. db_x, db_h (G*H,) or None := the column sums of dgx and (with dgh) dgh.
+    Summed in row order, the same for any thread count and any cut into parts."""
+    parts = [[a] if not isinstance(a, (list, tuple)) else list(a)
+             for a in (dgx, x, h_prev)]
+    gh_parts = None if dgh is None else ([dgh] if not isinstance(dgh, (list, tuple))
+                                         else list(dgh))
+    cdef Py_ssize_t GH = dw_ih.shape[0], I = dw_ih.shape[1], H = dw_hh.shape[1], V = 0
     cdef int failed = 0
-    cdef const floating *p_dgh
-    if (V < 1 or GH < 1 or I < 1 or H < 1 or x.shape[0] != V or h_prev.shape[0] != V
-            or dw_ih.shape[0] != GH or dw_ih.shape[1] != I or dw_hh.shape[0] != GH
-            or dw_hh.shape[1] != H
-            or (dgh is not None and (dgh.shape[0] != V or dgh.shape[1] != GH))
+    for a in parts[0]:
+        if getattr(a, "ndim", 0) != 2:
+            raise ValueError(f"weight_gradients: dgx: expected 2-D arrays, got "
+                             f"{type(a).__name__} of {getattr(a, 'ndim', '?')} dims")
+        V += a.shape[0]
+    if (V < 1 or GH < 1 or I < 1 or H < 1 or dw_hh.shape[0] != GH
             or (db_x is not None and db_x.shape[0] != GH)
             or (db_h is not None and (dgh is None or db_h.shape[0] != GH))):
-        raise ValueError(f"weight_gradients: dgx ({V}, {GH}), x ({x.shape[0]}, {I}), h_prev "
-                         f"({h_prev.shape[0]}, {H}), dw_ih ({dw_ih.shape[0]}, {dw_ih.shape[1]}), "
-                         f"dw_hh ({dw_hh.shape[0]}, {dw_hh.shape[1]}), dgh and the bias sums "
-                         "must match (db_h only with dgh)")
-    p_dgh = &dgx[0, 0] if dgh is None else &dgh[0, 0]
-    with nogil:
-        failed = weight_gradient_gemms(&dw_ih[0, 0], &dw_hh[0, 0], &dgx[0, 0], p_dgh,
-                                       &x[0, 0], &h_prev[0, 0], NULL, V, GH, I, H, n_threads,
-                                       False, accumulate, <floating *> vptr1(db_x),
-                                       <floating *> vptr1(db_h)) != 0
-        if n_threads > 1:
-            fastrnn_pool_note_openmp()      # as backward's
+        raise ValueError(f"weight_gradients: dgx ({V}, {GH}) rows, dw_ih ({GH}, {I}), "
+                         f"dw_hh ({dw_hh.shape[0]}, {H}), and the bias sums must match "
+                         "(db_h only with dgh)")
+    cdef const floating **gx = <const floating **> malloc(V * sizeof(void *) + 1)
+    cdef const floating **gh = NULL
+    cdef const floating **xr = <const floating **> malloc(V * sizeof(void *) + 1)
+    cdef const floating **hr = <const floating **> malloc(V * sizeof(void *) + 1)
+    try:
+        if gh_parts is not None:
+            gh = <const floating **> malloc(V * sizeof(void *) + 1)
+        if gx == NULL or xr == NULL or hr == NULL or (gh_parts is not None and gh == NULL):
+            raise MemoryError("fastrnn recurrent weight_gradients: out of memory")
+        gather_rows(parts[0], GH, gx, V, &dw_ih[0, 0], "dgx")
+        gather_rows(parts[1], I, xr, V, &dw_ih[0, 0], "x")
+        gather_rows(parts[2], H, hr, V, &dw_ih[0, 0], "h_prev")
+        if gh_parts is not None:
+            gather_rows(gh_parts, GH, gh, V, &dw_ih[0, 0], "dgh")
+        with nogil:
+            failed = weight_gradients_of_rows(&dw_ih[0, 0], &dw_hh[0, 0], gx,
+                                              gx if gh == NULL else gh, xr, hr, V, GH, I, H,
+                                              n_threads, False, accumulate,
+                                              <floating *> vptr1(db_x),
+                                              <floating *> vptr1(db_h)) != 0
+            if n_threads > 1:
+                fastrnn_pool_note_openmp()      # as backward's
+    finally:
+        free(gx); free(gh); free(xr); free(hr)
     if failed:
         raise MemoryError("fastrnn recurrent weight_gradients: out of memory")
 

@@ -271,11 +271,46 @@ def test_weight_gradients_kernel_against_numpy(dtype, apart, accumulate):
         np.testing.assert_allclose(db_h, dgh.sum(0), **tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("apart", [False, True])
+def test_weight_gradients_over_parts_equal_the_joined_arrays(dtype, apart):
+    """A cell's steps are passed as lists of their arrays, read in place: bitwise the
+    numbers of the same rows joined into one array (the rows are summed in the same
+    order), whatever the cut, an empty part included."""
+    rng = np.random.default_rng(4)
+    V, GH, I_, H_ = 1100, 45, 13, 15                 # past one K block of 1024 rows
+    f = lambda *s: rng.standard_normal(s).astype(dtype)     # noqa: E731
+    dgx, dgh, x, h = f(V, GH), (f(V, GH) if apart else None), f(V, I_), f(V, H_)
+    cuts = [0, 7, 7, 500, 1093, V]                   # parts of 7, 0, 493, 593, 7 rows
+    split = lambda a: [a[i:j] for i, j in zip(cuts, cuts[1:])]   # noqa: E731
+    outs = []
+    for parts in (False, True):
+        dw_ih, dw_hh = np.empty((GH, I_), dtype), np.empty((GH, H_), dtype)
+        db_x, db_h = np.empty(GH, dtype), (np.empty(GH, dtype) if apart else None)
+        args = (dgx, dgh, x, h)
+        if parts:
+            args = tuple(None if a is None else split(a) for a in args)
+        _recurrent.weight_gradients(dw_ih, dw_hh, *args, 2, False, db_x, db_h)
+        outs.append([dw_ih, dw_hh, db_x] + ([db_h] if apart else []))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
+    np.testing.assert_allclose(outs[0][0], dgx.T @ x, rtol=1e-4 if dtype == np.float32
+                               else 1e-11, atol=1e-3 if dtype == np.float32 else 1e-10)
+
+
 def test_weight_gradients_kernel_refuses_mismatched_shapes():
     f = np.zeros
-    with pytest.raises(ValueError, match="weight_gradients: dgx"):
+    with pytest.raises(ValueError, match=r"weight_gradients: x: expected 5 rows in all "
+                                         r"\(dgx's\), got 6"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((6, 3)),
                                     f((5, 2)), 1)
+    with pytest.raises(ValueError, match=r"h_prev: expected rows of 2 values, got a part "
+                                         r"of shape \(3, 4\)"):
+        _recurrent.weight_gradients(f((4, 3)), f((4, 2)), [f((2, 4)), f((3, 4))], None,
+                                    [f((5, 3))], [f((2, 2)), f((3, 4))], 1)
+    with pytest.raises(ValueError, match="Buffer dtype mismatch"):
+        _recurrent.weight_gradients(f((4, 3)), f((4, 2)), [f((5, 4), np.float32)], None,
+                                    f((5, 3)), f((5, 2)), 1)
     with pytest.raises(ValueError, match="db_h only with dgh"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((5, 3)),
                                     f((5, 2)), 1, False, f(4), f(4))

@@ -103,22 +103,22 @@ class _PendingGradients:
         zero_grad (take_grad then marks them written), else fresh arrays that
         take_grad adds (a kernel that failed part-way through adding into .grad
         could not be undone)."""
-        def rows(name):
-            parts = [getattr(t, name) for t in terms]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        def rows(name):   # the steps' arrays as they are: the kernel reads their rows
+            return [getattr(t, name) for t in terms]
 
-        dgx = rows("dgx")                                             # (V, G*H)
-        dgh = rows("dgh") if self.apart else None                     # (V, G*H) or None
-        x, h_prev = rows("x"), rows("h_prev")                         # (V, I), (V, H)
+        dgx = rows("dgx")                                             # [(n_s, G*H)], V rows
+        dgh = rows("dgh") if self.apart else None                     # [(n_s, G*H)] or None
+        x, h_prev = rows("x"), rows("h_prev")                         # [(n_s, I)], [(n_s, H)]
         w_ih, w_hh, b_ih, b_hh = self.params
         out, accumulate = grad_targets((w_ih, w_hh))
         if out is None or accumulate or np.may_share_memory(out[0], out[1]):
             # (the two the same array: a cell whose weight_hh is its weight_ih)
             out, accumulate = (np.empty_like(w_ih.data), np.empty_like(w_hh.data)), False
-        GH = dgx.shape[1]
-        db_x = np.empty(GH, dgx.dtype) if b_ih is not None else None
-        db_h = np.empty(GH, dgx.dtype) if b_ih is not None and self.apart else None
-        flop = 2 * dgx.size * (x.shape[1] + h_prev.shape[1])
+        GH, dtype = dgx[0].shape[1], dgx[0].dtype
+        V = sum(a.shape[0] for a in dgx)
+        db_x = np.empty(GH, dtype) if b_ih is not None else None
+        db_h = np.empty(GH, dtype) if b_ih is not None and self.apart else None
+        flop = 2 * V * GH * (x[0].shape[1] + h_prev[0].shape[1])
         _recurrent.weight_gradients(*out, dgx, dgh, x, h_prev,
                                     F.call_threads() if flop >= F.SMALL_WORK_FLOP else 1,
                                     accumulate, db_x, db_h)
