@@ -1126,7 +1126,7 @@ cdef Py_ssize_t gather_rows(list parts, Py_ssize_t width, const floating **rows,
     """rows[0:V] := pointers to the rows of parts (2-D C-contiguous arrays of this dtype,
     `width` columns each, V rows in all), in order; raises ValueError if they do not
     fit. `kind` only selects the dtype."""
-    cdef floating[:, ::1] a
+    cdef const floating[:, ::1] a
     cdef Py_ssize_t off = 0, r, total = 0
     for part in parts:   # (a generator here trips Cython's fused functions)
         if getattr(part, "ndim", 0) != 2:
@@ -1137,10 +1137,13 @@ cdef Py_ssize_t gather_rows(list parts, Py_ssize_t width, const floating **rows,
         raise ValueError(f"weight_gradients: {name}: expected {V} rows in all (dgx's), "
                          f"got {total}")
     for part in parts:
-        a = part
-        if a.shape[1] != width:
+        try:
+            a = part
+        except ValueError as exc:   # another dtype, or not C-contiguous
+            raise ValueError(f"weight_gradients: {name}: {exc}") from None
+        if a.shape[1] != width or off + a.shape[0] > V:
             raise ValueError(f"weight_gradients: {name}: expected rows of {width} values, "
-                             f"got a part of shape {tuple(part.shape)}")
+                             f"{V} in all, got a part of shape {tuple(part.shape)}")
         for r in range(a.shape[0]):
             rows[off + r] = &a[r, 0]
         off += a.shape[0]

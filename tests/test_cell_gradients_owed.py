@@ -304,16 +304,31 @@ def test_weight_gradients_kernel_refuses_mismatched_shapes():
                                          r"\(dgx's\), got 6"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((6, 3)),
                                     f((5, 2)), 1)
-    with pytest.raises(ValueError, match=r"h_prev: expected rows of 2 values, got a part "
-                                         r"of shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"h_prev: expected rows of 2 values, 5 in all, "
+                                         r"got a part of shape \(3, 4\)"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), [f((2, 4)), f((3, 4))], None,
                                     [f((5, 3))], [f((2, 2)), f((3, 4))], 1)
-    with pytest.raises(ValueError, match="Buffer dtype mismatch"):
+    with pytest.raises(ValueError, match="dgx: Buffer dtype mismatch"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), [f((5, 4), np.float32)], None,
                                     f((5, 3)), f((5, 2)), 1)
+    with pytest.raises(ValueError, match="x: .*contiguous"):
+        _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((5, 6))[:, ::2],
+                                    f((5, 2)), 1)
     with pytest.raises(ValueError, match="db_h only with dgh"):
         _recurrent.weight_gradients(f((4, 3)), f((4, 2)), f((5, 4)), None, f((5, 3)),
                                     f((5, 2)), 1, False, f(4), f(4))
+
+
+def test_weight_gradients_reads_read_only_arrays():
+    """The parts are only read: read-only arrays are taken, as before parts (a review)."""
+    rng = np.random.default_rng(6)
+    dgx, x, h = (rng.standard_normal(s) for s in ((9, 8), (9, 3), (9, 2)))
+    for a in (dgx, x, h):
+        a.flags.writeable = False
+    dw_ih, dw_hh = np.empty((8, 3)), np.empty((8, 2))
+    _recurrent.weight_gradients(dw_ih, dw_hh, [dgx[:4], dgx[4:]], None, x, [h], 1)
+    np.testing.assert_allclose(dw_ih, dgx.T @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw_hh, dgx.T @ h, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
