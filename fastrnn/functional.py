@@ -201,7 +201,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
         table.update(x_table=ids_in.table, x_ids=ids_in.ids)
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
-    hh_itemsize = 2 if bf16 else args[10].itemsize   # w_hh as the products read it
+    hh_itemsize = product_itemsize(args[10], bf16)
     gated_eval = not training and args[0] in (CELL_LSTM, CELL_GRU)
     by_units = (n > 1 and splits_units(T, B, pack_hh,
                                        bf16 and not training and _recurrent._amx_bf16(),
@@ -227,6 +227,11 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
 # LSTMCell(2048, 2048), 64 MB a weight), hashing and packing into fresh pages each
 # time instead of packing into warm scratch.
 STEP_PACKS_MAX_BYTES = 32 << 20
+
+
+def product_itemsize(w, bf16):
+    """Bytes a value of weight w takes as the products read it: 2 on bf16 operands."""
+    return 2 if bf16 else w.itemsize
 
 
 def keeps_step_packs(T, w_ih, w_hh):
@@ -271,7 +276,7 @@ def _run_backward(sched, T, reverse, bf16, accumulate, *args, dtable=None, ids_i
     _recurrent.weight_gradients later (GateGradients).
     """
     n = sched.n_threads
-    hh_bytes = args[21].size * (2 if bf16 else args[21].itemsize)   # w_hh as the products read it
+    hh_bytes = args[21].size * product_itemsize(args[21], bf16)
     by_units = (n > 1 and backward_splits_units(T, len(sched.order), hh_bytes)
                 and args[6] is None)   # dw_hr: a projection's backward splits rows
     tail = (sched.lengths, sched.order, sched.bounds, sched.valid_rows(T), bool(reverse), n)

@@ -1121,18 +1121,25 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     return not short_team
 
 
+def _rows_in(list parts, str name):
+    """Rows of the 2-D arrays in parts, in all (ValueError naming `name` otherwise)."""
+    cdef Py_ssize_t total = 0
+    for part in parts:
+        if getattr(part, "ndim", 0) != 2:
+            raise ValueError(f"weight_gradients: {name}: expected 2-D arrays, got "
+                             f"{type(part).__name__} of {getattr(part, 'ndim', '?')} dims")
+        total += part.shape[0]
+    return total
+
+
 cdef Py_ssize_t gather_rows(list parts, Py_ssize_t width, const floating **rows,
                             Py_ssize_t V, floating *kind, str name) except -1:
     """rows[0:V] := pointers to the rows of parts (2-D C-contiguous arrays of this dtype,
     `width` columns each, V rows in all), in order; raises ValueError if they do not
     fit. `kind` only selects the dtype."""
     cdef const floating[:, ::1] a
-    cdef Py_ssize_t off = 0, r, total = 0
-    for part in parts:   # (a generator here trips Cython's fused functions)
-        if getattr(part, "ndim", 0) != 2:
-            raise ValueError(f"weight_gradients: {name}: expected 2-D arrays, got "
-                             f"{type(part).__name__} of {getattr(part, 'ndim', '?')} dims")
-        total += part.shape[0]
+    cdef Py_ssize_t off = 0, r
+    total = _rows_in(parts, name)
     if total != V:
         raise ValueError(f"weight_gradients: {name}: expected {V} rows in all (dgx's), "
                          f"got {total}")
@@ -1165,13 +1172,9 @@ def weight_gradients(floating[:, ::1] dw_ih, floating[:, ::1] dw_hh, dgx, dgh, x
              for a in (dgx, x, h_prev)]
     gh_parts = None if dgh is None else ([dgh] if not isinstance(dgh, (list, tuple))
                                          else list(dgh))
-    cdef Py_ssize_t GH = dw_ih.shape[0], I = dw_ih.shape[1], H = dw_hh.shape[1], V = 0
+    cdef Py_ssize_t GH = dw_ih.shape[0], I = dw_ih.shape[1], H = dw_hh.shape[1]
+    cdef Py_ssize_t V = _rows_in(parts[0], "dgx")
     cdef int failed = 0
-    for a in parts[0]:
-        if getattr(a, "ndim", 0) != 2:
-            raise ValueError(f"weight_gradients: dgx: expected 2-D arrays, got "
-                             f"{type(a).__name__} of {getattr(a, 'ndim', '?')} dims")
-        V += a.shape[0]
     if (V < 1 or GH < 1 or I < 1 or H < 1 or dw_hh.shape[0] != GH
             or (db_x is not None and db_x.shape[0] != GH)
             or (db_h is not None and (dgh is None or db_h.shape[0] != GH))):

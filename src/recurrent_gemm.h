@@ -85,21 +85,17 @@
 #define FASTRNN_ROW_TILES(M, MR, TILE, ...)                                        \
     do {                                                                           \
         ptrdiff_t i0_ = 0;                                                         \
-        if ((M) > (MR) && (M) < 2 * (MR)) {   /* two even tiles */                 \
-            const int m_ = (int)((M) + 1) / 2;                                     \
+        const ptrdiff_t r_ = (M) % (MR);                                           \
+        /* whole tiles, then the last MR + r rows as two even tiles when M < 2 MR   \
+         * (16 rows: 8 + 8) or r <= MR / 4 (49 rows: 12 + 12 + 12 + 7 + 6) */      \
+        const ptrdiff_t whole_ = (M) > (MR) && ((M) < 2 * (MR) || 4 * r_ <= (MR))  \
+                                 && r_ > 0 ? (M) - (MR) - r_ : (M);                \
+        for (; i0_ + (MR) <= whole_; i0_ += (MR))                                  \
+            TILE(i0_, MR, __VA_ARGS__);                                            \
+        if (whole_ < (M)) {                                                        \
+            const int m_ = (int)((M) - i0_ + 1) / 2;                               \
             FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                         \
-            i0_ = m_;                                                              \
-        } else {                                                                   \
-            const ptrdiff_t r_ = (M) % (MR);                                       \
-            const ptrdiff_t whole_ = (M) > (MR) && r_ > 0 && 4 * r_ <= (MR)         \
-                                     ? (M) - (MR) - r_ : (M);                  \
-            for (; i0_ + (MR) <= whole_; i0_ += (MR))                              \
-                TILE(i0_, MR, __VA_ARGS__);                                        \
-            if (whole_ < (M)) {   /* the last MR + r rows, r small: two even tiles */ \
-                const int m_ = (int)((M) - i0_ + 1) / 2;                           \
-                FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                     \
-                i0_ += m_;                                                         \
-            }                                                                      \
+            i0_ += m_;                                                             \
         }                                                                          \
         FASTRNN_TILE_SWITCH((M) - i0_, MR, TILE, __VA_ARGS__);   /* the rest */       \
     } while (0)
