@@ -92,6 +92,7 @@ UNITS_STEP_MIN_FLOP = 2e4
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
 CELL_LSTM = 3
 CELL_GRU = 4
+CELL_GRU_RESET_BEFORE = 5   # reset_after=False, inference calls (src/_cells.pxd)
 
 
 _share = threading.local()   # .threads: this Python thread's share of the cores, or unset
@@ -873,7 +874,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     Cache: gates (T,B,3H) r,z,n; hns (T,B,H) W_hn h + b_hn; hs (T+1,B,H).
 
     reset_after=False: the seed's GRU, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)
-    (fastrnn.reference.gru_forward has both forms), run by the NumPy reference.
+    (fastrnn.reference.gru_forward has both forms): inference calls in the kernels,
+    training calls (and bf16 products) by the NumPy reference, whose cache
+    gru_backward then takes.
     """
     if not reset_after:
         return _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
@@ -935,22 +938,32 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
 
 def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, out,
                               x_ids):
-    """gru_forward with reset_after=False: arguments checked as for the kernels, then
-    fastrnn.reference's loop (NumPy products, bf16-rounded under matmul precision
-    "medium" as the kernels round theirs). The kernels have no such cell: its reset
-    product needs r first, a second product in every step, which the driver does
-    not schedule."""
+    """gru_forward with reset_after=False: arguments checked as for the kernels. An
+    inference call with float products runs in the kernels (CELL_GRU_RESET_BEFORE: two
+    products a step); a training call, or bf16 products
+    (matmul precision "medium"), fastrnn.reference's loop (NumPy products,
+    bf16-rounded as the kernels round theirs), whose cache gru_backward takes: the
+    kernels have no backward for this cell."""
     if x_ids is not None:
         raise ValueError("x_ids: not with reset_after=False (pass the rows x[x_ids])")
-    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, *_ = _common_forward(
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, _ = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
     T, B, _ = x.shape
+    bf16 = _precision.bf16_products(x.dtype)
+    if not training and not bf16:
+        _, y, _ = _output_rows(x, H, h0, sched, reverse, False, out,
+                               (x, h0, w_ih, w_hh, b_ih, b_hh))
+        h_n = np.empty((B, H), x.dtype)
+        bias = None if b_ih is None else b_ih + b_hh   # b_hn sits outside (r*h) W_hn^T
+        _run_forward((CELL_GRU_RESET_BEFORE, y, h_n, None, None, None, x, h0, None, w_ih,
+                      w_hh, bias, None, None, None), sched, reverse, pack_ih, pack_hh,
+                     training=False)
+        return y, h_n, None
     if out is not None:
         check_rows_out("out", out, (T, B, H), x.dtype, (x, h0, w_ih, w_hh, b_ih, b_hh))
     y, h_n, ref_cache = reference.gru_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None if not sched.padded else sched.lengths,
-        reverse=bool(reverse), training=training, bf16=_precision.bf16_products(x.dtype),
-        reset_after=False)
+        reverse=bool(reverse), training=training, bf16=bf16, reset_after=False)
     if out is not None:
         out[...] = y
         y = out

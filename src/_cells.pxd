@@ -6,6 +6,8 @@
 #   RNN tanh/relu/id   1   added into a_t                 -
 #   LSTM               4   added into a_t                 c_t
 #   GRU                3   apart (gh), scaled by r         gh_n + b_hn
+#   GRU, reset before  3   r,z into a_t; then (r*h) W_hn^T  (inference only)
+#                          into a_t's n block (two products a step, row split)
 from _simd cimport floating
 
 cdef enum:
@@ -14,6 +16,7 @@ cdef enum:
     CELL_RNN_IDENTITY = 2
     CELL_LSTM = 3
     CELL_GRU = 4
+    CELL_GRU_RESET_BEFORE = 5   # reset_after=False; eval calls only (gru_reset_before_step)
 
 
 cdef extern from "rnn_pointwise.h" nogil:
@@ -55,11 +58,20 @@ cdef extern from "gru_pointwise.h" nogil:
     void fastrnn_gru_backward_pointwise_d(double *g, double *dgh, double *dh_carry,
                                           const double *dy, const double *h_prev,
                                           const double *hn, Py_ssize_t n, Py_ssize_t stride)
+    void fastrnn_gru_rb_gates_pointwise_s(float *a, const float *bias, const float *h_prev,
+                                          float *rh, Py_ssize_t n)
+    void fastrnn_gru_rb_gates_pointwise_d(double *a, const double *bias,
+                                          const double *h_prev, double *rh, Py_ssize_t n)
+    void fastrnn_gru_rb_state_pointwise_s(const float *a, const float *bias,
+                                          const float *h_prev, float *h, Py_ssize_t n)
+    void fastrnn_gru_rb_state_pointwise_d(const double *a, const double *bias,
+                                          const double *h_prev, double *h, Py_ssize_t n)
 
 
 cdef inline Py_ssize_t cell_gates(int cell) noexcept nogil:
     """Gate blocks of H rows in W_ih / W_hh: 1 (RNN), 4 (LSTM, i f g o), 3 (GRU, r z n)."""
-    return 4 if cell == CELL_LSTM else (3 if cell == CELL_GRU else 1)
+    return 4 if cell == CELL_LSTM else (3 if cell == CELL_GRU or cell == CELL_GRU_RESET_BEFORE
+                                        else 1)
 
 
 cdef inline bint product_apart(int cell) noexcept nogil:
@@ -133,3 +145,29 @@ cdef inline void backward_pointwise(
             fastrnn_rnn_backward_pointwise_s(g, dh, dy, h, cell, n)
         else:
             fastrnn_rnn_backward_pointwise_d(g, dh, dy, h, cell, n)
+
+
+cdef inline void gru_reset_before_gates(
+        floating *a,                # IN/OUT (3n) a_t in; r (unused after), z out in a_z
+        const floating *bias,       # IN  (3n) b_ih + b_hh
+        const floating *h_prev,     # IN  (n) h_{t-1}
+        floating *rh,               # OUT (n) r * h_{t-1}, the second product's input
+        Py_ssize_t n) noexcept nogil:
+    """The reset-before GRU's first pass of a step (gru_pointwise.h)."""
+    if floating is float:
+        fastrnn_gru_rb_gates_pointwise_s(a, bias, h_prev, rh, n)
+    else:
+        fastrnn_gru_rb_gates_pointwise_d(a, bias, h_prev, rh, n)
+
+
+cdef inline void gru_reset_before_state(
+        const floating *a,          # IN  (3n) z in a_z, a_t's n block with (r*h) W_hn^T added
+        const floating *bias,       # IN  (3n) b_ih + b_hh
+        const floating *h_prev,     # IN  (n) h_{t-1}
+        floating *h,                # OUT (n) h_t
+        Py_ssize_t n) noexcept nogil:
+    """The reset-before GRU's second pass of a step (gru_pointwise.h)."""
+    if floating is float:
+        fastrnn_gru_rb_state_pointwise_s(a, bias, h_prev, h, n)
+    else:
+        fastrnn_gru_rb_state_pointwise_d(a, bias, h_prev, h, n)

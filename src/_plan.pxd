@@ -23,6 +23,8 @@ cdef struct Plan:
     const void *w_hh_slices     # likewise for w_hh; backward: packed w_hh^T (O x G*H)
     const void *w_hr            # (P, H) LSTM projection, or NULL
     const void *w_hr_packed     # packed w_hr (forward) / w_hr^T (backward), or NULL (read in place)
+    void *rh                    # (B, H) reset-before GRU: r * h_{t-1}, the step's second
+                                # product's input, shared by a unit split's threads
     bint bf16                   # float32 GEMMs on bf16 operands (bf16_gemm.h); no projection
     const void *w_ih_bf16       # bf16 panels of w_ih's slices (forward), or NULL
     const void *w_hh_bf16       # likewise for w_hh; backward: bf16 panels of w_hh^T

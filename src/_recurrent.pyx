@@ -29,8 +29,9 @@ from cython.parallel cimport prange, parallel, threadid
 from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_panel_values,
                     bf16_pack_matrix, bf16_gate_slices, bf16_slice_offset, FASTRNN_BF16_NR,
                     fastrnn_bf16_amx, fastrnn_bf16_level, QG_AVX512_BF16)
-from _cells cimport (CELL_LSTM, CELL_GRU, cell_gates, product_apart,
-                     forward_pointwise, backward_pointwise)
+from _cells cimport (CELL_LSTM, CELL_GRU, CELL_GRU_RESET_BEFORE, cell_gates, product_apart,
+                     forward_pointwise, backward_pointwise, gru_reset_before_gates,
+                     gru_reset_before_state)
 from _gradients cimport (input_and_weight_gradients, input_gradient, weight_gradient,
                          weight_gradients_of_rows, rows_scatter_add,
                         dw_set_l2_bytes)
@@ -43,6 +44,7 @@ from _plan cimport Plan
 from _simd cimport (fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, gemm_nn,
                    panel_width, FASTRNN_NN_MAX_ROWS)
 from _schedule cimport (BLOCK_VALUES, steps_per_block, time_index, n_active, pack_matrix,
+                        packed_copy,
                         unit_start, task_rows,
                         gate_slices, gate_panels, pack_gate_panel, slice_offset,
                         fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
@@ -181,6 +183,62 @@ def _block_steps_of(int G, Py_ssize_t H, Py_ssize_t B, Py_ssize_t T, int nslices
                         itemsize) for k in range(nslices)]
 
 
+cdef floating *pack_gate_rows(const floating *w, Py_ssize_t H, Py_ssize_t K, int g0, int g1,
+                              Py_ssize_t j0, Py_ssize_t hk) noexcept nogil:
+    """A packed copy, made on this thread, of w's rows g*H + j0 + j for gates g0 <= g < g1
+    and j < hk (K values each), in that order; NULL if out of memory (scratch_free)."""
+    cdef Py_ssize_t g, j, n = (g1 - g0) * hk
+    cdef const floating **rows = <const floating **> malloc(n * sizeof(void *) + 1)
+    cdef floating *packed = NULL
+    if rows != NULL:
+        for g in range(g0, g1):
+            for j in range(hk):
+                rows[(g - g0) * hk + j] = w + (g * H + j0 + j) * K
+        packed = packed_copy(rows, n, K, False, 1)
+    free(rows)
+    return packed
+
+
+cdef inline void gru_reset_before_step(
+        const Plan *p,
+        Py_ssize_t nact,            # rows running this step
+        Py_ssize_t j0, Py_ssize_t hk,   # this thread's hidden units [j0, j0 + hk)
+        const floating *w_rz,       # its rows of w_hh's r and z blocks packed (2hk x H), or NULL
+        const floating *w_n,        # and of the n block (hk x H), or NULL: read in place
+        const floating **h_rows,    # IN  (nact) h_{t-1}, whole rows (H)
+        floating **a_rows,          # IN/OUT (nact) a_t, this thread's gate blocks (3hk): x W_ih^T in
+        floating **rh_rows,         # OUT (nact) r * h_{t-1}, whole rows (H) shared by the team:
+                                    #   this thread writes its units, reads them all
+        floating **tmp_rows,        # SCRATCH (nact) pointers
+        floating **h_out,           # OUT (nact) h_t, this thread's units (in y)
+        const floating *bias,       # (3hk) this thread's units of b_ih + b_hh
+        bint sync) noexcept nogil:  # a unit split: wait for every thread's r * h_{t-1}
+    """One step of the reset-before GRU (reset_after=False). The reset gate scales
+    h_{t-1} before its product, so the step runs h_{t-1} W_h{r,z}^T, the gates pass,
+    (r * h_{t-1}) W_hn^T, the state pass; split by units, the second product reads
+    every thread's r * h_{t-1}: one barrier more a step. Never on a pool team
+    (forward() gives this cell none), so the barrier has no stop to report."""
+    cdef Py_ssize_t H = p.H, r, g
+    cdef const floating *w_hh = <const floating *> p.w_hh     # (3H, H) blocks r, z, n
+    if w_rz != NULL:
+        gemm_rows(nact, 2 * hk, H, h_rows, w_rz, NULL, 0, a_rows, 1)
+    else:
+        for g in range(2):
+            for r in range(nact):
+                tmp_rows[r] = a_rows[r] + g * hk
+            gemm_rows(nact, hk, H, h_rows, NULL, w_hh + (g * H + j0) * H, H, tmp_rows, 1)
+    for r in range(nact):
+        gru_reset_before_gates(a_rows[r], bias, h_rows[r] + j0, rh_rows[r] + j0, hk)
+    if sync:
+        team_barrier(p)
+    for r in range(nact):
+        tmp_rows[r] = a_rows[r] + 2 * hk
+    gemm_rows(nact, hk, H, <const floating **> rh_rows, w_n, w_hh + (2 * H + j0) * H, H,
+              tmp_rows, 1)
+    for r in range(nact):
+        gru_reset_before_state(a_rows[r], bias, h_rows[r] + j0, h_out[r], hk)
+
+
 cdef Py_ssize_t forward_thread(
         floating *y,                # OUT (T, B, H), = p.y (gives the type)
         const Plan *p,
@@ -233,6 +291,7 @@ cdef Py_ssize_t forward_thread(
         maxlen = p.max_steps
     cdef Py_ssize_t tb = block_steps(p, nrows, hk, maxlen, sizeof(floating))
     cdef bint apart = product_apart(cell)
+    cdef bint reset_before = cell == CELL_GRU_RESET_BEFORE
     cdef bint has_c = cell == CELL_LSTM
     cdef bint in_y = G == 1                                # RNN: a_t is built in y, h_t in place
     # the slice of W_hh every step reads: over half a core's L2, sweep it back and forth
@@ -258,6 +317,9 @@ cdef Py_ssize_t forward_thread(
     cdef floating **c_rows = <floating **> malloc(nr * sizeof(void *))        # LSTM c_{t-1} (hk)
     cdef const floating **r_rows = <const floating **> malloc(nr * sizeof(void *))  # o * tanh(c_t) (H)
     cdef floating **y_rows = <floating **> malloc(nr * sizeof(void *))        # projected h_t (P)
+    cdef floating **rh_rows = NULL   # reset-before GRU: rows of p.rh (r * h_{t-1})
+    cdef floating *w_rz = NULL       # ... its units' rows of w_hh's r, z blocks, packed
+    cdef floating *w_n = NULL        # ... and of the n block
     cdef void *bwork = NULL      # bf16 GEMMs: A rows rounded (fastrnn_bf16_work_bytes)
     cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
     cdef int q, failed = 0
@@ -275,10 +337,17 @@ cdef Py_ssize_t forward_thread(
         hrb = <floating *> malloc(nr * H * sizeof(floating))
     if w_hh_b != NULL:
         bwork = malloc(fastrnn_bf16_work_bytes(tb * nr, I if I > O else O))
+    if reset_before:
+        rh_rows = <floating **> malloc(nr * sizeof(void *))
+        if p.pack_hh:
+            w_rz = pack_gate_rows(<const floating *> p.w_hh, H, O, 0, 2, j0, hk)
+            w_n = pack_gate_rows(<const floating *> p.w_hh, H, O, 2, 3, j0, hk)
     fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
                  or (w_hh_b != NULL and bwork == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
                  or (apart and (ghb == NULL or hnb == NULL)) or (proj and hr == NULL and hrb == NULL)
+                 or (reset_before and (rh_rows == NULL or p.rh == NULL
+                                       or (p.pack_hh and (w_rz == NULL or w_n == NULL))))
                  or r_rows == NULL or y_rows == NULL
                  or src == NULL or dst == NULL or scratch == NULL or h_rows == NULL
                  or a_rows == NULL or gh_rows == NULL or c_rows == NULL)
@@ -293,6 +362,8 @@ cdef Py_ssize_t forward_thread(
             h_rows[r] = h0 + b * ldh0 if h0 != NULL else zeros
             if apart:
                 gh_rows[r] = ghb + r * GK
+            if reset_before:
+                rh_rows[r] = <floating *> p.rh + (r0 + r) * H
             if has_c:
                 c_rows[r] = c + r * hk
                 if c0 != NULL:
@@ -337,13 +408,19 @@ cdef Py_ssize_t forward_thread(
             for r in range(nact):
                 a_rows[r] = dst[m + r]
             m = m + nact
-            if apart:
+            if reset_before:
+                for r in range(nact):
+                    b = order[r0 + r]
+                    y_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * ldy + j0
+                gru_reset_before_step(p, nact, j0, hk, w_rz, w_n, h_rows, a_rows, rh_rows,
+                                      gh_rows, y_rows, bl, sync)
+            elif apart:
                 gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
                           gh_rows, scratch, 0, bwork, zigzag and (s & 1) == 1)
             else:
                 gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
                           a_rows, scratch, 1, bwork, zigzag and (s & 1) == 1)
-            for r in range(nact if GK > 0 else 0):
+            for r in range(nact if GK > 0 and not reset_before else 0):
                 b = order[r0 + r]
                 row = time_index(s, lengths[b], reverse) * B + b
                 ar = a_rows[r]
@@ -397,7 +474,8 @@ cdef Py_ssize_t forward_thread(
                 memcpy(<floating *> p.c_n + b * H + j0, c_rows[r], hk * sizeof(floating))
     free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb); free(hrb)
     free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
-    free(r_rows); free(y_rows); free(bwork)
+    free(r_rows); free(y_rows); free(bwork); free(rh_rows)
+    scratch_free(w_rz); scratch_free(w_n)
     return maxlen
 
 
@@ -834,6 +912,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     cdef const floating *p_ih = &w_ih[0, 0]
     cdef const floating *p_hh = &w_hh[0, 0]
     cdef floating *packed_hr = NULL
+    cdef bint reset_before = cell == CELL_GRU_RESET_BEFORE
+    cdef floating *rh = NULL            # (B, H) its r * h_{t-1}, shared by the team
     cdef uint16_t *b_ih = NULL
     cdef uint16_t *b_hh = NULL
     cdef int *fail = <int *> calloc(team, sizeof(int))
@@ -853,6 +933,14 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         free(fail)
         raise ValueError("x_ids: needs shape (T, B) and x_table (V, G*H), and neither bf16 "
                          "nor a projection")
+    if reset_before and (bf16 or w_hr is not None or x_ids is not None
+                         or gates is not None or aux is not None or y_copy is not None):
+        free(fail)
+        raise ValueError("cell: the reset-before GRU runs inference calls only (no bf16, "
+                         "projection, x_ids, gates, aux or y_copy)")
+    if reset_before:    # its threads pack their own rows per call: no pool, no pack cache
+        cache_weights = keep_packs = False
+        rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -907,7 +995,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             if pack_ih:
                 s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads,
                                    cache_weights or keep_packs, k_ih)
-            if pack_hh:
+            if pack_hh and not reset_before:
                 s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads,
                                    cache_weights or keep_packs, k_hh)
         if pack_hh and p.w_hr != NULL:
@@ -917,11 +1005,13 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                 b_ih = bf16_gate_slices(p_ih, G, H, I, nslices, n_threads, cache_weights, k_ih)
                 b_hh = bf16_gate_slices(p_hh, G, H, p.O, nslices, n_threads, cache_weights, k_hh)
         p.w_ih_slices, p.w_hh_slices, p.w_hr_packed = s_ih, s_hh, packed_hr
+        p.rh = rh
         p.w_ih_bf16, p.w_hh_bf16 = b_ih, b_hh
         if short_team:
             pass
         elif (fail == NULL or (pack_ih and s_ih == NULL and not pooled)
-                or (pack_hh and s_hh == NULL and not pooled)
+                or (pack_hh and not reset_before and s_hh == NULL and not pooled)
+                or (reset_before and rh == NULL)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
                 or (p.bf16 and not pooled and (b_ih == NULL or b_hh == NULL))):
             failed = 1
@@ -946,6 +1036,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         elif n_threads > 1 and not pool_busy:
             fastrnn_pool_note_openmp()      # its workers spin now: fast-path calls go alone
     slices_free(s_ih); slices_free(s_hh); scratch_free(packed_hr); free(fail)
+    free(rh)
     slices_free(b_ih); slices_free(b_hh)
     if failed:
         raise MemoryError("fastrnn recurrent forward: out of memory")

@@ -74,4 +74,45 @@ FASTRNN_MULTIVERSION(fastrnn_gru_backward_pointwise_##SUFFIX,                   
 FASTRNN_DEFINE_GRU_BACKWARD(float, s)
 FASTRNN_DEFINE_GRU_BACKWARD(double, d)
 
+/* Reset before (reset_after=False: the seed's GRU, Keras reset_after=False, ONNX
+ * linear_before_reset=0): the reset gate scales h_{t-1} before its product, so a
+ * step has two products, h_{t-1} W_h{r,z}^T and then (r * h_{t-1}) W_hn^T, and
+ * two passes, one after each (inference only; training runs fastrnn.reference).
+ * a = x_t W_ih^T plus the products, gate blocks n apart; b = b_ih + b_hh (here
+ * b_hn sits outside the product, so it folds in with b_in):
+ *   gates pass:  r = sigmoid(a_r + b_r),  z = sigmoid(a_z + b_z),  rh = r * h_{t-1}
+ *   state pass:  n = tanh(a_n + b_n),     h_t = (1 - z) * n + z * h_{t-1}
+ * The gates pass leaves z in a_z for the state pass. */
+#define FASTRNN_DEFINE_GRU_RESET_BEFORE(REAL, SUFFIX, SIGMOID, TANH)                 \
+FASTRNN_MULTIVERSION(fastrnn_gru_rb_gates_pointwise_##SUFFIX,                        \
+    (REAL *restrict a, const REAL *restrict bias, const REAL *restrict h_prev,       \
+     REAL *restrict rh, ptrdiff_t n),                                                \
+    (a, bias, h_prev, rh, n),                                                        \
+{                                                                                    \
+    REAL *restrict ar = a, *restrict az = a + n;                                     \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
+        REAL r = SIGMOID(ar[j] + bias[j]);                                           \
+        az[j] = SIGMOID(az[j] + bias[n + j]);                                        \
+        rh[j] = r * h_prev[j];                                                       \
+    }                                                                                \
+})                                                                                   \
+FASTRNN_MULTIVERSION(fastrnn_gru_rb_state_pointwise_##SUFFIX,                        \
+    (const REAL *restrict a, const REAL *restrict bias, const REAL *restrict h_prev, \
+     REAL *restrict h, ptrdiff_t n),                                                 \
+    (a, bias, h_prev, h, n),                                                         \
+{                                                                                    \
+    const REAL one = 1;                                                              \
+    const REAL *restrict az = a + n, *restrict an = a + 2 * n;                       \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
+        REAL z = az[j];                                                              \
+        REAL nn = TANH(an[j] + bias[2 * n + j]);                                     \
+        h[j] = (one - z) * nn + z * h_prev[j];                                       \
+    }                                                                                \
+})
+
+FASTRNN_DEFINE_GRU_RESET_BEFORE(float, s, fastrnn_sigmoidf, fastrnn_tanhf)
+FASTRNN_DEFINE_GRU_RESET_BEFORE(double, d, fastrnn_sigmoidd, fastrnn_tanhd)
+
 #endif

@@ -4,13 +4,19 @@ against fastrnn.reference (whose gradients test_reference.py holds to finite
 differences; test_keras.py and test_onnx.py hold the outputs to Keras's
 reset_after=False and ONNX Runtime's linear_before_reset=0)."""
 
+import zlib
+
 import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn import _recurrent
+from fastrnn import functional as F
 from fastrnn import reference as ref
+from test_isa import isa  # noqa: F401 (the fixture: every ISA this CPU has)
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+REFERENCE_FORWARD = ref.gru_forward   # kept: tests of the kernel path refuse the reference
 
 
 def _close(a, b, dtype):
@@ -74,13 +80,14 @@ def test_stacked_bidirectional_eval_equals_training_and_saves(tmp_path):
                     reset_after=False)
     x = np.random.default_rng(1).standard_normal((4, 6, 3)).astype(np.float32)
     y, h = g(x, lengths=[6, 1, 3, 6])
-    g.eval()
+    g.eval()     # inference runs in the kernels, training in the reference: not the same bits
     y2, h2 = g(x, lengths=[6, 1, 3, 6])
-    assert np.array_equal(y, y2) and np.array_equal(h, h2)
+    np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-6)
     fastrnn.save(tmp_path / "g.npz", g)
     back = fastrnn.load(tmp_path / "g.npz")
     assert back.reset_after is False and back.config() == g.config()
-    assert np.array_equal(back(x, lengths=[6, 1, 3, 6])[0], y)
+    assert np.array_equal(back(x, lengths=[6, 1, 3, 6])[0], y2)
     assert fastrnn.GRU(3, 5).config()["reset_after"] is True
 
 
@@ -136,3 +143,132 @@ def test_language_model_keeps_its_seed_gru_through_save_onnx_and_training(tmp_pa
     imported.train()
     out, _ = imported(ids)
     imported.backward(np.ones_like(out))
+
+
+
+# --- inference in the kernels (CELL_GRU_RESET_BEFORE, src/_recurrent.pyx) ---------------
+# Shapes for the tiles as in test_isa.py: batch 1-3 (the dot-product kernel), 13 and 30
+# rows (a whole 12-row AVX-512 tile and a ragged one), H ragged against 16- and 32-column
+# panels, I past the 1024 K block; T=1 and short batches read the weights in place
+# (functional.pack_flags), the longer ones packed.
+KERNEL_SHAPES = [(1, 1, 3, 5), (4, 13, 21, 41), (2, 30, 37, 33), (40, 3, 9, 17),
+                 (2, 14, 1030, 12), (20, 64, 16, 64)]
+KERNEL_TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+def _case(dtype, T, B, I, H, seed, bias, state):
+    rng = np.random.default_rng(seed)
+    scale = 1 / np.sqrt(H)
+    w = [(rng.uniform(-scale, scale, (3 * H, n))).astype(dtype) for n in (I, H)]
+    b = [rng.uniform(-scale, scale, 3 * H).astype(dtype) for _ in range(2)] if bias else [None] * 2
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = rng.standard_normal((B, H)).astype(dtype) if state else None
+    return x, h0, w, b
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """Inference with reset_after=False must not fall back on the NumPy reference."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an inference call ran fastrnn.reference.gru_forward")
+    monkeypatch.setattr(ref, "gru_forward", refuse)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "no_bias_no_state", "lengths",
+                                     "lengths_reverse", "reverse"])
+def test_inference_runs_in_the_kernels_as_the_reference(dtype, shape, variant, isa,
+                                                        kernels_only):
+    T, B, I, H = shape
+    seed = zlib.crc32(repr((shape, variant)).encode())
+    plain = variant == "no_bias_no_state"
+    x, h0, w, b = _case(dtype, T, B, I, H, seed, not plain, not plain)
+    lengths = (np.maximum(1, T - np.arange(B) % T) if variant.startswith("lengths")
+               else None)
+    reverse = variant.endswith("reverse")
+    want_y, want_h, _ = REFERENCE_FORWARD(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                          training=False, reset_after=False)
+    y, h_n, cache = F.gru_forward(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                  training=False, reset_after=False)
+    assert cache is None
+    np.testing.assert_allclose(y, want_y, **KERNEL_TOL[dtype])
+    np.testing.assert_allclose(h_n, want_h, **KERNEL_TOL[dtype])
+    if lengths is not None:     # steps past a row's end stay zero, as the reference's
+        for bi, n in enumerate(lengths):
+            assert not y[n:, bi].any()
+    # and not torch's form, where the two differ (not from h = 0 in one step): the test
+    # would pass on the wrong cell otherwise
+    if h0 is not None or T > 1:
+        torch_form = F.gru_forward(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                   training=False)[0]
+        assert np.abs(torch_form - want_y).max() > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B", [1, 7, 40])
+def test_inference_is_the_same_bits_on_one_and_two_threads(dtype, B, kernels_only):
+    x, h0, w, b = _case(dtype, 12, B, 19, 45, B, True, True)
+    before = fastrnn.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            out.append(F.gru_forward(x, h0, *w, *b, lengths=np.maximum(1, 12 - np.arange(B)),
+                                     training=False, reset_after=False)[:2])
+    finally:
+        fastrnn.set_num_threads(before)
+    assert all(np.array_equal(a, c) for a, c in zip(*out))
+
+
+def test_inference_writes_out_and_layers_run_it(kernels_only):
+    x, h0, w, b = _case(np.float32, 9, 4, 6, 10, 3, True, True)
+    out = np.full((9, 4, 10), np.nan, np.float32)
+    y, h_n, _ = F.gru_forward(x, h0, *w, *b, lengths=[9, 2, 5, 9], training=False,
+                              out=out, reset_after=False)
+    assert y is out and not out[5:, 2].any() and np.isfinite(out).all()
+    want = REFERENCE_FORWARD(x, h0, *w, *b, lengths=[9, 2, 5, 9], training=False,
+                             reset_after=False)[0]
+    np.testing.assert_allclose(out, want, **KERNEL_TOL[np.float32])
+    g = fastrnn.GRU(6, 10, num_layers=2, bidirectional=True, seed=4, reset_after=False).eval()
+    cell = fastrnn.GRUCell(6, 10, reset_after=False, seed=4).eval()
+    assert g(x)[0].shape == (9, 4, 20) and cell(x[0]).shape == (4, 10)
+
+
+def _driver_args(dtype, T, B, I, H, seed, pack):
+    """Arguments of _recurrent.forward for a reset-before GRU inference call, up to
+    n_threads, and its y, h_n."""
+    x, h0, w, b = _case(dtype, T, B, I, H, seed, True, True)
+    y, h_n = np.zeros((T, B, H), dtype), np.empty((B, H), dtype)
+    sched = F._common_forward(x, h0, *w, *b, 3, None)[7]
+    return (F.CELL_GRU_RESET_BEFORE, y, h_n, None, None, None, x, h0, None, *w, b[0] + b[1],
+            None, None, None, sched.lengths, sched.order, sched.bounds, False, pack, pack), y, h_n
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("B,H", [(1, 45), (3, 64), (2, 1)])
+def test_the_unit_split_gives_the_row_split_bits(dtype, pack, B, H, isa):
+    """Small batches split hidden units over the threads, which then meet twice a step
+    (every thread's r * h_{t-1} before the n product): bitwise one thread's numbers,
+    packed or read in place, H = 1 leaving a thread no units."""
+    args, y1, h1 = _driver_args(dtype, 9, B, 13, H, 7, pack)
+    assert _recurrent.forward(*args, 1, False)
+    want_y, want_h = y1.copy(), h1.copy()
+    args, y2, h2 = _driver_args(dtype, 9, B, 13, H, 7, pack)
+    if not _recurrent.forward(*args, 2, True):
+        pytest.skip("OpenMP gave fewer than 2 threads")
+    assert np.array_equal(y2, want_y) and np.array_equal(h2, want_h)
+    x, h0, w, b = _case(dtype, 9, B, 13, H, 7, True, True)
+    np.testing.assert_allclose(want_y, REFERENCE_FORWARD(x, h0, *w, *b, training=False,
+                                                         reset_after=False)[0],
+                               **KERNEL_TOL[dtype])
+
+
+def test_the_driver_refuses_what_this_cell_does_not_run():
+    args, _, _ = _driver_args(np.float32, 3, 2, 4, 5, 0, True)
+    with pytest.raises(ValueError, match="reset-before GRU runs inference calls only"):
+        _recurrent.forward(*args, 2, False, bf16=True)
+    gates = np.empty((3, 2, 15), np.float32)
+    with pytest.raises(ValueError, match="reset-before GRU"):
+        _recurrent.forward(*args[:4], gates, *args[5:], 2, False)   # a training call's cache
