@@ -162,7 +162,7 @@ def _build(module, cell):
     dtype = module.dtype
     cls = type(module)
     if not getattr(module, "reset_after", True):
-        return _NOT_ELIGIBLE          # the seed's GRU runs on the reference (no kernel)
+        return _NOT_ELIGIBLE          # the seed's GRU: functional's CELL_GRU_RESET_BEFORE
     if cell:
         # a subclass that computes a step its own way (forward or _step_forward
         # overridden) is not served: the fast path would skip its code

@@ -36,6 +36,39 @@ def as_float_array(name, value, ndim, dtype=None):
     return np.ascontiguousarray(arr)
 
 
+def as_rows_array(name, value, ndim, dtype=None):
+    """as_float_array, but a view whose rows (all axes but the last, in C order) are
+    evenly spaced with the last axis contiguous is kept as it is, not copied: a
+    column block of a wider array (a bidirectional layer's half of dL/dy), which
+    the kernels read with a row stride."""
+    arr = np.asarray(value) if value is not None else value
+    if (isinstance(arr, np.ndarray) and arr.ndim == ndim and arr.dtype in FLOAT_DTYPES
+            and (dtype is None or arr.dtype == dtype) and arr.size > 0
+            and _evenly_spaced_rows(arr)):
+        return arr
+    return as_float_array(name, value, ndim, dtype)
+
+
+def _evenly_spaced_rows(arr):
+    """Are arr's rows (all axes but the last) evenly spaced, apart by at least a row,
+    in C order, with the last axis contiguous?"""
+    item = arr.itemsize
+    if arr.strides[-1] != item and arr.shape[-1] > 1:
+        return False
+    step = None
+    for n, stride in zip(reversed(arr.shape[:-1]), reversed(arr.strides[:-1])):
+        if n == 1:
+            continue
+        if step is None:
+            if stride < arr.shape[-1] * item or stride % item != 0:
+                return False
+            step = stride
+        elif stride != step:
+            return False
+        step = stride * n
+    return True
+
+
 def check_shape(name, arr, expected):
     """Raise ValueError unless arr.shape == expected."""
     if arr.shape != tuple(expected):

@@ -52,7 +52,7 @@ import numpy as np
 
 from fastrnn import _buffers, _cpu_cache, _dense, _ids_input, _precision, _recurrent, reference
 from fastrnn._config import get_num_threads
-from fastrnn._validate import (as_float_array, as_lengths, check_input, check_rows_out,
+from fastrnn._validate import (as_float_array, as_rows_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward",
@@ -203,7 +203,7 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     T = args[1].shape[0]   # y (T, B, H)
     B = len(sched.order)
     hh_itemsize = product_itemsize(args[10], bf16)
-    gated_eval = not training and args[0] in (CELL_LSTM, CELL_GRU)
+    gated_eval = not training and args[0] in (CELL_LSTM, CELL_GRU, CELL_GRU_RESET_BEFORE)
     by_units = (n > 1 and splits_units(T, B, pack_hh,
                                        bf16 and not training and _recurrent._amx_bf16(),
                                        args[10].size * hh_itemsize, gated_eval)
@@ -558,12 +558,14 @@ def _check_cache_kind(cache, kind):
 
 
 def _backward_setup(dy, dh_n, cache, kind):
-    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype."""
+    """Validate dy and dh_n against the cache; returns dy, dh_n, T, B, I, H, dtype.
+    dy is read in place when its (t, b) rows are evenly spaced (a column block of a
+    wider array: a bidirectional layer's half), else copied to C order."""
     _check_cache_kind(cache, kind)
     T, B, I = cache.x.shape
     H = cache.w_hh.shape[1]
     dtype = cache.x.dtype
-    dy = as_float_array("dy", dy, 3, dtype)
+    dy = as_rows_array("dy", dy, 3, dtype)
     check_shape("dy", dy, (T, B, H))
     dh_n = optional_state("dh_n", dh_n, (B, H), dtype)
     return dy, dh_n, T, B, I, H, dtype

@@ -935,7 +935,7 @@ def quantize(module, dtype="int8", mode="auto"):
         raise TypeError(f"quantize: {type(module).__name__} is already quantised")
     if not getattr(module, "reset_after", True):
         raise ValueError(f"quantize: {type(module).__name__} with reset_after=False is not "
-                         f"supported (the seed's GRU runs on the NumPy reference, no kernel)")
+                         f"supported (the seed's GRU has no quantised kernel)")
     if isinstance(module, (RNN, LSTM, GRU)):
         if module.proj_size:
             raise ValueError("quantize: LSTM proj_size > 0 is not supported, got "

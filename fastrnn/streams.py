@@ -45,8 +45,8 @@ class StreamPool:
         self.capacity = int(capacity)
         self.encoder = self.decoder = None
         if not getattr(getattr(model, "rnn", model), "reset_after", True):
-            raise ValueError("model: a stream pool runs the kernels, which have no GRU with "
-                             "reset_after=False (the seed's GRU runs on the NumPy reference)")
+            raise ValueError("model: a stream pool runs the quantised kernels, which have no "
+                             "GRU with reset_after=False (the seed's GRU)")
         if isinstance(model, (RNNLanguageModel, QuantizedLanguageModel)):
             if isinstance(model, RNNLanguageModel):
                 model = quantize(model, "float32")

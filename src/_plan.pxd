@@ -51,7 +51,9 @@ cdef struct Plan:
     # backward (gates then holds the saved gates and receives dL/d(x W_ih^T))
     void *dgh                   # (T, B, G*H) GRU dL/d(h W_hh^T), else NULL
     void *dhp                   # (T, B, P) projected LSTM: dL/dh_t, for dW_hr; else NULL
-    const void *dy              # (T, B, O)
+    const void *dy              # (T, B, O) rows lddy apart
+    Py_ssize_t lddy             # dy's row stride in values: O, or more for a column block
+                                # of a wider array (a bidirectional layer's half of dL/dy)
     const void *dh_n            # (B, O) or NULL for zeros
     const void *dc_n            # (B, H) LSTM, or NULL for zeros
     void *dh0                   # (B, O)

@@ -501,7 +501,7 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
     if n > 0:
         backward_pointwise(
             p.cell, gr + j0, ghr + j0 if ghr != NULL else NULL, dh, dc,
-            dy if dy != NULL else <const floating *> p.dy + row * O + j0, y + row * O + j0,
+            dy if dy != NULL else <const floating *> p.dy + row * p.lddy + j0, y + row * O + j0,
             (y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)) + j0,
             aux + row * H + j0 if aux != NULL else NULL,
             ((aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros)) + j0)
@@ -594,7 +594,7 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                     row = time_index(s, lengths[rows[r]], reverse) * B + rows[r]
                     dhpr = dhp + row * O
                     for j in range(O):
-                        dhpr[j] = dh[r * O + j] + dy[row * O + j]
+                        dhpr[j] = dh[r * O + j] + dy[row * p.lddy + j]
                     dhp_rows[r] = dhpr
                 gemm_rows(nact, H, O, dhp_rows, <const floating *> p.w_hr_packed, NULL, 0,
                           dr_rows, 0)
@@ -940,7 +940,6 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                          "projection, x_ids, gates, aux or y_copy)")
     if reset_before:    # its threads pack their own rows per call: no pool, no pack cache
         cache_weights = keep_packs = False
-        rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -979,6 +978,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                              f"{y_copy.strides[2]})")
     ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
         floating is float, fail
+    if reset_before:    # (allocated after every check that raises: nothing to free there)
+        rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)
     with nogil:
         if cache_weights and 1 < team <= FASTRNN_POOL_MAX + 1:
             # an eval call: on the pool (forward_on_pool), unless another call owns it
@@ -1049,7 +1050,7 @@ include "dense_eval.pxi"
 def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:, ::1] dc0,
              floating[:, ::1] dw_ih, floating[:, ::1] dw_hh, floating[:, ::1] dw_hr,
              floating[:, :, ::1] dgx, floating[:, :, ::1] dgh, floating[:, :, ::1] dhp,
-             const floating[:, :, ::1] dy, const floating[:, ::1] dh_n,
+             const floating[:, :, :] dy, const floating[:, ::1] dh_n,
              const floating[:, ::1] dc_n, const floating[:, :, ::1] aux,
              const floating[:, :, ::1] hr,
              const floating[:, :, ::1] y, const floating[:, ::1] h0, const floating[:, ::1] c0,
@@ -1129,6 +1130,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     p.y, p.aux, p.h0, p.c0 = vptr3(y), vptr3(aux), vptr2(h0), vptr2(c0)
     p.ldy = O
     p.gates, p.dgh, p.dy, p.dh_n, p.dc_n = p_dgx, vptr3(dgh), &dy[0, 0, 0], vptr2(dh_n), vptr2(dc_n)
+    p.lddy = evenly_spaced_rows(T, B, O, dy.strides[0], dy.strides[1], sizeof(floating))
+    if p.lddy < 0 or (O > 1 and dy.strides[2] != <Py_ssize_t> sizeof(floating)):
+        raise ValueError(f"dy: its T*B rows of {O} values must be evenly spaced and not "
+                         f"overlap, got strides ({dy.strides[0]}, {dy.strides[1]}, "
+                         f"{dy.strides[2]}) for shape ({T}, {B}, {O})")
     p.dh0, p.dc0 = &dh0[0, 0], vptr2(dc0)
     p.bf16 = False
     if floating is float:

@@ -488,6 +488,10 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
     cdef int fail
     cdef uint64_t known[2]
     cdef tuple kd
+    if not 0 <= cell <= CELL_GRU:
+        raise ValueError(f"forward_small: cell must be a CELL_RNN_*, CELL_LSTM or CELL_GRU "
+                         f"(0-{<int> CELL_GRU}), got {cell} (the reset-before GRU runs "
+                         f"through forward)")
     if (type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3
             or type(w_ih) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> w_ih) != 2):
         raise ValueError("forward_small: x must be a (T, B, I) and w_ih a (G*H, I) ndarray")

@@ -1,6 +1,7 @@
 """A forward's `out`: y written into given rows, such as one half of a
 bidirectional layer's (T, B, 2H) output, with the same bits as a fresh y; in
-training a copy of y, the cache keeping its own."""
+training a copy of y, the cache keeping its own. And backward's dy read in place
+from such a half (a bidirectional layer's backward no longer copies it)."""
 
 import numpy as np
 import pytest
@@ -60,6 +61,50 @@ def test_out_half_of_a_wider_array_gets_the_same_bits(cell, T, B, dtype, reverse
             assert np.array_equal(ref_got[0], ref[0])
             tol = 1e-5 if dtype == np.float32 else 1e-12
             np.testing.assert_allclose(half, ref[0], rtol=tol, atol=tol)
+
+
+BACKWARD = {"rnn": ("rnn_backward", 1), "lstm": ("lstm_backward", 2),
+            "lstmp": ("lstmp_backward", 2), "gru": ("gru_backward", 1)}   # (name, states)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("T, B", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_backward_reads_dy_from_half_of_a_wider_array_with_the_same_bits(cell, T, B, dtype,
+                                                                         reverse):
+    name, args, O = problem(cell, T, B, dtype)
+    back, states = BACKWARD[cell]
+    padded = np.random.default_rng(2).integers(1, T + 1, B) if T > 1 else None
+    wide = np.random.default_rng(3).standard_normal((T, B, 2 * O)).astype(dtype)
+    for lengths in (None, padded):
+        for side in (0, 1):
+            half = wide[:, :, side * O:(side + 1) * O]
+            results = []
+            for dy in (np.ascontiguousarray(half), half):
+                cache = getattr(F, name)(*args, lengths=lengths, reverse=reverse)[-1]
+                results.append(getattr(F, back)(dy, *([None] * states), cache))
+            for a, b in zip(*results):
+                assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_dy_views_the_kernels_can_read_are_not_copied():
+    from fastrnn._validate import as_rows_array
+    wide = np.zeros((4, 3, 10), np.float32)
+    for view in (wide[:, :, 5:], wide[:, :, :5], wide[:1, :, 2:7], wide[:, :1, 3:8],
+                 wide[:1, :1, :4]):
+        assert as_rows_array("dy", view, 3, np.float32) is view
+    # copied to C order: rows not evenly spaced (a transposed batch_first view, a step
+    # between time steps), reversed or overlapping rows, a strided last axis
+    overlapping = np.lib.stride_tricks.as_strided(wide, (4, 3, 10), (40, 8, 4))
+    for view in (wide.transpose(1, 0, 2)[:, :, :5], wide[::2, :, :5], wide[::-1, :, :5],
+                 overlapping, wide[:, :, ::2]):
+        got = as_rows_array("dy", view, 3, np.float32)
+        assert got is not view and got.flags.c_contiguous and np.array_equal(got, view)
+    with pytest.raises(TypeError, match="dy has dtype float64"):
+        as_rows_array("dy", wide[:, :, :5].astype(np.float64), 3, np.float32)
+    with pytest.raises(ValueError, match="dy must have 3 dimensions"):
+        as_rows_array("dy", wide[0], 3, np.float32)
 
 
 def test_out_gives_the_same_bits_on_one_and_two_threads():

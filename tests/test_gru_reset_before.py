@@ -205,20 +205,44 @@ def test_inference_runs_in_the_kernels_as_the_reference(dtype, shape, variant, i
         assert np.abs(torch_form - want_y).max() > 1e-4
 
 
+@pytest.fixture
+def driver_calls(monkeypatch):
+    """The (n_threads, by_units) of every _recurrent.forward call functional makes."""
+    calls = []
+    forward = _recurrent.forward
+
+    def spy(*args, **kwargs):
+        calls.append((args[21], args[22]))
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(F._recurrent, "forward", spy)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("B", [1, 7, 40])
-def test_inference_is_the_same_bits_on_one_and_two_threads(dtype, B, kernels_only):
-    x, h0, w, b = _case(dtype, 12, B, 19, 45, B, True, True)
+@pytest.mark.parametrize("T,B,I,H,split", [(50, 1, 16, 64, True), (30, 3, 20, 127, True),
+                                           (12, 40, 19, 45, False)])
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_inference_is_the_same_bits_on_one_and_two_threads(dtype, T, B, I, H, split, variant,
+                                                           kernels_only, driver_calls):
+    """Through functional: small batches take the unit split on two threads (checked
+    by the driver's arguments), larger ones the row split; both bitwise one thread's."""
+    x, h0, w, b = _case(dtype, T, B, I, H, B, True, True)
+    lengths = np.maximum(1, T - 7 * np.arange(B)) if variant != "plain" else None
+    reverse = variant != "plain"
     before = fastrnn.get_num_threads()
     try:
         out = []
         for n in (1, 2):
             fastrnn.set_num_threads(n)
-            out.append(F.gru_forward(x, h0, *w, *b, lengths=np.maximum(1, 12 - np.arange(B)),
+            out.append(F.gru_forward(x, h0, *w, *b, lengths=lengths, reverse=reverse,
                                      training=False, reset_after=False)[:2])
     finally:
         fastrnn.set_num_threads(before)
+    assert driver_calls[0] == (1, False) and driver_calls[1] == (2, split)
     assert all(np.array_equal(a, c) for a, c in zip(*out))
+    want = REFERENCE_FORWARD(x, h0, *w, *b, lengths=lengths, reverse=reverse, training=False,
+                             reset_after=False)[0]
+    np.testing.assert_allclose(out[1][0], want, **KERNEL_TOL[dtype])
 
 
 def test_inference_writes_out_and_layers_run_it(kernels_only):
@@ -230,39 +254,57 @@ def test_inference_writes_out_and_layers_run_it(kernels_only):
     want = REFERENCE_FORWARD(x, h0, *w, *b, lengths=[9, 2, 5, 9], training=False,
                              reset_after=False)[0]
     np.testing.assert_allclose(out, want, **KERNEL_TOL[np.float32])
-    g = fastrnn.GRU(6, 10, num_layers=2, bidirectional=True, seed=4, reset_after=False).eval()
+    # the layer and the cell in eval mode, against the reference on their own weights
+    g = fastrnn.GRU(6, 10, seed=4, reset_after=False).eval()
     cell = fastrnn.GRUCell(6, 10, reset_after=False, seed=4).eval()
-    assert g(x)[0].shape == (9, 4, 20) and cell(x[0]).shape == (4, 10)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        getattr(cell, name).data[...] = getattr(g, name + "_l0").data
+    params = [getattr(g, n + "_l0").data for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                   "bias_hh")]
+    want_y, want_h, _ = REFERENCE_FORWARD(x, h0, *params, training=False, reset_after=False)
+    y, h_n = g(x, h0[None])
+    np.testing.assert_allclose(y, want_y, **KERNEL_TOL[np.float32])
+    np.testing.assert_allclose(h_n[0], want_h, **KERNEL_TOL[np.float32])
+    h = h0
+    for t in range(9):
+        h = cell(x[t], h)
+    np.testing.assert_allclose(h, want_h, **KERNEL_TOL[np.float32])
+    # (stacked and bidirectional layers: test_stacked_bidirectional_eval_equals_training)
 
 
-def _driver_args(dtype, T, B, I, H, seed, pack):
+def _driver_args(dtype, T, B, I, H, seed, pack, lengths=None, reverse=False):
     """Arguments of _recurrent.forward for a reset-before GRU inference call, up to
     n_threads, and its y, h_n."""
     x, h0, w, b = _case(dtype, T, B, I, H, seed, True, True)
     y, h_n = np.zeros((T, B, H), dtype), np.empty((B, H), dtype)
-    sched = F._common_forward(x, h0, *w, *b, 3, None)[7]
+    sched = F._common_forward(x, h0, *w, *b, 3, lengths)[7]
     return (F.CELL_GRU_RESET_BEFORE, y, h_n, None, None, None, x, h0, None, *w, b[0] + b[1],
-            None, None, None, sched.lengths, sched.order, sched.bounds, False, pack, pack), y, h_n
+            None, None, None, sched.lengths, sched.order, sched.bounds, reverse, pack,
+            pack), y, h_n
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("B,H", [(1, 45), (3, 64), (2, 1)])
-def test_the_unit_split_gives_the_row_split_bits(dtype, pack, B, H, isa):
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_the_unit_split_gives_the_row_split_bits(dtype, pack, B, H, variant, isa):
     """Small batches split hidden units over the threads, which then meet twice a step
     (every thread's r * h_{t-1} before the n product): bitwise one thread's numbers,
     packed or read in place, H = 1 leaving a thread no units."""
-    args, y1, h1 = _driver_args(dtype, 9, B, 13, H, 7, pack)
+    lengths = np.maximum(1, 9 - 4 * np.arange(B)) if variant != "plain" else None
+    reverse = variant != "plain"
+    args, y1, h1 = _driver_args(dtype, 9, B, 13, H, 7, pack, lengths, reverse)
     assert _recurrent.forward(*args, 1, False)
     want_y, want_h = y1.copy(), h1.copy()
-    args, y2, h2 = _driver_args(dtype, 9, B, 13, H, 7, pack)
+    args, y2, h2 = _driver_args(dtype, 9, B, 13, H, 7, pack, lengths, reverse)
     if not _recurrent.forward(*args, 2, True):
         pytest.skip("OpenMP gave fewer than 2 threads")
     assert np.array_equal(y2, want_y) and np.array_equal(h2, want_h)
     x, h0, w, b = _case(dtype, 9, B, 13, H, 7, True, True)
-    np.testing.assert_allclose(want_y, REFERENCE_FORWARD(x, h0, *w, *b, training=False,
-                                                         reset_after=False)[0],
-                               **KERNEL_TOL[dtype])
+    ref_y, ref_h, _ = REFERENCE_FORWARD(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                        training=False, reset_after=False)
+    np.testing.assert_allclose(want_y, ref_y, **KERNEL_TOL[dtype])
+    np.testing.assert_allclose(want_h, ref_h, **KERNEL_TOL[dtype])
 
 
 def test_the_driver_refuses_what_this_cell_does_not_run():
@@ -272,3 +314,11 @@ def test_the_driver_refuses_what_this_cell_does_not_run():
     gates = np.empty((3, 2, 15), np.float32)
     with pytest.raises(ValueError, match="reset-before GRU"):
         _recurrent.forward(*args[:4], gates, *args[5:], 2, False)   # a training call's cache
+    bad_y = np.zeros((2, 3, 5), np.float32).transpose(1, 0, 2)   # rows not evenly spaced
+    with pytest.raises(ValueError, match="y: its T\\*B rows"):
+        _recurrent.forward(args[0], bad_y, *args[2:], 2, False)
+    x, h0, w, b = _case(np.float32, 3, 2, 4, 5, 0, True, True)
+    with pytest.raises(ValueError, match="forward_small: cell must be"):
+        _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE, np.empty((3, 2, 5), np.float32),
+                                 np.empty((2, 5), np.float32), None, x, h0, None, *w, *b,
+                                 False, False)

@@ -594,14 +594,11 @@ class RNNBase(Module):
                 idx = k * D + d
                 dy = dlayer                                             # (T, B, O)
                 if self.merge_mode == "concat" and D == 2:
+                    # this direction's half, read in place by the kernels (rows 2·O
+                    # apart); batch_first's transposed view is copied by the backward
                     dy = dlayer[:, :, d * O:(d + 1) * O]
-                    if dy.strides[0] == B * dy.strides[1]:   # (t, b) rows: one 2-D view
-                        half, dy = dy, _buffers.empty((T, B, O), self.dtype)
-                        _buffers.copy_rows(dy.reshape(T * B, O), half.reshape(T * B, O),
-                                           _call_threads())
-                    # (batch_first: a transposed view, made contiguous below)
                 return self._backward_direction(
-                    np.ascontiguousarray(dy),                           # (T, B, O)
+                    dy,                                                 # (T, B, O)
                     None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx],
                     cache["caches"][idx], *self._weight_grad_targets(idx))
             results = _directions(direction, D, _at_once(D, T, self._step_flop(B), True))
@@ -694,8 +691,8 @@ class GRU(RNNBase):
 
     reset_after=False is the seed's GRU (Cho et al.'s; Keras reset_after=False, ONNX
     linear_before_reset=0): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn) instead of
-    torch's tanh(W_in x + b_in + r * (W_hn h + b_hn)); same parameters. It runs on
-    fastrnn.reference's NumPy loop, not the kernels (docs/layers.md).
+    torch's tanh(W_in x + b_in + r * (W_hn h + b_hn)); same parameters. Inference runs
+    in the kernels, training on fastrnn.reference's NumPy loop (docs/layers.md).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
