@@ -22,6 +22,10 @@ from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
 
 MODULES = {"LSTM": fastrnn.LSTM, "GRU": fastrnn.GRU, "RNN": fastrnn.RNN}
+# the reset-before GRU keeps W_ih's packing only (its threads pack their rows of W_hh
+# per call): in the tests of eval calls that reuse and re-check a packing
+RESET_BEFORE = {"GRU reset_after=False": lambda I, H, **kw: fastrnn.GRU(I, H, reset_after=False,
+                                                                          **kw)}
 
 
 def digest(data, n_threads=1):
@@ -185,10 +189,10 @@ def test_an_edit_made_to_cancel_the_old_digest_is_seen(dtype):
 # ---- eval calls ---------------------------------------------------------------
 
 def eval_layer(module, I, H, seed=0, **kw):
-    return MODULES[module](I, H, seed=seed, **kw).eval()
+    return {**MODULES, **RESET_BEFORE}[module](I, H, seed=seed, **kw).eval()
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(MODULES) + sorted(RESET_BEFORE))
 @pytest.mark.parametrize("B", [2, 5, 40])      # packs W_hh at B >= 2 for T*B >= 32; 40: row split
 def test_eval_calls_reuse_the_packing_and_match_a_fresh_one(module, B):
     layer = eval_layer(module, 24, 72, bidirectional=True)
@@ -202,7 +206,7 @@ def test_eval_calls_reuse_the_packing_and_match_a_fresh_one(module, B):
     assert entries() == kept, "the same weights are found, not packed again"
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(MODULES) + sorted(RESET_BEFORE))
 @pytest.mark.parametrize("name", ["weight_hh_l0", "weight_ih_l0", "weight_hh_l0_reverse"])
 def test_an_in_place_change_of_one_weight_by_one_ulp_is_seen(module, name):
     layer = eval_layer(module, 20, 48, bidirectional=True)
