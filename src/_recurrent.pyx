@@ -42,9 +42,9 @@ from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_ser
                           find_packed, keep_packed, packed_buffer)
 from _plan cimport Plan
 from _simd cimport (fastrnn_isa_set, fastrnn_isa_level, floating, gemm_rows, gemm_nn,
-                   panel_width, FASTRNN_NN_MAX_ROWS)
+                   panel_width, n_panels, FASTRNN_NN_MAX_ROWS)
 from _schedule cimport (BLOCK_VALUES, steps_per_block, time_index, n_active, pack_matrix,
-                        packed_copy,
+                        pack_parallel,
                         unit_start, task_rows,
                         gate_slices, gate_panels, pack_gate_panel, slice_offset,
                         fastrnn_barrier, fastrnn_team_size, scratch_alloc, scratch_free,
@@ -183,18 +183,30 @@ def _block_steps_of(int G, Py_ssize_t H, Py_ssize_t B, Py_ssize_t T, int nslices
                         itemsize) for k in range(nslices)]
 
 
-cdef floating *pack_gate_rows(const floating *w, Py_ssize_t H, Py_ssize_t K, int g0, int g1,
-                              Py_ssize_t j0, Py_ssize_t hk) noexcept nogil:
-    """A packed copy, made on this thread, of w's rows g*H + j0 + j for gates g0 <= g < g1
-    and j < hk (K values each), in that order; NULL if out of memory (scratch_free)."""
-    cdef Py_ssize_t g, j, n = (g1 - g0) * hk
-    cdef const floating **rows = <const floating **> malloc(n * sizeof(void *) + 1)
+cdef floating *pack_reset_before_rows(const floating *w_hh, Py_ssize_t H, Py_ssize_t j0,
+                                      Py_ssize_t hk, floating **w_n) noexcept nogil:
+    """This thread's rows of the reset-before GRU's w_hh (3H x H), packed on this thread
+    into one buffer (returned; scratch_free; NULL if out of memory): rows g*H + j0 + j
+    of the r and z blocks (2hk rows, g < 2), then at *w_n the n block's hk rows. One
+    buffer, not two: a buffer of 1 MB or more is whole huge pages (scratch.h), so all
+    of the slice, not only its larger part, is physically contiguous. (It did not
+    remove the spread of H=512 B=1 calls between processes: 1.55-2.10 ms in four runs
+    of bench/gru_reset_before.py, 1.46-2.07 with two buffers.)"""
+    cdef Py_ssize_t g, j, n_rz = n_panels(<floating *> NULL, 2 * hk) * panel_width(
+        <floating *> NULL) * H
+    cdef const floating **rows = <const floating **> malloc(3 * hk * sizeof(void *) + 1)
     cdef floating *packed = NULL
     if rows != NULL:
-        for g in range(g0, g1):
+        packed = <floating *> scratch_alloc(
+            (n_rz + n_panels(<floating *> NULL, hk) * panel_width(<floating *> NULL) * H + 1)
+            * sizeof(floating))
+    if packed != NULL:
+        for g in range(3):
             for j in range(hk):
-                rows[(g - g0) * hk + j] = w + (g * H + j0 + j) * K
-        packed = packed_copy(rows, n, K, False, 1)
+                rows[g * hk + j] = w_hh + (g * H + j0 + j) * H
+        pack_parallel(packed, rows, 2 * hk, H, False, 1)
+        pack_parallel(packed + n_rz, rows + 2 * hk, hk, H, False, 1)
+        w_n[0] = packed + n_rz
     free(rows)
     return packed
 
@@ -319,7 +331,7 @@ cdef Py_ssize_t forward_thread(
     cdef floating **y_rows = <floating **> malloc(nr * sizeof(void *))        # projected h_t (P)
     cdef floating **rh_rows = NULL   # reset-before GRU: rows of p.rh (r * h_{t-1})
     cdef floating *w_rz = NULL       # ... its units' rows of w_hh's r, z blocks, packed
-    cdef floating *w_n = NULL        # ... and of the n block
+    cdef floating *w_n = NULL        # ... and of the n block (in w_rz's buffer)
     cdef void *bwork = NULL      # bf16 GEMMs: A rows rounded (fastrnn_bf16_work_bytes)
     cdef Py_ssize_t r, b, s, s0, s1, t, g, m, nact, row
     cdef int q, failed = 0
@@ -340,8 +352,7 @@ cdef Py_ssize_t forward_thread(
     if reset_before:
         rh_rows = <floating **> malloc(nr * sizeof(void *))
         if p.pack_hh:
-            w_rz = pack_gate_rows(<const floating *> p.w_hh, H, O, 0, 2, j0, hk)
-            w_n = pack_gate_rows(<const floating *> p.w_hh, H, O, 2, 3, j0, hk)
+            w_rz = pack_reset_before_rows(<const floating *> p.w_hh, H, j0, hk, &w_n)
     fail[tid] = (bl == NULL or blh == NULL or zeros == NULL or (has_c and c == NULL)
                  or (w_hh_b != NULL and bwork == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
@@ -475,7 +486,7 @@ cdef Py_ssize_t forward_thread(
     free(bl); free(blh); free(zeros); free(c); free(gxb); free(ghb); free(hnb); free(hrb)
     free(src); free(dst); free(scratch); free(h_rows); free(a_rows); free(gh_rows); free(c_rows)
     free(r_rows); free(y_rows); free(bwork); free(rh_rows)
-    scratch_free(w_rz); scratch_free(w_n)
+    scratch_free(w_rz)
     return maxlen
 
 
