@@ -792,7 +792,7 @@ def lstmp_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     T, B, I = cache.x.shape
     P, H = cache.w_hr.shape
     dtype = cache.x.dtype
-    dy = as_float_array("dy", dy, 3, dtype)
+    dy = as_rows_array("dy", dy, 3, dtype)   # read in place when rows are evenly spaced
     check_shape("dy", dy, (T, B, P))
     dh_n = optional_state("dh_n", dh_n, (B, P), dtype)
     dc_n = optional_state("dc_n", dc_n, (B, H), dtype)

@@ -1076,7 +1076,9 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
              int n_threads, bint by_units, bint bf16=False, bint accumulate=False,
              const Py_ssize_t[:, ::1] x_ids=None, floating[:, ::1] dx_table=None,
              floating[::1] db_x=None, floating[::1] db_h=None, bint weights=True):
-    """Backward through time. dgx (T, B, G*H) holds forward's gates (RNN: any
+    """Backward through time. dy (T, B, O): rows t*B + b evenly spaced (a column block
+    of a wider array, such as a bidirectional layer's half, is read in place), the last
+    axis contiguous. dgx (T, B, G*H) holds forward's gates (RNN: any
     values) and is overwritten with dL/d(x W_ih^T); dgh (GRU only, else None)
     receives dL/d(h W_hh^T). aux: forward's aux (None for the RNN). A projected
     LSTM also passes w_hr, forward's hr, dhp (T, B, P) scratch and dw_hr (P, H).

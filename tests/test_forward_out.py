@@ -88,6 +88,35 @@ def test_backward_reads_dy_from_half_of_a_wider_array_with_the_same_bits(cell, T
                 assert (a is None and b is None) or np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_hands_the_half_itself_to_the_kernel(cell, monkeypatch):
+    """Not a copy: the kernel gets the view of the wider array (rows 2·O apart)."""
+    from fastrnn import _recurrent
+    name, args, O = problem(cell, 5, 3, np.float32)
+    back, states = BACKWARD[cell]
+    wide = np.ones((5, 3, 2 * O), np.float32)
+    seen = []
+    backward = _recurrent.backward
+
+    def spy(*a, **k):
+        seen.append(a[10])                      # dy
+        return backward(*a, **k)
+    monkeypatch.setattr(F._recurrent, "backward", spy)
+    cache = getattr(F, name)(*args)[-1]
+    getattr(F, back)(wide[:, :, O:], *([None] * states), cache)
+    assert len(seen) == 1 and np.shares_memory(seen[0], wide)
+    assert seen[0].strides == wide[:, :, O:].strides
+
+
+def test_the_kernel_refuses_a_dy_whose_rows_it_cannot_step_through(monkeypatch):
+    name, args, O = problem("lstm", 4, 3, np.float32)
+    cache = F.lstm_forward(*args)[-1]
+    monkeypatch.setattr(F, "as_rows_array", lambda name, value, ndim, dtype: value)
+    dy = np.zeros((3, 4, O), np.float32).transpose(1, 0, 2)   # (t, b) rows not in order
+    with pytest.raises(ValueError, match=r"dy: its T\*B rows of \d+ values must be evenly spaced"):
+        F.lstm_backward(dy, None, None, cache)
+
+
 def test_dy_views_the_kernels_can_read_are_not_copied():
     from fastrnn._validate import as_rows_array
     wide = np.zeros((4, 3, 10), np.float32)
