@@ -135,6 +135,26 @@ def test_layer_eval_is_deterministic_and_saves_nothing(case):
         m.backward(np.zeros_like(a[0]))
 
 
+@given(layer_cases(), st.booleans())
+def test_reset_before_gru_inference_matches_reference(case, with_h0):
+    """GRU(reset_after=False) in eval mode runs in the kernels (CELL_GRU_RESET_BEFORE): the
+    drawn sizes, stacking, directions, merge mode, layout and lengths, against the same
+    module on fastrnn.reference."""
+    m, x, _, lengths, layout, axis, rng = case
+    g = fastrnn.GRU(m.input_size, m.hidden_size, num_layers=m.num_layers, bias=m.bias,
+                    batch_first=m.batch_first, bidirectional=m.bidirectional,
+                    merge_mode=m.merge_mode, dtype=m.dtype, seed=int(rng.integers(1000)),
+                    reset_after=False).eval()
+    B = x.shape[0] if g.batch_first else x.shape[1]
+    h0 = ((0.5 * rng.standard_normal((g.num_layers * g.num_directions, B, g.hidden_size)))
+          .astype(g.dtype) if with_h0 else None)
+    out, h_n = g(with_layout(x, layout, axis), h0, lengths=lengths)
+    with on_reference(rnn_mod):
+        r_out, r_h_n = g(x, h0, lengths=lengths)
+    close("output", out, r_out, g.dtype)
+    close("h_n", h_n, r_h_n, g.dtype)
+
+
 @st.composite
 def bad_layer_calls(draw):
     m, x, hx, lengths, *_ = draw(layer_cases())
