@@ -1,0 +1,24 @@
+"""bench/gru_reset_before.py at a tiny size: one row per batch with fastrnn's, ONNX
+Runtime's and the torch-form GRU's times and the ratio of the first two, after the
+script checked ONNX Runtime's output against fastrnn's."""
+import re
+
+import pytest
+
+from scripts import load_script
+
+
+def test_gru_reset_before_bench_rows(capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    script = load_script("bench/gru_reset_before.py")
+    assert script.main(["-I", "3", "-H", "5", "-T", "4", "-B", "1", "3", "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# ") and "ISA" in lines[0]
+    rows = [re.findall(r"[\d.]+(?= ms)|[\d.]+(?=x\))", line) for line in lines[1:]]
+    assert len(rows) == 2 and all(len(r) == 4 for r in rows)
+    for fast, ort, ratio, after in ([float(v) for v in r] for r in rows):
+        assert fast > 0 and ort > 0 and after > 0
+        # times printed to 0.001 ms, the ratio to 0.01, from the unrounded times
+        low, high = (ort - 5e-4) / (fast + 5e-4), (ort + 5e-4) / max(fast - 5e-4, 1e-9)
+        assert low - 0.005 <= ratio <= high + 0.005
