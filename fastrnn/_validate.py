@@ -37,36 +37,28 @@ def as_float_array(name, value, ndim, dtype=None):
 
 
 def as_rows_array(name, value, ndim, dtype=None):
-    """as_float_array, but a view whose rows (all axes but the last, in C order) are
-    evenly spaced with the last axis contiguous is kept as it is, not copied: a
-    column block of a wider array (a bidirectional layer's half of dL/dy), which
-    the kernels read with a row stride."""
+    """as_float_array, but a (T, B, O) view whose rows the kernels can step through
+    (rows_evenly_spaced) is kept as it is, not copied: a column block of a wider
+    array (a bidirectional layer's half of dL/dy), read with a row stride."""
     arr = np.asarray(value) if value is not None else value
-    if (isinstance(arr, np.ndarray) and arr.ndim == ndim and arr.dtype in FLOAT_DTYPES
-            and (dtype is None or arr.dtype == dtype) and arr.size > 0
-            and _evenly_spaced_rows(arr)):
+    if (isinstance(arr, np.ndarray) and ndim == 3 and arr.ndim == 3
+            and arr.dtype in FLOAT_DTYPES and (dtype is None or arr.dtype == dtype)
+            and arr.size > 0 and rows_evenly_spaced(arr)):
         return arr
     return as_float_array(name, value, ndim, dtype)
 
 
-def _evenly_spaced_rows(arr):
-    """Are arr's rows (all axes but the last) evenly spaced, apart by at least a row,
-    in C order, with the last axis contiguous?"""
-    item = arr.itemsize
-    if arr.strides[-1] != item and arr.shape[-1] > 1:
-        return False
-    step = None
-    for n, stride in zip(reversed(arr.shape[:-1]), reversed(arr.strides[:-1])):
-        if n == 1:
-            continue
-        if step is None:
-            if stride < arr.shape[-1] * item or stride % item != 0:
-                return False
-            step = stride
-        elif stride != step:
-            return False
-        step = stride * n
-    return True
+def rows_evenly_spaced(arr):
+    """Are the T*B rows t*B + b of a (T, B, O) array each contiguous and evenly spaced
+    without overlap (like a[:, :, :O] of a (T, B, 2O) array)? What the kernels' row
+    stride (p.ldy, p.lddy) can express."""
+    T, B, O = arr.shape
+    size = arr.itemsize
+    s_t, s_b, s_o = arr.strides
+    row = s_b if B > 1 else s_t   # bytes from row t*B + b to the next
+    spaced = T * B <= 1 or ((T == 1 or B == 1 or s_t == B * s_b)
+                            and row >= O * size and row % size == 0)
+    return s_o == size and spaced
 
 
 def check_shape(name, arr, expected):
@@ -168,13 +160,7 @@ def check_rows_out(name, out, shape, dtype, inputs):
     check_shape(name, out, shape)
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
-    T, B, H = shape
-    size = out.itemsize
-    s_t, s_b, s_h = out.strides
-    row = s_b if B > 1 else s_t   # bytes from row t*B + b to the next
-    spaced = T * B <= 1 or ((T == 1 or B == 1 or s_t == B * s_b)
-                            and row >= H * size and row % size == 0)
-    if s_h != size or not spaced:
+    if not rows_evenly_spaced(out):
         raise ValueError(f"{name}: each (T, B) row must be contiguous and the rows evenly "
                          f"spaced without overlap (like out[:, :, :H] of a (T, B, 2H) "
                          f"array), got strides {out.strides} for shape {out.shape}")

@@ -949,11 +949,6 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         free(fail)
         raise ValueError("cell: the reset-before GRU runs inference calls only (no bf16, "
                          "projection, x_ids, gates, aux or y_copy)")
-    cdef bint cache_ih = cache_weights
-    if reset_before:    # no pool (a pool team may stop at a barrier; the mid-step one has
-        # no stop), and its threads pack their own rows of w_hh per call; w_ih's slices
-        # are kept as any eval call's
-        cache_weights = keep_packs = False
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -995,7 +990,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
     if reset_before:    # (allocated after every check that raises: nothing to free there)
         rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)
     with nogil:
-        if cache_weights and 1 < team <= FASTRNN_POOL_MAX + 1:
+        # (not the reset-before GRU: a pool team may stop at a step's barrier, and its
+        # mid-step one has no stop; its threads pack their own rows of w_hh per call)
+        if cache_weights and not reset_before and 1 < team <= FASTRNN_POOL_MAX + 1:
             # an eval call: on the pool (forward_on_pool), unless another call owns it
             # (or the team is larger than the pool can make: then OpenMP's)
             if fastrnn_pool_enter(team):
@@ -1009,7 +1006,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         else:
             if pack_ih:
                 s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads,
-                                   cache_weights or keep_packs or cache_ih, k_ih)
+                                   cache_weights or keep_packs, k_ih)
             if pack_hh and not reset_before:
                 s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads,
                                    cache_weights or keep_packs, k_hh)
