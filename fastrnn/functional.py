@@ -92,7 +92,7 @@ UNITS_STEP_MIN_FLOP = 2e4
 NONLINEARITIES = {"tanh": 0, "relu": 1, "identity": 2}   # = CELL_RNN_* (src/_cells.pxd)
 CELL_LSTM = 3
 CELL_GRU = 4
-CELL_GRU_RESET_BEFORE = 5   # reset_after=False, inference calls (src/_cells.pxd)
+CELL_GRU_RESET_BEFORE = 5   # reset_after=False (src/_cells.pxd)
 
 
 _share = threading.local()   # .threads: this Python thread's share of the cores, or unset
@@ -649,6 +649,7 @@ def defers_weights(cache):
     """Can deferred_backward take this cache: a kernel's (not the reference's) cache of
     a forward call in full precision, every row of every step present, no table by id?"""
     return (getattr(cache, "reference", None) is None and not cache.reverse
+            and not getattr(cache, "reset_before", False)
             and not cache.bf16 and not cache.sched.padded and cache.ids_in is None
             and getattr(cache, "w_hr", None) is None)
 
@@ -876,9 +877,9 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     Cache: gates (T,B,3H) r,z,n; hns (T,B,H) W_hn h + b_hn; hs (T+1,B,H).
 
     reset_after=False: the seed's GRU, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)
-    (fastrnn.reference.gru_forward has both forms): inference calls in the kernels,
-    training calls (and bf16 products) by the NumPy reference, whose cache
-    gru_backward then takes.
+    (fastrnn.reference.gru_forward has both forms), in the kernels (its cache: gates,
+    rhs (T,B,H) r*h_{t-1}, hs); with bf16 products (matmul precision "medium") by the
+    NumPy reference, whose cache gru_backward then takes.
     """
     if not reset_after:
         return _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
@@ -914,7 +915,9 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
     out: (dw_ih, dw_hh) arrays to write the weight gradients into (added into
     with accumulate=True); they are the ones returned.
     """
-    if getattr(cache, "reference", None) is not None:   # reset_after=False
+    if getattr(cache, "reset_before", False):        # reset_after=False, in the kernels
+        return _gru_reset_before_backward(dy, dh_n, cache, out, accumulate)
+    if getattr(cache, "reference", None) is not None:   # reset_after=False, bf16 products
         dy, dh_n, *_ = _backward_setup(dy, dh_n, cache, "gru")
         if out is not None:
             _weight_gradient_out(out, cache)               # checked before the cache is used
@@ -940,27 +943,34 @@ def gru_backward(dy, dh_n, cache, out=None, accumulate=False):
 
 def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, training, out,
                               x_ids):
-    """gru_forward with reset_after=False: arguments checked as for the kernels. An
-    inference call with float products runs in the kernels (CELL_GRU_RESET_BEFORE: two
-    products a step); a training call, or bf16 products
-    (matmul precision "medium"), fastrnn.reference's loop (NumPy products,
-    bf16-rounded as the kernels round theirs), whose cache gru_backward takes: the
-    kernels have no backward for this cell."""
+    """gru_forward with reset_after=False: arguments checked as for the kernels. Float
+    products run in the kernels (CELL_GRU_RESET_BEFORE: two products a step); a
+    training call keeps the activated gates and every step's r * h_{t-1} (rhs) for
+    gru_backward. bf16 products (matmul precision "medium") run fastrnn.reference's
+    loop (NumPy products, bf16-rounded as the kernels round theirs), whose cache
+    gru_backward then takes: the kernels have no bf16 path for this cell."""
     if x_ids is not None:
         raise ValueError("x_ids: not with reset_after=False (pass the rows x[x_ids])")
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, _ = _common_forward(
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
     T, B, _ = x.shape
     bf16 = _precision.bf16_products(x.dtype)
-    if not training and not bf16:
-        _, y, _ = _output_rows(x, H, h0, sched, reverse, False, out,
-                               (x, h0, w_ih, w_hh, b_ih, b_hh))
+    if not bf16:
+        hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
+                                     (x, h0, w_ih, w_hh, b_ih, b_hh))
         h_n = np.empty((B, H), x.dtype)
+        gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
+        rhs = _buffers.empty((T, B, H), x.dtype) if training else None
         bias = None if b_ih is None else b_ih + b_hh   # b_hn sits outside (r*h) W_hn^T
-        _run_forward((CELL_GRU_RESET_BEFORE, y, h_n, None, None, None, x, h0, None, w_ih,
+        _run_forward((CELL_GRU_RESET_BEFORE, y, h_n, None, gates, rhs, x, h0, None, w_ih,
                       w_hh, bias, None, None, None), sched, reverse, pack_ih, pack_hh,
-                     training=False)
-        return y, h_n, None
+                     training=training, y_copy=y_copy)
+        cache = None
+        if training:
+            cache = Cache(kind="gru", reset_before=True, x=x, h0=h0, w_ih=w_ih, w_hh=w_hh,
+                          has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
+                          y=y, gates=gates, rhs=rhs, bf16=False, ids_in=None)
+        return y if y_copy is None else y_copy, h_n, cache
     if out is not None:
         check_rows_out("out", out, (T, B, H), x.dtype, (x, h0, w_ih, w_hh, b_ih, b_hh))
     y, h_n, ref_cache = reference.gru_forward(
@@ -971,3 +981,20 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
         y = out
     cache = Cache(kind="gru", x=x, w_ih=w_ih, w_hh=w_hh, reference=ref_cache) if training else None
     return y, h_n, cache
+
+
+def _gru_reset_before_backward(dy, dh_n, cache, out, accumulate):
+    """gru_backward of a reset_after=False cache from the kernels: the reverse loop's
+    two products a step and W_hn's gradient against r * h_{t-1} (CELL_GRU_RESET_BEFORE)."""
+    dy, dh_n, T, B, I, H, dtype = _backward_setup(dy, dh_n, cache, "gru")
+    cache, dx, dh0, dw_ih, dw_hh = _gradient_buffers(cache, out)
+    da = cache.gates                           # (T, B, 3H) receives dL/da
+    db_ih, _ = _bias_gradients(cache, 3 * H)
+    _run_backward(cache.sched, T, cache.reverse, False, bool(accumulate and out is not None),
+                  CELL_GRU_RESET_BEFORE, dx, dh0, None, dw_ih, dw_hh, None, da, None, None,
+                  dy, dh_n, None, cache.rhs, None, cache.y, cache.h0, None, cache.x,
+                  _h_prev(cache), cache.w_ih, cache.w_hh, None, db_x=db_ih)
+    # (W_hn's rows read r * h_{t-1}, which forward took from h0 itself: nothing to fix)
+    _fix_reverse_first_step(dw_hh[:2 * H], da[..., :2 * H], cache)
+    db_hh = db_ih.copy() if db_ih is not None else None   # every bias sits outside a product
+    return dx, dh0, dw_ih, dw_hh, db_ih, db_hh

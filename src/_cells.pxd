@@ -6,8 +6,9 @@
 #   RNN tanh/relu/id   1   added into a_t                 -
 #   LSTM               4   added into a_t                 c_t
 #   GRU                3   apart (gh), scaled by r         gh_n + b_hn
-#   GRU, reset before  3   r,z into a_t; then (r*h) W_hn^T  (inference only)
-#                          into a_t's n block (two products a step, row split)
+#   GRU, reset before  3   r,z into a_t; then (r*h) W_hn^T  r * h_{t-1}
+#                          into a_t's n block (two products and two passes a step,
+#                          each direction: gru_reset_before_step, _backward_step)
 from _simd cimport floating
 
 cdef enum:
@@ -16,7 +17,7 @@ cdef enum:
     CELL_RNN_IDENTITY = 2
     CELL_LSTM = 3
     CELL_GRU = 4
-    CELL_GRU_RESET_BEFORE = 5   # reset_after=False; eval calls only (gru_reset_before_step)
+    CELL_GRU_RESET_BEFORE = 5   # reset_after=False (gru_reset_before_step, _backward_step)
 
 
 cdef extern from "rnn_pointwise.h" nogil:
@@ -62,10 +63,21 @@ cdef extern from "gru_pointwise.h" nogil:
                                           float *rh, Py_ssize_t n)
     void fastrnn_gru_rb_gates_pointwise_d(double *a, const double *bias,
                                           const double *h_prev, double *rh, Py_ssize_t n)
-    void fastrnn_gru_rb_state_pointwise_s(const float *a, const float *bias,
+    void fastrnn_gru_rb_state_pointwise_s(float *a, const float *bias,
                                           const float *h_prev, float *h, Py_ssize_t n)
-    void fastrnn_gru_rb_state_pointwise_d(const double *a, const double *bias,
+    void fastrnn_gru_rb_state_pointwise_d(double *a, const double *bias,
                                           const double *h_prev, double *h, Py_ssize_t n)
+    void fastrnn_gru_rb_backward_state_pointwise_s(float *g, float *dh_carry, const float *dy,
+                                                   const float *h_prev, Py_ssize_t n,
+                                                   Py_ssize_t stride)
+    void fastrnn_gru_rb_backward_state_pointwise_d(double *g, double *dh_carry,
+                                                   const double *dy, const double *h_prev,
+                                                   Py_ssize_t n, Py_ssize_t stride)
+    void fastrnn_gru_rb_backward_gates_pointwise_s(float *g, float *dh_carry, const float *drh,
+                                                   const float *h_prev, Py_ssize_t n)
+    void fastrnn_gru_rb_backward_gates_pointwise_d(double *g, double *dh_carry,
+                                                   const double *drh, const double *h_prev,
+                                                   Py_ssize_t n)
 
 
 cdef inline Py_ssize_t cell_gates(int cell) noexcept nogil:
@@ -148,7 +160,7 @@ cdef inline void backward_pointwise(
 
 
 cdef inline void gru_reset_before_gates(
-        floating *a,                # IN/OUT (3n) a_t in; r (unused after), z out in a_z
+        floating *a,                # IN/OUT (3n) a_t in; r, z out in a_r, a_z
         const floating *bias,       # IN  (3n) b_ih + b_hh
         const floating *h_prev,     # IN  (n) h_{t-1}
         floating *rh,               # OUT (n) r * h_{t-1}, the second product's input
@@ -161,7 +173,8 @@ cdef inline void gru_reset_before_gates(
 
 
 cdef inline void gru_reset_before_state(
-        const floating *a,          # IN  (3n) z in a_z, a_t's n block with (r*h) W_hn^T added
+        floating *a,                # IN/OUT (3n) z in a_z, a_t's n block with (r*h) W_hn^T
+                                    #   added in; n out there
         const floating *bias,       # IN  (3n) b_ih + b_hh
         const floating *h_prev,     # IN  (n) h_{t-1}
         floating *h,                # OUT (n) h_t
@@ -171,3 +184,32 @@ cdef inline void gru_reset_before_state(
         fastrnn_gru_rb_state_pointwise_s(a, bias, h_prev, h, n)
     else:
         fastrnn_gru_rb_state_pointwise_d(a, bias, h_prev, h, n)
+
+
+cdef inline void gru_reset_before_backward_state(
+        floating *g,                # IN/OUT (3 blocks of n, stride apart) r, z, n in;
+                                    #   r kept, dL/da_z, dL/da_n out
+        floating *dh,               # IN/OUT (n) dL/dh_t from step t+1; out dh * z
+        const floating *dy,         # IN  (n) dL/dy_t
+        const floating *h_prev,     # IN  (n) h_{t-1}
+        Py_ssize_t n, Py_ssize_t stride) noexcept nogil:
+    """The reset-before GRU's first backward pass of a step (gru_pointwise.h); the
+    driver then takes drh = dL/da_n W_hn."""
+    if floating is float:
+        fastrnn_gru_rb_backward_state_pointwise_s(g, dh, dy, h_prev, n, stride)
+    else:
+        fastrnn_gru_rb_backward_state_pointwise_d(g, dh, dy, h_prev, n, stride)
+
+
+cdef inline void gru_reset_before_backward_gates(
+        floating *g,                # IN/OUT (n) r in, dL/da_r out
+        floating *dh,               # IN/OUT (n) drh * r added
+        const floating *drh,        # IN  (n) dL/d(r * h_{t-1})
+        const floating *h_prev,     # IN  (n) h_{t-1}
+        Py_ssize_t n) noexcept nogil:
+    """The reset-before GRU's second backward pass of a step (gru_pointwise.h); the
+    driver then adds [dL/da_r, dL/da_z] W_h{r,z} into dh."""
+    if floating is float:
+        fastrnn_gru_rb_backward_gates_pointwise_s(g, dh, drh, h_prev, n)
+    else:
+        fastrnn_gru_rb_backward_gates_pointwise_d(g, dh, drh, h_prev, n)

@@ -24,7 +24,10 @@ cdef struct Plan:
     const void *w_hr            # (P, H) LSTM projection, or NULL
     const void *w_hr_packed     # packed w_hr (forward) / w_hr^T (backward), or NULL (read in place)
     void *rh                    # (B, H) reset-before GRU: r * h_{t-1}, the step's second
-                                # product's input, shared by a unit split's threads
+                                # product's input, shared by a unit split's threads (a
+                                # training call keeps every step's in aux instead)
+    const void *w_hn_packed     # reset-before GRU backward: packed W_hn^T (O x H), or NULL
+                                # (read in place); w_hh_slices then holds W_h{r,z}^T (O x 2H)
     bint bf16                   # float32 GEMMs on bf16 operands (bf16_gemm.h); no projection
     const void *w_ih_bf16       # bf16 panels of w_ih's slices (forward), or NULL
     const void *w_hh_bf16       # likewise for w_hh; backward: bf16 panels of w_hh^T
@@ -46,7 +49,8 @@ cdef struct Plan:
     void *h_n                   # (B, O) state after each row's last step
     void *c_n                   # (B, H) LSTM, else NULL
     void *gates                 # (T, B, G*H) activated gates, or NULL (inference, RNN)
-    void *aux                   # (T, B, H) c_t (LSTM) / gh_n + b_hn (GRU), or NULL
+    void *aux                   # (T, B, H) c_t (LSTM) / gh_n + b_hn (GRU) / r * h_{t-1}
+                                # (reset-before GRU), or NULL
     void *hr                    # (T, B, H) projected LSTM: o * tanh(c_t), or NULL
     # backward (gates then holds the saved gates and receives dL/d(x W_ih^T))
     void *dgh                   # (T, B, G*H) GRU dL/d(h W_hh^T), else NULL

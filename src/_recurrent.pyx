@@ -31,8 +31,10 @@ from _bf16 cimport (fastrnn_bf16_gemm, fastrnn_bf16_work_bytes, fastrnn_bf16_pan
                     fastrnn_bf16_amx, fastrnn_bf16_level, QG_AVX512_BF16)
 from _cells cimport (CELL_LSTM, CELL_GRU, CELL_GRU_RESET_BEFORE, cell_gates, product_apart,
                      forward_pointwise, backward_pointwise, gru_reset_before_gates,
-                     gru_reset_before_state)
+                     gru_reset_before_state, gru_reset_before_backward_state,
+                     gru_reset_before_backward_gates)
 from _gradients cimport (input_and_weight_gradients, input_gradient, weight_gradient,
+                         reset_before_weight_gradients,
                          weight_gradients_of_rows, rows_scatter_add,
                         dw_set_l2_bytes)
 from _pack_cache cimport (DIGEST_CHUNK, digest_chunk, digest_combine, digest_serial,
@@ -218,9 +220,11 @@ cdef inline void gru_reset_before_step(
         const floating *w_rz,       # its rows of w_hh's r and z blocks packed (2hk x H), or NULL
         const floating *w_n,        # and of the n block (hk x H), or NULL: read in place
         const floating **h_rows,    # IN  (nact) h_{t-1}, whole rows (H)
-        floating **a_rows,          # IN/OUT (nact) a_t, this thread's gate blocks (3hk): x W_ih^T in
+        floating **a_rows,          # IN/OUT (nact) a_t, this thread's gate blocks (3hk): x W_ih^T
+                                    #   in, the activated gates r, z, n out
         floating **rh_rows,         # OUT (nact) r * h_{t-1}, whole rows (H) shared by the team:
-                                    #   this thread writes its units, reads them all
+                                    #   this thread writes its units, reads them all (p.rh,
+                                    #   or a training call's aux rows, kept for backward)
         floating **tmp_rows,        # SCRATCH (nact) pointers
         floating **h_out,           # OUT (nact) h_t, this thread's units (in y)
         const floating *bias,       # (3hk) this thread's units of b_ih + b_hh
@@ -422,7 +426,10 @@ cdef Py_ssize_t forward_thread(
             if reset_before:
                 for r in range(nact):
                     b = order[r0 + r]
-                    y_rows[r] = y + (time_index(s, lengths[b], reverse) * B + b) * ldy + j0
+                    row = time_index(s, lengths[b], reverse) * B + b
+                    y_rows[r] = y + row * ldy + j0
+                    if aux != NULL:      # training: every step's r * h_{t-1} kept for backward
+                        rh_rows[r] = aux + row * H
                 gru_reset_before_step(p, nact, j0, hk, w_rz, w_n, h_rows, a_rows, rh_rows,
                                       gh_rows, y_rows, bl, sync)
             elif apart:
@@ -431,7 +438,7 @@ cdef Py_ssize_t forward_thread(
             else:
                 gate_gemm(p, nact, O, h_rows, w_hh_k, w_hh_b, <const floating *> p.w_hh, j0, hk,
                           a_rows, scratch, 1, bwork, zigzag and (s & 1) == 1)
-            for r in range(nact if GK > 0 and not reset_before else 0):
+            for r in range(nact if GK > 0 else 0):
                 b = order[r0 + r]
                 row = time_index(s, lengths[b], reverse) * B + b
                 ar = a_rows[r]
@@ -444,10 +451,11 @@ cdef Py_ssize_t forward_thread(
                 if proj:   # the cell's h is o * tanh(c_t); the projection follows
                     y_rows[r] = y + row * ldy
                     r_rows[r] = hr + row * H if hr != NULL else hrb + r * H
-                forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
-                                  h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
-                                  <floating *> r_rows[r] if proj else y + row * ldy + j0, hk,
-                                  gates != NULL)
+                if not reset_before:    # (whose passes ran in its step)
+                    forward_pointwise(cell, ar, gh_rows[r] if apart else NULL, bl, blh,
+                                      h_rows[r] + j0, c_rows[r] if has_c else NULL, aux_out,
+                                      <floating *> r_rows[r] if proj else y + row * ldy + j0,
+                                      hk, gates != NULL)
                 if has_c:
                     c_rows[r] = aux_out
                 if y_copy != NULL and not proj:   # while h_t is in L1 (a copy after the
@@ -521,6 +529,69 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
     return ghr if ghr != NULL else gr
 
 
+cdef inline void gru_reset_before_backward_step(
+        const Plan *p,
+        floating *g_all,            # IN/OUT (T, B, 3H) saved gates in, dL/da out (= p.gates)
+        const floating *zeros,      # IN  (H) h0 when there is none
+        const Py_ssize_t *rows,     # IN  (nact) batch rows running step s
+        Py_ssize_t nact, Py_ssize_t s,
+        Py_ssize_t j0, Py_ssize_t hk,   # this thread's hidden units [j0, j0 + hk)
+        floating **dh_rows,         # IN/OUT (nact) carried dL/dh at unit j0: dL/dh_t in,
+                                    #   dL/dh_{t-1} out (this thread's units)
+        floating **drh_rows,        # SCRATCH (nact) rows of hk values: dL/d(r * h_{t-1})
+        const floating **n_rows,    # SCRATCH (nact) pointers
+        const floating **rz_rows,   # SCRATCH (nact) pointers
+        const floating *w_rz,       # packed W_h{r,z}^T, this thread's panels (O x 2H), or NULL
+        const floating *w_n,        # packed W_hn^T, its panels (O x H), or NULL (in place)
+        bint sync) noexcept nogil:  # a unit split: wait for every thread's gate gradients
+    """One reverse step of the reset-before GRU (reset_after=False): the state pass
+    (dL/da_z, dL/da_n, dh * z), drh = dL/da_n W_hn, the gates pass (dL/da_r,
+    dh += drh * r), then dh += [dL/da_r, dL/da_z] W_h{r,z}. Split by units, each
+    product reads every thread's gate gradients: a barrier before each. Each
+    element is computed by the same operations either way (bitwise the same)."""
+    cdef Py_ssize_t B = p.B, H = p.H, O = p.O, GH = 3 * p.H, r, b, t, row, prev
+    cdef const floating *w_hh = <const floating *> p.w_hh     # (3H, O) blocks r, z, n
+    cdef const floating *y = <const floating *> p.y
+    cdef const floating *h0 = <const floating *> p.h0
+    cdef const floating *hp
+    cdef floating *g
+    for r in range(nact):
+        b = rows[r]
+        t = time_index(s, p.lengths[b], p.reverse)
+        row = t * B + b
+        g = g_all + row * GH
+        rz_rows[r] = g
+        n_rows[r] = g + 2 * H
+        if hk > 0:
+            prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1
+            hp = y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)
+            gru_reset_before_backward_state(g + j0, dh_rows[r], <const floating *> p.dy
+                                            + row * p.lddy + j0, hp + j0, hk, H)
+    if sync:
+        fastrnn_barrier()
+    if hk == 0:         # a thread left no units (H < threads' panels): only the barriers
+        if sync:
+            fastrnn_barrier()
+        return
+    if w_n != NULL:
+        gemm_rows(nact, hk, H, n_rows, w_n, NULL, 0, drh_rows, 0)
+    else:
+        gemm_nn(nact, hk, H, n_rows, w_hh + 2 * H * O + j0, O, drh_rows, 0, 0)
+    for r in range(nact):
+        b = rows[r]
+        t = time_index(s, p.lengths[b], p.reverse)
+        prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1
+        hp = y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)
+        gru_reset_before_backward_gates(<floating *> rz_rows[r] + j0, dh_rows[r], drh_rows[r],
+                                        hp + j0, hk)
+    if sync:
+        fastrnn_barrier()
+    if w_rz != NULL:
+        gemm_rows(nact, hk, 2 * H, rz_rows, w_rz, NULL, 0, dh_rows, 1)
+    else:
+        gemm_nn(nact, hk, 2 * H, rz_rows, w_hh + j0, O, dh_rows, 0, 1)
+
+
 cdef inline void recurrent_gradient(const Plan *p, Py_ssize_t M, Py_ssize_t N,
                                     const floating **da, const floating *w_t,
                                     const uint16_t *w_t_bf16, floating **dh, floating beta,
@@ -552,7 +623,8 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
         dh_{t-1} = dL/da_t W_hh             (RNN, LSTM)
         dh_{t-1} = dh_t z + dL/dgh_t W_hh   (GRU: its pass leaves dh_t z in dh)
     A projected LSTM first turns dL/dh_t (P) into dL/d(o * tanh(c_t)) = dL/dh_t W_hr
-    (H) and keeps dL/dh_t in p.dhp for dW_hr.
+    (H) and keeps dL/dh_t in p.dhp for dW_hr. The reset-before GRU's step has two
+    passes and two products (gru_reset_before_backward_step).
     """
     cdef int cell = p.cell
     cdef Py_ssize_t G = p.G, T = p.T, B = p.B, H = p.H, O = p.O, GH = p.G * p.H
@@ -562,6 +634,7 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef bint reverse = p.reverse
     cdef bint apart = product_apart(cell)
     cdef bint has_c = cell == CELL_LSTM
+    cdef bint reset_before = cell == CELL_GRU_RESET_BEFORE
     cdef floating *dgh = <floating *> p.dgh                 # (T, B, G*H) GRU, else NULL
     cdef const floating *dy = <const floating *> p.dy
     cdef const floating *dh_n = <const floating *> p.dh_n
@@ -569,7 +642,8 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
     cdef Py_ssize_t maxlen = lengths[rows[0]]
     cdef floating *dh = <floating *> calloc(nrows * O, sizeof(floating))   # (nrows, O) carried dL/dh
     cdef floating *dc = <floating *> calloc(nrows * H, sizeof(floating))   # (nrows, H) carried dL/dc
-    cdef floating *dr = <floating *> calloc(nrows * H + 1, sizeof(floating))  # (nrows, H) proj: dL/d(o tanh c)
+    cdef floating *dr = <floating *> calloc(nrows * H + 1, sizeof(floating))  # (nrows, H) proj: dL/d(o
+                                                                # tanh c); reset-before GRU: dL/d(r*h)
     cdef floating *zeros = <floating *> calloc(H + O, sizeof(floating))
     cdef const floating **in_rows = <const floating **> malloc(nrows * sizeof(void *))
     cdef floating **dh_rows = <floating **> malloc(nrows * sizeof(void *))
@@ -600,6 +674,12 @@ cdef int backward_chunk(floating *g_all, const Plan *p, const Py_ssize_t *rows,
                     memset(dgh + (t * B + b) * GH, 0, GH * sizeof(floating))
         for s in range(maxlen - 1, -1, -1):
             nact = n_active(rows, nrows, lengths, s)
+            if reset_before:   # (in_rows, dhp_rows: its pointer scratch; no projection here)
+                gru_reset_before_backward_step(p, g_all, zeros, rows, nact, s, 0, H, dh_rows,
+                                               dr_rows, in_rows, dhp_rows,
+                                               <const floating *> p.w_hh_slices,
+                                               <const floating *> p.w_hn_packed, False)
+                continue
             if proj:   # dL/d(o tanh c_t) = (dh_carry + dy_t) W_hr, all rows in one GEMM
                 for r in range(nact):
                     row = time_index(s, lengths[rows[r]], reverse) * B + rows[r]
@@ -638,7 +718,9 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     (the product needs every unit's gate gradients), then its columns of
     dh_{t-1} = dL/da_t W_hh. Everything a thread reads without a barrier it
     wrote itself, so one barrier per step suffices; each element is computed
-    by the same operations as in backward_chunk (bitwise the same numbers).
+    by the same operations as in backward_chunk (bitwise the same numbers). The
+    reset-before GRU's step has two products, each after a barrier
+    (gru_reset_before_backward_step); its W_h{r,z}^T and W_hn^T are packed apart.
     dh (B, O), dc (B, H): shared, zeroed by the caller. No projection (O = H).
     """
     cdef int cell = p.cell
@@ -654,8 +736,16 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef Py_ssize_t per = ((O + nr - 1) // nr + nthr - 1) // nthr   # panels per thread
     cdef Py_ssize_t j0 = min(O, tid * per * nr), j1 = min(O, (tid + 1) * per * nr)
     cdef Py_ssize_t hk = j1 - j0
-    cdef const floating *w_k = (<const floating *> p.w_hh_slices + j0 * GH   # this thread's panels
-                                if p.w_hh_slices != NULL else NULL)        # (NULL: W_hh in place)
+    cdef bint reset_before = cell == CELL_GRU_RESET_BEFORE
+    cdef Py_ssize_t K = 2 * H if reset_before else GH   # rows of W_hh in p.w_hh_slices
+    cdef const floating *w_k = (<const floating *> p.w_hh_slices + j0 * K   # this thread's panels
+                                if p.w_hh_slices != NULL else NULL)       # (NULL: W_hh in place)
+    cdef const floating *w_n_k = (<const floating *> p.w_hn_packed + j0 * H   # reset-before GRU
+                                  if p.w_hn_packed != NULL else NULL)
+    cdef floating *drh = (<floating *> malloc((B * hk + 1) * sizeof(floating))  # (B, hk) its dL/d(r*h)
+                          if reset_before else NULL)
+    cdef floating **drh_rows = <floating **> malloc(B * sizeof(void *) + 1)
+    cdef const floating **rz_rows = <const floating **> malloc(B * sizeof(void *) + 1)
     cdef const uint16_t *w_kb = (<const uint16_t *> p.w_hh_bf16
                                  + (j0 // FASTRNN_BF16_NR) * fastrnn_bf16_panel_values(GH)
                                  if p.bf16 else NULL)   # j0: a multiple of either panel width
@@ -669,11 +759,13 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef Py_ssize_t r, b, s, t, nact, g
     cdef int q, failed = 0
     fail[tid] = (zeros == NULL or in_rows == NULL or dh_rows == NULL or cs_rows == NULL
+                 or drh_rows == NULL or rz_rows == NULL or (reset_before and drh == NULL)
                  or (p.bf16 and bwork == NULL))
     if not fail[tid]:
         for r in range(B):
             b = rows[r]
             dh_rows[r] = dh + r * O + j0
+            drh_rows[r] = drh + r * hk if reset_before else NULL
             if dh_n != NULL:
                 memcpy(dh + r * O + j0, dh_n + b * O + j0, hk * sizeof(floating))
             if has_c and dc_n != NULL:
@@ -690,6 +782,10 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
         maxlen = 0   # every thread skips the loop: no barrier is left waiting
     for s in range(maxlen - 1, -1, -1):
         nact = n_active(rows, B, lengths, s)
+        if reset_before:
+            gru_reset_before_backward_step(p, g_all, zeros, rows, nact, s, j0, hk, dh_rows,
+                                           drh_rows, in_rows, rz_rows, w_k, w_n_k, True)
+            continue
         for r in range(nact):
             in_rows[r] = row_backward(p, g_all, zeros, rows[r], s, j0, hk,
                                       dh + r * O + j0, dc + r * H + j0, NULL)
@@ -704,6 +800,7 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
             if has_c:
                 memcpy(<floating *> p.dc0 + b * H + j0, dc + r * H + j0, hk * sizeof(floating))
     free(zeros); free(in_rows); free(dh_rows); free(cs_rows); free(bwork)
+    free(drh); free(drh_rows); free(rz_rows)
 
 
 cdef inline void *vptr1(const floating[::1] a) noexcept nogil:
@@ -945,10 +1042,13 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         raise ValueError("x_ids: needs shape (T, B) and x_table (V, G*H), and neither bf16 "
                          "nor a projection")
     if reset_before and (bf16 or w_hr is not None or x_ids is not None
-                         or gates is not None or aux is not None or y_copy is not None):
+                         or (gates is None) != (aux is None)
+                         or (aux is not None and (aux.shape[0] != y.shape[0]
+                                                  or aux.shape[1] != y.shape[1]
+                                                  or aux.shape[2] != H))):
         free(fail)
-        raise ValueError("cell: the reset-before GRU runs inference calls only (no bf16, "
-                         "projection, x_ids, gates, aux or y_copy)")
+        raise ValueError("cell: the reset-before GRU runs with no bf16, projection or x_ids, "
+                         "and gates (T, B, 3H) with aux (T, B, H) (training) or neither")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -1084,6 +1184,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     t*B + b that exist, `valid` (ascending; None: all T*B) (_gradients.pxd):
         dx = dgx W_ih,   dw_ih = dgx^T x,   dw_hh = dgh^T h_prev   (dw_hr = dhp^T hr)
     h_prev (T, B, O) is the state each step read (a view of forward's hs).
+    The reset-before GRU (CELL_GRU_RESET_BEFORE; no dgh) passes forward's aux, r * h_{t-1},
+    which W_hn's gradient multiplies instead of h_prev (reset_before_weight_gradients).
     by_units: the reverse loop splits hidden units over n_threads threads
     (backward_units; small batches, no projection) instead of row chunks.
     bf16 (float32, no projection): the reverse loop's dh = da W_hh and the
@@ -1112,8 +1214,10 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     cdef Py_ssize_t n_valid = valid.shape[0] if valid is not None else T * B
     cdef floating *packed_hhT = NULL
     cdef floating *packed_hrT = NULL
+    cdef floating *packed_hnT = NULL
     cdef uint16_t *bf16_hhT = NULL
     cdef floating *p_dgx = &dgx[0, 0, 0]
+    cdef bint reset_before = cell == CELL_GRU_RESET_BEFORE
     cdef int failed = 0, tid, nthr, q
     cdef bint short_team = False
     cdef bint in_place_hh, in_place_ih
@@ -1135,6 +1239,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             raise ValueError(f"{name}: needs shape ({G * H},), got ({db.shape[0]},)")
     if db_h is not None and dgh is None:
         raise ValueError("db_h: only with dgh (GRU); dgx's sums are db_x")
+    if reset_before and (bf16 or w_hr is not None or x_ids is not None or not weights
+                         or dgh is not None or aux is None or aux.shape[0] != T
+                         or aux.shape[1] != B or aux.shape[2] != H):
+        raise ValueError("cell: the reset-before GRU's backward takes aux (T, B, H), forward's "
+                         "r * h_{t-1}, and no bf16, projection, x_ids, dgh or weights=False")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
@@ -1168,13 +1277,17 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             if floating is float:
                 bf16_hhT = bf16_pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)  # (O x G*H)
                 p.w_hh_bf16 = bf16_hhT
+        elif reset_before and not in_place_hh:   # W_h{r,z}^T (O x 2H) and W_hn^T (O x H)
+            packed_hhT = pack_matrix(&w_hh[0, 0], 2 * H, O, True, n_threads)
+            packed_hnT = pack_matrix(&w_hh[2 * H, 0], H, O, True, n_threads)
         elif not in_place_hh:
             packed_hhT = pack_matrix(&w_hh[0, 0], G * H, O, True, n_threads)   # w_hh^T: (O x G*H)
-        p.w_hh_slices = packed_hhT
+        p.w_hh_slices, p.w_hn_packed = packed_hhT, packed_hnT
         if p.w_hr != NULL:
             packed_hrT = pack_matrix(<const floating *> p.w_hr, O, H, True, n_threads)  # (H x P)
             p.w_hr_packed = packed_hrT
         if ((bf16_hhT == NULL if p.bf16 else (packed_hhT == NULL and not in_place_hh))
+                or (reset_before and packed_hnT == NULL and not in_place_hh)
                 or (p.w_hr != NULL and packed_hrT == NULL)):
             failed = 1
         elif by_units and p.w_hr == NULL and n_threads > 1:
@@ -1206,6 +1319,14 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             failed = weight_gradient(&dw_hh[0, 0], <floating *> p.dgh if p.dgh != NULL else p_dgx,
                                      &h_prev[0, 0, 0], p_valid, n_valid, G * H, O, n_threads,
                                      accumulate) != 0
+        elif not failed and not short_team and reset_before:
+            failed = input_gradient(&dx[0, 0, 0], p_dgx, &w_ih[0, 0], p_valid, n_valid, G * H,
+                                    I, n_threads, False, in_place_ih) != 0
+            if not failed:
+                failed = reset_before_weight_gradients(
+                    &dw_ih[0, 0], &dw_hh[0, 0], p_dgx, &x[0, 0, 0], &h_prev[0, 0, 0],
+                    &aux[0, 0, 0], p_valid, n_valid, H, I, n_threads, accumulate,
+                    <floating *> vptr1(db_x)) != 0
         elif not failed and not short_team and not weights:
             failed = input_gradient(&dx[0, 0, 0], p_dgx, &w_ih[0, 0], p_valid, n_valid, G * H,
                                     I, n_threads, p.bf16, in_place_ih) != 0
@@ -1221,6 +1342,7 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
                                          <const floating *> p.hr, p_valid, n_valid, O, H,
                                          n_threads, accumulate) != 0
         scratch_free(packed_hhT)
+        scratch_free(packed_hnT)
         scratch_free(packed_hrT)
         scratch_free(bf16_hhT)
         free(dh); free(dc); free(fail)

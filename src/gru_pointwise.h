@@ -77,12 +77,19 @@ FASTRNN_DEFINE_GRU_BACKWARD(double, d)
 /* Reset before (reset_after=False: the seed's GRU, Keras reset_after=False, ONNX
  * linear_before_reset=0): the reset gate scales h_{t-1} before its product, so a
  * step has two products, h_{t-1} W_h{r,z}^T and then (r * h_{t-1}) W_hn^T, and
- * two passes, one after each (inference only; training runs fastrnn.reference).
- * a = x_t W_ih^T plus the products, gate blocks n apart; b = b_ih + b_hh (here
- * b_hn sits outside the product, so it folds in with b_in):
+ * two passes, one after each. a = x_t W_ih^T plus the products, gate blocks n
+ * apart; b = b_ih + b_hh (here b_hn sits outside the product, so it folds in with
+ * b_in):
  *   gates pass:  r = sigmoid(a_r + b_r),  z = sigmoid(a_z + b_z),  rh = r * h_{t-1}
  *   state pass:  n = tanh(a_n + b_n),     h_t = (1 - z) * n + z * h_{t-1}
- * The gates pass leaves z in a_z for the state pass. */
+ * Each leaves its activated gates in a (r, z; then n): training keeps them.
+ *
+ * Backward, again two passes around two products (gates g = r, z, n in, dL/da out):
+ *   state pass:  dh = dh_carry + dy,  da_n = dh (1 - z) (1 - n^2),
+ *                da_z = dh (h_{t-1} - n) z (1 - z),  dh_carry := dh * z
+ *   (the driver: drh = da_n W_hn, dL/d(r * h_{t-1}))
+ *   gates pass:  da_r = drh * h_{t-1} * r (1 - r),  dh_carry += drh * r
+ *   (the driver: dh_carry += [da_r, da_z] W_h{r,z}) */
 #define FASTRNN_DEFINE_GRU_RESET_BEFORE(REAL, SUFFIX, SIGMOID, TANH)                 \
 FASTRNN_MULTIVERSION(fastrnn_gru_rb_gates_pointwise_##SUFFIX,                        \
     (REAL *restrict a, const REAL *restrict bias, const REAL *restrict h_prev,       \
@@ -93,22 +100,55 @@ FASTRNN_MULTIVERSION(fastrnn_gru_rb_gates_pointwise_##SUFFIX,                   
     _Pragma("omp simd")                                                              \
     for (ptrdiff_t j = 0; j < n; ++j) {                                              \
         REAL r = SIGMOID(ar[j] + bias[j]);                                           \
+        ar[j] = r;                                                                   \
         az[j] = SIGMOID(az[j] + bias[n + j]);                                        \
         rh[j] = r * h_prev[j];                                                       \
     }                                                                                \
 })                                                                                   \
 FASTRNN_MULTIVERSION(fastrnn_gru_rb_state_pointwise_##SUFFIX,                        \
-    (const REAL *restrict a, const REAL *restrict bias, const REAL *restrict h_prev, \
+    (REAL *restrict a, const REAL *restrict bias, const REAL *restrict h_prev,       \
      REAL *restrict h, ptrdiff_t n),                                                 \
     (a, bias, h_prev, h, n),                                                         \
 {                                                                                    \
     const REAL one = 1;                                                              \
-    const REAL *restrict az = a + n, *restrict an = a + 2 * n;                       \
+    const REAL *restrict az = a + n;                                                 \
+    REAL *restrict an = a + 2 * n;                                                   \
     _Pragma("omp simd")                                                              \
     for (ptrdiff_t j = 0; j < n; ++j) {                                              \
         REAL z = az[j];                                                              \
         REAL nn = TANH(an[j] + bias[2 * n + j]);                                     \
+        an[j] = nn;                                                                  \
         h[j] = (one - z) * nn + z * h_prev[j];                                       \
+    }                                                                                \
+})                                                                                   \
+/* n hidden units of one row, gate blocks `stride` apart (H, or a thread's slice). */ \
+FASTRNN_MULTIVERSION(fastrnn_gru_rb_backward_state_pointwise_##SUFFIX,               \
+    (REAL *restrict g, REAL *restrict dh_carry, const REAL *restrict dy,             \
+     const REAL *restrict h_prev, ptrdiff_t n, ptrdiff_t stride),                    \
+    (g, dh_carry, dy, h_prev, n, stride),                                            \
+{                                                                                    \
+    const REAL one = 1;                                                              \
+    const ptrdiff_t H = stride;                                                      \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
+        REAL z = g[H + j], nn = g[2 * H + j];                                        \
+        REAL dh = dh_carry[j] + dy[j];                                               \
+        g[H + j] = dh * (h_prev[j] - nn) * z * (one - z);                            \
+        g[2 * H + j] = dh * (one - z) * (one - nn * nn);                             \
+        dh_carry[j] = dh * z;                                                        \
+    }                                                                                \
+})                                                                                   \
+FASTRNN_MULTIVERSION(fastrnn_gru_rb_backward_gates_pointwise_##SUFFIX,               \
+    (REAL *restrict g, REAL *restrict dh_carry, const REAL *restrict drh,            \
+     const REAL *restrict h_prev, ptrdiff_t n),                                      \
+    (g, dh_carry, drh, h_prev, n),                                                   \
+{                                                                                    \
+    const REAL one = 1;                                                              \
+    _Pragma("omp simd")                                                              \
+    for (ptrdiff_t j = 0; j < n; ++j) {                                              \
+        REAL r = g[j];                                                               \
+        g[j] = drh[j] * h_prev[j] * r * (one - r);                                   \
+        dh_carry[j] += drh[j] * r;                                                   \
     }                                                                                \
 })
 

@@ -236,7 +236,9 @@ def test_one_and_two_threads_owe_the_same_bits(kind):
 
 
 def test_a_gru_with_reset_before_still_adds_per_step():
-    """reset_after=False runs NumPy's reference: nothing is owed, the sums are right."""
+    """reset_after=False (its W_hn gradient is against r * h_{t-1}, which GateGradients
+    does not carry) adds its weight gradients at every step: nothing is owed, the sums
+    are right."""
     x, dys = data(np.float64)
     cell = make("gru", reset_after=False)
     forward(cell, "gru", x)

@@ -1,7 +1,7 @@
 """GRU(reset_after=False): the seed's GRU, the reset gate applied before the recurrent
 product (n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)), in the layers and cells
-against fastrnn.reference (whose gradients test_reference.py holds to finite
-differences; test_keras.py and test_onnx.py hold the outputs to Keras's
+against fastrnn.reference, inference and training in the kernels (CELL_GRU_RESET_BEFORE;
+the reference's gradients test_reference.py holds to finite differences; test_keras.py and test_onnx.py hold the outputs to Keras's
 reset_after=False and ONNX Runtime's linear_before_reset=0)."""
 
 import zlib
@@ -80,7 +80,7 @@ def test_stacked_bidirectional_eval_equals_training_and_saves(tmp_path):
                     reset_after=False)
     x = np.random.default_rng(1).standard_normal((4, 6, 3)).astype(np.float32)
     y, h = g(x, lengths=[6, 1, 3, 6])
-    g.eval()     # inference runs in the kernels, training in the reference: not the same bits
+    g.eval()     # training keeps its gates: not necessarily the same bits as inference
     y2, h2 = g(x, lengths=[6, 1, 3, 6])
     np.testing.assert_allclose(y2, y, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h2, h, rtol=1e-5, atol=1e-6)
@@ -311,11 +311,14 @@ def test_the_unit_split_gives_the_row_split_bits(dtype, pack, B, H, variant, isa
 
 def test_the_driver_refuses_what_this_cell_does_not_run():
     args, _, _ = _driver_args(np.float32, 3, 2, 4, 5, 0, True)
-    with pytest.raises(ValueError, match="reset-before GRU runs inference calls only"):
+    with pytest.raises(ValueError, match="reset-before GRU runs with no bf16"):
         _recurrent.forward(*args, 2, False, bf16=True)
     gates = np.empty((3, 2, 15), np.float32)
     with pytest.raises(ValueError, match="reset-before GRU"):
-        _recurrent.forward(*args[:4], gates, *args[5:], 2, False)   # a training call's cache
+        _recurrent.forward(*args[:4], gates, *args[5:], 2, False)   # gates without aux
+    with pytest.raises(ValueError, match="aux \\(T, B, H\\)"):   # aux of the wrong shape
+        _recurrent.forward(*args[:4], gates, np.empty((3, 2, 4), np.float32), *args[6:], 2,
+                           False)
     bad_y = np.zeros((2, 3, 5), np.float32).transpose(1, 0, 2)   # rows not evenly spaced
     with pytest.raises(ValueError, match="y: its T\\*B rows"):
         _recurrent.forward(args[0], bad_y, *args[2:], 2, False)
@@ -324,3 +327,212 @@ def test_the_driver_refuses_what_this_cell_does_not_run():
         _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE, np.empty((3, 2, 5), np.float32),
                                  np.empty((2, 5), np.float32), None, x, h0, None, *w, *b,
                                  False, False)
+
+
+# --- training in the kernels: forward keeps r, z, n and r * h_{t-1}; backward's reverse
+# step has two passes and two products (src/_recurrent.pyx gru_reset_before_backward_step)
+REFERENCE_BACKWARD = ref.gru_backward
+
+
+@pytest.fixture
+def training_kernels_only(monkeypatch):
+    """Training with reset_after=False must not fall back on the NumPy reference."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training call ran fastrnn.reference")
+    monkeypatch.setattr(ref, "gru_forward", refuse)
+    monkeypatch.setattr(ref, "gru_backward", refuse)
+
+
+def _training_case(dtype, shape, variant, seed):
+    T, B, I, H = shape
+    plain = variant == "no_bias_no_state"
+    x, h0, w, b = _case(dtype, T, B, I, H, seed, not plain, not plain)
+    # pre-activations of order 1 however large I: saturated gates make 1 - n^2 and
+    # z (1 - z) cancel, and float32 gradients then differ from the reference's by more
+    # than rounding of the products
+    x = (x * min(1.0, np.sqrt(32 / I))).astype(dtype)
+    lengths = (np.maximum(1, T - np.arange(B) % T) if variant.startswith("lengths")
+               else None)
+    rng = np.random.default_rng(seed + 1)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dh_n = rng.standard_normal((B, H)).astype(dtype) if not plain else None
+    return x, h0, w, b, lengths, variant.endswith("reverse"), dy, dh_n
+
+
+def _train(x, h0, w, b, lengths, reverse, dy, dh_n, out=None, accumulate=False):
+    y, h_n, cache = F.gru_forward(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                  training=True, reset_after=False)
+    return (y.copy(), h_n) + tuple(F.gru_backward(dy, dh_n, cache, out=out,
+                                                  accumulate=accumulate))
+
+
+GRAD_NAMES = ("y", "h_n", "dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh")
+
+
+def _close_to_scale(a, c, dtype, name):
+    """KERNEL_TOL, with the absolute part scaled to the array's largest value: a weight
+    gradient sums T*B rows, and an element that cancels to near 0 keeps the rounding
+    of its large terms (float32: 1e-5 of an element 1e-2 from terms of order 1)."""
+    tol = KERNEL_TOL[dtype]
+    np.testing.assert_allclose(a, c, rtol=tol["rtol"],
+                               atol=tol["atol"] * max(1.0, 10 * float(np.abs(c).max())),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+@pytest.mark.parametrize("variant", ["plain", "no_bias_no_state", "lengths",
+                                     "lengths_reverse", "reverse"])
+def test_training_runs_in_the_kernels_as_the_reference(dtype, shape, variant, isa,
+                                                       training_kernels_only):
+    seed = zlib.crc32(repr((shape, variant, "train")).encode())
+    x, h0, w, b, lengths, reverse, dy, dh_n = _training_case(dtype, shape, variant, seed)
+    got = _train(x, h0, w, b, lengths, reverse, dy, dh_n)
+    ry, rh, cache = REFERENCE_FORWARD(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                      reset_after=False)
+    want = (ry, rh) + tuple(REFERENCE_BACKWARD(dy, dh_n, cache))
+    for name, a, c in zip(GRAD_NAMES, got, want):
+        if c is None:
+            assert a is None, name
+        else:
+            _close_to_scale(a, c, dtype, name)
+    assert np.abs(got[2]).max() > 0    # the check above cannot pass on zeros
+
+
+def test_training_writes_out_and_accumulates(training_kernels_only):
+    dtype = np.float64
+    x, h0, w, b, lengths, reverse, dy, dh_n = _training_case(dtype, (7, 5, 6, 11),
+                                                             "lengths_reverse", 3)
+    want = _train(x, h0, w, b, lengths, reverse, dy, dh_n)
+    rng = np.random.default_rng(4)
+    start = [rng.standard_normal(a.shape) for a in w]
+    out = [a.copy() for a in start]
+    got = _train(x, h0, w, b, lengths, reverse, dy, dh_n, out=tuple(out), accumulate=True)
+    assert got[4] is out[0] and got[5] is out[1]
+    np.testing.assert_allclose(out[0], start[0] + want[4], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[1], start[1] + want[5], rtol=1e-12, atol=1e-12)
+    y_out = np.full((7, 5, 11), np.nan)
+    y, _, cache = F.gru_forward(x, h0, *w, *b, lengths=lengths, reverse=reverse, out=y_out,
+                                reset_after=False)
+    assert y is y_out and np.array_equal(y_out, want[0])
+    assert np.array_equal(F.gru_backward(dy, dh_n, cache)[0], want[2])
+    with pytest.raises(RuntimeError, match="already used"):
+        F.gru_backward(dy, dh_n, cache)
+
+
+@pytest.fixture
+def backward_calls(monkeypatch):
+    """The (n_threads, by_units) of every _recurrent.backward call functional makes."""
+    calls = []
+    backward = _recurrent.backward
+
+    def spy(*args, **kwargs):
+        calls.append((args[28], args[29]))
+        return backward(*args, **kwargs)
+    monkeypatch.setattr(F._recurrent, "backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T,B,I,H,split", [(30, 1, 16, 64, True), (20, 3, 20, 127, True),
+                                           (1, 2, 200, 200, True), (12, 70, 19, 45, False)])
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_training_is_the_same_bits_on_one_and_two_threads(dtype, T, B, I, H, split, variant,
+                                                          training_kernels_only,
+                                                          backward_calls):
+    """Through functional: small batches' reverse loop splits hidden units on two
+    threads (checked by the driver's arguments), larger ones rows; every output and
+    gradient bitwise one thread's."""
+    x, h0, w, b, lengths, reverse, dy, dh_n = _training_case(
+        dtype, (T, B, I, H), "lengths_reverse" if variant != "plain" else "plain", B)
+    before = fastrnn.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            got.append(_train(x, h0, w, b, lengths, reverse, dy, dh_n))
+    finally:
+        fastrnn.set_num_threads(before)
+    if backward_calls[1][0] != 2:
+        pytest.skip(f"the schedule gave {backward_calls[1][0]} thread(s), not 2")
+    assert backward_calls[0] == (1, False) and backward_calls[1] == (2, split)
+    for name, a, c in zip(GRAD_NAMES, *got):
+        assert np.array_equal(a, c), name
+
+
+def _backward_driver(dtype, T, B, I, H, n, by_units, in_place, lengths=None, reverse=False):
+    """Forward (training) then backward through the driver itself for a reset-before GRU
+    -> y, h_n, dx, dh0, dw_ih, dw_hh, db; or None if OpenMP gave fewer threads."""
+    x, h0, w, b = _case(dtype, T, B, I, H, 11, True, True)
+    sched = F._common_forward(x, h0, *w, *b, 3, lengths)[7]
+    hs = np.zeros((T + 1, B, H), dtype)
+    hs[T if reverse else 0] = h0
+    y = hs[:T] if reverse else hs[1:]
+    h_n = np.empty((B, H), dtype)
+    gates, rhs = np.empty((T, B, 3 * H), dtype), np.empty((T, B, H), dtype)
+    assert _recurrent.forward(F.CELL_GRU_RESET_BEFORE, y, h_n, None, gates, rhs, x, h0, None,
+                              *w, b[0] + b[1], None, None, None, sched.lengths, sched.order,
+                              sched.bounds, reverse, True, True, 1, False)
+    dy = np.random.default_rng(12).standard_normal((T, B, H)).astype(dtype)
+    dx, dh0 = np.zeros((T, B, I), dtype), np.empty((B, H), dtype)
+    dw_ih, dw_hh, db = np.empty_like(w[0]), np.empty_like(w[1]), np.empty(3 * H, dtype)
+    h_prev = hs[1:] if reverse else hs[:T]
+    _recurrent._set_in_place_steps(in_place)
+    try:
+        ran = _recurrent.backward(F.CELL_GRU_RESET_BEFORE, dx, dh0, None, dw_ih, dw_hh, None,
+                                  gates, None, None, dy, None, None, rhs, None, y, h0, None, x,
+                                  h_prev, *w, None, sched.lengths, sched.order, sched.bounds,
+                                  sched.valid_rows(T), reverse, n, by_units, db_x=db)
+    finally:
+        _recurrent._set_in_place_steps(True)
+    return (y, h_n, dx, dh0, dw_ih, dw_hh, db) if ran else None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T,in_place", [(9, False), (1, True), (1, False)])
+@pytest.mark.parametrize("B,H", [(1, 45), (3, 64), (2, 1)])
+@pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
+def test_the_backward_unit_split_gives_the_row_split_bits(dtype, T, in_place, B, H, variant,
+                                                          isa):
+    """Split by units, the threads meet twice a reverse step (every unit's dL/da_n before
+    drh = dL/da_n W_hn, every dL/da_r before the W_h{r,z} product): bitwise one
+    thread's row split, weights packed or (single steps) read in place, H = 1 leaving
+    a thread no units; and as the reference."""
+    lengths = np.maximum(1, T - 4 * np.arange(B)) if variant != "plain" else None
+    reverse = variant != "plain"
+    one = _backward_driver(dtype, T, B, 13, H, 1, False, in_place, lengths, reverse)
+    two = _backward_driver(dtype, T, B, 13, H, 2, True, in_place, lengths, reverse)
+    if two is None:
+        pytest.skip("OpenMP gave fewer than 2 threads")
+    for name, a, c in zip(("y", "h_n", "dx", "dh0", "dw_ih", "dw_hh", "db"), one, two):
+        assert np.array_equal(a, c), name
+    x, h0, w, b = _case(dtype, T, B, 13, H, 11, True, True)
+    _, _, cache = REFERENCE_FORWARD(x, h0, *w, *b, lengths=lengths, reverse=reverse,
+                                    reset_after=False)
+    dy = np.random.default_rng(12).standard_normal((T, B, H)).astype(dtype)
+    rdx, rdh0, rdw_ih, rdw_hh, rdb, _ = REFERENCE_BACKWARD(dy, None, cache)
+    for name, a, c in zip(("dx", "dh0", "dw_ih", "dw_hh", "db"), one[2:],
+                          (rdx, rdh0, rdw_ih, rdw_hh, rdb)):
+        if reverse and lengths is not None and name == "dw_hh":
+            continue    # (functional adds the short rows' first step against h0: see above)
+        _close_to_scale(a, c, dtype, name)
+
+
+def test_the_backward_driver_refuses_what_this_cell_does_not_take():
+    dtype = np.float32
+    T, B, I, H = 3, 2, 4, 5
+    x, h0, w, b = _case(dtype, T, B, I, H, 0, True, True)
+    sched = F._common_forward(x, h0, *w, *b, 3, None)[7]
+    dx, dh0 = np.zeros((T, B, I), dtype), np.empty((B, H), dtype)
+    gates, rhs = np.empty((T, B, 3 * H), dtype), np.empty((T, B, H), dtype)
+    dy, y = np.zeros((T, B, H), dtype), np.zeros((T, B, H), dtype)
+
+    def call(aux=rhs, dgh=None, **kw):
+        return _recurrent.backward(F.CELL_GRU_RESET_BEFORE, dx, dh0, None, *[np.empty_like(a)
+                                   for a in w], None, gates, dgh, None, dy, None, None, aux,
+                                   None, y, h0, None, x, y, *w, None, sched.lengths,
+                                   sched.order, sched.bounds, None, False, 1, False, **kw)
+    for kw in (dict(aux=None), dict(aux=np.empty((T, B, H + 1), dtype)),
+               dict(dgh=np.empty_like(gates)), dict(bf16=True), dict(weights=False)):
+        with pytest.raises(ValueError, match="reset-before GRU's backward takes aux"):
+            call(**kw)

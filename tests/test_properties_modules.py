@@ -54,12 +54,15 @@ def close(name, got, want, dtype):
 
 
 # ----------------------------------------------------------------------------- layers
+LAYER_MODES = ("RNN_TANH", "RNN_RELU", "GRU", "GRU_RB", "LSTM", "LSTMP")
+
+
 @st.composite
 def layer_cases(draw, T=st.integers(1, 7), B=st.integers(1, 9), I=st.integers(1, 11),
-                H=st.integers(2, 11), layers=st.integers(1, 3)):
+                H=st.integers(2, 11), layers=st.integers(1, 3), modes=LAYER_MODES):
     """A layer (every cell, stacked, bidirectional, proj_size) and a call of it; the
     sizes' strategies can be given (tests/test_properties_fastpath.py draws larger)."""
-    mode = draw(st.sampled_from(["RNN_TANH", "RNN_RELU", "GRU", "LSTM", "LSTMP"]))
+    mode = draw(st.sampled_from(modes))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     T, B = draw(T), draw(B)
     I, H = draw(I), draw(H)
@@ -70,8 +73,8 @@ def layer_cases(draw, T=st.integers(1, 7), B=st.integers(1, 9), I=st.integers(1,
         kw["merge_mode"] = "sum"
     if mode.startswith("RNN"):
         m = fastrnn.RNN(I, H, nonlinearity=mode[4:].lower(), **kw)
-    elif mode == "GRU":
-        m = fastrnn.GRU(I, H, **kw)
+    elif mode.startswith("GRU"):   # GRU_RB: reset_after=False (the seed's GRU)
+        m = fastrnn.GRU(I, H, reset_after=mode == "GRU", **kw)
     else:
         if mode == "LSTMP":
             kw["proj_size"] = draw(st.integers(1, H - 1))
@@ -197,13 +200,16 @@ def test_bad_layer_calls_raise_named_errors(case):
 # ----------------------------------------------------------------------------- cells
 @st.composite
 def cell_cases(draw):
-    kind = draw(st.sampled_from(["RNNCell_tanh", "RNNCell_relu", "GRUCell", "LSTMCell"]))
+    kind = draw(st.sampled_from(["RNNCell_tanh", "RNNCell_relu", "GRUCell", "GRUCell_rb",
+                                 "LSTMCell"]))
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     B, I, H = draw(st.integers(1, 9)), draw(st.integers(1, 12)), draw(st.integers(1, 12))
     bias = draw(st.booleans())
     seed = draw(st.integers(0, 1000))
     if kind.startswith("RNNCell"):
         cell = fastrnn.RNNCell(I, H, bias=bias, nonlinearity=kind[8:], dtype=dtype, seed=seed)
+    elif kind == "GRUCell_rb":    # reset_after=False (the seed's GRU)
+        cell = fastrnn.GRUCell(I, H, bias=bias, dtype=dtype, seed=seed, reset_after=False)
     else:
         cell = getattr(fastrnn, kind)(I, H, bias=bias, dtype=dtype, seed=seed)
     steps = draw(st.integers(1, 5))
