@@ -22,3 +22,35 @@ def test_gru_reset_before_bench_rows(capsys):
         # times printed to 0.001 ms, the ratio to 0.01, from the unrounded times
         low, high = (ort - 5e-4) / (fast + 5e-4), (ort + 5e-4) / max(fast - 5e-4, 1e-9)
         assert low - 0.005 <= ratio <= high + 0.005
+
+
+def test_gru_reset_before_bench_training_rows(capsys):
+    """--train: fastrnn's training step, the cell in torch ops (its gradients checked
+    against fastrnn's first) and the torch-form GRU, with the ratio of the first two."""
+    pytest.importorskip("torch")
+    script = load_script("bench/gru_reset_before.py")
+    assert script.main(["--train", "-I", "3", "-H", "5", "-T", "4", "-B", "1", "3",
+                        "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# ") and "training step" in lines[0]
+    rows = [re.findall(r"[\d.]+(?= ms)|[\d.]+(?=x\))", line) for line in lines[1:]]
+    assert len(rows) == 2 and all(len(r) == 4 for r in rows)
+    for fast, torch_ms, ratio, after in ([float(v) for v in r] for r in rows):
+        assert fast > 0 and torch_ms > 0 and after > 0
+        low = (torch_ms - 5e-4) / (fast + 5e-4)
+        high = (torch_ms + 5e-4) / max(fast - 5e-4, 1e-9)
+        assert low - 0.005 <= ratio <= high + 0.005
+
+
+def test_gru_reset_before_bench_refuses_a_torch_that_disagrees(monkeypatch):
+    """The check before timing fails loudly when the torch cell's gradients differ."""
+    pytest.importorskip("torch")
+    script = load_script("bench/gru_reset_before.py")
+    real = script.torch_seed_gru
+
+    def off_by_a_bit(*args):
+        run, grads = real(*args)
+        return run, lambda: {k: v * 1.01 for k, v in grads().items()}
+    monkeypatch.setattr(script, "torch_seed_gru", off_by_a_bit)
+    with pytest.raises(SystemExit, match="fastrnn and torch disagree"):
+        script.main(["--train", "-I", "3", "-H", "5", "-T", "4", "-B", "2", "--rounds", "1"])
