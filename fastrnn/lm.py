@@ -184,7 +184,7 @@ class RNNLanguageModel(Module):
         than the embedding's own backward, which touches only the rows used.)"""
         return (self.training and self.drop_in.p == 0.0 and self.vocab_size <= T * B
                 and not _precision.bf16_products(self.dtype)
-                and getattr(self.rnn, "reset_after", True))   # (the seed's GRU: no kernel)
+                and getattr(self.rnn, "reset_after", True))   # (the seed's GRU: no input by id)
 
     def forward(self, x, state=None):
         """x: (T, B) int ids. Returns logits (T, B, V) and the final state."""
