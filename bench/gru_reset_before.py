@@ -20,8 +20,9 @@ onnxruntime (pip install onnx onnxruntime).
 dL/dy, with the weight gradients: fastrnn's layer; the same cell as a PyTorch user
 would write it (torch has no reset-before GRU: x W_ih^T hoisted out of the loop,
 then per step h W_h{r,z}^T, (r * h) W_hn^T and the pointwise ops, autograd for
-backward; eager, float32); and fastrnn's reset_after=True layer on the same
-weights. torch's outputs and gradients are checked against fastrnn's first; the
+backward, dL/dx included as fastrnn's backward returns it; eager, float32); and
+fastrnn's reset_after=True layer on the same weights. torch's output and every
+gradient (x's, the weights', the biases') are checked against fastrnn's first; the
 ratio printed is torch ms / fastrnn ms. Needs torch.
 """
 
@@ -76,12 +77,14 @@ def engines(I, H, T, B, threads, workdir, seed=0):
 
 
 def torch_seed_gru(I, H, T, B, state, x, dy):
-    """A training step of the reset-before GRU in torch ops -> (run, gradients)."""
+    """A training step of the reset-before GRU in torch ops -> (run, gradients); run
+    returns y, gradients() the weights' and biases' gradients and x's ("x")."""
     import torch
     w = {k: torch.tensor(v, requires_grad=True) for k, v in state.items()}
-    xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+    xt, dyt = torch.from_numpy(x.copy()).requires_grad_(), torch.from_numpy(dy)
 
     def run():
+        xt.grad = None
         for v in w.values():
             v.grad = None
         w_ih, w_hh, b_ih, b_hh = (w[k] for k in ("weight_ih_l0", "weight_hh_l0",
@@ -99,9 +102,13 @@ def torch_seed_gru(I, H, T, B, state, x, dy):
             n = torch.tanh(gx_n[t] + torch.addmm(b_n, r * h, w_n))
             h = (1 - z) * n + z * h
             ys.append(h)
-        torch.stack(ys).backward(dyt)
-        return ys
-    return run, lambda: {k: v.grad.numpy() for k, v in w.items()}
+        y = torch.stack(ys)
+        y.backward(dyt)
+        return y.detach().numpy()
+
+    def gradients():
+        return dict({k: v.grad.numpy() for k, v in w.items()}, x=xt.grad.numpy())
+    return run, gradients
 
 
 def train_engines(I, H, T, B, seed=0):
@@ -115,14 +122,16 @@ def train_engines(I, H, T, B, seed=0):
 
     def step(m):
         m.zero_grad()
-        m(x)
-        m.backward(dy)
+        y, _ = m(x)
+        return y, m.backward(dy)[0]
     run_torch, torch_grads = torch_seed_gru(I, H, T, B, before.state_dict(), x, dy)
-    step(before)
-    run_torch()
-    for name, got in torch_grads().items():
-        want = getattr(before, name).grad
-        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    y, dx = step(before)
+    want = {"y": y, "x": dx}
+    y_torch = run_torch()
+    got = dict(torch_grads(), y=y_torch)
+    for name, g in got.items():
+        w = want[name] if name in want else getattr(before, name).grad
+        err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-30)
         if err > 2e-3:
             raise SystemExit(f"fastrnn and torch disagree on {name}: rel. error {err:.2e}")
     return [Engine("fastrnn", lambda: step(before)), Engine("torch", run_torch),

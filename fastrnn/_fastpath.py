@@ -33,7 +33,8 @@ None or integers of shape (B,) in [1, T] (rows sorted by length here, padded ste
 directions one after the other, the reverse one from each row's last step back, each
 writing its half of y; merge_mode "sum" then adds the halves), with or without
 `proj_size` (a projected LSTM's rows split, never its hidden units, as on the general
-path), x a
+path), a GRU with `reset_after=False` only where the general path runs it on one
+thread (its step's second barrier has no stop for a pool team), x a
 C-contiguous ndarray of the module's
 dtype with the right shape (batch_first: an ndarray of that dtype, copied time-major
 for the kernel and its output copied back, as the general path does), states None
@@ -161,8 +162,6 @@ def _build(module, cell):
     from fastrnn.modules.rnn import GRU, LSTM, RNN, RNNBase
     dtype = module.dtype
     cls = type(module)
-    if not getattr(module, "reset_after", True):
-        return _NOT_ELIGIBLE          # the seed's GRU: functional's CELL_GRU_RESET_BEFORE
     if cell:
         # a subclass that computes a step its own way (forward or _step_forward
         # overridden) is not served: the fast path would skip its code
@@ -187,9 +186,13 @@ def _build(module, cell):
     G = {"rnn": 1, "lstm": 4, "gru": 3}[kind]
     I, H = module.input_size, module.hidden_size
     O = getattr(module, "proj_size", 0) or H          # h's size: proj_size, else H
-    # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU
+    # the driver's cell code: CELL_RNN_* (tanh, relu, identity), CELL_LSTM, CELL_GRU, or
+    # CELL_GRU_RESET_BEFORE (reset_after=False: served only where it runs on one thread,
+    # src/forward_small.pxi)
     cell_code = {"rnn": F.NONLINEARITIES.get(getattr(module, "nonlinearity", "tanh")),
-                 "lstm": F.CELL_LSTM, "gru": F.CELL_GRU}[kind]
+                 "lstm": F.CELL_LSTM,
+                 "gru": F.CELL_GRU if getattr(module, "reset_after", True)
+                 else F.CELL_GRU_RESET_BEFORE}[kind]
     params, layers, w_hrs, row_flop = [], [], [], []
     for k in range(L):
         in_size = I if k == 0 else (O if summed else D * O)

@@ -42,8 +42,8 @@ class RNNLanguageModel(Module):
     """``logits, state = lm(x, state)``; ``lm.backward(dlogits)``.
 
     cell: "lstm", "gru", "rnn_tanh" or "rnn_relu" (``reset_after=False`` with "gru":
-    the seed's GRU, fastrnn.GRU's option: inference in the kernels, training on the NumPy
-    reference). ``dropout`` is applied to
+    the seed's GRU, fastrnn.GRU's option, in the kernels; its first layer reads the
+    embeddings as rows, not by id). ``dropout`` is applied to
     the embeddings, between recurrent layers and before the decoder (training
     mode only); with ``locked_dropout`` each of those masks is drawn once per
     sequence, shape (1, B, F), and shared by every time step of the chunk

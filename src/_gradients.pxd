@@ -327,11 +327,12 @@ cdef inline int reset_before_weight_gradients(
         Cs[0] = dw_ih
         Cs[1] = dw_hh
         status = columns_times(2 * H, V, ga_rows, 2, Ns, packs, Cs, False, n_threads, beta, db)
-        packs[1] = rh_t
-        Cs[0] = dw_ih + 2 * H * I
-        Cs[1] = dw_hh + 2 * H * H
-        status += columns_times(H, V, n_rows, 2, Ns, packs, Cs, False, n_threads, beta,
-                                db + 2 * H if db != NULL else NULL)
+        if status == 0:
+            packs[1] = rh_t
+            Cs[0] = dw_ih + 2 * H * I
+            Cs[1] = dw_hh + 2 * H * H
+            status = columns_times(H, V, n_rows, 2, Ns, packs, Cs, False, n_threads, beta,
+                                   db + 2 * H if db != NULL else NULL)
         status = -1 if status != 0 else 0
     free(ga_rows); free(n_rows); free(x_rows); free(h_rows); free(rh_rows)
     scratch_free(x_t); scratch_free(h_t); scratch_free(rh_t)

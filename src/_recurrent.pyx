@@ -361,7 +361,7 @@ cdef Py_ssize_t forward_thread(
                  or (w_hh_b != NULL and bwork == NULL)
                  or (gxb == NULL and not in_gates and not in_y)
                  or (apart and (ghb == NULL or hnb == NULL)) or (proj and hr == NULL and hrb == NULL)
-                 or (reset_before and (rh_rows == NULL or p.rh == NULL
+                 or (reset_before and (rh_rows == NULL or (p.rh == NULL and aux == NULL)
                                        or (p.pack_hh and (w_rz == NULL or w_n == NULL))))
                  or r_rows == NULL or y_rows == NULL
                  or src == NULL or dst == NULL or scratch == NULL or h_rows == NULL
@@ -377,7 +377,7 @@ cdef Py_ssize_t forward_thread(
             h_rows[r] = h0 + b * ldh0 if h0 != NULL else zeros
             if apart:
                 gh_rows[r] = ghb + r * GK
-            if reset_before:
+            if reset_before and p.rh != NULL:   # (training: aux's rows, set per step)
                 rh_rows[r] = <floating *> p.rh + (r0 + r) * H
             if has_c:
                 c_rows[r] = c + r * hk
@@ -744,8 +744,10 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
                                   if p.w_hn_packed != NULL else NULL)
     cdef floating *drh = (<floating *> malloc((B * hk + 1) * sizeof(floating))  # (B, hk) its dL/d(r*h)
                           if reset_before else NULL)
-    cdef floating **drh_rows = <floating **> malloc(B * sizeof(void *) + 1)
-    cdef const floating **rz_rows = <const floating **> malloc(B * sizeof(void *) + 1)
+    cdef floating **drh_rows = (<floating **> malloc(B * sizeof(void *) + 1)
+                                if reset_before else NULL)          # (B) rows of drh
+    cdef const floating **rz_rows = (<const floating **> malloc(B * sizeof(void *) + 1)
+                                     if reset_before else NULL)     # (B) pointer scratch
     cdef const uint16_t *w_kb = (<const uint16_t *> p.w_hh_bf16
                                  + (j0 // FASTRNN_BF16_NR) * fastrnn_bf16_panel_values(GH)
                                  if p.bf16 else NULL)   # j0: a multiple of either panel width
@@ -759,13 +761,14 @@ cdef void backward_units(floating *g_all, const Plan *p, floating *dh, floating 
     cdef Py_ssize_t r, b, s, t, nact, g
     cdef int q, failed = 0
     fail[tid] = (zeros == NULL or in_rows == NULL or dh_rows == NULL or cs_rows == NULL
-                 or drh_rows == NULL or rz_rows == NULL or (reset_before and drh == NULL)
+                 or (reset_before and (drh == NULL or drh_rows == NULL or rz_rows == NULL))
                  or (p.bf16 and bwork == NULL))
     if not fail[tid]:
         for r in range(B):
             b = rows[r]
             dh_rows[r] = dh + r * O + j0
-            drh_rows[r] = drh + r * hk if reset_before else NULL
+            if reset_before:
+                drh_rows[r] = drh + r * hk
             if dh_n != NULL:
                 memcpy(dh + r * O + j0, dh_n + b * O + j0, hk * sizeof(floating))
             if has_c and dc_n != NULL:
@@ -1047,8 +1050,8 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                                                   or aux.shape[1] != y.shape[1]
                                                   or aux.shape[2] != H))):
         free(fail)
-        raise ValueError("cell: the reset-before GRU runs with no bf16, projection or x_ids, "
-                         "and gates (T, B, 3H) with aux (T, B, H) (training) or neither")
+        raise ValueError("gates, aux: the reset-before GRU takes gates (T, B, 3H) with aux "
+                         "(T, B, H) (training) or neither, and no bf16, w_hr or x_ids")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -1087,8 +1090,9 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
                              f"{y_copy.strides[2]})")
     ctx.p, ctx.bounds, ctx.by_units, ctx.single, ctx.fails = &p, &bounds[0], by_units, \
         floating is float, fail
-    if reset_before:    # (allocated after every check that raises: nothing to free there)
-        rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)
+    if reset_before and aux is None:   # (a training call keeps r * h_{t-1} in aux's rows;
+        rh = <floating *> malloc(y.shape[1] * H * sizeof(floating) + 1)   # allocated after
+                                                                          # every check that raises)
     with nogil:
         # (not the reset-before GRU: a pool team may stop at a step's barrier, and its
         # mid-step one has no stop; its threads pack their own rows of w_hh per call)
@@ -1123,7 +1127,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             pass
         elif (fail == NULL or (pack_ih and s_ih == NULL and not pooled)
                 or (pack_hh and not reset_before and s_hh == NULL and not pooled)
-                or (reset_before and rh == NULL)
+                or (reset_before and aux is None and rh == NULL)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
                 or (p.bf16 and not pooled and (b_ih == NULL or b_hh == NULL))):
             failed = 1
@@ -1242,8 +1246,8 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
     if reset_before and (bf16 or w_hr is not None or x_ids is not None or not weights
                          or dgh is not None or aux is None or aux.shape[0] != T
                          or aux.shape[1] != B or aux.shape[2] != H):
-        raise ValueError("cell: the reset-before GRU's backward takes aux (T, B, H), forward's "
-                         "r * h_{t-1}, and no bf16, projection, x_ids, dgh or weights=False")
+        raise ValueError("aux: the reset-before GRU's backward takes aux (T, B, H), forward's "
+                         "r * h_{t-1}, and no bf16, w_hr, x_ids, dgh or weights=False")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)

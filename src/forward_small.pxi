@@ -122,8 +122,8 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
         q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n, d_ih)
         if q.w_ih_slices == NULL:
             return False
-    if q.pack_hh:
-        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n, d_hh)
+    if q.pack_hh and q.cell != CELL_GRU_RESET_BEFORE:   # (which packs its own rows of
+        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n, d_hh)   # w_hh)
         if q.w_hh_slices == NULL:
             return False
     return True
@@ -140,7 +140,8 @@ cdef bint packing_kept(const Plan *q, const floating *w_ih, const floating *w_hh
         return False
     take_digests(q, w_ih, w_hh, n, False, digests)
     return ((not q.pack_ih or slices_kept(w_ih, q.G, q.H, q.I, nslices, digests.ih))
-            and (not q.pack_hh or slices_kept(w_hh, q.G, q.H, q.O, nslices, digests.hh)))
+            and (not q.pack_hh or q.cell == CELL_GRU_RESET_BEFORE
+                 or slices_kept(w_hh, q.G, q.H, q.O, nslices, digests.hh)))
 
 
 cdef bint slices_kept(const floating *W, Py_ssize_t G, Py_ssize_t H, Py_ssize_t K,
@@ -404,6 +405,9 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     output); reverse: each row from its last step back; lengths (B,) in [1, T] with
     order (B,) the rows by decreasing length (stable), or NULL for rows T long
     (y's steps past a row's length are left as they are: the caller zeroes them).
+    The reset-before GRU (CELL_GRU_RESET_BEFORE) runs on this thread (its step's second
+    barrier has no stop for a pool team): the callers serve it only when the general
+    path would run it on one thread too.
     Returns 0, or 1 when out of memory."""
     cdef Plan p
     cdef int fail = 0
@@ -420,12 +424,15 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
         O = H
     else:
         by_units = False        # the projection needs all of h_t: rows only
+    if cell == CELL_GRU_RESET_BEFORE:
+        n_threads, by_units = 1, False
     team = n_threads if by_units else <int> min(<Py_ssize_t> n_threads, B)
     # lengths and order (B each), the segments' lengths (B), a row split's bounds
-    # (team + 1), then the combined bias (G*H) and the gathered h (B*O), in one allocation
+    # (team + 1), then the combined bias (G*H), the gathered h (B*O) and the
+    # reset-before GRU's r * h_{t-1} (B*H), in one allocation
     cdef Py_ssize_t nidx = 3 * B + team + 1
     cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(nidx * sizeof(Py_ssize_t)
-                                                  + (G * H + B * O) * esize + 8)
+                                                  + (G * H + B * O + B * H) * esize + 8)
     if rows == NULL:
         return 1
     for k in range(B):
@@ -454,6 +461,8 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     p.w_ih, p.w_hh, p.w_hr, p.x, p.h0, p.c0 = w_ih, w_hh, w_hr, x, h0, c0
     p.y, p.ldy, p.h_n, p.c_n = y, ldy if ldy > 0 else O, h_n, c_n
     p.reverse = reverse
+    if cell == CELL_GRU_RESET_BEFORE:
+        p.rh = <char *> work.h + B * O * esize
     if single:
         run_small_typed(<float *> y, &p, <const float *> b_ih, <const float *> b_hh,
                         <float *> (rows + nidx), n_threads, by_units, known, &work, &fail)
@@ -488,10 +497,9 @@ def forward_small(int cell, y, h_n, c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
     cdef int fail
     cdef uint64_t known[2]
     cdef tuple kd
-    if not 0 <= cell <= CELL_GRU:
-        raise ValueError(f"forward_small: cell must be a CELL_RNN_*, CELL_LSTM or CELL_GRU "
-                         f"(0-{<int> CELL_GRU}), got {cell} (the reset-before GRU runs "
-                         f"through forward)")
+    if not 0 <= cell <= CELL_GRU_RESET_BEFORE:
+        raise ValueError(f"forward_small: cell must be a CELL_RNN_*, CELL_LSTM, CELL_GRU or "
+                         f"CELL_GRU_RESET_BEFORE (0-{<int> CELL_GRU_RESET_BEFORE}), got {cell}")
     if (type(x) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> x) != 3
             or type(w_ih) is not cnp.ndarray or cnp.PyArray_NDIM(<cnp.ndarray> w_ih) != 2):
         raise ValueError("forward_small: x must be a (T, B, I) and w_ih a (G*H, I) ndarray")
@@ -685,6 +693,8 @@ cdef eval_layer_runs(plan, x, hx, Py_ssize_t T, Py_ssize_t B, const Py_ssize_t *
         return False
     pack_ih, pack_hh, threaded, units_ok, rows_upto = schedule_of(plan, T, B)
     cdef int n_team = plan.threads() if any(threaded) else 1
+    if cell == CELL_GRU_RESET_BEFORE and n_team > 1:
+        return None     # one thread only here (run_small): the general path's team runs it
     cdef bint by_units = units_ok and n_team > 1 and n_team > rows_upto, team_units
     esize = sizeof(float) if single else sizeof(double)
     dims[0], dims[1], dims[2] = L * D, B, O
@@ -799,6 +809,8 @@ def eval_cell(plan, x, hx):
         return False
     pack_ih, pack_hh, threaded, units_ok, rows_upto = schedule_of(plan, 1, B)
     cdef int n = plan.threads() if threaded[0] else 1
+    if cell == CELL_GRU_RESET_BEFORE and n > 1:
+        return None     # one thread only here (run_small): the general path's team runs it
     h_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     c_n = cnp.PyArray_EMPTY(ndim, dims, typenum, 0) if lstm else None
     weights = plan.layers[0]

@@ -311,7 +311,7 @@ def test_the_unit_split_gives_the_row_split_bits(dtype, pack, B, H, variant, isa
 
 def test_the_driver_refuses_what_this_cell_does_not_run():
     args, _, _ = _driver_args(np.float32, 3, 2, 4, 5, 0, True)
-    with pytest.raises(ValueError, match="reset-before GRU runs with no bf16"):
+    with pytest.raises(ValueError, match="gates, aux: the reset-before GRU takes"):
         _recurrent.forward(*args, 2, False, bf16=True)
     gates = np.empty((3, 2, 15), np.float32)
     with pytest.raises(ValueError, match="reset-before GRU"):
@@ -324,7 +324,7 @@ def test_the_driver_refuses_what_this_cell_does_not_run():
         _recurrent.forward(args[0], bad_y, *args[2:], 2, False)
     x, h0, w, b = _case(np.float32, 3, 2, 4, 5, 0, True, True)
     with pytest.raises(ValueError, match="forward_small: cell must be"):
-        _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE, np.empty((3, 2, 5), np.float32),
+        _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE + 1, np.empty((3, 2, 5), np.float32),
                                  np.empty((2, 5), np.float32), None, x, h0, None, *w, *b,
                                  False, False)
 
@@ -514,7 +514,10 @@ def test_the_backward_unit_split_gives_the_row_split_bits(dtype, T, in_place, B,
     for name, a, c in zip(("dx", "dh0", "dw_ih", "dw_hh", "db"), one[2:],
                           (rdx, rdh0, rdw_ih, rdw_hh, rdb)):
         if reverse and lengths is not None and name == "dw_hh":
-            continue    # (functional adds the short rows' first step against h0: see above)
+            # the driver's W_h{r,z} rows read h_prev = 0 at a short row's first step
+            # (functional adds its h0 term: _fix_reverse_first_step); W_hn's read the
+            # r * h_{t-1} forward kept, which came from h0 itself
+            a, c, name = a[2 * H:], c[2 * H:], "dw_hh (W_hn's rows)"
         _close_to_scale(a, c, dtype, name)
 
 
@@ -534,5 +537,64 @@ def test_the_backward_driver_refuses_what_this_cell_does_not_take():
                                    sched.order, sched.bounds, None, False, 1, False, **kw)
     for kw in (dict(aux=None), dict(aux=np.empty((T, B, H + 1), dtype)),
                dict(dgh=np.empty_like(gates)), dict(bf16=True), dict(weights=False)):
-        with pytest.raises(ValueError, match="reset-before GRU's backward takes aux"):
+        with pytest.raises(ValueError, match="aux: the reset-before GRU.s backward takes aux"):
             call(**kw)
+
+
+# --- the eval fast path (fastrnn/_fastpath.py, src/forward_small.pxi): one thread only
+def test_the_fast_path_serves_calls_that_run_on_one_thread():
+    from test_fastpath import counting_served_calls, general, took_fast_path
+    cell = fastrnn.GRUCell(20, 64, reset_after=False, seed=3).eval()
+    layer = fastrnn.GRU(20, 64, num_layers=2, bidirectional=True, reset_after=False,
+                        seed=4).eval()
+    rng = np.random.default_rng(6)
+    x1, h1 = rng.standard_normal((1, 20)).astype(np.float32), None
+    xs = rng.standard_normal((3, 1, 20)).astype(np.float32)
+    with counting_served_calls():
+        for t in range(3):                        # a stream of single steps, B=1
+            h1 = cell(xs[t], h1)
+            assert took_fast_path(cell)
+        assert np.array_equal(h1, general(cell, xs[2], general(cell, xs[1],
+                                                               general(cell, xs[0]))))
+        y, h_n = layer(xs, lengths=[3])
+        assert took_fast_path(layer)
+        gy, gh = general(layer, xs, lengths=[3])
+        assert np.array_equal(y, gy) and np.array_equal(h_n, gh)
+    params = [getattr(cell, n).data for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    want = REFERENCE_FORWARD(xs, None, *params, training=False, reset_after=False)[1]
+    np.testing.assert_allclose(h1, want, **KERNEL_TOL[np.float32])
+    np.testing.assert_array_equal(x1.shape, (1, 20))
+
+
+def test_a_call_for_a_thread_team_takes_the_general_path():
+    """The fast path runs this cell on one thread; a call the general path gives a
+    team (2 threads, work above functional.SMALL_WORK_FLOP) is declined, and runs
+    there as before."""
+    from test_fastpath import counting_served_calls, general, took_fast_path
+    g = fastrnn.GRU(256, 256, reset_after=False, seed=5).eval()
+    x = np.random.default_rng(7).standard_normal((20, 4, 256)).astype(np.float32)
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        with counting_served_calls():
+            y, h_n = g(x)
+            if F.call_threads() < 2:
+                pytest.skip("fewer than 2 threads for this call")
+            assert not took_fast_path(g)
+            fastrnn.set_num_threads(1)      # one thread: served
+            y1, h1 = g(x)
+            assert took_fast_path(g)
+            assert np.array_equal(y1, general(g, x)[0])
+    finally:
+        fastrnn.set_num_threads(before)
+    np.testing.assert_allclose(y1, y, **KERNEL_TOL[np.float32])
+
+
+def test_forward_small_runs_it_as_forward():
+    args, y, h_n = _driver_args(np.float64, 7, 3, 9, 21, 2, True)
+    assert _recurrent.forward(*args, 1, False)
+    x, h0, w, b = _case(np.float64, 7, 3, 9, 21, 2, True, True)
+    y2, h2 = np.empty_like(y), np.empty_like(h_n)
+    _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE, y2, h2, None, x, h0, None, *w, *b,
+                             True, True)
+    assert np.array_equal(y2, y) and np.array_equal(h2, h_n)

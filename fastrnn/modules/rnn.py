@@ -691,8 +691,9 @@ class GRU(RNNBase):
 
     reset_after=False is the seed's GRU (Cho et al.'s; Keras reset_after=False, ONNX
     linear_before_reset=0): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn) instead of
-    torch's tanh(W_in x + b_in + r * (W_hn h + b_hn)); same parameters. Inference runs
-    in the kernels, training on fastrnn.reference's NumPy loop (docs/layers.md).
+    torch's tanh(W_in x + b_in + r * (W_hn h + b_hn)); same parameters. Inference and
+    training run in the kernels; with bf16 products (matmul precision "medium"), on
+    fastrnn.reference's NumPy loop (docs/layers.md).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
