@@ -91,8 +91,8 @@ cdef void take_digests(const Plan *q, const floating *w_ih, const floating *w_hh
     digests.taken = True
     if bf16 or q.pack_ih:
         digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
-    if bf16 or q.pack_hh:
-        digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
+    if bf16 or (q.pack_hh and q.cell != CELL_GRU_RESET_BEFORE):   # (which packs its own
+        digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)   # w_hh rows)
 
 
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
@@ -203,8 +203,9 @@ cdef struct SegmentWork:
 cdef void run_small_typed(floating *y, Plan *p, const floating *b_ih, const floating *b_hh,
                           floating *bias, int n, bint by_units, const uint64_t *known,
                           SegmentWork *work, int *fail) noexcept nogil:
-    """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part,
-    as fastrnn.functional combines them), then the layer's steps: on a team of n
+    """bias = b_ih + b_hh (GRU: [b_ih + b_hh for r, z | b_ih for n], b_hn = b_hh's n part;
+    the reset-before GRU: b_ih + b_hh in all three, as fastrnn.functional combines
+    them), then the layer's steps: on a team of n
     threads of team_pool.h (hidden units split when by_units: every thread all rows,
     one barrier per step; else rows) when the pool's workers are ready; else on this
     thread, a segment of steps at a time, asking again between segments, so that a
@@ -431,8 +432,9 @@ cdef int run_small(int cell, bint single, Py_ssize_t T, Py_ssize_t B, Py_ssize_t
     # (team + 1), then the combined bias (G*H), the gathered h (B*O) and the
     # reset-before GRU's r * h_{t-1} (B*H), in one allocation
     cdef Py_ssize_t nidx = 3 * B + team + 1
+    cdef Py_ssize_t n_rh = B * H if cell == CELL_GRU_RESET_BEFORE else 0
     cdef Py_ssize_t *rows = <Py_ssize_t *> malloc(nidx * sizeof(Py_ssize_t)
-                                                  + (G * H + B * O + B * H) * esize + 8)
+                                                  + (G * H + B * O + n_rh) * esize + 8)
     if rows == NULL:
         return 1
     for k in range(B):

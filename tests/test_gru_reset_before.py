@@ -548,7 +548,7 @@ def test_the_fast_path_serves_calls_that_run_on_one_thread():
     layer = fastrnn.GRU(20, 64, num_layers=2, bidirectional=True, reset_after=False,
                         seed=4).eval()
     rng = np.random.default_rng(6)
-    x1, h1 = rng.standard_normal((1, 20)).astype(np.float32), None
+    h1 = None
     xs = rng.standard_normal((3, 1, 20)).astype(np.float32)
     with counting_served_calls():
         for t in range(3):                        # a stream of single steps, B=1
@@ -556,14 +556,40 @@ def test_the_fast_path_serves_calls_that_run_on_one_thread():
             assert took_fast_path(cell)
         assert np.array_equal(h1, general(cell, xs[2], general(cell, xs[1],
                                                                general(cell, xs[0]))))
-        y, h_n = layer(xs, lengths=[3])
-        assert took_fast_path(layer)
-        gy, gh = general(layer, xs, lengths=[3])
+        h_unbatched = cell(xs[0, 0])              # x (I,): h (H,)
+        assert took_fast_path(cell) and h_unbatched.shape == (64,)
+        assert np.array_equal(h_unbatched, general(cell, xs[0, 0]))
+        xr = rng.standard_normal((5, 3, 20)).astype(np.float32)   # rows of 5, 2, 4 steps
+        before = fastrnn.get_num_threads()
+        try:
+            fastrnn.set_num_threads(1)    # (on 2, this size is a team's: the general path)
+            y, h_n = layer(xr, lengths=[5, 2, 4])
+            assert took_fast_path(layer)
+            gy, gh = general(layer, xr, lengths=[5, 2, 4])
+        finally:
+            fastrnn.set_num_threads(before)
         assert np.array_equal(y, gy) and np.array_equal(h_n, gh)
+        assert not y[2:, 1].any()
     params = [getattr(cell, n).data for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     want = REFERENCE_FORWARD(xs, None, *params, training=False, reset_after=False)[1]
     np.testing.assert_allclose(h1, want, **KERNEL_TOL[np.float32])
-    np.testing.assert_array_equal(x1.shape, (1, 20))
+
+
+def test_the_fast_path_hashes_only_the_weight_it_packs():
+    """This cell packs its own rows of W_hh per call: an eval call finds W_ih's packing
+    by its digest and hashes nothing of W_hh (a review: it hashed both)."""
+    g = fastrnn.GRU(16, 64, reset_after=False, seed=1).eval()
+    x = np.random.default_rng(2).standard_normal((8, 4, 16)).astype(np.float32)
+    assert F.pack_flags(8, 4) == (True, True)     # both weights packed at this size
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(1)
+        g(x)
+        hashed = _recurrent._digested_bytes()
+        g(x)
+        assert _recurrent._digested_bytes() - hashed == g.weight_ih_l0.data.nbytes
+    finally:
+        fastrnn.set_num_threads(before)
 
 
 def test_a_call_for_a_thread_team_takes_the_general_path():
@@ -587,7 +613,7 @@ def test_a_call_for_a_thread_team_takes_the_general_path():
             assert np.array_equal(y1, general(g, x)[0])
     finally:
         fastrnn.set_num_threads(before)
-    np.testing.assert_allclose(y1, y, **KERNEL_TOL[np.float32])
+    assert np.array_equal(y1, y)     # (the team's split gives one thread's bits)
 
 
 def test_forward_small_runs_it_as_forward():

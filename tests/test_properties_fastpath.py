@@ -62,20 +62,28 @@ def layer_calls(draw):
     return m, x, hx, lengths, threads
 
 
-def served(m, x):
-    """Must the fast path serve this call of m? Every qualifying call, except a
-    reset-before GRU's that a thread team would run (src/forward_small.pxi runs that
-    cell on one thread only; the general path's team takes those)."""
-    if getattr(m, "reset_after", True):
-        return True
-    plan = m.__dict__["_fp_plan"]
-    if x.ndim == 1:
-        T, B = 1, 1
-    elif isinstance(m, cells_mod._CellBase):
-        T, B = 1, x.shape[0]
-    else:
-        T, B = (x.shape[1], x.shape[0]) if m.batch_first else x.shape[:2]
-    return not any(plan.schedule(T, B)[2]) or plan.threads() == 1
+def general_and_threads(m, *args, **kwargs):
+    """general(m, ...) and the thread count of every driver call it made."""
+    from fastrnn import _recurrent
+    forward, threads = _recurrent.forward, []
+
+    def spy(*a, **k):
+        threads.append(a[21])
+        return forward(*a, **k)
+    _recurrent.forward = spy
+    try:
+        return general(m, *args, **kwargs), threads
+    finally:
+        _recurrent.forward = forward
+
+
+def check_served(m, served, general_threads):
+    """Every qualifying call is served, except a reset-before GRU's that the general
+    path runs on a thread team (src/forward_small.pxi runs that cell on one thread
+    only): served exactly when every driver call of the general path had one thread."""
+    want = getattr(m, "reset_after", True) or all(n == 1 for n in general_threads)
+    assert served == want, (f"the fast path {'served' if served else 'did not serve'} "
+                            f"the call (general path's threads: {general_threads})")
 
 
 def reference(m, *args, **kwargs):
@@ -95,9 +103,10 @@ def test_layer_eval_fast_path_is_the_general_path_and_the_reference(case):
                 p.data *= 0.75
         with num_threads(threads), counting_served_calls():
             fast = m(x, hx, lengths=lengths)
-            assert took_fast_path(m) == served(m, x), "the fast path did not serve the call"
-            assert_bitwise(f"layer (weights changed: {change})", fast,
-                           general(m, x, hx, lengths=lengths))
+            was_served = took_fast_path(m)
+            want, used = general_and_threads(m, x, hx, lengths=lengths)
+            check_served(m, was_served, used)
+            assert_bitwise(f"layer (weights changed: {change})", fast, want)
         for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx, lengths=lengths)))):
             close(f"layer output {k} (weights changed: {change})", a, b, m.dtype)
 
@@ -135,8 +144,10 @@ def test_cell_eval_fast_path_is_the_general_path_and_the_reference(case):
     m, x, hx, threads = case
     with num_threads(threads), counting_served_calls():
         fast = m(x, hx)
-        assert took_fast_path(m) == served(m, x), "the fast path did not serve the call"
-        assert_bitwise("cell", fast, general(m, x, hx))
+        was_served = took_fast_path(m)
+        want, used = general_and_threads(m, x, hx)
+        check_served(m, was_served, used)
+        assert_bitwise("cell", fast, want)
     for k, (a, b) in enumerate(zip(flat(fast), flat(reference(m, x, hx)))):
         close(f"cell output {k}", a, b, m.dtype)
 
