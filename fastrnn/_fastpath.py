@@ -133,7 +133,11 @@ class _Plan:
         if s is None:
             hh_size = self.G * self.H * self.O
             pack_ih, pack_hh = F.pack_flags(T, B)
-            if self.O == self.H:
+            if self.cell_code == F.CELL_GRU_RESET_BEFORE:   # (functional's rule for it)
+                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh)
+                                 and F.reset_before_eval_team(T * B * f, T)
+                                 for f in self.row_flop)
+            elif self.O == self.H:
                 threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
             else:   # rows only, so no step barrier to repay (functional.lstmp_forward's rule)
                 threaded = tuple(T * B * f >= F.SMALL_WORK_FLOP for f in self.row_flop)

@@ -498,6 +498,23 @@ def use_team(flop, T, B, pack_hh):
     return not (splits_units(T, B, pack_hh) and flop < UNITS_STEP_MIN_FLOP * T)
 
 
+# The reset-before GRU's eval calls run on an OpenMP team, not the eval pool (its step's
+# second barrier has no stop for a pool team), whose start and two barriers a step cost
+# more: a team only from these FLOP a step (2*B*3H*(I+H)). 2-core Xeon KVM guest
+# (AVX-512), GRU(H, H, reset_after=False) eval, medians, one thread -> two (session 41):
+# GRUCell B=1 step H=192 10.6 -> 35.7 us, H=256 21.6 -> 39.3, H=320 54.5 -> 46.3, H=384
+# 113 -> 95; layer T=50 B=1 H=128 128 -> 160 us, H=192 318 -> 299, H=256 580 -> 441.
+RESET_BEFORE_TEAM_STEP_FLOP = 4e5
+RESET_BEFORE_TEAM_SINGLE_STEP_FLOP = 1e6
+
+
+def reset_before_eval_team(flop, T):
+    """May a reset-before GRU eval call of `flop` FLOP over T steps have a thread team
+    (besides use_team)?"""
+    return flop >= T * (RESET_BEFORE_TEAM_SINGLE_STEP_FLOP if T == 1
+                        else RESET_BEFORE_TEAM_STEP_FLOP)
+
+
 def pack_flags(T, B):
     """(pack_ih, pack_hh): read W_ih / W_hh as packed panels (else in place).
 
@@ -955,6 +972,9 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
     T, B, _ = x.shape
     bf16 = _precision.bf16_products(x.dtype)
+    if not training and sched.n_threads > 1 and not reset_before_eval_team(
+            2.0 * T * B * 3 * H * (x.shape[2] + H), T):
+        sched = sched.single_thread()
     if not bf16:
         hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                                      (x, h0, w_ih, w_hh, b_ih, b_hh))

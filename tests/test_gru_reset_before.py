@@ -219,7 +219,8 @@ def driver_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("T,B,I,H,split", [(50, 1, 16, 64, True), (30, 3, 20, 127, True),
+# (sizes with a team's FLOP a step: functional.RESET_BEFORE_TEAM_STEP_FLOP)
+@pytest.mark.parametrize("T,B,I,H,split", [(50, 1, 64, 256, True), (30, 3, 60, 127, True),
                                            (12, 40, 19, 45, False)])
 @pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
 def test_inference_is_the_same_bits_on_one_and_two_threads(dtype, T, B, I, H, split, variant,
@@ -624,3 +625,27 @@ def test_forward_small_runs_it_as_forward():
     _recurrent.forward_small(F.CELL_GRU_RESET_BEFORE, y2, h2, None, x, h0, None, *w, *b,
                              True, True)
     assert np.array_equal(y2, y) and np.array_equal(h2, h_n)
+
+
+def test_small_eval_calls_run_on_one_thread(driver_calls):
+    """Its eval teams are OpenMP's, whose start and two barriers a step cost more than
+    the pool's: a team only from RESET_BEFORE_TEAM_(SINGLE_)STEP_FLOP a step, on the
+    general path and the fast path alike (functional.reset_before_eval_team)."""
+    from test_fastpath import counting_served_calls, took_fast_path
+    before = fastrnn.get_num_threads()
+    try:
+        fastrnn.set_num_threads(2)
+        if F.call_threads() < 2:
+            pytest.skip("fewer than 2 threads")
+        for T, H, team in ((1, 256, False), (1, 512, True), (50, 128, False), (50, 192, True)):
+            x, h0, w, b = _case(np.float32, T, 1, H, H, 0, True, True)
+            flop = 2.0 * T * 3 * H * 2 * H
+            assert F.reset_before_eval_team(flop, T) == team
+            F.gru_forward(x, h0, *w, *b, training=False, reset_after=False)
+            assert driver_calls[-1][0] == (2 if team else 1), (T, H)
+        cell = fastrnn.GRUCell(256, 256, reset_after=False, seed=0).eval()
+        with counting_served_calls():
+            cell(np.ones((1, 256), np.float32))
+            assert took_fast_path(cell)          # one thread: the fast path serves it
+    finally:
+        fastrnn.set_num_threads(before)
