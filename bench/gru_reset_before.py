@@ -138,25 +138,31 @@ def train_engines(I, H, T, B, seed=0):
             Engine("fastrnn reset_after=True", lambda: step(after))]
 
 
+def print_rows(args, what, row, peer, short, make_engines):
+    """The header, then per batch the interleaved medians of make_engines(B)'s three
+    engines [fastrnn, peer, fastrnn reset_after=True] and the ratio peer / fastrnn."""
+    info = fastrnn.config()
+    print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, {args.threads} threads; "
+          f"GRU reset_after=False {what}, medians of {args.rounds} interleaved rounds")
+    for B in args.B:
+        es = make_engines(B)
+        res = time_interleaved(es, budget=None, repeats=args.rounds)
+        f, o, a = (res[e.name][0] for e in es)
+        print(f"GRU reset-before{row} (I={args.I}, H={args.H}, T={args.T}, B={B}): "
+              f"fastrnn {f * 1e3:8.3f} ms, {peer} {o * 1e3:8.3f} ms "
+              f"({short}/fastrnn {o / f:.2f}x); fastrnn reset_after=True {a * 1e3:8.3f} ms",
+              flush=True)
+
+
 def main_train(args):
     try:
         import torch  # noqa: F401
     except ImportError:
         print("bench/gru_reset_before.py --train needs torch", file=sys.stderr)
         return 2
-    info = fastrnn.config()
-    print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, {args.threads} threads; "
-          f"GRU reset_after=False training step (forward + backward), medians of "
-          f"{args.rounds} interleaved rounds")
     with set_threads(args.threads, ("torch",)):
-        for B in args.B:
-            es = train_engines(args.I, args.H, args.T, B)
-            res = time_interleaved(es, budget=None, repeats=args.rounds)
-            f, t, a = (res[e.name][0] for e in es)
-            print(f"GRU reset-before training (I={args.I}, H={args.H}, T={args.T}, B={B}): "
-                  f"fastrnn {f * 1e3:8.3f} ms, torch ops {t * 1e3:8.3f} ms "
-                  f"(torch/fastrnn {t / f:.2f}x); fastrnn reset_after=True {a * 1e3:8.3f} ms",
-                  flush=True)
+        print_rows(args, "training step (forward + backward)", " training", "torch ops",
+                   "torch", lambda B: train_engines(args.I, args.H, args.T, B))
     return 0
 
 
@@ -180,20 +186,13 @@ def main(argv=None):
         print("bench/gru_reset_before.py needs onnx and onnxruntime "
               "(pip install onnx onnxruntime)", file=sys.stderr)
         return 2
-    info = fastrnn.config()
-    print(f"# {info.get('cpu', '?')}, ISA {info.get('isa', '?')}, {args.threads} threads; "
-          f"GRU reset_after=False inference, medians of {args.rounds} interleaved rounds")
+    def warm_engines(B):
+        es = engines(args.I, args.H, args.T, B, args.threads, tmp)
+        for e in es:
+            e.run()
+        return es
     with set_threads(args.threads, ("onnxruntime",)), tempfile.TemporaryDirectory() as tmp:
-        for B in args.B:
-            es = engines(args.I, args.H, args.T, B, args.threads, tmp)
-            for e in es:
-                e.run()
-            res = time_interleaved(es, budget=None, repeats=args.rounds)
-            f, o, a = (res[e.name][0] for e in es)
-            print(f"GRU reset-before (I={args.I}, H={args.H}, T={args.T}, B={B}): "
-                  f"fastrnn {f * 1e3:8.3f} ms, ONNX Runtime {o * 1e3:8.3f} ms "
-                  f"(ORT/fastrnn {o / f:.2f}x); fastrnn reset_after=True {a * 1e3:8.3f} ms",
-                  flush=True)
+        print_rows(args, "inference", "", "ONNX Runtime", "ORT", warm_engines)
     return 0
 
 
