@@ -965,13 +965,15 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
     training call keeps the activated gates and every step's r * h_{t-1} (rhs) for
     gru_backward. bf16 products (matmul precision "medium") run fastrnn.reference's
     loop (NumPy products, bf16-rounded as the kernels round theirs), whose cache
-    gru_backward then takes: the kernels have no bf16 path for this cell."""
-    if x_ids is not None:
-        raise ValueError("x_ids: not with reset_after=False (pass the rows x[x_ids])")
-    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, _ = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths)
+    gru_backward then takes: the kernels have no bf16 path for this cell (nor, then,
+    x_ids)."""
+    x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
     bf16 = _precision.bf16_products(x.dtype)
+    if ids_in is not None and bf16:
+        raise ValueError("x_ids: not with reset_after=False under bf16 products (matmul "
+                         "precision \"medium\"): pass the rows x[x_ids]")
     if not training and sched.n_threads > 1 and not reset_before_eval_team(
             2.0 * T * B * 3 * H * (x.shape[2] + H), T):
         sched = sched.single_thread()
@@ -984,12 +986,12 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
         bias = None if b_ih is None else b_ih + b_hh   # b_hn sits outside (r*h) W_hn^T
         _run_forward((CELL_GRU_RESET_BEFORE, y, h_n, None, gates, rhs, x, h0, None, w_ih,
                       w_hh, bias, None, None, None), sched, reverse, pack_ih, pack_hh,
-                     training=training, y_copy=y_copy)
+                     training=training, ids_in=ids_in, y_copy=y_copy)
         cache = None
         if training:
             cache = Cache(kind="gru", reset_before=True, x=x, h0=h0, w_ih=w_ih, w_hh=w_hh,
                           has_bias=b_ih is not None, sched=sched, reverse=bool(reverse), hs=hs,
-                          y=y, gates=gates, rhs=rhs, bf16=False, ids_in=None)
+                          y=y, gates=gates, rhs=rhs, bf16=False, ids_in=ids_in)
         return y if y_copy is None else y_copy, h_n, cache
     if out is not None:
         check_rows_out("out", out, (T, B, H), x.dtype, (x, h0, w_ih, w_hh, b_ih, b_hh))
@@ -1013,8 +1015,14 @@ def _gru_reset_before_backward(dy, dh_n, cache, out, accumulate):
     _run_backward(cache.sched, T, cache.reverse, False, bool(accumulate and out is not None),
                   CELL_GRU_RESET_BEFORE, dx, dh0, None, dw_ih, dw_hh, None, da, None, None,
                   dy, dh_n, None, cache.rhs, None, cache.y, cache.h0, None, cache.x,
-                  _h_prev(cache), cache.w_ih, cache.w_hh, None, db_x=db_ih)
+                  _h_prev(cache), cache.w_ih, cache.w_hh, None, dtable=dx,
+                  ids_in=cache.ids_in, db_x=db_ih)
+    dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     # (W_hn's rows read r * h_{t-1}, which forward took from h0 itself: nothing to fix)
     _fix_reverse_first_step(dw_hh[:2 * H], da[..., :2 * H], cache)
-    db_hh = db_ih.copy() if db_ih is not None else None   # every bias sits outside a product
+    db_hh = None
+    if cache.has_bias:      # every bias sits outside a product: db_hh = db_ih
+        if db_ih is None:   # (x read by id: the driver took no sums)
+            db_ih = da.reshape(T * B, 3 * H).sum(axis=0)
+        db_hh = db_ih.copy()
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh

@@ -42,8 +42,7 @@ class RNNLanguageModel(Module):
     """``logits, state = lm(x, state)``; ``lm.backward(dlogits)``.
 
     cell: "lstm", "gru", "rnn_tanh" or "rnn_relu" (``reset_after=False`` with "gru":
-    the seed's GRU, fastrnn.GRU's option, in the kernels; its first layer reads the
-    embeddings as rows, not by id). ``dropout`` is applied to
+    the seed's GRU, fastrnn.GRU's option). ``dropout`` is applied to
     the embeddings, between recurrent layers and before the decoder (training
     mode only); with ``locked_dropout`` each of those masks is drawn once per
     sequence, shape (1, B, F), and shared by every time step of the chunk
@@ -183,8 +182,7 @@ class RNNLanguageModel(Module):
         (A larger vocabulary would gather rows and sum a dense table gradient: slower
         than the embedding's own backward, which touches only the rows used.)"""
         return (self.training and self.drop_in.p == 0.0 and self.vocab_size <= T * B
-                and not _precision.bf16_products(self.dtype)
-                and getattr(self.rnn, "reset_after", True))   # (the seed's GRU: no input by id)
+                and not _precision.bf16_products(self.dtype))
 
     def forward(self, x, state=None):
         """x: (T, B) int ids. Returns logits (T, B, V) and the final state."""

@@ -285,10 +285,11 @@ cdef inline int weight_gradients_of_rows(
 
 
 cdef inline int reset_before_weight_gradients(
-        floating *dw_ih,            # OUT (3H, I), added into when accumulate
+        floating *dw_ih,            # OUT (3H, I), added into when accumulate; or NULL (x
+                                    #   read by id: the table took dL/d(x W_ih^T))
         floating *dw_hh,            # OUT (3H, H), added into when accumulate
         const floating *dga,        # IN  (TB, 3H) dL/da_t, blocks r, z, n
-        const floating *x,          # IN  (TB, I)
+        const floating *x,          # IN  (TB, I), or NULL with dw_ih
         const floating *h_prev,     # IN  (TB, H) the state each step read
         const floating *rh,         # IN  (TB, H) r * h_{t-1}, the n block's product's input
         const Py_ssize_t *valid,    # IN  (V,) the rows t*B + b that exist, ascending; NULL: all TB
@@ -300,7 +301,7 @@ cdef inline int reset_before_weight_gradients(
     0, or -1 if out of memory."""
     cdef const floating **ga_rows = row_pointers(dga, valid, V, 3 * H)
     cdef const floating **n_rows = <const floating **> malloc(V * sizeof(void *) + 1)
-    cdef const floating **x_rows = row_pointers(x, valid, V, I)
+    cdef const floating **x_rows = row_pointers(x, valid, V, I) if x != NULL else NULL
     cdef const floating **h_rows = row_pointers(h_prev, valid, V, H)
     cdef const floating **rh_rows = row_pointers(rh, valid, V, H)
     cdef void *x_t = NULL
@@ -310,29 +311,31 @@ cdef inline int reset_before_weight_gradients(
     cdef const void *packs[2]
     cdef floating *Cs[2]
     cdef floating beta = 1 if accumulate else 0
-    cdef int status = -1
+    cdef int status = -1, q = 0 if dw_ih != NULL else 1   # outputs from q: x's, then h's
     cdef Py_ssize_t i
-    if (ga_rows != NULL and n_rows != NULL and x_rows != NULL and h_rows != NULL
-            and rh_rows != NULL):
+    if (ga_rows != NULL and n_rows != NULL and (x_rows != NULL or dw_ih == NULL)
+            and h_rows != NULL and rh_rows != NULL):
         for i in range(V):
             n_rows[i] = ga_rows[i] + 2 * H
-        x_t = packed_columns(x_rows, I, V, False, n_threads)          # x^T (I x V)
+        if dw_ih != NULL:
+            x_t = packed_columns(x_rows, I, V, False, n_threads)      # x^T (I x V)
         h_t = packed_columns(h_rows, H, V, False, n_threads)          # h_prev^T (H x V)
         rh_t = packed_columns(rh_rows, H, V, False, n_threads)        # rh^T (H x V)
-    if x_t != NULL and h_t != NULL and rh_t != NULL:
+    if (x_t != NULL or dw_ih == NULL) and h_t != NULL and rh_t != NULL:
         Ns[0] = I
         Ns[1] = H
         packs[0] = x_t
         packs[1] = h_t
         Cs[0] = dw_ih
         Cs[1] = dw_hh
-        status = columns_times(2 * H, V, ga_rows, 2, Ns, packs, Cs, False, n_threads, beta, db)
+        status = columns_times(2 * H, V, ga_rows, 2 - q, Ns + q, packs + q, Cs + q, False,
+                               n_threads, beta, db)
         if status == 0:
             packs[1] = rh_t
-            Cs[0] = dw_ih + 2 * H * I
+            Cs[0] = dw_ih + 2 * H * I if dw_ih != NULL else NULL
             Cs[1] = dw_hh + 2 * H * H
-            status = columns_times(H, V, n_rows, 2, Ns, packs, Cs, False, n_threads, beta,
-                                   db + 2 * H if db != NULL else NULL)
+            status = columns_times(H, V, n_rows, 2 - q, Ns + q, packs + q, Cs + q, False,
+                                   n_threads, beta, db + 2 * H if db != NULL else NULL)
         status = -1 if status != 0 else 0
     free(ga_rows); free(n_rows); free(x_rows); free(h_rows); free(rh_rows)
     scratch_free(x_t); scratch_free(h_t); scratch_free(rh_t)

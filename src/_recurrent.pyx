@@ -1044,14 +1044,14 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         free(fail)
         raise ValueError("x_ids: needs shape (T, B) and x_table (V, G*H), and neither bf16 "
                          "nor a projection")
-    if reset_before and (bf16 or w_hr is not None or x_ids is not None
+    if reset_before and (bf16 or w_hr is not None
                          or (gates is None) != (aux is None)
                          or (aux is not None and (aux.shape[0] != y.shape[0]
                                                   or aux.shape[1] != y.shape[1]
                                                   or aux.shape[2] != H))):
         free(fail)
         raise ValueError("gates, aux: the reset-before GRU takes gates (T, B, 3H) with aux "
-                         "(T, B, H) (training) or neither, and no bf16, w_hr or x_ids")
+                         "(T, B, H) (training) or neither, and no bf16 or w_hr")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, y.shape[0], y.shape[1], I, H, h_n.shape[1]
     p.w_hr, p.hr = vptr2(w_hr), vptr3(hr)
@@ -1243,11 +1243,11 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
             raise ValueError(f"{name}: needs shape ({G * H},), got ({db.shape[0]},)")
     if db_h is not None and dgh is None:
         raise ValueError("db_h: only with dgh (GRU); dgx's sums are db_x")
-    if reset_before and (bf16 or w_hr is not None or x_ids is not None or not weights
+    if reset_before and (bf16 or w_hr is not None or not weights
                          or dgh is not None or aux is None or aux.shape[0] != T
                          or aux.shape[1] != B or aux.shape[2] != H):
         raise ValueError("aux: the reset-before GRU's backward takes aux (T, B, H), forward's "
-                         "r * h_{t-1}, and no bf16, w_hr, x_ids, dgh or weights=False")
+                         "r * h_{t-1}, and no bf16, w_hr, dgh or weights=False")
     memset(&p, 0, sizeof(Plan))
     p.cell, p.G, p.T, p.B, p.I, p.H, p.O = cell, G, T, B, I, H, O
     p.w_hr, p.hr, p.dhp = vptr2(w_hr), vptr3(hr), vptr3(dhp)
@@ -1320,9 +1320,15 @@ def backward(int cell, floating[:, :, ::1] dx, floating[:, ::1] dh0, floating[:,
         if not failed and not short_team and x_ids is not None:
             rows_scatter_add(&dx_table[0, 0], dx_table.shape[0], p_dgx, &x_ids[0, 0],
                              p_valid, n_valid, G * H, n_threads)
-            failed = weight_gradient(&dw_hh[0, 0], <floating *> p.dgh if p.dgh != NULL else p_dgx,
-                                     &h_prev[0, 0, 0], p_valid, n_valid, G * H, O, n_threads,
-                                     accumulate) != 0
+            if reset_before:    # (no dw_ih: the table's rows took dL/d(x W_ih^T))
+                failed = reset_before_weight_gradients(
+                    NULL, &dw_hh[0, 0], p_dgx, NULL, &h_prev[0, 0, 0], &aux[0, 0, 0], p_valid,
+                    n_valid, H, I, n_threads, accumulate, NULL) != 0
+            else:
+                failed = weight_gradient(&dw_hh[0, 0],
+                                         <floating *> p.dgh if p.dgh != NULL else p_dgx,
+                                         &h_prev[0, 0, 0], p_valid, n_valid, G * H, O,
+                                         n_threads, accumulate) != 0
         elif not failed and not short_team and reset_before:
             failed = input_gradient(&dx[0, 0, 0], p_dgx, &w_ih[0, 0], p_valid, n_valid, G * H,
                                     I, n_threads, False, in_place_ih) != 0

@@ -54,9 +54,10 @@ def forward_only(cell, case):
     if cell == "lstm":
         return F.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"], c["b_ih"],
                               c["b_hh"], lengths=c["lengths"], training=False)[:3]
-    if cell == "gru":
+    if cell.startswith("gru"):
         return F.gru_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
-                             lengths=c["lengths"], training=False)[:2]
+                             lengths=c["lengths"], training=False,
+                             reset_after=cell == "gru")[:2]
     return F.rnn_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"], c["b_hh"],
                          cell[4:], lengths=c["lengths"], training=False)[:2]
 
@@ -67,6 +68,8 @@ def forward_only(cell, case):
 def test_small_batch_unit_split_in_place(cell, dtype, shape, monkeypatch):
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)   # two threads even for these sizes
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "RESET_BEFORE_TEAM_STEP_FLOP", 0)
+    monkeypatch.setattr(F, "RESET_BEFORE_TEAM_SINGLE_STEP_FLOP", 0)
     spy = SplitSpy(F._recurrent)
     monkeypatch.setattr(F, "_recurrent", spy)
     case = make_case(cell, dtype, shape, True, shape[1] > 1, True, 11)
@@ -120,6 +123,8 @@ def test_backward_unit_split_past_small_batches_equals_one_thread(cell, dtype, m
     reference's within tolerance; the same batch under the real L2 splits rows."""
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "RESET_BEFORE_TEAM_STEP_FLOP", 0)
+    monkeypatch.setattr(F, "RESET_BEFORE_TEAM_SINGLE_STEP_FLOP", 0)
     spy = SplitSpy(F._recurrent)
     monkeypatch.setattr(F, "_recurrent", spy)
     B = F.BACKWARD_UNITS_MAX_BATCH + 5

@@ -173,16 +173,17 @@ def test_module_with_ids_errors():
         gru(np.zeros((2, 3, 4), np.float32), x_ids=np.zeros((2, 3), int))
 
 
-@pytest.mark.parametrize("cell, weight_drop", [("lstm", 0.0), ("gru", 0.0), ("rnn_tanh", 0.0),
-                                               ("lstm", 0.3)])
+@pytest.mark.parametrize("cell, weight_drop", [("lstm", 0.0), ("gru", 0.0), ("gru_rb", 0.0),
+                                               ("rnn_tanh", 0.0), ("lstm", 0.3)])
 def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell, weight_drop):
     """Training without embedding dropout takes the by-id path; its loss, gradients
     and state match the model's gathered path (dropout 0 either way) in float64."""
     V, T, B = 13, 9, 4
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (T, B))
-    models = [RNNLanguageModel(V, 5, 7, num_layers=2, cell=cell, dtype=np.float64, seed=1,
-                               weight_drop=weight_drop) for _ in range(2)]
+    kw = dict(cell="gru", reset_after=False) if cell == "gru_rb" else dict(cell=cell)
+    models = [RNNLanguageModel(V, 5, 7, num_layers=2, dtype=np.float64, seed=1,
+                               weight_drop=weight_drop, **kw) for _ in range(2)]
     models[1]._embeddings_by_id = lambda T, B: False        # the gathered path
     results = []
     for m in models:

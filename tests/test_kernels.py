@@ -15,7 +15,8 @@ import fastrnn
 from fastrnn import functional as F
 from fastrnn import reference as R
 
-CELLS = {"rnn_tanh": 1, "rnn_relu": 1, "rnn_identity": 1, "gru": 3, "lstm": 4}
+# gru_rb: GRU(reset_after=False), the seed's GRU (CELL_GRU_RESET_BEFORE)
+CELLS = {"rnn_tanh": 1, "rnn_relu": 1, "rnn_identity": 1, "gru": 3, "gru_rb": 3, "lstm": 4}
 # (T, B, I, H): batch 1, T=1, odd sizes, I != H, sizes not multiples of 8,
 # batches large enough for the packed micro-kernel and several row tiles.
 SHAPES = [(1, 1, 3, 5), (4, 1, 6, 3), (5, 3, 4, 7), (3, 7, 9, 17), (6, 13, 10, 33), (2, 20, 17, 24)]
@@ -67,9 +68,9 @@ def run(module, cell, case, reverse, dy_seed):
         y, h_n, c_n, cache = module.lstm_forward(c["x"], c["h0"], c["c0"], c["w_ih"], c["w_hh"],
                                                  c["b_ih"], c["b_hh"], **kw)
         outs = [y, h_n, c_n]
-    elif cell == "gru":
+    elif cell.startswith("gru"):
         y, h_n, cache = module.gru_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"],
-                                           c["b_hh"], **kw)
+                                           c["b_hh"], reset_after=cell == "gru", **kw)
         outs = [y, h_n]
     else:
         y, h_n, cache = module.rnn_forward(c["x"], c["h0"], c["w_ih"], c["w_hh"], c["b_ih"],
@@ -80,7 +81,7 @@ def run(module, cell, case, reverse, dy_seed):
     if cell == "lstm":
         dc_n = rng.standard_normal(h_n.shape).astype(y.dtype)
         grads = module.lstm_backward(dy, dh_n, dc_n, cache)
-    elif cell == "gru":
+    elif cell.startswith("gru"):
         grads = module.gru_backward(dy, dh_n, cache)
     else:
         grads = module.rnn_backward(dy, dh_n, cache)
