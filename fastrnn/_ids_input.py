@@ -16,7 +16,8 @@ products with K or N = I, about 11 % of the layer's FLOP.
 
 Otherwise (a larger vocabulary, or bf16 products, which the driver's table mode
 does not take) x[ids] is gathered and the layer runs as usual; backward then sums
-dx's rows by id. Both ways give the same numbers to float rounding.
+dx's rows by id. Both ways give the same numbers to float rounding. (The GRU with
+reset_after=False refuses ids under bf16 products: those run fastrnn.reference's loop.)
 """
 
 import numpy as np

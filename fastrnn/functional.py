@@ -324,16 +324,19 @@ def _hidden_buffer(x, H, h0, sched, reverse, training):
     return hs, y
 
 
-def _output_rows(x, H, h0, sched, reverse, training, out, inputs):
+def _output_rows(x, H, h0, sched, reverse, training, out, inputs, ids_in=None):
     """(hs, y, y_copy): where the kernel writes h_t. Training: hs (T+1, B, H), h0's
     slot and y, kept in the cache, and y_copy = `out` (or None), which the kernel
     fills with a copy of y as the steps run. Inference: hs None, y = `out` when
     given, y_copy None. `out` is checked against `inputs`, the arrays the kernel
-    reads, and zeroed first when sequences are padded (the kernel leaves the steps
-    past their ends alone)."""
+    reads (with x given by id, ids_in: the whole table x and its x W_ih^T, not the
+    view standing for x[x_ids]), and zeroed first when sequences are padded (the
+    kernel leaves the steps past their ends alone)."""
     if out is None:
         return _hidden_buffer(x, H, h0, sched, reverse, training) + (None,)
     T, B, _ = x.shape
+    if ids_in is not None:
+        inputs = tuple(inputs) + tuple(a for a in (ids_in.x, ids_in.table) if a is not None)
     check_rows_out("out", out, (T, B, H), x.dtype, inputs)
     if sched.padded:
         out[...] = 0
@@ -714,7 +717,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+                         (x, h0, c0, w_ih, w_hh, b_ih, b_hh), ids_in)
     h_n = np.empty((B, H), x.dtype)
     c_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 4 * H), x.dtype) if training else None
@@ -844,7 +847,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
         x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, w_ih, w_hh, b_ih, b_hh))
+                         (x, h0, w_ih, w_hh, b_ih, b_hh), ids_in)
     h_n = np.empty((B, H), x.dtype)
     bias = b_ih + b_hh if b_ih is not None else None
     act = NONLINEARITIES[nonlinearity]
@@ -896,7 +899,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
     reset_after=False: the seed's GRU, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)
     (fastrnn.reference.gru_forward has both forms), in the kernels (its cache: gates,
     rhs (T,B,H) r*h_{t-1}, hs); with bf16 products (matmul precision "medium") by the
-    NumPy reference, whose cache gru_backward then takes.
+    NumPy reference, whose cache gru_backward then takes (and then not with x_ids).
     """
     if not reset_after:
         return _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
@@ -905,7 +908,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                         (x, h0, w_ih, w_hh, b_ih, b_hh))
+                         (x, h0, w_ih, w_hh, b_ih, b_hh), ids_in)
     h_n = np.empty((B, H), x.dtype)
     gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
     hns = _buffers.empty((T, B, H), x.dtype) if training else None
@@ -979,7 +982,7 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
         sched = sched.single_thread()
     if not bf16:
         hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
-                                     (x, h0, w_ih, w_hh, b_ih, b_hh))
+                                     (x, h0, w_ih, w_hh, b_ih, b_hh), ids_in)
         h_n = np.empty((B, H), x.dtype)
         gates = _buffers.empty((T, B, 3 * H), x.dtype) if training else None
         rhs = _buffers.empty((T, B, H), x.dtype) if training else None

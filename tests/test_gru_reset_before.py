@@ -103,9 +103,13 @@ def test_what_it_does_not_do_is_named():
         fastrnn.to_torch(g)
     with pytest.raises(ValueError, match="model: a stream pool.*reset_after=False"):
         fastrnn.StreamPool(g.eval(), 4)
+
+
+def test_no_input_by_id_under_bf16_products(monkeypatch):
+    """bf16 products run this cell on the reference's loop, which takes rows, not ids."""
     from fastrnn import _precision
-    if not _precision.medium_runs_bf16():
-        return
+    monkeypatch.setattr(_precision, "_force_bf16", True)      # bf16 on any CPU
+    g = fastrnn.GRU(3, 4, reset_after=False)
     with _precision.scoped("medium"), pytest.raises(ValueError, match="x_ids: not with "
                                                     "reset_after=False under bf16"):
         F.gru_forward(np.zeros((5, 3), np.float32), None, g.weight_ih_l0.data,
@@ -567,7 +571,7 @@ def test_the_fast_path_serves_calls_that_run_on_one_thread():
         xr = rng.standard_normal((5, 3, 20)).astype(np.float32)   # rows of 5, 2, 4 steps
         before = fastrnn.get_num_threads()
         try:
-            fastrnn.set_num_threads(1)    # (on 2, this size is a team's: the general path)
+            fastrnn.set_num_threads(1)    # (rows of different lengths, one thread)
             y, h_n = layer(xr, lengths=[5, 2, 4])
             assert took_fast_path(layer)
             gy, gh = general(layer, xr, lengths=[5, 2, 4])
@@ -599,7 +603,8 @@ def test_the_fast_path_hashes_only_the_weight_it_packs():
 
 def test_a_call_for_a_thread_team_takes_the_general_path():
     """The fast path runs this cell on one thread; a call the general path gives a
-    team (2 threads, work above functional.SMALL_WORK_FLOP) is declined, and runs
+    team (2 threads, work above functional.RESET_BEFORE_TEAM_STEP_FLOP a step) is
+    declined, and runs
     there as before."""
     from test_fastpath import counting_served_calls, general, took_fast_path
     g = fastrnn.GRU(256, 256, reset_after=False, seed=5).eval()
@@ -645,8 +650,11 @@ def test_small_eval_calls_run_on_one_thread(driver_calls):
             x, h0, w, b = _case(np.float32, T, 1, H, H, 0, True, True)
             flop = 2.0 * T * 3 * H * 2 * H
             assert F.reset_before_eval_team(flop, T) == team
+            first = len(driver_calls)
             F.gru_forward(x, h0, *w, *b, training=False, reset_after=False)
-            assert driver_calls[-1][0] == (2 if team else 1), (T, H)
+            if team and driver_calls[first][0] == 2 and len(driver_calls) > first + 1:
+                pytest.skip("OpenMP gave fewer than 2 threads (the call ran again on one)")
+            assert driver_calls[first][0] == (2 if team else 1), (T, H)
         cell = fastrnn.GRUCell(256, 256, reset_after=False, seed=0).eval()
         with counting_served_calls():
             cell(np.ones((1, 256), np.float32))

@@ -92,7 +92,7 @@ def test_reference_table_gradient_matches_finite_differences():
     assert np.abs(dx - numeric).max() <= 1e-6 * np.abs(numeric).max()
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_rb", "rnn_tanh"])
 @pytest.mark.parametrize("split", ["rows", "units", "gathered"])
 def test_ids_input_bitwise_the_same_for_any_thread_count(cell, split):
     """G*H not a multiple of the scatter's column blocks (one per thread, ragged), a
@@ -205,6 +205,31 @@ def test_language_model_reads_its_embeddings_by_id_and_trains_the_same(cell, wei
     models[0].train()
     models[0](x[:1, :2])                                     # V = 13 > T*B = 2 rows
     assert not models[0]._by_id
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_rb", "rnn_tanh"])
+def test_out_may_not_overlap_the_table(cell):
+    """`out` is checked against the whole table x (and its x W_ih^T), not only the view
+    standing for x[x_ids]: a training call's out overlapping the table's other rows
+    would change x before backward's products read it."""
+    T, B, I, H, V = 3, 4, 5, 6, 9
+    case = with_ids(make_case(cell, np.float64, (T, B, I, H), True, False, True, seed=3),
+                    V=V, seed=4)
+    big = np.zeros((V * I + T * B * H,))
+    table = big[:V * I].reshape(V, I)
+    table[...] = case["x"]
+    out = big[V * I - 2 * H:][:T * B * H].reshape(T, B, H)   # its first row: the table's end
+    kw = dict(x_ids=case["x_ids"], out=out)
+    args = (table, case["h0"]) + ((case["c0"],) if cell == "lstm" else ()) + (
+        case["w_ih"], case["w_hh"], case["b_ih"], case["b_hh"])
+    with pytest.raises(ValueError, match="out must not share memory"):
+        if cell == "lstm":
+            F.lstm_forward(*args, **kw)
+        elif cell.startswith("gru"):
+            F.gru_forward(*args, reset_after=cell == "gru", **kw)
+        else:
+            F.rnn_forward(*args, "tanh", **kw)
+    assert np.array_equal(table, case["x"])          # nothing was written
 
 
 @pytest.mark.parametrize("N", [1, 17, 1000])

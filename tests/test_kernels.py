@@ -144,7 +144,7 @@ def test_padded_steps_are_zero_and_ignored(cell):
             assert np.all(y[:n, b] != 0)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "gru_rb", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("variant", ["plain", "lengths_reverse"])
 def test_bias_gradients_over_many_k_blocks(cell, dtype, variant):
