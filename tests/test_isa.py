@@ -56,7 +56,7 @@ def _check(cell, dtype, shape, variant, isa):
     return outs, grads
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "gru_rb", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("variant", ["plain", "no_bias", "lengths", "reverse"])
@@ -64,7 +64,7 @@ def test_kernels_match_reference_under_each_isa(isa, cell, dtype, shape, variant
     _check(cell, dtype, shape, variant, isa)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "gru_rb", "lstm"])
 @pytest.mark.parametrize("split", ["rows", "units"])
 def test_one_and_two_threads_bitwise_under_each_isa(isa, cell, split, monkeypatch):
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
@@ -165,7 +165,7 @@ def test_fastrnn_isa_environment_variable():
     assert bad.returncode != 0 and "FASTRNN_ISA='bogus'" in bad.stderr
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "gru_rb", "lstm"])
 @pytest.mark.parametrize("B", [1, 2, 3, 4])
 def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkeypatch):
     """Batches of 1-3 rows against packed weights run whole panels two at a time
@@ -204,7 +204,7 @@ def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype):
         assert np.array_equal(y, alone[:M]), M
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "gru_rb"])
 def test_weight_gradients_over_more_rows_than_one_k_block(isa, cell):
     """The dW GEMMs sum over T*B rows in K blocks of FASTRNN_KC (1024): 55 x 20 =
     1100 rows take two blocks, the second added onto the first; against the
@@ -269,7 +269,7 @@ def test_relu_gradient_passes_at_nan_as_torch(isa):
         assert np.isnan(dw_ih[0, 0])
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "gru_rb", "lstm"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 8, 37, 45), (1, 13, 21, 300)])
 def test_a_single_step_in_place_has_the_packed_bits_under_each_isa(isa, cell, dtype, shape):
