@@ -213,6 +213,12 @@ cdef floating *pack_reset_before_rows(const floating *w_hh, Py_ssize_t H, Py_ssi
     return packed
 
 
+cdef inline bint packs_hh_slices(const Plan *p) noexcept nogil:
+    """Is W_hh read as packed gate slices (p.pack_hh)? Not the reset-before GRU's: its
+    threads pack their own rows of it per call (pack_reset_before_rows)."""
+    return p.pack_hh and p.cell != CELL_GRU_RESET_BEFORE
+
+
 cdef inline void gru_reset_before_step(
         const Plan *p,
         Py_ssize_t nact,            # rows running this step
@@ -498,6 +504,22 @@ cdef Py_ssize_t forward_thread(
     return maxlen
 
 
+cdef inline Py_ssize_t step_before(const Plan *p, Py_ssize_t b, Py_ssize_t t,
+                                   Py_ssize_t s) noexcept nogil:
+    """The (t, b) row of batch row b's step s - 1 (its step s is time t), or -1 at s = 0."""
+    return ((t + 1 if p.reverse else t - 1) * p.B + b) if s > 0 else -1
+
+
+cdef inline const floating *state_read(const Plan *p, const floating *zeros, Py_ssize_t b,
+                                       Py_ssize_t prev) noexcept nogil:
+    """h_{t-1} as row b's step read it (all O values): y's row prev (step_before), else
+    h0's row, else zeros."""
+    cdef const floating *h0 = <const floating *> p.h0
+    if prev >= 0:
+        return <const floating *> p.y + prev * p.O
+    return h0 + b * p.O if h0 != NULL else zeros
+
+
 cdef inline floating *row_backward(const Plan *p, floating *g_all, const floating *zeros,
                                    Py_ssize_t b, Py_ssize_t s, Py_ssize_t j0, Py_ssize_t n,
                                    floating *dh, floating *dc, const floating *dy) noexcept nogil:
@@ -510,10 +532,9 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
     cdef Py_ssize_t B = p.B, H = p.H, O = p.O, GH = p.G * p.H
     cdef Py_ssize_t t = time_index(s, p.lengths[b], p.reverse)
     cdef Py_ssize_t row = t * B + b
-    cdef Py_ssize_t prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1  # step s-1's row
+    cdef Py_ssize_t prev = step_before(p, b, t, s)
     cdef const floating *y = <const floating *> p.y
     cdef const floating *aux = <const floating *> p.aux
-    cdef const floating *h0 = <const floating *> p.h0
     cdef const floating *c0 = <const floating *> p.c0
     cdef floating *gr = g_all + row * GH
     cdef floating *ghr = <floating *> p.dgh + row * GH if product_apart(p.cell) else NULL
@@ -521,7 +542,7 @@ cdef inline floating *row_backward(const Plan *p, floating *g_all, const floatin
         backward_pointwise(
             p.cell, gr + j0, ghr + j0 if ghr != NULL else NULL, dh, dc,
             dy if dy != NULL else <const floating *> p.dy + row * p.lddy + j0, y + row * O + j0,
-            (y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)) + j0,
+            state_read(p, zeros, b, prev) + j0,
             aux + row * H + j0 if aux != NULL else NULL,
             ((aux + prev * H if prev >= 0 else (c0 + b * H if c0 != NULL else zeros)) + j0)
             if p.cell == CELL_LSTM else NULL,
@@ -549,11 +570,8 @@ cdef inline void gru_reset_before_backward_step(
     dh += drh * r), then dh += [dL/da_r, dL/da_z] W_h{r,z}. Split by units, each
     product reads every thread's gate gradients: a barrier before each. Each
     element is computed by the same operations either way (bitwise the same)."""
-    cdef Py_ssize_t B = p.B, H = p.H, O = p.O, GH = 3 * p.H, r, b, t, row, prev
+    cdef Py_ssize_t B = p.B, H = p.H, O = p.O, GH = 3 * p.H, r, b, t, row
     cdef const floating *w_hh = <const floating *> p.w_hh     # (3H, O) blocks r, z, n
-    cdef const floating *y = <const floating *> p.y
-    cdef const floating *h0 = <const floating *> p.h0
-    cdef const floating *hp
     cdef floating *g
     for r in range(nact):
         b = rows[r]
@@ -563,10 +581,9 @@ cdef inline void gru_reset_before_backward_step(
         rz_rows[r] = g
         n_rows[r] = g + 2 * H
         if hk > 0:
-            prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1
-            hp = y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)
-            gru_reset_before_backward_state(g + j0, dh_rows[r], <const floating *> p.dy
-                                            + row * p.lddy + j0, hp + j0, hk, H)
+            gru_reset_before_backward_state(
+                g + j0, dh_rows[r], <const floating *> p.dy + row * p.lddy + j0,
+                state_read(p, zeros, b, step_before(p, b, t, s)) + j0, hk, H)
     if sync:
         fastrnn_barrier()
     if hk == 0:         # a thread left no units (H < threads' panels): only the barriers
@@ -580,10 +597,9 @@ cdef inline void gru_reset_before_backward_step(
     for r in range(nact):
         b = rows[r]
         t = time_index(s, p.lengths[b], p.reverse)
-        prev = ((t + 1 if p.reverse else t - 1) * B + b) if s > 0 else -1
-        hp = y + prev * O if prev >= 0 else (h0 + b * O if h0 != NULL else zeros)
         gru_reset_before_backward_gates(<floating *> rz_rows[r] + j0, dh_rows[r], drh_rows[r],
-                                        hp + j0, hk)
+                                        state_read(p, zeros, b, step_before(p, b, t, s)) + j0,
+                                        hk)
     if sync:
         fastrnn_barrier()
     if w_rz != NULL:
@@ -1111,7 +1127,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
             if pack_ih:
                 s_ih = gate_slices(p_ih, G, H, I, nslices, n_threads,
                                    cache_weights or keep_packs, k_ih)
-            if pack_hh and not reset_before:
+            if packs_hh_slices(&p):
                 s_hh = gate_slices(p_hh, G, H, p.O, nslices, n_threads,
                                    cache_weights or keep_packs, k_hh)
         if pack_hh and p.w_hr != NULL:
@@ -1126,7 +1142,7 @@ def forward(int cell, floating[:, :, :] y, floating[:, ::1] h_n, floating[:, ::1
         if short_team:
             pass
         elif (fail == NULL or (pack_ih and s_ih == NULL and not pooled)
-                or (pack_hh and not reset_before and s_hh == NULL and not pooled)
+                or (packs_hh_slices(&p) and s_hh == NULL and not pooled)
                 or (reset_before and aux is None and rh == NULL)
                 or (pack_hh and p.w_hr != NULL and packed_hr == NULL)
                 or (p.bf16 and not pooled and (b_ih == NULL or b_hh == NULL))):

@@ -91,8 +91,8 @@ cdef void take_digests(const Plan *q, const floating *w_ih, const floating *w_hh
     digests.taken = True
     if bf16 or q.pack_ih:
         digests.ih = pool_digest(w_ih, q.G * q.H * q.I * sizeof(floating), n)
-    if bf16 or (q.pack_hh and q.cell != CELL_GRU_RESET_BEFORE):   # (which packs its own
-        digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)   # w_hh rows)
+    if bf16 or packs_hh_slices(q):
+        digests.hh = pool_digest(w_hh, q.G * q.H * q.O * sizeof(floating), n)
 
 
 cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nslices,
@@ -122,8 +122,8 @@ cdef bint pack_for(Plan *q, const floating *w_ih, const floating *w_hh, int nsli
         q.w_ih_slices = pool_gate_slices(w_ih, q.G, q.H, q.I, nslices, n, d_ih)
         if q.w_ih_slices == NULL:
             return False
-    if q.pack_hh and q.cell != CELL_GRU_RESET_BEFORE:   # (which packs its own rows of
-        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n, d_hh)   # w_hh)
+    if packs_hh_slices(q):
+        q.w_hh_slices = pool_gate_slices(w_hh, q.G, q.H, q.O, nslices, n, d_hh)
         if q.w_hh_slices == NULL:
             return False
     return True
@@ -140,7 +140,7 @@ cdef bint packing_kept(const Plan *q, const floating *w_ih, const floating *w_hh
         return False
     take_digests(q, w_ih, w_hh, n, False, digests)
     return ((not q.pack_ih or slices_kept(w_ih, q.G, q.H, q.I, nslices, digests.ih))
-            and (not q.pack_hh or q.cell == CELL_GRU_RESET_BEFORE
+            and (not packs_hh_slices(q)
                  or slices_kept(w_hh, q.G, q.H, q.O, nslices, digests.hh)))
 
 

@@ -213,17 +213,23 @@ def test_inference_runs_in_the_kernels_as_the_reference(dtype, shape, variant, i
         assert np.abs(torch_form - want_y).max() > 1e-4
 
 
+def spy_on_threads(monkeypatch, name, at):
+    """The (n_threads, by_units) (positional arguments at, at + 1) of every call
+    functional makes of _recurrent.<name>, as a list that fills as they run."""
+    calls = []
+    real = getattr(_recurrent, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args[at], args[at + 1]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(F._recurrent, name, spy)
+    return calls
+
+
 @pytest.fixture
 def driver_calls(monkeypatch):
     """The (n_threads, by_units) of every _recurrent.forward call functional makes."""
-    calls = []
-    forward = _recurrent.forward
-
-    def spy(*args, **kwargs):
-        calls.append((args[21], args[22]))
-        return forward(*args, **kwargs)
-    monkeypatch.setattr(F._recurrent, "forward", spy)
-    return calls
+    return spy_on_threads(monkeypatch, "forward", 21)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -432,14 +438,7 @@ def test_training_writes_out_and_accumulates(training_kernels_only):
 @pytest.fixture
 def backward_calls(monkeypatch):
     """The (n_threads, by_units) of every _recurrent.backward call functional makes."""
-    calls = []
-    backward = _recurrent.backward
-
-    def spy(*args, **kwargs):
-        calls.append((args[28], args[29]))
-        return backward(*args, **kwargs)
-    monkeypatch.setattr(F._recurrent, "backward", spy)
-    return calls
+    return spy_on_threads(monkeypatch, "backward", 28)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
