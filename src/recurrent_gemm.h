@@ -62,7 +62,15 @@
  * rows 182-183 -> 195, 25 rows 180 -> 193; r = 4 (40, 64, 100 rows) and r = 7
  * even. The same harness under the AVX2 kernel (MR = 6, r = 1) on the Xeon:
  * 43 rows 110 -> 113, 49 rows 111 -> 114-115; not run on Zen 3. A row's sums do
- * not depend on its tile. */
+ * not depend on its tile.
+ * Keep the M < 2 MR case its own branch (first tile at row 0). Folding it into the
+ * small-remainder branch gives the same tiles for every M, but GCC 12 then built a
+ * smaller gemm_packed (AVX-512 float: 40 KB of code against 50 KB) that ran slower
+ * on Zen 4: eval calls, 2-core AMD EPYC Zen 4, 2 threads, three alternating process
+ * pairs, p10 of 2 s of calls, ms, folded -> apart (session 42): LSTM I=128 H=1024
+ * T=30 B=20 32.0-35.3 -> 27.4-32.3 (five pairs), GRU the same 23.6-26.4 -> 20.4-20.7,
+ * GRU I=H=1024 T=25 B=16 28.7-33.0 -> 25.9-29.8, LSTM I=H=512 T=50 B=8 8.5-9.0 ->
+ * 8.0-8.4, LSTM I=H=256 T=100 B=64 34.9-36.0 -> 34.8-35.5. */
 #define FASTRNN_TILE_CASE(R, MR, TILE, ...) \
     case R: if (R <= MR) TILE(i0_, R, __VA_ARGS__); break;
 /* TILE(i0_, m, ...) with m (1..MR, at most 12) made a constant. */
@@ -85,17 +93,21 @@
 #define FASTRNN_ROW_TILES(M, MR, TILE, ...)                                        \
     do {                                                                           \
         ptrdiff_t i0_ = 0;                                                         \
-        const ptrdiff_t r_ = (M) % (MR);                                           \
-        /* whole tiles, then the last MR + r rows as two even tiles when M < 2 MR   \
-         * (16 rows: 8 + 8) or r <= MR / 4 (49 rows: 12 + 12 + 12 + 7 + 6) */      \
-        const ptrdiff_t whole_ = (M) > (MR) && ((M) < 2 * (MR) || 4 * r_ <= (MR))  \
-                                 && r_ > 0 ? (M) - (MR) - r_ : (M);                \
-        for (; i0_ + (MR) <= whole_; i0_ += (MR))                                  \
-            TILE(i0_, MR, __VA_ARGS__);                                            \
-        if (whole_ < (M)) {                                                        \
-            const int m_ = (int)((M) - i0_ + 1) / 2;                               \
+        if ((M) > (MR) && (M) < 2 * (MR)) {   /* two even tiles */                 \
+            const int m_ = (int)((M) + 1) / 2;                                     \
             FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                         \
-            i0_ += m_;                                                             \
+            i0_ = m_;                                                              \
+        } else {                                                                   \
+            const ptrdiff_t r_ = (M) % (MR);                                       \
+            const ptrdiff_t whole_ = (M) > (MR) && r_ > 0 && 4 * r_ <= (MR)         \
+                                     ? (M) - (MR) - r_ : (M);                  \
+            for (; i0_ + (MR) <= whole_; i0_ += (MR))                              \
+                TILE(i0_, MR, __VA_ARGS__);                                        \
+            if (whole_ < (M)) {   /* the last MR + r rows, r small: two even tiles */ \
+                const int m_ = (int)((M) - i0_ + 1) / 2;                           \
+                FASTRNN_TILE_SWITCH(m_, MR, TILE, __VA_ARGS__);                     \
+                i0_ += m_;                                                         \
+            }                                                                      \
         }                                                                          \
         FASTRNN_TILE_SWITCH((M) - i0_, MR, TILE, __VA_ARGS__);   /* the rest */       \
     } while (0)
