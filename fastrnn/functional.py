@@ -307,6 +307,18 @@ def _bias_gradients(cache, GH, apart=False):
     return np.empty(GH, dtype), (np.empty(GH, dtype) if apart else None)
 
 
+def _shared_bias_gradients(cache, db_ih, da):
+    """(db_ih, db_hh) of a cell whose biases both sit outside its products (RNN, LSTM,
+    the reset-before GRU), so db_hh = db_ih: the driver's sums (_bias_gradients), or,
+    where it took none (x read by id, fused), da's (T, B, G*H) column sums. (None,
+    None) without biases."""
+    if not cache.has_bias:
+        return None, None
+    if db_ih is None:
+        db_ih = da.reshape(-1, da.shape[-1]).sum(axis=0)
+    return db_ih, db_ih.copy()
+
+
 def _hidden_buffer(x, H, h0, sched, reverse, training):
     """hs (T+1, B, H): h0 in slot 0 (slot T if reverse); y is the other T slots.
     On kept memory (_buffers) in training, where it is the cache."""
@@ -755,11 +767,7 @@ def lstm_backward(dy, dh_n, dc_n, cache, out=None, accumulate=False):
     dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     da = cache.gates   # (T, B, 4H) now dL/da
     _fix_reverse_first_step(dw_hh, da, cache)
-    db_hh = None
-    if cache.has_bias:
-        if db_ih is None:
-            db_ih = da.reshape(T * B, 4 * H).sum(axis=0)
-        db_hh = db_ih.copy()
+    db_ih, db_hh = _shared_bias_gradients(cache, db_ih, da)
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -880,11 +888,7 @@ def rnn_backward(dy, dh_n, cache, out=None, accumulate=False):
                   db_x=db_ih)
     dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     _fix_reverse_first_step(dw_hh, da, cache)
-    db_hh = None
-    if cache.has_bias:
-        if db_ih is None:
-            db_ih = da.reshape(T * B, H).sum(axis=0)
-        db_hh = db_ih.copy()
+    db_ih, db_hh = _shared_bias_gradients(cache, db_ih, da)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
@@ -1023,9 +1027,5 @@ def _gru_reset_before_backward(dy, dh_n, cache, out, accumulate):
     dx = _input_gradient(cache, dx, dw_ih, bool(accumulate and out is not None))
     # (W_hn's rows read r * h_{t-1}, which forward took from h0 itself: nothing to fix)
     _fix_reverse_first_step(dw_hh[:2 * H], da[..., :2 * H], cache)
-    db_hh = None
-    if cache.has_bias:      # every bias sits outside a product: db_hh = db_ih
-        if db_ih is None:   # (x read by id: the driver took no sums)
-            db_ih = da.reshape(T * B, 3 * H).sum(axis=0)
-        db_hh = db_ih.copy()
+    db_ih, db_hh = _shared_bias_gradients(cache, db_ih, da)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
