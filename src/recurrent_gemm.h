@@ -151,11 +151,13 @@
 #undef FR_MR
 #endif
 #define FR_ISA baseline
+#define FR_BASELINE 1   /* its vectors span two registers */
 #define FR_TARGET
 #define FR_LANES 8
 #define FR_MR 6
 #define FR_NAME(x) FR_CAT(fastrnn, x, FR_T, FR_ISA)
 #include "gemm_kernels.inc"
+#undef FR_BASELINE
 #undef FR_ISA
 #undef FR_TARGET
 #undef FR_LANES
@@ -188,10 +190,12 @@
 #undef FR_MR
 #endif
 #define FR_ISA baseline
+#define FR_BASELINE 1
 #define FR_TARGET
 #define FR_LANES 4
 #define FR_MR 6
 #include "gemm_kernels.inc"
+#undef FR_BASELINE
 #undef FR_ISA
 #undef FR_TARGET
 #undef FR_LANES

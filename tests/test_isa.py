@@ -183,10 +183,15 @@ def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkey
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype):
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype, pack):
     """The packed GEMM cuts M rows into register tiles of up to 12 (AVX-512) or 6
-    rows, spread evenly (src/recurrent_gemm.h): every row count from 1 to 50, each
-    row bitwise equal to the same row computed alone, and close to float64."""
+    rows, spread evenly (src/recurrent_gemm.h); the dot-product kernel (W read in
+    place) into tiles of 3, 2 and 1 rows within blocks of 24 columns, with 8, 6 or
+    4 columns a tile and single columns at a block's end (gemm_kernels.inc): every
+    row count from 1 to 50, each row bitwise equal to the same row computed alone,
+    and close to float64. N = 70: two whole column blocks and a ragged one; K = 37:
+    a scalar tail after the vectors."""
     from fastrnn import _dense
     rng = np.random.default_rng(7)
     K, N = 37, 70
@@ -194,13 +199,13 @@ def test_a_row_gets_the_same_bits_whatever_its_tile(isa, dtype):
     w = rng.standard_normal((N, K)).astype(dtype)
     alone = np.empty((50, N), dtype)
     for i in range(50):
-        _dense.forward(alone[i:i + 1], x[i:i + 1], w, None, 1, True)
+        _dense.forward(alone[i:i + 1], x[i:i + 1], w, None, 1, pack)
     assert np.allclose(alone, x.astype(np.float64) @ w.T.astype(np.float64),
                        rtol=1e-4 if dtype == np.float32 else 1e-12,
                        atol=1e-4 if dtype == np.float32 else 1e-12)
     for M in range(1, 51):
         y = np.empty((M, N), dtype)
-        _dense.forward(y, x[:M], w, None, 1, True)
+        _dense.forward(y, x[:M], w, None, 1, pack)
         assert np.array_equal(y, alone[:M]), M
 
 
