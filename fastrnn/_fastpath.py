@@ -55,7 +55,7 @@ import numpy as np
 
 from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
-from fastrnn._frozen import frozen_digests, frozen_mark, still_frozen
+from fastrnn._frozen import both_frozen, frozen_digests, frozen_mark, still_frozen
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
@@ -81,7 +81,7 @@ class _Plan:
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "O", "L", "D", "G",
                  "cell_code", "summed", "layer_out", "w_hr",
-                 "params", "layers", "digests", "row_flop", "max_rows", "threads", "scheds",
+                 "params", "layers", "digests", "frozen", "row_flop", "max_rows", "threads", "scheds",
                  "call", "batch_first")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, cell_code, params, layers, row_flop,
@@ -111,6 +111,10 @@ class _Plan:
         # replaced or is no longer that frozen memory (params' frozen marks, checked
         # per call), so eval calls need not read and hash them to find their packings.
         self.digests = tuple(frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
+        # every run's weights frozen: functional's frozen_eval, for the schedule (_build
+        # leaves a module with some runs frozen and some not to the general path, which
+        # decides per run)
+        self.frozen = all(d is not None for d in self.digests)
         self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
         # largest T*B that every layer runs on one thread (kernel_only's limit)
         self.max_rows = min(int(np.ceil(F.SMALL_WORK_FLOP / f)) - 1 for f in row_flop)
@@ -132,19 +136,22 @@ class _Plan:
         s = self.scheds.get((T, B))
         if s is None:
             hh_size = self.G * self.H * self.O
-            pack_ih, pack_hh = F.pack_flags(T, B)
+            frozen = self.frozen
+            pack_ih, pack_hh = F.pack_flags(T, B, frozen)
             if self.cell_code == F.CELL_GRU_RESET_BEFORE:   # (functional's rule for it)
-                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh)
+                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh, frozen)
                                  and F.reset_before_eval_team(T * B * f, T)
                                  for f in self.row_flop)
             elif self.O == self.H:
-                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh) for f in self.row_flop)
+                threaded = tuple(F.use_team(T * B * f, T, B, pack_hh, frozen)
+                                 for f in self.row_flop)
             else:   # rows only, so no step barrier to repay (functional.lstmp_forward's rule)
                 threaded = tuple(T * B * f >= F.SMALL_WORK_FLOP for f in self.row_flop)
             gated = self.G > 1
             # a projection needs all of h_t: rows only (as the general path)
             units_ok = self.O == self.H and F.splits_units(
-                T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize, gated_eval=gated)
+                T, B, pack_hh, hh_bytes=hh_size * self.dtype.itemsize, gated_eval=gated,
+                frozen_eval=frozen)
             s = (pack_ih, pack_hh, threaded, units_ok,
                  F.rows_upto(B, hh_size, self.dtype.itemsize, gated))
             if len(self.scheds) >= _MAX_SCHEDULES:
@@ -217,6 +224,8 @@ def _build(module, cell):
         # functional runs a direction on one thread when 2*T*B*G*H*(in+O) < SMALL_WORK_FLOP
         # (+ 2*O*H a projection's product)
         row_flop.append(2.0 * G * H * (in_size + O) + (2.0 * O * H if O != H else 0.0))
+    if len({both_frozen(w_ih, w_hh) for w_ih, w_hh, _, _ in layers}) > 1:
+        return None     # some runs frozen, some not: the general path (_Plan.frozen)
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, cell_code,
                  tuple(params), tuple(layers), tuple(row_flop), cell,
                  not cell and module.batch_first, D, summed,

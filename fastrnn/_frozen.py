@@ -16,7 +16,7 @@ import numpy as np
 from fastrnn import _recurrent
 from fastrnn._buffers import is_frozen
 
-__all__ = ["frozen_digests", "frozen_mark", "still_frozen"]
+__all__ = ["both_frozen", "frozen_digests", "frozen_mark", "still_frozen"]
 
 # id(owner) -> (weak reference to the owner, the bytes object under it,
 # {(address, nbytes): digest}); the owner is the last ndarray of an array's base
@@ -44,12 +44,19 @@ def _digest(w):
     return d
 
 
+def both_frozen(w_ih, w_hh):
+    """Are w_ih and w_hh both frozen, C-contiguous ndarrays: weights whose packings an
+    eval call finds without reading them (and so may keep for short sequences too:
+    functional.pack_flags)?"""
+    return (isinstance(w_ih, np.ndarray) and isinstance(w_hh, np.ndarray)
+            and is_frozen(w_ih) and is_frozen(w_hh)
+            and w_ih.flags.c_contiguous and w_hh.flags.c_contiguous)
+
+
 def frozen_digests(w_ih, w_hh):
     """(digest of w_ih, of w_hh) as the kernels' pack cache takes them when both are
     frozen, C-contiguous ndarrays, else None (the call then hashes them itself)."""
-    if not (isinstance(w_ih, np.ndarray) and isinstance(w_hh, np.ndarray)
-            and is_frozen(w_ih) and is_frozen(w_hh)
-            and w_ih.flags.c_contiguous and w_hh.flags.c_contiguous):
+    if not both_frozen(w_ih, w_hh):
         return None
     return _digest(w_ih), _digest(w_hh)
 

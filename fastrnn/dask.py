@@ -20,6 +20,8 @@ mode on their partition, in padded batches; kernels use
 tasks it is running, never more than its cores). See docs/scale-out.md.
 """
 
+import copy
+
 try:
     import dask
     import dask.array as da
@@ -221,7 +223,11 @@ def predict_local(model, data, output="sequence", batch_size=256, batch_first=No
     Dask's result for a partition is bitwise this function's on that
     partition. threads: kernel threads (default: fastrnn.get_num_threads())."""
     _scoring.check_output(output)
-    plan = Plan(model)
+    plan = Plan(model)       # (checks the model first)
+    if not model.is_frozen():
+        # as the workers run it (_scoring.model_from_blob): frozen weights, which short
+        # sequences at small batch read packed (functional.pack_flags), not in place
+        plan = Plan(copy.deepcopy(model).freeze())
     n = threads or _scoring.get_num_threads()
     with _scoring.task_threads(n):
         if isinstance(data, np.ndarray):

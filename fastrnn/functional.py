@@ -52,6 +52,7 @@ import numpy as np
 
 from fastrnn import _buffers, _cpu_cache, _dense, _ids_input, _precision, _recurrent, reference
 from fastrnn._config import get_num_threads
+from fastrnn._frozen import both_frozen
 from fastrnn._validate import (as_float_array, as_rows_array, as_lengths, check_input, check_rows_out,
                                check_shape, check_weights, optional_state)
 
@@ -206,7 +207,8 @@ def _run_forward(args, sched, reverse, pack_ih, pack_hh, bf16=False, training=Tr
     gated_eval = not training and args[0] in (CELL_LSTM, CELL_GRU, CELL_GRU_RESET_BEFORE)
     by_units = (n > 1 and splits_units(T, B, pack_hh,
                                        bf16 and not training and _recurrent._amx_bf16(),
-                                       args[10].size * hh_itemsize, gated_eval)
+                                       args[10].size * hh_itemsize, gated_eval,
+                                       frozen_eval(training, args[9], args[10]))
                 and (training or n > rows_upto(B, args[10].size, hh_itemsize, gated_eval))
                 and args[13] is None)   # a projection needs all of h_t: rows only
     if not _recurrent.forward(*args, sched.lengths, sched.order, sched.bounds, bool(reverse),
@@ -380,7 +382,7 @@ def _fix_reverse_first_step(dw_hh, dgates_h, cache):
         dw_hh += da @ h0
 
 
-def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
+def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None, training=True):
     """Validated arguments, H, the schedule and packing flags, and ids_in (None, or
     the _ids_input.IdsInput of an x given as a table with x_ids; x is then what
     stands for x[x_ids])."""
@@ -396,9 +398,15 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None):
     h0 = optional_state("h0", h0, (B, H), x.dtype)
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * w_hh.shape[0] * (x.shape[2] + H)
-    pack_ih, pack_hh = pack_flags(T, B)
-    sched = Schedule(lens, B, T, call_threads() if use_team(flop, T, B, pack_hh) else 1)
+    frozen = frozen_eval(training, w_ih, w_hh)
+    pack_ih, pack_hh = pack_flags(T, B, frozen)
+    sched = Schedule(lens, B, T, call_threads() if use_team(flop, T, B, pack_hh, frozen) else 1)
     return x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in
+
+
+def frozen_eval(training, w_ih, w_hh):
+    """Is this an inference call on frozen weights (pack_flags' frozen_eval)?"""
+    return not training and both_frozen(w_ih, w_hh)
 
 
 def fills_l2(hh_bytes, gated_eval=False):
@@ -424,11 +432,17 @@ def fills_l2(hh_bytes, gated_eval=False):
     return hh_bytes > l2 or (gated_eval and 8 * hh_bytes >= 5 * l2)
 
 
-def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0, gated_eval=False):
+def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0, gated_eval=False,
+                 frozen_eval=False):
     """Would a team split hidden units (one barrier per step) rather than rows?
     Small batches do. Unpacked weights are read in place by each thread's gate
     blocks (no copy), so that split runs at any T; packed slices are built per
-    call and need UNITS_MIN_STEPS steps to repay the copy.
+    call and need UNITS_MIN_STEPS steps to repay the copy, except for frozen
+    weights at inference (frozen_eval, pack_flags), whose slices are kept: below
+    PACK_MIN_BATCH rows those split units at any T (with rows each thread would
+    read all of W_hh every step for its one or two rows; the figures in pack_flags
+    are of this split; at B = 8 and 16 the two splits ran alike, so larger batches
+    keep the rule).
 
     hh_bytes (W_hh's bytes as the products read them; 0: not given): when all of
     W_hh overflows a core's L2 (_cpu_cache), batches up to UNITS_L2_MAX_BATCH. With
@@ -462,7 +476,8 @@ def splits_units(T, B, pack_hh, bf16_eval=False, hh_bytes=0, gated_eval=False):
     most = BF16_UNITS_MAX_BATCH if bf16_eval else UNITS_MAX_BATCH
     if fills_l2(hh_bytes, gated_eval):
         most = max(most, UNITS_L2_MAX_BATCH)
-    return B <= most and (T >= UNITS_MIN_STEPS or not pack_hh)
+    return B <= most and (T >= UNITS_MIN_STEPS or not pack_hh
+                          or (frozen_eval and B < PACK_MIN_BATCH))
 
 
 def rows_upto(B, hh_size, itemsize, gated=False):
@@ -501,16 +516,18 @@ def rows_upto(B, hh_size, itemsize, gated=False):
     return most
 
 
-def use_team(flop, T, B, pack_hh):
+def use_team(flop, T, B, pack_hh, frozen_eval=False):
     """Is a layer call of `flop` FLOP over T steps of B rows worth a thread team?
     Not below SMALL_WORK_FLOP (waking the team costs more than the work), nor when it
     would split hidden units with under UNITS_STEP_MIN_FLOP per step (the barrier after
-    every step costs more than the step's share of the work)."""
+    every step costs more than the step's share of the work). frozen_eval: as for
+    pack_flags."""
     if flop < SMALL_WORK_FLOP:
         return False
     # (no hh_bytes: the batches it adds to the unit split, 25-48 rows over a W_hh larger
     # than L2, do far more than UNITS_STEP_MIN_FLOP a step)
-    return not (splits_units(T, B, pack_hh) and flop < UNITS_STEP_MIN_FLOP * T)
+    return not (splits_units(T, B, pack_hh, frozen_eval=frozen_eval)
+                and flop < UNITS_STEP_MIN_FLOP * T)
 
 
 # The reset-before GRU's eval calls run on an OpenMP team, not the eval pool (its step's
@@ -530,12 +547,29 @@ def reset_before_eval_team(flop, T):
                         else RESET_BEFORE_TEAM_STEP_FLOP)
 
 
-def pack_flags(T, B):
+def pack_flags(T, B, frozen_eval=False):
     """(pack_ih, pack_hh): read W_ih / W_hh as packed panels (else in place).
 
-    Decided from the shapes only, never from the thread count or the mode (the
-    packed and the dot-product kernels round differently, and an eval call gives
-    bitwise a training call's outputs). Batches below PACK_MIN_BATCH pack W_hh only
+    Decided from the shapes, never from the thread count (the packed and the
+    dot-product kernels round differently, and 1 and 2 threads give the same bits),
+    and from the mode only for frozen weights at inference (frozen_eval: an eval call
+    whose W_ih and W_hh are both frozen, `Module.freeze()`, _frozen.both_frozen): their
+    packings come from the cache without reading the weights, so every sequence
+    (T > 1) reads both packed (W_ih only from PACK_MIN_ROWS rows); below, those calls
+    round as the packed kernels do, not as the same call unfrozen or in training (the
+    two agree to float rounding: tests/test_freeze.py). Frozen, short sequences at
+    small batch ran like this, 2-core AMD EPYC Zen 4 (AVX-512), eval, frozen, one layer
+    timed back to back for 1.5 s per process, medians of two processes each, in place ->
+    packed (with splits_units' hidden-unit split), ms: LSTM I=H=512 T=10 B=3
+    0.82-0.85 -> 0.65-0.68, T=15 B=2 0.89-0.91 -> 0.70-0.73, T=10 B=1 0.42-0.54 ->
+    0.33-0.35, T=4 B=2 0.24-0.25 -> 0.19, T=3 B=1 0.13-0.14 -> 0.12-0.14, I=H=1024 T=10
+    B=1 2.3-3.0 -> 1.5-1.7, I=H=256 T=10 B=3 0.25-0.27 -> 0.18; GRU I=H=512 T=10 B=3
+    0.61-0.62 -> 0.50-0.51; RNN 0.21 -> 0.17. In training (packing every call) the same
+    change was mixed, LSTM I=H=1024 T=10 B=1 10.2 -> 12.9 ms a step, and unfrozen eval
+    calls pay a read of the weights to find their packing, LSTM I=H=1024 T=4 B=1
+    1.20-1.34 -> 1.76-1.79 ms: those keep the rules below.
+
+    Otherwise batches below PACK_MIN_BATCH pack W_hh only
     for sequences long enough to repay the copy (measured on the 2-core AVX-512
     Xeon: LSTM H=512 batch 2, T=50, 6.25 -> 4.93 ms packed). Short small-batch
     calls read W_ih in place too: packing it would cost more than the few rows it
@@ -572,6 +606,8 @@ def pack_flags(T, B):
     92.0-93.4, GRU I=H=768 T=32 14.0-14.7 -> 13.3-13.5, LSTM I=H=513 T=200
     27.7-28.5 -> 24.2-25.2, RNN I=H=1500 43.3-44.6 -> 40.8-41.9.
     """
+    if frozen_eval and T > 1:
+        return T * B >= PACK_MIN_ROWS, True
     pack_hh = T * B >= PACK_SMALL_MIN_ROWS or (
         B >= PACK_MIN_BATCH and (T > 1 or B > STEP_IN_PLACE_MAX_BATCH))
     return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh
@@ -725,7 +761,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False,
     Cache: gates (T,B,4H) activated i,f,g,o; cs (T,B,H) c_t; hs (T+1,B,H).
     """
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths, x_ids)
+        x, h0, w_ih, w_hh, b_ih, b_hh, 4, lengths, x_ids, training)
     T, B, _ = x.shape
     c0 = optional_state("c0", c0, (B, H), x.dtype)
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
@@ -792,7 +828,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths=None, reverse
     lens = as_lengths(lengths, B, T)
     flop = 2 * T * B * 4 * H * (x.shape[2] + P) + 2 * T * B * P * H
     sched = Schedule(lens, B, T, 1 if flop < SMALL_WORK_FLOP else call_threads())
-    pack_ih, pack_hh = pack_flags(T, B)
+    pack_ih, pack_hh = pack_flags(T, B, frozen_eval(training, w_ih, w_hh))
     hs, y, y_copy = _output_rows(x, P, h0, sched, reverse, training, out,
                          (x, h0, c0, w_ih, w_hh, w_hr, b_ih, b_hh))
     h_n = np.empty((B, P), x.dtype)
@@ -852,7 +888,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", lengths=None
         raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, "
                          f"got {nonlinearity!r}")
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids)
+        x, h0, w_ih, w_hh, b_ih, b_hh, 1, lengths, x_ids, training)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh, b_ih, b_hh), ids_in)
@@ -909,7 +945,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths=None, reverse=False, trai
         return _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse,
                                          training, out, x_ids)
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids, training)
     T, B, _ = x.shape
     hs, y, y_copy = _output_rows(x, H, h0, sched, reverse, training, out,
                          (x, h0, w_ih, w_hh, b_ih, b_hh), ids_in)
@@ -975,7 +1011,7 @@ def _gru_reset_before_forward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, t
     gru_backward then takes: the kernels have no bf16 path for this cell (nor, then,
     x_ids)."""
     x, h0, w_ih, w_hh, b_ih, b_hh, H, sched, pack_ih, pack_hh, ids_in = _common_forward(
-        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids)
+        x, h0, w_ih, w_hh, b_ih, b_hh, 3, lengths, x_ids, training)
     T, B, _ = x.shape
     bf16 = _precision.bf16_products(x.dtype)
     if ids_in is not None and bf16:

@@ -16,6 +16,7 @@ import pytest
 import fastrnn
 from fastrnn import _recurrent
 from fastrnn import functional as F
+from fastrnn._buffers import frozen_copy
 from fastrnn import reference as R
 
 from test_kernels import CELLS, TOL, make_case, rel_err, run
@@ -282,6 +283,21 @@ def test_small_batch_packs_w_hh_only_when_it_pays():
     assert F.pack_flags(2, 4) == (True, True)        # batch >= 4 packs W_hh ...
     assert F.pack_flags(1, 8) == (False, False)      # ... but a single step up to 8 rows not
     assert F.pack_flags(1, 9) == (True, True)
+    # frozen weights at inference: kept packings, so every sequence reads W_hh packed
+    # (W_ih from PACK_MIN_ROWS rows); single steps keep the rule above
+    assert F.pack_flags(10, 1, frozen_eval=True) == (True, True)
+    assert F.pack_flags(3, 2, frozen_eval=True) == (False, True)
+    assert F.pack_flags(1, 8, frozen_eval=True) == (False, False)
+    assert F.pack_flags(50, 1, frozen_eval=True) == F.pack_flags(50, 1)
+
+
+def test_frozen_short_sequences_split_units_below_four_rows():
+    assert not F.splits_units(10, 3, True)                  # a per-call copy to repay
+    assert F.splits_units(10, 3, True, frozen_eval=True)    # kept slices: nothing to repay
+    assert not F.splits_units(10, 4, True, frozen_eval=True)
+    assert F.frozen_eval(False, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
+    assert not F.frozen_eval(True, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
+    assert not F.frozen_eval(False, frozen_copy(np.ones((4, 2))), np.ones((4, 1)))
 
 
 def test_team_only_where_each_step_repays_its_barrier():

@@ -8,6 +8,7 @@ bitwise within the ISA, and agreement across ISAs to float tolerance. ISAs the
 CPU lacks are skipped with the reason.
 """
 
+import copy
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 import fastrnn
+from fastrnn import _fastpath
 from fastrnn import functional as F
 from fastrnn import reference as R
 from test_kernels import (TOL, assert_same_bits_for_thread_counts, assert_single_step_in_place_bits,
@@ -172,7 +174,7 @@ def test_packed_weights_at_one_to_three_rows_under_each_isa(isa, cell, B, monkey
     (gemm_kernels.inc, tile_pair), then the ragged last panel alone: against the
     reference, and bitwise across 1 and 2 threads (hidden units split). H = 41
     gives 2-5 panels with a ragged one for every cell and ISA."""
-    monkeypatch.setattr(F, "pack_flags", lambda T, B: (True, True))
+    monkeypatch.setattr(F, "pack_flags", lambda T, B, frozen_eval=False: (True, True))
     monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
     monkeypatch.setattr(F, "UNITS_MIN_STEPS", 0)
@@ -282,3 +284,47 @@ def test_a_single_step_in_place_has_the_packed_bits_under_each_isa(isa, cell, dt
     with the weights read in place is bitwise the packed one (1 and 2 threads)."""
     for threads in (1, 2):
         assert_single_step_in_place_bits(cell, dtype, threads, shape)
+
+
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU", "GRU_reset_before"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T,B,lengths", [(10, 3, None), (6, 1, None), (2, 2, None),
+                                         (9, 3, [9, 4, 1])])
+def test_frozen_short_sequences_read_packed_weights(isa, kind, dtype, T, B, lengths,
+                                                    monkeypatch):
+    """Frozen weights at inference read their kept packings at any T > 1 (pack_flags'
+    frozen_eval), hidden units split below 4 rows: against the NumPy reference, and
+    bitwise across 1 and 2 threads, fast path and general path. I = 23, H = 41:
+    ragged panels; teams even for this little work."""
+    monkeypatch.setattr(F, "SMALL_WORK_FLOP", 0)
+    monkeypatch.setattr(F, "UNITS_STEP_MIN_FLOP", 0)
+    monkeypatch.setattr(F, "RESET_BEFORE_TEAM_STEP_FLOP", 0)
+    assert F.pack_flags(T, B, frozen_eval=True)[1] and F.splits_units(T, B, True,
+                                                                      frozen_eval=True)
+    I, H = 23, 41
+    cls = {"RNN": fastrnn.RNN, "LSTM": fastrnn.LSTM}.get(kind, fastrnn.GRU)
+    kw = {"reset_after": False} if kind == "GRU_reset_before" else {}
+    m = cls(I, H, dtype=dtype, seed=3, **kw).eval().freeze()
+    x = np.random.default_rng(4).standard_normal((T, B, I)).astype(dtype)
+    w = [getattr(m, n).data for n in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0",
+                                      "bias_hh_l0")]
+    if kind == "LSTM":
+        want = R.lstm_forward(x, None, None, *w, lengths=lengths)[0]
+    elif kind == "RNN":
+        want = R.rnn_forward(x, None, *w, lengths=lengths)[0]
+    else:
+        want = R.gru_forward(x, None, *w, lengths=lengths, reset_after=not kw)[0]
+    general = copy.deepcopy(m).freeze()
+    general.__dict__["_fp_plan"] = _fastpath._NOT_ELIGIBLE     # the general path
+    before = fastrnn.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            fastrnn.set_num_threads(n)
+            got += [m(x, lengths=lengths)[0], general(x, lengths=lengths)[0]]
+    finally:
+        fastrnn.set_num_threads(before)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got[0], want, **tol)
+    for other in got[1:]:
+        assert np.array_equal(other, got[0])
