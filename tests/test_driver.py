@@ -291,10 +291,11 @@ def test_small_batch_packs_w_hh_only_when_it_pays():
     assert F.pack_flags(50, 1, frozen_eval=True) == F.pack_flags(50, 1)
 
 
-def test_frozen_short_sequences_split_units_below_four_rows():
+def test_frozen_short_sequences_split_units_at_small_batch():
     assert not F.splits_units(10, 3, True)                  # a per-call copy to repay
     assert F.splits_units(10, 3, True, frozen_eval=True)    # kept slices: nothing to repay
-    assert not F.splits_units(10, 4, True, frozen_eval=True)
+    assert F.splits_units(10, F.FROZEN_UNITS_MAX_BATCH, True, frozen_eval=True)
+    assert not F.splits_units(10, F.FROZEN_UNITS_MAX_BATCH + 1, True, frozen_eval=True)
     assert F.frozen_eval(False, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
     assert not F.frozen_eval(True, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
     assert not F.frozen_eval(False, frozen_copy(np.ones((4, 2))), np.ones((4, 1)))
