@@ -55,7 +55,7 @@ import numpy as np
 
 from fastrnn import _precision, _recurrent
 from fastrnn import functional as F
-from fastrnn._frozen import both_frozen, frozen_digests, frozen_mark, still_frozen
+from fastrnn._frozen import frozen_digests, frozen_mark, still_frozen
 
 __all__ = ["eval_call", "layer_forward", "cell_forward", "kernel_only", "clear_plan"]
 
@@ -111,10 +111,10 @@ class _Plan:
         # replaced or is no longer that frozen memory (params' frozen marks, checked
         # per call), so eval calls need not read and hash them to find their packings.
         self.digests = tuple(frozen_digests(w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
-        # every run's weights frozen: functional's frozen_eval, for the schedule (_build
-        # leaves a module with some runs frozen and some not to the general path, which
-        # decides per run)
-        self.frozen = all(d is not None for d in self.digests)
+        # every run's weights frozen and small enough to keep packed: functional's
+        # frozen_eval, for the schedule (_build leaves a module with some runs so and
+        # some not to the general path, which decides per run)
+        self.frozen = all(F.frozen_eval(False, w_ih, w_hh) for w_ih, w_hh, _, _ in layers)
         self.row_flop = row_flop    # per layer: FLOPs per row of T*B (the thread decision)
         # largest T*B that every layer runs on one thread (kernel_only's limit)
         self.max_rows = min(int(np.ceil(F.SMALL_WORK_FLOP / f)) - 1 for f in row_flop)
@@ -224,7 +224,7 @@ def _build(module, cell):
         # functional runs a direction on one thread when 2*T*B*G*H*(in+O) < SMALL_WORK_FLOP
         # (+ 2*O*H a projection's product)
         row_flop.append(2.0 * G * H * (in_size + O) + (2.0 * O * H if O != H else 0.0))
-    if len({both_frozen(w_ih, w_hh) for w_ih, w_hh, _, _ in layers}) > 1:
+    if len({F.frozen_eval(False, w_ih, w_hh) for w_ih, w_hh, _, _ in layers}) > 1:
         return None     # some runs frozen, some not: the general path (_Plan.frozen)
     return _Plan(kind, dtype, _recurrent.forward_small, I, H, L, G, cell_code,
                  tuple(params), tuple(layers), tuple(row_flop), cell,

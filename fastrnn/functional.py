@@ -74,6 +74,11 @@ UNITS_L2_MAX_BATCH = 48  # ... and up to this when W_hh overflows a core's L2 (s
 UNITS_MIN_STEPS = 16  # ... when the sequence is long enough to repay regrouping the weights
 FROZEN_UNITS_MAX_BATCH = 8   # ... or up to this batch at any T when the slices are kept
                              # (frozen weights at inference: splits_units)
+# Frozen weights at inference are read packed (pack_flags) when a layer's W_ih and W_hh
+# take at most this many bytes: the pack cache holds 256 MB (src/pack_cache.h), and
+# weights whose packings could not stay there would be packed again at every call,
+# where in place they are only read.
+FROZEN_PACK_MAX_BYTES = 32 << 20
 ROWS_MIN_PER_THREAD = 4   # ... but at inference rows when every thread gets this many
                           # and W_hh is small (rows_upto)
 BACKWARD_UNITS_MAX_BATCH = 8   # backward's reverse loop splits hidden units up to this batch (measured:
@@ -407,8 +412,10 @@ def _common_forward(x, h0, w_ih, w_hh, b_ih, b_hh, gates, lengths, x_ids=None, t
 
 
 def frozen_eval(training, w_ih, w_hh):
-    """Is this an inference call on frozen weights (pack_flags' frozen_eval)?"""
-    return not training and both_frozen(w_ih, w_hh)
+    """Is this an inference call on frozen weights small enough to keep packed
+    (pack_flags' frozen_eval)?"""
+    return (not training and both_frozen(w_ih, w_hh)
+            and w_ih.nbytes + w_hh.nbytes <= FROZEN_PACK_MAX_BYTES)
 
 
 def fills_l2(hh_bytes, gated_eval=False):
@@ -557,12 +564,12 @@ def pack_flags(T, B, frozen_eval=False):
     Decided from the shapes, never from the thread count (the packed and the
     dot-product kernels round differently, and 1 and 2 threads give the same bits),
     and from the mode only for frozen weights at inference (frozen_eval: an eval call
-    whose W_ih and W_hh are both frozen, `Module.freeze()`, _frozen.both_frozen): their
-    packings come from the cache without reading the weights, so every sequence
-    (T > 1) reads both packed (W_ih only from PACK_MIN_ROWS rows); below, those calls
-    round as the packed kernels do, not as the same call unfrozen or in training (the
-    two agree to float rounding: tests/test_freeze.py). Frozen, short sequences at
-    small batch ran like this, 2-core AMD EPYC Zen 4 (AVX-512), eval, frozen, one layer
+    whose W_ih and W_hh are both frozen, `Module.freeze()`, and together at most
+    FROZEN_PACK_MAX_BYTES): their packings come from the cache without reading the
+    weights, so every call reads both packed, single steps too; where the rules below
+    read in place, those calls round as the packed kernels do, not as the same call
+    unfrozen or in training (the two agree to float rounding: tests/test_freeze.py).
+    Frozen, short sequences at small batch ran like this, 2-core AMD EPYC Zen 4 (AVX-512), eval, frozen, one layer
     timed back to back for 1.5 s per process, medians of two processes each, in place ->
     packed (with splits_units' hidden-unit split), ms: LSTM I=H=512 T=10 B=3
     0.82-0.85 -> 0.65-0.68, T=15 B=2 0.89-0.91 -> 0.70-0.73, T=10 B=1 0.42-0.54 ->
@@ -571,7 +578,12 @@ def pack_flags(T, B, frozen_eval=False):
     0.61-0.62 -> 0.50-0.51; RNN 0.21 -> 0.17. In training (packing every call) the same
     change was mixed, LSTM I=H=1024 T=10 B=1 10.2 -> 12.9 ms a step, and unfrozen eval
     calls pay a read of the weights to find their packing, LSTM I=H=1024 T=4 B=1
-    1.20-1.34 -> 1.76-1.79 ms: those keep the rules below.
+    1.20-1.34 -> 1.76-1.79 ms: those keep the rules below. Frozen single steps (a
+    cell's eval calls, T=1), medians of 1.5 s of back-to-back calls, three process
+    pairs, in place -> packed, us: LSTMCell(512, 512) B=1 59-65 -> 53-59, B=4 147-178
+    -> 83-93, B=8 263-351 -> 157-174, LSTMCell(1024, 1024) B=1 436-719 -> 305-475,
+    GRUCell(1024, 1024) 212-350 -> 159-261, RNNCell(1024, 1024) 64-77 -> 51-61,
+    LSTMCell(64, 64) 4.4-4.5 -> 3.4-3.5.
 
     Otherwise batches below PACK_MIN_BATCH pack W_hh only
     for sequences long enough to repay the copy (measured on the 2-core AVX-512
@@ -610,8 +622,8 @@ def pack_flags(T, B, frozen_eval=False):
     92.0-93.4, GRU I=H=768 T=32 14.0-14.7 -> 13.3-13.5, LSTM I=H=513 T=200
     27.7-28.5 -> 24.2-25.2, RNN I=H=1500 43.3-44.6 -> 40.8-41.9.
     """
-    if frozen_eval and T > 1:
-        return T * B >= PACK_MIN_ROWS, True
+    if frozen_eval:
+        return True, True
     pack_hh = T * B >= PACK_SMALL_MIN_ROWS or (
         B >= PACK_MIN_BATCH and (T > 1 or B > STEP_IN_PLACE_MAX_BATCH))
     return T * B >= PACK_MIN_ROWS and (pack_hh or T >= UNITS_MIN_STEPS), pack_hh

@@ -39,8 +39,14 @@
 #include "isa.h"
 #include "spin_lock.h"
 
+/* Slots: two per layer direction (W_ih, W_hh). Frozen weights at inference are read
+ * packed by every call, single steps too (fastrnn/functional.py pack_flags), so a
+ * process serving several frozen models must not evict one model's packings to run
+ * another's: 64 slots keep 32 directions (the 256 MB cap below then binds first for
+ * large ones). A lookup scans them under the lock: a pointer and a digest compare
+ * each. */
 #ifndef FASTRNN_PACK_CACHE_SLOTS
-#define FASTRNN_PACK_CACHE_SLOTS 16
+#define FASTRNN_PACK_CACHE_SLOTS 64
 #endif
 #ifndef FASTRNN_PACK_CACHE_KEEP
 #define FASTRNN_PACK_CACHE_KEEP ((size_t)256 << 20)   /* bytes of packed copies kept, in all */

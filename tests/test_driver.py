@@ -283,12 +283,9 @@ def test_small_batch_packs_w_hh_only_when_it_pays():
     assert F.pack_flags(2, 4) == (True, True)        # batch >= 4 packs W_hh ...
     assert F.pack_flags(1, 8) == (False, False)      # ... but a single step up to 8 rows not
     assert F.pack_flags(1, 9) == (True, True)
-    # frozen weights at inference: kept packings, so every sequence reads W_hh packed
-    # (W_ih from PACK_MIN_ROWS rows); single steps keep the rule above
-    assert F.pack_flags(10, 1, frozen_eval=True) == (True, True)
-    assert F.pack_flags(3, 2, frozen_eval=True) == (False, True)
-    assert F.pack_flags(1, 8, frozen_eval=True) == (False, False)
-    assert F.pack_flags(50, 1, frozen_eval=True) == F.pack_flags(50, 1)
+    # frozen weights at inference: kept packings, read packed by every call
+    for T, B in [(10, 1), (3, 2), (1, 1), (1, 8), (50, 1)]:
+        assert F.pack_flags(T, B, frozen_eval=True) == (True, True)
 
 
 def test_frozen_short_sequences_split_units_at_small_batch():
@@ -299,6 +296,9 @@ def test_frozen_short_sequences_split_units_at_small_batch():
     assert F.frozen_eval(False, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
     assert not F.frozen_eval(True, frozen_copy(np.ones((4, 2))), frozen_copy(np.ones((4, 1))))
     assert not F.frozen_eval(False, frozen_copy(np.ones((4, 2))), np.ones((4, 1)))
+    big = frozen_copy(np.ones((8, F.FROZEN_PACK_MAX_BYTES // 64 - 1)))    # 64 bytes short
+    assert F.frozen_eval(False, big, frozen_copy(np.ones((8, 1))))         # the bound
+    assert not F.frozen_eval(False, big, frozen_copy(np.ones((8, 2))))     # past it
 
 
 def test_team_only_where_each_step_repays_its_barrier():

@@ -92,10 +92,13 @@ def test_what_is_frozen():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(MODULES))
-@pytest.mark.parametrize("T,B,layers,D", [(50, 2, 1, 1), (7, 3, 2, 1), (1, 1, 1, 1),
-                                          (12, 40, 1, 1), (9, 2, 2, 2), (5, 1, 1, 1),
-                                          (12, 2, 1, 1)])
-def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B, layers, D):
+# (T, B, layers, directions, whether unfrozen calls read the weights packed too)
+@pytest.mark.parametrize("T,B,layers,D,packed", [(50, 2, 1, 1, True), (7, 3, 2, 1, False),
+                                                 (1, 1, 1, 1, False), (12, 40, 1, 1, True),
+                                                 (9, 2, 2, 2, False), (5, 1, 1, 1, False),
+                                                 (12, 2, 1, 1, False), (1, 9, 1, 1, True)])
+def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B, layers, D,
+                                                              packed):
     I, H = 384, 320        # large enough that eval calls pack (and so hash) their weights
     m = MODULES[name](I, H, num_layers=layers, bidirectional=D == 2, dtype=dtype).eval()
     x = seq(T, B, I, dtype)
@@ -108,7 +111,8 @@ def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B,
     assert m.freeze() is m and m.is_frozen()
     general = copy.deepcopy(m).freeze()     # the same frozen weights, general path
     general.__dict__["_fp_plan"] = _fastpath._NOT_ELIGIBLE
-    same_bits = F.pack_flags(T, B, frozen_eval=True) == F.pack_flags(T, B)
+    same_bits = F.pack_flags(T, B) == (True, True)
+    assert same_bits == packed
     for _ in range(3):
         before = _recurrent._digested_bytes()
         got = m(x, hx)
@@ -120,7 +124,6 @@ def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B,
                 np.testing.assert_array_equal(g, w)
             else:   # packed, not read in place: the unfrozen call's numbers to rounding
                 np.testing.assert_allclose(g, w, **ROUNDING[dtype])
-    assert same_bits == (T == 1 or B >= F.PACK_MIN_BATCH or T * B >= F.PACK_SMALL_MIN_ROWS)
     # Where a call packs its weights (decided from the shapes alone), the plain calls
     # hashed them, so the frozen calls' "hashed nothing" above could have failed; the
     # other shapes read the weights in place (nothing to hash, frozen or not) and are
@@ -131,6 +134,8 @@ def test_frozen_module_gives_the_same_bits_and_hashes_nothing(name, dtype, T, B,
 @pytest.mark.parametrize("B", [1, 5, 64])
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_frozen_cells_give_the_same_bits_and_hash_nothing(name, B):
+    """Frozen, a step reads the packed weights (B = 1, 5: unfrozen in place, so the
+    same numbers to rounding); bitwise the general path's frozen step."""
     c = CELLS[name](512, 512).eval()
     x = np.random.default_rng(3).standard_normal((B, 512)).astype(np.float32)
     want = c(x)
@@ -138,11 +143,17 @@ def test_frozen_cells_give_the_same_bits_and_hash_nothing(name, B):
     c(x)
     plain = _recurrent._digested_bytes() - before
     c.freeze()
+    general = copy.deepcopy(c).freeze()
+    general.__dict__["_fp_plan"] = _fastpath._NOT_ELIGIBLE     # the general path
     before = _recurrent._digested_bytes()
     got = c(x)
     assert _recurrent._digested_bytes() == before
-    for g, w in zip(got if name == "LSTMCell" else (got,), want if name == "LSTMCell" else (want,)):
-        np.testing.assert_array_equal(g, w)
+    for g, w, r in zip(flat(got), flat(want), flat(general(x))):
+        np.testing.assert_array_equal(g, r)
+        if B == 64:
+            np.testing.assert_array_equal(g, w)
+        else:
+            np.testing.assert_allclose(g, w, **ROUNDING[np.float32])
     assert (plain > 0) == any(F.pack_flags(1, B)), plain   # as above
 
 

@@ -288,11 +288,11 @@ def test_a_single_step_in_place_has_the_packed_bits_under_each_isa(isa, cell, dt
 
 @pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU", "GRU_reset_before"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("T,B,lengths", [(10, 3, None), (6, 1, None), (2, 2, None), (4, 5, None),
+@pytest.mark.parametrize("T,B,lengths", [(10, 3, None), (6, 1, None), (2, 2, None), (4, 5, None), (1, 1, None), (1, 4, None),
                                          (9, 3, [9, 4, 1])])
 def test_frozen_short_sequences_read_packed_weights(isa, kind, dtype, T, B, lengths,
                                                     monkeypatch):
-    """Frozen weights at inference read their kept packings at any T > 1 (pack_flags'
+    """Frozen weights at inference read their kept packings, single steps too (pack_flags'
     frozen_eval), hidden units split up to 8 rows: against the NumPy reference, and
     bitwise across 1 and 2 threads, fast path and general path. I = 23, H = 41:
     ragged panels; teams even for this little work."""

@@ -343,10 +343,10 @@ def test_threads_isa_and_precision_each_get_their_own_packing():
 
 def test_the_cache_stays_within_its_entries_and_release_memory_empties_it():
     x = np.random.default_rng(5).standard_normal((20, 4, 16)).astype(np.float32)
-    layers = [eval_layer("GRU", 16, 64, seed=s) for s in range(30)]
+    layers = [eval_layer("GRU", 16, 64, seed=s) for s in range(40)]   # 80 packings
     outs = [layer(x)[0] for layer in layers]
     n, nbytes = _recurrent._pack_cache_stats()
-    assert 0 < n <= 16 and nbytes <= 256 << 20
+    assert 0 < n <= 64 and nbytes <= 256 << 20    # FASTRNN_PACK_CACHE_SLOTS, _KEEP
     for layer, out in zip(layers, outs):          # evicted or not, the same numbers
         assert np.array_equal(layer(x)[0], out)
     fastrnn.release_memory()
