@@ -81,8 +81,8 @@ class _Plan:
 
     __slots__ = ("kind", "dtype", "typenum", "lstm", "kernel", "I", "H", "O", "L", "D", "G",
                  "cell_code", "summed", "layer_out", "w_hr",
-                 "params", "layers", "digests", "frozen", "row_flop", "max_rows", "threads", "scheds",
-                 "call", "batch_first")
+                 "params", "layers", "digests", "frozen", "row_flop", "max_rows", "threads",
+                 "scheds", "call", "batch_first")
 
     def __init__(self, kind, dtype, kernel, I, H, L, G, cell_code, params, layers, row_flop,
                  cell=False, batch_first=False, D=1, summed=False, w_hr=None):

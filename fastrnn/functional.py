@@ -569,9 +569,10 @@ def pack_flags(T, B, frozen_eval=False):
     weights, so every call reads both packed, single steps too; where the rules below
     read in place, those calls round as the packed kernels do, not as the same call
     unfrozen or in training (the two agree to float rounding: tests/test_freeze.py).
-    Frozen, short sequences at small batch ran like this, 2-core AMD EPYC Zen 4 (AVX-512), eval, frozen, one layer
-    timed back to back for 1.5 s per process, medians of two processes each, in place ->
-    packed (with splits_units' hidden-unit split), ms: LSTM I=H=512 T=10 B=3
+    Frozen, short sequences at small batch ran like this, 2-core AMD EPYC Zen 4
+    (AVX-512), eval, one layer timed back to back for 1.5 s per process, medians of
+    two processes each, in place -> packed (with splits_units' hidden-unit split),
+    ms: LSTM I=H=512 T=10 B=3
     0.82-0.85 -> 0.65-0.68, T=15 B=2 0.89-0.91 -> 0.70-0.73, T=10 B=1 0.42-0.54 ->
     0.33-0.35, T=4 B=2 0.24-0.25 -> 0.19, T=3 B=1 0.13-0.14 -> 0.12-0.14, I=H=1024 T=10
     B=1 2.3-3.0 -> 1.5-1.7, I=H=256 T=10 B=3 0.25-0.27 -> 0.18; GRU I=H=512 T=10 B=3

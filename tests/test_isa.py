@@ -288,7 +288,8 @@ def test_a_single_step_in_place_has_the_packed_bits_under_each_isa(isa, cell, dt
 
 @pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU", "GRU_reset_before"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("T,B,lengths", [(10, 3, None), (6, 1, None), (2, 2, None), (4, 5, None), (1, 1, None), (1, 4, None),
+@pytest.mark.parametrize("T,B,lengths", [(10, 3, None), (6, 1, None), (2, 2, None),
+                                         (4, 5, None), (1, 1, None), (1, 4, None),
                                          (9, 3, [9, 4, 1])])
 def test_frozen_short_sequences_read_packed_weights(isa, kind, dtype, T, B, lengths,
                                                     monkeypatch):
