@@ -16,8 +16,8 @@ import pytest
 import fastrnn
 from fastrnn import _recurrent
 from fastrnn import functional as F
-from fastrnn._buffers import frozen_copy
 from fastrnn import reference as R
+from fastrnn._buffers import frozen_copy
 
 from test_kernels import CELLS, TOL, make_case, rel_err, run
 
