@@ -31,6 +31,9 @@ MODELS = {
     "int8_lstm": lambda: fastrnn.quantize(fastrnn.LSTM(5, 24, num_layers=2, seed=0), "int8"),
     "bf16_gru": lambda: fastrnn.quantize(fastrnn.GRU(5, 24, seed=0), "bfloat16"),
     "int8_cell": lambda: fastrnn.quantize(fastrnn.LSTMCell(5, 24, seed=0), "int8"),
+    # frozen: every call reads the kept packings (functional.pack_flags), on a team
+    "frozen_lstm": lambda: fastrnn.LSTM(5, 256, num_layers=2, seed=0).freeze(),
+    "frozen_gru_cell": lambda: fastrnn.GRUCell(5, 256, seed=0).freeze(),
 }
 
 
