@@ -8,7 +8,6 @@ bitwise within the ISA, and agreement across ISAs to float tolerance. ISAs the
 CPU lacks are skipped with the reason.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 
 import fastrnn
-from fastrnn import _fastpath
 from fastrnn import functional as F
 from fastrnn import reference as R
+from test_fastpath import general
 from test_kernels import (TOL, assert_same_bits_for_thread_counts, assert_single_step_in_place_bits,
                           make_case, rel_err, run)
 
@@ -315,14 +314,12 @@ def test_frozen_short_sequences_read_packed_weights(isa, kind, dtype, T, B, leng
         want = R.rnn_forward(x, None, *w, lengths=lengths)[0]
     else:
         want = R.gru_forward(x, None, *w, lengths=lengths, reset_after=not kw)[0]
-    general = copy.deepcopy(m).freeze()
-    general.__dict__["_fp_plan"] = _fastpath._NOT_ELIGIBLE     # the general path
     before = fastrnn.get_num_threads()
     got = []
     try:
         for n in (1, 2):
             fastrnn.set_num_threads(n)
-            got += [m(x, lengths=lengths)[0], general(x, lengths=lengths)[0]]
+            got += [m(x, lengths=lengths)[0], general(m, x, lengths=lengths)[0]]
     finally:
         fastrnn.set_num_threads(before)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
